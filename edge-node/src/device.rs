@@ -1,0 +1,650 @@
+//! One enrolled entrance device: the check-in path from a verified code to a durable,
+//! sealed record, the paper log, status and retention.
+//!
+//! The rules (verification, sealing, partitions, horizon) come from `shared`; this module
+//! executes them in order against the store and adds only the order itself: verify, check
+//! the seen-token memory, seal, commit durably, and only then report `accepted`.
+
+use crate::store::{CheckInWrite, Store, StoreError};
+use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
+use shared::daykey::DayPublicKey;
+use shared::envelope::{Record, RecordBody, SessionKey};
+use shared::facility::Facility;
+use shared::paper::{PaperEntry, PaperError};
+use shared::partition::{Partition, PartitionError};
+use shared::ticket::{Credential, EnrollmentTicket, HubContact, TicketError};
+use shared::time::{Day, UnixSeconds, horizon};
+use shared::token::{Keyring, Verdict, verify};
+use shared::{DeviceId, PartitionId, RecordId};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Default clock tolerance for code expiry, seconds (`qr-token-v1.md`).
+pub const DEFAULT_SKEW: u64 = 10;
+/// Chunks a partition may gather in the store before it is compacted into one save.
+pub const COMPACT_AFTER_CHUNKS: usize = 512;
+/// `status` warns when fewer day keys than this remain.
+pub const DAY_KEYS_WARNING: usize = 7;
+
+/// A device operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The folder holds no enrolled device.
+    #[error("{0} holds no enrolled device: run `edge-node --data {0} init --ticket FILE` first")]
+    NotEnrolled(String),
+    /// `init` on an enrolled folder.
+    #[error("{0} is already enrolled as device {1}; use a new data folder for another device")]
+    AlreadyEnrolled(String, String),
+    /// The ticket file could not be read.
+    #[error("cannot read ticket {path}: {source}")]
+    TicketFile {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The ticket was refused.
+    #[error("ticket {path}: {source}")]
+    Ticket {
+        /// The file.
+        path: String,
+        /// Why.
+        source: TicketError,
+    },
+    /// Creating the data folder failed.
+    #[error("cannot create data folder {path}: {source}")]
+    DataDir {
+        /// The folder.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store failed; nothing of this operation was recorded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored state did not parse.
+    #[error("the device store is damaged ({0}); move {1} aside and re-enroll")]
+    Damaged(String, String),
+    /// A stored partition did not load.
+    #[error("partition {0} is damaged: {1}")]
+    Partition(String, PartitionError),
+    /// Sealing failed.
+    #[error("cannot seal the record: {0}")]
+    Seal(String),
+    /// No hub key is usable for the day.
+    #[error("this device holds no usable hub key for day {0}: it has not synced for too long; connect it to the hub")]
+    NoDayKey(Day),
+    /// A paper-log entry was refused.
+    #[error(transparent)]
+    Paper(#[from] PaperError),
+    /// A paper-log visit time out of range.
+    #[error("{0}")]
+    VisitTime(String),
+}
+
+/// What the device keeps of its enrollment (everything in the ticket but the keys that
+/// change on sync and the credential, which are kept apart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The facility it logs for.
+    pub facility: Facility,
+    /// Its id at the hub.
+    pub device_id: DeviceId,
+    /// Where it stands.
+    pub device_name: String,
+    /// The hub.
+    pub hub: HubContact,
+    /// The health authority's age recipient.
+    pub authority_recipient: String,
+    /// When it was enrolled (device clock).
+    pub enrolled_at: UnixSeconds,
+}
+
+/// The result of one check-in attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckIn {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The stored record's id, for `accepted`.
+    pub record: Option<RecordId>,
+}
+
+/// Per-day figures for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    /// The UTC day.
+    pub day: Day,
+    /// Records stored.
+    pub records: u64,
+    /// Records not yet known to be at the hub.
+    pub unsynced: u64,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The facility.
+    pub facility_id: String,
+    /// The facility's name.
+    pub facility_name: String,
+    /// This device.
+    pub device_id: String,
+    /// Where it stands.
+    pub device_name: String,
+    /// Records stored in live partitions.
+    pub records: u64,
+    /// Records not yet known to be at the hub.
+    pub unsynced: u64,
+    /// The last completed sync with the hub, or null.
+    pub last_sync: Option<UnixSeconds>,
+    /// Live partitions.
+    pub partitions: Vec<PartitionStatus>,
+    /// Days from today for which the device holds a hub key.
+    pub day_keys_left: usize,
+    /// The device clock minus the hub's, at the last sync.
+    pub clock_offset: Option<i64>,
+    /// Things an operator should act on.
+    pub warnings: Vec<String>,
+}
+
+/// What `purge` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PurgeReport {
+    /// The time retention was enforced as of.
+    pub as_of: UnixSeconds,
+    /// The horizon: partitions of earlier days are gone.
+    pub horizon: Day,
+    /// Days dropped.
+    pub dropped: Vec<Day>,
+    /// Expired days kept one more day because the hub may not hold them yet.
+    pub kept_unsynced: Vec<Day>,
+}
+
+const K_ENROLLMENT: &str = "enrollment";
+const K_CREDENTIAL: &str = "credential";
+const K_KEYRING: &str = "keyring";
+const K_DAY_KEYS: &str = "day_keys";
+const K_SEEN_KEY: &str = "seen_key";
+const K_ENDPOINT_KEY: &str = "endpoint_key";
+const K_SKEW: &str = "skew";
+const K_LAST_SYNC: &str = "last_sync";
+const K_CLOCK_OFFSET: &str = "clock_offset";
+
+fn store_path(dir: &Path) -> PathBuf {
+    dir.join("edge.redb")
+}
+
+/// An open, enrolled device.
+pub struct Device {
+    dir: PathBuf,
+    store: Store,
+    enrollment: Enrollment,
+    keyring: Keyring,
+    day_keys: Vec<DayPublicKey>,
+    seen_key: [u8; 32],
+    skew: u64,
+    actor: Vec<u8>,
+    partitions: BTreeMap<Day, (Partition, usize)>,
+    sessions: BTreeMap<Day, SessionKey>,
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl Device {
+    /// Enrolls a new device from a ticket file; works offline.
+    pub fn init(dir: &Path, ticket_path: &Path, now: UnixSeconds) -> Result<Device, DeviceError> {
+        let bytes = read_ticket(ticket_path)?;
+        let ticket = EnrollmentTicket::parse(&bytes).map_err(|source| DeviceError::Ticket {
+            path: ticket_path.display().to_string(),
+            source,
+        })?;
+        std::fs::create_dir_all(dir).map_err(|source| DeviceError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let store = Store::open(&store_path(dir))?;
+        if let Some(raw) = store.get(K_ENROLLMENT)? {
+            let id = serde_json::from_slice::<Enrollment>(&raw)
+                .map(|e| e.device_id.to_string())
+                .unwrap_or_else(|_| "?".into());
+            return Err(DeviceError::AlreadyEnrolled(dir.display().to_string(), id));
+        }
+        let enrollment = Enrollment {
+            facility: ticket.facility.clone(),
+            device_id: ticket.device_id.clone(),
+            device_name: ticket.device_name.clone(),
+            hub: ticket.hub.clone(),
+            authority_recipient: ticket.authority_recipient.clone(),
+            enrolled_at: now,
+        };
+        let mut seen_key = [0u8; 32];
+        OsRng.fill_bytes(&mut seen_key);
+        let mut endpoint_key = [0u8; 32];
+        OsRng.fill_bytes(&mut endpoint_key);
+        let keyring = serde_json::to_vec(&ticket.keyring).unwrap_or_default();
+        store.put(&[
+            (K_CREDENTIAL, &ticket.credential.0),
+            (K_KEYRING, &keyring),
+            (K_DAY_KEYS, &json(&ticket.day_keys)),
+            (K_SEEN_KEY, &seen_key),
+            (K_ENDPOINT_KEY, &endpoint_key),
+            (K_SKEW, &json(&DEFAULT_SKEW)),
+            // Written last in the same transaction: its presence means "enrolled".
+            (K_ENROLLMENT, &json(&enrollment)),
+        ])?;
+        drop(store);
+        Device::open(dir)
+    }
+
+    /// Opens an enrolled device's data folder.
+    pub fn open(dir: &Path) -> Result<Device, DeviceError> {
+        let path = store_path(dir);
+        if !path.exists() {
+            return Err(DeviceError::NotEnrolled(dir.display().to_string()));
+        }
+        let store = Store::open(&path)?;
+        let damaged = |what: &str| DeviceError::Damaged(what.to_owned(), path.display().to_string());
+        let enrollment: Enrollment = match store.get(K_ENROLLMENT)? {
+            Some(raw) => serde_json::from_slice(&raw).map_err(|_| damaged("enrollment"))?,
+            None => return Err(DeviceError::NotEnrolled(dir.display().to_string())),
+        };
+        let keyring: Keyring = store
+            .get(K_KEYRING)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .ok_or_else(|| damaged("keyring"))?;
+        let day_keys: Vec<DayPublicKey> = store
+            .get(K_DAY_KEYS)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .ok_or_else(|| damaged("day keys"))?;
+        let seen_key: [u8; 32] = store
+            .get(K_SEEN_KEY)?
+            .and_then(|raw| raw.try_into().ok())
+            .ok_or_else(|| damaged("seen key"))?;
+        let skew = store
+            .get(K_SKEW)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or(DEFAULT_SKEW);
+        // A fresh automerge actor per process: a change lost in a crash must never be
+        // re-made under the same actor and sequence number with other content.
+        let mut actor = enrollment.device_id.as_str().as_bytes().to_vec();
+        let mut run = [0u8; 8];
+        OsRng.fill_bytes(&mut run);
+        actor.extend_from_slice(&run);
+        Ok(Device {
+            dir: dir.to_owned(),
+            store,
+            enrollment,
+            keyring,
+            day_keys,
+            seen_key,
+            skew,
+            actor,
+            partitions: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+        })
+    }
+
+    /// The enrollment.
+    pub fn enrollment(&self) -> &Enrollment {
+        &self.enrollment
+    }
+
+    /// The trusted issuer keys.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The clock tolerance for code expiry.
+    pub fn skew(&self) -> u64 {
+        self.skew
+    }
+
+    /// Sets the clock tolerance for code expiry.
+    pub fn set_skew(&mut self, skew: u64) -> Result<(), DeviceError> {
+        self.store.put(&[(K_SKEW, &json(&skew))])?;
+        self.skew = skew;
+        Ok(())
+    }
+
+    /// The store (for the sync shell).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The enrollment credential, until the hub has bound this device.
+    pub fn credential(&self) -> Result<Option<Credential>, DeviceError> {
+        Ok(self
+            .store
+            .get(K_CREDENTIAL)?
+            .and_then(|raw| <[u8; 32]>::try_from(raw).ok())
+            .map(Credential))
+    }
+
+    /// The iroh secret key bytes of this device.
+    pub fn endpoint_key(&self) -> Result<[u8; 32], DeviceError> {
+        self.store
+            .get(K_ENDPOINT_KEY)?
+            .and_then(|raw| raw.try_into().ok())
+            .ok_or_else(|| {
+                DeviceError::Damaged("endpoint key".into(), store_path(&self.dir).display().to_string())
+            })
+    }
+
+    fn seen_hash(&self, token: &[u8; 16]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.seen_key);
+        h.update(self.enrollment.facility.id.as_str().as_bytes());
+        h.update(&[0]);
+        h.update(token);
+        *h.finalize().as_bytes()
+    }
+
+    /// Verifies a code's text and, if it passes, stores the visit durably.
+    ///
+    /// A rejected code is a result (`Ok` with its verdict); `Err` means the device could not
+    /// do its job (the store failed) and nothing was recorded.
+    pub fn check_in(&mut self, now: UnixSeconds, text: &str) -> Result<CheckIn, DeviceError> {
+        let token = match verify(text, &self.keyring, now, self.skew) {
+            Ok(t) => t,
+            Err(verdict) => {
+                return Ok(CheckIn {
+                    verdict,
+                    record: None,
+                });
+            }
+        };
+        let hash = self.seen_hash(token.token().as_bytes());
+        if self.store.seen(&hash, now)? {
+            return Ok(CheckIn {
+                verdict: Verdict::Duplicate,
+                record: None,
+            });
+        }
+        let record = Record {
+            facility: self.enrollment.facility.id.clone(),
+            device: self.enrollment.device_id.clone(),
+            scanned_at: now,
+            body: RecordBody::Qr {
+                issuer_id: token.issuer_id(),
+                key_id: token.key_id(),
+                issued_at: token.issued_at(),
+                token: *token.token().as_bytes(),
+            },
+        };
+        let until = token.valid_until(self.skew);
+        let id = self.append(now, Day::of(now), &record, Some((hash, until)))?;
+        Ok(CheckIn {
+            verdict: Verdict::Accepted,
+            record: Some(id),
+        })
+    }
+
+    /// Records a paper-log visitor, sealed to the health authority inside and under the
+    /// session key outside.
+    pub fn add_paper(&mut self, now: UnixSeconds, entry: &PaperEntry) -> Result<RecordId, DeviceError> {
+        entry.validate()?;
+        if entry.visited_at > now.saturating_add(self.skew) {
+            return Err(DeviceError::VisitTime(
+                "--visited-at lies in the future by this device's clock".into(),
+            ));
+        }
+        let day = Day::of(entry.visited_at);
+        if day < horizon(now) {
+            return Err(DeviceError::VisitTime(
+                "--visited-at is older than the 28-day retention period; such entries must not be kept".into(),
+            ));
+        }
+        let sealed = entry.seal_for_authority(&self.enrollment.authority_recipient)?;
+        let record = Record {
+            facility: self.enrollment.facility.id.clone(),
+            device: self.enrollment.device_id.clone(),
+            scanned_at: entry.visited_at,
+            body: RecordBody::Paper {
+                sealed_for_authority: sealed,
+            },
+        };
+        self.append(now, day, &record, None)
+    }
+
+    fn day_key_for(&self, day: Day, now: UnixSeconds) -> Result<&DayPublicKey, DeviceError> {
+        if let Some(k) = self.day_keys.iter().find(|k| k.day == day) {
+            return Ok(k);
+        }
+        // Keys ran out (no sync for weeks): fall back to the newest earlier key while the
+        // hub still keeps its secret. Never a later day's key: that would outlive retention.
+        self.day_keys
+            .iter()
+            .filter(|k| k.day < day && k.day >= horizon(now))
+            .max_by_key(|k| k.day)
+            .ok_or(DeviceError::NoDayKey(day))
+    }
+
+    /// The partition of `day`, loaded from the store on first use.
+    pub fn partition(&mut self, day: Day) -> Result<&mut Partition, DeviceError> {
+        let (p, _) = load_partition(
+            &mut self.partitions,
+            &self.store,
+            &self.actor,
+            &self.enrollment.facility.id,
+            day,
+        )?;
+        Ok(p)
+    }
+
+    fn append(
+        &mut self,
+        now: UnixSeconds,
+        day: Day,
+        record: &Record,
+        seen: Option<([u8; 32], UnixSeconds)>,
+    ) -> Result<RecordId, DeviceError> {
+        let result = self.append_inner(now, day, record, seen);
+        if result.is_err() {
+            // What is in memory may be ahead of the disk: forget it and reload next time.
+            self.partitions.remove(&day);
+            self.sessions.remove(&day);
+        }
+        result
+    }
+
+    fn append_inner(
+        &mut self,
+        now: UnixSeconds,
+        day: Day,
+        record: &Record,
+        seen: Option<([u8; 32], UnixSeconds)>,
+    ) -> Result<RecordId, DeviceError> {
+        let new_session = if self.sessions.contains_key(&day) {
+            None
+        } else {
+            let key = self.day_key_for(day, now)?.clone();
+            let session = SessionKey::generate(&mut OsRng, day);
+            let wrapped = session
+                .wrap(&key)
+                .map_err(|e| DeviceError::Seal(e.to_string()))?;
+            Some((session, wrapped))
+        };
+        let (partition, chunks) = load_partition(
+            &mut self.partitions,
+            &self.store,
+            &self.actor,
+            &self.enrollment.facility.id,
+            day,
+        )?;
+        if let Some((_, wrapped)) = &new_session {
+            partition
+                .insert_wrapped_key(wrapped)
+                .map_err(|e| DeviceError::Partition(partition.id().to_string(), e))?;
+        }
+        let session = match &new_session {
+            Some((s, _)) => s,
+            None => self.sessions.get(&day).ok_or(DeviceError::NoDayKey(day))?,
+        };
+        let record_id = RecordId::random(&mut OsRng);
+        let envelope = session
+            .seal(&mut OsRng, partition.id(), record_id, record)
+            .map_err(|e| DeviceError::Seal(e.to_string()))?;
+        partition
+            .insert_record(record_id, &envelope)
+            .map_err(|e| DeviceError::Partition(partition.id().to_string(), e))?;
+        let chunk = partition.save_incremental();
+        self.store.commit_check_in(&CheckInWrite {
+            day,
+            chunk: &chunk,
+            seen,
+            new_records: 1,
+            prune_before: now.saturating_sub(self.skew),
+        })?;
+        *chunks += 1;
+        if *chunks > COMPACT_AFTER_CHUNKS {
+            let full = partition.save();
+            let records = partition.record_count() as u64;
+            self.store.replace_partition(day, &full, records)?;
+            *chunks = 1;
+        }
+        if let Some((s, _)) = new_session {
+            self.sessions.insert(day, s);
+        }
+        Ok(record_id)
+    }
+
+    /// The device's figures.
+    pub fn status(&self, now: UnixSeconds) -> Result<Status, DeviceError> {
+        let live = horizon(now);
+        let mut partitions = Vec::new();
+        for (day, total, synced) in self.store.days()? {
+            if day >= live {
+                partitions.push(PartitionStatus {
+                    day,
+                    records: total,
+                    unsynced: total.saturating_sub(synced),
+                });
+            }
+        }
+        let today = Day::of(now);
+        let day_keys_left = self.day_keys.iter().filter(|k| k.day >= today).count();
+        let last_sync: Option<UnixSeconds> = self
+            .store
+            .get(K_LAST_SYNC)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok());
+        let clock_offset: Option<i64> = self
+            .store
+            .get(K_CLOCK_OFFSET)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok());
+        let mut warnings = Vec::new();
+        if day_keys_left < DAY_KEYS_WARNING {
+            warnings.push(format!(
+                "only {day_keys_left} days of hub keys left: connect this device to the hub (sync) before they run out"
+            ));
+        }
+        if clock_offset.is_some_and(|o| o.abs() > 300) {
+            warnings.push("this device's clock differs from the hub's by more than 5 minutes: set the clock".into());
+        }
+        if self.enrollment.facility.status != shared::facility::FacilityStatus::Approved {
+            warnings.push("the facility is not approved".into());
+        }
+        Ok(Status {
+            facility_id: self.enrollment.facility.id.to_string(),
+            facility_name: self.enrollment.facility.registration.name.clone(),
+            device_id: self.enrollment.device_id.to_string(),
+            device_name: self.enrollment.device_name.clone(),
+            records: partitions.iter().map(|p| p.records).sum(),
+            unsynced: partitions.iter().map(|p| p.unsynced).sum(),
+            last_sync,
+            partitions,
+            day_keys_left,
+            clock_offset,
+            warnings,
+        })
+    }
+
+    /// Enforces retention: drops whole partitions past the horizon.
+    ///
+    /// `as_of` may only move the clock forward. The device clock is corrected by the offset
+    /// the hub measured at the last sync, and a partition the hub may not hold yet is kept
+    /// one more day (the one partition's length of grace the design allows), so a clock that
+    /// jumped forward does not destroy an unsynced visit early.
+    pub fn purge(&mut self, now: UnixSeconds, as_of: Option<UnixSeconds>) -> Result<PurgeReport, DeviceError> {
+        let offset: i64 = self
+            .store
+            .get(K_CLOCK_OFFSET)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or(0);
+        let corrected = now.saturating_add_signed(offset.saturating_neg());
+        let as_of = as_of.map_or(corrected, |a| a.max(corrected));
+        let h = horizon(as_of);
+        let mut dropped = Vec::new();
+        let mut kept_unsynced = Vec::new();
+        for (day, total, synced) in self.store.days()? {
+            if day >= h {
+                continue;
+            }
+            if synced >= total || day < h.minus(1) {
+                dropped.push(day);
+            } else {
+                kept_unsynced.push(day);
+            }
+        }
+        self.store.drop_days(&dropped)?;
+        for d in &dropped {
+            self.partitions.remove(d);
+            self.sessions.remove(d);
+        }
+        // Day keys of expired days are useless; keep the list short.
+        self.day_keys.retain(|k| k.day >= h);
+        self.store.put(&[(K_DAY_KEYS, &json(&self.day_keys))])?;
+        Ok(PurgeReport {
+            as_of,
+            horizon: h,
+            dropped,
+            kept_unsynced,
+        })
+    }
+}
+
+fn load_partition<'a>(
+    cache: &'a mut BTreeMap<Day, (Partition, usize)>,
+    store: &Store,
+    actor: &[u8],
+    facility: &shared::FacilityId,
+    day: Day,
+) -> Result<&'a mut (Partition, usize), DeviceError> {
+    use std::collections::btree_map::Entry;
+    match cache.entry(day) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(v) => {
+            let id = PartitionId {
+                facility: facility.clone(),
+                day,
+            };
+            let (bytes, chunks) = store.partition_bytes(day)?;
+            let p = if bytes.is_empty() {
+                Partition::new(id, actor)
+            } else {
+                Partition::load(id.clone(), &bytes, actor)
+                    .map_err(|e| DeviceError::Partition(id.to_string(), e))?
+            };
+            Ok(v.insert((p, chunks)))
+        }
+    }
+}
+
+fn read_ticket(path: &Path) -> Result<Vec<u8>, DeviceError> {
+    let err = |source| DeviceError::TicketFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if meta.is_dir() {
+        return Err(err(std::io::Error::other("it is a directory")));
+    }
+    if meta.len() > shared::ticket::MAX_TICKET_BYTES as u64 {
+        return Err(DeviceError::Ticket {
+            path: path.display().to_string(),
+            source: TicketError::TooLarge(meta.len() as usize),
+        });
+    }
+    std::fs::read(path).map_err(err)
+}

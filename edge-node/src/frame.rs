@@ -1,0 +1,853 @@
+//! Camera frames to QR text: the edge node's only contact with pixels.
+//!
+//! A frame arrives as PNG or JPEG bytes (from a file or the camera), is decoded to 8-bit luma
+//! under hard size limits, and is searched for QR codes with `rqrr`. Plain `rqrr` misses codes in
+//! blurred, noisy or low-contrast frames that a cheap preprocessing pass recovers, so when the
+//! plain scan finds nothing we climb a short *ladder* of such passes and stop at the first one that
+//! decodes. The ladder's order comes from the damaged-frame corpus in `tests/` (see
+//! `tests/tests/decode_corpus.rs`): cheap and often-successful steps first.
+//!
+//! Everything here treats the frame as hostile outside data: no panics on any input, no
+//! allocation sized by an unchecked header, clear errors that say what to do.
+
+use std::fs::File;
+use std::io::{Cursor, Read};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits, imageops};
+
+/// Frames with more pixels than this are refused before decoding (a 40-megapixel luma frame is
+/// already 40 MB; a QR code needs a few hundred pixels on a side).
+pub const MAX_PIXELS: u64 = 40_000_000;
+
+/// Ceiling on what the image decoder may allocate for one frame (RGBA16 at 40 MP is 320 MiB).
+pub const MAX_DECODE_ALLOC: u64 = 512 * 1024 * 1024;
+
+/// Frame files larger than this are refused without being read.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Frames with a side longer than this are downscaled by the ladder: `rqrr`'s cost grows with the
+/// pixel count, while a QR code filling part of an HD frame still has plenty of pixels per module.
+const DOWNSCALE_ABOVE: u32 = 1000;
+/// The longer side after downscaling.
+const DOWNSCALE_TO: u32 = 800;
+/// Frames whose longer side is at most this are worth upscaling 2x when all else failed: a small
+/// code in a VGA frame has about two pixels per module, too few for `rqrr`'s capstone search.
+const UPSCALE_UP_TO: u32 = 700;
+
+/// What went wrong with a frame, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is empty (0 bytes): the camera delivered nothing; check the capture device")]
+    Empty,
+    #[error("frame is {looks_like}, not PNG or JPEG: configure the camera to deliver PNG or JPEG")]
+    UnsupportedFormat { looks_like: &'static str },
+    #[error(
+        "frame is {width}x{height} pixels, over the {} megapixel limit: lower the camera resolution (1920x1080 is plenty)",
+        MAX_PIXELS / 1_000_000
+    )]
+    TooLarge { width: u32, height: u32 },
+    #[error("frame could not be decoded ({0}): it is truncated or corrupt; capture it again")]
+    Undecodable(String),
+    #[error("frame file {} does not exist: check the path", .path.display())]
+    FileMissing { path: PathBuf },
+    #[error("frame path {} is a directory: pass the path of an image file", .path.display())]
+    IsDirectory { path: PathBuf },
+    #[error("frame path {} is not a regular file: pass the path of an image file", .path.display())]
+    NotRegularFile { path: PathBuf },
+    #[error("frame file {} is empty (0 bytes): the capture failed; capture it again", .path.display())]
+    EmptyFile { path: PathBuf },
+    #[error(
+        "frame file {} is {size} bytes, over the {limit}-byte limit: it is not a camera frame; check the path",
+        .path.display()
+    )]
+    FileTooLarge { path: PathBuf, size: u64, limit: u64 },
+    #[error("cannot read frame file {}: {source}; check its permissions", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One rung of the decoding ladder. Each rung runs on the *working image*: the frame itself, or
+/// after [`LadderStep::Downscale`] has applied, the downscaled frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LadderStep {
+    /// `rqrr` on the frame as it came (its own row-wise adaptive threshold).
+    Plain,
+    /// Shrink a frame longer than 1000 px on a side to 800 px, then `rqrr`.
+    Downscale,
+    /// 3x3 median filter (removes salt-and-pepper and sensor noise), then `rqrr`.
+    Median,
+    /// One global threshold chosen by Otsu's method (blur makes `rqrr`'s local threshold wander).
+    Otsu,
+    /// Threshold against the mean of a window a few modules wide (uneven light, noise).
+    AdaptiveMean,
+    /// Stretch the 1st..99th percentile to 0..255 (dim, low-contrast frames).
+    Stretch,
+    /// Median filter, then the local-mean threshold: strong noise defeats each alone.
+    MedianAdaptive,
+    /// Enlarge a small frame 2x with bilinear filtering (tiny codes, ~2 px per module).
+    Upscale,
+}
+
+impl LadderStep {
+    /// The ladder in the order [`decode_luma`] climbs it.
+    // Order measured on the corpus (tests/tests/decode_corpus.rs): plain rqrr first, since it
+    // decodes nearly every frame; then the cheap per-pixel passes by how many frames they rescue;
+    // the 4x-pixel upscale last.
+    pub const LADDER: [LadderStep; 8] = [
+        LadderStep::Plain,
+        LadderStep::Downscale,
+        LadderStep::Median,
+        LadderStep::Otsu,
+        LadderStep::AdaptiveMean,
+        LadderStep::MedianAdaptive,
+        LadderStep::Stretch,
+        LadderStep::Upscale,
+    ];
+
+    /// A short stable name for tables and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LadderStep::Plain => "plain",
+            LadderStep::Downscale => "downscale",
+            LadderStep::Median => "median",
+            LadderStep::Otsu => "otsu",
+            LadderStep::AdaptiveMean => "adaptive",
+            LadderStep::Stretch => "stretch",
+            LadderStep::MedianAdaptive => "median+adaptive",
+            LadderStep::Upscale => "upscale",
+        }
+    }
+
+    /// Whether this step does anything for an image of this size (a step that does not apply is
+    /// skipped, not counted as an attempt).
+    pub fn applies_to(self, width: u32, height: u32) -> bool {
+        let side = width.max(height);
+        match self {
+            LadderStep::Downscale => side > DOWNSCALE_ABOVE,
+            LadderStep::Upscale => side <= UPSCALE_UP_TO,
+            _ => true,
+        }
+    }
+}
+
+/// What the ladder did with one frame: for benchmarks, the corpus report and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// The decoded text, if any rung found a code.
+    pub text: Option<String>,
+    /// The rung that found it.
+    pub step: Option<LadderStep>,
+    /// How many `rqrr` scans ran (rungs that applied), including the successful one.
+    pub attempts: u32,
+}
+
+/// Decode a PNG or JPEG frame and return the text of the QR code in it, if any.
+///
+/// `Ok(None)` means the frame was a valid image with no readable code.
+pub fn decode_frame(bytes: &[u8]) -> Result<Option<String>, FrameError> {
+    Ok(decode_frame_stats(bytes)?.text)
+}
+
+/// [`decode_frame`], also reporting which ladder step succeeded.
+pub fn decode_frame_stats(bytes: &[u8]) -> Result<DecodeStats, FrameError> {
+    let luma = load_luma(bytes)?;
+    Ok(decode_luma_stats(&luma))
+}
+
+/// Find and decode a QR code in an 8-bit luma image, climbing the ladder as needed.
+pub fn decode_luma(img: &GrayImage) -> Option<String> {
+    decode_luma_stats(img).text
+}
+
+/// [`decode_luma`], also reporting which ladder step succeeded.
+pub fn decode_luma_stats(img: &GrayImage) -> DecodeStats {
+    let mut stats = DecodeStats {
+        text: None,
+        step: None,
+        attempts: 0,
+    };
+    if img.width() == 0 || img.height() == 0 {
+        return stats;
+    }
+    // Once a large frame has been downscaled, the later rungs work on the small copy: they are
+    // per-pixel passes, and the code has enough pixels per module at 800 px.
+    let mut downscaled: Option<GrayImage> = None;
+    for step in LadderStep::LADDER {
+        let work = downscaled.as_ref().unwrap_or(img);
+        if !step.applies_to(work.width(), work.height()) {
+            continue;
+        }
+        stats.attempts += 1;
+        let found = if step == LadderStep::Downscale {
+            let small = downscale(work);
+            let found = scan_gray(&small);
+            downscaled = Some(small);
+            found
+        } else {
+            decode_step(work, step)
+        };
+        if let Some(text) = found {
+            stats.text = Some(text);
+            stats.step = Some(step);
+            return stats;
+        }
+    }
+    stats
+}
+
+/// Run one ladder step alone on `img` (`None` also when the step does not apply to its size).
+///
+/// For measuring the ladder: which frames each step rescues, and at what cost.
+pub fn decode_step(img: &GrayImage, step: LadderStep) -> Option<String> {
+    if img.width() == 0 || img.height() == 0 || !step.applies_to(img.width(), img.height()) {
+        return None;
+    }
+    match step {
+        LadderStep::Plain => scan_gray(img),
+        LadderStep::Downscale => scan_gray(&downscale(img)),
+        LadderStep::Median => scan_gray(&median3(img)),
+        LadderStep::Otsu => {
+            let t = otsu_threshold(img);
+            scan_bitmap(img.width(), img.height(), |x, y| img.get_pixel(x, y)[0] <= t)
+        }
+        LadderStep::AdaptiveMean => {
+            let black = adaptive_mean(img);
+            scan_bitmap(img.width(), img.height(), |x, y| black[index(img, x, y)])
+        }
+        LadderStep::Stretch => scan_gray(&stretch(img)),
+        LadderStep::MedianAdaptive => {
+            let filtered = median3(img);
+            let black = adaptive_mean(&filtered);
+            scan_bitmap(img.width(), img.height(), |x, y| black[index(img, x, y)])
+        }
+        LadderStep::Upscale => scan_gray(&imageops::resize(
+            img,
+            img.width() * 2,
+            img.height() * 2,
+            imageops::FilterType::Triangle,
+        )),
+    }
+}
+
+/// Read a frame file into memory, refusing what cannot be a camera frame before reading it.
+pub fn read_frame_file(path: &Path) -> Result<Vec<u8>, FrameError> {
+    let io_err = |source: std::io::Error| FrameError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(FrameError::FileMissing {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    if meta.is_dir() {
+        return Err(FrameError::IsDirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    // Devices and pipes report no meaningful length and may never end (/dev/zero).
+    if !meta.is_file() {
+        return Err(FrameError::NotRegularFile {
+            path: path.to_path_buf(),
+        });
+    }
+    check_file_len(path, meta.len())?;
+    let file = File::open(path).map_err(io_err)?;
+    // The file may grow between metadata() and reading: never read more than the cap (+1 byte
+    // to notice that it did).
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    check_file_len(path, bytes.len() as u64)?;
+    Ok(bytes)
+}
+
+fn check_file_len(path: &Path, len: u64) -> Result<(), FrameError> {
+    if len == 0 {
+        return Err(FrameError::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if len > MAX_FILE_BYTES {
+        return Err(FrameError::FileTooLarge {
+            path: path.to_path_buf(),
+            size: len,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Sniff the container, check the header's dimensions, then decode to 8-bit luma.
+fn load_luma(bytes: &[u8]) -> Result<GrayImage, FrameError> {
+    let format = sniff(bytes)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    reader.limits(limits);
+    let undecodable = |e: image::ImageError| FrameError::Undecodable(e.to_string());
+    // `into_decoder` reads only the header; the pixel buffer is allocated by `from_decoder`,
+    // after the size check.
+    let decoder = reader.into_decoder().map_err(undecodable)?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(FrameError::TooLarge { width, height });
+    }
+    let img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    Ok(img.into_luma8())
+}
+
+/// Recognise PNG and JPEG by their magic bytes; name what anything else looks like.
+fn sniff(bytes: &[u8]) -> Result<ImageFormat, FrameError> {
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
+    const JPEG: &[u8] = &[0xFF, 0xD8, 0xFF];
+    if bytes.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    if bytes.starts_with(PNG) {
+        return Ok(ImageFormat::Png);
+    }
+    if bytes.starts_with(JPEG) {
+        return Ok(ImageFormat::Jpeg);
+    }
+    let ftyp = bytes.get(4..8) == Some(b"ftyp");
+    let looks_like = if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        "a GIF image"
+    } else if bytes.starts_with(b"BM") {
+        "a BMP image"
+    } else if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
+        "a WebP image"
+    } else if bytes.starts_with(b"II*\0") || bytes.starts_with(b"MM\0*") {
+        "a TIFF image"
+    } else if ftyp {
+        "a HEIF/AVIF image or MP4 video"
+    } else if bytes.starts_with(b"%PDF") {
+        "a PDF document"
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        "a ZIP archive"
+    } else if bytes.starts_with(b"\x89PNG") {
+        "a PNG with a damaged signature"
+    } else if bytes.starts_with(&[0xFF, 0xD8]) {
+        "a JPEG with a damaged header"
+    } else if bytes
+        .iter()
+        .take(256)
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+    {
+        "text"
+    } else {
+        "unrecognised binary data"
+    };
+    Err(FrameError::UnsupportedFormat { looks_like })
+}
+
+/// Run `rqrr` with its own thresholding on a gray image.
+fn scan_gray(img: &GrayImage) -> Option<String> {
+    guarded(|| pick_text(rqrr::PreparedImage::prepare(img.clone()).detect_grids()))
+}
+
+/// Run `rqrr` on an image we have already binarised (`true` = dark module).
+fn scan_bitmap(width: u32, height: u32, black: impl Fn(u32, u32) -> bool) -> Option<String> {
+    guarded(|| {
+        let mut prepared =
+            rqrr::PreparedImage::prepare_from_bitmap(width as usize, height as usize, |x, y| {
+                black(x as u32, y as u32)
+            });
+        pick_text(prepared.detect_grids())
+    })
+}
+
+/// `rqrr` is known to panic on some degenerate capstone geometry (rqrr issue #54, an assertion
+/// in `Perspective::map`, still open for 0.11). A hostile or unlucky frame must give "no code",
+/// not kill the check-in loop, so each scan is isolated. `AssertUnwindSafe` holds: the closure
+/// owns or only reads its state, and nothing it touched is used after a panic.
+fn guarded(scan: impl FnOnce() -> Option<String>) -> Option<String> {
+    catch_unwind(AssertUnwindSafe(scan)).ok().flatten()
+}
+
+/// Decode every grid `rqrr` finds; prefer a KP1 token over any other code in the same frame
+/// (a poster's URL code next to the phone must not hide the check-in code).
+fn pick_text<G: rqrr::BitGrid>(grids: Vec<rqrr::Grid<G>>) -> Option<String> {
+    let mut first_other = None;
+    for grid in grids {
+        if let Ok((_meta, text)) = grid.decode() {
+            if text.starts_with("KP1:") {
+                return Some(text);
+            }
+            first_other.get_or_insert(text);
+        }
+    }
+    first_other
+}
+
+fn index(img: &GrayImage, x: u32, y: u32) -> usize {
+    y as usize * img.width() as usize + x as usize
+}
+
+fn downscale(img: &GrayImage) -> GrayImage {
+    let side = img.width().max(img.height());
+    let scale = f64::from(DOWNSCALE_TO) / f64::from(side);
+    let w = ((f64::from(img.width()) * scale).round() as u32).max(1);
+    let h = ((f64::from(img.height()) * scale).round() as u32).max(1);
+    // Triangle (bilinear) averages enough to avoid aliasing at this ratio and is much cheaper
+    // than Lanczos.
+    imageops::resize(img, w, h, imageops::FilterType::Triangle)
+}
+
+/// 3x3 median with edges clamped.
+fn median3(img: &GrayImage) -> GrayImage {
+    let (w, h) = img.dimensions();
+    let src = img.as_raw();
+    let stride = w as usize;
+    let mut out = GrayImage::new(w, h);
+    let mut window = [0u8; 9];
+    for y in 0..h {
+        let rows = [y.saturating_sub(1), y, (y + 1).min(h - 1)].map(|r| r as usize * stride);
+        for x in 0..w {
+            let cols = [x.saturating_sub(1), x, (x + 1).min(w - 1)].map(|c| c as usize);
+            let mut k = 0;
+            for row in rows {
+                for col in cols {
+                    window[k] = src[row + col];
+                    k += 1;
+                }
+            }
+            let (_, median, _) = window.select_nth_unstable(4);
+            out.put_pixel(x, y, image::Luma([*median]));
+        }
+    }
+    out
+}
+
+fn histogram(img: &GrayImage) -> [u64; 256] {
+    let mut hist = [0u64; 256];
+    for &v in img.as_raw() {
+        hist[usize::from(v)] += 1;
+    }
+    hist
+}
+
+/// Otsu's threshold: the gray level that maximises the between-class variance. Pixels `<=` it are
+/// dark.
+fn otsu_threshold(img: &GrayImage) -> u8 {
+    let hist = histogram(img);
+    let total: u64 = hist.iter().sum();
+    let sum_all: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(v, &n)| v as f64 * n as f64)
+        .sum();
+    let (mut weight_dark, mut sum_dark) = (0u64, 0f64);
+    let (mut best, mut best_var) = (0u8, -1f64);
+    for (v, &n) in hist.iter().enumerate() {
+        weight_dark += n;
+        sum_dark += v as f64 * n as f64;
+        let weight_light = total - weight_dark;
+        if weight_dark == 0 || weight_light == 0 {
+            continue;
+        }
+        let mean_dark = sum_dark / weight_dark as f64;
+        let mean_light = (sum_all - sum_dark) / weight_light as f64;
+        let var = weight_dark as f64 * weight_light as f64 * (mean_dark - mean_light).powi(2);
+        if var > best_var {
+            best_var = var;
+            best = v as u8;
+        }
+    }
+    best
+}
+
+/// Local-mean threshold over a square window about 1/16 of the shorter side (several modules of a
+/// code that fills half the frame): a pixel is dark when it is clearly below its neighbourhood.
+/// Returns one `bool` per pixel, row-major, `true` = dark.
+fn adaptive_mean(img: &GrayImage) -> Vec<bool> {
+    /// How far below the local mean (in gray levels) a pixel must be to count as dark; keeps flat
+    /// noisy areas (quiet zone, background) from turning into speckle.
+    const OFFSET: i64 = 6;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let radius = (w.min(h) / 32).max(4);
+    // Integral image with a zero row and column in front; u64 because 40 MP x 255 overflows u32.
+    let stride = w + 1;
+    let mut integral = vec![0u64; stride * (h + 1)];
+    let src = img.as_raw();
+    for y in 0..h {
+        let mut row_sum = 0u64;
+        for x in 0..w {
+            row_sum += u64::from(src[y * w + x]);
+            integral[(y + 1) * stride + x + 1] = integral[y * stride + x + 1] + row_sum;
+        }
+    }
+    let mut black = vec![false; w * h];
+    for y in 0..h {
+        let (y0, y1) = (y.saturating_sub(radius), (y + radius + 1).min(h));
+        for x in 0..w {
+            let (x0, x1) = (x.saturating_sub(radius), (x + radius + 1).min(w));
+            let sum = integral[y1 * stride + x1] + integral[y0 * stride + x0]
+                - integral[y0 * stride + x1]
+                - integral[y1 * stride + x0];
+            let area = ((y1 - y0) * (x1 - x0)) as i64;
+            let v = i64::from(src[y * w + x]);
+            black[y * w + x] = (v + OFFSET) * area < sum as i64;
+        }
+    }
+    black
+}
+
+/// Map the 1st..99th percentile of the histogram onto 0..255.
+fn stretch(img: &GrayImage) -> GrayImage {
+    let hist = histogram(img);
+    let total: u64 = hist.iter().sum();
+    let percentile = |p: u64| -> u8 {
+        let target = total * p / 100;
+        let mut seen = 0;
+        for (v, &n) in hist.iter().enumerate() {
+            seen += n;
+            if seen > target {
+                return v as u8;
+            }
+        }
+        u8::MAX
+    };
+    let (lo, hi) = (percentile(1), percentile(99));
+    let mut out = img.clone();
+    if hi <= lo {
+        return out;
+    }
+    let span = f32::from(hi - lo);
+    for p in out.pixels_mut() {
+        let v = f32::from(p[0].clamp(lo, hi) - lo) * 255.0 / span;
+        p[0] = v.round() as u8;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    const TOKEN: &str = "KP1:6BFOXN*TS0BB7D4.8MH7ALV.QS+6KMS1:3T0FQ5W  8W*J4WPU2:W6G7 AKC%Y$*0LP/N\
+                         %D6 MGUZFKS8JAA5LZYS/E66UG7%Z0.6V4:HTO-W:6-6R/3*1KRK0C07%VNM.IA8D$8";
+
+    /// A quiet-zoned QR code for `text`, `scale` pixels per module, placed at `(x0, y0)` on a
+    /// light gray canvas.
+    fn draw_code(canvas: &mut GrayImage, text: &str, scale: u32, x0: u32, y0: u32) {
+        let code = qrcode::QrCode::with_error_correction_level(text, qrcode::EcLevel::M)
+            .expect("test text fits a QR code");
+        let n = code.width() as u32;
+        let colors = code.to_colors();
+        for my in 0..n + 8 {
+            for mx in 0..n + 8 {
+                let dark = mx >= 4
+                    && my >= 4
+                    && mx < n + 4
+                    && my < n + 4
+                    && colors[((my - 4) * n + (mx - 4)) as usize] == qrcode::Color::Dark;
+                let v = if dark { 20 } else { 235 };
+                for dy in 0..scale {
+                    for dx in 0..scale {
+                        canvas.put_pixel(x0 + mx * scale + dx, y0 + my * scale + dy, image::Luma([v]));
+                    }
+                }
+            }
+        }
+    }
+
+    fn code_frame(text: &str) -> GrayImage {
+        let mut img = GrayImage::from_pixel(640, 480, image::Luma([180]));
+        draw_code(&mut img, text, 4, 150, 60);
+        img
+    }
+
+    fn png(img: &GrayImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .expect("PNG encoding to memory works");
+        out
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+
+    /// A PNG whose valid IHDR claims `width x height` 8-bit gray pixels, followed by a tiny IDAT
+    /// and IEND: a decoder that trusted the header would try to allocate width*height bytes.
+    fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // depth 8, gray, deflate, adaptive, no interlace
+        chunk(&mut out, b"IHDR", &ihdr);
+        // zlib stream of one empty stored block.
+        chunk(&mut out, b"IDAT", &[0x78, 0x01, 0x01, 0x00, 0x00, 0xFF, 0xFF, 0, 0, 0, 1]);
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn crc32_matches_the_png_reference_value() {
+        // CRC of the IEND chunk type, fixed in every PNG file.
+        assert_eq!(crc32(b"IEND"), 0xAE42_6082);
+    }
+
+    #[test]
+    fn decodes_a_clean_png_frame() {
+        let bytes = png(&code_frame(TOKEN));
+        let stats = decode_frame_stats(&bytes).expect("valid PNG");
+        assert_eq!(stats.text.as_deref(), Some(TOKEN));
+        assert_eq!(stats.step, Some(LadderStep::Plain));
+        assert_eq!(stats.attempts, 1);
+    }
+
+    #[test]
+    fn decodes_a_jpeg_frame() {
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 60)
+            .encode_image(&code_frame(TOKEN))
+            .expect("JPEG encoding to memory works");
+        assert_eq!(decode_frame(&bytes).expect("valid JPEG").as_deref(), Some(TOKEN));
+    }
+
+    #[test]
+    fn a_frame_without_a_code_is_none_after_the_whole_ladder() {
+        let img = GrayImage::from_fn(640, 480, |x, y| image::Luma([((x ^ y) & 0xFF) as u8]));
+        let stats = decode_frame_stats(&png(&img)).expect("valid PNG");
+        assert_eq!(stats.text, None);
+        assert_eq!(stats.step, None);
+        // Every rung that applies to VGA ran: all but the downscale.
+        assert_eq!(stats.attempts, LadderStep::LADDER.len() as u32 - 1);
+    }
+
+    #[test]
+    fn prefers_the_kp1_code_over_another_code_in_the_frame() {
+        // Both left-right orders, so the test fails whichever grid rqrr happens to report first.
+        for kp1_left in [true, false] {
+            let mut img = GrayImage::from_pixel(1000, 480, image::Luma([180]));
+            let (a, b) = if kp1_left {
+                (TOKEN, "HTTPS://EXAMPLE.ORG/MENU")
+            } else {
+                ("HTTPS://EXAMPLE.ORG/MENU", TOKEN)
+            };
+            draw_code(&mut img, a, 4, 20, 40);
+            draw_code(&mut img, b, 4, 520, 40);
+            assert_eq!(decode_luma(&img).as_deref(), Some(TOKEN), "kp1_left={kp1_left}");
+        }
+    }
+
+    #[test]
+    fn returns_another_code_when_there_is_no_kp1() {
+        let mut img = GrayImage::from_pixel(640, 480, image::Luma([180]));
+        draw_code(&mut img, "HTTPS://EXAMPLE.ORG/MENU", 6, 100, 60);
+        assert_eq!(
+            decode_luma(&img).as_deref(),
+            Some("HTTPS://EXAMPLE.ORG/MENU")
+        );
+    }
+
+    #[test]
+    fn empty_input_is_an_empty_error() {
+        assert!(matches!(decode_frame(&[]), Err(FrameError::Empty)));
+    }
+
+    #[test]
+    fn garbage_is_unsupported() {
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 2_654_435_761 >> 13) as u8).collect();
+        let err = decode_frame(&garbage).expect_err("garbage is not a frame");
+        assert!(
+            matches!(err, FrameError::UnsupportedFormat { looks_like: "unrecognised binary data" }),
+            "{err}"
+        );
+        let text = decode_frame(b"KP1:NOT AN IMAGE").expect_err("text is not a frame");
+        assert!(matches!(text, FrameError::UnsupportedFormat { looks_like: "text" }));
+    }
+
+    #[test]
+    fn gif_is_unsupported_and_named() {
+        let err = decode_frame(b"GIF89a\x01\x00\x01\x00\x80\x00\x00").expect_err("GIF");
+        assert!(matches!(err, FrameError::UnsupportedFormat { looks_like: "a GIF image" }));
+        assert!(err.to_string().contains("GIF"), "{err}");
+        assert!(err.to_string().contains("PNG or JPEG"), "{err}");
+    }
+
+    #[test]
+    fn truncated_png_is_undecodable() {
+        let bytes = png(&code_frame(TOKEN));
+        for cut in [9, 40, bytes.len() / 2, bytes.len() - 13] {
+            let err = decode_frame(&bytes[..cut]).expect_err("truncated");
+            assert!(matches!(err, FrameError::Undecodable(_)), "cut at {cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn png_with_a_corrupt_body_is_undecodable() {
+        let mut bytes = png(&code_frame(TOKEN));
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 64] {
+            *b ^= 0x5A;
+        }
+        let err = decode_frame(&bytes).expect_err("corrupt");
+        assert!(matches!(err, FrameError::Undecodable(_)), "{err}");
+    }
+
+    #[test]
+    fn a_108_megapixel_header_is_refused_quickly_without_decoding() {
+        let bytes = png_claiming(12_000, 9_000);
+        let start = Instant::now();
+        let err = decode_frame(&bytes).expect_err("too large");
+        assert!(
+            matches!(err, FrameError::TooLarge { width: 12_000, height: 9_000 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("12000x9000"), "{err}");
+        // Allocating and inflating 108 MB would take far longer than this.
+        assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_header_just_under_the_limit_passes_the_size_check() {
+        // 40 MP exactly is allowed; the (empty) pixel data then fails to decode.
+        let err = decode_frame(&png_claiming(8_000, 5_000)).expect_err("no pixel data");
+        assert!(matches!(err, FrameError::Undecodable(_)), "{err}");
+    }
+
+    #[test]
+    fn otsu_splits_a_bimodal_histogram() {
+        let img = GrayImage::from_fn(100, 10, |x, _| image::Luma([if x < 50 { 30 } else { 200 }]));
+        let t = otsu_threshold(&img);
+        assert!((30..200).contains(&t), "{t}");
+    }
+
+    #[test]
+    fn adaptive_threshold_follows_uneven_light() {
+        // A dark bar on a background that brightens left to right: one global threshold cannot
+        // separate the left background (60) from the right bar (100); a local one can.
+        let img = GrayImage::from_fn(200, 100, |x, y| {
+            let light = 60 + x as u8;
+            let bar = (40..60).contains(&y);
+            image::Luma([if bar { light / 2 } else { light }])
+        });
+        let black = adaptive_mean(&img);
+        for x in [5u32, 100, 195] {
+            assert!(black[index(&img, x, 50)], "bar at x={x}");
+            assert!(!black[index(&img, x, 10)], "background at x={x}");
+        }
+    }
+
+    #[test]
+    fn median_removes_salt_and_pepper() {
+        let mut img = GrayImage::from_pixel(20, 20, image::Luma([128]));
+        img.put_pixel(5, 5, image::Luma([0]));
+        img.put_pixel(10, 10, image::Luma([255]));
+        img.put_pixel(0, 0, image::Luma([255]));
+        let out = median3(&img);
+        assert!(out.pixels().all(|p| p[0] == 128));
+    }
+
+    #[test]
+    fn stretch_spreads_a_dim_range() {
+        let img = GrayImage::from_fn(100, 10, |x, _| image::Luma([20 + (x / 2) as u8]));
+        let out = stretch(&img);
+        let max = out.pixels().map(|p| p[0]).max();
+        let min = out.pixels().map(|p| p[0]).min();
+        assert_eq!((min, max), (Some(0), Some(255)));
+    }
+
+    #[test]
+    fn downscale_applies_only_to_large_frames() {
+        assert!(!LadderStep::Downscale.applies_to(1000, 700));
+        assert!(LadderStep::Downscale.applies_to(1920, 1080));
+        let small = downscale(&GrayImage::new(1920, 1080));
+        assert_eq!(small.dimensions(), (800, 450));
+    }
+
+    #[test]
+    fn a_large_frame_decodes() {
+        let mut img = GrayImage::from_pixel(1920, 1080, image::Luma([180]));
+        draw_code(&mut img, TOKEN, 10, 700, 200);
+        assert_eq!(decode_luma(&img).as_deref(), Some(TOKEN));
+    }
+
+    #[test]
+    fn zero_sized_images_give_no_code() {
+        assert_eq!(decode_luma(&GrayImage::new(0, 0)), None);
+        for step in LadderStep::LADDER {
+            assert_eq!(decode_step(&GrayImage::new(0, 7), step), None);
+        }
+    }
+
+    #[test]
+    fn file_errors_are_specific() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("missing.png");
+        assert!(matches!(
+            read_frame_file(&missing),
+            Err(FrameError::FileMissing { .. })
+        ));
+        assert!(matches!(
+            read_frame_file(dir.path()),
+            Err(FrameError::IsDirectory { .. })
+        ));
+        let empty = dir.path().join("empty.png");
+        std::fs::write(&empty, b"").expect("write");
+        let err = read_frame_file(&empty).expect_err("empty");
+        assert!(matches!(err, FrameError::EmptyFile { .. }), "{err}");
+        assert!(err.to_string().contains("empty.png"), "{err}");
+
+        let good = dir.path().join("good.png");
+        let bytes = png(&code_frame(TOKEN));
+        std::fs::write(&good, &bytes).expect("write");
+        assert_eq!(read_frame_file(&good).expect("readable"), bytes);
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_from_its_metadata() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let big = dir.path().join("big.png");
+        // A sparse file: set_len takes no disk space or time, and read_frame_file must not read it.
+        let file = File::create(&big).expect("create");
+        file.set_len(MAX_FILE_BYTES + 1).expect("set_len");
+        let err = read_frame_file(&big).expect_err("too big");
+        assert!(
+            matches!(err, FrameError::FileTooLarge { size, .. } if size == MAX_FILE_BYTES + 1),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_device_is_not_a_regular_file() {
+        let err = read_frame_file(Path::new("/dev/zero")).expect_err("device");
+        assert!(matches!(err, FrameError::NotRegularFile { .. }), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+//! The edge node's library: everything the `edge-node` binary runs, testable in-process.
+//!
+//! It is the shell around `shared` at one entrance device: camera frames ([`frame`]), the
+//! redb store ([`store`]), the check-in path ([`device`]) and the clock ([`clock`]).
+
+pub mod clock;
+pub mod device;
+pub mod frame;
+pub mod store;

@@ -1,0 +1,316 @@
+//! `edge-node`: one entrance device's command line. Parses arguments, calls the library,
+//! maps errors to a one-line reason on stderr and a non-zero exit status.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use edge_node::device::Device;
+use edge_node::{clock, frame};
+use serde_json::json;
+use shared::paper::PaperEntry;
+use shared::token::{Keyring, Verdict, verify};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "edge-node", version, about = "An entrance device of the offline-first visitor log")]
+struct Cli {
+    /// The device's state folder.
+    #[arg(long, env = "EDGE_NODE_DATA", global = true, default_value = "./edge-data")]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this device from a hub's enrollment ticket (works offline).
+    Init {
+        /// The ticket file from `sync-hub enroll`. Delete it afterwards: it is a credential.
+        #[arg(long)]
+        ticket: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode, verify and record the codes in camera frames (PNG or JPEG), one line each.
+    Scan {
+        /// Print JSON, one object per image.
+        #[arg(long)]
+        json: bool,
+        /// The frames.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Diagnose a code without recording anything.
+    CheckCode {
+        /// The issuer keyring file (qr-token-v1.md format).
+        #[arg(long)]
+        keyring: PathBuf,
+        /// Check as if the clock read this (Unix seconds).
+        #[arg(long)]
+        now: Option<u64>,
+        /// Clock tolerance in seconds.
+        #[arg(long, default_value_t = edge_node::device::DEFAULT_SKEW)]
+        skew: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// A frame holding the code.
+        #[arg(long, conflicts_with = "payload")]
+        image: Option<PathBuf>,
+        /// The code's text (KP1:...).
+        #[arg(required_unless_present = "image")]
+        payload: Option<String>,
+    },
+    /// The paper log, for visitors who do not use a QR code.
+    Paper {
+        #[command(subcommand)]
+        command: PaperCommand,
+    },
+    /// The device's figures.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
+    Purge {
+        /// Unix seconds; earlier than now is ignored.
+        #[arg(long)]
+        as_of: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PaperCommand {
+    /// Record a paper-log visitor (sealed: only the health authority can read it).
+    Add {
+        /// Visitor's name.
+        #[arg(long)]
+        name: String,
+        /// Visitor's phone number.
+        #[arg(long)]
+        phone: String,
+        /// When they visited (Unix seconds). Default: now.
+        #[arg(long)]
+        visited_at: Option<u64>,
+        /// The visitor consented to collection.
+        #[arg(long)]
+        consent_collect: bool,
+        /// The visitor consented to provision to the health authority.
+        #[arg(long)]
+        consent_share: bool,
+        /// The visitor is under 14 (then a guardian's consent is required).
+        #[arg(long)]
+        minor: bool,
+        /// A guardian consented (for visitors under 14).
+        #[arg(long)]
+        guardian_consent: bool,
+        /// Remarks.
+        #[arg(long, default_value = "")]
+        remarks: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGE_NODE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("edge-node: {}", one_line(&e));
+            std::process::exit(1);
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+fn message(v: Verdict) -> String {
+    format!("{} / {}", v.message_ko(), v.message_en())
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let data = cli.data;
+    let now = clock::now();
+    match cli.command {
+        Command::Init { ticket, json } => {
+            let dev = Device::init(&data, &ticket, now)?;
+            let e = dev.enrollment();
+            if json {
+                println!(
+                    "{}",
+                    json!({"facility_id": e.facility.id, "device_id": e.device_id, "device_name": e.device_name,
+                           "hub_id": e.hub.endpoint_id})
+                );
+            } else {
+                println!(
+                    "enrolled device {} ({}) of facility {} ({}); delete the ticket file now",
+                    e.device_id, e.device_name, e.facility.id, e.facility.registration.name
+                );
+            }
+            Ok(0)
+        }
+        Command::Scan { json, images } => scan(&data, json, &images),
+        Command::CheckCode {
+            keyring,
+            now: at,
+            skew,
+            json,
+            image,
+            payload,
+        } => {
+            let text = std::fs::read_to_string(&keyring)
+                .with_context(|| format!("cannot read keyring {}", keyring.display()))?;
+            let ring = Keyring::from_json(&text)
+                .with_context(|| format!("keyring {}", keyring.display()))?;
+            let text = match (image, payload) {
+                (Some(img), _) => {
+                    let bytes = frame::read_frame_file(&img)?;
+                    frame::decode_frame(&bytes).with_context(|| img.display().to_string())?
+                }
+                (None, Some(p)) => Some(p),
+                (None, None) => bail!("give a PAYLOAD or --image FILE"),
+            };
+            let verdict = match text {
+                None => Verdict::NoCode,
+                Some(t) => match verify(&t, &ring, at.unwrap_or(now), skew) {
+                    Ok(_) => Verdict::Accepted,
+                    Err(v) => v,
+                },
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"verdict": verdict.as_str(), "message": message(verdict)})
+                );
+            } else {
+                println!("{}: {}", verdict.as_str(), message(verdict));
+            }
+            Ok(0)
+        }
+        Command::Paper {
+            command:
+                PaperCommand::Add {
+                    name,
+                    phone,
+                    visited_at,
+                    consent_collect,
+                    consent_share,
+                    minor,
+                    guardian_consent,
+                    remarks,
+                    json,
+                },
+        } => {
+            if minor && !guardian_consent {
+                bail!("a visitor under 14 needs a guardian's consent (--guardian-consent); nothing was recorded");
+            }
+            let entry = PaperEntry {
+                name,
+                phone,
+                visited_at: visited_at.unwrap_or(now),
+                consent_collect,
+                consent_share,
+                guardian_consent,
+                remarks,
+            };
+            // Refuse before opening the store, so a refused entry touches nothing.
+            entry.validate()?;
+            let mut dev = Device::open(&data)?;
+            let id = dev.add_paper(now, &entry)?;
+            if json {
+                println!("{}", json!({"record_id": id.to_string(), "stored": true}));
+            } else {
+                println!("paper-log entry stored, sealed for the health authority");
+            }
+            Ok(0)
+        }
+        Command::Status { json } => {
+            let dev = Device::open(&data)?;
+            let s = dev.status(now)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "device {} ({}) of {} ({})",
+                    s.device_id, s.device_name, s.facility_id, s.facility_name
+                );
+                println!(
+                    "records {}  unsynced {}  partitions {}  day keys left {}  last sync {}",
+                    s.records,
+                    s.unsynced,
+                    s.partitions.len(),
+                    s.day_keys_left,
+                    s.last_sync.map_or("never".to_owned(), |t| t.to_string())
+                );
+                for w in &s.warnings {
+                    println!("warning: {w}");
+                }
+            }
+            Ok(0)
+        }
+        Command::Purge { as_of, json } => {
+            let mut dev = Device::open(&data)?;
+            let r = dev.purge(now, as_of)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "retention as of {}: horizon day {}, dropped {} partitions, kept {} unsynced for one more day",
+                    r.as_of,
+                    r.horizon,
+                    r.dropped.len(),
+                    r.kept_unsynced.len()
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
+    let mut dev = Device::open(data)?;
+    let mut failed = 0;
+    for img in images {
+        let text = match frame::read_frame_file(img).and_then(|b| frame::decode_frame(&b)) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("edge-node: {}: {e}", img.display());
+                failed += 1;
+                continue;
+            }
+        };
+        let verdict = match text {
+            None => Verdict::NoCode,
+            Some(t) => dev.check_in(clock::now(), &t)?.verdict,
+        };
+        // Printed only now: for `accepted` the visit is already durable.
+        if json {
+            println!(
+                "{}",
+                json!({"image": img.display().to_string(), "verdict": verdict.as_str(), "message": message(verdict)})
+            );
+        } else {
+            println!("{}: {} {}", img.display(), verdict.as_str(), message(verdict));
+        }
+    }
+    Ok(if failed > 0 { 2 } else { 0 })
+}

@@ -1,0 +1,251 @@
+//! The device's redb store: enrollment, the partitioned log as automerge chunks, and the
+//! short memory of seen tokens.
+//!
+//! One file, `edge.redb`, in the data folder; every table name carries a layout version.
+//! `docs/storage.md` documents each key and value. Nothing in it is readable without the
+//! hub's day secrets or the health authority's identity: envelopes are sealed, seen tokens
+//! are keyed hashes that expire with the code.
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use shared::{Day, UnixSeconds};
+use std::path::Path;
+
+/// `device-1`: setting name -> bytes (JSON documents and raw keys).
+pub const DEVICE: TableDefinition<&str, &[u8]> = TableDefinition::new("device-1");
+/// `chunks-1`: (day, sequence) -> automerge chunk of that day's partition.
+pub const CHUNKS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("chunks-1");
+/// `seen-1`: keyed hash of (facility, token) -> the last second the code could still pass.
+pub const SEEN: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen-1");
+/// `counts-1`: day -> (records stored, records the hub is known to have).
+pub const COUNTS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("counts-1");
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened.
+    #[error("cannot open the device store {path}: {source}; if the file is damaged, move it aside and re-enroll, then let siblings resend the log")]
+    Open {
+        /// The file.
+        path: String,
+        /// redb's reason.
+        source: redb::DatabaseError,
+    },
+    /// Another process holds the store.
+    #[error("the device store {0} is in use by another process (is `edge-node run` or another command active?)")]
+    Busy(String),
+    /// redb failed.
+    #[error("device store error: {0}")]
+    Db(#[from] redb::Error),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// One durable write of a check-in: the partition's new chunk, the seen-token entry, the
+/// record count; all in one transaction, committed with `Durability::Immediate`.
+pub struct CheckInWrite<'a> {
+    /// The partition's day.
+    pub day: Day,
+    /// The automerge chunk (changes since the last save).
+    pub chunk: &'a [u8],
+    /// The seen-token entry, for QR visits.
+    pub seen: Option<([u8; 32], UnixSeconds)>,
+    /// Records added by the chunk.
+    pub new_records: u64,
+    /// Drop seen entries that expired before this time.
+    pub prune_before: UnixSeconds,
+}
+
+/// The device's store.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::Busy(path.display().to_string())
+            }
+            source => StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+        })?;
+        let txn = db.begin_write()?;
+        txn.open_table(DEVICE)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(SEEN)?;
+        txn.open_table(COUNTS)?;
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// A setting.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEVICE)?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes settings atomically.
+    pub fn put(&self, entries: &[(&str, &[u8])]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(DEVICE)?;
+            for (k, v) in entries {
+                t.insert(*k, *v)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes a setting.
+    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(DEVICE)?.remove(key)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Whether a seen-token entry is present and not expired at `now`.
+    pub fn seen(&self, hash: &[u8; 32], now: UnixSeconds) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SEEN)?;
+        Ok(t.get(hash)?.is_some_and(|v| v.value() >= now))
+    }
+
+    /// Commits one check-in durably.
+    pub fn commit_check_in(&self, w: &CheckInWrite<'_>) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        // Immediate is redb's default; say it, because "accepted" depends on it.
+        txn.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut chunks = txn.open_table(CHUNKS)?;
+            let next = chunks
+                .range((w.day.0, 0)..=(w.day.0, u64::MAX))?
+                .next_back()
+                .transpose()?
+                .map_or(0, |(k, _)| k.value().1 + 1);
+            chunks.insert((w.day.0, next), w.chunk)?;
+        }
+        {
+            let mut counts = txn.open_table(COUNTS)?;
+            let (total, synced) = counts.get(w.day.0)?.map_or((0, 0), |v| v.value());
+            counts.insert(w.day.0, (total + w.new_records, synced))?;
+        }
+        {
+            let mut seen = txn.open_table(SEEN)?;
+            if let Some((h, until)) = &w.seen {
+                seen.insert(h, *until)?;
+            }
+            // The table holds only codes of the last minute or so: a scan is cheap.
+            let expired: Vec<[u8; 32]> = seen
+                .iter()?
+                .filter_map(|r| r.ok())
+                .filter(|(_, v)| v.value() < w.prune_before)
+                .map(|(k, _)| *k.value())
+                .collect();
+            for h in expired {
+                seen.remove(&h)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The chunks of one day's partition, in order, concatenated.
+    pub fn partition_bytes(&self, day: Day) -> Result<(Vec<u8>, usize), StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        let mut out = Vec::new();
+        let mut n = 0;
+        for row in t.range((day.0, 0)..=(day.0, u64::MAX))? {
+            let (_, v) = row?;
+            out.extend_from_slice(v.value());
+            n += 1;
+        }
+        Ok((out, n))
+    }
+
+    /// Replaces a day's chunks with one full save (compaction), atomically.
+    pub fn replace_partition(&self, day: Day, full: &[u8], records: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(CHUNKS)?;
+            t.retain_in((day.0, 0)..=(day.0, u64::MAX), |_, _| false)?;
+            t.insert((day.0, 0), full)?;
+        }
+        {
+            let mut counts = txn.open_table(COUNTS)?;
+            let synced = counts.get(day.0)?.map_or(0, |v| v.value().1);
+            counts.insert(day.0, (records, synced.min(records)))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Days that have a partition, with (records, records known at the hub).
+    pub fn days(&self) -> Result<Vec<(Day, u64, u64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COUNTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (total, synced) = v.value();
+            out.push((Day(k.value()), total, synced));
+        }
+        Ok(out)
+    }
+
+    /// Marks how many of a day's records the hub is known to hold.
+    pub fn set_synced(&self, day: Day, synced: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut counts = txn.open_table(COUNTS)?;
+            let total = counts.get(day.0)?.map_or(0, |v| v.value().0);
+            counts.insert(day.0, (total, synced.min(total)))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Drops whole partitions, then compacts the file so their pages are rewritten.
+    ///
+    /// Dropped envelopes may survive in free pages until reused; they are sealed to day keys
+    /// the hub destroys on the same schedule, so what survives is unreadable.
+    pub fn drop_days(&mut self, days: &[Day]) -> Result<(), StoreError> {
+        if days.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(CHUNKS)?;
+            let mut counts = txn.open_table(COUNTS)?;
+            for d in days {
+                t.retain_in((d.0, 0)..=(d.0, u64::MAX), |_, _| false)?;
+                counts.remove(d.0)?;
+            }
+        }
+        txn.commit()?;
+        // Compaction is best effort: it fails while a read transaction is open.
+        let _ = self.db.compact();
+        Ok(())
+    }
+}

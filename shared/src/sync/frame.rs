@@ -1,0 +1,512 @@
+//! The sync protocol's wire frames and the byte framing that carries them.
+//!
+//! A stream is a sequence of frames, each a 4-byte big-endian length followed by that many
+//! bytes of postcard-encoded [`Frame`]. The length is checked against [`MAX_FRAME_BYTES`]
+//! before anything is allocated for the body, so a hostile length costs nothing.
+//! `docs/protocol.md` gives the byte layout of every field.
+
+use crate::ids::{DeviceId, FacilityId, PartitionId};
+use crate::time::{Day, UnixSeconds};
+use serde::{Deserialize, Serialize};
+
+/// The one ALPN of the sync protocol. A breaking change to any frame gets a new ALPN
+/// (`kipass/sync/2`), so peers of different versions fail at the QUIC handshake, not mid-stream.
+pub const ALPN: &[u8] = b"kipass/sync/1";
+
+/// The version carried in `Hello` and `Welcome`; always equal to the digit in [`ALPN`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Bytes of the length prefix before every frame body.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// The largest frame body (without its length prefix) either side sends or accepts.
+///
+/// A `Sync` frame carries one automerge sync message, and automerge sends the whole document
+/// when more than a third of it is missing, so this bounds the size of a partition that can be
+/// synced to a peer that has little of it: at about 300 B a record (sealed envelope plus
+/// automerge overhead) 16 MiB is some 50,000 visits for one facility on one day.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Who is on the other end of a session, as it introduces itself.
+///
+/// A claim, not a proof: the shell checks the claim against the iroh endpoint id that
+/// authenticated the connection and against its registry before admitting.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Peer {
+    /// An edge device enrolled for one facility.
+    Device {
+        /// The device's id.
+        device: DeviceId,
+        /// The facility it is enrolled for: the only facility whose partitions it holds.
+        facility: FacilityId,
+    },
+    /// A regional sync hub.
+    Hub {
+        /// The region the hub serves.
+        region: String,
+    },
+}
+
+impl Peer {
+    /// The facility this peer is bound to, if it is a device.
+    pub fn facility(&self) -> Option<&FacilityId> {
+        match self {
+            Peer::Device { facility, .. } => Some(facility),
+            Peer::Hub { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Device { device, facility } => write!(f, "device {device} of {facility}"),
+            Peer::Hub { region } => write!(f, "hub of region {region:?}"),
+        }
+    }
+}
+
+/// One live partition as a peer advertises it: enough to skip partitions both sides already share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionSummary {
+    /// Which partition.
+    pub id: PartitionId,
+    /// The automerge heads of the sender's copy, sorted.
+    pub heads: Vec<[u8; 32]>,
+    /// How many records the sender's copy holds (informational: dashboards and logs).
+    pub records: u64,
+}
+
+/// The initiator's opening frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u16,
+    /// Who the sender says it is.
+    pub peer: Peer,
+    /// The sender's clock when it opened the session.
+    pub now: UnixSeconds,
+    /// The sender's retention horizon: it holds no partition of an earlier day.
+    pub horizon: Day,
+    /// The sender's live partitions.
+    pub partitions: Vec<PartitionSummary>,
+    /// A single-use enrollment credential, sent on a device's first contact only.
+    pub credential: Option<[u8; 32]>,
+}
+
+/// The responder's answer to an admitted `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u16,
+    /// Who the responder is.
+    pub peer: Peer,
+    /// The responder's clock when it admitted the initiator.
+    pub now: UnixSeconds,
+    /// The responder's retention horizon.
+    pub horizon: Day,
+    /// The responder's live partitions of the admitted facility.
+    pub partitions: Vec<PartitionSummary>,
+    /// Opaque bytes for the initiator's shell (a hub's day public keys, issuer keyring,
+    /// sibling roster); the core carries them and never reads them.
+    pub refresh: Option<Vec<u8>>,
+}
+
+/// Why a side ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    /// The device is not enrolled here.
+    UnknownDevice,
+    /// The device was enrolled and has been revoked.
+    Revoked,
+    /// The enrollment credential was already used.
+    CredentialReused,
+    /// A partition or peer of another facility than the one admitted.
+    WrongFacility,
+    /// The peer speaks another protocol version.
+    Version,
+    /// The peer's clock is too far off to sync safely.
+    Clock,
+    /// A partition before the session's horizon or too far in the future.
+    OutsideWindow,
+    /// A frame that does not decode, or arrives when it is not allowed.
+    Protocol,
+    /// The peer kept sending sync messages past the session's bounds.
+    TooManyRounds,
+    /// The refusing side failed on its own (storage, message too large); try again later.
+    Internal,
+}
+
+/// A refusal: the session ends after this frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The machine-readable reason.
+    pub reason: RefuseReason,
+    /// A human-readable explanation for logs, at most [`MAX_DETAIL_CHARS`] characters.
+    pub detail: String,
+}
+
+/// The longest `Refusal::detail` a side sends; longer received details are cut to this.
+pub const MAX_DETAIL_CHARS: usize = 256;
+
+impl Refusal {
+    /// A refusal with its detail cut to [`MAX_DETAIL_CHARS`].
+    pub fn new(reason: RefuseReason, detail: &str) -> Self {
+        Refusal {
+            reason,
+            detail: detail.chars().take(MAX_DETAIL_CHARS).collect(),
+        }
+    }
+}
+
+/// One frame of the sync protocol. The variant order is part of the wire format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Initiator to responder, first frame.
+    Hello(Hello),
+    /// Responder to initiator after admitting it.
+    Welcome(Welcome),
+    /// Either side; the last frame it sends.
+    Refused(Refusal),
+    /// One automerge sync message for one partition.
+    Sync {
+        /// The partition the message belongs to.
+        partition: PartitionId,
+        /// An encoded `automerge::sync::Message`.
+        message: Vec<u8>,
+    },
+    /// The sender has nothing more to send until it hears from the peer.
+    Done {
+        /// How many `Sync` frames the sender has received in this session.
+        received: u32,
+    },
+}
+
+impl Frame {
+    /// A short name of the frame's kind for errors and logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome(_) => "Welcome",
+            Frame::Refused(_) => "Refused",
+            Frame::Sync { .. } => "Sync",
+            Frame::Done { .. } => "Done",
+        }
+    }
+
+    /// The frame's size on the wire, length prefix included.
+    pub fn wire_len(&self) -> usize {
+        // Serializing into the size-counting flavor cannot fail for these plain types.
+        LENGTH_PREFIX_BYTES + postcard::serialized_size(self).unwrap_or(0)
+    }
+
+    /// The frame as it goes on the wire: length prefix and body.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = postcard::to_extend(self, vec![0u8; LENGTH_PREFIX_BYTES])
+            .map_err(|e| FrameError::Encode(e.to_string()))?;
+        let body = out.len() - LENGTH_PREFIX_BYTES;
+        if body > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge { declared: body });
+        }
+        // body <= MAX_FRAME_BYTES < 2^32, so the conversion cannot fail.
+        let prefix = u32::try_from(body).unwrap_or(u32::MAX).to_be_bytes();
+        out[..LENGTH_PREFIX_BYTES].copy_from_slice(&prefix);
+        Ok(out)
+    }
+
+    /// Decodes one frame body (without its length prefix); the body must be consumed exactly.
+    pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
+        if body.len() > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge {
+                declared: body.len(),
+            });
+        }
+        let (frame, rest) = postcard::take_from_bytes::<Frame>(body).map_err(|e| {
+            FrameError::Malformed {
+                len: body.len(),
+                detail: e.to_string(),
+            }
+        })?;
+        if !rest.is_empty() {
+            return Err(FrameError::TrailingBytes {
+                len: body.len(),
+                extra: rest.len(),
+            });
+        }
+        Ok(frame)
+    }
+}
+
+/// What can go wrong turning bytes into frames or frames into bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A length prefix (or an outgoing frame) is over the limit.
+    #[error(
+        "frame of {declared} bytes is over the {MAX_FRAME_BYTES}-byte limit: the peer is broken or hostile; close the stream"
+    )]
+    TooLarge {
+        /// The declared or actual body length.
+        declared: usize,
+    },
+    /// The body is not a postcard-encoded frame of this protocol version.
+    #[error(
+        "frame of {len} bytes does not decode ({detail}): the peer speaks another version or is broken; close the stream"
+    )]
+    Malformed {
+        /// The body length.
+        len: usize,
+        /// What postcard reported.
+        detail: String,
+    },
+    /// The body decoded but bytes were left over.
+    #[error("frame of {len} bytes has {extra} bytes after its end: close the stream")]
+    TrailingBytes {
+        /// The body length.
+        len: usize,
+        /// Bytes left after the frame.
+        extra: usize,
+    },
+    /// The stream ended in the middle of a frame.
+    #[error(
+        "stream ended inside a frame ({buffered} bytes of it received): the peer or the connection broke; sync again"
+    )]
+    Truncated {
+        /// Bytes of the unfinished frame that had arrived.
+        buffered: usize,
+    },
+    /// `push` was called while complete frames were still waiting in the decoder.
+    #[error("bytes pushed before the decoded frames were popped: call pop until it returns None")]
+    NotDrained,
+    /// An earlier error already ended this stream.
+    #[error("the stream already failed; open a new one")]
+    Failed,
+    /// A frame could not be serialized.
+    #[error("frame could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// Turns a byte stream, in whatever chunks the socket hands over, into frames.
+///
+/// Use: `push` each chunk, then `pop` until it returns `Ok(None)`, then push again. Memory
+/// stays below one partial frame (at most [`MAX_FRAME_BYTES`] plus the prefix) plus one chunk.
+/// After the first error every call fails: a stream that broke framing cannot be resynchronised.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already handed out as frames; compacted on the next push.
+    start: usize,
+    failed: bool,
+}
+
+impl FrameDecoder {
+    /// An empty decoder at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        if self.failed {
+            return Err(FrameError::Failed);
+        }
+        // Refuse to grow while a whole frame sits unread: that is what keeps memory bounded.
+        if self.complete_frame_len()?.is_some() {
+            return Err(FrameError::NotDrained);
+        }
+        self.buf.drain(..self.start);
+        self.start = 0;
+        self.buf.extend_from_slice(bytes);
+        // Check the length prefix now, so an oversize frame fails on the chunk that declares it.
+        self.complete_frame_len()?;
+        Ok(())
+    }
+
+    /// The next complete frame, or `None` if more bytes are needed.
+    pub fn pop(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.failed {
+            return Err(FrameError::Failed);
+        }
+        let Some(body_len) = self.complete_frame_len()? else {
+            return Ok(None);
+        };
+        let body_start = self.start + LENGTH_PREFIX_BYTES;
+        let body = &self.buf[body_start..body_start + body_len];
+        match Frame::decode_body(body) {
+            Ok(frame) => {
+                self.start = body_start + body_len;
+                Ok(Some(frame))
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Call when the stream ends: an error if it ended inside a frame.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.failed {
+            return Err(FrameError::Failed);
+        }
+        match self.buffered() {
+            0 => Ok(()),
+            buffered => Err(FrameError::Truncated { buffered }),
+        }
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The body length of the frame at the front if it is complete; checks the prefix.
+    fn complete_frame_len(&mut self) -> Result<Option<usize>, FrameError> {
+        let pending = &self.buf[self.start..];
+        let Some(prefix) = pending.get(..LENGTH_PREFIX_BYTES) else {
+            return Ok(None);
+        };
+        let mut be = [0u8; LENGTH_PREFIX_BYTES];
+        be.copy_from_slice(prefix);
+        let declared = usize::try_from(u32::from_be_bytes(be)).unwrap_or(usize::MAX);
+        if declared > MAX_FRAME_BYTES {
+            self.failed = true;
+            return Err(FrameError::TooLarge { declared });
+        }
+        if pending.len() - LENGTH_PREFIX_BYTES >= declared {
+            Ok(Some(declared))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Frame> {
+        let facility = FacilityId::parse("fac_1").unwrap();
+        let id = PartitionId {
+            facility: facility.clone(),
+            day: Day(20_000),
+        };
+        vec![
+            Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                peer: Peer::Device {
+                    device: DeviceId::parse("dev_1").unwrap(),
+                    facility,
+                },
+                now: 1_728_000_000,
+                horizon: Day(19_972),
+                partitions: vec![PartitionSummary {
+                    id: id.clone(),
+                    heads: vec![[7; 32]],
+                    records: 3,
+                }],
+                credential: Some([1; 32]),
+            }),
+            Frame::Sync {
+                partition: id,
+                message: vec![0x42, 1, 2, 3],
+            },
+            Frame::Done { received: 300 },
+            Frame::Refused(Refusal::new(RefuseReason::Revoked, "revoked on day 3")),
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip_through_any_chunking() {
+        let frames = sample();
+        let mut wire = Vec::new();
+        for f in &frames {
+            let bytes = f.encode().unwrap();
+            assert_eq!(bytes.len(), f.wire_len());
+            wire.extend_from_slice(&bytes);
+        }
+        for chunk in [1, 2, 3, 7, 64, wire.len()] {
+            let mut dec = FrameDecoder::new();
+            let mut got = Vec::new();
+            for c in wire.chunks(chunk) {
+                dec.push(c).unwrap();
+                while let Some(f) = dec.pop().unwrap() {
+                    got.push(f);
+                }
+            }
+            dec.finish().unwrap();
+            assert_eq!(got, frames, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn oversize_length_fails_before_the_body_arrives() {
+        let mut dec = FrameDecoder::new();
+        let declared = u32::try_from(MAX_FRAME_BYTES + 1).unwrap();
+        let err = dec.push(&declared.to_be_bytes()).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                declared: MAX_FRAME_BYTES + 1
+            }
+        );
+        assert_eq!(dec.pop(), Err(FrameError::Failed));
+        assert_eq!(dec.push(&[0]), Err(FrameError::Failed));
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_errors() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
+        assert!(matches!(dec.pop(), Err(FrameError::Malformed { .. })));
+
+        let bytes = Frame::Done { received: 1 }.encode().unwrap();
+        let mut dec = FrameDecoder::new();
+        dec.push(&bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(dec.pop(), Ok(None));
+        assert_eq!(
+            dec.finish(),
+            Err(FrameError::Truncated {
+                buffered: bytes.len() - 1
+            })
+        );
+
+        // A valid frame followed by junk inside the same declared body.
+        let mut body = postcard::to_stdvec(&Frame::Done { received: 1 }).unwrap();
+        body.push(0);
+        let mut wire = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        wire.extend_from_slice(&body);
+        let mut dec = FrameDecoder::new();
+        dec.push(&wire).unwrap();
+        assert!(matches!(dec.pop(), Err(FrameError::TrailingBytes { .. })));
+    }
+
+    #[test]
+    fn pushing_without_popping_is_refused() {
+        let bytes = Frame::Done { received: 1 }.encode().unwrap();
+        let mut dec = FrameDecoder::new();
+        dec.push(&bytes).unwrap();
+        assert_eq!(dec.push(&bytes), Err(FrameError::NotDrained));
+        // Not a stream failure: popping still works.
+        assert_eq!(dec.pop(), Ok(Some(Frame::Done { received: 1 })));
+        dec.push(&bytes).unwrap();
+    }
+
+    #[test]
+    fn invalid_ids_inside_frames_do_not_decode() {
+        let f = Frame::Sync {
+            partition: PartitionId {
+                facility: FacilityId::parse("fac_1").unwrap(),
+                day: Day(1),
+            },
+            message: vec![],
+        };
+        let mut body = postcard::to_stdvec(&f).unwrap();
+        // Turn "fac_1" into "Fac_1": upper case is not a valid id.
+        let pos = body.iter().position(|&b| b == b'f').unwrap();
+        body[pos] = b'F';
+        assert!(matches!(
+            Frame::decode_body(&body),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+}

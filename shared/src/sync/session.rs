@@ -1,0 +1,871 @@
+//! One sync session as a pure state machine, in the style of quinn-proto.
+//!
+//! The shell feeds it frames (`handle_frame`), the responder's admission decision (`admit`)
+//! and the end of the stream (`handle_malformed`, `handle_closed`); it drains frames to send
+//! (`poll_transmit`) and events to act on (`poll_event`). The session never reads a clock, a
+//! socket or a disk: time comes in as `now`, partitions through a [`PartitionStore`].
+//!
+//! Every decision about who may sync is the shell's (`admit`); the session enforces what
+//! follows from it: only the admitted facility's partitions, only inside the agreed horizon
+//! window, within bounded rounds. `docs/protocol.md` describes the states and rules.
+
+use super::frame::{
+    Frame, Hello, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer,
+    RefuseReason, Refusal, Welcome,
+};
+use crate::ids::{FacilityId, PartitionId};
+use crate::partition::Partition;
+use crate::time::{Day, UnixSeconds, horizon};
+use automerge::ChangeHash;
+use automerge::ReadDoc;
+use automerge::sync::{Message, State as SyncState, SyncDoc};
+use std::collections::{BTreeMap, VecDeque};
+
+/// The most `Sync` frames a session accepts for one partition. A healthy automerge exchange
+/// settles in a handful of round trips; a peer that keeps going is broken or hostile.
+pub const MAX_ROUNDS_PER_PARTITION: u32 = 64;
+
+/// The most partitions a `Hello` or `Welcome` may list and a session may touch. One facility
+/// has 29 live days; the rest is room for hubs and clock trouble.
+pub const MAX_PARTITIONS_PER_SESSION: usize = 128;
+
+/// The most heads one partition summary may list (concurrent writers of one partition).
+pub const MAX_HEADS_PER_PARTITION: usize = 1024;
+
+/// How many days past the earlier of the two clocks' today a partition may be and still sync.
+/// Room for midnight and small skew; a device whose clock runs days ahead keeps those
+/// partitions until the hub's calendar reaches them.
+pub const MAX_FUTURE_DAYS: u32 = 1;
+
+/// What a shell provides to a session: its partitions and its per-peer sync states.
+///
+/// In memory in tests and simulation (`harness::MemoryStore`), redb-backed in the shells.
+///
+/// The session mutates partitions in place through `partition_mut`/`create_partition` and
+/// reads sync states through `sync_state`; it never persists anything. Persistence follows
+/// the events, in order: `Event::PartitionUpdated` (save the partition) always comes before
+/// the `Event::SyncStateChanged` that depends on it, and a shell must make the partition
+/// durable before it stores the state, or a crash could leave a state claiming changes the
+/// partition lost. `put_sync_state` is how a shell (or `harness::run_pair`) stores the state of
+/// a `SyncStateChanged` event; the session never calls it.
+pub trait PartitionStore {
+    /// Summaries of the partitions this node holds, of `facility` only when given.
+    /// The session filters them again by facility and horizon.
+    fn live_partitions(
+        &self,
+        facility: Option<&FacilityId>,
+    ) -> Result<Vec<PartitionSummary>, StoreError>;
+
+    /// The partition `id` if this node holds it.
+    fn partition_mut(&mut self, id: &PartitionId) -> Result<Option<&mut Partition>, StoreError>;
+
+    /// Creates the empty partition `id` to receive a peer's copy; `StoreError::NotAllowed`
+    /// if this node must not hold it.
+    fn create_partition(&mut self, id: &PartitionId) -> Result<&mut Partition, StoreError>;
+
+    /// The encoded `automerge::sync::State` last persisted for (`peer`, `id`).
+    fn sync_state(&self, peer: &Peer, id: &PartitionId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores an encoded sync state from `Event::SyncStateChanged`.
+    fn put_sync_state(
+        &mut self,
+        peer: &Peer,
+        id: &PartitionId,
+        state: &[u8],
+    ) -> Result<(), StoreError>;
+}
+
+/// A [`PartitionStore`] could not do what the session asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// This node must not hold the partition (another facility's, for a device).
+    #[error("partition {id} may not be created here: {why}")]
+    NotAllowed {
+        /// The partition asked for.
+        id: PartitionId,
+        /// The store's reason.
+        why: String,
+    },
+    /// The store failed (disk, corruption).
+    #[error("partition store failed: {0}; check the node's storage and sync again")]
+    Failed(String),
+}
+
+/// Everything that can end a session with an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// The peer's bytes did not form a frame.
+    #[error("malformed frame from the peer: {0}")]
+    Frame(#[from] super::frame::FrameError),
+    /// A frame arrived that the session's state does not allow.
+    #[error("unexpected {frame} frame while {state}: the peer does not follow the protocol")]
+    Unexpected {
+        /// The frame's kind.
+        frame: &'static str,
+        /// What the session was doing.
+        state: &'static str,
+    },
+    /// The peer speaks another protocol version.
+    #[error("peer speaks sync protocol version {theirs}, this node speaks {PROTOCOL_VERSION}: update the older side")]
+    Version {
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// A hello or welcome listed more than the session accepts.
+    #[error("peer listed {what} over the limit of {max}: the peer is broken or hostile")]
+    TooMany {
+        /// What was listed.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer sent a partition that does not belong in this session.
+    #[error("peer sent partition {partition}: {why}")]
+    Forbidden {
+        /// The partition.
+        partition: PartitionId,
+        /// Which rule it broke.
+        why: String,
+    },
+    /// The peer kept sending sync messages for one partition.
+    #[error("peer sent more than {MAX_ROUNDS_PER_PARTITION} sync messages for {partition}: it is broken or hostile")]
+    TooManyRounds {
+        /// The partition.
+        partition: PartitionId,
+    },
+    /// The peer sent more `Done` frames than it has reasons to.
+    #[error("peer sent {dones} Done frames for {sent} sync messages: it does not follow the protocol")]
+    TooManyDones {
+        /// Done frames received.
+        dones: u64,
+        /// Sync frames sent to the peer.
+        sent: u32,
+    },
+    /// The peer acknowledged more sync messages than were sent to it.
+    #[error("peer says it received {claimed} sync messages but only {sent} were sent")]
+    BadDone {
+        /// The peer's count.
+        claimed: u32,
+        /// This side's count.
+        sent: u32,
+    },
+    /// A `Sync` frame did not hold an automerge sync message.
+    #[error("sync message for {partition} does not decode: {detail}")]
+    BadSyncMessage {
+        /// The partition.
+        partition: PartitionId,
+        /// automerge's report.
+        detail: String,
+    },
+    /// automerge refused to apply a sync message.
+    #[error("sync message for {partition} could not be applied: {detail}")]
+    Merge {
+        /// The partition.
+        partition: PartitionId,
+        /// automerge's report.
+        detail: String,
+    },
+    /// A frame this side would send is over the frame limit.
+    #[error(
+        "a {what} frame of {len} bytes is over the {MAX_FRAME_BYTES}-byte limit: the partition is too large to send in one message"
+    )]
+    TooLarge {
+        /// Which frame.
+        what: &'static str,
+        /// Its body length.
+        len: usize,
+    },
+    /// The partition store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stream ended before both sides were done.
+    #[error("the stream closed before the session finished: sync again")]
+    ClosedEarly,
+}
+
+impl SyncError {
+    /// The reason sent to the peer when this error ends the session.
+    fn reason(&self) -> RefuseReason {
+        match self {
+            SyncError::Version { .. } => RefuseReason::Version,
+            SyncError::TooManyRounds { .. } | SyncError::TooManyDones { .. } => {
+                RefuseReason::TooManyRounds
+            }
+            SyncError::TooLarge { .. } | SyncError::Store(_) => RefuseReason::Internal,
+            _ => RefuseReason::Protocol,
+        }
+    }
+}
+
+/// Which end of the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Opened the connection and sent `Hello` (a device).
+    Initiator,
+    /// Accepted it (a hub, or a sibling device).
+    Responder,
+}
+
+/// Who sent a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This node refused the peer.
+    Local,
+    /// The peer refused this node.
+    Peer,
+}
+
+/// The responder's view of an initiator's hello, for the shell to decide on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHello {
+    /// Who the initiator says it is; the shell checks this against the endpoint id.
+    pub peer: Peer,
+    /// The enrollment credential, on first contact.
+    pub credential: Option<[u8; 32]>,
+    /// The initiator's clock.
+    pub now: UnixSeconds,
+}
+
+/// The shell's answer to a [`PeerHello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Sync the partitions of `facility` with this peer.
+    Admit {
+        /// The facility the peer is enrolled for, from the shell's registry.
+        facility: FacilityId,
+        /// Opaque bytes for the peer's shell (day keys, keyring, roster).
+        refresh: Option<Vec<u8>>,
+    },
+    /// End the session.
+    Refuse {
+        /// Why.
+        reason: RefuseReason,
+        /// For the peer's logs.
+        detail: String,
+    },
+}
+
+/// Frame and byte counts of one session, encoded sizes with length prefixes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireStats {
+    /// Frames queued for the peer.
+    pub frames_sent: u64,
+    /// Frames handled from the peer.
+    pub frames_received: u64,
+    /// Bytes of the frames queued for the peer.
+    pub bytes_sent: u64,
+    /// Bytes of the frames handled from the peer.
+    pub bytes_received: u64,
+    /// `Sync` frames queued for the peer.
+    pub syncs_sent: u64,
+    /// `Sync` frames handled from the peer.
+    pub syncs_received: u64,
+    /// Partitions that exchanged at least one sync message.
+    pub partitions_synced: u64,
+}
+
+/// What the session tells its shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Responder: the initiator introduced itself; answer with `Session::admit`.
+    PeerHello(PeerHello),
+    /// Initiator: the responder admitted this node.
+    Welcomed {
+        /// Who the responder is.
+        peer: Peer,
+        /// The responder's clock.
+        now: UnixSeconds,
+        /// The responder's refresh bytes, for the shell to apply.
+        refresh: Option<Vec<u8>>,
+    },
+    /// The peer's clock minus this node's, in seconds, measured from its hello or welcome.
+    ClockOffset {
+        /// Positive when the peer's clock is ahead.
+        seconds: i64,
+    },
+    /// A partition took in the peer's changes: persist it before any later event.
+    PartitionUpdated {
+        /// Which partition.
+        id: PartitionId,
+        /// How many records it gained.
+        new_records: u64,
+    },
+    /// Persist this encoded sync state for (`peer`, `partition`) so the next session stays small.
+    SyncStateChanged {
+        /// The peer the state is about.
+        peer: Peer,
+        /// The partition.
+        partition: PartitionId,
+        /// `automerge::sync::State::encode()`.
+        state: Vec<u8>,
+    },
+    /// The session ended with a refusal: flush `poll_transmit`, then close the stream.
+    Refused {
+        /// Who refused.
+        by: Side,
+        /// Why.
+        reason: RefuseReason,
+        /// The explanation, at most `MAX_DETAIL_CHARS` characters.
+        detail: String,
+    },
+    /// The session ended with an error: flush `poll_transmit`, then close the stream.
+    Failed(SyncError),
+    /// Both sides are done: flush `poll_transmit`, then close the stream.
+    Finished(WireStats),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    AwaitAdmission,
+    AwaitWelcome,
+    Syncing,
+    Finished,
+    Closed,
+}
+
+impl Phase {
+    fn describe(self) -> &'static str {
+        match self {
+            Phase::AwaitHello => "awaiting a hello",
+            Phase::AwaitAdmission => "awaiting the admission decision",
+            Phase::AwaitWelcome => "awaiting a welcome",
+            Phase::Syncing => "syncing",
+            Phase::Finished => "finished",
+            Phase::Closed => "closed",
+        }
+    }
+}
+
+/// The days both sides agreed to sync: from the later horizon to one day past the earlier today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    from: Day,
+    to: Day,
+}
+
+impl Window {
+    /// Computed identically on both sides from the hello's and the welcome's `now`/`horizon`.
+    fn agreed(a_now: UnixSeconds, a_horizon: Day, b_now: UnixSeconds, b_horizon: Day) -> Self {
+        Window {
+            from: a_horizon.max(b_horizon),
+            to: Day::of(a_now.min(b_now)).plus(MAX_FUTURE_DAYS),
+        }
+    }
+
+    fn contains(&self, day: Day) -> bool {
+        self.from <= day && day <= self.to
+    }
+}
+
+/// Per-partition automerge sync progress within one session.
+#[derive(Debug)]
+struct PartitionSync {
+    state: SyncState,
+    /// The encoded state as loaded, to emit `SyncStateChanged` only on change.
+    loaded: Option<Vec<u8>>,
+    received: u32,
+}
+
+/// One sync session with one peer. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    role: Role,
+    me: Peer,
+    phase: Phase,
+    peer: Option<Peer>,
+    /// The only facility whose partitions may cross this session, once known.
+    scope: Option<FacilityId>,
+    /// The initiator's hello: sent (initiator) or received and awaiting admission (responder).
+    hello: Option<Hello>,
+    window: Window,
+    partitions: BTreeMap<PartitionId, PartitionSync>,
+    /// Sync states of partitions found already in sync, emitted on a clean finish.
+    settled: Vec<(PartitionId, Vec<u8>)>,
+    transmits: VecDeque<Frame>,
+    events: VecDeque<Event>,
+    sent_syncs: u32,
+    received_syncs: u32,
+    /// (sent, received) when this side last sent `Done`.
+    done_sent_at: Option<(u32, u32)>,
+    /// The peer's last `Done` count, cleared by any later `Sync` from it.
+    peer_done: Option<u32>,
+    dones_received: u64,
+    /// Whether handling the current input queued a `Sync`: the peer then owes a frame.
+    step_sent_sync: bool,
+    stats: WireStats,
+}
+
+impl Session {
+    /// A device opening a session: queues its `Hello`.
+    ///
+    /// A device offers only its own facility's partitions from `horizon(now)` on.
+    pub fn initiator(
+        now: UnixSeconds,
+        me: Peer,
+        credential: Option<[u8; 32]>,
+        store: &impl PartitionStore,
+    ) -> Result<Session, SyncError> {
+        let scope = me.facility().cloned();
+        let own_horizon = horizon(now);
+        let mut partitions: Vec<PartitionSummary> = store
+            .live_partitions(scope.as_ref())?
+            .into_iter()
+            .filter(|s| s.id.day >= own_horizon && in_scope(scope.as_ref(), &s.id))
+            .collect();
+        // Oldest first: they are the nearest to expiry if the list must be cut.
+        partitions.sort_by(|a, b| a.id.cmp(&b.id));
+        partitions.truncate(MAX_PARTITIONS_PER_SESSION);
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            peer: me.clone(),
+            now,
+            horizon: own_horizon,
+            partitions,
+            credential,
+        };
+        let mut session = Session::new(Role::Initiator, me, Phase::AwaitWelcome);
+        session.scope = scope;
+        session.send(Frame::Hello(hello.clone()))?;
+        session.hello = Some(hello);
+        Ok(session)
+    }
+
+    /// A hub or sibling device accepting a session: waits for the peer's `Hello`.
+    pub fn responder(me: Peer) -> Session {
+        Session::new(Role::Responder, me, Phase::AwaitHello)
+    }
+
+    fn new(role: Role, me: Peer, phase: Phase) -> Session {
+        Session {
+            role,
+            me,
+            phase,
+            peer: None,
+            scope: None,
+            hello: None,
+            window: Window {
+                from: Day(u32::MAX),
+                to: Day(0),
+            },
+            partitions: BTreeMap::new(),
+            settled: Vec::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            sent_syncs: 0,
+            received_syncs: 0,
+            done_sent_at: None,
+            peer_done: None,
+            dones_received: 0,
+            step_sent_sync: false,
+            stats: WireStats::default(),
+        }
+    }
+
+    /// Which end this session is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The peer, once its hello or welcome arrived.
+    pub fn peer(&self) -> Option<&Peer> {
+        self.peer.as_ref()
+    }
+
+    /// Frame and byte counts so far.
+    pub fn stats(&self) -> WireStats {
+        self.stats
+    }
+
+    /// Whether the session is over (finished, refused or failed): flush `poll_transmit` and
+    /// `poll_event`, then close the stream.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished | Phase::Closed)
+    }
+
+    /// Whether the session ended with both sides done, rather than refused or failed.
+    pub fn is_completed(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// Whether the responder waits for `admit`.
+    pub fn awaits_admission(&self) -> bool {
+        self.phase == Phase::AwaitAdmission
+    }
+
+    /// The next frame to write to the stream.
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the shell.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Handles one frame from the peer. Late frames after the end are ignored.
+    pub fn handle_frame(
+        &mut self,
+        now: UnixSeconds,
+        frame: Frame,
+        store: &mut impl PartitionStore,
+    ) {
+        if self.is_finished() {
+            return;
+        }
+        self.stats.frames_received += 1;
+        self.stats.bytes_received += frame.wire_len() as u64;
+        self.step_sent_sync = false;
+        let result = match (self.phase, frame) {
+            (_, Frame::Refused(refusal)) => {
+                self.close_refused(
+                    Side::Peer,
+                    refusal.reason,
+                    refusal.detail.chars().take(MAX_DETAIL_CHARS).collect(),
+                );
+                Ok(())
+            }
+            (Phase::AwaitHello, Frame::Hello(hello)) => self.on_hello(now, hello),
+            (Phase::AwaitWelcome, Frame::Welcome(welcome)) => self.on_welcome(now, welcome, store),
+            (Phase::Syncing, Frame::Sync { partition, message }) => {
+                self.on_sync(partition, message, store)
+            }
+            (Phase::Syncing, Frame::Done { received }) => self.on_done(received),
+            (phase, frame) => Err(SyncError::Unexpected {
+                frame: frame.kind(),
+                state: phase.describe(),
+            }),
+        };
+        self.conclude(result);
+    }
+
+    /// Responder: the shell's decision on the `PeerHello` event.
+    /// Ignored unless the session awaits admission.
+    pub fn admit(
+        &mut self,
+        now: UnixSeconds,
+        decision: Decision,
+        store: &mut impl PartitionStore,
+    ) {
+        if self.phase != Phase::AwaitAdmission {
+            return;
+        }
+        self.step_sent_sync = false;
+        let result = self.on_admit(now, decision, store);
+        self.conclude(result);
+    }
+
+    /// The shell's frame decoder failed on the peer's bytes.
+    pub fn handle_malformed(&mut self, error: super::frame::FrameError) {
+        if !self.is_finished() {
+            self.fail(SyncError::Frame(error));
+        }
+    }
+
+    /// The stream or connection ended. A no-op after the end; otherwise the session fails.
+    pub fn handle_closed(&mut self) {
+        if !self.is_finished() {
+            self.phase = Phase::Closed;
+            self.events.push_back(Event::Failed(SyncError::ClosedEarly));
+        }
+    }
+
+    fn conclude(&mut self, result: Result<(), SyncError>) {
+        match result {
+            Err(e) => self.fail(e),
+            Ok(()) if self.phase == Phase::Syncing => {
+                if let Err(e) = self.settle() {
+                    self.fail(e);
+                }
+            }
+            Ok(()) => {}
+        }
+    }
+
+    fn on_hello(&mut self, now: UnixSeconds, hello: Hello) -> Result<(), SyncError> {
+        if hello.version != PROTOCOL_VERSION {
+            self.refuse(
+                RefuseReason::Version,
+                format!(
+                    "this node speaks sync protocol version {PROTOCOL_VERSION}, the peer {}",
+                    hello.version
+                ),
+            );
+            return Ok(());
+        }
+        check_summaries(&hello.partitions)?;
+        self.events.push_back(Event::ClockOffset {
+            seconds: offset(hello.now, now),
+        });
+        self.events.push_back(Event::PeerHello(PeerHello {
+            peer: hello.peer.clone(),
+            credential: hello.credential,
+            now: hello.now,
+        }));
+        self.peer = Some(hello.peer.clone());
+        self.hello = Some(hello);
+        self.phase = Phase::AwaitAdmission;
+        Ok(())
+    }
+
+    fn on_admit(
+        &mut self,
+        now: UnixSeconds,
+        decision: Decision,
+        store: &mut impl PartitionStore,
+    ) -> Result<(), SyncError> {
+        let (facility, refresh) = match decision {
+            Decision::Refuse { reason, detail } => {
+                self.refuse(reason, detail);
+                return Ok(());
+            }
+            Decision::Admit { facility, refresh } => (facility, refresh),
+        };
+        let Some(hello) = self.hello.take() else {
+            return Err(SyncError::Unexpected {
+                frame: "admission",
+                state: "without a hello",
+            });
+        };
+        // A device relays only its own facility, whatever its shell admitted.
+        if let Some(own) = self.me.facility().filter(|own| **own != facility) {
+            self.refuse(
+                RefuseReason::WrongFacility,
+                format!("this device holds only facility {own}, not {facility}"),
+            );
+            return Ok(());
+        }
+        if let Some(claimed) = hello.peer.facility().filter(|c| **c != facility) {
+            self.refuse(
+                RefuseReason::WrongFacility,
+                format!("peer says it belongs to {claimed} but is admitted for {facility}"),
+            );
+            return Ok(());
+        }
+        if let Some(s) = hello.partitions.iter().find(|s| s.id.facility != facility) {
+            self.refuse(
+                RefuseReason::WrongFacility,
+                format!("peer offered {} but is admitted for {facility}", s.id),
+            );
+            return Ok(());
+        }
+        let own_horizon = horizon(now);
+        self.scope = Some(facility);
+        self.window = Window::agreed(hello.now, hello.horizon, now, own_horizon);
+        let mine = self.own_summaries(store)?;
+        self.send(Frame::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            peer: self.me.clone(),
+            now,
+            horizon: own_horizon,
+            partitions: mine.clone(),
+            refresh,
+        }))?;
+        self.start_syncing(mine, &hello.partitions, store)
+    }
+
+    fn on_welcome(
+        &mut self,
+        now: UnixSeconds,
+        welcome: Welcome,
+        store: &mut impl PartitionStore,
+    ) -> Result<(), SyncError> {
+        if welcome.version != PROTOCOL_VERSION {
+            return Err(SyncError::Version {
+                theirs: welcome.version,
+            });
+        }
+        check_summaries(&welcome.partitions)?;
+        self.events.push_back(Event::ClockOffset {
+            seconds: offset(welcome.now, now),
+        });
+        if let (Some(own), Some(theirs)) = (self.scope.as_ref(), welcome.peer.facility())
+            && own != theirs
+        {
+            let detail = format!("this device holds only facility {own}, the peer {theirs}");
+            self.refuse(RefuseReason::WrongFacility, detail);
+            return Ok(());
+        }
+        if let Some(s) = welcome
+            .partitions
+            .iter()
+            .find(|s| !in_scope(self.scope.as_ref(), &s.id))
+        {
+            let detail = format!("peer offered {} of another facility", s.id);
+            self.refuse(RefuseReason::WrongFacility, detail);
+            return Ok(());
+        }
+        let Some(hello) = self.hello.take() else {
+            return Err(SyncError::Unexpected {
+                frame: "Welcome",
+                state: "without a hello sent",
+            });
+        };
+        self.window = Window::agreed(hello.now, hello.horizon, welcome.now, welcome.horizon);
+        self.peer = Some(welcome.peer.clone());
+        self.events.push_back(Event::Welcomed {
+            peer: welcome.peer,
+            now: welcome.now,
+            refresh: welcome.refresh,
+        });
+        // Fresh summaries: records scanned since the hello are worth sending now.
+        let mine = self.own_summaries(store)?;
+        self.start_syncing(mine, &welcome.partitions, store)
+    }
+
+    /// This node's partitions that may cross this session.
+    fn own_summaries(
+        &self,
+        store: &impl PartitionStore,
+    ) -> Result<Vec<PartitionSummary>, SyncError> {
+        let mut mine: Vec<PartitionSummary> = store
+            .live_partitions(self.scope.as_ref())?
+            .into_iter()
+            .filter(|s| in_scope(self.scope.as_ref(), &s.id) && self.window.contains(s.id.day))
+            .collect();
+        mine.sort_by(|a, b| a.id.cmp(&b.id));
+        mine.truncate(MAX_PARTITIONS_PER_SESSION);
+        Ok(mine)
+    }
+
+    /// Sends a first sync message for every partition of ours whose heads differ from the
+    /// peer's; partitions only the peer holds start when its first message arrives.
+    fn start_syncing(
+        &mut self,
+        mine: Vec<PartitionSummary>,
+        theirs: &[PartitionSummary],
+        store: &mut impl PartitionStore,
+    ) -> Result<(), SyncError> {
+        self.phase = Phase::Syncing;
+        let theirs: BTreeMap<&PartitionId, Vec<[u8; 32]>> = theirs
+            .iter()
+            .filter(|s| self.window.contains(s.id.day))
+            .map(|s| (&s.id, sorted(&s.heads)))
+            .collect();
+        for summary in mine {
+            let their_heads = theirs.get(&summary.id).cloned().unwrap_or_default();
+            let heads = sorted(&summary.heads);
+            if heads == their_heads {
+                if !heads.is_empty() {
+                    self.note_settled(&summary.id, &heads, store)?;
+                }
+                continue;
+            }
+            self.generate(&summary.id, store)?;
+        }
+        Ok(())
+    }
+
+    /// Both sides hold exactly `heads`: a state with those shared heads lets the next session
+    /// start its bloom filter there instead of at an older sync.
+    fn note_settled(
+        &mut self,
+        id: &PartitionId,
+        heads: &[[u8; 32]],
+        store: &impl PartitionStore,
+    ) -> Result<(), SyncError> {
+        let Some(peer) = self.peer.as_ref() else {
+            return Ok(());
+        };
+        let mut state = SyncState::new();
+        state.shared_heads = heads.iter().map(|h| ChangeHash(*h)).collect();
+        let encoded = state.encode();
+        if store.sync_state(peer, id)?.as_deref() != Some(encoded.as_slice()) {
+            self.settled.push((id.clone(), encoded));
+        }
+        Ok(())
+    }
+
+    fn on_sync(
+        &mut self,
+        partition: PartitionId,
+        message: Vec<u8>,
+        store: &mut impl PartitionStore,
+    ) -> Result<(), SyncError> {
+        self.received_syncs = self.received_syncs.saturating_add(1);
+        self.stats.syncs_received += 1;
+        self.peer_done = None;
+        // Authorization before anything touches the store: nothing of a forbidden partition
+        // is created, merged or kept.
+        if !in_scope(self.scope.as_ref(), &partition) {
+            let detail = format!("partition {partition} is not of the admitted facility");
+            self.refuse(RefuseReason::WrongFacility, detail);
+            return Ok(());
+        }
+        if !self.window.contains(partition.day) {
+            let detail = format!(
+                "partition {partition} is outside the session's days {} to {}",
+                self.window.from, self.window.to
+            );
+            self.refuse(RefuseReason::OutsideWindow, detail);
+            return Ok(());
+        }
+        if !self.partitions.contains_key(&partition)
+            && self.partitions.len() >= MAX_PARTITIONS_PER_SESSION
+        {
+            return Err(SyncError::TooMany {
+                what: "partitions synced",
+                max: MAX_PARTITIONS_PER_SESSION,
+            });
+        }
+        let message = Message::decode(&message).map_err(|e| SyncError::BadSyncMessage {
+            partition: partition.clone(),
+            detail: e.to_string(),
+        })?;
+
+        if store.partition_mut(&partition)?.is_none() {
+            match store.create_partition(&partition) {
+                Ok(_) => {}
+                Err(StoreError::NotAllowed { why, .. }) => {
+                    let detail = format!("partition {partition} refused: {why}");
+                    self.refuse(RefuseReason::WrongFacility, detail);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let peer = self.peer.clone();
+        let Some(part) = store.partition_mut(&partition)? else {
+            return Err(StoreError::Failed(format!("partition {partition} vanished after creation")).into());
+        };
+        let sync = self.sync_entry(peer.as_ref(), &partition, part.doc(), &*store_ref_dummy())?;
+        unreachable!()
+    }
+}
+
+fn store_ref_dummy() {}
+
+/// Whether `id` may cross a session limited to `scope`.
+fn in_scope(scope: Option<&FacilityId>, id: &PartitionId) -> bool {
+    scope.is_none_or(|f| *f == id.facility)
+}
+
+fn sorted(heads: &[[u8; 32]]) -> Vec<[u8; 32]> {
+    let mut h = heads.to_vec();
+    h.sort_unstable();
+    h
+}
+
+fn offset(peer_now: UnixSeconds, now: UnixSeconds) -> i64 {
+    let diff = i128::from(peer_now) - i128::from(now);
+    i64::try_from(diff).unwrap_or(if diff < 0 { i64::MIN } else { i64::MAX })
+}
+
+fn check_summaries(summaries: &[PartitionSummary]) -> Result<(), SyncError> {
+    if summaries.len() > MAX_PARTITIONS_PER_SESSION {
+        return Err(SyncError::TooMany {
+            what: "partitions",
+            max: MAX_PARTITIONS_PER_SESSION,
+        });
+    }
+    if summaries
+        .iter()
+        .any(|s| s.heads.len() > MAX_HEADS_PER_PARTITION)
+    {
+        return Err(SyncError::TooMany {
+            what: "heads of one partition",
+            max: MAX_HEADS_PER_PARTITION,
+        });
+    }
+    Ok(())
+}

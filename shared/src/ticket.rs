@@ -1,0 +1,214 @@
+//! The enrollment ticket: everything a new device needs to work offline and to find and
+//! authenticate to its hub.
+//!
+//! A ticket is a credential. Whoever holds it can enroll one device for the facility until
+//! the device's first sync binds the credential to the device's endpoint id; after that the
+//! hub refuses the ticket. Hand it over like a key (a USB stick, a QR shown once), delete it
+//! after `edge-node init`, and never log it: [`EnrollmentTicket`]'s `Debug` elides the
+//! credential.
+
+use crate::daykey::DayPublicKey;
+use crate::facility::Facility;
+use crate::ids::DeviceId;
+use crate::time::{Day, UnixSeconds};
+use crate::token::Keyring;
+use serde::{Deserialize, Serialize};
+
+/// The `kind` field every ticket carries, so a wrong file is recognised as such.
+pub const TICKET_KIND: &str = "kipass-enrollment-ticket";
+/// The ticket format this code writes and reads.
+pub const TICKET_VERSION: u32 = 1;
+/// Tickets larger than this are refused before parsing.
+pub const MAX_TICKET_BYTES: usize = 1 << 20;
+/// Day public keys a ticket must carry at least (the device works this long without sync).
+pub const MIN_TICKET_DAYS: usize = 35;
+
+/// Why a ticket could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TicketError {
+    /// Larger than [`MAX_TICKET_BYTES`].
+    #[error("the ticket is {0} bytes, larger than any real ticket: is this the right file?")]
+    TooLarge(usize),
+    /// Not JSON of the ticket's form.
+    #[error("not an enrollment ticket ({0}): ask the hub operator for a new one")]
+    Format(String),
+    /// Another kind of JSON file.
+    #[error("this file is a {0:?}, not an enrollment ticket")]
+    Kind(String),
+    /// A ticket of a format this device does not know.
+    #[error("ticket format version {0} is not supported (this device reads version {TICKET_VERSION}): update edge-node")]
+    Version(u32),
+    /// Fields present but unusable.
+    #[error("the ticket is damaged: {0}; ask the hub operator for a new one")]
+    Invalid(String),
+}
+
+/// The single-use enrollment credential (32 random bytes, hex in the file).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Credential(#[serde(with = "hex32")] pub [u8; 32]);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(..)")
+    }
+}
+
+impl Credential {
+    /// A fresh random credential.
+    pub fn generate(rng: &mut impl rand_core::RngCore) -> Self {
+        let mut b = [0u8; 32];
+        rng.fill_bytes(&mut b);
+        Credential(b)
+    }
+
+    /// What the hub stores instead of the credential itself.
+    pub fn digest(&self) -> [u8; 32] {
+        blake3::derive_key("kipass enrollment credential v1", &self.0)
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&s, &mut out)
+            .map_err(|_| serde::de::Error::custom("expected 64 hex characters"))?;
+        Ok(out)
+    }
+}
+
+/// How a device reaches its hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubContact {
+    /// The hub's iroh endpoint id (hex of its Ed25519 public key).
+    pub endpoint_id: String,
+    /// Socket addresses to dial, in order of preference.
+    pub addrs: Vec<String>,
+    /// The region the hub serves.
+    pub region: String,
+}
+
+/// Everything a device needs to work offline and to find and authenticate to the hub.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EnrollmentTicket {
+    /// Always [`TICKET_KIND`].
+    pub kind: String,
+    /// Always [`TICKET_VERSION`] for tickets this code writes.
+    pub version: u32,
+    /// When the hub wrote it.
+    pub issued_at: UnixSeconds,
+    /// The hub to sync with.
+    pub hub: HubContact,
+    /// The facility this device logs for.
+    pub facility: Facility,
+    /// The id the hub gave this device.
+    pub device_id: DeviceId,
+    /// Where it stands ("north gate").
+    pub device_name: String,
+    /// The single-use credential that binds this device's endpoint id at first sync.
+    pub credential: Credential,
+    /// Trusted issuer keys.
+    pub keyring: Keyring,
+    /// The hub's day public keys, consecutive days from the day of issue.
+    pub day_keys: Vec<DayPublicKey>,
+    /// The health authority's age recipient, for sealing paper-log entries.
+    pub authority_recipient: String,
+}
+
+impl std::fmt::Debug for EnrollmentTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollmentTicket")
+            .field("facility", &self.facility.id)
+            .field("device_id", &self.device_id)
+            .field("device_name", &self.device_name)
+            .field("hub", &self.hub)
+            .field("day_keys", &self.day_keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EnrollmentTicket {
+    /// Parses and checks a ticket file's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, TicketError> {
+        if bytes.len() > MAX_TICKET_BYTES {
+            return Err(TicketError::TooLarge(bytes.len()));
+        }
+        #[derive(Deserialize)]
+        struct Head {
+            kind: String,
+            version: u32,
+        }
+        let head: Head =
+            serde_json::from_slice(bytes).map_err(|e| TicketError::Format(e.to_string()))?;
+        if head.kind != TICKET_KIND {
+            return Err(TicketError::Kind(head.kind.chars().take(60).collect()));
+        }
+        if head.version != TICKET_VERSION {
+            return Err(TicketError::Version(head.version));
+        }
+        let t: EnrollmentTicket =
+            serde_json::from_slice(bytes).map_err(|e| TicketError::Format(e.to_string()))?;
+        t.check()?;
+        Ok(t)
+    }
+
+    /// The ticket as the file holds it.
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn check(&self) -> Result<(), TicketError> {
+        let bad = |s: &str| Err(TicketError::Invalid(s.to_owned()));
+        if self.hub.endpoint_id.len() != 64 || hex::decode(&self.hub.endpoint_id).is_err() {
+            return bad("the hub endpoint id is not 64 hex characters");
+        }
+        if self.hub.addrs.is_empty() {
+            return bad("no hub address");
+        }
+        if self
+            .hub
+            .addrs
+            .iter()
+            .any(|a| a.parse::<std::net::SocketAddr>().is_err())
+        {
+            return bad("a hub address is not of the form IP:PORT");
+        }
+        if self.device_name.trim().is_empty() || self.device_name.chars().count() > 60 {
+            return bad("the device name must be 1 to 60 characters");
+        }
+        if self.day_keys.len() < MIN_TICKET_DAYS {
+            return bad("fewer than 35 day keys");
+        }
+        for pair in self.day_keys.windows(2) {
+            if pair[1].day != pair[0].day.plus(1) {
+                return bad("day keys are not consecutive days");
+            }
+        }
+        for k in &self.day_keys {
+            if k.to_recipient().is_err() {
+                return bad("a day key is not an age recipient");
+            }
+        }
+        if self
+            .authority_recipient
+            .parse::<age::x25519::Recipient>()
+            .is_err()
+        {
+            return bad("the health authority key is not an age recipient");
+        }
+        Ok(())
+    }
+
+    /// The day public key for `day`, if the ticket carries one.
+    pub fn day_key(&self, day: Day) -> Option<&DayPublicKey> {
+        self.day_keys.iter().find(|k| k.day == day)
+    }
+}

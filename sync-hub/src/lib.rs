@@ -1,0 +1,12 @@
+//! The regional hub: enrolls facilities and devices, merges their logs, answers traces,
+//! serves the local government's administration, and enforces retention.
+//!
+//! This crate is the shell around `shared`: it owns the redb store, the key files, the iroh
+//! endpoint and HTTP, and reads the clock in one place ([`clock`]). Rules live in `shared`.
+
+pub mod admin;
+pub mod clock;
+pub mod keys;
+pub mod store;
+
+pub use admin::{Hub, HubConfig, HubError};

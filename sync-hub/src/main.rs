@@ -1,0 +1,317 @@
+//! `sync-hub`: the regional hub's command line. Parses arguments, calls the library, maps
+//! errors to a one-line reason on stderr and a non-zero exit status.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use shared::facility::{BusinessNumber, Registration};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use sync_hub::{Hub, clock};
+
+#[derive(Parser)]
+#[command(name = "sync-hub", version, about = "The regional hub of the offline-first visitor log")]
+struct Cli {
+    /// The hub's state folder.
+    #[arg(long, env = "SYNC_HUB_DATA", global = true, default_value = "./hub-data")]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the hub's identity and keys; prints the hub id.
+    Init {
+        /// The region (jurisdiction) this hub serves.
+        #[arg(long)]
+        region: String,
+        /// Where `run` listens for sync (UDP). Default: all interfaces, port 7447.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// An address to put in enrollment tickets (repeatable). Default: the listen address.
+        #[arg(long)]
+        advertise: Vec<SocketAddr>,
+        /// The health authority's age public key (age1...). Default: generate a key pair and
+        /// write its identity to DATA/authority-identity.txt for hand-over.
+        #[arg(long)]
+        authority_recipient: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issuer keys.
+    Issuers {
+        #[command(subcommand)]
+        command: IssuersCommand,
+    },
+    /// Facility administration (local government).
+    Facility {
+        #[command(subcommand)]
+        command: FacilityCommand,
+    },
+    /// Write an enrollment ticket for one new device of a facility.
+    Enroll {
+        /// The facility's id.
+        facility_id: String,
+        /// Where the device stands ("north gate").
+        #[arg(long)]
+        device_name: String,
+        /// The ticket file to write (a credential: hand it over like a key).
+        #[arg(long)]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IssuersCommand {
+    /// Trust the issuer keys in a keyring file (qr-token-v1.md format).
+    Import {
+        /// The keyring file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct BusinessNumberArg {
+    /// The business registration number (10 digits, dashes allowed).
+    #[arg(long)]
+    business_number: Option<String>,
+    /// The facility has no business number: it stays pending until approved.
+    #[arg(long)]
+    no_business_number: bool,
+}
+
+#[derive(Subcommand)]
+enum FacilityCommand {
+    /// Register a facility.
+    Add {
+        /// Business name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        business: BusinessNumberArg,
+        /// Representative's name.
+        #[arg(long)]
+        representative: String,
+        /// Business phone.
+        #[arg(long)]
+        phone: String,
+        /// Category slug (e.g. karaoke, pc_room) or other:<sub-category>.
+        #[arg(long)]
+        category: String,
+        /// Jurisdiction.
+        #[arg(long)]
+        region: String,
+        /// Street address, with enough detail to tell branches apart.
+        #[arg(long)]
+        address: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending facility.
+    Approve {
+        /// The facility's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a facility (e.g. a duplicate registration); its devices are revoked.
+    Remove {
+        /// The facility's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List facilities.
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SYNC_HUB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("sync-hub: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let data = cli.data;
+    let now = clock::now();
+    match cli.command {
+        Command::Init {
+            region,
+            listen,
+            advertise,
+            authority_recipient,
+            json,
+        } => {
+            let made = Hub::init(&data, &region, listen, advertise, authority_recipient, now)?;
+            let c = made.hub.config();
+            if json {
+                println!(
+                    "{}",
+                    json!({"hub_id": c.endpoint_id, "region": c.region, "listen": c.listen.to_string(),
+                           "advertise": c.advertise.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                           "authority_identity_file": made.authority_identity_file.as_ref().map(|p| p.display().to_string())})
+                );
+            } else {
+                println!("{}", c.endpoint_id);
+            }
+            if let Some(p) = made.authority_identity_file {
+                eprintln!(
+                    "sync-hub: generated the health authority's key; its identity is in {}: hand it to the health authority and delete it here",
+                    p.display()
+                );
+            }
+        }
+        Command::Issuers {
+            command: IssuersCommand::Import { file, json },
+        } => {
+            let hub = Hub::open(&data)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read keyring {}", file.display()))?;
+            let n = hub.import_issuers(&text)?;
+            if json {
+                println!("{}", json!({"trusted_keys": n}));
+            } else {
+                println!("the hub now trusts {n} issuer keys");
+            }
+        }
+        Command::Facility { command } => facility(&data, command, now)?,
+        Command::Enroll {
+            facility_id,
+            device_name,
+            out,
+            json,
+        } => {
+            let hub = Hub::open(&data)?;
+            let ticket = hub.enroll(&facility_id, &device_name, now)?;
+            Hub::write_ticket(&ticket, &out)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"device_id": ticket.device_id, "facility_id": ticket.facility.id, "ticket": out.display().to_string()})
+                );
+            } else {
+                println!(
+                    "wrote ticket for device {} ({}) to {}: it is a credential, hand it over like a key",
+                    ticket.device_id,
+                    ticket.device_name,
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {
+    let hub = Hub::open(data)?;
+    match command {
+        FacilityCommand::Add {
+            name,
+            business,
+            representative,
+            phone,
+            category,
+            region,
+            address,
+            json,
+        } => {
+            let business_number = match business.business_number {
+                Some(b) => Some(BusinessNumber::parse(&b)?),
+                None => None,
+            };
+            let f = hub.add_facility(
+                Registration {
+                    name,
+                    business_number,
+                    representative,
+                    phone,
+                    category,
+                    region,
+                    address,
+                },
+                now,
+            )?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"facility_id": f.id, "status": f.status.as_str()})
+                );
+            } else {
+                println!("{} {}", f.id, f.status.as_str());
+            }
+        }
+        FacilityCommand::Approve { id, json } => {
+            let f = hub.approve_facility(&id)?;
+            if json {
+                println!("{}", json!({"facility_id": f.id, "status": f.status.as_str()}));
+            } else {
+                println!("{} approved", f.id);
+            }
+        }
+        FacilityCommand::Remove { id, json } => {
+            hub.remove_facility(&id)?;
+            if json {
+                println!("{}", json!({"facility_id": id, "removed": true}));
+            } else {
+                println!("{id} removed; its devices are revoked");
+            }
+        }
+        FacilityCommand::List { json } => {
+            for f in hub.facilities()? {
+                let r = &f.registration;
+                if json {
+                    println!(
+                        "{}",
+                        json!({"facility_id": f.id, "status": f.status.as_str(), "name": r.name,
+                               "business_number": r.business_number.as_ref().map(|b| b.formatted()),
+                               "representative": r.representative, "phone": r.phone, "category": r.category,
+                               "region": r.region, "address": r.address, "registered_at": f.registered_at})
+                    );
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        f.id,
+                        f.status.as_str(),
+                        r.category,
+                        r.name,
+                        r.address
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

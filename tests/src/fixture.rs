@@ -1,0 +1,211 @@
+//! A hub, facilities and devices in temporary folders, driven through the real binaries.
+
+use anyhow::{Context, Result, bail};
+use shared::token::TestIssuer;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The path of a workspace binary (`edge-node`, `sync-hub`), built by `cargo test`
+/// alongside this test (both packages have integration tests, so cargo builds their bins).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Runs a binary to completion with the given arguments.
+pub fn run(name: &str, args: &[&str]) -> Result<Output> {
+    let out = Command::new(bin(name))
+        .args(args)
+        .env_remove("EDGE_NODE_DATA")
+        .env_remove("SYNC_HUB_DATA")
+        .output()
+        .with_context(|| format!("cannot start {name}: run `cargo build --workspace` first"))?;
+    Ok(out)
+}
+
+/// Runs a binary and fails unless it exits 0; returns its stdout.
+pub fn run_ok(name: &str, args: &[&str]) -> Result<String> {
+    let out = run(name, args)?;
+    if !out.status.success() {
+        bail!(
+            "{name} {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The issuer used throughout the tests (seed and ids of the spec's first vector issuer).
+pub fn issuer() -> TestIssuer {
+    TestIssuer::new([0x11; 32], 1, 1)
+}
+
+/// A keyring file trusting [`issuer`], valid from 2020 to 2100.
+pub fn keyring_json() -> String {
+    let entry = issuer().keyring_entry("test-issuer", 1_577_836_800, 4_102_444_800);
+    serde_json::json!({ "issuers": [entry] }).to_string()
+}
+
+/// A valid business registration number (check digit holds).
+pub const BUSINESS_NUMBER: &str = "123-45-67891";
+
+/// A hub with one approved facility, in a temporary folder.
+pub struct HubFixture {
+    /// Keeps the folder alive.
+    pub tmp: tempfile::TempDir,
+    /// The hub's data folder.
+    pub data: PathBuf,
+    /// The facility's id.
+    pub facility: String,
+}
+
+impl HubFixture {
+    /// Creates the hub, trusts [`issuer`], registers one approved facility.
+    pub fn new() -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let data = tmp.path().join("hub");
+        let d = data.to_str().unwrap_or_default().to_owned();
+        run_ok(
+            "sync-hub",
+            &["--data", &d, "init", "--region", "mapo", "--listen", "127.0.0.1:0"],
+        )?;
+        let ring = tmp.path().join("keyring.json");
+        std::fs::write(&ring, keyring_json())?;
+        run_ok(
+            "sync-hub",
+            &["--data", &d, "issuers", "import", ring.to_str().unwrap_or_default()],
+        )?;
+        let facility = Self::add_facility_at(&d, "Star Karaoke")?;
+        Ok(HubFixture {
+            tmp,
+            data,
+            facility,
+        })
+    }
+
+    fn add_facility_at(d: &str, name: &str) -> Result<String> {
+        let out = run_ok(
+            "sync-hub",
+            &[
+                "--data", d, "facility", "add", "--name", name, "--business-number",
+                BUSINESS_NUMBER, "--representative", "Kim", "--phone", "02-123-4567",
+                "--category", "karaoke", "--region", "mapo", "--address", "1 Wausan-ro",
+                "--json",
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        Ok(v["facility_id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The hub's data folder as text.
+    pub fn data_str(&self) -> String {
+        self.data.display().to_string()
+    }
+
+    /// Writes a ticket and enrolls a device in a new folder; returns that folder.
+    pub fn enroll_device(&self, name: &str) -> Result<PathBuf> {
+        let ticket = self.tmp.path().join(format!("{name}.ticket"));
+        let t = ticket.display().to_string();
+        run_ok(
+            "sync-hub",
+            &["--data", &self.data_str(), "enroll", &self.facility, "--device-name", name, "--out", &t],
+        )?;
+        let dev = self.tmp.path().join(format!("dev-{name}"));
+        run_ok(
+            "edge-node",
+            &["--data", dev.to_str().unwrap_or_default(), "init", "--ticket", &t],
+        )?;
+        std::fs::remove_file(&ticket)?;
+        Ok(dev)
+    }
+}
+
+/// A fresh random 16-byte token.
+pub fn random_token() -> [u8; 16] {
+    rand::random()
+}
+
+/// Writes a PNG camera frame showing a freshly issued code; returns (path, payload, token).
+pub fn code_frame(dir: &Path, name: &str, issued_at: u64) -> Result<(PathBuf, String, [u8; 16])> {
+    let token = random_token();
+    let payload = issuer().issue(issued_at, 15, token);
+    let img = crate::frames::frame(&payload, crate::frames::Damage::Clean, u64::from(token[0]));
+    let path = dir.join(format!("{name}.png"));
+    std::fs::write(&path, crate::frames::encode_png(&img))?;
+    Ok((path, payload, token))
+}
+
+/// Every record stored in an edge device's folder, opened with the hub's day secrets
+/// (the device itself cannot read them). The device must not be running.
+pub fn stored_records(edge_dir: &Path, hub_dir: &Path) -> Result<Vec<shared::envelope::Record>> {
+    let store = edge_node::store::Store::open(&edge_dir.join("edge.redb"))?;
+    let ratchet = sync_hub::keys::KeyDir::new(hub_dir).ratchet()?;
+    let enrollment: edge_node::device::Enrollment = serde_json::from_slice(
+        &store
+            .get("enrollment")?
+            .context("the device folder holds no enrollment")?,
+    )?;
+    let mut out = Vec::new();
+    for (day, _, _) in store.days()? {
+        let (bytes, _) = store.partition_bytes(day)?;
+        let id = shared::PartitionId {
+            facility: enrollment.facility.id.clone(),
+            day,
+        };
+        let p = shared::partition::Partition::load(id, &bytes, b"test-reader")?;
+        let u = shared::unseal::unseal_partition(&p, |d| ratchet.secret(d));
+        if let Some((id, why)) = u.failures.first() {
+            bail!("record {id} of day {day} does not open: {why}");
+        }
+        out.extend(u.records.into_values());
+    }
+    Ok(out)
+}
+
+/// The tokens of the QR visits among `records`.
+pub fn qr_tokens(records: &[shared::envelope::Record]) -> Vec<[u8; 16]> {
+    records
+        .iter()
+        .filter_map(|r| match &r.body {
+            shared::envelope::RecordBody::Qr { token, .. } => Some(*token),
+            shared::envelope::RecordBody::Paper { .. } => None,
+        })
+        .collect()
+}
+
+/// Every byte of every file below `dir`.
+pub fn all_bytes_below(dir: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.extend(std::fs::read(&p)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}

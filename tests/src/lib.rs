@@ -1,0 +1,7 @@
+//! Support for the multi-process tests: locating the built binaries, a throw-away hub with
+//! enrolled devices, a test issuer, and generated camera frames.
+//!
+//! Everything runs on loopback in temporary folders; every child process is reaped.
+
+pub mod fixture;
+pub mod frames;
