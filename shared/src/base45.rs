@@ -127,8 +127,8 @@ pub fn decode(text: &str) -> Result<Vec<u8>, Base45Error> {
             }
             [c, d] => {
                 let value = u32::from(c) + u32::from(d) * 45;
-                let n =
-                    u8::try_from(value).map_err(|_| Base45Error::PairOverflow { position, value })?;
+                let n = u8::try_from(value)
+                    .map_err(|_| Base45Error::PairOverflow { position, value })?;
                 out.push(n);
             }
             // `chunks(3)` yields 1..=3 items and a single one was refused above.

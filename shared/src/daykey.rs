@@ -181,18 +181,25 @@ impl DayKeyRatchet {
     /// Public keys of up to `count` consecutive days starting at `from`, leaving out days that
     /// are destroyed or beyond [`MAX_DAYS_AHEAD`]. Walks the ratchet once, not once per day.
     pub fn publics(&self, from: Day, count: u32) -> Vec<DayPublicKey> {
-        let end = from.0.saturating_add(count); // exclusive
+        // Inclusive bounds, so that the last representable day is not lost to saturation.
+        let Some(last_asked) = (u64::from(from.0) + u64::from(count)).checked_sub(1) else {
+            return Vec::new();
+        };
+        let last_live = u64::from(self.oldest.0) + u64::from(MAX_DAYS_AHEAD);
+        let last = last_asked.min(last_live).min(u64::from(u32::MAX));
         let first = from.max(self.oldest);
         let Some(mut seed) = self.seed_for(first) else {
             return Vec::new();
         };
-        let last = self.oldest.0.saturating_add(MAX_DAYS_AHEAD); // inclusive
         let mut out = Vec::new();
         let mut day = first.0;
-        while day < end && day <= last {
+        while u64::from(day) <= last {
             out.push(secret_from_seed(Day(day), &seed).public());
+            let Some(next) = day.checked_add(1) else {
+                break;
+            };
             seed = step(&seed);
-            day += 1;
+            day = next;
         }
         out
     }

@@ -230,8 +230,9 @@ impl SessionKey {
     /// day; an edge that ran out of day keys may fall back to its newest one, so any day is
     /// accepted and recorded in the result (the hub then needs that day's secret).
     ///
-    /// age draws its own ephemeral key from the operating system, so the output differs on
-    /// every call even under a seeded `RngCore`; its length does not.
+    /// age draws its ephemeral key, file key and a random-length "grease" stanza from the
+    /// operating system, so the output (about 250 to 450 bytes) differs on every call even
+    /// under a seeded `RngCore`.
     pub fn wrap(&self, to: &DayPublicKey) -> Result<WrappedKey, EnvelopeError> {
         let recipient = to.to_recipient()?;
         let mut payload = Zeroizing::new([0u8; WRAP_PAYLOAD_LEN]);
@@ -307,7 +308,7 @@ impl SessionKey {
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(self.key.as_ref().into())
+        XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(&self.key[..]))
     }
 }
 
@@ -343,9 +344,7 @@ impl WrappedKey {
                 max: MAX_WRAPPED_KEY_BYTES,
             });
         }
-        let (&version, rest) = b
-            .split_first()
-            .ok_or_else(|| malformed(WHAT, "empty"))?;
+        let (&version, rest) = b.split_first().ok_or_else(|| malformed(WHAT, "empty"))?;
         if version != ENVELOPE_VERSION {
             return Err(EnvelopeError::UnsupportedVersion {
                 what: WHAT,
@@ -438,9 +437,7 @@ impl Envelope {
                 max: MAX_ENVELOPE_BYTES,
             });
         }
-        let (&version, _) = b
-            .split_first()
-            .ok_or_else(|| malformed(WHAT, "empty"))?;
+        let (&version, _) = b.split_first().ok_or_else(|| malformed(WHAT, "empty"))?;
         if version != ENVELOPE_VERSION {
             return Err(EnvelopeError::UnsupportedVersion {
                 what: WHAT,
@@ -530,7 +527,11 @@ fn associated_data(
     ad.push(version);
     ad.extend_from_slice(&session.0);
     // A facility id is at most 40 bytes, so the length always fits.
-    ad.extend_from_slice(&u32::try_from(facility.len()).unwrap_or(u32::MAX).to_be_bytes());
+    ad.extend_from_slice(
+        &u32::try_from(facility.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     ad.extend_from_slice(facility);
     ad.extend_from_slice(&partition.day.0.to_be_bytes());
     ad.extend_from_slice(&record_id.0);
@@ -799,7 +800,9 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(4);
         let ratchet = DayKeyRatchet::generate(&mut rng, Day(10));
         let key = SessionKey::generate(&mut rng, Day(10));
-        let mut wrapped = key.wrap(&ratchet.public(Day(10)).expect("live")).expect("wrap");
+        let mut wrapped = key
+            .wrap(&ratchet.public(Day(10)).expect("live"))
+            .expect("wrap");
         let secret = ratchet.secret(Day(10)).expect("live");
         let back = wrapped.unwrap(&secret).expect("unwrap");
         assert_eq!((back.id(), back.day()), (key.id(), key.day()));

@@ -125,7 +125,10 @@ impl fmt::Debug for PaperEntry {
             .field("consent_collect", &self.consent_collect)
             .field("consent_share", &self.consent_share)
             .field("guardian_consent", &self.guardian_consent)
-            .field("remarks", &format_args!("<{} chars>", self.remarks.chars().count()))
+            .field(
+                "remarks",
+                &format_args!("<{} chars>", self.remarks.chars().count()),
+            )
             .finish()
     }
 }
@@ -182,9 +185,8 @@ impl PaperEntry {
         self.validate()?;
         let recipient = age::x25519::Recipient::from_str(authority_recipient)
             .map_err(PaperError::BadAuthorityKey)?;
-        let plaintext = Zeroizing::new(
-            postcard::to_stdvec(self).map_err(|e| PaperError::Seal(e.to_string()))?,
-        );
+        let plaintext =
+            Zeroizing::new(postcard::to_stdvec(self).map_err(|e| PaperError::Seal(e.to_string()))?);
         age::encrypt(&recipient, &plaintext).map_err(|e| PaperError::Seal(e.to_string()))
     }
 

@@ -50,7 +50,7 @@ pub enum PartitionError {
         partition: PartitionId,
         /// What automerge said.
         #[source]
-        source: AutomergeError,
+        source: Box<AutomergeError>,
     },
     /// A record id already holds another envelope.
     #[error(
@@ -89,7 +89,7 @@ pub enum PartitionError {
         partition: PartitionId,
         /// What automerge said.
         #[source]
-        source: AutomergeError,
+        source: Box<AutomergeError>,
     },
 }
 
@@ -137,7 +137,7 @@ impl Partition {
     pub fn load(id: PartitionId, bytes: &[u8], actor: &[u8]) -> Result<Self, PartitionError> {
         let doc = Automerge::load(bytes).map_err(|source| PartitionError::Load {
             partition: id.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let saved_heads = doc.get_heads();
         Ok(Partition {
@@ -154,7 +154,11 @@ impl Partition {
 
     /// Adds a sealed record. Adding the same envelope under the same id again does nothing;
     /// a different envelope under an existing id is refused.
-    pub fn insert_record(&mut self, id: RecordId, envelope: &Envelope) -> Result<(), PartitionError> {
+    pub fn insert_record(
+        &mut self,
+        id: RecordId,
+        envelope: &Envelope,
+    ) -> Result<(), PartitionError> {
         let bytes = envelope.to_bytes();
         match self.put_once(format!("{RECORD_PREFIX}{id}"), bytes)? {
             PutOutcome::Written | PutOutcome::AlreadyThere => Ok(()),
@@ -167,7 +171,10 @@ impl Partition {
 
     /// Adds a wrapped session key, with the same rules as [`Self::insert_record`].
     pub fn insert_wrapped_key(&mut self, key: &WrappedKey) -> Result<(), PartitionError> {
-        match self.put_once(format!("{WRAPPED_KEY_PREFIX}{}", key.session), key.to_bytes())? {
+        match self.put_once(
+            format!("{WRAPPED_KEY_PREFIX}{}", key.session),
+            key.to_bytes(),
+        )? {
             PutOutcome::Written | PutOutcome::AlreadyThere => Ok(()),
             PutOutcome::Conflict => Err(PartitionError::WrappedKeyConflict {
                 partition: self.id.clone(),
@@ -210,10 +217,7 @@ impl Partition {
     pub fn wrapped_key(&self, session: SessionId) -> Option<WrappedKey> {
         let key = format!("{WRAPPED_KEY_PREFIX}{session}");
         let (value, _) = self.doc.get(ROOT, key.as_str()).ok()??;
-        match value.to_scalar()? {
-            ScalarValue::Bytes(b) => parse_wrapped_key(&key[WRAPPED_KEY_PREFIX.len()..], b),
-            _ => None,
-        }
+        parse_wrapped_key(&key[WRAPPED_KEY_PREFIX.len()..], value.as_bytes()?)
     }
 
     /// How many records [`Self::records`] returns.
@@ -256,7 +260,7 @@ impl Partition {
             .apply_changes(changes)
             .map_err(|source| PartitionError::Automerge {
                 partition: self.id.clone(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -295,24 +299,25 @@ impl Partition {
     }
 
     fn put_once(&mut self, key: String, bytes: Vec<u8>) -> Result<PutOutcome, PartitionError> {
-        let existing = self
-            .doc
-            .get(ROOT, key.as_str())
-            .map_err(|source| PartitionError::Automerge {
-                partition: self.id.clone(),
-                source,
-            })?;
+        let existing =
+            self.doc
+                .get(ROOT, key.as_str())
+                .map_err(|source| PartitionError::Automerge {
+                    partition: self.id.clone(),
+                    source: Box::new(source),
+                })?;
         if let Some((value, _)) = existing {
-            return Ok(match value.to_scalar() {
-                Some(ScalarValue::Bytes(b)) if *b == bytes => PutOutcome::AlreadyThere,
-                _ => PutOutcome::Conflict,
+            return Ok(if value.as_bytes() == Some(bytes.as_slice()) {
+                PutOutcome::AlreadyThere
+            } else {
+                PutOutcome::Conflict
             });
         }
         self.doc
             .transact(|tx| tx.put(ROOT, key.as_str(), ScalarValue::Bytes(bytes)))
             .map_err(|failure| PartitionError::Automerge {
                 partition: self.id.clone(),
-                source: failure.error,
+                source: Box::new(failure.error),
             })?;
         Ok(PutOutcome::Written)
     }
@@ -391,7 +396,8 @@ mod tests {
         let mut p = Partition::new(pid(), &[1; 16]);
         for i in 0..3u8 {
             let id = RecordId([i; 16]);
-            p.insert_record(id, &envelope(&mut rng, &key, id)).expect("insert");
+            p.insert_record(id, &envelope(&mut rng, &key, id))
+                .expect("insert");
         }
         let wk = WrappedKey {
             session: key.id(),
@@ -457,7 +463,8 @@ mod tests {
         let mut p = Partition::new(pid(), &[1; 16]);
         assert!(p.save_incremental().is_empty());
         let id = RecordId([1; 16]);
-        p.insert_record(id, &envelope(&mut rng, &key, id)).expect("insert");
+        p.insert_record(id, &envelope(&mut rng, &key, id))
+            .expect("insert");
         assert!(!p.save_incremental().is_empty());
         assert!(p.save_incremental().is_empty());
     }

@@ -222,7 +222,10 @@ impl Hub {
     pub fn import_issuers(&self, json: &str) -> Result<usize, HubError> {
         let incoming = Keyring::from_json(json)?;
         let mut ring = self.keyring()?;
-        ring.merge(incoming);
+        for key in incoming.iter() {
+            ring.remove(key.issuer_id(), key.key_id());
+            ring.insert(key.clone())?;
+        }
         let n = ring.len();
         self.store.set_config("keyring", &ring)?;
         Ok(n)

@@ -57,8 +57,10 @@ pub fn issuer() -> TestIssuer {
 
 /// A keyring file trusting [`issuer`], valid from 2020 to 2100.
 pub fn keyring_json() -> String {
-    let entry = issuer().keyring_entry("test-issuer", 1_577_836_800, 4_102_444_800);
-    serde_json::json!({ "issuers": [entry] }).to_string()
+    let mut ring = shared::token::Keyring::new();
+    // A fresh keyring accepts one key; insertion only fails on duplicates.
+    let _ = ring.insert(issuer().keyring_entry("test-issuer", 1_577_836_800, 4_102_444_800));
+    ring.to_json()
 }
 
 /// A valid business registration number (check digit holds).
@@ -143,10 +145,10 @@ pub fn random_token() -> [u8; 16] {
 /// Writes a PNG camera frame showing a freshly issued code; returns (path, payload, token).
 pub fn code_frame(dir: &Path, name: &str, issued_at: u64) -> Result<(PathBuf, String, [u8; 16])> {
     let token = random_token();
-    let payload = issuer().issue(issued_at, 15, token);
-    let img = crate::frames::frame(&payload, crate::frames::Damage::Clean, u64::from(token[0]));
+    let payload = issuer().issue(issued_at, 60, token);
+    let img = crate::frames::frame(&payload, crate::frames::Damage::Clean, u64::from(token[0]))?;
     let path = dir.join(format!("{name}.png"));
-    std::fs::write(&path, crate::frames::encode_png(&img))?;
+    std::fs::write(&path, crate::frames::encode_png(&img)?)?;
     Ok((path, payload, token))
 }
 

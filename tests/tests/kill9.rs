@@ -38,7 +38,7 @@ fn kill_9_loses_no_accepted_visit_and_stores_none_twice() -> Result<()> {
             let token: [u8; 16] = rng.r#gen();
             let payload = issuer.issue(now, 60, token);
             let path = tmp.path().join(format!("k{kill}-{i}.png"));
-            std::fs::write(&path, encode_png(&frame(&payload, Damage::Clean, u64::from(token[0]))))?;
+            std::fs::write(&path, encode_png(&frame(&payload, Damage::Clean, u64::from(token[0]))?)?)?;
             batch.push((path, token));
         }
         batch.extend(previous.iter().take(3).cloned());

@@ -77,6 +77,19 @@ pub struct PartitionSummary {
     pub records: u64,
 }
 
+impl PartitionSummary {
+    /// The summary of a partition this node holds.
+    pub fn of(partition: &crate::partition::Partition) -> Self {
+        let mut heads: Vec<[u8; 32]> = partition.heads().iter().map(|h| h.0).collect();
+        heads.sort_unstable();
+        PartitionSummary {
+            id: partition.id().clone(),
+            heads,
+            records: partition.record_count() as u64,
+        }
+    }
+}
+
 /// The initiator's opening frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -197,7 +210,9 @@ impl Frame {
     /// The frame's size on the wire, length prefix included.
     pub fn wire_len(&self) -> usize {
         // Serializing into the size-counting flavor cannot fail for these plain types.
-        LENGTH_PREFIX_BYTES + postcard::serialized_size(self).unwrap_or(0)
+        LENGTH_PREFIX_BYTES
+            + postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+                .unwrap_or(0)
     }
 
     /// The frame as it goes on the wire: length prefix and body.
@@ -221,12 +236,11 @@ impl Frame {
                 declared: body.len(),
             });
         }
-        let (frame, rest) = postcard::take_from_bytes::<Frame>(body).map_err(|e| {
-            FrameError::Malformed {
+        let (frame, rest) =
+            postcard::take_from_bytes::<Frame>(body).map_err(|e| FrameError::Malformed {
                 len: body.len(),
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         if !rest.is_empty() {
             return Err(FrameError::TrailingBytes {
                 len: body.len(),

@@ -10,8 +10,8 @@
 //! window, within bounded rounds. `docs/protocol.md` describes the states and rules.
 
 use super::frame::{
-    Frame, Hello, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer,
-    RefuseReason, Refusal, Welcome,
+    Frame, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    PartitionSummary, Peer, Refusal, RefuseReason, Welcome,
 };
 use crate::ids::{FacilityId, PartitionId};
 use crate::partition::Partition;
@@ -106,7 +106,9 @@ pub enum SyncError {
         state: &'static str,
     },
     /// The peer speaks another protocol version.
-    #[error("peer speaks sync protocol version {theirs}, this node speaks {PROTOCOL_VERSION}: update the older side")]
+    #[error(
+        "peer speaks sync protocol version {theirs}, this node speaks {PROTOCOL_VERSION}: update the older side"
+    )]
     Version {
         /// The peer's version.
         theirs: u16,
@@ -128,13 +130,17 @@ pub enum SyncError {
         why: String,
     },
     /// The peer kept sending sync messages for one partition.
-    #[error("peer sent more than {MAX_ROUNDS_PER_PARTITION} sync messages for {partition}: it is broken or hostile")]
+    #[error(
+        "peer sent more than {MAX_ROUNDS_PER_PARTITION} sync messages for {partition}: it is broken or hostile"
+    )]
     TooManyRounds {
         /// The partition.
         partition: PartitionId,
     },
     /// The peer sent more `Done` frames than it has reasons to.
-    #[error("peer sent {dones} Done frames for {sent} sync messages: it does not follow the protocol")]
+    #[error(
+        "peer sent {dones} Done frames for {sent} sync messages: it does not follow the protocol"
+    )]
     TooManyDones {
         /// Done frames received.
         dones: u64,
@@ -541,12 +547,7 @@ impl Session {
 
     /// Responder: the shell's decision on the `PeerHello` event.
     /// Ignored unless the session awaits admission.
-    pub fn admit(
-        &mut self,
-        now: UnixSeconds,
-        decision: Decision,
-        store: &mut impl PartitionStore,
-    ) {
+    pub fn admit(&mut self, now: UnixSeconds, decision: Decision, store: &mut impl PartitionStore) {
         if self.phase != Phase::AwaitAdmission {
             return;
         }
@@ -812,6 +813,7 @@ impl Session {
             partition: partition.clone(),
             detail: e.to_string(),
         })?;
+        let preloaded = self.preload(&partition, store)?;
 
         if store.partition_mut(&partition)?.is_none() {
             match store.create_partition(&partition) {
@@ -824,16 +826,234 @@ impl Session {
                 Err(e) => return Err(e.into()),
             }
         }
-        let peer = self.peer.clone();
         let Some(part) = store.partition_mut(&partition)? else {
-            return Err(StoreError::Failed(format!("partition {partition} vanished after creation")).into());
+            return Err(StoreError::Failed(format!(
+                "partition {partition} vanished right after it was created"
+            ))
+            .into());
         };
-        let sync = self.sync_entry(peer.as_ref(), &partition, part.doc(), &*store_ref_dummy())?;
-        unreachable!()
+        let sync = sync_entry(
+            &mut self.partitions,
+            &mut self.stats,
+            &partition,
+            preloaded,
+            part,
+        );
+        sync.received += 1;
+        if sync.received > MAX_ROUNDS_PER_PARTITION {
+            return Err(SyncError::TooManyRounds { partition });
+        }
+        let heads_before = part.heads();
+        let records_before = part.record_count();
+        let merged = part
+            .doc_mut()
+            .receive_sync_message(&mut sync.state, message);
+        let updated = (part.heads() != heads_before)
+            .then(|| part.record_count().saturating_sub(records_before) as u64);
+        let reply = match merged {
+            Ok(()) => part.doc().generate_sync_message(&mut sync.state),
+            Err(_) => None,
+        };
+        // Reported even when the merge failed part-way: whatever was applied is in memory and
+        // must reach the disk too, so memory and disk never disagree.
+        if let Some(new_records) = updated {
+            self.events.push_back(Event::PartitionUpdated {
+                id: partition.clone(),
+                new_records,
+            });
+        }
+        merged.map_err(|e| SyncError::Merge {
+            partition: partition.clone(),
+            detail: e.to_string(),
+        })?;
+        if let Some(reply) = reply {
+            self.send_sync(partition, reply)?;
+        }
+        Ok(())
+    }
+
+    /// Generates and queues this side's next message for `id`, if automerge has one.
+    fn generate(
+        &mut self,
+        id: &PartitionId,
+        store: &mut impl PartitionStore,
+    ) -> Result<(), SyncError> {
+        let preloaded = self.preload(id, store)?;
+        let Some(part) = store.partition_mut(id)? else {
+            return Ok(());
+        };
+        let sync = sync_entry(&mut self.partitions, &mut self.stats, id, preloaded, part);
+        if let Some(message) = part.doc().generate_sync_message(&mut sync.state) {
+            self.send_sync(id.clone(), message)?;
+        }
+        Ok(())
+    }
+
+    /// The persisted sync state for a partition this session has not touched yet.
+    /// `None`: the partition already has its in-session state.
+    fn preload(
+        &self,
+        id: &PartitionId,
+        store: &impl PartitionStore,
+    ) -> Result<Option<Option<Vec<u8>>>, SyncError> {
+        if self.partitions.contains_key(id) {
+            return Ok(None);
+        }
+        match self.peer.as_ref() {
+            Some(peer) => Ok(Some(store.sync_state(peer, id)?)),
+            None => Ok(Some(None)),
+        }
+    }
+
+    fn on_done(&mut self, received: u32) -> Result<(), SyncError> {
+        self.dones_received += 1;
+        if received > self.sent_syncs {
+            return Err(SyncError::BadDone {
+                claimed: received,
+                sent: self.sent_syncs,
+            });
+        }
+        // A peer sends Done at most once per change of its (sent, received) counts, plus
+        // once at the start: anything beyond is a peer stuck in a loop.
+        let allowed = 1 + u64::from(self.sent_syncs) + u64::from(self.received_syncs);
+        if self.dones_received > allowed {
+            return Err(SyncError::TooManyDones {
+                dones: self.dones_received,
+                sent: self.sent_syncs,
+            });
+        }
+        self.peer_done = Some(received);
+        Ok(())
+    }
+
+    /// After each input while syncing: say `Done` if this side has nothing more to send, and
+    /// finish once the peer has said `Done` after seeing every message this side sent.
+    ///
+    /// Sessions react only to frames, so after handling one everything this side can send is
+    /// queued. If that includes a `Sync`, the peer owes an answer and `Done` waits for it.
+    fn settle(&mut self) -> Result<(), SyncError> {
+        if self.step_sent_sync {
+            return Ok(());
+        }
+        let counts = (self.sent_syncs, self.received_syncs);
+        if self.done_sent_at != Some(counts) {
+            self.send(Frame::Done {
+                received: self.received_syncs,
+            })?;
+            self.done_sent_at = Some(counts);
+        }
+        if self.peer_done == Some(self.sent_syncs) {
+            self.finish();
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        if let Some(peer) = self.peer.clone() {
+            for (id, sync) in &self.partitions {
+                let state = sync.state.encode();
+                if sync.loaded.as_deref() != Some(state.as_slice()) {
+                    self.events.push_back(Event::SyncStateChanged {
+                        peer: peer.clone(),
+                        partition: id.clone(),
+                        state,
+                    });
+                }
+            }
+            for (id, state) in std::mem::take(&mut self.settled) {
+                self.events.push_back(Event::SyncStateChanged {
+                    peer: peer.clone(),
+                    partition: id,
+                    state,
+                });
+            }
+        }
+        self.phase = Phase::Finished;
+        self.events.push_back(Event::Finished(self.stats));
+    }
+
+    fn send_sync(&mut self, partition: PartitionId, message: Message) -> Result<(), SyncError> {
+        self.send(Frame::Sync {
+            partition,
+            message: message.encode(),
+        })?;
+        self.sent_syncs = self.sent_syncs.saturating_add(1);
+        self.stats.syncs_sent += 1;
+        self.step_sent_sync = true;
+        Ok(())
+    }
+
+    fn send(&mut self, frame: Frame) -> Result<(), SyncError> {
+        let len = frame.wire_len();
+        if len - LENGTH_PREFIX_BYTES > MAX_FRAME_BYTES {
+            return Err(SyncError::TooLarge {
+                what: frame.kind(),
+                len: len - LENGTH_PREFIX_BYTES,
+            });
+        }
+        self.stats.frames_sent += 1;
+        self.stats.bytes_sent += len as u64;
+        self.transmits.push_back(frame);
+        Ok(())
+    }
+
+    /// This side refuses the peer: a `Refused` frame, an event, the end.
+    fn refuse(&mut self, reason: RefuseReason, detail: String) {
+        let refusal = Refusal::new(reason, &detail);
+        self.events.push_back(Event::Refused {
+            by: Side::Local,
+            reason,
+            detail: refusal.detail.clone(),
+        });
+        // A refusal is a few hundred bytes at most, far below the frame limit.
+        let _ = self.send(Frame::Refused(refusal));
+        self.phase = Phase::Closed;
+    }
+
+    fn close_refused(&mut self, by: Side, reason: RefuseReason, detail: String) {
+        self.events.push_back(Event::Refused { by, reason, detail });
+        self.phase = Phase::Closed;
+    }
+
+    /// The session ends on an error: tell the peer why, then the shell.
+    fn fail(&mut self, error: SyncError) {
+        let refusal = Refusal::new(error.reason(), &error.to_string());
+        let _ = self.send(Frame::Refused(refusal));
+        self.events.push_back(Event::Failed(error));
+        self.phase = Phase::Closed;
     }
 }
 
-fn store_ref_dummy() {}
+/// The session's sync progress for `id`, created from the preloaded persisted state on first
+/// use. A persisted state naming changes the partition does not have (the partition was lost
+/// or rolled back since) is dropped for a fresh one: automerge would otherwise believe the
+/// peer needs nothing before those changes.
+fn sync_entry<'a>(
+    partitions: &'a mut BTreeMap<PartitionId, PartitionSync>,
+    stats: &mut WireStats,
+    id: &PartitionId,
+    preloaded: Option<Option<Vec<u8>>>,
+    part: &Partition,
+) -> &'a mut PartitionSync {
+    partitions.entry(id.clone()).or_insert_with(|| {
+        stats.partitions_synced += 1;
+        let loaded = preloaded.flatten();
+        let state = loaded
+            .as_deref()
+            .and_then(|b| SyncState::decode(b).ok())
+            .filter(|s| {
+                s.shared_heads
+                    .iter()
+                    .all(|h| part.doc().get_change_by_hash(h).is_some())
+            })
+            .unwrap_or_default();
+        PartitionSync {
+            state,
+            loaded,
+            received: 0,
+        }
+    })
+}
 
 /// Whether `id` may cross a session limited to `scope`.
 fn in_scope(scope: Option<&FacilityId>, id: &PartitionId) -> bool {
@@ -868,4 +1088,111 @@ fn check_summaries(summaries: &[PartitionSummary]) -> Result<(), SyncError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::harness::MemoryStore;
+
+    fn fac(s: &str) -> FacilityId {
+        FacilityId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn both_sides_agree_on_the_window() {
+        let a_now = Day(20_000).start() + 100;
+        let b_now = Day(20_001).start() + 5; // a day ahead
+        let w1 = Window::agreed(a_now, horizon(a_now), b_now, horizon(b_now));
+        let w2 = Window::agreed(b_now, horizon(b_now), a_now, horizon(a_now));
+        assert_eq!(w1, w2);
+        // The later horizon and one day past the earlier today.
+        assert_eq!(w1.from, horizon(b_now));
+        assert_eq!(w1.to, Day(20_001));
+        assert!(!w1.contains(horizon(a_now)));
+        assert!(w1.contains(Day(20_001)));
+        assert!(!w1.contains(Day(20_002)));
+    }
+
+    #[test]
+    fn clock_offsets_saturate() {
+        assert_eq!(offset(10, 4), 6);
+        assert_eq!(offset(4, 10), -6);
+        assert_eq!(offset(u64::MAX, 0), i64::MAX);
+        assert_eq!(offset(0, u64::MAX), i64::MIN);
+    }
+
+    #[test]
+    fn empty_sessions_finish_with_one_done_each() {
+        let now = Day(20_000).start();
+        let mut dev = MemoryStore::new(b"d", Some(fac("fac_a")));
+        let mut hub = MemoryStore::new(b"h", None);
+        let me = Peer::Device {
+            device: crate::ids::DeviceId::parse("dev_a").unwrap(),
+            facility: fac("fac_a"),
+        };
+        let mut i = Session::initiator(now, me, None, &dev).unwrap();
+        let mut r = Session::responder(Peer::Hub { region: "r".into() });
+        let hello = i.poll_transmit().unwrap();
+        r.handle_frame(now, hello, &mut hub);
+        assert!(r.awaits_admission());
+        r.admit(
+            now,
+            Decision::Admit {
+                facility: fac("fac_a"),
+                refresh: None,
+            },
+            &mut hub,
+        );
+        let from_r: Vec<Frame> = std::iter::from_fn(|| r.poll_transmit()).collect();
+        assert!(matches!(
+            from_r.as_slice(),
+            [Frame::Welcome(_), Frame::Done { received: 0 }]
+        ));
+        for f in from_r {
+            i.handle_frame(now, f, &mut dev);
+        }
+        assert!(i.is_completed());
+        let from_i: Vec<Frame> = std::iter::from_fn(|| i.poll_transmit()).collect();
+        assert_eq!(from_i, vec![Frame::Done { received: 0 }]);
+        r.handle_frame(now, from_i[0].clone(), &mut hub);
+        assert!(r.is_completed());
+        assert_eq!(r.poll_transmit(), None);
+    }
+
+    #[test]
+    fn a_done_claiming_unsent_messages_is_an_error() {
+        let now = Day(20_000).start();
+        let mut hub = MemoryStore::new(b"h", None);
+        let mut r = Session::responder(Peer::Hub { region: "r".into() });
+        r.handle_frame(
+            now,
+            Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                peer: Peer::Hub { region: "x".into() },
+                now,
+                horizon: horizon(now),
+                partitions: vec![],
+                credential: None,
+            }),
+            &mut hub,
+        );
+        r.admit(
+            now,
+            Decision::Admit {
+                facility: fac("fac_a"),
+                refresh: None,
+            },
+            &mut hub,
+        );
+        r.handle_frame(now, Frame::Done { received: 5 }, &mut hub);
+        let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+        assert!(matches!(
+            events.last(),
+            Some(Event::Failed(SyncError::BadDone {
+                claimed: 5,
+                sent: 0
+            }))
+        ));
+    }
 }

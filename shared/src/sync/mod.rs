@@ -1,0 +1,22 @@
+//! The sync protocol between devices and hubs, as pure code: frames, a session state
+//! machine, and an in-memory harness that runs two sessions against each other.
+//!
+//! The shells (`edge-node`, `sync-hub`) only move bytes: they open an iroh connection with
+//! [`ALPN`], feed received bytes to a [`FrameDecoder`] and its frames to a [`Session`], write
+//! what [`Session::poll_transmit`] returns, and act on [`Session::poll_event`]. The simulation
+//! drives the same sessions through [`harness`]. The wire format and the rules are written
+//! down in `docs/protocol.md`.
+
+mod frame;
+pub mod harness;
+mod session;
+
+pub use frame::{
+    ALPN, Frame, FrameDecoder, FrameError, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer, Refusal, RefuseReason, Welcome,
+};
+pub use session::{
+    Decision, Event, MAX_FUTURE_DAYS, MAX_HEADS_PER_PARTITION, MAX_PARTITIONS_PER_SESSION,
+    MAX_ROUNDS_PER_PARTITION, PartitionStore, PeerHello, Role, Session, Side, StoreError,
+    SyncError, WireStats,
+};
