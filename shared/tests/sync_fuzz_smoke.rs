@@ -17,7 +17,7 @@ const INPUTS: usize = 100_000;
 /// Random bytes, or a corpus entry with bytes flipped, inserted, deleted or spliced.
 fn next_input(rng: &mut ChaCha8Rng, corpus: &[Vec<u8>], max_len: usize) -> Vec<u8> {
     let pick = rng.next_u32() as usize;
-    if corpus.is_empty() || pick % 4 == 0 {
+    if corpus.is_empty() || pick.is_multiple_of(4) {
         let len = (rng.next_u32() as usize) % max_len;
         let mut v = vec![0u8; len];
         rng.fill_bytes(&mut v);

@@ -82,6 +82,7 @@ fn nothing_readable_at_rest() -> Result<()> {
     let dev = hub.enroll_device("south-gate")?;
     let d = dev.display().to_string();
     let tmp = tempfile::tempdir()?;
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
     // Six batches of 50, each issued just before it is scanned, so none expires meanwhile.
     for batch in 0..6 {
         let now = fixture::now();
