@@ -15,7 +15,7 @@ use std::io::{Cursor, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits, imageops};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 /// Frames with more pixels than this are refused before decoding (a 40-megapixel luma frame is
 /// already 40 MB; a QR code needs a few hundred pixels on a side).
@@ -77,20 +77,25 @@ pub enum FrameError {
 pub enum LadderStep {
     /// `rqrr` on the frame as it came (its own row-wise adaptive threshold).
     Plain,
-    /// Shrink a frame longer than 1000 px on a side to 800 px, then `rqrr`.
+    /// Shrink a frame longer than 1000 px on a side by an integer factor (box average) to about
+    /// 800 px, then `rqrr`.
     Downscale,
     /// 3x3 median filter (removes salt-and-pepper and sensor noise), then `rqrr`.
     Median,
     /// One global threshold chosen by Otsu's method (blur makes `rqrr`'s local threshold wander).
     Otsu,
-    /// Threshold against the mean of a window a few modules wide (uneven light, noise).
+    /// Threshold against the mean of a window a few modules wide (uneven light).
     AdaptiveMean,
-    /// Stretch the 1st..99th percentile to 0..255 (dim, low-contrast frames).
-    Stretch,
+    /// Median filter, then Otsu.
+    MedianOtsu,
     /// Median filter, then the local-mean threshold: strong noise defeats each alone.
     MedianAdaptive,
-    /// Enlarge a small frame 2x with bilinear filtering (tiny codes, ~2 px per module).
+    /// Stretch the 1st..99th percentile to 0..255 (dim, low-contrast frames).
+    Stretch,
+    /// Enlarge a small frame 2x with bilinear interpolation (tiny codes, ~2 px per module).
     Upscale,
+    /// Enlarge 2x, then Otsu.
+    UpscaleOtsu,
 }
 
 impl LadderStep {
@@ -98,15 +103,17 @@ impl LadderStep {
     // Order measured on the corpus (tests/tests/decode_corpus.rs): plain rqrr first, since it
     // decodes nearly every frame; then the cheap per-pixel passes by how many frames they rescue;
     // the 4x-pixel upscale last.
-    pub const LADDER: [LadderStep; 8] = [
+    pub const LADDER: [LadderStep; 10] = [
         LadderStep::Plain,
         LadderStep::Downscale,
         LadderStep::Median,
         LadderStep::Otsu,
         LadderStep::AdaptiveMean,
+        LadderStep::MedianOtsu,
         LadderStep::MedianAdaptive,
         LadderStep::Stretch,
         LadderStep::Upscale,
+        LadderStep::UpscaleOtsu,
     ];
 
     /// A short stable name for tables and logs.
@@ -117,9 +124,11 @@ impl LadderStep {
             LadderStep::Median => "median",
             LadderStep::Otsu => "otsu",
             LadderStep::AdaptiveMean => "adaptive",
-            LadderStep::Stretch => "stretch",
+            LadderStep::MedianOtsu => "median+otsu",
             LadderStep::MedianAdaptive => "median+adaptive",
+            LadderStep::Stretch => "stretch",
             LadderStep::Upscale => "upscale",
+            LadderStep::UpscaleOtsu => "upscale+otsu",
         }
     }
 
@@ -129,7 +138,7 @@ impl LadderStep {
         let side = width.max(height);
         match self {
             LadderStep::Downscale => side > DOWNSCALE_ABOVE,
-            LadderStep::Upscale => side <= UPSCALE_UP_TO,
+            LadderStep::Upscale | LadderStep::UpscaleOtsu => side <= UPSCALE_UP_TO,
             _ => true,
         }
     }
@@ -211,26 +220,16 @@ pub fn decode_step(img: &GrayImage, step: LadderStep) -> Option<String> {
         LadderStep::Plain => scan_gray(img),
         LadderStep::Downscale => scan_gray(&downscale(img)),
         LadderStep::Median => scan_gray(&median3(img)),
-        LadderStep::Otsu => {
-            let t = otsu_threshold(img);
-            scan_bitmap(img.width(), img.height(), |x, y| img.get_pixel(x, y)[0] <= t)
-        }
-        LadderStep::AdaptiveMean => {
-            let black = adaptive_mean(img);
-            scan_bitmap(img.width(), img.height(), |x, y| black[index(img, x, y)])
-        }
-        LadderStep::Stretch => scan_gray(&stretch(img)),
+        LadderStep::Otsu => scan_otsu(img),
+        LadderStep::AdaptiveMean => scan_bitmap(img, &adaptive_mean(img)),
+        LadderStep::MedianOtsu => scan_otsu(&median3(img)),
         LadderStep::MedianAdaptive => {
             let filtered = median3(img);
-            let black = adaptive_mean(&filtered);
-            scan_bitmap(img.width(), img.height(), |x, y| black[index(img, x, y)])
+            scan_bitmap(&filtered, &adaptive_mean(&filtered))
         }
-        LadderStep::Upscale => scan_gray(&imageops::resize(
-            img,
-            img.width() * 2,
-            img.height() * 2,
-            imageops::FilterType::Triangle,
-        )),
+        LadderStep::Stretch => scan_gray(&stretch(img)),
+        LadderStep::Upscale => scan_gray(&upscale2(img)),
+        LadderStep::UpscaleOtsu => scan_otsu(&upscale2(img)),
     }
 }
 
@@ -353,18 +352,29 @@ fn sniff(bytes: &[u8]) -> Result<ImageFormat, FrameError> {
 
 /// Run `rqrr` with its own thresholding on a gray image.
 fn scan_gray(img: &GrayImage) -> Option<String> {
+    if img.width() == 0 || img.height() == 0 {
+        return None;
+    }
     guarded(|| pick_text(rqrr::PreparedImage::prepare(img.clone()).detect_grids()))
 }
 
-/// Run `rqrr` on an image we have already binarised (`true` = dark module).
-fn scan_bitmap(width: u32, height: u32, black: impl Fn(u32, u32) -> bool) -> Option<String> {
+/// Run `rqrr` on a binarised image: `black` holds one entry per pixel of `img`, row-major.
+fn scan_bitmap(img: &GrayImage, black: &[bool]) -> Option<String> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 || black.len() != w * h {
+        return None;
+    }
     guarded(|| {
         let mut prepared =
-            rqrr::PreparedImage::prepare_from_bitmap(width as usize, height as usize, |x, y| {
-                black(x as u32, y as u32)
-            });
+            rqrr::PreparedImage::prepare_from_bitmap(w, h, |x, y| black[y * w + x]);
         pick_text(prepared.detect_grids())
     })
+}
+
+fn scan_otsu(img: &GrayImage) -> Option<String> {
+    let t = otsu_threshold(img);
+    let black: Vec<bool> = img.as_raw().iter().map(|&v| v <= t).collect();
+    scan_bitmap(img, &black)
 }
 
 /// `rqrr` is known to panic on some degenerate capstone geometry (rqrr issue #54, an assertion
@@ -390,43 +400,113 @@ fn pick_text<G: rqrr::BitGrid>(grids: Vec<rqrr::Grid<G>>) -> Option<String> {
     first_other
 }
 
-fn index(img: &GrayImage, x: u32, y: u32) -> usize {
-    y as usize * img.width() as usize + x as usize
+/// Shrink by an integer factor `k` (the longer side becomes 800 to 1600 px), averaging each
+/// `k x k` block: a box filter cannot alias module edges, and it is far cheaper than resampling.
+fn downscale(img: &GrayImage) -> GrayImage {
+    let (w, h) = img.dimensions();
+    let k = (w.max(h) / DOWNSCALE_TO).max(2);
+    let (ow, oh) = (w / k, h / k);
+    let (w, k) = (w as usize, k as usize);
+    let area = (k * k) as u32;
+    let src = img.as_raw();
+    let mut out = GrayImage::new(ow, oh);
+    let dst: &mut [u8] = &mut out;
+    for (oy, dst_row) in dst.chunks_exact_mut(ow as usize).enumerate() {
+        for (ox, px) in dst_row.iter_mut().enumerate() {
+            let mut sum = 0u32;
+            for dy in 0..k {
+                let start = (oy * k + dy) * w + ox * k;
+                for &v in &src[start..start + k] {
+                    sum += u32::from(v);
+                }
+            }
+            *px = ((sum + area / 2) / area) as u8;
+        }
+    }
+    out
 }
 
-fn downscale(img: &GrayImage) -> GrayImage {
-    let side = img.width().max(img.height());
-    let scale = f64::from(DOWNSCALE_TO) / f64::from(side);
-    let w = ((f64::from(img.width()) * scale).round() as u32).max(1);
-    let h = ((f64::from(img.height()) * scale).round() as u32).max(1);
-    // Triangle (bilinear) averages enough to avoid aliasing at this ratio and is much cheaper
-    // than Lanczos.
-    imageops::resize(img, w, h, imageops::FilterType::Triangle)
+/// Enlarge 2x with bilinear interpolation (edge pixels repeat).
+fn upscale2(img: &GrayImage) -> GrayImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    let mut out = GrayImage::new(img.width() * 2, img.height() * 2);
+    let dst: &mut [u8] = &mut out;
+    let ow = 2 * w;
+    for y in 0..h {
+        let below = (y + 1).min(h - 1);
+        for x in 0..w {
+            let right = (x + 1).min(w - 1);
+            let a = u16::from(src[y * w + x]);
+            let b = u16::from(src[y * w + right]);
+            let c = u16::from(src[below * w + x]);
+            let d = u16::from(src[below * w + right]);
+            let top = 2 * y * ow + 2 * x;
+            dst[top] = a as u8;
+            dst[top + 1] = ((a + b + 1) / 2) as u8;
+            dst[top + ow] = ((a + c + 1) / 2) as u8;
+            dst[top + ow + 1] = ((a + b + c + d + 2) / 4) as u8;
+        }
+    }
+    out
 }
 
 /// 3x3 median with edges clamped.
 fn median3(img: &GrayImage) -> GrayImage {
-    let (w, h) = img.dimensions();
+    let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
-    let stride = w as usize;
-    let mut out = GrayImage::new(w, h);
-    let mut window = [0u8; 9];
+    let mut out = GrayImage::new(img.width(), img.height());
+    let dst: &mut [u8] = &mut out;
     for y in 0..h {
-        let rows = [y.saturating_sub(1), y, (y + 1).min(h - 1)].map(|r| r as usize * stride);
+        let rows = [y.saturating_sub(1), y, (y + 1).min(h - 1)].map(|r| r * w);
         for x in 0..w {
-            let cols = [x.saturating_sub(1), x, (x + 1).min(w - 1)].map(|c| c as usize);
-            let mut k = 0;
-            for row in rows {
-                for col in cols {
-                    window[k] = src[row + col];
-                    k += 1;
-                }
-            }
-            let (_, median, _) = window.select_nth_unstable(4);
-            out.put_pixel(x, y, image::Luma([*median]));
+            let (l, r) = (x.saturating_sub(1), (x + 1).min(w - 1));
+            dst[y * w + x] = median9([
+                src[rows[0] + l],
+                src[rows[0] + x],
+                src[rows[0] + r],
+                src[rows[1] + l],
+                src[rows[1] + x],
+                src[rows[1] + r],
+                src[rows[2] + l],
+                src[rows[2] + x],
+                src[rows[2] + r],
+            ]);
         }
     }
     out
+}
+
+/// The median of nine values with the 19-exchange network of Paeth (Graphics Gems, 1990): no
+/// sorting, no branches the compiler cannot turn into min/max.
+fn median9(mut p: [u8; 9]) -> u8 {
+    const NETWORK: [(usize, usize); 19] = [
+        (1, 2),
+        (4, 5),
+        (7, 8),
+        (0, 1),
+        (3, 4),
+        (6, 7),
+        (1, 2),
+        (4, 5),
+        (7, 8),
+        (0, 3),
+        (5, 8),
+        (4, 7),
+        (3, 6),
+        (1, 4),
+        (2, 5),
+        (4, 7),
+        (4, 2),
+        (6, 4),
+        (4, 2),
+    ];
+    for (a, b) in NETWORK {
+        let (lo, hi) = (p[a].min(p[b]), p[a].max(p[b]));
+        p[a] = lo;
+        p[b] = hi;
+    }
+    p[4]
 }
 
 fn histogram(img: &GrayImage) -> [u64; 256] {
@@ -523,10 +603,14 @@ fn stretch(img: &GrayImage) -> GrayImage {
     if hi <= lo {
         return out;
     }
-    let span = f32::from(hi - lo);
-    for p in out.pixels_mut() {
-        let v = f32::from(p[0].clamp(lo, hi) - lo) * 255.0 / span;
-        p[0] = v.round() as u8;
+    let span = u32::from(hi - lo);
+    let lut: [u8; 256] = std::array::from_fn(|v| {
+        let v = (v as u8).clamp(lo, hi) - lo;
+        ((u32::from(v) * 255 + span / 2) / span) as u8
+    });
+    let dst: &mut [u8] = &mut out;
+    for px in dst {
+        *px = lut[usize::from(*px)];
     }
     out
 }
@@ -759,8 +843,8 @@ mod tests {
         });
         let black = adaptive_mean(&img);
         for x in [5u32, 100, 195] {
-            assert!(black[index(&img, x, 50)], "bar at x={x}");
-            assert!(!black[index(&img, x, 10)], "background at x={x}");
+            assert!(black[(50 * 200 + x) as usize], "bar at x={x}");
+            assert!(!black[(10 * 200 + x) as usize], "background at x={x}");
         }
     }
 
@@ -772,6 +856,32 @@ mod tests {
         img.put_pixel(0, 0, image::Luma([255]));
         let out = median3(&img);
         assert!(out.pixels().all(|p| p[0] == 128));
+    }
+
+    #[test]
+    fn median9_is_the_median() {
+        // A fixed pseudo-random walk over many 9-value windows, against sorting.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..20_000 {
+            let window: [u8; 9] = std::array::from_fn(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 7) as u8 * 40 // few distinct values: exercises ties
+            });
+            let mut sorted = window;
+            sorted.sort_unstable();
+            assert_eq!(median9(window), sorted[4], "{window:?}");
+        }
+    }
+
+    #[test]
+    fn upscale_doubles_and_interpolates() {
+        let img = GrayImage::from_fn(3, 2, |x, _| image::Luma([(x * 100) as u8]));
+        let up = upscale2(&img);
+        assert_eq!(up.dimensions(), (6, 4));
+        let row: Vec<u8> = (0..6).map(|x| up.get_pixel(x, 0)[0]).collect();
+        assert_eq!(row, [0, 50, 100, 150, 200, 200]);
     }
 
     #[test]
@@ -787,8 +897,11 @@ mod tests {
     fn downscale_applies_only_to_large_frames() {
         assert!(!LadderStep::Downscale.applies_to(1000, 700));
         assert!(LadderStep::Downscale.applies_to(1920, 1080));
-        let small = downscale(&GrayImage::new(1920, 1080));
-        assert_eq!(small.dimensions(), (800, 450));
+        assert_eq!(downscale(&GrayImage::new(1920, 1080)).dimensions(), (960, 540));
+        assert_eq!(downscale(&GrayImage::new(4000, 3000)).dimensions(), (800, 600));
+        // Each output pixel is the rounded mean of its block.
+        let img = GrayImage::from_fn(2000, 4, |x, _| image::Luma([if x % 2 == 0 { 10 } else { 21 }]));
+        assert!(downscale(&img).pixels().all(|p| p[0] == 16));
     }
 
     #[test]

@@ -293,7 +293,8 @@ fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
         let text = match frame::read_frame_file(img).and_then(|b| frame::decode_frame(&b)) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("edge-node: {}: {e}", img.display());
+                let reason = e.to_string().replace(['\n', '\r'], " ");
+                eprintln!("edge-node: {}: {reason}", img.display());
                 failed += 1;
                 continue;
             }

@@ -11,7 +11,7 @@
 use std::f32::consts::PI;
 use std::io::Cursor;
 
-use image::{GrayImage, ImageFormat, Luma, imageops};
+use image::{DynamicImage, GrayImage, ImageFormat};
 use qrcode::bits::Bits;
 use qrcode::types::QrError;
 use qrcode::{Color, EcLevel, QrCode, Version};
@@ -184,25 +184,34 @@ fn render(text: &str, damage: Damage, seed: u64) -> Result<GrayImage, CorpusErro
     match damage {
         Damage::Clean | Damage::Rotate { .. } | Damage::Small { .. } => {}
         Damage::Jpeg { .. } | Damage::ByteMode => {}
-        Damage::Blur { sigma } => img = imageops::blur(&img, sigma),
+        Damage::Blur { sigma } => img = blur(img, sigma),
         Damage::Noise { sigma } => add_noise(&mut img, sigma, &mut rng),
         Damage::SaltPepper { fraction } => {
-            for p in img.pixels_mut() {
-                if rng.gen_bool(f64::from(fraction)) {
-                    p[0] = if rng.gen_bool(0.5) { 0 } else { 255 };
+            // One random u16 per pixel: below `cut` it becomes dust, its low bit picks the colour.
+            let cut = (fraction.clamp(0.0, 1.0) * 65536.0) as u32;
+            let mut draws = vec![0u8; img.len() * 2];
+            rng.fill(&mut draws[..]);
+            let pixels: &mut [u8] = &mut img;
+            for (px, d) in pixels.iter_mut().zip(draws.chunks_exact(2)) {
+                let r = u32::from(u16::from_le_bytes([d[0], d[1]]));
+                if r < cut {
+                    *px = if r & 1 == 0 { 0 } else { 255 };
                 }
             }
         }
-        Damage::Rotate90 => img = imageops::rotate90(&img),
+        Damage::Rotate90 => img = DynamicImage::ImageLuma8(img).rotate90().into_luma8(),
         Damage::Dim { low, high } => {
             let span = f32::from(high.saturating_sub(low));
-            for p in img.pixels_mut() {
-                p[0] = low + (f32::from(p[0]) * span / 255.0).round() as u8;
+            let lut: [u8; 256] =
+                std::array::from_fn(|v| low + (v as f32 * span / 255.0).round() as u8);
+            let pixels: &mut [u8] = &mut img;
+            for px in pixels {
+                *px = lut[usize::from(*px)];
             }
             add_noise(&mut img, 2.0, &mut rng);
         }
         Damage::Hd => {
-            img = imageops::blur(&img, 1.0);
+            img = blur(img, 1.0);
             add_noise(&mut img, 4.0, &mut rng);
         }
     }
@@ -290,30 +299,51 @@ impl Scene {
         let reach = (self.modules + 2 * QUIET) as f32 * self.module_px * std::f32::consts::SQRT_2
             / 2.0
             + 2.0;
-        GrayImage::from_fn(self.size.0, self.size.1, |x, y| {
-            let (fx, fy) = (x as f32, y as f32);
-            let near = (fx - self.center.0).abs() < reach && (fy - self.center.1).abs() < reach;
-            let v = if near {
-                [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
-                    .iter()
-                    .map(|(ox, oy)| self.sample(fx + ox, fy + oy))
-                    .sum::<f32>()
-                    / 4.0
-            } else {
-                self.base + self.gx * fx + self.gy * fy
-            };
-            Luma([v.round().clamp(0.0, 255.0) as u8])
-        })
+        let mut img = GrayImage::new(self.size.0, self.size.1);
+        let width = self.size.0 as usize;
+        let pixels: &mut [u8] = &mut img;
+        for (y, row) in pixels.chunks_exact_mut(width).enumerate() {
+            let fy = y as f32;
+            let near_row = (fy - self.center.1).abs() < reach;
+            for (x, px) in row.iter_mut().enumerate() {
+                let fx = x as f32;
+                let v = if near_row && (fx - self.center.0).abs() < reach {
+                    (self.sample(fx + 0.25, fy + 0.25)
+                        + self.sample(fx + 0.75, fy + 0.25)
+                        + self.sample(fx + 0.25, fy + 0.75)
+                        + self.sample(fx + 0.75, fy + 0.75))
+                        / 4.0
+                } else {
+                    self.base + self.gx * fx + self.gy * fy
+                };
+                *px = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        img
     }
 }
 
-/// Additive Gaussian noise (Box-Muller), clamped to 0..=255.
+/// Gaussian blur. Through `DynamicImage` because its methods are compiled (optimised) inside
+/// `image`, while the generic `imageops::blur` would be compiled unoptimised in this crate.
+fn blur(img: GrayImage, sigma: f32) -> GrayImage {
+    DynamicImage::ImageLuma8(img).blur(sigma).into_luma8()
+}
+
+/// Additive, approximately Gaussian noise with standard deviation `sigma`, clamped to 0..=255.
+///
+/// Each pixel's noise is the sum of four random bytes, centred and scaled (Irwin-Hall: within a
+/// few percent of a Gaussian, and cheap enough for whole frames in an unoptimised test build).
 fn add_noise(img: &mut GrayImage, sigma: f32, rng: &mut ChaCha8Rng) {
-    for p in img.pixels_mut() {
-        let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
-        let u2: f32 = rng.r#gen();
-        let n = (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos();
-        p[0] = (f32::from(p[0]) + n * sigma).round().clamp(0.0, 255.0) as u8;
+    // Four uniform bytes have variance 4 * (256^2 - 1) / 12.
+    let std_of_sum = (4.0f32 * (65536.0 - 1.0) / 12.0).sqrt();
+    let offset: [i16; 1021] =
+        std::array::from_fn(|sum| ((sum as f32 - 510.0) / std_of_sum * sigma).round() as i16);
+    let mut draws = vec![0u8; img.len() * 4];
+    rng.fill(&mut draws[..]);
+    let pixels: &mut [u8] = img;
+    for (px, d) in pixels.iter_mut().zip(draws.chunks_exact(4)) {
+        let sum = usize::from(d[0]) + usize::from(d[1]) + usize::from(d[2]) + usize::from(d[3]);
+        *px = (i16::from(*px) + offset[sum]).clamp(0, 255) as u8;
     }
 }
 

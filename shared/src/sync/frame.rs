@@ -495,6 +495,28 @@ mod tests {
     }
 
     #[test]
+    fn wire_layout_matches_the_protocol_doc() {
+        assert_eq!(
+            Frame::Done { received: 3 }.encode().unwrap(),
+            vec![0, 0, 0, 2, 4, 3]
+        );
+        let refused = Frame::Refused(Refusal::new(RefuseReason::Internal, "x"));
+        assert_eq!(refused.encode().unwrap(), vec![0, 0, 0, 4, 2, 9, 1, b'x']);
+        let sync = Frame::Sync {
+            partition: PartitionId {
+                facility: FacilityId::parse("f").unwrap(),
+                day: Day(300),
+            },
+            message: vec![0x42],
+        };
+        // index 3, "f", day 300 as a varint (0xac 0x02), one message byte.
+        assert_eq!(
+            sync.encode().unwrap(),
+            vec![0, 0, 0, 7, 3, 1, b'f', 0xac, 0x02, 1, 0x42]
+        );
+    }
+
+    #[test]
     fn pushing_without_popping_is_refused() {
         let bytes = Frame::Done { received: 1 }.encode().unwrap();
         let mut dec = FrameDecoder::new();

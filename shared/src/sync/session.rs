@@ -266,7 +266,7 @@ pub struct WireStats {
     pub syncs_sent: u64,
     /// `Sync` frames handled from the peer.
     pub syncs_received: u64,
-    /// Partitions that exchanged at least one sync message.
+    /// Partitions whose heads differed, so that automerge sync ran for them.
     pub partitions_synced: u64,
 }
 
@@ -951,6 +951,10 @@ impl Session {
     fn finish(&mut self) {
         if let Some(peer) = self.peer.clone() {
             for (id, sync) in &self.partitions {
+                // A state that never learned anything shared is not worth a write.
+                if sync.loaded.is_none() && sync.state.shared_heads.is_empty() {
+                    continue;
+                }
                 let state = sync.state.encode();
                 if sync.loaded.as_deref() != Some(state.as_slice()) {
                     self.events.push_back(Event::SyncStateChanged {
