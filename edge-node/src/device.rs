@@ -170,6 +170,7 @@ const K_ENDPOINT_KEY: &str = "endpoint_key";
 const K_SKEW: &str = "skew";
 const K_LAST_SYNC: &str = "last_sync";
 const K_CLOCK_OFFSET: &str = "clock_offset";
+const K_ROSTER: &str = "roster";
 
 fn store_path(dir: &Path) -> PathBuf {
     dir.join("edge.redb")
@@ -508,6 +509,128 @@ impl Device {
             self.sessions.insert(day, s);
         }
         Ok(record_id)
+    }
+
+    /// Days for which this device holds a partition, live at `now`.
+    pub fn live_days(&self, now: UnixSeconds) -> Result<Vec<Day>, DeviceError> {
+        let h = horizon(now);
+        let mut days: Vec<Day> = self
+            .store
+            .days()?
+            .into_iter()
+            .map(|(d, _, _)| d)
+            .filter(|d| *d >= h)
+            .collect();
+        days.extend(self.partitions.keys().copied().filter(|d| *d >= h));
+        days.sort_unstable();
+        days.dedup();
+        Ok(days)
+    }
+
+    /// Loads every live partition into memory (sync summaries need them).
+    pub fn preload(&mut self, now: UnixSeconds) -> Result<(), DeviceError> {
+        for day in self.live_days(now)? {
+            self.partition(day)?;
+        }
+        Ok(())
+    }
+
+    /// The live partitions already in memory (see [`Device::preload`]).
+    pub fn loaded_partitions(&self, now: UnixSeconds) -> Result<Vec<&Partition>, DeviceError> {
+        let h = horizon(now);
+        Ok(self
+            .partitions
+            .iter()
+            .filter(|(d, _)| **d >= h)
+            .map(|(_, (p, _))| p)
+            .collect())
+    }
+
+    /// Whether the device holds (on disk or in memory) a partition of `day`.
+    pub fn has_partition(&self, day: Day) -> Result<bool, DeviceError> {
+        Ok(self.partitions.contains_key(&day)
+            || self.store.days()?.iter().any(|(d, _, _)| *d == day))
+    }
+
+    /// Makes what a sync merged into the partition of `day` durable: one chunk, one
+    /// transaction, like a check-in.
+    pub fn persist_partition(&mut self, day: Day, new_records: u64) -> Result<(), DeviceError> {
+        let (partition, chunks) = load_partition(
+            &mut self.partitions,
+            &self.store,
+            &self.actor,
+            &self.enrollment.facility.id,
+            day,
+        )?;
+        let chunk = partition.save_incremental();
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let result = self.store.commit_check_in(&CheckInWrite {
+            day,
+            chunk: &chunk,
+            seen: None,
+            new_records,
+            prune_before: 0,
+        });
+        if let Err(e) = result {
+            self.partitions.remove(&day);
+            return Err(e.into());
+        }
+        *chunks += 1;
+        Ok(())
+    }
+
+    /// After a completed hub session: the hub holds every record of every live partition.
+    pub fn mark_synced_with_hub(
+        &mut self,
+        now: UnixSeconds,
+        hub_clock_offset: Option<i64>,
+    ) -> Result<(), DeviceError> {
+        for day in self.live_days(now)? {
+            let n = self.partition(day)?.record_count() as u64;
+            self.store.set_synced(day, n)?;
+        }
+        let mut entries: Vec<(&str, Vec<u8>)> = vec![(K_LAST_SYNC, json(&now))];
+        if let Some(off) = hub_clock_offset {
+            entries.push((K_CLOCK_OFFSET, json(&off)));
+        }
+        let refs: Vec<(&str, &[u8])> = entries.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        self.store.put(&refs)?;
+        Ok(())
+    }
+
+    /// The hub has bound this device: the ticket's credential is spent.
+    pub fn forget_credential(&self) -> Result<(), DeviceError> {
+        Ok(self.store.remove(K_CREDENTIAL)?)
+    }
+
+    /// Applies the hub's refresh: newer day keys, the current keyring, the sibling roster.
+    pub fn apply_refresh(&mut self, refresh: &shared::ticket::Refresh) -> Result<(), DeviceError> {
+        let mut keys: BTreeMap<Day, DayPublicKey> =
+            self.day_keys.iter().map(|k| (k.day, k.clone())).collect();
+        for k in &refresh.day_keys {
+            keys.insert(k.day, k.clone());
+        }
+        let keys: Vec<DayPublicKey> = keys.into_values().collect();
+        let keyring = serde_json::to_vec(&refresh.keyring).unwrap_or_default();
+        self.store.put(&[
+            (K_DAY_KEYS, &json(&keys)),
+            (K_KEYRING, &keyring),
+            (K_ROSTER, &json(&refresh.roster)),
+        ])?;
+        self.day_keys = keys;
+        self.keyring = refresh.keyring.clone();
+        Ok(())
+    }
+
+    /// The facility's other devices, as the hub last listed them.
+    pub fn roster(&self) -> Result<Vec<shared::ticket::Sibling>, DeviceError> {
+        Ok(self
+            .store
+            .get(K_ROSTER)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default())
     }
 
     /// The device's figures.

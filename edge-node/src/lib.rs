@@ -4,6 +4,9 @@
 //! redb store ([`store`]), the check-in path ([`device`]) and the clock ([`clock`]).
 
 pub mod clock;
+pub mod daemon;
 pub mod device;
 pub mod frame;
+pub mod net;
+pub mod replica;
 pub mod store;

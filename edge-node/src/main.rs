@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use edge_node::device::Device;
-use edge_node::{clock, frame};
+use edge_node::{clock, daemon, frame, net};
 use serde_json::json;
 use shared::paper::PaperEntry;
 use shared::token::{Keyring, Verdict, verify};
@@ -71,6 +71,30 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// One sync with the hub and any reachable sibling devices, then exit.
+    Sync {
+        /// Required: run one round and exit (`run` keeps syncing in the background).
+        #[arg(long, required = true)]
+        once: bool,
+        /// A sibling device to try too: ENDPOINT_ID@IP:PORT (repeatable).
+        #[arg(long)]
+        peer: Vec<String>,
+        /// The local UDP address to sync from.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: std::net::SocketAddr,
+        /// Print JSON, one object per session.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the device: background sync with the hub and siblings, retention.
+    Run {
+        /// The UDP address siblings reach this device on.
+        #[arg(long, default_value = "0.0.0.0:7450")]
+        listen: std::net::SocketAddr,
+        /// A sibling device to sync with: ENDPOINT_ID@IP:PORT (repeatable).
+        #[arg(long)]
+        peer: Vec<String>,
     },
     /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
     Purge {
@@ -267,6 +291,70 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Sync {
+            once: _,
+            peer,
+            listen,
+            json,
+        } => {
+            let peers = peer
+                .iter()
+                .map(|p| net::parse_peer(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let device = Device::open(&data)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let reports = rt.block_on(async {
+                let device = std::sync::Arc::new(std::sync::Mutex::new(device));
+                let endpoint = net::bind(&device, listen).await?;
+                let reports = daemon::sync_round(&endpoint, &device, &peers).await;
+                endpoint.close().await;
+                reports
+            })?;
+            for r in &reports {
+                if json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    match &r.error {
+                        None => println!(
+                            "{}: ok, {} records in, {} bytes sent, {} bytes received",
+                            r.peer, r.records_received, r.socket_bytes_sent, r.socket_bytes_received
+                        ),
+                        Some(e) => println!("{}: not synced: {e}", r.peer),
+                    }
+                }
+            }
+            if reports.first().is_some_and(|r| r.ok) {
+                Ok(0)
+            } else {
+                let why = reports
+                    .first()
+                    .and_then(|r| r.error.clone())
+                    .unwrap_or_else(|| "no session".into());
+                eprintln!("edge-node: the hub was not reached: {}", why.replace('\n', " "));
+                Ok(3)
+            }
+        }
+        Command::Run { listen, peer } => {
+            let peers = peer
+                .iter()
+                .map(|p| net::parse_peer(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let device = Device::open(&data)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+                daemon::run(device, listen, peers, wake, shutdown_signal()).await
+            })?;
+            Ok(0)
+        }
         Command::Purge { as_of, json } => {
             let mut dev = Device::open(&data)?;
             let r = dev.purge(now, as_of)?;
@@ -283,6 +371,28 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

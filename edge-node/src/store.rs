@@ -19,6 +19,10 @@ pub const SEEN: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen-1")
 /// `counts-1`: day -> (records stored, records the hub is known to have).
 pub const COUNTS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("counts-1");
 
+/// `sync-states-1`: (peer key, day) -> encoded automerge `sync::State` for that peer and
+/// partition, so the next session with the same peer sends only what is new.
+pub const SYNC_STATES: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("sync-states-1");
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,6 +95,7 @@ impl Store {
         txn.open_table(CHUNKS)?;
         txn.open_table(SEEN)?;
         txn.open_table(COUNTS)?;
+        txn.open_table(SYNC_STATES)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -226,6 +231,21 @@ impl Store {
         Ok(())
     }
 
+    /// The sync state stored for (`peer`, `day`).
+    pub fn sync_state(&self, peer: &str, day: Day) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SYNC_STATES)?;
+        Ok(t.get((peer, day.0))?.map(|v| v.value().to_vec()))
+    }
+
+    /// Stores the sync state for (`peer`, `day`).
+    pub fn put_sync_state(&self, peer: &str, day: Day, state: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SYNC_STATES)?.insert((peer, day.0), state)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Drops whole partitions, then compacts the file so their pages are rewritten.
     ///
     /// Dropped envelopes may survive in free pages until reused; they are sealed to day keys
@@ -238,10 +258,12 @@ impl Store {
         {
             let mut t = txn.open_table(CHUNKS)?;
             let mut counts = txn.open_table(COUNTS)?;
+            let mut states = txn.open_table(SYNC_STATES)?;
             for d in days {
                 t.retain_in((d.0, 0)..=(d.0, u64::MAX), |_, _| false)?;
                 counts.remove(d.0)?;
             }
+            states.retain(|(_, day), _| !days.contains(&Day(day)))?;
         }
         txn.commit()?;
         // Compaction is best effort: it fails while a read transaction is open.

@@ -21,6 +21,8 @@ use zeroize::Zeroizing;
 const RATCHET_CONTEXT: &str = "kipass day-key ratchet v1";
 /// Domain separation for a day's X25519 secret scalar, derived from that day's seed.
 const SECRET_CONTEXT: &str = "kipass day-key secret v1";
+/// Domain separation for a day's index key (the hub's trace index), derived from that day's seed.
+const INDEX_CONTEXT: &str = "kipass day-index v1";
 /// Domain separation for the shortcut taken by a jump longer than [`MAX_DAYS_AHEAD`].
 const SKIP_CONTEXT: &str = "kipass day-key ratchet skip v1";
 
@@ -171,6 +173,18 @@ impl DayKeyRatchet {
     pub fn secret(&self, day: Day) -> Option<DaySecret> {
         let seed = self.seed_for(day)?;
         Some(secret_from_seed(day, &seed))
+    }
+
+    /// The symmetric key under which the hub indexes `day`'s visits for traces, under the same
+    /// conditions as [`Self::secret`].
+    ///
+    /// It comes from the same per-day seed as the day secret through its own derivation
+    /// context, so it is independent of the age key yet destroyed by the same
+    /// [`Self::advance`]: once a day expires, its index entries can no longer be linked to a
+    /// token or read.
+    pub fn index_key(&self, day: Day) -> Option<Zeroizing<[u8; 32]>> {
+        let seed = self.seed_for(day)?;
+        Some(Zeroizing::new(blake3::derive_key(INDEX_CONTEXT, seed.as_ref())))
     }
 
     /// The public key of `day`, under the same conditions as [`Self::secret`].
@@ -324,6 +338,24 @@ mod tests {
         let scalar1 = blake3::derive_key(SECRET_CONTEXT, &seed1);
         let expected = identity_from_bytes(&scalar1).to_public().to_string();
         assert_eq!(r.public(Day(11)).expect("live").recipient, expected);
+    }
+
+    #[test]
+    fn index_keys_follow_the_seed_and_die_with_it() {
+        let mut r = ratchet(100);
+        let k101 = r.index_key(Day(101)).expect("live day");
+        // Its own context: neither the seed, nor the age scalar, nor another day's key.
+        let seed1 = blake3::derive_key(RATCHET_CONTEXT, r.seed.as_ref());
+        assert_eq!(*k101, blake3::derive_key(INDEX_CONTEXT, &seed1));
+        assert_ne!(*k101, blake3::derive_key(SECRET_CONTEXT, &seed1));
+        assert_ne!(k101, r.index_key(Day(102)).expect("live day"));
+        assert!(r.index_key(Day(99)).is_none());
+        assert!(r.index_key(Day(100 + MAX_DAYS_AHEAD)).is_some());
+        assert!(r.index_key(Day(101 + MAX_DAYS_AHEAD)).is_none());
+        // Advancing keeps later keys and destroys earlier ones.
+        r.advance(Day(101));
+        assert!(r.index_key(Day(100)).is_none());
+        assert_eq!(r.index_key(Day(101)), Some(k101));
     }
 
     #[test]

@@ -212,3 +212,50 @@ impl EnrollmentTicket {
         self.day_keys.iter().find(|k| k.day == day)
     }
 }
+
+/// A sibling device of the same facility, as the hub's roster lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sibling {
+    /// Its device id.
+    pub device_id: DeviceId,
+    /// Where it stands.
+    pub name: String,
+    /// Its iroh endpoint id (hex).
+    pub endpoint_id: String,
+    /// Where the hub last saw it connect from (it may listen there too).
+    pub addrs: Vec<String>,
+}
+
+/// What the hub hands a device on every sync (the opaque `refresh` of the welcome): fresh
+/// day public keys, the current issuer keyring, and the facility's other devices.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refresh {
+    /// Day public keys from today on.
+    pub day_keys: Vec<DayPublicKey>,
+    /// Trusted issuer keys (removing a key revokes it).
+    pub keyring: Keyring,
+    /// The facility's other enrolled, non-revoked devices.
+    pub roster: Vec<Sibling>,
+}
+
+/// The most bytes a refresh may take.
+pub const MAX_REFRESH_BYTES: usize = 256 * 1024;
+
+impl Refresh {
+    /// Encodes for the welcome frame.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a welcome's refresh; refuses oversized or malformed ones and unusable keys.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, TicketError> {
+        if b.len() > MAX_REFRESH_BYTES {
+            return Err(TicketError::TooLarge(b.len()));
+        }
+        let r: Refresh = serde_json::from_slice(b).map_err(|e| TicketError::Format(e.to_string()))?;
+        if r.day_keys.iter().any(|k| k.to_recipient().is_err()) {
+            return Err(TicketError::Invalid("a refreshed day key is not an age recipient".into()));
+        }
+        Ok(r)
+    }
+}

@@ -307,6 +307,7 @@ impl Hub {
             revoked: false,
             last_sync: None,
             clock_offset: None,
+            addrs: Vec::new(),
         };
         let ticket = EnrollmentTicket {
             kind: TICKET_KIND.to_owned(),

@@ -6,7 +6,9 @@
 
 pub mod admin;
 pub mod clock;
+pub mod daemon;
 pub mod keys;
+pub mod ledger;
 pub mod store;
 
 pub use admin::{Hub, HubConfig, HubError};

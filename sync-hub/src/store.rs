@@ -86,6 +86,9 @@ pub struct DeviceRecord {
     pub last_sync: Option<UnixSeconds>,
     /// The device clock's offset from the hub's at the last sync (device minus hub), seconds.
     pub clock_offset: Option<i64>,
+    /// Where the device last connected from (its siblings may reach it there).
+    #[serde(default)]
+    pub addrs: Vec<String>,
 }
 
 /// The hub's store.

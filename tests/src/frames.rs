@@ -18,7 +18,8 @@ use qrcode::{Color, EcLevel, QrCode, Version};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// The RFC 9285 base45 alphabet: what follows `KP1:` in a token.
+/// The RFC 9285 base45 alphabet, what follows `KP1:` in a token: exactly the 45 characters of
+/// the QR alphanumeric mode.
 pub const BASE45_ALPHABET: &[u8; 45] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:";
 
 /// The length of a KP1 text (`KP1:` + base45 of 93 bytes).
@@ -34,8 +35,14 @@ const QUIET: u32 = 4;
 /// What went wrong generating a corpus frame.
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
-    #[error("text cannot be encoded as this QR code: {0}; use the base45 alphabet and <= 144 chars")]
+    #[error(
+        "text cannot be encoded as this QR code: {0}; use the base45 alphabet and <= 144 chars"
+    )]
     Qr(#[from] QrError),
+    #[error(
+        "text has a character outside the QR alphanumeric set (0-9 A-Z space $%*+-./:); use byte mode"
+    )]
+    NotAlphanumeric,
     #[error("image encoding failed: {0}; this is a bug in the corpus generator")]
     Image(#[from] image::ImageError),
 }
@@ -101,6 +108,11 @@ pub fn kp1_like_text(seed: u64) -> String {
 
 /// Encode `text` in alphanumeric mode at version 6, level M (the spec's form).
 pub fn alphanumeric_code(text: &str) -> Result<QrCode, CorpusError> {
+    // qrcode does not check: it would encode other bytes as wrong alphanumeric values, and the
+    // corpus would then blame the decoder for reading a different text.
+    if !text.bytes().all(|b| BASE45_ALPHABET.contains(&b)) {
+        return Err(CorpusError::NotAlphanumeric);
+    }
     let mut bits = Bits::new(Version::Normal(6));
     bits.push_alphanumeric_data(text.as_bytes())?;
     bits.push_terminator(EcLevel::M)?;
@@ -176,7 +188,10 @@ fn render(text: &str, damage: Damage, seed: u64) -> Result<GrayImage, CorpusErro
         _ => rng.gen_range(0.4..0.6),
     };
     let angle = match damage {
-        Damage::Rotate { max_degrees } => rng.gen_range(-max_degrees..=max_degrees) * PI / 180.0,
+        Damage::Rotate { max_degrees } => {
+            let max = max_degrees.abs();
+            rng.gen_range(-max..=max) * PI / 180.0
+        }
         _ => 0.0,
     };
     let scene = Scene::new(&code, (width, height), fraction, angle, &mut rng);
@@ -363,9 +378,18 @@ mod tests {
     #[test]
     fn alphanumeric_is_version_6_and_byte_mode_is_larger() {
         let text = kp1_like_text(1);
-        assert_eq!(alphanumeric_code(&text).expect("fits").version(), Version::Normal(6));
-        assert_eq!(byte_mode_code(&text).expect("fits").version(), Version::Normal(8));
-        assert!(alphanumeric_code("kp1:lower case").is_err());
+        assert_eq!(
+            alphanumeric_code(&text).expect("fits").version(),
+            Version::Normal(6)
+        );
+        assert_eq!(
+            byte_mode_code(&text).expect("fits").version(),
+            Version::Normal(8)
+        );
+        assert!(matches!(
+            alphanumeric_code("kp1:lower case"),
+            Err(CorpusError::NotAlphanumeric)
+        ));
     }
 
     #[test]

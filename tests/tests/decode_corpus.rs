@@ -8,6 +8,8 @@
 //! every rung alone on every frame, which is how the ladder's order was chosen.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_node::frame::{LadderStep, decode_frame_stats, decode_step};
@@ -41,23 +43,25 @@ struct Sample {
     luma: image::GrayImage,
 }
 
+fn sample(kind_index: usize, damage: Damage, i: u64) -> Sample {
+    // Seeds are stable per (kind position, frame) so a failure names a reproducible frame.
+    let seed = kind_index as u64 * 1000 + i;
+    let text = kp1_like_text(seed);
+    let bytes = frame_file(&text, damage, seed).expect("corpus texts are encodable");
+    let luma = image::load_from_memory(&bytes)
+        .expect("the corpus writes valid PNG and JPEG")
+        .into_luma8();
+    Sample {
+        seed,
+        text,
+        bytes,
+        luma,
+    }
+}
+
 fn samples(kind_index: usize, damage: Damage) -> Vec<Sample> {
     (0..FRAMES_PER_KIND)
-        .map(|i| {
-            // Seeds are stable per (kind position, frame) so a failure names a reproducible frame.
-            let seed = kind_index as u64 * 1000 + i;
-            let text = kp1_like_text(seed);
-            let bytes = frame_file(&text, damage, seed).expect("corpus texts are encodable");
-            let luma = image::load_from_memory(&bytes)
-                .expect("the corpus writes valid PNG and JPEG")
-                .into_luma8();
-            Sample {
-                seed,
-                text,
-                bytes,
-                luma,
-            }
-        })
+        .map(|i| sample(kind_index, damage, i))
         .collect()
 }
 
@@ -65,126 +69,217 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Run `f` over `0..n` on all cores; results come back in index order, so output stays stable.
+fn parallel<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let workers = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(BTreeMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let out = f(i);
+                    results
+                        .lock()
+                        .expect("no worker panics while holding the lock")
+                        .insert(i, out);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("no worker panicked")
+        .into_values()
+        .collect()
+}
+
+/// One table row and the problems found, for one damage kind.
+fn measure_kind(kind_index: usize, damage: Damage, required: Option<u32>) -> (String, Vec<String>) {
+    let name = damage.name();
+    let mut problems = Vec::new();
+    let (mut plain_ok, mut ladder_ok) = (0u32, 0u32);
+    let mut rescued: BTreeMap<LadderStep, u32> = BTreeMap::new();
+    let mut ladder_time = Duration::ZERO;
+    for i in 0..FRAMES_PER_KIND {
+        let sample = sample(kind_index, damage, i);
+        let plain = decode_step(&sample.luma, LadderStep::Plain);
+        let start = Instant::now();
+        let stats = match decode_frame_stats(&sample.bytes) {
+            Ok(stats) => stats,
+            Err(e) => {
+                problems.push(format!("{name} seed {}: frame refused: {e}", sample.seed));
+                continue;
+            }
+        };
+        ladder_time += start.elapsed();
+        for (who, got) in [("plain", &plain), ("ladder", &stats.text)] {
+            if let Some(got) = got
+                && *got != sample.text
+            {
+                problems.push(format!(
+                    "{name} seed {}: {who} decoded a different text: {got:?}",
+                    sample.seed
+                ));
+            }
+        }
+        if plain.is_some() {
+            plain_ok += 1;
+            if stats.text.is_none() {
+                problems.push(format!(
+                    "{name} seed {}: plain rqrr read it, the ladder did not",
+                    sample.seed
+                ));
+            }
+        }
+        if stats.text.is_some() {
+            ladder_ok += 1;
+        }
+        if let Some(step) = stats.step.filter(|s| *s != LadderStep::Plain) {
+            *rescued.entry(step).or_default() += 1;
+        }
+    }
+    let rate = f64::from(ladder_ok) * 100.0 / FRAMES_PER_KIND as f64;
+    let rescued = if rescued.is_empty() {
+        "-".to_string()
+    } else {
+        rescued
+            .iter()
+            .map(|(step, n)| format!("{} {n}", step.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let row = format!(
+        "| {name} | {FRAMES_PER_KIND} | {plain_ok} | {ladder_ok} | {rate:.0}%{} | {rescued} | {:.1} |",
+        if required.is_some() {
+            ""
+        } else {
+            " (reported only)"
+        },
+        ms(ladder_time) / FRAMES_PER_KIND as f64,
+    );
+    if let Some(required) = required
+        && rate < f64::from(required)
+    {
+        problems.push(format!(
+            "{name}: the ladder read {rate:.0}% of frames, below the required {required}%"
+        ));
+    }
+    (row, problems)
+}
+
 #[test]
 fn corpus_decode_rates() {
-    let mut problems = Vec::new();
+    let start = Instant::now();
+    let results = parallel(KINDS.len(), |k| {
+        let (damage, required) = KINDS[k];
+        measure_kind(k, damage, required)
+    });
     println!(
         "| damage | frames | plain rqrr | ladder | ladder rate | rescued by | ladder ms/frame |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (kind_index, &(damage, required)) in KINDS.iter().enumerate() {
-        let name = damage.name();
-        let (mut plain_ok, mut ladder_ok) = (0u32, 0u32);
-        let mut rescued: BTreeMap<LadderStep, u32> = BTreeMap::new();
-        let mut ladder_time = Duration::ZERO;
-        for sample in samples(kind_index, damage) {
-            let plain = decode_step(&sample.luma, LadderStep::Plain);
-            let start = Instant::now();
-            let stats = match decode_frame_stats(&sample.bytes) {
-                Ok(stats) => stats,
-                Err(e) => {
-                    problems.push(format!("{name} seed {}: frame refused: {e}", sample.seed));
-                    continue;
-                }
-            };
-            ladder_time += start.elapsed();
-            for (who, got) in [("plain", &plain), ("ladder", &stats.text)] {
-                if let Some(got) = got {
-                    if *got != sample.text {
-                        problems.push(format!(
-                            "{name} seed {}: {who} decoded a different text: {got:?}",
-                            sample.seed
-                        ));
-                    }
-                }
-            }
-            if plain.is_some() {
-                plain_ok += 1;
-                if stats.text.is_none() {
-                    problems.push(format!(
-                        "{name} seed {}: plain rqrr read it, the ladder did not",
-                        sample.seed
-                    ));
-                }
-            }
-            if stats.text.is_some() {
-                ladder_ok += 1;
-            }
-            if let Some(step) = stats.step.filter(|s| *s != LadderStep::Plain) {
-                *rescued.entry(step).or_default() += 1;
-            }
-        }
-        let rate = f64::from(ladder_ok) * 100.0 / FRAMES_PER_KIND as f64;
-        let rescued = if rescued.is_empty() {
-            "-".to_string()
-        } else {
-            rescued
-                .iter()
-                .map(|(step, n)| format!("{} {n}", step.name()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        println!(
-            "| {name} | {FRAMES_PER_KIND} | {plain_ok} | {ladder_ok} | {rate:.0}%{} | {rescued} | {:.1} |",
-            if required.is_some() { "" } else { " (reported only)" },
-            ms(ladder_time) / FRAMES_PER_KIND as f64,
-        );
-        if let Some(required) = required {
-            if rate < f64::from(required) {
-                problems.push(format!(
-                    "{name}: the ladder read {rate:.0}% of frames, below the required {required}%"
-                ));
-            }
-        }
+    let mut problems = Vec::new();
+    for (row, kind_problems) in results {
+        println!("{row}");
+        problems.extend(kind_problems);
     }
+    println!(
+        "({:.1} s in all, frame generation included)",
+        start.elapsed().as_secs_f64()
+    );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// Every rung alone on every frame: how many frames each reads, and what it costs. Run with
+/// Every rung alone on every frame: how many frames each reads and what it costs, then the order
+/// a greedy choice would give the rungs after `plain` (most frames rescued per millisecond first),
+/// over the camera-sized (VGA) frames. Run with
 /// `cargo test -p tests --test decode_corpus -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement for ordering the ladder, not a guard"]
 fn ladder_step_matrix() {
-    let mut header = String::from("| damage |");
-    for step in LadderStep::LADDER {
-        header.push_str(&format!(" {} |", step.name()));
-    }
-    println!("{header}");
-    println!("|---|{}", "---|".repeat(LadderStep::LADDER.len()));
-    let mut totals: BTreeMap<LadderStep, (u32, Duration, u32)> = BTreeMap::new();
+    let steps = LadderStep::ALL;
+    println!(
+        "| damage |{}",
+        steps.map(|s| format!(" {} |", s.name())).concat()
+    );
+    println!("|---|{}", "---|".repeat(steps.len()));
+    // For every VGA frame, the set of rungs that read it; per rung, time spent and frames tried.
+    let mut decoded_by: Vec<Vec<LadderStep>> = Vec::new();
+    let mut cost: BTreeMap<LadderStep, (Duration, u32)> = BTreeMap::new();
     for (kind_index, &(damage, _)) in KINDS.iter().enumerate() {
         let frames = samples(kind_index, damage);
         let mut row = format!("| {} |", damage.name());
-        for step in LadderStep::LADDER {
-            let mut ok = 0u32;
-            let mut ran = 0u32;
-            let start = Instant::now();
-            for sample in &frames {
+        let mut per_frame = vec![Vec::new(); frames.len()];
+        for step in steps {
+            let (mut ok, mut ran, mut spent) = (0u32, 0u32, Duration::ZERO);
+            for (i, sample) in frames.iter().enumerate() {
                 if !step.applies_to(sample.luma.width(), sample.luma.height()) {
                     continue;
                 }
                 ran += 1;
-                if decode_step(&sample.luma, step).as_deref() == Some(sample.text.as_str()) {
+                let start = Instant::now();
+                let got = decode_step(&sample.luma, step);
+                spent += start.elapsed();
+                if got.as_deref() == Some(sample.text.as_str()) {
                     ok += 1;
+                    per_frame[i].push(step);
                 }
             }
-            let elapsed = start.elapsed();
-            let total = totals.entry(step).or_default();
-            total.0 += ok;
-            total.1 += elapsed;
-            total.2 += ran;
             if ran == 0 {
                 row.push_str(" n/a |");
             } else {
-                row.push_str(&format!(" {ok}/{ran} |"));
+                let mean = ms(spent) / f64::from(ran);
+                row.push_str(&format!(" {ok}/{ran} {mean:.0}ms |"));
+            }
+            if damage != Damage::Hd {
+                let c = cost.entry(step).or_default();
+                c.0 += spent;
+                c.1 += ran;
             }
         }
         println!("{row}");
+        if damage != Damage::Hd {
+            decoded_by.extend(per_frame);
+        }
     }
-    let mut cost = String::from("| ms per frame |");
-    for step in LadderStep::LADDER {
-        let (_, elapsed, ran) = totals.get(&step).copied().unwrap_or_default();
-        cost.push_str(&format!(" {:.1} |", ms(elapsed) / f64::from(ran.max(1))));
+    let mean_ms = |step: LadderStep| {
+        let (spent, ran) = cost.get(&step).copied().unwrap_or_default();
+        ms(spent) / f64::from(ran.max(1))
+    };
+    let mut left: Vec<&Vec<LadderStep>> = decoded_by
+        .iter()
+        .filter(|set| !set.contains(&LadderStep::Plain))
+        .collect();
+    println!(
+        "\nVGA frames: {}, plain misses {}; greedy order after plain:",
+        decoded_by.len(),
+        left.len()
+    );
+    let mut candidates: Vec<LadderStep> = steps
+        .into_iter()
+        .filter(|s| !matches!(s, LadderStep::Plain | LadderStep::Downscale))
+        .collect();
+    loop {
+        let best = candidates
+            .iter()
+            .map(|&s| (s, left.iter().filter(|set| set.contains(&s)).count()))
+            .filter(|&(_, n)| n > 0)
+            .max_by(|a, b| (a.1 as f64 / mean_ms(a.0)).total_cmp(&(b.1 as f64 / mean_ms(b.0))));
+        let Some((step, n)) = best else { break };
+        left.retain(|set| !set.contains(&step));
+        candidates.retain(|&s| s != step);
+        println!(
+            "  {} rescues {n} ({:.0} ms/frame), {} still missed",
+            step.name(),
+            mean_ms(step),
+            left.len()
+        );
     }
-    println!("{cost}");
+    let unused: Vec<&str> = candidates.iter().map(|s| s.name()).collect();
+    println!("  rescue nothing more: {}", unused.join(", "));
 }

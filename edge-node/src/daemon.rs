@@ -1,0 +1,162 @@
+//! `edge-node run` and `sync --once`: the device's long-running shell.
+//!
+//! A background loop syncs with the hub, then with every sibling it knows, whenever a scan
+//! asks for it or a timer fires; while nothing answers it backs off exponentially with
+//! jitter, capped at [`MAX_BACKOFF`]. Siblings' sessions are accepted at any time. Retention
+//! runs hourly. Scans never wait for any of this: the device lock is held for one step of a
+//! session at a time.
+
+use crate::clock;
+use crate::device::Device;
+use crate::net::{self, NetError, SharedDevice, SyncReport, Target};
+use iroh::{Endpoint, PublicKey};
+use rand::Rng;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The longest wait between attempts while nothing answers.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The wait between syncs while the hub answers.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// How often retention runs.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// One round: the hub, then every sibling (roster and `extra`), one session each.
+pub async fn sync_round(
+    endpoint: &Endpoint,
+    device: &SharedDevice,
+    extra: &[Target],
+) -> Result<Vec<SyncReport>, NetError> {
+    let (hub, siblings) = {
+        let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+        (net::hub_target(&dev)?, net::roster_targets(&dev)?)
+    };
+    let mut reports = vec![net::sync_with(endpoint, device, &hub, clock::now).await];
+    let mut seen: Vec<PublicKey> = Vec::new();
+    for t in extra.iter().chain(siblings.iter()) {
+        if seen.contains(&t.id) {
+            continue;
+        }
+        seen.push(t.id);
+        reports.push(net::sync_with(endpoint, device, t, clock::now).await);
+    }
+    // A sibling may have brought in records the hub has not seen: hand them on now.
+    if reports.iter().skip(1).any(|r| r.ok && r.records_received > 0) && reports[0].ok {
+        reports.push(net::sync_with(endpoint, device, &hub, clock::now).await);
+    }
+    Ok(reports)
+}
+
+/// The delay before attempt `failures + 1`: exponential from 1 s, capped, with jitter.
+pub fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.min(6)).min(MAX_BACKOFF);
+    let jitter: f64 = rand::thread_rng().gen_range(0.5..1.0);
+    base.mul_f64(jitter)
+}
+
+/// Runs the device until `shutdown` resolves.
+pub async fn run(
+    device: Device,
+    listen: SocketAddr,
+    peers: Vec<Target>,
+    wake: Arc<Notify>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NetError> {
+    let device: SharedDevice = Arc::new(Mutex::new(device));
+    let endpoint = net::bind(&device, listen).await?;
+    tracing::info!(
+        "device endpoint {} listening on {:?}",
+        endpoint.id(),
+        endpoint.bound_sockets()
+    );
+    let trusted: Vec<PublicKey> = peers.iter().map(|p| p.id).collect();
+    let accept = {
+        let endpoint = endpoint.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let device = device.clone();
+                let trusted = trusted.clone();
+                tokio::spawn(async move {
+                    match net::serve_sibling(incoming, device, trusted, clock::now).await {
+                        Ok(n) => tracing::info!("sibling session merged {n} records"),
+                        Err(e) => tracing::warn!("sibling session: {e}"),
+                    }
+                });
+            }
+        })
+    };
+    let sync = {
+        let endpoint = endpoint.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            let mut last_retention = tokio::time::Instant::now();
+            loop {
+                match sync_round(&endpoint, &device, &peers).await {
+                    Ok(reports) => {
+                        for r in &reports {
+                            match &r.error {
+                                None => tracing::info!(
+                                    "synced with {}: {} records in, {} bytes out",
+                                    r.peer,
+                                    r.records_received,
+                                    r.socket_bytes_sent
+                                ),
+                                Some(e) => tracing::debug!("sync with {}: {e}", r.peer),
+                            }
+                        }
+                        if reports.first().is_some_and(|r| r.ok) {
+                            failures = 0;
+                        } else {
+                            failures = failures.saturating_add(1);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("sync round: {e}");
+                        failures = failures.saturating_add(1);
+                    }
+                }
+                if last_retention.elapsed() >= RETENTION_INTERVAL {
+                    last_retention = tokio::time::Instant::now();
+                    let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = dev.purge(clock::now(), None) {
+                        tracing::warn!("retention: {e}");
+                    }
+                }
+                let wait = if failures == 0 {
+                    SYNC_INTERVAL
+                } else {
+                    backoff(failures)
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+        })
+    };
+    shutdown.await;
+    sync.abort();
+    accept.abort();
+    endpoint.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for f in 0..20 {
+            let d = backoff(f);
+            assert!(d <= MAX_BACKOFF, "{d:?}");
+            assert!(d >= Duration::from_millis(500).min(MAX_BACKOFF / 2));
+        }
+        assert!(backoff(0) <= Duration::from_secs(1));
+        assert!(backoff(10) >= Duration::from_secs(30));
+    }
+}

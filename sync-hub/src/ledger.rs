@@ -1,0 +1,1198 @@
+//! The hub's ledger: the merged partitions, the per-peer automerge sync states and the trace
+//! index, all in `hub.redb`, and retention over them.
+//!
+//! **Partitions** are stored as automerge chunks, exactly like the edge's `chunks-1` but keyed
+//! by facility as well: each persist appends `save_incremental()`, and after
+//! [`COMPACT_AFTER_CHUNKS`] chunks a partition is rewritten as one full save. The envelopes in
+//! them are sealed to the day keys, so the chunks reveal nothing without `keys/`.
+//!
+//! **The trace index** answers "where was this token?" and "who else was at that facility
+//! then?" without unsealing partitions at query time, yet becomes unreadable when a day
+//! expires. Every key and value in it is derived from the day's *index key*
+//! ([`DayKeyRatchet::index_key`]), which comes from the same ratchet seed as the day secret:
+//!
+//! - lookup tags are BLAKE3 keyed hashes of the token (or the facility id) under keys derived
+//!   from the index key, so without it a tag cannot be linked to any token or facility;
+//! - values are [`IndexedVisit`]s sealed with XChaCha20-Poly1305 under a third derived key.
+//!
+//! When [`Ledger::purge`] advances the ratchet past a day, the index key of that day is gone
+//! with its seed: the day's rows are deleted as well, but even a copy of the file taken before
+//! the deletion, or free pages that still hold the rows, can no longer be read or linked.
+//!
+//! `docs/storage.md` documents every table. Facility ids appear in clear in the keys of
+//! `hub-chunks-1`, `partition-counts-1`, `partition-heads-1`, `indexed-1` and `sync-states-1`:
+//! which facility had how many visits on which day is metadata the hub's administrators see
+//! anyway (it is in `stats`), and it names no visitor.
+
+use crate::keys::{KeyDir, KeyError};
+use automerge::ReadDoc;
+use crate::store::{Store, StoreError as RegistryError};
+use chacha20poly1305::aead::{Aead, Payload};
+use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_core::{OsRng, RngCore};
+use redb::{
+    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use shared::daykey::{DayKeyRatchet, DaySecret};
+use shared::envelope::{RecordBody, SessionId, SessionKey};
+use shared::partition::{Partition, PartitionError};
+use shared::sync::{
+    MAX_FUTURE_DAYS, PartitionStore, PartitionSummary, Peer, StoreError as SessionStoreError,
+};
+use shared::time::{Day, UnixSeconds, horizon};
+use shared::{DeviceId, FacilityId, PartitionId, RecordId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use zeroize::Zeroizing;
+
+/// `hub-chunks-1`: (facility, day, sequence) -> automerge chunk of that partition.
+pub const HUB_CHUNKS: TableDefinition<(&str, u32, u64), &[u8]> =
+    TableDefinition::new("hub-chunks-1");
+/// `sync-states-1`: (peer key, facility, day) -> encoded `automerge::sync::State`.
+pub const SYNC_STATES: TableDefinition<(&str, &str, u32), &[u8]> =
+    TableDefinition::new("sync-states-1");
+/// `visits-by-token-1`: (day, token tag) -> sealed [`IndexedVisit`]s.
+pub const VISITS_BY_TOKEN: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
+    MultimapTableDefinition::new("visits-by-token-1");
+/// `visits-by-facility-1`: (day, facility tag) -> sealed [`IndexedVisit`]s.
+pub const VISITS_BY_FACILITY: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
+    MultimapTableDefinition::new("visits-by-facility-1");
+/// `indexed-1`: (facility, day, record id) -> (): records already in the index.
+pub const INDEXED: TableDefinition<(&str, u32, &[u8; 16]), ()> =
+    TableDefinition::new("indexed-1");
+/// `partition-counts-1`: (facility, day) -> records the stored partition holds.
+pub const PARTITION_COUNTS: TableDefinition<(&str, u32), u64> =
+    TableDefinition::new("partition-counts-1");
+/// `partition-heads-1`: (facility, day) -> the stored partition's sorted automerge heads,
+/// 32 bytes each, so that a session's summaries need not load every partition.
+pub const PARTITION_HEADS: TableDefinition<(&str, u32), &[u8]> =
+    TableDefinition::new("partition-heads-1");
+
+/// Chunks after which a partition is rewritten as one full save. One chunk is written per
+/// partition per sync session, so this is about a day of busy syncing; loading 64 chunks
+/// costs little more than loading one.
+pub const COMPACT_AFTER_CHUNKS: u64 = 64;
+
+/// Domain separation for the key of token tags, from a day's index key.
+const TOKEN_TAG_CONTEXT: &str = "kipass hub index token tag v1";
+/// Domain separation for the key of facility tags, from a day's index key.
+const FACILITY_TAG_CONTEXT: &str = "kipass hub index facility tag v1";
+/// Domain separation for the key sealing index values, from a day's index key.
+const SEAL_CONTEXT: &str = "kipass hub index seal v1";
+/// Domain separation for the hub's automerge actor prefix.
+const ACTOR_CONTEXT: &str = "kipass hub automerge actor v1";
+/// Associated-data label of sealed index values.
+const SEAL_LABEL: &[u8] = b"kipass hub visit v1";
+const NONCE_LEN: usize = 24;
+
+/// A ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// redb failed.
+    #[error("hub ledger storage failed: {0}; check the disk holding the hub's data folder")]
+    Db(#[from] redb::Error),
+    /// The registry part of the store failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The key files failed.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// A stored partition does not load.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// The partition's day is past the retention horizon: it is never stored.
+    #[error(
+        "partition {partition} is past the retention horizon (oldest live day {horizon}): \
+         expired partitions are never stored; the device should drop it"
+    )]
+    Expired {
+        /// The partition refused.
+        partition: PartitionId,
+        /// The oldest live day.
+        horizon: Day,
+    },
+    /// The partition's day lies beyond tomorrow.
+    #[error(
+        "partition {partition} is of a day after {last}: the writing device's clock runs \
+         ahead; it is accepted once the hub's calendar reaches it"
+    )]
+    Ahead {
+        /// The partition refused.
+        partition: PartitionId,
+        /// The last day accepted now.
+        last: Day,
+    },
+    /// A stored ledger value did not parse.
+    #[error("damaged entry in hub table {table}: {reason}; restore hub.redb from a backup")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An index entry could not be sealed (an absurdly large record).
+    #[error("cannot seal an index entry: {0}")]
+    Seal(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for LedgerError {
+            fn from(e: $t) -> Self {
+                LedgerError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<LedgerError> for SessionStoreError {
+    fn from(e: LedgerError) -> Self {
+        SessionStoreError::Failed(e.to_string())
+    }
+}
+
+/// One visit as the trace index holds it, sealed under the day's index key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedVisit {
+    /// The facility visited.
+    pub facility: FacilityId,
+    /// When the device recorded it, by its clock.
+    pub scanned_at: UnixSeconds,
+    /// The device that recorded it.
+    pub device: DeviceId,
+    /// The QR token; `None` for a paper entry.
+    pub token: Option<[u8; 16]>,
+    /// The record's id in its partition.
+    pub record: RecordId,
+}
+
+// Tokens identify people through their issuer; logs must never show them.
+impl fmt::Debug for IndexedVisit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IndexedVisit")
+            .field("facility", &self.facility)
+            .field("scanned_at", &self.scanned_at)
+            .field("device", &self.device)
+            .field("token", &self.token.map(|_| "<elided>"))
+            .field("record", &self.record)
+            .finish()
+    }
+}
+
+/// `sync-hub stats`: registered facilities and the live records the hub holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Registered facilities.
+    pub facilities: usize,
+    /// Records in live partitions, summed over `per_facility`.
+    pub records: u64,
+    /// Records in live partitions by facility id: every registered facility (0 if none), and
+    /// any removed facility whose partitions are still live.
+    pub per_facility: BTreeMap<String, u64>,
+}
+
+/// One visit of a traced token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TraceVisit {
+    /// The token, 32 hex characters.
+    pub token: String,
+    /// Where.
+    pub facility_id: FacilityId,
+    /// When, by the recording device's clock.
+    pub scanned_at: UnixSeconds,
+    /// Which device recorded it.
+    pub device_id: DeviceId,
+}
+
+/// A visit at the same facility within the window of one of the traced visits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TraceContact {
+    /// The contact's token, 32 hex characters; absent for a paper entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A paper-log entry: the health authority opens it with its own key.
+    pub paper: bool,
+    /// Where.
+    pub facility_id: FacilityId,
+    /// When, by the recording device's clock.
+    pub scanned_at: UnixSeconds,
+}
+
+/// `sync-hub trace`: what the hub knows about a case's tokens (`spec/cli.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Trace {
+    /// The tokens' visits, by time.
+    pub visits: Vec<TraceVisit>,
+    /// Every other visit at the same facility within the window of one of them, by time.
+    pub contacts: Vec<TraceContact>,
+    /// Visited facilities with a device that has not synced since the end of the window of
+    /// the latest visit there: the hub may not know every contact yet.
+    pub unsynced_facilities: Vec<FacilityId>,
+}
+
+/// What [`Ledger::purge`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PurgeReport {
+    /// The oldest live day afterwards: every day before it is gone.
+    pub horizon: Day,
+    /// Partitions dropped.
+    pub partitions: u64,
+    /// Records those partitions held.
+    pub records: u64,
+    /// Chunks deleted.
+    pub chunks: u64,
+    /// Sync states deleted.
+    pub sync_states: u64,
+    /// Index entries deleted (both index tables).
+    pub index_entries: u64,
+}
+
+/// The key used in `sync-states-1` for a peer: a device's id, or `hub:` and the region for a
+/// hub (device ids cannot contain `:`, so the two never collide).
+pub fn peer_key(peer: &Peer) -> String {
+    match peer {
+        Peer::Device { device, .. } => device.to_string(),
+        Peer::Hub { region } => format!("hub:{region}"),
+    }
+}
+
+/// Rewrites the store file so that deleted pages no longer hold old rows. Needs exclusive
+/// access to the database; best effort (it fails while a read transaction is open).
+/// Call it after [`Ledger::purge`].
+pub fn compact(db: &mut redb::Database) -> bool {
+    db.compact().unwrap_or(false)
+}
+
+/// Which index table a sealed value belongs to; bound into its associated data so a value
+/// cannot be moved from one table to the other.
+#[derive(Clone, Copy)]
+enum IndexKind {
+    Token = 1,
+    Facility = 2,
+}
+
+/// The keys of one day's index, derived from its index key.
+struct DayIndex {
+    day: Day,
+    token_key: Zeroizing<[u8; 32]>,
+    facility_key: Zeroizing<[u8; 32]>,
+    // Zeroizes its key on drop.
+    cipher: XChaCha20Poly1305,
+}
+
+impl DayIndex {
+    fn new(day: Day, index_key: &[u8; 32]) -> Self {
+        let seal = Zeroizing::new(blake3::derive_key(SEAL_CONTEXT, index_key));
+        DayIndex {
+            day,
+            token_key: Zeroizing::new(blake3::derive_key(TOKEN_TAG_CONTEXT, index_key)),
+            facility_key: Zeroizing::new(blake3::derive_key(FACILITY_TAG_CONTEXT, index_key)),
+            cipher: XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(seal.as_ref())),
+        }
+    }
+
+    fn token_tag(&self, token: &[u8; 16]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.token_key, token).as_bytes()
+    }
+
+    fn facility_tag(&self, facility: &FacilityId) -> [u8; 32] {
+        *blake3::keyed_hash(&self.facility_key, facility.as_str().as_bytes()).as_bytes()
+    }
+
+    fn aad(&self, kind: IndexKind, tag: &[u8; 32]) -> [u8; SEAL_LABEL.len() + 1 + 4 + 32] {
+        let mut aad = [0u8; SEAL_LABEL.len() + 1 + 4 + 32];
+        let (label, rest) = aad.split_at_mut(SEAL_LABEL.len());
+        label.copy_from_slice(SEAL_LABEL);
+        rest[0] = kind as u8;
+        rest[1..5].copy_from_slice(&self.day.0.to_be_bytes());
+        rest[5..].copy_from_slice(tag);
+        aad
+    }
+
+    /// `nonce (24) || ciphertext` of the postcard-encoded plaintext.
+    fn seal(
+        &self,
+        rng: &mut impl RngCore,
+        kind: IndexKind,
+        tag: &[u8; 32],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, LedgerError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let aad = self.aad(kind, tag);
+        let ct = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| LedgerError::Seal(format!("{} bytes", plaintext.len())))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// The visit sealed in `bytes`, or `None` if it does not open (damaged).
+    fn open(&self, kind: IndexKind, tag: &[u8; 32], bytes: &[u8]) -> Option<IndexedVisit> {
+        let (nonce, ct) = bytes.split_at_checked(NONCE_LEN)?;
+        let aad = self.aad(kind, tag);
+        let plain = Zeroizing::new(
+            self.cipher
+                .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+                .ok()?,
+        );
+        postcard::from_bytes(&plain).ok()
+    }
+}
+
+/// The hub's ledger over its store and day-key ratchet. See the module docs.
+///
+/// It holds the ratchet in memory; [`Ledger::purge`] advances it and the key file together.
+/// Open one ledger per process (the sync actor's), so that every path sees the same horizon.
+pub struct Ledger<'s> {
+    store: &'s Store,
+    keys: KeyDir,
+    ratchet: DayKeyRatchet,
+    actor: [u8; 16],
+}
+
+impl fmt::Debug for Ledger<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger")
+            .field("ratchet", &self.ratchet)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'s> Ledger<'s> {
+    /// Opens the ledger tables (creating them if missing) and reads the day-key ratchet.
+    pub fn open(store: &'s Store, keys: KeyDir) -> Result<Self, LedgerError> {
+        let ratchet = keys.ratchet()?;
+        let txn = store.db().begin_write()?;
+        txn.open_table(HUB_CHUNKS)?;
+        txn.open_table(SYNC_STATES)?;
+        txn.open_multimap_table(VISITS_BY_TOKEN)?;
+        txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        txn.open_table(INDEXED)?;
+        txn.open_table(PARTITION_COUNTS)?;
+        txn.open_table(PARTITION_HEADS)?;
+        txn.commit()?;
+        // The actor that merges into partitions at this hub: 8 bytes naming the hub, 8 random
+        // bytes per process, so a restarted hub never reuses an automerge sequence number
+        // (see `shared::partition`). The hub never writes records itself, so this matters only
+        // for the correctness of the documents it holds.
+        let name = store
+            .config::<crate::admin::HubConfig>("hub")?
+            .map(|c| c.endpoint_id)
+            .unwrap_or_default();
+        let mut actor = [0u8; 16];
+        actor[..8].copy_from_slice(&blake3::derive_key(ACTOR_CONTEXT, name.as_bytes())[..8]);
+        OsRng.fill_bytes(&mut actor[8..]);
+        Ok(Ledger {
+            store,
+            keys,
+            ratchet,
+            actor,
+        })
+    }
+
+    /// The automerge actor partitions are loaded and created with.
+    pub fn actor(&self) -> [u8; 16] {
+        self.actor
+    }
+
+    /// The day-key ratchet as the ledger holds it.
+    pub fn ratchet(&self) -> &DayKeyRatchet {
+        &self.ratchet
+    }
+
+    /// The oldest live day at `now`: the horizon, or later if a purge ran ahead of the clock.
+    pub fn oldest_live_day(&self, now: UnixSeconds) -> Day {
+        horizon(now).max(self.ratchet.oldest())
+    }
+
+    /// The last day accepted at `now`: tomorrow, as the sync protocol allows.
+    pub fn last_live_day(now: UnixSeconds) -> Day {
+        Day::of(now).plus(MAX_FUTURE_DAYS)
+    }
+
+    /// The partitions of `facility`, for one sync session admitted for it.
+    pub fn partitions(&self, facility: FacilityId, now: UnixSeconds) -> HubPartitions<'_> {
+        HubPartitions {
+            ledger: self,
+            facility,
+            now,
+            cache: BTreeMap::new(),
+        }
+    }
+
+    fn check_live(&self, id: &PartitionId, now: UnixSeconds) -> Result<(), LedgerError> {
+        let oldest = self.oldest_live_day(now);
+        if id.day < oldest {
+            return Err(LedgerError::Expired {
+                partition: id.clone(),
+                horizon: oldest,
+            });
+        }
+        let last = Self::last_live_day(now);
+        if id.day > last {
+            return Err(LedgerError::Ahead {
+                partition: id.clone(),
+                last,
+            });
+        }
+        Ok(())
+    }
+
+    /// The stored partition `id`, if the hub holds it.
+    pub fn load(&self, id: &PartitionId) -> Result<Option<Partition>, LedgerError> {
+        let txn = self.store.db().begin_read()?;
+        let chunks = txn.open_table(HUB_CHUNKS)?;
+        let bytes = read_chunks(&chunks, id)?;
+        match bytes {
+            Some(bytes) => Ok(Some(Partition::load(id.clone(), &bytes, &self.actor)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Summaries of the live stored partitions of `facility`, from the counts and heads
+    /// tables (no partition is loaded).
+    pub fn summaries(
+        &self,
+        facility: &FacilityId,
+        now: UnixSeconds,
+    ) -> Result<Vec<PartitionSummary>, LedgerError> {
+        let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
+        let txn = self.store.db().begin_read()?;
+        let counts = txn.open_table(PARTITION_COUNTS)?;
+        let heads = txn.open_table(PARTITION_HEADS)?;
+        let f = facility.as_str();
+        let mut out = Vec::new();
+        for row in counts.range((f, first.0)..=(f, last.0))? {
+            let (k, v) = row?;
+            let day = k.value().1;
+            let stored = heads.get((f, day))?;
+            out.push(PartitionSummary {
+                id: PartitionId {
+                    facility: facility.clone(),
+                    day: Day(day),
+                },
+                heads: parse_heads(stored.as_ref().map(|g| g.value()).unwrap_or_default())?,
+                records: v.value(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores what `partition` gained since it was loaded or last persisted, and indexes its
+    /// records not indexed yet, in one write transaction. Returns how many records it indexed.
+    ///
+    /// Refuses partitions outside the live days (never stored). Records that do not open
+    /// (no usable wrapped key, damaged or forged envelopes) are counted in a warning and left
+    /// out of the index; they are tried again at the next persist.
+    ///
+    /// On error the partition's notion of what is saved has moved on: drop it and load it
+    /// again rather than persisting it a second time.
+    pub fn persist(&self, partition: &mut Partition, now: UnixSeconds) -> Result<u64, LedgerError> {
+        let id = partition.id().clone();
+        self.check_live(&id, now)?;
+        let Some(index_key) = self.ratchet.index_key(id.day) else {
+            // Unreachable after check_live unless the ratchet is damaged: say so, store nothing.
+            return Err(LedgerError::Expired {
+                partition: id,
+                horizon: self.ratchet.oldest(),
+            });
+        };
+        let index = DayIndex::new(id.day, &index_key);
+        let f = id.facility.as_str();
+        let day = id.day.0;
+        let txn = self.store.db().begin_write()?;
+        self.store_chunks(&txn, partition)?;
+        let indexed = {
+            let mut done = txn.open_table(INDEXED)?;
+            let mut by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
+            let mut by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+            let mut already = BTreeSet::new();
+            for row in done.range((f, day, &[0u8; 16])..=(f, day, &[0xffu8; 16]))? {
+                already.insert(*row?.0.value().2);
+            }
+            let mut seed = [0u8; 32];
+            OsRng.fill_bytes(&mut seed);
+            let mut rng = StdRng::from_seed(seed);
+            let facility_tag = index.facility_tag(&id.facility);
+            let mut opener = Opener::new(partition, &self.ratchet);
+            let mut indexed = 0u64;
+            let mut unreadable = 0u64;
+            for (record_id, envelope) in partition.records() {
+                if already.contains(&record_id.0) {
+                    continue;
+                }
+                let Some(record) = envelope
+                    .ok()
+                    .and_then(|e| opener.open(&e, &id, record_id))
+                else {
+                    unreadable += 1;
+                    continue;
+                };
+                let visit = IndexedVisit {
+                    facility: id.facility.clone(),
+                    scanned_at: record.scanned_at,
+                    device: record.device,
+                    token: match record.body {
+                        RecordBody::Qr { token, .. } => Some(token),
+                        RecordBody::Paper { .. } => None,
+                    },
+                    record: record_id,
+                };
+                let plain = Zeroizing::new(
+                    postcard::to_stdvec(&visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
+                );
+                if let Some(token) = &visit.token {
+                    let tag = index.token_tag(token);
+                    let sealed = index.seal(&mut rng, IndexKind::Token, &tag, &plain)?;
+                    by_token.insert((day, &tag), sealed.as_slice())?;
+                }
+                let sealed = index.seal(&mut rng, IndexKind::Facility, &facility_tag, &plain)?;
+                by_facility.insert((day, &facility_tag), sealed.as_slice())?;
+                done.insert((f, day, &record_id.0), ())?;
+                indexed += 1;
+            }
+            if unreadable > 0 {
+                tracing::warn!(
+                    partition = %id,
+                    unreadable,
+                    sessions_without_key = opener.missing_keys(),
+                    "records that do not open were left out of the trace index"
+                );
+            }
+            indexed
+        };
+        txn.commit()?;
+        Ok(indexed)
+    }
+
+    /// Appends the partition's new changes (or rewrites it whole once it has many chunks) and
+    /// updates its count and heads. If another session persisted the same partition since this
+    /// copy was loaded, the stored changes are merged in first, so that the count and heads
+    /// written describe everything stored.
+    fn store_chunks(
+        &self,
+        txn: &WriteTransaction,
+        partition: &mut Partition,
+    ) -> Result<(), LedgerError> {
+        let id = partition.id().clone();
+        let f = id.facility.as_str();
+        let day = id.day.0;
+        let mut chunks = txn.open_table(HUB_CHUNKS)?;
+        let mut heads = txn.open_table(PARTITION_HEADS)?;
+        let stored_heads = match heads.get((f, day))? {
+            Some(g) => parse_heads(g.value())?,
+            None => Vec::new(),
+        };
+        let behind = stored_heads
+            .iter()
+            .any(|h| partition.doc().get_change_by_hash(&automerge::ChangeHash(*h)).is_none());
+        if behind && let Some(bytes) = read_chunks(&chunks, &id)? {
+            let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
+            partition.merge(&stored)?;
+        }
+        let next = chunks
+            .range((f, day, 0u64)..=(f, day, u64::MAX))?
+            .next_back()
+            .transpose()?
+            .map_or(0, |(k, _)| k.value().2.saturating_add(1));
+        if next + 1 >= COMPACT_AFTER_CHUNKS {
+            let full = partition.save();
+            chunks.retain_in((f, day, 0u64)..=(f, day, u64::MAX), |_, _| false)?;
+            chunks.insert((f, day, 0u64), full.as_slice())?;
+        } else {
+            let chunk = partition.save_incremental();
+            if !chunk.is_empty() {
+                chunks.insert((f, day, next), chunk.as_slice())?;
+            }
+        }
+        let mut sorted: Vec<[u8; 32]> = partition.heads().iter().map(|h| h.0).collect();
+        sorted.sort_unstable();
+        heads.insert((f, day), sorted.concat().as_slice())?;
+        txn.open_table(PARTITION_COUNTS)?
+            .insert((f, day), partition.record_count() as u64)?;
+        Ok(())
+    }
+
+    /// Registered facilities and live records (`sync-hub stats`).
+    pub fn stats(&self, now: UnixSeconds) -> Result<Stats, LedgerError> {
+        let facilities = self.store.facilities()?;
+        let mut per_facility: BTreeMap<String, u64> = facilities
+            .iter()
+            .map(|f| (f.id.to_string(), 0))
+            .collect();
+        let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
+        let txn = self.store.db().begin_read()?;
+        let counts = txn.open_table(PARTITION_COUNTS)?;
+        for row in counts.iter()? {
+            let (k, v) = row?;
+            let (facility, day) = k.value();
+            if (first.0..=last.0).contains(&day) {
+                *per_facility.entry(facility.to_owned()).or_default() += v.value();
+            }
+        }
+        Ok(Stats {
+            facilities: facilities.len(),
+            records: per_facility.values().sum(),
+            per_facility,
+        })
+    }
+
+    /// A health-authority trace over the live days (`sync-hub trace`): the visits of
+    /// `tokens`, every other visit at the same facility within `window_minutes` of one of
+    /// them, and the visited facilities that may still hold unsynced visits.
+    pub fn trace(
+        &self,
+        tokens: &[[u8; 16]],
+        window_minutes: u64,
+        now: UnixSeconds,
+    ) -> Result<Trace, LedgerError> {
+        let window = window_minutes.saturating_mul(60);
+        let case: BTreeSet<[u8; 16]> = tokens.iter().copied().collect();
+        let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
+        let txn = self.store.db().begin_read()?;
+        let by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
+        let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        let mut damaged = 0u64;
+
+        let mut indexes: BTreeMap<Day, DayIndex> = BTreeMap::new();
+        for day in first.0..=last.0 {
+            if let Some(key) = self.ratchet.index_key(Day(day)) {
+                indexes.insert(Day(day), DayIndex::new(Day(day), &key));
+            }
+        }
+
+        // The case's visits, keyed for dedupe and a stable order.
+        let mut visits: BTreeMap<(UnixSeconds, FacilityId, RecordId), IndexedVisit> =
+            BTreeMap::new();
+        let mut facility_days: BTreeSet<(FacilityId, Day)> = BTreeSet::new();
+        for (day, index) in &indexes {
+            for token in &case {
+                let tag = index.token_tag(token);
+                for value in by_token.get((day.0, &tag))? {
+                    let value = value?;
+                    match index.open(IndexKind::Token, &tag, value.value()) {
+                        Some(v) if v.token.as_ref() == Some(token) => {
+                            facility_days.insert((v.facility.clone(), *day));
+                            let from = Day::of(v.scanned_at.saturating_sub(window)).max(first);
+                            let to = Day::of(v.scanned_at.saturating_add(window)).min(last);
+                            for d in from.0..=to.0 {
+                                facility_days.insert((v.facility.clone(), Day(d)));
+                            }
+                            visits.insert((v.scanned_at, v.facility.clone(), v.record), v);
+                        }
+                        Some(_) => {}
+                        None => damaged += 1,
+                    }
+                }
+            }
+        }
+
+        let mut case_times: BTreeMap<&FacilityId, Vec<UnixSeconds>> = BTreeMap::new();
+        for v in visits.values() {
+            case_times.entry(&v.facility).or_default().push(v.scanned_at);
+        }
+        let mut contacts: BTreeMap<(UnixSeconds, FacilityId, RecordId), IndexedVisit> =
+            BTreeMap::new();
+        for (facility, day) in &facility_days {
+            let Some(index) = indexes.get(day) else {
+                continue;
+            };
+            let Some(times) = case_times.get(facility) else {
+                continue;
+            };
+            let tag = index.facility_tag(facility);
+            for value in by_facility.get((day.0, &tag))? {
+                let value = value?;
+                let Some(v) = index.open(IndexKind::Facility, &tag, value.value()) else {
+                    damaged += 1;
+                    continue;
+                };
+                if &v.facility != facility || v.token.is_some_and(|t| case.contains(&t)) {
+                    continue;
+                }
+                if times.iter().any(|t| t.abs_diff(v.scanned_at) <= window) {
+                    contacts.insert((v.scanned_at, v.facility.clone(), v.record), v);
+                }
+            }
+        }
+        if damaged > 0 {
+            tracing::warn!(damaged, "trace index entries that do not open were skipped");
+        }
+
+        let mut latest: BTreeMap<FacilityId, UnixSeconds> = BTreeMap::new();
+        for v in visits.values() {
+            let t = latest.entry(v.facility.clone()).or_default();
+            *t = (*t).max(v.scanned_at);
+        }
+        let mut unsynced = BTreeSet::new();
+        if !latest.is_empty() {
+            for device in self.store.devices()? {
+                let Some(t) = latest.get(&device.facility) else {
+                    continue;
+                };
+                // A revoked device never syncs again: waiting for it would flag the facility
+                // forever.
+                if !device.revoked
+                    && device
+                        .last_sync
+                        .is_none_or(|s| s < t.saturating_add(window))
+                {
+                    unsynced.insert(device.facility.clone());
+                }
+            }
+        }
+
+        Ok(Trace {
+            visits: visits
+                .into_values()
+                .map(|v| TraceVisit {
+                    token: v.token.map(hex::encode).unwrap_or_default(),
+                    facility_id: v.facility,
+                    scanned_at: v.scanned_at,
+                    device_id: v.device,
+                })
+                .collect(),
+            contacts: contacts
+                .into_values()
+                .map(|v| TraceContact {
+                    token: v.token.map(hex::encode),
+                    paper: v.token.is_none(),
+                    facility_id: v.facility,
+                    scanned_at: v.scanned_at,
+                })
+                .collect(),
+            unsynced_facilities: unsynced.into_iter().collect(),
+        })
+    }
+
+    /// Enforces retention as of `as_of`: destroys the day keys of every day before
+    /// `horizon(as_of)` (the ratchet advances and its file is overwritten in place) *first*,
+    /// so that from then on nothing of those days can be read even if the deletion below is
+    /// interrupted; then deletes every row of those days from every ledger table.
+    ///
+    /// Deleted rows may survive in free pages until the file is compacted: call [`compact`]
+    /// afterwards with exclusive access to the database. What survives there is sealed under
+    /// keys that no longer exist. Never moves the horizon back.
+    pub fn purge(&mut self, as_of: UnixSeconds) -> Result<PurgeReport, LedgerError> {
+        let mut ratchet = self.keys.ratchet()?;
+        ratchet.advance(horizon(as_of).max(self.ratchet.oldest()));
+        self.keys.store_ratchet(&ratchet)?;
+        self.ratchet = ratchet;
+        let h = self.ratchet.oldest().0;
+
+        let mut report = PurgeReport {
+            horizon: Day(h),
+            ..PurgeReport::default()
+        };
+        let txn = self.store.db().begin_write()?;
+        {
+            let mut counts = txn.open_table(PARTITION_COUNTS)?;
+            let mut dropped = 0u64;
+            let mut records = 0u64;
+            counts.retain(|(_, day), n| {
+                let keep = day >= h;
+                if !keep {
+                    dropped += 1;
+                    records = records.saturating_add(n);
+                }
+                keep
+            })?;
+            report.partitions = dropped;
+            report.records = records;
+        }
+        report.chunks = retain_days(&mut txn.open_table(HUB_CHUNKS)?, |k| k.1 >= h)?;
+        retain_days(&mut txn.open_table(PARTITION_HEADS)?, |k| k.1 >= h)?;
+        retain_days(&mut txn.open_table(INDEXED)?, |k| k.1 >= h)?;
+        report.sync_states = retain_days(&mut txn.open_table(SYNC_STATES)?, |k| k.2 >= h)?;
+        for table in [VISITS_BY_TOKEN, VISITS_BY_FACILITY] {
+            let mut t = txn.open_multimap_table(table)?;
+            let mut keys: Vec<(u32, [u8; 32])> = Vec::new();
+            for row in t.range((0u32, &[0u8; 32])..(h, &[0u8; 32]))? {
+                let (k, values) = row?;
+                let (day, tag) = k.value();
+                report.index_entries += values.len();
+                keys.push((day, *tag));
+            }
+            for (day, tag) in keys {
+                t.remove_all((day, &tag))?;
+            }
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+}
+
+/// Deletes the rows of a (facility, day, ...)-keyed table that `keep` refuses; returns how many.
+fn retain_days<K: redb::Key + 'static, V: redb::Value + 'static>(
+    table: &mut redb::Table<'_, K, V>,
+    mut keep: impl for<'f> FnMut(&K::SelfType<'f>) -> bool,
+) -> Result<u64, LedgerError> {
+    let before = table.len()?;
+    table.retain(|k, _| keep(&k))?;
+    Ok(before.saturating_sub(table.len()?))
+}
+
+/// The concatenated chunks of partition `id`, if any.
+fn read_chunks(
+    chunks: &impl ReadableTable<(&'static str, u32, u64), &'static [u8]>,
+    id: &PartitionId,
+) -> Result<Option<Vec<u8>>, LedgerError> {
+    let f = id.facility.as_str();
+    let mut out: Option<Vec<u8>> = None;
+    for row in chunks.range((f, id.day.0, 0u64)..=(f, id.day.0, u64::MAX))? {
+        let (_, v) = row?;
+        out.get_or_insert_with(Vec::new).extend_from_slice(v.value());
+    }
+    Ok(out)
+}
+
+fn parse_heads(bytes: &[u8]) -> Result<Vec<[u8; 32]>, LedgerError> {
+    if bytes.len() % 32 != 0 {
+        return Err(LedgerError::Corrupt {
+            table: "partition-heads-1",
+            reason: format!("{} bytes is not a whole number of 32-byte heads", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            h
+        })
+        .collect())
+}
+
+/// Opens a partition's envelopes, unwrapping each session key once (and deriving each day
+/// secret once) no matter how many records it sealed.
+struct Opener<'p> {
+    partition: &'p Partition,
+    ratchet: &'p DayKeyRatchet,
+    secrets: BTreeMap<Day, Option<DaySecret>>,
+    keys: BTreeMap<SessionId, Option<SessionKey>>,
+}
+
+impl<'p> Opener<'p> {
+    fn new(partition: &'p Partition, ratchet: &'p DayKeyRatchet) -> Self {
+        Opener {
+            partition,
+            ratchet,
+            secrets: BTreeMap::new(),
+            keys: BTreeMap::new(),
+        }
+    }
+
+    fn open(
+        &mut self,
+        envelope: &shared::envelope::Envelope,
+        id: &PartitionId,
+        record: RecordId,
+    ) -> Option<shared::envelope::Record> {
+        let session = envelope.session();
+        if !self.keys.contains_key(&session) {
+            let key = self.partition.wrapped_key(session).and_then(|w| {
+                let secret = self
+                    .secrets
+                    .entry(w.key_day)
+                    .or_insert_with(|| self.ratchet.secret(w.key_day))
+                    .as_ref()?;
+                w.unwrap(secret).ok()
+            });
+            self.keys.insert(session, key);
+        }
+        let key = self.keys.get(&session)?.as_ref()?;
+        envelope
+            .open(key, id, record)
+            .ok()
+            .filter(|r| r.facility == id.facility)
+    }
+
+    fn missing_keys(&self) -> usize {
+        self.keys.values().filter(|k| k.is_none()).count()
+    }
+}
+
+/// A [`PartitionStore`] over the hub's ledger for one sync session, admitted for one facility.
+///
+/// Partitions are loaded on first use and kept in memory for the session; the shell persists
+/// them with [`HubPartitions::persist`] on every `Event::PartitionUpdated`, and stores sync
+/// states with [`PartitionStore::put_sync_state`] on `Event::SyncStateChanged` (in that order,
+/// as the events come). Sync states are keyed by [`peer_key`].
+pub struct HubPartitions<'a> {
+    ledger: &'a Ledger<'a>,
+    facility: FacilityId,
+    now: UnixSeconds,
+    cache: BTreeMap<PartitionId, Partition>,
+}
+
+impl fmt::Debug for HubPartitions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubPartitions")
+            .field("facility", &self.facility)
+            .field("now", &self.now)
+            .field("loaded", &self.cache.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl HubPartitions<'_> {
+    /// The facility this session is admitted for.
+    pub fn facility(&self) -> &FacilityId {
+        &self.facility
+    }
+
+    /// A partition loaded or created in this session.
+    pub fn get(&self, id: &PartitionId) -> Option<&Partition> {
+        self.cache.get(id)
+    }
+
+    /// The partitions loaded or created in this session.
+    pub fn loaded(&self) -> impl Iterator<Item = &Partition> {
+        self.cache.values()
+    }
+
+    /// Persists and indexes partition `id` (see [`Ledger::persist`]); returns the records
+    /// newly indexed, 0 if the partition was not touched in this session. On error the
+    /// partition is dropped from memory, so that a later use reloads what is stored.
+    pub fn persist(&mut self, id: &PartitionId) -> Result<u64, LedgerError> {
+        let Some(partition) = self.cache.get_mut(id) else {
+            return Ok(0);
+        };
+        self.ledger.persist(partition, self.now).inspect_err(|_| {
+            self.cache.remove(id);
+        })
+    }
+
+    /// Persists every partition of the session, in id order; returns the records indexed.
+    pub fn persist_all(&mut self) -> Result<u64, LedgerError> {
+        let ids: Vec<PartitionId> = self.cache.keys().cloned().collect();
+        let mut total = 0u64;
+        for id in ids {
+            total += self.persist(&id)?;
+        }
+        Ok(total)
+    }
+
+    /// Why this session may not hold `id`, if it may not.
+    fn refusal(&self, id: &PartitionId) -> Option<String> {
+        if id.facility != self.facility {
+            return Some(format!(
+                "this session is admitted for facility {} only",
+                self.facility
+            ));
+        }
+        self.ledger
+            .check_live(id, self.now)
+            .err()
+            .map(|e| e.to_string())
+    }
+}
+
+impl PartitionStore for HubPartitions<'_> {
+    fn live_partitions(
+        &self,
+        facility: Option<&FacilityId>,
+    ) -> Result<Vec<PartitionSummary>, SessionStoreError> {
+        if facility.is_some_and(|f| *f != self.facility) {
+            return Ok(Vec::new());
+        }
+        let mut out: BTreeMap<PartitionId, PartitionSummary> = self
+            .ledger
+            .summaries(&self.facility, self.now)?
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        // What this session holds in memory is at least as new as what is stored.
+        for p in self.cache.values() {
+            if self.refusal(p.id()).is_none() {
+                out.insert(p.id().clone(), PartitionSummary::of(p));
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn partition_mut(
+        &mut self,
+        id: &PartitionId,
+    ) -> Result<Option<&mut Partition>, SessionStoreError> {
+        if self.refusal(id).is_some() {
+            return Ok(None);
+        }
+        if !self.cache.contains_key(id) {
+            match self.ledger.load(id)? {
+                Some(p) => {
+                    self.cache.insert(id.clone(), p);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.cache.get_mut(id))
+    }
+
+    fn create_partition(&mut self, id: &PartitionId) -> Result<&mut Partition, SessionStoreError> {
+        if let Some(why) = self.refusal(id) {
+            return Err(SessionStoreError::NotAllowed {
+                id: id.clone(),
+                why,
+            });
+        }
+        if !self.cache.contains_key(id) {
+            let p = match self.ledger.load(id)? {
+                Some(p) => p,
+                None => Partition::new(id.clone(), &self.ledger.actor),
+            };
+            self.cache.insert(id.clone(), p);
+        }
+        self.cache.get_mut(id).ok_or_else(|| {
+            SessionStoreError::Failed(format!("partition {id} vanished right after creation"))
+        })
+    }
+
+    fn sync_state(
+        &self,
+        peer: &Peer,
+        id: &PartitionId,
+    ) -> Result<Option<Vec<u8>>, SessionStoreError> {
+        if self.refusal(id).is_some() {
+            return Ok(None);
+        }
+        let read = || -> Result<Option<Vec<u8>>, LedgerError> {
+            let txn = self.ledger.store.db().begin_read()?;
+            let t = txn.open_table(SYNC_STATES)?;
+            let key = peer_key(peer);
+            Ok(t
+                .get((key.as_str(), id.facility.as_str(), id.day.0))?
+                .map(|v| v.value().to_vec()))
+        };
+        Ok(read()?)
+    }
+
+    fn put_sync_state(
+        &mut self,
+        peer: &Peer,
+        id: &PartitionId,
+        state: &[u8],
+    ) -> Result<(), SessionStoreError> {
+        if let Some(why) = self.refusal(id) {
+            return Err(SessionStoreError::NotAllowed {
+                id: id.clone(),
+                why,
+            });
+        }
+        let write = || -> Result<(), LedgerError> {
+            let txn = self.ledger.store.db().begin_write()?;
+            let key = peer_key(peer);
+            txn.open_table(SYNC_STATES)?
+                .insert((key.as_str(), id.facility.as_str(), id.day.0), state)?;
+            txn.commit()?;
+            Ok(())
+        };
+        Ok(write()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index() -> DayIndex {
+        DayIndex::new(Day(20_000), &[7u8; 32])
+    }
+
+    fn visit(token: Option<[u8; 16]>) -> IndexedVisit {
+        IndexedVisit {
+            facility: FacilityId::parse("fac_a").expect("valid"),
+            scanned_at: 1_728_000_000,
+            device: DeviceId::parse("dev_a").expect("valid"),
+            token,
+            record: RecordId([1; 16]),
+        }
+    }
+
+    #[test]
+    fn sealed_values_open_only_under_their_day_table_and_tag() {
+        let ix = index();
+        let mut rng = StdRng::from_seed([1; 32]);
+        let v = visit(Some([9; 16]));
+        let plain = postcard::to_stdvec(&v).expect("encodes");
+        let tag = ix.token_tag(&[9; 16]);
+        let sealed = ix
+            .seal(&mut rng, IndexKind::Token, &tag, &plain)
+            .expect("seals");
+        assert_eq!(ix.open(IndexKind::Token, &tag, &sealed), Some(v));
+        // Moved to the other table, another tag or another day: it does not open.
+        assert_eq!(ix.open(IndexKind::Facility, &tag, &sealed), None);
+        assert_eq!(ix.open(IndexKind::Token, &[0; 32], &sealed), None);
+        let other_day = DayIndex::new(Day(20_001), &[7u8; 32]);
+        assert_eq!(other_day.open(IndexKind::Token, &tag, &sealed), None);
+        assert_eq!(ix.open(IndexKind::Token, &tag, &sealed[..10]), None);
+        // The token is nowhere in the sealed bytes.
+        assert!(!sealed.windows(16).any(|w| w == [9u8; 16]));
+    }
+
+    #[test]
+    fn tags_depend_on_the_day_key_and_kind() {
+        let a = index();
+        let b = DayIndex::new(Day(20_000), &[8u8; 32]);
+        assert_ne!(a.token_tag(&[1; 16]), b.token_tag(&[1; 16]));
+        assert_ne!(a.token_tag(&[1; 16]), a.token_tag(&[2; 16]));
+        let f = FacilityId::parse("fac_a").expect("valid");
+        assert_ne!(a.facility_tag(&f), b.facility_tag(&f));
+        // Token and facility tags use different keys even over equal bytes.
+        let g = FacilityId::parse("0123456789abcdef").expect("valid");
+        let mut t = [0u8; 16];
+        t.copy_from_slice(b"0123456789abcdef");
+        assert_ne!(a.facility_tag(&g), a.token_tag(&t));
+    }
+
+    #[test]
+    fn debug_elides_the_token() {
+        let text = format!("{:?}", visit(Some([0xAB; 16])));
+        assert!(text.contains("<elided>"));
+        assert!(!text.contains("171") && !text.to_lowercase().contains("abab"));
+    }
+
+    #[test]
+    fn heads_parse_or_are_damaged() {
+        assert_eq!(parse_heads(&[]).expect("empty"), Vec::<[u8; 32]>::new());
+        assert_eq!(
+            parse_heads(&[1u8; 64]).expect("two heads"),
+            vec![[1u8; 32]; 2]
+        );
+        assert!(matches!(
+            parse_heads(&[1u8; 33]),
+            Err(LedgerError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn peer_keys_do_not_collide() {
+        let device = Peer::Device {
+            device: DeviceId::parse("hub-x").expect("valid"),
+            facility: FacilityId::parse("fac_a").expect("valid"),
+        };
+        let hub = Peer::Hub { region: "x".into() };
+        assert_eq!(peer_key(&device), "hub-x");
+        assert_eq!(peer_key(&hub), "hub:x");
+    }
+}
