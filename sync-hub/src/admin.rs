@@ -330,6 +330,11 @@ impl Hub {
         Ok(ticket)
     }
 
+    /// Rewrites the store file so that deleted pages are gone (best effort).
+    pub fn compact(mut self) {
+        let _ = sync_hub_compact(&mut self.store);
+    }
+
     /// Writes a ticket to a new file readable only by its owner.
     pub fn write_ticket(ticket: &EnrollmentTicket, path: &Path) -> Result<(), HubError> {
         let err = |source| HubError::TicketFile {
@@ -347,4 +352,8 @@ impl Hub {
         std::io::Write::write_all(&mut f, ticket.to_json().as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)
     }
+}
+
+fn sync_hub_compact(store: &mut Store) -> bool {
+    store.compact()
 }

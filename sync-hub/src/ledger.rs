@@ -867,7 +867,7 @@ fn read_chunks(
 }
 
 fn parse_heads(bytes: &[u8]) -> Result<Vec<[u8; 32]>, LedgerError> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return Err(LedgerError::Corrupt {
             table: "partition-heads-1",
             reason: format!("{} bytes is not a whole number of 32-byte heads", bytes.len()),

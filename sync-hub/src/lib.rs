@@ -6,7 +6,9 @@
 
 pub mod admin;
 pub mod clock;
+pub mod control;
 pub mod daemon;
+pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod store;

@@ -7,7 +7,8 @@ use serde_json::json;
 use shared::facility::{BusinessNumber, Registration};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use sync_hub::{Hub, clock};
+use sync_hub::ledger::Ledger;
+use sync_hub::{Hub, HubError, clock, control};
 
 #[derive(Parser)]
 #[command(name = "sync-hub", version, about = "The regional hub of the offline-first visitor log")]
@@ -49,6 +50,48 @@ enum Command {
     Facility {
         #[command(subcommand)]
         command: FacilityCommand,
+    },
+    /// Run the hub: sync endpoint (iroh) and HTTP API.
+    Run {
+        /// UDP address for sync. Default: the one recorded at init.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// HTTP address (API, metrics).
+        #[arg(long, default_value = "127.0.0.1:7448")]
+        http: SocketAddr,
+    },
+    /// Facilities and records the hub holds.
+    Stats {
+        /// Print JSON (the only format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A health-authority trace of a case's tokens.
+    Trace {
+        /// A token, 32 hex characters (repeatable).
+        #[arg(long = "token", required = true)]
+        tokens: Vec<String>,
+        /// Contacts within this many minutes of a visit.
+        #[arg(long, default_value_t = 30)]
+        window_minutes: u64,
+        /// The case id (audited).
+        #[arg(long)]
+        case: Option<String>,
+        /// The purpose (audited).
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
+    Purge {
+        /// Unix seconds; earlier than now is ignored.
+        #[arg(long)]
+        as_of: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write an enrollment ticket for one new device of a facility.
     Enroll {
@@ -208,6 +251,67 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Facility { command } => facility(&data, command, now)?,
+        Command::Run { listen, http } => run_hub(&data, listen, http)?,
+        Command::Stats { json: _ } => {
+            let v = match Hub::open(&data) {
+                Ok(hub) => {
+                    let ledger = Ledger::open(hub.store(), hub.keys())?;
+                    serde_json::to_value(ledger.stats(now)?)?
+                }
+                Err(e) if is_busy(&e) => control::call(&data, "GET", "/api/stats", None)?,
+                Err(e) => return Err(e.into()),
+            };
+            println!("{v}");
+        }
+        Command::Trace {
+            tokens,
+            window_minutes,
+            case,
+            purpose,
+            json,
+        } => {
+            let parsed = sync_hub::http::parse_tokens(&tokens).map_err(anyhow::Error::msg)?;
+            if window_minutes > sync_hub::http::MAX_WINDOW_MINUTES {
+                anyhow::bail!("--window-minutes may not exceed the retention period (40320)");
+            }
+            let v = match Hub::open(&data) {
+                Ok(hub) => {
+                    tracing::info!(case = case.as_deref().unwrap_or("-"), purpose = purpose.as_deref().unwrap_or("-"), "trace");
+                    let ledger = Ledger::open(hub.store(), hub.keys())?;
+                    serde_json::to_value(ledger.trace(&parsed, window_minutes, now)?)?
+                }
+                Err(e) if is_busy(&e) => control::call(
+                    &data,
+                    "POST",
+                    "/api/trace",
+                    Some(json!({"tokens": tokens, "window_minutes": window_minutes, "case": case, "purpose": purpose})),
+                )?,
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{v}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        Command::Purge { as_of, json } => {
+            let v = match Hub::open(&data) {
+                Ok(hub) => {
+                    let mut ledger = Ledger::open(hub.store(), hub.keys())?;
+                    let r = ledger.purge(as_of.unwrap_or(now).max(now))?;
+                    drop(ledger);
+                    hub.compact();
+                    serde_json::to_value(r)?
+                }
+                Err(e) if is_busy(&e) => control::call(&data, "POST", "/api/purge", Some(json!({"as_of": as_of})))?,
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{v}");
+            } else {
+                println!("retention enforced: {v}");
+            }
+        }
         Command::Enroll {
             facility_id,
             device_name,
@@ -233,6 +337,69 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn is_busy(e: &HubError) -> bool {
+    matches!(e, HubError::Store(sync_hub::store::StoreError::Busy(_)))
+}
+
+fn run_hub(data: &std::path::Path, listen: Option<SocketAddr>, http: SocketAddr) -> Result<()> {
+    let hub = Hub::open(data)?;
+    let listen = listen.unwrap_or(hub.config().listen);
+    let secret = hub.keys().endpoint_secret()?;
+    let token = control::operator_token(data)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let endpoint = sync_hub::daemon::bind(secret, listen).await?;
+        let (handle, actor) = sync_hub::daemon::start(hub)?;
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {http}"))?;
+        let http_addr = listener.local_addr()?;
+        let sync_addrs = endpoint.bound_sockets();
+        control::write_run_file(data, http_addr, &sync_addrs)?;
+        eprintln!(
+            "sync-hub: serving sync on {:?} and HTTP on http://{http_addr}",
+            sync_addrs
+        );
+        let app = sync_hub::http::router(handle.clone(), token);
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+        let sync = sync_hub::daemon::serve(endpoint.clone(), handle.clone());
+        tokio::select! {
+            r = server => { r?; }
+            _ = sync => {}
+        }
+        endpoint.close().await;
+        sync_hub::daemon::stop(&handle);
+        let _ = actor.join();
+        control::remove_run_file(data);
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {

@@ -130,6 +130,11 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// Rewrites the file without free pages (best effort: false if it could not run).
+    pub fn compact(&mut self) -> bool {
+        crate::ledger::compact(&mut self.db)
+    }
+
     /// The underlying database, for the modules that own further tables.
     pub fn db(&self) -> &Database {
         &self.db

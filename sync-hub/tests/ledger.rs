@@ -517,7 +517,7 @@ fn purge_destroys_the_day_everywhere() {
     let tokens = [[0x3A; 16], [0x5C; 16], [0x7E; 16]];
     let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
     let p = device_partition(
-        &mut f,
+        &f,
         &fa,
         &da,
         DAY,

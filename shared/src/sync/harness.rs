@@ -392,6 +392,8 @@ pub struct FuzzFixture {
     facilities: [FacilityId; 2],
     hub: Peer,
     device: Peer,
+    /// A device of the other facility.
+    stranger: Peer,
 }
 
 impl FuzzFixture {
@@ -469,6 +471,10 @@ impl FuzzFixture {
             device: Peer::Device {
                 device: device_id,
                 facility: facilities[0].clone(),
+            },
+            stranger: Peer::Device {
+                device: crate::ids::DeviceId::parse("dev_b").map_err(|e| e.to_string())?,
+                facility: facilities[1].clone(),
             },
             facilities,
         })
@@ -594,11 +600,7 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
                 let peer = match script.byte() % 3 {
                     0 => fixture.hub.clone(),
                     1 => fixture.device.clone(),
-                    _ => Peer::Device {
-                        device: crate::ids::DeviceId::parse("dev_b")
-                            .unwrap_or_else(|_| unreachable_id()),
-                        facility: fixture.facilities[1].clone(),
-                    },
+                    _ => fixture.stranger.clone(),
                 };
                 let hello = super::frame::Hello {
                     version: if script.byte() < 250 { 1 } else { 2 },
@@ -757,9 +759,4 @@ fn drain_count(session: &mut Session, report: &mut FuzzReport) -> usize {
         }
     }
     out
-}
-
-/// Never called: "dev_b" is a valid device id. Exists so the driver has no `expect`.
-fn unreachable_id() -> crate::ids::DeviceId {
-    crate::ids::DeviceId::random(&mut FixtureRng(1))
 }
