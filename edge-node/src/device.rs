@@ -130,6 +130,8 @@ pub struct Status {
     pub facility_name: String,
     /// This device.
     pub device_id: String,
+    /// Its iroh endpoint id (siblings name it in `--peer ID@ADDR`).
+    pub endpoint_id: String,
     /// Where it stands.
     pub device_name: String,
     /// Records stored in live partitions.
@@ -672,6 +674,10 @@ impl Device {
             facility_id: self.enrollment.facility.id.to_string(),
             facility_name: self.enrollment.facility.registration.name.clone(),
             device_id: self.enrollment.device_id.to_string(),
+            endpoint_id: self
+                .endpoint_key()
+                .map(|k| iroh::SecretKey::from_bytes(&k).public().to_string())
+                .unwrap_or_default(),
             device_name: self.enrollment.device_name.clone(),
             records: partitions.iter().map(|p| p.records).sum(),
             unsynced: partitions.iter().map(|p| p.unsynced).sum(),

@@ -266,6 +266,18 @@ impl Hub {
         Ok(())
     }
 
+    /// Revokes a device: its later syncs are refused.
+    pub fn revoke_device(&self, id: &str) -> Result<(), HubError> {
+        let did = DeviceId::parse(id).map_err(|e| HubError::Invalid(e.to_string()))?;
+        let mut d = self
+            .store
+            .device(&did)?
+            .ok_or_else(|| HubError::Invalid(format!("no device {id}: see `sync-hub device list`")))?;
+        d.revoked = true;
+        self.store.put_device(&d)?;
+        Ok(())
+    }
+
     /// Every facility.
     pub fn facilities(&self) -> Result<Vec<Facility>, HubError> {
         Ok(self.store.facilities()?)
@@ -356,4 +368,110 @@ impl Hub {
 
 fn sync_hub_compact(store: &mut Store) -> bool {
     store.compact()
+}
+
+/// An administrative command, run on an open hub or sent to the running one
+/// (`POST /api/admin`), so every command works whether or not `run` is active.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum AdminCommand {
+    /// `issuers import`: the keyring file's text.
+    IssuersImport {
+        /// The keyring JSON.
+        keyring: String,
+    },
+    /// `facility add`.
+    FacilityAdd {
+        /// The registration.
+        registration: Registration,
+    },
+    /// `facility approve`.
+    FacilityApprove {
+        /// The facility id.
+        id: String,
+    },
+    /// `facility remove`.
+    FacilityRemove {
+        /// The facility id.
+        id: String,
+    },
+    /// `facility list`.
+    FacilityList,
+    /// `enroll`: answers with the ticket, which the command writes to its file.
+    Enroll {
+        /// The facility id.
+        facility_id: String,
+        /// Where the device stands.
+        device_name: String,
+    },
+    /// `device list`.
+    DeviceList,
+    /// `device revoke`.
+    DeviceRevoke {
+        /// The device id.
+        id: String,
+    },
+}
+
+impl AdminCommand {
+    /// Runs the command; the answer is JSON for the command line to print.
+    pub fn execute(self, hub: &Hub, now: UnixSeconds) -> Result<serde_json::Value, HubError> {
+        let v = match self {
+            AdminCommand::IssuersImport { keyring } => {
+                serde_json::json!({ "trusted_keys": hub.import_issuers(&keyring)? })
+            }
+            AdminCommand::FacilityAdd { registration } => {
+                let f = hub.add_facility(registration, now)?;
+                serde_json::json!({ "facility_id": f.id, "status": f.status.as_str() })
+            }
+            AdminCommand::FacilityApprove { id } => {
+                let f = hub.approve_facility(&id)?;
+                serde_json::json!({ "facility_id": f.id, "status": f.status.as_str() })
+            }
+            AdminCommand::FacilityRemove { id } => {
+                hub.remove_facility(&id)?;
+                serde_json::json!({ "facility_id": id, "removed": true })
+            }
+            AdminCommand::FacilityList => {
+                let list: Vec<serde_json::Value> = hub
+                    .facilities()?
+                    .into_iter()
+                    .map(|f| {
+                        let r = &f.registration;
+                        serde_json::json!({"facility_id": f.id, "status": f.status.as_str(), "name": r.name,
+                            "business_number": r.business_number.as_ref().map(|b| b.formatted()),
+                            "representative": r.representative, "phone": r.phone, "category": r.category,
+                            "region": r.region, "address": r.address, "registered_at": f.registered_at})
+                    })
+                    .collect();
+                serde_json::Value::Array(list)
+            }
+            AdminCommand::Enroll {
+                facility_id,
+                device_name,
+            } => {
+                let t = hub.enroll(&facility_id, &device_name, now)?;
+                serde_json::from_str(&t.to_json())
+                    .map_err(|e| HubError::Invalid(format!("cannot encode the ticket: {e}")))?
+            }
+            AdminCommand::DeviceList => {
+                let list: Vec<serde_json::Value> = hub
+                    .store()
+                    .devices()?
+                    .into_iter()
+                    .map(|d| {
+                        serde_json::json!({"device_id": d.id, "facility_id": d.facility, "name": d.name,
+                            "revoked": d.revoked, "endpoint_id": d.endpoint_id, "last_sync": d.last_sync,
+                            "clock_offset": d.clock_offset})
+                    })
+                    .collect();
+                serde_json::Value::Array(list)
+            }
+            AdminCommand::DeviceRevoke { id } => {
+                hub.revoke_device(&id)?;
+                serde_json::json!({ "device_id": id, "revoked": true })
+            }
+        };
+        Ok(v)
+    }
 }

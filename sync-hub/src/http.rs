@@ -27,6 +27,7 @@ pub fn router(hub: HubHandle, operator_token: String) -> Router {
         .route("/api/stats", get(stats))
         .route("/api/trace", post(trace))
         .route("/api/purge", post(purge))
+        .route("/api/admin", post(admin))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -160,4 +161,26 @@ async fn metrics(State(s): State<AppState>) -> Response {
     line("kipass_sync_bytes_sent_total", "UDP bytes sent on sync connections.", "counter", m.bytes_sent.load(Ordering::Relaxed));
     line("kipass_retention_runs_total", "Retention runs.", "counter", m.retention_runs.load(Ordering::Relaxed));
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn admin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<crate::admin::AdminCommand>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let Json(cmd) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    match s
+        .hub
+        .admin(move |hub| cmd.execute(hub, crate::clock::now()).map_err(|e| e.to_string()))
+        .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    }
 }

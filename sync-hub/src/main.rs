@@ -8,6 +8,7 @@ use shared::facility::{BusinessNumber, Registration};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use sync_hub::ledger::Ledger;
+use sync_hub::admin::AdminCommand;
 use sync_hub::{Hub, HubError, clock, control};
 
 #[derive(Parser)]
@@ -93,6 +94,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Enrolled devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Write an enrollment ticket for one new device of a facility.
     Enroll {
         /// The facility's id.
@@ -106,6 +112,21 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// List devices.
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device: every later sync from it is refused.
+    Revoke {
+        /// The device's id.
+        id: String,
     },
 }
 
@@ -240,18 +261,42 @@ fn run(cli: Cli) -> Result<()> {
         Command::Issuers {
             command: IssuersCommand::Import { file, json },
         } => {
-            let hub = Hub::open(&data)?;
-            let text = std::fs::read_to_string(&file)
+            let keyring = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read keyring {}", file.display()))?;
-            let n = hub.import_issuers(&text)?;
+            let v = admin(&data, AdminCommand::IssuersImport { keyring }, now)?;
             if json {
-                println!("{}", json!({"trusted_keys": n}));
+                println!("{v}");
             } else {
-                println!("the hub now trusts {n} issuer keys");
+                println!("the hub now trusts {} issuer keys", v["trusted_keys"]);
             }
         }
         Command::Facility { command } => facility(&data, command, now)?,
         Command::Run { listen, http } => run_hub(&data, listen, http)?,
+        Command::Device {
+            command: DeviceCommand::List { json },
+        } => {
+            let v = admin(&data, AdminCommand::DeviceList, now)?;
+            for d in v.as_array().into_iter().flatten() {
+                if json {
+                    println!("{d}");
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\tlast sync {}",
+                        d["device_id"].as_str().unwrap_or_default(),
+                        d["facility_id"].as_str().unwrap_or_default(),
+                        d["name"].as_str().unwrap_or_default(),
+                        if d["revoked"].as_bool().unwrap_or(false) { "revoked" } else { "active" },
+                        d["last_sync"]
+                    );
+                }
+            }
+        }
+        Command::Device {
+            command: DeviceCommand::Revoke { id },
+        } => {
+            admin(&data, AdminCommand::DeviceRevoke { id: id.clone() }, now)?;
+            println!("{id} revoked");
+        }
         Command::Stats { json: _ } => {
             let v = match Hub::open(&data) {
                 Ok(hub) => {
@@ -318,8 +363,9 @@ fn run(cli: Cli) -> Result<()> {
             out,
             json,
         } => {
-            let hub = Hub::open(&data)?;
-            let ticket = hub.enroll(&facility_id, &device_name, now)?;
+            let v = admin(&data, AdminCommand::Enroll { facility_id, device_name }, now)?;
+            let ticket = shared::ticket::EnrollmentTicket::parse(v.to_string().as_bytes())
+                .context("the hub answered with an unusable ticket")?;
             Hub::write_ticket(&ticket, &out)?;
             if json {
                 println!(
@@ -402,8 +448,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// Runs an administrative command on the store, or through the running hub.
+fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<serde_json::Value> {
+    match Hub::open(data) {
+        Ok(hub) => Ok(cmd.execute(&hub, now)?),
+        Err(e) if is_busy(&e) => control::call(data, "POST", "/api/admin", Some(serde_json::to_value(&cmd)?)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {
-    let hub = Hub::open(data)?;
     match command {
         FacilityCommand::Add {
             name,
@@ -419,62 +473,57 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 Some(b) => Some(BusinessNumber::parse(&b)?),
                 None => None,
             };
-            let f = hub.add_facility(
-                Registration {
-                    name,
-                    business_number,
-                    representative,
-                    phone,
-                    category,
-                    region,
-                    address,
-                },
-                now,
-            )?;
+            let registration = Registration {
+                name,
+                business_number,
+                representative,
+                phone,
+                category,
+                region,
+                address,
+            };
+            registration.validate()?;
+            let v = admin(data, AdminCommand::FacilityAdd { registration }, now)?;
             if json {
-                println!(
-                    "{}",
-                    json!({"facility_id": f.id, "status": f.status.as_str()})
-                );
+                println!("{v}");
             } else {
-                println!("{} {}", f.id, f.status.as_str());
+                println!(
+                    "{} {}",
+                    v["facility_id"].as_str().unwrap_or_default(),
+                    v["status"].as_str().unwrap_or_default()
+                );
             }
         }
         FacilityCommand::Approve { id, json } => {
-            let f = hub.approve_facility(&id)?;
+            let v = admin(data, AdminCommand::FacilityApprove { id }, now)?;
             if json {
-                println!("{}", json!({"facility_id": f.id, "status": f.status.as_str()}));
+                println!("{v}");
             } else {
-                println!("{} approved", f.id);
+                println!("{} approved", v["facility_id"].as_str().unwrap_or_default());
             }
         }
         FacilityCommand::Remove { id, json } => {
-            hub.remove_facility(&id)?;
+            let v = admin(data, AdminCommand::FacilityRemove { id: id.clone() }, now)?;
             if json {
-                println!("{}", json!({"facility_id": id, "removed": true}));
+                println!("{v}");
             } else {
                 println!("{id} removed; its devices are revoked");
             }
         }
         FacilityCommand::List { json } => {
-            for f in hub.facilities()? {
-                let r = &f.registration;
+            let v = admin(data, AdminCommand::FacilityList, now)?;
+            for f in v.as_array().into_iter().flatten() {
                 if json {
-                    println!(
-                        "{}",
-                        json!({"facility_id": f.id, "status": f.status.as_str(), "name": r.name,
-                               "business_number": r.business_number.as_ref().map(|b| b.formatted()),
-                               "representative": r.representative, "phone": r.phone, "category": r.category,
-                               "region": r.region, "address": r.address, "registered_at": f.registered_at})
-                    );
+                    println!("{f}");
                 } else {
+                    let field = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
                     println!(
                         "{}\t{}\t{}\t{}\t{}",
-                        f.id,
-                        f.status.as_str(),
-                        r.category,
-                        r.name,
-                        r.address
+                        field("facility_id"),
+                        field("status"),
+                        field("category"),
+                        field("name"),
+                        field("address")
                     );
                 }
             }

@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use shared::token::TestIssuer;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// Unix seconds now.
 pub fn now() -> u64 {
@@ -74,6 +75,8 @@ pub struct HubFixture {
     pub data: PathBuf,
     /// The facility's id.
     pub facility: String,
+    /// The UDP port `run` listens on for sync (written into tickets).
+    pub sync_port: u16,
 }
 
 impl HubFixture {
@@ -82,9 +85,11 @@ impl HubFixture {
         let tmp = tempfile::tempdir()?;
         let data = tmp.path().join("hub");
         let d = data.to_str().unwrap_or_default().to_owned();
+        let sync_port = free_udp_port()?;
+        let listen = format!("127.0.0.1:{sync_port}");
         run_ok(
             "sync-hub",
-            &["--data", &d, "init", "--region", "mapo", "--listen", "127.0.0.1:0"],
+            &["--data", &d, "init", "--region", "mapo", "--listen", &listen],
         )?;
         let ring = tmp.path().join("keyring.json");
         std::fs::write(&ring, keyring_json())?;
@@ -97,7 +102,71 @@ impl HubFixture {
             tmp,
             data,
             facility,
+            sync_port,
         })
+    }
+
+    /// Registers another approved facility; returns its id.
+    pub fn add_facility(&self, name: &str) -> Result<String> {
+        Self::add_facility_at(&self.data_str(), name)
+    }
+
+    /// Starts `sync-hub run` and waits until it answers.
+    pub fn start(&self) -> Result<Proc> {
+        let _ = std::fs::remove_file(self.data.join("run.json"));
+        let child = Command::new(bin("sync-hub"))
+            .args(["--data", &self.data_str(), "run", "--http", "127.0.0.1:0"])
+            .env_remove("SYNC_HUB_DATA")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let proc = Proc(child);
+        let run = self.data.join("run.json");
+        if !wait_until(Duration::from_secs(30), || run.exists()) {
+            bail!("the hub did not start within 30 s");
+        }
+        Ok(proc)
+    }
+
+    /// `sync-hub stats --json`.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            run_ok("sync-hub", &["--data", &self.data_str(), "stats", "--json"])?.trim(),
+        )?)
+    }
+
+    /// Records the hub holds for `facility`.
+    pub fn records_of(&self, facility: &str) -> Result<u64> {
+        Ok(self.stats()?["per_facility"][facility].as_u64().unwrap_or(0))
+    }
+
+    /// `sync-hub trace --json` for one token.
+    pub fn trace(&self, token: &[u8; 16]) -> Result<serde_json::Value> {
+        let t = hex::encode(token);
+        Ok(serde_json::from_str(
+            run_ok("sync-hub", &["--data", &self.data_str(), "trace", "--token", &t, "--json"])?.trim(),
+        )?)
+    }
+
+    /// Writes a ticket for `facility` and enrolls a device in a new folder; returns it.
+    pub fn enroll_device_for(&self, facility: &str, name: &str) -> Result<PathBuf> {
+        let ticket = self.write_ticket(facility, name)?;
+        let dev = self.tmp.path().join(format!("dev-{name}"));
+        run_ok(
+            "edge-node",
+            &["--data", dev.to_str().unwrap_or_default(), "init", "--ticket", ticket.to_str().unwrap_or_default()],
+        )?;
+        Ok(dev)
+    }
+
+    /// Writes a ticket for a new device of `facility`; returns the file.
+    pub fn write_ticket(&self, facility: &str, name: &str) -> Result<PathBuf> {
+        let ticket = self.tmp.path().join(format!("{name}.ticket"));
+        run_ok(
+            "sync-hub",
+            &["--data", &self.data_str(), "enroll", facility, "--device-name", name, "--out", ticket.to_str().unwrap_or_default()],
+        )?;
+        Ok(ticket)
     }
 
     fn add_facility_at(d: &str, name: &str) -> Result<String> {
@@ -135,6 +204,78 @@ impl HubFixture {
         std::fs::remove_file(&ticket)?;
         Ok(dev)
     }
+}
+
+/// A child process killed and reaped when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    /// Kills (SIGKILL) and reaps now.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 50 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A UDP port free on loopback right now.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Checks in `n` fresh codes at a device directly (no camera), returning their tokens.
+/// The device must not be running.
+pub fn check_in_codes(dev: &Path, n: usize) -> Result<Vec<[u8; 16]>> {
+    let mut device = edge_node::device::Device::open(dev)?;
+    let issuer = issuer();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let token = random_token();
+        let now = now();
+        let v = device.check_in(now, &issuer.issue(now, 60, token))?;
+        if v.verdict != shared::token::Verdict::Accepted {
+            bail!("code refused: {:?}", v.verdict);
+        }
+        out.push(token);
+    }
+    Ok(out)
+}
+
+/// `edge-node status --json` of a device folder.
+pub fn device_status(dev: &Path) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        run_ok("edge-node", &["--data", dev.to_str().unwrap_or_default(), "status", "--json"])?.trim(),
+    )?)
+}
+
+/// `edge-node sync --once --json`; returns the process output (it may fail).
+pub fn sync_once(dev: &Path, peers: &[String]) -> Result<Output> {
+    let mut args = vec!["--data".to_owned(), dev.display().to_string(), "sync".into(), "--once".into(), "--json".into(), "--listen".into(), "127.0.0.1:0".into()];
+    for p in peers {
+        args.push("--peer".into());
+        args.push(p.clone());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("edge-node", &refs)
 }
 
 /// A fresh random 16-byte token.
