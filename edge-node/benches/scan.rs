@@ -86,7 +86,10 @@ fn main() -> Result<()> {
         let got = decode_frame(png)?;
         decode.push(t.elapsed());
         if got.as_deref() != Some(text.as_str()) {
-            return Err("a frame decoded to another text (or none): the decoder or the renderer is broken".into());
+            return Err(
+                "a frame decoded to another text (or none): the decoder or the renderer is broken"
+                    .into(),
+            );
         }
     }
 
@@ -150,12 +153,7 @@ fn main() -> Result<()> {
         ("whole pipeline (decode + check-in)", &whole),
     ] {
         let s = Summary::of(samples);
-        println!(
-            "| {name} | {} | {} | {} |",
-            ms(s.p50),
-            ms(s.p99),
-            ms(s.max)
-        );
+        println!("| {name} | {} | {} | {} |", ms(s.p50), ms(s.p99), ms(s.max));
     }
     let ratio = Summary::of(&whole).p99.as_secs_f64() / Summary::of(&decode).p99.as_secs_f64();
     println!(
@@ -307,7 +305,8 @@ fn render_png(text: &str, rng: &mut StdRng) -> Result<Vec<u8>> {
             return base + gx * x + gy * y;
         }
         let (mu, mv) = (u as u32, v as u32);
-        let inside = (QUIET..QUIET + modules).contains(&mu) && (QUIET..QUIET + modules).contains(&mv);
+        let inside =
+            (QUIET..QUIET + modules).contains(&mu) && (QUIET..QUIET + modules).contains(&mv);
         let is_dark =
             inside && colors[((mv - QUIET) * modules + (mu - QUIET)) as usize] == Color::Dark;
         if is_dark { dark } else { light }

@@ -75,8 +75,11 @@ pub enum Request {
         reply: oneshot::Sender<Result<PurgeReport, String>>,
     },
     /// Run an administrative closure on the hub (facility approval and the like).
-    Admin(Box<dyn FnOnce(&Hub) -> Result<serde_json::Value, String> + Send>),
+    Admin(AdminJob),
 }
+
+/// An administrative operation for the actor to run on the hub.
+pub type AdminJob = Box<dyn FnOnce(&Hub) -> Result<serde_json::Value, String> + Send>;
 
 enum Input {
     Open {

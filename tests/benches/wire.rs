@@ -130,7 +130,9 @@ fn main() -> Result<()> {
     let per_ours = a.socket_sent as f64 / BACKLOG as f64;
     let per_post = baseline.sent as f64 / BACKLOG as f64;
     println!();
-    println!("baseline: one JSON HTTP/1.1 POST per visit, keep-alive, plain TCP, ureq's default headers");
+    println!(
+        "baseline: one JSON HTTP/1.1 POST per visit, keep-alive, plain TCP, ureq's default headers"
+    );
     println!("| design | records | client B sent | client B received | sent B/record | time |");
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
@@ -181,24 +183,63 @@ impl Bed {
         let sync_port = free_udp_port()?;
         let h = path_str(&hub)?;
         let listen = format!("127.0.0.1:{sync_port}");
-        run_ok("sync-hub", &["--data", h, "init", "--region", "mapo", "--listen", &listen])?;
+        run_ok(
+            "sync-hub",
+            &["--data", h, "init", "--region", "mapo", "--listen", &listen],
+        )?;
         let ring = tmp.path().join("keyring.json");
         std::fs::write(&ring, fixture::keyring_json())?;
-        run_ok("sync-hub", &["--data", h, "issuers", "import", path_str(&ring)?])?;
+        run_ok(
+            "sync-hub",
+            &["--data", h, "issuers", "import", path_str(&ring)?],
+        )?;
         let out = run_ok(
             "sync-hub",
             &[
-                "--data", h, "facility", "add", "--name", "Star Karaoke", "--business-number",
-                fixture::BUSINESS_NUMBER, "--representative", "Kim", "--phone", "02-123-4567",
-                "--category", "karaoke", "--region", "mapo", "--address", "1 Wausan-ro", "--json",
+                "--data",
+                h,
+                "facility",
+                "add",
+                "--name",
+                "Star Karaoke",
+                "--business-number",
+                fixture::BUSINESS_NUMBER,
+                "--representative",
+                "Kim",
+                "--phone",
+                "02-123-4567",
+                "--category",
+                "karaoke",
+                "--region",
+                "mapo",
+                "--address",
+                "1 Wausan-ro",
+                "--json",
             ],
         )?;
         let v: serde_json::Value = serde_json::from_str(out.trim())?;
-        let facility = v["facility_id"].as_str().context("facility add printed no id")?;
+        let facility = v["facility_id"]
+            .as_str()
+            .context("facility add printed no id")?;
         let ticket = tmp.path().join("gate.ticket");
         let t = path_str(&ticket)?;
-        run_ok("sync-hub", &["--data", h, "enroll", facility, "--device-name", "gate", "--out", t])?;
-        run_ok("edge-node", &["--data", path_str(&device)?, "init", "--ticket", t])?;
+        run_ok(
+            "sync-hub",
+            &[
+                "--data",
+                h,
+                "enroll",
+                facility,
+                "--device-name",
+                "gate",
+                "--out",
+                t,
+            ],
+        )?;
+        run_ok(
+            "edge-node",
+            &["--data", path_str(&device)?, "init", "--ticket", t],
+        )?;
         Ok(Bed {
             tmp,
             hub,
@@ -218,7 +259,10 @@ impl Bed {
             let token = fixture::random_token();
             let r = device.check_in(now, &issuer.issue(now, 60, token))?;
             if r.verdict != Verdict::Accepted {
-                bail!("a fresh code was {} instead of accepted", r.verdict.as_str());
+                bail!(
+                    "a fresh code was {} instead of accepted",
+                    r.verdict.as_str()
+                );
             }
             tokens.push(token);
         }
@@ -294,7 +338,15 @@ impl Bed {
     fn sync(&self) -> Result<SyncFigures> {
         let started = Instant::now();
         let mut child = Command::new(bin("edge-node"))
-            .args(["--data", path_str(&self.device)?, "sync", "--once", "--json", "--listen", "127.0.0.1:0"])
+            .args([
+                "--data",
+                path_str(&self.device)?,
+                "sync",
+                "--once",
+                "--json",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .env_remove("EDGE_NODE_DATA")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -329,7 +381,10 @@ impl Bed {
         if v["ok"] != serde_json::Value::Bool(true) || v["peer"] != "hub" {
             bail!("the hub session did not complete: {line}");
         }
-        let n = |k: &str| v[k].as_u64().with_context(|| format!("report has no {k}: {line}"));
+        let n = |k: &str| {
+            v[k].as_u64()
+                .with_context(|| format!("report has no {k}: {line}"))
+        };
         Ok(SyncFigures {
             socket_sent: n("socket_bytes_sent")?,
             socket_received: n("socket_bytes_received")?,
@@ -350,14 +405,19 @@ impl HubProcess {
     fn wait_for_records(&self, bed: &Bed, records: u64) -> Result<Duration> {
         let started = Instant::now();
         loop {
-            let out = run_ok("sync-hub", &["--data", path_str(&bed.hub)?, "stats", "--json"])?;
+            let out = run_ok(
+                "sync-hub",
+                &["--data", path_str(&bed.hub)?, "stats", "--json"],
+            )?;
             let v: serde_json::Value = serde_json::from_str(out.trim())?;
             let held = v["records"].as_u64().unwrap_or(0);
             if held >= records {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > HUB_DEADLINE {
-                bail!("the hub holds {held} records, not {records}, {HUB_DEADLINE:?} after the sync");
+                bail!(
+                    "the hub holds {held} records, not {records}, {HUB_DEADLINE:?} after the sync"
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -420,7 +480,9 @@ fn http_baseline(bed: &Bed, tokens: &[[u8; 16]]) -> Result<PostFigures> {
         .join()
         .map_err(|_| anyhow::anyhow!("the HTTP sink panicked"))??;
     if sink_read != sent || requests != expected {
-        bail!("the sink read {sink_read} bytes in {requests} requests; the client sent {sent} in {expected}");
+        bail!(
+            "the sink read {sink_read} bytes in {requests} requests; the client sent {sent} in {expected}"
+        );
     }
     Ok(PostFigures {
         sent,

@@ -18,12 +18,11 @@ pub fn now() -> u64 {
 /// alongside this test (both packages have integration tests, so cargo builds their bins).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    // Tests live in target/<profile>/deps/, the demo in target/<profile>/.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
 

@@ -95,8 +95,8 @@ fn nothing_readable_at_rest() -> Result<()> {
             secrets.push(hex::encode_upper(token).into_bytes());
             secrets.push(payload.clone().into_bytes());
             // The base45 part alone, and a run of it.
-            secrets.push(payload[4..].as_bytes().to_vec());
-            secrets.push(payload[40..80].as_bytes().to_vec());
+            secrets.push(payload.as_bytes()[4..].to_vec());
+            secrets.push(payload.as_bytes()[40..80].to_vec());
         }
         let mut args = vec!["--data", &d, "scan", "--json"];
         args.extend(paths.iter().map(String::as_str));
