@@ -7,12 +7,11 @@
 //! session at a time.
 
 use crate::clock;
-use crate::device::Device;
 use crate::net::{self, NetError, SharedDevice, SyncReport, Target};
 use iroh::{Endpoint, PublicKey};
 use rand::Rng;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -58,13 +57,12 @@ pub fn backoff(failures: u32) -> Duration {
 
 /// Runs the device until `shutdown` resolves.
 pub async fn run(
-    device: Device,
+    device: SharedDevice,
     listen: SocketAddr,
     peers: Vec<Target>,
     wake: Arc<Notify>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NetError> {
-    let device: SharedDevice = Arc::new(Mutex::new(device));
     let endpoint = net::bind(&device, listen).await?;
     tracing::info!(
         "device endpoint {} listening on {:?}",

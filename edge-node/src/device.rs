@@ -111,7 +111,7 @@ pub struct CheckIn {
 }
 
 /// Per-day figures for `status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartitionStatus {
     /// The UTC day.
     pub day: Day,
@@ -122,7 +122,7 @@ pub struct PartitionStatus {
 }
 
 /// What `status` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// The facility.
     pub facility_id: String,
@@ -151,7 +151,7 @@ pub struct Status {
 }
 
 /// What `purge` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PurgeReport {
     /// The time retention was enforced as of.
     pub as_of: UnixSeconds,

@@ -4,6 +4,7 @@
 //! redb store ([`store`]), the check-in path ([`device`]) and the clock ([`clock`]).
 
 pub mod clock;
+pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod frame;

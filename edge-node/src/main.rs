@@ -4,7 +4,9 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use edge_node::device::Device;
-use edge_node::{clock, daemon, frame, net};
+use edge_node::device::DeviceError;
+use edge_node::store::StoreError;
+use edge_node::{clock, control, daemon, frame, net};
 use serde_json::json;
 use shared::paper::PaperEntry;
 use shared::token::{Keyring, Verdict, verify};
@@ -92,6 +94,9 @@ enum Command {
         /// The UDP address siblings reach this device on.
         #[arg(long, default_value = "0.0.0.0:7450")]
         listen: std::net::SocketAddr,
+        /// The local HTTP address of the device's API (commands use it while `run` is active).
+        #[arg(long, default_value = "127.0.0.1:7451")]
+        http: std::net::SocketAddr,
         /// A sibling device to sync with: ENDPOINT_ID@IP:PORT (repeatable).
         #[arg(long)]
         peer: Vec<String>,
@@ -167,7 +172,14 @@ fn one_line(e: &anyhow::Error) -> String {
         .replace('\n', " ")
 }
 
-fn message(v: Verdict) -> String {
+/// What the visitor is told, Korean first; for a malformed code, why (not a check-in code
+/// at all, or a damaged one).
+fn message(v: Verdict, text: Option<&str>) -> String {
+    if v == Verdict::Malformed {
+        if let Some(m) = text.and_then(shared::token::malformed_reason) {
+            return format!("{} / {}", m.message_ko(), m.message_en());
+        }
+    }
     format!("{} / {}", v.message_ko(), v.message_en())
 }
 
@@ -213,20 +225,21 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, Some(p)) => Some(p),
                 (None, None) => bail!("give a PAYLOAD or --image FILE"),
             };
-            let verdict = match text {
+            let verdict = match &text {
                 None => Verdict::NoCode,
-                Some(t) => match verify(&t, &ring, at.unwrap_or(now), skew) {
+                Some(t) => match verify(t, &ring, at.unwrap_or(now), skew) {
                     Ok(_) => Verdict::Accepted,
                     Err(v) => v,
                 },
             };
+            let text = text.as_deref();
             if json {
                 println!(
                     "{}",
-                    json!({"verdict": verdict.as_str(), "message": message(verdict)})
+                    json!({"verdict": verdict.as_str(), "message": message(verdict, text)})
                 );
             } else {
-                println!("{}: {}", verdict.as_str(), message(verdict));
+                println!("{}: {}", verdict.as_str(), message(verdict, text));
             }
             Ok(0)
         }
@@ -258,21 +271,32 @@ fn run(cli: Cli) -> Result<i32> {
             };
             // Refuse before opening the store, so a refused entry touches nothing.
             entry.validate()?;
-            let mut dev = Device::open(&data)?;
-            let id = dev.add_paper(now, &entry)?;
+            let id = match Device::open(&data) {
+                Ok(mut dev) => dev.add_paper(now, &entry)?.to_string(),
+                Err(e) if is_busy(&e) => control::Client::find(&data)?
+                    .post_json("/api/paper", &serde_json::to_value(&entry)?)?["record_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                Err(e) => return Err(e.into()),
+            };
             if json {
-                println!("{}", json!({"record_id": id.to_string(), "stored": true}));
+                println!("{}", json!({"record_id": id, "stored": true}));
             } else {
                 println!("paper-log entry stored, sealed for the health authority");
             }
             Ok(0)
         }
         Command::Status { json } => {
-            let dev = Device::open(&data)?;
-            let s = dev.status(now)?;
+            let s: serde_json::Value = match Device::open(&data) {
+                Ok(dev) => serde_json::to_value(dev.status(now)?)?,
+                Err(e) if is_busy(&e) => control::Client::find(&data)?.get("/api/status")?,
+                Err(e) => return Err(e.into()),
+            };
             if json {
-                println!("{}", serde_json::to_string(&s)?);
+                println!("{s}");
             } else {
+                let s: edge_node::device::Status = serde_json::from_value(s)?;
                 println!(
                     "device {} ({}) of {} ({})",
                     s.device_id, s.device_name, s.facility_id, s.facility_name
@@ -302,7 +326,16 @@ fn run(cli: Cli) -> Result<i32> {
                 .map(|p| net::parse_peer(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(anyhow::Error::msg)?;
-            let device = Device::open(&data)?;
+            let device = match Device::open(&data) {
+                Ok(d) => d,
+                Err(e) if is_busy(&e) => {
+                    // `run` is active: ask it to sync now and report the outcome.
+                    let v = control::Client::find(&data)?.post_json("/api/sync", &json!({}))?;
+                    println!("{v}");
+                    return Ok(if v["ok"].as_bool() == Some(true) { 0 } else { 3 });
+                }
+                Err(e) => return Err(e.into()),
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -338,7 +371,7 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(3)
             }
         }
-        Command::Run { listen, peer } => {
+        Command::Run { listen, http, peer } => {
             let peers = peer
                 .iter()
                 .map(|p| net::parse_peer(p))
@@ -349,18 +382,42 @@ fn run(cli: Cli) -> Result<i32> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
+            let token = control::control_token(&data)?;
             rt.block_on(async {
+                let device = std::sync::Arc::new(std::sync::Mutex::new(device));
                 let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-                daemon::run(device, listen, peers, wake, shutdown_signal()).await
+                let listener = tokio::net::TcpListener::bind(http)
+                    .await
+                    .with_context(|| format!("cannot listen for HTTP on {http}"))?;
+                let addr = listener.local_addr()?;
+                control::write_run_file(&data, addr)?;
+                let app = control::router(control::ControlState {
+                    device: device.clone(),
+                    wake: wake.clone(),
+                    token: std::sync::Arc::new(token),
+                });
+                let server = axum::serve(listener, app);
+                let result = tokio::select! {
+                    r = daemon::run(device, listen, peers, wake, shutdown_signal()) => r.map_err(anyhow::Error::from),
+                    r = server => r.map_err(anyhow::Error::from),
+                };
+                control::remove_run_file(&data);
+                result
             })?;
             Ok(0)
         }
         Command::Purge { as_of, json } => {
-            let mut dev = Device::open(&data)?;
-            let r = dev.purge(now, as_of)?;
+            let r: serde_json::Value = match Device::open(&data) {
+                Ok(mut dev) => serde_json::to_value(dev.purge(now, as_of)?)?,
+                Err(e) if is_busy(&e) => {
+                    control::Client::find(&data)?.post_json("/api/purge", &json!({ "as_of": as_of }))?
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                println!("{r}");
             } else {
+                let r: edge_node::device::PurgeReport = serde_json::from_value(r)?;
                 println!(
                     "retention as of {}: horizon day {}, dropped {} partitions, kept {} unsynced for one more day",
                     r.as_of,
@@ -396,31 +453,69 @@ async fn shutdown_signal() {
     }
 }
 
+fn is_busy(e: &DeviceError) -> bool {
+    matches!(e, DeviceError::Store(StoreError::Busy(_)))
+}
+
+/// Where scans go: the store itself, or the running device.
+enum Scanner {
+    Local(Box<Device>),
+    Running(control::Client),
+}
+
 fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
-    let mut dev = Device::open(data)?;
+    let mut scanner = match Device::open(data) {
+        Ok(d) => Scanner::Local(Box::new(d)),
+        Err(e) if is_busy(&e) => Scanner::Running(control::Client::find(data)?),
+        Err(e) => return Err(e.into()),
+    };
     let mut failed = 0;
     for img in images {
-        let text = match frame::read_frame_file(img).and_then(|b| frame::decode_frame(&b)) {
-            Ok(t) => t,
+        let bytes = match frame::read_frame_file(img) {
+            Ok(b) => b,
             Err(e) => {
-                let reason = e.to_string().replace(['\n', '\r'], " ");
-                eprintln!("edge-node: {}: {reason}", img.display());
+                eprintln!("edge-node: {}: {}", img.display(), e.to_string().replace(['\n', '\r'], " "));
                 failed += 1;
                 continue;
             }
         };
-        let verdict = match text {
-            None => Verdict::NoCode,
-            Some(t) => dev.check_in(clock::now(), &t)?.verdict,
+        let (verdict, text) = match &mut scanner {
+            Scanner::Local(dev) => {
+                let text = match frame::decode_frame(&bytes) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("edge-node: {}: {}", img.display(), e.to_string().replace(['\n', '\r'], " "));
+                        failed += 1;
+                        continue;
+                    }
+                };
+                let verdict = match &text {
+                    None => Verdict::NoCode,
+                    Some(t) => dev.check_in(clock::now(), t)?.verdict,
+                };
+                (verdict, text)
+            }
+            Scanner::Running(client) => match client.post_bytes("/api/scan", &bytes) {
+                Ok(v) => {
+                    let verdict: Verdict = v["verdict"].as_str().unwrap_or("no_code").parse()?;
+                    (verdict, v["text"].as_str().map(str::to_owned))
+                }
+                Err(e) => {
+                    eprintln!("edge-node: {}: {}", img.display(), e.to_string().replace(['\n', '\r'], " "));
+                    failed += 1;
+                    continue;
+                }
+            },
         };
+        let text = text.as_deref();
         // Printed only now: for `accepted` the visit is already durable.
         if json {
             println!(
                 "{}",
-                json!({"image": img.display().to_string(), "verdict": verdict.as_str(), "message": message(verdict)})
+                json!({"image": img.display().to_string(), "verdict": verdict.as_str(), "message": message(verdict, text)})
             );
         } else {
-            println!("{}: {} {}", img.display(), verdict.as_str(), message(verdict));
+            println!("{}: {} {}", img.display(), verdict.as_str(), message(verdict, text));
         }
     }
     Ok(if failed > 0 { 2 } else { 0 })

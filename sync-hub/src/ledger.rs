@@ -520,8 +520,10 @@ impl<'s> Ledger<'s> {
         let index = DayIndex::new(id.day, &index_key);
         let f = id.facility.as_str();
         let day = id.day.0;
+        let t0 = std::time::Instant::now();
         let txn = self.store.db().begin_write()?;
         self.store_chunks(&txn, partition)?;
+        let t1 = t0.elapsed();
         let indexed = {
             let mut done = txn.open_table(INDEXED)?;
             let mut by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
@@ -535,9 +537,14 @@ impl<'s> Ledger<'s> {
             let mut rng = StdRng::from_seed(seed);
             let facility_tag = index.facility_tag(&id.facility);
             let mut opener = Opener::new(partition, &self.ratchet);
+            let t2 = std::time::Instant::now();
+            let recs = partition.records();
+            let t3 = t2.elapsed();
+            let (mut to, mut ts, mut ti) = (std::time::Duration::ZERO, std::time::Duration::ZERO, std::time::Duration::ZERO);
             let mut indexed = 0u64;
             let mut unreadable = 0u64;
-            for (record_id, envelope) in partition.records() {
+            for (record_id, envelope) in recs {
+                let a = std::time::Instant::now();
                 if already.contains(&record_id.0) {
                     continue;
                 }
@@ -558,6 +565,8 @@ impl<'s> Ledger<'s> {
                     },
                     record: record_id,
                 };
+                to += a.elapsed();
+                let a = std::time::Instant::now();
                 let plain = Zeroizing::new(
                     postcard::to_stdvec(&visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
                 );
@@ -567,8 +576,11 @@ impl<'s> Ledger<'s> {
                     by_token.insert((day, &tag), sealed.as_slice())?;
                 }
                 let sealed = index.seal(&mut rng, IndexKind::Facility, &facility_tag, &plain)?;
+                ts += a.elapsed();
+                let a = std::time::Instant::now();
                 by_facility.insert((day, &facility_tag), sealed.as_slice())?;
                 done.insert((f, day, &record_id.0), ())?;
+                ti += a.elapsed();
                 indexed += 1;
             }
             if unreadable > 0 {
@@ -579,9 +591,12 @@ impl<'s> Ledger<'s> {
                     "records that do not open were left out of the trace index"
                 );
             }
+            eprintln!("chunks {t1:?} records {t3:?} open {to:?} seal {ts:?} insert {ti:?}");
             indexed
         };
+        let a = std::time::Instant::now();
         txn.commit()?;
+        eprintln!("commit {:?} total {:?}", a.elapsed(), t0.elapsed());
         Ok(indexed)
     }
 
@@ -610,6 +625,7 @@ impl<'s> Ledger<'s> {
             let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
             partition.merge(&stored)?;
         }
+        let a = std::time::Instant::now();
         let next = chunks
             .range((f, day, 0u64)..=(f, day, u64::MAX))?
             .next_back()
@@ -625,11 +641,14 @@ impl<'s> Ledger<'s> {
                 chunks.insert((f, day, next), chunk.as_slice())?;
             }
         }
+        let b = a.elapsed();
+        let a = std::time::Instant::now();
         let mut sorted: Vec<[u8; 32]> = partition.heads().iter().map(|h| h.0).collect();
         sorted.sort_unstable();
         heads.insert((f, day), sorted.concat().as_slice())?;
         txn.open_table(PARTITION_COUNTS)?
             .insert((f, day), partition.record_count() as u64)?;
+        eprintln!("  save {b:?} heads+count {:?}", a.elapsed());
         Ok(())
     }
 

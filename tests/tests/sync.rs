@@ -183,3 +183,42 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn commands_go_through_a_running_device_and_a_scan_syncs_at_once() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device_for(&hub.facility, "kiosk")?;
+    let _h = hub.start()?;
+    let d = dev.display().to_string();
+    let _run = Proc(
+        Command::new(bin("edge-node"))
+            .args(["--data", &d, "run", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    if !wait_until(Duration::from_secs(30), || dev.join("run.json").exists()) {
+        bail!("the device did not start");
+    }
+    // The first round binds the device; wait for it so the scan below is what syncs next.
+    if !wait_until(Duration::from_secs(30), || {
+        device_status(&dev).map(|s| !s["last_sync"].is_null()).unwrap_or(false)
+    }) {
+        bail!("the running device never reached the hub");
+    }
+    let tmp = tempfile::tempdir()?;
+    let (frame, _, token) = fixture::code_frame(tmp.path(), "through", fixture::now())?;
+    let out = run_ok("edge-node", &["--data", &d, "scan", "--json", frame.to_str().unwrap_or_default()])?;
+    assert!(out.contains("\"accepted\""), "{out}");
+    run_ok("edge-node", &["--data", &d, "paper", "add", "--name", "Lee", "--phone", "010-3333-4444", "--consent-collect", "--consent-share"])?;
+    // The scan woke the sync loop: the visit reaches the hub without waiting for the timer.
+    if !wait_until(Duration::from_secs(20), || hub.records_of(&hub.facility).unwrap_or(0) >= 2) {
+        bail!("the scanned visit did not reach the hub promptly: {}", hub.stats()?);
+    }
+    assert_eq!(hub.trace(&token)?["visits"].as_array().map(Vec::len), Some(1));
+    let s = device_status(&dev)?;
+    assert_eq!(s["records"], 2);
+    let p = run_ok("edge-node", &["--data", &d, "purge", "--json"])?;
+    assert!(p.contains("horizon"), "{p}");
+    Ok(())
+}

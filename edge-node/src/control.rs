@@ -1,0 +1,295 @@
+//! The running device's local HTTP API: what `scan`, `status`, `paper add`, `purge` and
+//! `sync --once` use while `run` holds the store, and where the kiosk page will live.
+//!
+//! Every `/api` route needs the device's control token (`DATA/control.token`, owner-only),
+//! and the server binds to loopback by default. A scan through it wakes the sync loop, so a
+//! new visit leaves for the hub at once when a route exists.
+
+use crate::device::Device;
+use crate::net::SharedDevice;
+use crate::{clock, frame};
+use anyhow::{Context, Result, bail};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand_core::{OsRng, RngCore};
+use serde::Deserialize;
+use shared::paper::PaperEntry;
+use shared::token::Verdict;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// The largest frame accepted over HTTP.
+pub const MAX_FRAME_BODY: usize = 8 * 1024 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ControlState {
+    /// The device.
+    pub device: SharedDevice,
+    /// Wakes the sync loop.
+    pub wake: Arc<Notify>,
+    /// The control token.
+    pub token: Arc<String>,
+}
+
+fn token_path(data: &Path) -> PathBuf {
+    data.join("control.token")
+}
+
+fn run_file(data: &Path) -> PathBuf {
+    data.join("run.json")
+}
+
+/// The control token, created on first use.
+pub fn control_token(data: &Path) -> Result<String> {
+    let path = token_path(data);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if t.len() == 64 {
+            return Ok(t);
+        }
+    }
+    let mut b = [0u8; 32];
+    OsRng.fill_bytes(&mut b);
+    let t = hex::encode(b);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, t.as_bytes())?;
+    Ok(t)
+}
+
+/// Records where the running device answers.
+pub fn write_run_file(data: &Path, http: SocketAddr) -> Result<()> {
+    let v = serde_json::json!({ "pid": std::process::id(), "http": http.to_string() });
+    std::fs::write(run_file(data), v.to_string()).context("cannot write run.json")
+}
+
+/// Removes the run file at shutdown.
+pub fn remove_run_file(data: &Path) {
+    let _ = std::fs::remove_file(run_file(data));
+}
+
+/// The router.
+pub fn router(state: ControlState) -> Router {
+    Router::new()
+        .route("/api/scan", post(scan))
+        .route("/api/status", get(status))
+        .route("/api/paper", post(paper))
+        .route("/api/purge", post(purge))
+        .route("/api/sync", post(sync_now))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_FRAME_BODY))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+// The error is the response itself; boxing it would only add an allocation per refusal.
+#[allow(clippy::result_large_err)]
+fn authorized(headers: &HeaderMap, token: &str) -> Result<(), Response> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => Err(error(StatusCode::UNAUTHORIZED, "missing bearer token")),
+        Some(g) if blake3::hash(g.as_bytes()) == blake3::hash(token.as_bytes()) => Ok(()),
+        Some(_) => Err(error(StatusCode::FORBIDDEN, "wrong token")),
+    }
+}
+
+fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, Device> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn scan(State(s): State<ControlState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let text = match frame::decode_frame(&body) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+    };
+    let verdict = match &text {
+        None => Verdict::NoCode,
+        Some(t) => match lock(&s.device).check_in(clock::now(), t) {
+            Ok(c) => c.verdict,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+    };
+    if verdict == Verdict::Accepted {
+        s.wake.notify_one();
+    }
+    Json(serde_json::json!({ "verdict": verdict.as_str(), "text": text })).into_response()
+}
+
+async fn status(State(s): State<ControlState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    match lock(&s.device).status(clock::now()) {
+        Ok(st) => Json(st).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn paper(
+    State(s): State<ControlState>,
+    headers: HeaderMap,
+    body: Result<Json<PaperEntry>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let Json(entry) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    match lock(&s.device).add_paper(clock::now(), &entry) {
+        Ok(id) => {
+            s.wake.notify_one();
+            Json(serde_json::json!({ "record_id": id.to_string(), "stored": true })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+/// Wakes the sync loop and waits (up to 30 s) for the next completed hub sync.
+async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let last = |s: &ControlState| {
+        lock(&s.device)
+            .status(clock::now())
+            .map(|st| st.last_sync)
+            .unwrap_or(None)
+    };
+    let before = last(&s);
+    s.wake.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let now = last(&s);
+        if now != before {
+            return Json(serde_json::json!({ "peer": "hub", "ok": true, "last_sync": now })).into_response();
+        }
+    }
+    Json(serde_json::json!({ "peer": "hub", "ok": false, "error": "the hub was not reached within 30 s; the device keeps trying in the background" }))
+        .into_response()
+}
+
+/// A purge request.
+#[derive(Debug, Deserialize)]
+pub struct PurgeRequest {
+    /// As if the clock read this (never earlier than now).
+    pub as_of: Option<u64>,
+}
+
+async fn purge(
+    State(s): State<ControlState>,
+    headers: HeaderMap,
+    body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    match lock(&s.device).purge(clock::now(), req.as_of) {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// A client for the running device, used by commands when the store is busy.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// Finds the running device of `data`.
+    pub fn find(data: &Path) -> Result<Client> {
+        let text = std::fs::read_to_string(run_file(data)).context(
+            "the device store is busy but no run.json says where the running device answers: is another command holding it?",
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&text).context("run.json is damaged")?;
+        let http = v["http"].as_str().context("run.json has no http address")?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into();
+        Ok(Client {
+            base: format!("http://{http}"),
+            token: control_token(data)?,
+            agent,
+        })
+    }
+
+    fn finish(mut resp: ureq::http::Response<ureq::Body>) -> Result<serde_json::Value> {
+        let status = resp.status();
+        let v: serde_json::Value = resp
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("the running device answered {status} without JSON"))?;
+        if !status.is_success() {
+            bail!("{}", v["error"].as_str().unwrap_or("the running device refused"));
+        }
+        Ok(v)
+    }
+
+    /// GET a route.
+    pub fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let resp = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .header("authorization", &format!("Bearer {}", self.token))
+            .call()
+            .context("the running device did not answer")?;
+        Self::finish(resp)
+    }
+
+    /// POST JSON to a route.
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let resp = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("authorization", &format!("Bearer {}", self.token))
+            .send_json(body)
+            .context("the running device did not answer")?;
+        Self::finish(resp)
+    }
+
+    /// POST raw bytes (a frame) to a route.
+    pub fn post_bytes(&self, path: &str, bytes: &[u8]) -> Result<serde_json::Value> {
+        let resp = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("authorization", &format!("Bearer {}", self.token))
+            .header("content-type", "application/octet-stream")
+            .send(bytes)
+            .context("the running device did not answer")?;
+        Self::finish(resp)
+    }
+}
