@@ -188,7 +188,8 @@ async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let now = last(&s);
         if now != before {
-            return Json(serde_json::json!({ "peer": "hub", "ok": true, "last_sync": now })).into_response();
+            return Json(serde_json::json!({ "peer": "hub", "ok": true, "last_sync": now }))
+                .into_response();
         }
     }
     Json(serde_json::json!({ "peer": "hub", "ok": false, "error": "the hub was not reached within 30 s; the device keeps trying in the background" }))
@@ -254,7 +255,10 @@ impl Client {
             .read_json()
             .with_context(|| format!("the running device answered {status} without JSON"))?;
         if !status.is_success() {
-            bail!("{}", v["error"].as_str().unwrap_or("the running device refused"));
+            bail!(
+                "{}",
+                v["error"].as_str().unwrap_or("the running device refused")
+            );
         }
         Ok(v)
     }

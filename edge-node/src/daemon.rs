@@ -42,7 +42,12 @@ pub async fn sync_round(
         reports.push(net::sync_with(endpoint, device, t, clock::now).await);
     }
     // A sibling may have brought in records the hub has not seen: hand them on now.
-    if reports.iter().skip(1).any(|r| r.ok && r.records_received > 0) && reports[0].ok {
+    if reports
+        .iter()
+        .skip(1)
+        .any(|r| r.ok && r.records_received > 0)
+        && reports[0].ok
+    {
         reports.push(net::sync_with(endpoint, device, &hub, clock::now).await);
     }
     Ok(reports)

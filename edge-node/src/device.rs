@@ -73,7 +73,9 @@ pub enum DeviceError {
     #[error("cannot seal the record: {0}")]
     Seal(String),
     /// No hub key is usable for the day.
-    #[error("this device holds no usable hub key for day {0}: it has not synced for too long; connect it to the hub")]
+    #[error(
+        "this device holds no usable hub key for day {0}: it has not synced for too long; connect it to the hub"
+    )]
     NoDayKey(Day),
     /// A paper-log entry was refused.
     #[error(transparent)]
@@ -249,7 +251,8 @@ impl Device {
             return Err(DeviceError::NotEnrolled(dir.display().to_string()));
         }
         let store = Store::open(&path)?;
-        let damaged = |what: &str| DeviceError::Damaged(what.to_owned(), path.display().to_string());
+        let damaged =
+            |what: &str| DeviceError::Damaged(what.to_owned(), path.display().to_string());
         let enrollment: Enrollment = match store.get(K_ENROLLMENT)? {
             Some(raw) => serde_json::from_slice(&raw).map_err(|_| damaged("enrollment"))?,
             None => return Err(DeviceError::NotEnrolled(dir.display().to_string())),
@@ -332,7 +335,10 @@ impl Device {
             .get(K_ENDPOINT_KEY)?
             .and_then(|raw| raw.try_into().ok())
             .ok_or_else(|| {
-                DeviceError::Damaged("endpoint key".into(), store_path(&self.dir).display().to_string())
+                DeviceError::Damaged(
+                    "endpoint key".into(),
+                    store_path(&self.dir).display().to_string(),
+                )
             })
     }
 
@@ -386,7 +392,11 @@ impl Device {
 
     /// Records a paper-log visitor, sealed to the health authority inside and under the
     /// session key outside.
-    pub fn add_paper(&mut self, now: UnixSeconds, entry: &PaperEntry) -> Result<RecordId, DeviceError> {
+    pub fn add_paper(
+        &mut self,
+        now: UnixSeconds,
+        entry: &PaperEntry,
+    ) -> Result<RecordId, DeviceError> {
         entry.validate()?;
         if entry.visited_at > now.saturating_add(self.skew) {
             return Err(DeviceError::VisitTime(
@@ -665,7 +675,10 @@ impl Device {
             ));
         }
         if clock_offset.is_some_and(|o| o.abs() > 300) {
-            warnings.push("this device's clock differs from the hub's by more than 5 minutes: set the clock".into());
+            warnings.push(
+                "this device's clock differs from the hub's by more than 5 minutes: set the clock"
+                    .into(),
+            );
         }
         if self.enrollment.facility.status != shared::facility::FacilityStatus::Approved {
             warnings.push("the facility is not approved".into());
@@ -695,7 +708,11 @@ impl Device {
     /// the hub measured at the last sync, and a partition the hub may not hold yet is kept
     /// one more day (the one partition's length of grace the design allows), so a clock that
     /// jumped forward does not destroy an unsynced visit early.
-    pub fn purge(&mut self, now: UnixSeconds, as_of: Option<UnixSeconds>) -> Result<PurgeReport, DeviceError> {
+    pub fn purge(
+        &mut self,
+        now: UnixSeconds,
+        as_of: Option<UnixSeconds>,
+    ) -> Result<PurgeReport, DeviceError> {
         let offset: i64 = self
             .store
             .get(K_CLOCK_OFFSET)?

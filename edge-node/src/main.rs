@@ -13,10 +13,19 @@ use shared::token::{Keyring, Verdict, verify};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "edge-node", version, about = "An entrance device of the offline-first visitor log")]
+#[command(
+    name = "edge-node",
+    version,
+    about = "An entrance device of the offline-first visitor log"
+)]
 struct Cli {
     /// The device's state folder.
-    #[arg(long, env = "EDGE_NODE_DATA", global = true, default_value = "./edge-data")]
+    #[arg(
+        long,
+        env = "EDGE_NODE_DATA",
+        global = true,
+        default_value = "./edge-data"
+    )]
     data: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -258,7 +267,9 @@ fn run(cli: Cli) -> Result<i32> {
                 },
         } => {
             if minor && !guardian_consent {
-                bail!("a visitor under 14 needs a guardian's consent (--guardian-consent); nothing was recorded");
+                bail!(
+                    "a visitor under 14 needs a guardian's consent (--guardian-consent); nothing was recorded"
+                );
             }
             let entry = PaperEntry {
                 name,
@@ -332,7 +343,11 @@ fn run(cli: Cli) -> Result<i32> {
                     // `run` is active: ask it to sync now and report the outcome.
                     let v = control::Client::find(&data)?.post_json("/api/sync", &json!({}))?;
                     println!("{v}");
-                    return Ok(if v["ok"].as_bool() == Some(true) { 0 } else { 3 });
+                    return Ok(if v["ok"].as_bool() == Some(true) {
+                        0
+                    } else {
+                        3
+                    });
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -354,7 +369,10 @@ fn run(cli: Cli) -> Result<i32> {
                     match &r.error {
                         None => println!(
                             "{}: ok, {} records in, {} bytes sent, {} bytes received",
-                            r.peer, r.records_received, r.socket_bytes_sent, r.socket_bytes_received
+                            r.peer,
+                            r.records_received,
+                            r.socket_bytes_sent,
+                            r.socket_bytes_received
                         ),
                         Some(e) => println!("{}: not synced: {e}", r.peer),
                     }
@@ -367,7 +385,10 @@ fn run(cli: Cli) -> Result<i32> {
                     .first()
                     .and_then(|r| r.error.clone())
                     .unwrap_or_else(|| "no session".into());
-                eprintln!("edge-node: the hub was not reached: {}", why.replace('\n', " "));
+                eprintln!(
+                    "edge-node: the hub was not reached: {}",
+                    why.replace('\n', " ")
+                );
                 Ok(3)
             }
         }
@@ -409,9 +430,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Purge { as_of, json } => {
             let r: serde_json::Value = match Device::open(&data) {
                 Ok(mut dev) => serde_json::to_value(dev.purge(now, as_of)?)?,
-                Err(e) if is_busy(&e) => {
-                    control::Client::find(&data)?.post_json("/api/purge", &json!({ "as_of": as_of }))?
-                }
+                Err(e) if is_busy(&e) => control::Client::find(&data)?
+                    .post_json("/api/purge", &json!({ "as_of": as_of }))?,
                 Err(e) => return Err(e.into()),
             };
             if json {
@@ -435,13 +455,14 @@ fn run(cli: Cli) -> Result<i32> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -474,7 +495,11 @@ fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
         let bytes = match frame::read_frame_file(img) {
             Ok(b) => b,
             Err(e) => {
-                eprintln!("edge-node: {}: {}", img.display(), e.to_string().replace(['\n', '\r'], " "));
+                eprintln!(
+                    "edge-node: {}: {}",
+                    img.display(),
+                    e.to_string().replace(['\n', '\r'], " ")
+                );
                 failed += 1;
                 continue;
             }
@@ -484,7 +509,11 @@ fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
                 let text = match frame::decode_frame(&bytes) {
                     Ok(t) => t,
                     Err(e) => {
-                        eprintln!("edge-node: {}: {}", img.display(), e.to_string().replace(['\n', '\r'], " "));
+                        eprintln!(
+                            "edge-node: {}: {}",
+                            img.display(),
+                            e.to_string().replace(['\n', '\r'], " ")
+                        );
                         failed += 1;
                         continue;
                     }
@@ -501,7 +530,11 @@ fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
                     (verdict, v["text"].as_str().map(str::to_owned))
                 }
                 Err(e) => {
-                    eprintln!("edge-node: {}: {}", img.display(), e.to_string().replace(['\n', '\r'], " "));
+                    eprintln!(
+                        "edge-node: {}: {}",
+                        img.display(),
+                        e.to_string().replace(['\n', '\r'], " ")
+                    );
                     failed += 1;
                     continue;
                 }
@@ -515,7 +548,12 @@ fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<i32> {
                 json!({"image": img.display().to_string(), "verdict": verdict.as_str(), "message": message(verdict, text)})
             );
         } else {
-            println!("{}: {} {}", img.display(), verdict.as_str(), message(verdict, text));
+            println!(
+                "{}: {} {}",
+                img.display(),
+                verdict.as_str(),
+                message(verdict, text)
+            );
         }
     }
     Ok(if failed > 0 { 2 } else { 0 })

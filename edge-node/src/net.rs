@@ -213,10 +213,27 @@ async fn sync_inner(
         } else {
             None
         };
-        Session::initiator(t, me, credential, &Replica { device: &mut dev, now: t })
-            .map_err(|e| NetError::Session(target.label.clone(), e.to_string()))?
+        Session::initiator(
+            t,
+            me,
+            credential,
+            &Replica {
+                device: &mut dev,
+                now: t,
+            },
+        )
+        .map_err(|e| NetError::Session(target.label.clone(), e.to_string()))?
     };
-    let outcome = drive(&mut session, &mut send, &mut recv, device, now, target.is_hub, &[]).await;
+    let outcome = drive(
+        &mut session,
+        &mut send,
+        &mut recv,
+        device,
+        now,
+        target.is_hub,
+        &[],
+    )
+    .await;
     let stats = conn.stats();
     report.socket_bytes_sent = stats.udp_tx.bytes;
     report.socket_bytes_received = stats.udp_rx.bytes;
@@ -260,63 +277,81 @@ async fn drive(
     let mut clock_offset = None;
     let mut end = None;
     loop {
-      let mut progressed = true;
-      while progressed {
-        progressed = false;
-        while let Some(frame) = session.poll_transmit() {
-            progressed = true;
-            let bytes = frame
-                .encode()
-                .map_err(|e| NetError::Session("peer".into(), e.to_string()))?;
-            send.write_all(&bytes)
-                .await
-                .map_err(|e| NetError::Connection("peer".into(), e.to_string()))?;
-        }
-        while let Some(event) = session.poll_event() {
-            progressed = true;
-            let mut dev = lock(device);
-            match event {
-                Event::PartitionUpdated { id, new_records: n } => {
-                    dev.persist_partition(id.day, n)?;
-                    new_records += n;
-                }
-                Event::SyncStateChanged { peer, partition, state } => {
-                    let t = now();
-                    let mut r = Replica { device: &mut dev, now: t };
-                    shared::sync::PartitionStore::put_sync_state(&mut r, &peer, &partition, &state)
+        let mut progressed = true;
+        while progressed {
+            progressed = false;
+            while let Some(frame) = session.poll_transmit() {
+                progressed = true;
+                let bytes = frame
+                    .encode()
+                    .map_err(|e| NetError::Session("peer".into(), e.to_string()))?;
+                send.write_all(&bytes)
+                    .await
+                    .map_err(|e| NetError::Connection("peer".into(), e.to_string()))?;
+            }
+            while let Some(event) = session.poll_event() {
+                progressed = true;
+                let mut dev = lock(device);
+                match event {
+                    Event::PartitionUpdated { id, new_records: n } => {
+                        dev.persist_partition(id.day, n)?;
+                        new_records += n;
+                    }
+                    Event::SyncStateChanged {
+                        peer,
+                        partition,
+                        state,
+                    } => {
+                        let t = now();
+                        let mut r = Replica {
+                            device: &mut dev,
+                            now: t,
+                        };
+                        shared::sync::PartitionStore::put_sync_state(
+                            &mut r, &peer, &partition, &state,
+                        )
                         .map_err(|e| NetError::Session("peer".into(), e.to_string()))?;
-                }
-                Event::Welcomed { refresh, .. } => {
-                    if peer_is_hub {
-                        // The hub admitted us: our credential is bound and spent.
-                        dev.forget_credential()?;
-                        if let Some(bytes) = refresh {
-                            match Refresh::from_bytes(&bytes) {
-                                Ok(r) => dev.apply_refresh(&r)?,
-                                Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
+                    }
+                    Event::Welcomed { refresh, .. } => {
+                        if peer_is_hub {
+                            // The hub admitted us: our credential is bound and spent.
+                            dev.forget_credential()?;
+                            if let Some(bytes) = refresh {
+                                match Refresh::from_bytes(&bytes) {
+                                    Ok(r) => dev.apply_refresh(&r)?,
+                                    Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
+                                }
                             }
                         }
                     }
-                }
-                Event::ClockOffset { seconds } => clock_offset = Some(seconds.saturating_neg()),
-                Event::PeerHello(hello) => {
-                    let decision = admit_sibling(&dev, &hello.peer);
-                    let t = now();
-                    session.admit(t, decision, &mut Replica { device: &mut dev, now: t });
-                }
-                Event::Refused { by, reason, detail } => {
-                    end = Some(End::Failed(format!("{by:?} refused ({reason:?}): {detail}")));
-                }
-                Event::Failed(e) => end = Some(End::Failed(e.to_string())),
-                Event::Finished(_) => {
-                    if peer_is_hub {
-                        dev.mark_synced_with_hub(now(), clock_offset)?;
+                    Event::ClockOffset { seconds } => clock_offset = Some(seconds.saturating_neg()),
+                    Event::PeerHello(hello) => {
+                        let decision = admit_sibling(&dev, &hello.peer);
+                        let t = now();
+                        session.admit(
+                            t,
+                            decision,
+                            &mut Replica {
+                                device: &mut dev,
+                                now: t,
+                            },
+                        );
                     }
-                    end = Some(End::Finished);
+                    Event::Refused { by, reason, detail } => {
+                        end = Some(End::Failed(format!(
+                            "{by:?} refused ({reason:?}): {detail}"
+                        )));
+                    }
+                    Event::Failed(e) => end = Some(End::Failed(e.to_string())),
+                    Event::Finished(_) => {
+                        if peer_is_hub {
+                            dev.mark_synced_with_hub(now(), clock_offset)?;
+                        }
+                        end = Some(End::Finished);
+                    }
                 }
             }
         }
-      }
         if session.is_finished() {
             // Flush what the end queued (a refusal, a last Done), then close our side.
             while let Some(frame) = session.poll_transmit() {
@@ -351,7 +386,14 @@ async fn drive(
                         Ok(Some(frame)) => {
                             let mut dev = lock(device);
                             let t = now();
-                            session.handle_frame(t, frame, &mut Replica { device: &mut dev, now: t });
+                            session.handle_frame(
+                                t,
+                                frame,
+                                &mut Replica {
+                                    device: &mut dev,
+                                    now: t,
+                                },
+                            );
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -416,7 +458,16 @@ pub async fn serve_sibling(
         }
     };
     let mut session = Session::responder(me);
-    let out = drive(&mut session, &mut send, &mut recv, &device, &now, false, &trusted).await?;
+    let out = drive(
+        &mut session,
+        &mut send,
+        &mut recv,
+        &device,
+        &now,
+        false,
+        &trusted,
+    )
+    .await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     match out.end {
         End::Finished => Ok(out.new_records),

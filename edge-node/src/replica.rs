@@ -2,11 +2,11 @@
 //! device's store, limited to its own facility and the live days.
 
 use crate::device::{Device, DeviceError};
-use shared::sync::{PartitionSummary, Peer};
+use shared::partition::Partition;
 use shared::sync::{PartitionStore, StoreError};
+use shared::sync::{PartitionSummary, Peer};
 use shared::time::{UnixSeconds, horizon};
 use shared::{FacilityId, PartitionId};
-use shared::partition::Partition;
 
 /// A borrowed device, for the length of one step of a session.
 pub struct Replica<'a> {

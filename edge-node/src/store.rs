@@ -27,7 +27,9 @@ pub const SYNC_STATES: TableDefinition<(&str, u32), &[u8]> = TableDefinition::ne
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened.
-    #[error("cannot open the device store {path}: {source}; if the file is damaged, move it aside and re-enroll, then let siblings resend the log")]
+    #[error(
+        "cannot open the device store {path}: {source}; if the file is damaged, move it aside and re-enroll, then let siblings resend the log"
+    )]
     Open {
         /// The file.
         path: String,
@@ -35,7 +37,9 @@ pub enum StoreError {
         source: redb::DatabaseError,
     },
     /// Another process holds the store.
-    #[error("the device store {0} is in use by another process (is `edge-node run` or another command active?)")]
+    #[error(
+        "the device store {0} is in use by another process (is `edge-node run` or another command active?)"
+    )]
     Busy(String),
     /// redb failed.
     #[error("device store error: {0}")]

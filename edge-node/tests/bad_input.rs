@@ -15,7 +15,10 @@ fn edge(args: &[&str]) -> Output {
 
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
     assert!(
         err.to_lowercase().contains(&needle.to_lowercase()),
@@ -29,18 +32,52 @@ fn missing_and_wrong_tickets() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let d = tmp.path().join("dev");
     let d = d.to_str().unwrap_or_default();
-    assert_clean_error(&edge(&["--data", d, "init", "--ticket", "/nonexistent/ticket"]), "cannot read ticket");
+    assert_clean_error(
+        &edge(&["--data", d, "init", "--ticket", "/nonexistent/ticket"]),
+        "cannot read ticket",
+    );
     let dir = tmp.path().to_str().unwrap_or_default();
     assert_clean_error(&edge(&["--data", d, "init", "--ticket", dir]), "directory");
     let garbage = tmp.path().join("garbage.ticket");
     std::fs::write(&garbage, b"\x00\x01not json").unwrap_or_default();
-    assert_clean_error(&edge(&["--data", d, "init", "--ticket", garbage.to_str().unwrap_or_default()]), "not an enrollment ticket");
+    assert_clean_error(
+        &edge(&[
+            "--data",
+            d,
+            "init",
+            "--ticket",
+            garbage.to_str().unwrap_or_default(),
+        ]),
+        "not an enrollment ticket",
+    );
     let other = tmp.path().join("other.json");
     std::fs::write(&other, br#"{"kind":"something-else","version":1}"#).unwrap_or_default();
-    assert_clean_error(&edge(&["--data", d, "init", "--ticket", other.to_str().unwrap_or_default()]), "not an enrollment ticket");
+    assert_clean_error(
+        &edge(&[
+            "--data",
+            d,
+            "init",
+            "--ticket",
+            other.to_str().unwrap_or_default(),
+        ]),
+        "not an enrollment ticket",
+    );
     let future = tmp.path().join("future.json");
-    std::fs::write(&future, br#"{"kind":"kipass-enrollment-ticket","version":9}"#).unwrap_or_default();
-    assert_clean_error(&edge(&["--data", d, "init", "--ticket", future.to_str().unwrap_or_default()]), "version 9");
+    std::fs::write(
+        &future,
+        br#"{"kind":"kipass-enrollment-ticket","version":9}"#,
+    )
+    .unwrap_or_default();
+    assert_clean_error(
+        &edge(&[
+            "--data",
+            d,
+            "init",
+            "--ticket",
+            future.to_str().unwrap_or_default(),
+        ]),
+        "version 9",
+    );
 }
 
 #[test]
@@ -67,7 +104,8 @@ fn corrupted_store_is_a_clear_error() {
 fn check_code_diagnoses_without_a_store() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let ring = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/qr-token-v1-vectors.json");
-    let vectors: serde_json::Value = serde_json::from_slice(&std::fs::read(&ring).unwrap_or_default()).unwrap_or_default();
+    let vectors: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ring).unwrap_or_default()).unwrap_or_default();
     let keyring = tmp.path().join("keyring.json");
     std::fs::write(&keyring, vectors["keyring"].to_string()).unwrap_or_default();
     let k = keyring.to_str().unwrap_or_default();
@@ -76,10 +114,35 @@ fn check_code_diagnoses_without_a_store() {
     for v in vectors["vectors"].as_array().into_iter().flatten() {
         let now = v["now"].as_u64().unwrap_or(0).to_string();
         let payload = v["payload"].as_str().unwrap_or_default();
-        let out = edge(&["--data", d, "check-code", "--keyring", k, "--now", &now, "--json", "--", payload]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = edge(&[
+            "--data",
+            d,
+            "check-code",
+            "--keyring",
+            k,
+            "--now",
+            &now,
+            "--json",
+            "--",
+            payload,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         assert_eq!(line["verdict"], v["verdict"], "vector {}", v["name"]);
     }
-    assert_clean_error(&edge(&["--data", d, "check-code", "--keyring", "/missing.json", "KP1:"]), "cannot read keyring");
+    assert_clean_error(
+        &edge(&[
+            "--data",
+            d,
+            "check-code",
+            "--keyring",
+            "/missing.json",
+            "KP1:",
+        ]),
+        "cannot read keyring",
+    );
 }

@@ -184,7 +184,10 @@ impl DayKeyRatchet {
     /// token or read.
     pub fn index_key(&self, day: Day) -> Option<Zeroizing<[u8; 32]>> {
         let seed = self.seed_for(day)?;
-        Some(Zeroizing::new(blake3::derive_key(INDEX_CONTEXT, seed.as_ref())))
+        Some(Zeroizing::new(blake3::derive_key(
+            INDEX_CONTEXT,
+            seed.as_ref(),
+        )))
     }
 
     /// The public key of `day`, under the same conditions as [`Self::secret`].

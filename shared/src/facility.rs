@@ -106,31 +106,131 @@ pub enum Mandatory {
 
 /// The categories of the guide's table (seed document, section 5).
 pub const CATEGORIES: &[CategoryInfo] = &[
-    CategoryInfo { slug: "hunting_pocha", name_ko: "헌팅포차", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "gamseong_pub", name_ko: "감성주점", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "nightclub", name_ko: "유흥주점(클럽, 룸살롱 등)", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "danran_bar", name_ko: "단란주점", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "colatec", name_ko: "콜라텍", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "karaoke", name_ko: "노래연습장", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "indoor_gx", name_ko: "실내집단운동(GX)", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "standing_venue", name_ko: "실내 스탠딩공연장", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "direct_sales", name_ko: "직접판매홍보관", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "logistics_center", name_ko: "유통 물류센터", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "large_academy", name_ko: "대형학원(300인 이상)", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "buffet", name_ko: "뷔페", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "pc_room", name_ko: "PC방", mandatory: Mandatory::HighRisk },
-    CategoryInfo { slug: "academy", name_ko: "학원", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "arcade", name_ko: "오락실", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "restaurant", name_ko: "일반음식점(150㎡ 이상)", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "waterpark", name_ko: "워터파크", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "religious", name_ko: "종교시설", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "wedding_hall", name_ko: "실내 결혼식장", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "performance_hall", name_ko: "공연장", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "cinema", name_ko: "영화관", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "bathhouse", name_ko: "목욕탕·사우나", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "indoor_sports", name_ko: "실내 체육시설", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "multi_room", name_ko: "멀티방·DVD방", mandatory: Mandatory::CapitalRegion },
-    CategoryInfo { slug: "funeral_hall", name_ko: "장례식장", mandatory: Mandatory::CapitalRegion },
+    CategoryInfo {
+        slug: "hunting_pocha",
+        name_ko: "헌팅포차",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "gamseong_pub",
+        name_ko: "감성주점",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "nightclub",
+        name_ko: "유흥주점(클럽, 룸살롱 등)",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "danran_bar",
+        name_ko: "단란주점",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "colatec",
+        name_ko: "콜라텍",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "karaoke",
+        name_ko: "노래연습장",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "indoor_gx",
+        name_ko: "실내집단운동(GX)",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "standing_venue",
+        name_ko: "실내 스탠딩공연장",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "direct_sales",
+        name_ko: "직접판매홍보관",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "logistics_center",
+        name_ko: "유통 물류센터",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "large_academy",
+        name_ko: "대형학원(300인 이상)",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "buffet",
+        name_ko: "뷔페",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "pc_room",
+        name_ko: "PC방",
+        mandatory: Mandatory::HighRisk,
+    },
+    CategoryInfo {
+        slug: "academy",
+        name_ko: "학원",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "arcade",
+        name_ko: "오락실",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "restaurant",
+        name_ko: "일반음식점(150㎡ 이상)",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "waterpark",
+        name_ko: "워터파크",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "religious",
+        name_ko: "종교시설",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "wedding_hall",
+        name_ko: "실내 결혼식장",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "performance_hall",
+        name_ko: "공연장",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "cinema",
+        name_ko: "영화관",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "bathhouse",
+        name_ko: "목욕탕·사우나",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "indoor_sports",
+        name_ko: "실내 체육시설",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "multi_room",
+        name_ko: "멀티방·DVD방",
+        mandatory: Mandatory::CapitalRegion,
+    },
+    CategoryInfo {
+        slug: "funeral_hall",
+        name_ko: "장례식장",
+        mandatory: Mandatory::CapitalRegion,
+    },
 ];
 
 /// Checks a category: a known slug, or `other:<sub-category>` (1 to 60 characters).
@@ -240,7 +340,9 @@ mod tests {
         assert!(BusinessNumber::parse("123-45-67891").is_ok());
         assert_eq!(
             BusinessNumber::parse("1234567890"),
-            Err(RegistrationError::BusinessNumberCheckDigit("1234567890".into()))
+            Err(RegistrationError::BusinessNumberCheckDigit(
+                "1234567890".into()
+            ))
         );
         assert!(matches!(
             BusinessNumber::parse("12-34"),
@@ -259,7 +361,10 @@ mod tests {
     #[test]
     fn categories() {
         assert!(parse_category("karaoke").is_ok());
-        assert_eq!(parse_category("other: 탁구장").as_deref(), Ok("other:탁구장"));
+        assert_eq!(
+            parse_category("other: 탁구장").as_deref(),
+            Ok("other:탁구장")
+        );
         assert!(parse_category("other:").is_err());
         assert!(parse_category("casino").is_err());
     }

@@ -36,7 +36,9 @@ pub enum TicketError {
     #[error("this file is a {0:?}, not an enrollment ticket")]
     Kind(String),
     /// A ticket of a format this device does not know.
-    #[error("ticket format version {0} is not supported (this device reads version {TICKET_VERSION}): update edge-node")]
+    #[error(
+        "ticket format version {0} is not supported (this device reads version {TICKET_VERSION}): update edge-node"
+    )]
     Version(u32),
     /// Fields present but unusable.
     #[error("the ticket is damaged: {0}; ask the hub operator for a new one")]
@@ -252,9 +254,12 @@ impl Refresh {
         if b.len() > MAX_REFRESH_BYTES {
             return Err(TicketError::TooLarge(b.len()));
         }
-        let r: Refresh = serde_json::from_slice(b).map_err(|e| TicketError::Format(e.to_string()))?;
+        let r: Refresh =
+            serde_json::from_slice(b).map_err(|e| TicketError::Format(e.to_string()))?;
         if r.day_keys.iter().any(|k| k.to_recipient().is_err()) {
-            return Err(TicketError::Invalid("a refreshed day key is not an age recipient".into()));
+            return Err(TicketError::Invalid(
+                "a refreshed day key is not an age recipient".into(),
+            ));
         }
         Ok(r)
     }

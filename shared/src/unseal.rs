@@ -3,8 +3,8 @@
 //! Devices never hold a day secret, so on a device this module has nothing to work with.
 
 use crate::daykey::DaySecret;
-use crate::envelope::{Record, SessionKey};
 use crate::envelope::SessionId;
+use crate::envelope::{Record, SessionKey};
 use crate::ids::RecordId;
 use crate::partition::Partition;
 use crate::time::Day;
@@ -30,21 +30,23 @@ pub fn unseal_partition(
     for w in partition.wrapped_keys() {
         let key = match secret_for(w.key_day) {
             Some(secret) => w.unwrap(&secret).map_err(|e| e.to_string()),
-            None => Err(format!("the day key of day {} is destroyed or unknown", w.key_day)),
+            None => Err(format!(
+                "the day key of day {} is destroyed or unknown",
+                w.key_day
+            )),
         };
         keys.insert(w.session, key);
     }
     let mut out = Unsealed::default();
     for (id, envelope) in partition.records() {
-        let opened = envelope.map_err(|e| e.to_string()).and_then(|env| {
-            match keys.get(&env.session()) {
-                Some(Ok(key)) => env
-                    .open(key, partition.id(), id)
-                    .map_err(|e| e.to_string()),
-                Some(Err(e)) => Err(e.clone()),
-                None => Err("no wrapped key for the record's session".to_owned()),
-            }
-        });
+        let opened =
+            envelope
+                .map_err(|e| e.to_string())
+                .and_then(|env| match keys.get(&env.session()) {
+                    Some(Ok(key)) => env.open(key, partition.id(), id).map_err(|e| e.to_string()),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Err("no wrapped key for the record's session".to_owned()),
+                });
         match opened {
             Ok(r) if r.facility == partition.id().facility => {
                 out.records.insert(id, r);

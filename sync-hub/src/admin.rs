@@ -51,7 +51,9 @@ pub enum HubError {
     #[error("no facility {0}: see `sync-hub facility list`")]
     UnknownFacility(String),
     /// Enrolling a device for a facility that is not approved.
-    #[error("facility {0} is pending approval by a local-government officer; approve it first (`sync-hub facility approve {0}`)")]
+    #[error(
+        "facility {0} is pending approval by a local-government officer; approve it first (`sync-hub facility approve {0}`)"
+    )]
     NotApproved(String),
     /// A bad argument.
     #[error("{0}")]
@@ -118,7 +120,9 @@ impl Hub {
     ) -> Result<Initialised, HubError> {
         let region = region.trim();
         if region.is_empty() || region.chars().count() > 60 {
-            return Err(HubError::Invalid("--region must be 1 to 60 characters".into()));
+            return Err(HubError::Invalid(
+                "--region must be 1 to 60 characters".into(),
+            ));
         }
         if store_path(dir).exists() || dir.join("keys").exists() {
             return Err(HubError::AlreadyInitialised(dir.display().to_string()));
@@ -130,7 +134,9 @@ impl Hub {
         let (authority_recipient, authority_identity_file) = match authority_recipient {
             Some(r) => {
                 r.parse::<age::x25519::Recipient>().map_err(|_| {
-                    HubError::Invalid("--authority-recipient is not an age recipient (age1...)".into())
+                    HubError::Invalid(
+                        "--authority-recipient is not an age recipient (age1...)".into(),
+                    )
                 })?;
                 (r, None)
             }
@@ -269,10 +275,9 @@ impl Hub {
     /// Revokes a device: its later syncs are refused.
     pub fn revoke_device(&self, id: &str) -> Result<(), HubError> {
         let did = DeviceId::parse(id).map_err(|e| HubError::Invalid(e.to_string()))?;
-        let mut d = self
-            .store
-            .device(&did)?
-            .ok_or_else(|| HubError::Invalid(format!("no device {id}: see `sync-hub device list`")))?;
+        let mut d = self.store.device(&did)?.ok_or_else(|| {
+            HubError::Invalid(format!("no device {id}: see `sync-hub device list`"))
+        })?;
         d.revoked = true;
         self.store.put_device(&d)?;
         Ok(())
@@ -327,7 +332,12 @@ impl Hub {
             issued_at: now,
             hub: HubContact {
                 endpoint_id: self.config.endpoint_id.clone(),
-                addrs: self.config.advertise.iter().map(|a| a.to_string()).collect(),
+                addrs: self
+                    .config
+                    .advertise
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
                 region: self.config.region.clone(),
             },
             facility,

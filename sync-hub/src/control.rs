@@ -62,7 +62,10 @@ pub fn running(data: &Path) -> Result<(String, Vec<SocketAddr>)> {
         "the hub store is busy but no run.json says where the running hub answers: is another command holding it?",
     )?;
     let v: serde_json::Value = serde_json::from_str(&text).context("run.json is damaged")?;
-    let http = v["http"].as_str().context("run.json has no http address")?.to_owned();
+    let http = v["http"]
+        .as_str()
+        .context("run.json has no http address")?
+        .to_owned();
     let sync = v["sync"]
         .as_array()
         .map(|a| a.iter().filter_map(|s| s.as_str()?.parse().ok()).collect())
@@ -71,7 +74,12 @@ pub fn running(data: &Path) -> Result<(String, Vec<SocketAddr>)> {
 }
 
 /// Calls the running hub's API; returns its JSON answer.
-pub fn call(data: &Path, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
+pub fn call(
+    data: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
     let (http, _) = running(data)?;
     let token = operator_token(data)?;
     let url = format!("http://{http}{path}");
@@ -83,7 +91,10 @@ pub fn call(data: &Path, method: &str, path: &str, body: Option<serde_json::Valu
     let auth = format!("Bearer {token}");
     let mut resp = match (method, body) {
         ("GET", _) => agent.get(&url).header("authorization", &auth).call(),
-        (_, Some(b)) => agent.post(&url).header("authorization", &auth).send_json(&b),
+        (_, Some(b)) => agent
+            .post(&url)
+            .header("authorization", &auth)
+            .send_json(&b),
         (_, None) => agent.post(&url).header("authorization", &auth).send_empty(),
     }
     .with_context(|| format!("the running hub at {http} did not answer"))?;

@@ -177,7 +177,8 @@ struct Conn {
 
 /// Binds the hub's endpoint on `listen` (no relays, no discovery).
 pub async fn bind(secret: SecretKey, listen: SocketAddr) -> Result<Endpoint, HubError> {
-    let err = |e: String| HubError::Invalid(format!("cannot open the sync endpoint on {listen}: {e}"));
+    let err =
+        |e: String| HubError::Invalid(format!("cannot open the sync endpoint on {listen}: {e}"));
     Endpoint::builder(presets::Minimal)
         .secret_key(secret)
         .alpns(vec![ALPN.to_vec()])
@@ -234,7 +235,11 @@ pub async fn serve(endpoint: Endpoint, handle: HubHandle) {
     retention.abort();
 }
 
-async fn connection(incoming: iroh::endpoint::Incoming, conn_id: u64, handle: HubHandle) -> Result<(), String> {
+async fn connection(
+    incoming: iroh::endpoint::Incoming,
+    conn_id: u64,
+    handle: HubHandle,
+) -> Result<(), String> {
     let addr = match incoming.remote_addr() {
         iroh::endpoint::IncomingAddr::Ip(a) => Some(a),
         _ => None,
@@ -274,19 +279,31 @@ async fn connection(incoming: iroh::endpoint::Incoming, conn_id: u64, handle: Hu
             match tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => {
                     if let Err(error) = decoder.push(&buf[..n]) {
-                        let _ = tx.send(Input::Malformed { conn: conn_id, error });
+                        let _ = tx.send(Input::Malformed {
+                            conn: conn_id,
+                            error,
+                        });
                         return;
                     }
                     loop {
                         match decoder.pop() {
                             Ok(Some(frame)) => {
-                                if tx.send(Input::Frame { conn: conn_id, frame }).is_err() {
+                                if tx
+                                    .send(Input::Frame {
+                                        conn: conn_id,
+                                        frame,
+                                    })
+                                    .is_err()
+                                {
                                     return;
                                 }
                             }
                             Ok(None) => break,
                             Err(error) => {
-                                let _ = tx.send(Input::Malformed { conn: conn_id, error });
+                                let _ = tx.send(Input::Malformed {
+                                    conn: conn_id,
+                                    error,
+                                });
                                 return;
                             }
                         }
@@ -330,7 +347,8 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
         }
     };
     let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
-    let mut pending_purge: Vec<(UnixSeconds, oneshot::Sender<Result<PurgeReport, String>>)> = Vec::new();
+    let mut pending_purge: Vec<(UnixSeconds, oneshot::Sender<Result<PurgeReport, String>>)> =
+        Vec::new();
     while let Ok(input) = rx.recv() {
         let now = clock::now();
         match input {
@@ -563,14 +581,22 @@ fn decide(
     };
     let rec: DeviceRecord = match hub.store().device(device) {
         Ok(Some(r)) => r,
-        Ok(None) => return refuse(RefuseReason::UnknownDevice, "this device is not enrolled here"),
+        Ok(None) => {
+            return refuse(
+                RefuseReason::UnknownDevice,
+                "this device is not enrolled here",
+            );
+        }
         Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
     };
     if rec.revoked {
         return refuse(RefuseReason::Revoked, "this device has been revoked");
     }
     if &rec.facility != facility {
-        return refuse(RefuseReason::WrongFacility, "this device is enrolled for another facility");
+        return refuse(
+            RefuseReason::WrongFacility,
+            "this device is enrolled for another facility",
+        );
     }
     match hub.store().facility(facility) {
         Ok(Some(f)) if f.status == FacilityStatus::Approved => {}
@@ -583,14 +609,23 @@ fn decide(
         Some(bound) if *bound == remote_hex => {}
         Some(_) => {
             return if hello.credential.is_some() {
-                refuse(RefuseReason::CredentialReused, "this enrollment ticket was already used by another device")
+                refuse(
+                    RefuseReason::CredentialReused,
+                    "this enrollment ticket was already used by another device",
+                )
             } else {
-                refuse(RefuseReason::UnknownDevice, "this endpoint is not the one enrolled for the device")
+                refuse(
+                    RefuseReason::UnknownDevice,
+                    "this endpoint is not the one enrolled for the device",
+                )
             };
         }
         None => {
             let Some(cred) = hello.credential else {
-                return refuse(RefuseReason::UnknownDevice, "first contact needs the enrollment credential");
+                return refuse(
+                    RefuseReason::UnknownDevice,
+                    "first contact needs the enrollment credential",
+                );
             };
             let digest = Credential(cred).digest();
             match hub.store().credential_device(&digest) {
@@ -602,7 +637,12 @@ fn decide(
                     }
                     tracing::info!("device {device} bound to endpoint {}", remote.fmt_short());
                 }
-                Ok(_) => return refuse(RefuseReason::CredentialReused, "the enrollment credential is not valid (used or wrong)"),
+                Ok(_) => {
+                    return refuse(
+                        RefuseReason::CredentialReused,
+                        "the enrollment credential is not valid (used or wrong)",
+                    );
+                }
                 Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
             }
         }

@@ -92,7 +92,12 @@ pub fn parse_tokens(tokens: &[String]) -> Result<Vec<[u8; 16]>, String> {
         .map(|t| {
             shared::token::Token::from_hex(t)
                 .map(|t| *t.as_bytes())
-                .map_err(|_| format!("{:?} is not a token (32 hex characters)", t.chars().take(40).collect::<String>()))
+                .map_err(|_| {
+                    format!(
+                        "{:?} is not a token (32 hex characters)",
+                        t.chars().take(40).collect::<String>()
+                    )
+                })
         })
         .collect()
 }
@@ -100,7 +105,11 @@ pub fn parse_tokens(tokens: &[String]) -> Result<Vec<[u8; 16]>, String> {
 /// The longest trace window: the retention period.
 pub const MAX_WINDOW_MINUTES: u64 = 28 * 24 * 60;
 
-async fn trace(State(s): State<AppState>, headers: HeaderMap, body: Result<Json<TraceRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn trace(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<TraceRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     if let Err(r) = authorized(&headers, &s.token) {
         return r;
     }
@@ -114,7 +123,10 @@ async fn trace(State(s): State<AppState>, headers: HeaderMap, body: Result<Json<
     };
     let window = req.window_minutes.unwrap_or(30);
     if window > MAX_WINDOW_MINUTES {
-        return error(StatusCode::BAD_REQUEST, "the window may not exceed the retention period (40320 minutes)");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the window may not exceed the retention period (40320 minutes)",
+        );
     }
     tracing::info!(
         case = req.case.as_deref().unwrap_or("-"),
@@ -135,7 +147,11 @@ pub struct PurgeRequest {
     pub as_of: Option<u64>,
 }
 
-async fn purge(State(s): State<AppState>, headers: HeaderMap, body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn purge(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     if let Err(r) = authorized(&headers, &s.token) {
         return r;
     }
@@ -153,15 +169,52 @@ async fn metrics(State(s): State<AppState>) -> Response {
     let m = &s.hub.metrics;
     let mut out = String::new();
     let mut line = |name: &str, help: &str, kind: &str, v: u64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
     };
-    line("kipass_sync_sessions_completed_total", "Sync sessions that completed.", "counter", m.sessions_completed.load(Ordering::Relaxed));
-    line("kipass_sync_sessions_failed_total", "Sync sessions refused or failed.", "counter", m.sessions_failed.load(Ordering::Relaxed));
-    line("kipass_refused_devices_total", "Devices refused at admission.", "counter", m.refused_devices.load(Ordering::Relaxed));
-    line("kipass_records_ingested_total", "Records merged and indexed.", "counter", m.records_ingested.load(Ordering::Relaxed));
-    line("kipass_sync_bytes_received_total", "UDP bytes received on sync connections.", "counter", m.bytes_received.load(Ordering::Relaxed));
-    line("kipass_sync_bytes_sent_total", "UDP bytes sent on sync connections.", "counter", m.bytes_sent.load(Ordering::Relaxed));
-    line("kipass_retention_runs_total", "Retention runs.", "counter", m.retention_runs.load(Ordering::Relaxed));
+    line(
+        "kipass_sync_sessions_completed_total",
+        "Sync sessions that completed.",
+        "counter",
+        m.sessions_completed.load(Ordering::Relaxed),
+    );
+    line(
+        "kipass_sync_sessions_failed_total",
+        "Sync sessions refused or failed.",
+        "counter",
+        m.sessions_failed.load(Ordering::Relaxed),
+    );
+    line(
+        "kipass_refused_devices_total",
+        "Devices refused at admission.",
+        "counter",
+        m.refused_devices.load(Ordering::Relaxed),
+    );
+    line(
+        "kipass_records_ingested_total",
+        "Records merged and indexed.",
+        "counter",
+        m.records_ingested.load(Ordering::Relaxed),
+    );
+    line(
+        "kipass_sync_bytes_received_total",
+        "UDP bytes received on sync connections.",
+        "counter",
+        m.bytes_received.load(Ordering::Relaxed),
+    );
+    line(
+        "kipass_sync_bytes_sent_total",
+        "UDP bytes sent on sync connections.",
+        "counter",
+        m.bytes_sent.load(Ordering::Relaxed),
+    );
+    line(
+        "kipass_retention_runs_total",
+        "Retention runs.",
+        "counter",
+        m.retention_runs.load(Ordering::Relaxed),
+    );
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -179,7 +232,10 @@ async fn admin(
     };
     match s
         .hub
-        .admin(move |hub| cmd.execute(hub, crate::clock::now()).map_err(|e| e.to_string()))
+        .admin(move |hub| {
+            cmd.execute(hub, crate::clock::now())
+                .map_err(|e| e.to_string())
+        })
         .await
     {
         Ok(v) => Json(v).into_response(),

@@ -29,7 +29,9 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// A key file has the wrong size or content.
-    #[error("key file {0} is damaged (wrong length or content); restore it from the operator's backup")]
+    #[error(
+        "key file {0} is damaged (wrong length or content); restore it from the operator's backup"
+    )]
     Damaged(String),
 }
 

@@ -25,8 +25,8 @@
 //! anyway (it is in `stats`), and it names no visitor.
 
 use crate::keys::{KeyDir, KeyError};
-use automerge::ReadDoc;
 use crate::store::{Store, StoreError as RegistryError};
+use automerge::ReadDoc;
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
 use rand::SeedableRng;
@@ -62,8 +62,7 @@ pub const VISITS_BY_TOKEN: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
 pub const VISITS_BY_FACILITY: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
     MultimapTableDefinition::new("visits-by-facility-1");
 /// `indexed-1`: (facility, day, record id) -> (): records already in the index.
-pub const INDEXED: TableDefinition<(&str, u32, &[u8; 16]), ()> =
-    TableDefinition::new("indexed-1");
+pub const INDEXED: TableDefinition<(&str, u32, &[u8; 16]), ()> = TableDefinition::new("indexed-1");
 /// `partition-counts-1`: (facility, day) -> records the stored partition holds.
 pub const PARTITION_COUNTS: TableDefinition<(&str, u32), u64> =
     TableDefinition::new("partition-counts-1");
@@ -540,7 +539,11 @@ impl<'s> Ledger<'s> {
             let t2 = std::time::Instant::now();
             let recs = partition.records();
             let t3 = t2.elapsed();
-            let (mut to, mut ts, mut ti) = (std::time::Duration::ZERO, std::time::Duration::ZERO, std::time::Duration::ZERO);
+            let (mut to, mut ts, mut ti) = (
+                std::time::Duration::ZERO,
+                std::time::Duration::ZERO,
+                std::time::Duration::ZERO,
+            );
             let mut indexed = 0u64;
             let mut unreadable = 0u64;
             for (record_id, envelope) in recs {
@@ -548,9 +551,7 @@ impl<'s> Ledger<'s> {
                 if already.contains(&record_id.0) {
                     continue;
                 }
-                let Some(record) = envelope
-                    .ok()
-                    .and_then(|e| opener.open(&e, &id, record_id))
+                let Some(record) = envelope.ok().and_then(|e| opener.open(&e, &id, record_id))
                 else {
                     unreadable += 1;
                     continue;
@@ -618,9 +619,12 @@ impl<'s> Ledger<'s> {
             Some(g) => parse_heads(g.value())?,
             None => Vec::new(),
         };
-        let behind = stored_heads
-            .iter()
-            .any(|h| partition.doc().get_change_by_hash(&automerge::ChangeHash(*h)).is_none());
+        let behind = stored_heads.iter().any(|h| {
+            partition
+                .doc()
+                .get_change_by_hash(&automerge::ChangeHash(*h))
+                .is_none()
+        });
         if behind && let Some(bytes) = read_chunks(&chunks, &id)? {
             let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
             partition.merge(&stored)?;
@@ -655,10 +659,8 @@ impl<'s> Ledger<'s> {
     /// Registered facilities and live records (`sync-hub stats`).
     pub fn stats(&self, now: UnixSeconds) -> Result<Stats, LedgerError> {
         let facilities = self.store.facilities()?;
-        let mut per_facility: BTreeMap<String, u64> = facilities
-            .iter()
-            .map(|f| (f.id.to_string(), 0))
-            .collect();
+        let mut per_facility: BTreeMap<String, u64> =
+            facilities.iter().map(|f| (f.id.to_string(), 0)).collect();
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
         let txn = self.store.db().begin_read()?;
         let counts = txn.open_table(PARTITION_COUNTS)?;
@@ -728,7 +730,10 @@ impl<'s> Ledger<'s> {
 
         let mut case_times: BTreeMap<&FacilityId, Vec<UnixSeconds>> = BTreeMap::new();
         for v in visits.values() {
-            case_times.entry(&v.facility).or_default().push(v.scanned_at);
+            case_times
+                .entry(&v.facility)
+                .or_default()
+                .push(v.scanned_at);
         }
         let mut contacts: BTreeMap<(UnixSeconds, FacilityId, RecordId), IndexedVisit> =
             BTreeMap::new();
@@ -880,7 +885,8 @@ fn read_chunks(
     let mut out: Option<Vec<u8>> = None;
     for row in chunks.range((f, id.day.0, 0u64)..=(f, id.day.0, u64::MAX))? {
         let (_, v) = row?;
-        out.get_or_insert_with(Vec::new).extend_from_slice(v.value());
+        out.get_or_insert_with(Vec::new)
+            .extend_from_slice(v.value());
     }
     Ok(out)
 }
@@ -889,7 +895,10 @@ fn parse_heads(bytes: &[u8]) -> Result<Vec<[u8; 32]>, LedgerError> {
     if !bytes.len().is_multiple_of(32) {
         return Err(LedgerError::Corrupt {
             table: "partition-heads-1",
-            reason: format!("{} bytes is not a whole number of 32-byte heads", bytes.len()),
+            reason: format!(
+                "{} bytes is not a whole number of 32-byte heads",
+                bytes.len()
+            ),
         });
     }
     Ok(bytes
@@ -1099,8 +1108,7 @@ impl PartitionStore for HubPartitions<'_> {
             let txn = self.ledger.store.db().begin_read()?;
             let t = txn.open_table(SYNC_STATES)?;
             let key = peer_key(peer);
-            Ok(t
-                .get((key.as_str(), id.facility.as_str(), id.day.0))?
+            Ok(t.get((key.as_str(), id.facility.as_str(), id.day.0))?
                 .map(|v| v.value().to_vec()))
         };
         Ok(read()?)

@@ -7,15 +7,24 @@ use serde_json::json;
 use shared::facility::{BusinessNumber, Registration};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use sync_hub::ledger::Ledger;
 use sync_hub::admin::AdminCommand;
+use sync_hub::ledger::Ledger;
 use sync_hub::{Hub, HubError, clock, control};
 
 #[derive(Parser)]
-#[command(name = "sync-hub", version, about = "The regional hub of the offline-first visitor log")]
+#[command(
+    name = "sync-hub",
+    version,
+    about = "The regional hub of the offline-first visitor log"
+)]
 struct Cli {
     /// The hub's state folder.
-    #[arg(long, env = "SYNC_HUB_DATA", global = true, default_value = "./hub-data")]
+    #[arg(
+        long,
+        env = "SYNC_HUB_DATA",
+        global = true,
+        default_value = "./hub-data"
+    )]
     data: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -285,7 +294,11 @@ fn run(cli: Cli) -> Result<()> {
                         d["device_id"].as_str().unwrap_or_default(),
                         d["facility_id"].as_str().unwrap_or_default(),
                         d["name"].as_str().unwrap_or_default(),
-                        if d["revoked"].as_bool().unwrap_or(false) { "revoked" } else { "active" },
+                        if d["revoked"].as_bool().unwrap_or(false) {
+                            "revoked"
+                        } else {
+                            "active"
+                        },
                         d["last_sync"]
                     );
                 }
@@ -321,7 +334,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let v = match Hub::open(&data) {
                 Ok(hub) => {
-                    tracing::info!(case = case.as_deref().unwrap_or("-"), purpose = purpose.as_deref().unwrap_or("-"), "trace");
+                    tracing::info!(
+                        case = case.as_deref().unwrap_or("-"),
+                        purpose = purpose.as_deref().unwrap_or("-"),
+                        "trace"
+                    );
                     let ledger = Ledger::open(hub.store(), hub.keys())?;
                     serde_json::to_value(ledger.trace(&parsed, window_minutes, now)?)?
                 }
@@ -329,7 +346,9 @@ fn run(cli: Cli) -> Result<()> {
                     &data,
                     "POST",
                     "/api/trace",
-                    Some(json!({"tokens": tokens, "window_minutes": window_minutes, "case": case, "purpose": purpose})),
+                    Some(
+                        json!({"tokens": tokens, "window_minutes": window_minutes, "case": case, "purpose": purpose}),
+                    ),
                 )?,
                 Err(e) => return Err(e.into()),
             };
@@ -348,7 +367,9 @@ fn run(cli: Cli) -> Result<()> {
                     hub.compact();
                     serde_json::to_value(r)?
                 }
-                Err(e) if is_busy(&e) => control::call(&data, "POST", "/api/purge", Some(json!({"as_of": as_of})))?,
+                Err(e) if is_busy(&e) => {
+                    control::call(&data, "POST", "/api/purge", Some(json!({"as_of": as_of})))?
+                }
                 Err(e) => return Err(e.into()),
             };
             if json {
@@ -363,7 +384,14 @@ fn run(cli: Cli) -> Result<()> {
             out,
             json,
         } => {
-            let v = admin(&data, AdminCommand::Enroll { facility_id, device_name }, now)?;
+            let v = admin(
+                &data,
+                AdminCommand::Enroll {
+                    facility_id,
+                    device_name,
+                },
+                now,
+            )?;
             let ticket = shared::ticket::EnrollmentTicket::parse(v.to_string().as_bytes())
                 .context("the hub answered with an unusable ticket")?;
             Hub::write_ticket(&ticket, &out)?;
@@ -452,7 +480,12 @@ async fn shutdown_signal() {
 fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<serde_json::Value> {
     match Hub::open(data) {
         Ok(hub) => Ok(cmd.execute(&hub, now)?),
-        Err(e) if is_busy(&e) => control::call(data, "POST", "/api/admin", Some(serde_json::to_value(&cmd)?)),
+        Err(e) if is_busy(&e) => control::call(
+            data,
+            "POST",
+            "/api/admin",
+            Some(serde_json::to_value(&cmd)?),
+        ),
         Err(e) => Err(e.into()),
     }
 }

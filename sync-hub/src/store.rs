@@ -214,7 +214,11 @@ impl Store {
     }
 
     /// Records a new device and the digest of its enrollment credential, atomically.
-    pub fn add_device(&self, d: &DeviceRecord, credential_digest: &[u8; 32]) -> Result<(), StoreError> {
+    pub fn add_device(
+        &self,
+        d: &DeviceRecord,
+        credential_digest: &[u8; 32],
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(DEVICES)?
             .insert(d.id.as_str(), encode(d).as_slice())?;
@@ -266,11 +270,7 @@ impl Store {
     }
 
     /// Binds a device's endpoint id and burns its credential, atomically: a ticket works once.
-    pub fn bind_device(
-        &self,
-        digest: &[u8; 32],
-        device: &DeviceRecord,
-    ) -> Result<(), StoreError> {
+    pub fn bind_device(&self, digest: &[u8; 32], device: &DeviceRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(CREDENTIALS)?.remove(digest)?;
         txn.open_table(DEVICES)?

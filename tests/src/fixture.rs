@@ -88,13 +88,21 @@ impl HubFixture {
         let listen = format!("127.0.0.1:{sync_port}");
         run_ok(
             "sync-hub",
-            &["--data", &d, "init", "--region", "mapo", "--listen", &listen],
+            &[
+                "--data", &d, "init", "--region", "mapo", "--listen", &listen,
+            ],
         )?;
         let ring = tmp.path().join("keyring.json");
         std::fs::write(&ring, keyring_json())?;
         run_ok(
             "sync-hub",
-            &["--data", &d, "issuers", "import", ring.to_str().unwrap_or_default()],
+            &[
+                "--data",
+                &d,
+                "issuers",
+                "import",
+                ring.to_str().unwrap_or_default(),
+            ],
         )?;
         let facility = Self::add_facility_at(&d, "Star Karaoke")?;
         Ok(HubFixture {
@@ -136,14 +144,20 @@ impl HubFixture {
 
     /// Records the hub holds for `facility`.
     pub fn records_of(&self, facility: &str) -> Result<u64> {
-        Ok(self.stats()?["per_facility"][facility].as_u64().unwrap_or(0))
+        Ok(self.stats()?["per_facility"][facility]
+            .as_u64()
+            .unwrap_or(0))
     }
 
     /// `sync-hub trace --json` for one token.
     pub fn trace(&self, token: &[u8; 16]) -> Result<serde_json::Value> {
         let t = hex::encode(token);
         Ok(serde_json::from_str(
-            run_ok("sync-hub", &["--data", &self.data_str(), "trace", "--token", &t, "--json"])?.trim(),
+            run_ok(
+                "sync-hub",
+                &["--data", &self.data_str(), "trace", "--token", &t, "--json"],
+            )?
+            .trim(),
         )?)
     }
 
@@ -153,7 +167,13 @@ impl HubFixture {
         let dev = self.tmp.path().join(format!("dev-{name}"));
         run_ok(
             "edge-node",
-            &["--data", dev.to_str().unwrap_or_default(), "init", "--ticket", ticket.to_str().unwrap_or_default()],
+            &[
+                "--data",
+                dev.to_str().unwrap_or_default(),
+                "init",
+                "--ticket",
+                ticket.to_str().unwrap_or_default(),
+            ],
         )?;
         Ok(dev)
     }
@@ -163,7 +183,16 @@ impl HubFixture {
         let ticket = self.tmp.path().join(format!("{name}.ticket"));
         run_ok(
             "sync-hub",
-            &["--data", &self.data_str(), "enroll", facility, "--device-name", name, "--out", ticket.to_str().unwrap_or_default()],
+            &[
+                "--data",
+                &self.data_str(),
+                "enroll",
+                facility,
+                "--device-name",
+                name,
+                "--out",
+                ticket.to_str().unwrap_or_default(),
+            ],
         )?;
         Ok(ticket)
     }
@@ -172,9 +201,24 @@ impl HubFixture {
         let out = run_ok(
             "sync-hub",
             &[
-                "--data", d, "facility", "add", "--name", name, "--business-number",
-                BUSINESS_NUMBER, "--representative", "Kim", "--phone", "02-123-4567",
-                "--category", "karaoke", "--region", "mapo", "--address", "1 Wausan-ro",
+                "--data",
+                d,
+                "facility",
+                "add",
+                "--name",
+                name,
+                "--business-number",
+                BUSINESS_NUMBER,
+                "--representative",
+                "Kim",
+                "--phone",
+                "02-123-4567",
+                "--category",
+                "karaoke",
+                "--region",
+                "mapo",
+                "--address",
+                "1 Wausan-ro",
                 "--json",
             ],
         )?;
@@ -193,12 +237,27 @@ impl HubFixture {
         let t = ticket.display().to_string();
         run_ok(
             "sync-hub",
-            &["--data", &self.data_str(), "enroll", &self.facility, "--device-name", name, "--out", &t],
+            &[
+                "--data",
+                &self.data_str(),
+                "enroll",
+                &self.facility,
+                "--device-name",
+                name,
+                "--out",
+                &t,
+            ],
         )?;
         let dev = self.tmp.path().join(format!("dev-{name}"));
         run_ok(
             "edge-node",
-            &["--data", dev.to_str().unwrap_or_default(), "init", "--ticket", &t],
+            &[
+                "--data",
+                dev.to_str().unwrap_or_default(),
+                "init",
+                "--ticket",
+                &t,
+            ],
         )?;
         std::fs::remove_file(&ticket)?;
         Ok(dev)
@@ -238,7 +297,9 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A UDP port free on loopback right now.
 pub fn free_udp_port() -> Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Checks in `n` fresh codes at a device directly (no camera), returning their tokens.
@@ -262,13 +323,30 @@ pub fn check_in_codes(dev: &Path, n: usize) -> Result<Vec<[u8; 16]>> {
 /// `edge-node status --json` of a device folder.
 pub fn device_status(dev: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(
-        run_ok("edge-node", &["--data", dev.to_str().unwrap_or_default(), "status", "--json"])?.trim(),
+        run_ok(
+            "edge-node",
+            &[
+                "--data",
+                dev.to_str().unwrap_or_default(),
+                "status",
+                "--json",
+            ],
+        )?
+        .trim(),
     )?)
 }
 
 /// `edge-node sync --once --json`; returns the process output (it may fail).
 pub fn sync_once(dev: &Path, peers: &[String]) -> Result<Output> {
-    let mut args = vec!["--data".to_owned(), dev.display().to_string(), "sync".into(), "--once".into(), "--json".into(), "--listen".into(), "127.0.0.1:0".into()];
+    let mut args = vec![
+        "--data".to_owned(),
+        dev.display().to_string(),
+        "sync".into(),
+        "--once".into(),
+        "--json".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
     for p in peers {
         args.push("--peer".into());
         args.push(p.clone());

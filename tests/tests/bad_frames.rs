@@ -11,37 +11,80 @@ fn bad_frames_are_refused_and_lose_nothing() -> Result<()> {
     let d = dev.display().to_string();
     let tmp = tempfile::tempdir()?;
     let (good, _, _) = code_frame(tmp.path(), "good", fixture::now())?;
-    run_ok("edge-node", &["--data", &d, "scan", good.to_str().unwrap_or_default()])?;
+    run_ok(
+        "edge-node",
+        &["--data", &d, "scan", good.to_str().unwrap_or_default()],
+    )?;
 
     let png = std::fs::read(&good)?;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated.png", png[..png.len() / 3].to_vec(), "png"),
-        ("garbage.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg".to_vec(), "jpeg"),
+        (
+            "garbage.jpg",
+            b"\xff\xd8\xff\xe0 this is not really a jpeg".to_vec(),
+            "jpeg",
+        ),
         ("zero.png", Vec::new(), "empty"),
-        ("text.png", b"hello, I am a text file".to_vec(), "png or jpeg"),
-        ("huge.png", huge_png_header(12_000, 9_000), "megapixel limit"),
+        (
+            "text.png",
+            b"hello, I am a text file".to_vec(),
+            "png or jpeg",
+        ),
+        (
+            "huge.png",
+            huge_png_header(12_000, 9_000),
+            "megapixel limit",
+        ),
     ];
     for (name, bytes, needle) in cases {
         let p = tmp.path().join(name);
         std::fs::write(&p, bytes)?;
-        let out = run("edge-node", &["--data", &d, "scan", "--json", p.to_str().unwrap_or_default()])?;
+        let out = run(
+            "edge-node",
+            &[
+                "--data",
+                &d,
+                "scan",
+                "--json",
+                p.to_str().unwrap_or_default(),
+            ],
+        )?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: should fail");
         assert!(!err.contains("panicked"), "{name}: {err}");
-        assert!(err.to_lowercase().contains(needle), "{name}: {err:?} lacks {needle:?}");
+        assert!(
+            err.to_lowercase().contains(needle),
+            "{name}: {err:?} lacks {needle:?}"
+        );
         assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
-        assert!(out.stdout.is_empty(), "{name}: no verdict line for a bad file");
+        assert!(
+            out.stdout.is_empty(),
+            "{name}: no verdict line for a bad file"
+        );
     }
     // A directory and a missing file.
     for p in [tmp.path().to_path_buf(), tmp.path().join("missing.png")] {
-        let out = run("edge-node", &["--data", &d, "scan", p.to_str().unwrap_or_default()])?;
+        let out = run(
+            "edge-node",
+            &["--data", &d, "scan", p.to_str().unwrap_or_default()],
+        )?;
         assert!(!out.status.success());
         assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
     }
     // A good frame after bad ones in the same call still works; the earlier visit stands.
     let (good2, _, _) = code_frame(tmp.path(), "good2", fixture::now())?;
     let zero = tmp.path().join("zero.png");
-    let out = run("edge-node", &["--data", &d, "scan", "--json", zero.to_str().unwrap_or_default(), good2.to_str().unwrap_or_default()])?;
+    let out = run(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "scan",
+            "--json",
+            zero.to_str().unwrap_or_default(),
+            good2.to_str().unwrap_or_default(),
+        ],
+    )?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"accepted\""));
     assert_eq!(fixture::stored_records(&dev, &hub.data)?.len(), 2);
     Ok(())
@@ -75,7 +118,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

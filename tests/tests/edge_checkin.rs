@@ -24,36 +24,121 @@ fn check_in_verdicts_duplicates_paper_and_status() -> Result<()> {
     let (fresh, _, _) = code_frame(tmp.path(), "fresh", now)?;
     let (old, _, _) = code_frame(tmp.path(), "old", now - 120)?;
     let url = tmp.path().join("url.png");
-    std::fs::write(&url, encode_png(&frame("https://example.com/menu", Damage::ByteMode, 1)?)?)?;
+    std::fs::write(
+        &url,
+        encode_png(&frame("https://example.com/menu", Damage::ByteMode, 1)?)?,
+    )?;
     let blank = tmp.path().join("blank.png");
-    std::fs::write(&blank, encode_png(&image::GrayImage::from_pixel(640, 480, image::Luma([200])))?)?;
+    std::fs::write(
+        &blank,
+        encode_png(&image::GrayImage::from_pixel(640, 480, image::Luma([200])))?,
+    )?;
 
     let out = run_ok(
         "edge-node",
-        &["--data", &d, "scan", "--json", fresh.to_str().unwrap_or_default(), old.to_str().unwrap_or_default(),
-          url.to_str().unwrap_or_default(), blank.to_str().unwrap_or_default(), fresh.to_str().unwrap_or_default()],
+        &[
+            "--data",
+            &d,
+            "scan",
+            "--json",
+            fresh.to_str().unwrap_or_default(),
+            old.to_str().unwrap_or_default(),
+            url.to_str().unwrap_or_default(),
+            blank.to_str().unwrap_or_default(),
+            fresh.to_str().unwrap_or_default(),
+        ],
     )?;
     let v = lines(&out);
-    let verdicts: Vec<&str> = v.iter().map(|l| l["verdict"].as_str().unwrap_or("?")).collect();
-    assert_eq!(verdicts, ["accepted", "expired", "malformed", "no_code", "duplicate"], "{out}");
-    assert!(v[0]["message"].as_str().unwrap_or_default().contains("인증되었습니다"));
-    assert!(v[2]["message"].as_str().unwrap_or_default().to_lowercase().contains("not a check-in code"));
+    let verdicts: Vec<&str> = v
+        .iter()
+        .map(|l| l["verdict"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["accepted", "expired", "malformed", "no_code", "duplicate"],
+        "{out}"
+    );
+    assert!(
+        v[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("인증되었습니다")
+    );
+    assert!(
+        v[2]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("not a check-in code")
+    );
 
     // Still a duplicate in a new process: the seen-token memory is durable.
-    let out = run_ok("edge-node", &["--data", &d, "scan", "--json", fresh.to_str().unwrap_or_default()])?;
+    let out = run_ok(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "scan",
+            "--json",
+            fresh.to_str().unwrap_or_default(),
+        ],
+    )?;
     assert_eq!(lines(&out)[0]["verdict"], "duplicate");
 
     // Paper log: refused without both consents, stored with them.
-    let refused = run("edge-node", &["--data", &d, "paper", "add", "--name", "Hong Gildong", "--phone", "010-1234-5678", "--consent-collect"])?;
+    let refused = run(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "paper",
+            "add",
+            "--name",
+            "Hong Gildong",
+            "--phone",
+            "010-1234-5678",
+            "--consent-collect",
+        ],
+    )?;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("consent"));
-    let minor = run("edge-node", &["--data", &d, "paper", "add", "--name", "Kim Minor", "--phone", "010-2222-3333",
-        "--consent-collect", "--consent-share", "--minor"])?;
+    let minor = run(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "paper",
+            "add",
+            "--name",
+            "Kim Minor",
+            "--phone",
+            "010-2222-3333",
+            "--consent-collect",
+            "--consent-share",
+            "--minor",
+        ],
+    )?;
     assert!(!minor.status.success());
-    run_ok("edge-node", &["--data", &d, "paper", "add", "--name", "Hong Gildong", "--phone", "010-1234-5678",
-        "--consent-collect", "--consent-share", "--remarks", "wheelchair"])?;
+    run_ok(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "paper",
+            "add",
+            "--name",
+            "Hong Gildong",
+            "--phone",
+            "010-1234-5678",
+            "--consent-collect",
+            "--consent-share",
+            "--remarks",
+            "wheelchair",
+        ],
+    )?;
 
-    let s: Value = serde_json::from_str(run_ok("edge-node", &["--data", &d, "status", "--json"])?.trim())?;
+    let s: Value =
+        serde_json::from_str(run_ok("edge-node", &["--data", &d, "status", "--json"])?.trim())?;
     assert_eq!(s["records"], 2);
     assert_eq!(s["unsynced"], 2);
     assert_eq!(s["last_sync"], Value::Null);
@@ -67,9 +152,16 @@ fn check_in_verdicts_duplicates_paper_and_status() -> Result<()> {
 
     // Retention: 29 days on, the partition is gone (it is unsynced, so one more day of grace).
     let later = (now + 30 * 86_400).to_string();
-    let p: Value = serde_json::from_str(run_ok("edge-node", &["--data", &d, "purge", "--as-of", &later, "--json"])?.trim())?;
+    let p: Value = serde_json::from_str(
+        run_ok(
+            "edge-node",
+            &["--data", &d, "purge", "--as-of", &later, "--json"],
+        )?
+        .trim(),
+    )?;
     assert_eq!(p["dropped"].as_array().map(Vec::len), Some(1), "{p}");
-    let s: Value = serde_json::from_str(run_ok("edge-node", &["--data", &d, "status", "--json"])?.trim())?;
+    let s: Value =
+        serde_json::from_str(run_ok("edge-node", &["--data", &d, "status", "--json"])?.trim())?;
     assert_eq!(s["records"], 0);
     // An --as-of in the past keeps nothing longer.
     run_ok("edge-node", &["--data", &d, "purge", "--as-of", "0"])?;
@@ -106,15 +198,32 @@ fn nothing_readable_at_rest() -> Result<()> {
     for i in 0..20 {
         let name = format!("Visitor Name{i:02}");
         let phone = format!("010-9{i:03}-7{i:03}");
-        run_ok("edge-node", &["--data", &d, "paper", "add", "--name", &name, "--phone", &phone,
-            "--consent-collect", "--consent-share"])?;
+        run_ok(
+            "edge-node",
+            &[
+                "--data",
+                &d,
+                "paper",
+                "add",
+                "--name",
+                &name,
+                "--phone",
+                &phone,
+                "--consent-collect",
+                "--consent-share",
+            ],
+        )?;
         secrets.push(name.into_bytes());
         secrets.push(phone.clone().into_bytes());
         secrets.push(phone.replace('-', "").into_bytes());
     }
     let hay = fixture::all_bytes_below(&dev)?;
     for s in &secrets {
-        assert!(!fixture::contains(&hay, s), "found {:?} in the device folder", String::from_utf8_lossy(s));
+        assert!(
+            !fixture::contains(&hay, s),
+            "found {:?} in the device folder",
+            String::from_utf8_lossy(s)
+        );
     }
     // And yet everything is there for the hub.
     let records = fixture::stored_records(&dev, &hub.data)?;

@@ -38,7 +38,10 @@ fn kill_9_loses_no_accepted_visit_and_stores_none_twice() -> Result<()> {
             let token: [u8; 16] = rng.r#gen();
             let payload = issuer.issue(now, 60, token);
             let path = tmp.path().join(format!("k{kill}-{i}.png"));
-            std::fs::write(&path, encode_png(&frame(&payload, Damage::Clean, u64::from(token[0]))?)?)?;
+            std::fs::write(
+                &path,
+                encode_png(&frame(&payload, Damage::Clean, u64::from(token[0]))?)?,
+            )?;
             batch.push((path, token));
         }
         batch.extend(previous.iter().take(3).cloned());
@@ -80,11 +83,17 @@ fn kill_9_loses_no_accepted_visit_and_stores_none_twice() -> Result<()> {
             let stored = fixture::qr_tokens(&fixture::stored_records(&dev, &hub.data)?);
             let unique: BTreeSet<_> = stored.iter().copied().collect();
             if unique.len() != stored.len() {
-                bail!("seed {seed}: {} visits stored twice", stored.len() - unique.len());
+                bail!(
+                    "seed {seed}: {} visits stored twice",
+                    stored.len() - unique.len()
+                );
             }
             let lost = accepted.difference(&unique).count();
             if lost > 0 {
-                bail!("seed {seed}: {lost} accepted visits lost after {} kills", kill + 1);
+                bail!(
+                    "seed {seed}: {lost} accepted visits lost after {} kills",
+                    kill + 1
+                );
             }
         }
     }
@@ -95,6 +104,9 @@ fn kill_9_loses_no_accepted_visit_and_stores_none_twice() -> Result<()> {
         accepted.len(),
         stored.len()
     );
-    assert!(accepted.len() > KILLS / 4, "too few visits got through to test anything");
+    assert!(
+        accepted.len() > KILLS / 4,
+        "too few visits got through to test anything"
+    );
     Ok(())
 }

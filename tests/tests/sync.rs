@@ -5,7 +5,9 @@
 use anyhow::{Result, bail};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tests::fixture::{self, HubFixture, Proc, bin, check_in_codes, device_status, run_ok, sync_once, wait_until};
+use tests::fixture::{
+    self, HubFixture, Proc, bin, check_in_codes, device_status, run_ok, sync_once, wait_until,
+};
 
 fn err_of(out: &std::process::Output) -> String {
     format!(
@@ -30,15 +32,43 @@ fn backlogs_arrive_exactly_once_directly_and_through_a_sibling() -> Result<()> {
     for (dev, n) in [(&a1, 7), (&a2, 5), (&b1, 6), (&b2, 4)] {
         tokens.extend(check_in_codes(dev, n)?);
     }
-    run_ok("edge-node", &["--data", a2.to_str().unwrap_or_default(), "paper", "add", "--name", "Kim", "--phone", "010-1111-2222", "--consent-collect", "--consent-share"])?;
+    run_ok(
+        "edge-node",
+        &[
+            "--data",
+            a2.to_str().unwrap_or_default(),
+            "paper",
+            "add",
+            "--name",
+            "Kim",
+            "--phone",
+            "010-1111-2222",
+            "--consent-collect",
+            "--consent-share",
+        ],
+    )?;
 
     // a2 runs as a kiosk; a1 has no route to the hub, only to a2.
     let port = fixture::free_udp_port()?;
-    let a2_id = device_status(&a2)?["endpoint_id"].as_str().unwrap_or_default().to_owned();
-    let a1_id = device_status(&a1)?["endpoint_id"].as_str().unwrap_or_default().to_owned();
+    let a2_id = device_status(&a2)?["endpoint_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let a1_id = device_status(&a1)?["endpoint_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let a2_run = Proc(
         Command::new(bin("edge-node"))
-            .args(["--data", a2.to_str().unwrap_or_default(), "run", "--listen", &format!("127.0.0.1:{port}"), "--peer", &format!("{a1_id}@127.0.0.1:9")])
+            .args([
+                "--data",
+                a2.to_str().unwrap_or_default(),
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--peer",
+                &format!("{a1_id}@127.0.0.1:9"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -47,10 +77,16 @@ fn backlogs_arrive_exactly_once_directly_and_through_a_sibling() -> Result<()> {
     let mut relayed = false;
     // The kiosk needs a moment to bind; retry the hand-over within a deadline.
     let ok = wait_until(Duration::from_secs(30), || {
-        let out = sync_once(&a1, std::slice::from_ref(&peer)).unwrap_or_else(|_| std::process::Command::new("false").output().unwrap_or_else(|_| unreachable_output()));
+        let out = sync_once(&a1, std::slice::from_ref(&peer)).unwrap_or_else(|_| {
+            std::process::Command::new("false")
+                .output()
+                .unwrap_or_else(|_| unreachable_output())
+        });
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         // The hub is down, so the command exits non-zero, but the sibling session completed.
-        relayed = text.lines().any(|l| l.contains("\"ok\":true") && !l.contains("\"peer\":\"hub\""));
+        relayed = text
+            .lines()
+            .any(|l| l.contains("\"ok\":true") && !l.contains("\"peer\":\"hub\""));
         relayed
     });
     if !ok {
@@ -65,7 +101,9 @@ fn backlogs_arrive_exactly_once_directly_and_through_a_sibling() -> Result<()> {
             bail!("sync failed: {}", err_of(&out));
         }
     }
-    if !wait_until(Duration::from_secs(90), || hub.records_of(&fa).unwrap_or(0) >= 13) {
+    if !wait_until(Duration::from_secs(90), || {
+        hub.records_of(&fa).unwrap_or(0) >= 13
+    }) {
         bail!("facility A's records did not all arrive: {}", hub.stats()?);
     }
     drop(a2_run);
@@ -105,7 +143,14 @@ fn hub_killed_mid_sync_converges_with_nothing_lost() -> Result<()> {
         let mut h = hub.start()?;
         let mut sync = Proc(
             Command::new(bin("edge-node"))
-                .args(["--data", dev.to_str().unwrap_or_default(), "sync", "--once", "--listen", "127.0.0.1:0"])
+                .args([
+                    "--data",
+                    dev.to_str().unwrap_or_default(),
+                    "sync",
+                    "--once",
+                    "--listen",
+                    "127.0.0.1:0",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
@@ -137,14 +182,27 @@ fn intruders_are_refused_and_nothing_of_theirs_is_stored() -> Result<()> {
     let first = hub.tmp.path().join("first");
     let second = hub.tmp.path().join("second");
     for d in [&first, &second] {
-        run_ok("edge-node", &["--data", d.to_str().unwrap_or_default(), "init", "--ticket", ticket.to_str().unwrap_or_default()])?;
+        run_ok(
+            "edge-node",
+            &[
+                "--data",
+                d.to_str().unwrap_or_default(),
+                "init",
+                "--ticket",
+                ticket.to_str().unwrap_or_default(),
+            ],
+        )?;
     }
     check_in_codes(&first, 2)?;
     check_in_codes(&second, 3)?;
     assert!(sync_once(&first, &[])?.status.success());
     let out = sync_once(&second, &[])?;
     assert!(!out.status.success());
-    assert!(err_of(&out).contains("CredentialReused"), "{}", err_of(&out));
+    assert!(
+        err_of(&out).contains("CredentialReused"),
+        "{}",
+        err_of(&out)
+    );
     assert_eq!(hub.records_of(&f)?, 2);
 
     // An unknown endpoint claiming an enrolled device's id.
@@ -162,15 +220,24 @@ fn intruders_are_refused_and_nothing_of_theirs_is_stored() -> Result<()> {
     assert_eq!(hub.records_of(&f)?, 2);
 
     // A revoked device (revoked through the running hub).
-    let dev_id = device_status(&first)?["device_id"].as_str().unwrap_or_default().to_owned();
-    run_ok("sync-hub", &["--data", &hub.data_str(), "device", "revoke", &dev_id])?;
+    let dev_id = device_status(&first)?["device_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    run_ok(
+        "sync-hub",
+        &["--data", &hub.data_str(), "device", "revoke", &dev_id],
+    )?;
     check_in_codes(&first, 5)?;
     let out = sync_once(&first, &[])?;
     assert!(!out.status.success());
     assert!(err_of(&out).contains("Revoked"), "{}", err_of(&out));
     assert_eq!(hub.records_of(&f)?, 2);
     // Facility administration works while the hub runs, too.
-    let list = run_ok("sync-hub", &["--data", &hub.data_str(), "facility", "list", "--json"])?;
+    let list = run_ok(
+        "sync-hub",
+        &["--data", &hub.data_str(), "facility", "list", "--json"],
+    )?;
     assert_eq!(list.lines().count(), 1);
     Ok(())
 }
@@ -192,7 +259,15 @@ fn commands_go_through_a_running_device_and_a_scan_syncs_at_once() -> Result<()>
     let d = dev.display().to_string();
     let _run = Proc(
         Command::new(bin("edge-node"))
-            .args(["--data", &d, "run", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args([
+                "--data",
+                &d,
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -202,20 +277,53 @@ fn commands_go_through_a_running_device_and_a_scan_syncs_at_once() -> Result<()>
     }
     // The first round binds the device; wait for it so the scan below is what syncs next.
     if !wait_until(Duration::from_secs(30), || {
-        device_status(&dev).map(|s| !s["last_sync"].is_null()).unwrap_or(false)
+        device_status(&dev)
+            .map(|s| !s["last_sync"].is_null())
+            .unwrap_or(false)
     }) {
         bail!("the running device never reached the hub");
     }
     let tmp = tempfile::tempdir()?;
     let (frame, _, token) = fixture::code_frame(tmp.path(), "through", fixture::now())?;
-    let out = run_ok("edge-node", &["--data", &d, "scan", "--json", frame.to_str().unwrap_or_default()])?;
+    let out = run_ok(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "scan",
+            "--json",
+            frame.to_str().unwrap_or_default(),
+        ],
+    )?;
     assert!(out.contains("\"accepted\""), "{out}");
-    run_ok("edge-node", &["--data", &d, "paper", "add", "--name", "Lee", "--phone", "010-3333-4444", "--consent-collect", "--consent-share"])?;
+    run_ok(
+        "edge-node",
+        &[
+            "--data",
+            &d,
+            "paper",
+            "add",
+            "--name",
+            "Lee",
+            "--phone",
+            "010-3333-4444",
+            "--consent-collect",
+            "--consent-share",
+        ],
+    )?;
     // The scan woke the sync loop: the visit reaches the hub without waiting for the timer.
-    if !wait_until(Duration::from_secs(20), || hub.records_of(&hub.facility).unwrap_or(0) >= 2) {
-        bail!("the scanned visit did not reach the hub promptly: {}", hub.stats()?);
+    if !wait_until(Duration::from_secs(20), || {
+        hub.records_of(&hub.facility).unwrap_or(0) >= 2
+    }) {
+        bail!(
+            "the scanned visit did not reach the hub promptly: {}",
+            hub.stats()?
+        );
     }
-    assert_eq!(hub.trace(&token)?["visits"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        hub.trace(&token)?["visits"].as_array().map(Vec::len),
+        Some(1)
+    );
     let s = device_status(&dev)?;
     assert_eq!(s["records"], 2);
     let p = run_ok("edge-node", &["--data", &d, "purge", "--json"])?;
