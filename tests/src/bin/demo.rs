@@ -118,7 +118,7 @@ fn demo() -> Result<()> {
     std::fs::create_dir_all(&frames)?;
     let issuer = fixture::issuer();
     let now = fixture::now();
-    let mut write = |name: &str, payload: &str, damage: Damage| -> Result<std::path::PathBuf> {
+    let write = |name: &str, payload: &str, damage: Damage| -> Result<std::path::PathBuf> {
         let p = frames.join(format!("{name}.png"));
         std::fs::write(&p, encode_png(&frame(payload, damage, 7)?)?)?;
         Ok(p)
