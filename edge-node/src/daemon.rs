@@ -27,11 +27,15 @@ pub async fn sync_round(
     endpoint: &Endpoint,
     device: &SharedDevice,
     extra: &[Target],
+    hub_addr: Option<SocketAddr>,
 ) -> Result<Vec<SyncReport>, NetError> {
-    let (hub, siblings) = {
+    let (mut hub, siblings) = {
         let dev = device.lock().unwrap_or_else(|p| p.into_inner());
         (net::hub_target(&dev)?, net::roster_targets(&dev)?)
     };
+    if let Some(a) = hub_addr {
+        hub.addrs = vec![a];
+    }
     let mut reports = vec![net::sync_with(endpoint, device, &hub, clock::now).await];
     let mut seen: Vec<PublicKey> = Vec::new();
     for t in extra.iter().chain(siblings.iter()) {
@@ -98,7 +102,7 @@ pub async fn run(
             let mut failures = 0u32;
             let mut last_retention = tokio::time::Instant::now();
             loop {
-                match sync_round(&endpoint, &device, &peers).await {
+                match sync_round(&endpoint, &device, &peers, None).await {
                     Ok(reports) => {
                         for r in &reports {
                             match &r.error {

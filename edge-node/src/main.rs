@@ -94,6 +94,9 @@ enum Command {
         /// The local UDP address to sync from.
         #[arg(long, default_value = "0.0.0.0:0")]
         listen: std::net::SocketAddr,
+        /// Reach the hub at this address instead of the ticket's (a moved hub, a tunnel).
+        #[arg(long)]
+        hub_addr: Option<std::net::SocketAddr>,
         /// Print JSON, one object per session.
         #[arg(long)]
         json: bool,
@@ -330,6 +333,7 @@ fn run(cli: Cli) -> Result<i32> {
             once: _,
             peer,
             listen,
+            hub_addr,
             json,
         } => {
             let peers = peer
@@ -358,7 +362,7 @@ fn run(cli: Cli) -> Result<i32> {
             let reports = rt.block_on(async {
                 let device = std::sync::Arc::new(std::sync::Mutex::new(device));
                 let endpoint = net::bind(&device, listen).await?;
-                let reports = daemon::sync_round(&endpoint, &device, &peers).await;
+                let reports = daemon::sync_round(&endpoint, &device, &peers, hub_addr).await;
                 endpoint.close().await;
                 reports
             })?;
