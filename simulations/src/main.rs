@@ -1,1 +1,113 @@
-fn main() {}
+//! `simulations`: run a named scenario of the regional simulation and report.
+//!
+//! Parses arguments, runs, prints the human summary and the JSON line (or only the JSON line
+//! with `--json`), writes the SVG chart if asked, and exits 1 when an invariant failed,
+//! after printing the seed and the command that reproduces the run.
+
+use anyhow::Context;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use simulations::{Config, Scale, Scenario, run, svg_chart};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+/// Seeded discrete-event simulation of the visitor log at regional scale.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// outdoor-hotspot, regional-outage, long-offline or storm.
+    #[arg(long)]
+    scenario: Scenario,
+    /// Seed of every random decision.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Facilities (default: the scenario's).
+    #[arg(long)]
+    facilities: Option<u32>,
+    /// Devices per facility (default: the scenario's).
+    #[arg(long)]
+    devices: Option<u32>,
+    /// Simulated days of visits (default: the scenario's).
+    #[arg(long)]
+    days: Option<u32>,
+    /// Visits per facility per day; for storm, the backlog per facility.
+    #[arg(long)]
+    visits: Option<u32>,
+    /// Print only the JSON summary line.
+    #[arg(long)]
+    json: bool,
+    /// Write a chart of backlog and delivered visits over simulated time to this SVG file.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    let args = Args::parse();
+    let defaults = args.scenario.default_scale();
+    let scale = Scale {
+        facilities: args.facilities.unwrap_or(defaults.facilities).max(1),
+        devices: args.devices.unwrap_or(defaults.devices).max(1),
+        days: args.days.unwrap_or(defaults.days).max(1),
+        visits: args.visits.unwrap_or(defaults.visits),
+    };
+    let mut config = Config::new(args.scenario, args.seed);
+    config.scale = scale;
+
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+                .context("the progress bar template is invalid")?,
+        );
+        bar.set_message(if args.scenario == Scenario::Storm {
+            "facilities"
+        } else {
+            "simulated hours"
+        });
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let summary = run(&config, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+
+    if !args.json {
+        print!("{}", summary.human(&config));
+    }
+    println!("{}", summary.json_line());
+    if let Some(path) = &args.svg {
+        let unit = if args.scenario == Scenario::Storm {
+            "seconds after the outage"
+        } else {
+            "hours"
+        };
+        let title = format!(
+            "{} seed {}: backlog at devices (red) and delivered at hub (blue)",
+            args.scenario, args.seed
+        );
+        std::fs::write(path, svg_chart(&title, unit, &summary.series))
+            .with_context(|| format!("could not write the chart to {}", path.display()))?;
+    }
+    if !summary.passed() {
+        eprintln!(
+            "invariants failed; reproduce with seed {}: {}",
+            config.seed,
+            config.command()
+        );
+    }
+    Ok(summary.passed())
+}

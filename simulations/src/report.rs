@@ -1,0 +1,360 @@
+//! What a run reports: the summary (human text and one JSON line) and the SVG chart of
+//! backlog and delivery over simulated time.
+
+use crate::scenario::Config;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// The figures of the `storm` scenario.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StormFigures {
+    /// Simulated seconds from the end of the outage until the last record was at the hub.
+    pub delivery_seconds: f64,
+    /// The issue's target for that time.
+    pub target_seconds: f64,
+    /// The assumed link rate of every device, bits per second.
+    pub link_bits_per_second: f64,
+    /// The assumed round-trip time per flight, seconds.
+    pub round_trip_seconds: f64,
+    /// The assumed hub ingest rate, records per second.
+    pub hub_records_per_second: f64,
+    /// The slowest device session over its link alone, seconds.
+    pub slowest_link_seconds: f64,
+    /// Median delivery time of a record after the outage ended, simulated seconds.
+    pub after_outage_p50_s: f64,
+    /// 99th percentile of that time.
+    pub after_outage_p99_s: f64,
+    /// Wall-clock seconds the simulator itself took.
+    pub wall_seconds: f64,
+}
+
+/// One point of the chart.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Simulated time, in the unit the chart's axis names (hours, or seconds for the storm).
+    pub at: f64,
+    /// Acknowledged visits not yet at the hub (and not expired).
+    pub backlog: u64,
+    /// Distinct visits at the hub so far.
+    pub delivered: u64,
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// Scenario name.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// Facilities.
+    pub facilities: u32,
+    /// Devices per facility.
+    pub devices: u32,
+    /// Simulated days of visits.
+    pub days: u32,
+    /// Visits that arrived at a facility.
+    pub visits: u64,
+    /// Visits a device verified, sealed and stored: the ones that must reach the hub.
+    pub acknowledged: u64,
+    /// Visits refused at the scanner (token verification or no day key).
+    pub refused_at_scan: u64,
+    /// Visits that found no device running (the facility's devices were all down).
+    pub unrecorded: u64,
+    /// Acknowledged visits at the hub, each counted once.
+    pub delivered: u64,
+    /// Acknowledged visits inside retention missing at the hub.
+    pub lost: u64,
+    /// Extra copies at the hub (same record id twice, or one token under two records).
+    pub duplicated: u64,
+    /// Records at the hub that no device acknowledged.
+    pub phantom: u64,
+    /// Acknowledged visits that expired before any path to the hub existed.
+    pub expired_undelivered: u64,
+    /// Median delay from acknowledgement to the hub, simulated seconds.
+    pub delay_p50_s: f64,
+    /// 99th percentile of that delay.
+    pub delay_p99_s: f64,
+    /// Its maximum.
+    pub delay_max_s: f64,
+    /// Bytes on the wire, every session both ways, length prefixes included.
+    pub wire_bytes: u64,
+    /// `wire_bytes` per acknowledged visit.
+    pub wire_bytes_per_record: f64,
+    /// Bytes devices sent to the hub.
+    pub upload_bytes: u64,
+    /// `upload_bytes` per acknowledged visit: the cost of getting a visit to the hub.
+    pub upload_bytes_per_record: f64,
+    /// Sessions run (device-hub and device-device).
+    pub sessions: u64,
+    /// Of those, relayed through a sibling.
+    pub relay_sessions: u64,
+    /// Attempts cut by link loss.
+    pub failed_attempts: u64,
+    /// Sessions run a second time (duplicated delivery).
+    pub duplicated_sessions: u64,
+    /// Device crashes (in-memory state lost, store kept).
+    pub crashes: u64,
+    /// Retention breaches found (live secrets or partitions past the horizon).
+    pub retention_violations: u64,
+    /// Replicas of a live partition whose heads differ after the quiet period.
+    pub convergence_violations: u64,
+    /// Every violation, described (first 50).
+    pub violations: Vec<String>,
+    /// Figures of the storm scenario.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storm: Option<StormFigures>,
+    /// The chart's points (not in the JSON line).
+    #[serde(skip)]
+    pub series: Vec<Sample>,
+}
+
+/// The most violation descriptions a summary keeps.
+pub const MAX_VIOLATIONS_KEPT: usize = 50;
+
+impl Summary {
+    /// Fills the per-record byte figures from the totals.
+    pub fn per_record(&mut self) {
+        let n = self.acknowledged.max(1) as f64;
+        self.wire_bytes_per_record = self.wire_bytes as f64 / n;
+        self.upload_bytes_per_record = self.upload_bytes as f64 / n;
+    }
+
+    /// Whether every invariant held.
+    pub fn passed(&self) -> bool {
+        self.lost == 0
+            && self.duplicated == 0
+            && self.phantom == 0
+            && self.retention_violations == 0
+            && self.convergence_violations == 0
+            && self.violations.is_empty()
+    }
+
+    /// Notes a violation; the counters are the caller's.
+    pub fn violation(&mut self, what: String) {
+        if self.violations.len() < MAX_VIOLATIONS_KEPT {
+            self.violations.push(what);
+        }
+    }
+
+    /// The single-line JSON form.
+    pub fn json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The human summary, several lines.
+    pub fn human(&self, config: &Config) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "scenario {} seed {}: {} facilities x {} devices, {} days",
+            self.scenario, self.seed, self.facilities, self.devices, self.days
+        );
+        let _ = writeln!(
+            s,
+            "  visits {}  acknowledged {}  refused at scan {}  unrecorded (no device up) {}",
+            self.visits, self.acknowledged, self.refused_at_scan, self.unrecorded
+        );
+        let _ = writeln!(
+            s,
+            "  delivered {}  lost {}  duplicated {}  phantom {}  expired before any route {}",
+            self.delivered, self.lost, self.duplicated, self.phantom, self.expired_undelivered
+        );
+        let _ = writeln!(
+            s,
+            "  delay to hub p50 {:.0} s  p99 {:.0} s  max {:.0} s (simulated)",
+            self.delay_p50_s, self.delay_p99_s, self.delay_max_s
+        );
+        let _ = writeln!(
+            s,
+            "  sessions {} (relayed {}, cut by loss {}, duplicated {})  crashes {}",
+            self.sessions,
+            self.relay_sessions,
+            self.failed_attempts,
+            self.duplicated_sessions,
+            self.crashes
+        );
+        let _ = writeln!(
+            s,
+            "  wire {} bytes = {:.0} B per acknowledged visit (all sessions, both ways); \
+             device-to-hub {:.0} B per visit",
+            self.wire_bytes, self.wire_bytes_per_record, self.upload_bytes_per_record
+        );
+        if let Some(st) = &self.storm {
+            let _ = writeln!(
+                s,
+                "  storm: last record at the hub {:.1} s after the outage (target {:.0} s); \
+                 slowest device link {:.2} s",
+                st.delivery_seconds, st.target_seconds, st.slowest_link_seconds
+            );
+            let _ = writeln!(
+                s,
+                "  storm: per record after the outage p50 {:.1} s  p99 {:.1} s",
+                st.after_outage_p50_s, st.after_outage_p99_s
+            );
+            let _ = writeln!(
+                s,
+                "  storm model: {:.1} Mbit/s per device link, {:.0} ms per flight, hub ingest \
+                 {:.0} records/s (FIFO); simulator wall time {:.1} s",
+                st.link_bits_per_second / 1e6,
+                st.round_trip_seconds * 1e3,
+                st.hub_records_per_second,
+                st.wall_seconds
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  retention violations {}  convergence violations {}",
+            self.retention_violations, self.convergence_violations
+        );
+        if self.passed() {
+            let _ = writeln!(s, "  invariants: all held");
+        } else {
+            let _ = writeln!(s, "  INVARIANTS FAILED:");
+            for v in &self.violations {
+                let _ = writeln!(s, "    - {v}");
+            }
+            let _ = writeln!(
+                s,
+                "  reproduce with seed {}: {}",
+                self.seed,
+                config.command()
+            );
+        }
+        s
+    }
+}
+
+/// The nearest-rank percentile `q` (0..=1) of sorted `values`; 0 when empty.
+pub fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64
+}
+
+/// A line chart of backlog (red) and delivered-at-hub (blue) over simulated hours, drawn by
+/// hand so the crate needs no plotting library. Each series has its own vertical scale,
+/// labelled on its side.
+pub fn svg_chart(title: &str, x_unit: &str, series: &[Sample]) -> String {
+    const W: f64 = 900.0;
+    const H: f64 = 360.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 70.0;
+    const TOP: f64 = 40.0;
+    const BOTTOM: f64 = 40.0;
+    let max_h = series.iter().map(|p| p.at).fold(1.0_f64, f64::max);
+    let max_backlog = series.iter().map(|p| p.backlog).max().unwrap_or(0).max(1) as f64;
+    let max_delivered = series.iter().map(|p| p.delivered).max().unwrap_or(0).max(1) as f64;
+    let x = |h: f64| LEFT + h / max_h * (W - LEFT - RIGHT);
+    let y = |v: f64, max: f64| H - BOTTOM - v / max * (H - TOP - BOTTOM);
+    let line = |f: &dyn Fn(&Sample) -> f64, max: f64| {
+        series
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.at), y(f(p), max)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{LEFT}" y="22" font-size="14">{}</text>"#,
+        escape(title)
+    );
+    let (x0, x1, y0, y1) = (LEFT, W - RIGHT, H - BOTTOM, TOP);
+    let _ = writeln!(
+        s,
+        r#"<path d="M{x0},{y1} L{x0},{y0} L{x1},{y0} L{x1},{y1}" fill="none" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">simulated {} (0 to {max_h:.1})</text>"#,
+        (x0 + x1) / 2.0,
+        H - 10.0,
+        escape(x_unit)
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="5" y="{}" fill="#c0392b">backlog {max_backlog:.0}</text>"##,
+        y1 + 4.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="{}" fill="#2c6fbb" text-anchor="end">delivered {max_delivered:.0}</text>"##,
+        W - 5.0,
+        y1 + 4.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<polyline fill="none" stroke="#2c6fbb" stroke-width="1.5" points="{}"/>"##,
+        line(&|p| p.delivered as f64, max_delivered)
+    );
+    let _ = writeln!(
+        s,
+        r##"<polyline fill="none" stroke="#c0392b" stroke-width="1.5" points="{}"/>"##,
+        line(&|p| p.backlog as f64, max_backlog)
+    );
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+fn escape(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn a_summary_with_a_loss_fails_and_names_the_seed() {
+        let config = Config::new(crate::scenario::Scenario::OutdoorHotspot, 77);
+        let mut s = Summary {
+            seed: 77,
+            lost: 1,
+            ..Default::default()
+        };
+        s.violation("visit x lost".into());
+        assert!(!s.passed());
+        let text = s.human(&config);
+        assert!(
+            text.contains("seed 77") && text.contains("--seed 77"),
+            "{text}"
+        );
+        assert!(!s.json_line().contains('\n'));
+    }
+
+    #[test]
+    fn the_chart_has_both_series() {
+        let pts = [
+            Sample {
+                at: 0.0,
+                backlog: 3,
+                delivered: 0,
+            },
+            Sample {
+                at: 2.0,
+                backlog: 0,
+                delivered: 3,
+            },
+        ];
+        let svg = svg_chart("t <1>", "hours", &pts);
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("t &lt;1&gt;"));
+    }
+}

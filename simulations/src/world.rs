@@ -1,0 +1,872 @@
+//! The regional world and its clock: a hub, facilities of devices, visits, links that come
+//! and go, crashes, retention, and real sync sessions between real stores.
+//!
+//! Time advances in one-minute ticks. Every random decision comes from one seeded ChaCha
+//! stream (each device's link flapping from its own stream, so that asking whether a link is
+//! up never shifts other decisions). The core is not mocked: visits are genuine KP1 codes
+//! verified with `token::verify`, sealed with `SessionKey::seal` under keys wrapped to the
+//! hub's `DayKeyRatchet`, stored in automerge partitions, and moved by
+//! `sync::harness::run_pair`, which runs both sides' `Session`s over encoded frames. The link
+//! is modelled at session level: an attempt is either cut before it starts (loss) or runs to
+//! its end, possibly twice (duplication).
+
+use crate::check;
+use crate::report::{Sample, Summary, percentile};
+use crate::scenario::{Config, Scenario};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use shared::daykey::DayKeyRatchet;
+use shared::envelope::{Record, RecordBody, SessionKey};
+use shared::partition::{Partition, session_actor};
+use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
+use shared::sync::{Decision, Event, PartitionStore, Peer, PeerHello, RefuseReason, Role};
+use shared::time::{DAY_SECONDS, horizon};
+use shared::token::{self, Keyring, TestIssuer};
+use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
+use std::collections::BTreeMap;
+
+/// The first simulated day (2024-10-04).
+pub const START_DAY: Day = Day(20_000);
+/// One tick of the simulated clock.
+pub const TICK: u64 = 60;
+/// One hour: how often retention runs and the chart is sampled.
+pub const HOUR: u64 = 3_600;
+/// How often a device with unsynced visits tries to sync.
+pub const SYNC_EVERY: u64 = 5 * 60;
+/// How often a device with nothing new syncs anyway (to receive its siblings' visits).
+pub const IDLE_SYNC_EVERY: u64 = 30 * 60;
+/// The longest backoff after cut attempts.
+pub const MAX_BACKOFF: u64 = 30 * 60;
+/// Days of public day keys a device receives at enrollment and on every hub sync.
+pub const PUBLIC_KEY_DAYS: u32 = 30;
+/// The modelled link rate of a device, bits per second.
+pub const LINK_BITS_PER_SECOND: f64 = 1_000_000.0;
+/// The modelled time of one flight (a round trip), seconds.
+pub const ROUND_TRIP_SECONDS: f64 = 0.05;
+/// The issuer's code lifetime, seconds.
+const TOKEN_TTL: u8 = 15;
+
+/// How a device reaches the hub.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// Always reachable.
+    AlwaysOn,
+    /// A phone hotspot: up and down for exponentially distributed stretches.
+    Flapping {
+        /// Whether the link is up now.
+        up: bool,
+        /// When it next changes.
+        next_toggle: UnixSeconds,
+        /// Mean seconds up.
+        up_mean: f64,
+        /// Mean seconds down.
+        down_mean: f64,
+    },
+    /// Outdoors: no link for `hours` from `from_hour` (UTC) every day.
+    Outdoor {
+        /// First dead hour.
+        from_hour: u64,
+        /// Dead hours.
+        hours: u64,
+    },
+    /// Cut from the hub from `from` until `until` (it can still reach its siblings).
+    Outage {
+        /// Start.
+        from: UnixSeconds,
+        /// End.
+        until: UnixSeconds,
+    },
+}
+
+impl Link {
+    fn is_up(&mut self, t: UnixSeconds, rng: &mut ChaCha8Rng) -> bool {
+        match self {
+            Link::AlwaysOn => true,
+            Link::Flapping {
+                up,
+                next_toggle,
+                up_mean,
+                down_mean,
+            } => {
+                while *next_toggle <= t {
+                    *up = !*up;
+                    let mean = if *up { *up_mean } else { *down_mean };
+                    let u: f64 = rng.r#gen();
+                    *next_toggle += 1 + (-mean * (1.0 - u).ln()) as u64;
+                }
+                *up
+            }
+            Link::Outdoor { from_hour, hours } => {
+                let hour = (t % DAY_SECONDS) / HOUR;
+                !(hour >= *from_hour && hour < *from_hour + *hours)
+            }
+            Link::Outage { from, until } => !(*from <= t && t < *until),
+        }
+    }
+}
+
+/// One edge device: a durable store, in-memory session keys, a link and a clock.
+struct Device {
+    id: DeviceId,
+    peer: Peer,
+    facility: usize,
+    store: MemoryStore,
+    /// Session keys by day: memory only, lost in a crash.
+    keys: BTreeMap<Day, SessionKey>,
+    /// The last day whose public day key the device holds.
+    publics_until: Day,
+    link: Link,
+    link_rng: ChaCha8Rng,
+    /// Seconds this device's clock is ahead of true time.
+    drift: i64,
+    next_sync: UnixSeconds,
+    last_hub_sync: UnixSeconds,
+    backoff: u64,
+    /// Whether it holds visits the hub may not have.
+    dirty: bool,
+    /// Rebooting after a crash until then.
+    down_until: UnixSeconds,
+    /// Powered off in this window (no visits, no sessions, no retention).
+    powered_off: Option<(UnixSeconds, UnixSeconds)>,
+    /// Whether the device was off at the previous tick (to lose its keys once).
+    was_off: bool,
+}
+
+impl Device {
+    fn is_on(&self, t: UnixSeconds) -> bool {
+        t >= self.down_until && !self.powered_off.is_some_and(|(a, b)| a <= t && t < b)
+    }
+
+    fn clock(&self, t: UnixSeconds) -> UnixSeconds {
+        t.saturating_add_signed(self.drift)
+    }
+}
+
+/// One acknowledged visit, as the ledger of the simulation remembers it.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// The facility's index.
+    pub facility: usize,
+    /// The partition it was stored in.
+    pub partition: PartitionId,
+    /// The visitor's token.
+    pub token: [u8; 16],
+    /// When the device showed the verdict (true time).
+    pub acked_at: UnixSeconds,
+}
+
+/// The per-scenario behaviour of links, loss and faults.
+#[derive(Debug, Clone)]
+struct Params {
+    loss: f64,
+    duplicate: f64,
+    crashes_per_day: f64,
+    max_drift: i64,
+    hub_outage: Option<(UnixSeconds, UnixSeconds)>,
+}
+
+/// The whole simulated region.
+pub struct World {
+    pub(crate) config: Config,
+    params: Params,
+    rng: ChaCha8Rng,
+    pub(crate) hub: MemoryStore,
+    pub(crate) ratchet: DayKeyRatchet,
+    hub_peer: Peer,
+    pub(crate) facilities: Vec<FacilityId>,
+    devices: Vec<Device>,
+    issuer: TestIssuer,
+    keyring: Keyring,
+    pub(crate) ledger: BTreeMap<RecordId, Ack>,
+    pub(crate) delivered: BTreeMap<RecordId, UnixSeconds>,
+    /// Acknowledged visits not yet at the hub, by partition day (for the backlog).
+    pending: BTreeMap<Day, u64>,
+    delays: Vec<u64>,
+    pub(crate) summary: Summary,
+    /// During the final quiet period every link is up and nothing is lost.
+    quiet: bool,
+}
+
+/// The registry stand-in of hub and siblings: every device is admitted for the facility it
+/// claims (enrollment and revocation are tested elsewhere).
+pub fn admit_claimed(hello: &PeerHello) -> Decision {
+    match hello.peer.facility() {
+        Some(f) => Decision::Admit {
+            facility: f.clone(),
+            refresh: None,
+        },
+        None => Decision::Refuse {
+            reason: RefuseReason::UnknownDevice,
+            detail: "only devices sync here".into(),
+        },
+    }
+}
+
+/// The sim's facility and device names: short, valid ids.
+pub fn facility_id(f: usize) -> FacilityId {
+    FacilityId::parse(&format!("fac-{f:05}")).unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+/// The name of device `d` of facility `f`.
+pub fn device_id(f: usize, d: usize) -> DeviceId {
+    DeviceId::parse(&format!("dev-{f:05}-{d:02}")).unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+/// Seconds a session takes over a device's link: every flight pays a round trip, every byte
+/// the link rate.
+pub fn session_seconds(outcome: &PairOutcome) -> f64 {
+    let bytes = (outcome.bytes_i_to_r + outcome.bytes_r_to_i) as f64;
+    f64::from(outcome.rounds) * ROUND_TRIP_SECONDS + bytes * 8.0 / LINK_BITS_PER_SECOND
+}
+
+/// Visits per hour (UTC stands in for local time): none before 11:00 or after 23:00, peaks
+/// at lunch and dinner.
+const HOURLY_WEIGHT: [u32; 24] = [
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 9, 8, 4, 3, 3, 5, 9, 10, 8, 5, 3, 2,
+];
+
+impl World {
+    /// Builds the region of `config` (not the storm, which has its own driver).
+    pub fn new(config: Config) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let t0 = START_DAY.start();
+        let end = START_DAY.plus(config.scale.days).start();
+        let ratchet = DayKeyRatchet::generate(&mut rng, horizon(t0));
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let issuer = TestIssuer::new(seed, 1, 1);
+        let mut keyring = Keyring::new();
+        // A fresh keyring cannot already hold this key.
+        let _ = keyring.insert(issuer.keyring_entry("sim", 0, u64::MAX));
+        let params = match config.scenario {
+            Scenario::OutdoorHotspot => Params {
+                loss: 0.10,
+                duplicate: 0.05,
+                crashes_per_day: 0.2,
+                max_drift: 8,
+                hub_outage: None,
+            },
+            Scenario::RegionalOutage => Params {
+                loss: 0.02,
+                duplicate: 0.02,
+                crashes_per_day: 0.05,
+                max_drift: 8,
+                hub_outage: Some((t0 + DAY_SECONDS + 9 * HOUR, t0 + 2 * DAY_SECONDS + 9 * HOUR)),
+            },
+            Scenario::LongOffline | Scenario::Storm => Params {
+                loss: 0.05,
+                duplicate: 0.02,
+                crashes_per_day: 0.05,
+                max_drift: 8,
+                hub_outage: None,
+            },
+        };
+        let nf = config.scale.facilities as usize;
+        let nd = config.scale.devices.max(1) as usize;
+        let facilities: Vec<FacilityId> = (0..nf).map(facility_id).collect();
+        let mut devices = Vec::with_capacity(nf * nd);
+        for (f, fac) in facilities.iter().enumerate() {
+            for d in 0..nd {
+                let id = device_id(f, d);
+                let actor = session_actor(&id, &mut rng);
+                let link = Self::link_for(&config, f, d, t0, end, &mut rng);
+                let powered_off = (config.scenario == Scenario::LongOffline && f == 0 && d == 0)
+                    .then(|| {
+                        let off = t0 + 20 * HOUR;
+                        (off, off + 40 * DAY_SECONDS + HOUR / 2)
+                    });
+                devices.push(Device {
+                    peer: Peer::Device {
+                        device: id.clone(),
+                        facility: fac.clone(),
+                    },
+                    id,
+                    facility: f,
+                    store: MemoryStore::new(&actor, Some(fac.clone())),
+                    keys: BTreeMap::new(),
+                    publics_until: Day::of(t0).plus(PUBLIC_KEY_DAYS),
+                    link,
+                    link_rng: ChaCha8Rng::seed_from_u64(rng.next_u64()),
+                    drift: rng.gen_range(-params.max_drift..=params.max_drift),
+                    next_sync: t0 + rng.gen_range(0..SYNC_EVERY),
+                    last_hub_sync: t0,
+                    backoff: 0,
+                    dirty: false,
+                    down_until: 0,
+                    powered_off,
+                    was_off: false,
+                });
+            }
+        }
+        let summary = Summary {
+            scenario: config.scenario.name().to_owned(),
+            seed: config.seed,
+            facilities: config.scale.facilities,
+            devices: nd as u32,
+            days: config.scale.days,
+            ..Default::default()
+        };
+        World {
+            config,
+            params,
+            rng,
+            hub: MemoryStore::new(b"hub", None),
+            ratchet,
+            hub_peer: Peer::Hub {
+                region: "sim".into(),
+            },
+            facilities,
+            devices,
+            issuer,
+            keyring,
+            ledger: BTreeMap::new(),
+            delivered: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            delays: Vec::new(),
+            summary,
+            quiet: false,
+        }
+    }
+
+    fn link_for(
+        config: &Config,
+        f: usize,
+        d: usize,
+        t0: UnixSeconds,
+        end: UnixSeconds,
+        rng: &mut ChaCha8Rng,
+    ) -> Link {
+        let flapping = |rng: &mut ChaCha8Rng| Link::Flapping {
+            up: true,
+            next_toggle: t0 + rng.gen_range(60..600),
+            up_mean: 6.0 * 60.0,
+            down_mean: 3.0 * 60.0,
+        };
+        match config.scenario {
+            Scenario::OutdoorHotspot => match (f + d) % 3 {
+                0 => flapping(rng),
+                1 => Link::Outdoor {
+                    from_hour: rng.gen_range(12..16),
+                    hours: rng.gen_range(3..7),
+                },
+                _ => Link::AlwaysOn,
+            },
+            Scenario::RegionalOutage => {
+                if (f + d) % 4 == 3 {
+                    flapping(rng)
+                } else {
+                    Link::AlwaysOn
+                }
+            }
+            Scenario::LongOffline => {
+                if f == 1.min(config.scale.facilities as usize - 1) && d == 1 {
+                    let from = t0 + 2 * DAY_SECONDS + 8 * HOUR;
+                    Link::Outage {
+                        from,
+                        until: (from + 3 * DAY_SECONDS).min(end),
+                    }
+                } else if d == 2 {
+                    flapping(rng)
+                } else {
+                    Link::AlwaysOn
+                }
+            }
+            Scenario::Storm => Link::AlwaysOn,
+        }
+    }
+
+    /// Runs the whole scenario: `days` of visits, a quiet period in which every device syncs
+    /// until nothing moves, then the invariant checks. `progress(done, total)` is called
+    /// every simulated hour.
+    pub fn run(mut self, progress: &mut dyn FnMut(u64, u64)) -> Summary {
+        let t0 = START_DAY.start();
+        let days = self.config.scale.days;
+        let total_hours = u64::from(days) * 24;
+        let mut visits: Vec<(UnixSeconds, usize)> = Vec::new();
+        let mut next_visit = 0usize;
+        let end = START_DAY.plus(days).start();
+        let mut t = t0;
+        while t < end {
+            if t.is_multiple_of(DAY_SECONDS) {
+                visits = self.plan_visits(Day::of(t));
+                next_visit = 0;
+            }
+            if t.is_multiple_of(HOUR) {
+                self.retention(t);
+                check::retention_during_run(&mut self, t);
+                self.sample(t);
+                progress((t - t0) / HOUR, total_hours);
+            }
+            self.power_and_crashes(t);
+            // Visits of the minute before `t`, then the sync timers at `t`.
+            while let Some(&(vt, f)) = visits.get(next_visit) {
+                if vt >= t {
+                    break;
+                }
+                next_visit += 1;
+                if let Err(e) = self.visit(vt, f) {
+                    self.summary
+                        .violation(format!("recording a visit failed: {e}"));
+                }
+            }
+            for d in 0..self.devices.len() {
+                self.maybe_sync(d, t);
+            }
+            t += TICK;
+        }
+        self.quiet_period(end + HOUR);
+        progress(total_hours, total_hours);
+        let final_t = end + 2 * HOUR;
+        check::apply_fault(&mut self, final_t);
+        check::final_checks(&mut self, final_t);
+        self.finish()
+    }
+
+    /// Visit times of one day for every facility, in time order.
+    fn plan_visits(&mut self, day: Day) -> Vec<(UnixSeconds, usize)> {
+        let total_weight: u32 = HOURLY_WEIGHT.iter().sum();
+        let mut out = Vec::new();
+        for f in 0..self.facilities.len() {
+            let base = self.config.scale.visits;
+            // +-20% day to day.
+            let n = if base == 0 {
+                0
+            } else {
+                self.rng.gen_range(base * 4 / 5..=base * 6 / 5)
+            };
+            for _ in 0..n {
+                let mut pick = self.rng.gen_range(0..total_weight);
+                let mut hour = 0u64;
+                for (h, w) in HOURLY_WEIGHT.iter().enumerate() {
+                    if pick < *w {
+                        hour = h as u64;
+                        break;
+                    }
+                    pick -= w;
+                }
+                let at = day.start() + hour * HOUR + self.rng.gen_range(0..HOUR);
+                out.push((at, f));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Power cuts of the scenario and random crashes: a crash loses the session keys and the
+    /// automerge actor of the running process; the store (durable) survives.
+    fn power_and_crashes(&mut self, t: UnixSeconds) {
+        let p = self.params.crashes_per_day * TICK as f64 / DAY_SECONDS as f64;
+        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
+            .chain(self.devices.iter().map(|d| d.peer.clone()))
+            .collect();
+        for d in 0..self.devices.len() {
+            let off = !self.devices[d].is_on(t);
+            let crash = !off && !self.quiet && self.rng.gen_bool(p);
+            let went_off = off && !self.devices[d].was_off;
+            self.devices[d].was_off = off;
+            if crash || went_off {
+                if crash {
+                    self.summary.crashes += 1;
+                    self.devices[d].down_until = t + self.rng.gen_range(60..600);
+                }
+                if let Err(e) = self.restart(d, &peers) {
+                    self.summary.violation(e);
+                }
+            }
+        }
+    }
+
+    /// A new process on the same disk: keys gone, a fresh actor, partitions and sync states
+    /// reloaded from what storage holds.
+    fn restart(&mut self, d: usize, peers: &[Peer]) -> Result<(), String> {
+        let dev = &mut self.devices[d];
+        dev.keys.clear();
+        let actor = session_actor(&dev.id, &mut self.rng);
+        let mut old = std::mem::take(&mut dev.store);
+        let mut fresh = MemoryStore::new(&actor, Some(self.facilities[dev.facility].clone()));
+        let ids: Vec<PartitionId> = old.partitions().map(|p| p.id().clone()).collect();
+        for id in ids {
+            let Some(mut p) = old.remove(&id) else {
+                continue;
+            };
+            let bytes = p.save();
+            let loaded = Partition::load(id.clone(), &bytes, &actor)
+                .map_err(|e| format!("reloading {id} after a crash failed: {e}"))?;
+            fresh.insert(loaded);
+            for peer in peers {
+                if let Ok(Some(state)) = old.sync_state(peer, &id) {
+                    fresh
+                        .put_sync_state(peer, &id, &state)
+                        .map_err(|e| format!("restoring a sync state failed: {e}"))?;
+                }
+            }
+        }
+        dev.store = fresh;
+        Ok(())
+    }
+
+    /// One visit at facility `f`: a device that is running scans a genuine code, verifies it
+    /// with its clock, seals and stores the record. Only then is the visit acknowledged.
+    fn visit(&mut self, t: UnixSeconds, f: usize) -> Result<(), String> {
+        self.summary.visits += 1;
+        let nd = self.config.scale.devices.max(1) as usize;
+        let on: Vec<usize> = (f * nd..(f + 1) * nd)
+            .filter(|&d| self.devices[d].is_on(t))
+            .collect();
+        if on.is_empty() {
+            self.summary.unrecorded += 1;
+            return Ok(());
+        }
+        let d = on[self.rng.gen_range(0..on.len())];
+        let mut token = [0u8; 16];
+        self.rng.fill_bytes(&mut token);
+        let issued_at = t.saturating_sub(self.rng.gen_range(0..5));
+        let text = self.issuer.issue(issued_at, TOKEN_TTL, token);
+        let dev = &mut self.devices[d];
+        let now = dev.clock(t);
+        let Ok(verified) = token::verify(&text, &self.keyring, now, token::DEFAULT_SKEW) else {
+            self.summary.refused_at_scan += 1;
+            return Ok(());
+        };
+        let pid = PartitionId {
+            facility: self.facilities[f].clone(),
+            day: Day::of(now),
+        };
+        if !dev.keys.contains_key(&pid.day) {
+            // A device that ran out of day keys wraps to its newest one.
+            let key_day = pid.day.min(dev.publics_until);
+            let Some(public) = self.ratchet.public(key_day) else {
+                self.summary.refused_at_scan += 1;
+                return Ok(());
+            };
+            let key = SessionKey::generate(&mut self.rng, pid.day);
+            let wrapped = key.wrap(&public).map_err(|e| e.to_string())?;
+            dev.store
+                .get_or_create(&pid)
+                .insert_wrapped_key(&wrapped)
+                .map_err(|e| e.to_string())?;
+            dev.keys.insert(pid.day, key);
+        }
+        let key = dev
+            .keys
+            .get(&pid.day)
+            .ok_or("the session key just made is missing")?;
+        let record = Record {
+            facility: pid.facility.clone(),
+            device: dev.id.clone(),
+            scanned_at: now,
+            body: RecordBody::Qr {
+                issuer_id: verified.issuer_id(),
+                key_id: verified.key_id(),
+                issued_at: verified.issued_at(),
+                token: *verified.token().as_bytes(),
+            },
+        };
+        let rid = RecordId::random(&mut self.rng);
+        let envelope = key
+            .seal(&mut self.rng, &pid, rid, &record)
+            .map_err(|e| e.to_string())?;
+        dev.store
+            .get_or_create(&pid)
+            .insert_record(rid, &envelope)
+            .map_err(|e| e.to_string())?;
+        dev.dirty = true;
+        *self.pending.entry(pid.day).or_default() += 1;
+        self.ledger.insert(
+            rid,
+            Ack {
+                facility: f,
+                partition: pid,
+                token,
+                acked_at: t,
+            },
+        );
+        self.summary.acknowledged += 1;
+        Ok(())
+    }
+
+    fn hub_up(&self, t: UnixSeconds) -> bool {
+        self.quiet || !self.params.hub_outage.is_some_and(|(a, b)| a <= t && t < b)
+    }
+
+    fn reaches_hub(&mut self, d: usize, t: UnixSeconds) -> bool {
+        if !self.hub_up(t) || !self.devices[d].is_on(t) {
+            return false;
+        }
+        let dev = &mut self.devices[d];
+        let up = dev.link.is_up(t, &mut dev.link_rng);
+        self.quiet || up
+    }
+
+    /// A device's sync timer: to the hub if it can reach it, else to a sibling that can
+    /// (relay), with backoff after cut attempts.
+    fn maybe_sync(&mut self, d: usize, t: UnixSeconds) {
+        let dev = &self.devices[d];
+        let due = if dev.dirty {
+            dev.next_sync
+        } else {
+            dev.next_sync.max(dev.last_hub_sync + IDLE_SYNC_EVERY)
+        };
+        if t < due || !dev.is_on(t) {
+            return;
+        }
+        if self.reaches_hub(d, t) {
+            if self.rng.gen_bool(self.params.loss) {
+                self.summary.failed_attempts += 1;
+                let dev = &mut self.devices[d];
+                dev.backoff = (dev.backoff * 2).clamp(TICK, MAX_BACKOFF);
+                dev.next_sync = t + dev.backoff;
+                return;
+            }
+            self.sync_with_hub(d, t);
+            if self.rng.gen_bool(self.params.duplicate) {
+                self.summary.duplicated_sessions += 1;
+                self.sync_with_hub(d, t);
+            }
+            return;
+        }
+        self.devices[d].next_sync = t + SYNC_EVERY;
+        if !self.devices[d].dirty {
+            return;
+        }
+        let nd = self.config.scale.devices.max(1) as usize;
+        let f = self.devices[d].facility;
+        let sibling = (f * nd..(f + 1) * nd).find(|&s| s != d && self.reaches_hub(s, t));
+        if let Some(s) = sibling {
+            if self.rng.gen_bool(self.params.loss) {
+                self.summary.failed_attempts += 1;
+                return;
+            }
+            self.relay(d, s, t);
+            if self.rng.gen_bool(self.params.duplicate) {
+                self.summary.duplicated_sessions += 1;
+                self.relay(d, s, t);
+            }
+        }
+    }
+
+    /// Runs one real session between device `d` and the hub; returns the records that moved.
+    pub(crate) fn sync_with_hub(&mut self, d: usize, t: UnixSeconds) -> u64 {
+        let setup = PairSetup {
+            initiator: self.devices[d].peer.clone(),
+            responder: self.hub_peer.clone(),
+            credential: None,
+        };
+        let result = run_pair(
+            t,
+            &setup,
+            &mut self.devices[d].store,
+            &mut self.hub,
+            admit_claimed,
+        );
+        let Some(outcome) = self.account(&setup, t, result) else {
+            return 0;
+        };
+        let arrive = t + session_seconds(&outcome).ceil() as u64;
+        let mut moved = 0;
+        for (role, event) in &outcome.events {
+            if let Event::PartitionUpdated { id, new_records } = event {
+                moved += new_records;
+                if *role == Role::Responder && *new_records > 0 {
+                    self.mark_delivered(id, arrive);
+                }
+            }
+        }
+        let dev = &mut self.devices[d];
+        dev.publics_until = Day::of(t).plus(PUBLIC_KEY_DAYS);
+        dev.dirty = false;
+        dev.backoff = 0;
+        dev.last_hub_sync = t;
+        dev.next_sync = t + SYNC_EVERY;
+        moved
+    }
+
+    /// Device `d` hands its partitions to sibling `s`, which can reach the hub.
+    fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) {
+        let setup = PairSetup {
+            initiator: self.devices[d].peer.clone(),
+            responder: self.devices[s].peer.clone(),
+            credential: None,
+        };
+        let mut sibling = std::mem::take(&mut self.devices[s].store);
+        let result = run_pair(
+            t,
+            &setup,
+            &mut self.devices[d].store,
+            &mut sibling,
+            admit_claimed,
+        );
+        self.devices[s].store = sibling;
+        self.summary.relay_sessions += 1;
+        let Some(outcome) = self.account(&setup, t, result) else {
+            return;
+        };
+        if outcome.new_records(Role::Responder) > 0 {
+            let sib = &mut self.devices[s];
+            sib.dirty = true;
+            sib.next_sync = sib.next_sync.min(t + TICK);
+        }
+    }
+
+    /// Counts a session's bytes and checks what honest peers must never see: errors,
+    /// refusals, and partitions past the horizon moving.
+    fn account(
+        &mut self,
+        setup: &PairSetup,
+        t: UnixSeconds,
+        result: Result<PairOutcome, shared::sync::harness::HarnessError>,
+    ) -> Option<PairOutcome> {
+        self.summary.sessions += 1;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.summary.violation(format!(
+                    "session {} -> {} at t={t} failed: {e}",
+                    setup.initiator, setup.responder
+                ));
+                return None;
+            }
+        };
+        self.summary.wire_bytes += outcome.bytes_i_to_r + outcome.bytes_r_to_i;
+        if matches!(setup.responder, Peer::Hub { .. }) {
+            self.summary.upload_bytes += outcome.bytes_i_to_r;
+        }
+        if !outcome.completed() {
+            let last = outcome.events.last().map(|(_, e)| format!("{e:?}"));
+            self.summary.violation(format!(
+                "session {} -> {} at t={t} did not complete: {}",
+                setup.initiator,
+                setup.responder,
+                last.unwrap_or_default()
+            ));
+        }
+        let h = horizon(t);
+        for (_, event) in &outcome.events {
+            if let Event::PartitionUpdated { id, .. } = event
+                && id.day < h
+            {
+                self.summary.retention_violations += 1;
+                self.summary.violation(format!(
+                    "expired partition {id} moved in session {} -> {} at t={t}",
+                    setup.initiator, setup.responder
+                ));
+            }
+        }
+        Some(outcome)
+    }
+
+    /// Records every ledger visit of hub partition `id` seen for the first time.
+    fn mark_delivered(&mut self, id: &PartitionId, at: UnixSeconds) {
+        let Some(p) = self.hub.get(id) else {
+            return;
+        };
+        for (rid, _) in p.records() {
+            let Some(ack) = self.ledger.get(&rid) else {
+                continue;
+            };
+            if self.delivered.contains_key(&rid) {
+                continue;
+            }
+            self.delivered.insert(rid, at);
+            self.delays.push(at.saturating_sub(ack.acked_at));
+            if let Some(n) = self.pending.get_mut(&ack.partition.day) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Retention at `t`: the hub destroys expired day secrets and drops expired partitions;
+    /// every running device drops partitions past the horizon of its own clock.
+    pub(crate) fn retention(&mut self, t: UnixSeconds) {
+        let h = horizon(t);
+        self.ratchet.advance(h);
+        let expired: Vec<PartitionId> = self
+            .hub
+            .partitions()
+            .filter(|p| p.id().day < h)
+            .map(|p| p.id().clone())
+            .collect();
+        for id in expired {
+            self.hub.remove(&id);
+        }
+        for dev in &mut self.devices {
+            if !dev.is_on(t) {
+                continue;
+            }
+            let dh = horizon(dev.clock(t));
+            let expired: Vec<PartitionId> = dev
+                .store
+                .partitions()
+                .filter(|p| p.id().day < dh)
+                .map(|p| p.id().clone())
+                .collect();
+            for id in expired {
+                dev.store.remove(&id);
+            }
+            dev.keys.retain(|day, _| *day >= dh);
+        }
+    }
+
+    fn sample(&mut self, t: UnixSeconds) {
+        let h = horizon(t);
+        let backlog = self.pending.range(h..).map(|(_, n)| n).sum();
+        self.summary.series.push(Sample {
+            at: (t - START_DAY.start()) as f64 / HOUR as f64,
+            backlog,
+            delivered: self.delivered.len() as u64,
+        });
+    }
+
+    /// After the last day: every device is powered and linked, nothing is lost, and every
+    /// device syncs with the hub round after round until a round moves nothing.
+    fn quiet_period(&mut self, t: UnixSeconds) {
+        self.quiet = true;
+        for dev in &mut self.devices {
+            dev.powered_off = None;
+            dev.down_until = 0;
+        }
+        self.power_and_crashes(t);
+        self.retention(t);
+        self.sample(t);
+        for round in 0..8u64 {
+            let mut moved = 0;
+            for d in 0..self.devices.len() {
+                moved += self.sync_with_hub(d, t + round * TICK);
+            }
+            self.sample(t + round * TICK);
+            if moved == 0 {
+                return;
+            }
+        }
+        self.summary
+            .violation("the quiet period did not settle within 8 rounds".into());
+    }
+
+    pub(crate) fn device_stores(&self) -> impl Iterator<Item = (&DeviceId, usize, &MemoryStore)> {
+        self.devices.iter().map(|d| (&d.id, d.facility, &d.store))
+    }
+
+    pub(crate) fn device_store_mut(&mut self, d: usize) -> Option<&mut MemoryStore> {
+        self.devices.get_mut(d).map(|d| &mut d.store)
+    }
+
+    /// Devices that are running at `t`, with their clocks.
+    pub(crate) fn running_devices(
+        &self,
+        t: UnixSeconds,
+    ) -> impl Iterator<Item = (&DeviceId, &MemoryStore)> {
+        self.devices
+            .iter()
+            .filter(move |d| d.is_on(t))
+            .map(|d| (&d.id, &d.store))
+    }
+
+    fn finish(mut self) -> Summary {
+        self.delays.sort_unstable();
+        self.summary.delay_p50_s = percentile(&self.delays, 0.5);
+        self.summary.delay_p99_s = percentile(&self.delays, 0.99);
+        self.summary.delay_max_s = self.delays.last().copied().unwrap_or(0) as f64;
+        self.summary.per_record();
+        self.summary
+    }
+}

@@ -1,0 +1,132 @@
+//! Every named scenario at a small scale and fixed seed keeps its invariants, and the
+//! checker catches deliberately broken runs.
+
+use simulations::{Config, Fault, Scale, Scenario, Summary, run};
+
+fn small(scenario: Scenario, seed: u64, scale: Scale) -> Config {
+    let mut c = Config::new(scenario, seed);
+    c.scale = scale;
+    c
+}
+
+fn run_quiet(config: &Config) -> Summary {
+    run(config, &mut |_, _| {})
+}
+
+fn assert_passed(s: &Summary, config: &Config) {
+    assert!(s.passed(), "{}", s.human(config));
+    assert!(s.acknowledged > 0, "{}", s.human(config));
+    assert_eq!(s.lost + s.duplicated + s.phantom, 0);
+}
+
+#[test]
+fn outdoor_hotspot_keeps_its_invariants() {
+    let c = small(
+        Scenario::OutdoorHotspot,
+        11,
+        Scale {
+            facilities: 3,
+            devices: 3,
+            days: 3,
+            visits: 20,
+        },
+    );
+    let s = run_quiet(&c);
+    assert_passed(&s, &c);
+    // The scenario's hazards actually happened.
+    assert!(s.relay_sessions > 0 && s.failed_attempts > 0 && s.duplicated_sessions > 0);
+}
+
+#[test]
+fn regional_outage_delivers_everything_after_the_outage() {
+    let c = small(
+        Scenario::RegionalOutage,
+        12,
+        Scale {
+            facilities: 4,
+            devices: 2,
+            days: 3,
+            visits: 20,
+        },
+    );
+    let s = run_quiet(&c);
+    assert_passed(&s, &c);
+    // Visits made during the 24 h outage waited for it to end.
+    assert!(s.delay_max_s > 6.0 * 3_600.0, "{}", s.human(&c));
+}
+
+#[test]
+fn long_offline_device_resurrects_nothing_and_retention_holds() {
+    let c = small(
+        Scenario::LongOffline,
+        13,
+        Scale {
+            facilities: 2,
+            devices: 2,
+            days: 42,
+            visits: 4,
+        },
+    );
+    let s = run_quiet(&c);
+    assert_passed(&s, &c);
+    assert_eq!(s.retention_violations, 0);
+    // The first days' visits are past the horizon by the end and may no longer be at the hub.
+    assert!(s.delivered > s.acknowledged - s.expired_undelivered - 1);
+}
+
+#[test]
+fn storm_delivers_every_backlog_once() {
+    let c = small(
+        Scenario::Storm,
+        14,
+        Scale {
+            facilities: 6,
+            devices: 2,
+            days: 1,
+            visits: 50,
+        },
+    );
+    let s = run_quiet(&c);
+    assert_passed(&s, &c);
+    assert_eq!(s.delivered, 300);
+    let storm = s.storm.as_ref().unwrap();
+    assert!(storm.delivery_seconds > 0.0 && storm.delivery_seconds < 60.0);
+}
+
+fn broken(fault: Fault) -> Summary {
+    let mut c = small(
+        Scenario::RegionalOutage,
+        15,
+        Scale {
+            facilities: 2,
+            devices: 2,
+            days: 3,
+            visits: 10,
+        },
+    );
+    c.fault = fault;
+    run_quiet(&c)
+}
+
+#[test]
+fn the_checker_catches_a_record_dropped_at_the_hub() {
+    let s = broken(Fault::DropOneAtHub);
+    assert!(!s.passed());
+    assert_eq!(s.lost, 1, "{:?}", s.violations);
+    assert!(s.convergence_violations > 0);
+}
+
+#[test]
+fn the_checker_catches_a_visit_held_twice_at_the_hub() {
+    let s = broken(Fault::DuplicateAtHub);
+    assert!(!s.passed());
+    assert_eq!(s.duplicated, 1, "{:?}", s.violations);
+    assert_eq!(s.phantom, 1);
+}
+
+#[test]
+fn the_checker_catches_an_expired_partition_kept_at_a_device() {
+    let s = broken(Fault::KeepExpiredAtDevice);
+    assert!(!s.passed());
+    assert_eq!(s.retention_violations, 1, "{:?}", s.violations);
+}
