@@ -13,7 +13,10 @@
 //!
 //! - lookup tags are BLAKE3 keyed hashes of the token (or the facility id) under keys derived
 //!   from the index key, so without it a tag cannot be linked to any token or facility;
-//! - values are [`IndexedVisit`]s sealed with XChaCha20-Poly1305 under a third derived key.
+//! - values are sealed with XChaCha20-Poly1305 under a third derived key: one [`IndexedVisit`]
+//!   per QR visit under its token's tag, and under the facility's tag one batch of every
+//!   visit a persist indexed (a trace reads all of a facility-day's visits anyway, and one
+//!   seal per batch instead of per visit halves the cryptographic work of ingest).
 //!
 //! When [`Ledger::purge`] advances the ratchet past a day, the index key of that day is gone
 //! with its seed: the day's rows are deleted as well, but even a copy of the file taken before
@@ -38,7 +41,9 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 use shared::daykey::{DayKeyRatchet, DaySecret};
-use shared::envelope::{RecordBody, SessionId, SessionKey};
+use shared::envelope::{
+    Envelope, EnvelopeError, Record, RecordBody, SessionId, SessionKey, WrappedKey,
+};
 use shared::partition::{Partition, PartitionError};
 use shared::sync::{
     MAX_FUTURE_DAYS, PartitionStore, PartitionSummary, Peer, StoreError as SessionStoreError,
@@ -58,7 +63,8 @@ pub const SYNC_STATES: TableDefinition<(&str, &str, u32), &[u8]> =
 /// `visits-by-token-1`: (day, token tag) -> sealed [`IndexedVisit`]s.
 pub const VISITS_BY_TOKEN: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
     MultimapTableDefinition::new("visits-by-token-1");
-/// `visits-by-facility-1`: (day, facility tag) -> sealed [`IndexedVisit`]s.
+/// `visits-by-facility-1`: (day, facility tag) -> sealed batches of [`IndexedVisit`]s, one
+/// batch per persist that indexed anything.
 pub const VISITS_BY_FACILITY: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
     MultimapTableDefinition::new("visits-by-facility-1");
 /// `indexed-1`: (facility, day, record id) -> (): records already in the index.
@@ -345,8 +351,13 @@ impl DayIndex {
         Ok(out)
     }
 
-    /// The visit sealed in `bytes`, or `None` if it does not open (damaged).
-    fn open(&self, kind: IndexKind, tag: &[u8; 32], bytes: &[u8]) -> Option<IndexedVisit> {
+    /// What `bytes` seals, decoded, or `None` if it does not open or decode (damaged).
+    fn open<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: IndexKind,
+        tag: &[u8; 32],
+        bytes: &[u8],
+    ) -> Option<T> {
         let (nonce, ct) = bytes.split_at_checked(NONCE_LEN)?;
         let aad = self.aad(kind, tag);
         let plain = Zeroizing::new(
@@ -431,11 +442,26 @@ impl<'s> Ledger<'s> {
 
     /// The partitions of `facility`, for one sync session admitted for it.
     pub fn partitions(&self, facility: FacilityId, now: UnixSeconds) -> HubPartitions<'_> {
+        self.resume(facility, now, BTreeMap::new())
+    }
+
+    /// Like [`Self::partitions`], with the partitions a previous [`HubPartitions`] of the same
+    /// session loaded ([`HubPartitions::into_cache`]), so that a shell that handles one frame
+    /// at a time does not load every partition again for each frame. Cached partitions that
+    /// another session changed since are caught up when persisted; partitions of another
+    /// facility are dropped.
+    pub fn resume(
+        &self,
+        facility: FacilityId,
+        now: UnixSeconds,
+        mut cache: BTreeMap<PartitionId, Partition>,
+    ) -> HubPartitions<'_> {
+        cache.retain(|id, _| id.facility == facility);
         HubPartitions {
             ledger: self,
             facility,
             now,
-            cache: BTreeMap::new(),
+            cache,
         }
     }
 
@@ -504,7 +530,12 @@ impl<'s> Ledger<'s> {
     /// (no usable wrapped key, damaged or forged envelopes) are counted in a warning and left
     /// out of the index; they are tried again at the next persist.
     ///
-    /// On error the partition's notion of what is saved has moved on: drop it and load it
+    /// Encoding the automerge chunk and the cryptography of indexing (opening envelopes,
+    /// sealing index entries) are independent and each takes about as long as the other, so
+    /// for large batches the second runs on a scoped worker thread while this one encodes.
+    /// The worker touches no database; every write happens here, in the one transaction.
+    ///
+    /// On error the partition's notion of what is saved may have moved on: drop it and load it
     /// again rather than persisting it a second time.
     pub fn persist(&self, partition: &mut Partition, now: UnixSeconds) -> Result<u64, LedgerError> {
         let id = partition.id().clone();
@@ -519,93 +550,96 @@ impl<'s> Ledger<'s> {
         let index = DayIndex::new(id.day, &index_key);
         let f = id.facility.as_str();
         let day = id.day.0;
-        let t0 = std::time::Instant::now();
         let txn = self.store.db().begin_write()?;
-        self.store_chunks(&txn, partition)?;
-        let t1 = t0.elapsed();
-        let indexed = {
-            let mut done = txn.open_table(INDEXED)?;
-            let mut by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
-            let mut by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        self.catch_up(&txn, partition)?;
+
+        let records = partition.records();
+        let count = records.len() as u64;
+        let fresh: Vec<(RecordId, Result<Envelope, EnvelopeError>)> = {
+            let done = txn.open_table(INDEXED)?;
             let mut already = BTreeSet::new();
             for row in done.range((f, day, &[0u8; 16])..=(f, day, &[0xffu8; 16]))? {
                 already.insert(*row?.0.value().2);
             }
-            let mut seed = [0u8; 32];
-            OsRng.fill_bytes(&mut seed);
-            let mut rng = StdRng::from_seed(seed);
-            let facility_tag = index.facility_tag(&id.facility);
-            let mut opener = Opener::new(partition, &self.ratchet);
-            let t2 = std::time::Instant::now();
-            let recs = partition.records();
-            let t3 = t2.elapsed();
-            let (mut to, mut ts, mut ti) = (
-                std::time::Duration::ZERO,
-                std::time::Duration::ZERO,
-                std::time::Duration::ZERO,
-            );
-            let mut indexed = 0u64;
-            let mut unreadable = 0u64;
-            for (record_id, envelope) in recs {
-                let a = std::time::Instant::now();
-                if already.contains(&record_id.0) {
-                    continue;
-                }
-                let Some(record) = envelope.ok().and_then(|e| opener.open(&e, &id, record_id))
-                else {
-                    unreadable += 1;
-                    continue;
-                };
-                let visit = IndexedVisit {
-                    facility: id.facility.clone(),
-                    scanned_at: record.scanned_at,
-                    device: record.device,
-                    token: match record.body {
-                        RecordBody::Qr { token, .. } => Some(token),
-                        RecordBody::Paper { .. } => None,
-                    },
-                    record: record_id,
-                };
-                to += a.elapsed();
-                let a = std::time::Instant::now();
-                let plain = Zeroizing::new(
-                    postcard::to_stdvec(&visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
-                );
-                if let Some(token) = &visit.token {
-                    let tag = index.token_tag(token);
-                    let sealed = index.seal(&mut rng, IndexKind::Token, &tag, &plain)?;
-                    by_token.insert((day, &tag), sealed.as_slice())?;
-                }
-                let sealed = index.seal(&mut rng, IndexKind::Facility, &facility_tag, &plain)?;
-                ts += a.elapsed();
-                let a = std::time::Instant::now();
-                by_facility.insert((day, &facility_tag), sealed.as_slice())?;
-                done.insert((f, day, &record_id.0), ())?;
-                ti += a.elapsed();
-                indexed += 1;
-            }
-            if unreadable > 0 {
-                tracing::warn!(
-                    partition = %id,
-                    unreadable,
-                    sessions_without_key = opener.missing_keys(),
-                    "records that do not open were left out of the trace index"
-                );
-            }
-            eprintln!("chunks {t1:?} records {t3:?} open {to:?} seal {ts:?} insert {ti:?}");
-            indexed
+            records
+                .into_iter()
+                .filter(|(rid, _)| !already.contains(&rid.0))
+                .collect()
         };
-        let a = std::time::Instant::now();
+        let opener = Opener::new(partition, &self.ratchet);
+        let work = if fresh.len() >= PARALLEL_INDEX_MIN {
+            std::thread::scope(|scope| {
+                let worker = scope.spawn(|| build_index(&index, &id, opener, fresh));
+                let chunk = self.write_chunk(&txn, partition);
+                let work = worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                chunk.and(work)
+            })?
+        } else {
+            let work = build_index(&index, &id, opener, fresh)?;
+            self.write_chunk(&txn, partition)?;
+            work
+        };
+        txn.open_table(PARTITION_COUNTS)?.insert((f, day), count)?;
+        let indexed = work.records.len() as u64;
+        {
+            let mut by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
+            for (tag, sealed) in &work.tokens {
+                by_token.insert((day, tag), sealed.as_slice())?;
+            }
+            if let Some(batch) = &work.batch {
+                let tag = index.facility_tag(&id.facility);
+                txn.open_multimap_table(VISITS_BY_FACILITY)?
+                    .insert((day, &tag), batch.as_slice())?;
+            }
+            let mut done = txn.open_table(INDEXED)?;
+            for rid in &work.records {
+                done.insert((f, day, &rid.0), ())?;
+            }
+        }
+        if work.unreadable > 0 {
+            tracing::warn!(
+                partition = %id,
+                unreadable = work.unreadable,
+                sessions_without_key = work.missing_keys,
+                "records that do not open were left out of the trace index"
+            );
+        }
         txn.commit()?;
-        eprintln!("commit {:?} total {:?}", a.elapsed(), t0.elapsed());
         Ok(indexed)
     }
 
-    /// Appends the partition's new changes (or rewrites it whole once it has many chunks) and
-    /// updates its count and heads. If another session persisted the same partition since this
-    /// copy was loaded, the stored changes are merged in first, so that the count and heads
-    /// written describe everything stored.
-    fn store_chunks(
+    /// If another session persisted this partition since this copy was loaded (the stored
+    /// heads are not all in it), merges the stored changes in, so that the count and heads
+    /// written next describe everything stored.
+    fn catch_up(
+        &self,
+        txn: &WriteTransaction,
+        partition: &mut Partition,
+    ) -> Result<(), LedgerError> {
+        let id = partition.id().clone();
+        let heads = txn.open_table(PARTITION_HEADS)?;
+        let stored_heads = match heads.get((id.facility.as_str(), id.day.0))? {
+            Some(g) => parse_heads(g.value())?,
+            None => return Ok(()),
+        };
+        let behind = stored_heads.iter().any(|h| {
+            partition
+                .doc()
+                .get_change_by_hash(&automerge::ChangeHash(*h))
+                .is_none()
+        });
+        if behind && let Some(bytes) = read_chunks(&txn.open_table(HUB_CHUNKS)?, &id)? {
+            let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
+            partition.merge(&stored)?;
+        }
+        Ok(())
+    }
+
+    /// Appends the partition's new changes as a chunk (or writes it whole: first, and once it
+    /// has [`COMPACT_AFTER_CHUNKS`] chunks) and records its heads.
+    fn write_chunk(
         &self,
         txn: &WriteTransaction,
         partition: &mut Partition,
@@ -614,28 +648,14 @@ impl<'s> Ledger<'s> {
         let f = id.facility.as_str();
         let day = id.day.0;
         let mut chunks = txn.open_table(HUB_CHUNKS)?;
-        let mut heads = txn.open_table(PARTITION_HEADS)?;
-        let stored_heads = match heads.get((f, day))? {
-            Some(g) => parse_heads(g.value())?,
-            None => Vec::new(),
-        };
-        let behind = stored_heads.iter().any(|h| {
-            partition
-                .doc()
-                .get_change_by_hash(&automerge::ChangeHash(*h))
-                .is_none()
-        });
-        if behind && let Some(bytes) = read_chunks(&chunks, &id)? {
-            let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
-            partition.merge(&stored)?;
-        }
-        let a = std::time::Instant::now();
         let next = chunks
             .range((f, day, 0u64)..=(f, day, u64::MAX))?
             .next_back()
             .transpose()?
             .map_or(0, |(k, _)| k.value().2.saturating_add(1));
-        if next + 1 >= COMPACT_AFTER_CHUNKS {
+        // The first chunk is a full save: it costs no more than an incremental one and is about
+        // half the size (automerge compresses a whole document column by column).
+        if next == 0 || next + 1 >= COMPACT_AFTER_CHUNKS {
             let full = partition.save();
             chunks.retain_in((f, day, 0u64)..=(f, day, u64::MAX), |_, _| false)?;
             chunks.insert((f, day, 0u64), full.as_slice())?;
@@ -645,14 +665,10 @@ impl<'s> Ledger<'s> {
                 chunks.insert((f, day, next), chunk.as_slice())?;
             }
         }
-        let b = a.elapsed();
-        let a = std::time::Instant::now();
         let mut sorted: Vec<[u8; 32]> = partition.heads().iter().map(|h| h.0).collect();
         sorted.sort_unstable();
-        heads.insert((f, day), sorted.concat().as_slice())?;
-        txn.open_table(PARTITION_COUNTS)?
-            .insert((f, day), partition.record_count() as u64)?;
-        eprintln!("  save {b:?} heads+count {:?}", a.elapsed());
+        txn.open_table(PARTITION_HEADS)?
+            .insert((f, day), sorted.concat().as_slice())?;
         Ok(())
     }
 
@@ -711,7 +727,7 @@ impl<'s> Ledger<'s> {
                 let tag = index.token_tag(token);
                 for value in by_token.get((day.0, &tag))? {
                     let value = value?;
-                    match index.open(IndexKind::Token, &tag, value.value()) {
+                    match index.open::<IndexedVisit>(IndexKind::Token, &tag, value.value()) {
                         Some(v) if v.token.as_ref() == Some(token) => {
                             facility_days.insert((v.facility.clone(), *day));
                             let from = Day::of(v.scanned_at.saturating_sub(window)).max(first);
@@ -747,15 +763,19 @@ impl<'s> Ledger<'s> {
             let tag = index.facility_tag(facility);
             for value in by_facility.get((day.0, &tag))? {
                 let value = value?;
-                let Some(v) = index.open(IndexKind::Facility, &tag, value.value()) else {
+                let Some(batch) =
+                    index.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, value.value())
+                else {
                     damaged += 1;
                     continue;
                 };
-                if &v.facility != facility || v.token.is_some_and(|t| case.contains(&t)) {
-                    continue;
-                }
-                if times.iter().any(|t| t.abs_diff(v.scanned_at) <= window) {
-                    contacts.insert((v.scanned_at, v.facility.clone(), v.record), v);
+                for v in batch {
+                    if &v.facility != facility || v.token.is_some_and(|t| case.contains(&t)) {
+                        continue;
+                    }
+                    if times.iter().any(|t| t.abs_diff(v.scanned_at) <= window) {
+                        contacts.insert((v.scanned_at, v.facility.clone(), v.record), v);
+                    }
                 }
             }
         }
@@ -911,34 +931,109 @@ fn parse_heads(bytes: &[u8]) -> Result<Vec<[u8; 32]>, LedgerError> {
         .collect())
 }
 
+/// Below this many records to index, a persist does all its work on the calling thread:
+/// a thread costs more than it saves.
+const PARALLEL_INDEX_MIN: usize = 512;
+
+/// The index rows one persist writes, built apart from the database.
+struct IndexWork {
+    /// (token tag, sealed visit), sorted by tag so the inserts walk the tree in order.
+    tokens: Vec<([u8; 32], Vec<u8>)>,
+    /// The sealed batch of every visit indexed, for the facility's entry.
+    batch: Option<Vec<u8>>,
+    /// The records indexed.
+    records: Vec<RecordId>,
+    unreadable: u64,
+    missing_keys: usize,
+}
+
+/// Opens `fresh` envelopes of partition `id` and seals their index entries.
+fn build_index(
+    index: &DayIndex,
+    id: &PartitionId,
+    mut opener: Opener<'_>,
+    fresh: Vec<(RecordId, Result<Envelope, EnvelopeError>)>,
+) -> Result<IndexWork, LedgerError> {
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    let mut rng = StdRng::from_seed(seed);
+    let mut work = IndexWork {
+        tokens: Vec::new(),
+        batch: None,
+        records: Vec::with_capacity(fresh.len()),
+        unreadable: 0,
+        missing_keys: 0,
+    };
+    let mut batch: Vec<IndexedVisit> = Vec::with_capacity(fresh.len());
+    for (record_id, envelope) in fresh {
+        let Some(record) = envelope.ok().and_then(|e| opener.open(&e, id, record_id)) else {
+            work.unreadable += 1;
+            continue;
+        };
+        let visit = IndexedVisit {
+            facility: id.facility.clone(),
+            scanned_at: record.scanned_at,
+            device: record.device,
+            token: match record.body {
+                RecordBody::Qr { token, .. } => Some(token),
+                RecordBody::Paper { .. } => None,
+            },
+            record: record_id,
+        };
+        if let Some(token) = &visit.token {
+            let plain = Zeroizing::new(
+                postcard::to_stdvec(&visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
+            );
+            let tag = index.token_tag(token);
+            work.tokens
+                .push((tag, index.seal(&mut rng, IndexKind::Token, &tag, &plain)?));
+        }
+        work.records.push(record_id);
+        batch.push(visit);
+    }
+    // The facility entry of this persist: every visit it indexes, sealed once. Sealing each
+    // visit alone would double the AEAD work of indexing for no gain: a trace reads all of a
+    // facility-day's visits anyway.
+    if !batch.is_empty() {
+        let plain = Zeroizing::new(
+            postcard::to_stdvec(&batch).map_err(|e| LedgerError::Seal(e.to_string()))?,
+        );
+        let tag = index.facility_tag(&id.facility);
+        work.batch = Some(index.seal(&mut rng, IndexKind::Facility, &tag, &plain)?);
+    }
+    work.tokens.sort_unstable_by_key(|a| a.0);
+    work.missing_keys = opener.missing_keys();
+    Ok(work)
+}
+
 /// Opens a partition's envelopes, unwrapping each session key once (and deriving each day
-/// secret once) no matter how many records it sealed.
-struct Opener<'p> {
-    partition: &'p Partition,
-    ratchet: &'p DayKeyRatchet,
+/// secret once) no matter how many records it sealed. Holds the wrapped keys, not the
+/// partition, so it can work while the partition is being encoded.
+struct Opener<'r> {
+    ratchet: &'r DayKeyRatchet,
+    wrapped: BTreeMap<SessionId, WrappedKey>,
     secrets: BTreeMap<Day, Option<DaySecret>>,
     keys: BTreeMap<SessionId, Option<SessionKey>>,
 }
 
-impl<'p> Opener<'p> {
-    fn new(partition: &'p Partition, ratchet: &'p DayKeyRatchet) -> Self {
+impl<'r> Opener<'r> {
+    fn new(partition: &Partition, ratchet: &'r DayKeyRatchet) -> Self {
         Opener {
-            partition,
             ratchet,
+            wrapped: partition
+                .wrapped_keys()
+                .into_iter()
+                .map(|w| (w.session, w))
+                .collect(),
             secrets: BTreeMap::new(),
             keys: BTreeMap::new(),
         }
     }
 
-    fn open(
-        &mut self,
-        envelope: &shared::envelope::Envelope,
-        id: &PartitionId,
-        record: RecordId,
-    ) -> Option<shared::envelope::Record> {
+    fn open(&mut self, envelope: &Envelope, id: &PartitionId, record: RecordId) -> Option<Record> {
         let session = envelope.session();
         if !self.keys.contains_key(&session) {
-            let key = self.partition.wrapped_key(session).and_then(|w| {
+            let key = self.wrapped.get(&session).and_then(|w| {
                 let secret = self
                     .secrets
                     .entry(w.key_day)
@@ -997,6 +1092,11 @@ impl HubPartitions<'_> {
     /// The partitions loaded or created in this session.
     pub fn loaded(&self) -> impl Iterator<Item = &Partition> {
         self.cache.values()
+    }
+
+    /// The loaded partitions, to hand to [`Ledger::resume`] for the session's next frame.
+    pub fn into_cache(self) -> BTreeMap<PartitionId, Partition> {
+        self.cache
     }
 
     /// Persists and indexes partition `id` (see [`Ledger::persist`]); returns the records
@@ -1166,13 +1266,16 @@ mod tests {
         let sealed = ix
             .seal(&mut rng, IndexKind::Token, &tag, &plain)
             .expect("seals");
-        assert_eq!(ix.open(IndexKind::Token, &tag, &sealed), Some(v));
+        let open = |ix: &DayIndex, kind, tag: &[u8; 32], bytes: &[u8]| {
+            ix.open::<IndexedVisit>(kind, tag, bytes)
+        };
+        assert_eq!(open(&ix, IndexKind::Token, &tag, &sealed), Some(v));
         // Moved to the other table, another tag or another day: it does not open.
-        assert_eq!(ix.open(IndexKind::Facility, &tag, &sealed), None);
-        assert_eq!(ix.open(IndexKind::Token, &[0; 32], &sealed), None);
+        assert_eq!(open(&ix, IndexKind::Facility, &tag, &sealed), None);
+        assert_eq!(open(&ix, IndexKind::Token, &[0; 32], &sealed), None);
         let other_day = DayIndex::new(Day(20_001), &[7u8; 32]);
-        assert_eq!(other_day.open(IndexKind::Token, &tag, &sealed), None);
-        assert_eq!(ix.open(IndexKind::Token, &tag, &sealed[..10]), None);
+        assert_eq!(open(&other_day, IndexKind::Token, &tag, &sealed), None);
+        assert_eq!(open(&ix, IndexKind::Token, &tag, &sealed[..10]), None);
         // The token is nowhere in the sealed bytes.
         assert!(!sealed.windows(16).any(|w| w == [9u8; 16]));
     }

@@ -18,8 +18,8 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use sync_hub::Hub;
 use sync_hub::ledger::{
-    self, HUB_CHUNKS, INDEXED, Ledger, LedgerError, PARTITION_COUNTS, PARTITION_HEADS,
-    SYNC_STATES, VISITS_BY_FACILITY, VISITS_BY_TOKEN,
+    self, HUB_CHUNKS, INDEXED, Ledger, LedgerError, PARTITION_COUNTS, PARTITION_HEADS, SYNC_STATES,
+    VISITS_BY_FACILITY, VISITS_BY_TOKEN,
 };
 
 const DAY: Day = Day(20_000);
@@ -229,7 +229,10 @@ fn trace_finds_visits_and_contacts_within_the_window() {
         .collect();
     assert_eq!(
         visits,
-        vec![(&f.fac_a, T0, &f.dev_a), (&f.fac_b, T0 + 180 * MIN, &f.dev_b)]
+        vec![
+            (&f.fac_a, T0, &f.dev_a),
+            (&f.fac_b, T0 + 180 * MIN, &f.dev_b)
+        ]
     );
     assert!(trace.visits.iter().all(|v| v.token == hex::encode(CASE)));
 
@@ -284,7 +287,9 @@ fn trace_finds_visits_and_contacts_within_the_window() {
     assert!(!wide_tokens.contains(&Some(hex::encode(CASE))));
 
     // An unknown token finds nothing.
-    let none = l.trace(&[token(99)], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
+    let none = l
+        .trace(&[token(99)], 30, NOW)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(none.visits.is_empty() && none.contacts.is_empty());
     assert!(none.unsynced_facilities.is_empty());
 }
@@ -356,7 +361,10 @@ fn many_persists_compact_into_one_loadable_chunk() {
         .ok()
         .flatten()
         .unwrap_or_else(|| panic!("stored"));
-    assert_eq!(loaded.record_count() as u64, ledger::COMPACT_AFTER_CHUNKS + 6);
+    assert_eq!(
+        loaded.record_count() as u64,
+        ledger::COMPACT_AFTER_CHUNKS + 6
+    );
 }
 
 #[test]
@@ -384,7 +392,11 @@ fn concurrent_sessions_of_one_partition_both_land() {
     assert_eq!(s1.persist(&id).ok(), Some(1));
     assert_eq!(s2.persist(&id).ok(), Some(1));
     let summaries = l.summaries(&fa, NOW).unwrap_or_else(|e| panic!("{e}"));
-    let stored = l.load(&id).ok().flatten().unwrap_or_else(|| panic!("stored"));
+    let stored = l
+        .load(&id)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("stored"));
     assert_eq!(stored.record_count(), 3);
     assert_eq!(summaries.len(), 1);
     assert_eq!(summaries[0].records, 3);
@@ -398,7 +410,10 @@ fn hub_partitions_sync_one_facility_only() {
     let l = ledger(&f);
     let mut hp = l.partitions(f.fac_a.clone(), NOW);
     let refused = hp.create_partition(b.id());
-    assert!(matches!(refused, Err(StoreError::NotAllowed { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::NotAllowed { .. })),
+        "{refused:?}"
+    );
     let expired = pid(&f.fac_a, horizon(NOW).minus(1));
     assert!(matches!(
         hp.create_partition(&expired),
@@ -446,7 +461,10 @@ fn hub_partitions_sync_one_facility_only() {
     let hp = l.partitions(f.fac_a.clone(), NOW);
     assert!(hp.sync_state(&device_peer, &id).ok().flatten().is_some());
     assert_eq!(
-        hp.live_partitions(None).unwrap_or_default().first().map(|s| s.records),
+        hp.live_partitions(None)
+            .unwrap_or_default()
+            .first()
+            .map(|s| s.records),
         Some(4)
     );
     drop(hp);
@@ -471,7 +489,8 @@ fn rows_of_day(db: &redb::Database, day: u32) -> usize {
             for row in t.iter().unwrap_or_else(|e| panic!("{e}")) {
                 let (k, _) = row.unwrap_or_else(|e| panic!("{e}"));
                 let k = k.value();
-                #[allow(clippy::redundant_closure_call)] // reason: picks the day out of each key type
+                #[allow(clippy::redundant_closure_call)]
+                // reason: picks the day out of each key type
                 if ($day)(&k) == day {
                     n += 1;
                 }
@@ -547,7 +566,9 @@ fn purge_destroys_the_day_everywhere() {
         }
         drop(hp);
         assert_eq!(
-            l.trace(&tokens[..1], 30, NOW).map(|t| t.contacts.len()).ok(),
+            l.trace(&tokens[..1], 30, NOW)
+                .map(|t| t.contacts.len())
+                .ok(),
             Some(2)
         );
         assert!(rows_of_day(f.hub.store().db(), DAY.0) > 0);
@@ -562,7 +583,10 @@ fn purge_destroys_the_day_everywhere() {
         assert_eq!(report.horizon, DAY.plus(1));
         assert_eq!((report.partitions, report.records), (1, 3));
         assert_eq!(report.sync_states, 1);
-        assert_eq!(report.index_entries, 6, "3 token entries and 3 facility entries");
+        assert_eq!(
+            report.index_entries, 4,
+            "3 token entries and 1 facility batch"
+        );
         assert!(report.chunks >= 1);
 
         // The day's keys are gone, in memory and on disk.
@@ -607,4 +631,85 @@ fn purge_destroys_the_day_everywhere() {
     drop(db);
     let raw = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(!holds_a_token(&raw, &tokens));
+}
+
+#[test]
+fn a_large_partition_is_indexed_like_a_small_one() {
+    // Enough records that persist indexes on its worker thread.
+    let f = fixture();
+    let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
+    let visits: Vec<Visit> = (0..700u64)
+        .map(|i| {
+            if i % 100 == 0 {
+                Visit::Paper(T0 + i)
+            } else {
+                let mut t = [0u8; 16];
+                t[..8].copy_from_slice(&i.to_be_bytes());
+                t[8] = 0x42;
+                Visit::Qr(t, T0 + i)
+            }
+        })
+        .collect();
+    let p = device_partition(&f, &fa, &da, DAY, &visits);
+    let l = ledger(&f);
+    let mut copy = hub_copy(&l, &p);
+    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(700));
+    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(0));
+    let mut case = [0u8; 16];
+    case[..8].copy_from_slice(&5u64.to_be_bytes());
+    case[8] = 0x42;
+    let trace = l.trace(&[case], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(trace.visits.len(), 1);
+    assert_eq!(trace.visits[0].scanned_at, T0 + 5);
+    assert_eq!(trace.contacts.len(), 699);
+    assert_eq!(trace.contacts.iter().filter(|c| c.paper).count(), 7);
+    assert_eq!(l.stats(NOW).map(|s| s.records).ok(), Some(700));
+}
+
+#[test]
+fn a_session_resumes_with_its_loaded_partitions() {
+    let f = fixture();
+    let (a, _) = scenario(&f);
+    let l = ledger(&f);
+    let mut hp = l.partitions(f.fac_a.clone(), NOW);
+    hp.create_partition(a.id())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .merge(&a)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The next frame of the same session: nothing was persisted yet, nothing is lost.
+    let cache = hp.into_cache();
+    let mut hp = l.resume(f.fac_a.clone(), NOW, cache);
+    assert_eq!(hp.get(a.id()).map(Partition::record_count), Some(4));
+    assert_eq!(hp.persist(a.id()).ok(), Some(4));
+    // A resumed cache cannot smuggle in another facility's partition.
+    let mut hp = l.resume(f.fac_b.clone(), NOW, hp.into_cache());
+    assert!(hp.get(a.id()).is_none());
+    assert!(hp.partition_mut(a.id()).ok().flatten().is_none());
+    assert_eq!(hp.persist_all().ok(), Some(0));
+}
+
+#[test]
+fn contacts_across_midnight_are_found() {
+    let f = fixture();
+    let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
+    let late = DAY.end() - 10 * MIN;
+    let today = device_partition(&f, &fa, &da, DAY, &[Visit::Qr(CASE, late)]);
+    let tomorrow = device_partition(
+        &f,
+        &fa,
+        &da,
+        DAY.plus(1),
+        &[
+            Visit::Qr(token(1), DAY.end() + 15 * MIN),
+            Visit::Qr(token(2), DAY.end() + 25 * MIN),
+        ],
+    );
+    let l = ledger(&f);
+    for p in [&today, &tomorrow] {
+        l.persist(&mut hub_copy(&l, p), NOW)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let trace = l.trace(&[CASE], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
+    let contacts: Vec<UnixSeconds> = trace.contacts.iter().map(|c| c.scanned_at).collect();
+    assert_eq!(contacts, vec![DAY.end() + 15 * MIN]);
 }
