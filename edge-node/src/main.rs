@@ -187,10 +187,10 @@ fn one_line(e: &anyhow::Error) -> String {
 /// What the visitor is told, Korean first; for a malformed code, why (not a check-in code
 /// at all, or a damaged one).
 fn message(v: Verdict, text: Option<&str>) -> String {
-    if v == Verdict::Malformed {
-        if let Some(m) = text.and_then(shared::token::malformed_reason) {
-            return format!("{} / {}", m.message_ko(), m.message_en());
-        }
+    if v == Verdict::Malformed
+        && let Some(m) = text.and_then(shared::token::malformed_reason)
+    {
+        return format!("{} / {}", m.message_ko(), m.message_en());
     }
     format!("{} / {}", v.message_ko(), v.message_en())
 }

@@ -49,7 +49,9 @@ fn direction(
         let mut buf = vec![0u8; 65_536];
         let _ = rx.set_read_timeout(Some(Duration::from_millis(100)));
         while !stop.load(Ordering::Relaxed) {
-            let Ok((n, from)) = rx.recv_from(&mut buf) else { continue };
+            let Ok((n, from)) = rx.recv_from(&mut buf) else {
+                continue;
+            };
             if let Some(l) = &learn {
                 *l.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
             }
@@ -68,7 +70,9 @@ fn direction(
     let stop = link.stop.clone();
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            let Ok((due, pkt)) = qrx.recv_timeout(Duration::from_millis(100)) else { continue };
+            let Ok((due, pkt)) = qrx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
@@ -97,7 +101,9 @@ impl Netns {
         let _ = ip(&["netns", "del", NS]);
         ip(&["netns", "add", NS])?;
         let ns = Netns;
-        ip(&["link", "add", "kph0", "type", "veth", "peer", "name", "kph1"])?;
+        ip(&[
+            "link", "add", "kph0", "type", "veth", "peer", "name", "kph1",
+        ])?;
         ip(&["link", "set", "kph1", "netns", NS])?;
         ip(&["addr", "add", "10.77.1.1/30", "dev", "kph0"])?;
         ip(&["link", "set", "kph0", "up"])?;
@@ -120,7 +126,10 @@ fn main() -> Result<()> {
     let dev = hub.enroll_device_for(&hub.facility, "outdoor")?;
     let t0 = Instant::now();
     check_in_codes(&dev, RECORDS)?;
-    println!("{RECORDS} visits checked in offline in {:.1?}", t0.elapsed());
+    println!(
+        "{RECORDS} visits checked in offline in {:.1?}",
+        t0.elapsed()
+    );
     let _hub_run = hub.start()?;
 
     let _ns = Netns::create()?;
@@ -135,25 +144,46 @@ fn main() -> Result<()> {
         dropped: Arc::new(AtomicU64::new(0)),
         carried: Arc::new(AtomicU64::new(0)),
     };
-    direction(front.try_clone()?, back.try_clone()?, Arc::new(Mutex::new(Some(hub_addr))), Some(device_addr.clone()), 1, &link);
+    direction(
+        front.try_clone()?,
+        back.try_clone()?,
+        Arc::new(Mutex::new(Some(hub_addr))),
+        Some(device_addr.clone()),
+        1,
+        &link,
+    );
     direction(back, front, device_addr, None, 2, &link);
 
     let started = Instant::now();
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", NS])
         .arg(tests::fixture::bin("edge-node"))
-        .args(["--data", dev.to_str().unwrap_or_default(), "sync", "--once", "--json", "--listen", "10.77.1.2:0",
-          "--hub-addr", &relay_addr.to_string()])
+        .args([
+            "--data",
+            dev.to_str().unwrap_or_default(),
+            "sync",
+            "--once",
+            "--json",
+            "--listen",
+            "10.77.1.2:0",
+            "--hub-addr",
+            &relay_addr.to_string(),
+        ])
         .output()?;
     let elapsed = started.elapsed();
     link.stop.store(true, Ordering::Relaxed);
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("sync over the emulated hotspot failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "sync over the emulated hotspot failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let report: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap_or("{}"))?;
     let at_hub = hub.records_of(&hub.facility)?;
-    println!("| link | records | delivered at hub | time | device UDP bytes sent | bytes/record | link bytes | datagrams dropped |");
+    println!(
+        "| link | records | delivered at hub | time | device UDP bytes sent | bytes/record | link bytes | datagrams dropped |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
         "| 1 Mbit/s, 100 ms RTT, 2% loss (user-space relay) | {RECORDS} | {at_hub} | {:.1} s | {} | {:.0} | {} | {} |",

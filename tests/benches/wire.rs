@@ -9,7 +9,9 @@
 //! the protocol's own frame bytes. Scenarios:
 //!
 //! - a 1,000-record backlog, first sync of a freshly enrolled device;
-//! - 10,000 records synced, then 100 new ones: the second sync alone;
+//! - 10,000 records synced, then 100 new ones: the second sync alone; then a sync with
+//!   nothing new (the fixed cost of a session) and one of 1,000 more, which split the
+//!   incremental cost into a fixed and a per-record part;
 //! - the baseline a simpler design would use: one JSON HTTP POST per visit to a loopback sink,
 //!   counting every byte the client writes on its TCP socket (request line, headers, body).
 //!
@@ -42,6 +44,8 @@ const BACKLOG: usize = 1_000;
 const SYNCED: usize = 10_000;
 /// Records in the incremental sync.
 const INCREMENT: usize = 100;
+/// Records in the second, larger incremental sync.
+const LARGER_INCREMENT: usize = 1_000;
 /// How long one `sync --once` may take before the bench gives up on it.
 const SYNC_DEADLINE: Duration = Duration::from_secs(90);
 /// How long the hub may take to come up or to show what it ingested.
@@ -79,6 +83,12 @@ fn main() -> Result<()> {
     bed.check_in(INCREMENT)?;
     let b = bed.sync()?;
     let b_visible = hub.wait_for_records(&bed, (SYNCED + INCREMENT) as u64)?;
+    // What a session costs with nothing to send (handshake, hello, refresh, acknowledgements),
+    // and a larger increment: together they split the incremental cost into fixed and per-record.
+    let idle = bed.sync()?;
+    bed.check_in(LARGER_INCREMENT)?;
+    let c = bed.sync()?;
+    hub.wait_for_records(&bed, (SYNCED + INCREMENT + LARGER_INCREMENT) as u64)?;
     drop(hub);
     drop(bed);
 
@@ -92,6 +102,12 @@ fn main() -> Result<()> {
         ("fresh backlog", BACKLOG, &a, Some(1.5)),
         ("10,000 backlog (setup of the next row)", SYNCED, &big, None),
         ("incremental: 100 after 10,000", INCREMENT, &b, Some(2.0)),
+        (
+            "incremental: 1,000 after 10,100",
+            LARGER_INCREMENT,
+            &c,
+            None,
+        ),
     ];
     let mut verdicts = Vec::new();
     for (name, records, s, target) in rows {
@@ -115,6 +131,26 @@ fn main() -> Result<()> {
             s.frame_sent,
             s.frame_received,
             s.elapsed.as_secs_f64()
+        );
+    }
+    println!(
+        "| no change (fixed cost of a session) | 0 | {} | {} | {} | {} | - | - | - | {:.2} s |",
+        idle.socket_sent,
+        idle.socket_received,
+        idle.frame_sent,
+        idle.frame_received,
+        idle.elapsed.as_secs_f64()
+    );
+    println!();
+    for (name, records, s) in [
+        ("100 after 10,000", INCREMENT, &b),
+        ("1,000 after 10,100", LARGER_INCREMENT, &c),
+    ] {
+        let marginal = s.socket_sent.saturating_sub(idle.socket_sent) as f64 / records as f64;
+        let frames = s.frame_sent.saturating_sub(idle.frame_sent) as f64 / records as f64;
+        println!(
+            "incremental {name}: beyond a no-change session, {marginal:.1} socket B/record ({:.2}x the envelope), {frames:.1} frame B/record",
+            marginal / envelope_len as f64
         );
     }
     println!();
@@ -151,6 +187,10 @@ fn main() -> Result<()> {
         "sync sends {:.2}x the baseline's bytes per record ({:.2}x counting both directions)",
         per_ours / per_post,
         (a.socket_sent + a.socket_received) as f64 / (baseline.sent + baseline.received) as f64
+    );
+    println!(
+        "incremental (100 after 10,000) sends {:.2}x the baseline's bytes per record",
+        (b.socket_sent as f64 / INCREMENT as f64) / per_post
     );
     println!("\nbench took {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
