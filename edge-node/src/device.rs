@@ -275,10 +275,7 @@ impl Device {
             .unwrap_or(DEFAULT_SKEW);
         // A fresh automerge actor per process: a change lost in a crash must never be
         // re-made under the same actor and sequence number with other content.
-        let mut actor = enrollment.device_id.as_str().as_bytes().to_vec();
-        let mut run = [0u8; 8];
-        OsRng.fill_bytes(&mut run);
-        actor.extend_from_slice(&run);
+        let actor = shared::partition::session_actor(&enrollment.device_id, &mut OsRng).to_vec();
         Ok(Device {
             dir: dir.to_owned(),
             store,
