@@ -354,7 +354,7 @@ impl Hub {
 
     /// Rewrites the store file so that deleted pages are gone (best effort).
     pub fn compact(mut self) {
-        let _ = sync_hub_compact(&mut self.store);
+        self.store.compact();
     }
 
     /// Writes a ticket to a new file readable only by its owner.
@@ -374,10 +374,6 @@ impl Hub {
         std::io::Write::write_all(&mut f, ticket.to_json().as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)
     }
-}
-
-fn sync_hub_compact(store: &mut Store) -> bool {
-    store.compact()
 }
 
 /// An administrative command, run on an open hub or sent to the running one
