@@ -3,5 +3,6 @@
 //!
 //! Everything runs on loopback in temporary folders; every child process is reaped.
 
+pub mod browser;
 pub mod fixture;
 pub mod frames;
