@@ -5,11 +5,11 @@
 //! executes them in order against the store and adds only the order itself: verify, check
 //! the seen-token memory, seal, commit durably, and only then report `accepted`.
 
-use crate::store::{CheckInWrite, Store, StoreError};
+use crate::store::{CheckInWrite, Pending, Store, StoreError};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared::daykey::DayPublicKey;
-use shared::envelope::{Record, RecordBody, SessionKey};
+use shared::envelope::{Envelope, Record, RecordBody, SessionKey, WrappedKey};
 use shared::facility::Facility;
 use shared::paper::{PaperEntry, PaperError};
 use shared::partition::{Partition, PartitionError};
@@ -443,23 +443,10 @@ impl Device {
         Ok(p)
     }
 
+    /// Seals `record` and makes it durable as a pending row of its day, with the seen-token
+    /// entry and the day's count, in one transaction. The partition itself is not touched:
+    /// [`Device::fold_pending`] folds the rows into it as one change when a sync starts.
     fn append(
-        &mut self,
-        now: UnixSeconds,
-        day: Day,
-        record: &Record,
-        seen: Option<([u8; 32], UnixSeconds)>,
-    ) -> Result<RecordId, DeviceError> {
-        let result = self.append_inner(now, day, record, seen);
-        if result.is_err() {
-            // What is in memory may be ahead of the disk: forget it and reload next time.
-            self.partitions.remove(&day);
-            self.sessions.remove(&day);
-        }
-        result
-    }
-
-    fn append_inner(
         &mut self,
         now: UnixSeconds,
         day: Day,
@@ -476,6 +463,80 @@ impl Device {
                 .map_err(|e| DeviceError::Seal(e.to_string()))?;
             Some((session, wrapped))
         };
+        let session = match &new_session {
+            Some((s, _)) => s,
+            None => self.sessions.get(&day).ok_or(DeviceError::NoDayKey(day))?,
+        };
+        let id = PartitionId {
+            facility: self.enrollment.facility.id.clone(),
+            day,
+        };
+        let record_id = RecordId::random(&mut OsRng);
+        let envelope = session
+            .seal(&mut OsRng, &id, record_id, record)
+            .map_err(|e| DeviceError::Seal(e.to_string()))?;
+        let mut rows = Vec::with_capacity(2);
+        if let Some((_, wrapped)) = &new_session {
+            rows.push(Pending::Key(wrapped.clone()));
+        }
+        rows.push(Pending::Record(record_id, envelope));
+        self.store.commit_check_in(&CheckInWrite {
+            day,
+            chunk: &[],
+            pending: &rows,
+            seen,
+            new_records: 1,
+            prune_before: now.saturating_sub(self.skew),
+        })?;
+        if let Some((s, _)) = new_session {
+            self.sessions.insert(day, s);
+        }
+        Ok(record_id)
+    }
+
+    /// Folds every pending check-in into its day's partition: one automerge change per day,
+    /// stored and deleted from the pending rows in one transaction. Returns the records
+    /// folded. A sync session starts with this ([`Device::preload`]), so a batch of visits
+    /// made offline travels as one change instead of one per visit (design property 6).
+    ///
+    /// A damaged pending row (disk corruption) is left where it is, and reported.
+    pub fn fold_pending(&mut self) -> Result<u64, DeviceError> {
+        let mut total = 0;
+        for day in self.store.pending_days()? {
+            let mut keys = Vec::new();
+            let mut records = Vec::new();
+            let mut folded = Vec::new();
+            for (seq, row) in self.store.pending(day)? {
+                match row {
+                    Some(Pending::Key(k)) => keys.push(k),
+                    Some(Pending::Record(id, e)) => records.push((id, e)),
+                    None => {
+                        tracing::warn!(day = %day, seq, "a pending check-in row is damaged; left in place");
+                        continue;
+                    }
+                }
+                folded.push(seq);
+            }
+            if folded.is_empty() {
+                continue;
+            }
+            let result = self.fold_day(day, &keys, &records, &folded);
+            if result.is_err() {
+                // Memory may be ahead of the disk: forget it and reload next time.
+                self.partitions.remove(&day);
+            }
+            total += result?;
+        }
+        Ok(total)
+    }
+
+    fn fold_day(
+        &mut self,
+        day: Day,
+        keys: &[WrappedKey],
+        records: &[(RecordId, Envelope)],
+        folded: &[u64],
+    ) -> Result<u64, DeviceError> {
         let (partition, chunks) = load_partition(
             &mut self.partitions,
             &self.store,
@@ -483,30 +544,11 @@ impl Device {
             &self.enrollment.facility.id,
             day,
         )?;
-        if let Some((_, wrapped)) = &new_session {
-            partition
-                .insert_wrapped_key(wrapped)
-                .map_err(|e| DeviceError::Partition(partition.id().to_string(), e))?;
-        }
-        let session = match &new_session {
-            Some((s, _)) => s,
-            None => self.sessions.get(&day).ok_or(DeviceError::NoDayKey(day))?,
-        };
-        let record_id = RecordId::random(&mut OsRng);
-        let envelope = session
-            .seal(&mut OsRng, partition.id(), record_id, record)
-            .map_err(|e| DeviceError::Seal(e.to_string()))?;
-        partition
-            .insert_record(record_id, &envelope)
+        let new = partition
+            .insert_batch(keys, records)
             .map_err(|e| DeviceError::Partition(partition.id().to_string(), e))?;
         let chunk = partition.save_incremental();
-        self.store.commit_check_in(&CheckInWrite {
-            day,
-            chunk: &chunk,
-            seen,
-            new_records: 1,
-            prune_before: now.saturating_sub(self.skew),
-        })?;
+        self.store.fold(day, &chunk, folded)?;
         *chunks += 1;
         if *chunks > COMPACT_AFTER_CHUNKS {
             let full = partition.save();
@@ -514,10 +556,7 @@ impl Device {
             self.store.replace_partition(day, &full, records)?;
             *chunks = 1;
         }
-        if let Some((s, _)) = new_session {
-            self.sessions.insert(day, s);
-        }
-        Ok(record_id)
+        Ok(new as u64)
     }
 
     /// Days for which this device holds a partition, live at `now`.
@@ -536,8 +575,10 @@ impl Device {
         Ok(days)
     }
 
-    /// Loads every live partition into memory (sync summaries need them).
+    /// Folds pending check-ins, then loads every live partition into memory (sync summaries
+    /// need them).
     pub fn preload(&mut self, now: UnixSeconds) -> Result<(), DeviceError> {
+        self.fold_pending()?;
         for day in self.live_days(now)? {
             self.partition(day)?;
         }
@@ -578,6 +619,7 @@ impl Device {
         let result = self.store.commit_check_in(&CheckInWrite {
             day,
             chunk: &chunk,
+            pending: &[],
             seen: None,
             new_records,
             prune_before: 0,

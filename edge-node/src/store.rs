@@ -7,7 +7,8 @@
 //! are keyed hashes that expire with the code.
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use shared::{Day, UnixSeconds};
+use shared::envelope::{Envelope, WrappedKey};
+use shared::{Day, RecordId, UnixSeconds};
 use std::path::Path;
 
 /// `device-1`: setting name -> bytes (JSON documents and raw keys).
@@ -18,6 +19,12 @@ pub const CHUNKS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("chu
 pub const SEEN: TableDefinition<&[u8; 32], u64> = TableDefinition::new("seen-1");
 /// `counts-1`: day -> (records stored, records the hub is known to have).
 pub const COUNTS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("counts-1");
+
+/// `pending-1`: (day, sequence) -> a check-in made durable but not yet folded into the day's
+/// partition: `0x01` + 16-byte record id + sealed envelope, or `0x02` + a wrapped session
+/// key. A sync round folds a day's pending rows into the partition as one automerge change
+/// and deletes them in the same transaction (see [`Store::fold`]).
+pub const PENDING: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("pending-1");
 
 /// `sync-states-1`: (peer key, day) -> encoded automerge `sync::State` for that peer and
 /// partition, so the next session with the same peer sends only what is new.
@@ -62,13 +69,62 @@ from_redb!(
     redb::CommitError
 );
 
-/// One durable write of a check-in: the partition's new chunk, the seen-token entry, the
-/// record count; all in one transaction, committed with `Durability::Immediate`.
+/// A pending row: what a check-in adds to its day's partition at the next fold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// A sealed record.
+    Record(RecordId, Envelope),
+    /// The wrapped key of a new session.
+    Key(WrappedKey),
+}
+
+const PENDING_RECORD: u8 = 1;
+const PENDING_KEY: u8 = 2;
+
+impl Pending {
+    /// The row's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Pending::Record(id, envelope) => {
+                let mut out = vec![PENDING_RECORD];
+                out.extend_from_slice(&id.0);
+                out.extend_from_slice(&envelope.to_bytes());
+                out
+            }
+            Pending::Key(key) => {
+                let mut out = vec![PENDING_KEY];
+                out.extend_from_slice(&key.to_bytes());
+                out
+            }
+        }
+    }
+
+    /// Parses a row; `None` if it is damaged.
+    pub fn decode(b: &[u8]) -> Option<Pending> {
+        match b.split_first()? {
+            (&PENDING_RECORD, rest) if rest.len() > 16 => {
+                let (id, env) = rest.split_at(16);
+                Some(Pending::Record(
+                    RecordId(id.try_into().ok()?),
+                    Envelope::from_bytes(env).ok()?,
+                ))
+            }
+            (&PENDING_KEY, rest) => WrappedKey::from_bytes(rest).ok().map(Pending::Key),
+            _ => None,
+        }
+    }
+}
+
+/// One durable write of a check-in: the pending rows (or, after a sync merged something,
+/// the partition's new chunk), the seen-token entry, the record count; all in one
+/// transaction, committed with `Durability::Immediate`.
 pub struct CheckInWrite<'a> {
     /// The partition's day.
     pub day: Day,
-    /// The automerge chunk (changes since the last save).
+    /// The automerge chunk (changes since the last save); empty for none.
     pub chunk: &'a [u8],
+    /// Pending rows to add.
+    pub pending: &'a [Pending],
     /// The seen-token entry, for QR visits.
     pub seen: Option<([u8; 32], UnixSeconds)>,
     /// Records added by the chunk.
@@ -100,6 +156,7 @@ impl Store {
         txn.open_table(SEEN)?;
         txn.open_table(COUNTS)?;
         txn.open_table(SYNC_STATES)?;
+        txn.open_table(PENDING)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -145,14 +202,18 @@ impl Store {
         // Immediate is redb's default; say it, because "accepted" depends on it.
         txn.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
-        {
+        if !w.chunk.is_empty() {
             let mut chunks = txn.open_table(CHUNKS)?;
-            let next = chunks
-                .range((w.day.0, 0)..=(w.day.0, u64::MAX))?
-                .next_back()
-                .transpose()?
-                .map_or(0, |(k, _)| k.value().1 + 1);
+            let next = next_seq(&chunks, w.day)?;
             chunks.insert((w.day.0, next), w.chunk)?;
+        }
+        if !w.pending.is_empty() {
+            let mut pending = txn.open_table(PENDING)?;
+            let mut next = next_seq(&pending, w.day)?;
+            for row in w.pending {
+                pending.insert((w.day.0, next), row.encode().as_slice())?;
+                next += 1;
+            }
         }
         {
             let mut counts = txn.open_table(COUNTS)?;
@@ -191,6 +252,54 @@ impl Store {
             n += 1;
         }
         Ok((out, n))
+    }
+
+    /// Days that have pending rows.
+    pub fn pending_days(&self) -> Result<Vec<Day>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PENDING)?;
+        let mut days = Vec::new();
+        for row in t.iter()? {
+            let (k, _) = row?;
+            let day = Day(k.value().0);
+            if days.last() != Some(&day) {
+                days.push(day);
+            }
+        }
+        Ok(days)
+    }
+
+    /// A day's pending rows, in order: (sequence, row or `None` if the row is damaged).
+    pub fn pending(&self, day: Day) -> Result<Vec<(u64, Option<Pending>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PENDING)?;
+        let mut out = Vec::new();
+        for row in t.range((day.0, 0)..=(day.0, u64::MAX))? {
+            let (k, v) = row?;
+            out.push((k.value().1, Pending::decode(v.value())));
+        }
+        Ok(out)
+    }
+
+    /// Folds pending rows into the partition atomically: appends the chunk that holds them
+    /// (one automerge change) and deletes exactly the rows `folded`.
+    pub fn fold(&self, day: Day, chunk: &[u8], folded: &[u64]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(redb::Error::from)?;
+        {
+            let mut chunks = txn.open_table(CHUNKS)?;
+            if !chunk.is_empty() {
+                let next = next_seq(&chunks, day)?;
+                chunks.insert((day.0, next), chunk)?;
+            }
+            let mut pending = txn.open_table(PENDING)?;
+            for seq in folded {
+                pending.remove((day.0, *seq))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Replaces a day's chunks with one full save (compaction), atomically.
@@ -263,8 +372,10 @@ impl Store {
             let mut t = txn.open_table(CHUNKS)?;
             let mut counts = txn.open_table(COUNTS)?;
             let mut states = txn.open_table(SYNC_STATES)?;
+            let mut pending = txn.open_table(PENDING)?;
             for d in days {
                 t.retain_in((d.0, 0)..=(d.0, u64::MAX), |_, _| false)?;
+                pending.retain_in((d.0, 0)..=(d.0, u64::MAX), |_, _| false)?;
                 counts.remove(d.0)?;
             }
             states.retain(|(_, day), _| !days.contains(&Day(day)))?;
@@ -274,4 +385,15 @@ impl Store {
         let _ = self.db.compact();
         Ok(())
     }
+}
+
+/// The next free sequence number of `day` in a (day, sequence) table.
+fn next_seq(
+    t: &impl ReadableTable<(u32, u64), &'static [u8]>,
+    day: Day,
+) -> Result<u64, StoreError> {
+    Ok(t.range((day.0, 0)..=(day.0, u64::MAX))?
+        .next_back()
+        .transpose()?
+        .map_or(0, |(k, _)| k.value().1 + 1))
 }

@@ -182,6 +182,7 @@ pub async fn bind(secret: SecretKey, listen: SocketAddr) -> Result<Endpoint, Hub
     Endpoint::builder(presets::Minimal)
         .secret_key(secret)
         .alpns(vec![ALPN.to_vec()])
+        .transport_config(transport_config())
         .clear_ip_transports()
         .bind_addr(listen)
         .map_err(|e| err(e.to_string()))?
@@ -678,4 +679,13 @@ fn refresh_for(hub: &Hub, ledger: &Ledger<'_>, rec: &DeviceRecord, now: UnixSeco
         keyring: hub.keyring().unwrap_or_default(),
         roster,
     }
+}
+
+/// QUIC settings for sync links: no path-MTU discovery. Its probes (padded datagrams up to
+/// 1,452 B, a few per connection) cost kilobytes per session, several times what a sync of a
+/// few records sends on a hotspot; frames fit the 1,200-byte minimum MTU every path carries.
+fn transport_config() -> iroh::endpoint::QuicTransportConfig {
+    iroh::endpoint::QuicTransportConfig::builder()
+        .mtu_discovery_config(None)
+        .build()
 }

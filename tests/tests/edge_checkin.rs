@@ -230,3 +230,65 @@ fn nothing_readable_at_rest() -> Result<()> {
     assert_eq!(records.len(), 320);
     Ok(())
 }
+
+/// Check-ins wait as pending rows and fold into the partition as one automerge change when a
+/// sync starts; the fold is durable, idempotent, and loses nothing.
+#[test]
+fn check_ins_fold_into_one_change_per_sync_round() -> Result<()> {
+    use edge_node::device::Device;
+    use tests::fixture::{check_in_codes, qr_tokens, stored_records};
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device("fold-gate")?;
+    let tokens = check_in_codes(&dev, 40)?;
+    let pending_rows = |dev: &std::path::Path| -> Result<usize> {
+        let d = Device::open(dev)?;
+        let mut n = 0;
+        for day in d.store().pending_days()? {
+            n += d.store().pending(day)?.len();
+        }
+        Ok(n)
+    };
+    // 40 records and one wrapped session key, nothing in the document yet.
+    assert_eq!(pending_rows(&dev)?, 41);
+    let mut before = qr_tokens(&stored_records(&dev, &hub.data)?);
+    before.sort();
+    let mut expected = tokens.clone();
+    expected.sort();
+    assert_eq!(
+        before, expected,
+        "pending check-ins are part of the stored log"
+    );
+
+    let now = fixture::now();
+    let day = shared::Day::of(now);
+    {
+        let mut d = Device::open(&dev)?;
+        let changes_before = d.partition(day)?.doc().get_changes(&[]).len();
+        assert_eq!(changes_before, 0);
+        d.preload(now)?;
+        let p = d.partition(day)?;
+        assert_eq!(p.record_count(), 40);
+        assert_eq!(
+            p.doc().get_changes(&[]).len(),
+            1,
+            "40 check-ins and their session key fold into one change"
+        );
+        assert_eq!(d.fold_pending()?, 0, "a second fold has nothing to do");
+        let status = d.status(now)?;
+        assert_eq!((status.records, status.unsynced), (40, 40));
+    }
+    assert_eq!(pending_rows(&dev)?, 0);
+    // Reopened from disk: the folded change was stored.
+    let mut after = qr_tokens(&stored_records(&dev, &hub.data)?);
+    after.sort();
+    assert_eq!(after, expected);
+
+    // More check-ins after the fold, then another round: one more change.
+    check_in_codes(&dev, 5)?;
+    let mut d = Device::open(&dev)?;
+    d.preload(fixture::now())?;
+    let p = d.partition(day)?;
+    assert_eq!(p.record_count(), 45);
+    assert_eq!(p.doc().get_changes(&[]).len(), 2);
+    Ok(())
+}

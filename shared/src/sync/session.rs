@@ -851,7 +851,7 @@ impl Session {
         let updated = (part.heads() != heads_before)
             .then(|| part.record_count().saturating_sub(records_before) as u64);
         let reply = match merged {
-            Ok(()) => part.doc().generate_sync_message(&mut sync.state),
+            Ok(()) => next_message(part.doc(), &mut sync.state),
             Err(_) => None,
         };
         // Reported even when the merge failed part-way: whatever was applied is in memory and
@@ -883,7 +883,7 @@ impl Session {
             return Ok(());
         };
         let sync = sync_entry(&mut self.partitions, &mut self.stats, id, preloaded, part);
-        if let Some(message) = part.doc().generate_sync_message(&mut sync.state) {
+        if let Some(message) = next_message(part.doc(), &mut sync.state) {
             self.send_sync(id.clone(), message)?;
         }
         Ok(())
@@ -1199,4 +1199,26 @@ mod tests {
             }))
         ));
     }
+}
+
+/// automerge's next sync message for a peer, with one rule of automerge's changed.
+///
+/// automerge replaces the missing changes by the whole compressed document when they are more
+/// than a third of the document's *changes*. Devices fold each sync round's check-ins into one
+/// change, so a partition holds a few large changes and that rule would resend the whole day
+/// for every increment. The whole document is sent only to a peer that holds nothing of the
+/// partition yet (automerge's own rule for empty heads): the cheap form of a fresh backlog.
+fn next_message(doc: &automerge::Automerge, state: &mut SyncState) -> Option<Message> {
+    use automerge::sync::Capability;
+    let peer_has_some = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
+    if !peer_has_some {
+        return doc.generate_sync_message(state);
+    }
+    let capabilities = state.their_capabilities.clone();
+    if let Some(c) = state.their_capabilities.as_mut() {
+        c.retain(|c| *c != Capability::MessageV2);
+    }
+    let message = doc.generate_sync_message(state);
+    state.their_capabilities = capabilities;
+    message
 }
