@@ -1,20 +1,25 @@
-//! The running device's local HTTP API: what `scan`, `status`, `paper add`, `purge` and
-//! `sync --once` use while `run` holds the store, and where the kiosk page will live.
+//! The running device's local HTTP API: what `scan`, `status`, `paper add`, `purge`,
+//! `pin set` and `sync --once` use while `run` holds the store, and the kiosk page
+//! (`kiosk`), served on the same address.
 //!
-//! Every `/api` route needs the device's control token (`DATA/control.token`, owner-only),
-//! and the server binds to loopback by default. A scan through it wakes the sync loop, so a
-//! new visit leaves for the hub at once when a route exists.
+//! Every `/api` route needs the device's control token (`DATA/control.token`, owner-only)
+//! and answers only connections from loopback, so the token never crosses a network even
+//! when `run --http 0.0.0.0:7451` exposes the kiosk page to a tablet on the facility's LAN.
+//! The server binds to loopback by default. A scan through it wakes the sync loop, so a new
+//! visit leaves for the hub at once when a route exists.
 
-use crate::device::Device;
+use crate::device::{Device, StaffPin};
+use crate::kiosk::{self, KioskState};
 use crate::net::SharedDevice;
 use crate::{clock, frame};
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use rand_core::{OsRng, RngCore};
 use serde::Deserialize;
 use shared::paper::PaperEntry;
@@ -83,17 +88,49 @@ pub fn remove_run_file(data: &Path) {
     let _ = std::fs::remove_file(run_file(data));
 }
 
-/// The router.
+/// The router: the control API under `/api`, the kiosk page and its routes, `/healthz`.
+///
+/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that `/api` can
+/// refuse connections that do not come from loopback.
 pub fn router(state: ControlState) -> Router {
+    let kiosk = KioskState::new(state.device.clone(), state.wake.clone());
     Router::new()
         .route("/api/scan", post(scan))
         .route("/api/status", get(status))
         .route("/api/paper", post(paper))
         .route("/api/purge", post(purge))
         .route("/api/sync", post(sync_now))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/pin", post(set_pin))
         .layer(DefaultBodyLimit::max(MAX_FRAME_BODY))
+        .layer(Extension(kiosk.clone()))
+        .layer(middleware::from_fn(loopback_only))
         .with_state(state)
+        .merge(kiosk::router(kiosk))
+        .route("/healthz", get(|| async { "ok" }))
+}
+
+/// Whether a peer address is this machine (IPv4-mapped IPv6 included).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}
+
+/// Refuses `/api` requests from other machines. Without connection info (a router served
+/// in-process without it) the token alone guards the API.
+async fn loopback_only(req: Request, next: Next) -> Response {
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
+        && !is_loopback(peer.ip())
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the control API answers only on this machine (loopback); the kiosk page is at /",
+        );
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -196,6 +233,40 @@ async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response
         .into_response()
 }
 
+/// A staff PIN to set.
+#[derive(Deserialize)]
+pub struct PinRequest {
+    /// The new PIN (4 to 12 digits).
+    pub pin: String,
+}
+
+/// Sets the staff PIN and ends every open staff session of the kiosk.
+async fn set_pin(
+    State(s): State<ControlState>,
+    Extension(kiosk): Extension<KioskState>,
+    headers: HeaderMap,
+    body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    // Hashing takes a few milliseconds: off the async workers, outside the device lock.
+    let pin = match tokio::task::spawn_blocking(move || StaffPin::new(&req.pin)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "hashing the PIN failed"),
+    };
+    if let Err(e) = lock(&s.device).set_staff_pin(&pin) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    }
+    kiosk.end_staff_sessions();
+    Json(serde_json::json!({ "staff_pin_set": true })).into_response()
+}
+
 /// A purge request.
 #[derive(Debug, Deserialize)]
 pub struct PurgeRequest {
@@ -235,7 +306,22 @@ impl Client {
             "the device store is busy but no run.json says where the running device answers: is another command holding it?",
         )?;
         let v: serde_json::Value = serde_json::from_str(&text).context("run.json is damaged")?;
-        let http = v["http"].as_str().context("run.json has no http address")?;
+        let http: SocketAddr = v["http"]
+            .as_str()
+            .context("run.json has no http address")?
+            .parse()
+            .context("run.json's http address is not IP:PORT")?;
+        // `run --http 0.0.0.0:PORT` serves every interface; the API answers on loopback.
+        let http = if http.ip().is_unspecified() {
+            let lo: std::net::IpAddr = if http.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            SocketAddr::new(lo, http.port())
+        } else {
+            http
+        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(60)))

@@ -26,6 +26,12 @@ pub const DEFAULT_SKEW: u64 = 10;
 pub const COMPACT_AFTER_CHUNKS: usize = 512;
 /// `status` warns when fewer day keys than this remain.
 pub const DAY_KEYS_WARNING: usize = 7;
+/// How many digits a staff PIN has.
+pub const STAFF_PIN_DIGITS: std::ops::RangeInclusive<usize> = 4..=12;
+/// BLAKE3 rounds that stretch a staff PIN before it is compared or stored (a few ms): a copy
+/// of the store costs an attacker that much per guess; the kiosk's rate limit is the online
+/// defence.
+const STAFF_PIN_ROUNDS: u32 = 50_000;
 
 /// A device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,13 @@ pub enum DeviceError {
     /// A paper-log visit time out of range.
     #[error("{0}")]
     VisitTime(String),
+    /// A staff PIN that is not of the allowed form.
+    #[error(
+        "the staff PIN must be {} to {} digits (0-9) and nothing else; it was not set",
+        STAFF_PIN_DIGITS.start(),
+        STAFF_PIN_DIGITS.end()
+    )]
+    BadPin,
 }
 
 /// What the device keeps of its enrollment (everything in the ticket but the keys that
@@ -165,6 +178,73 @@ pub struct PurgeReport {
     pub kept_unsynced: Vec<Day>,
 }
 
+/// The staff PIN as stored: a random salt and the salted, stretched BLAKE3 hash of the PIN.
+/// The PIN itself is never stored.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StaffPin {
+    #[serde(with = "hex32")]
+    salt: [u8; 32],
+    #[serde(with = "hex32")]
+    hash: [u8; 32],
+}
+
+impl std::fmt::Debug for StaffPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaffPin(..)")
+    }
+}
+
+impl StaffPin {
+    /// Hashes a new PIN under a fresh salt; refuses a PIN that is not 4 to 12 digits.
+    pub fn new(pin: &str) -> Result<StaffPin, DeviceError> {
+        validate_staff_pin(pin)?;
+        let mut salt = [0u8; 32];
+        OsRng.fill_bytes(&mut salt);
+        let hash = *stretch_pin(&salt, pin).as_bytes();
+        Ok(StaffPin { salt, hash })
+    }
+
+    /// Whether `pin` is this PIN. The comparison is constant-time (`blake3::Hash`'s `==`);
+    /// it costs a few milliseconds of hashing, so call it outside the device lock.
+    pub fn matches(&self, pin: &str) -> bool {
+        validate_staff_pin(pin).is_ok()
+            && stretch_pin(&self.salt, pin) == blake3::Hash::from_bytes(self.hash)
+    }
+}
+
+/// Checks a staff PIN's form: 4 to 12 ASCII digits.
+pub fn validate_staff_pin(pin: &str) -> Result<(), DeviceError> {
+    if STAFF_PIN_DIGITS.contains(&pin.len()) && pin.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(DeviceError::BadPin)
+    }
+}
+
+fn stretch_pin(salt: &[u8; 32], pin: &str) -> blake3::Hash {
+    let mut h = blake3::keyed_hash(salt, pin.as_bytes());
+    for _ in 0..STAFF_PIN_ROUNDS {
+        h = blake3::keyed_hash(salt, h.as_bytes());
+    }
+    h
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(text).map_err(D::Error::custom)?;
+        bytes
+            .try_into()
+            .map_err(|_| D::Error::custom("expected 32 bytes"))
+    }
+}
+
 const K_ENROLLMENT: &str = "enrollment";
 const K_CREDENTIAL: &str = "credential";
 const K_KEYRING: &str = "keyring";
@@ -175,6 +255,7 @@ const K_SKEW: &str = "skew";
 const K_LAST_SYNC: &str = "last_sync";
 const K_CLOCK_OFFSET: &str = "clock_offset";
 const K_ROSTER: &str = "roster";
+const K_STAFF_PIN: &str = "staff_pin";
 
 fn store_path(dir: &Path) -> PathBuf {
     dir.join("edge.redb")
@@ -310,6 +391,25 @@ impl Device {
         self.store.put(&[(K_SKEW, &json(&skew))])?;
         self.skew = skew;
         Ok(())
+    }
+
+    /// Sets (or replaces) the staff PIN that opens the kiosk's staff mode.
+    pub fn set_staff_pin(&mut self, pin: &StaffPin) -> Result<(), DeviceError> {
+        self.store.put(&[(K_STAFF_PIN, &json(pin))])?;
+        Ok(())
+    }
+
+    /// The stored staff PIN, if one was set.
+    pub fn staff_pin(&self) -> Result<Option<StaffPin>, DeviceError> {
+        match self.store.get(K_STAFF_PIN)? {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| {
+                DeviceError::Damaged(
+                    "staff PIN".into(),
+                    store_path(&self.dir).display().to_string(),
+                )
+            }),
+        }
     }
 
     /// The store (for the sync shell).
@@ -832,4 +932,42 @@ fn read_ticket(path: &Path) -> Result<Vec<u8>, DeviceError> {
         });
     }
     std::fs::read(path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staff_pin_matches_only_itself_and_survives_storage() {
+        let pin = StaffPin::new("402913").expect("a valid PIN");
+        assert!(pin.matches("402913"));
+        assert!(!pin.matches("402914"));
+        assert!(!pin.matches("40291"));
+        assert!(!pin.matches(""));
+        let stored = json(&pin);
+        let text = String::from_utf8_lossy(&stored);
+        assert!(!text.contains("402913"), "the PIN itself is stored: {text}");
+        let back: StaffPin = serde_json::from_slice(&stored).expect("round trip");
+        assert!(back.matches("402913"));
+        // A fresh salt each time: the same PIN never hashes the same twice.
+        let again = StaffPin::new("402913").expect("a valid PIN");
+        assert_ne!(again.hash, pin.hash);
+        assert_eq!(format!("{pin:?}"), "StaffPin(..)");
+    }
+
+    #[test]
+    fn staff_pin_form_is_checked() {
+        for bad in ["", "123", "12a4", "1234567890123", " 1234", "１２３４"] {
+            assert!(
+                matches!(StaffPin::new(bad), Err(DeviceError::BadPin)),
+                "{bad:?} was accepted"
+            );
+        }
+        for good in ["1234", "000000", "123456789012"] {
+            assert!(StaffPin::new(good).is_ok(), "{good:?} was refused");
+        }
+        let bad_json = br#"{"salt":"zz","hash":"00"}"#;
+        assert!(serde_json::from_slice::<StaffPin>(bad_json).is_err());
+    }
 }

@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod frame;
+pub mod kiosk;
 pub mod net;
 pub mod replica;
 pub mod store;

@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use edge_node::device::Device;
 use edge_node::device::DeviceError;
+use edge_node::device::{Device, StaffPin};
 use edge_node::store::StoreError;
 use edge_node::{clock, control, daemon, frame, net};
 use serde_json::json;
@@ -38,6 +38,10 @@ enum Command {
         /// The ticket file from `sync-hub enroll`. Delete it afterwards: it is a credential.
         #[arg(long)]
         ticket: PathBuf,
+        /// The staff PIN (4 to 12 digits) that opens the kiosk's staff mode; `pin set` sets
+        /// or changes it later.
+        #[arg(long)]
+        staff_pin: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -113,11 +117,29 @@ enum Command {
         #[arg(long)]
         peer: Vec<String>,
     },
+    /// The staff PIN that opens the kiosk's staff mode (the paper log).
+    Pin {
+        #[command(subcommand)]
+        command: PinCommand,
+    },
     /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
     Purge {
         /// Unix seconds; earlier than now is ignored.
         #[arg(long)]
         as_of: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PinCommand {
+    /// Set or change the staff PIN (4 to 12 digits), read from stdin unless --pin is given.
+    Set {
+        /// The PIN. Prefer stdin: a command line is visible to other users of the machine.
+        #[arg(long)]
+        pin: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -199,8 +221,17 @@ fn run(cli: Cli) -> Result<i32> {
     let data = cli.data;
     let now = clock::now();
     match cli.command {
-        Command::Init { ticket, json } => {
-            let dev = Device::init(&data, &ticket, now)?;
+        Command::Init {
+            ticket,
+            staff_pin,
+            json,
+        } => {
+            // Checked before enrolling, so a bad PIN leaves the folder untouched.
+            let pin = staff_pin.as_deref().map(StaffPin::new).transpose()?;
+            let mut dev = Device::init(&data, &ticket, now)?;
+            if let Some(pin) = &pin {
+                dev.set_staff_pin(pin)?;
+            }
             let e = dev.enrollment();
             if json {
                 println!(
@@ -421,7 +452,15 @@ fn run(cli: Cli) -> Result<i32> {
                     wake: wake.clone(),
                     token: std::sync::Arc::new(token),
                 });
-                let server = axum::serve(listener, app);
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        "the kiosk page is reachable from the network at http://{addr}/ (the control API still answers only on loopback)"
+                    );
+                }
+                let server = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                );
                 let result = tokio::select! {
                     r = daemon::run(device, listen, peers, wake, shutdown_signal()) => r.map_err(anyhow::Error::from),
                     r = server => r.map_err(anyhow::Error::from),
@@ -429,6 +468,34 @@ fn run(cli: Cli) -> Result<i32> {
                 control::remove_run_file(&data);
                 result
             })?;
+            Ok(0)
+        }
+        Command::Pin {
+            command: PinCommand::Set { pin, json },
+        } => {
+            let pin = match pin {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("cannot read the PIN from stdin")?;
+                    line.trim().to_owned()
+                }
+            };
+            let hashed = StaffPin::new(&pin)?;
+            match Device::open(&data) {
+                Ok(mut dev) => dev.set_staff_pin(&hashed)?,
+                Err(e) if is_busy(&e) => {
+                    control::Client::find(&data)?.post_json("/api/pin", &json!({ "pin": pin }))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if json {
+                println!("{}", json!({ "staff_pin_set": true }));
+            } else {
+                println!("staff PIN set; open staff mode on the kiosk page with it");
+            }
             Ok(0)
         }
         Command::Purge { as_of, json } => {

@@ -1,0 +1,602 @@
+//! The kiosk: the page a tablet at the entrance shows, and the routes it talks to.
+//!
+//! `edge-node run --http ADDR` serves it beside the control API. The page (`GET /`, its script
+//! and style embedded from `edge-node/assets/`, nothing from the internet) shows the camera,
+//! sends a few frames a second to `POST /kiosk/frame`, and shows each verdict large, in Korean
+//! with English below. `GET /kiosk/status` gives the status line. Staff open the paper log with
+//! the device's staff PIN (`POST /kiosk/staff/login`, a short-lived `HttpOnly` session cookie)
+//! and add entries through `POST /kiosk/paper`.
+//!
+//! None of these routes needs the control token: a kiosk tablet reaches the device over the
+//! facility's LAN (`run --http 0.0.0.0:7451`), while `/api/*` stays loopback-only and
+//! token-bound (see `control`). What the kiosk routes can do is what a person at the entrance
+//! can do anyway: show a code, read the status line; the paper log needs the PIN, and wrong
+//! PINs lock the staff login for a while.
+//!
+//! The decision is the device's: frames are decoded by `frame`, codes verified and stored by
+//! [`Device::check_in`] (one visit per code, however many frames show it), entries validated
+//! and sealed by [`Device::add_paper`]. This module only moves bytes and adds the kiosk's own
+//! session and rate-limit state, which lives in memory and dies with the process.
+
+use crate::device::{Device, StaffPin};
+use crate::net::SharedDevice;
+use crate::{clock, frame};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand_core::{OsRng, RngCore};
+use serde::Deserialize;
+use shared::paper::PaperEntry;
+use shared::token::Verdict;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore};
+
+/// The largest frame the kiosk accepts: a 640x480 JPEG is 30 to 80 KB, a PNG a few hundred.
+pub const MAX_KIOSK_FRAME: usize = 2 * 1024 * 1024;
+/// Staff mode ends after this long without a staff request.
+pub const STAFF_IDLE: Duration = Duration::from_secs(300);
+/// Wrong PINs in a row before the staff login locks.
+pub const MAX_PIN_FAILURES: u32 = 5;
+/// How long the staff login stays locked after [`MAX_PIN_FAILURES`] wrong PINs.
+pub const PIN_LOCKOUT: Duration = Duration::from_secs(60);
+/// The status line says "online" when the last completed hub sync is at most this old. The
+/// sync loop syncs every 30 s while the hub answers (`daemon::SYNC_INTERVAL`), so two missed
+/// rounds and some slack mean the hub is not being reached.
+pub const ONLINE_WITHIN: u64 = 2 * crate::daemon::SYNC_INTERVAL.as_secs() + 15;
+/// Staff sessions kept at most (one per tablet; old ones are dropped first).
+const MAX_STAFF_SESSIONS: usize = 16;
+/// The staff session cookie.
+const COOKIE: &str = "kiosk_staff";
+
+const PAGE_HTML: &str = include_str!("../assets/kiosk.html");
+const PAGE_JS: &str = include_str!("../assets/kiosk.js");
+const PAGE_CSS: &str = include_str!("../assets/kiosk.css");
+
+/// Every asset comes from the device itself; camera frames are drawn to a canvas only.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
+                   media-src 'self' blob: mediastream:; connect-src 'self'; base-uri 'none'; \
+                   form-action 'none'; frame-ancestors 'none'";
+
+/// What the kiosk routes share.
+#[derive(Clone)]
+pub struct KioskState {
+    device: SharedDevice,
+    wake: Arc<Notify>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    staff: Mutex<StaffGate>,
+    /// Keys the per-code fingerprint the page uses to tell "the same code, still in view"
+    /// from a new one; random per process, so a fingerprint means nothing elsewhere.
+    fingerprint_key: [u8; 32],
+    /// Frame decodes running at once: at most one per core, the rest queue.
+    decoders: Semaphore,
+}
+
+/// Staff sessions and the wrong-PIN counter.
+struct StaffGate {
+    /// BLAKE3 of a session token -> when it lapses.
+    sessions: HashMap<[u8; 32], Instant>,
+    failures: u32,
+    locked_until: Option<Instant>,
+}
+
+impl KioskState {
+    /// The kiosk's state over the running device.
+    pub fn new(device: SharedDevice, wake: Arc<Notify>) -> KioskState {
+        let mut fingerprint_key = [0u8; 32];
+        OsRng.fill_bytes(&mut fingerprint_key);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        KioskState {
+            device,
+            wake,
+            shared: Arc::new(Shared {
+                staff: Mutex::new(StaffGate {
+                    sessions: HashMap::new(),
+                    failures: 0,
+                    locked_until: None,
+                }),
+                fingerprint_key,
+                decoders: Semaphore::new(cores.max(1)),
+            }),
+        }
+    }
+
+    /// Ends every staff session (the PIN changed).
+    pub fn end_staff_sessions(&self) {
+        let mut gate = lock(&self.shared.staff);
+        gate.sessions.clear();
+        gate.failures = 0;
+        gate.locked_until = None;
+    }
+}
+
+/// The kiosk's routes.
+pub fn router(state: KioskState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/kiosk", get(page))
+        .route("/kiosk/kiosk.js", get(script))
+        .route("/kiosk/kiosk.css", get(style))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route(
+            "/kiosk/frame",
+            post(frame_verdict).layer(DefaultBodyLimit::max(MAX_KIOSK_FRAME)),
+        )
+        .route("/kiosk/status", get(status))
+        .route("/kiosk/staff", get(staff_session))
+        .route("/kiosk/staff/login", post(staff_login))
+        .route("/kiosk/staff/logout", post(staff_logout))
+        .route("/kiosk/paper", post(paper))
+        .with_state(state)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_device(device: &SharedDevice) -> std::sync::MutexGuard<'_, Device> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE_HTML)
+}
+
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", PAGE_JS)
+}
+
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", PAGE_CSS)
+}
+
+/// How the page colours a verdict: the five things a visitor can be told, and "nothing yet".
+pub fn verdict_kind(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Accepted => "accepted",
+        Verdict::Duplicate => "duplicate",
+        Verdict::Expired | Verdict::NotYetValid | Verdict::BadSignature => "refresh",
+        Verdict::Malformed | Verdict::UnsupportedVersion => "not_checkin",
+        Verdict::UnknownKey | Verdict::KeyNotValid => "unknown_issuer",
+        Verdict::NoCode => "idle",
+    }
+}
+
+/// What the visitor is told, Korean and English; for a malformed code, why.
+pub fn messages(v: Verdict, text: Option<&str>) -> (&'static str, &'static str) {
+    if v == Verdict::Malformed
+        && let Some(m) = text.and_then(shared::token::malformed_reason)
+    {
+        return (m.message_ko(), m.message_en());
+    }
+    (v.message_ko(), v.message_en())
+}
+
+/// The media type of a frame, if it is one the kiosk takes.
+fn frame_type(headers: &HeaderMap) -> Result<&'static str, String> {
+    let given = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"))
+        .unwrap_or("(none)");
+    let essence = given
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "image/jpeg" => Ok("image/jpeg"),
+        "image/png" => Ok("image/png"),
+        _ => Err(format!(
+            "a frame must be sent as image/jpeg or image/png, not {given}"
+        )),
+    }
+}
+
+async fn frame_verdict(
+    State(s): State<KioskState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(why) = frame_type(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &why);
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "a frame may be at most {} MiB: send a 640x480 JPEG",
+                    MAX_KIOSK_FRAME / (1024 * 1024)
+                ),
+            );
+        }
+        Err(r) => return error(StatusCode::BAD_REQUEST, &r.body_text()),
+    };
+    let started = Instant::now();
+    let Ok(_permit) = s.shared.decoders.acquire().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the device is shutting down",
+        );
+    };
+    let decode = tokio::task::spawn_blocking(move || frame::decode_frame(&body)).await;
+    let text = match decode {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "decoding the frame failed unexpectedly; the device keeps running",
+            );
+        }
+    };
+    drop(_permit);
+    let verdict = match &text {
+        None => Verdict::NoCode,
+        Some(t) => {
+            let device = s.device.clone();
+            let t = t.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                lock_device(&device).check_in(clock::now(), &t)
+            })
+            .await;
+            match checked {
+                Ok(Ok(c)) => c.verdict,
+                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Err(_) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "recording the visit failed unexpectedly; nothing was recorded",
+                    );
+                }
+            }
+        }
+    };
+    if verdict == Verdict::Accepted {
+        s.wake.notify_one();
+    }
+    let (ko, en) = messages(verdict, text.as_deref());
+    let code = text.as_deref().map(|t| {
+        let h = blake3::keyed_hash(&s.shared.fingerprint_key, t.as_bytes());
+        hex::encode(&h.as_bytes()[..8])
+    });
+    Json(serde_json::json!({
+        "verdict": verdict.as_str(),
+        "kind": verdict_kind(verdict),
+        "message_ko": ko,
+        "message_en": en,
+        "code": code,
+        "server_ms": started.elapsed().as_secs_f64() * 1000.0,
+    }))
+    .into_response()
+}
+
+async fn status(State(s): State<KioskState>) -> Response {
+    let device = s.device.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let dev = lock_device(&device);
+        let now = clock::now();
+        Ok::<_, crate::device::DeviceError>((dev.status(now)?, dev.staff_pin()?.is_some(), now))
+    })
+    .await;
+    let (st, pin_set, now) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "status failed unexpectedly",
+            );
+        }
+    };
+    // `run` does not publish the outcome of each sync attempt; a recent completed hub sync
+    // is the evidence that the hub is reachable.
+    let online = st
+        .last_sync
+        .is_some_and(|t| now.saturating_sub(t) <= ONLINE_WITHIN);
+    let clock_warning = st.clock_offset.is_some_and(|o| o.abs() > 300);
+    Json(serde_json::json!({
+        "facility_name": st.facility_name,
+        "device_name": st.device_name,
+        "online": online,
+        "last_sync": st.last_sync,
+        "unsynced": st.unsynced,
+        "records": st.records,
+        "day_keys_left": st.day_keys_left,
+        "clock_offset": st.clock_offset,
+        "clock_warning": clock_warning,
+        "warnings": st.warnings,
+        "staff_pin_set": pin_set,
+        "now": now,
+    }))
+    .into_response()
+}
+
+/// The staff session token in the request's cookies, if any.
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Whether the request carries a live staff session; extends it when it does.
+fn staff_active(s: &KioskState, headers: &HeaderMap) -> bool {
+    let Some(token) = session_cookie(headers) else {
+        return false;
+    };
+    let key = *blake3::hash(token.as_bytes()).as_bytes();
+    let now = Instant::now();
+    let mut gate = lock(&s.shared.staff);
+    gate.sessions.retain(|_, until| *until > now);
+    match gate.sessions.get_mut(&key) {
+        Some(until) => {
+            *until = now + STAFF_IDLE;
+            true
+        }
+        None => false,
+    }
+}
+
+async fn staff_session(State(s): State<KioskState>, headers: HeaderMap) -> Response {
+    Json(serde_json::json!({ "active": staff_active(&s, &headers) })).into_response()
+}
+
+/// A staff login.
+#[derive(Deserialize)]
+struct Login {
+    pin: String,
+}
+
+async fn staff_login(
+    State(s): State<KioskState>,
+    body: Result<Json<Login>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(login) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    {
+        let gate = lock(&s.shared.staff);
+        if let Some(until) = gate.locked_until {
+            let left = until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                let secs = left.as_secs() + 1;
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!("too many wrong PINs: staff login is locked for {secs} s"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return r;
+            }
+        }
+    }
+    let device = s.device.clone();
+    let pin = match tokio::task::spawn_blocking(move || lock_device(&device).staff_pin()).await {
+        Ok(Ok(Some(p))) => p,
+        Ok(Ok(None)) => {
+            return error(
+                StatusCode::CONFLICT,
+                "no staff PIN is set on this device: set one with `edge-node pin set`",
+            );
+        }
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "login failed unexpectedly",
+            );
+        }
+    };
+    // Hashing takes a few milliseconds: off the async workers, outside the device lock.
+    let ok = tokio::task::spawn_blocking(move || StaffPin::matches(&pin, &login.pin))
+        .await
+        .unwrap_or(false);
+    let mut gate = lock(&s.shared.staff);
+    if !ok {
+        gate.failures += 1;
+        if gate.failures >= MAX_PIN_FAILURES {
+            gate.failures = 0;
+            gate.locked_until = Some(Instant::now() + PIN_LOCKOUT);
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "wrong PIN; too many wrong PINs: staff login is locked for {} s",
+                    PIN_LOCKOUT.as_secs()
+                ),
+            );
+        }
+        let left = MAX_PIN_FAILURES - gate.failures;
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({
+                "error": format!("wrong PIN ({left} attempts left before the staff login locks)"),
+                "attempts_left": left,
+            })),
+        )
+            .into_response();
+    }
+    gate.failures = 0;
+    gate.locked_until = None;
+    let now = Instant::now();
+    gate.sessions.retain(|_, until| *until > now);
+    while gate.sessions.len() >= MAX_STAFF_SESSIONS {
+        let oldest = gate
+            .sessions
+            .iter()
+            .min_by_key(|(_, until)| **until)
+            .map(|(k, _)| *k);
+        match oldest {
+            Some(k) => gate.sessions.remove(&k),
+            None => break,
+        };
+    }
+    let mut raw = [0u8; 32];
+    OsRng.fill_bytes(&mut raw);
+    let token = hex::encode(raw);
+    gate.sessions
+        .insert(*blake3::hash(token.as_bytes()).as_bytes(), now + STAFF_IDLE);
+    drop(gate);
+    let cookie = format!("{COOKIE}={token}; Path=/kiosk; HttpOnly; SameSite=Strict");
+    let mut r = Json(serde_json::json!({
+        "active": true,
+        "idle_timeout_s": STAFF_IDLE.as_secs(),
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn staff_logout(State(s): State<KioskState>, headers: HeaderMap) -> Response {
+    if let Some(token) = session_cookie(&headers) {
+        let key = *blake3::hash(token.as_bytes()).as_bytes();
+        lock(&s.shared.staff).sessions.remove(&key);
+    }
+    let mut r = Json(serde_json::json!({ "active": false })).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("kiosk_staff=; Path=/kiosk; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    r
+}
+
+/// The staff's paper-log form. No `Debug`: it holds a name and a phone number.
+#[derive(Deserialize)]
+struct PaperForm {
+    name: String,
+    phone: String,
+    #[serde(default)]
+    consent_collect: bool,
+    #[serde(default)]
+    consent_share: bool,
+    #[serde(default)]
+    minor: bool,
+    #[serde(default)]
+    guardian_consent: bool,
+    #[serde(default)]
+    remarks: String,
+}
+
+async fn paper(
+    State(s): State<KioskState>,
+    headers: HeaderMap,
+    body: Result<Json<PaperForm>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !staff_active(&s, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "staff mode has ended: enter the staff PIN again",
+        );
+    }
+    let Json(form) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    if form.minor && !form.guardian_consent {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a visitor under 14 needs a guardian's consent; nothing was recorded",
+        );
+    }
+    let device = s.device.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let now = clock::now();
+        let entry = PaperEntry {
+            name: form.name,
+            phone: form.phone,
+            visited_at: now,
+            consent_collect: form.consent_collect,
+            consent_share: form.consent_share,
+            guardian_consent: form.guardian_consent,
+            remarks: form.remarks,
+        };
+        // Refused before the device lock is taken: a refused entry touches nothing.
+        entry.validate()?;
+        lock_device(&device).add_paper(now, &entry).map(|_| ())
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => {
+            s.wake.notify_one();
+            Json(serde_json::json!({ "stored": true })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storing the entry failed unexpectedly; nothing was recorded",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verdict_has_a_kind_and_both_messages() {
+        for v in Verdict::ALL {
+            let (ko, en) = messages(v, None);
+            assert!(!ko.is_empty() && !en.is_empty(), "{v}");
+            assert!(!verdict_kind(v).is_empty());
+        }
+        assert_eq!(verdict_kind(Verdict::Accepted), "accepted");
+        let (_, en) = messages(Verdict::Malformed, Some("https://example.com/menu"));
+        assert!(en.to_lowercase().contains("not a check-in code"), "{en}");
+    }
+
+    #[test]
+    fn frame_types_and_cookies_are_parsed() {
+        let mut h = HeaderMap::new();
+        assert!(frame_type(&h).is_err());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("IMAGE/JPEG; q=1"),
+        );
+        assert_eq!(frame_type(&h), Ok("image/jpeg"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/gif"));
+        assert!(frame_type(&h).unwrap_err().contains("image/gif"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; kiosk_staff=abc123 ; c=d"),
+        );
+        assert_eq!(session_cookie(&h).as_deref(), Some("abc123"));
+        h.insert(header::COOKIE, HeaderValue::from_static("kiosk_staffx=1"));
+        assert_eq!(session_cookie(&h), None);
+    }
+}
