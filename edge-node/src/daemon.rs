@@ -19,6 +19,9 @@ use tokio::sync::Notify;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// The wait between syncs while the hub answers.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// After a scan wakes the loop, how long it waits for the rest of a queue at the door, so
+/// that a burst of visitors travels as one automerge change in one session.
+pub const WAKE_COALESCE: Duration = Duration::from_millis(1500);
 /// How often retention runs.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -140,7 +143,9 @@ pub async fn run(
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = wake.notified() => {}
+                    _ = wake.notified() => {
+                        tokio::time::sleep(WAKE_COALESCE).await;
+                    }
                 }
             }
         })

@@ -2,7 +2,7 @@
 //! devices each; backlogs built while the hub is down arrive exactly once, directly or
 //! through a sibling; a hub killed mid-sync converges; intruders are refused; retention.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tests::fixture::{
@@ -328,5 +328,191 @@ fn commands_go_through_a_running_device_and_a_scan_syncs_at_once() -> Result<()>
     assert_eq!(s["records"], 2);
     let p = run_ok("edge-node", &["--data", &d, "purge", "--json"])?;
     assert!(p.contains("horizon"), "{p}");
+    Ok(())
+}
+
+/// The frames a hand-written client receives from the hub until it refuses or closes.
+async fn read_until_end(recv: &mut iroh::endpoint::RecvStream) -> Vec<shared::sync::Frame> {
+    let mut decoder = shared::sync::FrameDecoder::new();
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = tokio::time::timeout_at(deadline, recv.read(&mut buf)).await;
+        let Ok(Ok(Some(n))) = read else { break };
+        if decoder.push(&buf[..n]).is_err() {
+            break;
+        }
+        while let Ok(Some(f)) = decoder.pop() {
+            let end = matches!(f, shared::sync::Frame::Refused(_));
+            frames.push(f);
+            if end {
+                return frames;
+            }
+        }
+    }
+    frames
+}
+
+/// A rogue client with an enrolled device's own key (so it is admitted as that device) that
+/// speaks the protocol by hand: it claims another facility in its hello, then, admitted as
+/// its own facility, pushes a partition of the other facility. Both are refused and nothing
+/// of the other facility changes at the hub.
+#[test]
+fn a_device_writing_another_facilitys_partition_is_refused() -> Result<()> {
+    use shared::sync::{Frame, Hello, PROTOCOL_VERSION, PartitionSummary, Peer};
+    let hub = HubFixture::new()?;
+    let fa = hub.facility.clone();
+    let fb = hub.add_facility("Moon Bar")?;
+    let _h = hub.start()?;
+    let honest = hub.enroll_device_for(&fb, "moon-door")?;
+    let honest_tokens = check_in_codes(&honest, 3)?;
+    assert!(sync_once(&honest, &[])?.status.success());
+    let rogue = hub.enroll_device("star-door")?;
+    check_in_codes(&rogue, 1)?;
+    assert!(
+        sync_once(&rogue, &[])?.status.success(),
+        "binds the rogue's key"
+    );
+    assert_eq!((hub.records_of(&fa)?, hub.records_of(&fb)?), (1, 3));
+
+    let (key, device_id, hub_id) = {
+        let d = edge_node::device::Device::open(&rogue)?;
+        let e = d.enrollment();
+        (
+            d.endpoint_key()?,
+            e.device_id.clone(),
+            e.hub.endpoint_id.parse::<iroh::PublicKey>()?,
+        )
+    };
+    let now = fixture::now();
+    let day = shared::Day::of(now);
+    let fb_id = shared::FacilityId::parse(&fb)?;
+    let fa_id = shared::FacilityId::parse(&fa)?;
+    // A partition of facility B, with one record the rogue made up.
+    let foreign_id = shared::PartitionId {
+        facility: fb_id.clone(),
+        day,
+    };
+    let mut foreign = shared::partition::Partition::new(foreign_id.clone(), b"rogue-actor");
+    let rogue_token = fixture::random_token();
+    let session = shared::envelope::SessionKey::generate(&mut rand_core::OsRng, day);
+    let record_id = shared::RecordId::random(&mut rand_core::OsRng);
+    let record = shared::envelope::Record {
+        facility: fb_id.clone(),
+        device: device_id.clone(),
+        scanned_at: now,
+        body: shared::envelope::RecordBody::Qr {
+            issuer_id: 1,
+            key_id: 1,
+            issued_at: now,
+            token: rogue_token,
+        },
+    };
+    let envelope = session.seal(&mut rand_core::OsRng, &foreign_id, record_id, &record)?;
+    foreign.insert_record(record_id, &envelope)?;
+    let message = {
+        use automerge::sync::SyncDoc;
+        let mut st = automerge::sync::State::new();
+        foreign
+            .doc()
+            .generate_sync_message(&mut st)
+            .map(|m| m.encode())
+            .unwrap_or_default()
+    };
+    // The hello lists the foreign partition only when it claims facility B; admitted as
+    // itself, the rogue lists nothing and pushes the partition unasked.
+    let hello = |facility: shared::FacilityId| {
+        let partitions = if facility == fb_id {
+            vec![PartitionSummary::of(&foreign)]
+        } else {
+            Vec::new()
+        };
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            peer: Peer::Device {
+                device: device_id.clone(),
+                facility,
+            },
+            now,
+            horizon: shared::time::horizon(now),
+            partitions,
+            credential: None,
+        })
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (claimed_b, pushed_b) = rt.block_on(async {
+        let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .secret_key(iroh::SecretKey::from_bytes(&key))
+            .alpns(vec![shared::sync::ALPN.to_vec()])
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0".parse::<std::net::SocketAddr>()?)?
+            .bind()
+            .await?;
+        let addr = iroh::EndpointAddr::new(hub_id)
+            .with_ip_addr(format!("127.0.0.1:{}", hub.sync_port).parse()?);
+        let mut results = Vec::new();
+        for (claim, push) in [(fb_id.clone(), false), (fa_id.clone(), true)] {
+            let conn = endpoint.connect(addr.clone(), shared::sync::ALPN).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&hello(claim).encode()?).await?;
+            if push {
+                // Wait for the Welcome, then push the foreign partition.
+                let mut decoder = shared::sync::FrameDecoder::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let welcomed: Option<String> = loop {
+                    let n = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+                        .await??
+                        .unwrap_or(0);
+                    if n == 0 {
+                        break Some("end of stream".into());
+                    }
+                    decoder.push(&buf[..n])?;
+                    match decoder.pop()? {
+                        Some(Frame::Welcome(_)) => break None,
+                        Some(other) => break Some(format!("{other:?}")),
+                        None => continue,
+                    }
+                };
+                if let Some(other) = welcomed {
+                    bail!("the rogue's own identity should be admitted, got {other}");
+                }
+                let frame = Frame::Sync {
+                    partition: foreign_id.clone(),
+                    message: message.clone(),
+                };
+                send.write_all(&frame.encode()?).await?;
+            }
+            results.push(read_until_end(&mut recv).await);
+            conn.close(0u32.into(), b"done");
+        }
+        endpoint.close().await;
+        anyhow::Ok((results[0].clone(), results[1].clone()))
+    })?;
+    let refusal = |frames: &[Frame]| {
+        frames.iter().find_map(|f| match f {
+            Frame::Refused(r) => Some(format!("{:?}: {}", r.reason, r.detail)),
+            _ => None,
+        })
+    };
+    let why = refusal(&claimed_b).context("claiming another facility must be refused")?;
+    println!("claimed another facility: {why}");
+    let why = refusal(&pushed_b).context("pushing another facility's partition must be refused")?;
+    println!("pushed another facility's partition: {why}");
+    // Nothing of the rogue's reached facility B; the honest visits are all there.
+    assert_eq!((hub.records_of(&fa)?, hub.records_of(&fb)?), (1, 3));
+    assert_eq!(
+        hub.trace(&rogue_token)?["visits"].as_array().map(Vec::len),
+        Some(0)
+    );
+    assert_eq!(
+        hub.trace(&honest_tokens[0])?["visits"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
     Ok(())
 }
