@@ -1,6 +1,10 @@
 //! Hub set-up and the registry: `init`, issuer keys, facilities, device enrollment.
 
+use crate::audit::Event;
+use crate::auth::{Principal, Role};
+use crate::gov::Target;
 use crate::keys::{KeyDir, KeyError};
+use crate::people::{Desk, FacilityView, OpError};
 use crate::store::{DeviceRecord, Store, StoreError};
 use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
@@ -213,6 +217,16 @@ impl Hub {
         &self.store
     }
 
+    /// The data folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> crate::audit::AuditLog<'_> {
+        crate::audit::AuditLog::new(&self.store, &self.dir)
+    }
+
     /// The key folder.
     pub fn keys(&self) -> KeyDir {
         KeyDir::new(&self.dir)
@@ -377,7 +391,9 @@ impl Hub {
 }
 
 /// An administrative command, run on an open hub or sent to the running one
-/// (`POST /api/admin`), so every command works whether or not `run` is active.
+/// (`POST /api/admin`, the local operator's route), so every command works whether or not
+/// `run` is active. Each runs through [`Desk`] as the given principal, so it is checked and
+/// audited like the same act over the people's API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum AdminCommand {
@@ -403,6 +419,13 @@ pub enum AdminCommand {
     },
     /// `facility list`.
     FacilityList,
+    /// `facility pending`.
+    FacilityPending,
+    /// `facility duplicates [--remove]`.
+    FacilityDuplicates {
+        /// Remove all but the earliest registration of each group.
+        remove: bool,
+    },
     /// `enroll`: answers with the ticket, which the command writes to its file.
     Enroll {
         /// The facility id.
@@ -417,50 +440,142 @@ pub enum AdminCommand {
         /// The device id.
         id: String,
     },
+    /// `credential add`: answers with the secret, shown once.
+    CredentialAdd {
+        /// `operator`, `officer` or `authority`.
+        role: Role,
+        /// An officer's region.
+        region: Option<String>,
+        /// Whose it is.
+        name: String,
+    },
+    /// `credential list`.
+    CredentialList,
+    /// `credential revoke`.
+    CredentialRevoke {
+        /// The credential id.
+        id: String,
+    },
+    /// `designation add`.
+    DesignationAdd {
+        /// What becomes mandatory.
+        target: Target,
+        /// The region (category designations; default the hub's).
+        region: Option<String>,
+    },
+    /// `designation list`.
+    DesignationList,
+    /// `designation remove`.
+    DesignationRemove {
+        /// The designation id.
+        id: String,
+    },
+    /// `compliance`.
+    Compliance {
+        /// The period, hours.
+        hours: u64,
+    },
+    /// `report shared-codes`.
+    SharedCodes {
+        /// Start, Unix seconds.
+        from: Option<UnixSeconds>,
+        /// End, Unix seconds.
+        to: Option<UnixSeconds>,
+    },
+    /// `audit`.
+    Audit {
+        /// The last this many entries.
+        limit: Option<usize>,
+        /// Verify the chain as well.
+        verify: bool,
+    },
+}
+
+fn facility_json(f: &Facility) -> serde_json::Value {
+    serde_json::to_value(FacilityView::from(f)).unwrap_or_default()
 }
 
 impl AdminCommand {
-    /// Runs the command; the answer is JSON for the command line to print.
-    pub fn execute(self, hub: &Hub, now: UnixSeconds) -> Result<serde_json::Value, HubError> {
+    /// Runs the command as `who`; the answer is JSON for the command line to print.
+    pub fn execute(self, desk: &Desk<'_>, who: &Principal) -> Result<serde_json::Value, OpError> {
+        let hub = desk.hub;
+        let now = desk.now;
+        let local_only = || -> Result<(), OpError> {
+            if who.local {
+                Ok(())
+            } else {
+                Err(crate::auth::AuthError::Forbidden(
+                    "only the hub's own operator may do this".into(),
+                )
+                .into())
+            }
+        };
         let v = match self {
             AdminCommand::IssuersImport { keyring } => {
-                serde_json::json!({ "trusted_keys": hub.import_issuers(&keyring)? })
+                local_only()?;
+                let n = hub.import_issuers(&keyring)?;
+                hub.audit().append(
+                    who,
+                    Event::new("issuers.import", serde_json::json!({ "trusted_keys": n })),
+                    now,
+                )?;
+                serde_json::json!({ "trusted_keys": n })
             }
             AdminCommand::FacilityAdd { registration } => {
-                let f = hub.add_facility(registration, now)?;
+                let f = desk.add_facility(who, registration)?;
                 serde_json::json!({ "facility_id": f.id, "status": f.status.as_str() })
             }
             AdminCommand::FacilityApprove { id } => {
-                let f = hub.approve_facility(&id)?;
+                let f = desk.approve(who, &id)?;
                 serde_json::json!({ "facility_id": f.id, "status": f.status.as_str() })
             }
             AdminCommand::FacilityRemove { id } => {
-                hub.remove_facility(&id)?;
+                desk.remove(who, &id, "removed by request")?;
                 serde_json::json!({ "facility_id": id, "removed": true })
             }
             AdminCommand::FacilityList => {
-                let list: Vec<serde_json::Value> = hub
-                    .facilities()?
-                    .into_iter()
-                    .map(|f| {
-                        let r = &f.registration;
-                        serde_json::json!({"facility_id": f.id, "status": f.status.as_str(), "name": r.name,
-                            "business_number": r.business_number.as_ref().map(|b| b.formatted()),
-                            "representative": r.representative, "phone": r.phone, "category": r.category,
-                            "region": r.region, "address": r.address, "registered_at": f.registered_at})
-                    })
+                serde_json::Value::Array(desk.facilities(who)?.iter().map(facility_json).collect())
+            }
+            AdminCommand::FacilityPending => {
+                serde_json::Value::Array(desk.pending(who)?.iter().map(facility_json).collect())
+            }
+            AdminCommand::FacilityDuplicates { remove } => {
+                let groups: Vec<serde_json::Value> = desk
+                    .duplicates(who)?
+                    .iter()
+                    .map(|g| serde_json::Value::Array(g.iter().map(facility_json).collect()))
                     .collect();
-                serde_json::Value::Array(list)
+                let removed: Vec<String> = if remove {
+                    desk.remove_duplicates(who)?
+                        .iter()
+                        .map(|f| f.id.to_string())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                serde_json::json!({ "groups": groups, "removed": removed })
             }
             AdminCommand::Enroll {
                 facility_id,
                 device_name,
             } => {
+                local_only()?;
                 let t = hub.enroll(&facility_id, &device_name, now)?;
+                hub.audit().append(
+                    who,
+                    Event::new(
+                        "device.enroll",
+                        serde_json::json!({ "device": t.device_id, "name": t.device_name }),
+                    )
+                    .region(Some(&t.facility.registration.region))
+                    .facilities([&t.facility.id]),
+                    now,
+                )?;
                 serde_json::from_str(&t.to_json())
                     .map_err(|e| HubError::Invalid(format!("cannot encode the ticket: {e}")))?
             }
             AdminCommand::DeviceList => {
+                local_only()?;
                 let list: Vec<serde_json::Value> = hub
                     .store()
                     .devices()?
@@ -474,8 +589,58 @@ impl AdminCommand {
                 serde_json::Value::Array(list)
             }
             AdminCommand::DeviceRevoke { id } => {
+                local_only()?;
                 hub.revoke_device(&id)?;
+                hub.audit().append(
+                    who,
+                    Event::new("device.revoke", serde_json::json!({ "device": id })),
+                    now,
+                )?;
                 serde_json::json!({ "device_id": id, "revoked": true })
+            }
+            AdminCommand::CredentialAdd { role, region, name } => {
+                let (rec, secret) = desk.credential_add(who, role, region.as_deref(), &name)?;
+                serde_json::json!({ "credential_id": rec.id, "role": rec.role, "region": rec.region,
+                    "name": rec.name, "secret": secret.0 })
+            }
+            AdminCommand::CredentialList => serde_json::to_value(
+                desk.credentials(who)?
+                    .into_iter()
+                    .map(|c| {
+                        serde_json::json!({"credential_id": c.id, "role": c.role, "region": c.region,
+                            "name": c.name, "created_at": c.created_at, "revoked_at": c.revoked_at})
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or_default(),
+            AdminCommand::CredentialRevoke { id } => {
+                let rec = desk.credential_revoke(who, &id)?;
+                serde_json::json!({ "credential_id": rec.id, "revoked_at": rec.revoked_at })
+            }
+            AdminCommand::DesignationAdd { target, region } => {
+                serde_json::to_value(desk.designate(who, target, region.as_deref())?)
+                    .unwrap_or_default()
+            }
+            AdminCommand::DesignationList => {
+                serde_json::to_value(desk.designations(who)?).unwrap_or_default()
+            }
+            AdminCommand::DesignationRemove { id } => {
+                serde_json::to_value(desk.remove_designation(who, &id)?).unwrap_or_default()
+            }
+            AdminCommand::Compliance { hours } => {
+                serde_json::to_value(desk.compliance(who, hours)?).unwrap_or_default()
+            }
+            AdminCommand::SharedCodes { from, to } => {
+                serde_json::to_value(desk.shared_codes(who, from, to)?).unwrap_or_default()
+            }
+            AdminCommand::Audit { limit, verify } => {
+                let entries = desk.audit_entries(who, limit)?;
+                let verification = if verify {
+                    Some(desk.audit_verify(who)?)
+                } else {
+                    None
+                };
+                serde_json::json!({ "entries": entries, "verification": verification })
             }
         };
         Ok(v)

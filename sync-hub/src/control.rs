@@ -2,7 +2,7 @@
 //! process through `DATA/run.json` and asks its HTTP API with the operator token
 //! (`keys/operator.token`, owner-readable only).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use rand_core::{OsRng, RngCore};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,13 +73,13 @@ pub fn running(data: &Path) -> Result<(String, Vec<SocketAddr>)> {
     Ok((http, sync))
 }
 
-/// Calls the running hub's API; returns its JSON answer.
-pub fn call(
+/// Calls the running hub's API; returns its answer's status and text.
+fn call_raw(
     data: &Path,
     method: &str,
     path: &str,
     body: Option<serde_json::Value>,
-) -> Result<serde_json::Value> {
+) -> Result<(u16, String, String)> {
     let (http, _) = running(data)?;
     let token = operator_token(data)?;
     let url = format!("http://{http}{path}");
@@ -98,16 +98,49 @@ pub fn call(
         (_, None) => agent.post(&url).header("authorization", &auth).send_empty(),
     }
     .with_context(|| format!("the running hub at {http} did not answer"))?;
-    let status = resp.status();
-    let v: serde_json::Value = resp
+    let status = resp.status().as_u16();
+    let text = resp
         .body_mut()
-        .read_json()
-        .with_context(|| format!("the running hub answered {status} without JSON"))?;
-    if !status.is_success() {
-        bail!(
-            "the running hub refused: {}",
-            v["error"].as_str().unwrap_or("unknown error")
-        );
+        .with_config()
+        .limit(1 << 30)
+        .read_to_string()
+        .with_context(|| format!("the running hub at {http} answered {status} unreadably"))?;
+    Ok((status, text, http))
+}
+
+fn refused(status: u16, text: &str) -> anyhow::Error {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    anyhow::anyhow!(
+        "the running hub refused ({status}): {}",
+        v["error"].as_str().unwrap_or("unknown error")
+    )
+}
+
+/// Calls the running hub's API; returns its JSON answer.
+pub fn call(
+    data: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let (status, text, http) = call_raw(data, method, path, body)?;
+    if !(200..300).contains(&status) {
+        return Err(refused(status, &text));
     }
-    Ok(v)
+    serde_json::from_str(&text)
+        .with_context(|| format!("the running hub at {http} answered {status} without JSON"))
+}
+
+/// Calls the running hub's API; returns its answer's text (JSON or CSV).
+pub fn call_text(
+    data: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<String> {
+    let (status, text, _) = call_raw(data, method, path, body)?;
+    if !(200..300).contains(&status) {
+        return Err(refused(status, &text));
+    }
+    Ok(text)
 }

@@ -76,10 +76,16 @@ pub enum Request {
     },
     /// Run an administrative closure on the hub (facility approval and the like).
     Admin(AdminJob),
+    /// Run a closure on the hub and its ledger (the people's API: traces, reports,
+    /// administration, metrics); it replies through what it captured.
+    Query(QueryJob),
 }
 
 /// An administrative operation for the actor to run on the hub.
 pub type AdminJob = Box<dyn FnOnce(&Hub) -> Result<serde_json::Value, String> + Send>;
+
+/// An operation for the actor to run on the hub and its ledger.
+pub type QueryJob = Box<dyn FnOnce(&Hub, &Ledger<'_>, &Metrics) + Send>;
 
 enum Input {
     Open {
@@ -148,6 +154,18 @@ impl HubHandle {
         let (reply, rx) = oneshot::channel();
         self.request(Request::Purge { as_of, reply })?;
         rx.await.map_err(|_| "the hub has stopped".to_owned())?
+    }
+
+    /// Runs `f` on the actor's hub and ledger, between sessions' frames.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Hub, &Ledger<'_>, &Metrics) -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let (reply, rx) = oneshot::channel();
+        self.request(Request::Query(Box::new(move |hub, ledger, metrics| {
+            let _ = reply.send(f(hub, ledger, metrics));
+        })))?;
+        rx.await.map_err(|_| "the hub has stopped".to_owned())
     }
 
     /// An administrative operation through the actor.
@@ -426,6 +444,7 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
                 Request::Admin(f) => {
                     let _ = f(&hub);
                 }
+                Request::Query(f) => f(&hub, &ledger, &metrics),
             },
             Input::Tick => pending_purge.push((now, oneshot::channel().0)),
         }

@@ -1,19 +1,43 @@
-//! The hub's HTTP API: what commands use while `run` holds the store, and Prometheus
-//! metrics. Every `/api` route needs the operator's bearer token (`keys/operator.token`);
-//! `/metrics` and `/healthz` are open, as scrapers expect, and reveal no visit.
+//! The hub's HTTP API: the people's routes (health authority, local government, operators),
+//! what commands use while `run` holds the store, Prometheus metrics and the dashboard page.
+//!
+//! Every route that returns data needs a bearer credential (`Authorization: Bearer ...`): one
+//! made with `sync-hub credential add`, or the local operator's token in
+//! `keys/operator.token`. A missing, unknown or revoked credential gets 401, a valid one of the
+//! wrong role or region 403, and nothing else: authentication runs before the request body is
+//! even looked at. Who may do what is in [`crate::people`]. Only `GET /` (the dashboard page,
+//! which holds no data and asks for a credential) and `GET /healthz` are open.
+//!
+//! Each request runs as one job on the hub's actor thread ([`HubHandle::query`]), so it sees
+//! the store and ledger between two sync frames, never in the middle of one.
 
-use crate::daemon::HubHandle;
-use axum::extract::{DefaultBodyLimit, State};
+use crate::admin::AdminCommand;
+use crate::auth::{self, Principal, Role};
+use crate::daemon::{HubHandle, Metrics};
+use crate::gov::Target;
+use crate::ledger::Ledger;
+use crate::people::{Desk, FacilityView, OpError};
+use crate::trace::{self, TraceRequest};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use shared::time::Day;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The dashboard page: one file, no external assets.
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+
+pub use crate::trace::{MAX_WINDOW_MINUTES, parse_tokens};
 
 #[derive(Clone)]
 struct AppState {
@@ -24,12 +48,27 @@ struct AppState {
 /// The router, for `run` and for in-process tests.
 pub fn router(hub: HubHandle, operator_token: String) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(DASHBOARD_HTML) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/api/whoami", get(whoami))
         .route("/api/stats", get(stats))
-        .route("/api/trace", post(trace))
         .route("/api/purge", post(purge))
         .route("/api/admin", post(admin))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/trace", post(trace))
+        .route("/api/reports/shared-codes", get(shared_codes))
+        .route("/api/reports/compliance", get(compliance))
+        .route("/api/facilities", get(facilities))
+        .route("/api/facilities/pending", get(pending))
+        .route("/api/facilities/duplicates", get(duplicates))
+        .route("/api/facilities/duplicates/remove", post(remove_duplicates))
+        .route("/api/facilities/{id}/approve", post(approve))
+        .route("/api/facilities/{id}/remove", post(remove))
+        .route("/api/designations", get(designations).post(designate))
+        .route("/api/designations/{id}/remove", post(remove_designation))
+        .route("/api/audit", get(audit))
+        .route("/api/audit/verify", get(audit_verify))
+        .route("/api/dashboard", get(dashboard))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState {
             hub,
@@ -41,103 +80,85 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-// The error is the response itself; boxing it would only add an allocation per refusal.
-#[allow(clippy::result_large_err)]
-fn authorized(headers: &HeaderMap, token: &str) -> Result<(), Response> {
-    let given = headers
+fn op_error(e: &OpError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, &e.to_string())
+}
+
+/// What a job answers with.
+enum Reply {
+    Json(serde_json::Value),
+    Csv(String),
+    Text(String),
+}
+
+fn json<T: serde::Serialize>(v: T) -> Result<Reply, OpError> {
+    serde_json::to_value(v)
+        .map(Reply::Json)
+        .map_err(|e| OpError::Invalid(format!("cannot encode the answer: {e}")))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        None => Err(error(StatusCode::UNAUTHORIZED, "missing bearer token")),
-        // Compare digests so the comparison takes the same time whatever the input.
-        Some(g) if blake3::hash(g.as_bytes()) == blake3::hash(token.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::FORBIDDEN, "wrong token")),
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+/// Authenticates on the actor thread, then runs `job` as the principal.
+async fn serve<F>(s: &AppState, headers: &HeaderMap, job: F) -> Response
+where
+    F: FnOnce(&Desk<'_>, &Principal, &Metrics) -> Result<Reply, OpError> + Send + 'static,
+{
+    let given = bearer(headers);
+    let token = s.token.clone();
+    let answer = s
+        .hub
+        .query(move |hub, ledger: &Ledger<'_>, metrics| {
+            let who = auth::authenticate(hub.store(), given.as_deref(), &token)?;
+            let desk = Desk::new(hub, ledger, crate::clock::now());
+            job(&desk, &who, metrics)
+        })
+        .await;
+    match answer {
+        Err(stopped) => error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
+        Ok(Err(e)) => op_error(&e),
+        Ok(Ok(Reply::Json(v))) => Json(v).into_response(),
+        Ok(Ok(Reply::Csv(text))) => (
+            [
+                ("content-type", "text/csv; charset=utf-8"),
+                ("content-disposition", "attachment; filename=\"trace.csv\""),
+            ],
+            text,
+        )
+            .into_response(),
+        Ok(Ok(Reply::Text(text))) => {
+            ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+        }
     }
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, OpError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| OpError::Invalid(e.body_text()))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, OpError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| OpError::Invalid(e.body_text()))
+}
+
+async fn whoami(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |_, who, _| json(who)).await
 }
 
 async fn stats(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&headers, &s.token) {
-        return r;
-    }
-    match s.hub.stats().await {
-        Ok(st) => Json(st).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-    }
-}
-
-/// A trace request's body.
-#[derive(Debug, Deserialize)]
-pub struct TraceRequest {
-    /// Tokens as 32 hex characters.
-    pub tokens: Vec<String>,
-    /// ± minutes for contacts (default 30).
-    pub window_minutes: Option<u64>,
-    /// The case id, for the audit trail.
-    pub case: Option<String>,
-    /// Why, for the audit trail.
-    pub purpose: Option<String>,
-}
-
-/// Parses and checks trace tokens.
-pub fn parse_tokens(tokens: &[String]) -> Result<Vec<[u8; 16]>, String> {
-    if tokens.is_empty() {
-        return Err("give at least one token".into());
-    }
-    if tokens.len() > 1000 {
-        return Err("at most 1000 tokens per trace".into());
-    }
-    tokens
-        .iter()
-        .map(|t| {
-            shared::token::Token::from_hex(t)
-                .map(|t| *t.as_bytes())
-                .map_err(|_| {
-                    format!(
-                        "{:?} is not a token (32 hex characters)",
-                        t.chars().take(40).collect::<String>()
-                    )
-                })
-        })
-        .collect()
-}
-
-/// The longest trace window: the retention period.
-pub const MAX_WINDOW_MINUTES: u64 = 28 * 24 * 60;
-
-async fn trace(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Json<TraceRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Err(r) = authorized(&headers, &s.token) {
-        return r;
-    }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
-    let tokens = match parse_tokens(&req.tokens) {
-        Ok(t) => t,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-    };
-    let window = req.window_minutes.unwrap_or(30);
-    if window > MAX_WINDOW_MINUTES {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the window may not exceed the retention period (40320 minutes)",
-        );
-    }
-    tracing::info!(
-        case = req.case.as_deref().unwrap_or("-"),
-        purpose = req.purpose.as_deref().unwrap_or("-"),
-        tokens = tokens.len(),
-        "trace"
-    );
-    match s.hub.trace(tokens, window).await {
-        Ok(t) => Json(t).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-    }
+    serve(&s, &headers, |desk, who, _| {
+        who.require(&[Role::Operator])?;
+        json(desk.ledger.stats(desk.now)?)
+    })
+    .await
 }
 
 /// A purge request's body.
@@ -150,14 +171,20 @@ pub struct PurgeRequest {
 async fn purge(
     State(s): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>,
+    b: Result<Json<PurgeRequest>, JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorized(&headers, &s.token) {
-        return r;
+    // Authenticate first; the purge itself needs the actor's mutable ledger.
+    let checked = serve(&s, &headers, |_, who, _| {
+        who.require(&[Role::Operator])?;
+        Ok(Reply::Json(serde_json::Value::Null))
+    })
+    .await;
+    if !checked.status().is_success() {
+        return checked;
     }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(e) => return op_error(&e),
     };
     match s.hub.purge(req.as_of.unwrap_or(0)).await {
         Ok(r) => Json(r).into_response(),
@@ -165,80 +192,425 @@ async fn purge(
     }
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
-    let m = &s.hub.metrics;
-    let mut out = String::new();
-    let mut line = |name: &str, help: &str, kind: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        ));
-    };
-    line(
-        "kipass_sync_sessions_completed_total",
-        "Sync sessions that completed.",
-        "counter",
-        m.sessions_completed.load(Ordering::Relaxed),
-    );
-    line(
-        "kipass_sync_sessions_failed_total",
-        "Sync sessions refused or failed.",
-        "counter",
-        m.sessions_failed.load(Ordering::Relaxed),
-    );
-    line(
-        "kipass_refused_devices_total",
-        "Devices refused at admission.",
-        "counter",
-        m.refused_devices.load(Ordering::Relaxed),
-    );
-    line(
-        "kipass_records_ingested_total",
-        "Records merged and indexed.",
-        "counter",
-        m.records_ingested.load(Ordering::Relaxed),
-    );
-    line(
-        "kipass_sync_bytes_received_total",
-        "UDP bytes received on sync connections.",
-        "counter",
-        m.bytes_received.load(Ordering::Relaxed),
-    );
-    line(
-        "kipass_sync_bytes_sent_total",
-        "UDP bytes sent on sync connections.",
-        "counter",
-        m.bytes_sent.load(Ordering::Relaxed),
-    );
-    line(
-        "kipass_retention_runs_total",
-        "Retention runs.",
-        "counter",
-        m.retention_runs.load(Ordering::Relaxed),
-    );
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
-}
-
 async fn admin(
     State(s): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<crate::admin::AdminCommand>, axum::extract::rejection::JsonRejection>,
+    b: Result<Json<AdminCommand>, JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorized(&headers, &s.token) {
-        return r;
-    }
-    let Json(cmd) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    serve(&s, &headers, move |desk, who, _| {
+        if !who.local {
+            return Err(auth::AuthError::Forbidden(
+                "/api/admin is the local operator's route".into(),
+            )
+            .into());
+        }
+        Ok(Reply::Json(body(b)?.execute(desk, who)?))
+    })
+    .await
+}
+
+/// Query parameters of `POST /api/trace`.
+#[derive(Debug, Default, Deserialize)]
+pub struct TraceParams {
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
+}
+
+async fn trace(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<TraceParams>, QueryRejection>,
+    b: Result<Json<TraceRequest>, JsonRejection>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        who.require(&[Role::Authority])?;
+        let params = query(params)?;
+        let csv = match params.format.as_deref() {
+            None | Some("json") => false,
+            Some("csv") => true,
+            Some(other) => {
+                return Err(OpError::Invalid(format!(
+                    "format {:?}: use json or csv",
+                    other.chars().take(20).collect::<String>()
+                )));
+            }
+        };
+        // The health authority names its case and purpose; the hub's own operator (the
+        // command line's `trace`, `spec/cli.md`) may leave them out.
+        let q = body(b)?
+            .check(desk.now, !who.local)
+            .map_err(OpError::Invalid)?;
+        let report = desk.trace(who, &q)?;
+        if csv {
+            Ok(Reply::Csv(trace::to_csv(&report)))
+        } else {
+            json(report)
+        }
+    })
+    .await
+}
+
+/// A period in query parameters.
+#[derive(Debug, Default, Deserialize)]
+pub struct Period {
+    /// Start, Unix seconds.
+    pub from: Option<u64>,
+    /// End, Unix seconds.
+    pub to: Option<u64>,
+}
+
+async fn shared_codes(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<Period>, QueryRejection>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        who.require(&[Role::Authority])?;
+        let p = query(q)?;
+        json(desk.shared_codes(who, p.from, p.to)?)
+    })
+    .await
+}
+
+/// `?hours=N` (default 24).
+#[derive(Debug, Default, Deserialize)]
+pub struct Hours {
+    /// The period, hours.
+    pub hours: Option<u64>,
+}
+
+async fn compliance(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<Hours>, QueryRejection>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        who.require(&[Role::Operator, Role::Officer])?;
+        let h = query(q)?;
+        json(desk.compliance(who, h.hours.unwrap_or(24))?)
+    })
+    .await
+}
+
+async fn facilities(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, _| {
+        json(
+            desk.facilities(who)?
+                .iter()
+                .map(FacilityView::from)
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await
+}
+
+async fn pending(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, _| {
+        json(
+            desk.pending(who)?
+                .iter()
+                .map(FacilityView::from)
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await
+}
+
+async fn duplicates(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, _| {
+        json(
+            desk.duplicates(who)?
+                .iter()
+                .map(|g| g.iter().map(FacilityView::from).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await
+}
+
+async fn remove_duplicates(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, _| {
+        let removed: Vec<String> = desk
+            .remove_duplicates(who)?
+            .iter()
+            .map(|f| f.id.to_string())
+            .collect();
+        json(serde_json::json!({ "removed": removed }))
+    })
+    .await
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        json(FacilityView::from(&desk.approve(who, &id)?))
+    })
+    .await
+}
+
+/// `POST /api/facilities/{id}/remove` body (optional).
+#[derive(Debug, Default, Deserialize)]
+pub struct RemoveRequest {
+    /// Why (kept in the audit log).
+    pub reason: Option<String>,
+}
+
+async fn remove(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Option<Json<RemoveRequest>>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        let reason = b
+            .and_then(|Json(r)| r.reason)
+            .map(|r| r.chars().filter(|c| !c.is_control()).take(200).collect())
+            .unwrap_or_else(|| "removed by request".to_owned());
+        let f = desk.remove(who, &id, &reason)?;
+        json(serde_json::json!({ "facility_id": f.id, "removed": true }))
+    })
+    .await
+}
+
+/// `POST /api/designations` body.
+#[derive(Debug, Deserialize)]
+pub struct DesignateRequest {
+    /// What becomes mandatory.
+    pub target: Target,
+    /// The region (the local operator's category designations).
+    pub region: Option<String>,
+}
+
+async fn designations(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, _| json(desk.designations(who)?)).await
+}
+
+async fn designate(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Json<DesignateRequest>, JsonRejection>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        who.require(&[Role::Officer])?;
+        let req = body(b)?;
+        json(desk.designate(who, req.target, req.region.as_deref())?)
+    })
+    .await
+}
+
+async fn remove_designation(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        json(desk.remove_designation(who, &id)?)
+    })
+    .await
+}
+
+/// `?limit=N` (default 100).
+#[derive(Debug, Default, Deserialize)]
+pub struct Limit {
+    /// The last this many entries.
+    pub limit: Option<usize>,
+}
+
+async fn audit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<Limit>, QueryRejection>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        who.require(&[Role::Operator, Role::Officer, Role::Authority])?;
+        let l = query(q)?;
+        json(desk.audit_entries(who, Some(l.limit.unwrap_or(100).min(10_000)))?)
+    })
+    .await
+}
+
+async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, _| json(desk.audit_verify(who)?)).await
+}
+
+async fn dashboard(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<Hours>, QueryRejection>,
+) -> Response {
+    serve(&s, &headers, move |desk, who, _| {
+        who.require(&[Role::Operator, Role::Officer])?;
+        let h = query(q)?;
+        Ok(Reply::Json(desk.dashboard(who, h.hours.unwrap_or(24))?))
+    })
+    .await
+}
+
+async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&s, &headers, |desk, who, m| {
+        who.require(&[Role::Operator])?;
+        Ok(Reply::Text(metrics_text(desk, m)?))
+    })
+    .await
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of the hub's counters and gauges.
+pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
+    let mut out = String::new();
+    let head = |out: &mut String, name: &str, help: &str, kind: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    match s
-        .hub
-        .admin(move |hub| {
-            cmd.execute(hub, crate::clock::now())
-                .map_err(|e| e.to_string())
-        })
-        .await
-    {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    for (name, help, v) in [
+        (
+            "kipass_sync_sessions_completed_total",
+            "Sync sessions that completed.",
+            &m.sessions_completed,
+        ),
+        (
+            "kipass_sync_sessions_failed_total",
+            "Sync sessions refused or failed.",
+            &m.sessions_failed,
+        ),
+        (
+            "kipass_refused_devices_total",
+            "Devices refused at admission.",
+            &m.refused_devices,
+        ),
+        (
+            "kipass_records_ingested_total",
+            "Records merged and indexed.",
+            &m.records_ingested,
+        ),
+        (
+            "kipass_sync_bytes_received_total",
+            "UDP bytes received on sync connections.",
+            &m.bytes_received,
+        ),
+        (
+            "kipass_sync_bytes_sent_total",
+            "UDP bytes sent on sync connections.",
+            &m.bytes_sent,
+        ),
+        (
+            "kipass_retention_runs_total",
+            "Retention runs.",
+            &m.retention_runs,
+        ),
+    ] {
+        head(&mut out, name, help, "counter");
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
     }
+    let now = desk.now;
+    let store = desk.hub.store();
+    let facilities = store.facilities()?;
+    let devices = store.devices()?;
+    head(
+        &mut out,
+        "kipass_facilities",
+        "Registered facilities by approval state.",
+        "gauge",
+    );
+    for status in ["approved", "pending"] {
+        let n = facilities
+            .iter()
+            .filter(|f| f.status.as_str() == status)
+            .count();
+        let _ = writeln!(out, "kipass_facilities{{status=\"{status}\"}} {n}");
+    }
+    let stats = desk.ledger.stats(now)?;
+    head(
+        &mut out,
+        "kipass_records_held",
+        "Records in live partitions.",
+        "gauge",
+    );
+    let _ = writeln!(out, "kipass_records_held {}", stats.records);
+    let oldest = desk.ledger.oldest_live_day(now);
+    let last = Ledger::last_live_day(now);
+    head(
+        &mut out,
+        "kipass_day_keys_left",
+        "Day secrets the hub still holds (oldest live day to tomorrow); each is destroyed when its day expires.",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "kipass_day_keys_left {}",
+        last.0.saturating_sub(oldest.0) + 1
+    );
+    head(
+        &mut out,
+        "kipass_oldest_live_day",
+        "The oldest day whose visits are still readable (days since 1970-01-01).",
+        "gauge",
+    );
+    let _ = writeln!(out, "kipass_oldest_live_day {}", oldest.0);
+
+    let mut by_facility: BTreeMap<&str, (Option<u64>, usize, Option<u32>)> = BTreeMap::new();
+    let today = Day::of(now);
+    for d in devices.iter().filter(|d| !d.revoked) {
+        let e = by_facility.entry(d.facility.as_str()).or_default();
+        e.0 = e.0.max(d.last_sync);
+        if d.last_sync.is_none() {
+            e.1 += 1;
+        }
+        // A device holds day public keys for DAY_KEYS_AHEAD days from its last contact.
+        let got = Day::of(d.last_sync.unwrap_or(d.enrolled_at)).0 + crate::admin::DAY_KEYS_AHEAD;
+        let left = got.saturating_sub(today.0);
+        e.2 = Some(e.2.map_or(left, |l| l.min(left)));
+    }
+    head(
+        &mut out,
+        "kipass_facility_last_sync_age_seconds",
+        "Seconds since any device of the facility last synced (absent: never).",
+        "gauge",
+    );
+    for (f, (last, _, _)) in &by_facility {
+        if let Some(t) = last {
+            let _ = writeln!(
+                out,
+                "kipass_facility_last_sync_age_seconds{{facility=\"{}\"}} {}",
+                label(f),
+                now.saturating_sub(*t)
+            );
+        }
+    }
+    head(
+        &mut out,
+        "kipass_facility_devices_never_synced",
+        "Enrolled devices of the facility that never synced.",
+        "gauge",
+    );
+    for (f, (_, never, _)) in &by_facility {
+        let _ = writeln!(
+            out,
+            "kipass_facility_devices_never_synced{{facility=\"{}\"}} {never}",
+            label(f)
+        );
+    }
+    head(
+        &mut out,
+        "kipass_facility_device_day_keys_left",
+        "Days of hub day public keys the facility's least recently synced device still holds.",
+        "gauge",
+    );
+    for (f, (_, _, left)) in &by_facility {
+        if let Some(l) = left {
+            let _ = writeln!(
+                out,
+                "kipass_facility_device_day_keys_left{{facility=\"{}\"}} {l}",
+                label(f)
+            );
+        }
+    }
+    Ok(out)
 }

@@ -245,6 +245,26 @@ pub struct Trace {
     pub unsynced_facilities: Vec<FacilityId>,
 }
 
+/// What [`Ledger::trace_facts`] found, as indexed visits (each in time order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceFacts {
+    /// The case's visits.
+    pub visits: Vec<IndexedVisit>,
+    /// Every other visit at the same facility within the window of one of them.
+    pub contacts: Vec<IndexedVisit>,
+    /// Visited facilities that may still hold unsynced visits.
+    pub unsynced: Vec<FacilityId>,
+}
+
+/// What [`Ledger::facility_activity`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FacilityActivity {
+    /// Visits at or after the time asked about.
+    pub visits_since: u64,
+    /// The latest visit the hub holds.
+    pub last_visit: Option<UnixSeconds>,
+}
+
 /// What [`Ledger::purge`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PurgeReport {
@@ -703,6 +723,55 @@ impl<'s> Ledger<'s> {
         window_minutes: u64,
         now: UnixSeconds,
     ) -> Result<Trace, LedgerError> {
+        let facts = self.trace_facts(tokens, window_minutes, 0, UnixSeconds::MAX, now)?;
+        Ok(Trace {
+            visits: facts
+                .visits
+                .into_iter()
+                .map(|v| TraceVisit {
+                    token: v.token.map(hex::encode).unwrap_or_default(),
+                    facility_id: v.facility,
+                    scanned_at: v.scanned_at,
+                    device_id: v.device,
+                })
+                .collect(),
+            contacts: facts
+                .contacts
+                .into_iter()
+                .map(|v| TraceContact {
+                    token: v.token.map(hex::encode),
+                    paper: v.token.is_none(),
+                    facility_id: v.facility,
+                    scanned_at: v.scanned_at,
+                })
+                .collect(),
+            unsynced_facilities: facts.unsynced,
+        })
+    }
+
+    /// The index keys of the live days from `first` to `last`.
+    fn day_indexes(&self, first: Day, last: Day) -> BTreeMap<Day, DayIndex> {
+        let mut indexes = BTreeMap::new();
+        for day in first.0..=last.0 {
+            if let Some(key) = self.ratchet.index_key(Day(day)) {
+                indexes.insert(Day(day), DayIndex::new(Day(day), &key));
+            }
+        }
+        indexes
+    }
+
+    /// What a trace finds, as indexed visits: the case's visits scanned between `from` and
+    /// `to` (inclusive, clipped to the live days), every other visit at the same facility
+    /// within `window_minutes` of one of them, and the visited facilities with a device that
+    /// has not synced since the end of the window of the latest visit there.
+    pub fn trace_facts(
+        &self,
+        tokens: &[[u8; 16]],
+        window_minutes: u64,
+        from: UnixSeconds,
+        to: UnixSeconds,
+        now: UnixSeconds,
+    ) -> Result<TraceFacts, LedgerError> {
         let window = window_minutes.saturating_mul(60);
         let case: BTreeSet<[u8; 16]> = tokens.iter().copied().collect();
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
@@ -710,25 +779,28 @@ impl<'s> Ledger<'s> {
         let by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
         let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
         let mut damaged = 0u64;
-
-        let mut indexes: BTreeMap<Day, DayIndex> = BTreeMap::new();
-        for day in first.0..=last.0 {
-            if let Some(key) = self.ratchet.index_key(Day(day)) {
-                indexes.insert(Day(day), DayIndex::new(Day(day), &key));
-            }
-        }
+        let indexes = self.day_indexes(first, last);
+        let (scan_first, scan_last) = (Day::of(from).max(first), Day::of(to).min(last));
 
         // The case's visits, keyed for dedupe and a stable order.
         let mut visits: BTreeMap<(UnixSeconds, FacilityId, RecordId), IndexedVisit> =
             BTreeMap::new();
         let mut facility_days: BTreeSet<(FacilityId, Day)> = BTreeSet::new();
-        for (day, index) in &indexes {
+        let scan_days = if scan_first <= scan_last {
+            indexes.range(scan_first..=scan_last)
+        } else {
+            indexes.range(scan_first..scan_first)
+        };
+        for (day, index) in scan_days {
             for token in &case {
                 let tag = index.token_tag(token);
                 for value in by_token.get((day.0, &tag))? {
                     let value = value?;
                     match index.open::<IndexedVisit>(IndexKind::Token, &tag, value.value()) {
                         Some(v) if v.token.as_ref() == Some(token) => {
+                            if v.scanned_at < from || v.scanned_at > to {
+                                continue;
+                            }
                             facility_days.insert((v.facility.clone(), *day));
                             let from = Day::of(v.scanned_at.saturating_sub(window)).max(first);
                             let to = Day::of(v.scanned_at.saturating_add(window)).min(last);
@@ -806,27 +878,118 @@ impl<'s> Ledger<'s> {
             }
         }
 
-        Ok(Trace {
-            visits: visits
-                .into_values()
-                .map(|v| TraceVisit {
-                    token: v.token.map(hex::encode).unwrap_or_default(),
-                    facility_id: v.facility,
-                    scanned_at: v.scanned_at,
-                    device_id: v.device,
-                })
-                .collect(),
-            contacts: contacts
-                .into_values()
-                .map(|v| TraceContact {
-                    token: v.token.map(hex::encode),
-                    paper: v.token.is_none(),
-                    facility_id: v.facility,
-                    scanned_at: v.scanned_at,
-                })
-                .collect(),
-            unsynced_facilities: unsynced.into_iter().collect(),
+        Ok(TraceFacts {
+            visits: visits.into_values().collect(),
+            contacts: contacts.into_values().collect(),
+            unsynced: unsynced.into_iter().collect(),
         })
+    }
+
+    /// The sealed paper entries (age, to the health authority) of `records` of partition
+    /// `id`, by record id: the hub opens the outer envelope with the day secret and hands the
+    /// inner sealed bytes on unread. Records that are not paper entries or do not open are
+    /// left out.
+    pub fn sealed_paper(
+        &self,
+        id: &PartitionId,
+        records: &BTreeSet<RecordId>,
+    ) -> Result<BTreeMap<RecordId, Vec<u8>>, LedgerError> {
+        let mut out = BTreeMap::new();
+        if records.is_empty() {
+            return Ok(out);
+        }
+        let Some(partition) = self.load(id)? else {
+            return Ok(out);
+        };
+        let mut opener = Opener::new(&partition, &self.ratchet);
+        for (rid, envelope) in partition.records() {
+            if !records.contains(&rid) {
+                continue;
+            }
+            let Ok(envelope) = envelope else { continue };
+            if let Some(Record {
+                body:
+                    RecordBody::Paper {
+                        sealed_for_authority,
+                    },
+                ..
+            }) = opener.open(&envelope, id, rid)
+            {
+                out.insert(rid, sealed_for_authority);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Visits of `facility` at or after `since`, and its latest visit, over the live days
+    /// (from the facility index: nothing is unsealed but the index itself).
+    pub fn facility_activity(
+        &self,
+        facility: &FacilityId,
+        since: UnixSeconds,
+        now: UnixSeconds,
+    ) -> Result<FacilityActivity, LedgerError> {
+        let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
+        let txn = self.store.db().begin_read()?;
+        let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        let mut activity = FacilityActivity::default();
+        for (day, index) in self.day_indexes(first, last) {
+            let tag = index.facility_tag(facility);
+            for value in by_facility.get((day.0, &tag))? {
+                let value = value?;
+                let Some(batch) =
+                    index.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, value.value())
+                else {
+                    continue;
+                };
+                for v in batch.iter().filter(|v| &v.facility == facility) {
+                    if v.scanned_at >= since {
+                        activity.visits_since += 1;
+                    }
+                    activity.last_visit = activity.last_visit.max(Some(v.scanned_at));
+                }
+            }
+        }
+        Ok(activity)
+    }
+
+    /// Calls `f` with every indexed visit (QR and paper) of the live days from `from` to `to`,
+    /// reading the whole facility index of those days: the full scan a trace would need
+    /// without the token index, and what the shared-code report reads. Returns how many index
+    /// entries did not open (damaged).
+    pub fn scan_visits(
+        &self,
+        from: Day,
+        to: Day,
+        now: UnixSeconds,
+        mut f: impl FnMut(&IndexedVisit),
+    ) -> Result<u64, LedgerError> {
+        let (first, last) = (
+            self.oldest_live_day(now).max(from),
+            Self::last_live_day(now).min(to),
+        );
+        let mut damaged = 0;
+        if first > last {
+            return Ok(0);
+        }
+        let txn = self.store.db().begin_read()?;
+        let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        for (day, index) in self.day_indexes(first, last) {
+            for row in by_facility.range((day.0, &[0u8; 32])..=(day.0, &[0xffu8; 32]))? {
+                let (k, values) = row?;
+                let (_, tag) = k.value();
+                let tag = *tag;
+                for value in values {
+                    let value = value?;
+                    match index.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, value.value())
+                    {
+                        Some(batch) => batch.iter().for_each(&mut f),
+                        None => damaged += 1,
+                    }
+                }
+            }
+        }
+        Ok(damaged)
     }
 
     /// Enforces retention as of `as_of`: destroys the day keys of every day before

@@ -8,7 +8,11 @@ use shared::facility::{BusinessNumber, Registration};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use sync_hub::admin::AdminCommand;
+use sync_hub::auth::{Principal, Role};
+use sync_hub::gov::Target;
 use sync_hub::ledger::Ledger;
+use sync_hub::people::Desk;
+use sync_hub::trace::TraceRequest;
 use sync_hub::{Hub, HubError, clock, control};
 
 #[derive(Parser)]
@@ -90,9 +94,62 @@ enum Command {
         /// The purpose (audited).
         #[arg(long)]
         purpose: Option<String>,
+        /// Start of the period searched, Unix seconds (default: the retention period before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// End of the period searched, Unix seconds (default: now).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Output format: json or csv (spreadsheet-safe).
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Write the export to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// People's credentials for the HTTP API (operators, officers, the health authority).
+    Credential {
+        #[command(subcommand)]
+        command: CredentialCommand,
+    },
+    /// The audit log: list it, verify its hash chain.
+    Audit {
+        /// Verify the chain; exits non-zero naming the first broken entry.
+        #[arg(long)]
+        verify: bool,
+        /// Only the last N entries.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Designations of facilities that must keep a log (local government).
+    Designation {
+        #[command(subcommand)]
+        command: DesignationCommand,
+    },
+    /// Mandatory facilities with no visits or no sync in the last N hours.
+    Compliance {
+        /// The period, hours.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reports.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
+    /// The health authority's side: paper entries of a trace export.
+    Paper {
+        #[command(subcommand)]
+        command: PaperCommand,
     },
     /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
     Purge {
@@ -121,6 +178,116 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialCommand {
+    /// Make a credential; prints its secret once.
+    Add {
+        /// operator, officer or authority.
+        #[arg(long)]
+        role: String,
+        /// The region an officer administers (officers only).
+        #[arg(long)]
+        region: Option<String>,
+        /// Whose it is (kept in the audit log).
+        #[arg(long)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List credentials (never their secrets).
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a credential: it is refused from then on.
+    Revoke {
+        /// The credential id (cred_...).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DesignationCommand {
+    /// Designate a category, a facility, or a facility for a dated one-off event.
+    Add {
+        /// A whole category (in the region).
+        #[arg(long, conflicts_with_all = ["facility", "event"])]
+        category: Option<String>,
+        /// One facility (with --event: for the event only).
+        #[arg(long)]
+        facility: Option<String>,
+        /// A one-off event's name (needs --facility, --from and --to).
+        #[arg(long, requires_all = ["facility", "from", "to"])]
+        event: Option<String>,
+        /// The event's start, Unix seconds.
+        #[arg(long)]
+        from: Option<u64>,
+        /// The event's end, Unix seconds.
+        #[arg(long)]
+        to: Option<u64>,
+        /// The region a category designation applies in (default: the hub's).
+        #[arg(long)]
+        region: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List designations.
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a designation.
+    Remove {
+        /// The designation id (des_...).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Tokens seen at two facilities within one code's validity (shared screenshots).
+    SharedCodes {
+        /// Start, Unix seconds (default: the retention period before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// End, Unix seconds (default: now).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PaperCommand {
+    /// Open the sealed paper entries of a trace export (`trace --json`) with the health
+    /// authority's age identity file. Runs on the authority's machine; needs no hub.
+    Open {
+        /// The authority's identity file (AGE-SECRET-KEY-1...).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The trace export (JSON).
+        export: PathBuf,
+        /// Output format: json (one object per line) or csv (spreadsheet-safe).
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -209,6 +376,21 @@ enum FacilityCommand {
     /// List facilities.
     List {
         /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Facilities waiting for approval.
+    Pending {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Duplicate registrations (same business number, same detailed address).
+    Duplicates {
+        /// Remove all but the earliest registration of each group (audited).
+        #[arg(long)]
+        remove: bool,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -326,36 +508,175 @@ fn run(cli: Cli) -> Result<()> {
             window_minutes,
             case,
             purpose,
-            json,
+            from,
+            to,
+            format,
+            out,
+            json: _,
         } => {
-            let parsed = sync_hub::http::parse_tokens(&tokens).map_err(anyhow::Error::msg)?;
-            if window_minutes > sync_hub::http::MAX_WINDOW_MINUTES {
-                anyhow::bail!("--window-minutes may not exceed the retention period (40320)");
-            }
-            let v = match Hub::open(&data) {
+            let csv = match format.as_str() {
+                "json" => false,
+                "csv" => true,
+                other => anyhow::bail!("--format {other:?}: use json or csv"),
+            };
+            let request = TraceRequest {
+                tokens,
+                window_minutes: Some(window_minutes),
+                case,
+                purpose,
+                from,
+                to,
+            };
+            // Check before touching the store, so bad input fails the same either way.
+            request
+                .clone()
+                .check(now, false)
+                .map_err(anyhow::Error::msg)?;
+            let text = match Hub::open(&data) {
                 Ok(hub) => {
-                    tracing::info!(
-                        case = case.as_deref().unwrap_or("-"),
-                        purpose = purpose.as_deref().unwrap_or("-"),
-                        "trace"
-                    );
                     let ledger = Ledger::open(hub.store(), hub.keys())?;
-                    serde_json::to_value(ledger.trace(&parsed, window_minutes, now)?)?
+                    let desk = Desk::new(&hub, &ledger, now);
+                    let q = request.check(now, false).map_err(anyhow::Error::msg)?;
+                    let report = desk.trace(&Principal::local_operator(), &q)?;
+                    if csv {
+                        sync_hub::trace::to_csv(&report)
+                    } else {
+                        serde_json::to_string(&report)?
+                    }
                 }
-                Err(e) if is_busy(&e) => control::call(
-                    &data,
-                    "POST",
-                    "/api/trace",
-                    Some(
-                        json!({"tokens": tokens, "window_minutes": window_minutes, "case": case, "purpose": purpose}),
-                    ),
-                )?,
+                Err(e) if is_busy(&e) => {
+                    let path = if csv {
+                        "/api/trace?format=csv"
+                    } else {
+                        "/api/trace"
+                    };
+                    control::call_text(&data, "POST", path, Some(serde_json::to_value(&request)?))?
+                }
                 Err(e) => return Err(e.into()),
             };
+            emit(&text, out.as_deref())?;
+        }
+        Command::Credential { command } => credential(&data, command, now)?,
+        Command::Audit {
+            verify,
+            limit,
+            json,
+        } => {
+            let v = admin(&data, AdminCommand::Audit { limit, verify }, now)?;
+            for e in v["entries"].as_array().into_iter().flatten() {
+                if json {
+                    println!("{e}");
+                } else {
+                    println!(
+                        "{}\t{}\t{} ({})\t{}\t{}\t{}",
+                        e["seq"],
+                        sync_hub::trace::utc(e["at"].as_u64().unwrap_or(0)),
+                        e["actor"]["name"].as_str().unwrap_or_default(),
+                        e["actor"]["role"].as_str().unwrap_or_default(),
+                        e["action"].as_str().unwrap_or_default(),
+                        e["case_id"].as_str().unwrap_or("-"),
+                        e["facilities"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|f| f.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            if verify {
+                let ver = &v["verification"];
+                if json {
+                    println!("{}", json!({ "verification": ver }));
+                }
+                if ver["ok"].as_bool() != Some(true) {
+                    let problems: Vec<&str> = ver["problems"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p.as_str())
+                        .collect();
+                    anyhow::bail!("the audit log does not verify: {}", problems.join("; "));
+                }
+                if !json {
+                    println!(
+                        "audit log verified: {} entries, chain intact",
+                        ver["entries"]
+                    );
+                }
+            }
+        }
+        Command::Designation { command } => designation(&data, command, now)?,
+        Command::Compliance { hours, json } => {
+            let v = admin(&data, AdminCommand::Compliance { hours }, now)?;
+            for r in v.as_array().into_iter().flatten() {
+                if json {
+                    println!("{r}");
+                } else {
+                    println!(
+                        "{}\t{}\t{}\tlast sync {}\tlast visit {}\t{}",
+                        r["facility_id"].as_str().unwrap_or_default(),
+                        if r["compliant"].as_bool() == Some(true) {
+                            "ok"
+                        } else {
+                            "FLAGGED"
+                        },
+                        r["name"].as_str().unwrap_or_default(),
+                        r["last_sync"]
+                            .as_u64()
+                            .map(sync_hub::trace::utc)
+                            .unwrap_or_else(|| "never".into()),
+                        r["last_visit"]
+                            .as_u64()
+                            .map(sync_hub::trace::utc)
+                            .unwrap_or_else(|| "none".into()),
+                        r["mandatory_because"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Report {
+            command: ReportCommand::SharedCodes { from, to, json },
+        } => {
+            let v = admin(&data, AdminCommand::SharedCodes { from, to }, now)?;
             if json {
                 println!("{v}");
             } else {
                 println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        Command::Paper {
+            command:
+                PaperCommand::Open {
+                    identity,
+                    export,
+                    format,
+                    out,
+                },
+        } => {
+            let id_text = std::fs::read_to_string(&identity)
+                .with_context(|| format!("cannot read identity {}", identity.display()))?;
+            let id = sync_hub::trace::read_identity(&id_text).map_err(anyhow::Error::msg)?;
+            let export_text = std::fs::read_to_string(&export)
+                .with_context(|| format!("cannot read trace export {}", export.display()))?;
+            let (opened, failed) =
+                sync_hub::trace::open_paper(&export_text, &id).map_err(anyhow::Error::msg)?;
+            let text = match format.as_str() {
+                "csv" => sync_hub::trace::paper_csv(&opened),
+                "json" => opened
+                    .iter()
+                    .map(|e| serde_json::to_string(e).map(|l| l + "\n"))
+                    .collect::<Result<String, _>>()?,
+                other => anyhow::bail!("--format {other:?}: use json or csv"),
+            };
+            emit(&text, out.as_deref())?;
+            for f in &failed {
+                eprintln!("sync-hub: paper entry {f}");
+            }
+            if !failed.is_empty() {
+                anyhow::bail!("{} paper entries did not open", failed.len());
             }
         }
         Command::Purge { as_of, json } => {
@@ -476,10 +797,15 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs an administrative command on the store, or through the running hub.
+/// Runs an administrative command on the store as the local operator, or through the running
+/// hub with the operator token.
 fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<serde_json::Value> {
     match Hub::open(data) {
-        Ok(hub) => Ok(cmd.execute(&hub, now)?),
+        Ok(hub) => {
+            let ledger = Ledger::open(hub.store(), hub.keys())?;
+            let desk = Desk::new(&hub, &ledger, now);
+            Ok(cmd.execute(&desk, &Principal::local_operator())?)
+        }
         Err(e) if is_busy(&e) => control::call(
             data,
             "POST",
@@ -488,6 +814,142 @@ fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<serde_js
         ),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Writes `text` to `out`, or stdout.
+fn emit(text: &str, out: Option<&std::path::Path>) -> Result<()> {
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
+    }
+}
+
+fn credential(data: &std::path::Path, command: CredentialCommand, now: u64) -> Result<()> {
+    match command {
+        CredentialCommand::Add {
+            role,
+            region,
+            name,
+            json,
+        } => {
+            let role: Role = role.parse()?;
+            let v = admin(
+                data,
+                AdminCommand::CredentialAdd { role, region, name },
+                now,
+            )?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "credential {} ({}): {}\nthe secret is shown only now; hand it over securely",
+                    v["credential_id"].as_str().unwrap_or_default(),
+                    v["role"].as_str().unwrap_or_default(),
+                    v["secret"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        CredentialCommand::List { json } => {
+            let v = admin(data, AdminCommand::CredentialList, now)?;
+            for c in v.as_array().into_iter().flatten() {
+                if json {
+                    println!("{c}");
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        c["credential_id"].as_str().unwrap_or_default(),
+                        c["role"].as_str().unwrap_or_default(),
+                        c["region"].as_str().unwrap_or("-"),
+                        c["name"].as_str().unwrap_or_default(),
+                        if c["revoked_at"].is_null() {
+                            "active"
+                        } else {
+                            "revoked"
+                        }
+                    );
+                }
+            }
+        }
+        CredentialCommand::Revoke { id, json } => {
+            let v = admin(data, AdminCommand::CredentialRevoke { id: id.clone() }, now)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("{id} revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn designation(data: &std::path::Path, command: DesignationCommand, now: u64) -> Result<()> {
+    match command {
+        DesignationCommand::Add {
+            category,
+            facility,
+            event,
+            from,
+            to,
+            region,
+            json,
+        } => {
+            let target = match (category, facility, event) {
+                (Some(category), None, None) => Target::Category { category },
+                (None, Some(facility_id), None) => Target::Facility { facility_id },
+                (None, Some(facility_id), Some(name)) => Target::Event {
+                    facility_id,
+                    name,
+                    from: from.context("--event needs --from")?,
+                    to: to.context("--event needs --to")?,
+                },
+                _ => anyhow::bail!(
+                    "give --category C, or --facility ID, or --event NAME --facility ID --from UNIX --to UNIX"
+                ),
+            };
+            let v = admin(data, AdminCommand::DesignationAdd { target, region }, now)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("{} designated", v["id"].as_str().unwrap_or_default());
+            }
+        }
+        DesignationCommand::List { json } => {
+            let v = admin(data, AdminCommand::DesignationList, now)?;
+            for d in v.as_array().into_iter().flatten() {
+                if json {
+                    println!("{d}");
+                } else {
+                    println!(
+                        "{}\t{}\t{}",
+                        d["id"].as_str().unwrap_or_default(),
+                        d["region"].as_str().unwrap_or_default(),
+                        d["target"]
+                    );
+                }
+            }
+        }
+        DesignationCommand::Remove { id, json } => {
+            let v = admin(
+                data,
+                AdminCommand::DesignationRemove { id: id.clone() },
+                now,
+            )?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("{id} removed");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {
@@ -541,6 +1003,43 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 println!("{v}");
             } else {
                 println!("{id} removed; its devices are revoked");
+            }
+        }
+        FacilityCommand::Pending { json } => {
+            let v = admin(data, AdminCommand::FacilityPending, now)?;
+            for f in v.as_array().into_iter().flatten() {
+                if json {
+                    println!("{f}");
+                } else {
+                    let field = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        field("facility_id"),
+                        field("region"),
+                        field("category"),
+                        field("name"),
+                        field("address")
+                    );
+                }
+            }
+        }
+        FacilityCommand::Duplicates { remove, json } => {
+            let v = admin(data, AdminCommand::FacilityDuplicates { remove }, now)?;
+            if json {
+                println!("{v}");
+            } else {
+                for g in v["groups"].as_array().into_iter().flatten() {
+                    let ids: Vec<&str> = g
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|f| f["facility_id"].as_str())
+                        .collect();
+                    println!("duplicates (earliest first): {}", ids.join(" "));
+                }
+                for r in v["removed"].as_array().into_iter().flatten() {
+                    println!("{} removed", r.as_str().unwrap_or_default());
+                }
             }
         }
         FacilityCommand::List { json } => {

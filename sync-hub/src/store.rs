@@ -1,4 +1,5 @@
-//! The hub's redb store: registry, credentials and configuration.
+//! The hub's redb store: registry, credentials and configuration. It also creates the tables
+//! of the modules that own them (`auth`, `gov`, `audit`), so every reader finds them.
 //!
 //! One database file, `hub.redb`, in the data folder. Every table name carries a layout
 //! version (`facilities-1`); `docs/storage.md` documents each key and value. Key material
@@ -126,6 +127,9 @@ impl Store {
         txn.open_table(FACILITIES)?;
         txn.open_table(DEVICES)?;
         txn.open_table(CREDENTIALS)?;
+        txn.open_table(crate::auth::PEOPLE_CREDENTIALS)?;
+        txn.open_table(crate::gov::DESIGNATIONS)?;
+        txn.open_table(crate::audit::AUDIT)?;
         txn.commit()?;
         Ok(Store { db })
     }

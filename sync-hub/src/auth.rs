@@ -1,0 +1,456 @@
+//! The people who use the hub over HTTP: roles, credentials, and who may do what.
+//!
+//! Three roles (`Role`): the hub's **operators**, **local-government officers** (each bound
+//! to one region, the `region` field of the facilities they administer) and the **health
+//! authority**. Credentials are made with `sync-hub credential add`, which prints the secret
+//! once; the hub keeps only a keyed BLAKE3 digest of its random part (`people-credentials-1`
+//! in `docs/storage.md`), so a copy of `hub.redb` lets nobody in. A credential is revoked, never
+//! deleted, so the audit log's references to it stay meaningful.
+//!
+//! The operator token in `keys/operator.token` (what commands use while `run` holds the store)
+//! is the **local operator**: whoever can read the hub's key folder already holds every key, so
+//! it may do everything, including traces on the hub's own machine; every such act is audited
+//! as `local-operator`. Remote operators get an `operator` credential, which runs the hub but
+//! sees no visit.
+
+use crate::store::{Store, StoreError};
+use rand_core::{OsRng, RngCore};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use shared::UnixSeconds;
+use std::fmt;
+
+/// `people-credentials-1`: credential id -> JSON [`CredentialRecord`].
+pub const PEOPLE_CREDENTIALS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("people-credentials-1");
+
+/// Domain separation of credential digests.
+const DIGEST_CONTEXT: &str = "kipass hub people credential v1";
+/// The prefix of every credential secret, so a leaked one is recognisable in a scan.
+const SECRET_PREFIX: &str = "kph1";
+/// The principal id of the operator token in `keys/operator.token`.
+pub const LOCAL_OPERATOR: &str = "local-operator";
+
+/// What a person may do at the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs the hub: statistics, metrics, the dashboard, retention. Sees no visit.
+    Operator,
+    /// A local-government officer: facility administration and compliance in one region.
+    Officer,
+    /// The health authority: traces and the shared-code report.
+    Authority,
+}
+
+impl Role {
+    /// The role as the CLI spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Officer => "officer",
+            Role::Authority => "authority",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = AuthError;
+    fn from_str(s: &str) -> Result<Self, AuthError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "operator" => Ok(Role::Operator),
+            "officer" | "local-government" | "local_government" => Ok(Role::Officer),
+            "authority" | "health-authority" | "health_authority" => Ok(Role::Authority),
+            _ => Err(AuthError::Invalid(format!(
+                "unknown role {:?}: use operator, officer or authority",
+                s.chars().take(40).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// A credential as the hub keeps it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    /// `cred_` and 16 hex digits; also the first part of the secret.
+    pub id: String,
+    /// What it may do.
+    pub role: Role,
+    /// For officers: the region they administer.
+    pub region: Option<String>,
+    /// Whose it is (for the audit log).
+    pub name: String,
+    /// Hex of the keyed BLAKE3 digest of the secret's random part.
+    pub digest: String,
+    /// When it was made.
+    pub created_at: UnixSeconds,
+    /// When it was revoked; a revoked credential is refused everywhere.
+    pub revoked_at: Option<UnixSeconds>,
+}
+
+/// Who is asking: a credential's holder, or the local operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    /// The credential id, or [`LOCAL_OPERATOR`].
+    pub id: String,
+    /// Whose it is.
+    pub name: String,
+    /// The role.
+    pub role: Role,
+    /// For officers: their region.
+    pub region: Option<String>,
+    /// The holder of `keys/operator.token` (or a command on the hub's machine).
+    pub local: bool,
+}
+
+impl Principal {
+    /// The hub's own operator, on its machine.
+    pub fn local_operator() -> Self {
+        Principal {
+            id: LOCAL_OPERATOR.to_owned(),
+            name: "local operator".to_owned(),
+            role: Role::Operator,
+            region: None,
+            local: true,
+        }
+    }
+
+    /// Refuses unless the principal has one of `roles` (the local operator always may).
+    pub fn require(&self, roles: &[Role]) -> Result<(), AuthError> {
+        if self.local || roles.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!(
+                "the {} role may not do this",
+                self.role.as_str()
+            )))
+        }
+    }
+
+    /// Refuses an officer acting on a facility outside their region.
+    pub fn require_region(&self, facility_region: &str) -> Result<(), AuthError> {
+        match (&self.role, &self.region) {
+            (Role::Officer, Some(r)) if !same_region(r, facility_region) => {
+                Err(AuthError::Forbidden(format!(
+                    "this officer administers region {r:?}, not {facility_region:?}"
+                )))
+            }
+            (Role::Officer, None) if !self.local => Err(AuthError::Forbidden(
+                "this officer credential has no region".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The region an officer is bound to; `None` for everyone else (who see every region).
+    pub fn region_scope(&self) -> Option<&str> {
+        match self.role {
+            Role::Officer if !self.local => self.region.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Whether two region names are the same jurisdiction (case and surrounding space ignored).
+pub fn same_region(a: &str, b: &str) -> bool {
+    a.trim().to_lowercase() == b.trim().to_lowercase()
+}
+
+/// A credential was refused, or a credential operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing credential: send `Authorization: Bearer <credential>`")]
+    Missing,
+    /// The credential is not one the hub issued (or is malformed).
+    #[error("unknown credential")]
+    Unknown,
+    /// The credential was revoked.
+    #[error("this credential has been revoked")]
+    Revoked,
+    /// The credential is valid but may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A bad argument to a credential operation.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AuthError {
+    /// The HTTP status for this refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::Missing | AuthError::Unknown | AuthError::Revoked => 401,
+            AuthError::Forbidden(_) => 403,
+            AuthError::Invalid(_) => 400,
+            AuthError::Store(_) => 500,
+        }
+    }
+}
+
+impl From<redb::Error> for AuthError {
+    fn from(e: redb::Error) -> Self {
+        AuthError::Store(StoreError::Db(e))
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for AuthError {
+            fn from(e: $t) -> Self {
+                AuthError::Store(StoreError::Db(e.into()))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A secret shown once: `kph1.<id>.<64 hex>`. Its `Debug` hides it.
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<hidden>)")
+    }
+}
+
+fn digest(random: &[u8; 32]) -> blake3::Hash {
+    blake3::Hash::from(blake3::derive_key(DIGEST_CONTEXT, random))
+}
+
+fn clean_text(field: &str, value: &str, max: usize) -> Result<String, AuthError> {
+    let v = value.trim();
+    if v.is_empty() || v.chars().count() > max || v.chars().any(char::is_control) {
+        return Err(AuthError::Invalid(format!(
+            "{field} must be 1 to {max} characters without control characters"
+        )));
+    }
+    Ok(v.to_owned())
+}
+
+/// Makes a credential; returns it and its secret, which is never stored.
+pub fn issue(
+    store: &Store,
+    role: Role,
+    region: Option<&str>,
+    name: &str,
+    now: UnixSeconds,
+) -> Result<(CredentialRecord, Secret), AuthError> {
+    let name = clean_text("--name", name, 100)?;
+    let region = match (role, region) {
+        (Role::Officer, Some(r)) => Some(clean_text("--region", r, 60)?),
+        (Role::Officer, None) => {
+            return Err(AuthError::Invalid(
+                "an officer credential needs --region (the region they administer)".into(),
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(AuthError::Invalid(
+                "--region is only for officer credentials".into(),
+            ));
+        }
+        (_, None) => None,
+    };
+    let mut id_bytes = [0u8; 8];
+    OsRng.fill_bytes(&mut id_bytes);
+    let id = format!("cred_{}", hex::encode(id_bytes));
+    let mut random = [0u8; 32];
+    OsRng.fill_bytes(&mut random);
+    let record = CredentialRecord {
+        id: id.clone(),
+        role,
+        region,
+        name,
+        digest: digest(&random).to_hex().to_string(),
+        created_at: now,
+        revoked_at: None,
+    };
+    let txn = store.db().begin_write()?;
+    txn.open_table(PEOPLE_CREDENTIALS)?
+        .insert(id.as_str(), encode(&record).as_slice())?;
+    txn.commit()?;
+    Ok((
+        record,
+        Secret(format!("{SECRET_PREFIX}.{id}.{}", hex::encode(random))),
+    ))
+}
+
+fn encode(r: &CredentialRecord) -> Vec<u8> {
+    // A plain data type always serialises.
+    serde_json::to_vec(r).unwrap_or_default()
+}
+
+fn decode(key: &str, v: &[u8]) -> Result<CredentialRecord, AuthError> {
+    serde_json::from_slice(v).map_err(|e| {
+        AuthError::Store(StoreError::Corrupt {
+            table: "people-credentials-1",
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+/// Every credential, by id.
+pub fn list(store: &Store) -> Result<Vec<CredentialRecord>, AuthError> {
+    let txn = store.db().begin_read()?;
+    let t = txn.open_table(PEOPLE_CREDENTIALS)?;
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+/// Revokes a credential (idempotent); returns it.
+pub fn revoke(store: &Store, id: &str, now: UnixSeconds) -> Result<CredentialRecord, AuthError> {
+    let txn = store.db().begin_write()?;
+    let record = {
+        let mut t = txn.open_table(PEOPLE_CREDENTIALS)?;
+        let mut record = match t.get(id)? {
+            Some(v) => decode(id, v.value())?,
+            None => {
+                return Err(AuthError::Invalid(format!(
+                    "no credential {:?}: see `sync-hub credential list`",
+                    id.chars().take(40).collect::<String>()
+                )));
+            }
+        };
+        if record.revoked_at.is_none() {
+            record.revoked_at = Some(now);
+            t.insert(id, encode(&record).as_slice())?;
+        }
+        record
+    };
+    txn.commit()?;
+    Ok(record)
+}
+
+/// Who the `Authorization` header's bearer credential belongs to.
+///
+/// `operator_token` is the local operator's token. Comparisons are of BLAKE3 digests
+/// (`blake3::Hash` compares in constant time), so timing reveals nothing of a secret.
+pub fn authenticate(
+    store: &Store,
+    bearer: Option<&str>,
+    operator_token: &str,
+) -> Result<Principal, AuthError> {
+    let given = bearer.map(str::trim).filter(|b| !b.is_empty());
+    let Some(given) = given else {
+        return Err(AuthError::Missing);
+    };
+    if !operator_token.is_empty()
+        && blake3::hash(given.as_bytes()) == blake3::hash(operator_token.as_bytes())
+    {
+        return Ok(Principal::local_operator());
+    }
+    let mut parts = given.splitn(3, '.');
+    let (Some(SECRET_PREFIX), Some(id), Some(random_hex)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Unknown);
+    };
+    let mut random = [0u8; 32];
+    if id.len() > 40 || hex::decode_to_slice(random_hex, &mut random).is_err() {
+        return Err(AuthError::Unknown);
+    }
+    let txn = store.db().begin_read()?;
+    let t = txn.open_table(PEOPLE_CREDENTIALS)?;
+    let record = match t.get(id)? {
+        Some(v) => decode(id, v.value())?,
+        None => return Err(AuthError::Unknown),
+    };
+    let stored = blake3::Hash::from_hex(&record.digest).map_err(|_| {
+        AuthError::Store(StoreError::Corrupt {
+            table: "people-credentials-1",
+            key: id.to_owned(),
+            reason: "digest is not 64 hex digits".into(),
+        })
+    })?;
+    if digest(&random) != stored {
+        return Err(AuthError::Unknown);
+    }
+    if record.revoked_at.is_some() {
+        return Err(AuthError::Revoked);
+    }
+    Ok(Principal {
+        id: record.id,
+        name: record.name,
+        role: record.role,
+        region: record.region,
+        local: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let s = Store::open(&tmp.path().join("hub.redb")).unwrap_or_else(|e| panic!("open: {e}"));
+        (tmp, s)
+    }
+
+    #[test]
+    fn issued_credentials_authenticate_until_revoked() {
+        let (_t, s) = store();
+        let (rec, secret) = issue(&s, Role::Officer, Some(" Seoul "), "kim", 10)
+            .unwrap_or_else(|e| panic!("issue: {e}"));
+        assert_eq!(rec.region.as_deref(), Some("Seoul"));
+        let who = authenticate(&s, Some(&secret.0), "op").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((who.role, who.name.as_str()), (Role::Officer, "kim"));
+        // The secret is nowhere in the stored record.
+        let stored = encode(&list(&s).unwrap_or_default()[0]);
+        assert!(!String::from_utf8_lossy(&stored).contains(&secret.0[40..]));
+        // One flipped digit: unknown.
+        let mut wrong = secret.0.clone();
+        let last = if wrong.ends_with('0') { "1" } else { "0" };
+        wrong.replace_range(wrong.len() - 1.., last);
+        assert!(matches!(
+            authenticate(&s, Some(&wrong), "op"),
+            Err(AuthError::Unknown)
+        ));
+        revoke(&s, &rec.id, 20).unwrap_or_else(|e| panic!("revoke: {e}"));
+        assert!(matches!(
+            authenticate(&s, Some(&secret.0), "op"),
+            Err(AuthError::Revoked)
+        ));
+        assert!(matches!(
+            authenticate(&s, None, "op"),
+            Err(AuthError::Missing)
+        ));
+        assert!(authenticate(&s, Some("op"), "op").is_ok_and(|p| p.local));
+        assert!(matches!(
+            authenticate(&s, Some("kph1.x.zz"), "op"),
+            Err(AuthError::Unknown)
+        ));
+    }
+
+    #[test]
+    fn officers_need_a_region_and_stay_in_it() {
+        let (_t, s) = store();
+        assert!(issue(&s, Role::Officer, None, "kim", 1).is_err());
+        assert!(issue(&s, Role::Authority, Some("x"), "kdca", 1).is_err());
+        let (_, secret) =
+            issue(&s, Role::Officer, Some("mapo"), "kim", 1).unwrap_or_else(|e| panic!("{e}"));
+        let who = authenticate(&s, Some(&secret.0), "").unwrap_or_else(|e| panic!("{e}"));
+        assert!(who.require_region("MAPO").is_ok());
+        assert_eq!(
+            who.require_region("gangnam").map_err(|e| e.status()),
+            Err(403)
+        );
+        assert_eq!(
+            who.require(&[Role::Authority]).map_err(|e| e.status()),
+            Err(403)
+        );
+    }
+}

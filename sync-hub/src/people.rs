@@ -1,0 +1,524 @@
+//! What each person may do at the hub, in one place: every operation the HTTP API and the
+//! command line offer the hub's people, checked against the principal's role and region, and
+//! audited when it is a trace, an approval, a removal, a designation or a credential change.
+//!
+//! | operation | operator | officer | authority |
+//! |---|---|---|---|
+//! | facilities, pending approvals, designations, compliance, dashboard | all regions | own region | - |
+//! | approve, remove, remove duplicates, designate | - | own region | - |
+//! | trace, shared-code report | - | - | yes |
+//! | audit log | all entries | own region's administration | the authority's own entries |
+//! | stats, purge, metrics, audit verification | yes | - | - |
+//! | credentials, `/api/admin` | local operator only | - | - |
+//!
+//! The local operator (`keys/operator.token`, or a command on the hub's machine) may do
+//! everything, audited as `local-operator`.
+
+use crate::admin::{Hub, HubError};
+use crate::audit::{AuditEntry, AuditError, AuditLog, Event, Verification};
+use crate::auth::{self, AuthError, CredentialRecord, Principal, Role};
+use crate::gov::{self, ComplianceRow, Designation, GovError, Target};
+use crate::ledger::{Ledger, LedgerError};
+use crate::trace::{self, SharedCodeReport, TraceError, TraceQuery, TraceReport};
+use serde::Serialize;
+use shared::UnixSeconds;
+use shared::facility::{Facility, FacilityStatus};
+
+/// An operation was refused or failed; [`OpError::status`] is its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// Authentication or authorisation.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A bad request.
+    #[error("{0}")]
+    Invalid(String),
+    /// The registry.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// Local-government data.
+    #[error(transparent)]
+    Gov(#[from] GovError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// A trace.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    /// The ledger.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl OpError {
+    /// The HTTP status this answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            OpError::Auth(e) => e.status(),
+            OpError::Invalid(_) | OpError::Gov(GovError::Invalid(_)) => 400,
+            OpError::Hub(
+                HubError::Invalid(_)
+                | HubError::UnknownFacility(_)
+                | HubError::NotApproved(_)
+                | HubError::Registration(_)
+                | HubError::Keyring(_),
+            ) => 400,
+            _ => 500,
+        }
+    }
+}
+
+/// The hub, its ledger and its audit log, at one moment, for one request.
+pub struct Desk<'a> {
+    /// The hub.
+    pub hub: &'a Hub,
+    /// Its ledger.
+    pub ledger: &'a Ledger<'a>,
+    /// Now.
+    pub now: UnixSeconds,
+}
+
+/// A facility as the people's API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FacilityView {
+    /// Its id.
+    pub facility_id: String,
+    /// `approved` or `pending`.
+    pub status: &'static str,
+    /// Name.
+    pub name: String,
+    /// Business number, `123-45-67891`, if any.
+    pub business_number: Option<String>,
+    /// Representative.
+    pub representative: String,
+    /// Business phone.
+    pub phone: String,
+    /// Category slug.
+    pub category: String,
+    /// Region.
+    pub region: String,
+    /// Address.
+    pub address: String,
+    /// When registered.
+    pub registered_at: UnixSeconds,
+}
+
+impl From<&Facility> for FacilityView {
+    fn from(f: &Facility) -> Self {
+        let r = &f.registration;
+        FacilityView {
+            facility_id: f.id.to_string(),
+            status: f.status.as_str(),
+            name: r.name.clone(),
+            business_number: r.business_number.as_ref().map(|b| b.formatted()),
+            representative: r.representative.clone(),
+            phone: r.phone.clone(),
+            category: r.category.clone(),
+            region: r.region.clone(),
+            address: r.address.clone(),
+            registered_at: f.registered_at,
+        }
+    }
+}
+
+impl<'a> Desk<'a> {
+    /// A desk over an open hub and ledger.
+    pub fn new(hub: &'a Hub, ledger: &'a Ledger<'a>, now: UnixSeconds) -> Self {
+        Desk { hub, ledger, now }
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> AuditLog<'a> {
+        self.hub.audit()
+    }
+
+    fn record(&self, who: &Principal, event: Event) -> Result<AuditEntry, OpError> {
+        Ok(self.audit().append(who, event, self.now)?)
+    }
+
+    fn facility_for(&self, who: &Principal, id: &str) -> Result<Facility, OpError> {
+        let f = gov::facility(self.hub.store(), id)?;
+        who.require_region(&f.registration.region)?;
+        Ok(f)
+    }
+
+    /// Facilities the principal may see.
+    pub fn facilities(&self, who: &Principal) -> Result<Vec<Facility>, OpError> {
+        who.require(&[Role::Operator, Role::Officer])?;
+        let scope = who.region_scope();
+        Ok(self
+            .hub
+            .store()
+            .facilities()?
+            .into_iter()
+            .filter(|f| gov::in_region(f, scope))
+            .collect())
+    }
+
+    /// Pending approvals the principal may see.
+    pub fn pending(&self, who: &Principal) -> Result<Vec<Facility>, OpError> {
+        who.require(&[Role::Operator, Role::Officer])?;
+        Ok(gov::pending(self.hub.store(), who.region_scope())?)
+    }
+
+    /// Approves a pending facility (an officer of its region).
+    pub fn approve(&self, who: &Principal, id: &str) -> Result<Facility, OpError> {
+        who.require(&[Role::Officer])?;
+        let f = self.facility_for(who, id)?;
+        let before = f.status;
+        let f = self.hub.approve_facility(id)?;
+        self.record(
+            who,
+            Event::new(
+                "facility.approve",
+                serde_json::json!({ "was": before.as_str(), "name": f.registration.name }),
+            )
+            .region(Some(&f.registration.region))
+            .facilities([&f.id]),
+        )?;
+        Ok(f)
+    }
+
+    /// Removes a facility and revokes its devices (an officer of its region).
+    pub fn remove(&self, who: &Principal, id: &str, reason: &str) -> Result<Facility, OpError> {
+        who.require(&[Role::Officer])?;
+        let f = self.facility_for(who, id)?;
+        self.hub.remove_facility(id)?;
+        self.record(
+            who,
+            Event::new(
+                "facility.remove",
+                serde_json::json!({ "reason": reason, "name": f.registration.name,
+                    "business_number": f.registration.business_number.as_ref().map(|b| b.formatted()),
+                    "address": f.registration.address }),
+            )
+            .region(Some(&f.registration.region))
+            .facilities([&f.id]),
+        )?;
+        Ok(f)
+    }
+
+    /// Groups of duplicate registrations the principal may see.
+    pub fn duplicates(&self, who: &Principal) -> Result<Vec<Vec<Facility>>, OpError> {
+        who.require(&[Role::Operator, Role::Officer])?;
+        Ok(gov::duplicates(self.hub.store(), who.region_scope())?)
+    }
+
+    /// Removes every duplicate registration but the earliest of each group; returns the
+    /// removed facilities.
+    pub fn remove_duplicates(&self, who: &Principal) -> Result<Vec<Facility>, OpError> {
+        who.require(&[Role::Officer])?;
+        let mut removed = Vec::new();
+        for group in gov::duplicates(self.hub.store(), who.region_scope())? {
+            let kept = group[0].id.to_string();
+            for f in group.iter().skip(1) {
+                removed.push(self.remove(who, f.id.as_str(), &format!("duplicate of {kept}"))?);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Designates a category, a facility or a one-off event as mandatory. An officer's
+    /// designation applies in their region; the local operator's in `region` (default: the
+    /// facility's, or the hub's).
+    pub fn designate(
+        &self,
+        who: &Principal,
+        target: Target,
+        region: Option<&str>,
+    ) -> Result<Designation, OpError> {
+        who.require(&[Role::Officer])?;
+        let facility = gov::check_target(self.hub.store(), &target)?;
+        let region = match (&facility, who.region_scope()) {
+            (Some(f), _) => {
+                who.require_region(&f.registration.region)?;
+                f.registration.region.clone()
+            }
+            (None, Some(own)) => {
+                if let Some(r) = region
+                    && !auth::same_region(r, own)
+                {
+                    return Err(AuthError::Forbidden(format!(
+                        "this officer administers region {own:?}, not {r:?}"
+                    ))
+                    .into());
+                }
+                own.to_owned()
+            }
+            (None, None) => region
+                .map(str::to_owned)
+                .unwrap_or_else(|| self.hub.config().region.clone()),
+        };
+        let d = gov::designate(self.hub.store(), target, &region, &who.id, self.now)?;
+        let facilities: Vec<String> = facility.iter().map(|f| f.id.to_string()).collect();
+        self.record(
+            who,
+            Event::new(
+                "designation.add",
+                serde_json::json!({ "designation": d.id, "target": d.target }),
+            )
+            .region(Some(&region))
+            .facilities(facilities),
+        )?;
+        Ok(d)
+    }
+
+    /// Designations the principal may see.
+    pub fn designations(&self, who: &Principal) -> Result<Vec<Designation>, OpError> {
+        who.require(&[Role::Operator, Role::Officer])?;
+        Ok(gov::designations(self.hub.store(), who.region_scope())?)
+    }
+
+    /// Removes a designation of the principal's region.
+    pub fn remove_designation(&self, who: &Principal, id: &str) -> Result<Designation, OpError> {
+        who.require(&[Role::Officer])?;
+        let d = gov::designations(self.hub.store(), None)?
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| {
+                OpError::Invalid(format!(
+                    "no designation {:?}",
+                    id.chars().take(40).collect::<String>()
+                ))
+            })?;
+        who.require_region(&d.region)?;
+        let d = gov::remove_designation(self.hub.store(), id)?;
+        self.record(
+            who,
+            Event::new(
+                "designation.remove",
+                serde_json::json!({ "designation": d.id, "target": d.target }),
+            )
+            .region(Some(&d.region)),
+        )?;
+        Ok(d)
+    }
+
+    /// The compliance report over the last `hours` hours.
+    pub fn compliance(&self, who: &Principal, hours: u64) -> Result<Vec<ComplianceRow>, OpError> {
+        who.require(&[Role::Operator, Role::Officer])?;
+        Ok(gov::compliance(
+            self.hub.store(),
+            self.ledger,
+            who.region_scope(),
+            hours,
+            self.now,
+        )?)
+    }
+
+    /// A trace (the health authority, or the local operator).
+    pub fn trace(&self, who: &Principal, q: &TraceQuery) -> Result<TraceReport, OpError> {
+        who.require(&[Role::Authority])?;
+        Ok(trace::run(
+            self.hub,
+            self.ledger,
+            &self.audit(),
+            who,
+            q,
+            self.now,
+        )?)
+    }
+
+    /// The shared-code report (the health authority, or the local operator).
+    pub fn shared_codes(
+        &self,
+        who: &Principal,
+        from: Option<UnixSeconds>,
+        to: Option<UnixSeconds>,
+    ) -> Result<SharedCodeReport, OpError> {
+        who.require(&[Role::Authority])?;
+        let to = to.unwrap_or(self.now);
+        let from = from.unwrap_or(to.saturating_sub(trace::MAX_PERIOD_SECONDS));
+        if from > to || to - from > trace::MAX_PERIOD_SECONDS {
+            return Err(OpError::Invalid(
+                "the period must run forwards and not exceed the retention period (28 days)".into(),
+            ));
+        }
+        Ok(trace::shared_code_report(
+            self.hub,
+            self.ledger,
+            &self.audit(),
+            who,
+            from,
+            to,
+            self.now,
+        )?)
+    }
+
+    /// The last `limit` audit entries the principal may see, oldest first.
+    pub fn audit_entries(
+        &self,
+        who: &Principal,
+        limit: Option<usize>,
+    ) -> Result<Vec<AuditEntry>, OpError> {
+        who.require(&[Role::Operator, Role::Officer, Role::Authority])?;
+        let all = self.audit().entries(None)?;
+        let visible: Vec<AuditEntry> = all
+            .into_iter()
+            .filter(|e| match (who.local, who.role) {
+                (true, _) | (false, Role::Operator) => true,
+                (false, Role::Officer) => {
+                    !e.event.action.starts_with("trace")
+                        && !e.event.action.starts_with("report.")
+                        && !e.event.action.starts_with("credential.")
+                        && e.event.region.as_deref().is_some_and(|r| {
+                            who.region
+                                .as_deref()
+                                .is_some_and(|own| auth::same_region(r, own))
+                        })
+                }
+                (false, Role::Authority) => e.actor.role == Role::Authority.as_str(),
+            })
+            .collect();
+        let skip = limit.map_or(0, |l| visible.len().saturating_sub(l));
+        Ok(visible.into_iter().skip(skip).collect())
+    }
+
+    /// Verifies the audit chain (operators).
+    pub fn audit_verify(&self, who: &Principal) -> Result<Verification, OpError> {
+        who.require(&[Role::Operator])?;
+        Ok(self.audit().verify()?)
+    }
+
+    /// Makes a credential (local operator only); returns it with its secret.
+    pub fn credential_add(
+        &self,
+        who: &Principal,
+        role: Role,
+        region: Option<&str>,
+        name: &str,
+    ) -> Result<(CredentialRecord, auth::Secret), OpError> {
+        require_local(who)?;
+        let (rec, secret) = auth::issue(self.hub.store(), role, region, name, self.now)?;
+        self.record(
+            who,
+            Event::new(
+                "credential.add",
+                serde_json::json!({ "credential": rec.id, "role": rec.role, "name": rec.name }),
+            )
+            .region(rec.region.as_deref()),
+        )?;
+        Ok((rec, secret))
+    }
+
+    /// Every credential (local operator only).
+    pub fn credentials(&self, who: &Principal) -> Result<Vec<CredentialRecord>, OpError> {
+        require_local(who)?;
+        Ok(auth::list(self.hub.store())?)
+    }
+
+    /// Revokes a credential (local operator only).
+    pub fn credential_revoke(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<CredentialRecord, OpError> {
+        require_local(who)?;
+        let rec = auth::revoke(self.hub.store(), id, self.now)?;
+        self.record(
+            who,
+            Event::new(
+                "credential.revoke",
+                serde_json::json!({ "credential": rec.id, "role": rec.role, "name": rec.name }),
+            )
+            .region(rec.region.as_deref()),
+        )?;
+        Ok(rec)
+    }
+
+    /// Registers a facility (audited; the command line's `facility add`).
+    pub fn add_facility(
+        &self,
+        who: &Principal,
+        reg: shared::facility::Registration,
+    ) -> Result<Facility, OpError> {
+        require_local(who)?;
+        let f = self.hub.add_facility(reg, self.now)?;
+        self.record(
+            who,
+            Event::new(
+                "facility.add",
+                serde_json::json!({ "name": f.registration.name, "status": f.status.as_str() }),
+            )
+            .region(Some(&f.registration.region))
+            .facilities([&f.id]),
+        )?;
+        Ok(f)
+    }
+
+    /// What the dashboard shows the principal.
+    pub fn dashboard(&self, who: &Principal, hours: u64) -> Result<serde_json::Value, OpError> {
+        who.require(&[Role::Operator, Role::Officer])?;
+        let facilities = self.facilities(who)?;
+        let compliance = self.compliance(who, hours)?;
+        let devices = self.hub.store().devices()?;
+        let stats = self.ledger.stats(self.now)?;
+        let rows: Vec<serde_json::Value> = facilities
+            .iter()
+            .map(|f| {
+                let mine: Vec<_> = devices
+                    .iter()
+                    .filter(|d| d.facility == f.id && !d.revoked)
+                    .collect();
+                let last_sync = mine.iter().filter_map(|d| d.last_sync).max();
+                let never = mine.iter().filter(|d| d.last_sync.is_none()).count();
+                let oldest_sync = mine.iter().filter_map(|d| d.last_sync).min();
+                let flags = compliance
+                    .iter()
+                    .find(|c| c.facility_id == f.id.as_str())
+                    .map(|c| {
+                        serde_json::json!({"mandatory_because": c.mandatory_because,
+                            "no_visits": c.no_visits, "no_sync": c.no_sync,
+                            "compliant": c.compliant, "last_visit": c.last_visit})
+                    });
+                let mut v = serde_json::to_value(FacilityView::from(f)).unwrap_or_default();
+                v["devices"] = mine.len().into();
+                v["devices_never_synced"] = never.into();
+                v["last_sync"] = last_sync.into();
+                v["last_sync_age_seconds"] = last_sync.map(|s| self.now.saturating_sub(s)).into();
+                v["oldest_device_sync_age_seconds"] =
+                    oldest_sync.map(|s| self.now.saturating_sub(s)).into();
+                v["records_held"] = stats
+                    .per_facility
+                    .get(f.id.as_str())
+                    .copied()
+                    .unwrap_or(0)
+                    .into();
+                v["compliance"] = flags.unwrap_or(serde_json::Value::Null);
+                v
+            })
+            .collect();
+        let pending: Vec<FacilityView> = facilities
+            .iter()
+            .filter(|f| f.status == FacilityStatus::Pending)
+            .map(FacilityView::from)
+            .collect();
+        Ok(serde_json::json!({
+            "now": self.now,
+            "region": self.hub.config().region,
+            "who": { "name": who.name, "role": who.role, "region": who.region, "local": who.local },
+            "can_approve": who.local || who.role == Role::Officer,
+            "hours": hours,
+            "facilities": rows,
+            "pending": pending,
+            "audit": self.audit_entries(who, Some(20))?,
+            "backlog_note": "The hub cannot count a device's unsynced visits until they arrive: \
+                it shows what it knows, the age of each facility's last sync and devices that \
+                never synced.",
+        }))
+    }
+}
+
+fn require_local(who: &Principal) -> Result<(), OpError> {
+    if who.local {
+        Ok(())
+    } else {
+        Err(
+            AuthError::Forbidden("only the hub's own operator (on its machine) may do this".into())
+                .into(),
+        )
+    }
+}
