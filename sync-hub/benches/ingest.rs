@@ -2,7 +2,8 @@
 //! stored and indexed for traces, against the cost of merely unsealing their records.
 //!
 //! Builds `FACILITIES x DAYS` partitions of `RECORDS` records each, sealed with real day keys
-//! exactly as edge devices seal them (one automerge change per check-in), then ingests them
+//! exactly as edge devices seal them (one automerge change per sync round of
+//! `RECORDS_PER_CHANGE` check-ins, as devices fold them), then ingests them
 //! into fresh hubs in temporary folders, and prints a table. Run it in release mode:
 //!
 //! ```text
@@ -32,6 +33,9 @@ use sync_hub::ledger::Ledger;
 const FACILITIES: u32 = 4;
 const DAYS: u32 = 5;
 const RECORDS: usize = 5_000;
+/// Records per automerge change: a device folds the check-ins of one sync round into one
+/// change (`Device::fold_pending`); 100 is a busy entrance syncing every half minute or so.
+const RECORDS_PER_CHANGE: usize = 100;
 /// One visit in fifty is a paper-log entry.
 const PAPER_EVERY: usize = 50;
 /// The hub's clock: noon of day 20,010, so days 20,005..=20,009 are live.
@@ -81,6 +85,7 @@ fn device_partition(
     let key = SessionKey::generate(rng, day);
     let mut p = Partition::new(id.clone(), &session_actor(device, rng));
     p.insert_wrapped_key(&key.wrap(&public)?)?;
+    let mut batch = Vec::with_capacity(RECORDS_PER_CHANGE);
     for i in 0..RECORDS {
         let scanned_at = day.start() + rng.gen_range(0..DAY_SECONDS);
         let body = if i % PAPER_EVERY == 0 {
@@ -102,8 +107,13 @@ fn device_partition(
             body,
         };
         let rid = RecordId::random(rng);
-        p.insert_record(rid, &key.seal(rng, &id, rid, &record)?)?;
+        batch.push((rid, key.seal(rng, &id, rid, &record)?));
+        if batch.len() == RECORDS_PER_CHANGE {
+            p.insert_batch(&[], &batch)?;
+            batch.clear();
+        }
     }
+    p.insert_batch(&[], &batch)?;
     Ok(p)
 }
 

@@ -13,6 +13,7 @@ use crate::store::DeviceRecord;
 use iroh::endpoint::presets;
 use iroh::{Endpoint, PublicKey, SecretKey};
 use shared::facility::FacilityStatus;
+use shared::partition::Partition;
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
     ALPN, Decision, Event, Frame, FrameDecoder, FrameError, PartitionStore, Peer, PeerHello,
@@ -20,7 +21,7 @@ use shared::sync::{
 };
 use shared::ticket::{Credential, Refresh, Sibling};
 use shared::time::Day;
-use shared::{DeviceId, FacilityId, UnixSeconds};
+use shared::{DeviceId, FacilityId, PartitionId, UnixSeconds};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,6 +192,9 @@ struct Conn {
     device: Option<DeviceId>,
     facility: Option<FacilityId>,
     clock_offset: Option<i64>,
+    /// The partitions this session loaded, kept between its frames (each partition is read
+    /// from redb once per session, not once per frame); dropped with the connection.
+    cache: BTreeMap<PartitionId, Partition>,
 }
 
 /// Binds the hub's endpoint on `listen` (no relays, no discovery).
@@ -391,6 +395,7 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
                         device: None,
                         facility: None,
                         clock_offset: None,
+                        cache: BTreeMap::new(),
                     },
                 );
             }
@@ -398,9 +403,11 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
                 if let Some(c) = conns.get_mut(&conn) {
                     match c.facility.clone() {
                         Some(f) => {
-                            let mut parts = ledger.partitions(f, now);
+                            let cache = std::mem::take(&mut c.cache);
+                            let mut parts = ledger.resume(f, now, cache);
                             c.session.handle_frame(now, frame, &mut parts);
                             pump(&hub, &ledger, c, &mut parts, now, &metrics);
+                            c.cache = parts.into_cache();
                         }
                         None => {
                             // Before admission no partition is touched.
@@ -449,6 +456,13 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
             Input::Tick => pending_purge.push((now, oneshot::channel().0)),
         }
         conns.retain(|_, c| !c.session.is_finished());
+        if !pending_purge.is_empty() {
+            // Partitions cached by open sessions may have just expired: reload from the
+            // ledger, which refuses them.
+            for c in conns.values_mut() {
+                c.cache.clear();
+            }
+        }
         for (as_of, reply) in pending_purge.drain(..) {
             let r = ledger.purge(as_of.max(now)).map_err(|e| e.to_string());
             metrics.retention_runs.fetch_add(1, Ordering::Relaxed);
@@ -491,6 +505,7 @@ fn pump(
                         let mut hp = ledger.partitions(facility.clone(), now);
                         c.session.admit(now, decision, &mut hp);
                         pump(hub, ledger, c, &mut hp, now, metrics);
+                        c.cache = hp.into_cache();
                         return;
                     }
                     metrics.refused_devices.fetch_add(1, Ordering::Relaxed);
