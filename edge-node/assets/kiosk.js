@@ -186,6 +186,7 @@
     if (v.verdict === 'accepted') {
       state.lastAccepted = { code: v.code, at: now };
       announceAccepted();
+      refreshStatus();
     } else {
       tone([440, 330], 0.15);
       document.body.dataset.feedback = 'refusal-tone';
@@ -300,7 +301,7 @@
     $('warnings').textContent = (s.warnings || []).filter((w) => !/clock/i.test(w) || !s.clock_warning).join(' · ');
   }
 
-  async function statusLoop() {
+  async function refreshStatus() {
     try {
       const resp = await fetch('/kiosk/status', { cache: 'no-store' });
       if (resp.ok) {
@@ -310,9 +311,12 @@
       const net = $('net');
       net.className = 'offline';
       net.textContent = '기기 응답 없음 · Device not answering';
-    } finally {
-      setTimeout(statusLoop, STATUS_EVERY_MS);
     }
+  }
+
+  async function statusLoop() {
+    await refreshStatus();
+    setTimeout(statusLoop, STATUS_EVERY_MS);
   }
 
   // ---- staff mode ----
@@ -419,6 +423,7 @@
       // The entry leaves the screen at once: the next visitor must not see it.
       clearPaper();
       staffView('saved');
+      refreshStatus();
     } else if (r.status === 401) {
       clearPaper();
       staffView('pin');

@@ -22,8 +22,7 @@ use crate::device::{Device, StaffPin};
 use crate::net::SharedDevice;
 use crate::{clock, frame};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -219,25 +218,33 @@ fn frame_type(headers: &HeaderMap) -> Result<&'static str, String> {
     }
 }
 
-async fn frame_verdict(
-    State(s): State<KioskState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    if let Err(why) = frame_type(&headers) {
+fn too_large() -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!(
+            "a frame may be at most {} MiB: send a 640x480 JPEG",
+            MAX_KIOSK_FRAME / (1024 * 1024)
+        ),
+    )
+}
+
+async fn frame_verdict(State(s): State<KioskState>, req: Request) -> Response {
+    // Both refusals come before a byte of the body is read.
+    if let Err(why) = frame_type(req.headers()) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &why);
     }
-    let body = match body {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_KIOSK_FRAME as u64) {
+        return too_large();
+    }
+    // A body without a length (chunked) is cut off at the limit the route sets.
+    let body = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
-        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "a frame may be at most {} MiB: send a 640x480 JPEG",
-                    MAX_KIOSK_FRAME / (1024 * 1024)
-                ),
-            );
-        }
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(),
         Err(r) => return error(StatusCode::BAD_REQUEST, &r.body_text()),
     };
     let started = Instant::now();

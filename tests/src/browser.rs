@@ -383,6 +383,29 @@ fn send(agent: &ureq::Agent, method: &str, url: &str, body: Option<&Value>) -> R
     Ok(value)
 }
 
+/// Writes a Y4M video (4:2:0, what Chromium's `--use-file-for-fake-video-capture` reads and
+/// loops) of luma `frames` at `fps`; colour planes are neutral grey. Every frame must have
+/// the size of the first, with even sides.
+pub fn write_y4m(path: &Path, frames: &[image::GrayImage], fps: u32) -> Result<()> {
+    let first = frames.first().context("a video needs at least one frame")?;
+    let (w, h) = first.dimensions();
+    if w == 0 || h == 0 || w % 2 != 0 || h % 2 != 0 {
+        bail!("Y4M 4:2:0 frames need even, non-zero sides (got {w}x{h})");
+    }
+    let chroma = vec![128u8; (w as usize / 2) * (h as usize / 2)];
+    let mut out = format!("YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n").into_bytes();
+    for (i, f) in frames.iter().enumerate() {
+        if f.dimensions() != (w, h) {
+            bail!("frame {i} is {:?}, the video is {w}x{h}", f.dimensions());
+        }
+        out.extend_from_slice(b"FRAME\n");
+        out.extend_from_slice(f.as_raw());
+        out.extend_from_slice(&chroma);
+        out.extend_from_slice(&chroma);
+    }
+    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +434,23 @@ mod tests {
             |_| Ok(None::<()>),
         );
         assert!(waited.is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn y4m_has_the_layout_chromium_reads() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v.y4m");
+        let f = image::GrayImage::from_pixel(4, 2, image::Luma([7]));
+        write_y4m(&path, &[f.clone(), f], 10)?;
+        let bytes = std::fs::read(&path)?;
+        let header = b"YUV4MPEG2 W4 H2 F10:1 Ip A1:1 C420jpeg\n";
+        assert!(bytes.starts_with(header));
+        // Two frames of "FRAME\n" + 8 luma + 2 + 2 chroma bytes.
+        assert_eq!(bytes.len(), header.len() + 2 * (6 + 8 + 2 + 2));
+        let odd = image::GrayImage::new(3, 2);
+        assert!(write_y4m(&path, &[odd], 10).is_err());
+        assert!(write_y4m(&path, &[], 10).is_err());
         Ok(())
     }
 }
