@@ -6,3 +6,4 @@
 pub mod browser;
 pub mod fixture;
 pub mod frames;
+pub mod people;
