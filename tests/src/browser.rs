@@ -308,6 +308,16 @@ impl Browser {
         })
     }
 
+    /// Resizes the window, e.g. to a phone's screen.
+    pub fn set_window_size(&self, width: u32, height: u32) -> Result<()> {
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(&json!({ "width": width, "height": height })),
+        )?;
+        Ok(())
+    }
+
     /// A PNG screenshot of the viewport.
     pub fn screenshot_png(&self) -> Result<Vec<u8>> {
         let v = self.cmd("GET", "/screenshot", None)?;

@@ -190,7 +190,7 @@ impl PeopleHub {
 
     /// The local operator's token.
     pub fn operator_token(&self) -> Result<String> {
-        Ok(sync_hub::control::operator_token(&self.data)?)
+        sync_hub::control::operator_token(&self.data)
     }
 }
 
