@@ -21,10 +21,11 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 
 /// The largest frame body (without its length prefix) either side sends or accepts.
 ///
-/// A `Sync` frame carries one automerge sync message, and automerge sends the whole document
-/// when more than a third of it is missing, so this bounds the size of a partition that can be
-/// synced to a peer that has little of it: at about 300 B a record (sealed envelope plus
-/// automerge overhead) 16 MiB is some 50,000 visits for one facility on one day.
+/// A `Sync` frame carries one automerge sync message, and a peer that holds nothing of a
+/// partition gets the whole document in one, so this bounds the size of a partition that can
+/// be synced to such a peer: at about 150 B a record (sealed envelope plus automerge
+/// overhead) 16 MiB is some 100,000 visits for one facility on one day. The same limit bounds
+/// a `SyncDeflated` message after inflating.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 
 /// Who is on the other end of a session, as it introduces itself.
@@ -211,13 +212,13 @@ impl Frame {
     pub fn wire_len(&self) -> usize {
         // Serializing into the size-counting flavor cannot fail for these plain types.
         LENGTH_PREFIX_BYTES
-            + postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+            + postcard::serialize_with_flavor(&self.wire(), postcard::ser_flavors::Size::default())
                 .unwrap_or(0)
     }
 
     /// The frame as it goes on the wire: length prefix and body.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
-        let mut out = postcard::to_extend(self, vec![0u8; LENGTH_PREFIX_BYTES])
+        let mut out = postcard::to_extend(&self.wire(), vec![0u8; LENGTH_PREFIX_BYTES])
             .map_err(|e| FrameError::Encode(e.to_string()))?;
         let body = out.len() - LENGTH_PREFIX_BYTES;
         if body > MAX_FRAME_BYTES {
@@ -229,6 +230,37 @@ impl Frame {
         Ok(out)
     }
 
+    /// The wire form: a `Sync` frame whose automerge message is a v1 message (changes, which
+    /// automerge sends uncompressed) of more than [`DEFLATE_MIN_BYTES`] goes as
+    /// `SyncDeflated` when DEFLATE makes it smaller; everything else as it is.
+    fn wire(&self) -> WireRef<'_> {
+        match self {
+            Frame::Hello(h) => WireRef::Hello(h),
+            Frame::Welcome(w) => WireRef::Welcome(w),
+            Frame::Refused(r) => WireRef::Refused(r),
+            Frame::Done { received } => WireRef::Done {
+                received: *received,
+            },
+            Frame::Sync { partition, message } => {
+                if message.len() > DEFLATE_MIN_BYTES
+                    && message.first() == Some(&AUTOMERGE_V1_MESSAGE)
+                {
+                    let deflated = deflate(message);
+                    if deflated.len() < message.len() {
+                        return WireRef::SyncDeflated {
+                            partition,
+                            deflated: std::borrow::Cow::Owned(deflated),
+                        };
+                    }
+                }
+                WireRef::Sync {
+                    partition,
+                    message: message.as_slice(),
+                }
+            }
+        }
+    }
+
     /// Decodes one frame body (without its length prefix); the body must be consumed exactly.
     pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         if body.len() > MAX_FRAME_BYTES {
@@ -236,8 +268,8 @@ impl Frame {
                 declared: body.len(),
             });
         }
-        let (frame, rest) =
-            postcard::take_from_bytes::<Frame>(body).map_err(|e| FrameError::Malformed {
+        let (wire, rest) =
+            postcard::take_from_bytes::<Wire>(body).map_err(|e| FrameError::Malformed {
                 len: body.len(),
                 detail: e.to_string(),
             })?;
@@ -247,8 +279,92 @@ impl Frame {
                 extra: rest.len(),
             });
         }
-        Ok(frame)
+        Ok(match wire {
+            Wire::Hello(h) => Frame::Hello(h),
+            Wire::Welcome(w) => Frame::Welcome(w),
+            Wire::Refused(r) => Frame::Refused(r),
+            Wire::Sync { partition, message } => Frame::Sync { partition, message },
+            Wire::Done { received } => Frame::Done { received },
+            Wire::SyncDeflated {
+                partition,
+                deflated,
+            } => Frame::Sync {
+                partition,
+                message: inflate(&deflated, body.len())?,
+            },
+        })
     }
+}
+
+/// Sync messages at most this long are sent as they are.
+pub const DEFLATE_MIN_BYTES: usize = 256;
+
+/// The first byte of an automerge v1 sync message (`MESSAGE_TYPE_SYNC` in automerge).
+const AUTOMERGE_V1_MESSAGE: u8 = 0x42;
+
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(bytes.len() / 2),
+        flate2::Compression::default(),
+    );
+    // Writing into a Vec cannot fail.
+    match e.write_all(bytes).and_then(|()| e.finish()) {
+        Ok(out) => out,
+        Err(_) => bytes.to_vec(),
+    }
+}
+
+/// Inflates a `SyncDeflated` message, refusing more than [`MAX_FRAME_BYTES`] of output (a
+/// small frame must not expand into an unbounded allocation).
+fn inflate(deflated: &[u8], frame_len: usize) -> Result<Vec<u8>, FrameError> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(deflated.len().saturating_mul(2).min(MAX_FRAME_BYTES));
+    let limit = u64::try_from(MAX_FRAME_BYTES).unwrap_or(u64::MAX) + 1;
+    flate2::read::DeflateDecoder::new(deflated)
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| FrameError::Malformed {
+            len: frame_len,
+            detail: format!("deflated sync message: {e}"),
+        })?;
+    if out.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge {
+            declared: out.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// [`Frame`] as it is serialized; the variant order is the wire format (`SyncDeflated` last,
+/// so the first five tags are [`Frame`]'s own).
+#[derive(Serialize)]
+enum WireRef<'a> {
+    Hello(&'a Hello),
+    Welcome(&'a Welcome),
+    Refused(&'a Refusal),
+    Sync {
+        partition: &'a PartitionId,
+        message: &'a [u8],
+    },
+    Done {
+        received: u32,
+    },
+    SyncDeflated {
+        partition: &'a PartitionId,
+        deflated: std::borrow::Cow<'a, [u8]>,
+    },
+}
+
+/// [`WireRef`] as it is deserialized.
+#[derive(Deserialize)]
+enum Wire {
+    Hello(Hello),
+    Welcome(Welcome),
+    Refused(Refusal),
+    Sync { partition: PartitionId, message: Vec<u8> },
+    Done { received: u32 },
+    SyncDeflated { partition: PartitionId, deflated: Vec<u8> },
 }
 
 /// What can go wrong turning bytes into frames or frames into bytes.
@@ -540,6 +656,75 @@ mod tests {
         // Turn "fac_1" into "Fac_1": upper case is not a valid id.
         let pos = body.iter().position(|&b| b == b'f').unwrap();
         body[pos] = b'F';
+        assert!(matches!(
+            Frame::decode_body(&body),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+
+    fn pid() -> PartitionId {
+        PartitionId {
+            facility: FacilityId::parse("fac_1").unwrap(),
+            day: Day(20_000),
+        }
+    }
+
+    #[test]
+    fn large_v1_sync_messages_travel_deflated_and_come_back_whole() {
+        // A v1 message whose body compresses (hex-like keys repeat): deflated on the wire.
+        let mut message = vec![AUTOMERGE_V1_MESSAGE];
+        for i in 0..200u32 {
+            message.extend_from_slice(format!("r/{i:032x}").as_bytes());
+        }
+        let frame = Frame::Sync {
+            partition: pid(),
+            message: message.clone(),
+        };
+        let bytes = frame.encode().unwrap();
+        assert!(bytes.len() < message.len() / 2, "{} B on the wire", bytes.len());
+        assert_eq!(frame.wire_len(), bytes.len());
+        assert_eq!(bytes[LENGTH_PREFIX_BYTES], 5, "the SyncDeflated tag");
+        let mut d = FrameDecoder::new();
+        d.push(&bytes).unwrap();
+        assert_eq!(d.pop().unwrap(), Some(frame));
+        // Short messages, v2 messages (whole compressed documents) and incompressible
+        // bytes go as they are.
+        for message in [
+            vec![AUTOMERGE_V1_MESSAGE; 100],
+            vec![0x43; 4_000],
+            (0..4_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        ] {
+            let frame = Frame::Sync {
+                partition: pid(),
+                message,
+            };
+            let bytes = frame.encode().unwrap();
+            assert_eq!(bytes[LENGTH_PREFIX_BYTES], 3, "the plain Sync tag");
+            assert_eq!(Frame::decode_body(&bytes[LENGTH_PREFIX_BYTES..]).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn a_deflate_bomb_or_broken_deflate_is_refused() {
+        // 17 MiB of zeros deflate to a few KiB: inflating must stop at the frame limit.
+        let bomb = deflate(&vec![0u8; MAX_FRAME_BYTES + 1024 * 1024]);
+        assert!(bomb.len() < 64 * 1024);
+        let body = postcard::to_stdvec(&WireRef::SyncDeflated {
+            partition: &pid(),
+            deflated: std::borrow::Cow::Borrowed(&bomb),
+        })
+        .unwrap();
+        assert!(matches!(
+            Frame::decode_body(&body),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let body = postcard::to_stdvec(&WireRef::SyncDeflated {
+            partition: &pid(),
+            deflated: std::borrow::Cow::Borrowed(&[0xFF, 0x00, 0x13, 0x37]),
+        })
+        .unwrap();
         assert!(matches!(
             Frame::decode_body(&body),
             Err(FrameError::Malformed { .. })
