@@ -362,9 +362,17 @@ enum Wire {
     Hello(Hello),
     Welcome(Welcome),
     Refused(Refusal),
-    Sync { partition: PartitionId, message: Vec<u8> },
-    Done { received: u32 },
-    SyncDeflated { partition: PartitionId, deflated: Vec<u8> },
+    Sync {
+        partition: PartitionId,
+        message: Vec<u8>,
+    },
+    Done {
+        received: u32,
+    },
+    SyncDeflated {
+        partition: PartitionId,
+        deflated: Vec<u8>,
+    },
 }
 
 /// What can go wrong turning bytes into frames or frames into bytes.
@@ -681,7 +689,11 @@ mod tests {
             message: message.clone(),
         };
         let bytes = frame.encode().unwrap();
-        assert!(bytes.len() < message.len() / 2, "{} B on the wire", bytes.len());
+        assert!(
+            bytes.len() < message.len() / 2,
+            "{} B on the wire",
+            bytes.len()
+        );
         assert_eq!(frame.wire_len(), bytes.len());
         assert_eq!(bytes[LENGTH_PREFIX_BYTES], 5, "the SyncDeflated tag");
         let mut d = FrameDecoder::new();
@@ -702,7 +714,10 @@ mod tests {
             };
             let bytes = frame.encode().unwrap();
             assert_eq!(bytes[LENGTH_PREFIX_BYTES], 3, "the plain Sync tag");
-            assert_eq!(Frame::decode_body(&bytes[LENGTH_PREFIX_BYTES..]).unwrap(), frame);
+            assert_eq!(
+                Frame::decode_body(&bytes[LENGTH_PREFIX_BYTES..]).unwrap(),
+                frame
+            );
         }
     }
 
