@@ -362,11 +362,16 @@ async fn remove(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    b: Option<Json<RemoveRequest>>,
+    b: Result<Json<RemoveRequest>, JsonRejection>,
 ) -> Response {
     serve(&s, &headers, move |desk, who, _| {
-        let reason = b
-            .and_then(|Json(r)| r.reason)
+        // The body is optional: no body (no JSON content type) means no reason given.
+        let given = match b {
+            Ok(Json(r)) => r.reason,
+            Err(JsonRejection::MissingJsonContentType(_)) => None,
+            Err(e) => return Err(OpError::Invalid(e.body_text())),
+        };
+        let reason = given
             .map(|r| r.chars().filter(|c| !c.is_control()).take(200).collect())
             .unwrap_or_else(|| "removed by request".to_owned());
         let f = desk.remove(who, &id, &reason)?;

@@ -325,7 +325,9 @@ fn every_route_checks_role_and_region() -> Result<()> {
     let remove_g = format!("/api/facilities/{g}/remove");
     for who in unauthenticated {
         expect(&api, "POST", &remove_g, who, None, 401)?;
+        expect(&api, "POST", &remove_g, who, Some("{not json"), 401)?;
     }
+    expect(&api, "POST", &remove_g, Some(&lee), Some("{not json"), 400)?;
     for who in [&operator, &kdca, &kim] {
         expect(&api, "POST", &remove_g, Some(who), None, 403)?;
     }
