@@ -31,11 +31,12 @@ use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::time::Day;
 use shared::token::Verdict;
 use shared::{PartitionId, RecordId};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::Read;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::baseline::{self, PostFigures, Visit};
 use tests::fixture::{self, bin, run_ok};
 
 /// Records in the fresh-backlog scenario.
@@ -471,115 +472,25 @@ impl Drop for HubProcess {
     }
 }
 
-/// What the naive design's client put on and read from its socket.
-struct PostFigures {
-    sent: u64,
-    received: u64,
-    elapsed: Duration,
-}
-
 /// The same visits as one JSON POST each over one keep-alive HTTP/1.1 connection to a sink on
-/// loopback, with the headers ureq 3 sends by default (built by hand: byte-exact, and no HTTP
-/// client dependency in this crate). Plain TCP and a reused connection make this a lower bound
-/// for the naive design: a real one would use TLS and often a new connection per visit.
+/// loopback ([`baseline::post_per_visit`] with one client). Plain TCP and a reused connection
+/// make this a lower bound for the naive design: a real one would use TLS and often a new
+/// connection per visit.
 fn http_baseline(bed: &Bed, tokens: &[[u8; 16]]) -> Result<PostFigures> {
     let device = Device::open(&bed.device)?;
     let facility = device.enrollment().facility.id.to_string();
     let device_id = device.enrollment().device_id.to_string();
     drop(device);
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let expected = tokens.len();
-    let sink = std::thread::spawn(move || sink(listener, expected));
-
-    let started = Instant::now();
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let (mut sent, mut received) = (0u64, 0u64);
-    for token in tokens {
-        let body = serde_json::json!({
-            "facility": facility,
-            "device": device_id,
-            "scanned_at": fixture::now(),
-            "token": hex::encode(token),
+    let visits: Vec<Visit> = tokens
+        .iter()
+        .map(|token| Visit {
+            facility: facility.clone(),
+            device: device_id.clone(),
+            scanned_at: fixture::now(),
+            token: *token,
         })
-        .to_string();
-        let request = format!(
-            "POST /visits HTTP/1.1\r\nhost: {addr}\r\nuser-agent: ureq/3.5.2\r\naccept: */*\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes())?;
-        sent += request.len() as u64;
-        received += read_response(&mut reader)?;
-    }
-    drop(reader);
-    drop(stream);
-    let elapsed = started.elapsed();
-    let (sink_read, requests) = sink
-        .join()
-        .map_err(|_| anyhow::anyhow!("the HTTP sink panicked"))??;
-    if sink_read != sent || requests != expected {
-        bail!(
-            "the sink read {sink_read} bytes in {requests} requests; the client sent {sent} in {expected}"
-        );
-    }
-    Ok(PostFigures {
-        sent,
-        received,
-        elapsed,
-    })
-}
-
-/// The response, with an empty body; returns its size.
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-
-/// Reads one response of the sink (headers only: its body is empty); returns its size.
-fn read_response(reader: &mut BufReader<TcpStream>) -> Result<u64> {
-    let mut n = 0u64;
-    loop {
-        let mut line = String::new();
-        let got = reader.read_line(&mut line)?;
-        if got == 0 {
-            bail!("the sink closed the connection mid-response");
-        }
-        n += got as u64;
-        if line == "\r\n" {
-            return Ok(n);
-        }
-    }
-}
-
-/// Accepts one connection and answers `expected` POSTs on it; returns bytes read and requests.
-fn sink(listener: TcpListener, expected: usize) -> Result<(u64, usize)> {
-    let (stream, _) = listener.accept()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut out = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let (mut read, mut requests) = (0u64, 0usize);
-    while requests < expected {
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            let got = reader.read_line(&mut line)?;
-            if got == 0 {
-                bail!("the client closed the connection mid-request");
-            }
-            read += got as u64;
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().context("bad content-length")?;
-            }
-        }
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body)?;
-        read += length as u64;
-        requests += 1;
-        out.write_all(RESPONSE)?;
-    }
-    Ok((read, requests))
+        .collect();
+    baseline::post_per_visit(&[visits])
 }
 
 /// A UDP port free on loopback now (bound, read, released: the hub binds it right after).

@@ -3,6 +3,7 @@
 //!
 //! Everything runs on loopback in temporary folders; every child process is reaped.
 
+pub mod baseline;
 pub mod browser;
 pub mod fixture;
 pub mod frames;
