@@ -1491,3 +1491,170 @@ fn local_government_duplicates_designations_and_compliance() -> Result<()> {
     assert_eq!(listed, json!([]));
     Ok(())
 }
+
+/// Runs `sync-hub --data D args...` and parses each stdout line as JSON.
+fn cli_json(d: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec!["--data", d];
+    all.extend(args);
+    run_ok("sync-hub", &all)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect()
+}
+
+#[test]
+fn the_command_line_administers_locally_and_through_the_running_hub() -> Result<()> {
+    let ph = PeopleHub::new("mapo")?;
+    let d = ph.data_str();
+    let now = tests::people::now();
+    let (first, dup) = {
+        let hub = ph.open()?;
+        let reg = |n: &str, addr: &str, b: Option<&str>| registration(n, "cinema", "mapo", addr, b);
+        let first = add_facility(&hub, reg("Cine", "9 Road", Some(BUSINESS_NUMBER)), now - 10)?;
+        let dup = add_facility(
+            &hub,
+            reg("Cine again", "9  road", Some(BUSINESS_NUMBER)),
+            now,
+        )?;
+        add_facility(&hub, reg("Pop-up", "10 Road", None), now)?;
+        let dev = add_device(&hub, &first, now)?;
+        set_last_sync(&hub, &dev, Some(now - 60))?;
+        (first, dup)
+    };
+    // Locally (no hub running).
+    let pending = cli_json(&d, &["facility", "pending", "--json"])?;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0]["name"], "Pop-up");
+    let groups = cli_json(&d, &["facility", "duplicates", "--json"])?;
+    assert_eq!(groups[0]["groups"][0].as_array().map(Vec::len), Some(2));
+    assert_eq!(groups[0]["removed"], json!([]));
+    let none = cli_json(&d, &["compliance", "--json"])?;
+    assert!(
+        none.is_empty(),
+        "cinemas are not mandatory by default: {none:?}"
+    );
+    let des = cli_json(
+        &d,
+        &["designation", "add", "--category", "cinema", "--json"],
+    )?;
+    assert_eq!(des[0]["region"], "mapo");
+    let rows = cli_json(&d, &["compliance", "--hours", "24", "--json"])?;
+    let ids: BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r["facility_id"].as_str())
+        .collect();
+    assert_eq!(ids, BTreeSet::from([first.as_str(), dup.as_str()]));
+    let bad = run("sync-hub", &["--data", &d, "compliance", "--hours", "0"])?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--hours must be"));
+    let bad = run(
+        "sync-hub",
+        &[
+            "--data",
+            &d,
+            "credential",
+            "add",
+            "--role",
+            "officer",
+            "--name",
+            "x",
+        ],
+    )?;
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--region"),
+        "an officer needs a region"
+    );
+    let bad = run(
+        "sync-hub",
+        &[
+            "--data",
+            &d,
+            "credential",
+            "add",
+            "--role",
+            "mayor",
+            "--name",
+            "x",
+        ],
+    )?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown role"));
+    let bad = run(
+        "sync-hub",
+        &[
+            "--data",
+            &d,
+            "trace",
+            "--token",
+            &"00".repeat(16),
+            "--from",
+            "0",
+            "--to",
+            &now.to_string(),
+        ],
+    )?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("retention period"));
+
+    // The same commands while `run` holds the store go through its API as the local operator.
+    let (_hub, _base) = ph.start()?;
+    let removed = cli_json(&d, &["facility", "duplicates", "--remove", "--json"])?;
+    assert_eq!(removed[0]["removed"], json!([dup.to_string()]));
+    let listed = cli_json(&d, &["designation", "list", "--json"])?;
+    assert_eq!(listed.len(), 1);
+    let id = listed[0]["id"]
+        .as_str()
+        .context("designation id")?
+        .to_owned();
+    cli_json(&d, &["designation", "remove", &id, "--json"])?;
+    assert!(cli_json(&d, &["designation", "list", "--json"])?.is_empty());
+    let cred = cli_json(
+        &d,
+        &[
+            "credential",
+            "add",
+            "--role",
+            "authority",
+            "--name",
+            "kdca",
+            "--json",
+        ],
+    )?;
+    let secret = cred[0]["secret"].as_str().context("secret")?.to_owned();
+    let creds = run_ok("sync-hub", &["--data", &d, "credential", "list", "--json"])?;
+    assert!(
+        creds.contains("kdca") && !creds.contains(&secret[20..]),
+        "list must not show secrets"
+    );
+    let report = cli_json(&d, &["report", "shared-codes", "--json"])?;
+    assert_eq!(report[0]["shared_codes"], json!([]));
+    let csv = run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &d,
+            "trace",
+            "--token",
+            &"00".repeat(16),
+            "--format",
+            "csv",
+        ],
+    )?;
+    assert!(csv.starts_with("kind,case_id,token"), "{csv}");
+    let audit = cli_json(&d, &["audit", "--verify", "--json"])?;
+    let actions: Vec<&str> = audit.iter().filter_map(|e| e["action"].as_str()).collect();
+    for a in [
+        "designation.add",
+        "facility.remove",
+        "designation.remove",
+        "credential.add",
+        "report.shared_codes",
+        "trace",
+    ] {
+        assert!(actions.contains(&a), "{a} not audited: {actions:?}");
+    }
+    assert_eq!(
+        audit.last().map(|v| &v["verification"]["ok"]),
+        Some(&json!(true))
+    );
+    Ok(())
+}
