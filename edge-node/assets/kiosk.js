@@ -6,6 +6,7 @@
 (() => {
   const FRAME_EVERY_MS = 250; // up to four frames a second, one request in flight
   const FRAME_WIDTH = 640; // frames are scaled down to this width before sending
+  const FULL_LADDER_EVERY_MS = 1000; // one frame a second gets the device's whole decoding ladder
   const HOLD_MS = 2500; // a verdict stays on screen at least this long
   const SAME_CODE_MS = 20000; // the accepted code still in view keeps the green screen
   const STATUS_EVERY_MS = 5000;
@@ -34,6 +35,7 @@
     framesSent: 0,
     verdictsShown: 0,
     lastStatus: null,
+    lastFull: -Infinity,
   };
   window.kiosk = state;
 
@@ -91,10 +93,10 @@
     return new Promise((resolve) => canvas.toBlob(resolve, 'image/jpeg', 0.85));
   }
 
-  async function sendFrame(blob) {
+  async function sendFrame(blob, full) {
     let resp;
     try {
-      resp = await fetch('/kiosk/frame', {
+      resp = await fetch(full ? '/kiosk/frame?ladder=full' : '/kiosk/frame', {
         method: 'POST',
         headers: { 'Content-Type': 'image/jpeg' },
         body: blob,
@@ -125,7 +127,13 @@
       if (!state.paused && video.readyState >= 2 && video.videoWidth > 0) {
         const blob = await toJpeg(video, video.videoWidth, video.videoHeight);
         if (blob) {
-          await sendFrame(blob);
+          // One pass on most frames, the whole ladder once a second: a damaged code is still
+          // read within a second, and frames with nobody in view stay cheap.
+          const full = started - state.lastFull >= FULL_LADDER_EVERY_MS;
+          if (full) {
+            state.lastFull = started;
+          }
+          await sendFrame(blob, full);
         }
       }
     } finally {
@@ -142,7 +150,7 @@
       const bitmap = await createImageBitmap(file);
       const blob = await toJpeg(bitmap, bitmap.width, bitmap.height);
       if (blob) {
-        await sendFrame(blob);
+        await sendFrame(blob, true);
       }
     } catch (e) {
       setProblem('사진을 읽을 수 없습니다 · Cannot read the photo');

@@ -320,7 +320,9 @@ fn check_file_len(path: &Path, len: u64) -> Result<(), FrameError> {
 }
 
 /// Sniff the container, check the header's dimensions, then decode to 8-bit luma.
-fn load_luma(bytes: &[u8]) -> Result<GrayImage, FrameError> {
+///
+/// Public for callers that choose their own rungs (the kiosk's live camera stream).
+pub fn load_luma(bytes: &[u8]) -> Result<GrayImage, FrameError> {
     let format = sniff(bytes)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();

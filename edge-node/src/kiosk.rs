@@ -22,7 +22,8 @@ use crate::device::{Device, StaffPin};
 use crate::net::SharedDevice;
 use crate::{clock, frame};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -77,6 +78,10 @@ struct Shared {
     fingerprint_key: [u8; 32],
     /// Frame decodes running at once: at most one per core, the rest queue.
     decoders: Semaphore,
+    /// One full-ladder climb at a time: a second one asked for meanwhile gets the live pass,
+    /// so climbs (five passes on a frame with nobody in view) never hold every core while
+    /// live frames queue.
+    full_ladder: Semaphore,
 }
 
 /// Staff sessions and the wrong-PIN counter.
@@ -104,6 +109,7 @@ impl KioskState {
                 }),
                 fingerprint_key,
                 decoders: Semaphore::new(cores.max(1)),
+                full_ladder: Semaphore::new(1),
             }),
         }
     }
@@ -228,7 +234,53 @@ fn too_large() -> Response {
     )
 }
 
-async fn frame_verdict(State(s): State<KioskState>, req: Request) -> Response {
+/// How hard to look for a code in one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ladder {
+    /// One `rqrr` pass (after the downscale a large frame gets): the live camera stream, where
+    /// the next frame is a quarter of a second away.
+    #[default]
+    Live,
+    /// The whole preprocessing ladder, as `scan` climbs it: one frame a second of the live
+    /// stream (the page asks), and single photos.
+    Full,
+}
+
+/// The `/kiosk/frame` query.
+#[derive(Debug, Deserialize, Default)]
+struct FrameQuery {
+    #[serde(default)]
+    ladder: Ladder,
+}
+
+/// Decodes a frame with the chosen effort. Every frame with no code in it (most of what an
+/// entrance camera sees) climbs the whole ladder at about five times one pass's cost, so
+/// the live stream climbs it only when the page asks (`BENCHMARKS.md`, decoding).
+pub fn decode(bytes: &[u8], ladder: Ladder) -> Result<Option<String>, frame::FrameError> {
+    match ladder {
+        Ladder::Full => frame::decode_frame(bytes),
+        Ladder::Live => {
+            let img = frame::load_luma(bytes)?;
+            let step = if frame::LadderStep::Downscale.applies_to(img.width(), img.height()) {
+                frame::LadderStep::Downscale
+            } else {
+                frame::LadderStep::Plain
+            };
+            Ok(frame::decode_step(&img, step))
+        }
+    }
+}
+
+async fn frame_verdict(
+    State(s): State<KioskState>,
+    query: Result<Query<FrameQuery>, QueryRejection>,
+    req: Request,
+) -> Response {
+    let ladder = match query {
+        Ok(Query(q)) => q.ladder,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
     // Both refusals come before a byte of the body is read.
     if let Err(why) = frame_type(req.headers()) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, &why);
@@ -248,13 +300,22 @@ async fn frame_verdict(State(s): State<KioskState>, req: Request) -> Response {
         Err(r) => return error(StatusCode::BAD_REQUEST, &r.body_text()),
     };
     let started = Instant::now();
+    let climb = match ladder {
+        Ladder::Full => s.shared.full_ladder.try_acquire().ok(),
+        Ladder::Live => None,
+    };
+    let ladder = if climb.is_some() {
+        Ladder::Full
+    } else {
+        Ladder::Live
+    };
     let Ok(_permit) = s.shared.decoders.acquire().await else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the device is shutting down",
         );
     };
-    let decode = tokio::task::spawn_blocking(move || frame::decode_frame(&body)).await;
+    let decode = tokio::task::spawn_blocking(move || decode(&body, ladder)).await;
     let text = match decode {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
@@ -266,6 +327,7 @@ async fn frame_verdict(State(s): State<KioskState>, req: Request) -> Response {
         }
     };
     drop(_permit);
+    drop(climb);
     let verdict = match &text {
         None => Verdict::NoCode,
         Some(t) => {
@@ -301,6 +363,10 @@ async fn frame_verdict(State(s): State<KioskState>, req: Request) -> Response {
         "message_ko": ko,
         "message_en": en,
         "code": code,
+        "ladder": match ladder {
+            Ladder::Full => "full",
+            Ladder::Live => "live",
+        },
         "server_ms": started.elapsed().as_secs_f64() * 1000.0,
     }))
     .into_response()

@@ -497,8 +497,36 @@ fn frame_endpoint_refuses_what_is_not_a_frame_and_keeps_running() -> Result<()> 
     }
 
     let blank = encode_png(&image::GrayImage::from_pixel(640, 480, image::Luma([180])))?;
-    let (code, v) = kiosk.post("/kiosk/frame", "image/png", &blank)?;
-    assert_eq!((code, v["verdict"].as_str()), (200, Some("no_code")), "{v}");
+    for path in [
+        "/kiosk/frame",
+        "/kiosk/frame?ladder=full",
+        "/kiosk/frame?ladder=live",
+    ] {
+        let (code, v) = kiosk.post(path, "image/png", &blank)?;
+        assert_eq!(
+            (code, v["verdict"].as_str()),
+            (200, Some("no_code")),
+            "{path}: {v}"
+        );
+    }
+    let (code, v) = kiosk.post("/kiosk/frame?ladder=everything", "image/png", &blank)?;
+    assert_eq!(code, 400, "{v}");
+    // A code only the ladder reads (salt-and-pepper defeats one plain pass): the live pass
+    // misses it, the full ladder reads it.
+    let (noisy_payload, _) = fresh_code();
+    let noisy = encode_png(&frame(
+        &noisy_payload,
+        Damage::SaltPepper { fraction: 0.03 },
+        11,
+    )?)?;
+    let (_, live) = kiosk.post("/kiosk/frame", "image/png", &noisy)?;
+    assert_eq!(live["verdict"], "no_code", "{live}");
+    let (_, full) = kiosk.post("/kiosk/frame?ladder=full", "image/png", &noisy)?;
+    assert_eq!(full["verdict"], "accepted", "{full}");
+    assert_eq!(
+        (live["ladder"].as_str(), full["ladder"].as_str()),
+        (Some("live"), Some("full"))
+    );
 
     // Still running, and a real frame goes through: accepted, then a duplicate with the
     // same fingerprint; a code from elsewhere is "not a check-in code".
@@ -529,7 +557,7 @@ fn frame_endpoint_refuses_what_is_not_a_frame_and_keeps_running() -> Result<()> 
     );
     let (code, _) = kiosk.get("/healthz")?;
     assert_eq!(code, 200);
-    assert_eq!(status_of(&kiosk)?["records"], 1);
+    assert_eq!(status_of(&kiosk)?["records"], 2);
 
     // The page and its assets come from the device, with a policy that allows nothing else.
     let resp = ureq::get(&kiosk.url("/")).call()?;
