@@ -3,7 +3,7 @@
 //!
 //! Append-only and hash-chained: each entry carries the BLAKE3 hash of the entry before it and
 //! its own hash over everything else it holds, so editing, removing or inserting an entry
-//! breaks the chain at that entry ([`verify`] names it). The chain lives in `hub.redb`
+//! breaks the chain at that entry ([`AuditLog::verify`] names it). The chain lives in `hub.redb`
 //! (`audit-1`); its head (entry count and last hash) is also written to `keys/audit.head`, apart
 //! from the database, so that cutting entries off the end of the table is detected too unless
 //! the key folder is rewritten as well.
@@ -175,7 +175,7 @@ pub struct AuditLog<'s> {
     head: PathBuf,
 }
 
-/// What [`verify`] found.
+/// What [`AuditLog::verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verification {
     /// Entries checked.
