@@ -103,7 +103,8 @@ fn main() -> Result<()> {
         "reconnect storm: {devices} facilities x 1 device x {visits} visits = {} records, one hub, loopback",
         devices * visits
     );
-    println!("load before setup: {}", load());
+    let load_setup = load();
+    println!("load before setup: {load_setup}");
 
     let t = Instant::now();
     let region = Region::new(devices, visits)?;
@@ -129,7 +130,7 @@ fn main() -> Result<()> {
 
     report(&region, envelope.mean, &ours, &naive, &doc);
     println!(
-        "\nmachine load (1/5/15 min): before setup {load_before}, after the storm {load_after}, at the end {load_end}; nproc {}",
+        "\nmachine load (1/5/15 min): before setup {load_setup}, before the storm {load_before}, after it {load_after}, at the end {load_end}; nproc {}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("bench took {:.0} s", started.elapsed().as_secs_f64());
@@ -375,19 +376,23 @@ impl Region {
             .collect::<Result<_>>()?;
         let figures = runtime.block_on(self.storm_sessions(&shared));
         drop(shared);
-        let mut figures = figures?;
+        drop(hub);
+        figures
+    }
 
-        // Every session ended: wait until the hub shows every record.
+    /// Every session ended: waits until the hub's stats show every record (blocking calls:
+    /// nothing else runs on the runtime by then).
+    fn wait_for_hub(&self, f: &mut StormFigures) -> Result<()> {
         let expected = self.records() as u64;
         let deadline = Instant::now() + HUB_DEADLINE;
         loop {
             let asked = Instant::now();
             let stats = self.hub_stats()?;
-            figures.stats_polls += 1;
-            figures.last_poll = asked.elapsed();
+            f.stats_polls += 1;
+            f.last_poll = asked.elapsed();
             let held = stats["records"].as_u64().unwrap_or(0);
             if held >= expected {
-                figures.hub_has_all = figures.started.elapsed();
+                f.hub_has_all = f.started.elapsed();
                 let short = stats["per_facility"]
                     .as_object()
                     .map(|m| {
@@ -402,7 +407,7 @@ impl Region {
                         self.visits
                     );
                 }
-                break;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
@@ -411,8 +416,6 @@ impl Region {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        drop(hub);
-        Ok(figures)
     }
 
     async fn storm_sessions(&self, shared: &[SharedDevice]) -> Result<StormFigures> {
@@ -452,10 +455,6 @@ impl Region {
                 bail!("the storm did not end within {STORM_DEADLINE:?}");
             }
         };
-        for e in endpoints {
-            let _ = tokio::time::timeout(Duration::from_secs(5), e.close()).await;
-        }
-
         let mut f = StormFigures {
             started,
             sessions_ended,
@@ -496,6 +495,11 @@ impl Region {
                 f.failed,
                 shared.len()
             );
+        }
+        self.wait_for_hub(&mut f)?;
+        // After the measurement: a graceful close of every connection takes a while.
+        for e in endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(5), e.close()).await;
         }
         Ok(f)
     }
