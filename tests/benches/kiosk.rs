@@ -284,6 +284,18 @@ fn main() -> Result<()> {
         }
     }
 
+    // What the JPEG decode alone costs of that (the rest is rqrr).
+    let mut jpeg_ms = Vec::new();
+    for shot in scripts[0].iter().take(100) {
+        let t = Instant::now();
+        let _ = edge_node::frame::load_luma(&shot.jpeg);
+        jpeg_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    in_process.push((
+        "in-process JPEG to luma only".to_owned(),
+        summarize(jpeg_ms),
+    ));
+
     // Baseline 2: one kiosk alone.
     let single = phase(&url, vec![baseline_script])?;
     // The load: four kiosks at once.
