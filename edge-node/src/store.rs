@@ -209,10 +209,9 @@ impl Store {
         }
         if !w.pending.is_empty() {
             let mut pending = txn.open_table(PENDING)?;
-            let mut next = next_seq(&pending, w.day)?;
-            for row in w.pending {
-                pending.insert((w.day.0, next), row.encode().as_slice())?;
-                next += 1;
+            let first = next_seq(&pending, w.day)?;
+            for (seq, row) in (first..).zip(w.pending) {
+                pending.insert((w.day.0, seq), row.encode().as_slice())?;
             }
         }
         {
