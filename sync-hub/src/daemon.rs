@@ -8,7 +8,7 @@
 
 use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
 use crate::clock;
-use crate::ledger::{Ledger, PurgeReport, Stats, Trace};
+use crate::ledger::{Ledger, PurgeReport, Stats};
 use crate::store::DeviceRecord;
 use iroh::endpoint::presets;
 use iroh::{Endpoint, PublicKey, SecretKey};
@@ -59,15 +59,6 @@ pub struct Metrics {
 pub enum Request {
     /// `stats`.
     Stats(oneshot::Sender<Result<Stats, String>>),
-    /// `trace`.
-    Trace {
-        /// The case's tokens.
-        tokens: Vec<[u8; 16]>,
-        /// ± minutes for contacts.
-        window_minutes: u64,
-        /// The answer.
-        reply: oneshot::Sender<Result<Trace, String>>,
-    },
     /// `purge`.
     Purge {
         /// Retention as of this time (never earlier than now).
@@ -136,17 +127,6 @@ impl HubHandle {
     pub async fn stats(&self) -> Result<Stats, String> {
         let (tx, rx) = oneshot::channel();
         self.request(Request::Stats(tx))?;
-        rx.await.map_err(|_| "the hub has stopped".to_owned())?
-    }
-
-    /// `trace` through the actor.
-    pub async fn trace(&self, tokens: Vec<[u8; 16]>, window_minutes: u64) -> Result<Trace, String> {
-        let (reply, rx) = oneshot::channel();
-        self.request(Request::Trace {
-            tokens,
-            window_minutes,
-            reply,
-        })?;
         rx.await.map_err(|_| "the hub has stopped".to_owned())?
     }
 
@@ -435,17 +415,6 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
             Input::Request(r) => match r {
                 Request::Stats(reply) => {
                     let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
-                }
-                Request::Trace {
-                    tokens,
-                    window_minutes,
-                    reply,
-                } => {
-                    let _ = reply.send(
-                        ledger
-                            .trace(&tokens, window_minutes, now)
-                            .map_err(|e| e.to_string()),
-                    );
                 }
                 Request::Purge { as_of, reply } => pending_purge.push((as_of, reply)),
                 Request::Admin(f) => {
