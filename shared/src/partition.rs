@@ -508,7 +508,8 @@ mod tests {
             })
             .collect();
         assert_eq!(
-            p.insert_batch(&[wrapped.clone()], &batch).expect("batch"),
+            p.insert_batch(std::slice::from_ref(&wrapped), &batch)
+                .expect("batch"),
             20
         );
         assert_eq!(
@@ -521,7 +522,8 @@ mod tests {
         // Folding the same rows again (after a crash) changes nothing.
         let heads = p.heads();
         assert_eq!(
-            p.insert_batch(&[wrapped.clone()], &batch).expect("again"),
+            p.insert_batch(std::slice::from_ref(&wrapped), &batch)
+                .expect("again"),
             0
         );
         assert_eq!(p.heads(), heads);

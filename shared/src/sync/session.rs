@@ -1094,6 +1094,28 @@ fn check_summaries(summaries: &[PartitionSummary]) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// automerge's next sync message for a peer, with one rule of automerge's changed.
+///
+/// automerge replaces the missing changes by the whole compressed document when they are more
+/// than a third of the document's *changes*. Devices fold each sync round's check-ins into one
+/// change, so a partition holds a few large changes and that rule would resend the whole day
+/// for every increment. The whole document is sent only to a peer that holds nothing of the
+/// partition yet (automerge's own rule for empty heads): the cheap form of a fresh backlog.
+fn next_message(doc: &automerge::Automerge, state: &mut SyncState) -> Option<Message> {
+    use automerge::sync::Capability;
+    let peer_has_some = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
+    if !peer_has_some {
+        return doc.generate_sync_message(state);
+    }
+    let capabilities = state.their_capabilities.clone();
+    if let Some(c) = state.their_capabilities.as_mut() {
+        c.retain(|c| *c != Capability::MessageV2);
+    }
+    let message = doc.generate_sync_message(state);
+    state.their_capabilities = capabilities;
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1199,26 +1221,4 @@ mod tests {
             }))
         ));
     }
-}
-
-/// automerge's next sync message for a peer, with one rule of automerge's changed.
-///
-/// automerge replaces the missing changes by the whole compressed document when they are more
-/// than a third of the document's *changes*. Devices fold each sync round's check-ins into one
-/// change, so a partition holds a few large changes and that rule would resend the whole day
-/// for every increment. The whole document is sent only to a peer that holds nothing of the
-/// partition yet (automerge's own rule for empty heads): the cheap form of a fresh backlog.
-fn next_message(doc: &automerge::Automerge, state: &mut SyncState) -> Option<Message> {
-    use automerge::sync::Capability;
-    let peer_has_some = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
-    if !peer_has_some {
-        return doc.generate_sync_message(state);
-    }
-    let capabilities = state.their_capabilities.clone();
-    if let Some(c) = state.their_capabilities.as_mut() {
-        c.retain(|c| *c != Capability::MessageV2);
-    }
-    let message = doc.generate_sync_message(state);
-    state.their_capabilities = capabilities;
-    message
 }
