@@ -676,7 +676,7 @@ impl<'s> Ledger<'s> {
         // The first chunk is a full save: it costs no more than an incremental one and is about
         // half the size (automerge compresses a whole document column by column).
         if next == 0 || next + 1 >= COMPACT_AFTER_CHUNKS {
-            let full = partition.save();
+            let full = partition.save_uncompressed();
             chunks.retain_in((f, day, 0u64)..=(f, day, u64::MAX), |_, _| false)?;
             chunks.insert((f, day, 0u64), full.as_slice())?;
         } else {
