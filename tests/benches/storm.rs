@@ -59,7 +59,6 @@ use shared::token::Verdict;
 use shared::{DeviceId, PartitionId};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sync_hub::admin::Hub;
@@ -320,37 +319,12 @@ impl Region {
 
     /// Starts `sync-hub run` on the port recorded at init and waits until it answers.
     fn start_hub(&self) -> Result<Proc> {
-        let run_file = self.hub.join("run.json");
-        let log = self.tmp.path().join("hub.log");
-        let child = Command::new(bin("sync-hub"))
-            .args([
-                "--data",
-                path_str(&self.hub)?,
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{}", self.sync_port),
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .env_remove("SYNC_HUB_DATA")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start sync-hub run")?;
-        let mut hub = Proc(child);
-        let deadline = Instant::now() + HUB_DEADLINE;
-        while !run_file.exists() {
-            if let Some(status) = hub.0.try_wait()? {
-                let why = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("sync-hub run exited early ({status}): {why}");
-            }
-            if Instant::now() > deadline {
-                bail!("sync-hub run did not write run.json within {HUB_DEADLINE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(hub)
+        fixture::start_hub_run(
+            &self.hub,
+            self.sync_port,
+            &self.tmp.path().join("hub.log"),
+            HUB_DEADLINE,
+        )
     }
 
     /// `sync-hub stats --json` through the running hub.

@@ -34,7 +34,7 @@ use shared::{PartitionId, RecordId};
 use std::io::Read;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::baseline::{self, PostFigures, Visit};
 use tests::fixture::{self, bin, run_ok};
@@ -341,38 +341,13 @@ impl Bed {
 
     /// Starts `sync-hub run` on the port recorded at init and waits until it answers.
     fn start_hub(&self) -> Result<HubProcess> {
-        let run_file = self.hub.join("run.json");
-        let _ = std::fs::remove_file(&run_file);
-        let log = self.tmp.path().join("hub.log");
-        let child = Command::new(bin("sync-hub"))
-            .args([
-                "--data",
-                path_str(&self.hub)?,
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{}", self.sync_port),
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .env_remove("SYNC_HUB_DATA")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start sync-hub run")?;
-        let mut hub = HubProcess { child };
-        let deadline = Instant::now() + HUB_DEADLINE;
-        while !run_file.exists() {
-            if let Some(status) = hub.child.try_wait()? {
-                let why = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("sync-hub run exited early ({status}): {why}");
-            }
-            if Instant::now() > deadline {
-                bail!("sync-hub run did not write run.json within {HUB_DEADLINE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(hub)
+        let proc = fixture::start_hub_run(
+            &self.hub,
+            self.sync_port,
+            &self.tmp.path().join("hub.log"),
+            HUB_DEADLINE,
+        )?;
+        Ok(HubProcess { _proc: proc })
     }
 
     /// One `edge-node sync --once --json`: the hub session's figures and the command's wall time.
@@ -438,7 +413,7 @@ impl Bed {
 
 /// A running `sync-hub run`, killed and reaped when dropped.
 struct HubProcess {
-    child: Child,
+    _proc: fixture::Proc,
 }
 
 impl HubProcess {
@@ -462,13 +437,6 @@ impl HubProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for HubProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -281,6 +281,43 @@ impl Drop for Proc {
     }
 }
 
+/// Starts `sync-hub run` on `hub_dir` with its sync endpoint on `127.0.0.1:sync_port` and
+/// HTTP on a free loopback port, stderr to `log`; waits until it wrote `run.json`, failing
+/// with the log if it exits first or takes longer than `limit`. Killed and reaped on drop.
+pub fn start_hub_run(hub_dir: &Path, sync_port: u16, log: &Path, limit: Duration) -> Result<Proc> {
+    let run_file = hub_dir.join("run.json");
+    let _ = std::fs::remove_file(&run_file);
+    let child = Command::new(bin("sync-hub"))
+        .arg("--data")
+        .arg(hub_dir)
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{sync_port}"),
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .env_remove("SYNC_HUB_DATA")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("cannot start sync-hub run")?;
+    let mut hub = Proc(child);
+    let deadline = std::time::Instant::now() + limit;
+    while !run_file.exists() {
+        if let Some(status) = hub.0.try_wait()? {
+            let why = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("sync-hub run exited early ({status}): {why}");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("sync-hub run did not write run.json within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(hub)
+}
+
 /// Polls `f` every 50 ms until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + limit;
