@@ -36,7 +36,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::baseline::{self, PostFigures, Visit};
+use tests::baseline::{self, PostFigures, Transport, Visit};
 use tests::fixture::{self, bin, run_ok};
 
 /// Records in the fresh-backlog scenario.
@@ -458,7 +458,7 @@ fn http_baseline(bed: &Bed, tokens: &[[u8; 16]]) -> Result<PostFigures> {
             token: *token,
         })
         .collect();
-    baseline::post_per_visit(&[visits])
+    baseline::post_per_visit(&[visits], Transport::Plain)
 }
 
 /// A UDP port free on loopback now (bound, read, released: the hub binds it right after).
