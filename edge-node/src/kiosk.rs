@@ -11,7 +11,7 @@
 //! facility's LAN (`run --http 0.0.0.0:7451`), while `/api/*` stays loopback-only and
 //! token-bound (see `control`). What the kiosk routes can do is what a person at the entrance
 //! can do anyway: show a code, read the status line; the paper log needs the PIN, and wrong
-//! PINs lock the staff login for a while.
+//! PINs lock the staff login for a while, for the address they came from (see `pin_guard`).
 //!
 //! The decision is the device's: frames are decoded by `frame`, codes verified and stored by
 //! [`Device::check_in`] (one visit per code, however many frames show it), entries validated
@@ -20,19 +20,21 @@
 
 use crate::device::{Device, StaffPin};
 use crate::net::SharedDevice;
+use crate::pin_guard::{Failure, PinGuard, Refusal};
 use crate::{clock, frame};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use rand_core::{OsRng, RngCore};
 use serde::Deserialize;
 use shared::paper::PaperEntry;
 use shared::token::Verdict;
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
@@ -41,10 +43,6 @@ use tokio::sync::{Notify, Semaphore};
 pub const MAX_KIOSK_FRAME: usize = 2 * 1024 * 1024;
 /// Staff mode ends after this long without a staff request.
 pub const STAFF_IDLE: Duration = Duration::from_secs(300);
-/// Wrong PINs in a row before the staff login locks.
-pub const MAX_PIN_FAILURES: u32 = 5;
-/// How long the staff login stays locked after [`MAX_PIN_FAILURES`] wrong PINs.
-pub const PIN_LOCKOUT: Duration = Duration::from_secs(60);
 /// The status line says "online" when the last completed hub sync is at most this old. The
 /// sync loop syncs every 30 s while the hub answers (`daemon::SYNC_INTERVAL`), so two missed
 /// rounds and some slack mean the hub is not being reached.
@@ -84,12 +82,11 @@ struct Shared {
     full_ladder: Semaphore,
 }
 
-/// Staff sessions and the wrong-PIN counter.
+/// Staff sessions and the wrong-PIN bookkeeping.
 struct StaffGate {
     /// BLAKE3 of a session token -> when it lapses.
     sessions: HashMap<[u8; 32], Instant>,
-    failures: u32,
-    locked_until: Option<Instant>,
+    pins: PinGuard,
 }
 
 impl KioskState {
@@ -104,8 +101,7 @@ impl KioskState {
             shared: Arc::new(Shared {
                 staff: Mutex::new(StaffGate {
                     sessions: HashMap::new(),
-                    failures: 0,
-                    locked_until: None,
+                    pins: PinGuard::default(),
                 }),
                 fingerprint_key,
                 decoders: Semaphore::new(cores.max(1)),
@@ -118,8 +114,7 @@ impl KioskState {
     pub fn end_staff_sessions(&self) {
         let mut gate = lock(&self.shared.staff);
         gate.sessions.clear();
-        gate.failures = 0;
-        gate.locked_until = None;
+        gate.pins.reset();
     }
 }
 
@@ -453,29 +448,50 @@ struct Login {
     pin: String,
 }
 
+/// 429 with `Retry-After`.
+fn too_many(secs: u64, message: &str) -> Response {
+    let mut r = error(StatusCode::TOO_MANY_REQUESTS, message);
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 async fn staff_login(
     State(s): State<KioskState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Result<Json<Login>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(login) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
     };
-    {
-        let gate = lock(&s.shared.staff);
-        if let Some(until) = gate.locked_until {
-            let left = until.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                let secs = left.as_secs() + 1;
-                let mut r = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &format!("too many wrong PINs: staff login is locked for {secs} s"),
-                );
-                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                    r.headers_mut().insert(header::RETRY_AFTER, v);
-                }
-                return r;
-            }
+    // Served without connection info (only in-process tests do), every client counts as one.
+    let addr = peer.map_or(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        |Extension(ConnectInfo(a))| a.ip(),
+    );
+    let refused = lock(&s.shared.staff).pins.check(addr, Instant::now());
+    match refused {
+        Ok(()) => {}
+        Err(r @ Refusal::Locked(_)) => {
+            let secs = r.retry_after_secs();
+            return too_many(
+                secs,
+                &format!(
+                    "too many wrong PINs from this address: staff login is locked here for {secs} s"
+                ),
+            );
+        }
+        Err(r @ Refusal::Brake(_)) => {
+            let secs = r.retry_after_secs();
+            tracing::warn!(%addr, "staff login refused: too many wrong PINs on this kiosk recently");
+            return too_many(
+                secs,
+                &format!(
+                    "too many wrong PINs on this kiosk recently: only a tablet that has logged in before may try; others in {secs} s"
+                ),
+            );
         }
     }
     let device = s.device.clone();
@@ -501,30 +517,28 @@ async fn staff_login(
         .unwrap_or(false);
     let mut gate = lock(&s.shared.staff);
     if !ok {
-        gate.failures += 1;
-        if gate.failures >= MAX_PIN_FAILURES {
-            gate.failures = 0;
-            gate.locked_until = Some(Instant::now() + PIN_LOCKOUT);
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "wrong PIN; too many wrong PINs: staff login is locked for {} s",
-                    PIN_LOCKOUT.as_secs()
-                ),
-            );
-        }
-        let left = MAX_PIN_FAILURES - gate.failures;
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(serde_json::json!({
-                "error": format!("wrong PIN ({left} attempts left before the staff login locks)"),
-                "attempts_left": left,
-            })),
-        )
-            .into_response();
+        return match gate.pins.failure(addr, Instant::now()) {
+            Failure::Locked(d) => {
+                tracing::warn!(%addr, lockout_s = d.as_secs(), "staff login locked for an address after wrong PINs");
+                too_many(
+                    d.as_secs(),
+                    &format!(
+                        "wrong PIN; too many wrong PINs from this address: staff login is locked here for {} s",
+                        d.as_secs()
+                    ),
+                )
+            }
+            Failure::AttemptsLeft(left) => (
+                StatusCode::UNAUTHORIZED,
+                Json(serde_json::json!({
+                    "error": format!("wrong PIN ({left} attempts left before the staff login locks)"),
+                    "attempts_left": left,
+                })),
+            )
+                .into_response(),
+        };
     }
-    gate.failures = 0;
-    gate.locked_until = None;
+    gate.pins.success(addr);
     let now = Instant::now();
     gate.sessions.retain(|_, until| *until > now);
     while gate.sessions.len() >= MAX_STAFF_SESSIONS {

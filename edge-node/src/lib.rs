@@ -10,5 +10,6 @@ pub mod device;
 pub mod frame;
 pub mod kiosk;
 pub mod net;
+pub mod pin_guard;
 pub mod replica;
 pub mod store;

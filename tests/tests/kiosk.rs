@@ -153,6 +153,29 @@ fn raw_exchange(addr: &str, head: &[u8], chunked: Option<usize>) -> Result<Strin
     Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
+/// Sends `request` from a socket bound to `source` (another loopback address, as another
+/// machine on the facility's network) and returns the answer, read until the device closes.
+fn exchange_from(source: std::net::IpAddr, addr: &str, request: &[u8]) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+        let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+            .await
+            .context("connect timed out")??;
+        stream.write_all(request).await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .context("the device did not answer within 10 s")??;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    })
+}
+
 /// A freshly issued code (the spec's 15 s lifetime) and its token.
 fn fresh_code() -> (String, [u8; 16]) {
     let token = fixture::random_token();
@@ -440,6 +463,17 @@ fn staff_mode_needs_the_pin_and_refuses_entries_without_consent() -> Result<()> 
     let (code, v) = kiosk.post_json("/kiosk/staff/login", None, &json!({"pin": "482916"}))?;
     assert_eq!(code, 429, "{v}");
     assert!(v["error"].as_str().unwrap_or_default().contains("locked"));
+    // The lockout is this address's only: the staff tablet elsewhere on the network (here
+    // 127.0.0.2) still logs in with the right PIN.
+    let addr = kiosk.base.trim_start_matches("http://").to_owned();
+    let body = r#"{"pin":"482916"}"#;
+    let head = format!(
+        "POST /kiosk/staff/login HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange_from("127.0.0.2".parse()?, &addr, head.as_bytes())?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("set-cookie: kiosk_staff="));
     let (code, _) = kiosk.post_json("/kiosk/staff/login", None, &json!({"pin": 482916}))?;
     assert_eq!(code, 400, "a PIN must be a string");
     assert_eq!(status_of(&kiosk)?["records"], 2);
