@@ -473,7 +473,11 @@ fn staff_mode_needs_the_pin_and_refuses_entries_without_consent() -> Result<()> 
     );
     let answer = exchange_from("127.0.0.2".parse()?, &addr, head.as_bytes())?;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.to_ascii_lowercase().contains("set-cookie: kiosk_staff="));
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("set-cookie: kiosk_staff=")
+    );
     let (code, _) = kiosk.post_json("/kiosk/staff/login", None, &json!({"pin": 482916}))?;
     assert_eq!(code, 400, "a PIN must be a string");
     assert_eq!(status_of(&kiosk)?["records"], 2);
