@@ -588,13 +588,21 @@ impl<'s> Ledger<'s> {
         };
         let opener = Opener::new(partition, &self.ratchet);
         let work = if fresh.len() >= PARALLEL_INDEX_MIN {
+            // Two workers open and seal one half each while this thread encodes the save.
+            let mut first = fresh;
+            let second = first.split_off(first.len() / 2);
+            let opener_b = Opener::new(partition, &self.ratchet);
             std::thread::scope(|scope| {
-                let worker = scope.spawn(|| build_index(&index, &id, opener, fresh));
+                let a = scope.spawn(|| build_index(&index, &id, opener, first));
+                let b = scope.spawn(|| build_index(&index, &id, opener_b, second));
                 let chunk = self.write_chunk(&txn, partition);
-                let work = worker
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                chunk.and(work)
+                let join =
+                    |h: std::thread::ScopedJoinHandle<'_, Result<IndexWork, LedgerError>>| {
+                        h.join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    };
+                let (a, b) = (join(a), join(b));
+                chunk.and(a).and_then(|a| b.map(|b| a.merged(b)))
             })?
         } else {
             let work = build_index(&index, &id, opener, fresh)?;
@@ -608,10 +616,12 @@ impl<'s> Ledger<'s> {
             for (tag, sealed) in &work.tokens {
                 by_token.insert((day, tag), sealed.as_slice())?;
             }
-            if let Some(batch) = &work.batch {
+            if !work.batches.is_empty() {
                 let tag = index.facility_tag(&id.facility);
-                txn.open_multimap_table(VISITS_BY_FACILITY)?
-                    .insert((day, &tag), batch.as_slice())?;
+                let mut by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+                for batch in &work.batches {
+                    by_facility.insert((day, &tag), batch.as_slice())?;
+                }
             }
             let mut done = txn.open_table(INDEXED)?;
             for rid in &work.records {
@@ -1102,12 +1112,25 @@ const PARALLEL_INDEX_MIN: usize = 512;
 struct IndexWork {
     /// (token tag, sealed visit), sorted by tag so the inserts walk the tree in order.
     tokens: Vec<([u8; 32], Vec<u8>)>,
-    /// The sealed batch of every visit indexed, for the facility's entry.
-    batch: Option<Vec<u8>>,
+    /// The sealed batches of the visits indexed, for the facility's entry (one per worker).
+    batches: Vec<Vec<u8>>,
     /// The records indexed.
     records: Vec<RecordId>,
     unreadable: u64,
     missing_keys: usize,
+}
+
+impl IndexWork {
+    /// This work and `other`'s, as one (tokens sorted again).
+    fn merged(mut self, other: IndexWork) -> IndexWork {
+        self.tokens.extend(other.tokens);
+        self.tokens.sort_unstable_by_key(|a| a.0);
+        self.batches.extend(other.batches);
+        self.records.extend(other.records);
+        self.unreadable += other.unreadable;
+        self.missing_keys += other.missing_keys;
+        self
+    }
 }
 
 /// Opens `fresh` envelopes of partition `id` and seals their index entries.
@@ -1122,7 +1145,7 @@ fn build_index(
     let mut rng = StdRng::from_seed(seed);
     let mut work = IndexWork {
         tokens: Vec::new(),
-        batch: None,
+        batches: Vec::new(),
         records: Vec::with_capacity(fresh.len()),
         unreadable: 0,
         missing_keys: 0,
@@ -1162,7 +1185,8 @@ fn build_index(
             postcard::to_stdvec(&batch).map_err(|e| LedgerError::Seal(e.to_string()))?,
         );
         let tag = index.facility_tag(&id.facility);
-        work.batch = Some(index.seal(&mut rng, IndexKind::Facility, &tag, &plain)?);
+        work.batches
+            .push(index.seal(&mut rng, IndexKind::Facility, &tag, &plain)?);
     }
     work.tokens.sort_unstable_by_key(|a| a.0);
     work.missing_keys = opener.missing_keys();

@@ -635,7 +635,7 @@ fn purge_destroys_the_day_everywhere() {
 
 #[test]
 fn a_large_partition_is_indexed_like_a_small_one() {
-    // Enough records that persist indexes on its worker thread.
+    // Enough records that persist indexes on two worker threads, one half each.
     let f = fixture();
     let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
     let visits: Vec<Visit> = (0..700u64)
