@@ -61,7 +61,6 @@ use edge_node::store::Pending;
 use rand::Rng;
 use shared::facility::{BusinessNumber, Registration};
 use shared::time::Day;
-use shared::token::Verdict;
 use shared::{DeviceId, PartitionId};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -520,14 +519,7 @@ fn enroll_and_check_in(dir: &Path, ticket: &Path, visits: usize) -> Result<Facil
     let mut posted = Vec::with_capacity(visits);
     for j in 0..visits {
         let at = from + span * j as u64 / visits as u64;
-        let token = fixture::random_token();
-        let r = device.check_in(at, &issuer.issue(at, 60, token))?;
-        if r.verdict != Verdict::Accepted {
-            bail!(
-                "a fresh code was {} instead of accepted",
-                r.verdict.as_str()
-            );
-        }
+        let token = fixture::check_in_fresh(&mut device, &issuer, at)?;
         posted.push(Visit {
             facility: facility.clone(),
             device: device_id.to_string(),

@@ -29,7 +29,6 @@ use anyhow::{Context, Result, bail};
 use edge_node::device::Device;
 use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::time::Day;
-use shared::token::Verdict;
 use shared::{PartitionId, RecordId};
 use std::io::Read;
 use std::net::{SocketAddr, UdpSocket};
@@ -294,20 +293,9 @@ impl Bed {
     fn check_in(&self, n: usize) -> Result<Vec<[u8; 16]>> {
         let mut device = Device::open(&self.device)?;
         let issuer = fixture::issuer();
-        let mut tokens = Vec::with_capacity(n);
-        for _ in 0..n {
-            let now = fixture::now();
-            let token = fixture::random_token();
-            let r = device.check_in(now, &issuer.issue(now, 60, token))?;
-            if r.verdict != Verdict::Accepted {
-                bail!(
-                    "a fresh code was {} instead of accepted",
-                    r.verdict.as_str()
-                );
-            }
-            tokens.push(token);
-        }
-        Ok(tokens)
+        (0..n)
+            .map(|_| fixture::check_in_fresh(&mut device, &issuer, fixture::now()))
+            .collect()
     }
 
     /// The size of one QR visit sealed as this device seals it (its facility and device ids,

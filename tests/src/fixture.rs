@@ -344,17 +344,27 @@ pub fn free_udp_port() -> Result<u16> {
 pub fn check_in_codes(dev: &Path, n: usize) -> Result<Vec<[u8; 16]>> {
     let mut device = edge_node::device::Device::open(dev)?;
     let issuer = issuer();
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let token = random_token();
-        let now = now();
-        let v = device.check_in(now, &issuer.issue(now, 60, token))?;
-        if v.verdict != shared::token::Verdict::Accepted {
-            bail!("code refused: {:?}", v.verdict);
-        }
-        out.push(token);
+    (0..n)
+        .map(|_| check_in_fresh(&mut device, &issuer, now()))
+        .collect()
+}
+
+/// Checks in one code issued by `issuer` at `at` for a fresh token, through the device's
+/// durable path; fails unless it is accepted. Returns the token.
+pub fn check_in_fresh(
+    device: &mut edge_node::device::Device,
+    issuer: &TestIssuer,
+    at: u64,
+) -> Result<[u8; 16]> {
+    let token = random_token();
+    let r = device.check_in(at, &issuer.issue(at, 60, token))?;
+    if r.verdict != shared::token::Verdict::Accepted {
+        bail!(
+            "a fresh code was {} instead of accepted",
+            r.verdict.as_str()
+        );
     }
-    Ok(out)
+    Ok(token)
 }
 
 /// `edge-node status --json` of a device folder.
