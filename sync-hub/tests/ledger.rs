@@ -327,13 +327,69 @@ fn re_persisting_indexes_nothing_twice_and_garbage_is_not_indexed() {
     let db = f.hub.store().db();
     let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
     let indexed = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
-    let key = (f.fac_a.as_str(), DAY.0, &[0xEE; 16]);
-    assert!(indexed.get(key).ok().flatten().is_none());
-    assert_eq!(
-        redb::ReadableTableMetadata::len(&indexed).ok(),
-        Some(4),
-        "only the four real records are indexed"
-    );
+    let mut ids: Vec<[u8; 16]> = Vec::new();
+    for row in indexed.iter().unwrap_or_else(|e| panic!("{e}")) {
+        let (k, v) = row.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((k.value().0, k.value().1), (f.fac_a.as_str(), DAY.0));
+        ids.extend(v.value().chunks_exact(16).map(|c| {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(c);
+            id
+        }));
+    }
+    assert!(!ids.contains(&[0xEE; 16]));
+    assert_eq!(ids.len(), 4, "only the four real records are indexed");
+}
+
+/// A hub written by an earlier version lists indexed records one row each in `indexed-1`:
+/// opening the ledger moves them to `indexed-2`, and nothing is indexed twice afterwards.
+#[test]
+fn the_per_record_indexed_table_is_migrated() {
+    const V1: redb::TableDefinition<(&str, u32, &[u8; 16]), ()> =
+        redb::TableDefinition::new("indexed-1");
+    let f = fixture();
+    let (a, b) = scenario(&f);
+    let (mut ha, mut hb) = {
+        let l = ledger(&f);
+        let (mut ha, mut hb) = (hub_copy(&l, &a), hub_copy(&l, &b));
+        assert_eq!(l.persist(&mut ha, NOW).ok(), Some(4));
+        assert_eq!(l.persist(&mut hb, NOW).ok(), Some(3));
+        (ha, hb)
+    };
+    // Rewrite what persist wrote as the earlier version would have.
+    let db = f.hub.store().db();
+    let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+    {
+        let mut rows: Vec<(String, u32, [u8; 16])> = Vec::new();
+        let next = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
+        for row in next.iter().unwrap_or_else(|e| panic!("{e}")) {
+            let (k, v) = row.unwrap_or_else(|e| panic!("{e}"));
+            let (fac, day, _) = k.value();
+            for c in v.value().chunks_exact(16) {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(c);
+                rows.push((fac.to_owned(), day, id));
+            }
+        }
+        assert_eq!(rows.len(), 7);
+        let mut old = txn.open_table(V1).unwrap_or_else(|e| panic!("{e}"));
+        for (fac, day, id) in &rows {
+            old.insert((fac.as_str(), *day, id), ())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    txn.delete_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
+    txn.commit().unwrap_or_else(|e| panic!("{e}"));
+
+    let l = ledger(&f);
+    assert_eq!(l.persist(&mut ha, NOW).ok(), Some(0));
+    assert_eq!(l.persist(&mut hb, NOW).ok(), Some(0));
+    let trace = l.trace(&[CASE], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((trace.visits.len(), trace.contacts.len()), (2, 3));
+    let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
+    assert!(txn.open_table(V1).is_err(), "indexed-1 is deleted");
+    let next = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(redb::ReadableTableMetadata::len(&next).ok(), Some(2));
 }
 
 #[test]
@@ -356,6 +412,23 @@ fn many_persists_compact_into_one_loadable_chunk() {
         .map(|r| r.count())
         .unwrap_or(0);
     assert!(n < 10, "{n} chunks: compaction did not run");
+    let indexed = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
+    let rows = indexed
+        .range((fa.as_str(), DAY.0, 0u64)..=(fa.as_str(), DAY.0, u64::MAX))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert!(rows < 10, "{rows} indexed-2 rows: compaction did not run");
+    drop((indexed, chunks, txn));
+    let hub = copy.as_mut().unwrap_or_else(|| panic!("persisted"));
+    assert_eq!(
+        l.persist(hub, NOW).ok(),
+        Some(0),
+        "nothing is indexed twice"
+    );
+    let trace = l
+        .trace(&[token(7)], 30, NOW)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(trace.visits.len() as u64, ledger::COMPACT_AFTER_CHUNKS + 6);
     let loaded = l
         .load(&pid(&fa, DAY))
         .ok()
@@ -499,7 +572,7 @@ fn rows_of_day(db: &redb::Database, day: u32) -> usize {
     }
     count!(HUB_CHUNKS, |k: &(&str, u32, u64)| k.1);
     count!(SYNC_STATES, |k: &(&str, &str, u32)| k.2);
-    count!(INDEXED, |k: &(&str, u32, &[u8; 16])| k.1);
+    count!(INDEXED, |k: &(&str, u32, u64)| k.1);
     count!(PARTITION_COUNTS, |k: &(&str, u32)| k.1);
     count!(PARTITION_HEADS, |k: &(&str, u32)| k.1);
     for table in [VISITS_BY_TOKEN, VISITS_BY_FACILITY] {
