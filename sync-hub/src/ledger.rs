@@ -36,8 +36,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_core::{OsRng, RngCore};
 use redb::{
-    MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
+    MultimapTableDefinition, MultimapTableHandle, ReadableDatabase, ReadableMultimapTable,
+    ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use shared::daykey::{DayKeyRatchet, DaySecret};
@@ -60,8 +60,15 @@ pub const HUB_CHUNKS: TableDefinition<(&str, u32, u64), &[u8]> =
 /// `sync-states-1`: (peer key, facility, day) -> encoded `automerge::sync::State`.
 pub const SYNC_STATES: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("sync-states-1");
-/// `visits-by-token-1`: (day, token tag) -> sealed [`IndexedVisit`]s.
-pub const VISITS_BY_TOKEN: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
+/// `visits-by-token-2`: (day, token tag, n) -> one sealed [`IndexedVisit`]; `n` numbers the
+/// visits of that tag on that day from 0 (a one-time token is nearly always visited once).
+/// A plain table, not a multimap: an insert is one walk down the tree instead of a lookup and
+/// then an insert, and the token index is most of what a persist writes.
+pub const VISITS_BY_TOKEN: TableDefinition<(u32, &[u8; 32], u16), &[u8]> =
+    TableDefinition::new("visits-by-token-2");
+/// `visits-by-token-1`, the multimap `visits-by-token-2` replaced: (day, token tag) -> sealed
+/// visits. [`Ledger::open`] moves its rows into `visits-by-token-2` and deletes it.
+const VISITS_BY_TOKEN_V1: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
     MultimapTableDefinition::new("visits-by-token-1");
 /// `visits-by-facility-1`: (day, facility tag) -> sealed batches of [`IndexedVisit`]s, one
 /// batch per persist that indexed anything.
@@ -420,12 +427,13 @@ impl<'s> Ledger<'s> {
         let txn = store.db().begin_write()?;
         txn.open_table(HUB_CHUNKS)?;
         txn.open_table(SYNC_STATES)?;
-        txn.open_multimap_table(VISITS_BY_TOKEN)?;
+        txn.open_table(VISITS_BY_TOKEN)?;
         txn.open_multimap_table(VISITS_BY_FACILITY)?;
         txn.open_table(INDEXED)?;
         txn.open_table(PARTITION_COUNTS)?;
         txn.open_table(PARTITION_HEADS)?;
         migrate_indexed_v1(&txn)?;
+        migrate_visits_by_token_v1(&txn)?;
         txn.commit()?;
         // The actor that merges into partitions at this hub: 8 bytes naming the hub, 8 random
         // bytes per process, so a restarted hub never reuses an automerge sequence number
@@ -612,9 +620,9 @@ impl<'s> Ledger<'s> {
         txn.open_table(PARTITION_COUNTS)?.insert((f, day), count)?;
         let indexed = work.records.len() as u64;
         {
-            let mut by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
+            let mut by_token = txn.open_table(VISITS_BY_TOKEN)?;
             for (tag, sealed) in &work.tokens {
-                by_token.insert((day, tag), sealed.as_slice())?;
+                insert_token_visit(&mut by_token, day, tag, sealed)?;
             }
             if !work.batches.is_empty() {
                 let tag = index.facility_tag(&id.facility);
@@ -795,7 +803,7 @@ impl<'s> Ledger<'s> {
         let case: BTreeSet<[u8; 16]> = tokens.iter().copied().collect();
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
         let txn = self.store.db().begin_read()?;
-        let by_token = txn.open_multimap_table(VISITS_BY_TOKEN)?;
+        let by_token = txn.open_table(VISITS_BY_TOKEN)?;
         let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
         let mut damaged = 0u64;
         let indexes = self.day_indexes(first, last);
@@ -813,8 +821,8 @@ impl<'s> Ledger<'s> {
         for (day, index) in scan_days {
             for token in &case {
                 let tag = index.token_tag(token);
-                for value in by_token.get((day.0, &tag))? {
-                    let value = value?;
+                for row in by_token.range((day.0, &tag, 0u16)..=(day.0, &tag, u16::MAX))? {
+                    let (_, value) = row?;
                     match index.open::<IndexedVisit>(IndexKind::Token, &tag, value.value()) {
                         Some(v) if v.token.as_ref() == Some(token) => {
                             if v.scanned_at < from || v.scanned_at > to {
@@ -1050,8 +1058,19 @@ impl<'s> Ledger<'s> {
         retain_days(&mut txn.open_table(PARTITION_HEADS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(INDEXED)?, |k| k.1 >= h)?;
         report.sync_states = retain_days(&mut txn.open_table(SYNC_STATES)?, |k| k.2 >= h)?;
-        for table in [VISITS_BY_TOKEN, VISITS_BY_FACILITY] {
-            let mut t = txn.open_multimap_table(table)?;
+        {
+            let mut removed = 0u64;
+            txn.open_table(VISITS_BY_TOKEN)?.retain_in(
+                (0u32, &[0u8; 32], 0u16)..(h, &[0u8; 32], 0u16),
+                |_, _| {
+                    removed += 1;
+                    false
+                },
+            )?;
+            report.index_entries += removed;
+        }
+        {
+            let mut t = txn.open_multimap_table(VISITS_BY_FACILITY)?;
             let mut keys: Vec<(u32, [u8; 32])> = Vec::new();
             for row in t.range((0u32, &[0u8; 32])..(h, &[0u8; 32]))? {
                 let (k, values) = row?;
@@ -1108,6 +1127,69 @@ fn read_indexed(
         rows += 1;
     }
     Ok((ids, rows))
+}
+
+/// Adds one sealed visit under token tag `tag` of `day`: at `n` = 0, unless the tag already has
+/// visits that day (the same one-time code scanned twice), then after the last of them.
+fn insert_token_visit(
+    table: &mut redb::Table<'_, (u32, &'static [u8; 32], u16), &'static [u8]>,
+    day: u32,
+    tag: &[u8; 32],
+    sealed: &[u8],
+) -> Result<(), LedgerError> {
+    let Some(first) = table
+        .insert((day, tag, 0u16), sealed)?
+        .map(|g| g.value().to_vec())
+    else {
+        return Ok(());
+    };
+    // Not the tag's first visit: put the first back, and this one after the last.
+    table.insert((day, tag, 0u16), first.as_slice())?;
+    let last = table
+        .range((day, tag, 0u16)..=(day, tag, u16::MAX))?
+        .next_back()
+        .transpose()?
+        .map_or(0, |(k, _)| k.value().2);
+    match last.checked_add(1) {
+        Some(n) => {
+            table.insert((day, tag, n), sealed)?;
+        }
+        None => tracing::warn!(
+            day,
+            "a token tag has 65,536 visits on one day: further visits of it are not indexed"
+        ),
+    }
+    Ok(())
+}
+
+/// Moves the rows of the multimap `visits-by-token-1` into `visits-by-token-2` and deletes
+/// it. Does nothing if it is gone.
+fn migrate_visits_by_token_v1(txn: &WriteTransaction) -> Result<(), LedgerError> {
+    if !txn
+        .list_multimap_tables()?
+        .any(|t| t.name() == VISITS_BY_TOKEN_V1.name())
+    {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    {
+        let old = txn.open_multimap_table(VISITS_BY_TOKEN_V1)?;
+        let mut next = txn.open_table(VISITS_BY_TOKEN)?;
+        for row in old.iter()? {
+            let (key, values) = row?;
+            let (day, tag) = key.value();
+            for value in values {
+                insert_token_visit(&mut next, day, tag, value?.value())?;
+                moved += 1;
+            }
+        }
+    }
+    txn.delete_multimap_table(VISITS_BY_TOKEN_V1)?;
+    tracing::info!(
+        visits = moved,
+        "moved the token index to a plain table (visits-by-token-1 -> visits-by-token-2)"
+    );
+    Ok(())
 }
 
 /// Moves the rows of `indexed-1` (one per record, written by earlier versions) into
