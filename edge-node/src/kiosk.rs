@@ -43,10 +43,12 @@ use tokio::sync::{Notify, Semaphore};
 pub const MAX_KIOSK_FRAME: usize = 2 * 1024 * 1024;
 /// Staff mode ends after this long without a staff request.
 pub const STAFF_IDLE: Duration = Duration::from_secs(300);
-/// The status line says "online" when the last completed hub sync is at most this old. The
-/// sync loop syncs every 30 s while the hub answers (`daemon::SYNC_INTERVAL`), so two missed
-/// rounds and some slack mean the hub is not being reached.
-pub const ONLINE_WITHIN: u64 = 2 * crate::daemon::SYNC_INTERVAL.as_secs() + 15;
+/// The status line says "online" when the last completed hub sync is at most this old. While
+/// nothing moves the sync loop syncs at least every `daemon::IDLE_MAX_INTERVAL` (5 min), and
+/// within 1.5 s of every scan, so a missed idle round plus slack means the hub is not being
+/// reached.
+pub const ONLINE_WITHIN: u64 =
+    crate::daemon::IDLE_MAX_INTERVAL.as_secs() + crate::daemon::SYNC_INTERVAL.as_secs() + 15;
 /// Staff sessions kept at most (one per tablet; old ones are dropped first).
 const MAX_STAFF_SESSIONS: usize = 16;
 /// The staff session cookie.
