@@ -1109,7 +1109,7 @@ fn read_indexed(
     for row in table.range((f, day, 0u64)..=(f, day, u64::MAX))? {
         let (key, value) = row?;
         let (seq, bytes) = (key.value().2, value.value());
-        if seq != rows || bytes.len() % 16 != 0 {
+        if seq != rows || !bytes.len().is_multiple_of(16) {
             return Err(LedgerError::Corrupt {
                 table: "indexed-2",
                 reason: format!(
@@ -1119,11 +1119,7 @@ fn read_indexed(
                 ),
             });
         }
-        ids.extend(bytes.chunks_exact(16).map(|c| {
-            let mut id = [0u8; 16];
-            id.copy_from_slice(c);
-            id
-        }));
+        ids.extend(fixed_chunks::<16>(bytes));
         rows += 1;
     }
     Ok((ids, rows))
@@ -1246,14 +1242,17 @@ fn parse_heads(bytes: &[u8]) -> Result<Vec<[u8; 32]>, LedgerError> {
             ),
         });
     }
-    Ok(bytes
-        .chunks_exact(32)
-        .map(|c| {
-            let mut h = [0u8; 32];
-            h.copy_from_slice(c);
-            h
-        })
-        .collect())
+    Ok(fixed_chunks::<32>(bytes).collect())
+}
+
+/// `bytes` as consecutive `N`-byte arrays (a trailing partial chunk is dropped: callers check
+/// the length first).
+fn fixed_chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    bytes.chunks_exact(N).map(|c| {
+        let mut a = [0u8; N];
+        a.copy_from_slice(c);
+        a
+    })
 }
 
 /// Below this many records to index, a persist does all its work on the calling thread:
