@@ -1,7 +1,7 @@
 //! The health authority's trace as its users get it: checked input (case id, purpose, tokens,
-//! a window no longer than the retention period), the ledger's answer with facility names and
-//! addresses, paper entries still sealed to the authority, facilities whose answer may be
-//! incomplete, codes that look like a shared screenshot, JSON and spreadsheet-safe CSV exports,
+//! a contact window of at most 12 hours, a period no longer than the retention period), the
+//! ledger's answer with facility names and addresses, paper entries still sealed to the
+//! authority, facilities whose answer may be incomplete, codes that look like a shared screenshot, JSON and spreadsheet-safe CSV exports,
 //! and an audit entry for every trace. The authority opens the sealed paper entries of an
 //! export on its own machine with [`open_paper`] (`sync-hub paper open`).
 
@@ -17,8 +17,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Contacts within this many minutes of a visit, unless asked otherwise.
 pub const DEFAULT_WINDOW_MINUTES: u64 = 30;
-/// The longest contact window (`--window-minutes`): the retention period.
-pub const MAX_WINDOW_MINUTES: u64 = RETENTION_DAYS as u64 * 24 * 60;
+/// The longest contact window (`--window-minutes`, ± around each of the case's visits): 12
+/// hours, a whole day's span around a visit.
+///
+/// Contact tracing asks who was at the same place at the same time. A KI-Pass check-in records
+/// arrival only, so the window must cover how long a visit may last (a meal or a karaoke
+/// session is a few hours, a worship service or a long shift up to a working day) plus how long
+/// exhaled aerosol lingers in a closed room after someone leaves (an hour or two with poor
+/// ventilation); 12 hours either side covers all of that with room to spare. A wider window
+/// stops being a contact search: at 28 days (the retention period, the earlier cap) one trace
+/// returned a facility's whole month of visitors.
+pub const MAX_WINDOW_MINUTES: u64 = 12 * 60;
 /// The longest trace period (`to - from`): the retention period.
 pub const MAX_PERIOD_SECONDS: u64 = RETENTION_DAYS as u64 * DAY_SECONDS;
 /// One code's validity: the same token at two facilities within this is a shared screenshot.
@@ -120,7 +129,10 @@ impl TraceRequest {
         let window_minutes = self.window_minutes.unwrap_or(DEFAULT_WINDOW_MINUTES);
         if window_minutes > MAX_WINDOW_MINUTES {
             return Err(format!(
-                "the contact window may not exceed the retention period ({MAX_WINDOW_MINUTES} minutes)"
+                "the contact window may not exceed {MAX_WINDOW_MINUTES} minutes (12 hours) \
+                 either side of a visit: a wider one returns a facility's whole register, \
+                 not the people present at the same time; trace again with a smaller \
+                 window_minutes"
             ));
         }
         let to = self.to.unwrap_or(now);
@@ -806,6 +818,25 @@ mod tests {
         r.case = Some("case-1".into());
         r.purpose = Some("contact tracing".into());
         assert!(r.check(now, true).is_ok());
+    }
+
+    #[test]
+    fn contact_windows_beyond_twelve_hours_are_refused() {
+        let now = 100 * DAY_SECONDS;
+        let req = |window_minutes| TraceRequest {
+            tokens: vec!["00".repeat(16)],
+            window_minutes,
+            ..TraceRequest::default()
+        };
+        assert!(req(None).check(now, false).is_ok());
+        assert!(req(Some(MAX_WINDOW_MINUTES)).check(now, false).is_ok());
+        for refused in [MAX_WINDOW_MINUTES + 1, 7 * 24 * 60, 28 * 24 * 60, u64::MAX] {
+            let err = req(Some(refused))
+                .check(now, false)
+                .err()
+                .unwrap_or_default();
+            assert!(err.contains("720 minutes"), "{refused}: {err}");
+        }
     }
 
     #[test]
