@@ -11,5 +11,6 @@ pub mod frame;
 pub mod kiosk;
 pub mod net;
 pub mod pin_guard;
+pub mod private_files;
 pub mod replica;
 pub mod store;

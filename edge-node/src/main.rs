@@ -219,6 +219,8 @@ fn message(v: Verdict, text: Option<&str>) -> String {
 
 fn run(cli: Cli) -> Result<i32> {
     let data = cli.data;
+    // Before anything is created: every file of ours is owner-only (keys, stores, exports).
+    edge_node::private_files::restrict(&data);
     let now = clock::now();
     match cli.command {
         Command::Init {

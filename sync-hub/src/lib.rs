@@ -15,6 +15,7 @@ pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod people;
+pub mod private_files;
 pub mod store;
 pub mod trace;
 

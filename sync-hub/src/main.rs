@@ -421,6 +421,8 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     let data = cli.data;
+    // Before anything is created: every file of ours is owner-only (keys, stores, exports).
+    sync_hub::private_files::restrict(&data);
     let now = clock::now();
     match cli.command {
         Command::Init {
