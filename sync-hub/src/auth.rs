@@ -3,9 +3,17 @@
 //! Three roles (`Role`): the hub's **operators**, **local-government officers** (each bound
 //! to one region, the `region` field of the facilities they administer) and the **health
 //! authority**. Credentials are made with `sync-hub credential add`, which prints the secret
-//! once; the hub keeps only a keyed BLAKE3 digest of its random part (`people-credentials-1`
-//! in `docs/storage.md`), so a copy of `hub.redb` lets nobody in. A credential is revoked, never
-//! deleted, so the audit log's references to it stay meaningful.
+//! once; the hub keeps only a digest of its random part keyed with `keys/credential.key` and
+//! bound to the row's id, role, region and name (`people-credentials-2` in `docs/storage.md`),
+//! so a copy of `hub.redb` lets nobody in, and neither does a row written into it without the
+//! key, nor an officer's row edited into an authority's. A credential is revoked, never
+//! deleted, so the audit log's references to it stay meaningful; revoking re-keys its digest,
+//! so clearing `revoked_at` in the database does not bring it back.
+//!
+//! Rows made before the key existed (`people-credentials-1`, an unkeyed digest) are wrapped
+//! once, when the store first opens with the key ([`upgrade`]): the keyed digest is taken over
+//! the old digest, so their secrets keep working, and the row is marked `legacy`. Rows that
+//! appear in `people-credentials-1` after that are never read.
 //!
 //! The operator token in `keys/operator.token` (what commands use while `run` holds the store)
 //! is the **local operator**: whoever can read the hub's key folder already holds every key, so
@@ -13,19 +21,27 @@
 //! as `local-operator`. Remote operators get an `operator` credential, which runs the hub but
 //! sees no visit.
 
+use crate::keys::MacKey;
 use crate::store::{Store, StoreError};
 use rand_core::{OsRng, RngCore};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shared::UnixSeconds;
 use std::fmt;
 
-/// `people-credentials-1`: credential id -> JSON [`CredentialRecord`].
+/// `people-credentials-2`: credential id -> JSON [`CredentialRecord`] with a keyed digest.
 pub const PEOPLE_CREDENTIALS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("people-credentials-2");
+/// `people-credentials-1`: the unkeyed layout, read once by [`upgrade`].
+pub const PEOPLE_CREDENTIALS_V1: TableDefinition<&str, &[u8]> =
     TableDefinition::new("people-credentials-1");
 
-/// Domain separation of credential digests.
-const DIGEST_CONTEXT: &str = "kipass hub people credential v1";
+/// Domain separation of the unkeyed digests of `people-credentials-1`.
+const LEGACY_DIGEST_CONTEXT: &str = "kipass hub people credential v1";
+/// The key of digests, derived from `keys/credential.key`.
+const DIGEST_KEY_CONTEXT: &str = "kipass hub people credential digest v2";
+/// The key that turns an active digest into a revoked one.
+const REVOKED_KEY_CONTEXT: &str = "kipass hub people credential revoked v2";
 /// The prefix of every credential secret, so a leaked one is recognisable in a scan.
 const SECRET_PREFIX: &str = "kph1";
 /// The principal id of the operator token in `keys/operator.token`.
@@ -80,12 +96,16 @@ pub struct CredentialRecord {
     pub region: Option<String>,
     /// Whose it is (for the audit log).
     pub name: String,
-    /// Hex of the keyed BLAKE3 digest of the secret's random part.
+    /// Hex of the keyed BLAKE3 digest of the row and the secret's random part (see
+    /// `docs/storage.md`); re-keyed once more when revoked.
     pub digest: String,
     /// When it was made.
     pub created_at: UnixSeconds,
     /// When it was revoked; a revoked credential is refused everywhere.
     pub revoked_at: Option<UnixSeconds>,
+    /// Made before credential digests were keyed: its digest wraps the old unkeyed one.
+    #[serde(default)]
+    pub legacy: bool,
 }
 
 /// Who is asking: a credential's holder, or the local operator.
@@ -222,8 +242,50 @@ impl fmt::Debug for Secret {
     }
 }
 
-fn digest(random: &[u8; 32]) -> blake3::Hash {
-    blake3::Hash::from(blake3::derive_key(DIGEST_CONTEXT, random))
+/// The unkeyed digest of `people-credentials-1`.
+fn legacy_digest(random: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key(LEGACY_DIGEST_CONTEXT, random)
+}
+
+/// The digest an active row holds: keyed, over the fields that say who the holder is and what
+/// they may do (length-prefixed, so no two rows share an encoding) and the legacy mark, then
+/// `part`: the secret's random part, or for a legacy row its old unkeyed digest (all the hub
+/// ever had of it).
+fn row_digest(key: &MacKey, r: &CredentialRecord, part: &[u8; 32]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(&key.derive(DIGEST_KEY_CONTEXT));
+    let region = r.region.as_deref().unwrap_or("");
+    for field in [r.id.as_str(), r.role.as_str(), region, r.name.as_str()] {
+        h.update(&(field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    h.update(&[u8::from(r.legacy)]);
+    h.update(part);
+    h.finalize()
+}
+
+/// The active digest of row `r` for a secret with random part `random`.
+fn active_digest(key: &MacKey, r: &CredentialRecord, random: &[u8; 32]) -> blake3::Hash {
+    if r.legacy {
+        row_digest(key, r, &legacy_digest(random))
+    } else {
+        row_digest(key, r, random)
+    }
+}
+
+/// The digest of a revoked row: the active one, keyed again, so that clearing `revoked_at`
+/// leaves a row whose digest matches no secret.
+fn revoked_digest(key: &MacKey, active: &blake3::Hash) -> blake3::Hash {
+    blake3::keyed_hash(&key.derive(REVOKED_KEY_CONTEXT), active.as_bytes())
+}
+
+/// The digest row `r` should hold for a secret with random part `random`.
+fn expected_digest(key: &MacKey, r: &CredentialRecord, random: &[u8; 32]) -> blake3::Hash {
+    let active = active_digest(key, r, random);
+    if r.revoked_at.is_some() {
+        revoked_digest(key, &active)
+    } else {
+        active
+    }
 }
 
 fn clean_text(field: &str, value: &str, max: usize) -> Result<String, AuthError> {
@@ -264,15 +326,19 @@ pub fn issue(
     let id = format!("cred_{}", hex::encode(id_bytes));
     let mut random = [0u8; 32];
     OsRng.fill_bytes(&mut random);
-    let record = CredentialRecord {
+    let mut record = CredentialRecord {
         id: id.clone(),
         role,
         region,
         name,
-        digest: digest(&random).to_hex().to_string(),
+        digest: String::new(),
         created_at: now,
         revoked_at: None,
+        legacy: false,
     };
+    record.digest = active_digest(store.credential_key(), &record, &random)
+        .to_hex()
+        .to_string();
     let txn = store.db().begin_write()?;
     txn.open_table(PEOPLE_CREDENTIALS)?
         .insert(id.as_str(), encode(&record).as_slice())?;
@@ -291,11 +357,85 @@ fn encode(r: &CredentialRecord) -> Vec<u8> {
 fn decode(key: &str, v: &[u8]) -> Result<CredentialRecord, AuthError> {
     serde_json::from_slice(v).map_err(|e| {
         AuthError::Store(StoreError::Corrupt {
-            table: "people-credentials-1",
+            table: "people-credentials-2",
             key: key.to_owned(),
             reason: e.to_string(),
         })
     })
+}
+
+fn stored_digest(r: &CredentialRecord) -> Result<blake3::Hash, AuthError> {
+    blake3::Hash::from_hex(&r.digest).map_err(|_| {
+        AuthError::Store(StoreError::Corrupt {
+            table: "people-credentials-2",
+            key: r.id.clone(),
+            reason: "digest is not 64 hex digits".into(),
+        })
+    })
+}
+
+/// Whether any row of the keyed layout exists (then `keys/credential.key` must too).
+pub(crate) fn has_keyed_rows(db: &redb::Database) -> Result<bool, StoreError> {
+    let txn = db.begin_read()?;
+    let t = txn.open_table(PEOPLE_CREDENTIALS)?;
+    Ok(!t.is_empty()?)
+}
+
+/// Moves the rows of `people-credentials-1` into `people-credentials-2`, each marked `legacy`
+/// with its unkeyed digest wrapped under the store's credential key (revoked rows in their
+/// revoked form), and deletes the old table; audits the ids it moved. Runs only while
+/// `keys/credential.key` is being created ([`Store::open`]), so rows written into the old
+/// table later are never trusted. Returns how many rows it moved.
+pub(crate) fn upgrade(store: &Store, now: UnixSeconds) -> Result<usize, AuthError> {
+    let key = store.credential_key();
+    let txn = store.db().begin_write()?;
+    let mut moved = Vec::new();
+    let mut damaged = Vec::new();
+    {
+        let old = txn.open_table(PEOPLE_CREDENTIALS_V1)?;
+        let mut new = txn.open_table(PEOPLE_CREDENTIALS)?;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            let id = k.value().to_owned();
+            let Ok(mut r) = serde_json::from_slice::<CredentialRecord>(v.value()) else {
+                damaged.push(id);
+                continue;
+            };
+            let Ok(old_digest) = blake3::Hash::from_hex(&r.digest) else {
+                damaged.push(id);
+                continue;
+            };
+            if r.id != id || new.get(id.as_str())?.is_some() {
+                damaged.push(id);
+                continue;
+            }
+            r.legacy = true;
+            let active = row_digest(key, &r, old_digest.as_bytes());
+            let digest = if r.revoked_at.is_some() {
+                revoked_digest(key, &active)
+            } else {
+                active
+            };
+            r.digest = digest.to_hex().to_string();
+            new.insert(id.as_str(), encode(&r).as_slice())?;
+            moved.push(id);
+        }
+    }
+    txn.delete_table(PEOPLE_CREDENTIALS_V1)?;
+    txn.commit()?;
+    if !moved.is_empty() || !damaged.is_empty() {
+        // Best effort after the commit: the move is done either way, and the rows say
+        // `legacy` themselves.
+        let event = crate::audit::Event::new(
+            "credential.rekey",
+            serde_json::json!({ "moved": moved, "not_moved_damaged": damaged }),
+        );
+        let audit = crate::audit::AuditLog::new(store, store.dir());
+        if let Err(e) = audit.append(&Principal::local_operator(), event, now) {
+            tracing::warn!("credential upgrade: could not audit it: {e}");
+        }
+    }
+    Ok(moved.len())
 }
 
 /// Every credential, by id.
@@ -325,6 +465,10 @@ pub fn revoke(store: &Store, id: &str, now: UnixSeconds) -> Result<CredentialRec
             }
         };
         if record.revoked_at.is_none() {
+            let active = stored_digest(&record)?;
+            record.digest = revoked_digest(store.credential_key(), &active)
+                .to_hex()
+                .to_string();
             record.revoked_at = Some(now);
             t.insert(id, encode(&record).as_slice())?;
         }
@@ -337,7 +481,9 @@ pub fn revoke(store: &Store, id: &str, now: UnixSeconds) -> Result<CredentialRec
 /// Who the `Authorization` header's bearer credential belongs to.
 ///
 /// `operator_token` is the local operator's token. Comparisons are of BLAKE3 digests
-/// (`blake3::Hash` compares in constant time), so timing reveals nothing of a secret.
+/// (`blake3::Hash` compares in constant time), so timing reveals nothing of a secret. A row's
+/// digest is keyed with `keys/credential.key` and bound to the row, so only rows the hub wrote
+/// authenticate, with the role, region and name it wrote.
 pub fn authenticate(
     store: &Store,
     bearer: Option<&str>,
@@ -368,14 +514,11 @@ pub fn authenticate(
         Some(v) => decode(id, v.value())?,
         None => return Err(AuthError::Unknown),
     };
-    let stored = blake3::Hash::from_hex(&record.digest).map_err(|_| {
-        AuthError::Store(StoreError::Corrupt {
-            table: "people-credentials-1",
-            key: id.to_owned(),
-            reason: "digest is not 64 hex digits".into(),
-        })
-    })?;
-    if digest(&random) != stored {
+    if record.id != id {
+        return Err(AuthError::Unknown);
+    }
+    let stored = stored_digest(&record)?;
+    if expected_digest(store.credential_key(), &record, &random) != stored {
         return Err(AuthError::Unknown);
     }
     if record.revoked_at.is_some() {

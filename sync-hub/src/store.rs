@@ -4,13 +4,15 @@
 //! One database file, `hub.redb`, in the data folder. Every table name carries a layout
 //! version (`facilities-1`); `docs/storage.md` documents each key and value. Key material
 //! lives apart from it, in `keys/` (see [`crate::keys`]): a copy of `hub.redb` alone reveals
-//! no visit.
+//! no visit, and a write to it alone can neither forge an audit entry nor a credential (both
+//! are keyed with secrets from `keys/`, which the store loads when it opens).
 
+use crate::keys::{KeyDir, MacKey, MacKeyFile};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
 use shared::facility::Facility;
 use shared::{DeviceId, FacilityId, UnixSeconds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// `config-1`: setting name -> JSON value.
 pub const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config-1");
@@ -48,6 +50,17 @@ pub enum StoreError {
         /// The key.
         key: String,
         /// Parse error.
+        reason: String,
+    },
+    /// A key file in `keys/` failed.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    /// Moving data of an older layout to the keyed one failed.
+    #[error("cannot move {what} to the keyed layout: {reason}")]
+    Upgrade {
+        /// What was being moved.
+        what: &'static str,
+        /// Why it failed.
         reason: String,
     },
 }
@@ -95,6 +108,9 @@ pub struct DeviceRecord {
 /// The hub's store.
 pub struct Store {
     db: Database,
+    dir: PathBuf,
+    audit_key: MacKey,
+    credential_key: MacKey,
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, key: &str, v: &[u8]) -> Result<T, StoreError> {
@@ -111,7 +127,13 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store file.
+    /// Opens (or creates) the store file, and loads the keys of the audit chain and of the
+    /// people's credentials from the `keys/` folder beside it.
+    ///
+    /// A store made before those keys existed is moved to the keyed layout here, once: the
+    /// key is staged, the legacy audit chain re-keyed ([`crate::audit::upgrade`]) and legacy
+    /// credential rows wrapped ([`crate::auth::upgrade`]), then the key is put in place. A key
+    /// that is missing although data was keyed with it is an error, never silently replaced.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
@@ -130,8 +152,74 @@ impl Store {
         txn.open_table(crate::auth::PEOPLE_CREDENTIALS)?;
         txn.open_table(crate::gov::DESIGNATIONS)?;
         txn.open_table(crate::audit::AUDIT)?;
+        txn.open_table(crate::audit::AUDIT_DETAILS)?;
         txn.commit()?;
-        Ok(Store { db })
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let keys = KeyDir::new(&dir);
+        let (audit_key, audit_staged) = match keys.mac_key(MacKeyFile::Audit)? {
+            Some(k) => (k, false),
+            None if !keys.has_staged(MacKeyFile::Audit) && crate::audit::head_is_keyed(&dir) => {
+                return Err(crate::keys::KeyError::Missing(
+                    keys.path().join("audit.key").display().to_string(),
+                )
+                .into());
+            }
+            None => (keys.stage(MacKeyFile::Audit)?, true),
+        };
+        let (credential_key, credential_staged) = match keys.mac_key(MacKeyFile::Credential)? {
+            Some(k) => (k, false),
+            None if !keys.has_staged(MacKeyFile::Credential)
+                && crate::auth::has_keyed_rows(&db)? =>
+            {
+                return Err(crate::keys::KeyError::Missing(
+                    keys.path().join("credential.key").display().to_string(),
+                )
+                .into());
+            }
+            None => (keys.stage(MacKeyFile::Credential)?, true),
+        };
+        let store = Store {
+            db,
+            dir,
+            audit_key,
+            credential_key,
+        };
+        // The upgrade's own audit entries are the one reading of the clock in the store: the
+        // callers of `open` (every command) have no `now` of their own to hand in.
+        let now = crate::clock::now();
+        if audit_staged {
+            crate::audit::upgrade(&store, now).map_err(|e| StoreError::Upgrade {
+                what: "the audit log",
+                reason: e.to_string(),
+            })?;
+            keys.commit_staged(MacKeyFile::Audit)?;
+        }
+        if credential_staged {
+            crate::auth::upgrade(&store, now).map_err(|e| StoreError::Upgrade {
+                what: "the people's credentials",
+                reason: e.to_string(),
+            })?;
+            keys.commit_staged(MacKeyFile::Credential)?;
+        }
+        Ok(store)
+    }
+
+    /// The data folder the store file is in (its `keys/` folder is beside the file).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The key of the audit chain (`keys/audit.key`).
+    pub fn audit_key(&self) -> &MacKey {
+        &self.audit_key
+    }
+
+    /// The key of the people's credential digests (`keys/credential.key`).
+    pub fn credential_key(&self) -> &MacKey {
+        &self.credential_key
     }
 
     /// Rewrites the file without free pages (best effort: false if it could not run).
