@@ -7,8 +7,10 @@
 //! it, or it presents its ticket's unused credential (which then binds it).
 
 use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
+use crate::auth::Principal;
 use crate::clock;
-use crate::ledger::{Ledger, PurgeReport, Stats};
+use crate::ledger::{Ledger, Persisted, PurgeReport, Stats};
+use crate::people::{self, OpError};
 use crate::store::DeviceRecord;
 use iroh::endpoint::presets;
 use iroh::{Endpoint, PublicKey, SecretKey};
@@ -53,18 +55,23 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     /// Retention runs.
     pub retention_runs: AtomicU64,
+    /// Records indexed whose session key was wrapped to an earlier day's key (the device's
+    /// day-key fallback): readable only until that earlier day expires.
+    pub records_fallback_key: AtomicU64,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
 pub enum Request {
     /// `stats`.
     Stats(oneshot::Sender<Result<Stats, String>>),
-    /// `purge`.
+    /// `purge`, asked for by `who`: checked and audited by [`people::purge`].
     Purge {
+        /// Who asks (only the local operator may move retention ahead of the clock).
+        who: Principal,
         /// Retention as of this time (never earlier than now).
-        as_of: UnixSeconds,
+        as_of: Option<UnixSeconds>,
         /// The answer.
-        reply: oneshot::Sender<Result<PurgeReport, String>>,
+        reply: oneshot::Sender<Result<PurgeReport, OpError>>,
     },
     /// Run an administrative closure on the hub (facility approval and the like).
     Admin(AdminJob),
@@ -72,6 +79,13 @@ pub enum Request {
     /// administration, metrics); it replies through what it captured.
     Query(QueryJob),
 }
+
+/// A purge asked for: who, the time asked for, where the answer goes.
+type PurgeAsked = (
+    Principal,
+    Option<UnixSeconds>,
+    oneshot::Sender<Result<PurgeReport, OpError>>,
+);
 
 /// An administrative operation for the actor to run on the hub.
 pub type AdminJob = Box<dyn FnOnce(&Hub) -> Result<serde_json::Value, String> + Send>;
@@ -130,11 +144,15 @@ impl HubHandle {
         rx.await.map_err(|_| "the hub has stopped".to_owned())?
     }
 
-    /// `purge` through the actor.
-    pub async fn purge(&self, as_of: UnixSeconds) -> Result<PurgeReport, String> {
+    /// `purge` through the actor, asked for by `who`; `Err` if the hub has stopped.
+    pub async fn purge(
+        &self,
+        who: Principal,
+        as_of: Option<UnixSeconds>,
+    ) -> Result<Result<PurgeReport, OpError>, String> {
         let (reply, rx) = oneshot::channel();
-        self.request(Request::Purge { as_of, reply })?;
-        rx.await.map_err(|_| "the hub has stopped".to_owned())?
+        self.request(Request::Purge { who, as_of, reply })?;
+        rx.await.map_err(|_| "the hub has stopped".to_owned())
     }
 
     /// Runs `f` on the actor's hub and ledger, between sessions' frames.
@@ -350,8 +368,8 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
         }
     };
     let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
-    let mut pending_purge: Vec<(UnixSeconds, oneshot::Sender<Result<PurgeReport, String>>)> =
-        Vec::new();
+    // Purges asked for (who, as_of, the answer), or the timer's (`None`).
+    let mut pending_purge: Vec<Option<PurgeAsked>> = Vec::new();
     while let Ok(input) = rx.recv() {
         let now = clock::now();
         match input {
@@ -416,13 +434,15 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
                 Request::Stats(reply) => {
                     let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
                 }
-                Request::Purge { as_of, reply } => pending_purge.push((as_of, reply)),
+                Request::Purge { who, as_of, reply } => {
+                    pending_purge.push(Some((who, as_of, reply)));
+                }
                 Request::Admin(f) => {
                     let _ = f(&hub);
                 }
                 Request::Query(f) => f(&hub, &ledger, &metrics),
             },
-            Input::Tick => pending_purge.push((now, oneshot::channel().0)),
+            Input::Tick => pending_purge.push(None),
         }
         conns.retain(|_, c| !c.session.is_finished());
         if !pending_purge.is_empty() {
@@ -432,13 +452,25 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
                 c.cache.clear();
             }
         }
-        for (as_of, reply) in pending_purge.drain(..) {
-            let r = ledger.purge(as_of.max(now)).map_err(|e| e.to_string());
-            metrics.retention_runs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = &r {
-                tracing::warn!("retention: {e}");
+        for asked in pending_purge.drain(..) {
+            // Checked, enforced and audited in `people`; only the local operator may move
+            // retention ahead of the clock.
+            let (r, reply) = match asked {
+                Some((who, as_of, reply)) => (
+                    people::purge(&hub, &mut ledger, &who, as_of, now),
+                    Some(reply),
+                ),
+                None => (people::purge_on_timer(&hub, &mut ledger, now), None),
+            };
+            match &r {
+                Ok(_) => {
+                    metrics.retention_runs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!("retention: {e}"),
             }
-            let _ = reply.send(r);
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
         }
     }
 }
@@ -484,7 +516,12 @@ fn pump(
                     // The ledger persists and indexes what the session merged.
                     match persist(ledger, parts, &id, now) {
                         Ok(n) => {
-                            metrics.records_ingested.fetch_add(n, Ordering::Relaxed);
+                            metrics
+                                .records_ingested
+                                .fetch_add(n.indexed, Ordering::Relaxed);
+                            metrics
+                                .records_fallback_key
+                                .fetch_add(n.fallback, Ordering::Relaxed);
                         }
                         Err(e) => tracing::warn!("cannot persist partition {id}: {e}"),
                     }
@@ -538,10 +575,10 @@ fn persist(
     parts: &mut impl PartitionStore,
     id: &shared::PartitionId,
     now: UnixSeconds,
-) -> Result<u64, String> {
+) -> Result<Persisted, String> {
     match parts.partition_mut(id).map_err(|e| e.to_string())? {
-        Some(p) => ledger.persist(p, now).map_err(|e| e.to_string()),
-        None => Ok(0),
+        Some(p) => ledger.persist_counted(p, now).map_err(|e| e.to_string()),
+        None => Ok(Persisted::default()),
     }
 }
 

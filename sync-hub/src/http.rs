@@ -163,8 +163,11 @@ async fn stats(State(s): State<AppState>, headers: HeaderMap) -> Response {
 
 /// A purge request's body.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
-    /// Enforce retention as if the clock read this (never earlier than now).
+    /// Enforce retention as if the clock read this. Not after the hub's clock, except from
+    /// the local operator (`sync-hub purge --as-of`), and then at most
+    /// [`crate::people::MAX_PURGE_AHEAD_SECONDS`] ahead.
     pub as_of: Option<u64>,
 }
 
@@ -173,22 +176,31 @@ async fn purge(
     headers: HeaderMap,
     b: Result<Json<PurgeRequest>, JsonRejection>,
 ) -> Response {
-    // Authenticate first; the purge itself needs the actor's mutable ledger.
-    let checked = serve(&s, &headers, |_, who, _| {
-        who.require(&[Role::Operator])?;
-        Ok(Reply::Json(serde_json::Value::Null))
-    })
-    .await;
-    if !checked.status().is_success() {
-        return checked;
+    // Authenticate on the actor before the body is looked at. The purge itself needs the
+    // actor's mutable ledger: `people::purge` checks the time asked for against the actor's
+    // clock and the principal, enforces retention and audits it.
+    let given = bearer(&headers);
+    let token = s.token.clone();
+    let who = match s
+        .hub
+        .query(move |hub, _, _| auth::authenticate(hub.store(), given.as_deref(), &token))
+        .await
+    {
+        Ok(Ok(who)) => who,
+        Ok(Err(e)) => return op_error(&e.into()),
+        Err(stopped) => return error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
+    };
+    if let Err(e) = who.require(&[Role::Operator]) {
+        return op_error(&e.into());
     }
     let req = match body(b) {
         Ok(r) => r,
         Err(e) => return op_error(&e),
     };
-    match s.hub.purge(req.as_of.unwrap_or(0)).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    match s.hub.purge(who, req.as_of).await {
+        Ok(Ok(r)) => Json(r).into_response(),
+        Ok(Err(e)) => op_error(&e),
+        Err(stopped) => error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
     }
 }
 
@@ -510,6 +522,12 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             "Retention runs.",
             &m.retention_runs,
         ),
+        (
+            "kipass_records_fallback_key_total",
+            "Records indexed whose session key a device wrapped to an earlier day's key (it ran \
+             out of day keys): readable only until that earlier day expires.",
+            &m.records_fallback_key,
+        ),
     ] {
         head(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
@@ -539,6 +557,32 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
         "gauge",
     );
     let _ = writeln!(out, "kipass_records_held {}", stats.records);
+    head(
+        &mut out,
+        "kipass_records_fallback_key_held",
+        "Records in live partitions sealed to an earlier day's key by a device's day-key \
+         fallback: they become unreadable when that day expires, before their own day does.",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "kipass_records_fallback_key_held {}",
+        stats.records_fallback_key
+    );
+    head(
+        &mut out,
+        "kipass_facility_records_fallback_key_held",
+        "kipass_records_fallback_key_held by facility (facilities that have any): a device \
+         there has gone too long without a sync.",
+        "gauge",
+    );
+    for (f, n) in &stats.fallback_per_facility {
+        let _ = writeln!(
+            out,
+            "kipass_facility_records_fallback_key_held{{facility=\"{}\"}} {n}",
+            label(f)
+        );
+    }
     let oldest = desk.ledger.oldest_live_day(now);
     let last = Ledger::last_live_day(now);
     head(

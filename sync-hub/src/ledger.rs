@@ -23,9 +23,9 @@
 //! the deletion, or free pages that still hold the rows, can no longer be read or linked.
 //!
 //! `docs/storage.md` documents every table. Facility ids appear in clear in the keys of
-//! `hub-chunks-1`, `partition-counts-1`, `partition-heads-1`, `indexed-2` and `sync-states-1`:
-//! which facility had how many visits on which day is metadata the hub's administrators see
-//! anyway (it is in `stats`), and it names no visitor.
+//! `hub-chunks-1`, `partition-counts-1`, `partition-heads-1`, `fallback-counts-1`, `indexed-2`
+//! and `sync-states-1`: which facility had how many visits on which day is metadata the hub's
+//! administrators see anyway (it is in `stats`), and it names no visitor.
 
 use crate::keys::{KeyDir, KeyError};
 use crate::store::{Store, StoreError as RegistryError};
@@ -88,6 +88,13 @@ pub const PARTITION_COUNTS: TableDefinition<(&str, u32), u64> =
 /// 32 bytes each, so that a session's summaries need not load every partition.
 pub const PARTITION_HEADS: TableDefinition<(&str, u32), &[u8]> =
     TableDefinition::new("partition-heads-1");
+/// `fallback-counts-1`: (facility, day) -> records of that partition indexed so far whose
+/// session key was wrapped to an earlier day's key (the device's day-key fallback after it ran
+/// out of day public keys). Such records become unreadable when that earlier day expires, up
+/// to `DAY_KEYS_AHEAD` days before their own day does; operators see how many in `stats` and
+/// `/metrics`. Absent: none.
+pub const FALLBACK_COUNTS: TableDefinition<(&str, u32), u64> =
+    TableDefinition::new("fallback-counts-1");
 
 /// Chunks after which a partition is rewritten as one full save. One chunk is written per
 /// partition per sync session, so this is about a day of busy syncing; loading 64 chunks
@@ -216,6 +223,11 @@ pub struct Stats {
     /// Records in live partitions by facility id: every registered facility (0 if none), and
     /// any removed facility whose partitions are still live.
     pub per_facility: BTreeMap<String, u64>,
+    /// Records in live partitions sealed to an earlier day's key by the device's day-key
+    /// fallback: they become unreadable before their own day expires.
+    pub records_fallback_key: u64,
+    /// `records_fallback_key` by facility id (only facilities that have any).
+    pub fallback_per_facility: BTreeMap<String, u64>,
 }
 
 /// One visit of a traced token.
@@ -275,6 +287,16 @@ pub struct FacilityActivity {
     pub visits_since: u64,
     /// The latest visit the hub holds.
     pub last_visit: Option<UnixSeconds>,
+}
+
+/// What one [`Ledger::persist_counted`] indexed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Persisted {
+    /// Records newly indexed.
+    pub indexed: u64,
+    /// Of those, records whose session key was wrapped to an earlier day's key than the
+    /// partition's (the device's day-key fallback).
+    pub fallback: u64,
 }
 
 /// What [`Ledger::purge`] removed.
@@ -432,6 +454,7 @@ impl<'s> Ledger<'s> {
         txn.open_table(INDEXED)?;
         txn.open_table(PARTITION_COUNTS)?;
         txn.open_table(PARTITION_HEADS)?;
+        txn.open_table(FALLBACK_COUNTS)?;
         migrate_indexed_v1(&txn)?;
         migrate_visits_by_token_v1(&txn)?;
         txn.commit()?;
@@ -572,6 +595,16 @@ impl<'s> Ledger<'s> {
     /// On error the partition's notion of what is saved may have moved on: drop it and load it
     /// again rather than persisting it a second time.
     pub fn persist(&self, partition: &mut Partition, now: UnixSeconds) -> Result<u64, LedgerError> {
+        self.persist_counted(partition, now).map(|p| p.indexed)
+    }
+
+    /// [`Self::persist`], also saying how many of the records it indexed were sealed under
+    /// the device's day-key fallback (counted in `fallback-counts-1`).
+    pub fn persist_counted(
+        &self,
+        partition: &mut Partition,
+        now: UnixSeconds,
+    ) -> Result<Persisted, LedgerError> {
         let id = partition.id().clone();
         self.check_live(&id, now)?;
         let Some(index_key) = self.ratchet.index_key(id.day) else {
@@ -618,6 +651,17 @@ impl<'s> Ledger<'s> {
             work
         };
         txn.open_table(PARTITION_COUNTS)?.insert((f, day), count)?;
+        if work.fallback > 0 {
+            let mut fallback = txn.open_table(FALLBACK_COUNTS)?;
+            let before = fallback.get((f, day))?.map_or(0, |g| g.value());
+            fallback.insert((f, day), before.saturating_add(work.fallback))?;
+            tracing::warn!(
+                partition = %id,
+                records = work.fallback,
+                "records sealed to an earlier day's key (the device ran out of day keys): \
+                 they become unreadable when that day expires, before their own"
+            );
+        }
         let indexed = work.records.len() as u64;
         {
             let mut by_token = txn.open_table(VISITS_BY_TOKEN)?;
@@ -654,7 +698,10 @@ impl<'s> Ledger<'s> {
             );
         }
         txn.commit()?;
-        Ok(indexed)
+        Ok(Persisted {
+            indexed,
+            fallback: work.fallback,
+        })
     }
 
     /// If another session persisted this partition since this copy was loaded (the stored
@@ -734,10 +781,22 @@ impl<'s> Ledger<'s> {
                 *per_facility.entry(facility.to_owned()).or_default() += v.value();
             }
         }
+        let mut fallback_per_facility: BTreeMap<String, u64> = BTreeMap::new();
+        for row in txn.open_table(FALLBACK_COUNTS)?.iter()? {
+            let (k, v) = row?;
+            let (facility, day) = k.value();
+            if (first.0..=last.0).contains(&day) && v.value() > 0 {
+                *fallback_per_facility
+                    .entry(facility.to_owned())
+                    .or_default() += v.value();
+            }
+        }
         Ok(Stats {
             facilities: facilities.len(),
             records: per_facility.values().sum(),
             per_facility,
+            records_fallback_key: fallback_per_facility.values().sum(),
+            fallback_per_facility,
         })
     }
 
@@ -934,13 +993,16 @@ impl<'s> Ledger<'s> {
                 continue;
             }
             let Ok(envelope) = envelope else { continue };
-            if let Some(Record {
-                body:
-                    RecordBody::Paper {
-                        sealed_for_authority,
-                    },
-                ..
-            }) = opener.open(&envelope, id, rid)
+            if let Some((
+                Record {
+                    body:
+                        RecordBody::Paper {
+                            sealed_for_authority,
+                        },
+                    ..
+                },
+                _,
+            )) = opener.open(&envelope, id, rid)
             {
                 out.insert(rid, sealed_for_authority);
             }
@@ -1056,6 +1118,7 @@ impl<'s> Ledger<'s> {
         }
         report.chunks = retain_days(&mut txn.open_table(HUB_CHUNKS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(PARTITION_HEADS)?, |k| k.1 >= h)?;
+        retain_days(&mut txn.open_table(FALLBACK_COUNTS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(INDEXED)?, |k| k.1 >= h)?;
         report.sync_states = retain_days(&mut txn.open_table(SYNC_STATES)?, |k| k.2 >= h)?;
         {
@@ -1269,6 +1332,8 @@ struct IndexWork {
     records: Vec<RecordId>,
     unreadable: u64,
     missing_keys: usize,
+    /// Records indexed whose session key was wrapped to another day's key than the partition's.
+    fallback: u64,
 }
 
 impl IndexWork {
@@ -1280,6 +1345,7 @@ impl IndexWork {
         self.records.extend(other.records);
         self.unreadable += other.unreadable;
         self.missing_keys += other.missing_keys;
+        self.fallback += other.fallback;
         self
     }
 }
@@ -1300,13 +1366,18 @@ fn build_index(
         records: Vec::with_capacity(fresh.len()),
         unreadable: 0,
         missing_keys: 0,
+        fallback: 0,
     };
     let mut batch: Vec<IndexedVisit> = Vec::with_capacity(fresh.len());
     for (record_id, envelope) in fresh {
-        let Some(record) = envelope.ok().and_then(|e| opener.open(&e, id, record_id)) else {
+        let Some((record, key_day)) = envelope.ok().and_then(|e| opener.open(&e, id, record_id))
+        else {
             work.unreadable += 1;
             continue;
         };
+        if key_day != id.day {
+            work.fallback += 1;
+        }
         let visit = IndexedVisit {
             facility: id.facility.clone(),
             scanned_at: record.scanned_at,
@@ -1368,7 +1439,13 @@ impl<'r> Opener<'r> {
         }
     }
 
-    fn open(&mut self, envelope: &Envelope, id: &PartitionId, record: RecordId) -> Option<Record> {
+    /// The record `envelope` seals, and the day of the key its session key was wrapped to.
+    fn open(
+        &mut self,
+        envelope: &Envelope,
+        id: &PartitionId,
+        record: RecordId,
+    ) -> Option<(Record, Day)> {
         let session = envelope.session();
         if !self.keys.contains_key(&session) {
             let key = self.wrapped.get(&session).and_then(|w| {
@@ -1382,10 +1459,12 @@ impl<'r> Opener<'r> {
             self.keys.insert(session, key);
         }
         let key = self.keys.get(&session)?.as_ref()?;
+        let key_day = self.wrapped.get(&session)?.key_day;
         envelope
             .open(key, id, record)
             .ok()
             .filter(|r| r.facility == id.facility)
+            .map(|r| (r, key_day))
     }
 
     fn missing_keys(&self) -> usize {

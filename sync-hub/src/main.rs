@@ -153,7 +153,7 @@ enum Command {
     },
     /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
     Purge {
-        /// Unix seconds; earlier than now is ignored.
+        /// Unix seconds; earlier than now is ignored, more than 400 days ahead refused.
         #[arg(long)]
         as_of: Option<u64>,
         /// Print JSON.
@@ -576,7 +576,7 @@ fn run(cli: Cli) -> Result<()> {
                         e["actor"]["name"].as_str().unwrap_or_default(),
                         e["actor"]["role"].as_str().unwrap_or_default(),
                         e["action"].as_str().unwrap_or_default(),
-                        e["case_id"].as_str().unwrap_or("-"),
+                        e["case_id"].as_str().unwrap_or(if e["details_expired"] == true { sync_hub::audit::EXPIRED } else { "-" }),
                         e["facilities"]
                             .as_array()
                             .map(|a| a
@@ -682,10 +682,18 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Purge { as_of, json } => {
+            // Refused here before anything opens; checked again (and audited) where it runs.
+            sync_hub::people::purge_as_of(&Principal::local_operator(), as_of, now)?;
             let v = match Hub::open(&data) {
                 Ok(hub) => {
                     let mut ledger = Ledger::open(hub.store(), hub.keys())?;
-                    let r = ledger.purge(as_of.unwrap_or(now).max(now))?;
+                    let r = sync_hub::people::purge(
+                        &hub,
+                        &mut ledger,
+                        &Principal::local_operator(),
+                        as_of,
+                        now,
+                    )?;
                     drop(ledger);
                     hub.compact();
                     serde_json::to_value(r)?

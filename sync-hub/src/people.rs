@@ -8,21 +8,37 @@
 //! | approve, remove, remove duplicates, designate | - | own region | - |
 //! | trace, shared-code report | - | - | yes |
 //! | audit log | all entries | own region's administration | the authority's own entries |
-//! | stats, purge, metrics, audit verification | yes | - | - |
+//! | stats, purge at the hub's clock, metrics, audit verification | yes | - | - |
+//! | purge ahead of the hub's clock (`purge --as-of`, at most [`MAX_PURGE_AHEAD_SECONDS`]) | local operator only | - | - |
 //! | credentials, `/api/admin` | local operator only | - | - |
 //!
 //! The local operator (`keys/operator.token`, or a command on the hub's machine) may do
-//! everything, audited as `local-operator`.
+//! everything, audited as `local-operator`. Every purge anyone asks for is audited
+//! (`retention.purge`: who, the time asked for, the time enforced, what was destroyed); the
+//! hourly timer's purges are audited as `retention-timer` when they destroy anything.
 
 use crate::admin::{Hub, HubError};
 use crate::audit::{AuditEntry, AuditError, AuditLog, Event, Verification};
 use crate::auth::{self, AuthError, CredentialRecord, Principal, Role};
 use crate::gov::{self, ComplianceRow, Designation, GovError, Target};
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, PurgeReport};
 use crate::trace::{self, SharedCodeReport, TraceError, TraceQuery, TraceReport};
 use serde::Serialize;
 use shared::UnixSeconds;
 use shared::facility::{Facility, FacilityStatus};
+use shared::time::DAY_SECONDS;
+
+/// How far ahead of the hub's clock the local operator may move retention (`purge --as-of`,
+/// the demo's fast-forward): 400 days, a year and a margin. A purge destroys every day key
+/// before `as_of - 28 days` for good, so a typo in `--as-of` (an extra digit, milliseconds for
+/// seconds) must be refused rather than destroy the region's every visit and every key a
+/// device will ever sync with.
+pub const MAX_PURGE_AHEAD_SECONDS: u64 = 400 * DAY_SECONDS;
+/// A people credential's `as_of` up to this far ahead of the hub's clock is taken as "now"
+/// (a script's clock a little ahead of the hub's); further ahead is refused.
+pub const PURGE_SKEW_SECONDS: u64 = 300;
+/// The principal id the retention timer's purges are audited under.
+pub const RETENTION_TIMER: &str = "retention-timer";
 
 /// An operation was refused or failed; [`OpError::status`] is its HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -512,6 +528,128 @@ impl<'a> Desk<'a> {
     }
 }
 
+/// The time a purge asked for by `who` at `now` enforces retention as of, or why it may not.
+///
+/// Retention follows the hub's own clock: without `as_of`, or with one not after `now`, that
+/// is `now` (a purge can delete earlier, never keep longer). Moving the horizon ahead of the
+/// clock destroys day keys early and refuses every later sync of those days, so it is a local,
+/// explicit act: only the local operator (`keys/operator.token`, which only someone with the
+/// hub's data folder can read) may, and at most [`MAX_PURGE_AHEAD_SECONDS`] ahead. A people
+/// credential (an operator's, or the one a metrics scrape job holds) purges at the hub's clock.
+pub fn purge_as_of(
+    who: &Principal,
+    as_of: Option<UnixSeconds>,
+    now: UnixSeconds,
+) -> Result<UnixSeconds, OpError> {
+    who.require(&[Role::Operator])?;
+    let Some(asked) = as_of.filter(|&t| t > now) else {
+        return Ok(now);
+    };
+    let ahead = asked - now;
+    if !who.local {
+        if ahead <= PURGE_SKEW_SECONDS {
+            return Ok(now);
+        }
+        return Err(OpError::Invalid(format!(
+            "as_of {asked} is {} ahead of the hub's clock: over the API a purge enforces \
+             retention at the hub's own clock only (leave as_of out); moving retention ahead \
+             of the clock is done on the hub's machine (`sync-hub purge --as-of`)",
+            span(ahead)
+        )));
+    }
+    if ahead > MAX_PURGE_AHEAD_SECONDS {
+        return Err(OpError::Invalid(format!(
+            "--as-of {asked} is {} ahead of the hub's clock; retention may be moved at most \
+             {} days ahead (it destroys every day key before that date for good): check the \
+             time, in Unix seconds",
+            span(ahead),
+            MAX_PURGE_AHEAD_SECONDS / DAY_SECONDS
+        )));
+    }
+    Ok(asked)
+}
+
+fn span(seconds: u64) -> String {
+    if seconds >= 2 * DAY_SECONDS {
+        format!("{} days", seconds / DAY_SECONDS)
+    } else {
+        format!("{seconds} s")
+    }
+}
+
+/// A purge asked for by `who` (the HTTP API, or the command line without `run`): checks the
+/// time ([`purge_as_of`]), enforces retention, and audits it whatever the outcome, destroying
+/// nothing or failing included. Returns what was destroyed.
+pub fn purge(
+    hub: &Hub,
+    ledger: &mut Ledger<'_>,
+    who: &Principal,
+    as_of: Option<UnixSeconds>,
+    now: UnixSeconds,
+) -> Result<PurgeReport, OpError> {
+    let enforced = purge_as_of(who, as_of, now)?;
+    let result = ledger.purge(enforced);
+    audit_purge(hub, who, as_of, enforced, &result, now)?;
+    hub.audit().expire_details(enforced)?;
+    Ok(result?)
+}
+
+/// The retention timer's purge at `now`; audited (as [`RETENTION_TIMER`]) when it destroyed
+/// anything or failed, so an idle hour adds no entry.
+pub fn purge_on_timer(
+    hub: &Hub,
+    ledger: &mut Ledger<'_>,
+    now: UnixSeconds,
+) -> Result<PurgeReport, OpError> {
+    let before = ledger.ratchet().oldest();
+    let result = ledger.purge(now);
+    let destroyed = match &result {
+        Ok(r) => r.horizon != before || r.partitions > 0 || r.sync_states > 0,
+        Err(_) => true,
+    };
+    if destroyed {
+        let timer = Principal {
+            id: RETENTION_TIMER.to_owned(),
+            name: "hourly retention".to_owned(),
+            role: Role::Operator,
+            region: None,
+            local: true,
+        };
+        audit_purge(hub, &timer, None, now, &result, now)?;
+    }
+    hub.audit().expire_details(now)?;
+    Ok(result?)
+}
+
+fn audit_purge(
+    hub: &Hub,
+    who: &Principal,
+    asked: Option<UnixSeconds>,
+    enforced: UnixSeconds,
+    result: &Result<PurgeReport, LedgerError>,
+    now: UnixSeconds,
+) -> Result<(), OpError> {
+    let mut detail = serde_json::json!({
+        "as_of": asked,
+        "enforced_as_of": enforced,
+        "ahead_seconds": enforced.saturating_sub(now),
+    });
+    match result {
+        Ok(r) => detail["destroyed"] = serde_json::to_value(r).unwrap_or_default(),
+        Err(e) => detail["error"] = e.to_string().into(),
+    }
+    hub.audit()
+        .append(who, Event::new("retention.purge", detail), now)
+        .map_err(|e| {
+            tracing::error!(
+                actor = %who.id,
+                "a purge ran but its audit entry could not be written: {e}"
+            );
+            OpError::Audit(e)
+        })?;
+    Ok(())
+}
+
 fn require_local(who: &Principal) -> Result<(), OpError> {
     if who.local {
         Ok(())
@@ -520,5 +658,73 @@ fn require_local(who: &Principal) -> Result<(), OpError> {
             AuthError::Forbidden("only the hub's own operator (on its machine) may do this".into())
                 .into(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: UnixSeconds = 1_750_000_000;
+
+    fn operator(local: bool) -> Principal {
+        Principal {
+            id: if local {
+                "local-operator"
+            } else {
+                "cred_0011223344556677"
+            }
+            .to_owned(),
+            name: "scrape job".to_owned(),
+            role: Role::Operator,
+            region: None,
+            local,
+        }
+    }
+
+    #[test]
+    fn a_people_credential_purges_at_the_hubs_clock_only() {
+        let remote = operator(false);
+        assert_eq!(purge_as_of(&remote, None, NOW).ok(), Some(NOW));
+        assert_eq!(purge_as_of(&remote, Some(0), NOW).ok(), Some(NOW));
+        // A script's clock a little ahead of the hub's: still the hub's clock.
+        assert_eq!(
+            purge_as_of(&remote, Some(NOW + PURGE_SKEW_SECONDS), NOW).ok(),
+            Some(NOW)
+        );
+        for ahead in [PURGE_SKEW_SECONDS + 1, 29 * DAY_SECONDS, 350_000_000_000] {
+            let e = purge_as_of(&remote, Some(NOW + ahead), NOW)
+                .err()
+                .unwrap_or_else(|| panic!("{ahead} s ahead was accepted"));
+            assert_eq!(e.status(), 400, "{e}");
+            assert!(e.to_string().contains("hub's own clock"), "{e}");
+        }
+        let officer = Principal {
+            role: Role::Officer,
+            region: Some("mapo".into()),
+            ..operator(false)
+        };
+        assert_eq!(
+            purge_as_of(&officer, None, NOW).err().map(|e| e.status()),
+            Some(403)
+        );
+    }
+
+    #[test]
+    fn the_local_operator_moves_retention_ahead_within_the_cap() {
+        let local = operator(true);
+        assert_eq!(purge_as_of(&local, None, NOW).ok(), Some(NOW));
+        assert_eq!(purge_as_of(&local, Some(1), NOW).ok(), Some(NOW));
+        let later = NOW + 30 * DAY_SECONDS;
+        assert_eq!(purge_as_of(&local, Some(later), NOW).ok(), Some(later));
+        let cap = NOW + MAX_PURGE_AHEAD_SECONDS;
+        assert_eq!(purge_as_of(&local, Some(cap), NOW).ok(), Some(cap));
+        for absurd in [cap + 1, 350_000_000_000, u64::MAX] {
+            let e = purge_as_of(&local, Some(absurd), NOW)
+                .err()
+                .unwrap_or_else(|| panic!("{absurd} was accepted"));
+            assert_eq!(e.status(), 400, "{e}");
+            assert!(e.to_string().contains("at most 400 days"), "{e}");
+        }
     }
 }
