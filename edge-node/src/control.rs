@@ -88,7 +88,8 @@ pub fn remove_run_file(data: &Path) {
     let _ = std::fs::remove_file(run_file(data));
 }
 
-/// The router: the control API under `/api`, the kiosk page and its routes, `/healthz`.
+/// The router: the control API under `/api`, the kiosk page and its routes, `/healthz`; every
+/// route answers only requests whose `Host` is this device's (`kiosk::own_host_only`).
 ///
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that `/api` can
 /// refuse connections that do not come from loopback.
@@ -107,6 +108,11 @@ pub fn router(state: ControlState) -> Router {
         .with_state(state)
         .merge(kiosk::router(kiosk))
         .route("/healthz", get(|| async { "ok" }))
+        // Outermost: a request that names another host reaches nothing (DNS rebinding).
+        .layer(middleware::from_fn_with_state(
+            kiosk::OwnNames::of_this_machine(),
+            kiosk::own_host_only,
+        ))
 }
 
 /// Whether a peer address is this machine (IPv4-mapped IPv6 included).

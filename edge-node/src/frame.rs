@@ -17,12 +17,37 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
-/// Frames with more pixels than this are refused before decoding (a 40-megapixel luma frame is
-/// already 40 MB; a QR code needs a few hundred pixels on a side).
-pub const MAX_PIXELS: u64 = 40_000_000;
+/// How large a frame may be, checked against the image header before a pixel is decoded.
+///
+/// A frame's bytes say little about its decoded size: a 300 KB PNG of 6,320 x 6,320 16-bit
+/// RGBA pixels (zeros compress about a thousandfold) decodes to 320 MB, and six at once took a
+/// device to 711 MB under a pixel-count limit alone. So both the sides and the decoded bytes
+/// (in the decoder's own format, before it becomes 8-bit luma) are capped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// The longest side, in pixels.
+    pub max_side: u32,
+    /// The most the decoded image may take in memory, in bytes.
+    pub max_decoded_bytes: u64,
+}
 
-/// Ceiling on what the image decoder may allocate for one frame (RGBA16 at 40 MP is 320 MiB).
-pub const MAX_DECODE_ALLOC: u64 = 512 * 1024 * 1024;
+impl FrameLimits {
+    /// Photos and `scan`: a phone's 12-megapixel photo (4032x3024) is 36 MiB as 8-bit RGB and
+    /// fits; a QR code needs a few hundred pixels on a side, so larger photos can be shrunk
+    /// before scanning. At the limit a decode takes 64 MiB plus 16 MiB of luma.
+    pub const PHOTO: FrameLimits = FrameLimits {
+        max_side: 4096,
+        max_decoded_bytes: 64 * 1024 * 1024,
+    };
+    /// The kiosk's camera frames: its page sends JPEGs 640 pixels wide, and HD (1920x1080, even
+    /// as 16-bit RGBA) is more than a camera stream needs. Any frame then costs at most 16 MiB
+    /// plus 4 MiB of luma, so the kiosk's few decodes at once stay well inside a small
+    /// device's memory whatever a client on the LAN sends.
+    pub const KIOSK: FrameLimits = FrameLimits {
+        max_side: 2048,
+        max_decoded_bytes: 16 * 1024 * 1024,
+    };
+}
 
 /// Frame files larger than this are refused without being read.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -46,10 +71,29 @@ pub enum FrameError {
     #[error("frame is {looks_like}, not PNG or JPEG: configure the camera to deliver PNG or JPEG")]
     UnsupportedFormat { looks_like: &'static str },
     #[error(
-        "frame is {width}x{height} pixels, over the {} megapixel limit: lower the camera resolution (1920x1080 is plenty)",
-        MAX_PIXELS / 1_000_000
+        "frame is {width}x{height} pixels, over the {max_side}x{max_side} limit: lower the camera resolution (1920x1080 is plenty)"
     )]
-    TooLarge { width: u32, height: u32 },
+    TooLarge {
+        width: u32,
+        height: u32,
+        max_side: u32,
+    },
+    #[error(
+        "frame is {width}x{height} pixels of {bytes_per_pixel} bytes each ({} MiB decoded), over the {} MiB a frame may take: send an 8-bit JPEG or PNG at camera resolution",
+        .decoded_bytes.div_ceil(1024 * 1024),
+        .limit / (1024 * 1024)
+    )]
+    TooDeep {
+        width: u32,
+        height: u32,
+        bytes_per_pixel: u8,
+        decoded_bytes: u64,
+        limit: u64,
+    },
+    #[error(
+        "frame would take more memory to decode than a camera frame may ({0}): lower the camera resolution or send an 8-bit JPEG"
+    )]
+    OverLimit(String),
     #[error("frame could not be decoded ({0}): it is truncated or corrupt; capture it again")]
     Undecodable(String),
     #[error("frame file {} does not exist: check the path", .path.display())]
@@ -182,11 +226,21 @@ pub struct DecodeStats {
     pub attempts: u32,
 }
 
-/// Decode a PNG or JPEG frame and return the text of the QR code in it, if any.
+/// Decode a PNG or JPEG frame and return the text of the QR code in it, if any, under
+/// [`FrameLimits::PHOTO`].
 ///
 /// `Ok(None)` means the frame was a valid image with no readable code.
 pub fn decode_frame(bytes: &[u8]) -> Result<Option<String>, FrameError> {
-    Ok(decode_frame_stats(bytes)?.text)
+    decode_frame_within(bytes, FrameLimits::PHOTO)
+}
+
+/// [`decode_frame`] under other limits (the kiosk's).
+pub fn decode_frame_within(
+    bytes: &[u8],
+    limits: FrameLimits,
+) -> Result<Option<String>, FrameError> {
+    let luma = load_luma_within(bytes, limits)?;
+    Ok(decode_luma_stats(&luma).text)
 }
 
 /// [`decode_frame`], also reporting which ladder step succeeded.
@@ -319,22 +373,46 @@ fn check_file_len(path: &Path, len: u64) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Sniff the container, check the header's dimensions, then decode to 8-bit luma.
-///
-/// Public for callers that choose their own rungs (the kiosk's live camera stream).
+/// Sniff the container, check the header's dimensions, then decode to 8-bit luma, under
+/// [`FrameLimits::PHOTO`].
 pub fn load_luma(bytes: &[u8]) -> Result<GrayImage, FrameError> {
+    load_luma_within(bytes, FrameLimits::PHOTO)
+}
+
+/// [`load_luma`] under other limits. Public for callers that choose their own rungs (the
+/// kiosk's live camera stream).
+pub fn load_luma_within(bytes: &[u8], limits: FrameLimits) -> Result<GrayImage, FrameError> {
     let format = sniff(bytes)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_DECODE_ALLOC);
-    reader.limits(limits);
-    let undecodable = |e: image::ImageError| FrameError::Undecodable(e.to_string());
+    // The decoders' own ceiling too (the PNG decoder's buffers for chunks and rows), beside
+    // the header checks below.
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_alloc = Some(limits.max_decoded_bytes);
+    reader.limits(decoder_limits);
+    let undecodable = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => FrameError::OverLimit(l.to_string()),
+        e => FrameError::Undecodable(e.to_string()),
+    };
     // `into_decoder` reads only the header; the pixel buffer is allocated by `from_decoder`,
-    // after the size check.
+    // after the size checks.
     let decoder = reader.into_decoder().map_err(undecodable)?;
     let (width, height) = decoder.dimensions();
-    if u64::from(width) * u64::from(height) > MAX_PIXELS {
-        return Err(FrameError::TooLarge { width, height });
+    if width.max(height) > limits.max_side {
+        return Err(FrameError::TooLarge {
+            width,
+            height,
+            max_side: limits.max_side,
+        });
+    }
+    let decoded_bytes = decoder.total_bytes();
+    if decoded_bytes > limits.max_decoded_bytes {
+        return Err(FrameError::TooDeep {
+            width,
+            height,
+            bytes_per_pixel: decoder.color_type().bytes_per_pixel(),
+            decoded_bytes,
+            limit: limits.max_decoded_bytes,
+        });
     }
     let img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
     Ok(img.into_luma8())
@@ -724,11 +802,17 @@ mod tests {
     /// A PNG whose valid IHDR claims `width x height` 8-bit gray pixels, followed by a tiny IDAT
     /// and IEND: a decoder that trusted the header would try to allocate width*height bytes.
     fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+        png_claiming_as(width, height, 8, 0)
+    }
+
+    /// [`png_claiming`] with another bit depth and colour type (6: RGBA).
+    fn png_claiming_as(width: u32, height: u32, depth: u8, colour: u8) -> Vec<u8> {
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
         let mut ihdr = Vec::new();
         ihdr.extend_from_slice(&width.to_be_bytes());
         ihdr.extend_from_slice(&height.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // depth 8, gray, deflate, adaptive, no interlace
+        // deflate, adaptive filtering, no interlace
+        ihdr.extend_from_slice(&[depth, colour, 0, 0, 0]);
         chunk(&mut out, b"IHDR", &ihdr);
         // zlib stream of one empty stored block.
         chunk(
@@ -902,7 +986,8 @@ mod tests {
                 err,
                 FrameError::TooLarge {
                     width: 10_000,
-                    height: 10_000
+                    height: 10_000,
+                    ..
                 }
             ),
             "{err}"
@@ -947,7 +1032,8 @@ mod tests {
                 err,
                 FrameError::TooLarge {
                     width: 12_000,
-                    height: 9_000
+                    height: 9_000,
+                    max_side: 4096
                 }
             ),
             "{err}"
@@ -962,10 +1048,70 @@ mod tests {
     }
 
     #[test]
-    fn a_header_just_under_the_limit_passes_the_size_check() {
-        // 40 MP exactly is allowed; the (empty) pixel data then fails to decode.
-        let err = decode_frame(&png_claiming(8_000, 5_000)).expect_err("no pixel data");
+    fn a_header_at_the_limits_passes_the_size_checks() {
+        // 4096x4096 gray is allowed (16 MiB); the (empty) pixel data then fails to decode.
+        let err = decode_frame(&png_claiming(4096, 4096)).expect_err("no pixel data");
         assert!(matches!(err, FrameError::Undecodable(_)), "{err}");
+        // The kiosk's camera frames: 2048 on a side, and HD even as 16-bit RGBA (15.8 MiB).
+        let kiosk = FrameLimits::KIOSK;
+        for bytes in [png_claiming(2048, 2048), png_claiming_as(1920, 1080, 16, 6)] {
+            let err = decode_frame_within(&bytes, kiosk).expect_err("no pixel data");
+            assert!(matches!(err, FrameError::Undecodable(_)), "{err}");
+        }
+        let err = decode_frame_within(&png_claiming(2049, 100), kiosk).expect_err("too wide");
+        assert!(
+            matches!(err, FrameError::TooLarge { max_side: 2048, .. }),
+            "{err}"
+        );
+    }
+
+    /// The review's image bomb: 6,320 x 6,320 16-bit RGBA (39.9 MP, under the old 40 MP limit;
+    /// 320 MB decoded) in a few hundred kilobytes of PNG. Only the header is needed to refuse
+    /// it, so the header alone is what this test sends.
+    #[test]
+    fn a_16_bit_rgba_bomb_is_refused_from_its_header_without_decoding() {
+        let bomb = png_claiming_as(6_320, 6_320, 16, 6);
+        for limits in [FrameLimits::PHOTO, FrameLimits::KIOSK] {
+            let start = Instant::now();
+            let err = decode_frame_within(&bomb, limits).expect_err("a bomb");
+            assert!(
+                matches!(
+                    err,
+                    FrameError::TooLarge {
+                        width: 6_320,
+                        height: 6_320,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("lower the camera resolution"),
+                "{err}"
+            );
+            assert!(start.elapsed() < Duration::from_millis(500));
+            assert!(matches!(
+                load_luma_within(&bomb, limits),
+                Err(FrameError::TooLarge { .. })
+            ));
+        }
+        // Within the sides, too many bytes a pixel: 4000x3000 RGBA16 would take 92 MiB.
+        let deep = png_claiming_as(4_000, 3_000, 16, 6);
+        let err = decode_frame(&deep).expect_err("too deep");
+        assert!(
+            matches!(
+                err,
+                FrameError::TooDeep {
+                    bytes_per_pixel: 8,
+                    decoded_bytes: 96_000_000,
+                    limit: 67_108_864,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("92 MiB decoded"), "{err}");
+        assert!(err.to_string().contains("64 MiB"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -49,6 +50,20 @@ pub const STAFF_IDLE: Duration = Duration::from_secs(300);
 /// reached.
 pub const ONLINE_WITHIN: u64 =
     crate::daemon::IDLE_MAX_INTERVAL.as_secs() + crate::daemon::SYNC_INTERVAL.as_secs() + 15;
+/// Frame decodes running at once. Each takes at most about 20 MiB under
+/// [`frame::FrameLimits::KIOSK`] (16 MiB decoded plus its luma copy); two keep both cores of a
+/// small device busy without letting a burst of frames take its memory.
+pub const MAX_DECODES: usize = 2;
+/// Frames in the house at once, being received or waiting for a decoder; each holds up to
+/// [`MAX_KIOSK_FRAME`] of body. More are told the device is busy (503) before their body is
+/// read: a live camera sends the next frame a quarter of a second later anyway.
+pub const MAX_FRAMES_IN_FLIGHT: usize = 8;
+/// How long a received frame waits for a decoder before it is answered 503: a frame older
+/// than this is no longer what the camera sees.
+pub const DECODE_WAIT: Duration = Duration::from_secs(2);
+/// How long a frame's body may take to arrive: a client trickling bytes would otherwise hold
+/// a place among [`MAX_FRAMES_IN_FLIGHT`] for good.
+pub const FRAME_BODY_WITHIN: Duration = Duration::from_secs(10);
 /// Staff sessions kept at most (one per tablet; old ones are dropped first).
 const MAX_STAFF_SESSIONS: usize = 16;
 /// The staff session cookie.
@@ -76,7 +91,9 @@ struct Shared {
     /// Keys the per-code fingerprint the page uses to tell "the same code, still in view"
     /// from a new one; random per process, so a fingerprint means nothing elsewhere.
     fingerprint_key: [u8; 32],
-    /// Frame decodes running at once: at most one per core, the rest queue.
+    /// Frames being received or waiting to be decoded ([`MAX_FRAMES_IN_FLIGHT`]).
+    frames: Semaphore,
+    /// Frame decodes running at once ([`MAX_DECODES`]); the rest wait up to [`DECODE_WAIT`].
     decoders: Semaphore,
     /// One full-ladder climb at a time: a second one asked for meanwhile gets the live pass,
     /// so climbs (five passes on a frame with nobody in view) never hold every core while
@@ -96,7 +113,6 @@ impl KioskState {
     pub fn new(device: SharedDevice, wake: Arc<Notify>) -> KioskState {
         let mut fingerprint_key = [0u8; 32];
         OsRng.fill_bytes(&mut fingerprint_key);
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         KioskState {
             device,
             wake,
@@ -106,7 +122,8 @@ impl KioskState {
                     pins: PinGuard::default(),
                 }),
                 fingerprint_key,
-                decoders: Semaphore::new(cores.max(1)),
+                frames: Semaphore::new(MAX_FRAMES_IN_FLIGHT),
+                decoders: Semaphore::new(MAX_DECODES),
                 full_ladder: Semaphore::new(1),
             }),
         }
@@ -138,6 +155,158 @@ pub fn router(state: KioskState) -> Router {
         .route("/kiosk/staff/logout", post(staff_logout))
         .route("/kiosk/paper", post(paper))
         .with_state(state)
+}
+
+/// This machine's own names, for [`own_host_only`].
+#[derive(Debug, Clone, Default)]
+pub struct OwnNames {
+    /// The hostname, lower-case, if one could be read.
+    hostname: Option<Arc<str>>,
+}
+
+impl OwnNames {
+    /// This machine's names, read once when the server starts.
+    pub fn of_this_machine() -> OwnNames {
+        let read = |p: &str| std::fs::read_to_string(p).ok();
+        let hostname = read("/proc/sys/kernel/hostname")
+            .or_else(|| read("/etc/hostname"))
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty() && h.len() <= 253 && !h.contains(['/', ' ', ':']));
+        OwnNames {
+            hostname: hostname.map(Arc::from),
+        }
+    }
+}
+
+/// Why a request's `Host` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostRefusal {
+    /// No `Host` (nor an authority in the request target), or more than one.
+    Missing,
+    /// Not `name[:port]`, `IPv4[:port]` or `[IPv6][:port]`.
+    Malformed,
+    /// A name or address that is not this machine's.
+    Foreign,
+}
+
+/// Whether `host` (a `Host` header or a request target's authority) names this device: an IP
+/// literal that `is_own_ip` says this machine holds, `localhost`, or the machine's hostname
+/// (also under `.local`), with or without a port.
+fn host_check(
+    host: &str,
+    hostname: Option<&str>,
+    is_own_ip: impl Fn(IpAddr) -> bool,
+) -> Result<(), HostRefusal> {
+    let own_ip = |ip: IpAddr| {
+        if is_own_ip(ip) {
+            Ok(())
+        } else {
+            Err(HostRefusal::Foreign)
+        }
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']').ok_or(HostRefusal::Malformed)?;
+        let ip: std::net::Ipv6Addr = inner.parse().map_err(|_| HostRefusal::Malformed)?;
+        port_ok(after)?;
+        return own_ip(IpAddr::V6(ip));
+    }
+    let (name, after) = host.split_at(host.find(':').unwrap_or(host.len()));
+    port_ok(after)?;
+    if let Ok(ip) = name.parse::<Ipv4Addr>() {
+        return own_ip(IpAddr::V4(ip));
+    }
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    {
+        return Err(HostRefusal::Malformed);
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let own = name == "localhost"
+        || hostname
+            .is_some_and(|h| name == h || name.strip_suffix(".local").is_some_and(|n| n == h));
+    if own {
+        Ok(())
+    } else {
+        Err(HostRefusal::Foreign)
+    }
+}
+
+/// `""` or `:PORT`.
+fn port_ok(after: &str) -> Result<(), HostRefusal> {
+    match after.strip_prefix(':') {
+        None if after.is_empty() => Ok(()),
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        _ => Err(HostRefusal::Malformed),
+    }
+}
+
+/// Whether this machine holds `ip`. The listener's own address is not visible here (the
+/// server hands handlers only the peer's), so an address of one of this machine's interfaces
+/// is the test: binding a socket to it succeeds only then. Against DNS rebinding what counts
+/// is that the browser's origin is an address, not a name whose DNS a stranger controls.
+fn is_this_machine(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        return true;
+    }
+    if ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Refuses, before any handler runs, a request whose `Host` is not one of this device's own
+/// names or addresses (421). A web page anyone on the facility's Wi-Fi opens could otherwise
+/// point its own name at the device (DNS rebinding) and use the kiosk, and the staff login,
+/// from the visitor's browser as if it were the same site. A rebound page's requests carry
+/// the page's name in `Host`, which no DNS answer can change. Applied to every route of the
+/// device's HTTP server, the control API's included.
+pub async fn own_host_only(State(names): State<OwnNames>, req: Request, next: Next) -> Response {
+    let hosts = req.headers().get_all(header::HOST);
+    let mut given: Vec<&str> = Vec::with_capacity(2);
+    for h in hosts.iter() {
+        match h.to_str() {
+            Ok(h) => given.push(h),
+            Err(_) => return host_refused(HostRefusal::Malformed, "(not text)"),
+        }
+    }
+    if given.len() > 1 {
+        return host_refused(HostRefusal::Missing, "");
+    }
+    if let Some(a) = req.uri().authority() {
+        given.push(a.as_str());
+    }
+    if given.is_empty() {
+        return host_refused(HostRefusal::Missing, "");
+    }
+    for host in given {
+        if let Err(why) = host_check(host, names.hostname.as_deref(), is_this_machine) {
+            return host_refused(why, host);
+        }
+    }
+    next.run(req).await
+}
+
+fn host_refused(why: HostRefusal, host: &str) -> Response {
+    let shown: String = host.chars().take(80).collect();
+    match why {
+        HostRefusal::Missing => error(
+            StatusCode::BAD_REQUEST,
+            "a request must name this device in exactly one Host header",
+        ),
+        HostRefusal::Malformed => error(
+            StatusCode::BAD_REQUEST,
+            &format!("the Host header {shown:?} is not a name or address with an optional port"),
+        ),
+        HostRefusal::Foreign => error(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "this device answers only to its own addresses, localhost and its hostname, not {shown:?}: open it as http://<device address>:<port>/ (another name pointing here is refused, against DNS rebinding)"
+            ),
+        ),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -231,6 +400,17 @@ fn too_large() -> Response {
     )
 }
 
+/// 503: too many frames at once; the page simply sends the next one.
+fn busy() -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the device is busy decoding other frames: retry with the next frame",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 /// How hard to look for a code in one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -251,14 +431,15 @@ struct FrameQuery {
     ladder: Ladder,
 }
 
-/// Decodes a frame with the chosen effort. Every frame with no code in it (most of what an
-/// entrance camera sees) climbs the whole ladder at about five times one pass's cost, so
-/// the live stream climbs it only when the page asks (`BENCHMARKS.md`, decoding).
+/// Decodes a frame with the chosen effort, under the kiosk's frame limits. Every frame with no
+/// code in it (most of what an entrance camera sees) climbs the whole ladder at about five
+/// times one pass's cost, so the live stream climbs it only when the page asks
+/// (`BENCHMARKS.md`, decoding).
 pub fn decode(bytes: &[u8], ladder: Ladder) -> Result<Option<String>, frame::FrameError> {
     match ladder {
-        Ladder::Full => frame::decode_frame(bytes),
+        Ladder::Full => frame::decode_frame_within(bytes, frame::FrameLimits::KIOSK),
         Ladder::Live => {
-            let img = frame::load_luma(bytes)?;
+            let img = frame::load_luma_within(bytes, frame::FrameLimits::KIOSK)?;
             let step = if frame::LadderStep::Downscale.applies_to(img.width(), img.height()) {
                 frame::LadderStep::Downscale
             } else {
@@ -290,11 +471,23 @@ async fn frame_verdict(
     if declared.is_some_and(|n| n > MAX_KIOSK_FRAME as u64) {
         return too_large();
     }
+    let Ok(_in_flight) = s.shared.frames.try_acquire() else {
+        return busy();
+    };
     // A body without a length (chunked) is cut off at the limit the route sets.
-    let body = match Bytes::from_request(req, &()).await {
-        Ok(b) => b,
-        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(),
-        Err(r) => return error(StatusCode::BAD_REQUEST, &r.body_text()),
+    let body = match tokio::time::timeout(FRAME_BODY_WITHIN, Bytes::from_request(req, &())).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(),
+        Ok(Err(r)) => return error(StatusCode::BAD_REQUEST, &r.body_text()),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the frame did not arrive within {} s: send it in one go",
+                    FRAME_BODY_WITHIN.as_secs()
+                ),
+            );
+        }
     };
     let started = Instant::now();
     let climb = match ladder {
@@ -306,11 +499,15 @@ async fn frame_verdict(
     } else {
         Ladder::Live
     };
-    let Ok(_permit) = s.shared.decoders.acquire().await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the device is shutting down",
-        );
+    let _permit = match tokio::time::timeout(DECODE_WAIT, s.shared.decoders.acquire()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the device is shutting down",
+            );
+        }
+        Err(_) => return busy(),
     };
     let decode = tokio::task::spawn_blocking(move || decode(&body, ladder)).await;
     let text = match decode {
@@ -325,6 +522,7 @@ async fn frame_verdict(
     };
     drop(_permit);
     drop(climb);
+    drop(_in_flight);
     let verdict = match &text {
         None => Verdict::NoCode,
         Some(t) => {
@@ -459,6 +657,28 @@ fn too_many(secs: u64, message: &str) -> Response {
     r
 }
 
+/// 429 for a login attempt the wrong-PIN rules do not allow now.
+fn refused(r: Refusal, addr: IpAddr) -> Response {
+    let secs = r.retry_after_secs();
+    match r {
+        Refusal::Locked(_) => too_many(
+            secs,
+            &format!(
+                "too many wrong PINs from this address: staff login is locked here for {secs} s"
+            ),
+        ),
+        Refusal::Brake(_) => {
+            tracing::warn!(%addr, "staff login refused: too many wrong PINs on this kiosk recently");
+            too_many(
+                secs,
+                &format!(
+                    "too many wrong PINs on this kiosk recently: only a tablet that has logged in before may try; others in {secs} s"
+                ),
+            )
+        }
+    }
+}
+
 async fn staff_login(
     State(s): State<KioskState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -473,28 +693,10 @@ async fn staff_login(
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         |Extension(ConnectInfo(a))| a.ip(),
     );
-    let refused = lock(&s.shared.staff).pins.check(addr, Instant::now());
-    match refused {
-        Ok(()) => {}
-        Err(r @ Refusal::Locked(_)) => {
-            let secs = r.retry_after_secs();
-            return too_many(
-                secs,
-                &format!(
-                    "too many wrong PINs from this address: staff login is locked here for {secs} s"
-                ),
-            );
-        }
-        Err(r @ Refusal::Brake(_)) => {
-            let secs = r.retry_after_secs();
-            tracing::warn!(%addr, "staff login refused: too many wrong PINs on this kiosk recently");
-            return too_many(
-                secs,
-                &format!(
-                    "too many wrong PINs on this kiosk recently: only a tablet that has logged in before may try; others in {secs} s"
-                ),
-            );
-        }
+    // A cheap early refusal, before the device lock is touched; `reserve` below decides.
+    let early = lock(&s.shared.staff).pins.check(addr, Instant::now());
+    if let Err(r) = early {
+        return refused(r, addr);
     }
     let device = s.device.clone();
     let pin = match tokio::task::spawn_blocking(move || lock_device(&device).staff_pin()).await {
@@ -513,13 +715,19 @@ async fn staff_login(
             );
         }
     };
-    // Hashing takes a few milliseconds: off the async workers, outside the device lock.
+    // The attempt is counted as a wrong PIN here, under the lock, before the PIN is hashed:
+    // however many arrive at once, at most the allowance is ever evaluated (`pin_guard`).
+    let reserved = lock(&s.shared.staff).pins.reserve(addr, Instant::now());
+    let attempt = match reserved {
+        Ok(a) => a,
+        Err(r) => return refused(r, addr),
+    };
+    // Hashing takes tens of milliseconds: off the async workers, outside every lock.
     let ok = tokio::task::spawn_blocking(move || StaffPin::matches(&pin, &login.pin))
         .await
         .unwrap_or(false);
-    let mut gate = lock(&s.shared.staff);
     if !ok {
-        return match gate.pins.failure(addr, Instant::now()) {
+        return match attempt.wrong() {
             Failure::Locked(d) => {
                 tracing::warn!(%addr, lockout_s = d.as_secs(), "staff login locked for an address after wrong PINs");
                 too_many(
@@ -540,7 +748,8 @@ async fn staff_login(
                 .into_response(),
         };
     }
-    gate.pins.success(addr);
+    let mut gate = lock(&s.shared.staff);
+    gate.pins.succeeded(attempt);
     let now = Instant::now();
     gate.sessions.retain(|_, until| *until > now);
     while gate.sessions.len() >= MAX_STAFF_SESSIONS {
@@ -667,6 +876,69 @@ mod tests {
         assert_eq!(verdict_kind(Verdict::Accepted), "accepted");
         let (_, en) = messages(Verdict::Malformed, Some("https://example.com/menu"));
         assert!(en.to_lowercase().contains("not a check-in code"), "{en}");
+    }
+
+    #[test]
+    fn only_this_devices_names_and_addresses_pass_the_host_check() {
+        let own: [IpAddr; 3] = [
+            "127.0.0.1".parse().unwrap(),
+            "192.168.0.20".parse().unwrap(),
+            "fe80::1".parse().unwrap(),
+        ];
+        let is_own = |ip: IpAddr| own.contains(&ip.to_canonical());
+        let check = |h: &str| host_check(h, Some("gate-1"), is_own);
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:7451",
+            "192.168.0.20:80",
+            "[fe80::1]",
+            "[fe80::1]:7451",
+            "[::ffff:192.168.0.20]:7451",
+            "localhost",
+            "LOCALHOST:7451",
+            "localhost.:7451",
+            "gate-1",
+            "Gate-1.local:7451",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for foreign in [
+            "evil.example",
+            "evil.example:7451",
+            "192.168.0.21:7451",
+            "[fe80::2]",
+            "gate-1.evil.example",
+            "localhost.evil.example",
+            "gate-2.local",
+        ] {
+            assert_eq!(check(foreign), Err(HostRefusal::Foreign), "{foreign}");
+        }
+        for malformed in [
+            "",
+            ":7451",
+            "127.0.0.1:",
+            "127.0.0.1:http",
+            "127.0.0.1:7451:1",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[not-v6]:80",
+            "evil example",
+            "evil/example",
+            "127.0.0.1:123456",
+        ] {
+            assert_eq!(check(malformed), Err(HostRefusal::Malformed), "{malformed}");
+        }
+        // Without a known hostname, names other than localhost are refused.
+        assert_eq!(
+            host_check("gate-1", None, is_own),
+            Err(HostRefusal::Foreign)
+        );
+        // The real test of an address: loopback always, a documentation address never.
+        assert!(is_this_machine("127.0.0.1".parse().unwrap()));
+        assert!(is_this_machine("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!is_this_machine("203.0.113.9".parse().unwrap()));
+        assert!(!is_this_machine("0.0.0.0".parse().unwrap()));
     }
 
     #[test]
