@@ -149,6 +149,11 @@ pub enum RefuseReason {
     TooManyRounds,
     /// The refusing side failed on its own (storage, message too large); try again later.
     Internal,
+    /// A sync message carried a change the partition's rules refuse (a delete, an overwrite,
+    /// a nested object, a value of the wrong shape or size) or an encoding that is refused
+    /// (compressed chunks or columns, whole documents, counts over the limits). Appended last:
+    /// the indices of the other reasons are unchanged.
+    InvalidChange,
 }
 
 /// A refusal: the session ends after this frame.

@@ -442,14 +442,15 @@ impl FuzzFixture {
         let mut empty = automerge::Automerge::new();
         let (mut s1, mut s2) = (automerge::sync::State::new(), automerge::sync::State::new());
         for _ in 0..16 {
-            let a = theirs.doc().generate_sync_message(&mut s1);
+            // As sessions generate them: v1 messages of change chunks (`validate`).
+            let a = super::session::next_message(theirs.doc(), &mut s1);
             if let Some(m) = a.clone() {
                 messages.push(m.clone().encode());
                 empty
                     .receive_sync_message(&mut s2, m)
                     .map_err(|e| e.to_string())?;
             }
-            let b = empty.generate_sync_message(&mut s2);
+            let b = super::session::next_message(&empty, &mut s2);
             if let Some(m) = b.clone() {
                 messages.push(m.clone().encode());
                 theirs

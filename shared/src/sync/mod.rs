@@ -5,11 +5,13 @@
 //! [`ALPN`], feed received bytes to a [`FrameDecoder`] and its frames to a [`Session`], write
 //! what [`Session::poll_transmit`] returns, and act on [`Session::poll_event`]. The simulation
 //! drives the same sessions through [`harness`]. The wire format and the rules are written
-//! down in `docs/protocol.md`.
+//! down in `docs/protocol.md`. Every automerge message a peer sends passes [`validate`] before
+//! automerge reads it.
 
 mod frame;
 pub mod harness;
 mod session;
+pub mod validate;
 
 pub use frame::{
     ALPN, Frame, FrameDecoder, FrameError, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS,

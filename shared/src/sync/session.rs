@@ -13,6 +13,7 @@ use super::frame::{
     Frame, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
     PartitionSummary, Peer, Refusal, RefuseReason, Welcome,
 };
+use super::validate;
 use crate::ids::{FacilityId, PartitionId};
 use crate::partition::Partition;
 use crate::time::{Day, UnixSeconds, horizon};
@@ -809,6 +810,35 @@ impl Session {
                 max: MAX_PARTITIONS_PER_SESSION,
             });
         }
+        // Our own bounded reader and the partition's rules first: automerge inflates and
+        // applies whatever it is given (`validate`).
+        let checked = match validate::read_message(&message) {
+            Ok(checked) => checked,
+            Err(e) if e.is_malformed() => {
+                return Err(SyncError::BadSyncMessage {
+                    partition,
+                    detail: e.to_string(),
+                });
+            }
+            Err(e) => {
+                self.refuse(
+                    RefuseReason::InvalidChange,
+                    format!("sync message for {partition} refused: {e}"),
+                );
+                return Ok(());
+            }
+        };
+        let held = match store.partition_mut(&partition)? {
+            Some(part) => checked.check_against(Some(part.doc())),
+            None => checked.check_against(None),
+        };
+        if let Err(e) = held {
+            self.refuse(
+                RefuseReason::InvalidChange,
+                format!("sync message for {partition} refused: {e}"),
+            );
+            return Ok(());
+        }
         let message = Message::decode(&message).map_err(|e| SyncError::BadSyncMessage {
             partition: partition.clone(),
             detail: e.to_string(),
@@ -1094,19 +1124,18 @@ fn check_summaries(summaries: &[PartitionSummary]) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// automerge's next sync message for a peer, with one rule of automerge's changed.
+/// automerge's next sync message for a peer, always a v1 message: the changes the peer lacks,
+/// each as the uncompressed change chunk automerge committed.
 ///
-/// automerge replaces the missing changes by the whole compressed document when they are more
-/// than a third of the document's *changes*. Devices fold each sync round's check-ins into one
-/// change, so a partition holds a few large changes and that rule would resend the whole day
-/// for every increment. The whole document is sent only to a peer that holds nothing of the
-/// partition yet (automerge's own rule for empty heads): the cheap form of a fresh backlog.
-fn next_message(doc: &automerge::Automerge, state: &mut SyncState) -> Option<Message> {
+/// automerge would otherwise send a v2 message holding the whole document, saved with DEFLATE
+/// columns, to a peer that holds nothing of the partition or lacks more than a third of its
+/// changes. A receiver refuses both the document chunk and the DEFLATE columns (`validate`:
+/// inflating them is unbounded), and the third-of-the-changes rule would resend the whole day
+/// for every increment, since devices fold each sync round's check-ins into one change. A
+/// large v1 message is compressed by the frame layer instead (`SyncDeflated`), whose
+/// inflation is bounded.
+pub(crate) fn next_message(doc: &automerge::Automerge, state: &mut SyncState) -> Option<Message> {
     use automerge::sync::Capability;
-    let peer_has_some = state.their_heads.as_ref().is_some_and(|h| !h.is_empty());
-    if !peer_has_some {
-        return doc.generate_sync_message(state);
-    }
     let capabilities = state.their_capabilities.clone();
     if let Some(c) = state.their_capabilities.as_mut() {
         c.retain(|c| *c != Capability::MessageV2);

@@ -1,0 +1,1435 @@
+//! Checks every automerge sync message a peer sends, with a bounded reader of our own, before
+//! automerge parses or applies any of it.
+//!
+//! automerge 0.12 trusts its input: it inflates compressed change chunks and DEFLATE columns
+//! with unbounded reads (a ~1 MB message grew a receiver to ~3 GB), it allocates by declared
+//! counts, and it applies any operation a change holds, so a peer could delete or overwrite
+//! other devices' records and wrapped keys. A partition only ever grows by new `r/` and `k/`
+//! keys holding bytes of a bounded, well-formed shape (`crate::partition`), and this module
+//! refuses everything else:
+//!
+//! 1. [`read_message`] walks the raw bytes of an `automerge::sync::Message` (type byte, heads,
+//!    need, haves with their bloom filters, the changes, the flags) checking every declared count
+//!    and length against a limit and against the bytes that remain before anything is
+//!    allocated. Each change must be an uncompressed change chunk (type 1) without DEFLATE
+//!    columns; its operation columns are decoded here, bounded, and every operation must be a
+//!    put of bytes on the root map under a canonical `r/<32 hex>` or `k/<32 hex>` key, with no
+//!    predecessor (nothing overwritten), no insert, no delete, no increment, no mark and no
+//!    object creation; the value must parse as an envelope or as the wrapped key its key names.
+//!    What the reader decoded is then compared with automerge's own decoding of the change, so
+//!    the two parsers cannot disagree about what will be applied.
+//! 2. [`CheckedMessage::check_against`] checks the puts against the receiving partition: a key
+//!    it already holds may only be put again with identical bytes (a device that crashed
+//!    before storing its fold makes the same entries again under a new actor), and one
+//!    message may not put two different values under one key.
+//!
+//! The honest sender never produces what is refused here: `session::next_message` always
+//! generates v1 messages, whose changes automerge sends as the uncompressed change chunks it
+//! committed (a change chunk never carries DEFLATE columns: automerge deflates columns only
+//! when it saves whole documents and compresses chunks only in `Change::bytes`). Large
+//! messages are compressed by the frame layer instead (`SyncDeflated`), whose inflation is
+//! bounded. `docs/protocol.md` ("Validated changes") lists the rules byte by byte.
+
+use crate::envelope::{Envelope, SessionId, WrappedKey};
+use crate::ids::RecordId;
+use crate::partition::{RECORD_PREFIX, WRAPPED_KEY_PREFIX};
+use automerge::{Automerge, ChangeHash, ROOT, ReadDoc, ScalarValue, Value};
+use std::collections::BTreeMap;
+
+/// The most hashes in the heads, the need, or one have's `last_sync` of a sync message.
+pub const MAX_SYNC_HASHES: usize = 1024;
+/// The most haves in a sync message (automerge sends zero or one).
+pub const MAX_HAVES: usize = 4;
+/// The most entries a bloom filter may declare (its bits must also be present).
+pub const MAX_BLOOM_ENTRIES: u64 = 1 << 20;
+/// automerge's bloom parameters, the only ones accepted: other values cost the receiver
+/// unbounded probe loops (`num_probes`) or divide by zero (no bits).
+pub const BLOOM_BITS_PER_ENTRY: u64 = 10;
+/// See [`BLOOM_BITS_PER_ENTRY`].
+pub const BLOOM_PROBES: u64 = 7;
+/// The most entries in the changes list of one message.
+pub const MAX_CHUNKS_PER_MESSAGE: usize = 65_536;
+/// The most change chunks in one message, counted across the list's entries.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 65_536;
+/// The most dependencies of one change.
+pub const MAX_DEPS: usize = 1024;
+/// The longest actor id (ours are 16 bytes).
+pub const MAX_ACTOR_BYTES: usize = 64;
+/// The most other actors a change may list (ours list none: nothing refers to another actor).
+pub const MAX_OTHER_ACTORS: usize = 16;
+/// The longest commit message of a change (ours have none).
+pub const MAX_CHANGE_MESSAGE_BYTES: usize = 1024;
+/// The most columns of one change (automerge writes at most 14 kinds).
+pub const MAX_COLUMNS: usize = 16;
+/// The most bytes after a change's columns (automerge's extra bytes; ours have none).
+pub const MAX_EXTRA_BYTES: usize = 256;
+/// The most operations in one change, and in one message.
+pub const MAX_OPS: u64 = 1 << 20;
+/// The length of every key: a two-byte prefix and 32 lowercase hex digits.
+pub const KEY_BYTES: usize = 2 + 32;
+/// The most bytes of the flags at the end of a message (automerge writes two).
+pub const MAX_FLAGS_BYTES: usize = 16;
+/// The fewest value bytes an operation can carry: a wrapped key is longer than its 21-byte
+/// header. Used to bound the operation count by the bytes present before decoding columns.
+const MIN_VALUE_BYTES: u64 = 22;
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const MESSAGE_V1: u8 = 0x42;
+const MESSAGE_V2: u8 = 0x43;
+const DEFLATE_BIT: u32 = 0b1000;
+
+// Column specifications of a change's operations: (column id << 4) | column type.
+const COL_OBJ_ACTOR: u32 = 0x01;
+const COL_OBJ_CTR: u32 = 0x02;
+const COL_KEY_ACTOR: u32 = 0x11;
+const COL_KEY_CTR: u32 = 0x13;
+const COL_KEY_STR: u32 = 0x15;
+const COL_INSERT: u32 = 0x34;
+const COL_ACTION: u32 = 0x42;
+const COL_VAL_META: u32 = 0x56;
+const COL_VAL: u32 = 0x57;
+const COL_PRED_GROUP: u32 = 0x70;
+const COL_PRED_ACTOR: u32 = 0x71;
+const COL_PRED_CTR: u32 = 0x73;
+const COL_EXPAND: u32 = 0x94;
+const COL_MARK_NAME: u32 = 0xa5;
+const KNOWN_COLUMNS: [u32; 14] = [
+    COL_OBJ_ACTOR,
+    COL_OBJ_CTR,
+    COL_KEY_ACTOR,
+    COL_KEY_CTR,
+    COL_KEY_STR,
+    COL_INSERT,
+    COL_ACTION,
+    COL_VAL_META,
+    COL_VAL,
+    COL_PRED_GROUP,
+    COL_PRED_ACTOR,
+    COL_PRED_CTR,
+    COL_EXPAND,
+    COL_MARK_NAME,
+];
+
+/// automerge's action codes.
+const ACTION_PUT: u64 = 1;
+/// automerge's value type code of bytes (the low four bits of a value's metadata).
+const VALUE_BYTES: u64 = 7;
+
+/// Why a peer's sync message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// The bytes do not follow automerge's format (truncated, bad LEB128, bad magic, bytes
+    /// left over).
+    #[error("malformed at byte {offset}: {what}")]
+    Malformed {
+        /// Where in the message.
+        offset: usize,
+        /// What was wrong.
+        what: String,
+    },
+    /// A declared count or length is over its limit.
+    #[error("declares {declared} {what}, over the limit of {max}")]
+    TooMany {
+        /// What was counted.
+        what: &'static str,
+        /// The declared count or length.
+        declared: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// An encoding this protocol refuses (compressed, whole-document or bundle chunks,
+    /// DEFLATE columns, unknown columns or message types).
+    #[error("carries {what}, which this protocol refuses")]
+    Encoding {
+        /// What was found.
+        what: String,
+    },
+    /// An operation breaks the partition's rule: only new `r/` and `k/` keys holding bytes.
+    #[error("change {change} operation {op} (key {key}) {rule}")]
+    Operation {
+        /// The change's index in the message.
+        change: usize,
+        /// The operation's index in the change.
+        op: usize,
+        /// The key, quoted and cut to a few characters.
+        key: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+}
+
+impl ChangeError {
+    /// Whether the bytes simply do not decode (a broken peer) rather than carry something
+    /// decodable that the rules refuse (a hostile or incompatible one).
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, ChangeError::Malformed { .. })
+    }
+}
+
+/// One put a checked change makes: a key of the root map and its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Put<'a> {
+    /// `r/<record id>` or `k/<session id>`.
+    pub key: &'a str,
+    /// The envelope or wrapped key.
+    pub value: &'a [u8],
+}
+
+/// One change of a checked message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedChange<'a> {
+    /// The change's hash, as automerge computes it.
+    pub hash: ChangeHash,
+    /// Its operations, in order; all puts.
+    pub puts: Vec<Put<'a>>,
+}
+
+/// A sync message whose bytes passed [`read_message`]: safe to hand to `Message::decode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedMessage<'a> {
+    /// The changes it carries, in order.
+    pub changes: Vec<CheckedChange<'a>>,
+}
+
+impl CheckedMessage<'_> {
+    /// How many puts the message carries.
+    pub fn put_count(&self) -> usize {
+        self.changes.iter().map(|c| c.puts.len()).sum()
+    }
+
+    /// Checks the puts against the partition that would receive them (`None`: it holds
+    /// nothing yet). A key already held may be put again only with the bytes it holds; one
+    /// message may not put two different values under one key. Changes the document already
+    /// has are skipped: automerge ignores them.
+    pub fn check_against(&self, doc: Option<&Automerge>) -> Result<(), ChangeError> {
+        let mut seen: BTreeMap<&str, &[u8]> = BTreeMap::new();
+        for (c, change) in self.changes.iter().enumerate() {
+            if doc.is_some_and(|d| d.get_change_by_hash(&change.hash).is_some()) {
+                continue;
+            }
+            for (o, put) in change.puts.iter().enumerate() {
+                let refuse = |rule: &str| ChangeError::Operation {
+                    change: c,
+                    op: o,
+                    key: quote(put.key),
+                    rule: rule.to_string(),
+                };
+                if let Some(prior) = seen.insert(put.key, put.value)
+                    && prior != put.value
+                {
+                    return Err(refuse(
+                        "puts a second, different value under a key the same message writes",
+                    ));
+                }
+                let Some(doc) = doc else { continue };
+                let held = doc
+                    .get_all(ROOT, put.key)
+                    .map_err(|e| refuse(&format!("cannot be compared with the partition: {e}")))?;
+                for (value, _) in held {
+                    let same = matches!(
+                        &value,
+                        Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Bytes(b) if b.as_slice() == put.value)
+                    );
+                    if !same {
+                        return Err(refuse(
+                            "overwrites a key the partition already holds with other bytes",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks the raw bytes of an automerge sync message. See the module docs.
+pub fn read_message(bytes: &[u8]) -> Result<CheckedMessage<'_>, ChangeError> {
+    let mut r = Reader::new(bytes, 0);
+    match r.u8()? {
+        MESSAGE_V1 | MESSAGE_V2 => {}
+        other => {
+            return Err(ChangeError::Encoding {
+                what: format!("message type {other:#04x} (only 0x42 and 0x43 are sync messages)"),
+            });
+        }
+    }
+    read_hashes(&mut r, "heads")?;
+    read_hashes(&mut r, "needed hashes")?;
+    let haves = r.count("haves", MAX_HAVES, 2)?;
+    for _ in 0..haves {
+        read_hashes(&mut r, "last-sync hashes")?;
+        let len = r.len("bloom filter bytes", bytes.len())?;
+        let bloom = r.sub(len)?;
+        read_bloom(bloom)?;
+    }
+    let entries = r.count("change list entries", MAX_CHUNKS_PER_MESSAGE, 1)?;
+    let mut changes = Vec::new();
+    let mut ops_total: u64 = 0;
+    for _ in 0..entries {
+        let len = r.len("change bytes", bytes.len())?;
+        let mut entry = r.sub(len)?;
+        while !entry.is_empty() {
+            if changes.len() >= MAX_CHANGES_PER_MESSAGE {
+                return Err(ChangeError::TooMany {
+                    what: "changes in one message",
+                    declared: changes.len() as u64 + 1,
+                    max: MAX_CHANGES_PER_MESSAGE as u64,
+                });
+            }
+            let change = read_change(&mut entry, changes.len())?;
+            ops_total += change.puts.len() as u64;
+            if ops_total > MAX_OPS {
+                return Err(ChangeError::TooMany {
+                    what: "operations in one message",
+                    declared: ops_total,
+                    max: MAX_OPS,
+                });
+            }
+            changes.push(change);
+        }
+    }
+    if !r.is_empty() {
+        let len = r.len("flag bytes", MAX_FLAGS_BYTES)?;
+        r.sub(len)?;
+    }
+    if !r.is_empty() {
+        return Err(r.malformed(format!("{} bytes after the message's end", r.remaining())));
+    }
+    Ok(CheckedMessage { changes })
+}
+
+fn read_hashes(r: &mut Reader<'_>, what: &'static str) -> Result<(), ChangeError> {
+    let n = r.count(what, MAX_SYNC_HASHES, 32)?;
+    r.take(n * 32)?;
+    Ok(())
+}
+
+/// A bloom filter is empty, or automerge's parameters with exactly its bits.
+fn read_bloom(mut b: Reader<'_>) -> Result<(), ChangeError> {
+    if b.is_empty() {
+        return Ok(());
+    }
+    let entries = b.uleb()?;
+    let bits_per_entry = b.uleb()?;
+    let probes = b.uleb()?;
+    if entries == 0 || entries > MAX_BLOOM_ENTRIES {
+        return Err(ChangeError::TooMany {
+            what: "bloom filter entries (or none in a non-empty filter)",
+            declared: entries,
+            max: MAX_BLOOM_ENTRIES,
+        });
+    }
+    if bits_per_entry != BLOOM_BITS_PER_ENTRY || probes != BLOOM_PROBES {
+        return Err(ChangeError::Encoding {
+            what: format!(
+                "a bloom filter of {bits_per_entry} bits per entry and {probes} probes \
+                 (only {BLOOM_BITS_PER_ENTRY} and {BLOOM_PROBES})"
+            ),
+        });
+    }
+    let bytes = (entries * bits_per_entry).div_ceil(8);
+    b.take(to_usize(bytes))?;
+    if !b.is_empty() {
+        return Err(b.malformed(format!("{} bytes after a bloom filter", b.remaining())));
+    }
+    Ok(())
+}
+
+/// Reads one chunk from `entry`: it must be an uncompressed change chunk whose operations
+/// follow the partition's rule.
+fn read_change<'a>(entry: &mut Reader<'a>, index: usize) -> Result<CheckedChange<'a>, ChangeError> {
+    let start = entry.pos;
+    let chunk_start = entry.base + entry.pos;
+    if entry.take(4)? != MAGIC {
+        return Err(ChangeError::Malformed {
+            offset: chunk_start,
+            what: "a change does not start with automerge's magic bytes".into(),
+        });
+    }
+    entry.take(4)?; // checksum: automerge hashes the chunk itself
+    let chunk_type = entry.u8()?;
+    match chunk_type {
+        1 => {}
+        0 => return Err(encoding("a whole-document chunk (type 0)")),
+        2 => return Err(encoding("a compressed change chunk (type 2)")),
+        3 => return Err(encoding("a bundle chunk (type 3)")),
+        other => return Err(encoding(&format!("an unknown chunk type {other}"))),
+    }
+    let len = entry.len("change chunk bytes", usize::MAX)?;
+    let mut body = entry.sub(len)?;
+    let chunk = &entry.bytes[start..entry.pos];
+
+    let deps = body.count("dependencies", MAX_DEPS, 32)?;
+    body.take(deps * 32)?;
+    read_actor(&mut body)?;
+    body.uleb()?; // seq
+    let start_op = body.uleb()?;
+    if start_op == 0 || start_op > u64::from(u32::MAX) {
+        return Err(body.malformed(format!("start op {start_op} is not in 1..2^32")));
+    }
+    body.sleb()?; // time
+    let text = body.len("commit message bytes", MAX_CHANGE_MESSAGE_BYTES)?;
+    let text_at = body.base + body.pos;
+    if std::str::from_utf8(body.take(text)?).is_err() {
+        return Err(ChangeError::Malformed {
+            offset: text_at,
+            what: "a commit message is not UTF-8".into(),
+        });
+    }
+    let others = body.count("other actors", MAX_OTHER_ACTORS, 1)?;
+    for _ in 0..others {
+        read_actor(&mut body)?;
+    }
+    let columns = read_columns(&mut body, index)?;
+    if body.remaining() > MAX_EXTRA_BYTES {
+        return Err(ChangeError::TooMany {
+            what: "extra bytes after a change's columns",
+            declared: body.remaining() as u64,
+            max: MAX_EXTRA_BYTES as u64,
+        });
+    }
+    let puts = read_ops(&columns, index)?;
+    cross_check(chunk, &puts, chunk_start)
+}
+
+fn encoding(what: &str) -> ChangeError {
+    ChangeError::Encoding { what: what.into() }
+}
+
+fn read_actor(r: &mut Reader<'_>) -> Result<(), ChangeError> {
+    let len = r.len("actor id bytes", MAX_ACTOR_BYTES)?;
+    if len == 0 {
+        return Err(r.malformed("an empty actor id".into()));
+    }
+    r.take(len)?;
+    Ok(())
+}
+
+/// The operation columns of one change, by specification.
+struct Columns<'a> {
+    cols: BTreeMap<u32, Reader<'a>>,
+}
+
+impl<'a> Columns<'a> {
+    /// The column `spec`, empty when absent.
+    fn get(&self, spec: u32) -> Reader<'a> {
+        self.cols.get(&spec).cloned().unwrap_or(Reader::new(&[], 0))
+    }
+}
+
+fn read_columns<'a>(body: &mut Reader<'a>, change: usize) -> Result<Columns<'a>, ChangeError> {
+    let n = body.count("columns", MAX_COLUMNS, 2)?;
+    let mut specs = Vec::with_capacity(n);
+    let mut total: usize = 0;
+    for _ in 0..n {
+        let spec = body.uleb()?;
+        let spec = u32::try_from(spec)
+            .map_err(|_| body.malformed(format!("column specification {spec} over 32 bits")))?;
+        let len = body.len("column bytes", usize::MAX)?;
+        if spec & DEFLATE_BIT != 0 {
+            return Err(encoding(&format!(
+                "a DEFLATE-compressed column (specification {spec:#x}) in change {change}"
+            )));
+        }
+        if !KNOWN_COLUMNS.contains(&spec) {
+            return Err(encoding(&format!(
+                "an unknown column (specification {spec:#x}) in change {change}"
+            )));
+        }
+        if specs.last().is_some_and(|(last, _)| *last >= spec) {
+            return Err(body.malformed(format!(
+                "column {spec:#x} out of order or repeated in change {change}"
+            )));
+        }
+        total = total.saturating_add(len);
+        specs.push((spec, len));
+    }
+    if total > body.remaining() {
+        return Err(body.malformed(format!(
+            "columns declare {total} bytes, {} remain",
+            body.remaining()
+        )));
+    }
+    let mut cols = BTreeMap::new();
+    for (spec, len) in specs {
+        cols.insert(spec, body.sub(len)?);
+    }
+    Ok(Columns { cols })
+}
+
+/// Decodes the operations and checks each against the rule; returns the puts.
+fn read_ops<'a>(cols: &Columns<'a>, change: usize) -> Result<Vec<Put<'a>>, ChangeError> {
+    // The operation count comes from the action column, bounded before anything is expanded:
+    // every operation must carry at least MIN_VALUE_BYTES of value.
+    let n = rle_len(cols.get(COL_ACTION), |r| r.uleb().map(drop))?;
+    let value_bytes = cols.get(COL_VAL).remaining() as u64;
+    if n > MAX_OPS || n > value_bytes / MIN_VALUE_BYTES + 1 {
+        return Err(ChangeError::TooMany {
+            what: "operations in one change (for the value bytes it carries)",
+            declared: n,
+            max: MAX_OPS.min(value_bytes / MIN_VALUE_BYTES + 1),
+        });
+    }
+    let n = to_usize(n);
+    let actions = rle(cols.get(COL_ACTION), n, "action", |r| r.uleb())?;
+    let keys = rle(cols.get(COL_KEY_STR), n, "key", |r| {
+        let len = r.len("key bytes", KEY_BYTES)?;
+        let at = r.base + r.pos;
+        std::str::from_utf8(r.take(len)?).map_err(|_| ChangeError::Malformed {
+            offset: at,
+            what: "a key is not UTF-8".into(),
+        })
+    })?;
+    let inserts = booleans(cols.get(COL_INSERT), n, "insert")?;
+    let expands = booleans(cols.get(COL_EXPAND), n, "expand")?;
+    let metas = rle(cols.get(COL_VAL_META), n, "value metadata", |r| r.uleb())?;
+    let preds = rle(cols.get(COL_PRED_GROUP), n, "predecessor count", |r| {
+        r.uleb()
+    })?;
+    let obj_actor = cols.get(COL_OBJ_ACTOR);
+    let obj_ctr = cols.get(COL_OBJ_CTR);
+    let key_actor = cols.get(COL_KEY_ACTOR);
+    let key_ctr = cols.get(COL_KEY_CTR);
+    let pred_actor = cols.get(COL_PRED_ACTOR);
+    let pred_ctr = cols.get(COL_PRED_CTR);
+    let mark_names = cols.get(COL_MARK_NAME);
+    let mut values = cols.get(COL_VAL);
+
+    let mut puts = Vec::with_capacity(n);
+    for op in 0..n {
+        let key = keys[op].unwrap_or("");
+        let refuse = |rule: String| ChangeError::Operation {
+            change,
+            op,
+            key: quote(key),
+            rule,
+        };
+        match actions[op] {
+            Some(ACTION_PUT) => {}
+            Some(0) => return Err(refuse("creates a nested map".into())),
+            Some(2) => return Err(refuse("creates a list".into())),
+            Some(3) => return Err(refuse("deletes a key".into())),
+            Some(4) => return Err(refuse("creates a text object".into())),
+            Some(5) => return Err(refuse("increments a counter".into())),
+            Some(6) => return Err(refuse("creates a table".into())),
+            Some(7) => return Err(refuse("adds a mark".into())),
+            Some(a) => return Err(refuse(format!("has the unknown action {a}"))),
+            None => return Err(refuse("has no action".into())),
+        }
+        // automerge omits an all-null column: a present one names an object, a list
+        // position or a predecessor.
+        if !obj_actor.is_empty() || !obj_ctr.is_empty() {
+            return Err(refuse(
+                "writes into an object other than the root map".into(),
+            ));
+        }
+        if inserts[op] || !key_actor.is_empty() || !key_ctr.is_empty() {
+            return Err(refuse("writes a list or text position".into()));
+        }
+        if keys[op].is_none() {
+            return Err(refuse("has no map key".into()));
+        }
+        if preds[op] != Some(0) || !pred_actor.is_empty() || !pred_ctr.is_empty() {
+            return Err(refuse(
+                "overwrites an existing value (it names a predecessor)".into(),
+            ));
+        }
+        if expands[op] || !mark_names.is_empty() {
+            return Err(refuse("carries mark data".into()));
+        }
+        let Some(meta) = metas[op] else {
+            return Err(refuse("has no value".into()));
+        };
+        let (kind, len) = (meta & 0xf, meta >> 4);
+        if kind != VALUE_BYTES {
+            return Err(refuse(format!(
+                "puts {}, only bytes are allowed",
+                value_kind(kind)
+            )));
+        }
+        let max = if key.starts_with(WRAPPED_KEY_PREFIX) {
+            crate::envelope::MAX_WRAPPED_KEY_BYTES
+        } else {
+            crate::envelope::MAX_ENVELOPE_BYTES
+        };
+        if len > max as u64 {
+            return Err(refuse(format!("puts {len} bytes, over the limit of {max}")));
+        }
+        let value = values.take(to_usize(len))?;
+        check_key_and_value(key, value).map_err(refuse)?;
+        puts.push(Put { key, value });
+    }
+    if !values.is_empty() {
+        return Err(values.malformed(format!(
+            "{} value bytes no operation uses",
+            values.remaining()
+        )));
+    }
+    Ok(puts)
+}
+
+/// A key is `r/<record id>` holding an envelope or `k/<session id>` holding the wrapped key
+/// of that session, ids in canonical lowercase hex.
+fn check_key_and_value(key: &str, value: &[u8]) -> Result<(), String> {
+    if let Some(id) = key.strip_prefix(RECORD_PREFIX) {
+        if RecordId::parse_hex(id).is_none_or(|r| r.to_string() != id) {
+            return Err("is not r/ followed by a record id in 32 lowercase hex digits".into());
+        }
+        Envelope::from_bytes(value).map_err(|e| format!("does not hold an envelope: {e}"))?;
+        return Ok(());
+    }
+    if let Some(id) = key.strip_prefix(WRAPPED_KEY_PREFIX) {
+        let Some(session) = SessionId::parse_hex(id).filter(|s| s.to_string() == id) else {
+            return Err("is not k/ followed by a session id in 32 lowercase hex digits".into());
+        };
+        let wrapped = WrappedKey::from_bytes(value)
+            .map_err(|e| format!("does not hold a wrapped key: {e}"))?;
+        if wrapped.session != session {
+            return Err(format!(
+                "holds the wrapped key of session {}",
+                wrapped.session
+            ));
+        }
+        return Ok(());
+    }
+    Err("is neither an r/ nor a k/ key".into())
+}
+
+fn value_kind(code: u64) -> &'static str {
+    match code {
+        0 => "null",
+        1 | 2 => "a boolean",
+        3 | 4 => "an integer",
+        5 => "a float",
+        6 => "a string",
+        8 => "a counter",
+        9 => "a timestamp",
+        _ => "a value of unknown type",
+    }
+}
+
+/// automerge must read the change exactly as this module did: the same puts, in order.
+fn cross_check<'a>(
+    chunk: &[u8],
+    puts: &[Put<'a>],
+    offset: usize,
+) -> Result<CheckedChange<'a>, ChangeError> {
+    let change = automerge::Change::try_from(chunk).map_err(|e| ChangeError::Malformed {
+        offset,
+        what: format!("automerge does not read the change: {e}"),
+    })?;
+    // `decode` looks actors up for list positions, objects and predecessors; the checks above
+    // refused every one of those, so nothing in it can fail.
+    let expanded = change.decode();
+    let same = expanded.operations.len() == puts.len()
+        && expanded.operations.iter().zip(puts).all(|(op, put)| {
+            op.obj == automerge::legacy::ObjectId::Root
+                && !op.insert
+                && op.pred.is_empty()
+                && matches!(&op.key, automerge::legacy::Key::Map(k) if k.as_str() == put.key)
+                && matches!(&op.action, automerge::legacy::OpType::Put(ScalarValue::Bytes(b)) if b.as_slice() == put.value)
+        });
+    if !same {
+        return Err(ChangeError::Malformed {
+            offset,
+            what: "automerge reads the change's operations differently".into(),
+        });
+    }
+    Ok(CheckedChange {
+        hash: change.hash(),
+        puts: puts.to_vec(),
+    })
+}
+
+/// How many values an RLE column holds, without expanding it (runs are summed).
+fn rle_len(
+    mut col: Reader<'_>,
+    mut skip: impl FnMut(&mut Reader<'_>) -> Result<(), ChangeError>,
+) -> Result<u64, ChangeError> {
+    let mut total: u64 = 0;
+    while !col.is_empty() {
+        let count = col.sleb()?;
+        let run = if count > 0 {
+            skip(&mut col)?;
+            count.unsigned_abs()
+        } else if count < 0 {
+            let n = count.unsigned_abs();
+            if n > MAX_OPS {
+                return Err(too_many_ops(n));
+            }
+            for _ in 0..n {
+                skip(&mut col)?;
+            }
+            n
+        } else {
+            col.uleb()?
+        };
+        total = total.saturating_add(run);
+        if total > MAX_OPS {
+            return Err(too_many_ops(total));
+        }
+    }
+    Ok(total)
+}
+
+fn too_many_ops(declared: u64) -> ChangeError {
+    ChangeError::TooMany {
+        what: "operations in one change",
+        declared,
+        max: MAX_OPS,
+    }
+}
+
+/// Exactly `n` values of an RLE column (`None` for nulls); an absent column is `n` nulls.
+fn rle<'a, T: Copy>(
+    mut col: Reader<'a>,
+    n: usize,
+    what: &str,
+    mut read: impl FnMut(&mut Reader<'a>) -> Result<T, ChangeError>,
+) -> Result<Vec<Option<T>>, ChangeError> {
+    if col.is_empty() {
+        return Ok(vec![None; n]);
+    }
+    let mut out = Vec::with_capacity(n);
+    while !col.is_empty() {
+        let count = col.sleb()?;
+        let left = (n - out.len()) as u64;
+        let run = if count == 0 {
+            col.uleb()?
+        } else {
+            count.unsigned_abs()
+        };
+        if run > left {
+            return Err(col.malformed(format!(
+                "the {what} column holds more values than operations"
+            )));
+        }
+        let run = to_usize(run);
+        if count > 0 {
+            let v = read(&mut col)?;
+            out.extend(std::iter::repeat_n(Some(v), run));
+        } else if count < 0 {
+            for _ in 0..run {
+                out.push(Some(read(&mut col)?));
+            }
+        } else {
+            out.extend(std::iter::repeat_n(None, run));
+        }
+    }
+    if out.len() != n {
+        return Err(col.malformed(format!(
+            "the {what} column holds {} values for {n} operations",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Exactly `n` booleans: alternating run lengths, falses first; an absent column is all false.
+fn booleans(mut col: Reader<'_>, n: usize, what: &str) -> Result<Vec<bool>, ChangeError> {
+    if col.is_empty() {
+        return Ok(vec![false; n]);
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut value = false;
+    while !col.is_empty() {
+        let run = col.uleb()?;
+        if run > (n - out.len()) as u64 {
+            return Err(col.malformed(format!(
+                "the {what} column holds more values than operations"
+            )));
+        }
+        out.extend(std::iter::repeat_n(value, to_usize(run)));
+        value = !value;
+    }
+    if out.len() != n {
+        return Err(col.malformed(format!(
+            "the {what} column holds {} values for {n} operations",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// A key cut to a few characters and quoted, for error details (a peer's key may be anything).
+fn quote(key: &str) -> String {
+    let cut: String = key.chars().take(40).collect();
+    format!("{cut:?}")
+}
+
+/// Lengths here were checked against bytes in memory, so they fit a `usize`.
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// A cursor over a slice that never reads past its end; `base` is the slice's offset in the
+/// whole message, for error details.
+#[derive(Clone)]
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    base: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], base: usize) -> Self {
+        Reader {
+            bytes,
+            pos: 0,
+            base,
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn is_empty(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    fn malformed(&self, what: String) -> ChangeError {
+        ChangeError::Malformed {
+            offset: self.base + self.pos,
+            what,
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8, ChangeError> {
+        let b = *self
+            .bytes
+            .get(self.pos)
+            .ok_or_else(|| self.malformed("the message ends early".into()))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// `n` bytes, refused before anything is read if fewer remain.
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ChangeError> {
+        if n > self.remaining() {
+            return Err(self.malformed(format!("{n} bytes declared, {} remain", self.remaining())));
+        }
+        let out = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    /// The next `n` bytes as their own reader.
+    fn sub(&mut self, n: usize) -> Result<Reader<'a>, ChangeError> {
+        let base = self.base + self.pos;
+        Ok(Reader::new(self.take(n)?, base))
+    }
+
+    /// An unsigned LEB128 as automerge writes it: at most 64 bits, no redundant bytes.
+    fn uleb(&mut self) -> Result<u64, ChangeError> {
+        let mut result: u64 = 0;
+        let mut shift = 0u32;
+        loop {
+            let byte = self.u8()?;
+            let low = u64::from(byte & 0x7f);
+            if shift == 63 && low > 1 {
+                return Err(self.malformed("a LEB128 number over 64 bits".into()));
+            }
+            result |= low << shift;
+            if byte & 0x80 == 0 {
+                if shift > 0 && byte == 0 {
+                    return Err(self.malformed("a LEB128 number with redundant bytes".into()));
+                }
+                return Ok(result);
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(self.malformed("a LEB128 number over 64 bits".into()));
+            }
+        }
+    }
+
+    /// A signed LEB128, at most 64 bits, no redundant bytes.
+    fn sleb(&mut self) -> Result<i64, ChangeError> {
+        let mut result: i128 = 0;
+        let mut shift = 0u32;
+        let mut prev = 0u8;
+        loop {
+            let byte = self.u8()?;
+            result |= i128::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                if shift > 7
+                    && ((byte == 0 && prev & 0x40 == 0) || (byte == 0x7f && prev & 0x40 != 0))
+                {
+                    return Err(self.malformed("a LEB128 number with redundant bytes".into()));
+                }
+                if byte & 0x40 != 0 {
+                    result -= 1i128 << shift;
+                }
+                return i64::try_from(result)
+                    .map_err(|_| self.malformed("a LEB128 number over 64 bits".into()));
+            }
+            if shift >= 70 {
+                return Err(self.malformed("a LEB128 number over 64 bits".into()));
+            }
+            prev = byte;
+        }
+    }
+
+    /// A declared length, at most `max` and at most the bytes that remain.
+    fn len(&mut self, what: &'static str, max: usize) -> Result<usize, ChangeError> {
+        let n = self.uleb()?;
+        if n > max as u64 {
+            return Err(ChangeError::TooMany {
+                what,
+                declared: n,
+                max: max as u64,
+            });
+        }
+        if n > self.remaining() as u64 {
+            return Err(self.malformed(format!("{n} {what} declared, {} remain", self.remaining())));
+        }
+        Ok(to_usize(n))
+    }
+
+    /// A declared count of items of at least `min_bytes` each: at most `max`, and no more than
+    /// the remaining bytes could hold.
+    fn count(
+        &mut self,
+        what: &'static str,
+        max: usize,
+        min_bytes: usize,
+    ) -> Result<usize, ChangeError> {
+        let n = self.uleb()?;
+        if n > max as u64 {
+            return Err(ChangeError::TooMany {
+                what,
+                declared: n,
+                max: max as u64,
+            });
+        }
+        if n.saturating_mul(min_bytes as u64) > self.remaining() as u64 {
+            return Err(self.malformed(format!(
+                "{n} {what} declared, only {} bytes remain",
+                self.remaining()
+            )));
+        }
+        Ok(to_usize(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::session::next_message;
+    use automerge::sync::{Message, MessageVersion, State};
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, ObjType};
+
+    fn envelope_bytes(seed: u8, len: usize) -> Vec<u8> {
+        let mut b = vec![seed; len];
+        b[0] = crate::envelope::ENVELOPE_VERSION;
+        b
+    }
+
+    fn wrapped_bytes(session: [u8; 16], seed: u8) -> Vec<u8> {
+        let mut b = vec![crate::envelope::ENVELOPE_VERSION];
+        b.extend_from_slice(&session);
+        b.extend_from_slice(&20_000u32.to_be_bytes());
+        b.extend_from_slice(&[seed; 200]);
+        b
+    }
+
+    fn record_key(i: u8) -> String {
+        format!("r/{}", hex::encode([i; 16]))
+    }
+
+    fn session_key(i: u8) -> String {
+        format!("k/{}", hex::encode([i; 16]))
+    }
+
+    /// A partition-shaped document: one wrapped key and `n` records, in one change.
+    fn doc(actor: u8, n: u8) -> Automerge {
+        let mut doc = Automerge::new().with_actor(ActorId::from([actor; 16]));
+        doc.transact(|tx| {
+            tx.put(ROOT, session_key(actor), wrapped_bytes([actor; 16], 1))?;
+            for i in 0..n {
+                tx.put(ROOT, record_key(i), envelope_bytes(i, 120))?;
+            }
+            Ok::<_, automerge::AutomergeError>(())
+        })
+        .unwrap();
+        doc
+    }
+
+    /// The changes `doc` has that `base` lacks, as the last change's raw bytes.
+    fn last_change(doc: &Automerge) -> Vec<u8> {
+        let heads = doc.get_heads();
+        doc.get_change_by_hash(&heads[0])
+            .unwrap()
+            .raw_bytes()
+            .to_vec()
+    }
+
+    fn message(chunks: Vec<Vec<u8>>) -> Vec<u8> {
+        Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: chunks.into(),
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode()
+    }
+
+    /// A hostile edit of a copy of `doc`, as one change, its raw bytes in a message.
+    fn hostile(
+        doc: &Automerge,
+        edit: impl FnOnce(&mut automerge::transaction::Transaction<'_>),
+    ) -> Vec<u8> {
+        let mut copy = doc.fork().with_actor(ActorId::from([0xee; 16]));
+        let mut tx = copy.transaction();
+        edit(&mut tx);
+        tx.commit();
+        message(vec![last_change(&copy)])
+    }
+
+    fn refused_op(bytes: &[u8]) -> String {
+        match read_message(bytes) {
+            Err(ChangeError::Operation { rule, .. }) => rule,
+            other => panic!("expected an operation refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn honest_messages_pass_both_checks() {
+        let source = doc(1, 20);
+        let mut target = Automerge::new();
+        let (mut s1, mut s2) = (State::new(), State::new());
+        let mut checked = 0;
+        for _ in 0..10 {
+            let a = next_message(&source, &mut s1);
+            if let Some(m) = a.clone() {
+                let bytes = m.clone().encode();
+                let c = read_message(&bytes).unwrap();
+                c.check_against(Some(&target)).unwrap();
+                checked += c.put_count();
+                target.receive_sync_message(&mut s2, m).unwrap();
+            }
+            let b = next_message(&target, &mut s2);
+            if let Some(m) = b.clone() {
+                let bytes = m.clone().encode();
+                read_message(&bytes)
+                    .unwrap()
+                    .check_against(Some(&source))
+                    .unwrap();
+                use automerge::sync::SyncDoc;
+                let mut source_mut = source.clone();
+                source_mut.receive_sync_message(&mut s1, m).unwrap();
+            }
+            if a.is_none() && b.is_none() {
+                break;
+            }
+        }
+        assert_eq!(checked, 21);
+        // The same change again (a retransmission) is skipped, not called an overwrite.
+        let again = message(vec![last_change(&source)]);
+        read_message(&again)
+            .unwrap()
+            .check_against(Some(&target))
+            .unwrap();
+    }
+
+    use automerge::sync::SyncDoc;
+
+    #[test]
+    fn deletes_overwrites_and_objects_are_refused() {
+        let base = doc(1, 3);
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "delete",
+                hostile(&base, |tx| tx.delete(ROOT, record_key(0)).unwrap()),
+                "deletes a key",
+            ),
+            (
+                "overwrite",
+                hostile(&base, |tx| {
+                    tx.put(ROOT, session_key(1), wrapped_bytes([1; 16], 9))
+                        .unwrap()
+                }),
+                "names a predecessor",
+            ),
+            (
+                "nested map",
+                hostile(&base, |tx| {
+                    tx.put_object(ROOT, record_key(9), ObjType::Map).unwrap();
+                }),
+                "creates a nested map",
+            ),
+            (
+                "text",
+                hostile(&base, |tx| {
+                    tx.put_object(ROOT, record_key(9), ObjType::Text).unwrap();
+                }),
+                "creates a text object",
+            ),
+            (
+                "counter",
+                hostile(&base, |tx| {
+                    tx.put(ROOT, record_key(9), ScalarValue::counter(5))
+                        .unwrap()
+                }),
+                "puts a counter",
+            ),
+            (
+                "string",
+                hostile(&base, |tx| tx.put(ROOT, record_key(9), "hello").unwrap()),
+                "puts a string",
+            ),
+            (
+                "oversize",
+                hostile(&base, |tx| {
+                    tx.put(
+                        ROOT,
+                        record_key(9),
+                        envelope_bytes(9, crate::envelope::MAX_ENVELOPE_BYTES + 1),
+                    )
+                    .unwrap()
+                }),
+                "over the limit",
+            ),
+            (
+                "short envelope",
+                hostile(&base, |tx| {
+                    tx.put(ROOT, record_key(9), envelope_bytes(9, 40)).unwrap()
+                }),
+                "does not hold an envelope",
+            ),
+            (
+                "foreign key",
+                hostile(&base, |tx| {
+                    tx.put(ROOT, "x/abc", envelope_bytes(9, 120)).unwrap()
+                }),
+                "neither an r/ nor a k/ key",
+            ),
+            (
+                "uppercase id",
+                hostile(&base, |tx| {
+                    tx.put(
+                        ROOT,
+                        record_key(0xab).to_uppercase().replace("R/", "r/"),
+                        envelope_bytes(9, 120),
+                    )
+                    .unwrap()
+                }),
+                "32 lowercase hex digits",
+            ),
+            (
+                "relabelled wrapped key",
+                hostile(&base, |tx| {
+                    tx.put(ROOT, session_key(7), wrapped_bytes([8; 16], 1))
+                        .unwrap()
+                }),
+                "holds the wrapped key of session",
+            ),
+        ];
+        for (name, bytes, expected) in cases {
+            let rule = refused_op(&bytes);
+            assert!(rule.contains(expected), "{name}: {rule}");
+        }
+        // A list inside the root map is refused at its creation, the first operation.
+        let list = hostile(&base, |tx| {
+            let l = tx.put_object(ROOT, record_key(9), ObjType::List).unwrap();
+            tx.insert(&l, 0, envelope_bytes(1, 100)).unwrap();
+        });
+        assert!(matches!(
+            read_message(&list),
+            Err(ChangeError::Operation { .. } | ChangeError::TooMany { .. })
+        ));
+    }
+
+    #[test]
+    fn a_concurrent_put_of_a_held_key_is_refused_unless_identical() {
+        let held = doc(1, 3);
+        // Another actor puts the same key without naming the held value: automerge would let
+        // the higher actor win and hide the original.
+        let mut other = Automerge::new().with_actor(ActorId::from([0xff; 16]));
+        other
+            .transact(|tx| tx.put(ROOT, session_key(1), wrapped_bytes([1; 16], 9)))
+            .unwrap();
+        let bytes = message(vec![last_change(&other)]);
+        let checked = read_message(&bytes).unwrap();
+        checked.check_against(None).unwrap();
+        let err = checked.check_against(Some(&held)).unwrap_err();
+        assert!(err.to_string().contains("overwrites a key"), "{err}");
+        // The same bytes again (a device re-folding after a crash) are harmless.
+        let mut same = Automerge::new().with_actor(ActorId::from([0xfe; 16]));
+        same.transact(|tx| tx.put(ROOT, session_key(1), wrapped_bytes([1; 16], 1)))
+            .unwrap();
+        let bytes = message(vec![last_change(&same)]);
+        read_message(&bytes)
+            .unwrap()
+            .check_against(Some(&held))
+            .unwrap();
+        // Two changes of one message disagreeing on a key.
+        let bytes = message(vec![last_change(&other), last_change(&same)]);
+        let err = read_message(&bytes)
+            .unwrap()
+            .check_against(None)
+            .unwrap_err();
+        assert!(err.to_string().contains("second, different value"), "{err}");
+    }
+
+    #[test]
+    fn compressed_document_and_deflated_forms_are_refused() {
+        let big = doc(1, 20);
+        let heads = big.get_heads();
+        let mut change = big.get_change_by_hash(&heads[0]).unwrap().clone();
+        let compressed = change.bytes().to_vec();
+        assert_eq!(compressed[8], 2, "automerge compressed the change");
+        let err = read_message(&message(vec![compressed])).unwrap_err();
+        assert!(err.to_string().contains("compressed change chunk"), "{err}");
+
+        let err = read_message(&message(vec![big.save()])).unwrap_err();
+        assert!(err.to_string().contains("whole-document chunk"), "{err}");
+
+        // automerge's own v2 message to an empty peer holds the whole document.
+        let mut state = State::new();
+        state.their_capabilities = Some(vec![automerge::sync::Capability::MessageV2]);
+        state.their_heads = Some(vec![]);
+        state.their_have = Some(vec![]);
+        state.their_need = Some(vec![]);
+        if let Some(m) = big.generate_sync_message(&mut state) {
+            assert!(read_message(&m.encode()).is_err());
+        }
+
+        // An uncompressed change whose value column claims DEFLATE.
+        let mut raw = last_change(&big);
+        let at = find_column_spec(&raw, COL_VAL);
+        raw[at] |= DEFLATE_BIT as u8;
+        let err = read_message(&message(vec![raw])).unwrap_err();
+        assert!(
+            err.to_string().contains("DEFLATE-compressed column"),
+            "{err}"
+        );
+    }
+
+    /// Where the column specification `spec` sits in a change chunk (one byte for ours).
+    fn find_column_spec(chunk: &[u8], spec: u32) -> usize {
+        let mut r = Reader::new(chunk, 0);
+        r.take(9).unwrap();
+        r.uleb().unwrap();
+        let deps = r.uleb().unwrap() as usize;
+        r.take(deps * 32).unwrap();
+        let a = r.uleb().unwrap() as usize;
+        r.take(a).unwrap();
+        r.uleb().unwrap();
+        r.uleb().unwrap();
+        r.sleb().unwrap();
+        let m = r.uleb().unwrap() as usize;
+        r.take(m).unwrap();
+        let others = r.uleb().unwrap();
+        for _ in 0..others {
+            let a = r.uleb().unwrap() as usize;
+            r.take(a).unwrap();
+        }
+        let n = r.uleb().unwrap();
+        for _ in 0..n {
+            let at = r.pos;
+            let s = r.uleb().unwrap();
+            r.uleb().unwrap();
+            if s == u64::from(spec) {
+                return at;
+            }
+        }
+        panic!("no column {spec:#x}");
+    }
+
+    /// A raw DEFLATE stream that inflates to `1 + 258 * repeats` zero bytes at two bits per
+    /// 258 bytes (~1000:1): one dynamic-Huffman block whose length code 285 (258 bytes) is
+    /// one bit long and whose only distance code (1) is one bit long.
+    fn deflate_bomb(repeats: usize) -> Vec<u8> {
+        struct Bits {
+            out: Vec<u8>,
+            n: usize,
+        }
+        impl Bits {
+            fn lsb(&mut self, value: u32, width: u32) {
+                for i in 0..width {
+                    self.bit((value >> i) & 1);
+                }
+            }
+            fn code(&mut self, code: u32, width: u32) {
+                for i in (0..width).rev() {
+                    self.bit((code >> i) & 1);
+                }
+            }
+            fn bit(&mut self, b: u32) {
+                if self.n.is_multiple_of(8) {
+                    self.out.push(0);
+                }
+                if b == 1 {
+                    *self.out.last_mut().unwrap() |= 1 << (self.n % 8);
+                }
+                self.n += 1;
+            }
+        }
+        let mut w = Bits {
+            out: Vec::new(),
+            n: 0,
+        };
+        w.lsb(1, 1); // final block
+        w.lsb(2, 2); // dynamic Huffman
+        w.lsb(29, 5); // 286 literal/length codes
+        w.lsb(0, 5); // 1 distance code
+        w.lsb(14, 4); // 18 code-length codes
+        // Code-length code lengths in the format's order 16,17,18,0,8,7,9,6,10,5,11,4,12,3,
+        // 13,2,14,1: symbol 18 one bit, symbols 1 and 2 two bits.
+        for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
+            w.lsb(len, 3);
+        }
+        // Canonical code-length codes: 18 -> 0, 1 -> 10, 2 -> 11.
+        let (cl18, cl1, cl2) = ((0, 1), (0b10, 2), (0b11, 2));
+        w.code(cl2.0, cl2.1); // literal 0: length 2
+        w.code(cl18.0, cl18.1);
+        w.lsb(127, 7); // 138 zeros
+        w.code(cl18.0, cl18.1);
+        w.lsb(106, 7); // 117 zeros: literals 1..=255
+        w.code(cl2.0, cl2.1); // 256 (end of block): length 2
+        w.code(cl18.0, cl18.1);
+        w.lsb(17, 7); // 28 zeros: 257..=284
+        w.code(cl1.0, cl1.1); // 285: length 1
+        w.code(cl1.0, cl1.1); // distance code 0: length 1
+        // Literal/length codes: 285 -> 0, literal 0 -> 10, end of block -> 11.
+        w.code(0b10, 2);
+        for _ in 0..repeats % 4 {
+            w.code(0, 2);
+        }
+        // Every further repeat is the bits 00: whole zero bytes.
+        let bit = w.n;
+        let mut out = w.out;
+        out.resize(bit.div_ceil(8) + repeats / 4, 0);
+        let mut w = Bits {
+            n: out.len() * 8,
+            out,
+        };
+        if bit % 8 != 0 {
+            // The bits after `bit` in its last byte were counted as zeros above: shift left
+            // the end of block into the continuing stream instead.
+            w.n = bit + (repeats / 4) * 8;
+            w.out.truncate(w.n.div_ceil(8));
+        }
+        w.code(0b11, 2);
+        w.out
+    }
+
+    #[test]
+    fn an_inflation_bomb_is_refused_without_inflating() {
+        use std::io::Read;
+        let body = deflate_bomb(4 << 20);
+        assert!(body.len() < 1_100_000, "{}", body.len());
+        // It is a bomb: the first 64 MiB inflate from its first bytes.
+        let inflated = std::io::copy(
+            &mut flate2::read::DeflateDecoder::new(body.as_slice()).take(64 << 20),
+            &mut std::io::sink(),
+        )
+        .unwrap();
+        assert_eq!(inflated, 64 << 20);
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0; 4]);
+        chunk.push(2);
+        leb(&mut chunk, body.len() as u64);
+        chunk.extend_from_slice(&body);
+        let bytes = message(vec![chunk]);
+        let started = std::time::Instant::now();
+        let err = read_message(&bytes).unwrap_err();
+        assert!(err.to_string().contains("compressed change chunk"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    /// A change chunk with the given columns (no checksum: automerge hashes the chunk itself).
+    fn craft(columns: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![0, 16];
+        body.extend_from_slice(&[7; 16]);
+        body.extend_from_slice(&[1, 1, 0, 0, 0]); // seq, start op, time, message, others
+        leb(&mut body, columns.len() as u64);
+        for (spec, data) in columns {
+            leb(&mut body, u64::from(*spec));
+            leb(&mut body, data.len() as u64);
+        }
+        for (_, data) in columns {
+            body.extend_from_slice(data);
+        }
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend_from_slice(&[0, 0, 0, 0, 1]);
+        leb(&mut chunk, body.len() as u64);
+        chunk.extend_from_slice(&body);
+        chunk
+    }
+
+    fn leb(out: &mut Vec<u8>, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    #[test]
+    fn absurd_counts_and_lengths_are_refused_before_allocating() {
+        let huge = |prefix: &[u8]| {
+            let mut m = prefix.to_vec();
+            leb(&mut m, u64::MAX >> 1);
+            m
+        };
+        for (name, bytes) in [
+            ("heads", huge(&[0x42])),
+            ("need", huge(&[0x42, 0])),
+            ("haves", huge(&[0x42, 0, 0])),
+            ("changes", huge(&[0x42, 0, 0, 0])),
+            ("change bytes", huge(&[0x42, 0, 0, 0, 1])),
+        ] {
+            let err = read_message(&bytes).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ChangeError::TooMany { .. } | ChangeError::Malformed { .. }
+                ),
+                "{name}: {err}"
+            );
+        }
+        // Counts under the limit but beyond the bytes present.
+        let err = read_message(&[0x42, 0x80, 0x08]).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+        // A bloom filter with automerge's zero-bit parameters would divide by zero.
+        let mut m = vec![0x42, 0, 0, 1, 0, 3, 1, 0, 7, 0];
+        let err = read_message(&m).unwrap_err();
+        assert!(err.to_string().contains("bloom"), "{err}");
+        m[6] = 5; // one entry, but nothing of its bits
+        assert!(read_message(&m).is_err());
+        // An unknown message type, and bytes after the flags.
+        assert!(matches!(
+            read_message(&[0x44, 0, 0, 0, 0]),
+            Err(ChangeError::Encoding { .. })
+        ));
+        let err = read_message(&[0x42, 0, 0, 0, 0, 2, 0x02, 0x84, 9]).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+        assert!(read_message(&[0x42, 0, 0, 0, 0, 2, 0x02, 0x84]).is_ok());
+        // An action column declaring a million operations in a few bytes.
+        let mut action = Vec::new();
+        leb(&mut action, 1_000_000); // as SLEB128 too: its top bit is clear
+        action.push(1);
+        let err = read_message(&message(vec![craft(&[(COL_ACTION, action)])])).unwrap_err();
+        assert!(matches!(err, ChangeError::TooMany { .. }), "{err}");
+        // A column declaring more bytes than the chunk holds.
+        let mut chunk = craft(&[(COL_ACTION, vec![2, 1])]);
+        let at = chunk.len() - 3; // the column's length byte
+        chunk[at] = 0x7f;
+        assert!(
+            read_message(&message(vec![chunk]))
+                .unwrap_err()
+                .is_malformed()
+        );
+    }
+}
