@@ -7,8 +7,10 @@
 //! [`IDLE_MAX_INTERVAL`]: an idle session still costs about 14 KB of QUIC handshake and
 //! summaries, which every 30 s would be some 40 MB a day on a metered hotspot. A scan, a
 //! `sync` command or a sibling handing over records wakes the loop at once. Siblings' sessions are accepted at any time. Retention
-//! runs hourly. Scans never wait for any of this: the device lock is held for one step of a
-//! session at a time.
+//! runs hourly. Just after each UTC midnight (checked at least every [`SESSION_CHECK_MAX`]) the
+//! device drops the ended day's session key, so a quiet device holds no key of an earlier day.
+//! Scans never wait for any of this: the device lock is held for one step of a session at a
+//! time.
 
 use crate::clock;
 use crate::net::{self, NetError, SharedDevice, SyncReport, Target};
@@ -30,6 +32,16 @@ pub const IDLE_MAX_INTERVAL: Duration = Duration::from_secs(300);
 pub const WAKE_COALESCE: Duration = Duration::from_millis(1500);
 /// How often retention runs.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// The longest wait between checks for an ended day's session key: the timer aims at the next
+/// UTC midnight, and this cap bounds the error of a clock that was set while it slept.
+pub const SESSION_CHECK_MAX: Duration = Duration::from_secs(60);
+
+/// How long to wait at `now` (Unix seconds) before the next check for an ended day's session
+/// key: until one second past the next UTC midnight, at most [`SESSION_CHECK_MAX`].
+pub fn session_check_wait(now: u64) -> Duration {
+    let next_midnight = (now / 86_400 + 1) * 86_400;
+    Duration::from_secs(next_midnight - now + 1).min(SESSION_CHECK_MAX)
+}
 
 /// One round: the hub, then every sibling (roster and `extra`), one session each.
 pub async fn sync_round(
@@ -187,7 +199,20 @@ pub async fn run(
             }
         })
     };
+    let sessions = {
+        let device = device.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(session_check_wait(clock::now())).await;
+                let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+                if dev.end_past_sessions(clock::now()) {
+                    tracing::info!("a new UTC day: the ended day's session key was dropped");
+                }
+            }
+        })
+    };
     shutdown.await;
+    sessions.abort();
     sync.abort();
     accept.abort();
     endpoint.close().await;
@@ -207,6 +232,19 @@ mod tests {
         }
         assert!(backoff(0) <= Duration::from_secs(1));
         assert!(backoff(10) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn session_check_wakes_just_after_midnight_and_at_least_every_minute() {
+        let midnight = 20_000 * 86_400;
+        assert_eq!(session_check_wait(midnight - 30), Duration::from_secs(31));
+        assert_eq!(session_check_wait(midnight - 1), Duration::from_secs(2));
+        assert_eq!(session_check_wait(midnight), SESSION_CHECK_MAX);
+        assert_eq!(session_check_wait(midnight - 3600), SESSION_CHECK_MAX);
+        for now in (midnight - 200)..(midnight + 200) {
+            let w = session_check_wait(now);
+            assert!(w > Duration::ZERO && w <= SESSION_CHECK_MAX, "{now}: {w:?}");
+        }
     }
 
     #[test]

@@ -28,10 +28,23 @@ pub const COMPACT_AFTER_CHUNKS: usize = 512;
 pub const DAY_KEYS_WARNING: usize = 7;
 /// How many digits a staff PIN has.
 pub const STAFF_PIN_DIGITS: std::ops::RangeInclusive<usize> = 4..=12;
-/// BLAKE3 rounds that stretch a staff PIN before it is compared or stored (a few ms): a copy
-/// of the store costs an attacker that much per guess; the kiosk's rate limit is the online
-/// defence.
-const STAFF_PIN_ROUNDS: u32 = 50_000;
+/// Argon2id memory cost of the staff PIN hash, KiB: 19 MiB, OWASP's minimum memory for
+/// argon2id. Measured on this project's 2-core machine (argon2 at opt-level 2): t=2 (OWASP's
+/// minimum) took 24-29 ms a hash, so [`STAFF_PIN_ARGON2_T`] is 4 for ~50 ms (80 ms under
+/// load); a kiosk's slower CPU takes a few times that, once per staff login.
+pub const STAFF_PIN_ARGON2_M_KIB: u32 = 19_456;
+/// Argon2id passes over memory of the staff PIN hash.
+pub const STAFF_PIN_ARGON2_T: u32 = 4;
+/// Argon2id lanes of the staff PIN hash.
+pub const STAFF_PIN_ARGON2_P: u32 = 1;
+/// The stored form of the staff PIN this code writes (`{"version": 2, "argon2id": PHC}`);
+/// version 1 was the salted BLAKE3 stretch of earlier releases.
+const STAFF_PIN_FORM: u32 = 2;
+/// Bounds on the argon2 parameters read back from a stored PIN, so a damaged store cannot make
+/// a login allocate gigabytes or run for minutes.
+const STAFF_PIN_MAX_M_KIB: u32 = 64 * 1024;
+const STAFF_PIN_MAX_T: u32 = 16;
+const STAFF_PIN_MAX_P: u32 = 4;
 
 /// A device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +109,9 @@ pub enum DeviceError {
         STAFF_PIN_DIGITS.end()
     )]
     BadPin,
+    /// Hashing a new staff PIN failed.
+    #[error("cannot hash the staff PIN ({0}); it was not set")]
+    PinHash(String),
 }
 
 /// What the device keeps of its enrollment (everything in the ticket but the keys that
@@ -161,6 +177,14 @@ pub struct Status {
     pub day_keys_left: usize,
     /// The device clock minus the hub's, at the last sync.
     pub clock_offset: Option<i64>,
+    /// Live records sealed under an earlier day's hub key because the device had run out of
+    /// day keys: the hub can read them only until that earlier key expires.
+    #[serde(default)]
+    pub fallback_sealed: u64,
+    /// How many days before their own 28 days are up the earliest-expiring of those records
+    /// become unreadable at the hub (0 when there are none).
+    #[serde(default)]
+    pub fallback_days_early: u32,
     /// Things an operator should act on.
     pub warnings: Vec<String>,
 }
@@ -178,14 +202,95 @@ pub struct PurgeReport {
     pub kept_unsynced: Vec<Day>,
 }
 
-/// The staff PIN as stored: a random salt and the salted, stretched BLAKE3 hash of the PIN.
-/// The PIN itself is never stored.
+/// The staff PIN as stored: the argon2id hash of the PIN under a random salt, as a PHC string
+/// (`$argon2id$v=19$m=19456,t=4,p=1$<salt>$<hash>`). The PIN itself is never stored.
+///
+/// What this buys, honestly: a PIN of 4 to 12 digits has at most 10^4 to 10^12 values, and a
+/// 4-digit one only 10^4. Argon2id at ~50 ms and 19 MiB a guess makes trying every 4-digit PIN
+/// against a copied store cost about 10^4 x 50 ms, some minutes per device on one core, instead
+/// of the seconds a fast hash allowed; it does not make a short PIN safe. The real protections
+/// are that the store is readable by its owner only and the kiosk's wrong-PIN lockout
+/// (`pin_guard`) against guessing online.
 #[derive(Clone, Serialize, Deserialize)]
+#[serde(try_from = "StoredPin", into = "StoredPin")]
 pub struct StaffPin {
-    #[serde(with = "hex32")]
-    salt: [u8; 32],
-    #[serde(with = "hex32")]
-    hash: [u8; 32],
+    phc: String,
+}
+
+/// The `staff_pin` setting's JSON forms.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum StoredPin {
+    /// The form this code writes: `{"version": 2, "argon2id": PHC string}`.
+    Argon2id { version: u32, argon2id: String },
+    /// Earlier releases' form (version 1): `{salt, hash}`, a salted BLAKE3 stretch cheap
+    /// enough to brute-force a 4-digit PIN in seconds. Never verified: [`Device::open`]
+    /// removes it and the PIN must be set again.
+    LegacyBlake3 {
+        #[serde(with = "hex32")]
+        salt: [u8; 32],
+        #[serde(with = "hex32")]
+        hash: [u8; 32],
+    },
+}
+
+impl From<StaffPin> for StoredPin {
+    fn from(p: StaffPin) -> StoredPin {
+        StoredPin::Argon2id {
+            version: STAFF_PIN_FORM,
+            argon2id: p.phc,
+        }
+    }
+}
+
+impl TryFrom<StoredPin> for StaffPin {
+    type Error = String;
+
+    fn try_from(stored: StoredPin) -> Result<StaffPin, String> {
+        match stored {
+            StoredPin::Argon2id { version, argon2id } if version == STAFF_PIN_FORM => {
+                check_pin_hash(&argon2id)?;
+                Ok(StaffPin { phc: argon2id })
+            }
+            StoredPin::Argon2id { version, .. } => Err(format!(
+                "staff PIN form version {version} is not one this release reads"
+            )),
+            StoredPin::LegacyBlake3 { .. } => {
+                Err("the staff PIN is in an earlier release's form; set it again".into())
+            }
+        }
+    }
+}
+
+/// Checks a stored PHC string: argon2id, with a salt and a hash, parameters within bounds.
+fn check_pin_hash(phc: &str) -> Result<(), String> {
+    let hash = argon2::PasswordHash::new(phc).map_err(|e| format!("staff PIN hash: {e}"))?;
+    if hash.algorithm != argon2::ARGON2ID_IDENT || hash.salt.is_none() || hash.hash.is_none() {
+        return Err("the staff PIN hash is not an argon2id hash with salt".into());
+    }
+    let params = argon2::Params::try_from(&hash).map_err(|e| format!("staff PIN hash: {e}"))?;
+    if params.m_cost() > STAFF_PIN_MAX_M_KIB
+        || params.t_cost() > STAFF_PIN_MAX_T
+        || params.p_cost() > STAFF_PIN_MAX_P
+    {
+        return Err("the staff PIN hash's argon2 parameters are out of bounds".into());
+    }
+    Ok(())
+}
+
+fn staff_pin_hasher() -> Result<argon2::Argon2<'static>, DeviceError> {
+    let params = argon2::Params::new(
+        STAFF_PIN_ARGON2_M_KIB,
+        STAFF_PIN_ARGON2_T,
+        STAFF_PIN_ARGON2_P,
+        None,
+    )
+    .map_err(|e| DeviceError::PinHash(e.to_string()))?;
+    Ok(argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        params,
+    ))
 }
 
 impl std::fmt::Debug for StaffPin {
@@ -195,20 +300,36 @@ impl std::fmt::Debug for StaffPin {
 }
 
 impl StaffPin {
-    /// Hashes a new PIN under a fresh salt; refuses a PIN that is not 4 to 12 digits.
+    /// Hashes a new PIN with argon2id under a fresh 16-byte salt; refuses a PIN that is not
+    /// 4 to 12 digits. Costs ~50 ms and 19 MiB: call it outside the device lock.
     pub fn new(pin: &str) -> Result<StaffPin, DeviceError> {
+        use argon2::PasswordHasher;
         validate_staff_pin(pin)?;
-        let mut salt = [0u8; 32];
+        let mut salt = [0u8; 16];
         OsRng.fill_bytes(&mut salt);
-        let hash = *stretch_pin(&salt, pin).as_bytes();
-        Ok(StaffPin { salt, hash })
+        let salt = argon2::password_hash::SaltString::encode_b64(&salt)
+            .map_err(|e| DeviceError::PinHash(e.to_string()))?;
+        let phc = staff_pin_hasher()?
+            .hash_password(pin.as_bytes(), &salt)
+            .map_err(|e| DeviceError::PinHash(e.to_string()))?
+            .to_string();
+        Ok(StaffPin { phc })
     }
 
-    /// Whether `pin` is this PIN. The comparison is constant-time (`blake3::Hash`'s `==`);
-    /// it costs a few milliseconds of hashing, so call it outside the device lock.
+    /// Whether `pin` is this PIN. It recomputes argon2id with the stored salt and parameters
+    /// (~50 ms, so call it outside the device lock) and compares the outputs in constant time
+    /// (`password_hash::Output`'s `==`).
     pub fn matches(&self, pin: &str) -> bool {
-        validate_staff_pin(pin).is_ok()
-            && stretch_pin(&self.salt, pin) == blake3::Hash::from_bytes(self.hash)
+        use argon2::PasswordVerifier;
+        if validate_staff_pin(pin).is_err() {
+            return false;
+        }
+        let Ok(hash) = argon2::PasswordHash::new(&self.phc) else {
+            return false;
+        };
+        argon2::Argon2::default()
+            .verify_password(pin.as_bytes(), &hash)
+            .is_ok()
     }
 }
 
@@ -219,14 +340,6 @@ pub fn validate_staff_pin(pin: &str) -> Result<(), DeviceError> {
     } else {
         Err(DeviceError::BadPin)
     }
-}
-
-fn stretch_pin(salt: &[u8; 32], pin: &str) -> blake3::Hash {
-    let mut h = blake3::keyed_hash(salt, pin.as_bytes());
-    for _ in 0..STAFF_PIN_ROUNDS {
-        h = blake3::keyed_hash(salt, h.as_bytes());
-    }
-    h
 }
 
 mod hex32 {
@@ -256,6 +369,7 @@ const K_LAST_SYNC: &str = "last_sync";
 const K_CLOCK_OFFSET: &str = "clock_offset";
 const K_ROSTER: &str = "roster";
 const K_STAFF_PIN: &str = "staff_pin";
+const K_STAFF_PIN_RESET: &str = "staff_pin_reset";
 
 fn store_path(dir: &Path) -> PathBuf {
     dir.join("edge.redb")
@@ -272,7 +386,16 @@ pub struct Device {
     skew: u64,
     actor: Vec<u8>,
     partitions: BTreeMap<Day, (Partition, usize)>,
-    sessions: BTreeMap<Day, SessionKey>,
+    /// The session key of the current UTC day, if a record was sealed today. Never a key of
+    /// another day: a stolen, running device can open at most today's records.
+    session: Option<DaySession>,
+}
+
+/// The session key sealing the current day's records, and the day of the hub key it was
+/// wrapped to (earlier than its own day when the device ran out of day keys).
+struct DaySession {
+    key: SessionKey,
+    key_day: Day,
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -354,6 +477,7 @@ impl Device {
             .get(K_SKEW)?
             .and_then(|raw| serde_json::from_slice(&raw).ok())
             .unwrap_or(DEFAULT_SKEW);
+        migrate_staff_pin(&store)?;
         // A fresh automerge actor per process: a change lost in a crash must never be
         // re-made under the same actor and sequence number with other content.
         let actor = shared::partition::session_actor(&enrollment.device_id, &mut OsRng).to_vec();
@@ -367,7 +491,7 @@ impl Device {
             skew,
             actor,
             partitions: BTreeMap::new(),
-            sessions: BTreeMap::new(),
+            session: None,
         })
     }
 
@@ -396,6 +520,7 @@ impl Device {
     /// Sets (or replaces) the staff PIN that opens the kiosk's staff mode.
     pub fn set_staff_pin(&mut self, pin: &StaffPin) -> Result<(), DeviceError> {
         self.store.put(&[(K_STAFF_PIN, &json(pin))])?;
+        self.store.remove(K_STAFF_PIN_RESET)?;
         Ok(())
     }
 
@@ -553,19 +678,28 @@ impl Device {
         record: &Record,
         seen: Option<([u8; 32], UnixSeconds)>,
     ) -> Result<RecordId, DeviceError> {
-        let new_session = if self.sessions.contains_key(&day) {
-            None
-        } else {
-            let key = self.day_key_for(day, now)?.clone();
-            let session = SessionKey::generate(&mut OsRng, day);
-            let wrapped = session
-                .wrap(&key)
-                .map_err(|e| DeviceError::Seal(e.to_string()))?;
-            Some((session, wrapped))
+        let today = Day::of(now);
+        self.end_past_sessions(now);
+        let fresh = match &self.session {
+            Some(s) if day == today && s.key.day() == day => None,
+            _ => {
+                let to = self.day_key_for(day, now)?.clone();
+                let key = SessionKey::generate(&mut OsRng, day);
+                let wrapped = key
+                    .wrap(&to)
+                    .map_err(|e| DeviceError::Seal(e.to_string()))?;
+                Some((
+                    DaySession {
+                        key,
+                        key_day: to.day,
+                    },
+                    wrapped,
+                ))
+            }
         };
-        let session = match &new_session {
-            Some((s, _)) => s,
-            None => self.sessions.get(&day).ok_or(DeviceError::NoDayKey(day))?,
+        let session = match (&fresh, &self.session) {
+            (Some((s, _)), _) | (None, Some(s)) => s,
+            (None, None) => return Err(DeviceError::NoDayKey(day)),
         };
         let id = PartitionId {
             facility: self.enrollment.facility.id.clone(),
@@ -573,10 +707,12 @@ impl Device {
         };
         let record_id = RecordId::random(&mut OsRng);
         let envelope = session
+            .key
             .seal(&mut OsRng, &id, record_id, record)
             .map_err(|e| DeviceError::Seal(e.to_string()))?;
+        let fallback_key_day = (session.key_day != day).then_some(session.key_day);
         let mut rows = Vec::with_capacity(2);
-        if let Some((_, wrapped)) = &new_session {
+        if let Some((_, wrapped)) = &fresh {
             rows.push(Pending::Key(wrapped.clone()));
         }
         rows.push(Pending::Record(record_id, envelope));
@@ -587,11 +723,36 @@ impl Device {
             seen,
             new_records: 1,
             prune_before: now.saturating_sub(self.skew),
+            fallback_key_day,
         })?;
-        if let Some((s, _)) = new_session {
-            self.sessions.insert(day, s);
+        // A key for another day (a paper entry written up later) seals this one record and
+        // is dropped, wiped, here; only today's key stays for the next visitor.
+        if let Some((s, _)) = fresh
+            && day == today
+        {
+            self.session = Some(s);
         }
         Ok(record_id)
+    }
+
+    /// Drops the session key unless it is `now`'s day's: a new day starts a new key, so a
+    /// running device holds no key that opens an earlier day's records. [`Device::append`]
+    /// does this on every record; the daemon calls it on a timer so a quiet device lets go of
+    /// yesterday's key soon after midnight UTC too. Returns whether a key was dropped.
+    pub fn end_past_sessions(&mut self, now: UnixSeconds) -> bool {
+        let today = Day::of(now);
+        if self.session.as_ref().is_some_and(|s| s.key.day() != today) {
+            // `SessionKey` wipes its bytes on drop.
+            self.session = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The days whose session keys this device holds in memory (at most one: today).
+    pub fn session_days(&self) -> Vec<Day> {
+        self.session.iter().map(|s| s.key.day()).collect()
     }
 
     /// Folds every pending check-in into its day's partition: one automerge change per day,
@@ -723,6 +884,7 @@ impl Device {
             seen: None,
             new_records,
             prune_before: 0,
+            fallback_key_day: None,
         });
         if let Err(e) = result {
             self.partitions.remove(&day);
@@ -772,6 +934,15 @@ impl Device {
         ])?;
         self.day_keys = keys;
         self.keyring = refresh.keyring.clone();
+        // A session wrapped to an earlier day's key for want of its own: now that its own key
+        // may be here, the next record starts a session wrapped to it.
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.key_day != s.key.day())
+        {
+            self.session = None;
+        }
         Ok(())
     }
 
@@ -807,7 +978,26 @@ impl Device {
             .store
             .get(K_CLOCK_OFFSET)?
             .and_then(|raw| serde_json::from_slice(&raw).ok());
+        let mut fallback_sealed = 0;
+        let mut fallback_days_early = 0;
+        for (day, n, key_day) in self.store.fallback_sealed()? {
+            if day >= live {
+                fallback_sealed += n;
+                fallback_days_early = fallback_days_early.max(day.0.saturating_sub(key_day.0));
+            }
+        }
         let mut warnings = Vec::new();
+        if fallback_sealed > 0 {
+            warnings.push(format!(
+                "{fallback_sealed} visits were sealed to an earlier day's hub key because this device ran out of day keys: sync it with the hub for fresh day keys; these visits become unreadable at the hub up to {fallback_days_early} days before their 28 days are up"
+            ));
+        }
+        if self.store.get(K_STAFF_PIN_RESET)?.is_some() {
+            warnings.push(
+                "the staff PIN set under an earlier release was stored under a fast hash and has been removed: set it again with `edge-node pin set`"
+                    .into(),
+            );
+        }
         if day_keys_left < DAY_KEYS_WARNING {
             warnings.push(format!(
                 "only {day_keys_left} days of hub keys left: connect this device to the hub (sync) before they run out"
@@ -837,6 +1027,8 @@ impl Device {
             partitions,
             day_keys_left,
             clock_offset,
+            fallback_sealed,
+            fallback_days_early,
             warnings,
         })
     }
@@ -875,7 +1067,13 @@ impl Device {
         self.store.drop_days(&dropped)?;
         for d in &dropped {
             self.partitions.remove(d);
-            self.sessions.remove(d);
+        }
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| dropped.contains(&s.key.day()))
+        {
+            self.session = None;
         }
         // Day keys of expired days are useless; keep the list short.
         self.day_keys.retain(|k| k.day >= h);
@@ -887,6 +1085,23 @@ impl Device {
             kept_unsynced,
         })
     }
+}
+
+/// Migration on open: a staff PIN stored by an earlier release (salted BLAKE3, version 1) is
+/// removed rather than verified, since its hash falls to an offline search in seconds; the
+/// `staff_pin_reset` setting makes `status` ask for a new PIN until one is set.
+fn migrate_staff_pin(store: &Store) -> Result<(), DeviceError> {
+    let Some(raw) = store.get(K_STAFF_PIN)? else {
+        return Ok(());
+    };
+    if let Ok(StoredPin::LegacyBlake3 { .. }) = serde_json::from_slice::<StoredPin>(&raw) {
+        store.put(&[(K_STAFF_PIN_RESET, b"true")])?;
+        store.remove(K_STAFF_PIN)?;
+        tracing::warn!(
+            "the staff PIN was stored by an earlier release under a fast hash; it was removed: set it again with `edge-node pin set`"
+        );
+    }
+    Ok(())
 }
 
 fn load_partition<'a>(
@@ -937,6 +1152,175 @@ fn read_ticket(path: &Path) -> Result<Vec<u8>, DeviceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::daykey::DayKeyRatchet;
+    use shared::facility::{BusinessNumber, FacilityStatus, Registration};
+    use shared::ticket::{TICKET_KIND, TICKET_VERSION};
+    use shared::token::TestIssuer;
+
+    /// Noon UTC of some day in 2025.
+    const NOON: UnixSeconds = 20_200 * 86_400 + 12 * 3600;
+
+    fn issuer() -> TestIssuer {
+        TestIssuer::new([0x11; 32], 1, 1)
+    }
+
+    /// A device enrolled at `now` whose ticket holds `count` day keys from `first_key_day`.
+    fn enrolled(
+        tmp: &tempfile::TempDir,
+        now: UnixSeconds,
+        first_key_day: Day,
+        count: u32,
+    ) -> Device {
+        let ratchet = DayKeyRatchet::generate(&mut OsRng, first_key_day);
+        let day_keys = ratchet.publics(first_key_day, count);
+        let mut keyring = Keyring::new();
+        keyring
+            .insert(issuer().keyring_entry("test", 1_577_836_800, 4_102_444_800))
+            .expect("a fresh keyring takes a key");
+        let ticket = EnrollmentTicket {
+            kind: TICKET_KIND.into(),
+            version: TICKET_VERSION,
+            issued_at: now,
+            hub: HubContact {
+                endpoint_id: "ab".repeat(32),
+                addrs: vec!["127.0.0.1:7447".into()],
+                region: "mapo".into(),
+            },
+            facility: Facility {
+                id: shared::FacilityId::parse("f-test").expect("an id"),
+                registration: Registration {
+                    name: "Star Karaoke".into(),
+                    business_number: Some(BusinessNumber::parse("123-45-67891").expect("valid")),
+                    representative: "Kim".into(),
+                    phone: "02-123-4567".into(),
+                    category: "karaoke".into(),
+                    region: "mapo".into(),
+                    address: "1 Wausan-ro".into(),
+                },
+                status: FacilityStatus::Approved,
+                registered_at: now,
+            },
+            device_id: DeviceId::parse("d-0123456789abcdef").expect("an id"),
+            device_name: "front door".into(),
+            credential: Credential([7; 32]),
+            keyring,
+            // Any age recipient seals paper entries; a day key is one.
+            authority_recipient: ratchet
+                .public(first_key_day)
+                .expect("the ratchet's first day")
+                .recipient,
+            day_keys,
+        };
+        let path = tmp.path().join("ticket.json");
+        std::fs::write(&path, ticket.to_json()).expect("write the ticket");
+        Device::init(&tmp.path().join("dev"), &path, now).expect("enroll")
+    }
+
+    fn scan(dev: &mut Device, now: UnixSeconds) {
+        let mut token = [0u8; 16];
+        OsRng.fill_bytes(&mut token);
+        let code = issuer().issue(now, 60, token);
+        let r = dev.check_in(now, &code).expect("check in");
+        assert_eq!(r.verdict, Verdict::Accepted);
+    }
+
+    fn paper(dev: &mut Device, now: UnixSeconds, visited_at: UnixSeconds) {
+        let entry = PaperEntry {
+            name: "Hong Gildong".into(),
+            phone: "010-1234-5678".into(),
+            visited_at,
+            consent_collect: true,
+            consent_share: true,
+            guardian_consent: false,
+            remarks: String::new(),
+        };
+        dev.add_paper(now, &entry).expect("paper entry");
+    }
+
+    /// The wrapped session keys written (pending) for `day`.
+    fn wrapped_keys(dev: &Device, day: Day) -> usize {
+        dev.store()
+            .pending(day)
+            .expect("pending rows")
+            .iter()
+            .filter(|(_, r)| matches!(r, Some(Pending::Key(_))))
+            .count()
+    }
+
+    #[test]
+    fn a_session_key_does_not_outlive_its_day() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = Day::of(NOON);
+        let next = NOON + 86_400;
+        let mut dev = enrolled(&tmp, NOON, d, 35);
+        assert!(dev.session_days().is_empty());
+        scan(&mut dev, NOON);
+        scan(&mut dev, NOON + 60);
+        assert_eq!(dev.session_days(), [d]);
+        assert_eq!(wrapped_keys(&dev, d), 1, "one key for the day, reused");
+
+        // The clock moves to D+1: the next check-in drops D's key and starts a new one.
+        scan(&mut dev, next);
+        assert_eq!(dev.session_days(), [d.plus(1)], "D's key is still held");
+        assert_eq!(wrapped_keys(&dev, d.plus(1)), 1);
+        assert_eq!(wrapped_keys(&dev, d), 1);
+
+        // A quiet device: the daemon's timer drops the key soon after midnight.
+        assert!(!dev.end_past_sessions(next + 3600));
+        assert_eq!(dev.session_days(), [d.plus(1)]);
+        assert!(dev.end_past_sessions(next + 86_400 + 1));
+        assert!(dev.session_days().is_empty());
+        assert!(!dev.end_past_sessions(next + 86_400 + 2));
+    }
+
+    #[test]
+    fn a_backdated_paper_entry_gets_a_one_off_key() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = Day::of(NOON);
+        let now = NOON + 2 * 86_400;
+        let mut dev = enrolled(&tmp, NOON, d, 35);
+        scan(&mut dev, now);
+        assert_eq!(dev.session_days(), [d.plus(2)]);
+        // Two entries written up for day D: each sealed under its own key, neither kept.
+        paper(&mut dev, now, NOON);
+        paper(&mut dev, now + 5, NOON + 60);
+        assert_eq!(dev.session_days(), [d.plus(2)], "only today's key stays");
+        assert_eq!(wrapped_keys(&dev, d), 2);
+        // Today's key is still today's: the next visitor reuses it.
+        paper(&mut dev, now + 10, now + 10);
+        assert_eq!(wrapped_keys(&dev, d.plus(2)), 1);
+    }
+
+    #[test]
+    fn records_sealed_under_a_fallback_key_are_counted_in_status() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = Day::of(NOON);
+        // Enrolled 38 days ago with the 35 days of keys a ticket holds (D-38 .. D-4), never
+        // synced since: at D the device falls back to D-4's key.
+        let mut dev = enrolled(&tmp, NOON - 38 * 86_400, d.minus(38), 35);
+        let before = dev.status(NOON).expect("status");
+        assert_eq!(before.fallback_sealed, 0);
+        assert_eq!(before.fallback_days_early, 0);
+        scan(&mut dev, NOON);
+        scan(&mut dev, NOON + 60);
+        paper(&mut dev, NOON + 120, NOON - 86_400);
+        let s = dev.status(NOON + 180).expect("status");
+        assert_eq!(s.fallback_sealed, 3, "{s:?}");
+        assert_eq!(s.fallback_days_early, 4, "{s:?}");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("3 visits") && w.contains("up to 4 days")),
+            "{:?}",
+            s.warnings
+        );
+        let v = serde_json::to_value(&s).expect("json");
+        assert_eq!(v["fallback_sealed"], 3);
+        // Persisted: a new process reports the same.
+        drop(dev);
+        let dev = Device::open(&tmp.path().join("dev")).expect("open");
+        assert_eq!(dev.status(NOON + 180).expect("status").fallback_sealed, 3);
+    }
 
     #[test]
     fn staff_pin_matches_only_itself_and_survives_storage() {
@@ -948,12 +1332,70 @@ mod tests {
         let stored = json(&pin);
         let text = String::from_utf8_lossy(&stored);
         assert!(!text.contains("402913"), "the PIN itself is stored: {text}");
+        let v: serde_json::Value = serde_json::from_slice(&stored).expect("json");
+        assert_eq!(v["version"], 2, "{text}");
+        let phc = v["argon2id"].as_str().unwrap_or_default();
+        assert!(
+            phc.starts_with("$argon2id$v=19$m=19456,t=4,p=1$"),
+            "not argon2id with the set parameters: {text}"
+        );
         let back: StaffPin = serde_json::from_slice(&stored).expect("round trip");
         assert!(back.matches("402913"));
+        assert!(!back.matches("402914"));
         // A fresh salt each time: the same PIN never hashes the same twice.
         let again = StaffPin::new("402913").expect("a valid PIN");
-        assert_ne!(again.hash, pin.hash);
+        assert_ne!(again.phc, pin.phc);
         assert_eq!(format!("{pin:?}"), "StaffPin(..)");
+    }
+
+    #[test]
+    fn stored_pin_hashes_out_of_form_or_bounds_are_refused() {
+        let pin = StaffPin::new("402913").expect("a valid PIN");
+        let weaker = pin.phc.replacen("$argon2id$", "$argon2i$", 1);
+        let huge = pin.phc.replacen("m=19456", "m=4194304", 1);
+        for (phc, version) in [
+            (weaker.as_str(), 2),
+            (huge.as_str(), 2),
+            ("not a hash", 2),
+            (pin.phc.as_str(), 3),
+        ] {
+            let raw = serde_json::json!({ "version": version, "argon2id": phc }).to_string();
+            assert!(
+                serde_json::from_str::<StaffPin>(&raw).is_err(),
+                "{raw} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn an_earlier_releases_blake3_pin_is_removed_and_must_be_set_again() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dev = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        // The previous release's form: {salt, hash}, hex.
+        let legacy = serde_json::json!({ "salt": "11".repeat(32), "hash": "22".repeat(32) });
+        dev.store()
+            .put(&[(K_STAFF_PIN, legacy.to_string().as_bytes())])
+            .expect("put");
+        drop(dev);
+        let mut dev = Device::open(&tmp.path().join("dev")).expect("open");
+        assert!(dev.staff_pin().expect("readable").is_none());
+        assert!(
+            dev.store().get(K_STAFF_PIN).expect("get").is_none(),
+            "the weak hash stays"
+        );
+        let warned = |dev: &Device| {
+            dev.status(NOON)
+                .expect("status")
+                .warnings
+                .iter()
+                .any(|w| w.contains("edge-node pin set"))
+        };
+        assert!(warned(&dev));
+        dev.set_staff_pin(&StaffPin::new("402913").expect("valid"))
+            .expect("set");
+        assert!(!warned(&dev));
+        let pin = dev.staff_pin().expect("readable").expect("set");
+        assert!(pin.matches("402913"));
     }
 
     #[test]

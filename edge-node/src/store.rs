@@ -26,6 +26,11 @@ pub const COUNTS: TableDefinition<u32, (u64, u64)> = TableDefinition::new("count
 /// and deletes them in the same transaction (see [`Store::fold`]).
 pub const PENDING: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("pending-1");
 
+/// `fallback-1`: day -> (records of that day sealed under an earlier day's hub key, the
+/// earliest such key's day). The device ran out of day keys; those records become unreadable
+/// at the hub when that earlier key expires, before their own day does.
+pub const FALLBACK: TableDefinition<u32, (u64, u32)> = TableDefinition::new("fallback-1");
+
 /// `sync-states-1`: (peer key, day) -> encoded automerge `sync::State` for that peer and
 /// partition, so the next session with the same peer sends only what is new.
 pub const SYNC_STATES: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("sync-states-1");
@@ -131,6 +136,9 @@ pub struct CheckInWrite<'a> {
     pub new_records: u64,
     /// Drop seen entries that expired before this time.
     pub prune_before: UnixSeconds,
+    /// The day of the hub key the record's session key was wrapped to, when it is not the
+    /// record's own day (the day-key fallback): counted in `fallback-1`.
+    pub fallback_key_day: Option<Day>,
 }
 
 /// The device's store.
@@ -157,6 +165,7 @@ impl Store {
         txn.open_table(COUNTS)?;
         txn.open_table(SYNC_STATES)?;
         txn.open_table(PENDING)?;
+        txn.open_table(FALLBACK)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -218,6 +227,11 @@ impl Store {
             let mut counts = txn.open_table(COUNTS)?;
             let (total, synced) = counts.get(w.day.0)?.map_or((0, 0), |v| v.value());
             counts.insert(w.day.0, (total + w.new_records, synced))?;
+        }
+        if let Some(key_day) = w.fallback_key_day {
+            let mut fallback = txn.open_table(FALLBACK)?;
+            let (n, earliest) = fallback.get(w.day.0)?.map_or((0, key_day.0), |v| v.value());
+            fallback.insert(w.day.0, (n + w.new_records, earliest.min(key_day.0)))?;
         }
         {
             let mut seen = txn.open_table(SEEN)?;
@@ -331,6 +345,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Days with records sealed under an earlier day's hub key: (day, records, the earliest
+    /// key's day).
+    pub fn fallback_sealed(&self) -> Result<Vec<(Day, u64, Day)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(FALLBACK)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (n, key_day) = v.value();
+            out.push((Day(k.value()), n, Day(key_day)));
+        }
+        Ok(out)
+    }
+
     /// Marks how many of a day's records the hub is known to hold.
     pub fn set_synced(&self, day: Day, synced: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
@@ -372,10 +400,12 @@ impl Store {
             let mut counts = txn.open_table(COUNTS)?;
             let mut states = txn.open_table(SYNC_STATES)?;
             let mut pending = txn.open_table(PENDING)?;
+            let mut fallback = txn.open_table(FALLBACK)?;
             for d in days {
                 t.retain_in((d.0, 0)..=(d.0, u64::MAX), |_, _| false)?;
                 pending.retain_in((d.0, 0)..=(d.0, u64::MAX), |_, _| false)?;
                 counts.remove(d.0)?;
+                fallback.remove(d.0)?;
             }
             states.retain(|(_, day), _| !days.contains(&Day(day)))?;
         }

@@ -186,11 +186,16 @@ impl fmt::Display for SessionId {
 
 /// A symmetric key that seals one device's records of one day for one run of the device.
 /// It lives only in memory at the edge; the hub recovers it by unwrapping a [`WrappedKey`].
+/// Dropping it overwrites the key bytes ([`zeroize::ZeroizeOnDrop`]), so a device that ends a
+/// day's session leaves no copy of the key behind in its memory.
 pub struct SessionKey {
     id: SessionId,
     day: Day,
     key: Zeroizing<[u8; 32]>,
 }
+
+// The key is the only secret field and is `Zeroizing`, which wipes it on drop.
+impl zeroize::ZeroizeOnDrop for SessionKey {}
 
 impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
