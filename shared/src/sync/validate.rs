@@ -69,9 +69,6 @@ pub const MAX_OPS: u64 = 1 << 20;
 pub const KEY_BYTES: usize = 2 + 32;
 /// The most bytes of the flags at the end of a message (automerge writes two).
 pub const MAX_FLAGS_BYTES: usize = 16;
-/// The fewest value bytes an operation can carry: a wrapped key is longer than its 21-byte
-/// header. Used to bound the operation count by the bytes present before decoding columns.
-const MIN_VALUE_BYTES: u64 = 22;
 
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const MESSAGE_V1: u8 = 0x42;
@@ -457,35 +454,35 @@ fn read_columns<'a>(body: &mut Reader<'a>, change: usize) -> Result<Columns<'a>,
     Ok(Columns { cols })
 }
 
-/// Decodes the operations and checks each against the rule; returns the puts.
+/// Decodes the operations one at a time, pulling a value from every column, and checks each
+/// against the rule; returns the puts. Nothing is expanded ahead: a run of a million
+/// operations costs work only while its operations pass, and each that passes consumes at
+/// least 22 value bytes that are really there (a wrapped key is longer than its 21-byte header).
 fn read_ops<'a>(cols: &Columns<'a>, change: usize) -> Result<Vec<Put<'a>>, ChangeError> {
-    // The operation count comes from the action column, bounded before anything is expanded:
-    // every operation must carry at least MIN_VALUE_BYTES of value.
     let n = rle_len(cols.get(COL_ACTION), |r| r.uleb().map(drop))?;
-    let value_bytes = cols.get(COL_VAL).remaining() as u64;
-    if n > MAX_OPS || n > value_bytes / MIN_VALUE_BYTES + 1 {
-        return Err(ChangeError::TooMany {
-            what: "operations in one change (for the value bytes it carries)",
-            declared: n,
-            max: MAX_OPS.min(value_bytes / MIN_VALUE_BYTES + 1),
-        });
-    }
-    let n = to_usize(n);
-    let actions = rle(cols.get(COL_ACTION), n, "action", |r| r.uleb())?;
-    let keys = rle(cols.get(COL_KEY_STR), n, "key", |r| {
+    let mut actions = Rle::new(cols.get(COL_ACTION), "action", |r: &mut Reader<'a>| {
+        r.uleb()
+    });
+    let mut keys = Rle::new(cols.get(COL_KEY_STR), "key", |r: &mut Reader<'a>| {
         let len = r.len("key bytes", KEY_BYTES)?;
         let at = r.base + r.pos;
         std::str::from_utf8(r.take(len)?).map_err(|_| ChangeError::Malformed {
             offset: at,
             what: "a key is not UTF-8".into(),
         })
-    })?;
-    let inserts = booleans(cols.get(COL_INSERT), n, "insert")?;
-    let expands = booleans(cols.get(COL_EXPAND), n, "expand")?;
-    let metas = rle(cols.get(COL_VAL_META), n, "value metadata", |r| r.uleb())?;
-    let preds = rle(cols.get(COL_PRED_GROUP), n, "predecessor count", |r| {
-        r.uleb()
-    })?;
+    });
+    let mut inserts = Booleans::new(cols.get(COL_INSERT), "insert");
+    let mut expands = Booleans::new(cols.get(COL_EXPAND), "expand");
+    let mut metas = Rle::new(
+        cols.get(COL_VAL_META),
+        "value metadata",
+        |r: &mut Reader<'a>| r.uleb(),
+    );
+    let mut preds = Rle::new(
+        cols.get(COL_PRED_GROUP),
+        "predecessor count",
+        |r: &mut Reader<'a>| r.uleb(),
+    );
     let obj_actor = cols.get(COL_OBJ_ACTOR);
     let obj_ctr = cols.get(COL_OBJ_CTR);
     let key_actor = cols.get(COL_KEY_ACTOR);
@@ -495,16 +492,19 @@ fn read_ops<'a>(cols: &Columns<'a>, change: usize) -> Result<Vec<Put<'a>>, Chang
     let mark_names = cols.get(COL_MARK_NAME);
     let mut values = cols.get(COL_VAL);
 
-    let mut puts = Vec::with_capacity(n);
-    for op in 0..n {
-        let key = keys[op].unwrap_or("");
+    let mut puts = Vec::new();
+    for op in 0..to_usize(n) {
+        let (action, key) = (actions.next()?, keys.next()?);
+        let (insert, expand) = (inserts.next()?, expands.next()?);
+        let (meta, pred) = (metas.next()?, preds.next()?);
+        let (has_key, key) = (key.is_some(), key.unwrap_or(""));
         let refuse = |rule: String| ChangeError::Operation {
             change,
             op,
             key: quote(key),
             rule,
         };
-        match actions[op] {
+        match action {
             Some(ACTION_PUT) => {}
             Some(0) => return Err(refuse("creates a nested map".into())),
             Some(2) => return Err(refuse("creates a list".into())),
@@ -523,21 +523,21 @@ fn read_ops<'a>(cols: &Columns<'a>, change: usize) -> Result<Vec<Put<'a>>, Chang
                 "writes into an object other than the root map".into(),
             ));
         }
-        if inserts[op] || !key_actor.is_empty() || !key_ctr.is_empty() {
+        if insert || !key_actor.is_empty() || !key_ctr.is_empty() {
             return Err(refuse("writes a list or text position".into()));
         }
-        if keys[op].is_none() {
+        if !has_key {
             return Err(refuse("has no map key".into()));
         }
-        if preds[op] != Some(0) || !pred_actor.is_empty() || !pred_ctr.is_empty() {
+        if pred != Some(0) || !pred_actor.is_empty() || !pred_ctr.is_empty() {
             return Err(refuse(
                 "overwrites an existing value (it names a predecessor)".into(),
             ));
         }
-        if expands[op] || !mark_names.is_empty() {
+        if expand || !mark_names.is_empty() {
             return Err(refuse("carries mark data".into()));
         }
-        let Some(meta) = metas[op] else {
+        let Some(meta) = meta else {
             return Err(refuse("has no value".into()));
         };
         let (kind, len) = (meta & 0xf, meta >> 4);
@@ -559,6 +559,12 @@ fn read_ops<'a>(cols: &Columns<'a>, change: usize) -> Result<Vec<Put<'a>>, Chang
         check_key_and_value(key, value).map_err(refuse)?;
         puts.push(Put { key, value });
     }
+    actions.finish()?;
+    keys.finish()?;
+    inserts.finish()?;
+    expands.finish()?;
+    metas.finish()?;
+    preds.finish()?;
     if !values.is_empty() {
         return Err(values.malformed(format!(
             "{} value bytes no operation uses",
@@ -680,75 +686,123 @@ fn too_many_ops(declared: u64) -> ChangeError {
     }
 }
 
-/// Exactly `n` values of an RLE column (`None` for nulls); an absent column is `n` nulls.
-fn rle<'a, T: Copy>(
-    mut col: Reader<'a>,
-    n: usize,
-    what: &str,
-    mut read: impl FnMut(&mut Reader<'a>) -> Result<T, ChangeError>,
-) -> Result<Vec<Option<T>>, ChangeError> {
-    if col.is_empty() {
-        return Ok(vec![None; n]);
-    }
-    let mut out = Vec::with_capacity(n);
-    while !col.is_empty() {
-        let count = col.sleb()?;
-        let left = (n - out.len()) as u64;
-        let run = if count == 0 {
-            col.uleb()?
-        } else {
-            count.unsigned_abs()
-        };
-        if run > left {
-            return Err(col.malformed(format!(
-                "the {what} column holds more values than operations"
-            )));
-        }
-        let run = to_usize(run);
-        if count > 0 {
-            let v = read(&mut col)?;
-            out.extend(std::iter::repeat_n(Some(v), run));
-        } else if count < 0 {
-            for _ in 0..run {
-                out.push(Some(read(&mut col)?));
-            }
-        } else {
-            out.extend(std::iter::repeat_n(None, run));
-        }
-    }
-    if out.len() != n {
-        return Err(col.malformed(format!(
-            "the {what} column holds {} values for {n} operations",
-            out.len()
-        )));
-    }
-    Ok(out)
+/// An RLE column read one value at a time (`None` for nulls); an absent column is all nulls.
+///
+/// A run is a signed count: positive, that many copies of the one value that follows;
+/// negative, that many values follow; zero, an unsigned count of nulls follows.
+struct Rle<'a, T, F> {
+    col: Reader<'a>,
+    absent: bool,
+    what: &'static str,
+    left: u64,
+    literal: bool,
+    value: Option<T>,
+    read: F,
 }
 
-/// Exactly `n` booleans: alternating run lengths, falses first; an absent column is all false.
-fn booleans(mut col: Reader<'_>, n: usize, what: &str) -> Result<Vec<bool>, ChangeError> {
-    if col.is_empty() {
-        return Ok(vec![false; n]);
+impl<'a, T: Copy, F: FnMut(&mut Reader<'a>) -> Result<T, ChangeError>> Rle<'a, T, F> {
+    fn new(col: Reader<'a>, what: &'static str, read: F) -> Self {
+        Rle {
+            absent: col.is_empty(),
+            col,
+            what,
+            left: 0,
+            literal: false,
+            value: None,
+            read,
+        }
     }
-    let mut out = Vec::with_capacity(n);
-    let mut value = false;
-    while !col.is_empty() {
-        let run = col.uleb()?;
-        if run > (n - out.len()) as u64 {
-            return Err(col.malformed(format!(
+
+    fn next(&mut self) -> Result<Option<T>, ChangeError> {
+        if self.absent {
+            return Ok(None);
+        }
+        while self.left == 0 {
+            if self.col.is_empty() {
+                let what = self.what;
+                return Err(self.col.malformed(format!(
+                    "the {what} column holds fewer values than operations"
+                )));
+            }
+            let count = self.col.sleb()?;
+            self.literal = count < 0;
+            if count > 0 {
+                self.left = count.unsigned_abs();
+                self.value = Some((self.read)(&mut self.col)?);
+            } else if count < 0 {
+                self.left = count.unsigned_abs();
+            } else {
+                self.left = self.col.uleb()?;
+                self.value = None;
+            }
+        }
+        self.left -= 1;
+        if self.literal {
+            return Ok(Some((self.read)(&mut self.col)?));
+        }
+        Ok(self.value)
+    }
+
+    /// Every value was used: nothing is left in the column.
+    fn finish(&self) -> Result<(), ChangeError> {
+        if self.left != 0 || !self.col.is_empty() {
+            let what = self.what;
+            return Err(self.col.malformed(format!(
                 "the {what} column holds more values than operations"
             )));
         }
-        out.extend(std::iter::repeat_n(value, to_usize(run)));
-        value = !value;
+        Ok(())
     }
-    if out.len() != n {
-        return Err(col.malformed(format!(
-            "the {what} column holds {} values for {n} operations",
-            out.len()
-        )));
+}
+
+/// A boolean column read one value at a time: alternating run lengths, falses first. An
+/// absent column is all false.
+struct Booleans<'a> {
+    col: Reader<'a>,
+    absent: bool,
+    what: &'static str,
+    left: u64,
+    value: bool,
+}
+
+impl<'a> Booleans<'a> {
+    fn new(col: Reader<'a>, what: &'static str) -> Self {
+        Booleans {
+            absent: col.is_empty(),
+            col,
+            what,
+            left: 0,
+            value: true,
+        }
     }
-    Ok(out)
+
+    fn next(&mut self) -> Result<bool, ChangeError> {
+        if self.absent {
+            return Ok(false);
+        }
+        while self.left == 0 {
+            if self.col.is_empty() {
+                let what = self.what;
+                return Err(self.col.malformed(format!(
+                    "the {what} column holds fewer values than operations"
+                )));
+            }
+            self.left = self.col.uleb()?;
+            self.value = !self.value;
+        }
+        self.left -= 1;
+        Ok(self.value)
+    }
+
+    fn finish(&self) -> Result<(), ChangeError> {
+        if self.left != 0 || !self.col.is_empty() {
+            let what = self.what;
+            return Err(self.col.malformed(format!(
+                "the {what} column holds more values than operations"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A key cut to a few characters and quoted, for error details (a peer's key may be anything).
@@ -1420,8 +1474,31 @@ mod tests {
         let mut action = Vec::new();
         leb(&mut action, 1_000_000); // as SLEB128 too: its top bit is clear
         action.push(1);
-        let err = read_message(&message(vec![craft(&[(COL_ACTION, action)])])).unwrap_err();
-        assert!(matches!(err, ChangeError::TooMany { .. }), "{err}");
+        let err = read_message(&message(vec![craft(&[(COL_ACTION, action.clone())])])).unwrap_err();
+        assert!(err.to_string().contains("operation 0"), "{err}");
+        // ... and a million puts of one key and one 100-byte value, in a few dozen bytes: the
+        // first passes, the second finds no value bytes left.
+        let run = |value: &[u8]| {
+            let mut c = Vec::new();
+            leb(&mut c, 1_000_000);
+            c.extend_from_slice(value);
+            c
+        };
+        let mut key = vec![KEY_BYTES as u8];
+        key.extend_from_slice(record_key(1).as_bytes());
+        let mut meta = Vec::new();
+        leb(&mut meta, (100 << 4) | VALUE_BYTES);
+        let started = std::time::Instant::now();
+        let err = read_message(&message(vec![craft(&[
+            (COL_KEY_STR, run(&key)),
+            (COL_ACTION, action),
+            (COL_VAL_META, run(&meta)),
+            (COL_VAL, envelope_bytes(1, 100)),
+            (COL_PRED_GROUP, run(&[0])),
+        ])]))
+        .unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
         // A column declaring more bytes than the chunk holds.
         let mut chunk = craft(&[(COL_ACTION, vec![2, 1])]);
         let at = chunk.len() - 3; // the column's length byte
