@@ -53,14 +53,14 @@ fn holds_todays_secret(hub: &HubFixture) -> Result<bool> {
 /// The audit log's `retention.purge` entries, oldest first (`sync-hub audit --json`).
 fn purge_entries(hub: &HubFixture) -> Result<Vec<Value>> {
     let out = run_ok("sync-hub", &["--data", &hub.data_str(), "audit", "--json"])?;
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| Ok(serde_json::from_str::<Value>(l)?))
-        .filter(|e| {
-            e.as_ref()
-                .map_or(true, |e| e["action"] == "retention.purge")
-        })
-        .collect()
+    let mut entries = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let e: Value = serde_json::from_str(line)?;
+        if e["action"] == "retention.purge" {
+            entries.push(e);
+        }
+    }
+    Ok(entries)
 }
 
 fn sync_ok(dev: &Path) -> Result<()> {
