@@ -14,7 +14,7 @@ use shared::daykey::DayKeyRatchet;
 use shared::envelope::{Record, RecordBody, SessionKey, WrappedKey};
 use shared::partition::Partition;
 use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
-use shared::sync::validate::{ChangeError, read_message};
+use shared::sync::validate::{ChangeError, fuzz_sync_change, read_message};
 use shared::sync::{
     Decision, Event, Frame, Hello, PROTOCOL_VERSION, Peer, PeerHello, RefuseReason, Role, Session,
     Side,
@@ -491,7 +491,8 @@ fn compressed_chunks_bombs_and_absurd_counts_are_refused_before_automerge() {
 }
 
 /// Random bytes and mutations of honest messages never panic the validator, and every
-/// message it accepts is one automerge decodes.
+/// message it accepts is one automerge decodes and applies as checked (the fuzz driver of
+/// `fuzz/fuzz_targets/sync_change.rs`).
 #[test]
 fn random_and_mutated_messages_never_panic_the_validator() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
@@ -540,6 +541,9 @@ fn random_and_mutated_messages_never_panic_the_validator() {
                 2 => m.truncate(at),
                 _ => m.insert(at, rng.next_u32() as u8),
             }
+        }
+        if catch_unwind(AssertUnwindSafe(|| fuzz_sync_change(&m))).is_err() {
+            panic!("input {i} failed the fuzz driver: {m:?}");
         }
         let result = catch_unwind(AssertUnwindSafe(|| read_message(&m).map(|c| c.put_count())));
         match result {
