@@ -22,7 +22,7 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// The largest frame body (without its length prefix) either side sends or accepts.
 ///
 /// A `Sync` frame carries one automerge sync message, and a peer that holds nothing of a
-/// partition gets the whole document in one, so this bounds the size of a partition that can
+/// partition gets every change of it in one, so this bounds the size of a partition that can
 /// be synced to such a peer: at about 150 B a record (sealed envelope plus automerge
 /// overhead) 16 MiB is some 100,000 visits for one facility on one day. The same limit bounds
 /// a `SyncDeflated` message after inflating.
