@@ -22,7 +22,7 @@
 //! can have written them.
 //!
 //! A log made before the key existed (`audit-1`, unkeyed) is verified the old way and re-keyed
-//! once into `audit-2` when the store first opens with the key ([`upgrade`]); an `audit.rekey`
+//! once into `audit-2` when the store first opens with the key (`upgrade`); an `audit.rekey`
 //! entry records what the old verification found.
 
 use crate::auth::Principal;
@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit-2");
 /// `audit-details-1`: sequence number -> 32-byte nonce || JSON of the entry's details.
 pub const AUDIT_DETAILS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit-details-1");
-/// `audit-1`: the unkeyed log of a hub made before `keys/audit.key`; read once by [`upgrade`].
+/// `audit-1`: the unkeyed log of a hub made before `keys/audit.key`; read once by `upgrade`.
 pub const AUDIT_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("audit-1");
 
 /// Domain separation of the unkeyed entry hashes of `audit-1`.
@@ -640,17 +640,14 @@ impl<'s> AuditLog<'s> {
                         );
                     }
                     match d.get(key)? {
-                        Some(row) => {
-                            if keys.commit(row.value()) != l.details {
-                                fail(
-                                    key,
-                                    "its details do not match the chain's commitment to them \
-                                     (they were edited)"
-                                        .into(),
-                                    &mut problems,
-                                );
-                            }
-                        }
+                        Some(row) if keys.commit(row.value()) != l.details => fail(
+                            key,
+                            "its details do not match the chain's commitment to them (they \
+                             were edited)"
+                                .into(),
+                            &mut problems,
+                        ),
+                        Some(_) => {}
                         None if expired_before.is_some_and(|e| l.at >= e) => fail(
                             key,
                             "its details are gone before retention expired them (they were \

@@ -11,7 +11,7 @@
 //! so clearing `revoked_at` in the database does not bring it back.
 //!
 //! Rows made before the key existed (`people-credentials-1`, an unkeyed digest) are wrapped
-//! once, when the store first opens with the key ([`upgrade`]): the keyed digest is taken over
+//! once, when the store first opens with the key (`upgrade`): the keyed digest is taken over
 //! the old digest, so their secrets keep working, and the row is marked `legacy`. Rows that
 //! appear in `people-credentials-1` after that are never read.
 //!
@@ -32,7 +32,7 @@ use std::fmt;
 /// `people-credentials-2`: credential id -> JSON [`CredentialRecord`] with a keyed digest.
 pub const PEOPLE_CREDENTIALS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("people-credentials-2");
-/// `people-credentials-1`: the unkeyed layout, read once by [`upgrade`].
+/// `people-credentials-1`: the unkeyed layout, read once by `upgrade`.
 pub const PEOPLE_CREDENTIALS_V1: TableDefinition<&str, &[u8]> =
     TableDefinition::new("people-credentials-1");
 

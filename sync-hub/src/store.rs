@@ -131,8 +131,8 @@ impl Store {
     /// people's credentials from the `keys/` folder beside it.
     ///
     /// A store made before those keys existed is moved to the keyed layout here, once: the
-    /// key is staged, the legacy audit chain re-keyed ([`crate::audit::upgrade`]) and legacy
-    /// credential rows wrapped ([`crate::auth::upgrade`]), then the key is put in place. A key
+    /// key is staged, the legacy audit chain re-keyed (`audit::upgrade`) and legacy
+    /// credential rows wrapped (`auth::upgrade`), then the key is put in place. A key
     /// that is missing although data was keyed with it is an error, never silently replaced.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(|e| match e {
