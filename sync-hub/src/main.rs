@@ -576,7 +576,13 @@ fn run(cli: Cli) -> Result<()> {
                         e["actor"]["name"].as_str().unwrap_or_default(),
                         e["actor"]["role"].as_str().unwrap_or_default(),
                         e["action"].as_str().unwrap_or_default(),
-                        e["case_id"].as_str().unwrap_or(if e["details_expired"] == true { sync_hub::audit::EXPIRED } else { "-" }),
+                        e["case_id"]
+                            .as_str()
+                            .unwrap_or(if e["details_expired"] == true {
+                                sync_hub::audit::EXPIRED
+                            } else {
+                                "-"
+                            }),
                         e["facilities"]
                             .as_array()
                             .map(|a| a
