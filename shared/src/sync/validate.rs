@@ -1395,20 +1395,11 @@ mod tests {
         for _ in 0..repeats % 4 {
             w.code(0, 2);
         }
-        // Every further repeat is the bits 00: whole zero bytes.
-        let bit = w.n;
+        // Every further repeat is the bits 00: four to a zero byte.
+        let n = w.n + (repeats / 4) * 8;
         let mut out = w.out;
-        out.resize(bit.div_ceil(8) + repeats / 4, 0);
-        let mut w = Bits {
-            n: out.len() * 8,
-            out,
-        };
-        if bit % 8 != 0 {
-            // The bits after `bit` in its last byte were counted as zeros above: shift left
-            // the end of block into the continuing stream instead.
-            w.n = bit + (repeats / 4) * 8;
-            w.out.truncate(w.n.div_ceil(8));
-        }
+        out.resize(n.div_ceil(8), 0);
+        let mut w = Bits { out, n };
         w.code(0b11, 2);
         w.out
     }
