@@ -513,14 +513,18 @@ fn frame_endpoint_refuses_what_is_not_a_frame_and_keeps_running() -> Result<()> 
 
     // Oversized: refused from the declared length, before the body is read...
     let addr = kiosk.base.trim_start_matches("http://").to_owned();
-    let head = "POST /kiosk/frame HTTP/1.1\r\nHost: kiosk\r\nContent-Type: image/jpeg\r\n\
-                Content-Length: 3145728\r\nConnection: close\r\n\r\n";
+    let head = format!(
+        "POST /kiosk/frame HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\n\
+         Content-Length: 3145728\r\nConnection: close\r\n\r\n"
+    );
     let answer = raw_exchange(&addr, head.as_bytes(), None)?;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("MiB"), "{answer}");
     // ...and a body without a length is cut off at the limit.
-    let head = "POST /kiosk/frame HTTP/1.1\r\nHost: kiosk\r\nContent-Type: image/jpeg\r\n\
-                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let head = format!(
+        "POST /kiosk/frame HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
     let answer = raw_exchange(&addr, head.as_bytes(), Some(3 * 1024 * 1024))?;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
@@ -613,6 +617,377 @@ fn frame_endpoint_refuses_what_is_not_a_frame_and_keeps_running() -> Result<()> 
         let (code, _) = kiosk.get(asset)?;
         assert_eq!(code, 200, "{asset}");
     }
+    kiosk.stop();
+    Ok(())
+}
+
+/// A device enrolled at a new hub, with staff PIN 482916, serving the kiosk.
+fn kiosk_with_pin(hub: &HubFixture, name: &str) -> Result<(Kiosk, PathBuf)> {
+    let dev = hub.enroll_device(name)?;
+    let d = dev.display().to_string();
+    run_ok(
+        "edge-node",
+        &["--data", &d, "pin", "set", "--pin", "482916"],
+    )?;
+    Ok((Kiosk::start(&dev)?, dev))
+}
+
+/// Finding A of the security review: the wrong-PIN rule was checked, then the PIN hashed,
+/// then the failure recorded, so PINs sent at once all passed the check (300 at once had 128
+/// evaluated). Now an attempt is counted before it is hashed: of 100 wrong PINs sent at once
+/// from one address, exactly the five the rule allows are evaluated ("wrong PIN ..."), the
+/// rest are refused unread ("too many wrong PINs ...").
+#[test]
+fn wrong_pins_sent_at_once_are_evaluated_at_most_five_times() -> Result<()> {
+    const SENDERS: usize = 100;
+    let hub = HubFixture::new()?;
+    let (kiosk, _dev) = kiosk_with_pin(&hub, "pin-race")?;
+    let url = kiosk.url("/kiosk/staff/login");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(SENDERS));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || -> Result<(u16, String)> {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(60)))
+                    .build()
+                    .into();
+                start.wait();
+                let (code, v) =
+                    Kiosk::finish(agent.post(&url).send_json(json!({"pin": "000000"})))?;
+                Ok((code, v["error"].as_str().unwrap_or_default().to_owned()))
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for s in senders {
+        answers.push(
+            s.join()
+                .map_err(|_| anyhow::anyhow!("a sender panicked"))??,
+        );
+    }
+    let evaluated = answers
+        .iter()
+        .filter(|(_, e)| e.starts_with("wrong PIN"))
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|(code, e)| *code == 429 && e.starts_with("too many wrong PINs from this address"))
+        .count();
+    assert_eq!(
+        (evaluated, refused),
+        (5, SENDERS - 5),
+        "every answer is an evaluation or a refusal, and only five PINs were evaluated: {answers:?}"
+    );
+    let locking: Vec<_> = answers
+        .iter()
+        .filter(|(_, e)| e.starts_with("wrong PIN;"))
+        .collect();
+    assert_eq!(locking.len(), 1, "the fifth wrong PIN locks: {answers:?}");
+    assert_eq!(locking[0].0, 429);
+    // Locked now, even for the right PIN.
+    let (code, v) = kiosk.post_json("/kiosk/staff/login", None, &json!({"pin": "482916"}))?;
+    assert_eq!(code, 429, "{v}");
+    kiosk.stop();
+    Ok(())
+}
+
+/// Sends `request` to `addr` and returns the status code and the body.
+fn raw_status(addr: &str, request: &str) -> Result<(u16, String)> {
+    let answer = raw_exchange(addr, request.as_bytes(), None)?;
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {answer:?}"))?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_owned()))
+}
+
+/// Finding B: a page that anyone on the facility Wi-Fi opens could point its own name at the
+/// device (DNS rebinding) and reach the kiosk and the control API from the visitor's browser.
+/// Every route now answers only a `Host` that is the device's own address or name.
+#[test]
+fn a_request_naming_another_host_is_refused_before_any_route() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let (kiosk, dev) = kiosk_with_pin(&hub, "rebinding")?;
+    let addr = kiosk.base.trim_start_matches("http://").to_owned();
+    let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
+    let token = std::fs::read_to_string(dev.join("control.token"))?;
+    let login = r#"{"pin":"000000"}"#;
+    for (what, request) in [
+        (
+            "the page",
+            "GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".to_owned(),
+        ),
+        (
+            "the status line",
+            format!(
+                "GET /kiosk/status HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "the staff login",
+            format!(
+                "POST /kiosk/staff/login HTTP/1.1\r\nHost: evil.example:{port}\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nConnection: close\r\n\r\n{login}",
+                login.len()
+            ),
+        ),
+        (
+            "the control API, even with its token",
+            format!(
+                "GET /api/status HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                token.trim()
+            ),
+        ),
+        (
+            "an address that is not the device's",
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: 203.0.113.9:{port}\r\nConnection: close\r\n\r\n"
+            ),
+        ),
+    ] {
+        let (code, body) = raw_status(&addr, &request)?;
+        assert_eq!(code, 421, "{what}: {body}");
+        assert!(body.contains("DNS rebinding"), "{what}: {body}");
+    }
+    // A request without a Host, or with two, is refused too.
+    let (code, body) = raw_status(&addr, "GET /healthz HTTP/1.0\r\n\r\n")?;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = raw_status(
+        &addr,
+        &format!(
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+        ),
+    )?;
+    assert_eq!(code, 400, "{body}");
+    // The refused login was never seen by the PIN rule: four attempts are still left after
+    // the first real one.
+    let (code, v) = kiosk.post_json("/kiosk/staff/login", None, &json!({"pin": "000000"}))?;
+    assert_eq!((code, v["attempts_left"].as_u64()), (401, Some(4)), "{v}");
+    // The device's own address and name, with or without the port.
+    for host in [
+        addr.clone(),
+        "127.0.0.1".to_owned(),
+        format!("localhost:{port}"),
+    ] {
+        let (code, body) = raw_status(
+            &addr,
+            &format!("GET /kiosk/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )?;
+        assert_eq!(code, 200, "{host}: {body}");
+    }
+    let (code, v) = kiosk.get("/kiosk/status")?;
+    assert_eq!(code, 200, "{v}");
+    // The commands reach the running device as before (through 127.0.0.1:PORT).
+    let status = fixture::device_status(&dev)?;
+    assert!(status.is_object(), "{status}");
+    kiosk.stop();
+    Ok(())
+}
+
+/// Deflate (RFC 1951) of `n` zero bytes in one dynamic-Huffman block: a literal zero, then
+/// copies of 258 bytes at distance 1 at 2 bits each (the format's best ratio, about 1000:1),
+/// the rest as literals.
+fn deflate_zeros(n: u64) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u64,
+        len: u32,
+    }
+    impl Bits {
+        /// `count` bits of `value`, least significant first (header fields, extra bits).
+        fn put(&mut self, value: u64, count: u32) {
+            self.acc |= value << self.len;
+            self.len += count;
+            while self.len >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.len -= 8;
+            }
+        }
+        /// A Huffman code of `len` bits, most significant first.
+        fn code(&mut self, code: u64, len: u32) {
+            for i in (0..len).rev() {
+                self.put((code >> i) & 1, 1);
+            }
+        }
+    }
+    let mut b = Bits {
+        out: Vec::new(),
+        acc: 0,
+        len: 0,
+    };
+    b.put(1, 1); // final block
+    b.put(2, 2); // dynamic Huffman
+    b.put(29, 5); // 286 literal/length codes
+    b.put(1, 5); // 2 distance codes
+    b.put(14, 4); // 18 code-length code lengths
+    // In the format's order 16 17 18 0 8 7 9 6 10 5 11 4 12 3 13 2 14 1: the code-length
+    // alphabet uses 18 (1 bit: "0"), 1 ("10") and 2 ("11").
+    for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
+        b.put(len, 3);
+    }
+    let (cl1, cl2, cl18) = ((0b10, 2), (0b11, 2), (0b0, 1));
+    // Literal 0: 2 bits; 1..=255: none; 256 (end): 2 bits; 257..=284: none; 285 (copy 258): 1.
+    b.code(cl2.0, cl2.1);
+    b.code(cl18.0, cl18.1);
+    b.put(138 - 11, 7);
+    b.code(cl18.0, cl18.1);
+    b.put(117 - 11, 7);
+    b.code(cl2.0, cl2.1);
+    b.code(cl18.0, cl18.1);
+    b.put(28 - 11, 7);
+    b.code(cl1.0, cl1.1);
+    // Distance codes 0 (distance 1) and 1: one bit each.
+    b.code(cl1.0, cl1.1);
+    b.code(cl1.0, cl1.1);
+    // Codes: literal 0 "10", end "11", length 258 "0"; distance 1 "0".
+    let mut left = n;
+    if left > 0 {
+        b.code(0b10, 2);
+        left -= 1;
+    }
+    while left >= 258 {
+        b.code(0b0, 1);
+        b.code(0b0, 1);
+        left -= 258;
+    }
+    for _ in 0..left {
+        b.code(0b10, 2);
+    }
+    b.code(0b11, 2);
+    if b.len > 0 {
+        b.put(0, 8 - b.len);
+    }
+    b.out
+}
+
+/// A PNG of `width x height` 16-bit RGBA pixels, all zero, built without ever holding them.
+fn zero_rgba16_png(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let table: Vec<u32> = (0..256u32)
+            .map(|n| {
+                (0..8).fold(n, |c, _| {
+                    if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    }
+                })
+            })
+            .collect();
+        !bytes.iter().fold(!0u32, |c, &b| {
+            table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8)
+        })
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[16, 6, 0, 0, 0]); // 16-bit RGBA, deflate, adaptive, no interlace
+    chunk(&mut out, b"IHDR", &ihdr);
+    // Each row: filter byte 0 ("none"), then 8 zero bytes a pixel.
+    let n = u64::from(height) * (1 + 8 * u64::from(width));
+    let mut zlib = vec![0x78, 0x01];
+    zlib.extend(deflate_zeros(n));
+    // Adler-32 of n zero bytes: a stays 1, b grows by 1 a byte.
+    let adler = (((n % 65_521) as u32) << 16) | 1;
+    zlib.extend_from_slice(&adler.to_be_bytes());
+    chunk(&mut out, b"IDAT", &zlib);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// The device process's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")?;
+    Ok(kb * 1024)
+}
+
+/// Finding C: a 300 KB PNG of 6,320 x 6,320 16-bit RGBA pixels was decoded (320 MB), and six
+/// at once took the device to 711 MB. Now each is refused from its header, and the device's
+/// peak memory stays under 150 MB; it still reads a real frame afterwards.
+#[test]
+fn image_bombs_sent_at_once_are_refused_from_their_headers() -> Result<()> {
+    // The generator makes real PNGs: a small one decodes, to all zeros.
+    let small = image::load_from_memory(&zero_rgba16_png(300, 7))?;
+    assert_eq!((small.width(), small.height()), (300, 7));
+    assert!(small.to_rgba16().pixels().all(|p| p.0 == [0; 4]));
+    let bomb = zero_rgba16_png(6_320, 6_320);
+    assert!(bomb.len() < 400_000, "{} bytes", bomb.len());
+
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device("bombed")?;
+    let kiosk = Kiosk::start(&dev)?;
+    let pid = kiosk.proc.0.id();
+    let before = peak_rss(pid)?;
+    let bomb = std::sync::Arc::new(bomb);
+    let senders: Vec<_> = (0..6)
+        .map(|i| {
+            let bomb = bomb.clone();
+            let url = kiosk.url(if i % 2 == 0 {
+                "/kiosk/frame"
+            } else {
+                "/kiosk/frame?ladder=full"
+            });
+            std::thread::spawn(move || -> Result<(u16, Value)> {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(60)))
+                    .build()
+                    .into();
+                Kiosk::finish(
+                    agent
+                        .post(&url)
+                        .header("content-type", "image/png")
+                        .send(&bomb[..]),
+                )
+            })
+        })
+        .collect();
+    for s in senders {
+        let (code, v) = s
+            .join()
+            .map_err(|_| anyhow::anyhow!("a sender panicked"))??;
+        assert_eq!(code, 422, "{v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("6320x6320") && e.contains("lower the camera resolution"),
+            "{v}"
+        );
+    }
+    let peak = peak_rss(pid)?;
+    assert!(
+        peak < 150 * 1024 * 1024,
+        "the device peaked at {} MiB (at start {} MiB)",
+        peak / (1024 * 1024),
+        before / (1024 * 1024)
+    );
+    // Still running, and a real frame goes through.
+    let (payload, _) = fresh_code();
+    let jpeg = encode_jpeg(&frame(&payload, Damage::Clean, 5)?, 85)?;
+    let (code, v) = kiosk.post("/kiosk/frame", "image/jpeg", &jpeg)?;
+    assert_eq!(
+        (code, v["verdict"].as_str()),
+        (200, Some("accepted")),
+        "{v}"
+    );
     kiosk.stop();
     Ok(())
 }
