@@ -39,9 +39,10 @@ enum Command {
         #[arg(long)]
         ticket: PathBuf,
         /// The staff PIN (4 to 12 digits) that opens the kiosk's staff mode; `pin set` sets
-        /// or changes it later.
-        #[arg(long)]
-        staff_pin: Option<String>,
+        /// or changes it later. Give `--staff-pin` alone to type it (not echoed) or pipe it on
+        /// stdin: a value on the command line stays in shell history and /proc.
+        #[arg(long, num_args = 0..=1, value_name = "PIN")]
+        staff_pin: Option<Option<String>>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -135,11 +136,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PinCommand {
-    /// Set or change the staff PIN (4 to 12 digits), read from stdin unless --pin is given.
+    /// Set or change the staff PIN (4 to 12 digits), read from stdin (typed without echo on a
+    /// terminal) unless --pin is given a value.
     Set {
-        /// The PIN. Prefer stdin: a command line is visible to other users of the machine.
-        #[arg(long)]
-        pin: Option<String>,
+        /// The PIN. Prefer stdin (`--pin` alone, or no flag): a value on the command line stays
+        /// in shell history and /proc.
+        #[arg(long, num_args = 0..=1, value_name = "PIN")]
+        pin: Option<Option<String>>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -150,12 +153,14 @@ enum PinCommand {
 enum PaperCommand {
     /// Record a paper-log visitor (sealed: only the health authority can read it).
     Add {
-        /// Visitor's name.
-        #[arg(long)]
-        name: String,
-        /// Visitor's phone number.
-        #[arg(long)]
-        phone: String,
+        /// Visitor's name. Give `--name` alone to read it from stdin (typed, or piped one line
+        /// per such flag: name, then phone): a value on the command line stays in shell
+        /// history and /proc.
+        #[arg(long, num_args = 0..=1, required = true, value_name = "NAME")]
+        name: Option<Option<String>>,
+        /// Visitor's phone number; `--phone` alone reads it from stdin, after the name.
+        #[arg(long, num_args = 0..=1, required = true, value_name = "PHONE")]
+        phone: Option<Option<String>>,
         /// When they visited (Unix seconds). Default: now.
         #[arg(long)]
         visited_at: Option<u64>,
@@ -228,8 +233,12 @@ fn run(cli: Cli) -> Result<i32> {
             staff_pin,
             json,
         } => {
+            let input = SecretInput::new();
+            let pin = staff_pin
+                .map(|v| input.value("--staff-pin", "staff PIN", v, Echo::Off))
+                .transpose()?;
             // Checked before enrolling, so a bad PIN leaves the folder untouched.
-            let pin = staff_pin.as_deref().map(StaffPin::new).transpose()?;
+            let pin = pin.as_deref().map(StaffPin::new).transpose()?;
             let mut dev = Device::init(&data, &ticket, now)?;
             if let Some(pin) = &pin {
                 dev.set_staff_pin(pin)?;
@@ -307,6 +316,9 @@ fn run(cli: Cli) -> Result<i32> {
                     "a visitor under 14 needs a guardian's consent (--guardian-consent); nothing was recorded"
                 );
             }
+            let input = SecretInput::new();
+            let name = input.value("--name", "visitor's name", name.flatten(), Echo::On)?;
+            let phone = input.value("--phone", "visitor's phone", phone.flatten(), Echo::On)?;
             let entry = PaperEntry {
                 name,
                 phone,
@@ -475,16 +487,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Pin {
             command: PinCommand::Set { pin, json },
         } => {
-            let pin = match pin {
-                Some(p) => p,
-                None => {
-                    let mut line = String::new();
-                    std::io::stdin()
-                        .read_line(&mut line)
-                        .context("cannot read the PIN from stdin")?;
-                    line.trim().to_owned()
-                }
-            };
+            let pin = SecretInput::new().value("--pin", "staff PIN", pin.flatten(), Echo::Off)?;
             let hashed = StaffPin::new(&pin)?;
             match Device::open(&data) {
                 Ok(mut dev) => dev.set_staff_pin(&hashed)?,
@@ -545,6 +548,85 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Whether a value read from a terminal is shown as it is typed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    On,
+    Off,
+}
+
+/// Names, phone numbers and PINs given as a bare flag (`--name`, `--phone`, `--pin`): read
+/// from stdin, one line each in the order the command asks for them (name, phone, PIN), with
+/// a prompt on stderr and, for a PIN, no echo when stdin is a terminal. A command line stays
+/// in shell history and is readable by every user in `/proc/PID/cmdline`; stdin is neither.
+struct SecretInput {
+    terminal: bool,
+}
+
+impl SecretInput {
+    fn new() -> SecretInput {
+        use std::io::IsTerminal;
+        SecretInput {
+            terminal: std::io::stdin().is_terminal(),
+        }
+    }
+
+    /// The flag's value: `given` as typed on the command line (with a warning), else one line
+    /// of stdin.
+    fn value(&self, flag: &str, what: &str, given: Option<String>, echo: Echo) -> Result<String> {
+        if let Some(v) = given {
+            eprintln!(
+                "edge-node: warning: {flag} VALUE stays in shell history and is visible to other users in /proc; give {flag} alone and type the value, or pipe it on stdin"
+            );
+            return Ok(v);
+        }
+        let line = if self.terminal {
+            eprint!("{what}: ");
+            let _ = std::io::Write::flush(&mut std::io::stderr());
+            let line = if echo == Echo::Off {
+                read_line_without_echo()
+            } else {
+                read_stdin_line()
+            };
+            if echo == Echo::Off {
+                eprintln!();
+            }
+            line
+        } else {
+            read_stdin_line()
+        };
+        let line = line.with_context(|| format!("cannot read the {what} ({flag}) from stdin"))?;
+        match line {
+            Some(v) => Ok(v),
+            None => bail!(
+                "{flag} was given without a value, so the {what} is read from stdin, but stdin ended first: send one line per such flag (name, then phone, then PIN)"
+            ),
+        }
+    }
+}
+
+/// One line of stdin without surrounding whitespace; `None` at end of input.
+fn read_stdin_line() -> std::io::Result<Option<String>> {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(line.trim().to_owned()))
+}
+
+/// One line from the terminal on stdin with echo off, restored afterwards.
+fn read_line_without_echo() -> std::io::Result<Option<String>> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin)?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    tcsetattr(&stdin, OptionalActions::Flush, &quiet)?;
+    let line = read_stdin_line();
+    tcsetattr(&stdin, OptionalActions::Now, &saved)?;
+    line
 }
 
 fn is_busy(e: &DeviceError) -> bool {

@@ -338,12 +338,14 @@ enum FacilityCommand {
         name: String,
         #[command(flatten)]
         business: BusinessNumberArg,
-        /// Representative's name.
-        #[arg(long)]
-        representative: String,
-        /// Business phone.
-        #[arg(long)]
-        phone: String,
+        /// Representative's name. A sole proprietor's name is a person's: give
+        /// `--representative` alone to read it from stdin (one line per such flag:
+        /// representative, then phone), since a command line stays in shell history and /proc.
+        #[arg(long, num_args = 0..=1, required = true, value_name = "NAME")]
+        representative: Option<Option<String>>,
+        /// Business phone (often the owner's mobile); `--phone` alone reads it from stdin.
+        #[arg(long, num_args = 0..=1, required = true, value_name = "PHONE")]
+        phone: Option<Option<String>>,
         /// Category slug (e.g. karaoke, pc_room) or other:<sub-category>.
         #[arg(long)]
         category: String,
@@ -968,6 +970,33 @@ fn designation(data: &std::path::Path, command: DesignationCommand, now: u64) ->
     Ok(())
 }
 
+/// A person's name or phone number: as given on the command line (with a warning: it stays in
+/// shell history and `/proc/PID/cmdline`), or, for a bare flag, one line of stdin, prompted
+/// on stderr when stdin is a terminal. Bare flags are read in the order the command asks.
+fn personal_value(flag: &str, what: &str, given: Option<String>) -> Result<String> {
+    use std::io::IsTerminal;
+    if let Some(v) = given {
+        eprintln!(
+            "sync-hub: warning: {flag} VALUE stays in shell history and is visible to other users in /proc; give {flag} alone and type the value, or pipe it on stdin"
+        );
+        return Ok(v);
+    }
+    if std::io::stdin().is_terminal() {
+        eprint!("{what}: ");
+        let _ = std::io::Write::flush(&mut std::io::stderr());
+    }
+    let mut line = String::new();
+    let n = std::io::stdin()
+        .read_line(&mut line)
+        .with_context(|| format!("cannot read the {what} ({flag}) from stdin"))?;
+    if n == 0 {
+        anyhow::bail!(
+            "{flag} was given without a value, so the {what} is read from stdin, but stdin ended first: send one line per such flag"
+        );
+    }
+    Ok(line.trim().to_owned())
+}
+
 fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {
     match command {
         FacilityCommand::Add {
@@ -984,6 +1013,12 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 Some(b) => Some(BusinessNumber::parse(&b)?),
                 None => None,
             };
+            let representative = personal_value(
+                "--representative",
+                "representative",
+                representative.flatten(),
+            )?;
+            let phone = personal_value("--phone", "phone", phone.flatten())?;
             let registration = Registration {
                 name,
                 business_number,
