@@ -625,10 +625,21 @@ fn frame_endpoint_refuses_what_is_not_a_frame_and_keeps_running() -> Result<()> 
 fn kiosk_with_pin(hub: &HubFixture, name: &str) -> Result<(Kiosk, PathBuf)> {
     let dev = hub.enroll_device(name)?;
     let d = dev.display().to_string();
-    run_ok(
-        "edge-node",
-        &["--data", &d, "pin", "set", "--pin", "482916"],
-    )?;
+    // From stdin, as a person would set it.
+    let mut set = Command::new(bin("edge-node"))
+        .args(["--data", &d, "pin", "set"])
+        .env_remove("EDGE_NODE_DATA")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = set.stdin.take() {
+        std::io::Write::write_all(&mut stdin, b"482916\n")?;
+    }
+    let out = set.wait_with_output()?;
+    if !out.status.success() {
+        bail!("pin set: {}", String::from_utf8_lossy(&out.stderr));
+    }
     Ok((Kiosk::start(&dev)?, dev))
 }
 
