@@ -11,7 +11,11 @@
 //! facility's LAN (`run --http 0.0.0.0:7451`), while `/api/*` stays loopback-only and
 //! token-bound (see `control`). What the kiosk routes can do is what a person at the entrance
 //! can do anyway: show a code, read the status line; the paper log needs the PIN, and wrong
-//! PINs lock the staff login for a while, for the address they came from (see `pin_guard`).
+//! PINs lock the staff login for a while, for the address they came from (see `pin_guard`);
+//! an attempt is counted before its PIN is hashed, so PINs sent at once cannot outrun the
+//! count. Every route of the device's server answers only a `Host` that is the device's own
+//! ([`own_host_only`], against DNS rebinding), and frames are held to
+//! [`frame::FrameLimits::KIOSK`] from their headers, [`MAX_DECODES`] decoding at once.
 //!
 //! The decision is the device's: frames are decoded by `frame`, codes verified and stored by
 //! [`Device::check_in`] (one visit per code, however many frames show it), entries validated
