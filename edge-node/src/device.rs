@@ -926,14 +926,25 @@ impl Device {
             keys.insert(k.day, k.clone());
         }
         let keys: Vec<DayPublicKey> = keys.into_values().collect();
-        let keyring = serde_json::to_vec(&refresh.keyring).unwrap_or_default();
+        // An empty keyring is never what a hub means to send: with it every visitor is
+        // "unknown issuer" until the next good sync. Keep the keys this device trusts; a
+        // withdrawn issuer key is removed by a refresh that still lists the others.
+        let keyring = if refresh.keyring.is_empty() && !self.keyring.is_empty() {
+            tracing::warn!(
+                trusted = self.keyring.len(),
+                "the hub sent an empty issuer keyring; keeping the keys this device trusts"
+            );
+            self.keyring.clone()
+        } else {
+            refresh.keyring.clone()
+        };
         self.store.put(&[
             (K_DAY_KEYS, &json(&keys)),
-            (K_KEYRING, &keyring),
+            (K_KEYRING, &json(&keyring)),
             (K_ROSTER, &json(&refresh.roster)),
         ])?;
         self.day_keys = keys;
-        self.keyring = refresh.keyring.clone();
+        self.keyring = keyring;
         // A session wrapped to an earlier day's key for want of its own: now that its own key
         // may be here, the next record starts a session wrapped to it.
         if self
@@ -1214,6 +1225,24 @@ mod tests {
         let path = tmp.path().join("ticket.json");
         std::fs::write(&path, ticket.to_json()).expect("write the ticket");
         Device::init(&tmp.path().join("dev"), &path, now).expect("enroll")
+    }
+
+    #[test]
+    fn an_empty_keyring_from_the_hub_never_replaces_the_trusted_one() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut dev = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        let refresh = shared::ticket::Refresh {
+            day_keys: Vec::new(),
+            keyring: Keyring::new(),
+            roster: Vec::new(),
+        };
+        dev.apply_refresh(&refresh).expect("apply");
+        assert_eq!(dev.keyring().len(), 1, "the trusted issuer is kept");
+        scan(&mut dev, NOON + 60);
+        drop(dev);
+        let mut dev = Device::open(&tmp.path().join("dev")).expect("reopen");
+        assert_eq!(dev.keyring().len(), 1, "and kept on disk");
+        scan(&mut dev, NOON + 120);
     }
 
     fn scan(dev: &mut Device, now: UnixSeconds) {

@@ -688,7 +688,16 @@ fn decide(
             }
         }
     }
-    let refresh = refresh_for(hub, ledger, &rec, now);
+    let refresh = match refresh_for(hub, ledger, &rec, now) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot build the refresh of device {device}: {e}");
+            return refuse(
+                RefuseReason::Internal,
+                "the hub cannot read its registry right now; nothing was changed, sync again later",
+            );
+        }
+    };
     (
         Decision::Admit {
             facility: facility.clone(),
@@ -698,11 +707,18 @@ fn decide(
     )
 }
 
-fn refresh_for(hub: &Hub, ledger: &Ledger<'_>, rec: &DeviceRecord, now: UnixSeconds) -> Refresh {
+/// What an admitted device gets back: day keys, the issuers' keyring and its siblings. A read
+/// error is an error, never an empty keyring or roster: a device that applied an empty keyring
+/// would answer "unknown issuer" to every visitor until its next good sync.
+fn refresh_for(
+    hub: &Hub,
+    ledger: &Ledger<'_>,
+    rec: &DeviceRecord,
+    now: UnixSeconds,
+) -> Result<Refresh, HubError> {
     let roster = hub
         .store()
-        .devices()
-        .unwrap_or_default()
+        .devices()?
         .into_iter()
         .filter(|d| d.facility == rec.facility && d.id != rec.id && !d.revoked)
         .filter_map(|d| {
@@ -714,11 +730,11 @@ fn refresh_for(hub: &Hub, ledger: &Ledger<'_>, rec: &DeviceRecord, now: UnixSeco
             })
         })
         .collect();
-    Refresh {
+    Ok(Refresh {
         day_keys: ledger.ratchet().publics(Day::of(now), DAY_KEYS_AHEAD),
-        keyring: hub.keyring().unwrap_or_default(),
+        keyring: hub.keyring()?,
         roster,
-    }
+    })
 }
 
 /// QUIC settings for sync links: no path-MTU discovery. Its probes (padded datagrams up to
