@@ -564,6 +564,17 @@ impl Session {
         }
     }
 
+    /// Ends the session from this side because its shell could not carry out an effect (a
+    /// partition that did not persist, a store that cannot be read): the peer is told `reason`
+    /// and `detail`, and the session emits [`Event::Refused`] by [`Side::Local`]. The shell must
+    /// then store none of the sync states still queued, since they may claim changes the store
+    /// does not hold. A no-op after the end.
+    pub fn abort(&mut self, reason: RefuseReason, detail: impl Into<String>) {
+        if !self.is_finished() {
+            self.refuse(reason, detail.into());
+        }
+    }
+
     /// The stream or connection ended. A no-op after the end; otherwise the session fails.
     pub fn handle_closed(&mut self) {
         if !self.is_finished() {
