@@ -426,6 +426,17 @@ pub enum FrameError {
     /// A frame could not be serialized.
     #[error("frame could not be encoded: {0}")]
     Encode(String),
+    /// A length prefix is over the smaller limit this decoder was set to (a hub's limit
+    /// before it admits the peer, [`FrameDecoder::set_limit`]).
+    #[error(
+        "frame of {declared} bytes is over the {limit}-byte limit at this point of the session: the peer is broken or hostile; close the stream"
+    )]
+    OverLimit {
+        /// The declared body length.
+        declared: usize,
+        /// The decoder's limit when it arrived.
+        limit: usize,
+    },
 }
 
 /// Turns a byte stream, in whatever chunks the socket hands over, into frames.
@@ -439,12 +450,28 @@ pub struct FrameDecoder {
     /// Bytes of `buf` already handed out as frames; compacted on the next push.
     start: usize,
     failed: bool,
+    /// A limit below [`MAX_FRAME_BYTES`], if one is set.
+    limit: Option<usize>,
 }
 
 impl FrameDecoder {
     /// An empty decoder at the start of a stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty decoder that accepts frame bodies of at most `max` bytes (never more than
+    /// [`MAX_FRAME_BYTES`]), so it buffers at most that much plus one chunk.
+    pub fn with_limit(max: usize) -> Self {
+        let mut d = Self::default();
+        d.set_limit(max);
+        d
+    }
+
+    /// Changes the largest body accepted from the next length prefix on (clamped to
+    /// [`MAX_FRAME_BYTES`]): a hub raises it once it has admitted the peer.
+    pub fn set_limit(&mut self, max: usize) {
+        self.limit = (max < MAX_FRAME_BYTES).then_some(max);
     }
 
     /// Appends bytes read from the stream.
@@ -514,6 +541,12 @@ impl FrameDecoder {
         if declared > MAX_FRAME_BYTES {
             self.failed = true;
             return Err(FrameError::TooLarge { declared });
+        }
+        if let Some(limit) = self.limit
+            && declared > limit
+        {
+            self.failed = true;
+            return Err(FrameError::OverLimit { declared, limit });
         }
         if pending.len() - LENGTH_PREFIX_BYTES >= declared {
             Ok(Some(declared))
@@ -594,6 +627,27 @@ mod tests {
         );
         assert_eq!(dec.pop(), Err(FrameError::Failed));
         assert_eq!(dec.push(&[0]), Err(FrameError::Failed));
+    }
+
+    #[test]
+    fn a_lowered_limit_refuses_a_larger_prefix_and_a_raised_one_accepts_it() {
+        let mut dec = FrameDecoder::with_limit(64);
+        assert_eq!(
+            dec.push(&65u32.to_be_bytes()),
+            Err(FrameError::OverLimit {
+                declared: 65,
+                limit: 64
+            })
+        );
+        assert_eq!(dec.pop(), Err(FrameError::Failed));
+
+        let bytes = Frame::Refused(Refusal::new(RefuseReason::Internal, &"x".repeat(100)))
+            .encode()
+            .unwrap();
+        let mut dec = FrameDecoder::with_limit(64);
+        dec.set_limit(usize::MAX);
+        dec.push(&bytes).unwrap();
+        assert!(matches!(dec.pop(), Ok(Some(Frame::Refused(_)))));
     }
 
     #[test]
