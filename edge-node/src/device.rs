@@ -1096,6 +1096,12 @@ impl Device {
             kept_unsynced,
         })
     }
+
+    /// Drops the in-memory copy of `day`'s partition, so its next use reloads what the store
+    /// holds: a sync shell calls it when a merge into memory could not be made durable.
+    pub fn forget_partition(&mut self, day: Day) {
+        self.partitions.remove(&day);
+    }
 }
 
 /// Migration on open: a staff PIN stored by an earlier release (salted BLAKE3, version 1) is

@@ -260,6 +260,145 @@ struct Outcome {
     new_records: u64,
 }
 
+/// What a session's events have done to the device so far.
+#[derive(Default)]
+struct Effects {
+    /// Records made durable.
+    new_records: u64,
+    /// The hub's clock offset, stored when the session completes.
+    clock_offset: Option<i64>,
+    /// How the session ended, once it has.
+    end: Option<End>,
+    /// The first effect this shell could not carry out. From then on nothing more of the
+    /// session is stored: no partition, no sync state, no refresh, no "synced with the hub".
+    failure: Option<String>,
+}
+
+/// Carries out one of the session's events against the device.
+///
+/// A store write that fails aborts the session ([`RefuseReason::Internal`], so the peer is
+/// told and retries later), drops the device's in-memory copy of the partition concerned so
+/// the next use reloads what is durable, and marks the session failed: the sync states still
+/// queued are not stored (they may claim changes the store does not hold), and a `Finished`
+/// that follows counts nothing as delivered.
+fn handle_event(
+    session: &mut Session,
+    dev: &mut Device,
+    event: Event,
+    now: &impl Fn() -> u64,
+    peer_is_hub: bool,
+    fx: &mut Effects,
+) {
+    match event {
+        Event::PartitionUpdated { id, new_records: n } => {
+            if fx.failure.is_some() {
+                // Merged in memory, never stored: forget it, the peer still has it.
+                dev.forget_partition(id.day);
+                return;
+            }
+            match dev.persist_partition(id.day, n) {
+                Ok(()) => fx.new_records += n,
+                Err(e) => {
+                    dev.forget_partition(id.day);
+                    fail(session, fx, format!("cannot store partition {id}: {e}"));
+                }
+            }
+        }
+        Event::SyncStateChanged {
+            peer,
+            partition,
+            state,
+        } => {
+            if fx.failure.is_some() {
+                return;
+            }
+            let t = now();
+            let mut r = Replica {
+                device: &mut *dev,
+                now: t,
+            };
+            if let Err(e) =
+                shared::sync::PartitionStore::put_sync_state(&mut r, &peer, &partition, &state)
+            {
+                fail(
+                    session,
+                    fx,
+                    format!("cannot store the sync state of {partition}: {e}"),
+                );
+            }
+        }
+        Event::Welcomed { refresh, .. } => {
+            if !peer_is_hub || fx.failure.is_some() {
+                return;
+            }
+            // The hub admitted us: our credential is bound and spent.
+            if let Err(e) = dev.forget_credential() {
+                fail(
+                    session,
+                    fx,
+                    format!("cannot drop the spent credential: {e}"),
+                );
+                return;
+            }
+            if let Some(bytes) = refresh {
+                match Refresh::from_bytes(&bytes) {
+                    Ok(r) => {
+                        if let Err(e) = dev.apply_refresh(&r) {
+                            fail(session, fx, format!("cannot store the hub's refresh: {e}"));
+                        }
+                    }
+                    Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
+                }
+            }
+        }
+        Event::ClockOffset { seconds } => fx.clock_offset = Some(seconds.saturating_neg()),
+        Event::PeerHello(hello) => {
+            let decision = admit_sibling(dev, &hello.peer);
+            let t = now();
+            session.admit(
+                t,
+                decision,
+                &mut Replica {
+                    device: &mut *dev,
+                    now: t,
+                },
+            );
+        }
+        Event::Refused { by, reason, detail } => {
+            fx.end = Some(End::Failed(format!(
+                "{by:?} refused ({reason:?}): {detail}"
+            )));
+        }
+        Event::Failed(e) => fx.end = Some(End::Failed(e.to_string())),
+        Event::Finished(_) => {
+            // Both sides said done, but a write of ours may have failed after our last
+            // frame: then nothing is delivered.
+            if let Some(why) = &fx.failure {
+                fx.end = Some(End::Failed(why.clone()));
+                return;
+            }
+            if peer_is_hub && let Err(e) = dev.mark_synced_with_hub(now(), fx.clock_offset) {
+                fx.failure = Some(format!("cannot record the completed sync: {e}"));
+                fx.end = Some(End::Failed(format!(
+                    "cannot record the completed sync: {e}"
+                )));
+                return;
+            }
+            fx.end = Some(End::Finished);
+        }
+    }
+}
+
+/// This shell could not carry out an effect: the session ends with `Internal` (a no-op if
+/// it already ended), and nothing more of it is stored.
+fn fail(session: &mut Session, fx: &mut Effects, why: String) {
+    tracing::warn!("sync session aborted: {why}");
+    session.abort(RefuseReason::Internal, why.clone());
+    if fx.failure.is_none() {
+        fx.failure = Some(why);
+    }
+}
+
 /// Moves frames between the session and the stream until the session ends, executing its
 /// events against the device in order.
 async fn drive(
@@ -274,9 +413,7 @@ async fn drive(
     let _ = trusted_siblings;
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut new_records = 0;
-    let mut clock_offset = None;
-    let mut end = None;
+    let mut fx = Effects::default();
     loop {
         let mut progressed = true;
         while progressed {
@@ -293,64 +430,7 @@ async fn drive(
             while let Some(event) = session.poll_event() {
                 progressed = true;
                 let mut dev = lock(device);
-                match event {
-                    Event::PartitionUpdated { id, new_records: n } => {
-                        dev.persist_partition(id.day, n)?;
-                        new_records += n;
-                    }
-                    Event::SyncStateChanged {
-                        peer,
-                        partition,
-                        state,
-                    } => {
-                        let t = now();
-                        let mut r = Replica {
-                            device: &mut dev,
-                            now: t,
-                        };
-                        shared::sync::PartitionStore::put_sync_state(
-                            &mut r, &peer, &partition, &state,
-                        )
-                        .map_err(|e| NetError::Session("peer".into(), e.to_string()))?;
-                    }
-                    Event::Welcomed { refresh, .. } => {
-                        if peer_is_hub {
-                            // The hub admitted us: our credential is bound and spent.
-                            dev.forget_credential()?;
-                            if let Some(bytes) = refresh {
-                                match Refresh::from_bytes(&bytes) {
-                                    Ok(r) => dev.apply_refresh(&r)?,
-                                    Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
-                                }
-                            }
-                        }
-                    }
-                    Event::ClockOffset { seconds } => clock_offset = Some(seconds.saturating_neg()),
-                    Event::PeerHello(hello) => {
-                        let decision = admit_sibling(&dev, &hello.peer);
-                        let t = now();
-                        session.admit(
-                            t,
-                            decision,
-                            &mut Replica {
-                                device: &mut dev,
-                                now: t,
-                            },
-                        );
-                    }
-                    Event::Refused { by, reason, detail } => {
-                        end = Some(End::Failed(format!(
-                            "{by:?} refused ({reason:?}): {detail}"
-                        )));
-                    }
-                    Event::Failed(e) => end = Some(End::Failed(e.to_string())),
-                    Event::Finished(_) => {
-                        if peer_is_hub {
-                            dev.mark_synced_with_hub(now(), clock_offset)?;
-                        }
-                        end = Some(End::Finished);
-                    }
-                }
+                handle_event(session, &mut dev, event, now, peer_is_hub, &mut fx);
             }
         }
         if session.is_finished() {
@@ -362,10 +442,16 @@ async fn drive(
             }
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            let end = match (fx.end, fx.failure) {
+                (_, Some(why)) => End::Failed(why),
+                (Some(end), None) => end,
+                // A session that ends emits its end; should one not, it did not complete.
+                (None, None) => End::Failed("the session ended without an outcome".into()),
+            };
             return Ok(Outcome {
-                end: end.unwrap_or(End::Finished),
+                end,
                 stats: session.stats(),
-                new_records,
+                new_records: fx.new_records,
             });
         }
         let read = tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf)).await;
@@ -483,4 +569,224 @@ fn transport_config() -> iroh::endpoint::QuicTransportConfig {
     iroh::endpoint::QuicTransportConfig::builder()
         .mtu_discovery_config(None)
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+    use shared::daykey::DayKeyRatchet;
+    use shared::facility::{BusinessNumber, Facility, FacilityStatus, Registration};
+    use shared::ticket::{Credential, EnrollmentTicket, HubContact, TICKET_KIND, TICKET_VERSION};
+    use shared::time::Day;
+    use shared::token::{Keyring, TestIssuer, Verdict};
+    use shared::{DeviceId, FacilityId, PartitionId};
+
+    /// Noon UTC of some day in 2025.
+    const NOON: u64 = 20_200 * 86_400 + 12 * 3600;
+
+    fn issuer() -> TestIssuer {
+        TestIssuer::new([0x11; 32], 1, 1)
+    }
+
+    /// A device of facility `f-test` enrolled in `tmp/name`.
+    fn enrolled(tmp: &tempfile::TempDir, name: &str, device_id: &str) -> Device {
+        let day = Day::of(NOON);
+        let ratchet = DayKeyRatchet::generate(&mut OsRng, day);
+        let mut keyring = Keyring::new();
+        keyring
+            .insert(issuer().keyring_entry("test", 1_577_836_800, 4_102_444_800))
+            .expect("a fresh keyring takes a key");
+        let ticket = EnrollmentTicket {
+            kind: TICKET_KIND.into(),
+            version: TICKET_VERSION,
+            issued_at: NOON,
+            hub: HubContact {
+                endpoint_id: "ab".repeat(32),
+                addrs: vec!["127.0.0.1:7447".into()],
+                region: "mapo".into(),
+            },
+            facility: Facility {
+                id: FacilityId::parse("f-test").expect("an id"),
+                registration: Registration {
+                    name: "Star Karaoke".into(),
+                    business_number: Some(BusinessNumber::parse("123-45-67891").expect("valid")),
+                    representative: "Kim".into(),
+                    phone: "02-123-4567".into(),
+                    category: "karaoke".into(),
+                    region: "mapo".into(),
+                    address: "1 Wausan-ro".into(),
+                },
+                status: FacilityStatus::Approved,
+                registered_at: NOON,
+            },
+            device_id: DeviceId::parse(device_id).expect("an id"),
+            device_name: name.into(),
+            credential: Credential([7; 32]),
+            keyring,
+            authority_recipient: ratchet.public(day).expect("the first day").recipient,
+            day_keys: ratchet.publics(day, 35),
+        };
+        let path = tmp.path().join(format!("{name}.ticket"));
+        std::fs::write(&path, ticket.to_json()).expect("write the ticket");
+        Device::init(&tmp.path().join(name), &path, NOON).expect("enroll")
+    }
+
+    fn scan(dev: &mut Device, n: usize) {
+        for i in 0..n {
+            let mut token = [0u8; 16];
+            rand_core::RngCore::fill_bytes(&mut OsRng, &mut token);
+            let code = issuer().issue(NOON + i as u64, 60, token);
+            let r = dev.check_in(NOON + i as u64, &code).expect("check in");
+            assert_eq!(r.verdict, Verdict::Accepted);
+        }
+    }
+
+    fn me(dev: &Device) -> Peer {
+        let e = dev.enrollment();
+        Peer::Device {
+            device: e.device_id.clone(),
+            facility: e.facility.id.clone(),
+        }
+    }
+
+    /// Runs a sibling session between `a` (initiator) and `b` (responder) in memory, each
+    /// side's events through [`handle_event`], until neither moves; bounded. Also returns
+    /// the kinds of the frames `b` sent.
+    fn session(a: &mut Device, b: &mut Device) -> (Effects, Effects, Vec<&'static str>) {
+        let now = || NOON + 600;
+        a.preload(now()).expect("preload");
+        let mut sa = Session::initiator(
+            now(),
+            me(a),
+            None,
+            &Replica {
+                device: &mut *a,
+                now: now(),
+            },
+        )
+        .expect("initiator");
+        let mut sb = Session::responder(me(b));
+        let (mut fa, mut fb) = (Effects::default(), Effects::default());
+        let mut b_sent = Vec::new();
+        for _ in 0..200 {
+            let mut moved = false;
+            while let Some(ev) = sa.poll_event() {
+                handle_event(&mut sa, a, ev, &now, false, &mut fa);
+                moved = true;
+            }
+            while let Some(ev) = sb.poll_event() {
+                handle_event(&mut sb, b, ev, &now, false, &mut fb);
+                moved = true;
+            }
+            while let Some(f) = sa.poll_transmit() {
+                let mut r = Replica {
+                    device: &mut *b,
+                    now: now(),
+                };
+                sb.handle_frame(now(), f, &mut r);
+                moved = true;
+            }
+            while let Some(f) = sb.poll_transmit() {
+                b_sent.push(f.kind());
+                let mut r = Replica {
+                    device: &mut *a,
+                    now: now(),
+                };
+                sa.handle_frame(now(), f, &mut r);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        assert!(sa.is_finished() && sb.is_finished(), "the session ended");
+        (fa, fb, b_sent)
+    }
+
+    fn failed(fx: &Effects) -> Option<&str> {
+        match &fx.end {
+            Some(End::Failed(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_partition_the_store_refuses_aborts_the_session_and_is_reloaded_from_disk() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut a = enrolled(&tmp, "a", "d-00000000000000aa");
+        let mut b = enrolled(&tmp, "b", "d-00000000000000bb");
+        scan(&mut a, 3);
+        let day = Day::of(NOON);
+
+        b.store().fail_writes(true);
+        let (fa, fb, b_sent) = session(&mut a, &mut b);
+        b.store().fail_writes(false);
+        let why = failed(&fb).expect("the refusing side's session failed");
+        assert!(why.contains("cannot store partition"), "{why}");
+        assert!(fb.failure.is_some());
+        assert_eq!(fb.new_records, 0, "nothing counted that is not durable");
+        // The peer is told (it may already have taken this side's last `Done`, sent in the
+        // same step as the merge, and count the session complete: its own log is intact).
+        assert_eq!(b_sent.last(), Some(&"Refused"), "{b_sent:?}");
+        assert!(fa.end.is_some());
+        // No sync state of the failed session was stored, and memory holds what disk holds.
+        let peer_key = crate::replica::peer_key(&me(&a));
+        assert_eq!(b.store().sync_state(&peer_key, day).expect("read"), None);
+        assert_eq!(b.partition(day).expect("reload").record_count(), 0);
+
+        // The next session moves the records for real: the merge was not kept in memory
+        // (where it would have hidden them from the sync and never reached the disk).
+        let (fa, fb, _) = session(&mut a, &mut b);
+        assert!(matches!(fb.end, Some(End::Finished)), "{:?}", failed(&fb));
+        assert!(matches!(fa.end, Some(End::Finished)), "{:?}", failed(&fa));
+        assert_eq!(fb.new_records, 3);
+        drop(b);
+        let b = Device::open(&tmp.path().join("b")).expect("reopen");
+        assert_eq!(b.status(NOON + 700).expect("status").records, 3);
+    }
+
+    #[test]
+    fn a_finished_hub_session_after_a_failed_write_delivers_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut a = enrolled(&tmp, "a", "d-00000000000000aa");
+        scan(&mut a, 2);
+        a.preload(NOON + 600).expect("preload");
+        let now = || NOON + 600;
+        let mut s = Session::initiator(
+            now(),
+            me(&a),
+            None,
+            &Replica {
+                device: &mut a,
+                now: now(),
+            },
+        )
+        .expect("initiator");
+        let mut fx = Effects::default();
+        let partition = PartitionId {
+            facility: a.enrollment().facility.id.clone(),
+            day: Day::of(NOON),
+        };
+        let hub = Peer::Hub {
+            region: "mapo".into(),
+        };
+        // A sync state queued before `Finished` does not persist, then `Finished` arrives.
+        a.store().fail_writes(true);
+        let state = Event::SyncStateChanged {
+            peer: hub.clone(),
+            partition,
+            state: vec![1, 2, 3],
+        };
+        handle_event(&mut s, &mut a, state, &now, true, &mut fx);
+        a.store().fail_writes(false);
+        assert!(s.is_finished(), "aborted");
+        let done = Event::Finished(WireStats::default());
+        handle_event(&mut s, &mut a, done, &now, true, &mut fx);
+        let why = failed(&fx).expect("the session failed");
+        assert!(why.contains("sync state"), "{why}");
+        let status = a.status(NOON + 700).expect("status");
+        assert_eq!(status.unsynced, 2, "no record counted as delivered");
+        assert_eq!(status.last_sync, None);
+    }
 }

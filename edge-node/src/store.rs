@@ -144,6 +144,9 @@ pub struct CheckInWrite<'a> {
 /// The device's store.
 pub struct Store {
     db: Database,
+    /// Unit tests: while set, every write transaction fails as a full or failing disk would.
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -167,7 +170,28 @@ impl Store {
         txn.open_table(PENDING)?;
         txn.open_table(FALLBACK)?;
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            #[cfg(test)]
+            fail_writes: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Unit tests: makes every later write transaction fail (`true`) or work again.
+    #[cfg(test)]
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(
+                redb::StorageError::Io(std::io::Error::other("injected write failure")).into(),
+            );
+        }
+        Ok(self.db.begin_write()?)
     }
 
     /// A setting.
@@ -179,7 +203,7 @@ impl Store {
 
     /// Writes settings atomically.
     pub fn put(&self, entries: &[(&str, &[u8])]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(DEVICE)?;
             for (k, v) in entries {
@@ -192,7 +216,7 @@ impl Store {
 
     /// Removes a setting.
     pub fn remove(&self, key: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(DEVICE)?.remove(key)?;
         txn.commit()?;
         Ok(())
@@ -207,7 +231,7 @@ impl Store {
 
     /// Commits one check-in durably.
     pub fn commit_check_in(&self, w: &CheckInWrite<'_>) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.begin_write()?;
         // Immediate is redb's default; say it, because "accepted" depends on it.
         txn.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
@@ -297,7 +321,7 @@ impl Store {
     /// Folds pending rows into the partition atomically: appends the chunk that holds them
     /// (one automerge change) and deletes exactly the rows `folded`.
     pub fn fold(&self, day: Day, chunk: &[u8], folded: &[u64]) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(redb::Error::from)?;
         {
@@ -317,7 +341,7 @@ impl Store {
 
     /// Replaces a day's chunks with one full save (compaction), atomically.
     pub fn replace_partition(&self, day: Day, full: &[u8], records: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(CHUNKS)?;
             t.retain_in((day.0, 0)..=(day.0, u64::MAX), |_, _| false)?;
@@ -361,7 +385,7 @@ impl Store {
 
     /// Marks how many of a day's records the hub is known to hold.
     pub fn set_synced(&self, day: Day, synced: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut counts = txn.open_table(COUNTS)?;
             let total = counts.get(day.0)?.map_or(0, |v| v.value().0);
@@ -380,7 +404,7 @@ impl Store {
 
     /// Stores the sync state for (`peer`, `day`).
     pub fn put_sync_state(&self, peer: &str, day: Day, state: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(SYNC_STATES)?.insert((peer, day.0), state)?;
         txn.commit()?;
         Ok(())
@@ -394,7 +418,7 @@ impl Store {
         if days.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(CHUNKS)?;
             let mut counts = txn.open_table(COUNTS)?;
