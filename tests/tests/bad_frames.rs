@@ -33,7 +33,7 @@ fn bad_frames_are_refused_and_lose_nothing() -> Result<()> {
         (
             "huge.png",
             huge_png_header(12_000, 9_000),
-            "megapixel limit",
+            "4096x4096 limit",
         ),
     ];
     for (name, bytes, needle) in cases {
