@@ -150,6 +150,8 @@ pub struct PairOutcome {
     pub events: Vec<(Role, Event)>,
     /// Every frame, tagged with its sender, in order.
     pub frames: Vec<(Role, Frame)>,
+    /// The longest frame either side sent, in wire bytes (length prefix included).
+    pub max_frame_bytes: usize,
     /// Whether the initiator finished cleanly.
     pub initiator_completed: bool,
     /// Whether the responder finished cleanly.
@@ -282,6 +284,7 @@ fn deliver<S: PartitionStore>(
             }
         };
         moved += bytes.len() as u64;
+        outcome.max_frame_bytes = outcome.max_frame_bytes.max(bytes.len());
         outcome.frames.push((from_role, frame));
         if let Err(e) = decoder.push(&bytes) {
             to.handle_malformed(e);

@@ -19,6 +19,6 @@ pub use frame::{
 };
 pub use session::{
     Decision, Event, MAX_FUTURE_DAYS, MAX_HEADS_PER_PARTITION, MAX_PARTITIONS_PER_SESSION,
-    MAX_ROUNDS_PER_PARTITION, PartitionStore, PeerHello, Role, Session, Side, StoreError,
-    SyncError, WireStats,
+    MAX_ROUNDS_PER_PARTITION, MAX_SYNC_MESSAGE_BYTES, PartitionStore, PeerHello, Role, Session,
+    Side, StoreError, SyncError, WireStats,
 };

@@ -23,8 +23,18 @@ use automerge::sync::{Message, State as SyncState, SyncDoc};
 use std::collections::{BTreeMap, VecDeque};
 
 /// The most `Sync` frames a session accepts for one partition. A healthy automerge exchange
-/// settles in a handful of round trips; a peer that keeps going is broken or hostile.
+/// settles in a handful of round trips plus one per [`MAX_SYNC_MESSAGE_BYTES`] of changes the
+/// peer lacks: a busy facility-day of 200,000 visits (~30 MB) takes about eight. 64 rounds carry
+/// up to 256 MiB; a peer that keeps going is broken or hostile, and whatever it sent before
+/// the limit is kept, so a larger backlog still finishes over several sessions.
 pub const MAX_ROUNDS_PER_PARTITION: u32 = 64;
+
+/// The most bytes of an automerge sync message this side builds. automerge puts every change
+/// the peer lacks into one message; [`next_message`] keeps only as many as fit (at least one)
+/// and leaves the rest for the next round trip, so no partition is ever too big to sync. Well
+/// below the frame limit (`MAX_FRAME_BYTES`, 16 MiB): one message of changes is one burst of
+/// memory at both ends, and an interrupted session keeps what the earlier messages carried.
+pub const MAX_SYNC_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The most partitions a `Hello` or `Welcome` may list and a session may touch. One facility
 /// has 29 live days; the rest is room for hubs and clock trouble.
@@ -1145,14 +1155,74 @@ fn check_summaries(summaries: &[PartitionSummary]) -> Result<(), SyncError> {
 /// for every increment, since devices fold each sync round's check-ins into one change. A
 /// large v1 message is compressed by the frame layer instead (`SyncDeflated`), whose
 /// inflation is bounded.
+///
+/// The message is then cut to [`MAX_SYNC_MESSAGE_BYTES`] ([`bound_message`]).
 pub(crate) fn next_message(doc: &automerge::Automerge, state: &mut SyncState) -> Option<Message> {
     use automerge::sync::Capability;
     let capabilities = state.their_capabilities.clone();
     if let Some(c) = state.their_capabilities.as_mut() {
         c.retain(|c| *c != Capability::MessageV2);
     }
+    let sent_before = state.sent_hashes.clone();
     let message = doc.generate_sync_message(state);
     state.their_capabilities = capabilities;
+    message.map(|m| bound_message(m, state, sent_before))
+}
+
+/// Cuts a v1 message whose changes would make it larger than [`MAX_SYNC_MESSAGE_BYTES`] to
+/// the changes that fit, in automerge's order (at least one, so that an oversized change still
+/// travels alone and the peer's validator names it).
+///
+/// The cut message is an ordinary sync message: its heads are all of ours, so the receiver
+/// applies what it got (queueing any change whose dependencies are still missing), finds our
+/// heads unknown, and answers with those heads in its `need` and a bloom filter of what it
+/// holds; from that answer automerge computes the rest, minus what it already sent. For that,
+/// `sent_hashes` (which automerge filled with every change it generated) must list only the
+/// changes that actually left: the ones cut are taken back out, or automerge would believe the
+/// peer has them and never send them. And the receiver cannot mistake the cut for the end:
+/// its heads still differ from ours, so automerge always answers (its `in_flight` clears on
+/// every received message), and a session says `Done` only after a step that sent no `Sync`.
+fn bound_message(
+    mut message: Message,
+    state: &mut SyncState,
+    sent_before: std::collections::BTreeSet<ChangeHash>,
+) -> Message {
+    let total: usize = message.changes.iter().map(<[u8]>::len).sum();
+    // Heads, need, have and flags: hashes and a bloom filter, small next to the bound.
+    let overhead = Message {
+        heads: message.heads.clone(),
+        need: message.need.clone(),
+        have: message.have.clone(),
+        changes: automerge::sync::ChunkList::empty(),
+        flags: message.flags,
+        version: message.version.clone(),
+    }
+    .encode()
+    .len();
+    if message.changes.len() <= 1 || overhead + total <= MAX_SYNC_MESSAGE_BYTES {
+        return message;
+    }
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    let mut size = overhead;
+    for chunk in message.changes.iter() {
+        // Each change costs its bytes and a LEB128 length of at most five bytes.
+        let cost = chunk.len() + 5;
+        if !kept.is_empty() && size + cost > MAX_SYNC_MESSAGE_BYTES {
+            break;
+        }
+        size += cost;
+        kept.push(chunk.to_vec());
+    }
+    // Hashes of the kept changes: the sender committed or validated each one, so they parse;
+    // one that would not is simply not recorded as sent, and automerge sends it again later.
+    let mut sent = sent_before;
+    sent.extend(
+        kept.iter()
+            .filter_map(|c| automerge::Change::try_from(c.as_slice()).ok())
+            .map(|c| c.hash()),
+    );
+    state.sent_hashes = sent;
+    message.changes = kept.into();
     message
 }
 

@@ -65,6 +65,13 @@ pub const MAX_COLUMNS: usize = 16;
 pub const MAX_EXTRA_BYTES: usize = 256;
 /// The most operations in one change, and in one message.
 pub const MAX_OPS: u64 = 1 << 20;
+/// The longest change chunk accepted. A device folds at most 2,000 records into one change
+/// (`edge-node`'s `MAX_RECORDS_PER_CHANGE`, ~280 KB of ~140 B records, and never more than
+/// 512 KiB of values), so an honest change is far below this. A change can only travel whole
+/// in one sync message, and messages are cut to `session::MAX_SYNC_MESSAGE_BYTES` (4 MiB) by
+/// leaving changes out, so a bigger change would force bigger messages: refusing it here is
+/// what keeps a rogue device's multi-megabyte changes out of every partition it syncs to.
+pub const MAX_CHANGE_BYTES: usize = 1024 * 1024;
 /// The length of every key: a two-byte prefix and 32 lowercase hex digits.
 pub const KEY_BYTES: usize = 2 + 32;
 /// The most bytes of the flags at the end of a message (automerge writes two).
@@ -385,7 +392,7 @@ fn read_change<'a>(entry: &mut Reader<'a>, index: usize) -> Result<CheckedChange
         3 => return Err(encoding("a bundle chunk (type 3)")),
         other => return Err(encoding(&format!("an unknown chunk type {other}"))),
     }
-    let len = entry.len("change chunk bytes", usize::MAX)?;
+    let len = entry.len("bytes in one change", MAX_CHANGE_BYTES)?;
     let mut body = entry.sub(len)?;
     let chunk = &entry.bytes[start..entry.pos];
 
