@@ -5,6 +5,13 @@
 //! over channels (the redb-owned-by-one-actor shape of iroh-docs). Admission is decided here,
 //! against the registry: a device is admitted only if its endpoint id is the one bound to
 //! it, or it presents its ticket's unused credential (which then binds it).
+//!
+//! Every queue and buffer is bounded (`docs/protocol.md`, "Limits"): at most
+//! [`MAX_CONNECTIONS`] connections, each held to [`PRE_ADMISSION_FRAME_BYTES`] and
+//! [`HELLO_TIMEOUT`] until admitted; the actor's input queue and each connection's outgoing
+//! queue are bounded, so a flood meets backpressure instead of growing memory. A store error
+//! while carrying out a session's effects aborts the session (`Internal`) and stores none of
+//! its later sync states: a failure is never reported to the device as success.
 
 use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
 use crate::auth::Principal;
@@ -18,18 +25,19 @@ use shared::facility::FacilityStatus;
 use shared::partition::Partition;
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
-    ALPN, Decision, Event, Frame, FrameDecoder, FrameError, PartitionStore, Peer, PeerHello,
-    RefuseReason, Session,
+    ALPN, Decision, Event, Frame, FrameDecoder, FrameError, MAX_FRAME_BYTES,
+    MAX_PARTITIONS_PER_SESSION, PartitionStore, Peer, PeerHello, RefuseReason, Session,
 };
 use shared::ticket::{Credential, Refresh, Sibling};
 use shared::time::Day;
 use shared::{DeviceId, FacilityId, PartitionId, UnixSeconds};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc as tmpsc, oneshot};
+use tokio::time::Instant;
 
 /// How long a session may wait for the device's next bytes.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,6 +45,38 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// A device clock further off than this is flagged.
 pub const CLOCK_WARNING_SECONDS: i64 = 300;
+
+/// The default cap on concurrent sync connections (`sync-hub run --max-connections`). A
+/// region's devices sync every few minutes in sessions of about a second, so even thousands of
+/// devices keep a few dozen connections open; the cap is far above that and bounds what a
+/// flood can hold: about 200 KiB per connection before admission (read buffer plus
+/// [`PRE_ADMISSION_FRAME_BYTES`] of partial frame), some 200 MiB at the cap.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// The largest frame body accepted before the peer is admitted. A `Hello` is a few hundred
+/// bytes, its credential and one summary per live partition (about 60 B each plus 32 B per
+/// extra head): 64 KiB is some 2,000 heads, far more than a month of partitions has.
+pub const PRE_ADMISSION_FRAME_BYTES: usize = 64 * 1024;
+/// A connection that has not delivered its `Hello` this long after it arrived is closed
+/// (handshake and stream opening included): an honest device sends it at once.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inputs waiting for the actor. Each connection task has at most one input in flight (its
+/// reader awaits every send), so this is never the limit for sessions at [`MAX_CONNECTIONS`];
+/// what it stops is a connection outrunning the actor with decoded frames.
+pub const ACTOR_QUEUE: usize = 4 * MAX_CONNECTIONS;
+/// Frames waiting to be written to one connection: a round of a session sends at most a
+/// `Welcome`, one `Sync` per partition and a `Done`, and the writer drains as it goes. A peer
+/// that stops reading until this fills is cut off rather than buffered without end.
+pub const OUTGOING_FRAMES: usize = 2 * MAX_PARTITIONS_PER_SESSION + 16;
+/// Connections over the cap that are still told why (a QUIC handshake and an application
+/// close); beyond these, excess connections are refused without a handshake.
+const BUSY_HANDSHAKES: usize = 64;
+
+/// Application close code: the session ended (either way; its frames said how).
+pub const CLOSE_DONE: u32 = 0;
+/// Application close code: the hub is at its connection cap; try again later.
+pub const CLOSE_BUSY: u32 = 2;
+/// Application close code: no `Hello` within [`HELLO_TIMEOUT`].
+pub const CLOSE_NO_HELLO: u32 = 3;
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -58,6 +98,10 @@ pub struct Metrics {
     /// Records indexed whose session key was wrapped to an earlier day's key (the device's
     /// day-key fallback): readable only until that earlier day expires.
     pub records_fallback_key: AtomicU64,
+    /// Sessions aborted because a partition or a sync state could not be stored.
+    pub persist_failures: AtomicU64,
+    /// Connections closed at once because the hub was at its connection cap.
+    pub connections_refused: AtomicU64,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -98,7 +142,8 @@ enum Input {
         conn: u64,
         remote: PublicKey,
         addr: Option<SocketAddr>,
-        reply: tmpsc::UnboundedSender<Output>,
+        reply: tmpsc::Sender<Output>,
+        admitted: Arc<AtomicBool>,
     },
     Frame {
         conn: u64,
@@ -116,25 +161,33 @@ enum Input {
     Stop,
 }
 
-enum Output {
+/// What the actor hands a connection's writer.
+#[derive(Debug)]
+pub enum Output {
+    /// Encoded frames to write.
     Bytes(Vec<u8>),
+    /// The session ended: finish the stream.
     Close,
 }
 
 /// A handle to the running actor.
 #[derive(Clone)]
 pub struct HubHandle {
-    tx: mpsc::Sender<Input>,
+    tx: tmpsc::Sender<Input>,
+    /// Set by [`stop`], so the actor stops even if its queue was full when asked.
+    stopping: Arc<AtomicBool>,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
 
 impl HubHandle {
-    /// Sends a request to the actor.
+    /// Sends a request to the actor; an error if it has stopped or its queue is full (the
+    /// caller answers "busy" rather than waiting behind a flood).
     pub fn request(&self, r: Request) -> Result<(), String> {
-        self.tx
-            .send(Input::Request(r))
-            .map_err(|_| "the hub has stopped".to_owned())
+        self.tx.try_send(Input::Request(r)).map_err(|e| match e {
+            tmpsc::error::TrySendError::Full(_) => "the hub is busy; try again".to_owned(),
+            tmpsc::error::TrySendError::Closed(_) => "the hub has stopped".to_owned(),
+        })
     }
 
     /// `stats` through the actor.
@@ -182,9 +235,11 @@ impl HubHandle {
     }
 }
 
-struct Conn {
+/// One sync connection as the actor sees it: the session, what it has learned of the peer,
+/// and where its frames go. Public so a test can drive it without a network.
+pub struct Conn {
     session: Session,
-    reply: tmpsc::UnboundedSender<Output>,
+    reply: tmpsc::Sender<Output>,
     remote: PublicKey,
     addr: Option<SocketAddr>,
     device: Option<DeviceId>,
@@ -193,6 +248,131 @@ struct Conn {
     /// The partitions this session loaded, kept between its frames (each partition is read
     /// from redb once per session, not once per frame); dropped with the connection.
     cache: BTreeMap<PartitionId, Partition>,
+    /// Set once the peer is admitted: the connection's reader then accepts full-size frames.
+    admitted: Arc<AtomicBool>,
+    /// A store error aborted the session: nothing more of it is stored or cached.
+    store_failed: bool,
+}
+
+impl Conn {
+    /// A connection from `remote` (at `addr`) whose frames go to `reply`; `admitted` is set
+    /// when the peer is admitted.
+    pub fn new(
+        hub: &Hub,
+        remote: PublicKey,
+        addr: Option<SocketAddr>,
+        reply: tmpsc::Sender<Output>,
+        admitted: Arc<AtomicBool>,
+    ) -> Conn {
+        let me = Peer::Hub {
+            region: hub.config().region.clone(),
+        };
+        Conn {
+            session: Session::responder(me),
+            reply,
+            remote,
+            addr,
+            device: None,
+            facility: None,
+            clock_offset: None,
+            cache: BTreeMap::new(),
+            admitted,
+            store_failed: false,
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_finished(&self) -> bool {
+        self.session.is_finished()
+    }
+
+    /// A frame from the peer.
+    pub fn on_frame(
+        &mut self,
+        hub: &Hub,
+        ledger: &Ledger<'_>,
+        frame: Frame,
+        now: UnixSeconds,
+        metrics: &Metrics,
+    ) {
+        match self.facility.clone() {
+            Some(f) => {
+                let cache = std::mem::take(&mut self.cache);
+                let mut parts = ledger.resume(f, now, cache);
+                self.session.handle_frame(now, frame, &mut parts);
+                pump(hub, ledger, self, &mut parts, now, metrics);
+                self.keep_cache(parts.into_cache());
+            }
+            None => {
+                // Before admission no partition is touched.
+                let mut none = MemoryStore::new(b"hub-pre-admission", None);
+                self.session.handle_frame(now, frame, &mut none);
+                pump(hub, ledger, self, &mut none, now, metrics);
+            }
+        }
+    }
+
+    /// The peer's bytes did not decode.
+    pub fn on_malformed(
+        &mut self,
+        hub: &Hub,
+        ledger: &Ledger<'_>,
+        error: FrameError,
+        now: UnixSeconds,
+        metrics: &Metrics,
+    ) {
+        self.session.handle_malformed(error);
+        let mut none = MemoryStore::new(b"hub-closed", None);
+        pump(hub, ledger, self, &mut none, now, metrics);
+    }
+
+    /// The stream or connection ended.
+    pub fn on_closed(
+        &mut self,
+        hub: &Hub,
+        ledger: &Ledger<'_>,
+        now: UnixSeconds,
+        metrics: &Metrics,
+    ) {
+        self.session.handle_closed();
+        let mut none = MemoryStore::new(b"hub-closed", None);
+        pump(hub, ledger, self, &mut none, now, metrics);
+    }
+
+    /// Keeps the partitions loaded for the next frame, unless a store error aborted the
+    /// session: then they may hold merged changes that were never stored.
+    fn keep_cache(&mut self, cache: BTreeMap<PartitionId, Partition>) {
+        self.cache = if self.store_failed {
+            BTreeMap::new()
+        } else {
+            cache
+        };
+    }
+
+    /// A store error: tell the peer (`Internal`), store nothing more of this session and
+    /// drop what it cached.
+    fn store_failure(&mut self, metrics: &Metrics, what: &str) {
+        tracing::error!("{what}: the session is aborted and stores nothing more");
+        metrics.persist_failures.fetch_add(1, Ordering::Relaxed);
+        self.store_failed = true;
+        self.cache.clear();
+        self.session.abort(
+            RefuseReason::Internal,
+            "the hub could not store what was synced; the device keeps it, sync again later",
+        );
+    }
+
+    /// Queues bytes for the writer. A full queue means the peer stopped reading: the session
+    /// is aborted instead of buffering more.
+    fn send(&mut self, out: Output) {
+        if let Err(tmpsc::error::TrySendError::Full(_)) = self.reply.try_send(out)
+            && !self.session.is_finished()
+        {
+            tracing::info!("a peer stopped reading its frames: closing its session");
+            self.session
+                .abort(RefuseReason::Internal, "the peer does not read its frames");
+        }
+    }
 }
 
 /// Binds the hub's endpoint on `listen` (no relays, no discovery).
@@ -213,31 +393,45 @@ pub async fn bind(secret: SecretKey, listen: SocketAddr) -> Result<Endpoint, Hub
 
 /// Starts the actor thread over an open hub.
 pub fn start(hub: Hub) -> Result<(HubHandle, std::thread::JoinHandle<()>), HubError> {
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = tmpsc::channel(ACTOR_QUEUE);
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop_flag = stopping.clone();
     // Check the ledger opens before reporting success.
     Ledger::open(hub.store(), hub.keys()).map_err(|e| HubError::Invalid(e.to_string()))?;
     let thread = std::thread::Builder::new()
         .name("hub-actor".into())
-        .spawn(move || actor(hub, rx, m))
+        .spawn(move || actor(hub, rx, m, stop_flag))
         .map_err(|e| HubError::Invalid(format!("cannot start the hub actor: {e}")))?;
-    Ok((HubHandle { tx, metrics }, thread))
+    Ok((
+        HubHandle {
+            tx,
+            stopping,
+            metrics,
+        },
+        thread,
+    ))
 }
 
-/// Stops the actor.
+/// Stops the actor (after the input it is handling, even if its queue is full).
 pub fn stop(handle: &HubHandle) {
-    let _ = handle.tx.send(Input::Stop);
+    handle.stopping.store(true, Ordering::Release);
+    let _ = handle.tx.try_send(Input::Stop);
 }
 
-/// Accepts sync connections until the endpoint closes.
-pub async fn serve(endpoint: Endpoint, handle: HubHandle) {
+/// Accepts sync connections until the endpoint closes, at most `max_connections` at a time
+/// ([`MAX_CONNECTIONS`] unless the operator chose otherwise); the excess are closed at once
+/// with [`CLOSE_BUSY`].
+pub async fn serve(endpoint: Endpoint, handle: HubHandle, max_connections: usize) {
     let next = Arc::new(AtomicU64::new(1));
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let busy = Arc::new(Semaphore::new(BUSY_HANDSHAKES));
     let retention = {
         let tx = handle.tx.clone();
         tokio::spawn(async move {
             loop {
-                if tx.send(Input::Tick).is_err() {
+                if tx.send(Input::Tick).await.is_err() {
                     break;
                 }
                 tokio::time::sleep(RETENTION_INTERVAL).await;
@@ -245,12 +439,34 @@ pub async fn serve(endpoint: Endpoint, handle: HubHandle) {
         })
     };
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            handle
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            match busy.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        // Told why, so a device logs "busy" rather than a network error.
+                        if let Ok(Ok(conn)) = tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                            conn.close(CLOSE_BUSY.into(), b"the hub is at its connection limit");
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(_) => incoming.refuse(),
+            }
+            continue;
+        };
         let id = next.fetch_add(1, Ordering::Relaxed);
         let handle = handle.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(incoming, id, handle).await {
                 tracing::debug!("connection {id}: {e}");
             }
+            drop(slot);
         });
     }
     retention.abort();
@@ -265,10 +481,22 @@ async fn connection(
         iroh::endpoint::IncomingAddr::Ip(a) => Some(a),
         _ => None,
     };
-    let conn = incoming.await.map_err(|e| e.to_string())?;
+    let hello_deadline = Instant::now() + HELLO_TIMEOUT;
+    let conn = tokio::time::timeout_at(hello_deadline, incoming)
+        .await
+        .map_err(|_| "no handshake in time".to_owned())?
+        .map_err(|e| e.to_string())?;
     let remote = conn.remote_id();
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    let (otx, mut orx) = tmpsc::unbounded_channel();
+    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
+    {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => {
+            conn.close(CLOSE_NO_HELLO.into(), b"no Hello in time");
+            return Err("no stream in time".to_owned());
+        }
+    };
+    let (otx, mut orx) = tmpsc::channel(OUTGOING_FRAMES);
+    let admitted = Arc::new(AtomicBool::new(false));
     handle
         .tx
         .send(Input::Open {
@@ -276,7 +504,9 @@ async fn connection(
             remote,
             addr,
             reply: otx,
+            admitted: admitted.clone(),
         })
+        .await
         .map_err(|_| "hub stopped")?;
     let writer = async {
         while let Some(out) = orx.recv().await {
@@ -293,56 +523,76 @@ async fn connection(
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     };
     let tx = handle.tx.clone();
+    // Returns whether the peer sent no frame before the Hello deadline.
     let reader = async move {
-        let mut decoder = FrameDecoder::new();
+        // Until admission only a Hello-sized frame is buffered.
+        let mut decoder = FrameDecoder::with_limit(PRE_ADMISSION_FRAME_BYTES);
+        let mut raised = false;
+        let mut got_frame = false;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf)).await {
+            if !raised && admitted.load(Ordering::Acquire) {
+                decoder.set_limit(MAX_FRAME_BYTES);
+                raised = true;
+            }
+            let deadline = if got_frame {
+                Instant::now() + READ_TIMEOUT
+            } else {
+                hello_deadline
+            };
+            match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => {
                     if let Err(error) = decoder.push(&buf[..n]) {
-                        let _ = tx.send(Input::Malformed {
-                            conn: conn_id,
-                            error,
-                        });
-                        return;
+                        let _ = tx
+                            .send(Input::Malformed {
+                                conn: conn_id,
+                                error,
+                            })
+                            .await;
+                        return false;
                     }
                     loop {
                         match decoder.pop() {
                             Ok(Some(frame)) => {
+                                got_frame = true;
                                 if tx
                                     .send(Input::Frame {
                                         conn: conn_id,
                                         frame,
                                     })
+                                    .await
                                     .is_err()
                                 {
-                                    return;
+                                    return false;
                                 }
                             }
                             Ok(None) => break,
                             Err(error) => {
-                                let _ = tx.send(Input::Malformed {
-                                    conn: conn_id,
-                                    error,
-                                });
-                                return;
+                                let _ = tx
+                                    .send(Input::Malformed {
+                                        conn: conn_id,
+                                        error,
+                                    })
+                                    .await;
+                                return false;
                             }
                         }
                     }
                 }
-                _ => {
-                    let _ = tx.send(Input::Closed { conn: conn_id });
-                    return;
+                outcome => {
+                    let _ = tx.send(Input::Closed { conn: conn_id }).await;
+                    return outcome.is_err() && !got_frame;
                 }
             }
         }
     };
     // The writer ends when the actor closes the session; the reader with the stream.
-    tokio::join!(writer, async {
+    let ((), no_hello) = tokio::join!(writer, async {
         tokio::select! {
-            _ = reader => {}
+            no_hello = reader => no_hello,
             _ = conn.closed() => {
-                let _ = handle.tx.send(Input::Closed { conn: conn_id });
+                let _ = handle.tx.send(Input::Closed { conn: conn_id }).await;
+                false
             }
         }
     });
@@ -355,11 +605,20 @@ async fn connection(
         .metrics
         .bytes_sent
         .fetch_add(stats.udp_tx.bytes, Ordering::Relaxed);
-    conn.close(0u32.into(), b"done");
+    if no_hello {
+        conn.close(CLOSE_NO_HELLO.into(), b"no Hello in time");
+    } else {
+        conn.close(CLOSE_DONE.into(), b"done");
+    }
     Ok(())
 }
 
-fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
+fn actor(
+    hub: Hub,
+    mut rx: tmpsc::Receiver<Input>,
+    metrics: Arc<Metrics>,
+    stopping: Arc<AtomicBool>,
+) {
     let mut ledger = match Ledger::open(hub.store(), hub.keys()) {
         Ok(l) => l,
         Err(e) => {
@@ -370,7 +629,10 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
     let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
     // Purges asked for (who, as_of, the answer), or the timer's (`None`).
     let mut pending_purge: Vec<Option<PurgeAsked>> = Vec::new();
-    while let Ok(input) = rx.recv() {
+    while let Some(input) = rx.blocking_recv() {
+        if stopping.load(Ordering::Acquire) {
+            break;
+        }
         let now = clock::now();
         match input {
             Input::Stop => break,
@@ -379,55 +641,23 @@ fn actor(hub: Hub, rx: mpsc::Receiver<Input>, metrics: Arc<Metrics>) {
                 remote,
                 addr,
                 reply,
+                admitted,
             } => {
-                let me = Peer::Hub {
-                    region: hub.config().region.clone(),
-                };
-                conns.insert(
-                    conn,
-                    Conn {
-                        session: Session::responder(me),
-                        reply,
-                        remote,
-                        addr,
-                        device: None,
-                        facility: None,
-                        clock_offset: None,
-                        cache: BTreeMap::new(),
-                    },
-                );
+                conns.insert(conn, Conn::new(&hub, remote, addr, reply, admitted));
             }
             Input::Frame { conn, frame } => {
                 if let Some(c) = conns.get_mut(&conn) {
-                    match c.facility.clone() {
-                        Some(f) => {
-                            let cache = std::mem::take(&mut c.cache);
-                            let mut parts = ledger.resume(f, now, cache);
-                            c.session.handle_frame(now, frame, &mut parts);
-                            pump(&hub, &ledger, c, &mut parts, now, &metrics);
-                            c.cache = parts.into_cache();
-                        }
-                        None => {
-                            // Before admission no partition is touched.
-                            let mut none = MemoryStore::new(b"hub-pre-admission", None);
-                            c.session.handle_frame(now, frame, &mut none);
-                            pump(&hub, &ledger, c, &mut none, now, &metrics);
-                        }
-                    }
+                    c.on_frame(&hub, &ledger, frame, now, &metrics);
                 }
             }
             Input::Malformed { conn, error } => {
                 if let Some(c) = conns.get_mut(&conn) {
-                    c.session.handle_malformed(error);
-                    let mut none = MemoryStore::new(b"hub-closed", None);
-                    pump(&hub, &ledger, c, &mut none, now, &metrics);
+                    c.on_malformed(&hub, &ledger, error, now, &metrics);
                 }
             }
             Input::Closed { conn } => {
                 if let Some(mut c) = conns.remove(&conn) {
-                    c.session.handle_closed();
-                    let mut none = MemoryStore::new(b"hub-closed", None);
-                    pump(&hub, &ledger, &mut c, &mut none, now, &metrics);
+                    c.on_closed(&hub, &ledger, now, &metrics);
                 }
             }
             Input::Request(r) => match r {
@@ -489,9 +719,7 @@ fn pump(
         while let Some(frame) = c.session.poll_transmit() {
             progressed = true;
             match frame.encode() {
-                Ok(b) => {
-                    let _ = c.reply.send(Output::Bytes(b));
-                }
+                Ok(b) => c.send(Output::Bytes(b)),
                 Err(e) => tracing::warn!("cannot encode a frame: {e}"),
             }
         }
@@ -503,15 +731,22 @@ fn pump(
                     if let Decision::Admit { facility, .. } = &decision {
                         c.device = device;
                         c.facility = Some(facility.clone());
+                        // Before the Welcome is queued: the peer's next frames may be large.
+                        c.admitted.store(true, Ordering::Release);
                         let mut hp = ledger.partitions(facility.clone(), now);
                         c.session.admit(now, decision, &mut hp);
                         pump(hub, ledger, c, &mut hp, now, metrics);
-                        c.cache = hp.into_cache();
+                        c.keep_cache(hp.into_cache());
                         return;
                     }
                     metrics.refused_devices.fetch_add(1, Ordering::Relaxed);
                     c.session.admit(now, decision, parts);
                 }
+                // After a store error nothing more of the session is stored: a sync state
+                // could claim changes that are not on disk, and the device would then never
+                // send them again.
+                Event::PartitionUpdated { .. } | Event::SyncStateChanged { .. }
+                    if c.store_failed => {}
                 Event::PartitionUpdated { id, .. } => {
                     // The ledger persists and indexes what the session merged.
                     match persist(ledger, parts, &id, now) {
@@ -523,7 +758,9 @@ fn pump(
                                 .records_fallback_key
                                 .fetch_add(n.fallback, Ordering::Relaxed);
                         }
-                        Err(e) => tracing::warn!("cannot persist partition {id}: {e}"),
+                        Err(e) => {
+                            c.store_failure(metrics, &format!("cannot persist partition {id}: {e}"))
+                        }
                     }
                 }
                 Event::SyncStateChanged {
@@ -532,7 +769,7 @@ fn pump(
                     state,
                 } => {
                     if let Err(e) = parts.put_sync_state(&peer, &partition, &state) {
-                        tracing::warn!("cannot store a sync state: {e}");
+                        c.store_failure(metrics, &format!("cannot store a sync state: {e}"));
                     }
                 }
                 Event::ClockOffset { seconds } => {
@@ -566,7 +803,8 @@ fn pump(
         }
     }
     if c.session.is_finished() {
-        let _ = c.reply.send(Output::Close);
+        // A full queue drops this; the writer also ends when the connection is dropped.
+        let _ = c.reply.try_send(Output::Close);
     }
 }
 

@@ -528,6 +528,16 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
              out of day keys): readable only until that earlier day expires.",
             &m.records_fallback_key,
         ),
+        (
+            "kipass_sync_persist_failures_total",
+            "Sync sessions aborted because a partition or sync state could not be stored.",
+            &m.persist_failures,
+        ),
+        (
+            "kipass_sync_connections_refused_total",
+            "Sync connections closed at once because the hub was at its connection cap.",
+            &m.connections_refused,
+        ),
     ] {
         head(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));

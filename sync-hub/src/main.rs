@@ -73,6 +73,9 @@ enum Command {
         /// HTTP address (API, metrics).
         #[arg(long, default_value = "127.0.0.1:7448")]
         http: SocketAddr,
+        /// Concurrent sync connections; the excess are closed at once (QUIC close code 2).
+        #[arg(long, default_value_t = sync_hub::daemon::MAX_CONNECTIONS)]
+        max_connections: usize,
     },
     /// Facilities and records the hub holds.
     Stats {
@@ -466,7 +469,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Facility { command } => facility(&data, command, now)?,
-        Command::Run { listen, http } => run_hub(&data, listen, http)?,
+        Command::Run {
+            listen,
+            http,
+            max_connections,
+        } => run_hub(&data, listen, http, max_connections)?,
         Command::Device {
             command: DeviceCommand::List { json },
         } => {
@@ -756,8 +763,46 @@ fn is_busy(e: &HubError) -> bool {
     matches!(e, HubError::Store(sync_hub::store::StoreError::Busy(_)))
 }
 
-fn run_hub(data: &std::path::Path, listen: Option<SocketAddr>, http: SocketAddr) -> Result<()> {
-    let hub = Hub::open(data)?;
+/// Opens the hub for `run`, waiting up to [`sync_hub::store::RUN_LOCK_WAIT`] (or
+/// `SYNC_HUB_LOCK_WAIT_MS` milliseconds) while a short command holds the store, so a `run`
+/// started next to one does not exit. Only `run` waits: other commands use the running hub's
+/// API when the store is busy.
+fn open_for_run(data: &std::path::Path) -> Result<Hub> {
+    let wait = std::env::var("SYNC_HUB_LOCK_WAIT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(
+            sync_hub::store::RUN_LOCK_WAIT,
+            std::time::Duration::from_millis,
+        );
+    match sync_hub::store::wait_while_busy(wait, || Hub::open(data), is_busy) {
+        Ok(hub) => Ok(hub),
+        Err(e) if is_busy(&e) => anyhow::bail!(
+            "{e}; still held after waiting {:.1} s{}",
+            wait.as_secs_f64(),
+            run_holder(data)
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Who holds the store, if `run.json` says: a running hub records its process id there.
+fn run_holder(data: &std::path::Path) -> String {
+    std::fs::read_to_string(data.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["pid"].as_u64())
+        .map(|pid| format!(" (run.json names process {pid}, a running `sync-hub run`)"))
+        .unwrap_or_default()
+}
+
+fn run_hub(
+    data: &std::path::Path,
+    listen: Option<SocketAddr>,
+    http: SocketAddr,
+    max_connections: usize,
+) -> Result<()> {
+    let hub = open_for_run(data)?;
     let listen = listen.unwrap_or(hub.config().listen);
     let secret = hub.keys().endpoint_secret()?;
     let token = control::operator_token(data)?;
@@ -780,7 +825,7 @@ fn run_hub(data: &std::path::Path, listen: Option<SocketAddr>, http: SocketAddr)
         );
         let app = sync_hub::http::router(handle.clone(), token);
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-        let sync = sync_hub::daemon::serve(endpoint.clone(), handle.clone());
+        let sync = sync_hub::daemon::serve(endpoint.clone(), handle.clone(), max_connections);
         tokio::select! {
             r = server => { r?; }
             _ = sync => {}
