@@ -24,6 +24,17 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_SKEW: u64 = 10;
 /// Chunks a partition may gather in the store before it is compacted into one save.
 pub const COMPACT_AFTER_CHUNKS: usize = 512;
+/// The most records [`Device::fold_pending`] folds into one automerge change. A change travels
+/// whole in one sync message, and peers refuse a change over
+/// `shared::sync::validate::MAX_CHANGE_BYTES` (1 MiB): 2,000 QR visits of ~140 B (envelope,
+/// key, automerge's per-operation columns) are ~280 KB, so a backlog of any size (a busy day
+/// offline, ~100,000 visits) folds into many small changes that the session spreads over
+/// bounded messages, instead of one change no peer would take.
+pub const MAX_RECORDS_PER_CHANGE: usize = 2_000;
+/// The most envelope and wrapped-key bytes folded into one change, half the peers' per-change
+/// limit: paper entries seal to up to ~3 KiB, so a batch of them reaches this before
+/// [`MAX_RECORDS_PER_CHANGE`], and the other half is room for keys and automerge's columns.
+pub const MAX_FOLD_BYTES: usize = 512 * 1024;
 /// `status` warns when fewer day keys than this remain.
 pub const DAY_KEYS_WARNING: usize = 7;
 /// How many digits a staff PIN has.
@@ -755,38 +766,64 @@ impl Device {
         self.session.iter().map(|s| s.key.day()).collect()
     }
 
-    /// Folds every pending check-in into its day's partition: one automerge change per day,
-    /// stored and deleted from the pending rows in one transaction. Returns the records
-    /// folded. A sync session starts with this ([`Device::preload`]), so a batch of visits
-    /// made offline travels as one change instead of one per visit (design property 6).
+    /// Folds every pending check-in into its day's partition: in pending order, at most
+    /// [`MAX_RECORDS_PER_CHANGE`] records and [`MAX_FOLD_BYTES`] of values per automerge
+    /// change, each change stored and its pending rows deleted in one transaction. Returns the
+    /// records folded. A sync session starts with this ([`Device::preload`]), so a batch of
+    /// visits made offline travels as a few changes instead of one per visit (design property
+    /// 6), and none too big for a peer to take. A failure leaves the rows of the changes not
+    /// yet stored pending, for the next fold.
     ///
     /// A damaged pending row (disk corruption) is left where it is, and reported.
     pub fn fold_pending(&mut self) -> Result<u64, DeviceError> {
+        self.fold_pending_in(MAX_RECORDS_PER_CHANGE, MAX_FOLD_BYTES)
+    }
+
+    /// [`Device::fold_pending`] with its bounds as arguments, so tests can use small ones.
+    fn fold_pending_in(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<u64, DeviceError> {
         let mut total = 0;
         for day in self.store.pending_days()? {
             let mut keys = Vec::new();
             let mut records = Vec::new();
             let mut folded = Vec::new();
-            for (seq, row) in self.store.pending(day)? {
+            let mut bytes = 0;
+            let rows = self.store.pending(day)?;
+            let last = rows.len();
+            for (i, (seq, row)) in rows.into_iter().enumerate() {
                 match row {
-                    Some(Pending::Key(k)) => keys.push(k),
-                    Some(Pending::Record(id, e)) => records.push((id, e)),
+                    Some(Pending::Key(k)) => {
+                        bytes += k.to_bytes().len();
+                        keys.push(k);
+                        folded.push(seq);
+                    }
+                    Some(Pending::Record(id, e)) => {
+                        bytes += e.len();
+                        records.push((id, e));
+                        folded.push(seq);
+                    }
                     None => {
                         tracing::warn!(day = %day, seq, "a pending check-in row is damaged; left in place");
-                        continue;
                     }
                 }
-                folded.push(seq);
+                let full = records.len() >= max_records || bytes >= max_bytes;
+                if folded.is_empty() || !(full || i + 1 == last) {
+                    continue;
+                }
+                let result = self.fold_day(day, &keys, &records, &folded);
+                if result.is_err() {
+                    // Memory may be ahead of the disk: forget it and reload next time.
+                    self.partitions.remove(&day);
+                }
+                total += result?;
+                keys.clear();
+                records.clear();
+                folded.clear();
+                bytes = 0;
             }
-            if folded.is_empty() {
-                continue;
-            }
-            let result = self.fold_day(day, &keys, &records, &folded);
-            if result.is_err() {
-                // Memory may be ahead of the disk: forget it and reload next time.
-                self.partitions.remove(&day);
-            }
-            total += result?;
         }
         Ok(total)
     }
@@ -1446,5 +1483,42 @@ mod tests {
         }
         let bad_json = br#"{"salt":"zz","hash":"00"}"#;
         assert!(serde_json::from_slice::<StaffPin>(bad_json).is_err());
+    }
+
+    /// A backlog folds into bounded changes, in pending order, each stored with its rows, so
+    /// no change is too big for a peer's validator.
+    #[test]
+    fn a_backlog_folds_into_bounded_changes() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut dev = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        let day = Day::of(NOON);
+        for i in 0..7 {
+            scan(&mut dev, NOON + 60 * i);
+        }
+        // The session key's row and 7 records, at most 3 records a change: 3 + 3 + 1.
+        assert_eq!(dev.fold_pending_in(3, MAX_FOLD_BYTES).expect("fold"), 7);
+        assert!(dev.store().pending(day).expect("pending").is_empty());
+        let changes = dev
+            .partition(day)
+            .expect("partition")
+            .doc()
+            .get_changes(&[]);
+        let ops: Vec<usize> = changes.iter().map(|c| c.len()).collect();
+        assert_eq!(ops, vec![4, 3, 1], "the key travels with the first records");
+
+        // The byte bound alone: every row is over it, so every row is its own change.
+        for i in 0..2 {
+            scan(&mut dev, NOON + 3_600 + 60 * i);
+        }
+        assert_eq!(dev.fold_pending_in(1_000, 1).expect("fold"), 2);
+        let changes = dev
+            .partition(day)
+            .expect("partition")
+            .doc()
+            .get_changes(&[]);
+        assert_eq!(changes.len(), 5);
+        drop(dev);
+        let mut dev = Device::open(&tmp.path().join("dev")).expect("reopen");
+        assert_eq!(dev.partition(day).expect("partition").record_count(), 9);
     }
 }
