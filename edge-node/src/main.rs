@@ -447,7 +447,7 @@ fn run(cli: Cli) -> Result<i32> {
                 .map(|p| net::parse_peer(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(anyhow::Error::msg)?;
-            let device = Device::open(&data)?;
+            let device = open_for_run(&data)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -631,6 +631,39 @@ fn read_line_without_echo() -> std::io::Result<Option<String>> {
 
 fn is_busy(e: &DeviceError) -> bool {
     matches!(e, DeviceError::Store(StoreError::Busy(_)))
+}
+
+/// Opens the device for `run`, waiting up to [`edge_node::store::RUN_LOCK_WAIT`] (or
+/// `EDGE_NODE_LOCK_WAIT_MS` milliseconds) while a short command holds the store, so a `run`
+/// started next to one does not exit. Only `run` waits: other commands use the running
+/// device's API when the store is busy.
+fn open_for_run(data: &Path) -> Result<Device> {
+    let wait = std::env::var("EDGE_NODE_LOCK_WAIT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(
+            edge_node::store::RUN_LOCK_WAIT,
+            std::time::Duration::from_millis,
+        );
+    match edge_node::store::wait_while_busy(wait, || Device::open(data), is_busy) {
+        Ok(dev) => Ok(dev),
+        Err(e) if is_busy(&e) => bail!(
+            "{e}; still held after waiting {:.1} s{}",
+            wait.as_secs_f64(),
+            holder(data)
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Who holds the store, if `run.json` says: a running device records its process id there.
+fn holder(data: &Path) -> String {
+    std::fs::read_to_string(data.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["pid"].as_u64())
+        .map(|pid| format!(" (run.json names process {pid}, a running `edge-node run`)"))
+        .unwrap_or_default()
 }
 
 /// Where scans go: the store itself, or the running device.
