@@ -222,7 +222,11 @@ fn a_persist_the_ledger_refuses_aborts_the_session_and_stores_no_sync_state() {
         !events.iter().any(|e| matches!(e, Event::Finished(_))),
         "{events:?}"
     );
-    assert_eq!(sync_states(&s), 0, "no sync state claims what was not stored");
+    assert_eq!(
+        sync_states(&s),
+        0,
+        "no sync state claims what was not stored"
+    );
     assert_eq!(metrics.persist_failures.load(Ordering::Relaxed), 1);
     assert_eq!(metrics.records_ingested.load(Ordering::Relaxed), 0);
 }

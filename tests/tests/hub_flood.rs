@@ -1,0 +1,179 @@
+//! A flood of raw sync connections at a running hub: oversize frames before the `Hello` are
+//! refused at once without being buffered, connections over `--max-connections` are closed
+//! at once (`CLOSE_BUSY`), a connection that never says `Hello` is closed after
+//! `HELLO_TIMEOUT`, and an honest device still syncs afterwards.
+
+use anyhow::{Context, Result, bail};
+use std::process::Command;
+use std::time::Duration;
+use sync_hub::daemon::{CLOSE_BUSY, CLOSE_NO_HELLO, HELLO_TIMEOUT};
+use tests::fixture::{self, HubFixture, Proc, bin, sync_once, wait_until};
+
+/// The cap the hub runs with here: small, so exceeding it is quick.
+const CAP: usize = 40;
+/// Connections that each send a 1 MiB frame before their `Hello`.
+const FLOODERS: usize = 32;
+const MIB: usize = 1024 * 1024;
+
+fn start(hub: &HubFixture) -> Result<Proc> {
+    let run = hub.data.join("run.json");
+    let _ = std::fs::remove_file(&run);
+    let cap = CAP.to_string();
+    let child = Command::new(bin("sync-hub"))
+        .args(["--data", &hub.data_str(), "run", "--http", "127.0.0.1:0"])
+        .args(["--max-connections", &cap])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let proc = Proc(child);
+    if !wait_until(Duration::from_secs(30), || run.exists()) {
+        bail!("the hub did not start within 30 s");
+    }
+    Ok(proc)
+}
+
+/// The process's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> Result<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn app_close_code(e: &iroh::endpoint::ConnectionError) -> Option<u64> {
+    match e {
+        iroh::endpoint::ConnectionError::ApplicationClosed(c) => Some(c.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_flood_is_cut_off_and_an_honest_device_still_syncs() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device("gate")?;
+    let hub_id = sync_hub::keys::KeyDir::new(&hub.data)
+        .endpoint_secret()?
+        .public();
+    let proc = start(&hub)?;
+    let pid = proc.0.id();
+    let before = peak_rss(pid)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .alpns(vec![shared::sync::ALPN.to_vec()])
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0".parse::<std::net::SocketAddr>()?)?
+            .bind()
+            .await?;
+        let addr = iroh::EndpointAddr::new(hub_id)
+            .with_ip_addr(format!("127.0.0.1:{}", hub.sync_port).parse()?);
+
+        // 1. Oversize frames before the Hello, all at once: each is refused on its length
+        // prefix and its connection closed, long before the Hello deadline.
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..FLOODERS {
+            let (endpoint, addr) = (endpoint.clone(), addr.clone());
+            tasks.push(tokio::spawn(async move {
+                let conn = endpoint.connect(addr, shared::sync::ALPN).await?;
+                let (mut send, _recv) = conn.open_bi().await?;
+                let mut frame = u32::try_from(MIB)?.to_be_bytes().to_vec();
+                frame.resize(4 + MIB, 0x42);
+                // The hub stops reading after the prefix: the write may fail or stall.
+                let _ = tokio::time::timeout(Duration::from_secs(5), send.write_all(&frame)).await;
+                tokio::time::timeout(Duration::from_secs(5), conn.closed())
+                    .await
+                    .context("the hub did not close a connection that sent 1 MiB before Hello")?;
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        assert!(
+            started.elapsed() < HELLO_TIMEOUT,
+            "closed for the frame, not the deadline"
+        );
+
+        // 2. More connections than the cap, each holding a stream open without a Hello.
+        let mut held = Vec::new();
+        let mut busy = 0;
+        for _ in 0..CAP + 8 {
+            let conn = endpoint.connect(addr.clone(), shared::sync::ALPN).await?;
+            let Ok((mut send, recv)) = conn.open_bi().await else {
+                busy += 1;
+                continue;
+            };
+            // One byte makes the stream visible to the hub (a partial length prefix).
+            if send.write_all(&[0]).await.is_err() {
+                busy += 1;
+                continue;
+            }
+            held.push((conn, send, recv));
+        }
+        // The excess are closed at once with CLOSE_BUSY.
+        let mut closed_busy = 0;
+        for (conn, _, _) in &held {
+            if let Some(e) = conn.close_reason() {
+                if app_close_code(&e) == Some(u64::from(CLOSE_BUSY)) {
+                    closed_busy += 1;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while closed_busy + busy < 8 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            closed_busy = held
+                .iter()
+                .filter(|(c, _, _)| {
+                    c.close_reason()
+                        .is_some_and(|e| app_close_code(&e) == Some(u64::from(CLOSE_BUSY)))
+                })
+                .count();
+        }
+        assert_eq!(
+            closed_busy + busy,
+            8,
+            "exactly the connections over the cap"
+        );
+
+        // 3. The ones within the cap never said Hello: closed at the deadline.
+        let open = held
+            .iter()
+            .find(|(c, _, _)| c.close_reason().is_none())
+            .context("connections within the cap stay open")?;
+        let e = tokio::time::timeout(HELLO_TIMEOUT + Duration::from_secs(5), open.0.closed())
+            .await
+            .context("no close at the Hello deadline")?;
+        assert_eq!(app_close_code(&e), Some(u64::from(CLOSE_NO_HELLO)), "{e}");
+        drop(held);
+        endpoint.close().await;
+        anyhow::Ok(())
+    })?;
+
+    // Nothing of the flood was buffered: 32 MiB sent, far less kept.
+    let grown = peak_rss(pid)?.saturating_sub(before);
+    assert!(grown < 16 * MIB, "the hub's peak RSS grew by {grown} B");
+
+    // An honest device syncs once the flood has gone (its slots are freed).
+    fixture::check_in_codes(&dev, 1)?;
+    let out = sync_once(&dev, &[])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(hub.records_of(&hub.facility)?, 1);
+    drop(proc);
+    Ok(())
+}
