@@ -134,7 +134,7 @@ fn busy_day(n: usize) {
     let up = run_pair(NOW, &setup("dev_a"), &mut dev, &mut hub_store, admit).unwrap();
     assert!(up.completed(), "{:?}", up.events.last());
     // The brief's bound, independent of the constant that implements it.
-    assert!(MAX_SYNC_MESSAGE_BYTES <= 4 * 1024 * 1024);
+    const { assert!(MAX_SYNC_MESSAGE_BYTES <= 4 * 1024 * 1024) };
     let bound = 4 * 1024 * 1024 + FRAME_OVERHEAD;
     assert!(
         up.max_frame_bytes <= bound,
