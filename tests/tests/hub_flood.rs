@@ -122,25 +122,19 @@ fn a_flood_is_cut_off_and_an_honest_device_still_syncs() -> Result<()> {
             held.push((conn, send, recv));
         }
         // The excess are closed at once with CLOSE_BUSY.
-        let mut closed_busy = 0;
-        for (conn, _, _) in &held {
-            if let Some(e) = conn.close_reason() {
-                if app_close_code(&e) == Some(u64::from(CLOSE_BUSY)) {
-                    closed_busy += 1;
-                }
-            }
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while closed_busy + busy < 8 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            closed_busy = held
-                .iter()
+        let count_busy = |held: &[(iroh::endpoint::Connection, _, _)]| {
+            held.iter()
                 .filter(|(c, _, _)| {
                     c.close_reason()
                         .is_some_and(|e| app_close_code(&e) == Some(u64::from(CLOSE_BUSY)))
                 })
-                .count();
+                .count()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while count_busy(&held) + busy < 8 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let closed_busy = count_busy(&held);
         assert_eq!(
             closed_busy + busy,
             8,
