@@ -154,6 +154,9 @@ pub enum RefuseReason {
     /// (compressed chunks or columns, whole documents, counts over the limits). Appended last:
     /// the indices of the other reasons are unchanged.
     InvalidChange,
+    /// The peer went over one of the refusing side's quotas (a hub's bytes per session or
+    /// records per device per day); the detail says which. Appended last like `InvalidChange`.
+    QuotaExceeded,
 }
 
 /// A refusal: the session ends after this frame.
