@@ -9,12 +9,18 @@ use crate::ids::{DeviceId, FacilityId, PartitionId};
 use crate::time::{Day, UnixSeconds};
 use serde::{Deserialize, Serialize};
 
-/// The one ALPN of the sync protocol. A breaking change to any frame gets a new ALPN
-/// (`kipass/sync/2`), so peers of different versions fail at the QUIC handshake, not mid-stream.
-pub const ALPN: &[u8] = b"kipass/sync/1";
+/// The ALPN of the sync protocol, version 2. A breaking change to any frame gets a new ALPN, so
+/// peers of different versions part at the QUIC handshake, not mid-stream. Version 2 validates
+/// every received change and refuses encodings version 1 peers send (compressed chunks, whole
+/// documents), so it is not compatible with version 1.
+pub const ALPN: &[u8] = b"kipass/sync/2";
+
+/// The ALPN of version 1. Nodes still accept it, only to tell the old peer to upgrade
+/// ([`super::legacy::v1_refusal`]) and close: no v1 session is ever run.
+pub const ALPN_V1: &[u8] = b"kipass/sync/1";
 
 /// The version carried in `Hello` and `Welcome`; always equal to the digit in [`ALPN`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the length prefix before every frame body.
 pub const LENGTH_PREFIX_BYTES: usize = 4;

@@ -607,7 +607,11 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
                     _ => fixture.stranger.clone(),
                 };
                 let hello = super::frame::Hello {
-                    version: if script.byte() < 250 { 1 } else { 2 },
+                    version: if script.byte() < 250 {
+                        super::frame::PROTOCOL_VERSION
+                    } else {
+                        super::frame::PROTOCOL_VERSION + 1
+                    },
                     peer: peer.clone(),
                     now,
                     horizon: days[usize::from(script.byte()) % days.len()],

@@ -10,11 +10,12 @@
 
 mod frame;
 pub mod harness;
+pub mod legacy;
 mod session;
 pub mod validate;
 
 pub use frame::{
-    ALPN, Frame, FrameDecoder, FrameError, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS,
+    ALPN, ALPN_V1, Frame, FrameDecoder, FrameError, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS,
     MAX_FRAME_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer, Refusal, RefuseReason, Welcome,
 };
 pub use session::{
