@@ -11,7 +11,7 @@ use crate::replica::Replica;
 use iroh::endpoint::{RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey};
 use serde::Serialize;
-use shared::sync::{ALPN, FrameDecoder, Peer, RefuseReason};
+use shared::sync::{ALPN, ALPN_V1, FrameDecoder, Peer, RefuseReason};
 use shared::sync::{Decision, Event, Session, WireStats};
 use shared::ticket::Refresh;
 use std::net::SocketAddr;
@@ -101,7 +101,8 @@ pub async fn bind(device: &SharedDevice, listen: SocketAddr) -> Result<Endpoint,
     };
     Endpoint::builder(presets::Minimal)
         .secret_key(SecretKey::from_bytes(&key))
-        .alpns(vec![ALPN.to_vec()])
+        // v1 is accepted only to tell a sibling to upgrade (`serve_sibling`).
+        .alpns(vec![ALPN.to_vec(), ALPN_V1.to_vec()])
         .transport_config(transport_config())
         .clear_ip_transports()
         .bind_addr(listen)
@@ -195,7 +196,7 @@ async fn sync_inner(
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(addr, ALPN))
         .await
         .map_err(|_| NetError::Timeout(target.label.clone(), CONNECT_TIMEOUT))?
-        .map_err(|e| NetError::Connection(target.label.clone(), e.to_string()))?;
+        .map_err(|e| NetError::Connection(target.label.clone(), connect_error(&e, target)))?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -246,6 +247,40 @@ async fn sync_inner(
     match result.end {
         End::Finished => Ok(()),
         End::Failed(why) => Err(NetError::Session(target.label.clone(), why)),
+    }
+}
+
+/// What a failed dial says: the reason, or, when the peer does not accept [`ALPN`] (it
+/// speaks an older protocol version), which side the operator has to upgrade.
+fn connect_error(e: &iroh::endpoint::ConnectError, target: &Target) -> String {
+    if !refused_our_alpn(e) {
+        return e.to_string();
+    }
+    if target.is_hub {
+        "the hub does not speak sync protocol v2 (kipass/sync/2): upgrade sync-hub".into()
+    } else {
+        "the sibling does not speak sync protocol v2 (kipass/sync/2): upgrade its edge-node".into()
+    }
+}
+
+/// Whether the peer ended the handshake with TLS alert 120 (`no_application_protocol`): it
+/// accepts none of the ALPNs offered, that is, not this protocol version.
+fn refused_our_alpn(e: &iroh::endpoint::ConnectError) -> bool {
+    use iroh::endpoint::{ConnectError, ConnectingError, ConnectionError, TransportErrorCode};
+    const NO_APPLICATION_PROTOCOL: u8 = 120;
+    let conn_err = match e {
+        ConnectError::Connecting {
+            source: ConnectingError::ConnectionError { source, .. },
+            ..
+        }
+        | ConnectError::Connection { source, .. } => source,
+        _ => return false,
+    };
+    let code = TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL);
+    match conn_err {
+        ConnectionError::ConnectionClosed(close) => close.error_code == code,
+        ConnectionError::TransportError(t) => t.code == code,
+        _ => false,
     }
 }
 
@@ -532,6 +567,9 @@ pub async fn serve_sibling(
             "not a known sibling (not in the hub's roster nor --peer)".into(),
         ));
     }
+    if conn.alpn() == ALPN_V1 {
+        return Err(refuse_v1_sibling(&conn).await);
+    }
     let (mut send, mut recv) = conn
         .accept_bi()
         .await
@@ -560,6 +598,33 @@ pub async fn serve_sibling(
         End::Finished => Ok(out.new_records),
         End::Failed(why) => Err(NetError::Session(remote.fmt_short().to_string(), why)),
     }
+}
+
+/// A sibling that dialled with sync protocol v1: one v1 `Refused` frame telling its operator
+/// to upgrade (`shared::sync::legacy`), then close; no session. Returns the error to log.
+async fn refuse_v1_sibling(conn: &iroh::endpoint::Connection) -> NetError {
+    let remote = conn.remote_id().fmt_short().to_string();
+    // The v1 initiator opens the stream with its Hello; bounded like a dial.
+    if let Ok(Ok((mut send, _recv))) = tokio::time::timeout(CONNECT_TIMEOUT, conn.accept_bi()).await
+    {
+        let detail = shared::sync::legacy::sibling_upgrade_detail(env!("CARGO_PKG_VERSION"));
+        if send
+            .write_all(&shared::sync::legacy::v1_refusal(&detail))
+            .await
+            .is_ok()
+        {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        }
+    }
+    conn.close(0u32.into(), b"sync protocol v1: upgrade edge-node");
+    NetError::Session(
+        remote,
+        format!(
+            "the sibling speaks sync protocol v1: refused; upgrade its edge-node to {} or later",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
 }
 
 /// QUIC settings for sync links: no path-MTU discovery. Its probes (padded datagrams up to

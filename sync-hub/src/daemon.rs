@@ -102,6 +102,8 @@ pub struct Metrics {
     pub persist_failures: AtomicU64,
     /// Connections closed at once because the hub was at its connection cap.
     pub connections_refused: AtomicU64,
+    /// Connections of sync protocol v1 told to upgrade and closed.
+    pub v1_refused: AtomicU64,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -381,7 +383,8 @@ pub async fn bind(secret: SecretKey, listen: SocketAddr) -> Result<Endpoint, Hub
         |e: String| HubError::Invalid(format!("cannot open the sync endpoint on {listen}: {e}"));
     Endpoint::builder(presets::Minimal)
         .secret_key(secret)
-        .alpns(vec![ALPN.to_vec()])
+        // v1 is accepted only to tell the device to upgrade (`refuse_v1`).
+        .alpns(vec![ALPN.to_vec(), shared::sync::ALPN_V1.to_vec()])
         .transport_config(transport_config())
         .clear_ip_transports()
         .bind_addr(listen)
@@ -487,6 +490,10 @@ async fn connection(
         .map_err(|_| "no handshake in time".to_owned())?
         .map_err(|e| e.to_string())?;
     let remote = conn.remote_id();
+    if conn.alpn() == shared::sync::ALPN_V1 {
+        refuse_v1(&conn, addr, hello_deadline, &handle.metrics).await;
+        return Ok(());
+    }
     let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
     {
         Ok(r) => r.map_err(|e| e.to_string())?,
@@ -611,6 +618,50 @@ async fn connection(
         conn.close(CLOSE_DONE.into(), b"done");
     }
     Ok(())
+}
+
+/// A connection that negotiated sync protocol v1: no session, one v1 `Refused` frame telling
+/// the device's operator to upgrade (`shared::sync::legacy`), a warning naming the device, and
+/// close. The v1 `Hello` is read (held to [`PRE_ADMISSION_FRAME_BYTES`] and the Hello deadline)
+/// only to name the device in the log; its claim is not checked, so it is logged as a claim.
+async fn refuse_v1(
+    conn: &iroh::endpoint::Connection,
+    addr: Option<SocketAddr>,
+    deadline: Instant,
+    metrics: &Metrics,
+) {
+    metrics.v1_refused.fetch_add(1, Ordering::Relaxed);
+    let remote = conn.remote_id();
+    let mut claim = None;
+    if let Ok(Ok((mut send, mut recv))) = tokio::time::timeout_at(deadline, conn.accept_bi()).await
+    {
+        let mut decoder = FrameDecoder::with_limit(PRE_ADMISSION_FRAME_BYTES);
+        let mut buf = vec![0u8; 4096];
+        while let Ok(Ok(Some(n))) = tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
+            match decoder.push(&buf[..n]).and_then(|()| decoder.pop()) {
+                Ok(None) => continue,
+                Ok(Some(Frame::Hello(h))) => claim = Some(h.peer),
+                _ => {}
+            }
+            break;
+        }
+        let detail = shared::sync::legacy::hub_upgrade_detail(env!("CARGO_PKG_VERSION"));
+        if send
+            .write_all(&shared::sync::legacy::v1_refusal(&detail))
+            .await
+            .is_ok()
+        {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        }
+    }
+    let who = claim.map_or_else(|| "a peer".to_owned(), |p| format!("{p} (claimed)"));
+    let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
+    tracing::warn!(
+        "{who}, endpoint {remote}{at}, speaks sync protocol v1: refused, its edge-node must be upgraded to {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    conn.close(CLOSE_DONE.into(), b"sync protocol v1: upgrade edge-node");
 }
 
 fn actor(

@@ -538,6 +538,11 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             "Sync connections closed at once because the hub was at its connection cap.",
             &m.connections_refused,
         ),
+        (
+            "kipass_sync_v1_refused_total",
+            "Sync connections of protocol v1 told to upgrade edge-node and closed.",
+            &m.v1_refused,
+        ),
     ] {
         head(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
