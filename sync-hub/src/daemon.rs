@@ -12,6 +12,11 @@
 //! queue are bounded, so a flood meets backpressure instead of growing memory. A store error
 //! while carrying out a session's effects aborts the session (`Internal`) and stores none of
 //! its later sync states: a failure is never reported to the device as success.
+//!
+//! Per-device quotas ([`Quotas`]) keep one rogue enrolled device from filling the disk or
+//! holding the actor: the bytes a session receives after admission, and the new records a
+//! device delivers per UTC day (`device-day-records-1`). Over either, the session is aborted
+//! with `QuotaExceeded` before the frame or partition that went over is stored.
 
 use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
 use crate::auth::Principal;
@@ -25,7 +30,7 @@ use shared::facility::FacilityStatus;
 use shared::partition::Partition;
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
-    ALPN, Decision, Event, Frame, FrameDecoder, FrameError, MAX_FRAME_BYTES,
+    ALPN, Decision, Event, Frame, FrameDecoder, FrameError, LENGTH_PREFIX_BYTES, MAX_FRAME_BYTES,
     MAX_PARTITIONS_PER_SESSION, PartitionStore, Peer, PeerHello, RefuseReason, Session,
 };
 use shared::ticket::{Credential, Refresh, Sibling};
@@ -71,6 +76,40 @@ pub const OUTGOING_FRAMES: usize = 2 * MAX_PARTITIONS_PER_SESSION + 16;
 /// close); beyond these, excess connections are refused without a handshake.
 const BUSY_HANDSHAKES: usize = 64;
 
+/// The default cap on the bytes one session may send the hub after admission
+/// (`sync-hub run --max-session-bytes`), counted per frame as decoded (a deflated `Sync` frame
+/// counts at its inflated size: what the hub holds and merges). An entrance's month offline
+/// at a few thousand visits a day is some 15 MB of sealed records (about 140 B each), and
+/// even a 200,000-visit facility-day is about 28 MB: 64 MiB carries two of those in one
+/// session. An honest device over it is not stuck either: partitions persisted before the cut
+/// stay, and its next session carries on from there.
+pub const MAX_SESSION_BYTES: u64 = 64 * 1024 * 1024;
+/// The default cap on new records one device may deliver per UTC day
+/// (`sync-hub run --max-device-records-per-day`). KI-Pass's busiest venues saw a few thousand
+/// visitors a day per entrance: 100,000 is a month of such an entrance's visits delivered at
+/// once after it was offline, while a key used to inject records stops there. Every new record
+/// of a session counts against the device admitted for it, its siblings' records it relays
+/// too: the quota bounds what one key can bring in, whoever sealed the records.
+pub const MAX_DEVICE_RECORDS_PER_DAY: u64 = 100_000;
+
+/// Per-device quotas at the hub (`docs/protocol.md`, "Hub connection limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Bytes of frames one session may deliver after admission.
+    pub session_bytes: u64,
+    /// New records one device may deliver per UTC day (of the hub's clock).
+    pub device_records_per_day: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            session_bytes: MAX_SESSION_BYTES,
+            device_records_per_day: MAX_DEVICE_RECORDS_PER_DAY,
+        }
+    }
+}
+
 /// Application close code: the session ended (either way; its frames said how).
 pub const CLOSE_DONE: u32 = 0;
 /// Application close code: the hub is at its connection cap; try again later.
@@ -104,6 +143,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Connections of sync protocol v1 told to upgrade and closed.
     pub v1_refused: AtomicU64,
+    /// Sessions aborted because the device went over a quota (`QuotaExceeded`).
+    pub quota_refusals: AtomicU64,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -254,6 +295,12 @@ pub struct Conn {
     admitted: Arc<AtomicBool>,
     /// A store error aborted the session: nothing more of it is stored or cached.
     store_failed: bool,
+    /// The quotas this connection is held to.
+    quotas: Quotas,
+    /// Bytes of frames received since admission.
+    received: u64,
+    /// A quota aborted the session: nothing more of it is stored or cached.
+    quota_refused: bool,
 }
 
 impl Conn {
@@ -280,7 +327,21 @@ impl Conn {
             cache: BTreeMap::new(),
             admitted,
             store_failed: false,
+            quotas: Quotas::default(),
+            received: 0,
+            quota_refused: false,
         }
+    }
+
+    /// The same connection held to `quotas` instead of the defaults.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Conn {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Whether nothing more of this session is stored (a store error or a quota ended it).
+    fn stores_nothing(&self) -> bool {
+        self.store_failed || self.quota_refused
     }
 
     /// Whether the session has ended.
@@ -298,6 +359,10 @@ impl Conn {
         metrics: &Metrics,
     ) {
         match self.facility.clone() {
+            Some(_) if !self.within_session_bytes(&frame, metrics) => {
+                let mut none = MemoryStore::new(b"hub-closed", None);
+                pump(hub, ledger, self, &mut none, now, metrics);
+            }
             Some(f) => {
                 let cache = std::mem::take(&mut self.cache);
                 let mut parts = ledger.resume(f, now, cache);
@@ -341,10 +406,43 @@ impl Conn {
         pump(hub, ledger, self, &mut none, now, metrics);
     }
 
-    /// Keeps the partitions loaded for the next frame, unless a store error aborted the
-    /// session: then they may hold merged changes that were never stored.
+    /// Counts `frame` against the session's byte quota; over it, aborts the session
+    /// (`QuotaExceeded`) before the frame is handled and returns false.
+    fn within_session_bytes(&mut self, frame: &Frame, metrics: &Metrics) -> bool {
+        if self.session.is_finished() {
+            return true;
+        }
+        self.received = self.received.saturating_add(received_bytes(frame));
+        if self.received <= self.quotas.session_bytes {
+            return true;
+        }
+        let detail = format!(
+            "this session sent more than the hub's {} bytes per session; what was stored \
+             stays, sync again to send the rest",
+            self.quotas.session_bytes
+        );
+        self.quota_refusal(metrics, detail);
+        false
+    }
+
+    /// A quota was exceeded: tell the peer (`QuotaExceeded`), store nothing more of this
+    /// session and drop what it cached (it may hold merged changes that were never stored;
+    /// the next session loads them from disk).
+    fn quota_refusal(&mut self, metrics: &Metrics, detail: String) {
+        metrics.quota_refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "device {:?} over quota: {detail}",
+            self.device.as_ref().map(DeviceId::to_string)
+        );
+        self.quota_refused = true;
+        self.cache.clear();
+        self.session.abort(RefuseReason::QuotaExceeded, detail);
+    }
+
+    /// Keeps the partitions loaded for the next frame, unless a store error or a quota
+    /// aborted the session: then they may hold merged changes that were never stored.
     fn keep_cache(&mut self, cache: BTreeMap<PartitionId, Partition>) {
-        self.cache = if self.store_failed {
+        self.cache = if self.stores_nothing() {
             BTreeMap::new()
         } else {
             cache
@@ -394,8 +492,11 @@ pub async fn bind(secret: SecretKey, listen: SocketAddr) -> Result<Endpoint, Hub
         .map_err(|e| err(e.to_string()))
 }
 
-/// Starts the actor thread over an open hub.
-pub fn start(hub: Hub) -> Result<(HubHandle, std::thread::JoinHandle<()>), HubError> {
+/// Starts the actor thread over an open hub, holding every session to `quotas`.
+pub fn start(
+    hub: Hub,
+    quotas: Quotas,
+) -> Result<(HubHandle, std::thread::JoinHandle<()>), HubError> {
     let (tx, rx) = tmpsc::channel(ACTOR_QUEUE);
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
@@ -405,7 +506,7 @@ pub fn start(hub: Hub) -> Result<(HubHandle, std::thread::JoinHandle<()>), HubEr
     Ledger::open(hub.store(), hub.keys()).map_err(|e| HubError::Invalid(e.to_string()))?;
     let thread = std::thread::Builder::new()
         .name("hub-actor".into())
-        .spawn(move || actor(hub, rx, m, stop_flag))
+        .spawn(move || actor(hub, quotas, rx, m, stop_flag))
         .map_err(|e| HubError::Invalid(format!("cannot start the hub actor: {e}")))?;
     Ok((
         HubHandle {
@@ -666,6 +767,7 @@ async fn refuse_v1(
 
 fn actor(
     hub: Hub,
+    quotas: Quotas,
     mut rx: tmpsc::Receiver<Input>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
@@ -694,7 +796,8 @@ fn actor(
                 reply,
                 admitted,
             } => {
-                conns.insert(conn, Conn::new(&hub, remote, addr, reply, admitted));
+                let c = Conn::new(&hub, remote, addr, reply, admitted).with_quotas(quotas);
+                conns.insert(conn, c);
             }
             Input::Frame { conn, frame } => {
                 if let Some(c) = conns.get_mut(&conn) {
@@ -797,10 +900,25 @@ fn pump(
                 // could claim changes that are not on disk, and the device would then never
                 // send them again.
                 Event::PartitionUpdated { .. } | Event::SyncStateChanged { .. }
-                    if c.store_failed => {}
-                Event::PartitionUpdated { id, .. } => {
-                    // The ledger persists and indexes what the session merged.
-                    match persist(ledger, parts, &id, now) {
+                    if c.stores_nothing() => {}
+                Event::PartitionUpdated { id, new_records } => {
+                    // Checked before anything is stored: over the quota, the merged partition
+                    // is dropped with the cache and never persisted.
+                    match over_device_quota(ledger, c, new_records, now) {
+                        Ok(None) => {}
+                        Ok(Some(detail)) => {
+                            c.quota_refusal(metrics, detail);
+                            continue;
+                        }
+                        Err(e) => {
+                            c.store_failure(metrics, &format!("cannot read a device's count: {e}"));
+                            continue;
+                        }
+                    }
+                    // The ledger persists and indexes what the session merged, and charges
+                    // its new records to the device in the same transaction.
+                    let charge = c.device.as_ref().map(|d| (d, new_records));
+                    match persist(ledger, parts, &id, now, charge) {
                         Ok(n) => {
                             metrics
                                 .records_ingested
@@ -859,14 +977,57 @@ fn pump(
     }
 }
 
+/// Whether `new_records` more would take the session's device over its records per day:
+/// `Some(detail)` to refuse with.
+fn over_device_quota(
+    ledger: &Ledger<'_>,
+    c: &Conn,
+    new_records: u64,
+    now: UnixSeconds,
+) -> Result<Option<String>, String> {
+    let Some(device) = &c.device else {
+        return Ok(None);
+    };
+    let quota = c.quotas.device_records_per_day;
+    let today = Day::of(now);
+    let so_far = ledger
+        .device_day_records(device, today)
+        .map_err(|e| e.to_string())?;
+    if so_far.saturating_add(new_records) <= quota {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "device {device} would deliver {} new records today (UTC day {}), over the hub's \
+         {quota} per device per day; the device keeps them, sync again tomorrow",
+        so_far.saturating_add(new_records),
+        today.0
+    )))
+}
+
+/// The size a received frame counts for against [`Quotas::session_bytes`]: as decoded, so a
+/// `Sync` is measured without deflating it again (a deflated one counts at its full size).
+fn received_bytes(frame: &Frame) -> u64 {
+    let n = match frame {
+        // Prefix, variant tag, partition id (facility text and day) and message length.
+        Frame::Sync { partition, message } => {
+            LENGTH_PREFIX_BYTES + 16 + partition.facility.as_str().len() + message.len()
+        }
+        other => other.wire_len(),
+    };
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
 fn persist(
     ledger: &Ledger<'_>,
     parts: &mut impl PartitionStore,
     id: &shared::PartitionId,
     now: UnixSeconds,
+    charge: Option<(&DeviceId, u64)>,
 ) -> Result<Persisted, String> {
     match parts.partition_mut(id).map_err(|e| e.to_string())? {
-        Some(p) => ledger.persist_counted(p, now).map_err(|e| e.to_string()),
+        Some(p) => ledger
+            .persist_charged(p, now, charge)
+            .map_err(|e| e.to_string()),
         None => Ok(Persisted::default()),
     }
 }

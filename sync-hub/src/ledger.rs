@@ -95,6 +95,12 @@ pub const PARTITION_HEADS: TableDefinition<(&str, u32), &[u8]> =
 /// `/metrics`. Absent: none.
 pub const FALLBACK_COUNTS: TableDefinition<(&str, u32), u64> =
     TableDefinition::new("fallback-counts-1");
+/// `device-day-records-1`: (device id, UTC day the hub received them) -> new records the
+/// device's sessions delivered that day, the count the hub's per-device daily quota is checked
+/// against (`daemon::Quotas`). Written in the transaction that persists the records, so the
+/// count never disagrees with what is stored. Absent: none.
+pub const DEVICE_DAY_RECORDS: TableDefinition<(&str, u32), u64> =
+    TableDefinition::new("device-day-records-1");
 
 /// Chunks after which a partition is rewritten as one full save. One chunk is written per
 /// partition per sync session, so this is about a day of busy syncing; loading 64 chunks
@@ -455,6 +461,7 @@ impl<'s> Ledger<'s> {
         txn.open_table(PARTITION_COUNTS)?;
         txn.open_table(PARTITION_HEADS)?;
         txn.open_table(FALLBACK_COUNTS)?;
+        txn.open_table(DEVICE_DAY_RECORDS)?;
         migrate_indexed_v1(&txn)?;
         migrate_visits_by_token_v1(&txn)?;
         txn.commit()?;
@@ -605,6 +612,30 @@ impl<'s> Ledger<'s> {
         partition: &mut Partition,
         now: UnixSeconds,
     ) -> Result<Persisted, LedgerError> {
+        self.persist_charged(partition, now, None)
+    }
+
+    /// New records device `device` delivered on UTC day `day` (`device-day-records-1`).
+    pub fn device_day_records(&self, device: &DeviceId, day: Day) -> Result<u64, LedgerError> {
+        let txn = self.store.db().begin_read()?;
+        let table = match txn.open_table(DEVICE_DAY_RECORDS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table
+            .get((device.as_str(), day.0))?
+            .map_or(0, |g| g.value()))
+    }
+
+    /// [`Self::persist_counted`], also adding `charge` = (device, records) to that device's
+    /// count of the day of `now` in `device-day-records-1`, in the same transaction.
+    pub fn persist_charged(
+        &self,
+        partition: &mut Partition,
+        now: UnixSeconds,
+        charge: Option<(&DeviceId, u64)>,
+    ) -> Result<Persisted, LedgerError> {
         let id = partition.id().clone();
         self.check_live(&id, now)?;
         let Some(index_key) = self.ratchet.index_key(id.day) else {
@@ -696,6 +727,14 @@ impl<'s> Ledger<'s> {
                 sessions_without_key = work.missing_keys,
                 "records that do not open were left out of the trace index"
             );
+        }
+        if let Some((device, records)) = charge
+            && records > 0
+        {
+            let mut counts = txn.open_table(DEVICE_DAY_RECORDS)?;
+            let key = (device.as_str(), Day::of(now).0);
+            let before = counts.get(key)?.map_or(0, |g| g.value());
+            counts.insert(key, before.saturating_add(records))?;
         }
         txn.commit()?;
         Ok(Persisted {
@@ -1119,6 +1158,7 @@ impl<'s> Ledger<'s> {
         report.chunks = retain_days(&mut txn.open_table(HUB_CHUNKS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(PARTITION_HEADS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(FALLBACK_COUNTS)?, |k| k.1 >= h)?;
+        retain_days(&mut txn.open_table(DEVICE_DAY_RECORDS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(INDEXED)?, |k| k.1 >= h)?;
         report.sync_states = retain_days(&mut txn.open_table(SYNC_STATES)?, |k| k.2 >= h)?;
         {

@@ -76,6 +76,14 @@ enum Command {
         /// Concurrent sync connections; the excess are closed at once (QUIC close code 2).
         #[arg(long, default_value_t = sync_hub::daemon::MAX_CONNECTIONS)]
         max_connections: usize,
+        /// Bytes one sync session may send after admission; over it the session is refused
+        /// (`QuotaExceeded`).
+        #[arg(long, default_value_t = sync_hub::daemon::MAX_SESSION_BYTES)]
+        max_session_bytes: u64,
+        /// New records one device may deliver per UTC day; a session that would go over is
+        /// refused (`QuotaExceeded`).
+        #[arg(long, default_value_t = sync_hub::daemon::MAX_DEVICE_RECORDS_PER_DAY)]
+        max_device_records_per_day: u64,
     },
     /// Facilities and records the hub holds.
     Stats {
@@ -473,7 +481,15 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             http,
             max_connections,
-        } => run_hub(&data, listen, http, max_connections)?,
+            max_session_bytes,
+            max_device_records_per_day,
+        } => {
+            let quotas = sync_hub::daemon::Quotas {
+                session_bytes: max_session_bytes,
+                device_records_per_day: max_device_records_per_day,
+            };
+            run_hub(&data, listen, http, max_connections, quotas)?
+        }
         Command::Device {
             command: DeviceCommand::List { json },
         } => {
@@ -801,6 +817,7 @@ fn run_hub(
     listen: Option<SocketAddr>,
     http: SocketAddr,
     max_connections: usize,
+    quotas: sync_hub::daemon::Quotas,
 ) -> Result<()> {
     let hub = open_for_run(data)?;
     let listen = listen.unwrap_or(hub.config().listen);
@@ -812,7 +829,7 @@ fn run_hub(
         .build()?;
     rt.block_on(async move {
         let endpoint = sync_hub::daemon::bind(secret, listen).await?;
-        let (handle, actor) = sync_hub::daemon::start(hub)?;
+        let (handle, actor) = sync_hub::daemon::start(hub, quotas)?;
         let listener = tokio::net::TcpListener::bind(http)
             .await
             .with_context(|| format!("cannot listen for HTTP on {http}"))?;
