@@ -175,3 +175,74 @@ fn a_device_dialling_a_v1_only_node_is_told_which_side_to_upgrade() -> Result<()
     });
     Ok(())
 }
+
+#[test]
+fn a_v1_sibling_dialling_a_device_is_told_to_upgrade() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device("kiosk")?;
+    let dev_id: iroh::PublicKey = fixture::device_status(&dev)?["endpoint_id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    let port = free_udp_port()?;
+    // The old sibling is trusted (`--peer`): only then is a session, or a refusal, its due.
+    let old = iroh::SecretKey::from_bytes(&rand::random());
+    let _run = fixture::Proc(
+        std::process::Command::new(fixture::bin("edge-node"))
+            .args(["--data", dev.to_str().unwrap_or_default(), "run"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--peer", &format!("{}@127.0.0.1:9", old.public())])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let refusal = runtime()?.block_on(async {
+        let ep = endpoint(vec![ALPN_V1.to_vec()], Some(old), 0).await?;
+        let addr =
+            iroh::EndpointAddr::new(dev_id).with_ip_addr(format!("127.0.0.1:{port}").parse()?);
+        // The device needs a moment to bind: retry the dial within a deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let conn = loop {
+            match tokio::time::timeout(Duration::from_secs(2), ep.connect(addr.clone(), ALPN_V1))
+                .await
+            {
+                Ok(Ok(c)) => break c,
+                _ if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                _ => bail!("the device did not accept a v1 connection"),
+            }
+        };
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = Frame::Hello(Hello {
+            version: 1,
+            peer: Peer::Device {
+                device: shared::DeviceId::parse("d-old")?,
+                facility: shared::FacilityId::parse(&hub.facility)?,
+            },
+            now: fixture::now(),
+            horizon: shared::time::Day::of(fixture::now()).minus(28),
+            partitions: vec![],
+            credential: None,
+        });
+        send.write_all(&hello.encode()?).await?;
+        let bytes = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64 * 1024))
+            .await
+            .context("no answer from the device")??;
+        ep.close().await;
+        anyhow::Ok(bytes)
+    })?;
+    let mut d = FrameDecoder::new();
+    d.push(&refusal)?;
+    let Some(Frame::Refused(r)) = d.pop()? else {
+        bail!("not a Refused frame: {refusal:?}");
+    };
+    assert_eq!(r.reason, RefuseReason::Protocol);
+    assert!(
+        r.detail.contains("this device speaks sync protocol v2")
+            && r.detail.contains("upgrade the sibling"),
+        "{}",
+        r.detail
+    );
+    Ok(())
+}
