@@ -25,7 +25,8 @@
 //! `docs/storage.md` documents every table. Facility ids appear in clear in the keys of
 //! `hub-chunks-1`, `partition-counts-1`, `partition-heads-1`, `fallback-counts-1`, `indexed-2`
 //! and `sync-states-1`: which facility had how many visits on which day is metadata the hub's
-//! administrators see anyway (it is in `stats`), and it names no visitor.
+//! administrators see anyway (it is in `stats`), and it names no visitor; device ids, in
+//! `device-day-records-1`, with how many records each delivered per day (the quota's count).
 
 use crate::keys::{KeyDir, KeyError};
 use crate::store::{Store, StoreError as RegistryError};
