@@ -543,6 +543,12 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             "Sync connections of protocol v1 told to upgrade edge-node and closed.",
             &m.v1_refused,
         ),
+        (
+            "kipass_sync_quota_refusals_total",
+            "Sync sessions refused because a device went over its bytes per session or records \
+             per device per day.",
+            &m.quota_refusals,
+        ),
     ] {
         head(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));

@@ -62,6 +62,18 @@ fn a_device_over_its_records_per_day_is_refused_clearly() -> Result<()> {
         "the device is told why: {r}"
     );
     assert_eq!(hub.records_of(&hub.facility)?, 0, "nothing of it stored");
+    // Operators see it counted.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hub.data.join("run.json"))?)?;
+    let http = run["http"].as_str().context("run.json has no http")?;
+    let api = tests::people::Api::new(&format!("http://{http}"));
+    let token = sync_hub::control::operator_token(&hub.data)?;
+    let m = api.call("GET", "/metrics", Some(&token), None)?;
+    assert!(
+        m.text.contains("\nkipass_sync_quota_refusals_total 1\n"),
+        "{}",
+        m.text
+    );
 
     // Another device of the facility has its own count.
     fixture::check_in_codes(&side, QUOTA)?;
