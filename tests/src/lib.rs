@@ -8,3 +8,4 @@ pub mod browser;
 pub mod fixture;
 pub mod frames;
 pub mod people;
+pub mod rogue;

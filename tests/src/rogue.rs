@@ -1,0 +1,405 @@
+//! A rogue enrolled device for attack tests: a device admitted through the real binaries
+//! whose iroh identity the test takes over, to run a real [`Session`] over a hostile copy of
+//! a partition, or to send hand-made frames after a genuine `Hello`.
+//!
+//! Everything is bounded: each dial and read has a timeout and each session a frame budget,
+//! so a hub that misbehaves fails the test instead of hanging it.
+
+use anyhow::{Context, Result, bail};
+use iroh::endpoint::{RecvStream, SendStream, presets};
+use iroh::{Endpoint, EndpointAddr, SecretKey};
+use rand_core::OsRng;
+use shared::envelope::{Record, RecordBody, SessionKey};
+use shared::partition::Partition;
+use shared::sync::harness::MemoryStore;
+use shared::sync::{
+    ALPN, Event, Frame, FrameDecoder, Hello, PROTOCOL_VERSION, Peer, RefuseReason, Session, Side,
+};
+use shared::time::{Day, horizon};
+use shared::{PartitionId, RecordId};
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a dial may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the hub may stay silent before the test gives up on it.
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// The most reads one session may take (a healthy one needs a handful per round).
+const MAX_READS: usize = 100_000;
+
+/// How a rogue session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Both sides said done: nothing was refused.
+    Finished,
+    /// A side refused.
+    Refused {
+        /// Who refused.
+        by: Side,
+        /// Why.
+        reason: RefuseReason,
+        /// The explanation.
+        detail: String,
+    },
+    /// The session ended with an error, or the stream without a refusal.
+    Failed(String),
+}
+
+/// A device enrolled through the binaries, driven by the test with its own identity.
+pub struct Rogue {
+    endpoint: Endpoint,
+    hub: EndpointAddr,
+    /// Who the device is, as it says in its `Hello`.
+    pub me: Peer,
+    /// Its facility's partition of `day`.
+    pub partition: PartitionId,
+}
+
+impl Rogue {
+    /// Takes over the enrolled (and not running) device in `dir`: its endpoint key, device
+    /// id and facility; binds an endpoint on loopback that dials the hub at `sync_port`.
+    pub async fn bind(dir: &Path, hub_dir: &Path, sync_port: u16, day: Day) -> Result<Rogue> {
+        let (key, me, facility) = {
+            let device = edge_node::device::Device::open(dir)?;
+            let e = device.enrollment();
+            let me = Peer::Device {
+                device: e.device_id.clone(),
+                facility: e.facility.id.clone(),
+            };
+            (device.endpoint_key()?, me, e.facility.id.clone())
+        };
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .secret_key(SecretKey::from_bytes(&key))
+            .alpns(vec![ALPN.to_vec()])
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0".parse::<std::net::SocketAddr>()?)?
+            .bind()
+            .await?;
+        // The hub lists this endpoint in its siblings' rosters: turn their dials away at once
+        // rather than let each wait out its connect timeout. Ends when the endpoint closes.
+        let acceptor = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = acceptor.accept().await {
+                if let Ok(conn) = incoming.await {
+                    conn.close(1u32.into(), b"not serving siblings");
+                }
+            }
+        });
+        let hub_id = sync_hub::keys::KeyDir::new(hub_dir)
+            .endpoint_secret()?
+            .public();
+        let hub = EndpointAddr::new(hub_id).with_ip_addr(format!("127.0.0.1:{sync_port}").parse()?);
+        Ok(Rogue {
+            endpoint,
+            hub,
+            me,
+            partition: PartitionId { facility, day },
+        })
+    }
+
+    /// A copy of the device's stored partition (what its last honest sync left), writing
+    /// as a fresh actor.
+    pub fn stored_copy(dir: &Path, day: Day) -> Result<Partition> {
+        let mut device = edge_node::device::Device::open(dir)?;
+        let p = device.partition(day)?;
+        let id = p.id().clone();
+        let bytes = p.save();
+        Ok(Partition::load(id, &bytes, &rand::random::<[u8; 16]>())?)
+    }
+
+    /// A device-side store holding exactly `partition`.
+    pub fn store_with(&self, partition: Partition) -> MemoryStore {
+        let mut store = MemoryStore::new(&rand::random::<[u8; 16]>(), self.me.facility().cloned());
+        store.insert(partition);
+        store
+    }
+
+    async fn connect(&self) -> Result<(iroh::endpoint::Connection, SendStream, RecvStream)> {
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.endpoint.connect(self.hub.clone(), ALPN),
+        )
+        .await
+        .context("the hub did not answer the dial")??;
+        let (send, recv) = conn.open_bi().await?;
+        Ok((conn, send, recv))
+    }
+
+    /// Runs a real initiator session over `store` against the hub, moving frames as
+    /// `edge-node`'s shell does (but persisting nothing), until it ends.
+    pub async fn sync(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
+        let (conn, mut send, mut recv) = self.connect().await?;
+        let mut session = Session::initiator(now, self.me.clone(), None, store)?;
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut ending = None;
+        for _ in 0..MAX_READS {
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                while let Some(frame) = session.poll_transmit() {
+                    progressed = true;
+                    // The hub may already have hung up after refusing: that is an ending too.
+                    if send.write_all(&frame.encode()?).await.is_err() {
+                        break;
+                    }
+                }
+                while let Some(event) = session.poll_event() {
+                    progressed = true;
+                    match event {
+                        Event::Refused { by, reason, detail } => {
+                            ending = Some(Ending::Refused { by, reason, detail })
+                        }
+                        Event::Failed(e) => ending = Some(Ending::Failed(e.to_string())),
+                        Event::Finished(_) => ending = Some(Ending::Finished),
+                        _ => {}
+                    }
+                }
+            }
+            if session.is_finished() {
+                let _ = send.finish();
+                conn.close(0u32.into(), b"done");
+                return ending.context("the session finished without an ending event");
+            }
+            let n = tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf))
+                .await
+                .context("the hub went silent")?;
+            match n {
+                Ok(Some(n)) => {
+                    if let Err(e) = decoder.push(&buf[..n]) {
+                        session.handle_malformed(e);
+                        continue;
+                    }
+                    loop {
+                        match decoder.pop() {
+                            Ok(Some(frame)) => session.handle_frame(now, frame, store),
+                            Ok(None) => break,
+                            Err(e) => {
+                                session.handle_malformed(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => session.handle_closed(),
+                Err(e) => {
+                    // A reset stream after a refusal already read ends the session as refused.
+                    conn.close(0u32.into(), b"done");
+                    return Ok(ending.unwrap_or(Ending::Failed(e.to_string())));
+                }
+            }
+        }
+        bail!("the session did not end within {MAX_READS} reads")
+    }
+
+    /// Says a genuine `Hello` (listing nothing), waits for the `Welcome`, then sends `raw`
+    /// (length prefixes included) as it is; returns the hub's refusal (its other frames are
+    /// skipped).
+    pub async fn send_raw(&self, raw: &[u8], now: u64) -> Result<Ending> {
+        let (conn, mut send, mut recv) = self.connect().await?;
+        let hello = Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            peer: self.me.clone(),
+            now,
+            horizon: horizon(now),
+            partitions: Vec::new(),
+            credential: None,
+        });
+        send.write_all(&hello.encode()?).await?;
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut welcomed = false;
+        for _ in 0..MAX_READS {
+            let n = tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf))
+                .await
+                .context("the hub went silent")?;
+            let Ok(Some(n)) = n else {
+                conn.close(0u32.into(), b"done");
+                return Ok(Ending::Failed(format!("the stream ended: {n:?}")));
+            };
+            decoder.push(&buf[..n])?;
+            while let Some(got) = decoder.pop()? {
+                match got {
+                    Frame::Welcome(_) if !welcomed => {
+                        welcomed = true;
+                        // The hub stops reading after refusing: a failed write is expected.
+                        let _ = send.write_all(raw).await;
+                    }
+                    Frame::Refused(r) => {
+                        conn.close(0u32.into(), b"done");
+                        return Ok(Ending::Refused {
+                            by: Side::Peer,
+                            reason: r.reason,
+                            detail: r.detail,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        bail!("no refusal within {MAX_READS} reads")
+    }
+
+    /// Closes the endpoint.
+    pub async fn close(self) {
+        self.endpoint.close().await;
+    }
+}
+
+/// Adds `n` valid visits to `partition`, each as its own one-operation change, sealed under a
+/// fresh session key wrapped to the hub's day key (read from `hub_dir`), as device `me`.
+pub fn add_single_record_changes(
+    partition: &mut Partition,
+    hub_dir: &Path,
+    me: &Peer,
+    now: u64,
+    n: usize,
+) -> Result<Vec<[u8; 16]>> {
+    let Peer::Device { device, .. } = me else {
+        bail!("a rogue is a device");
+    };
+    let id = partition.id().clone();
+    let public = sync_hub::keys::KeyDir::new(hub_dir)
+        .ratchet()?
+        .public(id.day)
+        .context("the hub has no key for today")?;
+    let key = SessionKey::generate(&mut OsRng, id.day);
+    partition.insert_wrapped_key(&key.wrap(&public)?)?;
+    let mut tokens = Vec::with_capacity(n);
+    for _ in 0..n {
+        let token: [u8; 16] = rand::random();
+        let record = Record {
+            facility: id.facility.clone(),
+            device: device.clone(),
+            scanned_at: now,
+            body: RecordBody::Qr {
+                issuer_id: 1,
+                key_id: 1,
+                issued_at: now,
+                token,
+            },
+        };
+        let record_id = RecordId::random(&mut OsRng);
+        let envelope = key.seal(&mut OsRng, &id, record_id, &record)?;
+        partition.insert_record(record_id, &envelope)?;
+        tokens.push(token);
+    }
+    Ok(tokens)
+}
+
+/// A `SyncDeflated` frame (wire variant 5) for `partition` carrying `deflated` as it is,
+/// length prefix included: the frame layer inflates it before any validator sees it.
+pub fn sync_deflated_frame(partition: &PartitionId, deflated: &[u8]) -> Result<Vec<u8>> {
+    let mut body = vec![5];
+    let facility = partition.facility.as_str().as_bytes();
+    leb(&mut body, facility.len() as u64);
+    body.extend_from_slice(facility);
+    leb(&mut body, u64::from(partition.day.0));
+    leb(&mut body, deflated.len() as u64);
+    body.extend_from_slice(deflated);
+    let mut out = u32::try_from(body.len())?.to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// automerge's chunk magic bytes.
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// A v1 sync message whose only change is a compressed change chunk (type 2) holding
+/// `deflated` as its body: automerge would inflate it without a bound.
+pub fn compressed_chunk_message(deflated: &[u8]) -> Vec<u8> {
+    let mut chunk = MAGIC.to_vec();
+    chunk.extend_from_slice(&[0; 4]);
+    chunk.push(2);
+    leb(&mut chunk, deflated.len() as u64);
+    chunk.extend_from_slice(deflated);
+    // type, no heads, no need, no haves, one change entry, no flags.
+    let mut m = vec![0x42, 0, 0, 0, 1];
+    leb(&mut m, chunk.len() as u64);
+    m.extend_from_slice(&chunk);
+    m
+}
+
+fn leb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A raw DEFLATE stream that inflates to `1 + 258 * repeats` zero bytes at two bits per 258
+/// bytes (~1000:1): one dynamic-Huffman block whose length code 285 (258 bytes) is one bit
+/// long and whose only distance code (1) is one bit long. (The construction of
+/// `shared::sync::validate`'s unit tests.)
+pub fn deflate_bomb(repeats: usize) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        n: usize,
+    }
+    impl Bits {
+        fn lsb(&mut self, value: u32, width: u32) {
+            for i in 0..width {
+                self.bit((value >> i) & 1);
+            }
+        }
+        fn code(&mut self, code: u32, width: u32) {
+            for i in (0..width).rev() {
+                self.bit((code >> i) & 1);
+            }
+        }
+        fn bit(&mut self, b: u32) {
+            if self.n.is_multiple_of(8) {
+                self.out.push(0);
+            }
+            if b == 1
+                && let Some(last) = self.out.last_mut()
+            {
+                *last |= 1 << (self.n % 8);
+            }
+            self.n += 1;
+        }
+    }
+    let mut w = Bits {
+        out: Vec::new(),
+        n: 0,
+    };
+    w.lsb(1, 1); // final block
+    w.lsb(2, 2); // dynamic Huffman
+    w.lsb(29, 5); // 286 literal/length codes
+    w.lsb(0, 5); // 1 distance code
+    w.lsb(14, 4); // 18 code-length codes
+    // Code-length code lengths in the format's order 16,17,18,0,8,7,9,6,10,5,11,4,12,3,
+    // 13,2,14,1: symbol 18 one bit, symbols 1 and 2 two bits.
+    for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
+        w.lsb(len, 3);
+    }
+    // Canonical code-length codes: 18 -> 0, 1 -> 10, 2 -> 11.
+    let (cl18, cl1, cl2) = ((0, 1), (0b10, 2), (0b11, 2));
+    w.code(cl2.0, cl2.1); // literal 0: length 2
+    w.code(cl18.0, cl18.1);
+    w.lsb(127, 7); // 138 zeros
+    w.code(cl18.0, cl18.1);
+    w.lsb(106, 7); // 117 zeros: literals 1..=255
+    w.code(cl2.0, cl2.1); // 256 (end of block): length 2
+    w.code(cl18.0, cl18.1);
+    w.lsb(17, 7); // 28 zeros: 257..=284
+    w.code(cl1.0, cl1.1); // 285: length 1
+    w.code(cl1.0, cl1.1); // distance code 0: length 1
+    // Literal/length codes: 285 -> 0, literal 0 -> 10, end of block -> 11.
+    w.code(0b10, 2);
+    for _ in 0..repeats % 4 {
+        w.code(0, 2);
+    }
+    // Every further repeat is the bits 00: four to a zero byte.
+    let n = w.n + (repeats / 4) * 8;
+    let mut out = w.out;
+    out.resize(n.div_ceil(8), 0);
+    let mut w = Bits { out, n };
+    w.code(0b11, 2);
+    w.out
+}
