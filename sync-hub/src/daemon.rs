@@ -639,10 +639,6 @@ async fn connection(
         let mut got_frame = false;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if !raised && admitted.load(Ordering::Acquire) {
-                decoder.set_limit(MAX_FRAME_BYTES);
-                raised = true;
-            }
             let deadline = if got_frame {
                 Instant::now() + READ_TIMEOUT
             } else {
@@ -650,6 +646,12 @@ async fn connection(
             };
             match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => {
+                    // Checked after the read, not before it: admission (and the Welcome that
+                    // lets the peer send large frames) usually happens while this task waits.
+                    if !raised && admitted.load(Ordering::Acquire) {
+                        decoder.set_limit(MAX_FRAME_BYTES);
+                        raised = true;
+                    }
                     if let Err(error) = decoder.push(&buf[..n]) {
                         let _ = tx
                             .send(Input::Malformed {
