@@ -57,8 +57,15 @@ pub struct Rogue {
 
 impl Rogue {
     /// Takes over the enrolled (and not running) device in `dir`: its endpoint key, device
-    /// id and facility; binds an endpoint on loopback that dials the hub at `sync_port`.
-    pub async fn bind(dir: &Path, hub_dir: &Path, sync_port: u16, day: Day) -> Result<Rogue> {
+    /// id and facility; binds an endpoint on `listen` that dials the hub at `sync_port` and
+    /// turns away every incoming connection.
+    pub async fn bind(
+        dir: &Path,
+        hub_dir: &Path,
+        sync_port: u16,
+        day: Day,
+        listen: std::net::SocketAddr,
+    ) -> Result<Rogue> {
         let (key, me, facility) = {
             let device = edge_node::device::Device::open(dir)?;
             let e = device.enrollment();
@@ -72,7 +79,7 @@ impl Rogue {
             .secret_key(SecretKey::from_bytes(&key))
             .alpns(vec![ALPN.to_vec()])
             .clear_ip_transports()
-            .bind_addr("127.0.0.1:0".parse::<std::net::SocketAddr>()?)?
+            .bind_addr(listen)?
             .bind()
             .await?;
         // The hub lists this endpoint in its siblings' rosters: turn their dials away at once
