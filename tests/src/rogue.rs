@@ -13,7 +13,8 @@ use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::partition::Partition;
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
-    ALPN, Event, Frame, FrameDecoder, Hello, PROTOCOL_VERSION, Peer, RefuseReason, Session, Side,
+    ALPN, Decision, Event, Frame, FrameDecoder, Hello, PROTOCOL_VERSION, Peer, RefuseReason,
+    Session, Side,
 };
 use shared::time::{Day, horizon};
 use shared::{PartitionId, RecordId};
@@ -57,14 +58,15 @@ pub struct Rogue {
 
 impl Rogue {
     /// Takes over the enrolled (and not running) device in `dir`: its endpoint key, device
-    /// id and facility; binds an endpoint on `listen` that dials the hub at `sync_port` and
-    /// turns away every incoming connection.
+    /// id and facility; binds an endpoint on `listen` that dials the hub at `sync_port` and,
+    /// with `turn_away`, closes every incoming connection at once.
     pub async fn bind(
         dir: &Path,
         hub_dir: &Path,
         sync_port: u16,
         day: Day,
         listen: std::net::SocketAddr,
+        turn_away: bool,
     ) -> Result<Rogue> {
         let (key, me, facility) = {
             let device = edge_node::device::Device::open(dir)?;
@@ -86,6 +88,9 @@ impl Rogue {
         // rather than let each wait out its connect timeout. Ends when the endpoint closes.
         let acceptor = endpoint.clone();
         tokio::spawn(async move {
+            if !turn_away {
+                return;
+            }
             while let Some(incoming) = acceptor.accept().await {
                 if let Ok(conn) = incoming.await {
                     conn.close(1u32.into(), b"not serving siblings");
@@ -135,8 +140,38 @@ impl Rogue {
     /// Runs a real initiator session over `store` against the hub, moving frames as
     /// `edge-node`'s shell does (but persisting nothing), until it ends.
     pub async fn sync(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
-        let (conn, mut send, mut recv) = self.connect().await?;
-        let mut session = Session::initiator(now, self.me.clone(), None, store)?;
+        let (conn, send, recv) = self.connect().await?;
+        let session = Session::initiator(now, self.me.clone(), None, store)?;
+        drive(conn, send, recv, session, store, now).await
+    }
+
+    /// Serves one sibling's session as the responder over `store`, admitting any device of
+    /// the facility: the rogue as a relay. Only on an endpoint bound without `turn_away`.
+    pub async fn serve_one(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
+        let incoming = tokio::time::timeout(READ_TIMEOUT, self.endpoint.accept())
+            .await
+            .context("no sibling dialled")?
+            .context("the endpoint closed")?;
+        let conn = incoming.await?;
+        let (send, recv) = tokio::time::timeout(READ_TIMEOUT, conn.accept_bi())
+            .await
+            .context("the sibling opened no stream")??;
+        let session = Session::responder(self.me.clone());
+        drive(conn, send, recv, session, store, now).await
+    }
+}
+
+/// Moves frames between `session` and the stream as `edge-node`'s shell does (persisting
+/// nothing; a sibling's hello is admitted) until the session ends.
+async fn drive(
+    conn: iroh::endpoint::Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    mut session: Session,
+    store: &mut MemoryStore,
+    now: u64,
+) -> Result<Ending> {
+    {
         let mut decoder = FrameDecoder::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut ending = None;
@@ -159,6 +194,19 @@ impl Rogue {
                         }
                         Event::Failed(e) => ending = Some(Ending::Failed(e.to_string())),
                         Event::Finished(_) => ending = Some(Ending::Finished),
+                        Event::PeerHello(hello) => {
+                            let decision = match hello.peer.facility() {
+                                Some(f) => Decision::Admit {
+                                    facility: f.clone(),
+                                    refresh: None,
+                                },
+                                None => Decision::Refuse {
+                                    reason: RefuseReason::WrongFacility,
+                                    detail: "devices only".into(),
+                                },
+                            };
+                            session.admit(now, decision, store);
+                        }
                         _ => {}
                     }
                 }
@@ -198,7 +246,9 @@ impl Rogue {
         }
         bail!("the session did not end within {MAX_READS} reads")
     }
+}
 
+impl Rogue {
     /// Says a genuine `Hello` (listing nothing), waits for the `Welcome`, then sends `raw`
     /// (length prefixes included) as it is; returns the hub's refusal (its other frames are
     /// skipped).
@@ -245,6 +295,11 @@ impl Rogue {
             }
         }
         bail!("no refusal within {MAX_READS} reads")
+    }
+
+    /// The endpoint id (the enrolled device's).
+    pub fn id(&self) -> iroh::PublicKey {
+        self.endpoint.id()
     }
 
     /// Closes the endpoint.

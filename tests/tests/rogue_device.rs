@@ -13,7 +13,9 @@ use shared::sync::{Frame, RefuseReason, Side};
 use shared::time::Day;
 use std::net::SocketAddr;
 use std::path::Path;
-use tests::fixture::{HubFixture, Proc, check_in_codes, free_udp_port, now, run_ok, sync_once};
+use tests::fixture::{
+    self, HubFixture, Proc, check_in_codes, free_udp_port, now, run_ok, sync_once,
+};
 use tests::rogue::{self, Ending, Rogue};
 
 const MIB: usize = 1024 * 1024;
@@ -128,9 +130,23 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let rogue = rt.block_on(Rogue::bind(&r, &hub.data, hub.sync_port, day, r_listen))?;
+    let rogue = rt.block_on(Rogue::bind(
+        &r,
+        &hub.data,
+        hub.sync_port,
+        day,
+        r_listen,
+        true,
+    ))?;
     // A's address, answered with A's identity: B's sibling dials to A end at once.
-    let a_stub = rt.block_on(Rogue::bind(&a, &hub.data, hub.sync_port, day, a_listen))?;
+    let a_stub = rt.block_on(Rogue::bind(
+        &a,
+        &hub.data,
+        hub.sync_port,
+        day,
+        a_listen,
+        true,
+    ))?;
 
     // A real session over a hostile copy of the partition: one change made by `edit`.
     let hostile = |edit: &dyn Fn(&mut automerge::transaction::Transaction<'_>) -> Result<()>| {
@@ -254,6 +270,76 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
     let tr = hub.trace(&many[MANY / 2])?;
     assert_eq!(tr["visits"].as_array().map(Vec::len), Some(1), "{tr}");
     honest_side_unharmed("many small changes", &hub, &mut proc, &a_tokens, &b)?;
+
+    // 8. A relaying sibling: A, without a route to the hub, hands two new visits to R; R
+    // deletes A's earlier records in its copy and relays to the hub, which refuses it. A's
+    // visits still reach the hub through A's own later sync.
+    let relay_listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+    let relay = rt.block_on(Rogue::bind(
+        &r,
+        &hub.data,
+        hub.sync_port,
+        day,
+        relay_listen,
+        false,
+    ))?;
+    let a_new = check_in_codes(&a, 2)?;
+    let a_dir = a.display().to_string();
+    let peer = format!("{}@{relay_listen}", relay.id());
+    let dead_hub = format!("127.0.0.1:{}", free_udp_port()?);
+    let a_sync = std::thread::spawn(move || {
+        fixture::run(
+            "edge-node",
+            &[
+                "--data",
+                &a_dir,
+                "sync",
+                "--once",
+                "--json",
+                "--listen",
+                "127.0.0.1:0",
+                "--hub-addr",
+                &dead_hub,
+                "--peer",
+                &peer,
+            ],
+        )
+    });
+    let mut relay_store = relay.store_with(Rogue::stored_copy(&r, day)?);
+    let served = rt.block_on(relay.serve_one(&mut relay_store, now()));
+    let a_out = a_sync
+        .join()
+        .map_err(|_| anyhow::anyhow!("A's sync thread panicked"))??;
+    assert_eq!(served?, Ending::Finished, "A hands its visits to R");
+    assert!(!a_out.status.success(), "A had no route to the hub");
+    let relayed = relay_store
+        .get_mut(&relay.partition)
+        .context("R holds the partition")?;
+    assert_eq!(relayed.record_count(), a_keys.len() + a_new.len());
+    let mut tx = relayed.doc_mut().transaction();
+    for k in &a_keys {
+        tx.delete(ROOT, k.as_str())?;
+    }
+    tx.commit();
+    let ending = rt.block_on(relay.sync(&mut relay_store, now()))?;
+    assert_refused(
+        "relayed deletes",
+        &ending,
+        RefuseReason::InvalidChange,
+        "deletes a key",
+    );
+    for t in &a_new {
+        let tr = hub.trace(t)?;
+        assert_eq!(tr["visits"].as_array().map(Vec::len), Some(0), "{tr}");
+    }
+    let out = sync_once(&a, &[])?;
+    assert!(out.status.success(), "{}", err_of(&out));
+    for t in &a_new {
+        let tr = hub.trace(t)?;
+        assert_eq!(tr["visits"].as_array().map(Vec::len), Some(1), "{tr}");
+    }
+    honest_side_unharmed("relaying sibling", &hub, &mut proc, &a_tokens, &b)?;
+    rt.block_on(relay.close());
 
     rt.block_on(rogue.close());
     rt.block_on(a_stub.close());
