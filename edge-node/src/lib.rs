@@ -11,6 +11,5 @@ pub mod frame;
 pub mod kiosk;
 pub mod net;
 pub mod pin_guard;
-pub mod private_files;
 pub mod replica;
 pub mod store;

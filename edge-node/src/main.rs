@@ -7,6 +7,7 @@ use edge_node::device::DeviceError;
 use edge_node::device::{Device, StaffPin};
 use edge_node::store::StoreError;
 use edge_node::{clock, control, daemon, frame, net};
+use host::secret_input::{Echo, SecretInput};
 use serde_json::json;
 use shared::paper::PaperEntry;
 use shared::token::{Keyring, Verdict, verify};
@@ -225,7 +226,7 @@ fn message(v: Verdict, text: Option<&str>) -> String {
 fn run(cli: Cli) -> Result<i32> {
     let data = cli.data;
     // Before anything is created: every file of ours is owner-only (keys, stores, exports).
-    edge_node::private_files::restrict(&data);
+    host::private_files::restrict(&data);
     let now = clock::now();
     match cli.command {
         Command::Init {
@@ -233,7 +234,7 @@ fn run(cli: Cli) -> Result<i32> {
             staff_pin,
             json,
         } => {
-            let input = SecretInput::new();
+            let input = SecretInput::new("edge-node", PROMPT_ORDER);
             let pin = staff_pin
                 .map(|v| input.value("--staff-pin", "staff PIN", v, Echo::Off))
                 .transpose()?;
@@ -316,7 +317,7 @@ fn run(cli: Cli) -> Result<i32> {
                     "a visitor under 14 needs a guardian's consent (--guardian-consent); nothing was recorded"
                 );
             }
-            let input = SecretInput::new();
+            let input = SecretInput::new("edge-node", PROMPT_ORDER);
             let name = input.value("--name", "visitor's name", name.flatten(), Echo::On)?;
             let phone = input.value("--phone", "visitor's phone", phone.flatten(), Echo::On)?;
             let entry = PaperEntry {
@@ -487,7 +488,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Pin {
             command: PinCommand::Set { pin, json },
         } => {
-            let pin = SecretInput::new().value("--pin", "staff PIN", pin.flatten(), Echo::Off)?;
+            let pin = SecretInput::new("edge-node", PROMPT_ORDER).value(
+                "--pin",
+                "staff PIN",
+                pin.flatten(),
+                Echo::Off,
+            )?;
             let hashed = StaffPin::new(&pin)?;
             match Device::open(&data) {
                 Ok(mut dev) => dev.set_staff_pin(&hashed)?,
@@ -550,84 +556,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Whether a value read from a terminal is shown as it is typed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Echo {
-    On,
-    Off,
-}
-
-/// Names, phone numbers and PINs given as a bare flag (`--name`, `--phone`, `--pin`): read
-/// from stdin, one line each in the order the command asks for them (name, phone, PIN), with
-/// a prompt on stderr and, for a PIN, no echo when stdin is a terminal. A command line stays
-/// in shell history and is readable by every user in `/proc/PID/cmdline`; stdin is neither.
-struct SecretInput {
-    terminal: bool,
-}
-
-impl SecretInput {
-    fn new() -> SecretInput {
-        use std::io::IsTerminal;
-        SecretInput {
-            terminal: std::io::stdin().is_terminal(),
-        }
-    }
-
-    /// The flag's value: `given` as typed on the command line (with a warning), else one line
-    /// of stdin.
-    fn value(&self, flag: &str, what: &str, given: Option<String>, echo: Echo) -> Result<String> {
-        if let Some(v) = given {
-            eprintln!(
-                "edge-node: warning: {flag} VALUE stays in shell history and is visible to other users in /proc; give {flag} alone and type the value, or pipe it on stdin"
-            );
-            return Ok(v);
-        }
-        let line = if self.terminal {
-            eprint!("{what}: ");
-            let _ = std::io::Write::flush(&mut std::io::stderr());
-            let line = if echo == Echo::Off {
-                read_line_without_echo()
-            } else {
-                read_stdin_line()
-            };
-            if echo == Echo::Off {
-                eprintln!();
-            }
-            line
-        } else {
-            read_stdin_line()
-        };
-        let line = line.with_context(|| format!("cannot read the {what} ({flag}) from stdin"))?;
-        match line {
-            Some(v) => Ok(v),
-            None => bail!(
-                "{flag} was given without a value, so the {what} is read from stdin, but stdin ended first: send one line per such flag (name, then phone, then PIN)"
-            ),
-        }
-    }
-}
-
-/// One line of stdin without surrounding whitespace; `None` at end of input.
-fn read_stdin_line() -> std::io::Result<Option<String>> {
-    let mut line = String::new();
-    if std::io::stdin().read_line(&mut line)? == 0 {
-        return Ok(None);
-    }
-    Ok(Some(line.trim().to_owned()))
-}
-
-/// One line from the terminal on stdin with echo off, restored afterwards.
-fn read_line_without_echo() -> std::io::Result<Option<String>> {
-    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
-    let stdin = std::io::stdin();
-    let saved = tcgetattr(&stdin)?;
-    let mut quiet = saved.clone();
-    quiet.local_modes.remove(LocalModes::ECHO);
-    tcsetattr(&stdin, OptionalActions::Flush, &quiet)?;
-    let line = read_stdin_line();
-    tcsetattr(&stdin, OptionalActions::Now, &saved)?;
-    line
-}
+/// The order `edge-node` reads bare flags from stdin in.
+const PROMPT_ORDER: &str = "name, then phone, then PIN";
 
 fn is_busy(e: &DeviceError) -> bool {
     matches!(e, DeviceError::Store(StoreError::Busy(_)))
@@ -645,7 +575,7 @@ fn open_for_run(data: &Path) -> Result<Device> {
             edge_node::store::RUN_LOCK_WAIT,
             std::time::Duration::from_millis,
         );
-    match edge_node::store::wait_while_busy(wait, || Device::open(data), is_busy) {
+    match host::store_lock::wait_while_busy(wait, || Device::open(data), is_busy) {
         Ok(dev) => Ok(dev),
         Err(e) if is_busy(&e) => bail!(
             "{e}; still held after waiting {:.1} s{}",

@@ -10,7 +10,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use shared::envelope::{Envelope, WrappedKey};
 use shared::{Day, RecordId, UnixSeconds};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long `edge-node run` waits for the store while another process holds it. redb lets
 /// one process open the file at a time, and a short command (`status`, `scan`, `pin set`)
@@ -19,30 +19,6 @@ use std::time::{Duration, Instant};
 /// fail, and a second `run` that holds the store for good is still reported promptly.
 /// `EDGE_NODE_LOCK_WAIT_MS` overrides it (tests).
 pub const RUN_LOCK_WAIT: Duration = Duration::from_secs(10);
-/// How often a waiting `run` tries the store again.
-pub const LOCK_POLL: Duration = Duration::from_millis(100);
-
-/// Calls `open` until it returns anything but an error `busy` accepts, trying every
-/// [`LOCK_POLL`] for at most `bound`; then returns the last busy error.
-pub fn wait_while_busy<T, E>(
-    bound: Duration,
-    mut open: impl FnMut() -> Result<T, E>,
-    busy: impl Fn(&E) -> bool,
-) -> Result<T, E> {
-    let deadline = Instant::now() + bound;
-    loop {
-        match open() {
-            Err(e) if busy(&e) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(e);
-                }
-                std::thread::sleep(LOCK_POLL.min(left));
-            }
-            r => return r,
-        }
-    }
-}
 
 /// `device-1`: setting name -> bytes (JSON documents and raw keys).
 pub const DEVICE: TableDefinition<&str, &[u8]> = TableDefinition::new("device-1");

@@ -15,7 +15,6 @@ pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod people;
-pub mod private_files;
 pub mod store;
 pub mod trace;
 

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use host::secret_input::{Echo, SecretInput};
 use serde_json::json;
 use shared::facility::{BusinessNumber, Registration};
 use std::net::SocketAddr;
@@ -435,7 +436,7 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     let data = cli.data;
     // Before anything is created: every file of ours is owner-only (keys, stores, exports).
-    sync_hub::private_files::restrict(&data);
+    host::private_files::restrict(&data);
     let now = clock::now();
     match cli.command {
         Command::Init {
@@ -791,7 +792,7 @@ fn open_for_run(data: &std::path::Path) -> Result<Hub> {
             sync_hub::store::RUN_LOCK_WAIT,
             std::time::Duration::from_millis,
         );
-    match sync_hub::store::wait_while_busy(wait, || Hub::open(data), is_busy) {
+    match host::store_lock::wait_while_busy(wait, || Hub::open(data), is_busy) {
         Ok(hub) => Ok(hub),
         Err(e) if is_busy(&e) => anyhow::bail!(
             "{e}; still held after waiting {:.1} s{}",
@@ -1032,33 +1033,6 @@ fn designation(data: &std::path::Path, command: DesignationCommand, now: u64) ->
     Ok(())
 }
 
-/// A person's name or phone number: as given on the command line (with a warning: it stays in
-/// shell history and `/proc/PID/cmdline`), or, for a bare flag, one line of stdin, prompted
-/// on stderr when stdin is a terminal. Bare flags are read in the order the command asks.
-fn personal_value(flag: &str, what: &str, given: Option<String>) -> Result<String> {
-    use std::io::IsTerminal;
-    if let Some(v) = given {
-        eprintln!(
-            "sync-hub: warning: {flag} VALUE stays in shell history and is visible to other users in /proc; give {flag} alone and type the value, or pipe it on stdin"
-        );
-        return Ok(v);
-    }
-    if std::io::stdin().is_terminal() {
-        eprint!("{what}: ");
-        let _ = std::io::Write::flush(&mut std::io::stderr());
-    }
-    let mut line = String::new();
-    let n = std::io::stdin()
-        .read_line(&mut line)
-        .with_context(|| format!("cannot read the {what} ({flag}) from stdin"))?;
-    if n == 0 {
-        anyhow::bail!(
-            "{flag} was given without a value, so the {what} is read from stdin, but stdin ended first: send one line per such flag"
-        );
-    }
-    Ok(line.trim().to_owned())
-}
-
 fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {
     match command {
         FacilityCommand::Add {
@@ -1075,12 +1049,15 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 Some(b) => Some(BusinessNumber::parse(&b)?),
                 None => None,
             };
-            let representative = personal_value(
+            // The representative's name and phone are often a sole proprietor's own.
+            let input = SecretInput::new("sync-hub", "representative, then phone");
+            let representative = input.value(
                 "--representative",
                 "representative",
                 representative.flatten(),
+                Echo::On,
             )?;
-            let phone = personal_value("--phone", "phone", phone.flatten())?;
+            let phone = input.value("--phone", "phone", phone.flatten(), Echo::On)?;
             let registration = Registration {
                 name,
                 business_number,

@@ -13,7 +13,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use shared::facility::Facility;
 use shared::{DeviceId, FacilityId, UnixSeconds};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long `sync-hub run` waits for the store while another process holds it. redb lets one
 /// process open the file at a time, and a short command (`stats`, `facility add`, `enroll`)
@@ -22,30 +22,6 @@ use std::time::{Duration, Instant};
 /// that holds the store for good is still reported promptly. `SYNC_HUB_LOCK_WAIT_MS`
 /// overrides it (tests).
 pub const RUN_LOCK_WAIT: Duration = Duration::from_secs(10);
-/// How often a waiting `run` tries the store again.
-pub const LOCK_POLL: Duration = Duration::from_millis(100);
-
-/// Calls `open` until it returns anything but an error `busy` accepts, trying every
-/// [`LOCK_POLL`] for at most `bound`; then returns the last busy error.
-pub fn wait_while_busy<T, E>(
-    bound: Duration,
-    mut open: impl FnMut() -> Result<T, E>,
-    busy: impl Fn(&E) -> bool,
-) -> Result<T, E> {
-    let deadline = Instant::now() + bound;
-    loop {
-        match open() {
-            Err(e) if busy(&e) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(e);
-                }
-                std::thread::sleep(LOCK_POLL.min(left));
-            }
-            r => return r,
-        }
-    }
-}
 
 /// `config-1`: setting name -> JSON value.
 pub const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config-1");

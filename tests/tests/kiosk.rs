@@ -799,83 +799,6 @@ fn a_request_naming_another_host_is_refused_before_any_route() -> Result<()> {
     Ok(())
 }
 
-/// Deflate (RFC 1951) of `n` zero bytes in one dynamic-Huffman block: a literal zero, then
-/// copies of 258 bytes at distance 1 at 2 bits each (the format's best ratio, about 1000:1),
-/// the rest as literals.
-fn deflate_zeros(n: u64) -> Vec<u8> {
-    struct Bits {
-        out: Vec<u8>,
-        acc: u64,
-        len: u32,
-    }
-    impl Bits {
-        /// `count` bits of `value`, least significant first (header fields, extra bits).
-        fn put(&mut self, value: u64, count: u32) {
-            self.acc |= value << self.len;
-            self.len += count;
-            while self.len >= 8 {
-                self.out.push(self.acc as u8);
-                self.acc >>= 8;
-                self.len -= 8;
-            }
-        }
-        /// A Huffman code of `len` bits, most significant first.
-        fn code(&mut self, code: u64, len: u32) {
-            for i in (0..len).rev() {
-                self.put((code >> i) & 1, 1);
-            }
-        }
-    }
-    let mut b = Bits {
-        out: Vec::new(),
-        acc: 0,
-        len: 0,
-    };
-    b.put(1, 1); // final block
-    b.put(2, 2); // dynamic Huffman
-    b.put(29, 5); // 286 literal/length codes
-    b.put(1, 5); // 2 distance codes
-    b.put(14, 4); // 18 code-length code lengths
-    // In the format's order 16 17 18 0 8 7 9 6 10 5 11 4 12 3 13 2 14 1: the code-length
-    // alphabet uses 18 (1 bit: "0"), 1 ("10") and 2 ("11").
-    for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
-        b.put(len, 3);
-    }
-    let (cl1, cl2, cl18) = ((0b10, 2), (0b11, 2), (0b0, 1));
-    // Literal 0: 2 bits; 1..=255: none; 256 (end): 2 bits; 257..=284: none; 285 (copy 258): 1.
-    b.code(cl2.0, cl2.1);
-    b.code(cl18.0, cl18.1);
-    b.put(138 - 11, 7);
-    b.code(cl18.0, cl18.1);
-    b.put(117 - 11, 7);
-    b.code(cl2.0, cl2.1);
-    b.code(cl18.0, cl18.1);
-    b.put(28 - 11, 7);
-    b.code(cl1.0, cl1.1);
-    // Distance codes 0 (distance 1) and 1: one bit each.
-    b.code(cl1.0, cl1.1);
-    b.code(cl1.0, cl1.1);
-    // Codes: literal 0 "10", end "11", length 258 "0"; distance 1 "0".
-    let mut left = n;
-    if left > 0 {
-        b.code(0b10, 2);
-        left -= 1;
-    }
-    while left >= 258 {
-        b.code(0b0, 1);
-        b.code(0b0, 1);
-        left -= 258;
-    }
-    for _ in 0..left {
-        b.code(0b10, 2);
-    }
-    b.code(0b11, 2);
-    if b.len > 0 {
-        b.put(0, 8 - b.len);
-    }
-    b.out
-}
-
 /// A PNG of `width x height` 16-bit RGBA pixels, all zero, built without ever holding them.
 fn zero_rgba16_png(width: u32, height: u32) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {
@@ -911,7 +834,7 @@ fn zero_rgba16_png(width: u32, height: u32) -> Vec<u8> {
     // Each row: filter byte 0 ("none"), then 8 zero bytes a pixel.
     let n = u64::from(height) * (1 + 8 * u64::from(width));
     let mut zlib = vec![0x78, 0x01];
-    zlib.extend(deflate_zeros(n));
+    zlib.extend(shared::sync::harness::deflate_zeros(n));
     // Adler-32 of n zero bytes: a stays 1, b grows by 1 a byte.
     let adler = (((n % 65_521) as u32) << 16) | 1;
     zlib.extend_from_slice(&adler.to_be_bytes());

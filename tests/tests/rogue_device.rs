@@ -161,7 +161,7 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
 
     // 1. An inflation bomb: a compressed change chunk (~1 MB inflating to ~1 GiB) in a Sync
     // frame, refused without inflating.
-    let bomb = rogue::deflate_bomb(4 << 20);
+    let bomb = shared::sync::harness::deflate_zeros(1 + 258 * (4 << 20));
     let frame = Frame::Sync {
         partition: rogue.partition.clone(),
         message: rogue::compressed_chunk_message(&bomb),

@@ -1342,79 +1342,10 @@ mod tests {
         panic!("no column {spec:#x}");
     }
 
-    /// A raw DEFLATE stream that inflates to `1 + 258 * repeats` zero bytes at two bits per
-    /// 258 bytes (~1000:1): one dynamic-Huffman block whose length code 285 (258 bytes) is
-    /// one bit long and whose only distance code (1) is one bit long.
-    fn deflate_bomb(repeats: usize) -> Vec<u8> {
-        struct Bits {
-            out: Vec<u8>,
-            n: usize,
-        }
-        impl Bits {
-            fn lsb(&mut self, value: u32, width: u32) {
-                for i in 0..width {
-                    self.bit((value >> i) & 1);
-                }
-            }
-            fn code(&mut self, code: u32, width: u32) {
-                for i in (0..width).rev() {
-                    self.bit((code >> i) & 1);
-                }
-            }
-            fn bit(&mut self, b: u32) {
-                if self.n.is_multiple_of(8) {
-                    self.out.push(0);
-                }
-                if b == 1 {
-                    *self.out.last_mut().unwrap() |= 1 << (self.n % 8);
-                }
-                self.n += 1;
-            }
-        }
-        let mut w = Bits {
-            out: Vec::new(),
-            n: 0,
-        };
-        w.lsb(1, 1); // final block
-        w.lsb(2, 2); // dynamic Huffman
-        w.lsb(29, 5); // 286 literal/length codes
-        w.lsb(0, 5); // 1 distance code
-        w.lsb(14, 4); // 18 code-length codes
-        // Code-length code lengths in the format's order 16,17,18,0,8,7,9,6,10,5,11,4,12,3,
-        // 13,2,14,1: symbol 18 one bit, symbols 1 and 2 two bits.
-        for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
-            w.lsb(len, 3);
-        }
-        // Canonical code-length codes: 18 -> 0, 1 -> 10, 2 -> 11.
-        let (cl18, cl1, cl2) = ((0, 1), (0b10, 2), (0b11, 2));
-        w.code(cl2.0, cl2.1); // literal 0: length 2
-        w.code(cl18.0, cl18.1);
-        w.lsb(127, 7); // 138 zeros
-        w.code(cl18.0, cl18.1);
-        w.lsb(106, 7); // 117 zeros: literals 1..=255
-        w.code(cl2.0, cl2.1); // 256 (end of block): length 2
-        w.code(cl18.0, cl18.1);
-        w.lsb(17, 7); // 28 zeros: 257..=284
-        w.code(cl1.0, cl1.1); // 285: length 1
-        w.code(cl1.0, cl1.1); // distance code 0: length 1
-        // Literal/length codes: 285 -> 0, literal 0 -> 10, end of block -> 11.
-        w.code(0b10, 2);
-        for _ in 0..repeats % 4 {
-            w.code(0, 2);
-        }
-        // Every further repeat is the bits 00: four to a zero byte.
-        let n = w.n + (repeats / 4) * 8;
-        let mut out = w.out;
-        out.resize(n.div_ceil(8), 0);
-        let mut w = Bits { out, n };
-        w.code(0b11, 2);
-        w.out
-    }
-
     #[test]
     fn an_inflation_bomb_is_refused_without_inflating() {
         use std::io::Read;
-        let body = deflate_bomb(4 << 20);
+        let body = crate::sync::harness::deflate_zeros(1 + 258 * (4 << 20));
         assert!(body.len() < 1_100_000, "{}", body.len());
         // It is a bomb: the first 64 MiB inflate from its first bytes.
         let inflated = std::io::copy(

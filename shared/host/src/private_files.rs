@@ -1,9 +1,10 @@
-//! Owner-only files: everything this binary creates, and the data folder it opens, is readable
+//! Owner-only files: everything a binary creates, and the data folder it opens, is readable
 //! by its owner alone.
 //!
-//! The data folder holds `hub.redb`, the key files of `keys/` and the authority's identity
-//! until it is moved; under an ordinary umask (022) redb and `std::fs` create files 0644, readable by every
-//! local user. The process's umask is set to 077 before anything is created, and a folder
+//! A device's data folder holds the endpoint key, an unused ticket credential and the staff
+//! PIN's hash; a hub's holds `hub.redb`, the key files of `keys/` and the authority's identity
+//! until it is moved. Under an ordinary umask (022) redb and `std::fs` create files 0644,
+//! readable by every local user. The process's umask is set to 077 before anything is created, and a folder
 //! written by an earlier release (or copied in with loose modes) is tightened when opened.
 
 use std::fs;
