@@ -590,7 +590,10 @@ pub fn purge(
     let enforced = purge_as_of(who, as_of, now)?;
     let result = ledger.purge(enforced);
     audit_purge(hub, who, as_of, enforced, &result, now)?;
-    hub.audit().expire_details(enforced)?;
+    // Audit details expire by the hub's own clock, never a fast-forwarded one: a purge far
+    // ahead must not erase recent traces' details (its own entry's among them) nor move the
+    // head's expiry point past entries a `hub.redb` writer could then delete unnoticed.
+    hub.audit().expire_details(now)?;
     Ok(result?)
 }
 

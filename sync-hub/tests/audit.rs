@@ -412,3 +412,35 @@ fn a_purge_expires_the_details_of_entries_older_than_28_days_and_the_chain_verif
     );
     Ok(())
 }
+
+#[test]
+fn a_purge_fast_forwarded_ahead_keeps_the_details_of_recent_entries() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (dir, hub) = hub_in(&tmp)?;
+    let now: UnixSeconds = sync_hub::clock::now();
+    let who = Principal::local_operator();
+    hub.audit()
+        .append(&who, trace_event("case-new", "fac_new"), now - DAY_SECONDS)?;
+    drop(hub);
+    let ahead = (now + 40 * DAY_SECONDS).to_string();
+    let out = sync_hub(&dir, &["purge", "--as-of", &ahead])?;
+    assert!(
+        out.status.success(),
+        "purge: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = listing(&dir)?;
+    let recent = after
+        .iter()
+        .find(|e| e["seq"] == 0)
+        .context("entry 0 is listed")?;
+    assert_eq!(recent["case_id"], "case-new", "{recent}");
+    assert_ne!(recent["details_expired"], true, "{recent}");
+    let verify = sync_hub(&dir, &["audit", "--verify"])?;
+    assert!(
+        verify.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    Ok(())
+}
