@@ -242,7 +242,7 @@ async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response
 /// A staff PIN to set.
 #[derive(Deserialize)]
 pub struct PinRequest {
-    /// The new PIN (4 to 12 digits).
+    /// The new PIN (6 to 12 digits; a shorter one is refused).
     pub pin: String,
 }
 

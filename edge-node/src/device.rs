@@ -37,8 +37,12 @@ pub const MAX_RECORDS_PER_CHANGE: usize = 2_000;
 pub const MAX_FOLD_BYTES: usize = 512 * 1024;
 /// `status` warns when fewer day keys than this remain.
 pub const DAY_KEYS_WARNING: usize = 7;
-/// How many digits a staff PIN has.
+/// How many digits a staff PIN has: 4 to 12 for one set by an earlier release, which keeps
+/// working (`status` warns once the kiosk has seen it is short).
 pub const STAFF_PIN_DIGITS: std::ops::RangeInclusive<usize> = 4..=12;
+/// The fewest digits of a PIN set now: 10^6 values, years of guessing behind the kiosk's
+/// brake (`pin_guard`'s numbers).
+pub const STAFF_PIN_MIN_NEW_DIGITS: usize = 6;
 /// Argon2id memory cost of the staff PIN hash, KiB: 19 MiB, OWASP's minimum memory for
 /// argon2id. Measured on this project's 2-core machine (argon2 at opt-level 2): t=2 (OWASP's
 /// minimum) took 24-29 ms a hash, so [`STAFF_PIN_ARGON2_T`] is 4 for ~50 ms (80 ms under
@@ -115,8 +119,8 @@ pub enum DeviceError {
     VisitTime(String),
     /// A staff PIN that is not of the allowed form.
     #[error(
-        "the staff PIN must be {} to {} digits (0-9) and nothing else; it was not set",
-        STAFF_PIN_DIGITS.start(),
+        "the staff PIN must be {} to {} digits (0-9) and nothing else (a shorter PIN is guessed within weeks); it was not set",
+        STAFF_PIN_MIN_NEW_DIGITS,
         STAFF_PIN_DIGITS.end()
     )]
     BadPin,
@@ -312,10 +316,13 @@ impl std::fmt::Debug for StaffPin {
 
 impl StaffPin {
     /// Hashes a new PIN with argon2id under a fresh 16-byte salt; refuses a PIN that is not
-    /// 4 to 12 digits. Costs ~50 ms and 19 MiB: call it outside the device lock.
+    /// [`STAFF_PIN_MIN_NEW_DIGITS`] (6) to 12 digits. Costs ~50 ms and 19 MiB: call it outside the device lock.
     pub fn new(pin: &str) -> Result<StaffPin, DeviceError> {
         use argon2::PasswordHasher;
         validate_staff_pin(pin)?;
+        if pin.len() < STAFF_PIN_MIN_NEW_DIGITS {
+            return Err(DeviceError::BadPin);
+        }
         let mut salt = [0u8; 16];
         OsRng.fill_bytes(&mut salt);
         let salt = argon2::password_hash::SaltString::encode_b64(&salt)
@@ -381,6 +388,7 @@ const K_CLOCK_OFFSET: &str = "clock_offset";
 const K_ROSTER: &str = "roster";
 const K_STAFF_PIN: &str = "staff_pin";
 const K_STAFF_PIN_RESET: &str = "staff_pin_reset";
+const K_STAFF_PIN_SHORT: &str = "staff_pin_short";
 
 fn store_path(dir: &Path) -> PathBuf {
     dir.join("edge.redb")
@@ -532,6 +540,17 @@ impl Device {
     pub fn set_staff_pin(&mut self, pin: &StaffPin) -> Result<(), DeviceError> {
         self.store.put(&[(K_STAFF_PIN, &json(pin))])?;
         self.store.remove(K_STAFF_PIN_RESET)?;
+        self.store.remove(K_STAFF_PIN_SHORT)?;
+        Ok(())
+    }
+
+    /// Notes that the stored staff PIN (set by an earlier release) has fewer than
+    /// [`STAFF_PIN_MIN_NEW_DIGITS`] digits, as the kiosk saw when it was used; `status` warns
+    /// until a new one is set.
+    pub fn note_short_staff_pin(&self) -> Result<(), DeviceError> {
+        if self.store.get(K_STAFF_PIN_SHORT)?.is_none() {
+            self.store.put(&[(K_STAFF_PIN_SHORT, b"true")])?;
+        }
         Ok(())
     }
 
@@ -1046,6 +1065,11 @@ impl Device {
                     .into(),
             );
         }
+        if self.store.get(K_STAFF_PIN_SHORT)?.is_some() {
+            warnings.push(format!(
+                "the staff PIN has fewer than {STAFF_PIN_MIN_NEW_DIGITS} digits and can be guessed within weeks: set a new one with `edge-node pin set`"
+            ));
+        }
         if day_keys_left < DAY_KEYS_WARNING {
             warnings.push(format!(
                 "only {day_keys_left} days of hub keys left: connect this device to the hub (sync) before they run out"
@@ -1472,17 +1496,60 @@ mod tests {
 
     #[test]
     fn staff_pin_form_is_checked() {
-        for bad in ["", "123", "12a4", "1234567890123", " 1234", "１２３４"] {
+        for bad in [
+            "",
+            "123",
+            "1234",
+            "12345",
+            "12a456",
+            "1234567890123",
+            " 123456",
+            "１２３４５６",
+        ] {
             assert!(
                 matches!(StaffPin::new(bad), Err(DeviceError::BadPin)),
                 "{bad:?} was accepted"
             );
         }
-        for good in ["1234", "000000", "123456789012"] {
+        for good in ["000000", "123456789012"] {
             assert!(StaffPin::new(good).is_ok(), "{good:?} was refused");
         }
+        let msg = StaffPin::new("1234")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("6 to 12 digits"), "{msg}");
         let bad_json = br#"{"salt":"zz","hash":"00"}"#;
         assert!(serde_json::from_slice::<StaffPin>(bad_json).is_err());
+    }
+
+    /// A 4-digit PIN set by an earlier release keeps working; once the kiosk has seen it is
+    /// short, `status` says to change it, until a new one is set.
+    #[test]
+    fn a_short_pin_of_an_earlier_release_works_and_status_warns() {
+        use argon2::PasswordHasher;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut dev = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        let salt = argon2::password_hash::SaltString::encode_b64(&[9; 16]).expect("salt");
+        let phc = staff_pin_hasher()
+            .expect("hasher")
+            .hash_password(b"1234", &salt)
+            .expect("hash")
+            .to_string();
+        dev.set_staff_pin(&StaffPin { phc }).expect("stored");
+        let pin = dev.staff_pin().expect("read").expect("set");
+        assert!(pin.matches("1234"));
+        let warns = |dev: &Device| dev.status(NOON).expect("status").warnings.join("\n");
+        assert!(!warns(&dev).contains("staff PIN"), "{}", warns(&dev));
+        dev.note_short_staff_pin().expect("noted");
+        assert!(
+            warns(&dev).contains("fewer than 6 digits"),
+            "{}",
+            warns(&dev)
+        );
+        dev.set_staff_pin(&StaffPin::new("402913").expect("valid"))
+            .expect("stored");
+        assert!(!warns(&dev).contains("staff PIN"), "{}", warns(&dev));
     }
 
     /// A backlog folds into bounded changes, in pending order, each stored with its rows, so

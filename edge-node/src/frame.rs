@@ -29,6 +29,10 @@ pub struct FrameLimits {
     pub max_side: u32,
     /// The most the decoded image may take in memory, in bytes.
     pub max_decoded_bytes: u64,
+    /// Take only sequential (baseline or extended, SOF0/SOF1) JPEGs of 1 or 3 components,
+    /// checked by reading the markers before the decoder sees the frame (see
+    /// [`check_sequential_jpeg`]).
+    pub sequential_jpeg_only: bool,
 }
 
 impl FrameLimits {
@@ -38,14 +42,23 @@ impl FrameLimits {
     pub const PHOTO: FrameLimits = FrameLimits {
         max_side: 4096,
         max_decoded_bytes: 64 * 1024 * 1024,
+        sequential_jpeg_only: false,
     };
     /// The kiosk's camera frames: its page sends JPEGs 640 pixels wide, and HD (1920x1080, even
     /// as 16-bit RGBA) is more than a camera stream needs. Any frame then costs at most 16 MiB
     /// plus 4 MiB of luma, so the kiosk's few decodes at once stay well inside a small
     /// device's memory whatever a client on the LAN sends.
+    ///
+    /// The decoded-bytes cap counts the output image only. A progressive JPEG (SOF2, SOF10)
+    /// makes the decoder keep every component's coefficients (2 bytes a sample) besides the
+    /// output, and a 4-component (CMYK/YCCK) one decodes a fourth plane and converts it: both
+    /// take far more than the cap per pixel, and the JPEG decoder takes no allocation limit.
+    /// A browser canvas's `toBlob("image/jpeg")` gives baseline YCbCr, so the kiosk refuses
+    /// the others from their markers, before decoding.
     pub const KIOSK: FrameLimits = FrameLimits {
         max_side: 2048,
         max_decoded_bytes: 16 * 1024 * 1024,
+        sequential_jpeg_only: true,
     };
 }
 
@@ -96,6 +109,10 @@ pub enum FrameError {
     OverLimit(String),
     #[error("frame could not be decoded ({0}): it is truncated or corrupt; capture it again")]
     Undecodable(String),
+    #[error(
+        "frame is {0}; the kiosk takes baseline JPEG frames of 1 or 3 components (what a browser canvas gives) or PNG: send the camera frame as a baseline JPEG"
+    )]
+    UnsupportedJpeg(String),
     #[error("frame file {} does not exist: check the path", .path.display())]
     FileMissing { path: PathBuf },
     #[error("frame path {} is a directory: pass the path of an image file", .path.display())]
@@ -383,6 +400,9 @@ pub fn load_luma(bytes: &[u8]) -> Result<GrayImage, FrameError> {
 /// kiosk's live camera stream).
 pub fn load_luma_within(bytes: &[u8], limits: FrameLimits) -> Result<GrayImage, FrameError> {
     let format = sniff(bytes)?;
+    if format == ImageFormat::Jpeg && limits.sequential_jpeg_only {
+        check_sequential_jpeg(bytes)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     // The decoders' own ceiling too (the PNG decoder's buffers for chunks and rows), beside
     // the header checks below.
@@ -416,6 +436,82 @@ pub fn load_luma_within(bytes: &[u8], limits: FrameLimits) -> Result<GrayImage, 
     }
     let img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
     Ok(img.into_luma8())
+}
+
+/// Marker segments [`check_sequential_jpeg`] walks at most before the frame header.
+const MAX_JPEG_SEGMENTS: usize = 256;
+
+/// Reads a JPEG's markers up to its frame header (SOFn) and refuses, before any decoding,
+/// what is not a sequential (SOF0 baseline or SOF1 extended, Huffman-coded) frame of 1 or 3
+/// components: progressive (SOF2, SOF6, SOF10, SOF14), lossless, hierarchical and
+/// arithmetic-coded frames, and 4-component (CMYK/YCCK) ones. Bounded: it reads only the
+/// 2-byte lengths of the segments before the frame header (at most [`MAX_JPEG_SEGMENTS`] of
+/// them) and never indexes past the end of `bytes`.
+pub fn check_sequential_jpeg(bytes: &[u8]) -> Result<(), FrameError> {
+    let damaged = |why: &str| FrameError::Undecodable(format!("JPEG markers: {why}"));
+    if bytes.get(..2) != Some(&[0xFF, 0xD8][..]) {
+        return Err(damaged("no start-of-image marker"));
+    }
+    let mut at = 2usize;
+    for _ in 0..MAX_JPEG_SEGMENTS {
+        if bytes.get(at) != Some(&0xFF) {
+            return Err(damaged("a segment does not start with a marker"));
+        }
+        // Fill bytes (0xFF) may precede a marker.
+        while bytes.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let marker = *bytes
+            .get(at)
+            .ok_or_else(|| damaged("the frame ends before its frame header"))?;
+        at += 1;
+        match marker {
+            // Standalone markers without a length: TEM, RSTn.
+            0x01 | 0xD0..=0xD7 => continue,
+            0xD8 => return Err(damaged("a second start-of-image marker")),
+            0xD9 => return Err(damaged("the image ends before its frame header")),
+            0xDA => return Err(damaged("a scan starts before the frame header")),
+            _ => {}
+        }
+        let len = bytes
+            .get(at..at + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .ok_or_else(|| damaged("the frame ends inside a segment's length"))?;
+        if len < 2 {
+            return Err(damaged("a segment length under 2"));
+        }
+        let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if !is_sof {
+            at += len;
+            continue;
+        }
+        let kind = match marker {
+            0xC0 | 0xC1 => None,
+            0xC2 => Some("a progressive JPEG (SOF2)"),
+            0xCA => Some("a progressive arithmetic-coded JPEG (SOF10)"),
+            0xC6 | 0xCE => Some("a progressive hierarchical JPEG"),
+            0xC3 | 0xC7 | 0xCB | 0xCF => Some("a lossless JPEG"),
+            0xC5 => Some("a hierarchical JPEG"),
+            _ => Some("an arithmetic-coded JPEG"),
+        };
+        if let Some(kind) = kind {
+            return Err(FrameError::UnsupportedJpeg(kind.into()));
+        }
+        // SOFn: length, precision, height, width, number of components.
+        let components = *bytes
+            .get(at + 7)
+            .ok_or_else(|| damaged("the frame ends inside the frame header"))?;
+        return match components {
+            1 | 3 => Ok(()),
+            4 => Err(FrameError::UnsupportedJpeg(
+                "a 4-component (CMYK or YCCK) JPEG".into(),
+            )),
+            n => Err(FrameError::UnsupportedJpeg(format!(
+                "a JPEG of {n} components"
+            ))),
+        };
+    }
+    Err(damaged("too many segments before the frame header"))
 }
 
 /// Recognise PNG and JPEG by their magic bytes; name what anything else looks like.
@@ -966,6 +1062,96 @@ mod tests {
             Err(FrameError::Undecodable(_)) | Ok(None) => {}
             Ok(Some(text)) => assert_eq!(text, TOKEN),
             Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    /// `bytes` (a baseline JPEG) with its frame header rewritten as `marker` (SOFn) with
+    /// `components` components, all other segments as they were.
+    fn with_frame_header(bytes: &[u8], marker: u8, components: u8) -> Vec<u8> {
+        let sof = bytes
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("baseline JPEG has SOF0");
+        let len = usize::from(u16::from_be_bytes([bytes[sof + 2], bytes[sof + 3]]));
+        let mut out = bytes[..sof].to_vec();
+        let new_len = 8 + 3 * u16::from(components);
+        out.extend_from_slice(&[0xFF, marker]);
+        out.extend_from_slice(&new_len.to_be_bytes());
+        // Precision, height, width as they were.
+        out.extend_from_slice(&bytes[sof + 4..sof + 9]);
+        out.push(components);
+        for id in 1..=components {
+            out.extend_from_slice(&[id, 0x11, 0]);
+        }
+        out.extend_from_slice(&bytes[sof + 2 + len..]);
+        out
+    }
+
+    /// Finding 3 of the edge review: the kiosk's pixel cap does not bound what a progressive
+    /// or 4-component JPEG takes to decode, so those are refused from their markers, with a
+    /// clear error, before any decoding; a baseline camera frame still decodes.
+    #[test]
+    fn the_kiosk_refuses_progressive_and_cmyk_jpegs_before_decoding() {
+        let baseline = jpeg(&code_frame(TOKEN));
+        assert_eq!(
+            decode_frame_within(&baseline, FrameLimits::KIOSK).expect("a baseline frame"),
+            Some(TOKEN.to_owned())
+        );
+        assert!(check_sequential_jpeg(&baseline).is_ok());
+        // Extended sequential (SOF1) is decoded like baseline.
+        assert!(check_sequential_jpeg(&with_frame_header(&baseline, 0xC1, 3)).is_ok());
+        for (marker, components, says) in [
+            (0xC2, 1, "progressive JPEG (SOF2)"),
+            (0xC2, 3, "progressive JPEG (SOF2)"),
+            (0xCA, 3, "progressive arithmetic-coded JPEG (SOF10)"),
+            (0xC3, 1, "lossless"),
+            (0xC0, 4, "4-component (CMYK or YCCK)"),
+            (0xC1, 4, "4-component (CMYK or YCCK)"),
+            (0xC0, 2, "2 components"),
+        ] {
+            let bytes = with_frame_header(&baseline, marker, components);
+            for load in [
+                load_luma_within(&bytes, FrameLimits::KIOSK).map(|_| ()),
+                decode_frame_within(&bytes, FrameLimits::KIOSK).map(|_| ()),
+            ] {
+                let err = load.expect_err("refused");
+                assert!(
+                    matches!(err, FrameError::UnsupportedJpeg(_)),
+                    "SOF {marker:#x} x{components}: {err}"
+                );
+                let msg = err.to_string();
+                assert!(msg.contains(says) && msg.contains("baseline JPEG"), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_jpeg_marker_walk_is_bounded_and_never_panics() {
+        let baseline = with_frame_header(&jpeg(&GrayImage::new(16, 16)), 0xC2, 4);
+        // Every prefix: refused with an error (the SOF is cut or missing), never a panic.
+        for n in 0..baseline.len() {
+            let _ = check_sequential_jpeg(&baseline[..n]);
+        }
+        assert!(matches!(
+            check_sequential_jpeg(&baseline),
+            Err(FrameError::UnsupportedJpeg(_))
+        ));
+        // A scan before any frame header, a zero length, endless empty segments.
+        for bad in [
+            vec![0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x08],
+            vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x00],
+            vec![0xFF, 0xD8, 0xFF, 0xD9],
+            vec![0xFF, 0xD8, 0x00],
+            [0xFF, 0xD8]
+                .into_iter()
+                .chain([0xFF, 0xFE, 0x00, 0x02].repeat(100_000))
+                .collect(),
+        ] {
+            assert!(
+                matches!(check_sequential_jpeg(&bad), Err(FrameError::Undecodable(_))),
+                "{:?}",
+                &bad[..bad.len().min(8)]
+            );
         }
     }
 

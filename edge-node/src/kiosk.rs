@@ -11,20 +11,22 @@
 //! facility's LAN (`run --http 0.0.0.0:7451`), while `/api/*` stays loopback-only and
 //! token-bound (see `control`). What the kiosk routes can do is what a person at the entrance
 //! can do anyway: show a code, read the status line; the paper log needs the PIN, and wrong
-//! PINs lock the staff login for a while, for the address they came from (see `pin_guard`);
-//! an attempt is counted before its PIN is hashed, so PINs sent at once cannot outrun the
-//! count. Every route of the device's server answers only a `Host` that is the device's own
+//! PINs lock the staff login for a while, for the address (an IPv6 /64) they came from, and
+//! a device-wide brake holds strangers to 10 wrong PINs an hour (see `pin_guard`); an attempt
+//! is counted, and the count written to the device's store, before its PIN is hashed, so
+//! PINs sent at once cannot outrun the count and a restart does not reset it. Every route of the device's server answers only a `Host` that is the device's own
 //! ([`own_host_only`], against DNS rebinding), and frames are held to
 //! [`frame::FrameLimits::KIOSK`] from their headers, [`MAX_DECODES`] decoding at once.
 //!
 //! The decision is the device's: frames are decoded by `frame`, codes verified and stored by
 //! [`Device::check_in`] (one visit per code, however many frames show it), entries validated
 //! and sealed by [`Device::add_paper`]. This module only moves bytes and adds the kiosk's own
-//! session and rate-limit state, which lives in memory and dies with the process.
+//! session state, which lives in memory and dies with the process, and the wrong-PIN state,
+//! which is kept in the store.
 
 use crate::device::{Device, StaffPin};
 use crate::net::SharedDevice;
-use crate::pin_guard::{Failure, PinGuard, Refusal};
+use crate::pin_guard::{self, Attempt, Failure, PinGuard, Refusal};
 use crate::{clock, frame};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -41,7 +43,7 @@ use shared::token::Verdict;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
 
 /// The largest frame the kiosk accepts: a 640x480 JPEG is 30 to 80 KB, a PNG a few hundred.
@@ -98,7 +100,9 @@ struct Shared {
     /// Frames being received or waiting to be decoded ([`MAX_FRAMES_IN_FLIGHT`]).
     frames: Semaphore,
     /// Frame decodes running at once ([`MAX_DECODES`]); the rest wait up to [`DECODE_WAIT`].
-    decoders: Semaphore,
+    /// A permit lives as long as its decode, not as long as the request (see
+    /// [`decode_within_cap`]).
+    decoders: Arc<Semaphore>,
     /// One full-ladder climb at a time: a second one asked for meanwhile gets the live pass,
     /// so climbs (five passes on a frame with nobody in view) never hold every core while
     /// live frames queue.
@@ -117,17 +121,18 @@ impl KioskState {
     pub fn new(device: SharedDevice, wake: Arc<Notify>) -> KioskState {
         let mut fingerprint_key = [0u8; 32];
         OsRng.fill_bytes(&mut fingerprint_key);
+        let pins = load_pin_guard(&lock_device(&device));
         KioskState {
             device,
             wake,
             shared: Arc::new(Shared {
                 staff: Mutex::new(StaffGate {
                     sessions: HashMap::new(),
-                    pins: PinGuard::default(),
+                    pins,
                 }),
                 fingerprint_key,
                 frames: Semaphore::new(MAX_FRAMES_IN_FLIGHT),
-                decoders: Semaphore::new(MAX_DECODES),
+                decoders: Arc::new(Semaphore::new(MAX_DECODES)),
                 full_ladder: Semaphore::new(1),
             }),
         }
@@ -139,6 +144,36 @@ impl KioskState {
         gate.sessions.clear();
         gate.pins.reset();
     }
+}
+
+/// The wrong-PIN state the device's store holds (`pin_guard`: it survives restarts), bound to
+/// the stored PIN: if that changed while the device was off, the old state is dropped.
+fn load_pin_guard(dev: &Device) -> PinGuard {
+    let mut pins = match dev.store().get(pin_guard::STORE_KEY) {
+        Ok(None) => PinGuard::default(),
+        Ok(Some(bytes)) => PinGuard::from_bytes(&bytes).unwrap_or_else(|| {
+            tracing::warn!("the kiosk's stored wrong-PIN state is damaged; starting afresh");
+            PinGuard::default()
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kiosk's wrong-PIN state; starting afresh");
+            PinGuard::default()
+        }
+    };
+    if let Ok(Some(pin)) = dev.staff_pin() {
+        pins.for_pin(pin_digest(&pin));
+    }
+    pins
+}
+
+/// What the wrong-PIN state is bound to: BLAKE3 of the stored PIN's form (its salted hash).
+fn pin_digest(pin: &StaffPin) -> [u8; 32] {
+    *blake3::hash(&serde_json::to_vec(pin).unwrap_or_default()).as_bytes()
+}
+
+/// Writes the wrong-PIN state to the device's store.
+fn save_pin_guard(dev: &Device, pins: &PinGuard) -> Result<(), crate::store::StoreError> {
+    dev.store().put(&[(pin_guard::STORE_KEY, &pins.to_bytes())])
 }
 
 /// The kiosk's routes.
@@ -454,6 +489,39 @@ pub fn decode(bytes: &[u8], ladder: Ladder) -> Result<Option<String>, frame::Fra
     }
 }
 
+/// Runs `work` (a frame decode) on the blocking pool once one of `decoders`' permits is free,
+/// waiting at most [`DECODE_WAIT`]. The permit is moved into the blocking closure and released
+/// only when the decode ends: a client that hangs up drops this future, not the decode, and a
+/// permit released then would let a client that posts and hangs up over and over run any
+/// number of decodes at once.
+async fn decode_within_cap<T: Send + 'static>(
+    decoders: &Arc<Semaphore>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    let permit = match tokio::time::timeout(DECODE_WAIT, decoders.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the device is shutting down",
+            ));
+        }
+        Err(_) => return Err(busy()),
+    };
+    let decoded = tokio::task::spawn_blocking(move || {
+        let out = work();
+        drop(permit);
+        out
+    })
+    .await;
+    decoded.map_err(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "decoding the frame failed unexpectedly; the device keeps running",
+        )
+    })
+}
+
 async fn frame_verdict(
     State(s): State<KioskState>,
     query: Result<Query<FrameQuery>, QueryRejection>,
@@ -503,28 +571,12 @@ async fn frame_verdict(
     } else {
         Ladder::Live
     };
-    let _permit = match tokio::time::timeout(DECODE_WAIT, s.shared.decoders.acquire()).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(_)) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the device is shutting down",
-            );
-        }
-        Err(_) => return busy(),
-    };
-    let decode = tokio::task::spawn_blocking(move || decode(&body, ladder)).await;
-    let text = match decode {
+    let decoded = decode_within_cap(&s.shared.decoders, move || decode(&body, ladder)).await;
+    let text = match decoded {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "decoding the frame failed unexpectedly; the device keeps running",
-            );
-        }
+        Err(r) => return r,
     };
-    drop(_permit);
     drop(climb);
     drop(_in_flight);
     let verdict = match &text {
@@ -698,20 +750,45 @@ async fn staff_login(
         |Extension(ConnectInfo(a))| a.ip(),
     );
     // A cheap early refusal, before the device lock is touched; `reserve` below decides.
-    let early = lock(&s.shared.staff).pins.check(addr, Instant::now());
+    let early = lock(&s.shared.staff).pins.check(addr, SystemTime::now());
     if let Err(r) = early {
         return refused(r, addr);
     }
-    let device = s.device.clone();
-    let pin = match tokio::task::spawn_blocking(move || lock_device(&device).staff_pin()).await {
-        Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) => {
-            return error(
-                StatusCode::CONFLICT,
-                "no staff PIN is set on this device: set one with `edge-node pin set`",
-            );
+    // Under the device lock (then the staff lock): the stored PIN, the attempt reserved and
+    // counted as a wrong PIN, and that count written to the store, all before the PIN is
+    // hashed: however many arrive at once, and whether or not the device restarts, at most
+    // the allowance is ever evaluated (`pin_guard`).
+    let (device, shared) = (s.device.clone(), s.shared.clone());
+    let reserved = tokio::task::spawn_blocking(move || {
+        let dev = lock_device(&device);
+        let pin = match dev.staff_pin() {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    "no staff PIN is set on this device: set one with `edge-node pin set`",
+                ));
+            }
+            Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())),
+        };
+        let mut gate = lock(&shared.staff);
+        gate.pins.for_pin(pin_digest(&pin));
+        let attempt = match gate.pins.reserve(addr, SystemTime::now()) {
+            Ok(a) => a,
+            Err(r) => return Err(refused(r, addr)),
+        };
+        if let Err(e) = save_pin_guard(&dev, &gate.pins) {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot record the login attempt ({e}); the PIN was not checked"),
+            ));
         }
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Ok((pin, attempt))
+    })
+    .await;
+    let (pin, attempt): (StaffPin, Attempt) = match reserved {
+        Ok(Ok(v)) => v,
+        Ok(Err(r)) => return r,
         Err(_) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -719,13 +796,7 @@ async fn staff_login(
             );
         }
     };
-    // The attempt is counted as a wrong PIN here, under the lock, before the PIN is hashed:
-    // however many arrive at once, at most the allowance is ever evaluated (`pin_guard`).
-    let reserved = lock(&s.shared.staff).pins.reserve(addr, Instant::now());
-    let attempt = match reserved {
-        Ok(a) => a,
-        Err(r) => return refused(r, addr),
-    };
+    let short = login.pin.len() < crate::device::STAFF_PIN_MIN_NEW_DIGITS;
     // Hashing takes tens of milliseconds: off the async workers, outside every lock.
     let ok = tokio::task::spawn_blocking(move || StaffPin::matches(&pin, &login.pin))
         .await
@@ -752,8 +823,22 @@ async fn staff_login(
                 .into_response(),
         };
     }
+    // The right PIN: the attempt is taken back and the address trusted, in the store too.
+    let (device, shared) = (s.device.clone(), s.shared.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        let dev = lock_device(&device);
+        let mut gate = lock(&shared.staff);
+        gate.pins.succeeded(attempt);
+        if let Err(e) = save_pin_guard(&dev, &gate.pins) {
+            tracing::warn!(error = %e, "cannot store the kiosk's trusted tablets");
+        }
+        drop(gate);
+        if short && let Err(e) = dev.note_short_staff_pin() {
+            tracing::warn!(error = %e, "cannot note that the staff PIN is short");
+        }
+    })
+    .await;
     let mut gate = lock(&s.shared.staff);
-    gate.pins.succeeded(attempt);
     let now = Instant::now();
     gate.sessions.retain(|_, until| *until > now);
     while gate.sessions.len() >= MAX_STAFF_SESSIONS {
@@ -774,9 +859,16 @@ async fn staff_login(
         .insert(*blake3::hash(token.as_bytes()).as_bytes(), now + STAFF_IDLE);
     drop(gate);
     let cookie = format!("{COOKIE}={token}; Path=/kiosk; HttpOnly; SameSite=Strict");
+    let warning = short.then(|| {
+        format!(
+            "this staff PIN has fewer than {} digits and can be guessed within weeks: set a new one with `edge-node pin set`",
+            crate::device::STAFF_PIN_MIN_NEW_DIGITS
+        )
+    });
     let mut r = Json(serde_json::json!({
         "active": true,
         "idle_timeout_s": STAFF_IDLE.as_secs(),
+        "warning": warning,
     }))
     .into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -943,6 +1035,47 @@ mod tests {
         assert!(is_this_machine("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_this_machine("203.0.113.9".parse().unwrap()));
         assert!(!is_this_machine("0.0.0.0".parse().unwrap()));
+    }
+
+    /// Finding 1 of the edge review: the decode permit was held by the request's future, so a
+    /// client that posted a frame and hung up released it while the decode ran on. Forty
+    /// requests, each dropped a moment after its decode started, must never have more than
+    /// [`MAX_DECODES`] decodes running at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hung_up_frames_never_run_more_decodes_than_the_cap() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let decoders = Arc::new(Semaphore::new(MAX_DECODES));
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        for _ in 0..40 {
+            let (running, peak) = (running.clone(), peak.clone());
+            let slow_decode = move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(40));
+                running.fetch_sub(1, Ordering::SeqCst);
+            };
+            // The client hangs up: the request's future is dropped, the decode is not.
+            let hung_up = tokio::time::timeout(
+                Duration::from_millis(5),
+                decode_within_cap(&decoders, slow_decode),
+            )
+            .await;
+            assert!(hung_up.is_err(), "the decode outlasts the client");
+        }
+        // Every decode started ends (within 40 x 40 ms when run two at a time).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (running.load(Ordering::SeqCst) > 0 || decoders.available_permits() < MAX_DECODES)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(decoders.available_permits(), MAX_DECODES);
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(
+            (1..=MAX_DECODES).contains(&peak),
+            "{peak} decodes ran at once, the cap is {MAX_DECODES}"
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ enum Command {
         /// The ticket file from `sync-hub enroll`. Delete it afterwards: it is a credential.
         #[arg(long)]
         ticket: PathBuf,
-        /// The staff PIN (4 to 12 digits) that opens the kiosk's staff mode; `pin set` sets
+        /// The staff PIN (6 to 12 digits) that opens the kiosk's staff mode; `pin set` sets
         /// or changes it later. Give `--staff-pin` alone to type it (not echoed) or pipe it on
         /// stdin: a value on the command line stays in shell history and /proc.
         #[arg(long, num_args = 0..=1, value_name = "PIN")]
@@ -137,7 +137,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PinCommand {
-    /// Set or change the staff PIN (4 to 12 digits), read from stdin (typed without echo on a
+    /// Set or change the staff PIN (6 to 12 digits), read from stdin (typed without echo on a
     /// terminal) unless --pin is given a value.
     Set {
         /// The PIN. Prefer stdin (`--pin` alone, or no flag): a value on the command line stays
