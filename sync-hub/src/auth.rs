@@ -10,6 +10,13 @@
 //! deleted, so the audit log's references to it stay meaningful; revoking re-keys its digest,
 //! so clearing `revoked_at` in the database does not bring it back.
 //!
+//! Restoring a revoked row's old bytes would, so every revocation of a credential or a device
+//! is also listed in the revocation list (`revocations-1`), a chain keyed with
+//! `keys/credential.key` whose head (count and last link, MACed) is `keys/revocations.head`:
+//! [`authenticate`] and [`check_device`] refuse what the list holds whatever its row says, and
+//! refuse everything while the list does not verify (a row deleted, edited or added without
+//! the key). A store made before the list gets it once, from the rows marked revoked.
+//!
 //! Rows made before the key existed (`people-credentials-1`, an unkeyed digest) are wrapped
 //! once, when the store first opens with the key (`upgrade`): the keyed digest is taken over
 //! the old digest, so their secrets keep working, and the row is marked `legacy`. Rows that
@@ -194,6 +201,13 @@ pub enum AuthError {
     /// A bad argument to a credential operation.
     #[error("{0}")]
     Invalid(String),
+    /// The revocation list in `hub.redb` does not match `keys/revocations.head`: every
+    /// credential and device is refused until it is repaired (fail closed).
+    #[error(
+        "the revocation list does not verify ({0}); every credential and device is refused \
+         until it is repaired: restore hub.redb from a backup (see docs/storage.md)"
+    )]
+    RevocationList(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -206,7 +220,7 @@ impl AuthError {
             AuthError::Missing | AuthError::Unknown | AuthError::Revoked => 401,
             AuthError::Forbidden(_) => 403,
             AuthError::Invalid(_) => 400,
-            AuthError::Store(_) => 500,
+            AuthError::Store(_) | AuthError::RevocationList(_) => 500,
         }
     }
 }
@@ -450,8 +464,11 @@ pub fn list(store: &Store) -> Result<Vec<CredentialRecord>, AuthError> {
     Ok(out)
 }
 
-/// Revokes a credential (idempotent); returns it.
+/// Revokes a credential (idempotent); returns it. The credential is listed in the revocation
+/// list ([`revocations`]) in the same transaction as its row changes, so restoring the row's
+/// old bytes does not bring it back.
 pub fn revoke(store: &Store, id: &str, now: UnixSeconds) -> Result<CredentialRecord, AuthError> {
+    let mut list = revocations(store)?;
     let txn = store.db().begin_write()?;
     let record = {
         let mut t = txn.open_table(PEOPLE_CREDENTIALS)?;
@@ -474,7 +491,20 @@ pub fn revoke(store: &Store, id: &str, now: UnixSeconds) -> Result<CredentialRec
         }
         record
     };
+    let listed = {
+        let mut t = txn.open_table(REVOCATIONS)?;
+        push_revocations(
+            store.credential_key(),
+            &mut t,
+            &mut list,
+            [(Revoked::Credential, record.id.clone())],
+            now,
+        )?
+    };
     txn.commit()?;
+    if listed {
+        write_revocations_head(store, list.count, &list.last)?;
+    }
     Ok(record)
 }
 
@@ -524,6 +554,13 @@ pub fn authenticate(
     if record.revoked_at.is_some() {
         return Err(AuthError::Revoked);
     }
+    drop(t);
+    drop(txn);
+    // The row may be an old copy restored over its revoked form: the list, keyed with
+    // `keys/credential.key` and vouched for by `keys/revocations.head`, decides.
+    if revocations(store)?.contains(Revoked::Credential, &record.id) {
+        return Err(AuthError::Revoked);
+    }
     Ok(Principal {
         id: record.id,
         name: record.name,
@@ -531,6 +568,359 @@ pub fn authenticate(
         region: record.region,
         local: false,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The revocation list.
+
+/// `revocations-1`: sequence number (from 0) -> JSON [`Revocation`]: every device and
+/// credential ever revoked, as a chain keyed with `keys/credential.key`. Append-only.
+pub const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations-1");
+/// The key of the list's links, derived from `keys/credential.key`.
+const REVOCATION_LINK_CONTEXT: &str = "kipass hub revocation link v1";
+/// The key of `keys/revocations.head`'s MAC.
+const REVOCATION_HEAD_CONTEXT: &str = "kipass hub revocation head v1";
+/// The first word of `keys/revocations.head`.
+const REVOCATION_HEAD_MAGIC: &str = "kipass-revocations-1";
+/// The `prev` of the first revocation.
+const REVOCATION_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What a revocation revokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revoked {
+    /// An enrolled device (`devices-1`): refused at every sync.
+    Device,
+    /// A people's credential (`people-credentials-2`): refused at every request.
+    Credential,
+}
+
+/// One row of `revocations-1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Position in the list, from 0.
+    pub seq: u64,
+    /// A device or a credential.
+    pub kind: Revoked,
+    /// The device id or credential id.
+    pub id: String,
+    /// When it was revoked (or, for a revocation moved from the old tables, listed).
+    pub at: UnixSeconds,
+    /// The link of the row before ([`REVOCATION_GENESIS`] for the first).
+    pub prev: String,
+    /// This row's keyed link over `prev` and the fields above (hex).
+    pub link: String,
+}
+
+/// The revocation list as verified against `keys/revocations.head`.
+#[derive(Debug, Default)]
+pub struct RevocationList {
+    revoked: std::collections::HashSet<(Revoked, String)>,
+    count: u64,
+    last: String,
+}
+
+impl RevocationList {
+    /// Whether `id` of `kind` was revoked.
+    pub fn contains(&self, kind: Revoked, id: &str) -> bool {
+        self.revoked.contains(&(kind, id.to_owned()))
+    }
+
+    /// How many revocations the list holds.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+fn revocation_link(key: &MacKey, r: &Revocation) -> String {
+    let mut h = blake3::Hasher::new_keyed(&key.derive(REVOCATION_LINK_CONTEXT));
+    h.update(r.prev.as_bytes());
+    let kind = match r.kind {
+        Revoked::Device => "device",
+        Revoked::Credential => "credential",
+    };
+    for field in [kind, r.id.as_str()] {
+        h.update(&(field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    h.update(&r.seq.to_le_bytes());
+    h.update(&r.at.to_le_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+fn revocations_head_path(store: &Store) -> std::path::PathBuf {
+    store.dir().join("keys").join("revocations.head")
+}
+
+fn head_mac(key: &MacKey, count: u64, last: &str) -> blake3::Hash {
+    blake3::keyed_hash(
+        &key.derive(REVOCATION_HEAD_CONTEXT),
+        format!("{count} {last}").as_bytes(),
+    )
+}
+
+fn broken(why: String) -> AuthError {
+    AuthError::RevocationList(why)
+}
+
+/// `keys/revocations.head`: `None` if absent, else the count and last link it vouches for.
+fn read_revocations_head(store: &Store) -> Result<Option<(u64, String)>, AuthError> {
+    let path = revocations_head_path(store);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(broken(format!("cannot read {}: {e}", path.display()))),
+    };
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [REVOCATION_HEAD_MAGIC, count, last, mac] = parts.as_slice() else {
+        return Err(broken(format!("{} is damaged", path.display())));
+    };
+    let count: u64 = count
+        .parse()
+        .map_err(|_| broken(format!("{} is damaged", path.display())))?;
+    match blake3::Hash::from_hex(mac) {
+        // `blake3::Hash` compares in constant time.
+        Ok(m) if m == head_mac(store.credential_key(), count, last) => {
+            Ok(Some((count, (*last).to_owned())))
+        }
+        _ => Err(broken(format!(
+            "{} was not written with the hub's credential key (its MAC does not match)",
+            path.display()
+        ))),
+    }
+}
+
+fn write_revocations_head(store: &Store, count: u64, last: &str) -> Result<(), AuthError> {
+    let path = revocations_head_path(store);
+    let err = |e: std::io::Error| broken(format!("cannot write {}: {e}", path.display()));
+    let mac = head_mac(store.credential_key(), count, last).to_hex();
+    let text = format!("{REVOCATION_HEAD_MAGIC} {count} {last} {mac}\n");
+    let tmp = path.with_extension("head.tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(err)?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}
+
+/// Walks `revocations-1`: consecutive keys, each row's `prev` the link before it, each link
+/// keyed with the hub's credential key.
+fn walk(
+    key: &MacKey,
+    t: &impl ReadableTable<u64, &'static [u8]>,
+) -> Result<RevocationList, AuthError> {
+    let mut list = RevocationList {
+        last: REVOCATION_GENESIS.to_owned(),
+        ..RevocationList::default()
+    };
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let seq = k.value();
+        let r: Revocation = serde_json::from_slice(v.value())
+            .map_err(|e| broken(format!("row {seq} does not parse ({e})")))?;
+        if seq != list.count || r.seq != seq {
+            return Err(broken(format!(
+                "row {} is missing (the next row is {seq}): revocations were deleted",
+                list.count
+            )));
+        }
+        if r.prev != list.last || revocation_link(key, &r) != r.link {
+            return Err(broken(format!(
+                "row {seq} was edited, or written without the hub's credential key"
+            )));
+        }
+        list.revoked.insert((r.kind, r.id));
+        list.last = r.link;
+        list.count += 1;
+    }
+    Ok(list)
+}
+
+/// Appends revocations of `items` that `list` does not hold yet to the open table; returns
+/// whether it appended any.
+fn push_revocations(
+    key: &MacKey,
+    t: &mut redb::Table<'_, u64, &'static [u8]>,
+    list: &mut RevocationList,
+    items: impl IntoIterator<Item = (Revoked, String)>,
+    at: UnixSeconds,
+) -> Result<bool, AuthError> {
+    let mut any = false;
+    for (kind, id) in items {
+        if list.contains(kind, &id) {
+            continue;
+        }
+        let mut r = Revocation {
+            seq: list.count,
+            kind,
+            id,
+            at,
+            prev: list.last.clone(),
+            link: String::new(),
+        };
+        r.link = revocation_link(key, &r);
+        // A plain data type always serialises.
+        t.insert(r.seq, serde_json::to_vec(&r).unwrap_or_default().as_slice())?;
+        list.revoked.insert((r.kind, r.id));
+        list.last = r.link;
+        list.count += 1;
+        any = true;
+    }
+    Ok(any)
+}
+
+/// Every device and credential the registry marks revoked (what a store made before the list
+/// existed holds; moved into the list once).
+fn revoked_in_tables(txn: &redb::WriteTransaction) -> Result<Vec<(Revoked, String)>, AuthError> {
+    let mut out = Vec::new();
+    for row in txn.open_table(crate::store::DEVICES)?.iter()? {
+        let (k, v) = row?;
+        let d: crate::store::DeviceRecord =
+            serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "devices-1",
+                key: k.value().to_owned(),
+                reason: e.to_string(),
+            })?;
+        if d.revoked {
+            out.push((Revoked::Device, d.id.to_string()));
+        }
+    }
+    for row in txn.open_table(PEOPLE_CREDENTIALS)?.iter()? {
+        let (k, v) = row?;
+        let r = decode(k.value(), v.value())?;
+        if r.revoked_at.is_some() {
+            out.push((Revoked::Credential, r.id));
+        }
+    }
+    Ok(out)
+}
+
+/// The revocation list, verified against `keys/revocations.head`; fails closed
+/// ([`AuthError::RevocationList`]) if a row was deleted, edited or added without the key, so
+/// that nobody who can only write `hub.redb` re-admits a revoked device or credential.
+///
+/// A store without the head file (made before the list existed) gets its list here, once: every
+/// device and credential its tables mark revoked is listed, and the head written. Rows past the
+/// head's count (a revocation that committed before its head was written) are accepted, since
+/// only the key's holder can link them, and the head is brought up to date.
+pub fn revocations(store: &Store) -> Result<RevocationList, AuthError> {
+    let key = store.credential_key();
+    let head = read_revocations_head(store)?;
+    let list = {
+        let txn = store.db().begin_read()?;
+        match txn.open_table(REVOCATIONS) {
+            Ok(t) => walk(key, &t)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => RevocationList {
+                last: REVOCATION_GENESIS.to_owned(),
+                ..RevocationList::default()
+            },
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match head {
+        Some((count, last)) => {
+            if list.count < count {
+                return Err(broken(format!(
+                    "keys/revocations.head vouches for {count} revocations, hub.redb holds {}: \
+                     revocations were deleted",
+                    list.count
+                )));
+            }
+            let at_head = if count == list.count {
+                Some(list.last.clone())
+            } else {
+                // Re-walk to find the link at the head's count.
+                let txn = store.db().begin_read()?;
+                let t = txn.open_table(REVOCATIONS)?;
+                match count.checked_sub(1) {
+                    None => Some(REVOCATION_GENESIS.to_owned()),
+                    Some(i) => match t.get(i)? {
+                        Some(v) => serde_json::from_slice::<Revocation>(v.value())
+                            .ok()
+                            .map(|r| r.link),
+                        None => None,
+                    },
+                }
+            };
+            if at_head.as_deref() != Some(last.as_str()) {
+                return Err(broken(
+                    "the list in hub.redb is not the one keys/revocations.head vouches for: \
+                     it was rewritten"
+                        .into(),
+                ));
+            }
+            if list.count > count {
+                write_revocations_head(store, list.count, &list.last)?;
+            }
+            Ok(list)
+        }
+        None => {
+            let txn = store.db().begin_write()?;
+            let list = {
+                let mut t = txn.open_table(REVOCATIONS)?;
+                let mut list = walk(key, &t)?;
+                let found = revoked_in_tables(&txn)?;
+                push_revocations(key, &mut t, &mut list, found, crate::clock::now())?;
+                list
+            };
+            txn.commit()?;
+            write_revocations_head(store, list.count, &list.last)?;
+            Ok(list)
+        }
+    }
+}
+
+/// Lists `items` as revoked (idempotent) in their own transaction, and writes the head.
+/// Refuses while the list does not verify ([`revocations`]).
+pub fn list_revoked(
+    store: &Store,
+    items: impl IntoIterator<Item = (Revoked, String)>,
+    at: UnixSeconds,
+) -> Result<(), AuthError> {
+    revocations(store)?;
+    let key = store.credential_key();
+    let txn = store.db().begin_write()?;
+    let (any, list) = {
+        let mut t = txn.open_table(REVOCATIONS)?;
+        let mut list = walk(key, &t)?;
+        let any = push_revocations(key, &mut t, &mut list, items, at)?;
+        (any, list)
+    };
+    txn.commit()?;
+    if any {
+        write_revocations_head(store, list.count, &list.last)?;
+    }
+    Ok(())
+}
+
+/// Admission of a device by the revocation list as well as its row: refused if its row says
+/// revoked or the list holds it (a row restored to its pre-revocation bytes), and refused
+/// whatever the row says if the list does not verify. A row that says revoked but is not
+/// listed yet is listed now.
+pub fn check_device(store: &Store, device: &crate::store::DeviceRecord) -> Result<(), AuthError> {
+    let list = revocations(store)?;
+    let id = device.id.to_string();
+    if device.revoked {
+        if !list.contains(Revoked::Device, &id) {
+            list_revoked(store, [(Revoked::Device, id)], crate::clock::now())?;
+        }
+        return Err(AuthError::Revoked);
+    }
+    if list.contains(Revoked::Device, &id) {
+        return Err(AuthError::Revoked);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

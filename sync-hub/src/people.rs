@@ -14,7 +14,8 @@
 //!
 //! The local operator (`keys/operator.token`, or a command on the hub's machine) may do
 //! everything, audited as `local-operator`. Every purge anyone asks for is audited
-//! (`retention.purge`: who, the time asked for, the time enforced, what was destroyed); the
+//! before it destroys anything (`retention.purge`: who, the time asked for, the time enforced;
+//! no entry, no purge), and what it destroyed afterwards (`retention.purge.result`); the
 //! hourly timer's purges are audited as `retention-timer` when they destroy anything.
 
 use crate::admin::{Hub, HubError};
@@ -39,6 +40,12 @@ pub const MAX_PURGE_AHEAD_SECONDS: u64 = 400 * DAY_SECONDS;
 pub const PURGE_SKEW_SECONDS: u64 = 300;
 /// The principal id the retention timer's purges are audited under.
 pub const RETENTION_TIMER: &str = "retention-timer";
+/// The audit action written before a purge destroys anything: who, the time asked for and
+/// the time (and horizon) enforced.
+pub const PURGE_INTENT: &str = "retention.purge";
+/// The audit action written after a purge: what it destroyed or why it failed, and the
+/// sequence number of its [`PURGE_INTENT`] entry.
+pub const PURGE_RESULT: &str = "retention.purge.result";
 
 /// An operation was refused or failed; [`OpError::status`] is its HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +74,12 @@ pub enum OpError {
     /// The store.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A purge was refused because its audit entry could not be written first.
+    #[error(
+        "nothing was purged: the purge's audit entry could not be written first ({0}); free \
+         disk space or repair the audit log (`sync-hub audit --verify`) and purge again"
+    )]
+    Unaudited(AuditError),
 }
 
 impl OpError {
@@ -202,6 +215,17 @@ impl<'a> Desk<'a> {
     pub fn remove(&self, who: &Principal, id: &str, reason: &str) -> Result<Facility, OpError> {
         who.require(&[Role::Officer])?;
         let f = self.facility_for(who, id)?;
+        // Its devices go into the keyed revocation list first, so that restoring their rows
+        // (or the facility's) in `hub.redb` does not re-admit them.
+        let devices: Vec<(auth::Revoked, String)> = self
+            .hub
+            .store()
+            .devices()?
+            .into_iter()
+            .filter(|d| d.facility == f.id)
+            .map(|d| (auth::Revoked::Device, d.id.to_string()))
+            .collect();
+        auth::list_revoked(self.hub.store(), devices, self.now)?;
         self.hub.remove_facility(id)?;
         self.record(
             who,
@@ -578,8 +602,11 @@ fn span(seconds: u64) -> String {
 }
 
 /// A purge asked for by `who` (the HTTP API, or the command line without `run`): checks the
-/// time ([`purge_as_of`]), enforces retention, and audits it whatever the outcome, destroying
-/// nothing or failing included. Returns what was destroyed.
+/// time ([`purge_as_of`]), writes the purge's audit entry (`retention.purge`: who, the time
+/// asked for and enforced) BEFORE anything is destroyed, enforces retention, then records what
+/// was destroyed, or the failure, in a second entry (`retention.purge.result`, naming the first
+/// by its sequence number). If the first entry cannot be written nothing is destroyed and the
+/// error says so ([`OpError::Unaudited`]). Returns what was destroyed.
 pub fn purge(
     hub: &Hub,
     ledger: &mut Ledger<'_>,
@@ -588,8 +615,9 @@ pub fn purge(
     now: UnixSeconds,
 ) -> Result<PurgeReport, OpError> {
     let enforced = purge_as_of(who, as_of, now)?;
+    let intent = audit_purge_intent(hub, who, as_of, enforced, now)?;
     let result = ledger.purge(enforced);
-    audit_purge(hub, who, as_of, enforced, &result, now)?;
+    audit_purge_result(hub, who, intent, &result, now)?;
     // Audit details expire by the hub's own clock, never a fast-forwarded one: a purge far
     // ahead must not erase recent traces' details (its own entry's among them) nor move the
     // head's expiry point past entries a `hub.redb` writer could then delete unnoticed.
@@ -597,56 +625,96 @@ pub fn purge(
     Ok(result?)
 }
 
-/// The retention timer's purge at `now`; audited (as [`RETENTION_TIMER`]) when it destroyed
-/// anything or failed, so an idle hour adds no entry.
+/// The retention timer's purge at `now`, audited as [`RETENTION_TIMER`]. When it will destroy
+/// day keys (the horizon moved past the ratchet's oldest day) its `retention.purge` entry is
+/// written first, and nothing is destroyed if that fails. An hour in which the horizon did not
+/// move writes no entry unless the purge found rows to delete (rows of days whose keys an
+/// earlier, audited purge already destroyed) or failed; then it records the result.
 pub fn purge_on_timer(
     hub: &Hub,
     ledger: &mut Ledger<'_>,
     now: UnixSeconds,
 ) -> Result<PurgeReport, OpError> {
+    let timer = Principal {
+        id: RETENTION_TIMER.to_owned(),
+        name: "hourly retention".to_owned(),
+        role: Role::Operator,
+        region: None,
+        local: true,
+    };
     let before = ledger.ratchet().oldest();
+    let intent = if shared::time::horizon(now) > before {
+        Some(audit_purge_intent(hub, &timer, None, now, now)?)
+    } else {
+        None
+    };
     let result = ledger.purge(now);
     let destroyed = match &result {
         Ok(r) => r.horizon != before || r.partitions > 0 || r.sync_states > 0,
         Err(_) => true,
     };
-    if destroyed {
-        let timer = Principal {
-            id: RETENTION_TIMER.to_owned(),
-            name: "hourly retention".to_owned(),
-            role: Role::Operator,
-            region: None,
-            local: true,
+    if intent.is_some() || destroyed {
+        let intent = match intent {
+            Some(seq) => seq,
+            // Nothing new was destroyed that an entry did not announce: the keys of these
+            // rows' days went under an earlier purge's entry. Record what was deleted.
+            None => audit_purge_intent(hub, &timer, None, now, now).map_err(|e| {
+                tracing::error!("a timer purge deleted leftover rows but could not audit it: {e}");
+                e
+            })?,
         };
-        audit_purge(hub, &timer, None, now, &result, now)?;
+        audit_purge_result(hub, &timer, intent, &result, now)?;
     }
     hub.audit().expire_details(now)?;
     Ok(result?)
 }
 
-fn audit_purge(
+/// Writes a purge's `retention.purge` entry before it runs; returns the entry's sequence
+/// number. Fails with [`OpError::Unaudited`], and then the purge must not run.
+fn audit_purge_intent(
     hub: &Hub,
     who: &Principal,
     asked: Option<UnixSeconds>,
     enforced: UnixSeconds,
-    result: &Result<PurgeReport, LedgerError>,
     now: UnixSeconds,
-) -> Result<(), OpError> {
-    let mut detail = serde_json::json!({
+) -> Result<u64, OpError> {
+    let detail = serde_json::json!({
         "as_of": asked,
         "enforced_as_of": enforced,
         "ahead_seconds": enforced.saturating_sub(now),
+        "horizon": shared::time::horizon(enforced),
     });
+    match hub
+        .audit()
+        .append(who, Event::new(PURGE_INTENT, detail), now)
+    {
+        Ok(e) => Ok(e.seq),
+        Err(e) => {
+            tracing::error!(actor = %who.id, "a purge was not run: its audit entry could not be written: {e}");
+            Err(OpError::Unaudited(e))
+        }
+    }
+}
+
+/// Records what the purge announced by entry `intent` destroyed, or why it failed.
+fn audit_purge_result(
+    hub: &Hub,
+    who: &Principal,
+    intent: u64,
+    result: &Result<PurgeReport, LedgerError>,
+    now: UnixSeconds,
+) -> Result<(), OpError> {
+    let mut detail = serde_json::json!({ "intent": intent });
     match result {
         Ok(r) => detail["destroyed"] = serde_json::to_value(r).unwrap_or_default(),
         Err(e) => detail["error"] = e.to_string().into(),
     }
     hub.audit()
-        .append(who, Event::new("retention.purge", detail), now)
+        .append(who, Event::new(PURGE_RESULT, detail), now)
         .map_err(|e| {
             tracing::error!(
                 actor = %who.id,
-                "a purge ran but its audit entry could not be written: {e}"
+                "a purge ran (announced by audit entry {intent}) but its result could not be written: {e}"
             );
             OpError::Audit(e)
         })?;

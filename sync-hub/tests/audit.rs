@@ -444,3 +444,83 @@ fn a_purge_fast_forwarded_ahead_keeps_the_details_of_recent_entries() -> Result<
     );
     Ok(())
 }
+
+/// Makes the audit log unwritable the way a full disk or a damaged key folder does: the head
+/// file's path becomes a folder, so every append fails before it writes anything; `heal` puts
+/// the real head file back.
+struct BrokenHead {
+    head: PathBuf,
+    saved: PathBuf,
+}
+
+impl BrokenHead {
+    fn break_it(dir: &Path) -> Result<Self> {
+        let head = dir.join("keys").join("audit.head");
+        let saved = dir.join("audit.head.saved");
+        std::fs::rename(&head, &saved)?;
+        std::fs::create_dir(&head)?;
+        Ok(BrokenHead { head, saved })
+    }
+
+    fn heal(self) -> Result<()> {
+        std::fs::remove_dir(&self.head)?;
+        std::fs::rename(&self.saved, &self.head)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_purge_whose_audit_entry_cannot_be_written_destroys_nothing() -> Result<()> {
+    use sync_hub::ledger::Ledger;
+    use sync_hub::people;
+    let tmp = tempfile::tempdir()?;
+    let (dir, hub) = hub_in(&tmp)?;
+    let now: UnixSeconds = sync_hub::clock::now();
+    let who = Principal::local_operator();
+    hub.audit()
+        .append(&who, trace_event("case-1", "fac_1"), now - DAY_SECONDS)?;
+    let oldest = || -> Result<shared::Day> { Ok(hub.keys().ratchet()?.oldest()) };
+    let before = oldest()?;
+    let entries_before = hub.audit().entries(None)?.len();
+    let mut ledger = Ledger::open(hub.store(), hub.keys())?;
+    let ahead = now + 40 * DAY_SECONDS;
+
+    let broken = BrokenHead::break_it(&dir)?;
+    // Asked for (`sync-hub purge --as-of`, `/api/purge`): refused, nothing destroyed.
+    let refused = people::purge(&hub, &mut ledger, &who, Some(ahead), now);
+    assert_eq!(
+        oldest()?,
+        before,
+        "day keys were destroyed without an audit entry"
+    );
+    assert_eq!(ledger.ratchet().oldest(), before);
+    let e = refused
+        .err()
+        .context("a purge ran without its audit entry")?;
+    assert!(e.to_string().contains("nothing was purged"), "{e}");
+    assert_eq!(e.status(), 500);
+    // The hourly timer, with the horizon past the ratchet's oldest day: refused too.
+    let refused = people::purge_on_timer(&hub, &mut ledger, ahead);
+    assert_eq!(oldest()?, before, "the timer destroyed day keys unaudited");
+    assert!(refused.is_err(), "{refused:?}");
+    broken.heal()?;
+    assert_eq!(hub.audit().entries(None)?.len(), entries_before);
+
+    // With the log writable the purge runs: its entry first, then what it destroyed.
+    let report = people::purge(&hub, &mut ledger, &who, Some(ahead), now)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(report.horizon > before, "{report:?}");
+    assert!(oldest()? > before);
+    let entries = hub.audit().entries(None)?;
+    let n = entries.len();
+    assert_eq!(n, entries_before + 2, "{entries:?}");
+    let (intent, result) = (&entries[n - 2], &entries[n - 1]);
+    assert_eq!(intent.event.action, "retention.purge");
+    assert_eq!(intent.event.detail["enforced_as_of"], ahead);
+    assert_eq!(result.event.action, "retention.purge.result");
+    assert_eq!(result.event.detail["intent"], intent.seq);
+    assert!(result.event.detail["destroyed"].is_object(), "{result:?}");
+    let v = hub.audit().verify()?;
+    assert!(v.ok, "{v:?}");
+    Ok(())
+}
