@@ -311,7 +311,7 @@ fn staff_mode_needs_the_pin_and_refuses_entries_without_consent() -> Result<()> 
     let tmp = tempfile::tempdir()?;
     let dev = tmp.path().join("dev");
     let d = dev.display().to_string();
-    // A PIN that is not 4 to 12 digits is refused before anything is enrolled.
+    // A PIN that is not 6 to 12 digits is refused before anything is enrolled.
     let bad = fixture::run(
         "edge-node",
         &[
@@ -325,7 +325,7 @@ fn staff_mode_needs_the_pin_and_refuses_entries_without_consent() -> Result<()> 
         ],
     )?;
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("4 to 12 digits"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("6 to 12 digits"));
     assert!(!dev.join("edge.redb").exists());
     run_ok(
         "edge-node",
@@ -336,7 +336,7 @@ fn staff_mode_needs_the_pin_and_refuses_entries_without_consent() -> Result<()> 
             "--ticket",
             ticket.to_str().unwrap_or_default(),
             "--staff-pin",
-            "1111",
+            "111111",
         ],
     )?;
     let kiosk = Kiosk::start(&dev)?;
@@ -368,7 +368,7 @@ fn staff_mode_needs_the_pin_and_refuses_entries_without_consent() -> Result<()> 
     let pin = browser.find("#pin")?;
 
     // The old PIN no longer opens staff mode.
-    browser.send_keys(&pin, "1111")?;
+    browser.send_keys(&pin, "111111")?;
     browser.click(&browser.find("#pin-submit")?)?;
     let refused = browser.wait_for_text("#pin-error", "wrong PIN", Duration::from_secs(10))?;
     assert!(refused.contains("attempts left"), "{refused}");
