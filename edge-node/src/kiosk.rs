@@ -764,31 +764,36 @@ async fn staff_login(
         let pin = match dev.staff_pin() {
             Ok(Some(p)) => p,
             Ok(None) => {
-                return Err(error(
+                return Err(Box::new(error(
                     StatusCode::CONFLICT,
                     "no staff PIN is set on this device: set one with `edge-node pin set`",
-                ));
+                )));
             }
-            Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())),
+            Err(e) => {
+                return Err(Box::new(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &e.to_string(),
+                )));
+            }
         };
         let mut gate = lock(&shared.staff);
         gate.pins.for_pin(pin_digest(&pin));
         let attempt = match gate.pins.reserve(addr, SystemTime::now()) {
             Ok(a) => a,
-            Err(r) => return Err(refused(r, addr)),
+            Err(r) => return Err(Box::new(refused(r, addr))),
         };
         if let Err(e) = save_pin_guard(&dev, &gate.pins) {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("cannot record the login attempt ({e}); the PIN was not checked"),
-            ));
+            )));
         }
         Ok((pin, attempt))
     })
     .await;
     let (pin, attempt): (StaffPin, Attempt) = match reserved {
         Ok(Ok(v)) => v,
-        Ok(Err(r)) => return r,
+        Ok(Err(r)) => return *r,
         Err(_) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
