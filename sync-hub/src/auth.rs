@@ -606,7 +606,7 @@ pub struct Revocation {
     pub id: String,
     /// When it was revoked (or, for a revocation moved from the old tables, listed).
     pub at: UnixSeconds,
-    /// The link of the row before ([`REVOCATION_GENESIS`] for the first).
+    /// The link of the row before (64 zeros for the first).
     pub prev: String,
     /// This row's keyed link over `prev` and the fields above (hex).
     pub link: String,
