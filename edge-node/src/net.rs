@@ -215,9 +215,25 @@ async fn sync_inner(
         } else {
             None
         };
-        Session::initiator(
+        // Who the target is, when this device knows: the hub it enrolled with, or a sibling of
+        // its roster. Its hello then leaves out partitions unchanged since their last session.
+        let to = if target.is_hub {
+            Some(Peer::Hub {
+                region: e.hub.region.clone(),
+            })
+        } else {
+            dev.roster()?
+                .into_iter()
+                .find(|s| s.endpoint_id.parse::<PublicKey>().ok() == Some(target.id))
+                .map(|s| Peer::Device {
+                    device: s.device_id,
+                    facility: e.facility.id.clone(),
+                })
+        };
+        Session::initiator_to(
             t,
             me,
+            to.as_ref(),
             credential,
             &Replica {
                 device: &mut dev,

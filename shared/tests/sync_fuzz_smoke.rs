@@ -79,11 +79,18 @@ fn frame_corpus() -> Vec<Vec<u8>> {
             },
             now: 1_728_000_000,
             horizon: Day(19_972),
-            partitions: vec![PartitionSummary {
-                id: id.clone(),
-                heads: vec![[5; 32], [6; 32]],
-                records: 12,
-            }],
+            partitions: vec![
+                PartitionSummary {
+                    id: id.clone(),
+                    heads: vec![[5; 32], [6; 32]],
+                    records: 12,
+                }
+                .advertised(),
+            ],
+            in_sync: shared::sync::InSync {
+                count: 3,
+                digest: [4; 8],
+            },
             credential: Some([1; 32]),
         }),
         Frame::Welcome(shared::sync::Welcome {
@@ -94,6 +101,7 @@ fn frame_corpus() -> Vec<Vec<u8>> {
             now: 1_728_000_000,
             horizon: Day(19_972),
             partitions: vec![],
+            delta: true,
             refresh: Some(vec![1, 2, 3]),
         }),
         Frame::Sync {
@@ -140,11 +148,11 @@ impl ScriptBuilder {
     /// fac_a partition of today with heads unlike the node's.
     fn greet(mut self) -> Self {
         // op, now, one partition: fac_a, today, head byte, 1 head, 1 record;
-        // peer dev_a, version 1, horizon of now, no credential; a welcome then reads the
-        // length of its refresh bytes.
-        self.0.extend([0, 0, 1, 0, 2, 9, 1, 1, 1, 0, 1, 1]);
+        // peer dev_a, version 1, horizon of now, nothing in sync, no credential; a welcome
+        // then reads its delta flag (odd: a full list) and the length of its refresh bytes.
+        self.0.extend([0, 0, 1, 0, 2, 9, 1, 1, 1, 0, 1, 0, 0, 1]);
         if self.0[0] == 1 {
-            self.0.push(0);
+            self.0.extend([1, 0]);
         }
         self
     }

@@ -402,6 +402,7 @@ fn admitted_hub_session(store: &mut MemoryStore, now: UnixSeconds) -> Session {
         now,
         horizon: horizon(now),
         partitions: vec![],
+        in_sync: Default::default(),
         credential: None,
     };
     session.handle_frame(now, Frame::Hello(hello), store);
@@ -571,6 +572,7 @@ fn truncated_and_garbage_bytes_end_the_session_with_an_error() {
             now: NOW,
             horizon: horizon(NOW),
             partitions: vec![],
+            in_sync: Default::default(),
             credential: None,
         }),
         &mut dev,
@@ -673,11 +675,15 @@ fn a_device_offered_another_facilitys_partition_refuses_it() {
             peer: hub(),
             now: NOW,
             horizon: horizon(NOW),
-            partitions: vec![shared::sync::PartitionSummary {
-                id: pid("fac_b", today()),
-                heads: vec![[1; 32]],
-                records: 1,
-            }],
+            partitions: vec![
+                shared::sync::PartitionSummary {
+                    id: pid("fac_b", today()),
+                    heads: vec![[1; 32]],
+                    records: 1,
+                }
+                .advertised(),
+            ],
+            delta: false,
             refresh: None,
         }),
         &mut dev,
@@ -810,4 +816,188 @@ fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
         let (l, r) = v.split_at_mut(a);
         (&mut r[0], &mut l[b])
     }
+}
+
+/// The hello and welcome of `outcome`, for their partition lists.
+fn greetings(outcome: &PairOutcome) -> (Hello, shared::sync::Welcome) {
+    let hello = outcome.frames.iter().find_map(|(_, f)| match f {
+        Frame::Hello(h) => Some(h.clone()),
+        _ => None,
+    });
+    let welcome = outcome.frames.iter().find_map(|(_, f)| match f {
+        Frame::Welcome(w) => Some(w.clone()),
+        _ => None,
+    });
+    (hello.unwrap(), welcome.unwrap())
+}
+
+/// A device with a week of partitions, all synced: the next sessions list none of them, and a
+/// new record names only its own partition.
+#[test]
+fn partitions_in_sync_since_the_last_session_are_not_listed() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut dev = MemoryStore::new(b"device-a", Some(facility("fac_a")));
+    let mut hub_store = MemoryStore::new(b"hub", None);
+    let days: Vec<PartitionId> = (0..7).map(|d| pid("fac_a", Day(today().0 - d))).collect();
+    for id in &days {
+        add_records(&mut dev, id, "dev_a", 5, &mut rng);
+    }
+    let first = run_pair(
+        NOW,
+        &device_to_hub(),
+        &mut dev,
+        &mut hub_store,
+        admit_claimed,
+    )
+    .unwrap();
+    assert!(first.completed());
+    let (hello, welcome) = greetings(&first);
+    assert_eq!(
+        hello.partitions.len(),
+        7,
+        "no state yet: everything is listed"
+    );
+    assert_eq!(hello.in_sync.count, 0);
+    assert!(welcome.delta);
+
+    let idle = run_pair(
+        NOW,
+        &device_to_hub(),
+        &mut dev,
+        &mut hub_store,
+        admit_claimed,
+    )
+    .unwrap();
+    assert!(idle.completed());
+    let (hello, welcome) = greetings(&idle);
+    assert!(hello.partitions.is_empty(), "{:?}", hello.partitions);
+    assert_eq!(hello.in_sync.count, 7);
+    assert!(welcome.delta, "the hub's states confirm the claim");
+    assert!(welcome.partitions.is_empty(), "{:?}", welcome.partitions);
+    assert!(sync_frames(&idle).is_empty());
+    let idle_bytes = idle.bytes_i_to_r + idle.bytes_r_to_i;
+    assert!(
+        idle_bytes < 200,
+        "an idle session costs {idle_bytes} B of frames"
+    );
+
+    add_records(&mut dev, &days[0], "dev_a", 1, &mut rng);
+    let one = run_pair(
+        NOW,
+        &device_to_hub(),
+        &mut dev,
+        &mut hub_store,
+        admit_claimed,
+    )
+    .unwrap();
+    assert!(one.completed());
+    assert_eq!(one.new_records(Role::Responder), 1);
+    let (hello, _) = greetings(&one);
+    assert_eq!(hello.partitions.len(), 1);
+    assert_eq!(hello.partitions[0].id, days[0]);
+    assert_eq!(hello.in_sync.count, 6);
+    for id in &days {
+        assert_eq!(record_ids(&dev, id), record_ids(&hub_store, id), "{id}");
+    }
+}
+
+/// A hub restored from an older backup (partitions and sync states as they were) no longer
+/// holds what the device's states say it holds: the claim fails, every partition is listed,
+/// and everything the backup lacked reaches the hub again.
+#[test]
+fn a_hub_restored_from_a_backup_gets_everything_it_lost() {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let mut dev = MemoryStore::new(b"device-a", Some(facility("fac_a")));
+    let mut hub_store = MemoryStore::new(b"hub", None);
+    let older = pid("fac_a", Day(today().0 - 1));
+    let day_now = pid("fac_a", today());
+    add_records(&mut dev, &older, "dev_a", 3, &mut rng);
+    add_records(&mut dev, &day_now, "dev_a", 3, &mut rng);
+    assert!(
+        run_pair(
+            NOW,
+            &device_to_hub(),
+            &mut dev,
+            &mut hub_store,
+            admit_claimed
+        )
+        .unwrap()
+        .completed()
+    );
+    // The backup: a copy of the hub as it is now.
+    let mut backup = MemoryStore::new(b"hub", None);
+    for id in [&older, &day_now] {
+        let bytes = hub_store.get_mut(id).unwrap().save();
+        let id = id.clone();
+        backup.insert(Partition::load(id, &bytes, b"hub").unwrap());
+    }
+    let dev_peer = device("dev_a", "fac_a");
+    for id in [&older, &day_now] {
+        let state = hub_store.sync_state(&dev_peer, id).unwrap().unwrap();
+        backup.put_sync_state(&dev_peer, id, &state).unwrap();
+    }
+    // More records in both partitions, synced, then the hub is restored from the backup.
+    add_records(&mut dev, &older, "dev_a", 2, &mut rng);
+    add_records(&mut dev, &day_now, "dev_a", 2, &mut rng);
+    assert!(
+        run_pair(
+            NOW,
+            &device_to_hub(),
+            &mut dev,
+            &mut hub_store,
+            admit_claimed
+        )
+        .unwrap()
+        .completed()
+    );
+    let mut restored = backup;
+    let again = run_pair(
+        NOW,
+        &device_to_hub(),
+        &mut dev,
+        &mut restored,
+        admit_claimed,
+    )
+    .unwrap();
+    assert!(again.completed());
+    let (hello, welcome) = greetings(&again);
+    assert_eq!(
+        hello.in_sync.count, 2,
+        "the device believes the hub is up to date"
+    );
+    assert!(
+        !welcome.delta,
+        "the restored hub's states contradict the claim"
+    );
+    for id in [&older, &day_now] {
+        assert_eq!(record_ids(&dev, id).len(), 5);
+        assert_eq!(record_ids(&dev, id), record_ids(&restored, id), "{id}");
+    }
+}
+
+/// A hub that lost a partition and its states (a rebuilt hub) while the device's states still
+/// claim it in sync: the count differs, and the partition is sent again.
+#[test]
+fn a_hub_that_lost_a_partition_gets_it_again() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let mut dev = MemoryStore::new(b"device-a", Some(facility("fac_a")));
+    let mut hub_store = MemoryStore::new(b"hub", None);
+    let day_now = pid("fac_a", today());
+    add_records(&mut dev, &day_now, "dev_a", 4, &mut rng);
+    assert!(
+        run_pair(
+            NOW,
+            &device_to_hub(),
+            &mut dev,
+            &mut hub_store,
+            admit_claimed
+        )
+        .unwrap()
+        .completed()
+    );
+    let mut rebuilt = MemoryStore::new(b"hub-2", None);
+    let again = run_pair(NOW, &device_to_hub(), &mut dev, &mut rebuilt, admit_claimed).unwrap();
+    assert!(again.completed());
+    assert!(!greetings(&again).1.delta);
+    assert_eq!(record_ids(&rebuilt, &day_now).len(), 4);
 }

@@ -384,6 +384,7 @@ fn admitted_hub_session(store: &mut MemoryStore) -> Session {
         now: NOW,
         horizon: horizon(NOW),
         partitions: vec![],
+        in_sync: Default::default(),
         credential: None,
     };
     session.handle_frame(NOW, Frame::Hello(hello), store);

@@ -19,6 +19,7 @@ use shared::daykey::DayKeyRatchet;
 use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::partition::{Partition, session_actor};
 use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
+use shared::sync::schedule::{Schedule, Step};
 use shared::sync::{Decision, Event, PartitionStore, Peer, PeerHello, RefuseReason, Role};
 use shared::time::{DAY_SECONDS, horizon};
 use shared::token::{self, Keyring, TestIssuer};
@@ -31,13 +32,14 @@ pub const START_DAY: Day = Day(20_000);
 pub const TICK: u64 = 60;
 /// One hour: how often retention runs and the chart is sampled.
 pub const HOUR: u64 = 3_600;
-/// How often a device with unsynced visits tries to sync.
+/// Devices' first rounds are spread over this many seconds after the start.
 pub const SYNC_EVERY: u64 = 5 * 60;
-/// How often a device with nothing new syncs anyway (to receive its siblings' visits).
-pub const IDLE_SYNC_EVERY: u64 = 30 * 60;
-/// The longest backoff after cut attempts.
-pub const MAX_BACKOFF: u64 = 30 * 60;
-/// Days of public day keys a device receives at enrollment and on every hub sync.
+/// Simulated seconds as the schedule's milliseconds.
+fn ms(t: UnixSeconds) -> u64 {
+    t.saturating_mul(1_000)
+}
+
+/// Days of day public keys a refresh brings.
 pub const PUBLIC_KEY_DAYS: u32 = 30;
 /// The modelled link rate of a device, bits per second.
 pub const LINK_BITS_PER_SECOND: f64 = 1_000_000.0;
@@ -119,11 +121,9 @@ struct Device {
     link_rng: ChaCha8Rng,
     /// Seconds this device's clock is ahead of true time.
     drift: i64,
-    next_sync: UnixSeconds,
-    last_hub_sync: UnixSeconds,
-    backoff: u64,
-    /// Whether it holds visits the hub may not have.
-    dirty: bool,
+    /// When it syncs: the device's own policy (`shared::sync::schedule`), in milliseconds of
+    /// simulated time.
+    schedule: Schedule,
     /// Rebooting after a crash until then.
     down_until: UnixSeconds,
     /// Powered off in this window (no visits, no sessions, no retention).
@@ -288,10 +288,7 @@ impl World {
                     link,
                     link_rng: ChaCha8Rng::seed_from_u64(rng.next_u64()),
                     drift: rng.gen_range(-params.max_drift..=params.max_drift),
-                    next_sync: t0 + rng.gen_range(0..SYNC_EVERY),
-                    last_hub_sync: t0,
-                    backoff: 0,
-                    dirty: false,
+                    schedule: Schedule::new(ms(t0 + rng.gen_range(0..SYNC_EVERY))),
                     down_until: 0,
                     powered_off,
                     was_off: false,
@@ -472,6 +469,10 @@ impl World {
                 if let Err(e) = self.restart(d, &peers) {
                     self.summary.violation(e);
                 }
+                // A new process starts with a new schedule: a first round as soon as it runs.
+                let dev = &mut self.devices[d];
+                let starts = dev.down_until.max(t);
+                dev.schedule = Schedule::new(ms(starts));
             }
         }
     }
@@ -570,7 +571,7 @@ impl World {
             .get_or_create(&pid)
             .insert_record(rid, &envelope)
             .map_err(|e| e.to_string())?;
-        dev.dirty = true;
+        dev.schedule.changed(ms(t));
         *self.pending.entry(pid.day).or_default() += 1;
         self.ledger.insert(
             rid,
@@ -602,20 +603,17 @@ impl World {
     /// (relay), with backoff after cut attempts.
     fn maybe_sync(&mut self, d: usize, t: UnixSeconds) {
         let dev = &self.devices[d];
-        let due = if dev.dirty {
-            dev.next_sync
-        } else {
-            dev.next_sync.max(dev.last_hub_sync + IDLE_SYNC_EVERY)
-        };
-        if t < due || !dev.is_on(t) {
+        if dev.schedule.next(ms(t)) != Step::SyncHub || !dev.is_on(t) {
             return;
         }
+        let ticket = dev.schedule.begin();
         if self.reaches_hub(d, t) {
             if self.rng.gen_bool(self.params.loss) {
                 self.summary.failed_attempts += 1;
-                let dev = &mut self.devices[d];
-                dev.backoff = (dev.backoff * 2).clamp(TICK, MAX_BACKOFF);
-                dev.next_sync = t + dev.backoff;
+                let jitter = self.rng.gen_range(0.5..=1.0);
+                self.devices[d]
+                    .schedule
+                    .hub_done(ticket, ms(t), false, jitter);
                 return;
             }
             self.sync_with_hub(d, t);
@@ -625,8 +623,11 @@ impl World {
             }
             return;
         }
-        self.devices[d].next_sync = t + SYNC_EVERY;
-        if !self.devices[d].dirty {
+        let jitter = self.rng.gen_range(0.5..=1.0);
+        self.devices[d]
+            .schedule
+            .hub_done(ticket, ms(t), false, jitter);
+        if !self.devices[d].schedule.wants_relay() {
             return;
         }
         let nd = self.config.scale.devices.max(1) as usize;
@@ -637,11 +638,12 @@ impl World {
                 self.summary.failed_attempts += 1;
                 return;
             }
-            self.relay(d, s, t);
+            let ok = self.relay(d, s, t);
             if self.rng.gen_bool(self.params.duplicate) {
                 self.summary.duplicated_sessions += 1;
                 self.relay(d, s, t);
             }
+            self.devices[d].schedule.relay_done(ticket, ok);
         }
     }
 
@@ -652,6 +654,7 @@ impl World {
             responder: self.hub_peer.clone(),
             credential: None,
         };
+        let ticket = self.devices[d].schedule.begin();
         let result = run_pair(
             t,
             &setup,
@@ -660,6 +663,10 @@ impl World {
             admit_claimed,
         );
         let Some(outcome) = self.account(&setup, t, result) else {
+            let jitter = self.rng.gen_range(0.5..=1.0);
+            self.devices[d]
+                .schedule
+                .hub_done(ticket, ms(t), false, jitter);
             return 0;
         };
         let arrive = t + session_seconds(&outcome).ceil() as u64;
@@ -674,15 +681,14 @@ impl World {
         }
         let dev = &mut self.devices[d];
         dev.publics_until = Day::of(t).plus(PUBLIC_KEY_DAYS);
-        dev.dirty = false;
-        dev.backoff = 0;
-        dev.last_hub_sync = t;
-        dev.next_sync = t + SYNC_EVERY;
+        dev.schedule
+            .hub_done(ticket, ms(t), outcome.completed(), 1.0);
         moved
     }
 
     /// Device `d` hands its partitions to sibling `s`, which can reach the hub.
-    fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) {
+    /// Whether the sibling took them (the session completed).
+    fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) -> bool {
         let setup = PairSetup {
             initiator: self.devices[d].peer.clone(),
             responder: self.devices[s].peer.clone(),
@@ -699,13 +705,12 @@ impl World {
         self.devices[s].store = sibling;
         self.summary.relay_sessions += 1;
         let Some(outcome) = self.account(&setup, t, result) else {
-            return;
+            return false;
         };
         if outcome.new_records(Role::Responder) > 0 {
-            let sib = &mut self.devices[s];
-            sib.dirty = true;
-            sib.next_sync = sib.next_sync.min(t + TICK);
+            self.devices[s].schedule.changed(ms(t));
         }
+        outcome.completed()
     }
 
     /// Counts a session's bytes and checks what honest peers must never see: errors,

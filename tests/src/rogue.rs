@@ -260,6 +260,7 @@ impl Rogue {
             now,
             horizon: horizon(now),
             partitions: Vec::new(),
+            in_sync: Default::default(),
             credential: None,
         });
         send.write_all(&hello.encode()?).await?;

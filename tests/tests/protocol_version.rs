@@ -60,6 +60,7 @@ fn a_v1_device_is_told_to_upgrade_and_the_hub_keeps_serving_v2() -> Result<()> {
             now: fixture::now(),
             horizon: shared::time::Day::of(fixture::now()).minus(28),
             partitions: vec![],
+            in_sync: Default::default(),
             credential: None,
         });
         send.write_all(&hello.encode()?).await?;
@@ -223,6 +224,7 @@ fn a_v1_sibling_dialling_a_device_is_told_to_upgrade() -> Result<()> {
             now: fixture::now(),
             horizon: shared::time::Day::of(fixture::now()).minus(28),
             partitions: vec![],
+            in_sync: Default::default(),
             credential: None,
         });
         send.write_all(&hello.encode()?).await?;

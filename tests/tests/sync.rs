@@ -424,7 +424,7 @@ fn a_device_writing_another_facilitys_partition_is_refused() -> Result<()> {
     // itself, the rogue lists nothing and pushes the partition unasked.
     let hello = |facility: shared::FacilityId| {
         let partitions = if facility == fb_id {
-            vec![PartitionSummary::of(&foreign)]
+            vec![PartitionSummary::of(&foreign).advertised()]
         } else {
             Vec::new()
         };
@@ -437,6 +437,7 @@ fn a_device_writing_another_facilitys_partition_is_refused() -> Result<()> {
             now,
             horizon: shared::time::horizon(now),
             partitions,
+            in_sync: Default::default(),
             credential: None,
         })
     };

@@ -97,6 +97,82 @@ impl PartitionSummary {
     }
 }
 
+/// A digest of a partition's sorted heads: what a summary sends instead of the heads.
+///
+/// 8 bytes of BLAKE3: two honest peers whose heads differ collide with probability 2^-64; a
+/// peer that forges a collision only keeps its own partition from syncing.
+pub type HeadsDigest = [u8; 8];
+
+/// The [`HeadsDigest`] of `heads` (sorted by the caller, as every summary keeps them).
+pub fn heads_digest(heads: &[[u8; 32]]) -> HeadsDigest {
+    let mut h = blake3::Hasher::new_derive_key("kipass sync v2 partition heads");
+    for head in heads {
+        h.update(head);
+    }
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
+}
+
+/// The digest of a set of partitions with their heads, in the order given (sorted by id).
+pub fn set_digest<'a>(
+    partitions: impl IntoIterator<Item = (&'a PartitionId, &'a [[u8; 32]])>,
+) -> HeadsDigest {
+    let mut h = blake3::Hasher::new_derive_key("kipass sync v2 partition set");
+    for (id, heads) in partitions {
+        let facility = id.facility.as_str().as_bytes();
+        h.update(
+            &u32::try_from(facility.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        h.update(facility);
+        h.update(&id.day.0.to_be_bytes());
+        h.update(&heads_digest(heads));
+    }
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
+}
+
+impl PartitionSummary {
+    /// The digest of this summary's heads.
+    pub fn digest(&self) -> HeadsDigest {
+        heads_digest(&self.heads)
+    }
+
+    /// This summary as a hello or welcome lists it.
+    pub fn advertised(&self) -> PeerSummary {
+        PeerSummary {
+            id: self.id.clone(),
+            digest: self.digest(),
+            records: self.records,
+        }
+    }
+}
+
+/// One partition as a hello or welcome lists it: its id, a digest of its heads, its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    /// Which partition.
+    pub id: PartitionId,
+    /// [`heads_digest`] of the sender's heads; of no heads when the sender lacks it.
+    pub digest: HeadsDigest,
+    /// How many records the sender's copy holds (informational: dashboards and logs).
+    pub records: u64,
+}
+
+/// The partitions a hello leaves out: unchanged since the initiator's last session with the
+/// same peer, by the sync state it stored then. The responder checks the claim against its own
+/// stored states before it relies on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InSync {
+    /// How many partitions were left out.
+    pub count: u16,
+    /// [`set_digest`] of those partitions with their heads.
+    pub digest: HeadsDigest,
+}
+
 /// The initiator's opening frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -108,8 +184,10 @@ pub struct Hello {
     pub now: UnixSeconds,
     /// The sender's retention horizon: it holds no partition of an earlier day.
     pub horizon: Day,
-    /// The sender's live partitions.
-    pub partitions: Vec<PartitionSummary>,
+    /// The sender's live partitions, except those `in_sync` stands for.
+    pub partitions: Vec<PeerSummary>,
+    /// The live partitions left out because the peer already holds them as they are.
+    pub in_sync: InSync,
     /// A single-use enrollment credential, sent on a device's first contact only.
     pub credential: Option<[u8; 32]>,
 }
@@ -125,8 +203,14 @@ pub struct Welcome {
     pub now: UnixSeconds,
     /// The responder's retention horizon.
     pub horizon: Day,
-    /// The responder's live partitions of the admitted facility.
-    pub partitions: Vec<PartitionSummary>,
+    /// The responder's live partitions of the admitted facility: with `delta`, only those
+    /// whose heads differ from the hello's (a partition the responder lacks is listed with the
+    /// digest of no heads); without, all of them.
+    pub partitions: Vec<PeerSummary>,
+    /// Whether partitions left out are in sync with the hello. False when the responder could
+    /// not confirm the hello's `in_sync` claim: then every partition is listed and both sides
+    /// run automerge's exchange for every one the other did not name.
+    pub delta: bool,
     /// Opaque bytes for the initiator's shell (a hub's day public keys, issuer keyring,
     /// sibling roster); the core carries them and never reads them.
     pub refresh: Option<Vec<u8>>,
@@ -584,11 +668,15 @@ mod tests {
                 },
                 now: 1_728_000_000,
                 horizon: Day(19_972),
-                partitions: vec![PartitionSummary {
+                partitions: vec![PeerSummary {
                     id: id.clone(),
-                    heads: vec![[7; 32]],
+                    digest: heads_digest(&[[7; 32]]),
                     records: 3,
                 }],
+                in_sync: InSync {
+                    count: 2,
+                    digest: [9; 8],
+                },
                 credential: Some([1; 32]),
             }),
             Frame::Sync {

@@ -206,9 +206,10 @@ pub fn run_pair<I: PartitionStore, R: PartitionStore>(
     responder_store: &mut R,
     admit: impl Fn(&PeerHello) -> Decision,
 ) -> Result<PairOutcome, HarnessError> {
-    let mut initiator = Session::initiator(
+    let mut initiator = Session::initiator_to(
         now,
         setup.initiator.clone(),
+        Some(&setup.responder),
         setup.credential,
         initiator_store,
     )
@@ -595,10 +596,13 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
             0 => {
                 let n = script.byte() % 4;
                 let partitions = (0..n)
-                    .map(|_| PartitionSummary {
-                        id: pick_partition(&mut script),
-                        heads: vec![[script.byte(); 32]; usize::from(script.byte() % 3)],
-                        records: u64::from(script.byte()),
+                    .map(|_| {
+                        PartitionSummary {
+                            id: pick_partition(&mut script),
+                            heads: vec![[script.byte(); 32]; usize::from(script.byte() % 3)],
+                            records: u64::from(script.byte()),
+                        }
+                        .advertised()
                     })
                     .collect();
                 let peer = match script.byte() % 3 {
@@ -616,6 +620,10 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
                     now,
                     horizon: days[usize::from(script.byte()) % days.len()],
                     partitions,
+                    in_sync: super::frame::InSync {
+                        count: u16::from(script.byte() % 3),
+                        digest: [script.byte(); 8],
+                    },
                     credential: (script.byte() % 2 == 0).then_some([3; 32]),
                 };
                 if as_initiator {
@@ -625,6 +633,7 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
                         now,
                         horizon: hello.horizon,
                         partitions: hello.partitions,
+                        delta: script.byte() % 2 == 0,
                         refresh: Some(script.bytes(16)),
                     }))
                 } else {

@@ -10,8 +10,9 @@
 //! window, within bounded rounds. `docs/protocol.md` describes the states and rules.
 
 use super::frame::{
-    Frame, Hello, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
-    PartitionSummary, Peer, Refusal, RefuseReason, Welcome,
+    Frame, HeadsDigest, Hello, InSync, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary, Refusal, RefuseReason, Welcome,
+    heads_digest, set_digest,
 };
 use super::validate;
 use crate::ids::{FacilityId, PartitionId};
@@ -395,6 +396,8 @@ pub struct Session {
     scope: Option<FacilityId>,
     /// The initiator's hello: sent (initiator) or received and awaiting admission (responder).
     hello: Option<Hello>,
+    /// Initiator: the digest of every partition its hello stood for, listed or in `in_sync`.
+    advertised: BTreeMap<PartitionId, HeadsDigest>,
     window: Window,
     partitions: BTreeMap<PartitionId, PartitionSync>,
     /// Sync states of partitions found already in sync, emitted on a clean finish.
@@ -414,35 +417,74 @@ pub struct Session {
 }
 
 impl Session {
-    /// A device opening a session: queues its `Hello`.
-    ///
-    /// A device offers only its own facility's partitions from `horizon(now)` on.
+    /// A device opening a session with a peer it does not name: its `Hello` lists every
+    /// live partition. See [`Session::initiator_to`].
     pub fn initiator(
         now: UnixSeconds,
         me: Peer,
         credential: Option<[u8; 32]>,
         store: &impl PartitionStore,
     ) -> Result<Session, SyncError> {
+        Session::initiator_to(now, me, None, credential, store)
+    }
+
+    /// A device opening a session with `to` (the hub or the sibling it dials): queues its
+    /// `Hello`.
+    ///
+    /// A device offers only its own facility's partitions from `horizon(now)` on. A partition
+    /// whose heads are those its stored sync state with `to` says both sides shared at the end
+    /// of their last session is left out of the list and counted in `in_sync` instead, so an
+    /// idle partition costs nothing on the wire.
+    pub fn initiator_to(
+        now: UnixSeconds,
+        me: Peer,
+        to: Option<&Peer>,
+        credential: Option<[u8; 32]>,
+        store: &impl PartitionStore,
+    ) -> Result<Session, SyncError> {
         let scope = me.facility().cloned();
         let own_horizon = horizon(now);
-        let mut partitions: Vec<PartitionSummary> = store
+        let mut live: Vec<PartitionSummary> = store
             .live_partitions(scope.as_ref())?
             .into_iter()
             .filter(|s| s.id.day >= own_horizon && in_scope(scope.as_ref(), &s.id))
             .collect();
         // Oldest first: they are the nearest to expiry if the list must be cut.
-        partitions.sort_by(|a, b| a.id.cmp(&b.id));
-        partitions.truncate(MAX_PARTITIONS_PER_SESSION);
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        live.truncate(MAX_PARTITIONS_PER_SESSION);
+        let mut partitions = Vec::new();
+        let mut quiet: Vec<(PartitionId, Vec<[u8; 32]>)> = Vec::new();
+        let mut advertised = BTreeMap::new();
+        for summary in live {
+            let heads = sorted(&summary.heads);
+            advertised.insert(summary.id.clone(), heads_digest(&heads));
+            let shared = match to {
+                Some(peer) => shared_heads(store, peer, &summary.id)?,
+                None => None,
+            };
+            if !heads.is_empty() && shared.as_ref() == Some(&heads) {
+                quiet.push((summary.id, heads));
+            } else {
+                partitions.push(summary.advertised());
+            }
+        }
+        let in_sync = InSync {
+            // At most MAX_PARTITIONS_PER_SESSION (128) partitions.
+            count: u16::try_from(quiet.len()).unwrap_or(u16::MAX),
+            digest: set_digest(quiet.iter().map(|(id, h)| (id, h.as_slice()))),
+        };
         let hello = Hello {
             version: PROTOCOL_VERSION,
             peer: me.clone(),
             now,
             horizon: own_horizon,
             partitions,
+            in_sync,
             credential,
         };
         let mut session = Session::new(Role::Initiator, me, Phase::AwaitWelcome);
         session.scope = scope;
+        session.advertised = advertised;
         session.send(Frame::Hello(hello.clone()))?;
         session.hello = Some(hello);
         Ok(session)
@@ -461,6 +503,7 @@ impl Session {
             peer: None,
             scope: None,
             hello: None,
+            advertised: BTreeMap::new(),
             window: Window {
                 from: Day(u32::MAX),
                 to: Day(0),
@@ -617,6 +660,12 @@ impl Session {
             return Ok(());
         }
         check_summaries(&hello.partitions)?;
+        if usize::from(hello.in_sync.count) > MAX_PARTITIONS_PER_SESSION {
+            return Err(SyncError::TooMany {
+                what: "partitions in sync",
+                max: MAX_PARTITIONS_PER_SESSION,
+            });
+        }
         self.events.push_back(Event::ClockOffset {
             seconds: offset(hello.now, now),
         });
@@ -676,15 +725,67 @@ impl Session {
         self.scope = Some(facility);
         self.window = Window::agreed(hello.now, hello.horizon, now, own_horizon);
         let mine = self.own_summaries(store)?;
+        // What the initiator holds, as far as this side can tell: what it listed, and for
+        // the partitions its `in_sync` stands for, the heads this side's stored states say
+        // both shared. The claim holds only if those states give the same count and digest;
+        // otherwise (a state lost or never stored at one end, a store restored from a
+        // backup) every partition is listed and exchanged.
+        let listed: BTreeMap<PartitionId, HeadsDigest> = hello
+            .partitions
+            .iter()
+            .filter(|s| self.window.contains(s.id.day))
+            .map(|s| (s.id.clone(), s.digest))
+            .collect();
+        let mut quiet: Vec<(PartitionId, Vec<[u8; 32]>)> = Vec::new();
+        if hello.in_sync.count > 0
+            && let Some(peer) = self.peer.clone()
+        {
+            for summary in mine.iter().filter(|s| !listed.contains_key(&s.id)) {
+                if let Some(shared) = shared_heads(store, &peer, &summary.id)? {
+                    quiet.push((summary.id.clone(), shared));
+                }
+            }
+        }
+        let delta = usize::from(hello.in_sync.count) == quiet.len()
+            && set_digest(quiet.iter().map(|(id, h)| (id, h.as_slice()))) == hello.in_sync.digest;
+        let mut theirs = listed.clone();
+        if delta {
+            theirs.extend(quiet.iter().map(|(id, h)| (id.clone(), heads_digest(h))));
+        }
+        let lacking = heads_digest(&[]);
+        let partitions: Vec<PeerSummary> = if delta {
+            let mut out: Vec<PeerSummary> = mine
+                .iter()
+                .filter(|m| theirs.get(&m.id) != Some(&m.digest()))
+                .map(PartitionSummary::advertised)
+                .collect();
+            // Listed by the initiator and not held here: say so, or it would read as in sync.
+            out.extend(
+                listed
+                    .keys()
+                    .filter(|id| !mine.iter().any(|m| &m.id == *id))
+                    .map(|id| PeerSummary {
+                        id: id.clone(),
+                        digest: lacking,
+                        records: 0,
+                    }),
+            );
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            out.truncate(MAX_PARTITIONS_PER_SESSION);
+            out
+        } else {
+            mine.iter().map(PartitionSummary::advertised).collect()
+        };
         self.send(Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             peer: self.me.clone(),
             now,
             horizon: own_horizon,
-            partitions: mine.clone(),
+            partitions,
+            delta,
             refresh,
         }))?;
-        self.start_syncing(mine, &hello.partitions, store)
+        self.start_syncing(mine, &theirs, store)
     }
 
     fn on_welcome(
@@ -731,9 +832,23 @@ impl Session {
             now: welcome.now,
             refresh: welcome.refresh,
         });
+        // What the responder holds: what it listed; with `delta`, for what it left out, what
+        // the hello advertised; without, nothing.
+        let mut theirs: BTreeMap<PartitionId, HeadsDigest> = if welcome.delta {
+            std::mem::take(&mut self.advertised)
+        } else {
+            BTreeMap::new()
+        };
+        theirs.extend(
+            welcome
+                .partitions
+                .iter()
+                .filter(|s| self.window.contains(s.id.day))
+                .map(|s| (s.id.clone(), s.digest)),
+        );
         // Fresh summaries: records scanned since the hello are worth sending now.
         let mine = self.own_summaries(store)?;
-        self.start_syncing(mine, &welcome.partitions, store)
+        self.start_syncing(mine, &theirs, store)
     }
 
     /// This node's partitions that may cross this session.
@@ -752,23 +867,20 @@ impl Session {
     }
 
     /// Sends a first sync message for every partition of ours whose heads differ from the
-    /// peer's; partitions only the peer holds start when its first message arrives.
+    /// peer's (`theirs`: the digest of the peer's heads where known; a partition missing from
+    /// it the peer lacks); partitions only the peer holds start when its first message arrives.
     fn start_syncing(
         &mut self,
         mine: Vec<PartitionSummary>,
-        theirs: &[PartitionSummary],
+        theirs: &BTreeMap<PartitionId, HeadsDigest>,
         store: &mut impl PartitionStore,
     ) -> Result<(), SyncError> {
         self.phase = Phase::Syncing;
-        let theirs: BTreeMap<&PartitionId, Vec<[u8; 32]>> = theirs
-            .iter()
-            .filter(|s| self.window.contains(s.id.day))
-            .map(|s| (&s.id, sorted(&s.heads)))
-            .collect();
+        let lacking = heads_digest(&[]);
         for summary in mine {
-            let their_heads = theirs.get(&summary.id).cloned().unwrap_or_default();
+            let their_digest = theirs.get(&summary.id).copied().unwrap_or(lacking);
             let heads = sorted(&summary.heads);
-            if heads == their_heads {
+            if heads_digest(&heads) == their_digest {
                 if !heads.is_empty() {
                     self.note_settled(&summary.id, &heads, store)?;
                 }
@@ -1126,23 +1238,34 @@ fn offset(peer_now: UnixSeconds, now: UnixSeconds) -> i64 {
     i64::try_from(diff).unwrap_or(if diff < 0 { i64::MIN } else { i64::MAX })
 }
 
-fn check_summaries(summaries: &[PartitionSummary]) -> Result<(), SyncError> {
+fn check_summaries(summaries: &[PeerSummary]) -> Result<(), SyncError> {
     if summaries.len() > MAX_PARTITIONS_PER_SESSION {
         return Err(SyncError::TooMany {
             what: "partitions",
             max: MAX_PARTITIONS_PER_SESSION,
         });
     }
-    if summaries
-        .iter()
-        .any(|s| s.heads.len() > MAX_HEADS_PER_PARTITION)
-    {
-        return Err(SyncError::TooMany {
-            what: "heads of one partition",
-            max: MAX_HEADS_PER_PARTITION,
-        });
-    }
     Ok(())
+}
+
+/// The heads (sorted) that the sync state stored for (`peer`, `id`) says both sides shared at
+/// the end of their last session; `None` without a usable state.
+fn shared_heads(
+    store: &impl PartitionStore,
+    peer: &Peer,
+    id: &PartitionId,
+) -> Result<Option<Vec<[u8; 32]>>, SyncError> {
+    let Some(bytes) = store.sync_state(peer, id)? else {
+        return Ok(None);
+    };
+    let Ok(state) = SyncState::decode(&bytes) else {
+        return Ok(None);
+    };
+    if state.shared_heads.is_empty() {
+        return Ok(None);
+    }
+    let heads: Vec<[u8; 32]> = state.shared_heads.iter().map(|h| h.0).collect();
+    Ok(Some(sorted(&heads)))
 }
 
 /// automerge's next sync message for a peer, always a v1 message: the changes the peer lacks,
@@ -1309,6 +1432,7 @@ mod tests {
                 now,
                 horizon: horizon(now),
                 partitions: vec![],
+                in_sync: Default::default(),
                 credential: None,
             }),
             &mut hub,
