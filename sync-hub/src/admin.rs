@@ -62,6 +62,9 @@ pub enum HubError {
     /// A bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// The keyed revocation list could not be read or written.
+    #[error("revocation list: {0}")]
+    Revocation(String),
     /// Writing the ticket file failed.
     #[error("cannot write ticket {path}: {source}")]
     TicketFile {
@@ -292,6 +295,14 @@ impl Hub {
         let mut d = self.store.device(&did)?.ok_or_else(|| {
             HubError::Invalid(format!("no device {id}: see `sync-hub device list`"))
         })?;
+        // Onto the keyed revocation list first: a row later restored to its old bytes (or this
+        // write lost) still leaves the device refused at every sync.
+        crate::auth::list_revoked(
+            &self.store,
+            [(crate::auth::Revoked::Device, d.id.to_string())],
+            crate::clock::now(),
+        )
+        .map_err(|e| HubError::Revocation(e.to_string()))?;
         d.revoked = true;
         self.store.put_device(&d)?;
         Ok(())

@@ -1082,8 +1082,15 @@ fn decide(
         }
         Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
     };
-    if rec.revoked {
-        return refuse(RefuseReason::Revoked, "this device has been revoked");
+    // The keyed revocation list, not only the row's flag: a row restored to its bytes from
+    // before the revocation does not readmit the device, and a list that does not verify
+    // refuses every device (fail closed).
+    match crate::auth::check_device(hub.store(), &rec) {
+        Ok(()) => {}
+        Err(crate::auth::AuthError::Revoked) => {
+            return refuse(RefuseReason::Revoked, "this device has been revoked");
+        }
+        Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
     }
     if &rec.facility != facility {
         return refuse(
@@ -1168,11 +1175,20 @@ fn refresh_for(
     rec: &DeviceRecord,
     now: UnixSeconds,
 ) -> Result<Refresh, HubError> {
-    let roster = hub
-        .store()
-        .devices()?
+    let mut siblings = Vec::new();
+    for d in hub.store().devices()? {
+        if d.facility != rec.facility || d.id == rec.id || d.revoked {
+            continue;
+        }
+        // A sibling whose row was restored after its revocation stays out of the roster.
+        match crate::auth::check_device(hub.store(), &d) {
+            Ok(()) => siblings.push(d),
+            Err(crate::auth::AuthError::Revoked) => {}
+            Err(e) => return Err(HubError::Revocation(e.to_string())),
+        }
+    }
+    let roster = siblings
         .into_iter()
-        .filter(|d| d.facility == rec.facility && d.id != rec.id && !d.revoked)
         .filter_map(|d| {
             Some(Sibling {
                 endpoint_id: d.endpoint_id.clone()?,
