@@ -213,7 +213,7 @@ async fn paper(
     }
 }
 
-/// Wakes the sync loop and waits (up to 30 s) for the next completed hub sync.
+/// Wakes the sync loop and waits (up to 45 s) for the next completed hub sync.
 async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&headers, &s.token) {
         return r;
@@ -226,7 +226,9 @@ async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response
     };
     let before = last(&s);
     s.wake.notify_one();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    // A round starts at most 30 s after the previous one (the schedule's gap); while the
+    // hub does not answer, at the next attempt of the backoff (at most 5 min).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(45);
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let now = last(&s);
@@ -235,7 +237,7 @@ async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response
                 .into_response();
         }
     }
-    Json(serde_json::json!({ "peer": "hub", "ok": false, "error": "the hub was not reached within 30 s; the device keeps trying in the background" }))
+    Json(serde_json::json!({ "peer": "hub", "ok": false, "error": "the hub was not reached within 45 s; the device keeps trying in the background" }))
         .into_response()
 }
 

@@ -1,12 +1,14 @@
 //! `edge-node run` and `sync --once`: the device's long-running shell.
 //!
-//! A background loop syncs with the hub, then with every sibling it knows, whenever a scan
-//! asks for it or a timer fires; while nothing answers it backs off exponentially with
-//! jitter, capped at [`MAX_BACKOFF`]. While the hub answers but nothing moves (no scan, nothing
-//! received), the wait between rounds doubles from [`SYNC_INTERVAL`] up to
-//! [`IDLE_MAX_INTERVAL`]: an idle session still costs about 14 KB of QUIC handshake and
-//! summaries, which every 30 s would be some 40 MB a day on a metered hotspot. A scan, a
-//! `sync` command or a sibling handing over records wakes the loop at once. Siblings' sessions are accepted at any time. Retention
+//! A background loop syncs with the hub when the device's sync schedule says so
+//! (`shared::sync::schedule`, the same policy the simulation runs): after a scan or a
+//! sibling's hand-over (a short wait gathers a queue at the door into one session, at least
+//! 30 s after a previous round that carried scans), and otherwise once a day for
+//! the hub's refresh. A session costs kilobytes of QUIC handshake however little it carries,
+//! so a device with nothing to send does not sync. While the hub does not answer the schedule
+//! backs off exponentially with jitter, and the device hands records the hub has not taken to
+//! the first sibling that takes them, once per change. Siblings' sessions are accepted at any
+//! time. Retention
 //! runs hourly. Just after each UTC midnight (checked at least every [`SESSION_CHECK_MAX`]) the
 //! device drops the ended day's session key, so a quiet device holds no key of an earlier day.
 //! Scans never wait for any of this: the device lock is held for one step of a session at a
@@ -16,20 +18,12 @@ use crate::clock;
 use crate::net::{self, NetError, SharedDevice, SyncReport, Target};
 use iroh::{Endpoint, PublicKey};
 use rand::Rng;
+use shared::sync::schedule::{Schedule, Step};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// The longest wait between attempts while nothing answers.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// The wait between syncs while the hub answers and records move.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(30);
-/// The longest wait between syncs while the hub answers and nothing moves.
-pub const IDLE_MAX_INTERVAL: Duration = Duration::from_secs(300);
-/// After a scan wakes the loop, how long it waits for the rest of a queue at the door, so
-/// that a burst of visitors travels as one automerge change in one session.
-pub const WAKE_COALESCE: Duration = Duration::from_millis(1500);
 /// How often retention runs.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// The longest wait between checks for an ended day's session key: the timer aims at the next
@@ -78,19 +72,37 @@ pub async fn sync_round(
     Ok(reports)
 }
 
-/// The delay before attempt `failures + 1`: exponential from 1 s, capped, with jitter.
-pub fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << failures.min(6)).min(MAX_BACKOFF);
-    let jitter: f64 = rand::thread_rng().gen_range(0.5..1.0);
-    base.mul_f64(jitter)
+/// Hands this device's records to the first sibling (roster, then `extra`) whose session
+/// completes; the reports of every attempt.
+pub async fn relay(
+    endpoint: &Endpoint,
+    device: &SharedDevice,
+    extra: &[Target],
+) -> Vec<SyncReport> {
+    let siblings = {
+        let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+        net::roster_targets(&dev).unwrap_or_default()
+    };
+    let mut reports = Vec::new();
+    let mut seen: Vec<PublicKey> = Vec::new();
+    for t in siblings.iter().chain(extra.iter()) {
+        if seen.contains(&t.id) {
+            continue;
+        }
+        seen.push(t.id);
+        let report = net::sync_with(endpoint, device, t, clock::now).await;
+        let ok = report.ok;
+        reports.push(report);
+        if ok {
+            break;
+        }
+    }
+    reports
 }
 
-/// The wait after a successful round, `idle_rounds` successful rounds in a row having moved
-/// nothing: [`SYNC_INTERVAL`], doubling per idle round, capped at [`IDLE_MAX_INTERVAL`].
-pub fn idle_wait(idle_rounds: u32) -> Duration {
-    SYNC_INTERVAL
-        .saturating_mul(1u32 << idle_rounds.min(16))
-        .min(IDLE_MAX_INTERVAL)
+/// Milliseconds since `start`, the schedule's clock.
+fn millis(start: tokio::time::Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs the device until `shutdown` resolves.
@@ -136,64 +148,50 @@ pub async fn run(
         let endpoint = endpoint.clone();
         let device = device.clone();
         tokio::spawn(async move {
-            let mut failures = 0u32;
-            let mut idle_rounds = 0u32;
-            // Whether a scan, a command or a sibling asked for this round (the first counts).
-            let mut woken = true;
+            let start = tokio::time::Instant::now();
+            let mut schedule = Schedule::new(millis(start));
             let mut last_retention = tokio::time::Instant::now();
             loop {
-                match sync_round(&endpoint, &device, &peers, None).await {
-                    Ok(reports) => {
-                        let moved = reports.iter().any(|r| r.ok && r.records_received > 0);
-                        idle_rounds = if woken || moved {
-                            0
-                        } else {
-                            idle_rounds.saturating_add(1)
+                match schedule.next(millis(start)) {
+                    Step::Wait { until_ms } => {
+                        let wait = Duration::from_millis(until_ms.saturating_sub(millis(start)))
+                            .min(RETENTION_INTERVAL);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = wake.notified() => schedule.changed(millis(start)),
+                        }
+                    }
+                    Step::SyncHub => {
+                        let ticket = schedule.begin();
+                        let hub = {
+                            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+                            net::hub_target(&dev)
                         };
-                        for r in &reports {
-                            match &r.error {
-                                None => tracing::info!(
-                                    "synced with {}: {} records in, {} bytes out",
-                                    r.peer,
-                                    r.records_received,
-                                    r.socket_bytes_sent
-                                ),
-                                Some(e) => tracing::debug!("sync with {}: {e}", r.peer),
+                        let ok = match hub {
+                            Ok(hub) => {
+                                let r = net::sync_with(&endpoint, &device, &hub, clock::now).await;
+                                log_report(&r);
+                                r.ok
                             }
-                        }
-                        if reports.first().is_some_and(|r| r.ok) {
-                            failures = 0;
-                        } else {
-                            failures = failures.saturating_add(1);
+                            Err(e) => {
+                                tracing::warn!("sync round: {e}");
+                                false
+                            }
+                        };
+                        let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+                        schedule.hub_done(ticket, millis(start), ok, jitter);
+                        if schedule.wants_relay() {
+                            let reports = relay(&endpoint, &device, &peers).await;
+                            reports.iter().for_each(log_report);
+                            schedule.relay_done(ticket, reports.iter().any(|r| r.ok));
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!("sync round: {e}");
-                        failures = failures.saturating_add(1);
-                    }
-                }
-                if failures > 0 {
-                    // When the hub answers again, rounds start at the normal interval.
-                    idle_rounds = 0;
                 }
                 if last_retention.elapsed() >= RETENTION_INTERVAL {
                     last_retention = tokio::time::Instant::now();
                     let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = dev.purge(clock::now(), None) {
                         tracing::warn!("retention: {e}");
-                    }
-                }
-                let wait = if failures == 0 {
-                    idle_wait(idle_rounds)
-                } else {
-                    backoff(failures)
-                };
-                woken = false;
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = wake.notified() => {
-                        woken = true;
-                        tokio::time::sleep(WAKE_COALESCE).await;
                     }
                 }
             }
@@ -219,20 +217,21 @@ pub async fn run(
     Ok(())
 }
 
+fn log_report(r: &SyncReport) {
+    match &r.error {
+        None => tracing::info!(
+            "synced with {}: {} records in, {} bytes out",
+            r.peer,
+            r.records_received,
+            r.socket_bytes_sent
+        ),
+        Some(e) => tracing::debug!("sync with {}: {e}", r.peer),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for f in 0..20 {
-            let d = backoff(f);
-            assert!(d <= MAX_BACKOFF, "{d:?}");
-            assert!(d >= Duration::from_millis(500).min(MAX_BACKOFF / 2));
-        }
-        assert!(backoff(0) <= Duration::from_secs(1));
-        assert!(backoff(10) >= Duration::from_secs(30));
-    }
 
     #[test]
     fn session_check_wakes_just_after_midnight_and_at_least_every_minute() {
@@ -248,20 +247,11 @@ mod tests {
     }
 
     #[test]
-    fn idle_rounds_stretch_the_interval_up_to_the_cap() {
-        assert_eq!(idle_wait(0), SYNC_INTERVAL);
-        assert_eq!(idle_wait(1), SYNC_INTERVAL * 2);
-        assert_eq!(idle_wait(2), SYNC_INTERVAL * 4);
-        let mut last = Duration::ZERO;
-        for n in 0..40 {
-            let d = idle_wait(n);
-            assert!(d >= last && d <= IDLE_MAX_INTERVAL, "{n}: {d:?}");
-            last = d;
-        }
-        assert_eq!(idle_wait(u32::MAX), IDLE_MAX_INTERVAL);
+    fn a_device_with_work_waiting_shows_offline_before_its_next_round_could_be_late() {
         assert!(
-            crate::kiosk::ONLINE_WITHIN > IDLE_MAX_INTERVAL.as_secs(),
-            "an idle device that reaches its hub must show online"
+            crate::kiosk::ONLINE_WITHIN * 1_000
+                > shared::sync::schedule::MIN_GAP_MS + shared::sync::schedule::COALESCE_MS,
+            "a device whose rounds run on time must show online"
         );
     }
 }

@@ -50,12 +50,14 @@ use tokio::sync::{Notify, Semaphore};
 pub const MAX_KIOSK_FRAME: usize = 2 * 1024 * 1024;
 /// Staff mode ends after this long without a staff request.
 pub const STAFF_IDLE: Duration = Duration::from_secs(300);
-/// The status line says "online" when the last completed hub sync is at most this old. While
-/// nothing moves the sync loop syncs at least every `daemon::IDLE_MAX_INTERVAL` (5 min), and
-/// within 1.5 s of every scan, so a missed idle round plus slack means the hub is not being
-/// reached.
-pub const ONLINE_WITHIN: u64 =
-    crate::daemon::IDLE_MAX_INTERVAL.as_secs() + crate::daemon::SYNC_INTERVAL.as_secs() + 15;
+/// While records wait for the hub, the status line says "online" only when the last completed
+/// hub sync is at most this old: with work waiting the sync loop runs a round at most 30 s
+/// after the previous one (`shared::sync::schedule::MIN_GAP_MS`), so a missed round plus
+/// slack means the hub is not being reached.
+pub const ONLINE_WITHIN: u64 = 90;
+/// With nothing waiting, a device syncs once a day (for the hub's refresh): "online" then
+/// means the last daily round completed, with an hour of slack.
+pub const UP_TO_DATE_WITHIN: u64 = shared::sync::schedule::REFRESH_EVERY_MS / 1_000 + 3_600;
 /// Frame decodes running at once. Each takes at most about 20 MiB under
 /// [`frame::FrameLimits::KIOSK`] (16 MiB decoded plus its luma copy); two keep both cores of a
 /// small device busy without letting a burst of frames take its memory.
@@ -642,10 +644,16 @@ async fn status(State(s): State<KioskState>) -> Response {
         }
     };
     // `run` does not publish the outcome of each sync attempt; a recent completed hub sync
-    // is the evidence that the hub is reachable.
+    // is the evidence that the hub is reachable. A device with nothing to send syncs once a
+    // day, so then the daily round is the evidence.
+    let within = if st.unsynced == 0 {
+        UP_TO_DATE_WITHIN
+    } else {
+        ONLINE_WITHIN
+    };
     let online = st
         .last_sync
-        .is_some_and(|t| now.saturating_sub(t) <= ONLINE_WITHIN);
+        .is_some_and(|t| now.saturating_sub(t) <= within);
     let clock_warning = st.clock_offset.is_some_and(|o| o.abs() > 300);
     Json(serde_json::json!({
         "facility_name": st.facility_name,

@@ -16,7 +16,9 @@
 
 /// After the first new record, how long to wait for the rest of a queue at the door.
 pub const COALESCE_MS: u64 = 1_500;
-/// The shortest time between two rounds that carry records.
+/// The shortest time between two rounds that carry new records: a busy door sends a session
+/// every 30 s at most, not one per visitor. The first round after a quiet spell (or after the
+/// start, or the daily refresh) is not held back.
 pub const MIN_GAP_MS: u64 = 30_000;
 /// How often a device with nothing to send syncs anyway, for the hub's refresh.
 pub const REFRESH_EVERY_MS: u64 = 24 * 3_600 * 1_000;
@@ -43,6 +45,8 @@ pub enum Step {
 #[must_use = "pass the ticket to hub_done or relay_done"]
 pub struct Ticket {
     generation: u64,
+    /// Whether the round carries records that arrived while this schedule ran.
+    carries: bool,
 }
 
 /// One device's sync schedule. See the module docs.
@@ -111,13 +115,16 @@ impl Schedule {
     pub fn begin(&self) -> Ticket {
         Ticket {
             generation: self.generation,
+            carries: self.unsent && self.generation > 0,
         }
     }
 
     /// The hub round of `ticket` ended at `now_ms`. `jitter` in `0.5..=1.0` (the caller's
     /// randomness) spreads the retries of devices that lost their hub together.
     pub fn hub_done(&mut self, ticket: Ticket, now_ms: u64, ok: bool, jitter: f64) {
-        self.last_round_ms = Some(now_ms);
+        if ticket.carries {
+            self.last_round_ms = Some(now_ms);
+        }
         if ok {
             self.failures = 0;
             if ticket.generation == self.generation {
@@ -199,21 +206,32 @@ mod tests {
         let mut s = Schedule::new(0);
         let t = s.begin();
         s.hub_done(t, 1_000, true, 1.0);
+        // The start's round carried no scan: the first scan only waits for the queue.
         s.changed(2_000);
-        // The previous round ended 1 s earlier: the gap decides.
         assert_eq!(
             s.next(2_000),
             Step::Wait {
-                until_ms: 1_000 + MIN_GAP_MS
+                until_ms: 2_000 + COALESCE_MS
+            }
+        );
+        let t = s.begin();
+        s.hub_done(t, 4_000, true, 1.0);
+        // That round carried a scan: the next one waits for the gap.
+        s.changed(5_000);
+        assert_eq!(
+            s.next(5_000),
+            Step::Wait {
+                until_ms: 4_000 + MIN_GAP_MS
             }
         );
         s.changed(100_000);
-        assert_eq!(s.next(1_000 + MIN_GAP_MS), Step::SyncHub);
+        assert_eq!(s.next(4_000 + MIN_GAP_MS), Step::SyncHub);
     }
 
     #[test]
     fn a_change_during_a_round_is_not_cleared_by_it() {
         let mut s = Schedule::new(0);
+        s.changed(10);
         let t = s.begin();
         s.changed(50);
         s.hub_done(t, 100, true, 1.0);
