@@ -55,6 +55,11 @@ pub const STAFF_IDLE: Duration = Duration::from_secs(300);
 /// after the previous one (`shared::sync::schedule::MIN_GAP_MS`), so a missed round plus
 /// slack means the hub is not being reached.
 pub const ONLINE_WITHIN: u64 = 90;
+// A device whose rounds run on time shows online.
+const _: () = assert!(
+    ONLINE_WITHIN * 1_000
+        > shared::sync::schedule::MIN_GAP_MS + shared::sync::schedule::COALESCE_MS
+);
 /// With nothing waiting, a device syncs once a day (for the hub's refresh): "online" then
 /// means the last daily round completed, with an hour of slack.
 pub const UP_TO_DATE_WITHIN: u64 = shared::sync::schedule::REFRESH_EVERY_MS / 1_000 + 3_600;
