@@ -15,13 +15,14 @@
 //!
 //! Per-device quotas ([`Quotas`]) keep one rogue enrolled device from filling the disk or
 //! holding the actor: the bytes a session receives after admission, and the new records a
-//! device delivers per UTC day (`device-day-records-1`). Over either, the session is aborted
+//! device delivers per UTC day (`device-day-records-1`) and the new wrapped keys it delivers per
+//! UTC day (`device-day-keys-1`). Over either, the session is aborted
 //! with `QuotaExceeded` before the frame or partition that went over is stored.
 
 use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
 use crate::auth::Principal;
 use crate::clock;
-use crate::ledger::{Ledger, Persisted, PurgeReport, Stats};
+use crate::ledger::{Charge, Ledger, Persisted, PurgeReport, RefusalNote, Stats};
 use crate::people::{self, OpError};
 use crate::store::DeviceRecord;
 use iroh::endpoint::presets;
@@ -91,6 +92,12 @@ pub const MAX_SESSION_BYTES: u64 = 64 * 1024 * 1024;
 /// of a session counts against the device admitted for it, its siblings' records it relays
 /// too: the quota bounds what one key can bring in, whoever sealed the records.
 pub const MAX_DEVICE_RECORDS_PER_DAY: u64 = 100_000;
+/// The default cap on new wrapped keys (`k/` entries) one device may deliver per UTC day
+/// (`sync-hub run --max-device-keys-per-day`). A device wraps one session key per day and
+/// process (a restart or a day-key fallback makes another), so an honest device brings a few
+/// a day, its relayed siblings' included; without a cap a rogue device could push unlimited
+/// wrapped keys, which the records quota does not count.
+pub const MAX_DEVICE_KEYS_PER_DAY: u64 = 64;
 
 /// Per-device quotas at the hub (`docs/protocol.md`, "Hub connection limits").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +106,8 @@ pub struct Quotas {
     pub session_bytes: u64,
     /// New records one device may deliver per UTC day (of the hub's clock).
     pub device_records_per_day: u64,
+    /// New wrapped keys (`k/` entries) one device may deliver per UTC day.
+    pub device_keys_per_day: u64,
 }
 
 impl Default for Quotas {
@@ -106,6 +115,7 @@ impl Default for Quotas {
         Quotas {
             session_bytes: MAX_SESSION_BYTES,
             device_records_per_day: MAX_DEVICE_RECORDS_PER_DAY,
+            device_keys_per_day: MAX_DEVICE_KEYS_PER_DAY,
         }
     }
 }
@@ -903,10 +913,18 @@ fn pump(
                 // send them again.
                 Event::PartitionUpdated { .. } | Event::SyncStateChanged { .. }
                     if c.stores_nothing() => {}
-                Event::PartitionUpdated { id, new_records } => {
+                Event::PartitionUpdated {
+                    id,
+                    new_records,
+                    new_keys,
+                } => {
                     // Checked before anything is stored: over the quota, the merged partition
                     // is dropped with the cache and never persisted.
-                    match over_device_quota(ledger, c, new_records, now) {
+                    let charge = Charge {
+                        records: new_records,
+                        keys: new_keys,
+                    };
+                    match over_device_quota(ledger, c, charge, now) {
                         Ok(None) => {}
                         Ok(Some(detail)) => {
                             c.quota_refusal(metrics, detail);
@@ -919,7 +937,7 @@ fn pump(
                     }
                     // The ledger persists and indexes what the session merged, and charges
                     // its new records to the device in the same transaction.
-                    let charge = c.device.as_ref().map(|d| (d, new_records));
+                    let charge = c.device.as_ref().map(|d| (d, charge));
                     match persist(ledger, parts, &id, now, charge) {
                         Ok(n) => {
                             metrics
@@ -961,6 +979,21 @@ fn pump(
                 Event::Refused { by, reason, detail } => {
                     metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("session refused by {by:?}: {reason:?} {detail}");
+                    // For `sync-hub stats`: counts by reason and the last few.
+                    let device = match c.session.peer() {
+                        Some(Peer::Device { device, .. }) => Some(device.to_string()),
+                        _ => None,
+                    };
+                    let note = RefusalNote {
+                        at: now,
+                        device,
+                        reason: format!("{reason:?}"),
+                        by: format!("{by:?}").to_lowercase(),
+                        detail,
+                    };
+                    if let Err(e) = ledger.note_refusal(&note) {
+                        tracing::warn!("cannot record a refusal for stats: {e}");
+                    }
                 }
                 Event::Failed(e) => {
                     metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
@@ -984,26 +1017,43 @@ fn pump(
 fn over_device_quota(
     ledger: &Ledger<'_>,
     c: &Conn,
-    new_records: u64,
+    charge: Charge,
     now: UnixSeconds,
 ) -> Result<Option<String>, String> {
     let Some(device) = &c.device else {
         return Ok(None);
     };
-    let quota = c.quotas.device_records_per_day;
     let today = Day::of(now);
+    let quota = c.quotas.device_records_per_day;
     let so_far = ledger
         .device_day_records(device, today)
         .map_err(|e| e.to_string())?;
-    if so_far.saturating_add(new_records) <= quota {
-        return Ok(None);
+    if so_far.saturating_add(charge.records) > quota {
+        return Ok(Some(format!(
+            "device {device} would deliver {} new records today (UTC day {}), over the hub's \
+             {quota} per device per day; the device keeps them, sync again tomorrow",
+            so_far.saturating_add(charge.records),
+            today.0
+        )));
     }
-    Ok(Some(format!(
-        "device {device} would deliver {} new records today (UTC day {}), over the hub's \
-         {quota} per device per day; the device keeps them, sync again tomorrow",
-        so_far.saturating_add(new_records),
-        today.0
-    )))
+    // Wrapped keys are counted apart: an honest device brings a few a day.
+    let quota = c.quotas.device_keys_per_day;
+    let so_far = if charge.keys > 0 {
+        ledger
+            .device_day_keys(device, today)
+            .map_err(|e| e.to_string())?
+    } else {
+        0
+    };
+    if so_far.saturating_add(charge.keys) > quota {
+        return Ok(Some(format!(
+            "device {device} would deliver {} new wrapped keys today (UTC day {}), over the \
+             hub's {quota} wrapped keys per device per day",
+            so_far.saturating_add(charge.keys),
+            today.0
+        )));
+    }
+    Ok(None)
 }
 
 /// The size a received frame counts for against [`Quotas::session_bytes`]: as decoded, so a
@@ -1024,7 +1074,7 @@ fn persist(
     parts: &mut impl PartitionStore,
     id: &shared::PartitionId,
     now: UnixSeconds,
-    charge: Option<(&DeviceId, u64)>,
+    charge: Option<(&DeviceId, Charge)>,
 ) -> Result<Persisted, String> {
     match parts.partition_mut(id).map_err(|e| e.to_string())? {
         Some(p) => ledger

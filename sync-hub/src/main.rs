@@ -85,6 +85,10 @@ enum Command {
         /// refused (`QuotaExceeded`).
         #[arg(long, default_value_t = sync_hub::daemon::MAX_DEVICE_RECORDS_PER_DAY)]
         max_device_records_per_day: u64,
+        /// New wrapped keys (`k/` entries) one device may deliver per UTC day; a session that
+        /// would go over is refused (`QuotaExceeded`).
+        #[arg(long, default_value_t = sync_hub::daemon::MAX_DEVICE_KEYS_PER_DAY)]
+        max_device_keys_per_day: u64,
     },
     /// Facilities and records the hub holds.
     Stats {
@@ -484,10 +488,12 @@ fn run(cli: Cli) -> Result<()> {
             max_connections,
             max_session_bytes,
             max_device_records_per_day,
+            max_device_keys_per_day,
         } => {
             let quotas = sync_hub::daemon::Quotas {
                 session_bytes: max_session_bytes,
                 device_records_per_day: max_device_records_per_day,
+                device_keys_per_day: max_device_keys_per_day,
             };
             run_hub(&data, listen, http, max_connections, quotas)?
         }
