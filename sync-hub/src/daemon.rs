@@ -126,6 +126,35 @@ pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_BUSY: u32 = 2;
 /// Application close code: no `Hello` within [`HELLO_TIMEOUT`].
 pub const CLOSE_NO_HELLO: u32 = 3;
+/// Application close code: closed before admission to make room for a newer connection, the
+/// hub being at its cap of connections not yet admitted ([`MAX_UNADMITTED`]).
+pub const CLOSE_EVICTED: u32 = 4;
+
+/// The default cap on connections not admitted yet (`sync-hub run --max-unadmitted`): from
+/// the handshake until the hub admits the peer's `Hello`. An honest device says `Hello` at
+/// once, so few are ever in that state; at the cap, the oldest unadmitted connection is closed
+/// ([`CLOSE_EVICTED`]) for the new one. Peers that connect and stay silent therefore hold at
+/// most this many of the [`MAX_CONNECTIONS`] slots, never all of them, and a device that
+/// connects meanwhile gets in unless the flood opens this many connections within its
+/// handshake and `Hello`.
+pub const MAX_UNADMITTED: usize = 64;
+
+/// A connection not admitted yet, as `serve` tracks them for eviction.
+struct Unadmitted {
+    admitted: Arc<AtomicBool>,
+    /// Dropped when the connection's task ends.
+    evict: std::sync::Weak<tokio::sync::Notify>,
+}
+
+/// Resolves once the connection is told to make room, unless it was admitted by then.
+async fn evicted(evict: &tokio::sync::Notify, admitted: &AtomicBool) {
+    loop {
+        evict.notified().await;
+        if !admitted.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -536,8 +565,16 @@ pub fn stop(handle: &HubHandle) {
 
 /// Accepts sync connections until the endpoint closes, at most `max_connections` at a time
 /// ([`MAX_CONNECTIONS`] unless the operator chose otherwise); the excess are closed at once
-/// with [`CLOSE_BUSY`].
-pub async fn serve(endpoint: Endpoint, handle: HubHandle, max_connections: usize) {
+/// with [`CLOSE_BUSY`]. Of those, at most `max_unadmitted` ([`MAX_UNADMITTED`]) may be waiting
+/// for admission: a new connection over that closes the oldest waiting one ([`CLOSE_EVICTED`]).
+pub async fn serve(
+    endpoint: Endpoint,
+    handle: HubHandle,
+    max_connections: usize,
+    max_unadmitted: usize,
+) {
+    let max_unadmitted = max_unadmitted.max(1);
+    let mut unadmitted: std::collections::VecDeque<Unadmitted> = Default::default();
     let next = Arc::new(AtomicU64::new(1));
     let slots = Arc::new(Semaphore::new(max_connections));
     let busy = Arc::new(Semaphore::new(BUSY_HANDSHAKES));
@@ -574,10 +611,29 @@ pub async fn serve(endpoint: Endpoint, handle: HubHandle, max_connections: usize
             }
             continue;
         };
+        unadmitted.retain(|u| !u.admitted.load(Ordering::Acquire) && u.evict.strong_count() > 0);
+        while unadmitted.len() >= max_unadmitted {
+            let Some(oldest) = unadmitted.pop_front() else {
+                break;
+            };
+            if let Some(evict) = oldest.evict.upgrade() {
+                evict.notify_one();
+                handle
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let admitted = Arc::new(AtomicBool::new(false));
+        let evict = Arc::new(tokio::sync::Notify::new());
+        unadmitted.push_back(Unadmitted {
+            admitted: admitted.clone(),
+            evict: Arc::downgrade(&evict),
+        });
         let id = next.fetch_add(1, Ordering::Relaxed);
         let handle = handle.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(incoming, id, handle).await {
+            if let Err(e) = connection(incoming, id, handle, admitted, evict).await {
                 tracing::debug!("connection {id}: {e}");
             }
             drop(slot);
@@ -590,23 +646,33 @@ async fn connection(
     incoming: iroh::endpoint::Incoming,
     conn_id: u64,
     handle: HubHandle,
+    admitted: Arc<AtomicBool>,
+    evict: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
     let addr = match incoming.remote_addr() {
         iroh::endpoint::IncomingAddr::Ip(a) => Some(a),
         _ => None,
     };
     let hello_deadline = Instant::now() + HELLO_TIMEOUT;
-    let conn = tokio::time::timeout_at(hello_deadline, incoming)
-        .await
-        .map_err(|_| "no handshake in time".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let conn = tokio::select! {
+        r = tokio::time::timeout_at(hello_deadline, incoming) => r
+            .map_err(|_| "no handshake in time".to_owned())?
+            .map_err(|e| e.to_string())?,
+        () = evicted(&evict, &admitted) => return Err("evicted during the handshake".to_owned()),
+    };
     let remote = conn.remote_id();
     if conn.alpn() == shared::sync::ALPN_V1 {
         refuse_v1(&conn, addr, hello_deadline, &handle.metrics).await;
         return Ok(());
     }
-    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
-    {
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(hello_deadline, conn.accept_bi()) => r,
+        () = evicted(&evict, &admitted) => {
+            conn.close(CLOSE_EVICTED.into(), b"too many connections waiting for admission");
+            return Err("evicted before its stream".to_owned());
+        }
+    };
+    let (mut send, mut recv) = match accepted {
         Ok(r) => r.map_err(|e| e.to_string())?,
         Err(_) => {
             conn.close(CLOSE_NO_HELLO.into(), b"no Hello in time");
@@ -614,7 +680,6 @@ async fn connection(
         }
     };
     let (otx, mut orx) = tmpsc::channel(OUTGOING_FRAMES);
-    let admitted = Arc::new(AtomicBool::new(false));
     handle
         .tx
         .send(Input::Open {
@@ -641,8 +706,10 @@ async fn connection(
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     };
     let tx = handle.tx.clone();
+    let reader_admitted = admitted.clone();
     // Returns whether the peer sent no frame before the Hello deadline.
     let reader = async move {
+        let admitted = reader_admitted;
         // Until admission only a Hello-sized frame is buffered.
         let mut decoder = FrameDecoder::with_limit(PRE_ADMISSION_FRAME_BYTES);
         let mut raised = false;
@@ -707,6 +774,7 @@ async fn connection(
         }
     };
     // The writer ends when the actor closes the session; the reader with the stream.
+    let mut was_evicted = false;
     let ((), no_hello) = tokio::join!(writer, async {
         tokio::select! {
             no_hello = reader => no_hello,
@@ -714,8 +782,17 @@ async fn connection(
                 let _ = handle.tx.send(Input::Closed { conn: conn_id }).await;
                 false
             }
+            () = evicted(&evict, &admitted) => {
+                was_evicted = true;
+                conn.close(CLOSE_EVICTED.into(), b"too many connections waiting for admission");
+                let _ = handle.tx.send(Input::Closed { conn: conn_id }).await;
+                false
+            }
         }
     });
+    if was_evicted {
+        return Ok(());
+    }
     let stats = conn.stats();
     handle
         .metrics
