@@ -186,8 +186,14 @@ async fn status(State(s): State<ControlState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&headers, &s.token) {
         return r;
     }
-    match lock(&s.device).status(clock::now()) {
-        Ok(st) => Json(st).into_response(),
+    let dev = lock(&s.device);
+    match dev.status(clock::now()) {
+        Ok(st) => {
+            let mut v = serde_json::to_value(st).unwrap_or_default();
+            v["last_sync_failure"] =
+                serde_json::to_value(crate::net::last_sync_failure(&dev)).unwrap_or_default();
+            Json(v).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

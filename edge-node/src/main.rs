@@ -349,13 +349,20 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Status { json } => {
             let s: serde_json::Value = match Device::open(&data) {
-                Ok(dev) => serde_json::to_value(dev.status(now)?)?,
+                Ok(dev) => {
+                    let mut v = serde_json::to_value(dev.status(now)?)?;
+                    v["last_sync_failure"] =
+                        serde_json::to_value(edge_node::net::last_sync_failure(&dev))?;
+                    v
+                }
                 Err(e) if is_busy(&e) => control::Client::find(&data)?.get("/api/status")?,
                 Err(e) => return Err(e.into()),
             };
             if json {
                 println!("{s}");
             } else {
+                let failure: Option<edge_node::net::SyncFailure> =
+                    serde_json::from_value(s["last_sync_failure"].clone()).unwrap_or(None);
                 let s: edge_node::device::Status = serde_json::from_value(s)?;
                 println!(
                     "device {} ({}) of {} ({})",
@@ -371,6 +378,18 @@ fn run(cli: Cli) -> Result<i32> {
                 );
                 for w in &s.warnings {
                     println!("warning: {w}");
+                }
+                if let Some(f) = failure {
+                    println!(
+                        "last sync failure at {} with {}: {}{}",
+                        f.at,
+                        f.peer,
+                        match (&f.refused_by, &f.reason) {
+                            (Some(by), Some(reason)) => format!("refused by {by} ({reason}): "),
+                            _ => String::new(),
+                        },
+                        f.detail
+                    );
                 }
             }
             Ok(0)

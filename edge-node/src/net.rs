@@ -84,6 +84,52 @@ pub struct SyncReport {
     pub socket_bytes_received: u64,
     /// Why it did not complete.
     pub error: Option<String>,
+    /// When a side refused: which (`local` or `peer`).
+    pub refused_by: Option<String>,
+    /// When a side refused: the reason (`Revoked`, `InvalidChange`, ...).
+    pub reason: Option<String>,
+}
+
+/// The device-store setting holding the last sync session that did not complete, for
+/// `status` (a separate process from the `run` that synced).
+pub const LAST_SYNC_FAILURE: &str = "last_sync_failure";
+
+/// The last sync session that was refused or failed (`status`'s `last_sync_failure`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SyncFailure {
+    /// When it ended, Unix seconds of the device's clock.
+    pub at: u64,
+    /// The peer: `hub` or a sibling's short endpoint id.
+    pub peer: String,
+    /// Who refused (`local` or `peer`); absent for failures that were not refusals (a
+    /// timeout, a lost connection).
+    pub refused_by: Option<String>,
+    /// The refusal's reason (`Revoked`, `UnknownDevice`, `InvalidChange`, `QuotaExceeded`, ...).
+    pub reason: Option<String>,
+    /// What went wrong, as the session reported it.
+    pub detail: String,
+}
+
+/// The last sync failure this device stored, if any (an unreadable one counts as none).
+pub fn last_sync_failure(device: &Device) -> Option<SyncFailure> {
+    let bytes = device.store().get(LAST_SYNC_FAILURE).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Stores `failure` as the device's last; a store that cannot take it is logged, not fatal.
+fn note_failure(device: &SharedDevice, failure: &SyncFailure) {
+    tracing::warn!(
+        peer = %failure.peer,
+        reason = ?failure.reason,
+        "sync did not complete: {}",
+        failure.detail
+    );
+    let Ok(json) = serde_json::to_vec(failure) else {
+        return;
+    };
+    if let Err(e) = lock(device).store().put(&[(LAST_SYNC_FAILURE, &json)]) {
+        tracing::warn!("cannot store the last sync failure: {e}");
+    }
 }
 
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, Device> {
@@ -177,7 +223,19 @@ pub async fn sync_with(
     };
     match sync_inner(endpoint, device, target, &now, &mut report).await {
         Ok(()) => report.ok = true,
-        Err(e) => report.error = Some(e.to_string()),
+        Err(e) => {
+            report.error = Some(e.to_string());
+            note_failure(
+                device,
+                &SyncFailure {
+                    at: now(),
+                    peer: report.peer.clone(),
+                    refused_by: report.refused_by.clone(),
+                    reason: report.reason.clone(),
+                    detail: e.to_string(),
+                },
+            );
+        }
     }
     report
 }
@@ -260,6 +318,10 @@ async fn sync_inner(
     report.records_received = result.new_records;
     report.frame_bytes_sent = result.stats.bytes_sent;
     report.frame_bytes_received = result.stats.bytes_received;
+    if let Some((by, reason)) = result.refusal {
+        report.refused_by = Some(by);
+        report.reason = Some(reason);
+    }
     match result.end {
         End::Finished => Ok(()),
         End::Failed(why) => Err(NetError::Session(target.label.clone(), why)),
@@ -309,6 +371,8 @@ struct Outcome {
     end: End,
     stats: WireStats,
     new_records: u64,
+    /// (who refused, reason), when a side refused.
+    refusal: Option<(String, String)>,
 }
 
 /// What a session's events have done to the device so far.
@@ -323,6 +387,8 @@ struct Effects {
     /// The first effect this shell could not carry out. From then on nothing more of the
     /// session is stored: no partition, no sync state, no refresh, no "synced with the hub".
     failure: Option<String>,
+    /// (who refused, reason), when a side refused.
+    refusal: Option<(String, String)>,
 }
 
 /// Carries out one of the session's events against the device.
@@ -341,7 +407,9 @@ fn handle_event(
     fx: &mut Effects,
 ) {
     match event {
-        Event::PartitionUpdated { id, new_records: n } => {
+        Event::PartitionUpdated {
+            id, new_records: n, ..
+        } => {
             if fx.failure.is_some() {
                 // Merged in memory, never stored: forget it, the peer still has it.
                 dev.forget_partition(id.day);
@@ -416,6 +484,7 @@ fn handle_event(
             );
         }
         Event::Refused { by, reason, detail } => {
+            fx.refusal = Some((format!("{by:?}").to_lowercase(), format!("{reason:?}")));
             fx.end = Some(End::Failed(format!(
                 "{by:?} refused ({reason:?}): {detail}"
             )));
@@ -503,6 +572,7 @@ async fn drive(
                 end,
                 stats: session.stats(),
                 new_records: fx.new_records,
+                refusal: fx.refusal,
             });
         }
         let read = tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf)).await;
@@ -612,7 +682,20 @@ pub async fn serve_sibling(
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     match out.end {
         End::Finished => Ok(out.new_records),
-        End::Failed(why) => Err(NetError::Session(remote.fmt_short().to_string(), why)),
+        End::Failed(why) => {
+            let (refused_by, reason) = out.refusal.unzip();
+            note_failure(
+                &device,
+                &SyncFailure {
+                    at: now(),
+                    peer: remote.fmt_short().to_string(),
+                    refused_by,
+                    reason,
+                    detail: why.clone(),
+                },
+            );
+            Err(NetError::Session(remote.fmt_short().to_string(), why))
+        }
     }
 }
 

@@ -94,4 +94,16 @@ impl PartitionStore for Replica<'_> {
             .put_sync_state(&peer_key(peer), id.day, state)
             .map_err(|e| StoreError::Failed(e.to_string()))
     }
+
+    fn discard_partition(
+        &mut self,
+        id: &PartitionId,
+        _good_heads: &[automerge::ChangeHash],
+    ) -> Result<(), StoreError> {
+        // The store holds what the last `PartitionUpdated` persisted: reload from there.
+        if self.own(id) {
+            self.device.forget_partition(id.day);
+        }
+        Ok(())
+    }
 }

@@ -672,7 +672,10 @@ impl World {
         let arrive = t + session_seconds(&outcome).ceil() as u64;
         let mut moved = 0;
         for (role, event) in &outcome.events {
-            if let Event::PartitionUpdated { id, new_records } = event {
+            if let Event::PartitionUpdated {
+                id, new_records, ..
+            } = event
+            {
                 moved += new_records;
                 if *role == Role::Responder && *new_records > 0 {
                     self.mark_delivered(id, arrive);

@@ -15,13 +15,14 @@
 //!
 //! Per-device quotas ([`Quotas`]) keep one rogue enrolled device from filling the disk or
 //! holding the actor: the bytes a session receives after admission, and the new records a
-//! device delivers per UTC day (`device-day-records-1`). Over either, the session is aborted
+//! device delivers per UTC day (`device-day-records-1`) and the new wrapped keys it delivers per
+//! UTC day (`device-day-keys-1`). Over either, the session is aborted
 //! with `QuotaExceeded` before the frame or partition that went over is stored.
 
 use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
 use crate::auth::Principal;
 use crate::clock;
-use crate::ledger::{Ledger, Persisted, PurgeReport, Stats};
+use crate::ledger::{Charge, Ledger, Persisted, PurgeReport, RefusalNote, Stats};
 use crate::people::{self, OpError};
 use crate::store::DeviceRecord;
 use iroh::endpoint::presets;
@@ -91,6 +92,12 @@ pub const MAX_SESSION_BYTES: u64 = 64 * 1024 * 1024;
 /// of a session counts against the device admitted for it, its siblings' records it relays
 /// too: the quota bounds what one key can bring in, whoever sealed the records.
 pub const MAX_DEVICE_RECORDS_PER_DAY: u64 = 100_000;
+/// The default cap on new wrapped keys (`k/` entries) one device may deliver per UTC day
+/// (`sync-hub run --max-device-keys-per-day`). A device wraps one session key per day and
+/// process (a restart or a day-key fallback makes another), so an honest device brings a few
+/// a day, its relayed siblings' included; without a cap a rogue device could push unlimited
+/// wrapped keys, which the records quota does not count.
+pub const MAX_DEVICE_KEYS_PER_DAY: u64 = 64;
 
 /// Per-device quotas at the hub (`docs/protocol.md`, "Hub connection limits").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +106,8 @@ pub struct Quotas {
     pub session_bytes: u64,
     /// New records one device may deliver per UTC day (of the hub's clock).
     pub device_records_per_day: u64,
+    /// New wrapped keys (`k/` entries) one device may deliver per UTC day.
+    pub device_keys_per_day: u64,
 }
 
 impl Default for Quotas {
@@ -106,6 +115,7 @@ impl Default for Quotas {
         Quotas {
             session_bytes: MAX_SESSION_BYTES,
             device_records_per_day: MAX_DEVICE_RECORDS_PER_DAY,
+            device_keys_per_day: MAX_DEVICE_KEYS_PER_DAY,
         }
     }
 }
@@ -116,6 +126,35 @@ pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_BUSY: u32 = 2;
 /// Application close code: no `Hello` within [`HELLO_TIMEOUT`].
 pub const CLOSE_NO_HELLO: u32 = 3;
+/// Application close code: closed before admission to make room for a newer connection, the
+/// hub being at its cap of connections not yet admitted ([`MAX_UNADMITTED`]).
+pub const CLOSE_EVICTED: u32 = 4;
+
+/// The default cap on connections not admitted yet (`sync-hub run --max-unadmitted`): from
+/// the handshake until the hub admits the peer's `Hello`. An honest device says `Hello` at
+/// once, so few are ever in that state; at the cap, the oldest unadmitted connection is closed
+/// ([`CLOSE_EVICTED`]) for the new one. Peers that connect and stay silent therefore hold at
+/// most this many of the [`MAX_CONNECTIONS`] slots, never all of them, and a device that
+/// connects meanwhile gets in unless the flood opens this many connections within its
+/// handshake and `Hello`.
+pub const MAX_UNADMITTED: usize = 64;
+
+/// A connection not admitted yet, as `serve` tracks them for eviction.
+struct Unadmitted {
+    admitted: Arc<AtomicBool>,
+    /// Dropped when the connection's task ends.
+    evict: std::sync::Weak<tokio::sync::Notify>,
+}
+
+/// Resolves once the connection is told to make room, unless it was admitted by then.
+async fn evicted(evict: &tokio::sync::Notify, admitted: &AtomicBool) {
+    loop {
+        evict.notified().await;
+        if !admitted.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -526,8 +565,16 @@ pub fn stop(handle: &HubHandle) {
 
 /// Accepts sync connections until the endpoint closes, at most `max_connections` at a time
 /// ([`MAX_CONNECTIONS`] unless the operator chose otherwise); the excess are closed at once
-/// with [`CLOSE_BUSY`].
-pub async fn serve(endpoint: Endpoint, handle: HubHandle, max_connections: usize) {
+/// with [`CLOSE_BUSY`]. Of those, at most `max_unadmitted` ([`MAX_UNADMITTED`]) may be waiting
+/// for admission: a new connection over that closes the oldest waiting one ([`CLOSE_EVICTED`]).
+pub async fn serve(
+    endpoint: Endpoint,
+    handle: HubHandle,
+    max_connections: usize,
+    max_unadmitted: usize,
+) {
+    let max_unadmitted = max_unadmitted.max(1);
+    let mut unadmitted: std::collections::VecDeque<Unadmitted> = Default::default();
     let next = Arc::new(AtomicU64::new(1));
     let slots = Arc::new(Semaphore::new(max_connections));
     let busy = Arc::new(Semaphore::new(BUSY_HANDSHAKES));
@@ -564,10 +611,29 @@ pub async fn serve(endpoint: Endpoint, handle: HubHandle, max_connections: usize
             }
             continue;
         };
+        unadmitted.retain(|u| !u.admitted.load(Ordering::Acquire) && u.evict.strong_count() > 0);
+        while unadmitted.len() >= max_unadmitted {
+            let Some(oldest) = unadmitted.pop_front() else {
+                break;
+            };
+            if let Some(evict) = oldest.evict.upgrade() {
+                evict.notify_one();
+                handle
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let admitted = Arc::new(AtomicBool::new(false));
+        let evict = Arc::new(tokio::sync::Notify::new());
+        unadmitted.push_back(Unadmitted {
+            admitted: admitted.clone(),
+            evict: Arc::downgrade(&evict),
+        });
         let id = next.fetch_add(1, Ordering::Relaxed);
         let handle = handle.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(incoming, id, handle).await {
+            if let Err(e) = connection(incoming, id, handle, admitted, evict).await {
                 tracing::debug!("connection {id}: {e}");
             }
             drop(slot);
@@ -580,23 +646,33 @@ async fn connection(
     incoming: iroh::endpoint::Incoming,
     conn_id: u64,
     handle: HubHandle,
+    admitted: Arc<AtomicBool>,
+    evict: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
     let addr = match incoming.remote_addr() {
         iroh::endpoint::IncomingAddr::Ip(a) => Some(a),
         _ => None,
     };
     let hello_deadline = Instant::now() + HELLO_TIMEOUT;
-    let conn = tokio::time::timeout_at(hello_deadline, incoming)
-        .await
-        .map_err(|_| "no handshake in time".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let conn = tokio::select! {
+        r = tokio::time::timeout_at(hello_deadline, incoming) => r
+            .map_err(|_| "no handshake in time".to_owned())?
+            .map_err(|e| e.to_string())?,
+        () = evicted(&evict, &admitted) => return Err("evicted during the handshake".to_owned()),
+    };
     let remote = conn.remote_id();
     if conn.alpn() == shared::sync::ALPN_V1 {
         refuse_v1(&conn, addr, hello_deadline, &handle.metrics).await;
         return Ok(());
     }
-    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
-    {
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(hello_deadline, conn.accept_bi()) => r,
+        () = evicted(&evict, &admitted) => {
+            conn.close(CLOSE_EVICTED.into(), b"too many connections waiting for admission");
+            return Err("evicted before its stream".to_owned());
+        }
+    };
+    let (mut send, mut recv) = match accepted {
         Ok(r) => r.map_err(|e| e.to_string())?,
         Err(_) => {
             conn.close(CLOSE_NO_HELLO.into(), b"no Hello in time");
@@ -604,7 +680,6 @@ async fn connection(
         }
     };
     let (otx, mut orx) = tmpsc::channel(OUTGOING_FRAMES);
-    let admitted = Arc::new(AtomicBool::new(false));
     handle
         .tx
         .send(Input::Open {
@@ -631,8 +706,10 @@ async fn connection(
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     };
     let tx = handle.tx.clone();
+    let reader_admitted = admitted.clone();
     // Returns whether the peer sent no frame before the Hello deadline.
     let reader = async move {
+        let admitted = reader_admitted;
         // Until admission only a Hello-sized frame is buffered.
         let mut decoder = FrameDecoder::with_limit(PRE_ADMISSION_FRAME_BYTES);
         let mut raised = false;
@@ -697,6 +774,7 @@ async fn connection(
         }
     };
     // The writer ends when the actor closes the session; the reader with the stream.
+    let mut was_evicted = false;
     let ((), no_hello) = tokio::join!(writer, async {
         tokio::select! {
             no_hello = reader => no_hello,
@@ -704,8 +782,17 @@ async fn connection(
                 let _ = handle.tx.send(Input::Closed { conn: conn_id }).await;
                 false
             }
+            () = evicted(&evict, &admitted) => {
+                was_evicted = true;
+                conn.close(CLOSE_EVICTED.into(), b"too many connections waiting for admission");
+                let _ = handle.tx.send(Input::Closed { conn: conn_id }).await;
+                false
+            }
         }
     });
+    if was_evicted {
+        return Ok(());
+    }
     let stats = conn.stats();
     handle
         .metrics
@@ -903,10 +990,18 @@ fn pump(
                 // send them again.
                 Event::PartitionUpdated { .. } | Event::SyncStateChanged { .. }
                     if c.stores_nothing() => {}
-                Event::PartitionUpdated { id, new_records } => {
+                Event::PartitionUpdated {
+                    id,
+                    new_records,
+                    new_keys,
+                } => {
                     // Checked before anything is stored: over the quota, the merged partition
                     // is dropped with the cache and never persisted.
-                    match over_device_quota(ledger, c, new_records, now) {
+                    let charge = Charge {
+                        records: new_records,
+                        keys: new_keys,
+                    };
+                    match over_device_quota(ledger, c, charge, now) {
                         Ok(None) => {}
                         Ok(Some(detail)) => {
                             c.quota_refusal(metrics, detail);
@@ -919,7 +1014,7 @@ fn pump(
                     }
                     // The ledger persists and indexes what the session merged, and charges
                     // its new records to the device in the same transaction.
-                    let charge = c.device.as_ref().map(|d| (d, new_records));
+                    let charge = c.device.as_ref().map(|d| (d, charge));
                     match persist(ledger, parts, &id, now, charge) {
                         Ok(n) => {
                             metrics
@@ -961,6 +1056,21 @@ fn pump(
                 Event::Refused { by, reason, detail } => {
                     metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("session refused by {by:?}: {reason:?} {detail}");
+                    // For `sync-hub stats`: counts by reason and the last few.
+                    let device = match c.session.peer() {
+                        Some(Peer::Device { device, .. }) => Some(device.to_string()),
+                        _ => None,
+                    };
+                    let note = RefusalNote {
+                        at: now,
+                        device,
+                        reason: format!("{reason:?}"),
+                        by: format!("{by:?}").to_lowercase(),
+                        detail,
+                    };
+                    if let Err(e) = ledger.note_refusal(&note) {
+                        tracing::warn!("cannot record a refusal for stats: {e}");
+                    }
                 }
                 Event::Failed(e) => {
                     metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
@@ -984,26 +1094,43 @@ fn pump(
 fn over_device_quota(
     ledger: &Ledger<'_>,
     c: &Conn,
-    new_records: u64,
+    charge: Charge,
     now: UnixSeconds,
 ) -> Result<Option<String>, String> {
     let Some(device) = &c.device else {
         return Ok(None);
     };
-    let quota = c.quotas.device_records_per_day;
     let today = Day::of(now);
+    let quota = c.quotas.device_records_per_day;
     let so_far = ledger
         .device_day_records(device, today)
         .map_err(|e| e.to_string())?;
-    if so_far.saturating_add(new_records) <= quota {
-        return Ok(None);
+    if so_far.saturating_add(charge.records) > quota {
+        return Ok(Some(format!(
+            "device {device} would deliver {} new records today (UTC day {}), over the hub's \
+             {quota} per device per day; the device keeps them, sync again tomorrow",
+            so_far.saturating_add(charge.records),
+            today.0
+        )));
     }
-    Ok(Some(format!(
-        "device {device} would deliver {} new records today (UTC day {}), over the hub's \
-         {quota} per device per day; the device keeps them, sync again tomorrow",
-        so_far.saturating_add(new_records),
-        today.0
-    )))
+    // Wrapped keys are counted apart: an honest device brings a few a day.
+    let quota = c.quotas.device_keys_per_day;
+    let so_far = if charge.keys > 0 {
+        ledger
+            .device_day_keys(device, today)
+            .map_err(|e| e.to_string())?
+    } else {
+        0
+    };
+    if so_far.saturating_add(charge.keys) > quota {
+        return Ok(Some(format!(
+            "device {device} would deliver {} new wrapped keys today (UTC day {}), over the \
+             hub's {quota} wrapped keys per device per day",
+            so_far.saturating_add(charge.keys),
+            today.0
+        )));
+    }
+    Ok(None)
 }
 
 /// The size a received frame counts for against [`Quotas::session_bytes`]: as decoded, so a
@@ -1024,7 +1151,7 @@ fn persist(
     parts: &mut impl PartitionStore,
     id: &shared::PartitionId,
     now: UnixSeconds,
-    charge: Option<(&DeviceId, u64)>,
+    charge: Option<(&DeviceId, Charge)>,
 ) -> Result<Persisted, String> {
     match parts.partition_mut(id).map_err(|e| e.to_string())? {
         Some(p) => ledger

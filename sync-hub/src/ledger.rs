@@ -102,6 +102,47 @@ pub const FALLBACK_COUNTS: TableDefinition<(&str, u32), u64> =
 /// count never disagrees with what is stored. Absent: none.
 pub const DEVICE_DAY_RECORDS: TableDefinition<(&str, u32), u64> =
     TableDefinition::new("device-day-records-1");
+/// `device-day-keys-1`: (device id, UTC day the hub received them) -> new wrapped keys (`k/`
+/// entries) the device's sessions delivered that day, the count the wrapped-keys-per-device-
+/// per-day quota is checked against (`daemon::Quotas`). Written with `device-day-records-1`.
+/// Absent: none.
+pub const DEVICE_DAY_KEYS: TableDefinition<(&str, u32), u64> =
+    TableDefinition::new("device-day-keys-1");
+
+/// `sync-refusals-1`: refusal reason (`RefuseReason` as its Rust name) -> sync sessions the
+/// hub ended with that refusal, either side refusing (`sync-hub stats`). Absent: none.
+pub const SYNC_REFUSALS: TableDefinition<&str, u64> = TableDefinition::new("sync-refusals-1");
+/// `recent-refusals-1`: sequence number -> JSON of a [`RefusalNote`]; the last
+/// [`RECENT_REFUSALS`] refusals, older rows deleted as new ones come (`sync-hub stats`).
+pub const RECENT_REFUSALS_TABLE: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("recent-refusals-1");
+/// How many recent refusals `sync-hub stats` lists.
+pub const RECENT_REFUSALS: u64 = 20;
+
+/// One refused sync session, as `sync-hub stats` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalNote {
+    /// When, the hub's clock.
+    pub at: UnixSeconds,
+    /// The device, as its hello named it (absent before a hello).
+    pub device: Option<String>,
+    /// The reason (`RefuseReason`'s name).
+    pub reason: String,
+    /// Who refused: `local` (the hub) or `peer` (the device).
+    pub by: String,
+    /// The refusal's detail, cut to 200 characters.
+    pub detail: String,
+}
+
+/// What a persist charges to the device whose session delivered it (`device-day-records-1`,
+/// `device-day-keys-1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Charge {
+    /// New records.
+    pub records: u64,
+    /// New wrapped keys.
+    pub keys: u64,
+}
 
 /// Chunks after which a partition is rewritten as one full save. One chunk is written per
 /// partition per sync session, so this is about a day of busy syncing; loading 64 chunks
@@ -235,6 +276,10 @@ pub struct Stats {
     pub records_fallback_key: u64,
     /// `records_fallback_key` by facility id (only facilities that have any).
     pub fallback_per_facility: BTreeMap<String, u64>,
+    /// Sync sessions ended by a refusal, by reason (`sync-refusals-1`).
+    pub refusals_by_reason: BTreeMap<String, u64>,
+    /// The last few refusals, newest first (`recent-refusals-1`).
+    pub recent_refusals: Vec<RefusalNote>,
 }
 
 /// One visit of a traced token.
@@ -463,6 +508,9 @@ impl<'s> Ledger<'s> {
         txn.open_table(PARTITION_HEADS)?;
         txn.open_table(FALLBACK_COUNTS)?;
         txn.open_table(DEVICE_DAY_RECORDS)?;
+        txn.open_table(DEVICE_DAY_KEYS)?;
+        txn.open_table(SYNC_REFUSALS)?;
+        txn.open_table(RECENT_REFUSALS_TABLE)?;
         migrate_indexed_v1(&txn)?;
         migrate_visits_by_token_v1(&txn)?;
         txn.commit()?;
@@ -616,10 +664,48 @@ impl<'s> Ledger<'s> {
         self.persist_charged(partition, now, None)
     }
 
+    /// Counts a refused sync session by its reason and keeps it among the recent ones
+    /// (`sync-refusals-1`, `recent-refusals-1`).
+    pub fn note_refusal(&self, note: &RefusalNote) -> Result<(), LedgerError> {
+        let mut note = note.clone();
+        note.detail = note.detail.chars().take(200).collect();
+        let json = serde_json::to_vec(&note)
+            .map_err(|e| LedgerError::Seal(format!("cannot encode a refusal: {e}")))?;
+        let txn = self.store.db().begin_write()?;
+        {
+            let mut counts = txn.open_table(SYNC_REFUSALS)?;
+            let before = counts.get(note.reason.as_str())?.map_or(0, |g| g.value());
+            counts.insert(note.reason.as_str(), before.saturating_add(1))?;
+            let mut recent = txn.open_table(RECENT_REFUSALS_TABLE)?;
+            let next = recent
+                .last()?
+                .map_or(0, |(k, _)| k.value().saturating_add(1));
+            recent.insert(next, json.as_slice())?;
+            let keep_from = next.saturating_sub(RECENT_REFUSALS - 1);
+            recent.retain_in(..keep_from, |_, _| false)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// New records device `device` delivered on UTC day `day` (`device-day-records-1`).
     pub fn device_day_records(&self, device: &DeviceId, day: Day) -> Result<u64, LedgerError> {
+        self.device_day_count(DEVICE_DAY_RECORDS, device, day)
+    }
+
+    /// New wrapped keys device `device` delivered on UTC day `day` (`device-day-keys-1`).
+    pub fn device_day_keys(&self, device: &DeviceId, day: Day) -> Result<u64, LedgerError> {
+        self.device_day_count(DEVICE_DAY_KEYS, device, day)
+    }
+
+    fn device_day_count(
+        &self,
+        def: TableDefinition<(&str, u32), u64>,
+        device: &DeviceId,
+        day: Day,
+    ) -> Result<u64, LedgerError> {
         let txn = self.store.db().begin_read()?;
-        let table = match txn.open_table(DEVICE_DAY_RECORDS) {
+        let table = match txn.open_table(def) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
             Err(e) => return Err(e.into()),
@@ -629,13 +715,13 @@ impl<'s> Ledger<'s> {
             .map_or(0, |g| g.value()))
     }
 
-    /// [`Self::persist_counted`], also adding `charge` = (device, records) to that device's
-    /// count of the day of `now` in `device-day-records-1`, in the same transaction.
+    /// [`Self::persist_counted`], also adding `charge` to that device's counts of the day of
+    /// `now` in `device-day-records-1` and `device-day-keys-1`, in the same transaction.
     pub fn persist_charged(
         &self,
         partition: &mut Partition,
         now: UnixSeconds,
-        charge: Option<(&DeviceId, u64)>,
+        charge: Option<(&DeviceId, Charge)>,
     ) -> Result<Persisted, LedgerError> {
         let id = partition.id().clone();
         self.check_live(&id, now)?;
@@ -729,13 +815,18 @@ impl<'s> Ledger<'s> {
                 "records that do not open were left out of the trace index"
             );
         }
-        if let Some((device, records)) = charge
-            && records > 0
-        {
-            let mut counts = txn.open_table(DEVICE_DAY_RECORDS)?;
+        if let Some((device, charge)) = charge {
             let key = (device.as_str(), Day::of(now).0);
-            let before = counts.get(key)?.map_or(0, |g| g.value());
-            counts.insert(key, before.saturating_add(records))?;
+            for (def, n) in [
+                (DEVICE_DAY_RECORDS, charge.records),
+                (DEVICE_DAY_KEYS, charge.keys),
+            ] {
+                if n > 0 {
+                    let mut counts = txn.open_table(def)?;
+                    let before = counts.get(key)?.map_or(0, |g| g.value());
+                    counts.insert(key, before.saturating_add(n))?;
+                }
+            }
         }
         txn.commit()?;
         Ok(Persisted {
@@ -831,7 +922,22 @@ impl<'s> Ledger<'s> {
                     .or_default() += v.value();
             }
         }
+        let mut refusals_by_reason = BTreeMap::new();
+        for row in txn.open_table(SYNC_REFUSALS)?.iter()? {
+            let (k, v) = row?;
+            refusals_by_reason.insert(k.value().to_owned(), v.value());
+        }
+        let mut recent_refusals = Vec::new();
+        for row in txn.open_table(RECENT_REFUSALS_TABLE)?.iter()?.rev() {
+            let (_, v) = row?;
+            // A row that does not parse (a later format) is skipped, not fatal to stats.
+            if let Ok(note) = serde_json::from_slice::<RefusalNote>(v.value()) {
+                recent_refusals.push(note);
+            }
+        }
         Ok(Stats {
+            refusals_by_reason,
+            recent_refusals,
             facilities: facilities.len(),
             records: per_facility.values().sum(),
             per_facility,
@@ -1160,6 +1266,7 @@ impl<'s> Ledger<'s> {
         retain_days(&mut txn.open_table(PARTITION_HEADS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(FALLBACK_COUNTS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(DEVICE_DAY_RECORDS)?, |k| k.1 >= h)?;
+        retain_days(&mut txn.open_table(DEVICE_DAY_KEYS)?, |k| k.1 >= h)?;
         retain_days(&mut txn.open_table(INDEXED)?, |k| k.1 >= h)?;
         report.sync_states = retain_days(&mut txn.open_table(SYNC_STATES)?, |k| k.2 >= h)?;
         {
@@ -1693,6 +1800,16 @@ impl PartitionStore for HubPartitions<'_> {
             Ok(())
         };
         Ok(write()?)
+    }
+
+    fn discard_partition(
+        &mut self,
+        id: &PartitionId,
+        _good_heads: &[automerge::ChangeHash],
+    ) -> Result<(), SessionStoreError> {
+        // The ledger holds what the last `PartitionUpdated` persisted; the next use reloads it.
+        self.cache.remove(id);
+        Ok(())
     }
 }
 

@@ -85,6 +85,14 @@ enum Command {
         /// refused (`QuotaExceeded`).
         #[arg(long, default_value_t = sync_hub::daemon::MAX_DEVICE_RECORDS_PER_DAY)]
         max_device_records_per_day: u64,
+        /// New wrapped keys (`k/` entries) one device may deliver per UTC day; a session that
+        /// would go over is refused (`QuotaExceeded`).
+        #[arg(long, default_value_t = sync_hub::daemon::MAX_DEVICE_KEYS_PER_DAY)]
+        max_device_keys_per_day: u64,
+        /// Connections that may wait for admission (handshake done, no admitted Hello yet);
+        /// at the cap the oldest waiting one is closed for the new one.
+        #[arg(long, default_value_t = sync_hub::daemon::MAX_UNADMITTED)]
+        max_unadmitted: usize,
     },
     /// Facilities and records the hub holds.
     Stats {
@@ -484,12 +492,21 @@ fn run(cli: Cli) -> Result<()> {
             max_connections,
             max_session_bytes,
             max_device_records_per_day,
+            max_device_keys_per_day,
+            max_unadmitted,
         } => {
             let quotas = sync_hub::daemon::Quotas {
                 session_bytes: max_session_bytes,
                 device_records_per_day: max_device_records_per_day,
+                device_keys_per_day: max_device_keys_per_day,
             };
-            run_hub(&data, listen, http, max_connections, quotas)?
+            run_hub(
+                &data,
+                listen,
+                http,
+                (max_connections, max_unadmitted),
+                quotas,
+            )?
         }
         Command::Device {
             command: DeviceCommand::List { json },
@@ -817,7 +834,7 @@ fn run_hub(
     data: &std::path::Path,
     listen: Option<SocketAddr>,
     http: SocketAddr,
-    max_connections: usize,
+    (max_connections, max_unadmitted): (usize, usize),
     quotas: sync_hub::daemon::Quotas,
 ) -> Result<()> {
     let hub = open_for_run(data)?;
@@ -843,7 +860,12 @@ fn run_hub(
         );
         let app = sync_hub::http::router(handle.clone(), token);
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-        let sync = sync_hub::daemon::serve(endpoint.clone(), handle.clone(), max_connections);
+        let sync = sync_hub::daemon::serve(
+            endpoint.clone(),
+            handle.clone(),
+            max_connections,
+            max_unadmitted,
+        );
         tokio::select! {
             r = server => { r?; }
             _ = sync => {}

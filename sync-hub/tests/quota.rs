@@ -312,3 +312,75 @@ fn a_session_over_its_bytes_is_refused_and_stores_nothing() {
     assert!(finished(&events), "{events:?}");
     assert_eq!(stored_records(&s), 40);
 }
+
+/// `n` more wrapped keys in the device's partition of `DAY`, as many processes would make.
+fn add_wrapped_keys(s: &Setup, d: &mut Device, n: usize) {
+    let public = s
+        .hub
+        .keys()
+        .ratchet()
+        .unwrap_or_else(|e| panic!("ratchet: {e}"))
+        .public(DAY)
+        .unwrap_or_else(|| panic!("a public key for the day"));
+    for _ in 0..n {
+        let key = SessionKey::generate(&mut d.rng, DAY);
+        let wrapped = key.wrap(&public).unwrap_or_else(|e| panic!("wrap: {e}"));
+        d.store
+            .get_mut(&partition_id(s))
+            .unwrap_or_else(|| panic!("the device's partition"))
+            .insert_wrapped_key(&wrapped)
+            .unwrap_or_else(|e| panic!("key: {e}"));
+    }
+}
+
+fn day_keys(s: &Setup, d: &Device, day: Day) -> u64 {
+    Ledger::open(s.hub.store(), s.hub.keys())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .device_day_keys(&d.id, day)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn wrapped_keys_count_against_their_own_quota_per_device_per_day() {
+    let s = setup();
+    let quotas = Quotas {
+        device_keys_per_day: 3,
+        ..Quotas::default()
+    };
+    let mut gate = enroll(&s, "gate", 4);
+    // Its own key and one more, with a visit: within both quotas.
+    add_wrapped_keys(&s, &mut gate, 1);
+    check_in(&s, &mut gate, 1);
+    let (events, _) = session(&s, &mut gate, quotas, NOW);
+    assert!(finished(&events), "{events:?}");
+    assert_eq!(day_keys(&s, &gate, DAY), 2);
+    assert_eq!(day_count(&s, &gate, DAY), 1);
+
+    // A flood of wrapped keys and no records at all: the records quota never sees it.
+    add_wrapped_keys(&s, &mut gate, 20);
+    let (events, metrics) = session(&s, &mut gate, quotas, NOW + 60);
+    let detail = quota_refusal(&events)
+        .unwrap_or_else(|| panic!("the device is told it is over its quota: {events:?}"));
+    assert!(
+        detail.contains("wrapped keys per device per day"),
+        "{detail}"
+    );
+    assert_eq!(metrics.quota_refusals.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        day_keys(&s, &gate, DAY),
+        2,
+        "nothing of the refused session counted"
+    );
+    let ledger = Ledger::open(s.hub.store(), s.hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    let stored = ledger
+        .load(&partition_id(&s))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("the partition is stored"));
+    assert_eq!(stored.wrapped_keys().len(), 2, "no key of the flood stored");
+
+    // The next UTC day the keys go through (the partition of DAY is still live).
+    let tomorrow = NOW + DAY_SECONDS;
+    let (events, _) = session(&s, &mut gate, Quotas::default(), tomorrow);
+    assert!(finished(&events), "{events:?}");
+    assert_eq!(day_keys(&s, &gate, Day::of(tomorrow)), 20);
+}

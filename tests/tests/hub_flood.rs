@@ -1,12 +1,13 @@
 //! A flood of raw sync connections at a running hub: oversize frames before the `Hello` are
 //! refused at once without being buffered, connections over `--max-connections` are closed
 //! at once (`CLOSE_BUSY`), a connection that never says `Hello` is closed after
-//! `HELLO_TIMEOUT`, and an honest device still syncs afterwards.
+//! `HELLO_TIMEOUT`, and an honest device still syncs afterwards. Silent peers hold at most
+//! `--max-unadmitted` connections: an honest device syncs while they fill that cap.
 
 use anyhow::{Context, Result, bail};
 use std::process::Command;
 use std::time::Duration;
-use sync_hub::daemon::{CLOSE_BUSY, CLOSE_NO_HELLO, HELLO_TIMEOUT};
+use sync_hub::daemon::{CLOSE_BUSY, CLOSE_EVICTED, CLOSE_NO_HELLO, HELLO_TIMEOUT};
 use tests::fixture::{self, HubFixture, Proc, bin, sync_once, wait_until};
 
 /// The cap the hub runs with here: small, so exceeding it is quick.
@@ -16,12 +17,15 @@ const FLOODERS: usize = 32;
 const MIB: usize = 1024 * 1024;
 
 fn start(hub: &HubFixture) -> Result<Proc> {
+    start_with(hub, &["--max-connections", &CAP.to_string()])
+}
+
+fn start_with(hub: &HubFixture, limits: &[&str]) -> Result<Proc> {
     let run = hub.data.join("run.json");
     let _ = std::fs::remove_file(&run);
-    let cap = CAP.to_string();
     let child = Command::new(bin("sync-hub"))
         .args(["--data", &hub.data_str(), "run", "--http", "127.0.0.1:0"])
-        .args(["--max-connections", &cap])
+        .args(limits)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -167,6 +171,94 @@ fn a_flood_is_cut_off_and_an_honest_device_still_syncs() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(hub.records_of(&hub.facility)?, 1);
+    drop(proc);
+    Ok(())
+}
+
+#[test]
+fn silent_peers_hold_only_the_pre_admission_cap_and_an_honest_device_syncs() -> Result<()> {
+    const SLOTS: usize = 12;
+    const UNADMITTED: usize = 4;
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device("gate")?;
+    fixture::check_in_codes(&dev, 1)?;
+    let hub_id = sync_hub::keys::KeyDir::new(&hub.data)
+        .endpoint_secret()?
+        .public();
+    let proc = start_with(
+        &hub,
+        &[
+            "--max-connections",
+            &SLOTS.to_string(),
+            "--max-unadmitted",
+            &UNADMITTED.to_string(),
+        ],
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .alpns(vec![shared::sync::ALPN.to_vec()])
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0".parse::<std::net::SocketAddr>()?)?
+            .bind()
+            .await?;
+        let addr = iroh::EndpointAddr::new(hub_id)
+            .with_ip_addr(format!("127.0.0.1:{}", hub.sync_port).parse()?);
+        // As many silent peers as the hub has connection slots, each holding a stream with
+        // one byte of a length prefix and never a Hello.
+        let mut held = Vec::new();
+        for _ in 0..SLOTS {
+            let conn = endpoint.connect(addr.clone(), shared::sync::ALPN).await?;
+            if let Ok((mut send, recv)) = conn.open_bi().await {
+                let _ = send.write_all(&[0]).await;
+                held.push((conn, Some((send, recv))));
+            } else {
+                held.push((conn, None));
+            }
+        }
+        let open = |held: &[(iroh::endpoint::Connection, _)]| {
+            held.iter()
+                .filter(|(c, _)| c.close_reason().is_none())
+                .count()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while open(&held) > UNADMITTED && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The pre-admission cap is full of silent peers: an honest device still syncs.
+        let dev = dev.clone();
+        let out = tokio::task::spawn_blocking(move || sync_once(&dev, &[])).await??;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The device's own connection made room by closing the oldest silent peer.
+        assert_eq!(
+            open(&held),
+            UNADMITTED - 1,
+            "the newest silent peers stay, up to the cap"
+        );
+        let evicted = held
+            .iter()
+            .filter(|(c, _)| {
+                c.close_reason()
+                    .is_some_and(|e| app_close_code(&e) == Some(u64::from(CLOSE_EVICTED)))
+            })
+            .count();
+        assert_eq!(
+            evicted,
+            SLOTS - UNADMITTED + 1,
+            "the older ones were closed to make room"
+        );
+        drop(held);
+        endpoint.close().await;
+        anyhow::Ok(())
+    })?;
     assert_eq!(hub.records_of(&hub.facility)?, 1);
     drop(proc);
     Ok(())

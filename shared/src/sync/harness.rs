@@ -124,6 +124,26 @@ impl PartitionStore for MemoryStore {
             .insert((peer.clone(), id.clone()), state.to_vec());
         Ok(())
     }
+
+    /// Memory is this store's disk: the partition reverts to `good_heads`, without the changes
+    /// applied since and without automerge's held-back ones.
+    fn discard_partition(
+        &mut self,
+        id: &PartitionId,
+        good_heads: &[automerge::ChangeHash],
+    ) -> Result<(), StoreError> {
+        let Some(part) = self.partitions.get(id) else {
+            return Ok(());
+        };
+        let kept = part
+            .doc()
+            .fork_at(good_heads)
+            .map_err(|e| StoreError::Failed(format!("cannot revert partition {id}: {e}")))?;
+        let reverted = Partition::load(id.clone(), &kept.save(), &self.actor)
+            .map_err(|e| StoreError::Failed(format!("cannot revert partition {id}: {e}")))?;
+        self.partitions.insert(id.clone(), reverted);
+        Ok(())
+    }
 }
 
 /// Who runs a pair and how the initiator introduces itself.

@@ -85,6 +85,19 @@ pub trait PartitionStore {
         id: &PartitionId,
         state: &[u8],
     ) -> Result<(), StoreError>;
+
+    /// Drops the in-memory copy of partition `id`, which a peer's message made invalid after
+    /// it was applied (`validate::check_applied`): its next use must return what is stored,
+    /// and nothing of the dropped copy may ever be persisted. The session calls this before it
+    /// refuses the peer; it has emitted no `Event::PartitionUpdated` for the bad apply.
+    /// `good_heads` are the partition's heads before that apply, i.e. what the shell stored
+    /// at the last `PartitionUpdated`; a store without a disk (`harness::MemoryStore`)
+    /// reverts to them.
+    fn discard_partition(
+        &mut self,
+        id: &PartitionId,
+        good_heads: &[ChangeHash],
+    ) -> Result<(), StoreError>;
 }
 
 /// A [`PartitionStore`] could not do what the session asked.
@@ -307,6 +320,8 @@ pub enum Event {
         id: PartitionId,
         /// How many records it gained.
         new_records: u64,
+        /// How many wrapped keys (`k/` entries) it gained.
+        new_keys: u64,
     },
     /// Persist this encoded sync state for (`peer`, `partition`) so the next session stays small.
     SyncStateChanged {
@@ -1008,21 +1023,44 @@ impl Session {
         }
         let heads_before = part.heads();
         let records_before = part.record_count();
+        let entries_before = part.doc().length(automerge::ROOT);
         let merged = part
             .doc_mut()
             .receive_sync_message(&mut sync.state, message);
-        let updated = (part.heads() != heads_before)
-            .then(|| part.record_count().saturating_sub(records_before) as u64);
+        // automerge applies a change held back for missing dependencies only now, unchecked
+        // against what the partition holds by now: check what was really applied.
+        if part.heads() != heads_before
+            && let Err(e) = validate::check_applied(part.doc(), &heads_before)
+        {
+            self.partitions.remove(&partition);
+            store.discard_partition(&partition, &heads_before)?;
+            self.refuse(
+                RefuseReason::InvalidChange,
+                format!("sync message for {partition} refused after applying it: {e}"),
+            );
+            return Ok(());
+        }
+        let updated = (part.heads() != heads_before).then(|| {
+            let records = part.record_count();
+            // The root map holds records and wrapped keys only (`validate`).
+            let keys = part.doc().length(automerge::ROOT).saturating_sub(records);
+            let keys_before = entries_before.saturating_sub(records_before);
+            (
+                records.saturating_sub(records_before) as u64,
+                keys.saturating_sub(keys_before) as u64,
+            )
+        });
         let reply = match merged {
             Ok(()) => next_message(part.doc(), &mut sync.state),
             Err(_) => None,
         };
         // Reported even when the merge failed part-way: whatever was applied is in memory and
         // must reach the disk too, so memory and disk never disagree.
-        if let Some(new_records) = updated {
+        if let Some((new_records, new_keys)) = updated {
             self.events.push_back(Event::PartitionUpdated {
                 id: partition.clone(),
                 new_records,
+                new_keys,
             });
         }
         merged.map_err(|e| SyncError::Merge {

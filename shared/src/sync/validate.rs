@@ -246,6 +246,79 @@ impl CheckedMessage<'_> {
     }
 }
 
+/// Checks a partition after a sync message was applied to it: every key that a change applied
+/// since `before` (the heads before the apply) touched must still hold exactly one value, the
+/// same bytes it held before the apply if it held any (identical puts by several actors count
+/// as one value).
+///
+/// [`CheckedMessage::check_against`] compares a message's puts with the partition as it is
+/// when the message arrives, but automerge holds back a change whose dependencies are missing
+/// and applies it later, when a message carrying them arrives. By then the partition may hold
+/// the key the held-back change puts, from a later change of the same peer, another session,
+/// or the message that completed its dependencies; automerge keeps both values as a conflict
+/// and shows the one of the higher operation id. This check runs on what was really applied,
+/// held-back changes included. A failure means the partition in memory must be dropped and
+/// reloaded from what is stored (`session` does this through `PartitionStore::discard_partition`).
+pub fn check_applied(doc: &Automerge, before: &[ChangeHash]) -> Result<(), ChangeError> {
+    use automerge::legacy::{Key, ObjectId};
+    use std::collections::BTreeSet;
+    let mut keys: BTreeSet<String> = BTreeSet::new();
+    for (c, change) in doc.get_changes(before).iter().enumerate() {
+        for (o, op) in change.decode().operations.iter().enumerate() {
+            let refuse = |key: &str, rule: &str| ChangeError::Operation {
+                change: c,
+                op: o,
+                key: quote(key),
+                rule: rule.to_string(),
+            };
+            match (&op.obj, &op.key) {
+                (ObjectId::Root, Key::Map(key)) => {
+                    keys.insert(key.to_string());
+                }
+                _ => return Err(refuse("", "writes outside the partition's root map")),
+            }
+        }
+    }
+    for key in &keys {
+        let refuse = |rule: &str| ChangeError::Operation {
+            change: 0,
+            op: 0,
+            key: quote(key),
+            rule: rule.to_string(),
+        };
+        let read = |e: automerge::AutomergeError| refuse(&format!("cannot be read back: {e}"));
+        let now = doc.get_all(ROOT, key.as_str()).map_err(read)?;
+        let was = doc.get_all_at(ROOT, key.as_str(), before).map_err(read)?;
+        if now.is_empty() {
+            return Err(refuse(
+                "was deleted by a change applied late (held back for its dependencies)",
+            ));
+        }
+        let mut distinct: Vec<&[u8]> = Vec::new();
+        for (value, _) in now.iter().chain(was.iter()) {
+            let Value::Scalar(s) = value else {
+                return Err(refuse("holds an object after the apply"));
+            };
+            let ScalarValue::Bytes(b) = s.as_ref() else {
+                return Err(refuse("holds a value that is not bytes after the apply"));
+            };
+            if !distinct.contains(&b.as_slice()) {
+                distinct.push(b.as_slice());
+            }
+        }
+        if distinct.len() > 1 {
+            return Err(refuse(if was.is_empty() {
+                "holds conflicting values after the apply: a change held back for its \
+                 dependencies put other bytes under a key written since"
+            } else {
+                "changed from the bytes it held before the apply: a change held back for its \
+                 dependencies overwrote it"
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks the raw bytes of an automerge sync message. See the module docs.
 pub fn read_message(bytes: &[u8]) -> Result<CheckedMessage<'_>, ChangeError> {
     let mut r = Reader::new(bytes, 0);

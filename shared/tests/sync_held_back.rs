@@ -1,0 +1,263 @@
+//! A change automerge holds back for missing dependencies is applied later, when they arrive;
+//! the session checks what was really applied (`validate::check_applied`), refuses the peer
+//! and drops the partition in memory if a held-back change overwrote or conflicted with a key.
+
+use automerge::sync::{Message, MessageVersion};
+use automerge::{ChangeHash, ROOT, ReadDoc, ScalarValue, Value};
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+use shared::envelope::{Envelope, Record, RecordBody, SessionKey};
+use shared::partition::Partition;
+use shared::sync::harness::MemoryStore;
+use shared::sync::{
+    Decision, Event, Frame, Hello, PROTOCOL_VERSION, Peer, RefuseReason, Session, Side,
+};
+use shared::time::horizon;
+use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
+
+/// Noon of day 20,000.
+const NOW: UnixSeconds = 20_000 * 86_400 + 12 * 3_600;
+
+fn pid() -> PartitionId {
+    PartitionId {
+        facility: FacilityId::parse("fac_a").unwrap(),
+        day: Day::of(NOW),
+    }
+}
+
+fn sealed(rng: &mut ChaCha8Rng, key: &SessionKey, id: RecordId, second: u64) -> Envelope {
+    let partition = pid();
+    let record = Record {
+        facility: partition.facility.clone(),
+        device: DeviceId::parse("dev_a").unwrap(),
+        scanned_at: partition.day.start() + second,
+        body: RecordBody::Qr {
+            issuer_id: 1,
+            key_id: 1,
+            issued_at: partition.day.start(),
+            token: [second as u8; 16],
+        },
+    };
+    key.seal(rng, &partition, id, &record).unwrap()
+}
+
+/// A hub's session admitted for a device of fac_a, driven by hand.
+fn admitted(store: &mut MemoryStore) -> Session {
+    let mut session = Session::responder(Peer::Hub {
+        region: "seoul".into(),
+    });
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        peer: Peer::Device {
+            device: DeviceId::parse("dev_r").unwrap(),
+            facility: FacilityId::parse("fac_a").unwrap(),
+        },
+        now: NOW,
+        horizon: horizon(NOW),
+        partitions: vec![],
+        credential: None,
+    };
+    session.handle_frame(NOW, Frame::Hello(hello), store);
+    while session.poll_event().is_some() {}
+    session.admit(
+        NOW,
+        Decision::Admit {
+            facility: FacilityId::parse("fac_a").unwrap(),
+            refresh: None,
+        },
+        store,
+    );
+    while session.poll_transmit().is_some() {}
+    while session.poll_event().is_some() {}
+    session
+}
+
+/// A sync frame carrying exactly `changes` (raw change chunks), as a rogue peer writes it.
+fn sync_frame(changes: Vec<Vec<u8>>) -> Frame {
+    Frame::Sync {
+        partition: pid(),
+        message: Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: changes.into(),
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode(),
+    }
+}
+
+fn raw(p: &Partition, hash: ChangeHash) -> Vec<u8> {
+    p.doc()
+        .get_change_by_hash(&hash)
+        .unwrap()
+        .raw_bytes()
+        .to_vec()
+}
+
+/// Every value the partition holds under `r/<id>`, as bytes.
+fn values(store: &MemoryStore, id: RecordId) -> Vec<Vec<u8>> {
+    let doc = store.get(&pid()).unwrap().doc();
+    doc.get_all(ROOT, format!("r/{id}"))
+        .unwrap()
+        .into_iter()
+        .map(|(v, _)| match v {
+            Value::Scalar(s) => match s.as_ref() {
+                ScalarValue::Bytes(b) => b.clone(),
+                other => panic!("not bytes: {other:?}"),
+            },
+            other => panic!("not a scalar: {other:?}"),
+        })
+        .collect()
+}
+
+fn refused_invalid(session: &mut Session) -> bool {
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    let frames: Vec<Frame> = std::iter::from_fn(|| session.poll_transmit()).collect();
+    let refused = events.iter().any(|e| {
+        matches!(
+            e,
+            Event::Refused {
+                by: Side::Local,
+                reason: RefuseReason::InvalidChange,
+                ..
+            }
+        )
+    });
+    // Nothing of the bad apply is announced for persisting.
+    if refused {
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::PartitionUpdated { .. })),
+            "{events:?}"
+        );
+        assert!(
+            frames
+                .iter()
+                .any(|f| matches!(f, Frame::Refused(r) if r.reason == RefuseReason::InvalidChange))
+        );
+    }
+    refused
+}
+
+/// The rogue's two changes: `c1` puts a record of its own, `c2` (depending on `c1`) puts
+/// `target` with its bytes, naming no predecessor (its document never held `target`).
+fn rogue_changes(rng: &mut ChaCha8Rng, target: RecordId) -> (Vec<u8>, Vec<u8>, Envelope) {
+    let key = SessionKey::generate(rng, pid().day);
+    let mut rogue = Partition::new(pid(), &[0xee; 16]);
+    let own = RecordId::random(rng);
+    let own_env = sealed(rng, &key, own, 7);
+    rogue.insert_batch(&[], &[(own, own_env)]).unwrap();
+    let c1 = rogue.heads()[0];
+    let evil = sealed(rng, &key, target, 66);
+    rogue.insert_batch(&[], &[(target, evil.clone())]).unwrap();
+    let c2 = rogue.heads()[0];
+    assert_eq!(
+        rogue.doc().get_change_by_hash(&c2).unwrap().deps(),
+        &[c1],
+        "c2 depends on c1"
+    );
+    (raw(&rogue, c1), raw(&rogue, c2), evil)
+}
+
+#[test]
+fn a_held_back_change_cannot_overwrite_a_record_written_while_it_waited() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let honest_key = SessionKey::generate(&mut rng, pid().day);
+    let mut hub = MemoryStore::new(b"hub", None);
+    let first = RecordId::random(&mut rng);
+    let env = sealed(&mut rng, &honest_key, first, 1);
+    hub.insert({
+        let mut p = Partition::new(pid(), b"hub");
+        p.insert_batch(&[], &[(first, env)]).unwrap();
+        p
+    });
+    let target = RecordId::random(&mut rng);
+    let (c1, c2, _evil) = rogue_changes(&mut rng, target);
+    let mut session = admitted(&mut hub);
+
+    // The overwriting change first: its dependency is missing, automerge holds it back.
+    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    assert!(!session.is_finished());
+    while session.poll_event().is_some() {}
+    while session.poll_transmit().is_some() {}
+
+    // Meanwhile the honest record `target` arrives (another device's session; a sibling
+    // relaying it; here put straight into the partition the session holds in memory).
+    let good = sealed(&mut rng, &honest_key, target, 2);
+    hub.get_mut(&pid())
+        .unwrap()
+        .insert_batch(&[], &[(target, good.clone())])
+        .unwrap();
+    let heads_with_good = hub.get(&pid()).unwrap().heads();
+
+    // Then the dependency: automerge applies it and the held-back change after it.
+    session.handle_frame(NOW, sync_frame(vec![c1]), &mut hub);
+    assert_eq!(
+        values(&hub, target),
+        vec![good.to_bytes()],
+        "the honest record must stay the only value under its key"
+    );
+    assert!(refused_invalid(&mut session));
+    assert!(session.is_finished() && !session.is_completed());
+    // The partition was reverted to what was stored: nothing of the rogue's changes.
+    let part = hub.get(&pid()).unwrap();
+    assert_eq!(part.heads(), heads_with_good);
+    assert_eq!(part.record_count(), 2);
+}
+
+#[test]
+fn a_held_back_change_cannot_conflict_with_a_put_of_the_completing_message() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut hub = MemoryStore::new(b"hub", None);
+    let first = RecordId::random(&mut rng);
+    let key = SessionKey::generate(&mut rng, pid().day);
+    let env = sealed(&mut rng, &key, first, 1);
+    hub.insert({
+        let mut p = Partition::new(pid(), b"hub");
+        p.insert_batch(&[], &[(first, env)]).unwrap();
+        p
+    });
+    let heads_before = hub.get(&pid()).unwrap().heads();
+    let target = RecordId::random(&mut rng);
+    let (c1, c2, _evil) = rogue_changes(&mut rng, target);
+    // An independent change by another actor putting `target` with other bytes, sent in the
+    // message that completes c2's dependencies: each message alone passes `check_against`.
+    let mut other = Partition::new(pid(), &[0x11; 16]);
+    let good = sealed(&mut rng, &key, target, 3);
+    other.insert_batch(&[], &[(target, good)]).unwrap();
+    let d = raw(&other, other.heads()[0]);
+
+    let mut session = admitted(&mut hub);
+    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    assert!(!session.is_finished());
+    while session.poll_event().is_some() {}
+    while session.poll_transmit().is_some() {}
+    session.handle_frame(NOW, sync_frame(vec![c1, d]), &mut hub);
+    assert!(
+        values(&hub, target).len() <= 1,
+        "a conflict was applied: {} values",
+        values(&hub, target).len()
+    );
+    assert!(refused_invalid(&mut session));
+    assert_eq!(hub.get(&pid()).unwrap().heads(), heads_before);
+}
+
+#[test]
+fn honest_out_of_order_changes_still_apply() {
+    // A held-back change whose keys nobody else wrote is applied when its dependency arrives.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut hub = MemoryStore::new(b"hub", None);
+    hub.insert(Partition::new(pid(), b"hub"));
+    let target = RecordId::random(&mut rng);
+    let (c1, c2, evil) = rogue_changes(&mut rng, target);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    session.handle_frame(NOW, sync_frame(vec![c1]), &mut hub);
+    assert!(!refused_invalid(&mut session));
+    assert!(!session.is_finished());
+    assert_eq!(values(&hub, target), vec![evil.to_bytes()]);
+    assert_eq!(hub.get(&pid()).unwrap().record_count(), 2);
+}
