@@ -55,6 +55,7 @@ fn admitted(store: &mut MemoryStore) -> Session {
         now: NOW,
         horizon: horizon(NOW),
         partitions: vec![],
+        in_sync: Default::default(),
         credential: None,
     };
     session.handle_frame(NOW, Frame::Hello(hello), store);
