@@ -984,21 +984,30 @@ impl Device {
         let keys: Vec<DayPublicKey> = keys.into_values().collect();
         // An empty keyring is never what a hub means to send: with it every visitor is
         // "unknown issuer" until the next good sync. Keep the keys this device trusts; a
-        // withdrawn issuer key is removed by a refresh that still lists the others.
-        let keyring = if refresh.keyring.is_empty() && !self.keyring.is_empty() {
-            tracing::warn!(
-                trusted = self.keyring.len(),
-                "the hub sent an empty issuer keyring; keeping the keys this device trusts"
-            );
-            self.keyring.clone()
-        } else {
-            refresh.keyring.clone()
+        // withdrawn issuer key is removed by a refresh that still lists the others. No keyring
+        // at all means the hub's is unchanged.
+        let keyring = match &refresh.keyring {
+            Some(k) if k.is_empty() && !self.keyring.is_empty() => {
+                tracing::warn!(
+                    trusted = self.keyring.len(),
+                    "the hub sent an empty issuer keyring; keeping the keys this device trusts"
+                );
+                self.keyring.clone()
+            }
+            Some(k) => k.clone(),
+            None => self.keyring.clone(),
         };
-        self.store.put(&[
-            (K_DAY_KEYS, &json(&keys)),
-            (K_KEYRING, &json(&keyring)),
-            (K_ROSTER, &json(&refresh.roster)),
-        ])?;
+        let keys_json = json(&keys);
+        let keyring_json = json(&keyring);
+        let mut rows: Vec<(&str, &[u8])> = vec![
+            (K_DAY_KEYS, keys_json.as_slice()),
+            (K_KEYRING, keyring_json.as_slice()),
+        ];
+        let roster_json = refresh.roster.as_ref().map(json);
+        if let Some(r) = &roster_json {
+            rows.push((K_ROSTER, r.as_slice()));
+        }
+        self.store.put(&rows)?;
         self.day_keys = keys;
         self.keyring = keyring;
         // A session wrapped to an earlier day's key for want of its own: now that its own key
@@ -1011,6 +1020,20 @@ impl Device {
             self.session = None;
         }
         Ok(())
+    }
+
+    /// What this device holds of the hub's refresh at `now`, for its hello: the hub then sends
+    /// only the day keys it lacks and the keyring and roster when they changed.
+    pub fn refresh_have(
+        &self,
+        now: UnixSeconds,
+    ) -> Result<shared::ticket::RefreshHave, DeviceError> {
+        Ok(shared::ticket::RefreshHave::of(
+            Day::of(now),
+            &self.day_keys,
+            &self.keyring,
+            &self.roster()?,
+        ))
     }
 
     /// The facility's other devices, as the hub last listed them.
@@ -1300,8 +1323,8 @@ mod tests {
         let mut dev = enrolled(&tmp, NOON, Day::of(NOON), 35);
         let refresh = shared::ticket::Refresh {
             day_keys: Vec::new(),
-            keyring: Keyring::new(),
-            roster: Vec::new(),
+            keyring: Some(Keyring::new()),
+            roster: Some(Vec::new()),
         };
         dev.apply_refresh(&refresh).expect("apply");
         assert_eq!(dev.keyring().len(), 1, "the trusted issuer is kept");

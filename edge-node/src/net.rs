@@ -288,11 +288,17 @@ async fn sync_inner(
                     facility: e.facility.id.clone(),
                 })
         };
+        let refresh_have = if target.is_hub {
+            Some(dev.refresh_have(t)?.to_bytes())
+        } else {
+            None
+        };
         Session::initiator_to(
             t,
             me,
             to.as_ref(),
             credential,
+            refresh_have,
             &Replica {
                 device: &mut dev,
                 now: t,

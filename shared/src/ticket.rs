@@ -228,16 +228,118 @@ pub struct Sibling {
     pub addrs: Vec<String>,
 }
 
-/// What the hub hands a device on every sync (the opaque `refresh` of the welcome): fresh
-/// day public keys, the current issuer keyring, and the facility's other devices.
+/// What the hub hands a device on a sync (the opaque `refresh` of the welcome): the day public
+/// keys it lacks, and the issuer keyring and the facility's other devices when they changed.
+///
+/// Only what differs from the device's [`RefreshHave`] travels: a refresh of 30 day keys, a
+/// keyring and a roster is about 4 KB, which on every session would cost more than the
+/// visits it carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Refresh {
-    /// Day public keys from today on.
+    /// Day public keys the device lacks, from today on (a key for a day the device already
+    /// holds replaces it: a rebuilt hub has new keys).
     pub day_keys: Vec<DayPublicKey>,
-    /// Trusted issuer keys (removing a key revokes it).
-    pub keyring: Keyring,
-    /// The facility's other enrolled, non-revoked devices.
-    pub roster: Vec<Sibling>,
+    /// Trusted issuer keys (removing a key revokes it); absent when unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<Keyring>,
+    /// The facility's other enrolled, non-revoked devices; absent when unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<Vec<Sibling>>,
+}
+
+impl Refresh {
+    /// Whether it carries nothing: then the hub sends no refresh at all.
+    pub fn is_empty(&self) -> bool {
+        self.day_keys.is_empty() && self.keyring.is_none() && self.roster.is_none()
+    }
+}
+
+/// What a device already holds of the hub's refresh, sent in its hello (opaque to the sync
+/// core) so the hub sends only the rest. 32 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshHave {
+    /// The device's today, when it wrote this.
+    pub from: crate::time::Day,
+    /// Its newest day public key.
+    pub newest: crate::time::Day,
+    /// [`digest`] of its day public keys from `from` to `newest`.
+    pub day_keys: [u8; 8],
+    /// [`digest`] of its issuer keyring.
+    pub keyring: [u8; 8],
+    /// [`digest`] of its roster.
+    pub roster: [u8; 8],
+}
+
+/// The length of an encoded [`RefreshHave`].
+pub const REFRESH_HAVE_BYTES: usize = 32;
+
+impl RefreshHave {
+    /// Computes the summary of what a device holds at its today `from`.
+    pub fn of(
+        from: crate::time::Day,
+        day_keys: &[DayPublicKey],
+        keyring: &Keyring,
+        roster: &[Sibling],
+    ) -> RefreshHave {
+        let current: Vec<&DayPublicKey> = day_keys.iter().filter(|k| k.day >= from).collect();
+        RefreshHave {
+            from,
+            newest: current
+                .iter()
+                .map(|k| k.day)
+                .max()
+                .unwrap_or(crate::time::Day(0)),
+            day_keys: digest(&current),
+            keyring: digest(keyring),
+            roster: digest(&roster),
+        }
+    }
+
+    /// The 32 bytes of the hello.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(REFRESH_HAVE_BYTES);
+        out.extend_from_slice(&self.from.0.to_be_bytes());
+        out.extend_from_slice(&self.newest.0.to_be_bytes());
+        out.extend_from_slice(&self.day_keys);
+        out.extend_from_slice(&self.keyring);
+        out.extend_from_slice(&self.roster);
+        out
+    }
+
+    /// Parses a hello's bytes; `None` unless exactly [`REFRESH_HAVE_BYTES`] (the hub then
+    /// sends everything).
+    pub fn from_bytes(b: &[u8]) -> Option<RefreshHave> {
+        if b.len() != REFRESH_HAVE_BYTES {
+            return None;
+        }
+        let day = |i: usize| {
+            let mut d = [0u8; 4];
+            d.copy_from_slice(&b[i..i + 4]);
+            crate::time::Day(u32::from_be_bytes(d))
+        };
+        let eight = |i: usize| {
+            let mut d = [0u8; 8];
+            d.copy_from_slice(&b[i..i + 8]);
+            d
+        };
+        Some(RefreshHave {
+            from: day(0),
+            newest: day(4),
+            day_keys: eight(8),
+            keyring: eight(16),
+            roster: eight(24),
+        })
+    }
+}
+
+/// 8 bytes of BLAKE3 over the JSON of `value`: how a device and its hub compare a keyring, a
+/// roster or a run of day keys without sending it. Both sides serialize the same types with
+/// the same code; a mismatch only makes the hub send the value again.
+pub fn digest<T: Serialize + ?Sized>(value: &T) -> [u8; 8] {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&blake3::derive_key("kipass refresh digest", &json)[..8]);
+    out
 }
 
 /// The most bytes a refresh may take.

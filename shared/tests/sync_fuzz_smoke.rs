@@ -92,6 +92,7 @@ fn frame_corpus() -> Vec<Vec<u8>> {
                 digest: [4; 8],
             },
             credential: Some([1; 32]),
+            refresh_have: None,
         }),
         Frame::Welcome(shared::sync::Welcome {
             version: 1,

@@ -57,6 +57,7 @@ fn admitted(store: &mut MemoryStore) -> Session {
         partitions: vec![],
         in_sync: Default::default(),
         credential: None,
+        refresh_have: None,
     };
     session.handle_frame(NOW, Frame::Hello(hello), store);
     while session.poll_event().is_some() {}

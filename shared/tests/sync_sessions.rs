@@ -404,6 +404,7 @@ fn admitted_hub_session(store: &mut MemoryStore, now: UnixSeconds) -> Session {
         partitions: vec![],
         in_sync: Default::default(),
         credential: None,
+        refresh_have: None,
     };
     session.handle_frame(now, Frame::Hello(hello), store);
     let mut saw_hello = false;
@@ -574,6 +575,7 @@ fn truncated_and_garbage_bytes_end_the_session_with_an_error() {
             partitions: vec![],
             in_sync: Default::default(),
             credential: None,
+            refresh_have: None,
         }),
         &mut dev,
     );

@@ -386,6 +386,7 @@ fn admitted_hub_session(store: &mut MemoryStore) -> Session {
         partitions: vec![],
         in_sync: Default::default(),
         credential: None,
+        refresh_have: None,
     };
     session.handle_frame(NOW, Frame::Hello(hello), store);
     session.admit(

@@ -1274,7 +1274,11 @@ fn decide(
             }
         }
     }
-    let refresh = match refresh_for(hub, ledger, &rec, now) {
+    let have = hello
+        .refresh_have
+        .as_deref()
+        .and_then(shared::ticket::RefreshHave::from_bytes);
+    let refresh = match refresh_for(hub, ledger, &rec, now, have.as_ref()) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot build the refresh of device {device}: {e}");
@@ -1287,20 +1291,23 @@ fn decide(
     (
         Decision::Admit {
             facility: facility.clone(),
-            refresh: Some(refresh.to_bytes()),
+            refresh: (!refresh.is_empty()).then(|| refresh.to_bytes()),
         },
         Some(device.clone()),
     )
 }
 
-/// What an admitted device gets back: day keys, the issuers' keyring and its siblings. A read
-/// error is an error, never an empty keyring or roster: a device that applied an empty keyring
-/// would answer "unknown issuer" to every visitor until its next good sync.
+/// What an admitted device gets back: the day keys it lacks, and the issuers' keyring and its
+/// siblings when they differ from what its hello says it holds (`have`; without it,
+/// everything). A read error is an error, never an empty keyring or roster: a device that
+/// applied an empty keyring would answer "unknown issuer" to every visitor until its next
+/// good sync.
 fn refresh_for(
     hub: &Hub,
     ledger: &Ledger<'_>,
     rec: &DeviceRecord,
     now: UnixSeconds,
+    have: Option<&shared::ticket::RefreshHave>,
 ) -> Result<Refresh, HubError> {
     let mut siblings = Vec::new();
     for d in hub.store().devices()? {
@@ -1325,10 +1332,32 @@ fn refresh_for(
             })
         })
         .collect();
+    let today = Day::of(now);
+    let all = ledger.ratchet().publics(today, DAY_KEYS_AHEAD);
+    let keyring = hub.keyring()?;
+    let Some(have) = have else {
+        return Ok(Refresh {
+            day_keys: all,
+            keyring: Some(keyring),
+            roster: Some(roster),
+        });
+    };
+    // The device's keys from today to its newest must be this hub's (a rebuilt hub has new
+    // ones); then only the days after its newest travel.
+    let held: Vec<&shared::daykey::DayPublicKey> =
+        all.iter().filter(|k| k.day <= have.newest).collect();
+    let day_keys = if have.from == today
+        && have.newest >= today
+        && shared::ticket::digest(&held) == have.day_keys
+    {
+        all.into_iter().filter(|k| k.day > have.newest).collect()
+    } else {
+        all
+    };
     Ok(Refresh {
-        day_keys: ledger.ratchet().publics(Day::of(now), DAY_KEYS_AHEAD),
-        keyring: hub.keyring()?,
-        roster,
+        day_keys,
+        keyring: (shared::ticket::digest(&keyring) != have.keyring).then_some(keyring),
+        roster: (shared::ticket::digest(&roster) != have.roster).then_some(roster),
     })
 }
 

@@ -262,6 +262,7 @@ impl Rogue {
             partitions: Vec::new(),
             in_sync: Default::default(),
             credential: None,
+            refresh_have: None,
         });
         send.write_all(&hello.encode()?).await?;
         let mut decoder = FrameDecoder::new();

@@ -62,6 +62,7 @@ fn a_v1_device_is_told_to_upgrade_and_the_hub_keeps_serving_v2() -> Result<()> {
             partitions: vec![],
             in_sync: Default::default(),
             credential: None,
+            refresh_have: None,
         });
         send.write_all(&hello.encode()?).await?;
         let bytes = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64 * 1024))
@@ -226,6 +227,7 @@ fn a_v1_sibling_dialling_a_device_is_told_to_upgrade() -> Result<()> {
             partitions: vec![],
             in_sync: Default::default(),
             credential: None,
+            refresh_have: None,
         });
         send.write_all(&hello.encode()?).await?;
         let bytes = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64 * 1024))

@@ -439,6 +439,7 @@ fn a_device_writing_another_facilitys_partition_is_refused() -> Result<()> {
             partitions,
             in_sync: Default::default(),
             credential: None,
+            refresh_have: None,
         })
     };
 

@@ -190,7 +190,13 @@ pub struct Hello {
     pub in_sync: InSync,
     /// A single-use enrollment credential, sent on a device's first contact only.
     pub credential: Option<[u8; 32]>,
+    /// Opaque bytes for the responder's shell (what the device already holds of the hub's
+    /// refresh), at most [`MAX_REFRESH_HAVE_BYTES`]; the core carries them and never reads them.
+    pub refresh_have: Option<Vec<u8>>,
 }
+
+/// The most bytes of a hello's `refresh_have`.
+pub const MAX_REFRESH_HAVE_BYTES: usize = 64;
 
 /// The responder's answer to an admitted `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -678,6 +684,7 @@ mod tests {
                     digest: [9; 8],
                 },
                 credential: Some([1; 32]),
+                refresh_have: Some(vec![5; 32]),
             }),
             Frame::Sync {
                 partition: id,

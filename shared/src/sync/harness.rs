@@ -231,6 +231,7 @@ pub fn run_pair<I: PartitionStore, R: PartitionStore>(
         setup.initiator.clone(),
         Some(&setup.responder),
         setup.credential,
+        None,
         initiator_store,
     )
     .map_err(HarnessError::Start)?;
@@ -645,6 +646,7 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
                         digest: [script.byte(); 8],
                     },
                     credential: (script.byte() % 2 == 0).then_some([3; 32]),
+                    refresh_have: None,
                 };
                 if as_initiator {
                     Some(Frame::Welcome(super::frame::Welcome {

@@ -11,8 +11,8 @@
 
 use super::frame::{
     Frame, HeadsDigest, Hello, InSync, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary, Refusal, RefuseReason, Welcome,
-    heads_digest, set_digest,
+    MAX_REFRESH_HAVE_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary, Refusal,
+    RefuseReason, Welcome, heads_digest, set_digest,
 };
 use super::validate;
 use crate::ids::{FacilityId, PartitionId};
@@ -255,6 +255,8 @@ pub struct PeerHello {
     pub credential: Option<[u8; 32]>,
     /// The initiator's clock.
     pub now: UnixSeconds,
+    /// What the initiator holds of the responder's refresh (opaque shell bytes).
+    pub refresh_have: Option<Vec<u8>>,
 }
 
 /// The shell's answer to a [`PeerHello`].
@@ -440,7 +442,7 @@ impl Session {
         credential: Option<[u8; 32]>,
         store: &impl PartitionStore,
     ) -> Result<Session, SyncError> {
-        Session::initiator_to(now, me, None, credential, store)
+        Session::initiator_to(now, me, None, credential, None, store)
     }
 
     /// A device opening a session with `to` (the hub or the sibling it dials): queues its
@@ -449,14 +451,25 @@ impl Session {
     /// A device offers only its own facility's partitions from `horizon(now)` on. A partition
     /// whose heads are those its stored sync state with `to` says both sides shared at the end
     /// of their last session is left out of the list and counted in `in_sync` instead, so an
-    /// idle partition costs nothing on the wire.
+    /// idle partition costs nothing on the wire. `refresh_have` (opaque, at most
+    /// [`MAX_REFRESH_HAVE_BYTES`]) tells the responder's shell what refresh it already holds.
     pub fn initiator_to(
         now: UnixSeconds,
         me: Peer,
         to: Option<&Peer>,
         credential: Option<[u8; 32]>,
+        refresh_have: Option<Vec<u8>>,
         store: &impl PartitionStore,
     ) -> Result<Session, SyncError> {
+        if refresh_have
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_REFRESH_HAVE_BYTES)
+        {
+            return Err(SyncError::TooMany {
+                what: "bytes of refresh_have",
+                max: MAX_REFRESH_HAVE_BYTES,
+            });
+        }
         let scope = me.facility().cloned();
         let own_horizon = horizon(now);
         let mut live: Vec<PartitionSummary> = store
@@ -496,6 +509,7 @@ impl Session {
             partitions,
             in_sync,
             credential,
+            refresh_have,
         };
         let mut session = Session::new(Role::Initiator, me, Phase::AwaitWelcome);
         session.scope = scope;
@@ -675,6 +689,16 @@ impl Session {
             return Ok(());
         }
         check_summaries(&hello.partitions)?;
+        if hello
+            .refresh_have
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_REFRESH_HAVE_BYTES)
+        {
+            return Err(SyncError::TooMany {
+                what: "bytes of refresh_have",
+                max: MAX_REFRESH_HAVE_BYTES,
+            });
+        }
         if usize::from(hello.in_sync.count) > MAX_PARTITIONS_PER_SESSION {
             return Err(SyncError::TooMany {
                 what: "partitions in sync",
@@ -688,6 +712,7 @@ impl Session {
             peer: hello.peer.clone(),
             credential: hello.credential,
             now: hello.now,
+            refresh_have: hello.refresh_have.clone(),
         }));
         self.peer = Some(hello.peer.clone());
         self.hello = Some(hello);
@@ -1472,6 +1497,7 @@ mod tests {
                 partitions: vec![],
                 in_sync: Default::default(),
                 credential: None,
+                refresh_have: None,
             }),
             &mut hub,
         );
