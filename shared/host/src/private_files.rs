@@ -12,9 +12,7 @@
 //! binary is followed and its target tightened; a link to someone else's folder, to something
 //! that is neither folder nor file, or to nothing is left alone and reported. A file that was
 //! readable by other users before it was tightened may have been copied: the warning names
-//! it, the secret it holds and says to rotate it. A file is only counted as readable by others
-//! if the folders it sits in (from the data folder down) let them through: a 0644 file in a
-//! 0700 data folder was never readable by anyone else, so it is tightened without a warning.
+//! it, the secret it holds and says to rotate it.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -103,17 +101,8 @@ const MAX_DEPTH: usize = 3;
 /// says what was exposed and what could not be tightened. Does not touch the umask.
 pub fn tighten_data_folder(data: &Path) -> Tightened {
     let mut found = Tightened::default();
-    tighten(data, 0, GROUP_OR_OTHER_READ, &mut found);
+    tighten(data, 0, &mut found);
     found
-}
-
-/// The read bits of the group and of every other user.
-const GROUP_OR_OTHER_READ: u32 = 0o044;
-
-/// Who (group, others: as read bits) could still reach what is inside a folder with `mode`,
-/// given who could reach the folder: a class needs the folder's search (x) bit to get through.
-fn reach_inside(reach: u32, mode: u32) -> u32 {
-    reach & ((mode & 0o011) << 2)
 }
 
 /// The metadata of what a symbolic link at `path` leads to, or why it is not followed.
@@ -153,9 +142,7 @@ fn follow(path: &Path) -> Result<(PathBuf, fs::Metadata), String> {
     Ok((target, meta))
 }
 
-/// `reach`: which classes (group, others; as read bits) could get to `path` through the
-/// folders above it in the walk, before they were tightened.
-fn tighten(path: &Path, depth: usize, reach: u32, found: &mut Tightened) {
+fn tighten(path: &Path, depth: usize, found: &mut Tightened) {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return;
     };
@@ -178,7 +165,7 @@ fn tighten(path: &Path, depth: usize, reach: u32, found: &mut Tightened) {
         return;
     };
     let mode = meta.permissions().mode() & 0o777;
-    if meta.is_file() && mode & reach != 0 {
+    if meta.is_file() && mode & 0o044 != 0 {
         found.exposed.push(path.to_owned());
     }
     if mode & 0o077 != 0
@@ -194,9 +181,8 @@ fn tighten(path: &Path, depth: usize, reach: u32, found: &mut Tightened) {
         && let Ok(entries) = fs::read_dir(&real)
     {
         // Listed under the name it was found by, so the advice names the data folder's path.
-        let inside = reach_inside(reach, mode);
         for entry in entries.flatten() {
-            tighten(&path.join(entry.file_name()), depth + 1, inside, found);
+            tighten(&path.join(entry.file_name()), depth + 1, found);
         }
     }
 }
@@ -244,41 +230,6 @@ mod tests {
         assert!(advice.contains("store.redb"), "{advice}");
         assert!(advice.contains("rotate"), "{advice}");
         // A second open finds nothing exposed.
-        assert_eq!(tighten_data_folder(&data), Tightened::default());
-    }
-
-    #[test]
-    fn loose_files_behind_an_owner_only_folder_are_tightened_without_a_warning() {
-        // A 0700 data folder (e.g. a fresh temporary folder) with 0644 files in it: nobody
-        // else could ever get to them, so there is nothing to rotate.
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let data = tmp.path().join("data");
-        loose_folder(&data);
-        chmod(&data, 0o700);
-        let found = tighten_data_folder(&data);
-        assert_eq!(mode(&data.join("store.redb")), 0o600);
-        assert_eq!(mode(&data.join("keys")), 0o700);
-        assert_eq!(mode(&data.join("keys/day-ratchet.key")), 0o600);
-        assert_eq!(found, Tightened::default());
-
-        // An open data folder but a closed `keys/`: only the store was reachable.
-        loose_folder(&data);
-        chmod(&data.join("keys"), 0o700);
-        let found = tighten_data_folder(&data);
-        assert_eq!(found.exposed, vec![data.join("store.redb")]);
-
-        // Group-readable files behind a folder only the group can search: exposed.
-        loose_folder(&data);
-        chmod(&data, 0o710);
-        chmod(&data.join("keys"), 0o700);
-        chmod(&data.join("store.redb"), 0o640);
-        let found = tighten_data_folder(&data);
-        assert_eq!(found.exposed, vec![data.join("store.redb")]);
-        // Other-readable only, behind that group-only folder: not reachable by others.
-        loose_folder(&data);
-        chmod(&data, 0o710);
-        chmod(&data.join("keys"), 0o700);
-        chmod(&data.join("store.redb"), 0o604);
         assert_eq!(tighten_data_folder(&data), Tightened::default());
     }
 
