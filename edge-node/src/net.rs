@@ -299,6 +299,9 @@ async fn sync_inner(
             to.as_ref(),
             credential,
             refresh_have,
+            // A device hands its records on and takes none back: it cannot read them, and the
+            // hub (or the sibling that relays them) keeps them.
+            true,
             &Replica {
                 device: &mut dev,
                 now: t,

@@ -72,6 +72,7 @@ fn setup(from: &str) -> PairSetup {
         initiator: device(from),
         responder: hub(),
         credential: None,
+        push_only: false,
     }
 }
 

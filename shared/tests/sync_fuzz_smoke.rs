@@ -91,6 +91,7 @@ fn frame_corpus() -> Vec<Vec<u8>> {
                 count: 3,
                 digest: [4; 8],
             },
+            push_only: false,
             credential: Some([1; 32]),
             refresh_have: None,
         }),
@@ -149,9 +150,10 @@ impl ScriptBuilder {
     /// fac_a partition of today with heads unlike the node's.
     fn greet(mut self) -> Self {
         // op, now, one partition: fac_a, today, head byte, 1 head, 1 record;
-        // peer dev_a, version 1, horizon of now, nothing in sync, no credential; a welcome
-        // then reads its delta flag (odd: a full list) and the length of its refresh bytes.
-        self.0.extend([0, 0, 1, 0, 2, 9, 1, 1, 1, 0, 1, 0, 0, 1]);
+        // peer dev_a, version 1, horizon of now, nothing in sync, not push-only, no
+        // credential; a welcome then reads its delta flag (odd: a full list) and the length
+        // of its refresh bytes.
+        self.0.extend([0, 0, 1, 0, 2, 9, 1, 1, 1, 0, 1, 0, 0, 1, 1]);
         if self.0[0] == 1 {
             self.0.extend([1, 0]);
         }

@@ -56,6 +56,7 @@ fn admitted(store: &mut MemoryStore) -> Session {
         horizon: horizon(NOW),
         partitions: vec![],
         in_sync: Default::default(),
+        push_only: false,
         credential: None,
         refresh_have: None,
     };

@@ -125,6 +125,7 @@ fn device_to_hub() -> PairSetup {
         initiator: device("dev_a", "fac_a"),
         responder: hub(),
         credential: None,
+        push_only: false,
     }
 }
 
@@ -304,6 +305,7 @@ fn a_sibling_relays_a_record_to_the_hub() {
         initiator: device("dev_a", "fac_a"),
         responder: device("dev_b", "fac_a"),
         credential: None,
+        push_only: false,
     };
     let first = run_pair(NOW, &a_to_b, &mut a, &mut b, admit_claimed).unwrap();
     assert!(first.completed(), "{:?}", first.events);
@@ -311,6 +313,7 @@ fn a_sibling_relays_a_record_to_the_hub() {
         initiator: device("dev_b", "fac_a"),
         responder: hub(),
         credential: None,
+        push_only: false,
     };
     let second = run_pair(NOW, &b_to_hub, &mut b, &mut hub_store, admit_claimed).unwrap();
     assert!(second.completed(), "{:?}", second.events);
@@ -329,6 +332,7 @@ fn a_sibling_of_another_facility_is_refused() {
         initiator: device("dev_a", "fac_a"),
         responder: device("dev_c", "fac_c"),
         credential: None,
+        push_only: false,
     };
     // Even if c's shell admitted a for a's own facility, c holds only fac_c.
     let outcome = run_pair(NOW, &setup, &mut a, &mut c, admit_claimed).unwrap();
@@ -403,6 +407,7 @@ fn admitted_hub_session(store: &mut MemoryStore, now: UnixSeconds) -> Session {
         horizon: horizon(now),
         partitions: vec![],
         in_sync: Default::default(),
+        push_only: false,
         credential: None,
         refresh_have: None,
     };
@@ -574,6 +579,7 @@ fn truncated_and_garbage_bytes_end_the_session_with_an_error() {
             horizon: horizon(NOW),
             partitions: vec![],
             in_sync: Default::default(),
+            push_only: false,
             credential: None,
             refresh_have: None,
         }),
@@ -639,6 +645,7 @@ fn an_unadmitted_device_gets_a_refusal_and_nothing_else() {
     add_records(&mut hub_store, &pid("fac_a", today()), "dev_b", 3, &mut rng);
     let setup = PairSetup {
         credential: Some([9; 32]),
+        push_only: false,
         ..device_to_hub()
     };
     let outcome = run_pair(NOW, &setup, &mut dev, &mut hub_store, |hello| {
@@ -758,6 +765,7 @@ fn random_syncs_among_siblings_and_a_hub_converge() {
                     initiator: device(names[from], "fac_a"),
                     responder: hub(),
                     credential: None,
+                    push_only: false,
                 };
                 run_pair(
                     NOW,
@@ -771,6 +779,7 @@ fn random_syncs_among_siblings_and_a_hub_converge() {
                     initiator: device(names[from], "fac_a"),
                     responder: device(names[to], "fac_a"),
                     credential: None,
+                    push_only: false,
                 };
                 let (a, b) = two_mut(&mut devices, from, to);
                 run_pair(NOW, &setup, a, b, admit_claimed)
@@ -789,6 +798,7 @@ fn random_syncs_among_siblings_and_a_hub_converge() {
                     initiator: device(names[d], "fac_a"),
                     responder: hub(),
                     credential: None,
+                    push_only: false,
                 };
                 assert!(
                     run_pair(NOW, &setup, store, &mut hub_store, admit_claimed)
@@ -1002,4 +1012,69 @@ fn a_hub_that_lost_a_partition_gets_it_again() {
     assert!(again.completed());
     assert!(!greetings(&again).1.delta);
     assert_eq!(record_ids(&rebuilt, &day_now).len(), 4);
+}
+
+/// A push-only device (as every device now syncs) hands its records to the hub and takes none
+/// of its siblings' back; its first message carries its new change at once; a session with
+/// one new record costs a few hundred bytes of frames, and nothing grows from one session to
+/// the next.
+#[test]
+fn a_push_only_device_sends_and_takes_nothing_back() {
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let mut dev = MemoryStore::new(b"device-a", Some(facility("fac_a")));
+    let mut hub_store = MemoryStore::new(b"hub", None);
+    let day_now = pid("fac_a", today());
+    let push = PairSetup {
+        push_only: true,
+        ..device_to_hub()
+    };
+    add_records(&mut dev, &day_now, "dev_a", 20, &mut rng);
+    // A sibling's records, already at the hub.
+    let sibling = add_records(&mut hub_store, &day_now, "dev_b", 5, &mut rng);
+    let first = run_pair(NOW, &push, &mut dev, &mut hub_store, admit_claimed).unwrap();
+    assert!(first.completed());
+    assert_eq!(first.new_records(Role::Responder), 20);
+    assert_eq!(first.new_records(Role::Initiator), 0);
+    assert_eq!(
+        record_ids(&dev, &day_now).len(),
+        20,
+        "the sibling's records stay at the hub"
+    );
+    assert!(
+        sibling
+            .iter()
+            .all(|r| !record_ids(&dev, &day_now).contains(r))
+    );
+    let mut sizes = Vec::new();
+    for _ in 0..4 {
+        add_records(&mut dev, &day_now, "dev_a", 1, &mut rng);
+        let o = run_pair(NOW, &push, &mut dev, &mut hub_store, admit_claimed).unwrap();
+        assert!(o.completed());
+        assert_eq!(o.new_records(Role::Responder), 1);
+        assert_eq!(o.new_records(Role::Initiator), 0);
+        let device_syncs: Vec<&Frame> = o
+            .frames
+            .iter()
+            .filter(|(r, f)| *r == Role::Initiator && matches!(f, Frame::Sync { .. }))
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(
+            device_syncs.len(),
+            1,
+            "the change goes in the first message"
+        );
+        sizes.push(o.bytes_i_to_r + o.bytes_r_to_i);
+    }
+    println!("push-only sessions of one record: {sizes:?} B of frames");
+    assert!(sizes.iter().all(|&b| b < 700), "{sizes:?}");
+    // Varints and random ids move a few bytes; a hash more a session would be 32.
+    let spread = sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0);
+    assert!(spread < 16, "sessions grow: {sizes:?}");
+    // Nothing new: nothing but the handshake.
+    let idle = run_pair(NOW, &push, &mut dev, &mut hub_store, admit_claimed).unwrap();
+    assert!(idle.completed());
+    assert!(sync_frames(&idle).is_empty(), "{:?}", sync_frames(&idle));
+    let hub_ids = record_ids(&hub_store, &day_now);
+    assert!(record_ids(&dev, &day_now).is_subset(&hub_ids));
+    assert_eq!(hub_ids.len(), 20 + 5 + 4);
 }

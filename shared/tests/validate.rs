@@ -69,6 +69,7 @@ fn setup(from: &str, to: Peer) -> PairSetup {
         initiator: device(from),
         responder: to,
         credential: None,
+        push_only: false,
     }
 }
 
@@ -385,6 +386,7 @@ fn admitted_hub_session(store: &mut MemoryStore) -> Session {
         horizon: horizon(NOW),
         partitions: vec![],
         in_sync: Default::default(),
+        push_only: false,
         credential: None,
         refresh_have: None,
     };

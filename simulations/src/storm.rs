@@ -161,6 +161,7 @@ pub fn run_storm(config: &Config, progress: &mut dyn FnMut(u64, u64)) -> Summary
                 initiator: peer.clone(),
                 responder: hub_peer.clone(),
                 credential: None,
+                push_only: true,
             };
             summary.sessions += 1;
             match run_pair(reconnect, &setup, store, &mut hub, admit_claimed) {

@@ -653,6 +653,7 @@ impl World {
             initiator: self.devices[d].peer.clone(),
             responder: self.hub_peer.clone(),
             credential: None,
+            push_only: true,
         };
         let ticket = self.devices[d].schedule.begin();
         let result = run_pair(
@@ -696,6 +697,7 @@ impl World {
             initiator: self.devices[d].peer.clone(),
             responder: self.devices[s].peer.clone(),
             credential: None,
+            push_only: true,
         };
         let mut sibling = std::mem::take(&mut self.devices[s].store);
         let result = run_pair(

@@ -246,6 +246,7 @@ fn main() -> Result<()> {
                 region: "suwon".into(),
             },
             credential: None,
+            push_only: false,
         };
         let admitted = facility.clone();
         let mut parts = ledger_a.partitions(facility.clone(), NOW);

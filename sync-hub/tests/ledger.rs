@@ -552,6 +552,7 @@ fn hub_partitions_sync_one_facility_only() {
             region: "suwon".into(),
         },
         credential: None,
+        push_only: false,
     };
     let mut device = MemoryStore::new(b"device-a", Some(f.fac_a.clone()));
     device.insert(a);

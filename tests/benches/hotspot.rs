@@ -9,7 +9,13 @@
 //! drops 2% at random (seeded). The device dials the relay (`sync --once --hub-addr`); iroh
 //! cannot find a direct path around it.
 //!
-//! Run: `cargo bench -p tests --bench hotspot`
+//! Then a day at the same entrance with visits far apart: `DAY_VISITS` visits, each checked in
+//! and synced in a session of its own (what `edge-node run`'s schedule does when visits are
+//! more than 30 s apart), counting every byte the relay carried both ways: the fixed cost of
+//! a session (QUIC handshake included) against the visits it carries.
+//!
+//! Run: `cargo bench -p tests --bench hotspot` (`KIPASS_BENCH_RECORDS` sets the backlog,
+//! default 2,000; `KIPASS_BENCH_DAY_VISITS` the day's visits, default 40).
 
 use anyhow::{Result, bail};
 use rand::{Rng, SeedableRng};
@@ -23,6 +29,16 @@ const RATE_BPS: f64 = 1_000_000.0;
 const ONE_WAY: Duration = Duration::from_millis(50);
 const LOSS: f64 = 0.02;
 const RECORDS: usize = 2_000;
+const DAY_VISITS: usize = 40;
+/// The sealed envelope of one QR visit (see the wire bench).
+const ENVELOPE: f64 = 101.0;
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 struct Link {
     stop: Arc<AtomicBool>,
@@ -122,12 +138,14 @@ impl Drop for Netns {
 }
 
 fn main() -> Result<()> {
+    let records = env_count("KIPASS_BENCH_RECORDS", RECORDS);
+    let day_visits = env_count("KIPASS_BENCH_DAY_VISITS", DAY_VISITS);
     let hub = HubFixture::new()?;
     let dev = hub.enroll_device_for(&hub.facility, "outdoor")?;
     let t0 = Instant::now();
-    check_in_codes(&dev, RECORDS)?;
+    check_in_codes(&dev, records)?;
     println!(
-        "{RECORDS} visits checked in offline in {:.1?}",
+        "{records} visits checked in offline in {:.1?}",
         t0.elapsed()
     );
     let _hub_run = hub.start()?;
@@ -154,24 +172,27 @@ fn main() -> Result<()> {
     );
     direction(back, front, device_addr, None, 2, &link);
 
+    let sync_once = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", NS])
+            .arg(tests::fixture::bin("edge-node"))
+            .args([
+                "--data",
+                dev.to_str().unwrap_or_default(),
+                "sync",
+                "--once",
+                "--json",
+                "--listen",
+                "10.77.1.2:0",
+                "--hub-addr",
+                &relay_addr.to_string(),
+            ])
+            .output()
+    };
     let started = Instant::now();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", NS])
-        .arg(tests::fixture::bin("edge-node"))
-        .args([
-            "--data",
-            dev.to_str().unwrap_or_default(),
-            "sync",
-            "--once",
-            "--json",
-            "--listen",
-            "10.77.1.2:0",
-            "--hub-addr",
-            &relay_addr.to_string(),
-        ])
-        .output()?;
+    let out = sync_once()?;
     let elapsed = started.elapsed();
-    link.stop.store(true, Ordering::Relaxed);
+    let backlog_link = link.carried.load(Ordering::Relaxed);
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -186,15 +207,66 @@ fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| 1 Mbit/s, 100 ms RTT, 2% loss (user-space relay) | {RECORDS} | {at_hub} | {:.1} s | {} | {:.0} | {} | {} |",
+        "| 1 Mbit/s, 100 ms RTT, 2% loss (user-space relay) | {records} | {at_hub} | {:.1} s | {} | {:.0} | {} | {} |",
         elapsed.as_secs_f64(),
         report["socket_bytes_sent"],
-        report["socket_bytes_sent"].as_f64().unwrap_or(0.0) / RECORDS as f64,
+        report["socket_bytes_sent"].as_f64().unwrap_or(0.0) / records as f64,
         link.carried.load(Ordering::Relaxed),
         link.dropped.load(Ordering::Relaxed)
     );
-    if at_hub != RECORDS as u64 {
-        bail!("only {at_hub} of {RECORDS} records arrived");
+    println!(
+        "backlog: {:.1} B a record both ways through the hub's port = {:.2}x the {ENVELOPE} B envelope",
+        backlog_link as f64 / records as f64,
+        backlog_link as f64 / records as f64 / ENVELOPE
+    );
+    if at_hub != records as u64 {
+        bail!("only {at_hub} of {records} records arrived");
+    }
+
+    // A day of visits far apart: one session each.
+    let before = link.carried.load(Ordering::Relaxed);
+    let mut frames = 0u64;
+    let mut socket = 0u64;
+    for i in 0..day_visits {
+        check_in_codes(&dev, 1)?;
+        let out = sync_once()?;
+        if !out.status.success() {
+            bail!(
+                "day visit {i}: sync failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let report: serde_json::Value = serde_json::from_str(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("{}"),
+        )?;
+        frames += report["frame_bytes_sent"].as_u64().unwrap_or(0)
+            + report["frame_bytes_received"].as_u64().unwrap_or(0);
+        socket += report["socket_bytes_sent"].as_u64().unwrap_or(0)
+            + report["socket_bytes_received"].as_u64().unwrap_or(0);
+    }
+    let day_link = link.carried.load(Ordering::Relaxed) - before;
+    link.stop.store(true, Ordering::Relaxed);
+    let n = day_visits.max(1) as f64;
+    println!(
+        "| day: visits, one session each | link B (both ways) | B/visit | ÷ envelope | socket B/visit | frame B/visit |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {day_visits} | {day_link} | {:.0} | {:.1}x | {:.0} | {:.0} |",
+        day_link as f64 / n,
+        day_link as f64 / n / ENVELOPE,
+        socket as f64 / n,
+        frames as f64 / n
+    );
+    let at_hub = hub.records_of(&hub.facility)?;
+    if at_hub != (records + day_visits) as u64 {
+        bail!(
+            "{at_hub} records at the hub, {} expected",
+            records + day_visits
+        );
     }
     Ok(())
 }

@@ -261,6 +261,7 @@ impl Rogue {
             horizon: horizon(now),
             partitions: Vec::new(),
             in_sync: Default::default(),
+            push_only: false,
             credential: None,
             refresh_have: None,
         });

@@ -61,6 +61,7 @@ fn a_v1_device_is_told_to_upgrade_and_the_hub_keeps_serving_v2() -> Result<()> {
             horizon: shared::time::Day::of(fixture::now()).minus(28),
             partitions: vec![],
             in_sync: Default::default(),
+            push_only: false,
             credential: None,
             refresh_have: None,
         });
@@ -226,6 +227,7 @@ fn a_v1_sibling_dialling_a_device_is_told_to_upgrade() -> Result<()> {
             horizon: shared::time::Day::of(fixture::now()).minus(28),
             partitions: vec![],
             in_sync: Default::default(),
+            push_only: false,
             credential: None,
             refresh_have: None,
         });

@@ -188,6 +188,10 @@ pub struct Hello {
     pub partitions: Vec<PeerSummary>,
     /// The live partitions left out because the peer already holds them as they are.
     pub in_sync: InSync,
+    /// The initiator only sends: the responder sends it no changes and starts no exchange of
+    /// its own (a device handing its records to its hub or a sibling; it cannot read them
+    /// anyway, and the hub keeps them).
+    pub push_only: bool,
     /// A single-use enrollment credential, sent on a device's first contact only.
     pub credential: Option<[u8; 32]>,
     /// Opaque bytes for the responder's shell (what the device already holds of the hub's
@@ -683,6 +687,7 @@ mod tests {
                     count: 2,
                     digest: [9; 8],
                 },
+                push_only: true,
                 credential: Some([1; 32]),
                 refresh_have: Some(vec![5; 32]),
             }),

@@ -155,6 +155,8 @@ pub struct PairSetup {
     pub responder: Peer,
     /// The initiator's enrollment credential, on first contact.
     pub credential: Option<[u8; 32]>,
+    /// The initiator only sends (`Hello::push_only`), as devices do.
+    pub push_only: bool,
 }
 
 /// What one run of a pair did.
@@ -232,6 +234,7 @@ pub fn run_pair<I: PartitionStore, R: PartitionStore>(
         Some(&setup.responder),
         setup.credential,
         None,
+        setup.push_only,
         initiator_store,
     )
     .map_err(HarnessError::Start)?;
@@ -645,6 +648,7 @@ pub fn fuzz_session(fixture: &FuzzFixture, data: &[u8]) -> FuzzReport {
                         count: u16::from(script.byte() % 3),
                         digest: [script.byte(); 8],
                     },
+                    push_only: script.byte() % 2 == 0,
                     credential: (script.byte() % 2 == 0).then_some([3; 32]),
                     refresh_have: None,
                 };

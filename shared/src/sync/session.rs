@@ -415,6 +415,10 @@ pub struct Session {
     hello: Option<Hello>,
     /// Initiator: the digest of every partition its hello stood for, listed or in `in_sync`.
     advertised: BTreeMap<PartitionId, HeadsDigest>,
+    /// Initiator: the partitions its hello listed (changed since the last session).
+    listed: Vec<PartitionId>,
+    /// The initiator only sends (its hello's `push_only`).
+    push_only: bool,
     window: Window,
     partitions: BTreeMap<PartitionId, PartitionSync>,
     /// Sync states of partitions found already in sync, emitted on a clean finish.
@@ -442,7 +446,7 @@ impl Session {
         credential: Option<[u8; 32]>,
         store: &impl PartitionStore,
     ) -> Result<Session, SyncError> {
-        Session::initiator_to(now, me, None, credential, None, store)
+        Session::initiator_to(now, me, None, credential, None, false, store)
     }
 
     /// A device opening a session with `to` (the hub or the sibling it dials): queues its
@@ -453,12 +457,17 @@ impl Session {
     /// of their last session is left out of the list and counted in `in_sync` instead, so an
     /// idle partition costs nothing on the wire. `refresh_have` (opaque, at most
     /// [`MAX_REFRESH_HAVE_BYTES`]) tells the responder's shell what refresh it already holds.
+    /// With `push_only` this side only sends: the responder sends it no changes (automerge's
+    /// read-only sync) and starts nothing of its own, so a device does not download what its
+    /// siblings wrote.
+    #[allow(clippy::too_many_arguments)]
     pub fn initiator_to(
         now: UnixSeconds,
         me: Peer,
         to: Option<&Peer>,
         credential: Option<[u8; 32]>,
         refresh_have: Option<Vec<u8>>,
+        push_only: bool,
         store: &impl PartitionStore,
     ) -> Result<Session, SyncError> {
         if refresh_have
@@ -481,6 +490,7 @@ impl Session {
         live.sort_by(|a, b| a.id.cmp(&b.id));
         live.truncate(MAX_PARTITIONS_PER_SESSION);
         let mut partitions = Vec::new();
+        let mut listed = Vec::new();
         let mut quiet: Vec<(PartitionId, Vec<[u8; 32]>)> = Vec::new();
         let mut advertised = BTreeMap::new();
         for summary in live {
@@ -490,9 +500,16 @@ impl Session {
                 Some(peer) => shared_heads(store, peer, &summary.id)?,
                 None => None,
             };
-            if !heads.is_empty() && shared.as_ref() == Some(&heads) {
+            // The peer holds every change of ours when each of our heads is among the heads
+            // both shared (a push-only side's shared heads also keep older ones: it never
+            // takes the peer's newer heads).
+            let held = shared
+                .as_ref()
+                .is_some_and(|s| heads.iter().all(|h| s.binary_search(h).is_ok()));
+            if !heads.is_empty() && held {
                 quiet.push((summary.id, heads));
             } else {
+                listed.push(summary.id.clone());
                 partitions.push(summary.advertised());
             }
         }
@@ -508,12 +525,15 @@ impl Session {
             horizon: own_horizon,
             partitions,
             in_sync,
+            push_only,
             credential,
             refresh_have,
         };
         let mut session = Session::new(Role::Initiator, me, Phase::AwaitWelcome);
         session.scope = scope;
         session.advertised = advertised;
+        session.listed = listed;
+        session.push_only = push_only;
         session.send(Frame::Hello(hello.clone()))?;
         session.hello = Some(hello);
         Ok(session)
@@ -533,6 +553,8 @@ impl Session {
             scope: None,
             hello: None,
             advertised: BTreeMap::new(),
+            listed: Vec::new(),
+            push_only: false,
             window: Window {
                 from: Day(u32::MAX),
                 to: Day(0),
@@ -764,6 +786,7 @@ impl Session {
         let own_horizon = horizon(now);
         self.scope = Some(facility);
         self.window = Window::agreed(hello.now, hello.horizon, now, own_horizon);
+        self.push_only = hello.push_only;
         let mine = self.own_summaries(store)?;
         // What the initiator holds, as far as this side can tell: what it listed, and for
         // the partitions its `in_sync` stands for, the heads this side's stored states say
@@ -793,7 +816,10 @@ impl Session {
             theirs.extend(quiet.iter().map(|(id, h)| (id.clone(), heads_digest(h))));
         }
         let lacking = heads_digest(&[]);
-        let partitions: Vec<PeerSummary> = if delta {
+        let partitions: Vec<PeerSummary> = if delta && hello.push_only {
+            // The initiator sends what it listed and takes nothing: nothing to name.
+            Vec::new()
+        } else if delta {
             let mut out: Vec<PeerSummary> = mine
                 .iter()
                 .filter(|m| theirs.get(&m.id) != Some(&m.digest()))
@@ -825,6 +851,11 @@ impl Session {
             delta,
             refresh,
         }))?;
+        if hello.push_only {
+            // Only the initiator starts exchanges; this side answers them.
+            self.phase = Phase::Syncing;
+            return Ok(());
+        }
         self.start_syncing(mine, &theirs, store)
     }
 
@@ -872,6 +903,22 @@ impl Session {
             now: welcome.now,
             refresh: welcome.refresh,
         });
+        if self.push_only {
+            // Send what the hello listed (changed since the last session), what changed since
+            // the hello, and without `delta` everything: the responder's states did not
+            // confirm what it holds.
+            let mine = self.own_summaries(store)?;
+            self.phase = Phase::Syncing;
+            for summary in mine {
+                let changed = self.listed.contains(&summary.id)
+                    || self.advertised.get(&summary.id) != Some(&summary.digest());
+                if welcome.delta && !changed {
+                    continue;
+                }
+                self.generate(&summary.id, store)?;
+            }
+            return Ok(());
+        }
         // What the responder holds: what it listed; with `delta`, for what it left out, what
         // the hello advertised; without, nothing.
         let mut theirs: BTreeMap<PartitionId, HeadsDigest> = if welcome.delta {
@@ -1075,6 +1122,15 @@ impl Session {
                 keys.saturating_sub(keys_before) as u64,
             )
         });
+        if self.push_only && self.role == Role::Initiator && merged.is_ok() {
+            // A push-only side never takes the peer's newer heads, so automerge keeps adding
+            // the ones it knows to the shared heads, and the list (sent in every `have`) would
+            // grow by a hash a session. Once the peer holds all of ours, our heads say it all.
+            let ours = part.heads();
+            if ours.iter().all(|h| sync.state.shared_heads.contains(h)) {
+                sync.state.shared_heads = ours;
+            }
+        }
         let reply = match merged {
             Ok(()) => next_message(part.doc(), &mut sync.state),
             Err(_) => None,
@@ -1109,6 +1165,22 @@ impl Session {
             return Ok(());
         };
         let sync = sync_entry(&mut self.partitions, &mut self.stats, id, preloaded, part);
+        if self.push_only && self.role == Role::Initiator {
+            sync.state.read_only = true;
+            // The peer holds the heads both shared at the end of the last session: the first
+            // message can carry the changes since then at once, instead of heads and a bloom
+            // filter first and the changes a round trip later. If the peer lost them after
+            // all, it asks for what it misses in its answer.
+            if sync.state.their_heads.is_none() && !sync.state.shared_heads.is_empty() {
+                let shared = sync.state.shared_heads.clone();
+                sync.state.their_have = Some(vec![automerge::sync::Have {
+                    last_sync: shared.clone(),
+                    bloom: automerge::sync::BloomFilter::default(),
+                }]);
+                sync.state.their_need = Some(Vec::new());
+                sync.state.their_heads = Some(shared);
+            }
+        }
         if let Some(message) = next_message(part.doc(), &mut sync.state) {
             self.send_sync(id.clone(), message)?;
         }
@@ -1496,6 +1568,7 @@ mod tests {
                 horizon: horizon(now),
                 partitions: vec![],
                 in_sync: Default::default(),
+                push_only: false,
                 credential: None,
                 refresh_have: None,
             }),
