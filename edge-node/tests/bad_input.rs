@@ -1,5 +1,6 @@
 //! Bad input of every kind gets a clear one-line error, no panic, and loses nothing stored.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -93,7 +94,41 @@ fn corrupted_store_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let db = tmp.path().join("edge.redb");
     std::fs::write(&db, vec![0x5a; 10_000]).unwrap_or_default();
+    // Loose modes, as a file copied in under umask 022 has (and independent of this process's
+    // umask): the store was readable by every local user until the device opened the folder.
+    for (p, m) in [(tmp.path(), 0o755), (db.as_path(), 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+            .unwrap_or_else(|e| panic!("chmod: {e}"));
+    }
     let d = tmp.path().to_str().unwrap_or_default();
+    let out = edge(&["--data", d, "status", "--json"]);
+    // First the data folder's tightening warns, rightly, that the store was exposed (one
+    // line naming it and the advice to rotate); then the one-line error.
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut lines = err.trim().lines();
+    let warning = lines.next().unwrap_or_default();
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("readable by other users")
+            && warning.contains(&db.display().to_string())
+            && warning.contains("rotate"),
+        "no exposure warning first: {err}"
+    );
+    let rest = Output {
+        status: out.status,
+        stdout: out.stdout.clone(),
+        stderr: lines.collect::<Vec<_>>().join("\n").into_bytes(),
+    };
+    assert_clean_error(&rest, "edge.redb");
+    assert!(!rest.stderr.starts_with(b"\x1b") && rest.stderr.starts_with(b"edge-node: "));
+    assert_eq!(
+        std::fs::metadata(&db)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok(),
+        Some(0o600),
+        "the store was not made owner-only"
+    );
+    // Now owner-only: the next attempt gets the one-line error alone.
     let out = edge(&["--data", d, "status", "--json"]);
     assert_clean_error(&out, "edge.redb");
     // Nothing was overwritten.
