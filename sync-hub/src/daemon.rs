@@ -65,6 +65,20 @@ pub const PRE_ADMISSION_FRAME_BYTES: usize = 64 * 1024;
 /// A connection that has not delivered its `Hello` this long after it arrived is closed
 /// (handshake and stream opening included): an honest device sends it at once.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a session may run, in wall time, whatever the peer keeps sending (a peer that
+/// sends a byte every 29 s would otherwise hold its slot forever). A 200,000-visit day (~30 MB)
+/// crosses a 1 Mbit/s hotspot in about 4 min; a longer backlog finishes over several sessions,
+/// since what a session stored stays. `SYNC_HUB_SESSION_LIMIT_SECS` changes it.
+pub const SESSION_LIMIT: Duration = Duration::from_secs(600);
+
+/// [`SESSION_LIMIT`], or `SYNC_HUB_SESSION_LIMIT_SECS` when set to a positive number.
+pub fn session_limit() -> Duration {
+    std::env::var("SYNC_HUB_SESSION_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(SESSION_LIMIT, Duration::from_secs)
+}
 /// Inputs waiting for the actor. Each connection task has at most one input in flight (its
 /// reader awaits every send), so this is never the limit for sessions at [`MAX_CONNECTIONS`];
 /// what it stops is a connection outrunning the actor with decoded frames.
@@ -236,6 +250,10 @@ enum Input {
         error: FrameError,
     },
     Closed {
+        conn: u64,
+    },
+    /// The session ran past [`session_limit`].
+    TimeUp {
         conn: u64,
     },
     Request(Request),
@@ -654,6 +672,7 @@ async fn connection(
         _ => None,
     };
     let hello_deadline = Instant::now() + HELLO_TIMEOUT;
+    let session_deadline = Instant::now() + session_limit();
     let conn = tokio::select! {
         r = tokio::time::timeout_at(hello_deadline, incoming) => r
             .map_err(|_| "no handshake in time".to_owned())?
@@ -717,11 +736,18 @@ async fn connection(
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let deadline = if got_frame {
-                Instant::now() + READ_TIMEOUT
+                (Instant::now() + READ_TIMEOUT).min(session_deadline)
             } else {
                 hello_deadline
             };
-            match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
+            let read = tokio::time::timeout_at(deadline, recv.read(&mut buf)).await;
+            if read.is_err() && got_frame && Instant::now() >= session_deadline {
+                // Told why, then closed like any ended session.
+                let _ = tx.send(Input::TimeUp { conn: conn_id }).await;
+                let _ = tx.send(Input::Closed { conn: conn_id }).await;
+                return false;
+            }
+            match read {
                 Ok(Ok(Some(n))) => {
                     // Checked after the read, not before it: admission (and the Welcome that
                     // lets the peer send large frames) usually happens while this task waits.
@@ -889,8 +915,44 @@ fn actor(
                 conns.insert(conn, c);
             }
             Input::Frame { conn, frame } => {
+                let mut newly_admitted = None;
                 if let Some(c) = conns.get_mut(&conn) {
+                    let before = c.device.is_some();
                     c.on_frame(&hub, &ledger, frame, now, &metrics);
+                    if !before && c.admitted.load(Ordering::Acquire) {
+                        newly_admitted = c.device.clone();
+                    }
+                }
+                // One session per device: a newer one replaces the older, which is most
+                // likely a connection that died without closing (its device reconnected).
+                if let Some(device) = newly_admitted {
+                    for (_, old) in conns.iter_mut().filter(|(id, c)| {
+                        **id != conn && c.device.as_ref() == Some(&device) && !c.is_finished()
+                    }) {
+                        tracing::info!("device {device}: a newer session replaces an older one");
+                        old.cache.clear();
+                        old.session.abort(
+                            RefuseReason::Replaced,
+                            "a newer session of this device replaced this one",
+                        );
+                        let mut none = MemoryStore::new(b"hub-closed", None);
+                        pump(&hub, &ledger, old, &mut none, now, &metrics);
+                    }
+                }
+            }
+            Input::TimeUp { conn } => {
+                if let Some(c) = conns.get_mut(&conn) {
+                    c.cache.clear();
+                    c.session.abort(
+                        RefuseReason::QuotaExceeded,
+                        format!(
+                            "the session ran longer than the hub's {} s; what was stored stays, \
+                             sync again to send the rest",
+                            session_limit().as_secs()
+                        ),
+                    );
+                    let mut none = MemoryStore::new(b"hub-closed", None);
+                    pump(&hub, &ledger, c, &mut none, now, &metrics);
                 }
             }
             Input::Malformed { conn, error } => {

@@ -257,6 +257,9 @@ pub enum RefuseReason {
     /// The peer went over one of the refusing side's quotas (a hub's bytes per session or
     /// records per device per day); the detail says which. Appended last like `InvalidChange`.
     QuotaExceeded,
+    /// A newer session of the same device replaced this one (the older is most likely a dead
+    /// connection): at most one session per device runs at a hub. Appended last.
+    Replaced,
 }
 
 /// A refusal: the session ends after this frame.
