@@ -84,6 +84,13 @@ pub struct Summary {
     pub upload_bytes: u64,
     /// `upload_bytes` per acknowledged visit: the cost of getting a visit to the hub.
     pub upload_bytes_per_record: f64,
+    /// `wire_bytes` plus a modelled QUIC cost: every session a new connection of
+    /// [`QUIC_CONNECTION_BYTES`], every cut attempt one padded Initial ([`QUIC_ATTEMPT_BYTES`]).
+    pub all_in_bytes: u64,
+    /// `all_in_bytes` per acknowledged visit.
+    pub all_in_bytes_per_record: f64,
+    /// `all_in_bytes_per_record` over the sealed envelope of one visit ([`ENVELOPE_BYTES`]).
+    pub all_in_vs_envelope: f64,
     /// Sessions run (device-hub and device-device).
     pub sessions: u64,
     /// Of those, relayed through a sibling.
@@ -108,6 +115,16 @@ pub struct Summary {
     pub series: Vec<Sample>,
 }
 
+/// UDP bytes, both ways, of one iroh 1.4 connection beyond its protocol frames, measured on
+/// loopback by capturing a no-change session (BENCHMARKS.md, "QUIC's fixed cost per
+/// session"): padded handshake ~3.6 KB, multipath connection ids ~2.5 KB, NAT-traversal probes
+/// ~3.9 KB, tickets, ACKs and close.
+pub const QUIC_CONNECTION_BYTES: u64 = 10_700;
+/// A connection attempt the link cut: one client Initial, padded to 1,200 B.
+pub const QUIC_ATTEMPT_BYTES: u64 = 1_200;
+/// The sealed envelope of one QR visit (the wire bench prints it).
+pub const ENVELOPE_BYTES: f64 = 101.0;
+
 /// The most violation descriptions a summary keeps.
 pub const MAX_VIOLATIONS_KEPT: usize = 50;
 
@@ -117,6 +134,12 @@ impl Summary {
         let n = self.acknowledged.max(1) as f64;
         self.wire_bytes_per_record = self.wire_bytes as f64 / n;
         self.upload_bytes_per_record = self.upload_bytes as f64 / n;
+        self.all_in_bytes = self
+            .wire_bytes
+            .saturating_add(self.sessions.saturating_mul(QUIC_CONNECTION_BYTES))
+            .saturating_add(self.failed_attempts.saturating_mul(QUIC_ATTEMPT_BYTES));
+        self.all_in_bytes_per_record = self.all_in_bytes as f64 / n;
+        self.all_in_vs_envelope = self.all_in_bytes_per_record / ENVELOPE_BYTES;
     }
 
     /// Whether every invariant held.
@@ -178,6 +201,12 @@ impl Summary {
             "  wire {} bytes = {:.0} B per acknowledged visit (all sessions, both ways); \
              device-to-hub {:.0} B per visit",
             self.wire_bytes, self.wire_bytes_per_record, self.upload_bytes_per_record
+        );
+        let _ = writeln!(
+            s,
+            "  all in, with a modelled {QUIC_CONNECTION_BYTES} B QUIC connection per session: \
+             {:.0} B per visit = {:.1}x the {ENVELOPE_BYTES} B envelope",
+            self.all_in_bytes_per_record, self.all_in_vs_envelope
         );
         if let Some(st) = &self.storm {
             let _ = writeln!(

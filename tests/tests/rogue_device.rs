@@ -112,20 +112,6 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
     assert!(out.status.success(), "{}", err_of(&out));
     assert_eq!(hub.records_of(&hub.facility)?, 3);
     let day = Day::of(now());
-    let honest = Rogue::stored_copy(&r, day)?;
-    assert_eq!(honest.record_count(), 3, "R holds A's visits");
-    let a_keys: Vec<String> = honest
-        .doc()
-        .keys(ROOT)
-        .filter(|k| k.starts_with("r/"))
-        .collect();
-    let wrapped_key = honest
-        .doc()
-        .keys(ROOT)
-        .find(|k| k.starts_with("k/"))
-        .context("R's copy holds A's wrapped key")?;
-    drop(honest);
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -138,6 +124,39 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
         r_listen,
         true,
     ))?;
+    // Devices push only: R's own store holds none of A's visits. R, hostile, asks the hub
+    // for the partition as any enrolled device may (a session that is not push-only): the
+    // hub's copy, A's visits in it, is what each attack below starts from.
+    let pulled = {
+        let mut store = rogue.store_with(Rogue::stored_copy(&r, day)?);
+        let ending = rt.block_on(rogue.sync(&mut store, now()))?;
+        assert_eq!(ending, Ending::Finished, "R pulls the hub's copy");
+        store
+            .get_mut(&rogue.partition)
+            .context("R's pull brought the partition")?
+            .save()
+    };
+    let hub_copy = || -> Result<shared::partition::Partition> {
+        Ok(shared::partition::Partition::load(
+            rogue.partition.clone(),
+            &pulled,
+            &rand::random::<[u8; 16]>(),
+        )?)
+    };
+    let honest = hub_copy()?;
+    assert_eq!(honest.record_count(), 3, "R's copy holds A's visits");
+    let a_keys: Vec<String> = honest
+        .doc()
+        .keys(ROOT)
+        .filter(|k| k.starts_with("r/"))
+        .collect();
+    let wrapped_key = honest
+        .doc()
+        .keys(ROOT)
+        .find(|k| k.starts_with("k/"))
+        .context("R's copy holds A's wrapped key")?;
+    drop(honest);
+
     // A's address, answered with A's identity: B's sibling dials to A end at once.
     let a_stub = rt.block_on(Rogue::bind(
         &a,
@@ -150,7 +169,7 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
 
     // A real session over a hostile copy of the partition: one change made by `edit`.
     let hostile = |edit: &dyn Fn(&mut automerge::transaction::Transaction<'_>) -> Result<()>| {
-        let mut copy = Rogue::stored_copy(&r, day)?;
+        let mut copy = hub_copy()?;
         let mut tx = copy.doc_mut().transaction();
         edit(&mut tx)?;
         tx.commit();
@@ -258,7 +277,7 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
     // the validator's 65,536 changes a message and the 64 rounds a partition.
     const MANY: usize = 20_000;
     let before = hub.records_of(&hub.facility)?;
-    let mut copy = Rogue::stored_copy(&r, day)?;
+    let mut copy = hub_copy()?;
     let many = rogue::add_single_record_changes(&mut copy, &hub.data, &rogue.me, now(), MANY)?;
     let mut store = rogue.store_with(copy);
     let ending = rt.block_on(rogue.sync(&mut store, now()))?;
@@ -305,7 +324,7 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
             ],
         )
     });
-    let mut relay_store = relay.store_with(Rogue::stored_copy(&r, day)?);
+    let mut relay_store = relay.store_with(hub_copy()?);
     let served = rt.block_on(relay.serve_one(&mut relay_store, now()));
     let a_out = a_sync
         .join()
