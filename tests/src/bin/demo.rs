@@ -151,7 +151,7 @@ fn demo() -> Result<()> {
     println!(
         "   gate-1 (the case visitor, four others, the case visitor again, a stale screenshot, a menu QR):"
     );
-    scan(&gate1, &gate1_frames)?;
+    let gate1_verdicts = scan(&gate1, &gate1_frames)?;
     let mut gate2_frames = Vec::new();
     for i in 0..3 {
         gate2_frames.push(write(
@@ -161,7 +161,7 @@ fn demo() -> Result<()> {
         )?);
     }
     println!("   gate-2 (three visitors in dim light):");
-    scan(&gate2, &gate2_frames)?;
+    let gate2_verdicts = scan(&gate2, &gate2_frames)?;
     let mut stall_frames = Vec::new();
     for i in 0..3 {
         stall_frames.push(write(
@@ -249,6 +249,11 @@ fn demo() -> Result<()> {
     println!("   gate-2 -> gate-1: done (the hub attempt timed out, as expected while it is down)");
 
     say("5. The hub comes back; the backlog arrives");
+    // What the scans accepted (a damaged frame the camera could not read is asked again at a
+    // real door; here it is simply not a visit), and the paper entry.
+    let accepted = |v: &[String]| v.iter().filter(|v| v.as_str() == "accepted").count() as u64;
+    let (gate1_accepted, gate2_accepted) = (accepted(&gate1_verdicts), accepted(&gate2_verdicts));
+    let star_expected = gate1_accepted + gate2_accepted + 1;
     let _hub_run = hub.start()?;
     let out = sync_once(&stall, &[])?;
     println!(
@@ -256,7 +261,7 @@ fn demo() -> Result<()> {
         String::from_utf8_lossy(&out.stdout).trim()
     );
     if !wait_until(Duration::from_secs(90), || {
-        hub.records_of(&star).unwrap_or(0) >= 9
+        hub.records_of(&star).unwrap_or(0) >= star_expected
     }) {
         bail!("Star Karaoke's backlog did not arrive: {}", hub.stats()?);
     }
@@ -264,7 +269,7 @@ fn demo() -> Result<()> {
     let stats = hub.stats()?;
     println!("   hub stats: {stats}");
     println!(
-        "   (Star Karaoke: 5 QR visits from gate-1, 1 paper entry, 3 visits from gate-2 relayed by gate-1)"
+        "   (Star Karaoke: {gate1_accepted} QR visits from gate-1, 1 paper entry, {gate2_accepted} visits from gate-2 relayed by gate-1)"
     );
 
     say("6. A visitor tests positive; the health authority traces their token");
