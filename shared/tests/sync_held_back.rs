@@ -9,10 +9,7 @@ use rand_core::SeedableRng;
 use shared::envelope::{Envelope, Record, RecordBody, SessionKey};
 use shared::partition::Partition;
 use shared::sync::harness::MemoryStore;
-use shared::sync::{
-    Decision, Event, Frame, Hello, PROTOCOL_VERSION, Peer, RefuseReason, Session, Side,
-};
-use shared::time::horizon;
+use shared::sync::{Event, Frame, Peer, RefuseReason, Session, Side};
 use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
 
 /// Noon of day 20,000.
@@ -43,36 +40,14 @@ fn sealed(rng: &mut ChaCha8Rng, key: &SessionKey, id: RecordId, second: u64) -> 
 
 /// A hub's session admitted for a device of fac_a, driven by hand.
 fn admitted(store: &mut MemoryStore) -> Session {
-    let mut session = Session::responder(Peer::Hub {
+    let hub = Peer::Hub {
         region: "seoul".into(),
-    });
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        peer: Peer::Device {
-            device: DeviceId::parse("dev_r").unwrap(),
-            facility: FacilityId::parse("fac_a").unwrap(),
-        },
-        now: NOW,
-        horizon: horizon(NOW),
-        partitions: vec![],
-        in_sync: Default::default(),
-        push_only: false,
-        credential: None,
-        refresh_have: None,
     };
-    session.handle_frame(NOW, Frame::Hello(hello), store);
-    while session.poll_event().is_some() {}
-    session.admit(
-        NOW,
-        Decision::Admit {
-            facility: FacilityId::parse("fac_a").unwrap(),
-            refresh: None,
-        },
-        store,
-    );
-    while session.poll_transmit().is_some() {}
-    while session.poll_event().is_some() {}
-    session
+    let device = Peer::Device {
+        device: DeviceId::parse("dev_r").unwrap(),
+        facility: FacilityId::parse("fac_a").unwrap(),
+    };
+    shared::sync::harness::admitted_responder(hub, device, NOW, store).unwrap()
 }
 
 /// A sync frame carrying exactly `changes` (raw change chunks), as a rogue peer writes it.

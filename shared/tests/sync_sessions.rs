@@ -399,36 +399,7 @@ fn expired_partitions_are_never_offered_or_sent() {
 
 /// A responder for the hub, admitted a device of fac_a, driven by hand.
 fn admitted_hub_session(store: &mut MemoryStore, now: UnixSeconds) -> Session {
-    let mut session = Session::responder(hub());
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        peer: device("dev_a", "fac_a"),
-        now,
-        horizon: horizon(now),
-        partitions: vec![],
-        in_sync: Default::default(),
-        push_only: false,
-        credential: None,
-        refresh_have: None,
-    };
-    session.handle_frame(now, Frame::Hello(hello), store);
-    let mut saw_hello = false;
-    while let Some(e) = session.poll_event() {
-        saw_hello |= matches!(e, Event::PeerHello(_));
-    }
-    assert!(saw_hello);
-    session.admit(
-        now,
-        Decision::Admit {
-            facility: facility("fac_a"),
-            refresh: None,
-        },
-        store,
-    );
-    while session.poll_transmit().is_some() {}
-    while session.poll_event().is_some() {}
-    assert!(!session.is_finished());
-    session
+    shared::sync::harness::admitted_responder(hub(), device("dev_a", "fac_a"), now, store).unwrap()
 }
 
 /// A well-formed first sync message for a partition holding one record.

@@ -15,11 +15,7 @@ use shared::envelope::{Record, RecordBody, SessionKey, WrappedKey};
 use shared::partition::Partition;
 use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
 use shared::sync::validate::{ChangeError, fuzz_sync_change, read_message};
-use shared::sync::{
-    Decision, Event, Frame, Hello, PROTOCOL_VERSION, Peer, PeerHello, RefuseReason, Role, Session,
-    Side,
-};
-use shared::time::horizon;
+use shared::sync::{Decision, Event, Frame, Peer, PeerHello, RefuseReason, Role, Session, Side};
 use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
@@ -378,30 +374,7 @@ fn a_device_refolding_the_same_entries_after_a_crash_still_syncs() {
 
 /// A hub session admitted for a device of fac_a, driven by hand.
 fn admitted_hub_session(store: &mut MemoryStore) -> Session {
-    let mut session = Session::responder(hub());
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        peer: device("dev_a"),
-        now: NOW,
-        horizon: horizon(NOW),
-        partitions: vec![],
-        in_sync: Default::default(),
-        push_only: false,
-        credential: None,
-        refresh_have: None,
-    };
-    session.handle_frame(NOW, Frame::Hello(hello), store);
-    session.admit(
-        NOW,
-        Decision::Admit {
-            facility: facility(),
-            refresh: None,
-        },
-        store,
-    );
-    while session.poll_transmit().is_some() {}
-    while session.poll_event().is_some() {}
-    session
+    shared::sync::harness::admitted_responder(hub(), device("dev_a"), NOW, store).unwrap()
 }
 
 fn message(chunks: Vec<Vec<u8>>) -> Vec<u8> {

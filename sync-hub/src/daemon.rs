@@ -1371,20 +1371,20 @@ fn refresh_for(
     now: UnixSeconds,
     have: Option<&shared::ticket::RefreshHave>,
 ) -> Result<Refresh, HubError> {
-    let mut siblings = Vec::new();
-    for d in hub.store().devices()? {
-        if d.facility != rec.facility || d.id == rec.id || d.revoked {
-            continue;
-        }
-        // A sibling whose row was restored after its revocation stays out of the roster.
-        match crate::auth::check_device(hub.store(), &d) {
-            Ok(()) => siblings.push(d),
-            Err(crate::auth::AuthError::Revoked) => {}
-            Err(e) => return Err(HubError::Revocation(e.to_string())),
-        }
-    }
-    let roster = siblings
+    // A sibling whose row was restored after its revocation stays out of the roster: the
+    // keyed list is read (and verified) once, not once per sibling.
+    let revoked =
+        crate::auth::revocations(hub.store()).map_err(|e| HubError::Revocation(e.to_string()))?;
+    let roster = hub
+        .store()
+        .devices()?
         .into_iter()
+        .filter(|d| {
+            d.facility == rec.facility
+                && d.id != rec.id
+                && !d.revoked
+                && !revoked.contains(crate::auth::Revoked::Device, &d.id.to_string())
+        })
         .filter_map(|d| {
             Some(Sibling {
                 endpoint_id: d.endpoint_id.clone()?,

@@ -120,14 +120,23 @@ impl HubFixture {
 
     /// Starts `sync-hub run` and waits until it answers.
     pub fn start(&self) -> Result<Proc> {
+        self.start_with(&[], &[])
+    }
+
+    /// Starts `sync-hub run` with more arguments (limits) and environment, and waits until it
+    /// answers.
+    pub fn start_with(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
         let _ = std::fs::remove_file(self.data.join("run.json"));
-        let child = Command::new(bin("sync-hub"))
-            .args(["--data", &self.data_str(), "run", "--http", "127.0.0.1:0"])
+        let mut cmd = Command::new(bin("sync-hub"));
+        cmd.args(["--data", &self.data_str(), "run", "--http", "127.0.0.1:0"])
+            .args(args)
             .env_remove("SYNC_HUB_DATA")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let proc = Proc(child);
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Proc(cmd.spawn()?);
         let run = self.data.join("run.json");
         if !wait_until(Duration::from_secs(30), || run.exists()) {
             bail!("the hub did not start within 30 s");

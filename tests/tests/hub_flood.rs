@@ -4,11 +4,10 @@
 //! `HELLO_TIMEOUT`, and an honest device still syncs afterwards. Silent peers hold at most
 //! `--max-unadmitted` connections: an honest device syncs while they fill that cap.
 
-use anyhow::{Context, Result, bail};
-use std::process::Command;
+use anyhow::{Context, Result};
 use std::time::Duration;
 use sync_hub::daemon::{CLOSE_BUSY, CLOSE_EVICTED, CLOSE_NO_HELLO, HELLO_TIMEOUT};
-use tests::fixture::{self, HubFixture, Proc, bin, sync_once, wait_until};
+use tests::fixture::{self, HubFixture, Proc, sync_once};
 
 /// The cap the hub runs with here: small, so exceeding it is quick.
 const CAP: usize = 40;
@@ -17,23 +16,7 @@ const FLOODERS: usize = 32;
 const MIB: usize = 1024 * 1024;
 
 fn start(hub: &HubFixture) -> Result<Proc> {
-    start_with(hub, &["--max-connections", &CAP.to_string()])
-}
-
-fn start_with(hub: &HubFixture, limits: &[&str]) -> Result<Proc> {
-    let run = hub.data.join("run.json");
-    let _ = std::fs::remove_file(&run);
-    let child = Command::new(bin("sync-hub"))
-        .args(["--data", &hub.data_str(), "run", "--http", "127.0.0.1:0"])
-        .args(limits)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let proc = Proc(child);
-    if !wait_until(Duration::from_secs(30), || run.exists()) {
-        bail!("the hub did not start within 30 s");
-    }
-    Ok(proc)
+    hub.start_with(&["--max-connections", &CAP.to_string()], &[])
 }
 
 /// The process's peak resident memory (`VmHWM`), in bytes.
@@ -186,14 +169,14 @@ fn silent_peers_hold_only_the_pre_admission_cap_and_an_honest_device_syncs() -> 
     let hub_id = sync_hub::keys::KeyDir::new(&hub.data)
         .endpoint_secret()?
         .public();
-    let proc = start_with(
-        &hub,
+    let proc = hub.start_with(
         &[
             "--max-connections",
             &SLOTS.to_string(),
             "--max-unadmitted",
             &UNADMITTED.to_string(),
         ],
+        &[],
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -7,30 +7,9 @@ use anyhow::{Result, bail};
 use shared::sync::{RefuseReason, Side};
 use shared::time::Day;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
-use tests::fixture::{
-    HubFixture, Proc, bin, check_in_codes, free_udp_port, now, run_ok, sync_once, wait_until,
-};
+use tests::fixture::{HubFixture, check_in_codes, free_udp_port, now, run_ok, sync_once};
 use tests::rogue::{Ending, Rogue};
-
-fn start_with_env(hub: &HubFixture, env: &[(&str, &str)]) -> Result<Proc> {
-    let run = hub.data.join("run.json");
-    let _ = std::fs::remove_file(&run);
-    let mut cmd = Command::new(bin("sync-hub"));
-    cmd.args(["--data", &hub.data_str(), "run", "--http", "127.0.0.1:0"])
-        .env_remove("SYNC_HUB_DATA")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let proc = Proc(cmd.spawn()?);
-    if !wait_until(Duration::from_secs(30), || run.exists()) {
-        bail!("the hub did not start within 30 s");
-    }
-    Ok(proc)
-}
 
 /// An enrolled device that synced once (its endpoint is bound at the hub), and a rogue with
 /// its identity.
@@ -111,7 +90,7 @@ fn a_newer_session_of_a_device_replaces_the_older() -> Result<()> {
 #[test]
 fn a_session_past_the_time_limit_is_refused() -> Result<()> {
     let hub = HubFixture::new()?;
-    let mut proc = start_with_env(&hub, &[("SYNC_HUB_SESSION_LIMIT_SECS", "3")])?;
+    let mut proc = hub.start_with(&[], &[("SYNC_HUB_SESSION_LIMIT_SECS", "3")])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

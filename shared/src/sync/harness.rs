@@ -219,6 +219,55 @@ pub enum HarnessError {
     Store(StoreError),
 }
 
+/// A responder `me` that has taken `peer`'s empty `Hello` (not push-only) at `now` and
+/// admitted it for its own facility, its Welcome and events drained: the starting point of
+/// tests that drive a hub session by hand. An error names what did not go as expected.
+pub fn admitted_responder(
+    me: Peer,
+    peer: Peer,
+    now: UnixSeconds,
+    store: &mut impl PartitionStore,
+) -> Result<Session, String> {
+    let facility = peer
+        .facility()
+        .cloned()
+        .ok_or("only a device is admitted for a facility")?;
+    let mut session = Session::responder(me);
+    let hello = super::frame::Hello {
+        version: super::frame::PROTOCOL_VERSION,
+        peer,
+        now,
+        horizon: crate::time::horizon(now),
+        partitions: vec![],
+        in_sync: Default::default(),
+        push_only: false,
+        credential: None,
+        refresh_have: None,
+    };
+    session.handle_frame(now, Frame::Hello(hello), store);
+    let mut saw_hello = false;
+    while let Some(e) = session.poll_event() {
+        saw_hello |= matches!(e, Event::PeerHello(_));
+    }
+    if !saw_hello {
+        return Err("the responder raised no PeerHello".into());
+    }
+    session.admit(
+        now,
+        Decision::Admit {
+            facility,
+            refresh: None,
+        },
+        store,
+    );
+    while session.poll_transmit().is_some() {}
+    while session.poll_event().is_some() {}
+    if session.is_finished() {
+        return Err("the session ended at admission".into());
+    }
+    Ok(session)
+}
+
 /// Runs a fresh initiator against a fresh responder until both sessions end (cleanly or not),
 /// with `admit` standing in for the responder's registry.
 pub fn run_pair<I: PartitionStore, R: PartitionStore>(
