@@ -25,7 +25,9 @@
 use crate::envelope::{Envelope, EnvelopeError, SessionId, WrappedKey};
 use crate::ids::{DeviceId, PartitionId, RecordId};
 use automerge::transaction::Transactable;
-use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ROOT, ReadDoc, ScalarValue};
+use automerge::{
+    ActorId, Automerge, AutomergeError, ChangeHash, ROOT, ReadDoc, SaveOptions, ScalarValue,
+};
 use rand_core::RngCore;
 use std::borrow::Cow;
 
@@ -333,8 +335,16 @@ impl Partition {
     }
 
     /// The whole document, compacted. Storage may replace everything it holds with this.
+    ///
+    /// Changes automerge holds back for dependencies it lacks are not saved (automerge's
+    /// default would append them): a peer's change that depends on a hash nobody has would
+    /// otherwise be stored unchecked, counted nowhere, and loaded into memory by every later
+    /// session. An honest peer sends them again once their dependencies are here.
     pub fn save(&mut self) -> Vec<u8> {
-        let bytes = self.doc.save();
+        let bytes = self.doc.save_with_options(SaveOptions {
+            deflate: true,
+            retain_orphans: false,
+        });
         self.saved_heads = self.doc.get_heads();
         bytes
     }
@@ -342,10 +352,42 @@ impl Partition {
     /// Like [`Self::save`], without DEFLATE on the columns: faster to write, a little larger
     /// (sealed envelopes, most of a partition, do not compress). For the hub's store, where
     /// ingest speed matters more than a few bytes of disk.
+    /// Held-back changes are not saved, as in [`Self::save`].
     pub fn save_uncompressed(&mut self) -> Vec<u8> {
-        let bytes = self.doc.save_nocompress();
+        let bytes = self.doc.save_with_options(SaveOptions {
+            deflate: false,
+            retain_orphans: false,
+        });
         self.saved_heads = self.doc.get_heads();
         bytes
+    }
+
+    /// Whether automerge holds changes back because their dependencies are missing (a
+    /// sync round's bloom-filter false positive does this for a round; a hostile peer can
+    /// do it on purpose).
+    pub fn holds_back_changes(&self) -> bool {
+        !self.doc.get_missing_deps(&[]).is_empty()
+    }
+
+    /// Forgets the changes automerge holds back (see [`Self::holds_back_changes`]); the
+    /// applied history and the heads are unchanged. Returns whether there were any. This
+    /// reloads the document, so it costs about a load of the partition: sessions call it
+    /// only when something is held back.
+    pub fn drop_held_back_changes(&mut self) -> Result<bool, PartitionError> {
+        if !self.holds_back_changes() {
+            return Ok(false);
+        }
+        let actor = self.doc.get_actor().clone();
+        let bytes = self.doc.save_with_options(SaveOptions {
+            deflate: false,
+            retain_orphans: false,
+        });
+        let doc = Automerge::load(&bytes).map_err(|source| PartitionError::Load {
+            partition: self.id.clone(),
+            source: Box::new(source),
+        })?;
+        self.doc = doc.with_actor(actor);
+        Ok(true)
     }
 
     /// The changes since the last [`Self::save`], [`Self::save_incremental`] or
@@ -473,6 +515,57 @@ mod tests {
             },
         };
         key.seal(rng, &pid(), id, &record).expect("seal")
+    }
+
+    /// Finding 5 of the sync v2 review: a change whose dependency nobody has was kept by
+    /// automerge's save and loaded back into every later session's memory.
+    #[test]
+    fn changes_held_back_for_missing_dependencies_are_neither_saved_nor_kept() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let key = SessionKey::generate(&mut rng, Day(100));
+        let mut a = Partition::new(pid(), &[1; 16]);
+        a.insert_record(
+            RecordId([1; 16]),
+            &envelope(&mut rng, &key, RecordId([1; 16])),
+        )
+        .expect("insert");
+        let mut b = Partition::load(pid(), &a.save(), &[2; 16]).expect("load");
+        for i in [2u8, 3] {
+            b.insert_record(
+                RecordId([i; 16]),
+                &envelope(&mut rng, &key, RecordId([i; 16])),
+            )
+            .expect("insert");
+        }
+        // Only the last change: it depends on the one before, which `a` never gets.
+        let last = b
+            .doc
+            .get_changes(&a.heads())
+            .last()
+            .cloned()
+            .expect("a change");
+        let heads = a.heads();
+        a.doc.apply_changes([last.clone()]).expect("queued");
+        assert_eq!(a.heads(), heads, "held back, not applied");
+        assert!(a.holds_back_changes());
+        for bytes in [a.save(), a.save_uncompressed()] {
+            let reloaded = Partition::load(pid(), &bytes, &[1; 16]).expect("load");
+            assert!(
+                !reloaded.holds_back_changes(),
+                "a save kept a held-back change"
+            );
+            assert_eq!(reloaded.heads(), heads);
+            assert_eq!(reloaded.record_count(), 1);
+        }
+        assert!(a.drop_held_back_changes().expect("drop"));
+        assert!(!a.holds_back_changes());
+        assert!(!a.drop_held_back_changes().expect("nothing to drop"));
+        assert_eq!(a.heads(), heads);
+        assert_eq!(a.record_count(), 1);
+        // The partition still writes as its own actor and merges the whole history later.
+        a.merge(&b).expect("merge");
+        assert_eq!(a.record_count(), 3);
+        assert_eq!(a.doc.get_actor(), &ActorId::from(&[1u8; 16][..]));
     }
 
     #[test]

@@ -239,3 +239,80 @@ fn honest_out_of_order_changes_still_apply() {
     assert_eq!(values(&hub, target), vec![evil.to_bytes()]);
     assert_eq!(hub.get(&pid()).unwrap().record_count(), 2);
 }
+
+/// A change of about `records` sealed visits that depends on one nobody else has: automerge
+/// holds it back for ever.
+fn orphan_change(rng: &mut ChaCha8Rng, records: usize) -> Vec<u8> {
+    let key = SessionKey::generate(rng, pid().day);
+    let mut rogue = Partition::new(pid(), &[0xed; 16]);
+    let seed = RecordId::random(rng);
+    let seed_env = sealed(rng, &key, seed, 9);
+    rogue.insert_batch(&[], &[(seed, seed_env)]).unwrap();
+    let batch: Vec<(RecordId, Envelope)> = (0..records)
+        .map(|i| {
+            let id = RecordId::random(rng);
+            (id, sealed(rng, &key, id, 10 + i as u64 % 40_000))
+        })
+        .collect();
+    rogue.insert_batch(&[], &batch).unwrap();
+    raw(&rogue, rogue.heads()[0])
+}
+
+/// Finding 5 of the sync v2 review: changes whose dependency never arrives were kept in
+/// memory without a bound (and stored with the next full save).
+#[test]
+fn changes_held_back_for_ever_are_refused_past_a_bound_and_dropped() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut hub = MemoryStore::new(b"hub", None);
+    hub.insert(Partition::new(pid(), b"hub"));
+    let orphan = orphan_change(&mut rng, 5_000);
+    let frame = sync_frame(vec![orphan]);
+    let Frame::Sync { message, .. } = &frame else {
+        unreachable!()
+    };
+    let per_frame = message.len();
+    assert!(per_frame > 500_000, "{per_frame} bytes");
+    let mut session = admitted(&mut hub);
+    let mut sent = 0usize;
+    let mut refused = false;
+    for _ in 0..(shared::sync::MAX_HELD_BACK_BYTES / per_frame + 2) {
+        session.handle_frame(NOW, frame.clone(), &mut hub);
+        sent += per_frame;
+        if refused_invalid(&mut session) {
+            refused = true;
+            break;
+        }
+        assert!(hub.get(&pid()).unwrap().holds_back_changes());
+    }
+    assert!(
+        refused,
+        "{sent} bytes of changes held back and still accepted"
+    );
+    assert!(sent > shared::sync::MAX_HELD_BACK_BYTES);
+    assert!(session.is_finished() && !session.is_completed());
+    let part = hub.get(&pid()).unwrap();
+    assert!(!part.holds_back_changes(), "the queue outlived the refusal");
+    assert_eq!(part.record_count(), 0);
+}
+
+#[test]
+fn a_session_starts_without_what_the_last_one_left_held_back() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut hub = MemoryStore::new(b"hub", None);
+    hub.insert(Partition::new(pid(), b"hub"));
+    let mut first = admitted(&mut hub);
+    first.handle_frame(NOW, sync_frame(vec![orphan_change(&mut rng, 10)]), &mut hub);
+    assert!(!refused_invalid(&mut first));
+    assert!(hub.get(&pid()).unwrap().holds_back_changes());
+    drop(first);
+    // The next session (the peer reconnects) touches the partition: the old queue is gone
+    // before its message is applied, and an honest message applies as usual.
+    let target = RecordId::random(&mut rng);
+    let (c1, c2, _) = rogue_changes(&mut rng, target);
+    let mut second = admitted(&mut hub);
+    second.handle_frame(NOW, sync_frame(vec![c1, c2]), &mut hub);
+    assert!(!refused_invalid(&mut second));
+    let part = hub.get(&pid()).unwrap();
+    assert!(!part.holds_back_changes());
+    assert_eq!(part.record_count(), 2);
+}

@@ -21,7 +21,7 @@ pub use frame::{
     Peer, PeerSummary, Refusal, RefuseReason, Welcome, heads_digest, set_digest,
 };
 pub use session::{
-    Decision, Event, MAX_FUTURE_DAYS, MAX_HEADS_PER_PARTITION, MAX_PARTITIONS_PER_SESSION,
-    MAX_ROUNDS_PER_PARTITION, MAX_SYNC_MESSAGE_BYTES, PartitionStore, PeerHello, Role, Session,
-    Side, StoreError, SyncError, WireStats,
+    Decision, Event, MAX_FUTURE_DAYS, MAX_HEADS_PER_PARTITION, MAX_HELD_BACK_BYTES,
+    MAX_PARTITIONS_PER_SESSION, MAX_ROUNDS_PER_PARTITION, MAX_SYNC_MESSAGE_BYTES, PartitionStore,
+    PeerHello, Role, Session, Side, StoreError, SyncError, WireStats,
 };

@@ -37,6 +37,12 @@ pub const MAX_ROUNDS_PER_PARTITION: u32 = 64;
 /// memory at both ends, and an interrupted session keeps what the earlier messages carried.
 pub const MAX_SYNC_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most bytes of sync messages a session accepts while automerge holds changes of them
+/// back for missing dependencies. An honest peer causes a held-back change only when a bloom
+/// filter's false positive makes it skip a dependency for a round (one message); a peer that
+/// keeps sending changes nobody can apply is filling memory.
+pub const MAX_HELD_BACK_BYTES: usize = 2 * MAX_SYNC_MESSAGE_BYTES;
+
 /// The most partitions a `Hello` or `Welcome` may list and a session may touch. One facility
 /// has 29 live days; the rest is room for hubs and clock trouble.
 pub const MAX_PARTITIONS_PER_SESSION: usize = 128;
@@ -427,6 +433,8 @@ pub struct Session {
     events: VecDeque<Event>,
     sent_syncs: u32,
     received_syncs: u32,
+    /// Bytes of received messages after which automerge still held changes back.
+    held_back_bytes: usize,
     /// (sent, received) when this side last sent `Done`.
     done_sent_at: Option<(u32, u32)>,
     /// The peer's last `Done` count, cleared by any later `Sync` from it.
@@ -565,6 +573,7 @@ impl Session {
             events: VecDeque::new(),
             sent_syncs: 0,
             received_syncs: 0,
+            held_back_bytes: 0,
             done_sent_at: None,
             peer_done: None,
             dones_received: 0,
@@ -1059,6 +1068,7 @@ impl Session {
             );
             return Ok(());
         }
+        let message_len = message.len();
         let message = Message::decode(&message).map_err(|e| SyncError::BadSyncMessage {
             partition: partition.clone(),
             detail: e.to_string(),
@@ -1082,6 +1092,12 @@ impl Session {
             ))
             .into());
         };
+        if !self.partitions.contains_key(&partition) {
+            // Changes an earlier session left held back (never stored, see
+            // `Partition::save`) do not stay in memory from one session to the next.
+            part.drop_held_back_changes()
+                .map_err(|e| StoreError::Failed(e.to_string()))?;
+        }
         let sync = sync_entry(
             &mut self.partitions,
             &mut self.stats,
@@ -1111,6 +1127,23 @@ impl Session {
                 format!("sync message for {partition} refused after applying it: {e}"),
             );
             return Ok(());
+        }
+        if part.holds_back_changes() {
+            self.held_back_bytes = self.held_back_bytes.saturating_add(message_len);
+            if self.held_back_bytes > MAX_HELD_BACK_BYTES {
+                // The copy in memory, with its queue and whatever this message applied, is
+                // dropped; nothing of this message is stored.
+                self.partitions.remove(&partition);
+                store.discard_partition(&partition, &heads_before)?;
+                self.refuse(
+                    RefuseReason::InvalidChange,
+                    format!(
+                        "over {MAX_HELD_BACK_BYTES} bytes of changes for {partition} whose \
+                         dependencies never arrived"
+                    ),
+                );
+                return Ok(());
+            }
         }
         let updated = (part.heads() != heads_before).then(|| {
             let records = part.record_count();
