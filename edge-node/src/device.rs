@@ -950,13 +950,19 @@ impl Device {
         Ok(())
     }
 
-    /// After a completed hub session: the hub holds every record of every live partition.
+    /// After a completed hub session: the hub holds every record of every live partition
+    /// but those of `refused` days (the hub refused their changes in this session; they stay
+    /// unsynced, so status shows them and retention keeps their grace day).
     pub fn mark_synced_with_hub(
         &mut self,
         now: UnixSeconds,
         hub_clock_offset: Option<i64>,
+        refused: &[Day],
     ) -> Result<(), DeviceError> {
         for day in self.live_days(now)? {
+            if refused.contains(&day) {
+                continue;
+            }
             let n = self.partition(day)?.record_count() as u64;
             self.store.set_synced(day, n)?;
         }

@@ -398,6 +398,8 @@ struct Effects {
     failure: Option<String>,
     /// (who refused, reason), when a side refused.
     refusal: Option<(String, String)>,
+    /// Days whose partition a side refused while the session went on: not delivered.
+    refused_days: Vec<shared::Day>,
 }
 
 /// Carries out one of the session's events against the device.
@@ -492,6 +494,16 @@ fn handle_event(
                 },
             );
         }
+        Event::PartitionRefused {
+            by,
+            partition,
+            reason,
+            detail,
+        } => {
+            tracing::warn!("partition {partition} refused by {by:?} ({reason:?}): {detail}");
+            fx.refusal = Some((format!("{by:?}").to_lowercase(), format!("{reason:?}")));
+            fx.refused_days.push(partition.day);
+        }
         Event::Refused { by, reason, detail } => {
             fx.refusal = Some((format!("{by:?}").to_lowercase(), format!("{reason:?}")));
             fx.end = Some(End::Failed(format!(
@@ -506,7 +518,9 @@ fn handle_event(
                 fx.end = Some(End::Failed(why.clone()));
                 return;
             }
-            if peer_is_hub && let Err(e) = dev.mark_synced_with_hub(now(), fx.clock_offset) {
+            if peer_is_hub
+                && let Err(e) = dev.mark_synced_with_hub(now(), fx.clock_offset, &fx.refused_days)
+            {
                 fx.failure = Some(format!("cannot record the completed sync: {e}"));
                 fx.end = Some(End::Failed(format!(
                     "cannot record the completed sync: {e}"

@@ -4,6 +4,7 @@
 //! record arrives; a rogue device's 9 MiB change is refused by the validator with its size
 //! named, and the honest devices of the same facility keep syncing that partition.
 
+use automerge::ReadDoc;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use shared::daykey::DayKeyRatchet;
@@ -183,8 +184,10 @@ fn a_200k_visit_day_syncs_in_bounded_frames() {
 }
 
 /// A rogue device of the facility commits one change of 9 MiB (600 puts of 16 KiB
-/// envelope-shaped values, each legal on its own): the hub refuses it naming the size, keeps
-/// nothing of it, and an honest device's records, earlier and later, still arrive.
+/// envelope-shaped values, each legal on its own) to yesterday's partition: the hub refuses
+/// that partition naming the size and keeps nothing of it, while the same session still
+/// delivers today's records (one bad day must not block the later ones: finding 1 of the
+/// sync v2 review), and an honest device's records, earlier and later, still arrive.
 #[test]
 fn a_9_mib_change_is_refused_and_the_partition_keeps_syncing() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -195,7 +198,8 @@ fn a_9_mib_change_is_refused_and_the_partition_keeps_syncing() {
     let first = run_pair(NOW, &setup("dev_a"), &mut honest, &mut hub_store, admit).unwrap();
     assert!(first.completed());
 
-    // The rogue first takes the honest day from the hub, then adds its huge change.
+    // The rogue first takes the honest day from the hub, then adds its huge change to
+    // yesterday and ten ordinary records to today.
     let mut rogue = MemoryStore::new(b"dev_r-run1", Some(facility()));
     let fetch = run_pair(NOW, &setup("dev_r"), &mut rogue, &mut hub_store, admit).unwrap();
     assert!(fetch.completed());
@@ -207,39 +211,70 @@ fn a_9_mib_change_is_refused_and_the_partition_keeps_syncing() {
             )
         })
         .collect();
-    let part: &mut Partition = rogue.get_mut(&today()).unwrap();
-    part.insert_batch(&[wrapped_key(&mut rng)], &big).unwrap();
+    let yesterday = PartitionId {
+        facility: facility(),
+        day: today().day.minus(1),
+    };
+    let part: &mut Partition = rogue.get_or_create(&yesterday);
+    part.insert_batch(&[], &big).unwrap();
     let change = part.doc().get_last_local_change().unwrap();
     assert!(change.raw_bytes().len() > 9 * 1024 * 1024);
     assert!(change.raw_bytes().len() + FRAME_OVERHEAD < MAX_FRAME_BYTES);
+    let ten: Vec<(RecordId, Envelope)> = (0..10)
+        .map(|_| {
+            (
+                RecordId::random(&mut rng),
+                envelope(&mut rng, ENVELOPE_BYTES),
+            )
+        })
+        .collect();
+    rogue
+        .get_mut(&today())
+        .unwrap()
+        .insert_batch(&[], &ten)
+        .unwrap();
 
     let pushed = run_pair(NOW, &setup("dev_r"), &mut rogue, &mut hub_store, admit).unwrap();
-    assert!(!pushed.completed());
-    let detail = pushed
-        .events
-        .iter()
-        .find_map(|(r, e)| match e {
-            Event::Refused {
-                by: Side::Local,
+    assert!(pushed.completed(), "{:?}", pushed.events.last());
+    let refused = |by: Side, role: Role| {
+        pushed.events.iter().find_map(|(r, e)| match e {
+            Event::PartitionRefused {
+                by: b,
+                partition,
                 reason: RefuseReason::InvalidChange,
                 detail,
-            } if *r == Role::Responder => Some(detail.clone()),
+            } if *b == by && *r == role && *partition == yesterday => Some(detail.clone()),
             _ => None,
         })
+    };
+    let detail = refused(Side::Local, Role::Responder)
         .unwrap_or_else(|| panic!("the hub did not refuse: {:?}", pushed.events));
     assert!(
         detail.contains("bytes in one change") && detail.contains(&MAX_CHANGE_BYTES.to_string()),
         "{detail}"
     );
-    assert_eq!(hub_store.get(&today()).unwrap().record_count(), 100);
+    assert!(
+        refused(Side::Peer, Role::Initiator).is_some(),
+        "the device is told which partition was refused"
+    );
+    assert!(
+        hub_store
+            .get(&yesterday)
+            .is_none_or(|p| p.record_count() == 0)
+    );
+    assert_eq!(hub_store.get(&today()).unwrap().record_count(), 110);
 
     // The honest device folds more visits and syncs as before.
     fold_bounded(&mut honest, 50, &mut rng);
     let later = run_pair(NOW, &setup("dev_a"), &mut honest, &mut hub_store, admit).unwrap();
     assert!(later.completed(), "{:?}", later.events.last());
-    assert_eq!(hub_store.get(&today()).unwrap().record_count(), 150);
-    assert_eq!(
-        hub_store.get(&today()).unwrap().heads(),
-        honest.get(&today()).unwrap().heads()
-    );
+    assert_eq!(hub_store.get(&today()).unwrap().record_count(), 160);
+    assert!(honest.get(&today()).unwrap().heads().iter().all(|h| {
+        hub_store
+            .get(&today())
+            .unwrap()
+            .doc()
+            .get_change_by_hash(h)
+            .is_some()
+    }));
 }

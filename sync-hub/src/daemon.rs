@@ -1115,6 +1115,29 @@ fn pump(
                         record_contact(hub, id, c, now);
                     }
                 }
+                Event::PartitionRefused {
+                    by,
+                    partition,
+                    reason,
+                    detail,
+                } => {
+                    // The session goes on with the device's other partitions.
+                    tracing::info!("partition {partition} refused by {by:?}: {reason:?} {detail}");
+                    let device = match c.session.peer() {
+                        Some(Peer::Device { device, .. }) => Some(device.to_string()),
+                        _ => None,
+                    };
+                    let note = RefusalNote {
+                        at: now,
+                        device,
+                        reason: format!("{reason:?}"),
+                        by: format!("{by:?}").to_lowercase(),
+                        detail: format!("partition {partition}: {detail}"),
+                    };
+                    if let Err(e) = ledger.note_refusal(&note) {
+                        tracing::warn!("cannot record a refusal for stats: {e}");
+                    }
+                }
                 Event::Refused { by, reason, detail } => {
                     metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("session refused by {by:?}: {reason:?} {detail}");

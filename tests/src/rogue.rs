@@ -193,7 +193,14 @@ async fn drive(
                             ending = Some(Ending::Refused { by, reason, detail })
                         }
                         Event::Failed(e) => ending = Some(Ending::Failed(e.to_string())),
-                        Event::Finished(_) => ending = Some(Ending::Finished),
+                        // The hub refuses one partition and the session goes on: the
+                        // refusal is the ending that matters.
+                        Event::PartitionRefused {
+                            by, reason, detail, ..
+                        } => ending = Some(Ending::Refused { by, reason, detail }),
+                        Event::Finished(_) => {
+                            ending.get_or_insert(Ending::Finished);
+                        }
                         Event::PeerHello(hello) => {
                             let decision = match hello.peer.facility() {
                                 Some(f) => Decision::Admit {
@@ -285,7 +292,9 @@ impl Rogue {
                         // The hub stops reading after refusing: a failed write is expected.
                         let _ = send.write_all(raw).await;
                     }
-                    Frame::Refused(r) => {
+                    // The hub refuses the session, or only the partition (it would then go
+                    // on with others): either is the hub's answer to the raw frame.
+                    Frame::Refused(r) | Frame::Skipped { refusal: r, .. } => {
                         conn.close(0u32.into(), b"done");
                         return Ok(Ending::Refused {
                             by: Side::Peer,

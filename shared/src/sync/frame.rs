@@ -305,6 +305,14 @@ pub enum Frame {
         /// How many `Sync` frames the sender has received in this session.
         received: u32,
     },
+    /// The sender refused the peer's changes to one partition and takes no more `Sync`
+    /// frames for it in this session; the session goes on with the other partitions.
+    Skipped {
+        /// The partition refused.
+        partition: PartitionId,
+        /// Why.
+        refusal: Refusal,
+    },
 }
 
 impl Frame {
@@ -316,6 +324,7 @@ impl Frame {
             Frame::Refused(_) => "Refused",
             Frame::Sync { .. } => "Sync",
             Frame::Done { .. } => "Done",
+            Frame::Skipped { .. } => "Skipped",
         }
     }
 
@@ -352,6 +361,7 @@ impl Frame {
             Frame::Done { received } => WireRef::Done {
                 received: *received,
             },
+            Frame::Skipped { partition, refusal } => WireRef::Skipped { partition, refusal },
             Frame::Sync { partition, message } => {
                 if message.len() > DEFLATE_MIN_BYTES
                     && message.first() == Some(&AUTOMERGE_V1_MESSAGE)
@@ -402,6 +412,10 @@ impl Frame {
             } => Frame::Sync {
                 partition,
                 message: inflate(&deflated, body.len())?,
+            },
+            Wire::Skipped { partition, refusal } => Frame::Skipped {
+                partition,
+                refusal: Refusal::new(refusal.reason, &refusal.detail),
             },
         })
     }
@@ -465,6 +479,10 @@ enum WireRef<'a> {
         partition: &'a PartitionId,
         deflated: std::borrow::Cow<'a, [u8]>,
     },
+    Skipped {
+        partition: &'a PartitionId,
+        refusal: &'a Refusal,
+    },
 }
 
 /// [`WireRef`] as it is deserialized.
@@ -483,6 +501,10 @@ enum Wire {
     SyncDeflated {
         partition: PartitionId,
         deflated: Vec<u8>,
+    },
+    Skipped {
+        partition: PartitionId,
+        refusal: Refusal,
     },
 }
 

@@ -349,6 +349,19 @@ pub enum Event {
         /// The explanation, at most `MAX_DETAIL_CHARS` characters.
         detail: String,
     },
+    /// One partition's changes were refused (by this side or the peer) and the session goes
+    /// on without it: nothing of it crossed in this session after the refused message, and
+    /// the shell must not count it as delivered. Log it and show it in status.
+    PartitionRefused {
+        /// Who refused.
+        by: Side,
+        /// The partition.
+        partition: PartitionId,
+        /// Why.
+        reason: RefuseReason,
+        /// The explanation, at most `MAX_DETAIL_CHARS` characters.
+        detail: String,
+    },
     /// The session ended with an error: flush `poll_transmit`, then close the stream.
     Failed(SyncError),
     /// Both sides are done: flush `poll_transmit`, then close the stream.
@@ -427,6 +440,9 @@ pub struct Session {
     push_only: bool,
     window: Window,
     partitions: BTreeMap<PartitionId, PartitionSync>,
+    /// Partitions refused in this session, by either side, with the `Sync` frames received
+    /// for them since: they are not applied.
+    skipped: BTreeMap<PartitionId, u32>,
     /// Sync states of partitions found already in sync, emitted on a clean finish.
     settled: Vec<(PartitionId, Vec<u8>)>,
     transmits: VecDeque<Frame>,
@@ -574,6 +590,7 @@ impl Session {
             sent_syncs: 0,
             received_syncs: 0,
             held_back_bytes: 0,
+            skipped: BTreeMap::new(),
             done_sent_at: None,
             peer_done: None,
             dones_received: 0,
@@ -651,6 +668,10 @@ impl Session {
                 self.on_sync(partition, message, store)
             }
             (Phase::Syncing, Frame::Done { received }) => self.on_done(received),
+            (Phase::Syncing, Frame::Skipped { partition, refusal }) => {
+                self.on_skipped(partition, refusal);
+                Ok(())
+            }
             (phase, frame) => Err(SyncError::Unexpected {
                 frame: frame.kind(),
                 state: phase.describe(),
@@ -1023,6 +1044,14 @@ impl Session {
             self.refuse(RefuseReason::WrongFacility, detail);
             return Ok(());
         }
+        if let Some(count) = self.skipped.get_mut(&partition) {
+            // The peer may have sent more before it read our `Skipped`: counted, not applied.
+            *count += 1;
+            if *count > MAX_ROUNDS_PER_PARTITION {
+                return Err(SyncError::TooManyRounds { partition });
+            }
+            return Ok(());
+        }
         if !self.window.contains(partition.day) {
             let detail = format!(
                 "partition {partition} is outside the session's days {} to {}",
@@ -1032,7 +1061,7 @@ impl Session {
             return Ok(());
         }
         if !self.partitions.contains_key(&partition)
-            && self.partitions.len() >= MAX_PARTITIONS_PER_SESSION
+            && self.partitions.len() + self.skipped.len() >= MAX_PARTITIONS_PER_SESSION
         {
             return Err(SyncError::TooMany {
                 what: "partitions synced",
@@ -1050,11 +1079,8 @@ impl Session {
                 });
             }
             Err(e) => {
-                self.refuse(
-                    RefuseReason::InvalidChange,
-                    format!("sync message for {partition} refused: {e}"),
-                );
-                return Ok(());
+                let detail = format!("sync message for {partition} refused: {e}");
+                return self.skip(partition, RefuseReason::InvalidChange, detail);
             }
         };
         let held = match store.partition_mut(&partition)? {
@@ -1062,11 +1088,8 @@ impl Session {
             None => checked.check_against(None),
         };
         if let Err(e) = held {
-            self.refuse(
-                RefuseReason::InvalidChange,
-                format!("sync message for {partition} refused: {e}"),
-            );
-            return Ok(());
+            let detail = format!("sync message for {partition} refused: {e}");
+            return self.skip(partition, RefuseReason::InvalidChange, detail);
         }
         let message_len = message.len();
         let message = Message::decode(&message).map_err(|e| SyncError::BadSyncMessage {
@@ -1079,9 +1102,10 @@ impl Session {
             match store.create_partition(&partition) {
                 Ok(_) => {}
                 Err(StoreError::NotAllowed { why, .. }) => {
+                    // The scope was checked above, so this is the store's own rule (a day the
+                    // hub's retention already destroyed): this partition only.
                     let detail = format!("partition {partition} refused: {why}");
-                    self.refuse(RefuseReason::WrongFacility, detail);
-                    return Ok(());
+                    return self.skip(partition, RefuseReason::WrongFacility, detail);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1120,29 +1144,21 @@ impl Session {
         if part.heads() != heads_before
             && let Err(e) = validate::check_applied(part.doc(), &heads_before)
         {
-            self.partitions.remove(&partition);
             store.discard_partition(&partition, &heads_before)?;
-            self.refuse(
-                RefuseReason::InvalidChange,
-                format!("sync message for {partition} refused after applying it: {e}"),
-            );
-            return Ok(());
+            let detail = format!("sync message for {partition} refused after applying it: {e}");
+            return self.skip(partition, RefuseReason::InvalidChange, detail);
         }
         if part.holds_back_changes() {
             self.held_back_bytes = self.held_back_bytes.saturating_add(message_len);
             if self.held_back_bytes > MAX_HELD_BACK_BYTES {
                 // The copy in memory, with its queue and whatever this message applied, is
                 // dropped; nothing of this message is stored.
-                self.partitions.remove(&partition);
                 store.discard_partition(&partition, &heads_before)?;
-                self.refuse(
-                    RefuseReason::InvalidChange,
-                    format!(
-                        "over {MAX_HELD_BACK_BYTES} bytes of changes for {partition} whose \
-                         dependencies never arrived"
-                    ),
+                let detail = format!(
+                    "over {MAX_HELD_BACK_BYTES} bytes of changes for {partition} whose \
+                     dependencies never arrived"
                 );
-                return Ok(());
+                return self.skip(partition, RefuseReason::InvalidChange, detail);
             }
         }
         let updated = (part.heads() != heads_before).then(|| {
@@ -1330,6 +1346,63 @@ impl Session {
         self.stats.bytes_sent += len as u64;
         self.transmits.push_back(frame);
         Ok(())
+    }
+
+    /// This side refuses the peer's changes to `partition` and goes on with the others: a
+    /// `Skipped` frame, an event, and no sync state for the partition from this session.
+    /// One bad partition (a rogue sibling's change relayed by an honest device, an oversize
+    /// change from an old release, a day the hub already destroyed) must not keep every later
+    /// day from syncing.
+    fn skip(
+        &mut self,
+        partition: PartitionId,
+        reason: RefuseReason,
+        detail: String,
+    ) -> Result<(), SyncError> {
+        let refusal = Refusal::new(reason, &detail);
+        self.partitions.remove(&partition);
+        self.skipped.insert(partition.clone(), 0);
+        self.events.push_back(Event::PartitionRefused {
+            by: Side::Local,
+            partition: partition.clone(),
+            reason,
+            detail: refusal.detail.clone(),
+        });
+        self.send(Frame::Skipped { partition, refusal })
+    }
+
+    /// The peer refused our changes to `partition`: stop sending it. A `Skipped` for a
+    /// partition this side never synced in this session, or a repeated one, is ignored.
+    fn on_skipped(&mut self, partition: PartitionId, refusal: Refusal) {
+        if self.partitions.remove(&partition).is_none() {
+            return;
+        }
+        self.skipped.insert(partition.clone(), 0);
+        self.events.push_back(Event::PartitionRefused {
+            by: Side::Peer,
+            partition,
+            reason: refusal.reason,
+            detail: refusal.detail.chars().take(MAX_DETAIL_CHARS).collect(),
+        });
+    }
+
+    /// The shell refuses the changes the peer sent for `partition` (a quota, a store rule):
+    /// the peer is told with a `Skipped` frame, the session goes on with the other partitions,
+    /// and no sync state of `partition` is emitted from this session. The shell must not
+    /// persist what it was told of the partition in this session (drop its in-memory copy).
+    /// A no-op unless syncing.
+    pub fn skip_partition(
+        &mut self,
+        partition: PartitionId,
+        reason: RefuseReason,
+        detail: impl Into<String>,
+    ) {
+        if self.phase != Phase::Syncing || self.skipped.contains_key(&partition) {
+            return;
+        }
+        self.step_sent_sync = false;
+        let result = self.skip(partition, reason, detail.into());
+        self.conclude(result);
     }
 
     /// This side refuses the peer: a `Refused` frame, an event, the end.
