@@ -6,7 +6,8 @@
 //!   again at the next persist (a record whose session key has not arrived, or that does not
 //!   open).
 //! - **The trace join** ([`is_case_visit`], [`days_to_search`], [`contacts`]) and the rule
-//!   "this visited facility may still hold unsynced visits" ([`may_hold_unsynced`]).
+//!   "this visited facility may still hold unsynced visits" ([`may_hold_unsynced`]), and
+//!   codes that look like a shared screenshot ([`find_shared`]).
 //! - **Admission** ([`admit`]): a device's hello against a [`Registry`] view of who is
 //!   enrolled where, bound to which endpoint.
 //! - **Per-device quotas** ([`DeviceQuota`], [`Charge`]): new records and wrapped keys per
@@ -204,6 +205,33 @@ pub fn contacts(
                 .get(&v.facility)
                 .is_some_and(|ts| ts.iter().any(|t| within_window(*t, v.scanned_at, window)))
     }))
+}
+
+/// One code's validity: the same token at two facilities within this many seconds is a
+/// shared screenshot, not one visitor.
+pub const SHARED_CODE_SECONDS: u64 = 15;
+
+/// Pairs of `visits` (indices) with the same token at different facilities within
+/// [`SHARED_CODE_SECONDS`], earlier first. Paper entries have no token and never pair.
+pub fn find_shared(visits: &[IndexedVisit]) -> Vec<(usize, usize)> {
+    let mut order: Vec<usize> = (0..visits.len())
+        .filter(|i| visits[*i].token.is_some())
+        .collect();
+    order.sort_by_key(|i| (visits[*i].token, visits[*i].scanned_at));
+    let mut out = Vec::new();
+    for (n, &i) in order.iter().enumerate() {
+        for &j in &order[n + 1..] {
+            let (a, b) = (&visits[i], &visits[j]);
+            if a.token != b.token || b.scanned_at.saturating_sub(a.scanned_at) > SHARED_CODE_SECONDS
+            {
+                break;
+            }
+            if a.facility != b.facility {
+                out.push((i, j));
+            }
+        }
+    }
+    out
 }
 
 /// One enrolled device as the "may hold unsynced visits" rule needs it.

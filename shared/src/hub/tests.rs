@@ -332,6 +332,23 @@ fn a_facility_may_hold_unsynced_visits_until_every_live_device_synced_after_the_
     assert!(may_hold_unsynced(&[], vec![d("fac-a", None, false)], w).is_empty());
 }
 
+#[test]
+fn a_code_at_two_facilities_within_fifteen_seconds_is_shared() {
+    let w = SHARED_CODE_SECONDS;
+    let visits = vec![
+        visit("fac-a", T, Some(1), 0),
+        visit("fac-b", T + w, Some(1), 1), // 15 s later elsewhere: shared
+        visit("fac-c", T + w + 1, Some(1), 2), // 16 s after the first, 1 s after the second
+        visit("fac-a", T + 5, Some(2), 3),
+        visit("fac-a", T + 6, Some(2), 4), // the same facility twice: not shared
+        visit("fac-b", T, None, 5),        // paper entries never pair
+        visit("fac-c", T, None, 6),
+        visit("fac-d", T + 100, Some(3), 7),
+        visit("fac-e", T + 100 + w + 1, Some(3), 8), // 16 s apart: not shared
+    ];
+    assert_eq!(find_shared(&visits), vec![(0, 1), (1, 2)]);
+}
+
 /// A registry of plain maps.
 #[derive(Default)]
 struct Map {
