@@ -8,6 +8,7 @@ pub mod base45;
 pub mod daykey;
 pub mod envelope;
 pub mod facility;
+pub mod hub;
 pub mod ids;
 pub mod paper;
 pub mod partition;

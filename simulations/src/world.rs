@@ -20,7 +20,7 @@ use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::partition::{Partition, session_actor};
 use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
 use shared::sync::schedule::{Schedule, Step};
-use shared::sync::{Decision, Event, PartitionStore, Peer, PeerHello, RefuseReason, Role};
+use shared::sync::{Decision, Event, PartitionStore, Peer, PeerHello, Role};
 use shared::time::{DAY_SECONDS, horizon};
 use shared::token::{self, Keyring, TestIssuer};
 use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
@@ -187,19 +187,53 @@ pub struct World {
     quiet: bool,
 }
 
-/// The registry stand-in of hub and siblings: every device is admitted for the facility it
-/// claims (enrollment and revocation are tested elsewhere).
+/// Admission as the hub decides it (`shared::hub::admit`, the code `sync-hub` runs), over the
+/// simulation's registry: every device it creates, `device_id(f, d)`, is enrolled for
+/// `facility_id(f)`, which is approved, and bound to its endpoint id (as the hub binds a device
+/// at first contact); nobody else is enrolled. The simulated link is the claimed device's own,
+/// so the connection comes from the endpoint bound to it. Revocation and first contact are
+/// tested in `shared::hub` and through the binaries.
 pub fn admit_claimed(hello: &PeerHello) -> Decision {
-    match hello.peer.facility() {
-        Some(f) => Decision::Admit {
-            facility: f.clone(),
-            refresh: None,
-        },
-        None => Decision::Refuse {
-            reason: RefuseReason::UnknownDevice,
-            detail: "only devices sync here".into(),
-        },
+    use shared::facility::FacilityStatus;
+    use shared::hub::{EnrolledDevice, Registry, admit};
+
+    /// The sim's endpoint id of a device.
+    fn endpoint(device: &DeviceId) -> String {
+        format!("sim-endpoint-{device}")
     }
+    /// `f` and `d` of a device the sim creates, from its id.
+    fn created(id: &DeviceId) -> Option<(usize, usize)> {
+        let (f, d) = id.as_str().strip_prefix("dev-")?.rsplit_once('-')?;
+        let (f, d) = (f.parse().ok()?, d.parse().ok()?);
+        (device_id(f, d) == *id).then_some((f, d))
+    }
+    struct Enrolled;
+    impl Registry for Enrolled {
+        fn device(&self, id: &DeviceId) -> Result<Option<EnrolledDevice>, String> {
+            Ok(created(id).map(|(f, _)| EnrolledDevice {
+                facility: facility_id(f),
+                endpoint: Some(endpoint(id)),
+                revoked: false,
+            }))
+        }
+        fn facility_status(&self, id: &FacilityId) -> Result<Option<FacilityStatus>, String> {
+            let f = id
+                .as_str()
+                .strip_prefix("fac-")
+                .and_then(|f| f.parse().ok());
+            Ok(f.filter(|f| facility_id(*f) == *id)
+                .map(|_| FacilityStatus::Approved))
+        }
+        fn credential_device(&self, _digest: &[u8; 32]) -> Result<Option<DeviceId>, String> {
+            // Every device is bound already: no credential is left unused.
+            Ok(None)
+        }
+    }
+    let remote = match &hello.peer {
+        Peer::Device { device, .. } => endpoint(device),
+        Peer::Hub { .. } => String::new(),
+    };
+    admit(hello, &remote, &Enrolled).into_decision(None)
 }
 
 /// The sim's facility and device names: short, valid ids.

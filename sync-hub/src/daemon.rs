@@ -34,7 +34,7 @@ use shared::sync::{
     ALPN, Decision, Event, Frame, FrameDecoder, FrameError, LENGTH_PREFIX_BYTES, MAX_FRAME_BYTES,
     MAX_PARTITIONS_PER_SESSION, PartitionStore, Peer, PeerHello, RefuseReason, Session,
 };
-use shared::ticket::{Credential, Refresh, Sibling};
+use shared::ticket::{Refresh, Sibling};
 use shared::time::Day;
 use shared::{DeviceId, FacilityId, PartitionId, UnixSeconds};
 use std::collections::BTreeMap;
@@ -1186,36 +1186,23 @@ fn over_device_quota(
         return Ok(None);
     };
     let today = Day::of(now);
-    let quota = c.quotas.device_records_per_day;
-    let so_far = ledger
+    let quota = shared::hub::DeviceQuota {
+        records_per_day: c.quotas.device_records_per_day,
+        keys_per_day: c.quotas.device_keys_per_day,
+    };
+    let records = ledger
         .device_day_records(device, today)
         .map_err(|e| e.to_string())?;
-    if so_far.saturating_add(charge.records) > quota {
-        return Ok(Some(format!(
-            "device {device} would deliver {} new records today (UTC day {}), over the hub's \
-             {quota} per device per day; the device keeps them, sync again tomorrow",
-            so_far.saturating_add(charge.records),
-            today.0
-        )));
-    }
-    // Wrapped keys are counted apart: an honest device brings a few a day.
-    let quota = c.quotas.device_keys_per_day;
-    let so_far = if charge.keys > 0 {
+    // The keys' count is read only when the charge brings keys: it is not looked at otherwise.
+    let keys = if charge.keys > 0 {
         ledger
             .device_day_keys(device, today)
             .map_err(|e| e.to_string())?
     } else {
         0
     };
-    if so_far.saturating_add(charge.keys) > quota {
-        return Ok(Some(format!(
-            "device {device} would deliver {} new wrapped keys today (UTC day {}), over the \
-             hub's {quota} wrapped keys per device per day",
-            so_far.saturating_add(charge.keys),
-            today.0
-        )));
-    }
-    Ok(None)
+    let delivered = Charge { records, keys };
+    Ok(quota.check(device, today, delivered, charge).err())
 }
 
 /// The size a received frame counts for against [`Quotas::session_bytes`]: as decoded, so a
@@ -1263,6 +1250,46 @@ fn record_contact(hub: &Hub, id: &DeviceId, c: &Conn, now: UnixSeconds) {
     }
 }
 
+/// The hub's registry in redb, as the hub core's admission reads it.
+struct StoreRegistry<'h>(&'h Hub);
+
+impl shared::hub::Registry for StoreRegistry<'_> {
+    fn device(&self, id: &DeviceId) -> Result<Option<shared::hub::EnrolledDevice>, String> {
+        let Some(rec) = self.0.store().device(id).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        // The keyed revocation list, not only the row's flag: a row restored to its bytes from
+        // before the revocation does not readmit the device, and a list that does not verify
+        // refuses every device (fail closed).
+        let revoked = match crate::auth::check_device(self.0.store(), &rec) {
+            Ok(()) => false,
+            Err(crate::auth::AuthError::Revoked) => true,
+            Err(e) => return Err(e.to_string()),
+        };
+        Ok(Some(shared::hub::EnrolledDevice {
+            facility: rec.facility,
+            endpoint: rec.endpoint_id,
+            revoked,
+        }))
+    }
+
+    fn facility_status(&self, id: &FacilityId) -> Result<Option<FacilityStatus>, String> {
+        Ok(self
+            .0
+            .store()
+            .facility(id)
+            .map_err(|e| e.to_string())?
+            .map(|f| f.status))
+    }
+
+    fn credential_device(&self, digest: &[u8; 32]) -> Result<Option<DeviceId>, String> {
+        self.0
+            .store()
+            .credential_device(digest)
+            .map_err(|e| e.to_string())
+    }
+}
+
 fn refuse(reason: RefuseReason, detail: &str) -> (Decision, Option<DeviceId>) {
     (
         Decision::Refuse {
@@ -1273,7 +1300,8 @@ fn refuse(reason: RefuseReason, detail: &str) -> (Decision, Option<DeviceId>) {
     )
 }
 
-/// Admission: who may sync, for which facility, and what they get back.
+/// Admission: who may sync, for which facility, and what they get back. The rule is the hub
+/// core's (`shared::hub::admit`); this carries out its binding and builds the refresh.
 fn decide(
     hub: &Hub,
     ledger: &Ledger<'_>,
@@ -1281,89 +1309,40 @@ fn decide(
     hello: &PeerHello,
     now: UnixSeconds,
 ) -> (Decision, Option<DeviceId>) {
-    let Peer::Device { device, facility } = &hello.peer else {
-        return refuse(RefuseReason::Protocol, "only devices sync with a hub");
-    };
-    let rec: DeviceRecord = match hub.store().device(device) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return refuse(
-                RefuseReason::UnknownDevice,
-                "this device is not enrolled here",
-            );
-        }
-        Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
-    };
-    // The keyed revocation list, not only the row's flag: a row restored to its bytes from
-    // before the revocation does not readmit the device, and a list that does not verify
-    // refuses every device (fail closed).
-    match crate::auth::check_device(hub.store(), &rec) {
-        Ok(()) => {}
-        Err(crate::auth::AuthError::Revoked) => {
-            return refuse(RefuseReason::Revoked, "this device has been revoked");
-        }
-        Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
-    }
-    if &rec.facility != facility {
-        return refuse(
-            RefuseReason::WrongFacility,
-            "this device is enrolled for another facility",
-        );
-    }
-    match hub.store().facility(facility) {
-        Ok(Some(f)) if f.status == FacilityStatus::Approved => {}
-        Ok(Some(_)) => return refuse(RefuseReason::Revoked, "the facility is not approved"),
-        Ok(None) => return refuse(RefuseReason::Revoked, "the facility has been removed"),
-        Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
-    }
     let remote_hex = remote.to_string();
-    match &rec.endpoint_id {
-        Some(bound) if *bound == remote_hex => {}
-        Some(_) => {
-            return if hello.credential.is_some() {
-                refuse(
-                    RefuseReason::CredentialReused,
-                    "this enrollment ticket was already used by another device",
-                )
-            } else {
-                refuse(
-                    RefuseReason::UnknownDevice,
-                    "this endpoint is not the one enrolled for the device",
-                )
-            };
-        }
-        None => {
-            let Some(cred) = hello.credential else {
+    let admission = shared::hub::admit(hello, &remote_hex, &StoreRegistry(hub));
+    let shared::hub::Admission::Admit {
+        device,
+        facility,
+        bind,
+    } = &admission
+    else {
+        return (admission.into_decision(None), None);
+    };
+    if let Some(digest) = bind {
+        let bound = match hub.store().device(device) {
+            Ok(Some(rec)) => DeviceRecord {
+                endpoint_id: Some(remote_hex),
+                ..rec
+            },
+            Ok(None) => {
                 return refuse(
                     RefuseReason::UnknownDevice,
-                    "first contact needs the enrollment credential",
+                    "this device is not enrolled here",
                 );
-            };
-            let digest = Credential(cred).digest();
-            match hub.store().credential_device(&digest) {
-                Ok(Some(d)) if &d == device => {
-                    let mut bound = rec.clone();
-                    bound.endpoint_id = Some(remote_hex);
-                    if let Err(e) = hub.store().bind_device(&digest, &bound) {
-                        return refuse(RefuseReason::Internal, &e.to_string());
-                    }
-                    tracing::info!("device {device} bound to endpoint {}", remote.fmt_short());
-                }
-                Ok(_) => {
-                    return refuse(
-                        RefuseReason::CredentialReused,
-                        "the enrollment credential is not valid (used or wrong)",
-                    );
-                }
-                Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
             }
+            Err(e) => return refuse(RefuseReason::Internal, &e.to_string()),
+        };
+        if let Err(e) = hub.store().bind_device(digest, &bound) {
+            return refuse(RefuseReason::Internal, &e.to_string());
         }
+        tracing::info!("device {device} bound to endpoint {}", remote.fmt_short());
     }
     let have = hello
         .refresh_have
         .as_deref()
         .and_then(shared::ticket::RefreshHave::from_bytes);
-    let refresh = match refresh_for(hub, ledger, &rec, now, have.as_ref()) {
+    let refresh = match refresh_for(hub, ledger, device, facility, now, have.as_ref()) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot build the refresh of device {device}: {e}");
@@ -1373,12 +1352,10 @@ fn decide(
             );
         }
     };
+    let device = device.clone();
     (
-        Decision::Admit {
-            facility: facility.clone(),
-            refresh: (!refresh.is_empty()).then(|| refresh.to_bytes()),
-        },
-        Some(device.clone()),
+        admission.into_decision((!refresh.is_empty()).then(|| refresh.to_bytes())),
+        Some(device),
     )
 }
 
@@ -1390,7 +1367,8 @@ fn decide(
 fn refresh_for(
     hub: &Hub,
     ledger: &Ledger<'_>,
-    rec: &DeviceRecord,
+    device: &DeviceId,
+    facility: &FacilityId,
     now: UnixSeconds,
     have: Option<&shared::ticket::RefreshHave>,
 ) -> Result<Refresh, HubError> {
@@ -1403,8 +1381,8 @@ fn refresh_for(
         .devices()?
         .into_iter()
         .filter(|d| {
-            d.facility == rec.facility
-                && d.id != rec.id
+            &d.facility == facility
+                && &d.id != device
                 && !d.revoked
                 && !revoked.contains(crate::auth::Revoked::Device, &d.id.to_string())
         })

@@ -42,14 +42,14 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 use shared::daykey::{DayKeyRatchet, DaySecret};
-use shared::envelope::{
-    Envelope, EnvelopeError, Record, RecordBody, SessionId, SessionKey, WrappedKey,
-};
+use shared::envelope::{Envelope, EnvelopeError, Record, RecordBody};
+use shared::hub;
 use shared::partition::{Partition, PartitionError};
 use shared::sync::{
     MAX_FUTURE_DAYS, PartitionStore, PartitionSummary, Peer, StoreError as SessionStoreError,
 };
 use shared::time::{Day, UnixSeconds, horizon};
+use shared::unseal::{Opened, PartitionOpener};
 use shared::{DeviceId, FacilityId, PartitionId, RecordId};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -135,14 +135,8 @@ pub struct RefusalNote {
 }
 
 /// What a persist charges to the device whose session delivered it (`device-day-records-1`,
-/// `device-day-keys-1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Charge {
-    /// New records.
-    pub records: u64,
-    /// New wrapped keys.
-    pub keys: u64,
-}
+/// `device-day-keys-1`); the quota rule over it is `shared::hub::DeviceQuota`.
+pub use shared::hub::Charge;
 
 /// Chunks after which a partition is rewritten as one full save. One chunk is written per
 /// partition per sync session, so this is about a day of busy syncing; loading 64 chunks
@@ -233,33 +227,9 @@ impl From<LedgerError> for SessionStoreError {
     }
 }
 
-/// One visit as the trace index holds it, sealed under the day's index key.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexedVisit {
-    /// The facility visited.
-    pub facility: FacilityId,
-    /// When the device recorded it, by its clock.
-    pub scanned_at: UnixSeconds,
-    /// The device that recorded it.
-    pub device: DeviceId,
-    /// The QR token; `None` for a paper entry.
-    pub token: Option<[u8; 16]>,
-    /// The record's id in its partition.
-    pub record: RecordId,
-}
-
-// Tokens identify people through their issuer; logs must never show them.
-impl fmt::Debug for IndexedVisit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IndexedVisit")
-            .field("facility", &self.facility)
-            .field("scanned_at", &self.scanned_at)
-            .field("device", &self.device)
-            .field("token", &self.token.map(|_| "<elided>"))
-            .field("record", &self.record)
-            .finish()
-    }
-}
+/// One visit as the trace index holds it, sealed under the day's index key (the hub core's
+/// type: `shared::hub`).
+pub use shared::hub::IndexedVisit;
 
 /// `sync-hub stats`: registered facilities and the live records the hub holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -578,6 +548,12 @@ impl<'s> Ledger<'s> {
         }
     }
 
+    /// The opener of `partition`'s records with this ledger's day secrets.
+    fn opener(&self, partition: &Partition) -> Opener<'_> {
+        let ratchet = &self.ratchet;
+        PartitionOpener::new(partition, Box::new(move |day| ratchet.secret(day)))
+    }
+
     fn check_live(&self, id: &PartitionId, now: UnixSeconds) -> Result<(), LedgerError> {
         let oldest = self.oldest_live_day(now);
         if id.day < oldest {
@@ -741,19 +717,16 @@ impl<'s> Ledger<'s> {
         let records = partition.records();
         let count = records.len() as u64;
         let (already, indexed_rows) = read_indexed(&txn.open_table(INDEXED)?, f, day)?;
-        let fresh: Vec<(RecordId, Result<Envelope, EnvelopeError>)> = records
-            .into_iter()
-            .filter(|(rid, _)| !already.contains(&rid.0))
-            .collect();
-        let opener = Opener::new(partition, &self.ratchet);
+        let fresh = hub::fresh_records(records, |rid| already.contains(&rid.0));
+        let opener = self.opener(partition);
         let work = if fresh.len() >= PARALLEL_INDEX_MIN {
             // Two workers open and seal one half each while this thread encodes the save.
             let mut first = fresh;
             let second = first.split_off(first.len() / 2);
-            let opener_b = Opener::new(partition, &self.ratchet);
+            let opener_b = self.opener(partition);
             std::thread::scope(|scope| {
-                let a = scope.spawn(|| build_index(&index, &id, opener, first));
-                let b = scope.spawn(|| build_index(&index, &id, opener_b, second));
+                let a = scope.spawn(|| build_index(&index, opener, first));
+                let b = scope.spawn(|| build_index(&index, opener_b, second));
                 let chunk = self.write_chunk(&txn, partition);
                 let join =
                     |h: std::thread::ScopedJoinHandle<'_, Result<IndexWork, LedgerError>>| {
@@ -764,7 +737,7 @@ impl<'s> Ledger<'s> {
                 chunk.and(a).and_then(|a| b.map(|b| a.merged(b)))
             })?
         } else {
-            let work = build_index(&index, &id, opener, fresh)?;
+            let work = build_index(&index, opener, fresh)?;
             self.write_chunk(&txn, partition)?;
             work
         };
@@ -1004,7 +977,7 @@ impl<'s> Ledger<'s> {
         to: UnixSeconds,
         now: UnixSeconds,
     ) -> Result<TraceFacts, LedgerError> {
-        let window = window_minutes.saturating_mul(60);
+        let window = hub::window_seconds(window_minutes);
         let case: BTreeSet<[u8; 16]> = tokens.iter().copied().collect();
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
         let txn = self.store.db().begin_read()?;
@@ -1014,9 +987,8 @@ impl<'s> Ledger<'s> {
         let indexes = self.day_indexes(first, last);
         let (scan_first, scan_last) = (Day::of(from).max(first), Day::of(to).min(last));
 
-        // The case's visits, keyed for dedupe and a stable order.
-        let mut visits: BTreeMap<(UnixSeconds, FacilityId, RecordId), IndexedVisit> =
-            BTreeMap::new();
+        // The case's visits, and the facility-days whose index may hold their contacts.
+        let mut visits: Vec<IndexedVisit> = Vec::new();
         let mut facility_days: BTreeSet<(FacilityId, Day)> = BTreeSet::new();
         let scan_days = if scan_first <= scan_last {
             indexes.range(scan_first..=scan_last)
@@ -1029,17 +1001,16 @@ impl<'s> Ledger<'s> {
                 for row in by_token.range((day.0, &tag, 0u16)..=(day.0, &tag, u16::MAX))? {
                     let (_, value) = row?;
                     match index.open::<IndexedVisit>(IndexKind::Token, &tag, value.value()) {
+                        // The row's tag is the token's: a visit of another token under it is
+                        // not this token's visit, whatever the join would make of it.
                         Some(v) if v.token.as_ref() == Some(token) => {
-                            if v.scanned_at < from || v.scanned_at > to {
+                            if !hub::is_case_visit(&v, &case, from, to) {
                                 continue;
                             }
-                            facility_days.insert((v.facility.clone(), *day));
-                            let from = Day::of(v.scanned_at.saturating_sub(window)).max(first);
-                            let to = Day::of(v.scanned_at.saturating_add(window)).min(last);
-                            for d in from.0..=to.0 {
-                                facility_days.insert((v.facility.clone(), Day(d)));
+                            for d in hub::days_to_search(*day, v.scanned_at, window, first, last) {
+                                facility_days.insert((v.facility.clone(), d));
                             }
-                            visits.insert((v.scanned_at, v.facility.clone(), v.record), v);
+                            visits.push(v);
                         }
                         Some(_) => {}
                         None => damaged += 1,
@@ -1047,21 +1018,12 @@ impl<'s> Ledger<'s> {
                 }
             }
         }
+        let visits = hub::ordered(visits);
 
-        let mut case_times: BTreeMap<&FacilityId, Vec<UnixSeconds>> = BTreeMap::new();
-        for v in visits.values() {
-            case_times
-                .entry(&v.facility)
-                .or_default()
-                .push(v.scanned_at);
-        }
-        let mut contacts: BTreeMap<(UnixSeconds, FacilityId, RecordId), IndexedVisit> =
-            BTreeMap::new();
+        // Every visit indexed at those facility-days; the join picks the contacts.
+        let mut candidates: Vec<IndexedVisit> = Vec::new();
         for (facility, day) in &facility_days {
             let Some(index) = indexes.get(day) else {
-                continue;
-            };
-            let Some(times) = case_times.get(facility) else {
                 continue;
             };
             let tag = index.facility_tag(facility);
@@ -1073,47 +1035,30 @@ impl<'s> Ledger<'s> {
                     damaged += 1;
                     continue;
                 };
-                for v in batch {
-                    if &v.facility != facility || v.token.is_some_and(|t| case.contains(&t)) {
-                        continue;
-                    }
-                    if times.iter().any(|t| t.abs_diff(v.scanned_at) <= window) {
-                        contacts.insert((v.scanned_at, v.facility.clone(), v.record), v);
-                    }
-                }
+                // A facility's batch holds its own visits only (sealed under its tag).
+                candidates.extend(batch.into_iter().filter(|v| &v.facility == facility));
             }
         }
+        let contacts = hub::contacts(&visits, &case, candidates, window);
         if damaged > 0 {
             tracing::warn!(damaged, "trace index entries that do not open were skipped");
         }
 
-        let mut latest: BTreeMap<FacilityId, UnixSeconds> = BTreeMap::new();
-        for v in visits.values() {
-            let t = latest.entry(v.facility.clone()).or_default();
-            *t = (*t).max(v.scanned_at);
-        }
-        let mut unsynced = BTreeSet::new();
-        if !latest.is_empty() {
-            for device in self.store.devices()? {
-                let Some(t) = latest.get(&device.facility) else {
-                    continue;
-                };
-                // A revoked device never syncs again: waiting for it would flag the facility
-                // forever.
-                if !device.revoked
-                    && device
-                        .last_sync
-                        .is_none_or(|s| s < t.saturating_add(window))
-                {
-                    unsynced.insert(device.facility.clone());
-                }
-            }
-        }
+        let unsynced = if visits.is_empty() {
+            Vec::new()
+        } else {
+            let devices = self.store.devices()?.into_iter().map(|d| hub::DeviceSync {
+                facility: d.facility,
+                last_sync: d.last_sync,
+                revoked: d.revoked,
+            });
+            hub::may_hold_unsynced(&visits, devices, window)
+        };
 
         Ok(TraceFacts {
-            visits: visits.into_values().collect(),
-            contacts: contacts.into_values().collect(),
-            unsynced: unsynced.into_iter().collect(),
+            visits,
+            contacts,
+            unsynced,
         })
     }
 
@@ -1133,22 +1078,22 @@ impl<'s> Ledger<'s> {
         let Some(partition) = self.load(id)? else {
             return Ok(out);
         };
-        let mut opener = Opener::new(&partition, &self.ratchet);
+        let mut opener = self.opener(&partition);
         for (rid, envelope) in partition.records() {
             if !records.contains(&rid) {
                 continue;
             }
-            let Ok(envelope) = envelope else { continue };
-            if let Some((
-                Record {
-                    body:
-                        RecordBody::Paper {
-                            sealed_for_authority,
-                        },
-                    ..
-                },
-                _,
-            )) = opener.open(&envelope, id, rid)
+            if let Ok(Opened {
+                record:
+                    Record {
+                        body:
+                            RecordBody::Paper {
+                                sealed_for_authority,
+                            },
+                        ..
+                    },
+                ..
+            }) = opener.open_entry(rid, envelope)
             {
                 out.insert(rid, sealed_for_authority);
             }
@@ -1498,126 +1443,53 @@ impl IndexWork {
     }
 }
 
-/// Opens `fresh` envelopes of partition `id` and seals their index entries.
+/// The opener of a partition's records under the ledger's ratchet: `shared::unseal`'s, the one
+/// the simulation and the tests check what the hub holds with.
+type Opener<'r> = PartitionOpener<Box<dyn FnMut(Day) -> Option<DaySecret> + Send + 'r>>;
+
+/// Opens `fresh` envelopes of the opener's partition, decides what is indexed
+/// ([`hub::plan_index`]) and seals their index entries.
 fn build_index(
     index: &DayIndex,
-    id: &PartitionId,
     mut opener: Opener<'_>,
     fresh: Vec<(RecordId, Result<Envelope, EnvelopeError>)>,
 ) -> Result<IndexWork, LedgerError> {
+    let id = opener.partition().clone();
+    let plan = hub::plan_index(&mut opener, fresh);
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut rng = StdRng::from_seed(seed);
     let mut work = IndexWork {
         tokens: Vec::new(),
         batches: Vec::new(),
-        records: Vec::with_capacity(fresh.len()),
-        unreadable: 0,
-        missing_keys: 0,
-        fallback: 0,
+        records: plan.visits.iter().map(|v| v.record).collect(),
+        unreadable: plan.retry.len() as u64,
+        missing_keys: plan.sessions_without_key,
+        fallback: plan.fallback,
     };
-    let mut batch: Vec<IndexedVisit> = Vec::with_capacity(fresh.len());
-    for (record_id, envelope) in fresh {
-        let Some((record, key_day)) = envelope.ok().and_then(|e| opener.open(&e, id, record_id))
-        else {
-            work.unreadable += 1;
-            continue;
-        };
-        if key_day != id.day {
-            work.fallback += 1;
-        }
-        let visit = IndexedVisit {
-            facility: id.facility.clone(),
-            scanned_at: record.scanned_at,
-            device: record.device,
-            token: match record.body {
-                RecordBody::Qr { token, .. } => Some(token),
-                RecordBody::Paper { .. } => None,
-            },
-            record: record_id,
-        };
+    for visit in &plan.visits {
         if let Some(token) = &visit.token {
             let plain = Zeroizing::new(
-                postcard::to_stdvec(&visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
+                postcard::to_stdvec(visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
             );
             let tag = index.token_tag(token);
             work.tokens
                 .push((tag, index.seal(&mut rng, IndexKind::Token, &tag, &plain)?));
         }
-        work.records.push(record_id);
-        batch.push(visit);
     }
     // The facility entry of this persist: every visit it indexes, sealed once. Sealing each
     // visit alone would double the AEAD work of indexing for no gain: a trace reads all of a
     // facility-day's visits anyway.
-    if !batch.is_empty() {
+    if !plan.visits.is_empty() {
         let plain = Zeroizing::new(
-            postcard::to_stdvec(&batch).map_err(|e| LedgerError::Seal(e.to_string()))?,
+            postcard::to_stdvec(&plan.visits).map_err(|e| LedgerError::Seal(e.to_string()))?,
         );
         let tag = index.facility_tag(&id.facility);
         work.batches
             .push(index.seal(&mut rng, IndexKind::Facility, &tag, &plain)?);
     }
     work.tokens.sort_unstable_by_key(|a| a.0);
-    work.missing_keys = opener.missing_keys();
     Ok(work)
-}
-
-/// Opens a partition's envelopes, unwrapping each session key once (and deriving each day
-/// secret once) no matter how many records it sealed. Holds the wrapped keys, not the
-/// partition, so it can work while the partition is being encoded.
-struct Opener<'r> {
-    ratchet: &'r DayKeyRatchet,
-    wrapped: BTreeMap<SessionId, WrappedKey>,
-    secrets: BTreeMap<Day, Option<DaySecret>>,
-    keys: BTreeMap<SessionId, Option<SessionKey>>,
-}
-
-impl<'r> Opener<'r> {
-    fn new(partition: &Partition, ratchet: &'r DayKeyRatchet) -> Self {
-        Opener {
-            ratchet,
-            wrapped: partition
-                .wrapped_keys()
-                .into_iter()
-                .map(|w| (w.session, w))
-                .collect(),
-            secrets: BTreeMap::new(),
-            keys: BTreeMap::new(),
-        }
-    }
-
-    /// The record `envelope` seals, and the day of the key its session key was wrapped to.
-    fn open(
-        &mut self,
-        envelope: &Envelope,
-        id: &PartitionId,
-        record: RecordId,
-    ) -> Option<(Record, Day)> {
-        let session = envelope.session();
-        if !self.keys.contains_key(&session) {
-            let key = self.wrapped.get(&session).and_then(|w| {
-                let secret = self
-                    .secrets
-                    .entry(w.key_day)
-                    .or_insert_with(|| self.ratchet.secret(w.key_day))
-                    .as_ref()?;
-                w.unwrap(secret).ok()
-            });
-            self.keys.insert(session, key);
-        }
-        let key = self.keys.get(&session)?.as_ref()?;
-        let key_day = self.wrapped.get(&session)?.key_day;
-        envelope
-            .open(key, id, record)
-            .ok()
-            .filter(|r| r.facility == id.facility)
-            .map(|r| (r, key_day))
-    }
-
-    fn missing_keys(&self) -> usize {
-        self.keys.values().filter(|k| k.is_none()).count()
-    }
 }
 
 /// A [`PartitionStore`] over the hub's ledger for one sync session, admitted for one facility.

@@ -30,8 +30,9 @@ pub const DEFAULT_WINDOW_MINUTES: u64 = 30;
 pub const MAX_WINDOW_MINUTES: u64 = 12 * 60;
 /// The longest trace period (`to - from`): the retention period.
 pub const MAX_PERIOD_SECONDS: u64 = RETENTION_DAYS as u64 * DAY_SECONDS;
-/// One code's validity: the same token at two facilities within this is a shared screenshot.
-pub const SHARED_CODE_SECONDS: u64 = 15;
+/// One code's validity: the same token at two facilities within this is a shared screenshot
+/// (the hub core's constant).
+pub use shared::hub::SHARED_CODE_SECONDS;
 /// At most this many tokens per trace.
 pub const MAX_TOKENS: usize = 1000;
 
@@ -303,26 +304,8 @@ impl Names {
 }
 
 /// Pairs of `visits` (indices) with the same token at different facilities within
-/// [`SHARED_CODE_SECONDS`], earlier first. Paper entries have no token and never pair.
-pub fn find_shared(visits: &[IndexedVisit]) -> Vec<(usize, usize)> {
-    let mut order: Vec<usize> = (0..visits.len())
-        .filter(|i| visits[*i].token.is_some())
-        .collect();
-    order.sort_by_key(|i| (visits[*i].token, visits[*i].scanned_at));
-    let mut out = Vec::new();
-    for (n, &i) in order.iter().enumerate() {
-        for &j in &order[n + 1..] {
-            let (a, b) = (&visits[i], &visits[j]);
-            if a.token != b.token || b.scanned_at - a.scanned_at > SHARED_CODE_SECONDS {
-                break;
-            }
-            if a.facility != b.facility {
-                out.push((i, j));
-            }
-        }
-    }
-    out
-}
+/// [`SHARED_CODE_SECONDS`]: the hub core's rule.
+pub use shared::hub::find_shared;
 
 fn shared_code(names: &Names, a: &IndexedVisit, b: &IndexedVisit) -> SharedCode {
     let sighting = |v: &IndexedVisit| Sighting {

@@ -1,0 +1,143 @@
+//! The ledger runs the hub core: what it indexes is exactly what `shared::unseal` (the opener
+//! the simulation and the tests check the hub with) opens, and a tampered record neither does.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use redb::{ReadableDatabase, ReadableTable};
+use shared::envelope::{Envelope, Record, RecordBody, SessionKey};
+use shared::facility::Registration;
+use shared::partition::{Partition, session_actor};
+use shared::time::{DAY_SECONDS, Day, UnixSeconds};
+use shared::unseal::unseal_partition;
+use shared::{PartitionId, RecordId};
+use std::collections::BTreeSet;
+use sync_hub::Hub;
+use sync_hub::ledger::{INDEXED, Ledger};
+
+const DAY: Day = Day(20_000);
+const NOW: UnixSeconds = 20_000 * DAY_SECONDS + 12 * 3_600;
+
+fn registration() -> Registration {
+    Registration {
+        name: "Hall A".into(),
+        business_number: None,
+        representative: "Lee".into(),
+        phone: "031-000-0000".into(),
+        category: "wedding_hall".into(),
+        region: "suwon".into(),
+        address: "Hall A 2 Gwanggyo-ro".into(),
+    }
+}
+
+/// The ids `indexed-2` lists.
+fn indexed_ids(hub: &Hub) -> BTreeSet<RecordId> {
+    let txn = hub
+        .store()
+        .db()
+        .begin_read()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let table = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
+    let mut ids = BTreeSet::new();
+    for row in table.iter().unwrap_or_else(|e| panic!("{e}")) {
+        let (_, v) = row.unwrap_or_else(|e| panic!("{e}"));
+        for c in v.value().chunks_exact(16) {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(c);
+            ids.insert(RecordId(id));
+        }
+    }
+    ids
+}
+
+#[test]
+fn the_ledger_indexes_what_shared_unseal_opens_and_neither_opens_a_tampered_record() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let hub = Hub::init(&tmp.path().join("hub"), "suwon", None, vec![], None, NOW)
+        .unwrap_or_else(|e| panic!("init: {e}"))
+        .hub;
+    let facility = hub
+        .add_facility(registration(), NOW)
+        .unwrap_or_else(|e| panic!("add: {e}"))
+        .id;
+    hub.approve_facility(facility.as_str())
+        .unwrap_or_else(|e| panic!("approve: {e}"));
+    let device = hub
+        .enroll(facility.as_str(), "gate", NOW)
+        .unwrap_or_else(|e| panic!("enroll: {e}"))
+        .device_id;
+    let ratchet = hub.keys().ratchet().unwrap_or_else(|e| panic!("{e}"));
+
+    // A device's partition: three sound records and one whose ciphertext was tampered with.
+    let rng = &mut StdRng::seed_from_u64(3);
+    let id = PartitionId {
+        facility: facility.clone(),
+        day: DAY,
+    };
+    let key = SessionKey::generate(rng, DAY);
+    let public = ratchet.public(DAY).unwrap_or_else(|| panic!("public key"));
+    let mut p = Partition::new(id.clone(), &session_actor(&device, rng));
+    p.insert_wrapped_key(&key.wrap(&public).unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut sealed = Vec::new();
+    for n in 0..4u8 {
+        let record = Record {
+            facility: facility.clone(),
+            device: device.clone(),
+            scanned_at: NOW - 600 + u64::from(n),
+            body: RecordBody::Qr {
+                issuer_id: 1,
+                key_id: 1,
+                issued_at: NOW - 610,
+                token: [n; 16],
+            },
+        };
+        let rid = RecordId::random(rng);
+        let env = key
+            .seal(rng, &id, rid, &record)
+            .unwrap_or_else(|e| panic!("{e}"));
+        sealed.push((rid, env));
+    }
+    let (tampered_id, env) = sealed.pop().unwrap_or_else(|| panic!("four records"));
+    let mut bytes = env.to_bytes();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    let tampered = Envelope::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"));
+    for (rid, env) in &sealed {
+        p.insert_record(*rid, env).unwrap_or_else(|e| panic!("{e}"));
+    }
+    p.insert_record(tampered_id, &tampered)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let ledger = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    let mut copy = Partition::new(id.clone(), &ledger.actor());
+    copy.merge(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ledger.persist(&mut copy, NOW).ok(), Some(3));
+
+    let stored = ledger
+        .load(&id)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("stored partition"));
+    assert_eq!(
+        stored.record_count(),
+        4,
+        "the tampered record is stored, not indexed"
+    );
+    let unsealed = unseal_partition(&stored, |d| ratchet.secret(d));
+    let opened: BTreeSet<RecordId> = unsealed.records.keys().copied().collect();
+    let indexed = indexed_ids(&hub);
+    assert_eq!(indexed, opened);
+    assert_eq!(indexed, sealed.iter().map(|(r, _)| *r).collect());
+    assert!(!indexed.contains(&tampered_id));
+    assert_eq!(
+        unsealed
+            .failures
+            .iter()
+            .map(|(r, _)| *r)
+            .collect::<Vec<_>>(),
+        vec![tampered_id]
+    );
+    // Persisting again retries it, and it still does not open.
+    assert_eq!(ledger.persist(&mut copy, NOW).ok(), Some(0));
+    assert!(!indexed_ids(&hub).contains(&tampered_id));
+}
