@@ -540,6 +540,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats { json: _ } => {
             let v = match Hub::open(&data) {
                 Ok(hub) => {
+                    crate::people::permit(&Principal::local_operator(), crate::people::Op::Stats)?;
                     let ledger = Ledger::open(hub.store(), hub.keys())?;
                     serde_json::to_value(ledger.stats(now)?)?
                 }
