@@ -38,6 +38,20 @@ use std::path::{Path, PathBuf};
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit-2");
 /// `audit-details-1`: sequence number -> 32-byte nonce || JSON of the entry's details.
 pub const AUDIT_DETAILS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit-details-1");
+
+/// Creates the audit log's tables (called by [`crate::schema`] when the store opens).
+pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), redb::TableError> {
+    txn.open_table(AUDIT)?;
+    txn.open_table(AUDIT_DETAILS)?;
+    Ok(())
+}
+
+impl crate::registry::Hub {
+    /// The hub's audit log.
+    pub fn audit(&self) -> AuditLog<'_> {
+        AuditLog::new(self.store(), self.dir())
+    }
+}
 /// `audit-1`: the unkeyed log of a hub made before `keys/audit.key`; read once by `upgrade`.
 pub const AUDIT_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("audit-1");
 
@@ -308,7 +322,7 @@ pub struct AuditLog<'s> {
 }
 
 /// What [`AuditLog::verify`] found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verification {
     /// Entries checked.
     pub entries: u64,

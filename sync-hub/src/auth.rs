@@ -397,10 +397,10 @@ pub(crate) fn has_keyed_rows(db: &redb::Database) -> Result<bool, StoreError> {
 
 /// Moves the rows of `people-credentials-1` into `people-credentials-2`, each marked `legacy`
 /// with its unkeyed digest wrapped under the store's credential key (revoked rows in their
-/// revoked form), and deletes the old table; audits the ids it moved. Runs only while
-/// `keys/credential.key` is being created ([`Store::open`]), so rows written into the old
-/// table later are never trusted. Returns how many rows it moved.
-pub(crate) fn upgrade(store: &Store, now: UnixSeconds) -> Result<usize, AuthError> {
+/// revoked form), and deletes the old table. Runs only while `keys/credential.key` is being
+/// created ([`Store::open`], which audits the ids moved), so rows written into the old table
+/// later are never trusted. Returns the ids it moved and the damaged ones it left.
+pub(crate) fn upgrade(store: &Store) -> Result<Upgraded, AuthError> {
     let key = store.credential_key();
     let txn = store.db().begin_write()?;
     let mut moved = Vec::new();
@@ -437,19 +437,21 @@ pub(crate) fn upgrade(store: &Store, now: UnixSeconds) -> Result<usize, AuthErro
     }
     txn.delete_table(PEOPLE_CREDENTIALS_V1)?;
     txn.commit()?;
-    if !moved.is_empty() || !damaged.is_empty() {
-        // Best effort after the commit: the move is done either way, and the rows say
-        // `legacy` themselves.
-        let event = crate::audit::Event::new(
-            "credential.rekey",
-            serde_json::json!({ "moved": moved, "not_moved_damaged": damaged }),
-        );
-        let audit = crate::audit::AuditLog::new(store, store.dir());
-        if let Err(e) = audit.append(&Principal::local_operator(), event, now) {
-            tracing::warn!("credential upgrade: could not audit it: {e}");
-        }
-    }
-    Ok(moved.len())
+    Ok(Upgraded { moved, damaged })
+}
+
+/// What [`upgrade`] moved to the keyed layout, and the damaged rows it left behind.
+pub(crate) struct Upgraded {
+    /// Ids of the rows moved.
+    pub moved: Vec<String>,
+    /// Ids of damaged rows not moved.
+    pub damaged: Vec<String>,
+}
+
+/// Creates the people credentials' table (called by [`crate::schema`] when the store opens).
+pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), redb::TableError> {
+    txn.open_table(PEOPLE_CREDENTIALS)?;
+    Ok(())
 }
 
 /// Every credential, by id.
@@ -784,9 +786,9 @@ fn push_revocations(
 /// existed holds; moved into the list once).
 fn revoked_in_tables(txn: &redb::WriteTransaction) -> Result<Vec<(Revoked, String)>, AuthError> {
     let mut out = Vec::new();
-    for row in txn.open_table(crate::store::DEVICES)?.iter()? {
+    for row in txn.open_table(crate::registry::DEVICES)?.iter()? {
         let (k, v) = row?;
-        let d: crate::store::DeviceRecord =
+        let d: crate::registry::DeviceRecord =
             serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
                 table: "devices-1",
                 key: k.value().to_owned(),
@@ -908,7 +910,10 @@ pub fn list_revoked(
 /// revoked or the list holds it (a row restored to its pre-revocation bytes), and refused
 /// whatever the row says if the list does not verify. A row that says revoked but is not
 /// listed yet is listed now.
-pub fn check_device(store: &Store, device: &crate::store::DeviceRecord) -> Result<(), AuthError> {
+pub fn check_device(
+    store: &Store,
+    device: &crate::registry::DeviceRecord,
+) -> Result<(), AuthError> {
     let list = revocations(store)?;
     let id = device.id.to_string();
     if device.revoked {

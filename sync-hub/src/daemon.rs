@@ -19,12 +19,12 @@
 //! UTC day (`device-day-keys-1`). Over either, the session is aborted
 //! with `QuotaExceeded` before the frame or partition that went over is stored.
 
-use crate::admin::{DAY_KEYS_AHEAD, Hub, HubError};
 use crate::auth::Principal;
 use crate::clock;
 use crate::ledger::{Charge, Ledger, Persisted, PurgeReport, RefusalNote, Stats};
 use crate::people::{self, OpError};
-use crate::store::DeviceRecord;
+use crate::registry::DeviceRecord;
+use crate::registry::{DAY_KEYS_AHEAD, Hub, HubError};
 use iroh::endpoint::presets;
 use iroh::{Endpoint, PublicKey, SecretKey};
 use shared::facility::FacilityStatus;

@@ -28,6 +28,12 @@ use std::collections::BTreeMap;
 /// `designations-1`: designation id -> JSON [`Designation`].
 pub const DESIGNATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("designations-1");
 
+/// Creates the designations' table (called by [`crate::schema`] when the store opens).
+pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), redb::TableError> {
+    txn.open_table(DESIGNATIONS)?;
+    Ok(())
+}
+
 /// The longest one-off event: the retention period.
 pub const MAX_EVENT_SECONDS: u64 = 28 * 86_400;
 
@@ -295,7 +301,7 @@ pub fn mandatory_because(
 }
 
 /// One mandatory facility in the compliance report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComplianceRow {
     /// The facility.
     pub facility_id: String,

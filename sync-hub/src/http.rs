@@ -1,28 +1,34 @@
 //! The hub's HTTP API: the people's routes (health authority, local government, operators),
 //! what commands use while `run` holds the store, Prometheus metrics and the dashboard page.
 //!
-//! Every route that returns data needs a bearer credential (`Authorization: Bearer ...`): one
-//! made with `sync-hub credential add`, or the local operator's token in
-//! `keys/operator.token`. A missing, unknown or revoked credential gets 401, a valid one of the
-//! wrong role or region 403, and nothing else: authentication runs before the request body is
-//! even looked at. Who may do what is in [`crate::people`]. Only `GET /` (the dashboard page,
-//! which holds no data and asks for a credential) and `GET /healthz` are open.
+//! Every route is listed once, in [`ROUTES`], with the operation of
+//! [`crate::people::PERMISSIONS`] it is; [`router`] is built from that list. Every route that
+//! returns data needs a bearer credential (`Authorization: Bearer ...`): one made with
+//! `sync-hub credential add`, or the local operator's token in `keys/operator.token`. A
+//! `route_layer` middleware ([`gate`]) asks the actor to authenticate it and checks the
+//! route's operation against the table BEFORE the handler's extractors run, so the request
+//! body is not even read (let alone parsed) for a missing, unknown or revoked credential
+//! (401) or one of the wrong role (403); the caller is handed to the handler in the request
+//! extensions. Region scoping is checked by [`crate::people::Desk`] after that. Only `GET /`
+//! (the dashboard page, which holds no data and asks for a credential) and `GET /healthz`
+//! are open.
 //!
 //! Each request runs as one job on the hub's actor thread ([`HubHandle::query`]), so it sees
 //! the store and ledger between two sync frames, never in the middle of one.
 
-use crate::admin::AdminCommand;
-use crate::auth::{self, Principal, Role};
+use crate::auth::{self, Principal};
+use crate::commands::AdminCommand;
 use crate::daemon::{HubHandle, Metrics};
 use crate::gov::Target;
 use crate::ledger::Ledger;
-use crate::people::{Desk, FacilityView, OpError};
+use crate::people::{self, Desk, FacilityView, Op, OpError};
 use crate::trace::{self, TraceRequest};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use shared::time::Day;
@@ -45,35 +51,162 @@ struct AppState {
     token: Arc<String>,
 }
 
-/// The router, for `run` and for in-process tests.
+/// One route of the API.
+pub struct Route {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// The path, axum's syntax (`{id}` a parameter).
+    pub path: &'static str,
+    /// The operation it is ([`crate::people::PERMISSIONS`]); `None` for the two open routes.
+    pub op: Option<Op>,
+    handler: fn() -> MethodRouter<AppState>,
+}
+
+const fn route(
+    method: &'static str,
+    path: &'static str,
+    op: Option<Op>,
+    handler: fn() -> MethodRouter<AppState>,
+) -> Route {
+    Route {
+        method,
+        path,
+        op,
+        handler,
+    }
+}
+
+/// Every route of the API, the one list [`router`] is built from.
+pub const ROUTES: &[Route] = &[
+    route("GET", "/", None, || get(|| async { Html(DASHBOARD_HTML) })),
+    route("GET", "/healthz", None, || get(|| async { "ok" })),
+    route("GET", "/metrics", Some(Op::Metrics), || get(metrics)),
+    route("GET", "/api/whoami", Some(Op::Whoami), || get(whoami)),
+    route("GET", "/api/stats", Some(Op::Stats), || get(stats)),
+    route("POST", "/api/purge", Some(Op::Purge), || post(purge)),
+    route("POST", "/api/admin", Some(Op::AdminRoute), || post(admin)),
+    route("POST", "/api/trace", Some(Op::Trace), || post(trace)),
+    route(
+        "GET",
+        "/api/reports/shared-codes",
+        Some(Op::SharedCodes),
+        || get(shared_codes),
+    ),
+    route(
+        "GET",
+        "/api/reports/compliance",
+        Some(Op::Compliance),
+        || get(compliance),
+    ),
+    route("GET", "/api/facilities", Some(Op::Facilities), || {
+        get(facilities)
+    }),
+    route("GET", "/api/facilities/pending", Some(Op::Pending), || {
+        get(pending)
+    }),
+    route(
+        "GET",
+        "/api/facilities/duplicates",
+        Some(Op::Duplicates),
+        || get(duplicates),
+    ),
+    route(
+        "POST",
+        "/api/facilities/duplicates/remove",
+        Some(Op::RemoveDuplicates),
+        || post(remove_duplicates),
+    ),
+    route(
+        "POST",
+        "/api/facilities/{id}/approve",
+        Some(Op::Approve),
+        || post(approve),
+    ),
+    route(
+        "POST",
+        "/api/facilities/{id}/remove",
+        Some(Op::Remove),
+        || post(remove),
+    ),
+    route("GET", "/api/designations", Some(Op::Designations), || {
+        get(designations)
+    }),
+    route("POST", "/api/designations", Some(Op::Designate), || {
+        post(designate)
+    }),
+    route(
+        "POST",
+        "/api/designations/{id}/remove",
+        Some(Op::RemoveDesignation),
+        || post(remove_designation),
+    ),
+    route("GET", "/api/audit", Some(Op::Audit), || get(audit)),
+    route("GET", "/api/audit/verify", Some(Op::AuditVerify), || {
+        get(audit_verify)
+    }),
+    route("GET", "/api/dashboard", Some(Op::Dashboard), || {
+        get(dashboard)
+    }),
+];
+
+/// What [`gate`] needs: the hub, the operator token and the route's operation.
+#[derive(Clone)]
+struct Gate {
+    app: AppState,
+    op: Op,
+}
+
+/// The router, for `run` and for in-process tests: every route of [`ROUTES`], the ones with
+/// an operation behind [`gate`].
 pub fn router(hub: HubHandle, operator_token: String) -> Router {
-    Router::new()
-        .route("/", get(|| async { Html(DASHBOARD_HTML) }))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
-        .route("/api/whoami", get(whoami))
-        .route("/api/stats", get(stats))
-        .route("/api/purge", post(purge))
-        .route("/api/admin", post(admin))
-        .route("/api/trace", post(trace))
-        .route("/api/reports/shared-codes", get(shared_codes))
-        .route("/api/reports/compliance", get(compliance))
-        .route("/api/facilities", get(facilities))
-        .route("/api/facilities/pending", get(pending))
-        .route("/api/facilities/duplicates", get(duplicates))
-        .route("/api/facilities/duplicates/remove", post(remove_duplicates))
-        .route("/api/facilities/{id}/approve", post(approve))
-        .route("/api/facilities/{id}/remove", post(remove))
-        .route("/api/designations", get(designations).post(designate))
-        .route("/api/designations/{id}/remove", post(remove_designation))
-        .route("/api/audit", get(audit))
-        .route("/api/audit/verify", get(audit_verify))
-        .route("/api/dashboard", get(dashboard))
+    let app = AppState {
+        hub,
+        token: Arc::new(operator_token),
+    };
+    let mut router = Router::new();
+    for r in ROUTES {
+        let handler = (r.handler)();
+        let handler = match r.op {
+            None => handler,
+            Some(op) => handler.route_layer(middleware::from_fn_with_state(
+                Gate {
+                    app: app.clone(),
+                    op,
+                },
+                gate,
+            )),
+        };
+        router = router.route(r.path, handler);
+    }
+    router
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(AppState {
-            hub,
-            token: Arc::new(operator_token),
+        .with_state(app)
+}
+
+/// Authenticates the bearer credential on the actor thread and checks the route's operation
+/// against [`crate::people::PERMISSIONS`], before any extractor of the handler runs (the body
+/// is not read); on success the caller goes into the request's extensions.
+async fn gate(State(g): State<Gate>, mut req: Request, next: Next) -> Response {
+    let given = bearer(req.headers());
+    let token = g.app.token.clone();
+    let op = g.op;
+    let who = g
+        .app
+        .hub
+        .query(move |hub, _, _| -> Result<Principal, OpError> {
+            let who = auth::authenticate(hub.store(), given.as_deref(), &token)?;
+            people::permit(&who, op)?;
+            Ok(who)
         })
+        .await;
+    match who {
+        Err(stopped) => error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
+        Ok(Err(e)) => op_error(&e),
+        Ok(Ok(who)) => {
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -106,17 +239,14 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Authenticates on the actor thread, then runs `job` as the principal.
-async fn serve<F>(s: &AppState, headers: &HeaderMap, job: F) -> Response
+/// Runs `job` on the actor thread as `who`, the caller [`gate`] authenticated.
+async fn serve<F>(s: &AppState, who: Principal, job: F) -> Response
 where
     F: FnOnce(&Desk<'_>, &Principal, &Metrics) -> Result<Reply, OpError> + Send + 'static,
 {
-    let given = bearer(headers);
-    let token = s.token.clone();
     let answer = s
         .hub
         .query(move |hub, ledger: &Ledger<'_>, metrics| {
-            let who = auth::authenticate(hub.store(), given.as_deref(), &token)?;
             let desk = Desk::new(hub, ledger, crate::clock::now());
             job(&desk, &who, metrics)
         })
@@ -149,16 +279,15 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, OpError> {
         .map_err(|e| OpError::Invalid(e.body_text()))
 }
 
-async fn whoami(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |_, who, _| json(who)).await
+/// The caller [`gate`] put in the request's extensions.
+type Caller = Extension<Principal>;
+
+async fn whoami(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |_, who, _| json(who)).await
 }
 
-async fn stats(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| {
-        who.require(&[Role::Operator])?;
-        json(desk.ledger.stats(desk.now)?)
-    })
-    .await
+async fn stats(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, _, _| json(desk.ledger.stats(desk.now)?)).await
 }
 
 /// A purge request's body.
@@ -173,26 +302,12 @@ pub struct PurgeRequest {
 
 async fn purge(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     b: Result<Json<PurgeRequest>, JsonRejection>,
 ) -> Response {
-    // Authenticate on the actor before the body is looked at. The purge itself needs the
-    // actor's mutable ledger: `people::purge` checks the time asked for against the actor's
-    // clock and the principal, enforces retention and audits it.
-    let given = bearer(&headers);
-    let token = s.token.clone();
-    let who = match s
-        .hub
-        .query(move |hub, _, _| auth::authenticate(hub.store(), given.as_deref(), &token))
-        .await
-    {
-        Ok(Ok(who)) => who,
-        Ok(Err(e)) => return op_error(&e.into()),
-        Err(stopped) => return error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
-    };
-    if let Err(e) = who.require(&[Role::Operator]) {
-        return op_error(&e.into());
-    }
+    // `gate` authenticated the caller and checked the operation before the body was read.
+    // The purge itself needs the actor's mutable ledger: `people::purge` checks the time
+    // asked for against the actor's clock and the principal, enforces retention and audits it.
     let req = match body(b) {
         Ok(r) => r,
         Err(e) => return op_error(&e),
@@ -206,17 +321,11 @@ async fn purge(
 
 async fn admin(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     b: Result<Json<AdminCommand>, JsonRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        if !who.local {
-            return Err(auth::AuthError::Forbidden(
-                "/api/admin is the local operator's route".into(),
-            )
-            .into());
-        }
-        Ok(Reply::Json(body(b)?.execute(desk, who)?))
+    serve(&s, who, move |desk, who, _| {
+        json(body(b)?.execute(desk, who)?)
     })
     .await
 }
@@ -230,12 +339,11 @@ pub struct TraceParams {
 
 async fn trace(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     params: Result<Query<TraceParams>, QueryRejection>,
     b: Result<Json<TraceRequest>, JsonRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        who.require(&[Role::Authority])?;
+    serve(&s, who, move |desk, who, _| {
         let params = query(params)?;
         let csv = match params.format.as_deref() {
             None | Some("json") => false,
@@ -273,11 +381,10 @@ pub struct Period {
 
 async fn shared_codes(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     q: Result<Query<Period>, QueryRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        who.require(&[Role::Authority])?;
+    serve(&s, who, move |desk, who, _| {
         let p = query(q)?;
         json(desk.shared_codes(who, p.from, p.to)?)
     })
@@ -293,19 +400,18 @@ pub struct Hours {
 
 async fn compliance(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     q: Result<Query<Hours>, QueryRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        who.require(&[Role::Operator, Role::Officer])?;
+    serve(&s, who, move |desk, who, _| {
         let h = query(q)?;
         json(desk.compliance(who, h.hours.unwrap_or(24))?)
     })
     .await
 }
 
-async fn facilities(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| {
+async fn facilities(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, who, _| {
         json(
             desk.facilities(who)?
                 .iter()
@@ -316,8 +422,8 @@ async fn facilities(State(s): State<AppState>, headers: HeaderMap) -> Response {
     .await
 }
 
-async fn pending(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| {
+async fn pending(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, who, _| {
         json(
             desk.pending(who)?
                 .iter()
@@ -328,8 +434,8 @@ async fn pending(State(s): State<AppState>, headers: HeaderMap) -> Response {
     .await
 }
 
-async fn duplicates(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| {
+async fn duplicates(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, who, _| {
         json(
             desk.duplicates(who)?
                 .iter()
@@ -340,8 +446,8 @@ async fn duplicates(State(s): State<AppState>, headers: HeaderMap) -> Response {
     .await
 }
 
-async fn remove_duplicates(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| {
+async fn remove_duplicates(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, who, _| {
         let removed: Vec<String> = desk
             .remove_duplicates(who)?
             .iter()
@@ -354,10 +460,10 @@ async fn remove_duplicates(State(s): State<AppState>, headers: HeaderMap) -> Res
 
 async fn approve(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     Path(id): Path<String>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
+    serve(&s, who, move |desk, who, _| {
         json(FacilityView::from(&desk.approve(who, &id)?))
     })
     .await
@@ -372,11 +478,11 @@ pub struct RemoveRequest {
 
 async fn remove(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     Path(id): Path<String>,
     b: Result<Json<RemoveRequest>, JsonRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
+    serve(&s, who, move |desk, who, _| {
         // The body is optional: no body (no JSON content type) means no reason given.
         let given = match b {
             Ok(Json(r)) => r.reason,
@@ -401,17 +507,16 @@ pub struct DesignateRequest {
     pub region: Option<String>,
 }
 
-async fn designations(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| json(desk.designations(who)?)).await
+async fn designations(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, who, _| json(desk.designations(who)?)).await
 }
 
 async fn designate(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     b: Result<Json<DesignateRequest>, JsonRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        who.require(&[Role::Officer])?;
+    serve(&s, who, move |desk, who, _| {
         let req = body(b)?;
         json(desk.designate(who, req.target, req.region.as_deref())?)
     })
@@ -420,10 +525,10 @@ async fn designate(
 
 async fn remove_designation(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     Path(id): Path<String>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
+    serve(&s, who, move |desk, who, _| {
         json(desk.remove_designation(who, &id)?)
     })
     .await
@@ -438,37 +543,34 @@ pub struct Limit {
 
 async fn audit(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     q: Result<Query<Limit>, QueryRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        who.require(&[Role::Operator, Role::Officer, Role::Authority])?;
+    serve(&s, who, move |desk, who, _| {
         let l = query(q)?;
         json(desk.audit_entries(who, Some(l.limit.unwrap_or(100).min(10_000)))?)
     })
     .await
 }
 
-async fn audit_verify(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, _| json(desk.audit_verify(who)?)).await
+async fn audit_verify(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, who, _| json(desk.audit_verify(who)?)).await
 }
 
 async fn dashboard(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Extension(who): Caller,
     q: Result<Query<Hours>, QueryRejection>,
 ) -> Response {
-    serve(&s, &headers, move |desk, who, _| {
-        who.require(&[Role::Operator, Role::Officer])?;
+    serve(&s, who, move |desk, who, _| {
         let h = query(q)?;
         Ok(Reply::Json(desk.dashboard(who, h.hours.unwrap_or(24))?))
     })
     .await
 }
 
-async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    serve(&s, &headers, |desk, who, m| {
-        who.require(&[Role::Operator])?;
+async fn metrics(State(s): State<AppState>, Extension(who): Caller) -> Response {
+    serve(&s, who, |desk, _, m| {
         Ok(Reply::Text(metrics_text(desk, m)?))
     })
     .await
@@ -634,7 +736,7 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             e.1 += 1;
         }
         // A device holds day public keys for DAY_KEYS_AHEAD days from its last contact.
-        let got = Day::of(d.last_sync.unwrap_or(d.enrolled_at)).0 + crate::admin::DAY_KEYS_AHEAD;
+        let got = Day::of(d.last_sync.unwrap_or(d.enrolled_at)).0 + crate::registry::DAY_KEYS_AHEAD;
         let left = got.saturating_sub(today.0);
         e.2 = Some(e.2.map_or(left, |l| l.min(left)));
     }

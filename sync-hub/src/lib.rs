@@ -3,11 +3,26 @@
 //!
 //! This crate is the shell around `shared`: it owns the redb store, the key files, the iroh
 //! endpoint and HTTP, and reads the clock in one place ([`clock`]). Rules live in `shared`.
+//!
+//! Its modules form layers, each importing only the ones below it (checked by
+//! `tests/layers.rs`), each owning its tables:
+//!
+//! 1. base: [`clock`], [`keys`], [`store`] (the database handle and the settings table);
+//! 2. registry: [`registry`] (hub settings, issuer keys, facilities, devices; [`admin`] is its
+//!    former path);
+//! 3. ledger: [`ledger`] (visits, sync states, retention);
+//! 4. people: [`auth`], [`audit`], [`gov`], [`trace`], [`people`] (the one table of who may
+//!    do what, [`people::PERMISSIONS`]), [`commands`] (administrative commands, typed answers);
+//! 5. opening: [`schema`] (opens the store, creates every owner's tables, runs upgrades;
+//!    `Hub::init`, `Hub::open`);
+//! 6. shells: [`daemon`] (the actor and sync endpoint), [`http`], [`control`], [`cli`].
 
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod cli;
 pub mod clock;
+pub mod commands;
 pub mod control;
 pub mod daemon;
 pub mod gov;
@@ -15,7 +30,9 @@ pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod people;
+pub mod registry;
+pub mod schema;
 pub mod store;
 pub mod trace;
 
-pub use admin::{Hub, HubConfig, HubError};
+pub use registry::{Hub, HubConfig, HubError};

@@ -1,6 +1,10 @@
-//! What each person may do at the hub, in one place: every operation the HTTP API and the
-//! command line offer the hub's people, checked against the principal's role and region, and
-//! audited when it is a trace, an approval, a removal, a designation or a credential change.
+//! What each person may do at the hub, in one place: every operation the HTTP API, the
+//! command line and `/api/admin` offer the hub's people is an [`Op`], and [`PERMISSIONS`] is
+//! the one table of who may do it; [`permit`] checks a principal against it. Every entry point
+//! goes through it: each [`Desk`] method (the HTTP routes of [`crate::http::ROUTES`] and the
+//! commands of [`crate::commands::AdminCommand`] call them). Region scoping (an officer sees
+//! and acts on their region only) is applied by the `Desk` methods on top. Audited: traces,
+//! approvals, removals, designations, credential and device changes, issuer imports.
 //!
 //! | operation | operator | officer | authority |
 //! |---|---|---|---|
@@ -18,16 +22,17 @@
 //! no entry, no purge), and what it destroyed afterwards (`retention.purge.result`); the
 //! hourly timer's purges are audited as `retention-timer` when they destroy anything.
 
-use crate::admin::{Hub, HubError};
 use crate::audit::{AuditEntry, AuditError, AuditLog, Event, Verification};
 use crate::auth::{self, AuthError, CredentialRecord, Principal, Role};
 use crate::gov::{self, ComplianceRow, Designation, GovError, Target};
 use crate::ledger::{Ledger, LedgerError, PurgeReport};
+use crate::registry::{DeviceRecord, Hub, HubError};
 use crate::trace::{self, SharedCodeReport, TraceError, TraceQuery, TraceReport};
-use serde::Serialize;
-use shared::UnixSeconds;
+use serde::{Deserialize, Serialize};
 use shared::facility::{Facility, FacilityStatus};
+use shared::ticket::EnrollmentTicket;
 use shared::time::DAY_SECONDS;
+use shared::{DeviceId, UnixSeconds};
 
 /// How far ahead of the hub's clock the local operator may move retention (`purge --as-of`,
 /// the demo's fast-forward): 400 days, a year and a margin. A purge destroys every day key
@@ -46,6 +51,182 @@ pub const PURGE_INTENT: &str = "retention.purge";
 /// The audit action written after a purge: what it destroyed or why it failed, and the
 /// sequence number of its [`PURGE_INTENT`] entry.
 pub const PURGE_RESULT: &str = "retention.purge.result";
+
+/// Every operation the hub's people can ask for, whatever the entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Who the credential belongs to (`GET /api/whoami`).
+    Whoami,
+    /// Facilities and records held (`stats`).
+    Stats,
+    /// Prometheus metrics.
+    Metrics,
+    /// Enforce retention (`purge`).
+    Purge,
+    /// A trace (`trace`).
+    Trace,
+    /// The shared-code report (`report shared-codes`).
+    SharedCodes,
+    /// The compliance report (`compliance`).
+    Compliance,
+    /// The dashboard.
+    Dashboard,
+    /// List facilities (`facility list`).
+    Facilities,
+    /// List pending approvals (`facility pending`).
+    Pending,
+    /// List duplicate registrations (`facility duplicates`).
+    Duplicates,
+    /// Remove duplicate registrations (`facility duplicates --remove`).
+    RemoveDuplicates,
+    /// Approve a facility (`facility approve`).
+    Approve,
+    /// Remove a facility (`facility remove`).
+    Remove,
+    /// Register a facility (`facility add`).
+    FacilityAdd,
+    /// List designations (`designation list`).
+    Designations,
+    /// Designate (`designation add`).
+    Designate,
+    /// Remove a designation (`designation remove`).
+    RemoveDesignation,
+    /// Read the audit log (`audit`).
+    Audit,
+    /// Verify the audit chain (`audit --verify`).
+    AuditVerify,
+    /// Make a credential (`credential add`).
+    CredentialAdd,
+    /// List credentials (`credential list`).
+    CredentialList,
+    /// Revoke a credential (`credential revoke`).
+    CredentialRevoke,
+    /// Trust issuer keys (`issuers import`).
+    IssuersImport,
+    /// Write an enrollment ticket (`enroll`).
+    Enroll,
+    /// List devices (`device list`).
+    DeviceList,
+    /// Revoke a device (`device revoke`).
+    DeviceRevoke,
+    /// Send a command (`POST /api/admin`, what commands use while `run` holds the store);
+    /// the command is then checked as its own operation as well.
+    AdminRoute,
+}
+
+/// Who may do an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// Anyone with a valid credential.
+    Anyone,
+    /// These roles (and the local operator, who may do everything).
+    Roles(&'static [Role]),
+    /// The local operator only (`keys/operator.token`, or a command on the hub's machine).
+    LocalOperator,
+}
+
+const OPERATOR: &[Role] = &[Role::Operator];
+const OFFICER: &[Role] = &[Role::Officer];
+const AUTHORITY: &[Role] = &[Role::Authority];
+const ADMINISTRATION: &[Role] = &[Role::Operator, Role::Officer];
+const ALL_ROLES: &[Role] = &[Role::Operator, Role::Officer, Role::Authority];
+
+/// The one table of who may do what. On top of it, an officer acts on their own region only,
+/// the audit entries each role sees are filtered ([`Desk::audit_entries`]), and a purge ahead
+/// of the hub's clock is the local operator's ([`purge_as_of`]).
+pub const PERMISSIONS: &[(Op, Allowed)] = &[
+    (Op::Whoami, Allowed::Anyone),
+    (Op::Stats, Allowed::Roles(OPERATOR)),
+    (Op::Metrics, Allowed::Roles(OPERATOR)),
+    (Op::Purge, Allowed::Roles(OPERATOR)),
+    (Op::AuditVerify, Allowed::Roles(OPERATOR)),
+    (Op::Trace, Allowed::Roles(AUTHORITY)),
+    (Op::SharedCodes, Allowed::Roles(AUTHORITY)),
+    (Op::Compliance, Allowed::Roles(ADMINISTRATION)),
+    (Op::Dashboard, Allowed::Roles(ADMINISTRATION)),
+    (Op::Facilities, Allowed::Roles(ADMINISTRATION)),
+    (Op::Pending, Allowed::Roles(ADMINISTRATION)),
+    (Op::Duplicates, Allowed::Roles(ADMINISTRATION)),
+    (Op::Designations, Allowed::Roles(ADMINISTRATION)),
+    (Op::RemoveDuplicates, Allowed::Roles(OFFICER)),
+    (Op::Approve, Allowed::Roles(OFFICER)),
+    (Op::Remove, Allowed::Roles(OFFICER)),
+    (Op::Designate, Allowed::Roles(OFFICER)),
+    (Op::RemoveDesignation, Allowed::Roles(OFFICER)),
+    (Op::Audit, Allowed::Roles(ALL_ROLES)),
+    (Op::FacilityAdd, Allowed::LocalOperator),
+    (Op::CredentialAdd, Allowed::LocalOperator),
+    (Op::CredentialList, Allowed::LocalOperator),
+    (Op::CredentialRevoke, Allowed::LocalOperator),
+    (Op::IssuersImport, Allowed::LocalOperator),
+    (Op::Enroll, Allowed::LocalOperator),
+    (Op::DeviceList, Allowed::LocalOperator),
+    (Op::DeviceRevoke, Allowed::LocalOperator),
+    (Op::AdminRoute, Allowed::LocalOperator),
+];
+
+impl Op {
+    /// Every operation (the tests check each has exactly one row in [`PERMISSIONS`]).
+    pub const ALL: &'static [Op] = &[
+        Op::Whoami,
+        Op::Stats,
+        Op::Metrics,
+        Op::Purge,
+        Op::Trace,
+        Op::SharedCodes,
+        Op::Compliance,
+        Op::Dashboard,
+        Op::Facilities,
+        Op::Pending,
+        Op::Duplicates,
+        Op::RemoveDuplicates,
+        Op::Approve,
+        Op::Remove,
+        Op::FacilityAdd,
+        Op::Designations,
+        Op::Designate,
+        Op::RemoveDesignation,
+        Op::Audit,
+        Op::AuditVerify,
+        Op::CredentialAdd,
+        Op::CredentialList,
+        Op::CredentialRevoke,
+        Op::IssuersImport,
+        Op::Enroll,
+        Op::DeviceList,
+        Op::DeviceRevoke,
+        Op::AdminRoute,
+    ];
+
+    /// Who may do it, from [`PERMISSIONS`]; `None` for an operation missing from the table
+    /// (which [`permit`] refuses).
+    pub fn allowed(self) -> Option<Allowed> {
+        PERMISSIONS
+            .iter()
+            .find(|(op, _)| *op == self)
+            .map(|(_, a)| *a)
+    }
+}
+
+/// Whether `who` may do `op`, by [`PERMISSIONS`]. An operation missing from the table is
+/// refused. Every refusal names the operation.
+pub fn permit(who: &Principal, op: Op) -> Result<(), AuthError> {
+    let refused = |why: String| Err(AuthError::Forbidden(format!("{op:?}: {why}")));
+    match op.allowed() {
+        Some(Allowed::Anyone) => Ok(()),
+        Some(Allowed::Roles(roles)) => match who.require(roles) {
+            Ok(()) => Ok(()),
+            Err(AuthError::Forbidden(why)) => refused(why),
+            Err(e) => Err(e),
+        },
+        Some(Allowed::LocalOperator) if who.local => Ok(()),
+        Some(Allowed::LocalOperator) => {
+            refused("only the hub's own operator (on its machine) may do this".into())
+        }
+        None => refused("not in the hub's table of who may do what".into()),
+    }
+}
 
 /// An operation was refused or failed; [`OpError::status`] is its HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -111,12 +292,12 @@ pub struct Desk<'a> {
 }
 
 /// A facility as the people's API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FacilityView {
     /// Its id.
     pub facility_id: String,
     /// `approved` or `pending`.
-    pub status: &'static str,
+    pub status: String,
     /// Name.
     pub name: String,
     /// Business number, `123-45-67891`, if any.
@@ -140,7 +321,7 @@ impl From<&Facility> for FacilityView {
         let r = &f.registration;
         FacilityView {
             facility_id: f.id.to_string(),
-            status: f.status.as_str(),
+            status: f.status.as_str().to_owned(),
             name: r.name.clone(),
             business_number: r.business_number.as_ref().map(|b| b.formatted()),
             representative: r.representative.clone(),
@@ -176,7 +357,7 @@ impl<'a> Desk<'a> {
 
     /// Facilities the principal may see.
     pub fn facilities(&self, who: &Principal) -> Result<Vec<Facility>, OpError> {
-        who.require(&[Role::Operator, Role::Officer])?;
+        permit(who, Op::Facilities)?;
         let scope = who.region_scope();
         Ok(self
             .hub
@@ -189,13 +370,13 @@ impl<'a> Desk<'a> {
 
     /// Pending approvals the principal may see.
     pub fn pending(&self, who: &Principal) -> Result<Vec<Facility>, OpError> {
-        who.require(&[Role::Operator, Role::Officer])?;
+        permit(who, Op::Pending)?;
         Ok(gov::pending(self.hub.store(), who.region_scope())?)
     }
 
     /// Approves a pending facility (an officer of its region).
     pub fn approve(&self, who: &Principal, id: &str) -> Result<Facility, OpError> {
-        who.require(&[Role::Officer])?;
+        permit(who, Op::Approve)?;
         let f = self.facility_for(who, id)?;
         let before = f.status;
         let f = self.hub.approve_facility(id)?;
@@ -213,7 +394,7 @@ impl<'a> Desk<'a> {
 
     /// Removes a facility and revokes its devices (an officer of its region).
     pub fn remove(&self, who: &Principal, id: &str, reason: &str) -> Result<Facility, OpError> {
-        who.require(&[Role::Officer])?;
+        permit(who, Op::Remove)?;
         let f = self.facility_for(who, id)?;
         // Its devices go into the keyed revocation list first, so that restoring their rows
         // (or the facility's) in `hub.redb` does not re-admit them.
@@ -243,14 +424,14 @@ impl<'a> Desk<'a> {
 
     /// Groups of duplicate registrations the principal may see.
     pub fn duplicates(&self, who: &Principal) -> Result<Vec<Vec<Facility>>, OpError> {
-        who.require(&[Role::Operator, Role::Officer])?;
+        permit(who, Op::Duplicates)?;
         Ok(gov::duplicates(self.hub.store(), who.region_scope())?)
     }
 
     /// Removes every duplicate registration but the earliest of each group; returns the
     /// removed facilities.
     pub fn remove_duplicates(&self, who: &Principal) -> Result<Vec<Facility>, OpError> {
-        who.require(&[Role::Officer])?;
+        permit(who, Op::RemoveDuplicates)?;
         let mut removed = Vec::new();
         for group in gov::duplicates(self.hub.store(), who.region_scope())? {
             let kept = group[0].id.to_string();
@@ -270,7 +451,7 @@ impl<'a> Desk<'a> {
         target: Target,
         region: Option<&str>,
     ) -> Result<Designation, OpError> {
-        who.require(&[Role::Officer])?;
+        permit(who, Op::Designate)?;
         let facility = gov::check_target(self.hub.store(), &target)?;
         let region = match (&facility, who.region_scope()) {
             (Some(f), _) => {
@@ -308,13 +489,13 @@ impl<'a> Desk<'a> {
 
     /// Designations the principal may see.
     pub fn designations(&self, who: &Principal) -> Result<Vec<Designation>, OpError> {
-        who.require(&[Role::Operator, Role::Officer])?;
+        permit(who, Op::Designations)?;
         Ok(gov::designations(self.hub.store(), who.region_scope())?)
     }
 
     /// Removes a designation of the principal's region.
     pub fn remove_designation(&self, who: &Principal, id: &str) -> Result<Designation, OpError> {
-        who.require(&[Role::Officer])?;
+        permit(who, Op::RemoveDesignation)?;
         let d = gov::designations(self.hub.store(), None)?
             .into_iter()
             .find(|d| d.id == id)
@@ -339,7 +520,7 @@ impl<'a> Desk<'a> {
 
     /// The compliance report over the last `hours` hours.
     pub fn compliance(&self, who: &Principal, hours: u64) -> Result<Vec<ComplianceRow>, OpError> {
-        who.require(&[Role::Operator, Role::Officer])?;
+        permit(who, Op::Compliance)?;
         Ok(gov::compliance(
             self.hub.store(),
             self.ledger,
@@ -351,7 +532,7 @@ impl<'a> Desk<'a> {
 
     /// A trace (the health authority, or the local operator).
     pub fn trace(&self, who: &Principal, q: &TraceQuery) -> Result<TraceReport, OpError> {
-        who.require(&[Role::Authority])?;
+        permit(who, Op::Trace)?;
         Ok(trace::run(
             self.hub,
             self.ledger,
@@ -369,7 +550,7 @@ impl<'a> Desk<'a> {
         from: Option<UnixSeconds>,
         to: Option<UnixSeconds>,
     ) -> Result<SharedCodeReport, OpError> {
-        who.require(&[Role::Authority])?;
+        permit(who, Op::SharedCodes)?;
         let to = to.unwrap_or(self.now);
         let from = from.unwrap_or(to.saturating_sub(trace::MAX_PERIOD_SECONDS));
         if from > to || to - from > trace::MAX_PERIOD_SECONDS {
@@ -394,7 +575,7 @@ impl<'a> Desk<'a> {
         who: &Principal,
         limit: Option<usize>,
     ) -> Result<Vec<AuditEntry>, OpError> {
-        who.require(&[Role::Operator, Role::Officer, Role::Authority])?;
+        permit(who, Op::Audit)?;
         let all = self.audit().entries(None)?;
         let visible: Vec<AuditEntry> = all
             .into_iter()
@@ -419,7 +600,7 @@ impl<'a> Desk<'a> {
 
     /// Verifies the audit chain (operators).
     pub fn audit_verify(&self, who: &Principal) -> Result<Verification, OpError> {
-        who.require(&[Role::Operator])?;
+        permit(who, Op::AuditVerify)?;
         Ok(self.audit().verify()?)
     }
 
@@ -431,7 +612,7 @@ impl<'a> Desk<'a> {
         region: Option<&str>,
         name: &str,
     ) -> Result<(CredentialRecord, auth::Secret), OpError> {
-        require_local(who)?;
+        permit(who, Op::CredentialAdd)?;
         let (rec, secret) = auth::issue(self.hub.store(), role, region, name, self.now)?;
         self.record(
             who,
@@ -446,7 +627,7 @@ impl<'a> Desk<'a> {
 
     /// Every credential (local operator only).
     pub fn credentials(&self, who: &Principal) -> Result<Vec<CredentialRecord>, OpError> {
-        require_local(who)?;
+        permit(who, Op::CredentialList)?;
         Ok(auth::list(self.hub.store())?)
     }
 
@@ -456,7 +637,7 @@ impl<'a> Desk<'a> {
         who: &Principal,
         id: &str,
     ) -> Result<CredentialRecord, OpError> {
-        require_local(who)?;
+        permit(who, Op::CredentialRevoke)?;
         let rec = auth::revoke(self.hub.store(), id, self.now)?;
         self.record(
             who,
@@ -475,7 +656,7 @@ impl<'a> Desk<'a> {
         who: &Principal,
         reg: shared::facility::Registration,
     ) -> Result<Facility, OpError> {
-        require_local(who)?;
+        permit(who, Op::FacilityAdd)?;
         let f = self.hub.add_facility(reg, self.now)?;
         self.record(
             who,
@@ -489,9 +670,73 @@ impl<'a> Desk<'a> {
         Ok(f)
     }
 
+    /// Trusts the keys of a keyring file (local operator only); returns how many keys the hub
+    /// trusts afterwards.
+    pub fn import_issuers(&self, who: &Principal, keyring: &str) -> Result<usize, OpError> {
+        permit(who, Op::IssuersImport)?;
+        let n = self.hub.import_issuers(keyring)?;
+        self.record(
+            who,
+            Event::new("issuers.import", serde_json::json!({ "trusted_keys": n })),
+        )?;
+        Ok(n)
+    }
+
+    /// Writes an enrollment ticket for a new device of an approved facility (local operator
+    /// only).
+    pub fn enroll(
+        &self,
+        who: &Principal,
+        facility_id: &str,
+        device_name: &str,
+    ) -> Result<EnrollmentTicket, OpError> {
+        permit(who, Op::Enroll)?;
+        let t = self.hub.enroll(facility_id, device_name, self.now)?;
+        self.record(
+            who,
+            Event::new(
+                "device.enroll",
+                serde_json::json!({ "device": t.device_id, "name": t.device_name }),
+            )
+            .region(Some(&t.facility.registration.region))
+            .facilities([&t.facility.id]),
+        )?;
+        Ok(t)
+    }
+
+    /// Every enrolled device (local operator only).
+    pub fn devices(&self, who: &Principal) -> Result<Vec<DeviceRecord>, OpError> {
+        permit(who, Op::DeviceList)?;
+        Ok(self.hub.store().devices()?)
+    }
+
+    /// Revokes a device (local operator only): onto the keyed revocation list first, so that a
+    /// row later restored to its old bytes (or this write lost) still leaves the device
+    /// refused at every sync, then its row.
+    pub fn revoke_device(&self, who: &Principal, id: &str) -> Result<DeviceRecord, OpError> {
+        permit(who, Op::DeviceRevoke)?;
+        let did = DeviceId::parse(id).map_err(|e| OpError::Invalid(e.to_string()))?;
+        let mut d = self.hub.store().device(&did)?.ok_or_else(|| {
+            OpError::Invalid(format!("no device {id}: see `sync-hub device list`"))
+        })?;
+        auth::list_revoked(
+            self.hub.store(),
+            [(auth::Revoked::Device, d.id.to_string())],
+            self.now,
+        )
+        .map_err(|e| HubError::Revocation(e.to_string()))?;
+        d.revoked = true;
+        self.hub.store().put_device(&d)?;
+        self.record(
+            who,
+            Event::new("device.revoke", serde_json::json!({ "device": id })),
+        )?;
+        Ok(d)
+    }
+
     /// What the dashboard shows the principal.
     pub fn dashboard(&self, who: &Principal, hours: u64) -> Result<serde_json::Value, OpError> {
-        who.require(&[Role::Operator, Role::Officer])?;
+        permit(who, Op::Dashboard)?;
         let facilities = self.facilities(who)?;
         let compliance = self.compliance(who, hours)?;
         let devices = self.hub.store().devices()?;
@@ -565,7 +810,7 @@ pub fn purge_as_of(
     as_of: Option<UnixSeconds>,
     now: UnixSeconds,
 ) -> Result<UnixSeconds, OpError> {
-    who.require(&[Role::Operator])?;
+    permit(who, Op::Purge)?;
     let Some(asked) = as_of.filter(|&t| t > now) else {
         return Ok(now);
     };
@@ -719,17 +964,6 @@ fn audit_purge_result(
             OpError::Audit(e)
         })?;
     Ok(())
-}
-
-fn require_local(who: &Principal) -> Result<(), OpError> {
-    if who.local {
-        Ok(())
-    } else {
-        Err(
-            AuthError::Forbidden("only the hub's own operator (on its machine) may do this".into())
-                .into(),
-        )
-    }
 }
 
 #[cfg(test)]

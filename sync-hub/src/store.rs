@@ -1,5 +1,7 @@
-//! The hub's redb store: registry, credentials and configuration. It also creates the tables
-//! of the modules that own them (`auth`, `gov`, `audit`), so every reader finds them.
+//! The hub's redb store handle, the lowest layer: the open database, the keys loaded for it,
+//! the settings table `config-1` and the store's errors. It owns no other table: each module
+//! owns and creates its own (`registry`, `ledger`, `auth`, `gov`, `audit`), and
+//! [`crate::schema`] opens the file and calls each owner (`Store::open`).
 //!
 //! One database file, `hub.redb`, in the data folder. Every table name carries a layout
 //! version (`facilities-1`); `docs/storage.md` documents each key and value. Key material
@@ -7,11 +9,9 @@
 //! no visit, and a write to it alone can neither forge an audit entry nor a credential (both
 //! are keyed with secrets from `keys/`, which the store loads when it opens).
 
-use crate::keys::{KeyDir, MacKey, MacKeyFile};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::keys::MacKey;
+use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
-use shared::facility::Facility;
-use shared::{DeviceId, FacilityId, UnixSeconds};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,12 +25,6 @@ pub const RUN_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// `config-1`: setting name -> JSON value.
 pub const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config-1");
-/// `facilities-1`: facility id -> JSON [`Facility`].
-pub const FACILITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("facilities-1");
-/// `devices-1`: device id -> JSON [`DeviceRecord`].
-pub const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices-1");
-/// `credentials-1`: blake3 digest of an enrollment credential -> device id.
-pub const CREDENTIALS: TableDefinition<&[u8; 32], &str> = TableDefinition::new("credentials-1");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,39 +84,19 @@ from_redb!(
     redb::CommitError
 );
 
-/// A device enrolled at the hub.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DeviceRecord {
-    /// Its id.
-    pub id: DeviceId,
-    /// The facility it logs for.
-    pub facility: FacilityId,
-    /// Where it stands.
-    pub name: String,
-    /// When its ticket was written.
-    pub enrolled_at: UnixSeconds,
-    /// Its iroh endpoint id, bound at first sync with the ticket's credential.
-    pub endpoint_id: Option<String>,
-    /// A revoked device is refused at every sync.
-    pub revoked: bool,
-    /// The last completed sync session.
-    pub last_sync: Option<UnixSeconds>,
-    /// The device clock's offset from the hub's at the last sync (device minus hub), seconds.
-    pub clock_offset: Option<i64>,
-    /// Where the device last connected from (its siblings may reach it there).
-    #[serde(default)]
-    pub addrs: Vec<String>,
-}
-
 /// The hub's store.
 pub struct Store {
-    db: Database,
+    pub(crate) db: Database,
     dir: PathBuf,
     audit_key: MacKey,
     credential_key: MacKey,
 }
 
-fn decode<T: DeserializeOwned>(table: &'static str, key: &str, v: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    v: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         table,
         key: key.to_owned(),
@@ -130,90 +104,26 @@ fn decode<T: DeserializeOwned>(table: &'static str, key: &str, v: &[u8]) -> Resu
     })
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Our own plain data types always serialise.
     serde_json::to_vec(v).unwrap_or_default()
 }
 
 impl Store {
-    /// Opens (or creates) the store file, and loads the keys of the audit chain and of the
-    /// people's credentials from the `keys/` folder beside it.
-    ///
-    /// A store made before those keys existed is moved to the keyed layout here, once: the
-    /// key is staged, the legacy audit chain re-keyed (`audit::upgrade`) and legacy
-    /// credential rows wrapped (`auth::upgrade`), then the key is put in place. A key
-    /// that is missing although data was keyed with it is an error, never silently replaced.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                StoreError::Busy(path.display().to_string())
-            }
-            source => StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            },
-        })?;
-        let txn = db.begin_write()?;
-        txn.open_table(CONFIG)?;
-        txn.open_table(FACILITIES)?;
-        txn.open_table(DEVICES)?;
-        txn.open_table(CREDENTIALS)?;
-        txn.open_table(crate::auth::PEOPLE_CREDENTIALS)?;
-        txn.open_table(crate::gov::DESIGNATIONS)?;
-        txn.open_table(crate::audit::AUDIT)?;
-        txn.open_table(crate::audit::AUDIT_DETAILS)?;
-        txn.commit()?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let keys = KeyDir::new(&dir);
-        let (audit_key, audit_staged) = match keys.mac_key(MacKeyFile::Audit)? {
-            Some(k) => (k, false),
-            None if !keys.has_staged(MacKeyFile::Audit) && crate::audit::head_is_keyed(&dir) => {
-                return Err(crate::keys::KeyError::Missing(
-                    keys.path().join("audit.key").display().to_string(),
-                )
-                .into());
-            }
-            None => (keys.stage(MacKeyFile::Audit)?, true),
-        };
-        let (credential_key, credential_staged) = match keys.mac_key(MacKeyFile::Credential)? {
-            Some(k) => (k, false),
-            None if !keys.has_staged(MacKeyFile::Credential)
-                && crate::auth::has_keyed_rows(&db)? =>
-            {
-                return Err(crate::keys::KeyError::Missing(
-                    keys.path().join("credential.key").display().to_string(),
-                )
-                .into());
-            }
-            None => (keys.stage(MacKeyFile::Credential)?, true),
-        };
-        let store = Store {
+    /// The handle over an open database and the keys loaded for it ([`crate::schema`] opens
+    /// the file, creates every owner's tables and loads the keys: `Store::open`).
+    pub(crate) fn from_parts(
+        db: Database,
+        dir: PathBuf,
+        audit_key: MacKey,
+        credential_key: MacKey,
+    ) -> Self {
+        Store {
             db,
             dir,
             audit_key,
             credential_key,
-        };
-        // The upgrade's own audit entries are the one reading of the clock in the store: the
-        // callers of `open` (every command) have no `now` of their own to hand in.
-        let now = crate::clock::now();
-        if audit_staged {
-            crate::audit::upgrade(&store, now).map_err(|e| StoreError::Upgrade {
-                what: "the audit log",
-                reason: e.to_string(),
-            })?;
-            keys.commit_staged(MacKeyFile::Audit)?;
         }
-        if credential_staged {
-            crate::auth::upgrade(&store, now).map_err(|e| StoreError::Upgrade {
-                what: "the people's credentials",
-                reason: e.to_string(),
-            })?;
-            keys.commit_staged(MacKeyFile::Credential)?;
-        }
-        Ok(store)
     }
 
     /// The data folder the store file is in (its `keys/` folder is beside the file).
@@ -231,9 +141,9 @@ impl Store {
         &self.credential_key
     }
 
-    /// Rewrites the file without free pages (best effort: false if it could not run).
-    pub fn compact(&mut self) -> bool {
-        crate::ledger::compact(&mut self.db)
+    /// The underlying database, to compact it ([`crate::schema`]).
+    pub(crate) fn db_mut(&mut self) -> &mut Database {
+        &mut self.db
     }
 
     /// The underlying database, for the modules that own further tables.
@@ -256,126 +166,6 @@ impl Store {
         let txn = self.db.begin_write()?;
         txn.open_table(CONFIG)?
             .insert(key, encode(value).as_slice())?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Inserts or replaces a facility.
-    pub fn put_facility(&self, f: &Facility) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(FACILITIES)?
-            .insert(f.id.as_str(), encode(f).as_slice())?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// One facility.
-    pub fn facility(&self, id: &FacilityId) -> Result<Option<Facility>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(FACILITIES)?;
-        match t.get(id.as_str())? {
-            Some(v) => Ok(Some(decode("facilities-1", id.as_str(), v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Every facility, by id.
-    pub fn facilities(&self) -> Result<Vec<Facility>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(FACILITIES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("facilities-1", k.value(), v.value())?);
-        }
-        Ok(out)
-    }
-
-    /// Removes a facility and revokes its devices; returns whether it existed.
-    pub fn remove_facility(&self, id: &FacilityId) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
-        let existed = txn.open_table(FACILITIES)?.remove(id.as_str())?.is_some();
-        {
-            let mut devices = txn.open_table(DEVICES)?;
-            let mut revoke = Vec::new();
-            for row in devices.iter()? {
-                let (k, v) = row?;
-                let mut d: DeviceRecord = decode("devices-1", k.value(), v.value())?;
-                if &d.facility == id && !d.revoked {
-                    d.revoked = true;
-                    revoke.push(d);
-                }
-            }
-            for d in revoke {
-                devices.insert(d.id.as_str(), encode(&d).as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(existed)
-    }
-
-    /// Records a new device and the digest of its enrollment credential, atomically.
-    pub fn add_device(
-        &self,
-        d: &DeviceRecord,
-        credential_digest: &[u8; 32],
-    ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(DEVICES)?
-            .insert(d.id.as_str(), encode(d).as_slice())?;
-        txn.open_table(CREDENTIALS)?
-            .insert(credential_digest, d.id.as_str())?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Replaces a device record.
-    pub fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(DEVICES)?
-            .insert(d.id.as_str(), encode(d).as_slice())?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// One device.
-    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(DEVICES)?;
-        match t.get(id.as_str())? {
-            Some(v) => Ok(Some(decode("devices-1", id.as_str(), v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Every device, by id.
-    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(DEVICES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode("devices-1", k.value(), v.value())?);
-        }
-        Ok(out)
-    }
-
-    /// The device a credential digest was issued to, if the credential is still unused.
-    pub fn credential_device(&self, digest: &[u8; 32]) -> Result<Option<DeviceId>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(CREDENTIALS)?;
-        match t.get(digest)? {
-            Some(v) => Ok(DeviceId::parse(v.value()).ok()),
-            None => Ok(None),
-        }
-    }
-
-    /// Binds a device's endpoint id and burns its credential, atomically: a ticket works once.
-    pub fn bind_device(&self, digest: &[u8; 32], device: &DeviceRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(CREDENTIALS)?.remove(digest)?;
-        txn.open_table(DEVICES)?
-            .insert(device.id.as_str(), encode(device).as_slice())?;
         txn.commit()?;
         Ok(())
     }

@@ -5,10 +5,10 @@
 //! and an audit entry for every trace. The authority opens the sealed paper entries of an
 //! export on its own machine with [`open_paper`] (`sync-hub paper open`).
 
-use crate::admin::Hub;
 use crate::audit::{AuditError, AuditLog, Event};
 use crate::auth::Principal;
 use crate::ledger::{IndexedVisit, Ledger, LedgerError};
+use crate::registry::Hub;
 use serde::{Deserialize, Serialize};
 use shared::paper::PaperEntry;
 use shared::time::{DAY_SECONDS, Day, RETENTION_DAYS, UnixSeconds};

@@ -222,7 +222,7 @@ mod revocation {
     use std::path::{Path, PathBuf};
     use sync_hub::Hub;
     use sync_hub::auth::{self, AuthError, PEOPLE_CREDENTIALS, Role};
-    use sync_hub::store::DEVICES;
+    use sync_hub::registry::DEVICES;
 
     const NOW: u64 = 1_750_000_000;
 
@@ -430,8 +430,17 @@ mod revocation {
         let cred_before = row(&dir, PEOPLE_CREDENTIALS, &rec.id);
         let hub = open(&dir);
         auth::revoke(hub.store(), &rec.id, NOW + 1).unwrap_or_else(|e| panic!("revoke: {e}"));
-        hub.revoke_device(device.as_str())
-            .unwrap_or_else(|e| panic!("revoke device: {e}"));
+        {
+            // Device revocation is the local operator's act at the desk (the permission table).
+            let ledger = sync_hub::ledger::Ledger::open(hub.store(), hub.keys())
+                .unwrap_or_else(|e| panic!("{e}"));
+            sync_hub::people::Desk::new(&hub, &ledger, NOW + 1)
+                .revoke_device(
+                    &sync_hub::auth::Principal::local_operator(),
+                    device.as_str(),
+                )
+                .unwrap_or_else(|e| panic!("revoke device: {e}"));
+        }
         drop(hub);
         // As the previous code left it: no list, no head file; the rows say revoked.
         {

@@ -1,0 +1,1199 @@
+//! The hub's command line: its arguments ([`Cli`]) and [`run`], which runs a command on the
+//! open hub, or through the running one's API while `run` holds the store, and prints its
+//! typed answer ([`crate::commands::AdminReply`]). `--json` prints each answer's JSON with its
+//! keys in order, as `serde_json::Value` prints them (the shape `spec/cli.md` documents).
+//! `main.rs` only parses the arguments and calls [`run`].
+
+use crate::auth::{Principal, Role};
+use crate::commands::{AdminCommand, AdminReply};
+use crate::gov::Target;
+use crate::ledger::Ledger;
+use crate::people::Desk;
+use crate::trace::TraceRequest;
+use crate::{Hub, HubError, clock, control};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use host::secret_input::{Echo, SecretInput};
+use serde::Serialize;
+use serde_json::json;
+use shared::facility::{BusinessNumber, Registration};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The command line's arguments.
+#[derive(Parser)]
+#[command(
+    name = "sync-hub",
+    version,
+    about = "The regional hub of the offline-first visitor log"
+)]
+pub struct Cli {
+    /// The hub's state folder.
+    #[arg(
+        long,
+        env = "SYNC_HUB_DATA",
+        global = true,
+        default_value = "./hub-data"
+    )]
+    pub data: PathBuf,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create the hub's identity and keys; prints the hub id.
+    Init {
+        /// The region (jurisdiction) this hub serves.
+        #[arg(long)]
+        region: String,
+        /// Where `run` listens for sync (UDP). Default: all interfaces, port 7447.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// An address to put in enrollment tickets (repeatable). Default: the listen address.
+        #[arg(long)]
+        advertise: Vec<SocketAddr>,
+        /// The health authority's age public key (age1...). Default: generate a key pair and
+        /// write its identity to DATA/authority-identity.txt for hand-over.
+        #[arg(long)]
+        authority_recipient: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issuer keys.
+    Issuers {
+        #[command(subcommand)]
+        command: IssuersCommand,
+    },
+    /// Facility administration (local government).
+    Facility {
+        #[command(subcommand)]
+        command: FacilityCommand,
+    },
+    /// Run the hub: sync endpoint (iroh) and HTTP API.
+    Run {
+        /// UDP address for sync. Default: the one recorded at init.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// HTTP address (API, metrics).
+        #[arg(long, default_value = "127.0.0.1:7448")]
+        http: SocketAddr,
+        /// Concurrent sync connections; the excess are closed at once (QUIC close code 2).
+        #[arg(long, default_value_t = crate::daemon::MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Bytes one sync session may send after admission; over it the session is refused
+        /// (`QuotaExceeded`).
+        #[arg(long, default_value_t = crate::daemon::MAX_SESSION_BYTES)]
+        max_session_bytes: u64,
+        /// New records one device may deliver per UTC day; a session that would go over is
+        /// refused (`QuotaExceeded`).
+        #[arg(long, default_value_t = crate::daemon::MAX_DEVICE_RECORDS_PER_DAY)]
+        max_device_records_per_day: u64,
+        /// New wrapped keys (`k/` entries) one device may deliver per UTC day; a session that
+        /// would go over is refused (`QuotaExceeded`).
+        #[arg(long, default_value_t = crate::daemon::MAX_DEVICE_KEYS_PER_DAY)]
+        max_device_keys_per_day: u64,
+        /// Connections that may wait for admission (handshake done, no admitted Hello yet);
+        /// at the cap the oldest waiting one is closed for the new one.
+        #[arg(long, default_value_t = crate::daemon::MAX_UNADMITTED)]
+        max_unadmitted: usize,
+    },
+    /// Facilities and records the hub holds.
+    Stats {
+        /// Print JSON (the only format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A health-authority trace of a case's tokens.
+    Trace {
+        /// A token, 32 hex characters (repeatable).
+        #[arg(long = "token", required = true)]
+        tokens: Vec<String>,
+        /// Contacts within this many minutes of a visit.
+        #[arg(long, default_value_t = 30)]
+        window_minutes: u64,
+        /// The case id (audited).
+        #[arg(long)]
+        case: Option<String>,
+        /// The purpose (audited).
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Start of the period searched, Unix seconds (default: the retention period before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// End of the period searched, Unix seconds (default: now).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Output format: json or csv (spreadsheet-safe).
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Write the export to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// People's credentials for the HTTP API (operators, officers, the health authority).
+    Credential {
+        #[command(subcommand)]
+        command: CredentialCommand,
+    },
+    /// The audit log: list it, verify its hash chain.
+    Audit {
+        /// Verify the chain; exits non-zero naming the first broken entry.
+        #[arg(long)]
+        verify: bool,
+        /// Only the last N entries.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Designations of facilities that must keep a log (local government).
+    Designation {
+        #[command(subcommand)]
+        command: DesignationCommand,
+    },
+    /// Mandatory facilities with no visits or no sync in the last N hours.
+    Compliance {
+        /// The period, hours.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reports.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
+    /// The health authority's side: paper entries of a trace export.
+    Paper {
+        #[command(subcommand)]
+        command: PaperCommand,
+    },
+    /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
+    Purge {
+        /// Unix seconds; earlier than now is ignored, more than 400 days ahead refused.
+        #[arg(long)]
+        as_of: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enrolled devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Write an enrollment ticket for one new device of a facility.
+    Enroll {
+        /// The facility's id.
+        facility_id: String,
+        /// Where the device stands ("north gate").
+        #[arg(long)]
+        device_name: String,
+        /// The ticket file to write (a credential: hand it over like a key).
+        #[arg(long)]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CredentialCommand {
+    /// Make a credential; prints its secret once.
+    Add {
+        /// operator, officer or authority.
+        #[arg(long)]
+        role: String,
+        /// The region an officer administers (officers only).
+        #[arg(long)]
+        region: Option<String>,
+        /// Whose it is (kept in the audit log).
+        #[arg(long)]
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List credentials (never their secrets).
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a credential: it is refused from then on.
+    Revoke {
+        /// The credential id (cred_...).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DesignationCommand {
+    /// Designate a category, a facility, or a facility for a dated one-off event.
+    Add {
+        /// A whole category (in the region).
+        #[arg(long, conflicts_with_all = ["facility", "event"])]
+        category: Option<String>,
+        /// One facility (with --event: for the event only).
+        #[arg(long)]
+        facility: Option<String>,
+        /// A one-off event's name (needs --facility, --from and --to).
+        #[arg(long, requires_all = ["facility", "from", "to"])]
+        event: Option<String>,
+        /// The event's start, Unix seconds.
+        #[arg(long)]
+        from: Option<u64>,
+        /// The event's end, Unix seconds.
+        #[arg(long)]
+        to: Option<u64>,
+        /// The region a category designation applies in (default: the hub's).
+        #[arg(long)]
+        region: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List designations.
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a designation.
+    Remove {
+        /// The designation id (des_...).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReportCommand {
+    /// Tokens seen at two facilities within one code's validity (shared screenshots).
+    SharedCodes {
+        /// Start, Unix seconds (default: the retention period before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// End, Unix seconds (default: now).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PaperCommand {
+    /// Open the sealed paper entries of a trace export (`trace --json`) with the health
+    /// authority's age identity file. Runs on the authority's machine; needs no hub.
+    Open {
+        /// The authority's identity file (AGE-SECRET-KEY-1...).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The trace export (JSON).
+        export: PathBuf,
+        /// Output format: json (one object per line) or csv (spreadsheet-safe).
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// List devices.
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device: every later sync from it is refused.
+    Revoke {
+        /// The device's id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum IssuersCommand {
+    /// Trust the issuer keys in a keyring file (qr-token-v1.md format).
+    Import {
+        /// The keyring file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct BusinessNumberArg {
+    /// The business registration number (10 digits, dashes allowed).
+    #[arg(long)]
+    pub business_number: Option<String>,
+    /// The facility has no business number: it stays pending until approved.
+    #[arg(long)]
+    pub no_business_number: bool,
+}
+
+#[derive(Subcommand)]
+pub enum FacilityCommand {
+    /// Register a facility.
+    Add {
+        /// Business name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        business: BusinessNumberArg,
+        /// Representative's name. A sole proprietor's name is a person's: give
+        /// `--representative` alone to read it from stdin (one line per such flag:
+        /// representative, then phone), since a command line stays in shell history and /proc.
+        #[arg(long, num_args = 0..=1, required = true, value_name = "NAME")]
+        representative: Option<Option<String>>,
+        /// Business phone (often the owner's mobile); `--phone` alone reads it from stdin.
+        #[arg(long, num_args = 0..=1, required = true, value_name = "PHONE")]
+        phone: Option<Option<String>>,
+        /// Category slug (e.g. karaoke, pc_room) or other:<sub-category>.
+        #[arg(long)]
+        category: String,
+        /// Jurisdiction.
+        #[arg(long)]
+        region: String,
+        /// Street address, with enough detail to tell branches apart.
+        #[arg(long)]
+        address: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending facility.
+    Approve {
+        /// The facility's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a facility (e.g. a duplicate registration); its devices are revoked.
+    Remove {
+        /// The facility's id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List facilities.
+    List {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Facilities waiting for approval.
+    Pending {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Duplicate registrations (same business number, same detailed address).
+    Duplicates {
+        /// Remove all but the earliest registration of each group (audited).
+        #[arg(long)]
+        remove: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The answer of the variant `$variant` of [`AdminReply`], or an error if the hub answered
+/// with another.
+macro_rules! answer {
+    ($reply:expr, $variant:path) => {
+        match $reply {
+            $variant(v) => v,
+            _ => anyhow::bail!("the hub answered with the answer of another command"),
+        }
+    };
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let data = cli.data;
+    // Before anything is created: every file of ours is owner-only (keys, stores, exports).
+    host::private_files::restrict(&data);
+    let now = clock::now();
+    match cli.command {
+        Command::Init {
+            region,
+            listen,
+            advertise,
+            authority_recipient,
+            json,
+        } => {
+            let made = Hub::init(&data, &region, listen, advertise, authority_recipient, now)?;
+            let c = made.hub.config();
+            if json {
+                println!(
+                    "{}",
+                    json!({"hub_id": c.endpoint_id, "region": c.region, "listen": c.listen.to_string(),
+                           "advertise": c.advertise.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                           "authority_identity_file": made.authority_identity_file.as_ref().map(|p| p.display().to_string())})
+                );
+            } else {
+                println!("{}", c.endpoint_id);
+            }
+            if let Some(p) = made.authority_identity_file {
+                eprintln!(
+                    "sync-hub: generated the health authority's key; its identity is in {}: hand it to the health authority and delete it here",
+                    p.display()
+                );
+            }
+        }
+        Command::Issuers {
+            command: IssuersCommand::Import { file, json },
+        } => {
+            let keyring = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read keyring {}", file.display()))?;
+            let v = answer!(
+                admin(&data, AdminCommand::IssuersImport { keyring }, now)?,
+                AdminReply::TrustedKeys
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("the hub now trusts {} issuer keys", v.trusted_keys);
+            }
+        }
+        Command::Facility { command } => facility(&data, command, now)?,
+        Command::Run {
+            listen,
+            http,
+            max_connections,
+            max_session_bytes,
+            max_device_records_per_day,
+            max_device_keys_per_day,
+            max_unadmitted,
+        } => {
+            let quotas = crate::daemon::Quotas {
+                session_bytes: max_session_bytes,
+                device_records_per_day: max_device_records_per_day,
+                device_keys_per_day: max_device_keys_per_day,
+            };
+            run_hub(
+                &data,
+                listen,
+                http,
+                (max_connections, max_unadmitted),
+                quotas,
+            )?
+        }
+        Command::Device {
+            command: DeviceCommand::List { json },
+        } => {
+            let list = answer!(
+                admin(&data, AdminCommand::DeviceList, now)?,
+                AdminReply::Devices
+            );
+            for d in &list {
+                if json {
+                    print_json(d)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\tlast sync {}",
+                        d.device_id,
+                        d.facility_id,
+                        d.name,
+                        if d.revoked { "revoked" } else { "active" },
+                        d.last_sync.map_or("null".to_owned(), |t| t.to_string())
+                    );
+                }
+            }
+        }
+        Command::Device {
+            command: DeviceCommand::Revoke { id },
+        } => {
+            let v = answer!(
+                admin(&data, AdminCommand::DeviceRevoke { id }, now)?,
+                AdminReply::DeviceRevoked
+            );
+            println!("{} revoked", v.device_id);
+        }
+        Command::Stats { json: _ } => {
+            let v = match Hub::open(&data) {
+                Ok(hub) => {
+                    crate::people::permit(&Principal::local_operator(), crate::people::Op::Stats)?;
+                    let ledger = Ledger::open(hub.store(), hub.keys())?;
+                    serde_json::to_value(ledger.stats(now)?)?
+                }
+                Err(e) if is_busy(&e) => control::call(&data, "GET", "/api/stats", None)?,
+                Err(e) => return Err(e.into()),
+            };
+            println!("{v}");
+        }
+        Command::Trace {
+            tokens,
+            window_minutes,
+            case,
+            purpose,
+            from,
+            to,
+            format,
+            out,
+            json: _,
+        } => {
+            let csv = match format.as_str() {
+                "json" => false,
+                "csv" => true,
+                other => anyhow::bail!("--format {other:?}: use json or csv"),
+            };
+            let request = TraceRequest {
+                tokens,
+                window_minutes: Some(window_minutes),
+                case,
+                purpose,
+                from,
+                to,
+            };
+            // Check before touching the store, so bad input fails the same either way.
+            request
+                .clone()
+                .check(now, false)
+                .map_err(anyhow::Error::msg)?;
+            let text = match Hub::open(&data) {
+                Ok(hub) => {
+                    let ledger = Ledger::open(hub.store(), hub.keys())?;
+                    let desk = Desk::new(&hub, &ledger, now);
+                    let q = request.check(now, false).map_err(anyhow::Error::msg)?;
+                    let report = desk.trace(&Principal::local_operator(), &q)?;
+                    if csv {
+                        crate::trace::to_csv(&report)
+                    } else {
+                        serde_json::to_string(&report)?
+                    }
+                }
+                Err(e) if is_busy(&e) => {
+                    let path = if csv {
+                        "/api/trace?format=csv"
+                    } else {
+                        "/api/trace"
+                    };
+                    control::call_text(&data, "POST", path, Some(serde_json::to_value(&request)?))?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            emit(&text, out.as_deref())?;
+        }
+        Command::Credential { command } => credential(&data, command, now)?,
+        Command::Audit {
+            verify,
+            limit,
+            json,
+        } => {
+            let v = answer!(
+                admin(&data, AdminCommand::Audit { limit, verify }, now)?,
+                AdminReply::Audit
+            );
+            for e in &v.entries {
+                if json {
+                    print_json(e)?;
+                } else {
+                    let no_case = if e.details_expired {
+                        crate::audit::EXPIRED
+                    } else {
+                        "-"
+                    };
+                    println!(
+                        "{}\t{}\t{} ({})\t{}\t{}\t{}",
+                        e.seq,
+                        crate::trace::utc(e.at),
+                        e.actor.name,
+                        e.actor.role,
+                        e.event.action,
+                        e.event.case_id.as_deref().unwrap_or(no_case),
+                        e.event.facilities.join(",")
+                    );
+                }
+            }
+            if verify {
+                if json {
+                    print_json(&json!({ "verification": v.verification }))?;
+                }
+                let ver = v
+                    .verification
+                    .context("the hub answered without verifying the audit log")?;
+                if !ver.ok {
+                    anyhow::bail!("the audit log does not verify: {}", ver.problems.join("; "));
+                }
+                if !json {
+                    println!("audit log verified: {} entries, chain intact", ver.entries);
+                }
+            }
+        }
+        Command::Designation { command } => designation(&data, command, now)?,
+        Command::Compliance { hours, json } => {
+            let rows = answer!(
+                admin(&data, AdminCommand::Compliance { hours }, now)?,
+                AdminReply::Compliance
+            );
+            for r in &rows {
+                if json {
+                    print_json(r)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}\tlast sync {}\tlast visit {}\t{}",
+                        r.facility_id,
+                        if r.compliant { "ok" } else { "FLAGGED" },
+                        r.name,
+                        r.last_sync
+                            .map(crate::trace::utc)
+                            .unwrap_or_else(|| "never".into()),
+                        r.last_visit
+                            .map(crate::trace::utc)
+                            .unwrap_or_else(|| "none".into()),
+                        r.mandatory_because
+                    );
+                }
+            }
+        }
+        Command::Report {
+            command: ReportCommand::SharedCodes { from, to, json },
+        } => {
+            let v = answer!(
+                admin(&data, AdminCommand::SharedCodes { from, to }, now)?,
+                AdminReply::SharedCodes
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::to_value(&v)?)?
+                );
+            }
+        }
+        Command::Paper {
+            command:
+                PaperCommand::Open {
+                    identity,
+                    export,
+                    format,
+                    out,
+                },
+        } => {
+            let id_text = std::fs::read_to_string(&identity)
+                .with_context(|| format!("cannot read identity {}", identity.display()))?;
+            let id = crate::trace::read_identity(&id_text).map_err(anyhow::Error::msg)?;
+            let export_text = std::fs::read_to_string(&export)
+                .with_context(|| format!("cannot read trace export {}", export.display()))?;
+            let (opened, failed) =
+                crate::trace::open_paper(&export_text, &id).map_err(anyhow::Error::msg)?;
+            let text = match format.as_str() {
+                "csv" => crate::trace::paper_csv(&opened),
+                "json" => opened
+                    .iter()
+                    .map(|e| serde_json::to_string(e).map(|l| l + "\n"))
+                    .collect::<Result<String, _>>()?,
+                other => anyhow::bail!("--format {other:?}: use json or csv"),
+            };
+            emit(&text, out.as_deref())?;
+            for f in &failed {
+                eprintln!("sync-hub: paper entry {f}");
+            }
+            if !failed.is_empty() {
+                anyhow::bail!("{} paper entries did not open", failed.len());
+            }
+        }
+        Command::Purge { as_of, json } => {
+            // Refused here before anything opens; checked again (and audited) where it runs.
+            crate::people::purge_as_of(&Principal::local_operator(), as_of, now)?;
+            let v = match Hub::open(&data) {
+                Ok(hub) => {
+                    let mut ledger = Ledger::open(hub.store(), hub.keys())?;
+                    let r = crate::people::purge(
+                        &hub,
+                        &mut ledger,
+                        &Principal::local_operator(),
+                        as_of,
+                        now,
+                    )?;
+                    drop(ledger);
+                    hub.compact();
+                    serde_json::to_value(r)?
+                }
+                Err(e) if is_busy(&e) => {
+                    control::call(&data, "POST", "/api/purge", Some(json!({"as_of": as_of})))?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{v}");
+            } else {
+                println!("retention enforced: {v}");
+            }
+        }
+        Command::Enroll {
+            facility_id,
+            device_name,
+            out,
+            json,
+        } => {
+            let ticket = answer!(
+                admin(
+                    &data,
+                    AdminCommand::Enroll {
+                        facility_id,
+                        device_name,
+                    },
+                    now,
+                )?,
+                AdminReply::Ticket
+            );
+            Hub::write_ticket(&ticket, &out)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"device_id": ticket.device_id, "facility_id": ticket.facility.id, "ticket": out.display().to_string()})
+                );
+            } else {
+                println!(
+                    "wrote ticket for device {} ({}) to {}: it is a credential, hand it over like a key",
+                    ticket.device_id,
+                    ticket.device_name,
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_busy(e: &HubError) -> bool {
+    matches!(e, HubError::Store(crate::store::StoreError::Busy(_)))
+}
+
+/// Opens the hub for `run`, waiting up to [`crate::store::RUN_LOCK_WAIT`] (or
+/// `SYNC_HUB_LOCK_WAIT_MS` milliseconds) while a short command holds the store, so a `run`
+/// started next to one does not exit. Only `run` waits: other commands use the running hub's
+/// API when the store is busy.
+fn open_for_run(data: &std::path::Path) -> Result<Hub> {
+    let wait = std::env::var("SYNC_HUB_LOCK_WAIT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(
+            crate::store::RUN_LOCK_WAIT,
+            std::time::Duration::from_millis,
+        );
+    match host::store_lock::wait_while_busy(wait, || Hub::open(data), is_busy) {
+        Ok(hub) => Ok(hub),
+        Err(e) if is_busy(&e) => anyhow::bail!(
+            "{e}; still held after waiting {:.1} s{}",
+            wait.as_secs_f64(),
+            run_holder(data)
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Who holds the store, if `run.json` says: a running hub records its process id there.
+fn run_holder(data: &std::path::Path) -> String {
+    std::fs::read_to_string(data.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["pid"].as_u64())
+        .map(|pid| format!(" (run.json names process {pid}, a running `sync-hub run`)"))
+        .unwrap_or_default()
+}
+
+fn run_hub(
+    data: &std::path::Path,
+    listen: Option<SocketAddr>,
+    http: SocketAddr,
+    (max_connections, max_unadmitted): (usize, usize),
+    quotas: crate::daemon::Quotas,
+) -> Result<()> {
+    let hub = open_for_run(data)?;
+    let listen = listen.unwrap_or(hub.config().listen);
+    let secret = hub.keys().endpoint_secret()?;
+    let token = control::operator_token(data)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let endpoint = crate::daemon::bind(secret, listen).await?;
+        let (handle, actor) = crate::daemon::start(hub, quotas)?;
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {http}"))?;
+        let http_addr = listener.local_addr()?;
+        let sync_addrs = endpoint.bound_sockets();
+        control::write_run_file(data, http_addr, &sync_addrs)?;
+        eprintln!(
+            "sync-hub: serving sync on {:?} and HTTP on http://{http_addr}",
+            sync_addrs
+        );
+        let app = crate::http::router(handle.clone(), token);
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+        let sync = crate::daemon::serve(
+            endpoint.clone(),
+            handle.clone(),
+            max_connections,
+            max_unadmitted,
+        );
+        tokio::select! {
+            r = server => { r?; }
+            _ = sync => {}
+        }
+        endpoint.close().await;
+        crate::daemon::stop(&handle);
+        let _ = actor.join();
+        control::remove_run_file(data);
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs an administrative command on the store as the local operator, or through the running
+/// hub with the operator token.
+fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<AdminReply> {
+    match Hub::open(data) {
+        Ok(hub) => {
+            let ledger = Ledger::open(hub.store(), hub.keys())?;
+            let desk = Desk::new(&hub, &ledger, now);
+            Ok(cmd.execute(&desk, &Principal::local_operator())?)
+        }
+        Err(e) if is_busy(&e) => {
+            let text = control::call_text(
+                data,
+                "POST",
+                "/api/admin",
+                Some(serde_json::to_value(&cmd)?),
+            )?;
+            cmd.read_reply(&text)
+                .map_err(|e| anyhow::anyhow!("the running hub's answer is unreadable: {e}"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Prints a command's answer as JSON on one line, its keys in order (through
+/// `serde_json::Value`, whose maps are sorted: the shape the command line has always
+/// printed).
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_value(v)?);
+    Ok(())
+}
+
+/// Writes `text` to `out`, or stdout.
+fn emit(text: &str, out: Option<&std::path::Path>) -> Result<()> {
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
+    }
+}
+
+fn credential(data: &std::path::Path, command: CredentialCommand, now: u64) -> Result<()> {
+    match command {
+        CredentialCommand::Add {
+            role,
+            region,
+            name,
+            json,
+        } => {
+            let role: Role = role.parse()?;
+            let v = answer!(
+                admin(
+                    data,
+                    AdminCommand::CredentialAdd { role, region, name },
+                    now,
+                )?,
+                AdminReply::NewCredential
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "credential {} ({}): {}\nthe secret is shown only now; hand it over securely",
+                    v.credential_id,
+                    v.role.as_str(),
+                    v.secret
+                );
+            }
+        }
+        CredentialCommand::List { json } => {
+            let list = answer!(
+                admin(data, AdminCommand::CredentialList, now)?,
+                AdminReply::Credentials
+            );
+            for c in &list {
+                if json {
+                    print_json(c)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        c.credential_id,
+                        c.role.as_str(),
+                        c.region.as_deref().unwrap_or("-"),
+                        c.name,
+                        if c.revoked_at.is_none() {
+                            "active"
+                        } else {
+                            "revoked"
+                        }
+                    );
+                }
+            }
+        }
+        CredentialCommand::Revoke { id, json } => {
+            let v = answer!(
+                admin(data, AdminCommand::CredentialRevoke { id }, now)?,
+                AdminReply::CredentialRevoked
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{} revoked", v.credential_id);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn designation(data: &std::path::Path, command: DesignationCommand, now: u64) -> Result<()> {
+    match command {
+        DesignationCommand::Add {
+            category,
+            facility,
+            event,
+            from,
+            to,
+            region,
+            json,
+        } => {
+            let target = match (category, facility, event) {
+                (Some(category), None, None) => Target::Category { category },
+                (None, Some(facility_id), None) => Target::Facility { facility_id },
+                (None, Some(facility_id), Some(name)) => Target::Event {
+                    facility_id,
+                    name,
+                    from: from.context("--event needs --from")?,
+                    to: to.context("--event needs --to")?,
+                },
+                _ => anyhow::bail!(
+                    "give --category C, or --facility ID, or --event NAME --facility ID --from UNIX --to UNIX"
+                ),
+            };
+            let v = answer!(
+                admin(data, AdminCommand::DesignationAdd { target, region }, now)?,
+                AdminReply::Designation
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{} designated", v.id);
+            }
+        }
+        DesignationCommand::List { json } => {
+            let list = answer!(
+                admin(data, AdminCommand::DesignationList, now)?,
+                AdminReply::Designations
+            );
+            for d in &list {
+                if json {
+                    print_json(d)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}",
+                        d.id,
+                        d.region,
+                        serde_json::to_value(&d.target)?
+                    );
+                }
+            }
+        }
+        DesignationCommand::Remove { id, json } => {
+            let v = answer!(
+                admin(
+                    data,
+                    AdminCommand::DesignationRemove { id: id.clone() },
+                    now
+                )?,
+                AdminReply::Designation
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{id} removed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Result<()> {
+    match command {
+        FacilityCommand::Add {
+            name,
+            business,
+            representative,
+            phone,
+            category,
+            region,
+            address,
+            json,
+        } => {
+            let business_number = match business.business_number {
+                Some(b) => Some(BusinessNumber::parse(&b)?),
+                None => None,
+            };
+            // The representative's name and phone are often a sole proprietor's own.
+            let input = SecretInput::new("sync-hub", "representative, then phone");
+            let representative = input.value(
+                "--representative",
+                "representative",
+                representative.flatten(),
+                Echo::On,
+            )?;
+            let phone = input.value("--phone", "phone", phone.flatten(), Echo::On)?;
+            let registration = Registration {
+                name,
+                business_number,
+                representative,
+                phone,
+                category,
+                region,
+                address,
+            };
+            registration.validate()?;
+            let v = answer!(
+                admin(data, AdminCommand::FacilityAdd { registration }, now)?,
+                AdminReply::Facility
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{} {}", v.facility_id, v.status);
+            }
+        }
+        FacilityCommand::Approve { id, json } => {
+            let v = answer!(
+                admin(data, AdminCommand::FacilityApprove { id }, now)?,
+                AdminReply::Facility
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{} approved", v.facility_id);
+            }
+        }
+        FacilityCommand::Remove { id, json } => {
+            let v = answer!(
+                admin(data, AdminCommand::FacilityRemove { id }, now)?,
+                AdminReply::FacilityRemoved
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{} removed; its devices are revoked", v.facility_id);
+            }
+        }
+        FacilityCommand::Pending { json } => {
+            let list = answer!(
+                admin(data, AdminCommand::FacilityPending, now)?,
+                AdminReply::Facilities
+            );
+            for f in &list {
+                if json {
+                    print_json(f)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        f.facility_id, f.region, f.category, f.name, f.address
+                    );
+                }
+            }
+        }
+        FacilityCommand::Duplicates { remove, json } => {
+            let v = answer!(
+                admin(data, AdminCommand::FacilityDuplicates { remove }, now)?,
+                AdminReply::Duplicates
+            );
+            if json {
+                print_json(&v)?;
+            } else {
+                for g in &v.groups {
+                    let ids: Vec<&str> = g.iter().map(|f| f.facility_id.as_str()).collect();
+                    println!("duplicates (earliest first): {}", ids.join(" "));
+                }
+                for r in &v.removed {
+                    println!("{r} removed");
+                }
+            }
+        }
+        FacilityCommand::List { json } => {
+            let list = answer!(
+                admin(data, AdminCommand::FacilityList, now)?,
+                AdminReply::Facilities
+            );
+            for f in &list {
+                if json {
+                    print_json(f)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        f.facility_id, f.status, f.category, f.name, f.address
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
