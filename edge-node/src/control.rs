@@ -198,19 +198,31 @@ async fn status(State(s): State<ControlState>, headers: HeaderMap) -> Response {
     }
 }
 
+/// `/api/paper`'s body: the entry and whether the visitor is under 14 (then the entry needs
+/// the guardian's consent, as at every other entry point). No `Debug`: it holds a name.
+#[derive(Deserialize)]
+pub struct PaperRequest {
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: PaperEntry,
+    /// The visitor is under 14.
+    #[serde(default)]
+    pub minor: bool,
+}
+
 async fn paper(
     State(s): State<ControlState>,
     headers: HeaderMap,
-    body: Result<Json<PaperEntry>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<PaperRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorized(&headers, &s.token) {
         return r;
     }
-    let Json(entry) = match body {
+    let Json(PaperRequest { entry, minor }) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
     };
-    match lock(&s.device).add_paper(clock::now(), &entry) {
+    match lock(&s.device).add_paper(clock::now(), &entry, minor) {
         Ok(id) => {
             s.wake.notify_one();
             Json(serde_json::json!({ "record_id": id.to_string(), "stored": true })).into_response()
@@ -395,5 +407,69 @@ impl Client {
             .send(bytes)
             .context("the running device did not answer")?;
         Self::finish(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::Day;
+    use std::sync::Mutex;
+
+    /// `/api/paper` (what `paper add` uses while `run` holds the store) applies the under-14
+    /// rule like the kiosk and the CLI: a minor without a guardian's consent is refused and
+    /// nothing is stored. The route used to ignore the flag and store the entry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_paper_refuses_a_minor_without_a_guardians_consent() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let now = clock::now();
+        let dev = crate::device::tests::enrolled(&tmp, now, Day::of(now), 35);
+        let data = tmp.path().join("dev");
+        let device: SharedDevice = Arc::new(Mutex::new(dev));
+        let state = ControlState {
+            device: device.clone(),
+            wake: Arc::new(Notify::new()),
+            token: Arc::new(control_token(&data).expect("token")),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        write_run_file(&data, addr).expect("run.json");
+        let server = tokio::spawn(
+            axum::serve(
+                listener,
+                router(state).into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .into_future(),
+        );
+        let entry = |guardian: bool| {
+            serde_json::json!({
+                "name": "Hong Gildong", "phone": "010-1234-5678", "visited_at": now,
+                "consent_collect": true, "consent_share": true,
+                "guardian_consent": guardian, "remarks": "", "minor": true,
+            })
+        };
+        let post = |body: serde_json::Value| {
+            let data = data.clone();
+            tokio::task::spawn_blocking(move || Client::find(&data)?.post_json("/api/paper", &body))
+        };
+        let records = |device: &SharedDevice| {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            dev.store()
+                .pending_days()
+                .expect("pending days")
+                .iter()
+                .map(|d| dev.store().pending(*d).expect("pending").len())
+                .sum::<usize>()
+        };
+        let refused = post(entry(false)).await.expect("joined");
+        let msg = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("guardian"), "not refused: {msg:?}");
+        assert_eq!(records(&device), 0, "a refused entry stored something");
+        let stored = post(entry(true)).await.expect("joined").expect("stored");
+        assert_eq!(stored["stored"], true);
+        assert_eq!(records(&device), 2, "the session key's row and the entry");
+        server.abort();
     }
 }

@@ -24,17 +24,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// How often retention runs.
-pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
-/// The longest wait between checks for an ended day's session key: the timer aims at the next
-/// UTC midnight, and this cap bounds the error of a clock that was set while it slept.
-pub const SESSION_CHECK_MAX: Duration = Duration::from_secs(60);
+/// How often retention runs (`shared::device::RETENTION_EVERY_SECS`, as in the simulation).
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(shared::device::RETENTION_EVERY_SECS);
+/// The longest wait between checks for an ended day's session key
+/// (`shared::device::SESSION_CHECK_MAX_SECS`).
+pub const SESSION_CHECK_MAX: Duration = Duration::from_secs(shared::device::SESSION_CHECK_MAX_SECS);
 
 /// How long to wait at `now` (Unix seconds) before the next check for an ended day's session
-/// key: until one second past the next UTC midnight, at most [`SESSION_CHECK_MAX`].
+/// key (`shared::device::session_check_wait`).
 pub fn session_check_wait(now: u64) -> Duration {
-    let next_midnight = (now / 86_400 + 1) * 86_400;
-    Duration::from_secs(next_midnight - now + 1).min(SESSION_CHECK_MAX)
+    Duration::from_secs(shared::device::session_check_wait(now))
 }
 
 /// One round: the hub, then every sibling (roster and `extra`), one session each.
@@ -234,15 +233,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn session_check_wakes_just_after_midnight_and_at_least_every_minute() {
+    fn session_check_waits_are_the_shared_rules() {
         let midnight = 20_000 * 86_400;
         assert_eq!(session_check_wait(midnight - 30), Duration::from_secs(31));
-        assert_eq!(session_check_wait(midnight - 1), Duration::from_secs(2));
         assert_eq!(session_check_wait(midnight), SESSION_CHECK_MAX);
-        assert_eq!(session_check_wait(midnight - 3600), SESSION_CHECK_MAX);
-        for now in (midnight - 200)..(midnight + 200) {
-            let w = session_check_wait(now);
-            assert!(w > Duration::ZERO && w <= SESSION_CHECK_MAX, "{now}: {w:?}");
-        }
+        assert_eq!(RETENTION_INTERVAL, Duration::from_secs(3600));
     }
 }

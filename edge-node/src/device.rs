@@ -1,27 +1,34 @@
 //! One enrolled entrance device: the check-in path from a verified code to a durable,
 //! sealed record, the paper log, status and retention.
 //!
-//! The rules (verification, sealing, partitions, horizon) come from `shared`; this module
-//! executes them in order against the store and adds only the order itself: verify, check
-//! the seen-token memory, seal, commit durably, and only then report `accepted`.
+//! The rules come from `shared`: the scan's verdict and the duplicate-code rule, the day-key
+//! fallback and when a session key is replaced, the paper-entry rules and the retention plan
+//! are `shared::device`'s; sealing and partitions are `shared::envelope` and
+//! `shared::partition`. This module carries them out against the store, in order: verify,
+//! check the seen-token memory, seal, commit durably, and only then report `accepted`.
 
 use crate::store::{CheckInWrite, Pending, Store, StoreError};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared::daykey::DayPublicKey;
+use shared::device::{
+    HeldDay, HeldSession, PaperRefusal, ScanVerdict, Scanner, SessionPlan, day_key_for,
+    fallback_key_day, fallback_summary, purge_plan, seen_prune_before, session_ended, session_plan,
+    session_survives_refresh,
+};
 use shared::envelope::{Envelope, Record, RecordBody, SessionKey, WrappedKey};
 use shared::facility::Facility;
 use shared::paper::{PaperEntry, PaperError};
 use shared::partition::{Partition, PartitionError};
 use shared::ticket::{Credential, EnrollmentTicket, HubContact, TicketError};
 use shared::time::{Day, UnixSeconds, horizon};
-use shared::token::{Keyring, Verdict, verify};
+use shared::token::{Keyring, Verdict};
 use shared::{DeviceId, PartitionId, RecordId};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Default clock tolerance for code expiry, seconds (`qr-token-v1.md`).
-pub const DEFAULT_SKEW: u64 = 10;
+pub const DEFAULT_SKEW: u64 = shared::device::DEFAULT_SKEW;
 /// Chunks a partition may gather in the store before it is compacted into one save.
 pub const COMPACT_AFTER_CHUNKS: usize = 512;
 /// The most records [`Device::fold_pending`] folds into one automerge change. A change travels
@@ -114,9 +121,9 @@ pub enum DeviceError {
     /// A paper-log entry was refused.
     #[error(transparent)]
     Paper(#[from] PaperError),
-    /// A paper-log visit time out of range.
-    #[error("{0}")]
-    VisitTime(String),
+    /// A paper-log entry the device's rules refuse (the guardian rule, the visit time).
+    #[error(transparent)]
+    PaperRule(PaperRefusal),
     /// A staff PIN that is not of the allowed form.
     #[error(
         "the staff PIN must be {} to {} digits (0-9) and nothing else (a shorter PIN is guessed within weeks); it was not set",
@@ -127,6 +134,15 @@ pub enum DeviceError {
     /// Hashing a new staff PIN failed.
     #[error("cannot hash the staff PIN ({0}); it was not set")]
     PinHash(String),
+}
+
+impl From<PaperRefusal> for DeviceError {
+    fn from(r: PaperRefusal) -> DeviceError {
+        match r {
+            PaperRefusal::Entry(e) => DeviceError::Paper(e),
+            other => DeviceError::PaperRule(other),
+        }
+    }
 }
 
 /// What the device keeps of its enrollment (everything in the ticket but the keys that
@@ -417,6 +433,15 @@ struct DaySession {
     key_day: Day,
 }
 
+impl DaySession {
+    fn held(&self) -> HeldSession {
+        HeldSession {
+            day: self.key.day(),
+            key_day: self.key_day,
+        }
+    }
+}
+
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -594,73 +619,44 @@ impl Device {
             })
     }
 
-    fn seen_hash(&self, token: &[u8; 16]) -> [u8; 32] {
-        let mut h = blake3::Hasher::new_keyed(&self.seen_key);
-        h.update(self.enrollment.facility.id.as_str().as_bytes());
-        h.update(&[0]);
-        h.update(token);
-        *h.finalize().as_bytes()
-    }
-
     /// Verifies a code's text and, if it passes, stores the visit durably.
     ///
     /// A rejected code is a result (`Ok` with its verdict); `Err` means the device could not
     /// do its job (the store failed) and nothing was recorded.
     pub fn check_in(&mut self, now: UnixSeconds, text: &str) -> Result<CheckIn, DeviceError> {
-        let token = match verify(text, &self.keyring, now, self.skew) {
-            Ok(t) => t,
-            Err(verdict) => {
-                return Ok(CheckIn {
-                    verdict,
-                    record: None,
-                });
-            }
+        let scanner = Scanner {
+            keyring: &self.keyring,
+            skew: self.skew,
+            seen_key: &self.seen_key,
+            facility: &self.enrollment.facility.id,
+            device: &self.enrollment.device_id,
         };
-        let hash = self.seen_hash(token.token().as_bytes());
-        if self.store.seen(&hash, now)? {
-            return Ok(CheckIn {
-                verdict: Verdict::Duplicate,
+        let store = &self.store;
+        match scanner.scan(now, text, |hash| store.seen(hash, now))? {
+            ScanVerdict::Refuse(verdict) => Ok(CheckIn {
+                verdict,
                 record: None,
-            });
+            }),
+            ScanVerdict::Accept { record, seen } => {
+                let id = self.append(now, Day::of(now), &record, Some((seen.hash, seen.until)))?;
+                Ok(CheckIn {
+                    verdict: Verdict::Accepted,
+                    record: Some(id),
+                })
+            }
         }
-        let record = Record {
-            facility: self.enrollment.facility.id.clone(),
-            device: self.enrollment.device_id.clone(),
-            scanned_at: now,
-            body: RecordBody::Qr {
-                issuer_id: token.issuer_id(),
-                key_id: token.key_id(),
-                issued_at: token.issued_at(),
-                token: *token.token().as_bytes(),
-            },
-        };
-        let until = token.valid_until(self.skew);
-        let id = self.append(now, Day::of(now), &record, Some((hash, until)))?;
-        Ok(CheckIn {
-            verdict: Verdict::Accepted,
-            record: Some(id),
-        })
     }
 
     /// Records a paper-log visitor, sealed to the health authority inside and under the
-    /// session key outside.
+    /// session key outside. `minor`: the visitor is under 14, so the entry needs the
+    /// guardian's consent (`shared::device::check_paper`, with the visit-time rules).
     pub fn add_paper(
         &mut self,
         now: UnixSeconds,
         entry: &PaperEntry,
+        minor: bool,
     ) -> Result<RecordId, DeviceError> {
-        entry.validate()?;
-        if entry.visited_at > now.saturating_add(self.skew) {
-            return Err(DeviceError::VisitTime(
-                "--visited-at lies in the future by this device's clock".into(),
-            ));
-        }
-        let day = Day::of(entry.visited_at);
-        if day < horizon(now) {
-            return Err(DeviceError::VisitTime(
-                "--visited-at is older than the 28-day retention period; such entries must not be kept".into(),
-            ));
-        }
+        let day = shared::device::check_paper(entry, minor, now, self.skew)?;
         let sealed = entry.seal_for_authority(&self.enrollment.authority_recipient)?;
         let record = Record {
             facility: self.enrollment.facility.id.clone(),
@@ -674,16 +670,7 @@ impl Device {
     }
 
     fn day_key_for(&self, day: Day, now: UnixSeconds) -> Result<&DayPublicKey, DeviceError> {
-        if let Some(k) = self.day_keys.iter().find(|k| k.day == day) {
-            return Ok(k);
-        }
-        // Keys ran out (no sync for weeks): fall back to the newest earlier key while the
-        // hub still keeps its secret. Never a later day's key: that would outlive retention.
-        self.day_keys
-            .iter()
-            .filter(|k| k.day < day && k.day >= horizon(now))
-            .max_by_key(|k| k.day)
-            .ok_or(DeviceError::NoDayKey(day))
+        day_key_for(&self.day_keys, day, now).ok_or(DeviceError::NoDayKey(day))
     }
 
     /// The partition of `day`, loaded from the store on first use.
@@ -708,11 +695,14 @@ impl Device {
         record: &Record,
         seen: Option<([u8; 32], UnixSeconds)>,
     ) -> Result<RecordId, DeviceError> {
-        let today = Day::of(now);
         self.end_past_sessions(now);
-        let fresh = match &self.session {
-            Some(s) if day == today && s.key.day() == day => None,
-            _ => {
+        let keep = match session_plan(self.session.as_ref().map(DaySession::held), day, now) {
+            SessionPlan::Reuse => None,
+            SessionPlan::Fresh { keep } => Some(keep),
+        };
+        let fresh = match keep {
+            None => None,
+            Some(_) => {
                 let to = self.day_key_for(day, now)?.clone();
                 let key = SessionKey::generate(&mut OsRng, day);
                 let wrapped = key
@@ -740,7 +730,7 @@ impl Device {
             .key
             .seal(&mut OsRng, &id, record_id, record)
             .map_err(|e| DeviceError::Seal(e.to_string()))?;
-        let fallback_key_day = (session.key_day != day).then_some(session.key_day);
+        let fallback_key_day = fallback_key_day(day, session.key_day);
         let mut rows = Vec::with_capacity(2);
         if let Some((_, wrapped)) = &fresh {
             rows.push(Pending::Key(wrapped.clone()));
@@ -752,13 +742,13 @@ impl Device {
             pending: &rows,
             seen,
             new_records: 1,
-            prune_before: now.saturating_sub(self.skew),
+            prune_before: seen_prune_before(now, self.skew),
             fallback_key_day,
         })?;
         // A key for another day (a paper entry written up later) seals this one record and
         // is dropped, wiped, here; only today's key stays for the next visitor.
         if let Some((s, _)) = fresh
-            && day == today
+            && keep == Some(true)
         {
             self.session = Some(s);
         }
@@ -770,8 +760,11 @@ impl Device {
     /// does this on every record; the daemon calls it on a timer so a quiet device lets go of
     /// yesterday's key soon after midnight UTC too. Returns whether a key was dropped.
     pub fn end_past_sessions(&mut self, now: UnixSeconds) -> bool {
-        let today = Day::of(now);
-        if self.session.as_ref().is_some_and(|s| s.key.day() != today) {
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| session_ended(s.held(), now))
+        {
             // `SessionKey` wipes its bytes on drop.
             self.session = None;
             true
@@ -1021,7 +1014,7 @@ impl Device {
         if self
             .session
             .as_ref()
-            .is_some_and(|s| s.key_day != s.key.day())
+            .is_some_and(|s| !session_survives_refresh(s.held()))
         {
             self.session = None;
         }
@@ -1074,14 +1067,8 @@ impl Device {
             .store
             .get(K_CLOCK_OFFSET)?
             .and_then(|raw| serde_json::from_slice(&raw).ok());
-        let mut fallback_sealed = 0;
-        let mut fallback_days_early = 0;
-        for (day, n, key_day) in self.store.fallback_sealed()? {
-            if day >= live {
-                fallback_sealed += n;
-                fallback_days_early = fallback_days_early.max(day.0.saturating_sub(key_day.0));
-            }
-        }
+        let (fallback_sealed, fallback_days_early) =
+            fallback_summary(self.store.fallback_sealed()?, now);
         let mut warnings = Vec::new();
         if fallback_sealed > 0 {
             warnings.push(format!(
@@ -1145,26 +1132,17 @@ impl Device {
         now: UnixSeconds,
         as_of: Option<UnixSeconds>,
     ) -> Result<PurgeReport, DeviceError> {
-        let offset: i64 = self
+        let offset: Option<i64> = self
             .store
             .get(K_CLOCK_OFFSET)?
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
-            .unwrap_or(0);
-        let corrected = now.saturating_add_signed(offset.saturating_neg());
-        let as_of = as_of.map_or(corrected, |a| a.max(corrected));
-        let h = horizon(as_of);
-        let mut dropped = Vec::new();
-        let mut kept_unsynced = Vec::new();
-        for (day, total, synced) in self.store.days()? {
-            if day >= h {
-                continue;
-            }
-            if synced >= total || day < h.minus(1) {
-                dropped.push(day);
-            } else {
-                kept_unsynced.push(day);
-            }
-        }
+            .and_then(|raw| serde_json::from_slice(&raw).ok());
+        let days = self
+            .store
+            .days()?
+            .into_iter()
+            .map(|(day, total, synced)| HeldDay { day, total, synced });
+        let plan = purge_plan(now, offset, as_of, days);
+        let dropped = plan.dropped.clone();
         self.store.drop_days(&dropped)?;
         for d in &dropped {
             self.partitions.remove(d);
@@ -1177,13 +1155,13 @@ impl Device {
             self.session = None;
         }
         // Day keys of expired days are useless; keep the list short.
-        self.day_keys.retain(|k| k.day >= h);
+        self.day_keys.retain(|k| plan.keeps_day_key(k.day));
         self.store.put(&[(K_DAY_KEYS, &json(&self.day_keys))])?;
         Ok(PurgeReport {
-            as_of,
-            horizon: h,
-            dropped,
-            kept_unsynced,
+            as_of: plan.as_of,
+            horizon: plan.horizon,
+            dropped: plan.dropped,
+            kept_unsynced: plan.kept_unsynced,
         })
     }
 
@@ -1257,7 +1235,7 @@ fn read_ticket(path: &Path) -> Result<Vec<u8>, DeviceError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use shared::daykey::DayKeyRatchet;
     use shared::facility::{BusinessNumber, FacilityStatus, Registration};
@@ -1272,7 +1250,7 @@ mod tests {
     }
 
     /// A device enrolled at `now` whose ticket holds `count` day keys from `first_key_day`.
-    fn enrolled(
+    pub(crate) fn enrolled(
         tmp: &tempfile::TempDir,
         now: UnixSeconds,
         first_key_day: Day,
@@ -1359,7 +1337,7 @@ mod tests {
             guardian_consent: false,
             remarks: String::new(),
         };
-        dev.add_paper(now, &entry).expect("paper entry");
+        dev.add_paper(now, &entry, false).expect("paper entry");
     }
 
     /// The wrapped session keys written (pending) for `day`.

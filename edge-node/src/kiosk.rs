@@ -940,12 +940,6 @@ async fn paper(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
     };
-    if form.minor && !form.guardian_consent {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a visitor under 14 needs a guardian's consent; nothing was recorded",
-        );
-    }
     let device = s.device.clone();
     let stored = tokio::task::spawn_blocking(move || {
         let now = clock::now();
@@ -959,8 +953,10 @@ async fn paper(
             remarks: form.remarks,
         };
         // Refused before the device lock is taken: a refused entry touches nothing.
-        entry.validate()?;
-        lock_device(&device).add_paper(now, &entry).map(|_| ())
+        shared::device::check_paper_form(&entry, form.minor)?;
+        lock_device(&device)
+            .add_paper(now, &entry, form.minor)
+            .map(|_| ())
     })
     .await;
     match stored {

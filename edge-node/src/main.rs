@@ -312,7 +312,7 @@ fn run(cli: Cli) -> Result<i32> {
                     json,
                 },
         } => {
-            if minor && !guardian_consent {
+            if shared::device::check_guardian(minor, guardian_consent).is_err() {
                 bail!(
                     "a visitor under 14 needs a guardian's consent (--guardian-consent); nothing was recorded"
                 );
@@ -330,11 +330,11 @@ fn run(cli: Cli) -> Result<i32> {
                 remarks,
             };
             // Refuse before opening the store, so a refused entry touches nothing.
-            entry.validate()?;
+            shared::device::check_paper_form(&entry, minor)?;
             let id = match Device::open(&data) {
-                Ok(mut dev) => dev.add_paper(now, &entry)?.to_string(),
+                Ok(mut dev) => dev.add_paper(now, &entry, minor)?.to_string(),
                 Err(e) if is_busy(&e) => control::Client::find(&data)?
-                    .post_json("/api/paper", &serde_json::to_value(&entry)?)?["record_id"]
+                    .post_json("/api/paper", &paper_request(&entry, minor)?)?["record_id"]
                     .as_str()
                     .unwrap_or_default()
                     .to_owned(),
@@ -577,6 +577,13 @@ async fn shutdown_signal() {
 
 /// The order `edge-node` reads bare flags from stdin in.
 const PROMPT_ORDER: &str = "name, then phone, then PIN";
+
+/// `/api/paper`'s body: the entry and the under-14 flag.
+fn paper_request(entry: &PaperEntry, minor: bool) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(entry)?;
+    v["minor"] = serde_json::Value::Bool(minor);
+    Ok(v)
+}
 
 fn is_busy(e: &DeviceError) -> bool {
     matches!(e, DeviceError::Store(StoreError::Busy(_)))

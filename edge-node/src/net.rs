@@ -12,7 +12,7 @@ use iroh::endpoint::{RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey};
 use serde::Serialize;
 use shared::sync::{ALPN, ALPN_V1, FrameDecoder, Peer, RefuseReason};
-use shared::sync::{Decision, Event, Session, WireStats};
+use shared::sync::{Event, Session, WireStats};
 use shared::ticket::Refresh;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -483,7 +483,8 @@ fn handle_event(
         }
         Event::ClockOffset { seconds } => fx.clock_offset = Some(seconds.saturating_neg()),
         Event::PeerHello(hello) => {
-            let decision = admit_sibling(dev, &hello.peer);
+            let decision =
+                shared::device::admit_sibling_hello(&dev.enrollment().facility.id, &hello.peer);
             let t = now();
             session.admit(
                 t,
@@ -638,20 +639,6 @@ async fn drive(
     }
 }
 
-fn admit_sibling(device: &Device, peer: &Peer) -> Decision {
-    let own = &device.enrollment().facility.id;
-    match peer {
-        Peer::Device { facility, .. } if facility == own => Decision::Admit {
-            facility: own.clone(),
-            refresh: None,
-        },
-        _ => Decision::Refuse {
-            reason: RefuseReason::WrongFacility,
-            detail: "this device syncs only with devices of its own facility".into(),
-        },
-    }
-}
-
 /// Accepts one sibling's connection and runs its session as the responder.
 ///
 /// Only endpoints in the hub's roster or the operator's `--peer` list are served.
@@ -665,11 +652,9 @@ pub async fn serve_sibling(
         .await
         .map_err(|e| NetError::Connection("sibling".into(), e.to_string()))?;
     let remote = conn.remote_id();
-    let in_roster = lock(&device)
-        .roster()?
-        .iter()
-        .any(|s| s.endpoint_id == remote.to_string());
-    if !in_roster && !trusted.contains(&remote) {
+    let roster = lock(&device).roster()?;
+    let operator: Vec<String> = trusted.iter().map(ToString::to_string).collect();
+    if !shared::device::sibling_endpoint_known(&roster, &operator, &remote.to_string()) {
         conn.close(1u32.into(), b"unknown endpoint");
         return Err(NetError::Session(
             remote.fmt_short().to_string(),

@@ -6,6 +6,7 @@
 
 pub mod base45;
 pub mod daykey;
+pub mod device;
 pub mod envelope;
 pub mod facility;
 pub mod hub;

@@ -5,7 +5,9 @@
 //!   live is at the hub, exactly once. The hub's partitions are opened with the day-key
 //!   ratchet, the hub's real read path, and counted by record id and by token.
 //! - Retention: no day secret and no partition past the horizon survives anywhere (devices
-//!   get one hour of grace: their retention timer runs hourly, on clocks that drift).
+//!   get one hour of grace: their retention timer runs hourly, on clocks that drift; and a
+//!   device keeps a partition the hub may not hold yet one grace day past the horizon, the
+//!   rule of `shared::device::purge_plan`, never longer).
 //! - Convergence: after the quiet period, every device of a facility holds every live
 //!   partition of its facility with the hub's heads.
 
@@ -35,8 +37,14 @@ fn report_retention(world: &mut World, found: Vec<String>) {
 }
 
 /// Descriptions of every retention breach at `t`; devices are held to the horizon of
-/// `t - grace`, and only running ones unless `all_devices`.
-fn retention_breaches(world: &World, t: UnixSeconds, grace: u64, all_devices: bool) -> Vec<String> {
+/// `t - grace`, less the one grace day for a partition with records not known to be at the
+/// hub, and only running ones unless `all_devices`.
+pub(crate) fn retention_breaches(
+    world: &World,
+    t: UnixSeconds,
+    grace: u64,
+    all_devices: bool,
+) -> Vec<String> {
     let h = horizon(t);
     let mut found = Vec::new();
     let gone = h.minus(1);
@@ -58,7 +66,11 @@ fn retention_breaches(world: &World, t: UnixSeconds, grace: u64, all_devices: bo
         world.running_devices(t).collect()
     };
     for (id, store) in devices {
-        for p in store.partitions().filter(|p| p.id().day < dh) {
+        let kept = |day| day == dh.minus(1) && world.device_unsynced(id, day);
+        for p in store
+            .partitions()
+            .filter(|p| p.id().day < dh && !kept(p.id().day))
+        {
             found.push(format!(
                 "device {id} holds expired partition {} at t={t}",
                 p.id()

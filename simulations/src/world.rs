@@ -6,7 +6,11 @@
 //! up never shifts other decisions). The core is not mocked: visits are genuine KP1 codes
 //! verified with `token::verify`, sealed with `SessionKey::seal` under keys wrapped to the
 //! hub's `DayKeyRatchet`, stored in automerge partitions, and moved by
-//! `sync::harness::run_pair`, which runs both sides' `Session`s over encoded frames. The link
+//! `sync::harness::run_pair`, which runs both sides' `Session`s over encoded frames. The
+//! device's rules are the binary's, from `shared::device`: the scan's verdict with the
+//! duplicate-code rule, the day-key fallback and session-key replacement, the retention plan
+//! with the clock offset learnt from the hub and the grace day, the retention timer, and the
+//! roster admission of sibling sessions; when to sync is `shared::sync::schedule`. The link
 //! is modelled at session level: an attempt is either cut before it starts (loss) or runs to
 //! its end, possibly twice (duplication).
 
@@ -16,13 +20,19 @@ use crate::scenario::{Config, Scenario};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use shared::daykey::DayKeyRatchet;
-use shared::envelope::{Record, RecordBody, SessionKey};
+use shared::device::{
+    HeldDay, HeldSession, RETENTION_EVERY_SECS, ScanVerdict, Scanner, SessionPlan, admit_sibling,
+    purge_plan, seal_key_day, seen_prune_before, seen_remembered, session_ended, session_plan,
+    session_survives_refresh,
+};
+use shared::envelope::SessionKey;
 use shared::partition::{Partition, session_actor};
 use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
 use shared::sync::schedule::{Schedule, Step};
 use shared::sync::{Decision, Event, PartitionStore, Peer, PeerHello, Role};
+use shared::ticket::Sibling;
 use shared::time::{DAY_SECONDS, horizon};
-use shared::token::{self, Keyring, TestIssuer};
+use shared::token::{self, Keyring, TestIssuer, Verdict};
 use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
 use std::collections::BTreeMap;
 
@@ -30,10 +40,15 @@ use std::collections::BTreeMap;
 pub const START_DAY: Day = Day(20_000);
 /// One tick of the simulated clock.
 pub const TICK: u64 = 60;
-/// One hour: how often retention runs and the chart is sampled.
+/// One hour: how often the chart is sampled and the retention checks run.
 pub const HOUR: u64 = 3_600;
-/// Devices' first rounds are spread over this many seconds after the start.
-pub const SYNC_EVERY: u64 = 5 * 60;
+/// The devices' processes start (and so run their schedule's first round) at random within
+/// this many seconds of the start: boot times, not a sync interval (the schedule is the
+/// binary's, `shared::sync::schedule`).
+pub const START_SPREAD: u64 = 5 * 60;
+/// The share of accepted visitors who show the same code again at once (a second tap at the
+/// door): the device must refuse it as a duplicate.
+const RESCAN: f64 = 0.02;
 /// Simulated seconds as the schedule's milliseconds.
 fn ms(t: UnixSeconds) -> u64 {
     t.saturating_mul(1_000)
@@ -112,11 +127,23 @@ struct Device {
     id: DeviceId,
     peer: Peer,
     facility: usize,
+    /// Its iroh endpoint id stand-in, as siblings' rosters list it.
+    endpoint: String,
     store: MemoryStore,
-    /// Session keys by day: memory only, lost in a crash.
-    keys: BTreeMap<Day, SessionKey>,
-    /// The last day whose public day key the device holds.
+    /// The session key of today, if a record was sealed today: memory only, lost in a crash.
+    session: Option<(SessionKey, HeldSession)>,
+    /// The first and the last day whose public day key the device holds.
+    publics_from: Day,
     publics_until: Day,
+    /// The key of its seen-token hashes (durable).
+    seen_key: [u8; 32],
+    /// The seen-token memory: hash -> remembered until (durable).
+    seen: BTreeMap<[u8; 32], UnixSeconds>,
+    /// Records of each day known to be at the hub, after the last completed hub session
+    /// (durable, as the binary's `counts` table).
+    synced: BTreeMap<Day, u64>,
+    /// Its clock minus the hub's, as the hub measured at the last completed session (durable).
+    clock_offset: Option<i64>,
     link: Link,
     link_rng: ChaCha8Rng,
     /// Seconds this device's clock is ahead of true time.
@@ -304,6 +331,8 @@ impl World {
                 let id = device_id(f, d);
                 let actor = session_actor(&id, &mut rng);
                 let link = Self::link_for(&config, f, d, t0, end, &mut rng);
+                let mut seen_key = [0u8; 32];
+                rng.fill_bytes(&mut seen_key);
                 let powered_off = (config.scenario == Scenario::LongOffline && f == 0 && d == 0)
                     .then(|| {
                         let off = t0 + 20 * HOUR;
@@ -314,15 +343,21 @@ impl World {
                         device: id.clone(),
                         facility: fac.clone(),
                     },
+                    endpoint: format!("endpoint-of-{id}"),
                     id,
                     facility: f,
                     store: MemoryStore::new(&actor, Some(fac.clone())),
-                    keys: BTreeMap::new(),
+                    session: None,
+                    publics_from: Day::of(t0),
                     publics_until: Day::of(t0).plus(PUBLIC_KEY_DAYS),
+                    seen_key,
+                    seen: BTreeMap::new(),
+                    synced: BTreeMap::new(),
+                    clock_offset: None,
                     link,
                     link_rng: ChaCha8Rng::seed_from_u64(rng.next_u64()),
                     drift: rng.gen_range(-params.max_drift..=params.max_drift),
-                    schedule: Schedule::new(ms(t0 + rng.gen_range(0..SYNC_EVERY))),
+                    schedule: Schedule::new(ms(t0 + rng.gen_range(0..START_SPREAD))),
                     down_until: 0,
                     powered_off,
                     was_off: false,
@@ -422,8 +457,10 @@ impl World {
                 visits = self.plan_visits(Day::of(t));
                 next_visit = 0;
             }
-            if t.is_multiple_of(HOUR) {
+            if t.is_multiple_of(RETENTION_EVERY_SECS) {
                 self.retention(t);
+            }
+            if t.is_multiple_of(HOUR) {
                 check::retention_during_run(&mut self, t);
                 self.sample(t);
                 progress((t - t0) / HOUR, total_hours);
@@ -515,7 +552,8 @@ impl World {
     /// reloaded from what storage holds.
     fn restart(&mut self, d: usize, peers: &[Peer]) -> Result<(), String> {
         let dev = &mut self.devices[d];
-        dev.keys.clear();
+        // `SessionKey` is memory only; the seen memory, synced counts and offset are stored.
+        dev.session = None;
         let actor = session_actor(&dev.id, &mut self.rng);
         let mut old = std::mem::take(&mut dev.store);
         let mut fresh = MemoryStore::new(&actor, Some(self.facilities[dev.facility].clone()));
@@ -559,53 +597,15 @@ impl World {
         let text = self.issuer.issue(issued_at, TOKEN_TTL, token);
         let dev = &mut self.devices[d];
         let now = dev.clock(t);
-        let Ok(verified) = token::verify(&text, &self.keyring, now, token::DEFAULT_SKEW) else {
-            self.summary.refused_at_scan += 1;
-            return Ok(());
-        };
         let pid = PartitionId {
             facility: self.facilities[f].clone(),
             day: Day::of(now),
         };
-        if !dev.keys.contains_key(&pid.day) {
-            // A device that ran out of day keys wraps to its newest one.
-            let key_day = pid.day.min(dev.publics_until);
-            let Some(public) = self.ratchet.public(key_day) else {
-                self.summary.refused_at_scan += 1;
-                return Ok(());
-            };
-            let key = SessionKey::generate(&mut self.rng, pid.day);
-            let wrapped = key.wrap(&public).map_err(|e| e.to_string())?;
-            dev.store
-                .get_or_create(&pid)
-                .insert_wrapped_key(&wrapped)
-                .map_err(|e| e.to_string())?;
-            dev.keys.insert(pid.day, key);
-        }
-        let key = dev
-            .keys
-            .get(&pid.day)
-            .ok_or("the session key just made is missing")?;
-        let record = Record {
-            facility: pid.facility.clone(),
-            device: dev.id.clone(),
-            scanned_at: now,
-            body: RecordBody::Qr {
-                issuer_id: verified.issuer_id(),
-                key_id: verified.key_id(),
-                issued_at: verified.issued_at(),
-                token: *verified.token().as_bytes(),
-            },
+        let Some(rid) = self.scan(d, now, &text)? else {
+            self.summary.refused_at_scan += 1;
+            return Ok(());
         };
-        let rid = RecordId::random(&mut self.rng);
-        let envelope = key
-            .seal(&mut self.rng, &pid, rid, &record)
-            .map_err(|e| e.to_string())?;
-        dev.store
-            .get_or_create(&pid)
-            .insert_record(rid, &envelope)
-            .map_err(|e| e.to_string())?;
-        dev.schedule.changed(ms(t));
+        self.devices[d].schedule.changed(ms(t));
         *self.pending.entry(pid.day).or_default() += 1;
         self.ledger.insert(
             rid,
@@ -617,7 +617,87 @@ impl World {
             },
         );
         self.summary.acknowledged += 1;
+        if self.rng.gen_bool(RESCAN) {
+            let again = self.devices[d].clock(t + 2);
+            if self.scan(d, again, &text)?.is_some() {
+                self.summary
+                    .violation(format!("a code shown twice was accepted twice at t={t}"));
+            }
+        }
         Ok(())
+    }
+
+    /// Device `d` scans `text` at its clock's `now`, as `Device::check_in` does: the verdict
+    /// and the duplicate rule from `shared::device`, the session key of the day (the fallback
+    /// key when it ran out of day keys), then the record sealed and stored with its seen entry.
+    /// The stored record's id, or `None` for a refusal.
+    fn scan(&mut self, d: usize, now: UnixSeconds, text: &str) -> Result<Option<RecordId>, String> {
+        let dev = &mut self.devices[d];
+        let facility = self.facilities[dev.facility].clone();
+        let scanner = Scanner {
+            keyring: &self.keyring,
+            skew: token::DEFAULT_SKEW,
+            seen_key: &dev.seen_key,
+            facility: &facility,
+            device: &dev.id,
+        };
+        let seen = &dev.seen;
+        let verdict = scanner.scan(now, text, |hash| {
+            Ok::<_, String>(seen.get(hash).is_some_and(|u| seen_remembered(*u, now)))
+        })?;
+        let (record, entry) = match verdict {
+            ScanVerdict::Refuse(Verdict::Accepted) => return Err("a refusal that accepts".into()),
+            ScanVerdict::Refuse(_) => return Ok(None),
+            ScanVerdict::Accept { record, seen } => (record, seen),
+        };
+        let pid = PartitionId {
+            facility,
+            day: Day::of(now),
+        };
+        if dev
+            .session
+            .as_ref()
+            .is_some_and(|(_, h)| session_ended(*h, now))
+        {
+            dev.session = None;
+        }
+        let held = dev.session.as_ref().map(|(_, h)| *h);
+        if let SessionPlan::Fresh { .. } = session_plan(held, pid.day, now) {
+            let days = (dev.publics_from.0..=dev.publics_until.0).map(Day);
+            let Some(public) =
+                seal_key_day(days, pid.day, now).and_then(|k| self.ratchet.public(k))
+            else {
+                return Ok(None);
+            };
+            let key = SessionKey::generate(&mut self.rng, pid.day);
+            let wrapped = key.wrap(&public).map_err(|e| e.to_string())?;
+            dev.store
+                .get_or_create(&pid)
+                .insert_wrapped_key(&wrapped)
+                .map_err(|e| e.to_string())?;
+            let held = HeldSession {
+                day: pid.day,
+                key_day: public.day,
+            };
+            // Scans are of today: the new key is today's and kept.
+            dev.session = Some((key, held));
+        }
+        let (key, _) = dev
+            .session
+            .as_ref()
+            .ok_or("the session key just made is missing")?;
+        let rid = RecordId::random(&mut self.rng);
+        let envelope = key
+            .seal(&mut self.rng, &pid, rid, &record)
+            .map_err(|e| e.to_string())?;
+        dev.store
+            .get_or_create(&pid)
+            .insert_record(rid, &envelope)
+            .map_err(|e| e.to_string())?;
+        let prune = seen_prune_before(now, token::DEFAULT_SKEW);
+        dev.seen.retain(|_, until| *until >= prune);
+        dev.seen.insert(entry.hash, entry.until);
+        Ok(Some(rid))
     }
 
     fn hub_up(&self, t: UnixSeconds) -> bool {
@@ -718,7 +798,24 @@ impl World {
             }
         }
         let dev = &mut self.devices[d];
-        dev.publics_until = Day::of(t).plus(PUBLIC_KEY_DAYS);
+        if outcome.completed() {
+            // As `Device::mark_synced_with_hub` and `apply_refresh`: the hub holds every
+            // record of every live partition, the offset it measured, fresh day keys, and a
+            // session key wrapped to a fallback key is dropped.
+            let h = horizon(dev.clock(t));
+            for p in dev.store.partitions().filter(|p| p.id().day >= h) {
+                dev.synced.insert(p.id().day, p.record_count() as u64);
+            }
+            dev.clock_offset = Some(dev.drift);
+            dev.publics_until = Day::of(t).plus(PUBLIC_KEY_DAYS);
+            if dev
+                .session
+                .as_ref()
+                .is_some_and(|(_, h)| !session_survives_refresh(*h))
+            {
+                dev.session = None;
+            }
+        }
         dev.schedule
             .hub_done(ticket, ms(t), outcome.completed(), 1.0);
         moved
@@ -733,14 +830,12 @@ impl World {
             credential: None,
             push_only: true,
         };
+        let own = self.facilities[self.devices[s].facility].clone();
+        let roster = self.roster_of(s);
+        let caller = self.devices[d].endpoint.clone();
+        let admit = |hello: &PeerHello| admit_sibling(&own, &roster, &[], &caller, &hello.peer);
         let mut sibling = std::mem::take(&mut self.devices[s].store);
-        let result = run_pair(
-            t,
-            &setup,
-            &mut self.devices[d].store,
-            &mut sibling,
-            admit_claimed,
-        );
+        let result = run_pair(t, &setup, &mut self.devices[d].store, &mut sibling, admit);
         self.devices[s].store = sibling;
         self.summary.relay_sessions += 1;
         let Some(outcome) = self.account(&setup, t, result) else {
@@ -750,6 +845,22 @@ impl World {
             self.devices[s].schedule.changed(ms(t));
         }
         outcome.completed()
+    }
+
+    /// The hub's roster for device `s`: the other devices of its facility.
+    fn roster_of(&self, s: usize) -> Vec<Sibling> {
+        let f = self.devices[s].facility;
+        self.devices
+            .iter()
+            .enumerate()
+            .filter(|(i, dev)| *i != s && dev.facility == f)
+            .map(|(_, dev)| Sibling {
+                device_id: dev.id.clone(),
+                name: dev.id.to_string(),
+                endpoint_id: dev.endpoint.clone(),
+                addrs: Vec::new(),
+            })
+            .collect()
     }
 
     /// Counts a session's bytes and checks what honest peers must never see: errors,
@@ -837,17 +948,37 @@ impl World {
             if !dev.is_on(t) {
                 continue;
             }
-            let dh = horizon(dev.clock(t));
-            let expired: Vec<PartitionId> = dev
+            // `Device::purge`: the plan from the device's clock, the offset the hub measured
+            // and each day's stored and synced counts.
+            let days: Vec<HeldDay> = dev
                 .store
                 .partitions()
-                .filter(|p| p.id().day < dh)
-                .map(|p| p.id().clone())
+                .map(|p| HeldDay {
+                    day: p.id().day,
+                    total: p.record_count() as u64,
+                    synced: dev.synced.get(&p.id().day).copied().unwrap_or(0),
+                })
                 .collect();
-            for id in expired {
+            let plan = purge_plan(dev.clock(t), dev.clock_offset, None, days);
+            for day in &plan.dropped {
+                let id = PartitionId {
+                    facility: self.facilities[dev.facility].clone(),
+                    day: *day,
+                };
                 dev.store.remove(&id);
+                dev.synced.remove(day);
             }
-            dev.keys.retain(|day, _| *day >= dh);
+            if dev
+                .session
+                .as_ref()
+                .is_some_and(|(_, h)| plan.dropped.contains(&h.day))
+            {
+                dev.session = None;
+            }
+            if plan.keeps_day_key(dev.publics_from) {
+                continue;
+            }
+            dev.publics_from = plan.horizon;
         }
     }
 
@@ -886,6 +1017,19 @@ impl World {
             .violation("the quiet period did not settle within 8 rounds".into());
     }
 
+    /// Whether device `id` holds records of `day` the hub may not have (by the device's own
+    /// synced counts, which its retention reads): such a day may be kept one grace day.
+    pub(crate) fn device_unsynced(&self, id: &DeviceId, day: Day) -> bool {
+        self.devices.iter().find(|d| &d.id == id).is_some_and(|d| {
+            let total = d
+                .store
+                .partitions()
+                .find(|p| p.id().day == day)
+                .map_or(0, |p| p.record_count() as u64);
+            total > d.synced.get(&day).copied().unwrap_or(0)
+        })
+    }
+
     pub(crate) fn device_stores(&self) -> impl Iterator<Item = (&DeviceId, usize, &MemoryStore)> {
         self.devices.iter().map(|d| (&d.id, d.facility, &d.store))
     }
@@ -912,5 +1056,99 @@ impl World {
         self.summary.delay_max_s = self.delays.last().copied().unwrap_or(0) as f64;
         self.summary.per_record();
         self.summary
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Scale;
+
+    fn small_world() -> World {
+        let mut c = Config::new(Scenario::RegionalOutage, 5);
+        c.scale = Scale {
+            facilities: 1,
+            devices: 2,
+            days: 40,
+            visits: 0,
+        };
+        World::new(c)
+    }
+
+    /// A visit at device 0 at `at` (true time), stored unsynced.
+    fn visit_at(w: &mut World, at: UnixSeconds) -> RecordId {
+        let mut token = [0u8; 16];
+        w.rng.fill_bytes(&mut token);
+        let text = w.issuer.issue(at, TOKEN_TTL, token);
+        let now = w.devices[0].clock(at);
+        w.scan(0, now, &text).expect("no error").expect("accepted")
+    }
+
+    fn held_days(w: &World) -> Vec<Day> {
+        w.devices[0]
+            .store
+            .partitions()
+            .map(|p| p.id().day)
+            .collect()
+    }
+
+    /// The simulated device runs the binary's retention rule: an expired partition the hub
+    /// may not hold stays one grace day (and the checker allows exactly that), a synced one
+    /// goes at the horizon, and nothing stays past the grace day.
+    #[test]
+    fn device_retention_keeps_an_unsynced_day_one_grace_day_only() {
+        let mut w = small_world();
+        let t = START_DAY.plus(35).start() + 12 * HOUR;
+        let h = horizon(t);
+        visit_at(&mut w, h.minus(1).start() + 12 * HOUR);
+        visit_at(&mut w, h.minus(2).start() + 12 * HOUR);
+        w.retention(t);
+        assert_eq!(
+            held_days(&w),
+            vec![h.minus(1)],
+            "grace for the unsynced day only"
+        );
+        assert!(check::retention_breaches(&w, t, HOUR, true).is_empty());
+        // A day later the grace is over.
+        w.retention(t + DAY_SECONDS);
+        assert!(held_days(&w).is_empty());
+
+        // Synced: no grace.
+        let mut w = small_world();
+        visit_at(&mut w, h.minus(1).start() + 12 * HOUR);
+        w.devices[0].synced.insert(h.minus(1), 1);
+        w.retention(t);
+        assert!(held_days(&w).is_empty());
+    }
+
+    /// A code shown twice is stored once: the second scan is a duplicate.
+    #[test]
+    fn a_code_scanned_twice_is_a_duplicate() {
+        let mut w = small_world();
+        let t = START_DAY.start() + 12 * HOUR;
+        let text = w.issuer.issue(t, TOKEN_TTL, [7; 16]);
+        assert!(w.scan(0, t, &text).expect("ok").is_some());
+        assert!(w.scan(0, t + 2, &text).expect("ok").is_none());
+        // Another device has its own memory (as the binary's; siblings do not share it).
+        assert!(w.scan(1, t + 2, &text).expect("ok").is_some());
+    }
+
+    /// Sibling sessions are admitted from the hub's roster: a device of the facility is, an
+    /// endpoint not in the roster is not.
+    #[test]
+    fn sibling_sessions_are_admitted_by_roster() {
+        let w = small_world();
+        let roster = w.roster_of(1);
+        let own = w.facilities[0].clone();
+        let me = w.devices[0].peer.clone();
+        assert!(matches!(
+            admit_sibling(&own, &roster, &[], &w.devices[0].endpoint, &me),
+            Decision::Admit { .. }
+        ));
+        assert!(matches!(
+            admit_sibling(&own, &roster, &[], "endpoint-of-a-stranger", &me),
+            Decision::Refuse { .. }
+        ));
+        assert!(roster.iter().all(|s| s.device_id != w.devices[1].id));
     }
 }
