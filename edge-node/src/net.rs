@@ -562,10 +562,11 @@ async fn drive(
     loop {
         if !out.is_empty() {
             let written = send.write_all(&out).await;
-            if let Err(e) = written {
-                if !link.is_finished() {
-                    return Err(NetError::Connection("peer".into(), e.to_string()));
-                }
+            // Once the session is over a peer that closed first loses nothing.
+            if let Err(e) = written
+                && !link.is_finished()
+            {
+                return Err(NetError::Connection("peer".into(), e.to_string()));
             }
             out.clear();
         }
