@@ -57,7 +57,17 @@ fn setup_push(push_only: bool) -> PairSetup {
 
 /// Seals `n` records of `device` into today's partition of `store`, as one change.
 fn add_records(store: &mut MemoryStore, device: &str, n: usize, rng: &mut ChaCha8Rng) {
-    let id = today();
+    add_records_to(store, today(), device, n, rng);
+}
+
+/// Seals `n` records of `device` into partition `id` of `store`, as one change.
+fn add_records_to(
+    store: &mut MemoryStore,
+    id: PartitionId,
+    device: &str,
+    n: usize,
+    rng: &mut ChaCha8Rng,
+) {
     let key = SessionKey::generate(rng, id.day);
     let mut batch = Vec::new();
     for i in 0..n {
@@ -97,6 +107,12 @@ fn stores() -> (MemoryStore, MemoryStore) {
     let mut hub = MemoryStore::new(b"hub", None);
     add_records(&mut dev, "dev_a", 30, &mut rng);
     add_records(&mut hub, "dev_b", 20, &mut rng);
+    // A second partition, so that each side has more than one sync state to store.
+    let yesterday = PartitionId {
+        facility: facility(),
+        day: Day::of(NOW).minus(1),
+    };
+    add_records_to(&mut dev, yesterday, "dev_a", 5, &mut rng);
     (dev, hub)
 }
 
@@ -248,7 +264,10 @@ fn failed_sync_state_on(failing: Role, push_only: bool) {
         .iter()
         .filter(|(r, e)| *r == failing && matches!(e, Event::SyncStateChanged { .. }))
         .count();
-    assert!(raised > 0, "the failing side had a sync state to store");
+    assert!(
+        raised > 1,
+        "the failing side had sync states to store after the first"
+    );
     let stored = match failing {
         Role::Initiator => dev.sync_state_count(),
         Role::Responder => hub.sync_state_count(),
@@ -292,4 +311,117 @@ fn a_failed_sync_state_write_at_the_responder_stores_no_state_after_it() {
 fn a_failed_sync_state_write_at_the_initiator_stores_no_state_after_it() {
     failed_sync_state_on(Role::Initiator, false);
     failed_sync_state_on(Role::Initiator, true);
+}
+
+/// A shell of its own over a `MemoryStore` that logs what it does, for the order of effects.
+struct LogShell<'a> {
+    link: shared::sync::driver::Link,
+    store: &'a mut MemoryStore,
+    fail_persist: bool,
+    log: Vec<String>,
+    outbox: Vec<Frame>,
+}
+
+impl shared::sync::driver::Shell for LogShell<'_> {
+    type Store = MemoryStore;
+
+    fn link_and_store(&mut self) -> (&mut shared::sync::driver::Link, &mut MemoryStore) {
+        (&mut self.link, &mut *self.store)
+    }
+
+    fn admit(&mut self, _now: UnixSeconds, hello: &PeerHello) -> Decision {
+        admit(hello)
+    }
+
+    fn persist(
+        &mut self,
+        _now: UnixSeconds,
+        id: &PartitionId,
+        _new_records: u64,
+        _new_keys: u64,
+    ) -> Result<(), shared::sync::driver::Abort> {
+        self.log.push("persist".into());
+        if self.fail_persist {
+            return Err(shared::sync::driver::Abort::internal(format!(
+                "cannot store partition {id}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, frame: Frame) -> Result<(), shared::sync::driver::Abort> {
+        self.log.push(format!("send {}", frame.kind()));
+        self.outbox.push(frame);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_merge_is_stored_before_any_frame_and_after_a_failure_only_the_refusal_leaves() {
+    use shared::sync::Session;
+    use shared::sync::driver::{self, Link};
+    let (mut dev, mut hub) = stores();
+    let hub_before = records(&hub);
+    let setup = setup();
+    let initiator = Session::initiator_to(
+        NOW,
+        setup.initiator.clone(),
+        Some(&setup.responder),
+        None,
+        None,
+        false,
+        &dev,
+    )
+    .unwrap();
+    let mut i = LogShell {
+        link: Link::new(initiator),
+        store: &mut dev,
+        fail_persist: false,
+        log: Vec::new(),
+        outbox: Vec::new(),
+    };
+    let mut r = LogShell {
+        link: Link::new(Session::responder(setup.responder.clone())),
+        store: &mut hub,
+        fail_persist: true,
+        log: Vec::new(),
+        outbox: Vec::new(),
+    };
+    driver::pump(&mut i, NOW);
+    // One step of the responder per frame: the failing step's log.
+    let mut failing_step = None;
+    for _ in 0..100 {
+        let to_r = std::mem::take(&mut i.outbox);
+        for f in to_r {
+            r.log.clear();
+            driver::handle_frame(&mut r, NOW, f);
+            if failing_step.is_none() && r.log.iter().any(|l| l == "persist") {
+                failing_step = Some(r.log.clone());
+            }
+        }
+        let to_i = std::mem::take(&mut r.outbox);
+        if to_i.is_empty() && i.outbox.is_empty() {
+            break;
+        }
+        for f in to_i {
+            driver::handle_frame(&mut i, NOW, f);
+        }
+    }
+    // The merge was offered for storing before the step sent anything, and when it failed
+    // the step's reply was not sent, only the refusal.
+    assert_eq!(
+        failing_step,
+        Some(vec!["persist".to_owned(), "send Refused".to_owned()])
+    );
+    assert!(matches!(r.link.end(), Some(End::Aborted { .. })));
+    assert!(matches!(
+        i.link.end(),
+        Some(End::Refused {
+            by: Side::Peer,
+            reason: RefuseReason::Internal,
+            ..
+        })
+    ));
+    drop(r);
+    assert_eq!(records(&hub), hub_before, "the merge was discarded");
 }
