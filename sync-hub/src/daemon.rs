@@ -13,6 +13,9 @@
 //! while carrying out a session's effects aborts the session (`Internal`) and stores none of
 //! its later sync states: a failure is never reported to the device as success.
 //!
+//! Sessions run through `shared::sync::driver`, the one event loop of every node; this
+//! module is its hub `Shell` (`HubShell`).
+//!
 //! Per-device quotas ([`Quotas`]) keep one rogue enrolled device from filling the disk or
 //! holding the actor: the bytes a session receives after admission, and the new records a
 //! device delivers per UTC day (`device-day-records-1`) and the new wrapped keys it delivers per
