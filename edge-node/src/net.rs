@@ -11,9 +11,12 @@ use crate::replica::Replica;
 use iroh::endpoint::{RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey};
 use serde::Serialize;
-use shared::sync::{ALPN, ALPN_V1, FrameDecoder, Peer, RefuseReason};
-use shared::sync::{Event, Session, WireStats};
+use shared::PartitionId;
+use shared::sync::driver::{self, Abort, End as DriverEnd, Link, Shell};
+use shared::sync::{ALPN, ALPN_V1, Frame, FrameDecoder, Peer};
+use shared::sync::{Decision, PeerHello, Session, WireStats};
 use shared::ticket::Refresh;
+use shared::time::UnixSeconds;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -259,7 +262,7 @@ async fn sync_inner(
         .open_bi()
         .await
         .map_err(|e| NetError::Connection(target.label.clone(), e.to_string()))?;
-    let mut session = {
+    let session = {
         let mut dev = lock(device);
         let t = now();
         dev.preload(t)?;
@@ -309,16 +312,8 @@ async fn sync_inner(
         )
         .map_err(|e| NetError::Session(target.label.clone(), e.to_string()))?
     };
-    let outcome = drive(
-        &mut session,
-        &mut send,
-        &mut recv,
-        device,
-        now,
-        target.is_hub,
-        &[],
-    )
-    .await;
+    let mut link = Link::new(session);
+    let outcome = drive(&mut link, &mut send, &mut recv, device, now, target.is_hub).await;
     let stats = conn.stats();
     report.socket_bytes_sent = stats.udp_tx.bytes;
     report.socket_bytes_received = stats.udp_rx.bytes;
@@ -384,257 +379,254 @@ struct Outcome {
     refusal: Option<(String, String)>,
 }
 
-/// What a session's events have done to the device so far.
-#[derive(Default)]
-struct Effects {
-    /// Records made durable.
-    new_records: u64,
-    /// The hub's clock offset, stored when the session completes.
-    clock_offset: Option<i64>,
-    /// How the session ended, once it has.
-    end: Option<End>,
-    /// The first effect this shell could not carry out. From then on nothing more of the
-    /// session is stored: no partition, no sync state, no refresh, no "synced with the hub".
-    failure: Option<String>,
-    /// (who refused, reason), when a side refused.
-    refusal: Option<(String, String)>,
-    /// Days whose partition a side refused while the session went on: not delivered.
-    refused_days: Vec<shared::Day>,
+impl Outcome {
+    /// What the driver's link says of a session that is over.
+    fn of(link: &Link) -> Outcome {
+        let end = match link.end() {
+            Some(DriverEnd::Completed) => End::Finished,
+            Some(end) => End::Failed(end.to_string()),
+            // A session that ends emits its end; should one not, it did not complete.
+            None => End::Failed("the session ended without an outcome".into()),
+        };
+        Outcome {
+            end,
+            stats: link.stats(),
+            new_records: link.new_records(),
+            // The session's own refusal, else the last partition refused while it went on.
+            refusal: link
+                .end()
+                .and_then(DriverEnd::refusal)
+                .or_else(|| link.refused_partitions().last().map(|r| (r.by, r.reason)))
+                .map(|(by, reason)| (format!("{by:?}").to_lowercase(), format!("{reason:?}"))),
+        }
+    }
 }
 
-/// Carries out one of the session's events against the device.
+/// The device's side of `shared::sync::driver`, for one step of a session (the device is
+/// locked for the step, never across a network wait): persisting merged partitions into the
+/// device's store, the hub's welcome (credential spent, refresh applied), recording a
+/// completed hub session, and the frames to write once the step is over.
 ///
-/// A store write that fails aborts the session ([`RefuseReason::Internal`], so the peer is
-/// told and retries later), drops the device's in-memory copy of the partition concerned so
-/// the next use reloads what is durable, and marks the session failed: the sync states still
-/// queued are not stored (they may claim changes the store does not hold), and a `Finished`
-/// that follows counts nothing as delivered.
-fn handle_event(
-    session: &mut Session,
-    dev: &mut Device,
-    event: Event,
+/// The failure rules are the driver's: a write that fails aborts the session
+/// ([`RefuseReason::Internal`], so the peer is told and retries later), the device's
+/// in-memory copy of the partition concerned is dropped (`Replica::discard_partition`) so the
+/// next use reloads what is durable, and nothing more of the session is stored: no sync
+/// state, no refresh, no "synced with the hub".
+struct EdgeShell<'a, 'd> {
+    link: &'a mut Link,
+    replica: Replica<'d>,
+    /// The hub's clock offset, stored when the session completes.
+    clock_offset: &'a mut Option<i64>,
+    /// Encoded frames to write after the step.
+    outbox: &'a mut Vec<u8>,
+    peer_is_hub: bool,
+}
+
+impl<'d> Shell for EdgeShell<'_, 'd> {
+    type Store = Replica<'d>;
+
+    fn link_and_store(&mut self) -> (&mut Link, &mut Replica<'d>) {
+        (&mut *self.link, &mut self.replica)
+    }
+
+    fn admit(&mut self, _now: UnixSeconds, hello: &PeerHello) -> Decision {
+        let dev: &Device = self.replica.device;
+        shared::device::admit_sibling_hello(&dev.enrollment().facility.id, &hello.peer)
+    }
+
+    fn persist(
+        &mut self,
+        _now: UnixSeconds,
+        id: &PartitionId,
+        new_records: u64,
+        _new_keys: u64,
+    ) -> Result<(), Abort> {
+        self.replica
+            .device
+            .persist_partition(id.day, new_records)
+            .map_err(|e| Abort::internal(format!("cannot store partition {id}: {e}")))
+    }
+
+    fn welcomed(
+        &mut self,
+        _peer: &Peer,
+        _peer_now: UnixSeconds,
+        refresh: Option<Vec<u8>>,
+    ) -> Result<(), Abort> {
+        if !self.peer_is_hub {
+            return Ok(());
+        }
+        let dev = &mut *self.replica.device;
+        // The hub admitted us: our credential is bound and spent.
+        dev.forget_credential()
+            .map_err(|e| Abort::internal(format!("cannot drop the spent credential: {e}")))?;
+        if let Some(bytes) = refresh {
+            match Refresh::from_bytes(&bytes) {
+                Ok(r) => dev
+                    .apply_refresh(&r)
+                    .map_err(|e| Abort::internal(format!("cannot store the hub's refresh: {e}")))?,
+                Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn clock_offset(&mut self, seconds: i64) {
+        *self.clock_offset = Some(seconds.saturating_neg());
+    }
+
+    fn completed(&mut self, now: UnixSeconds, _stats: &WireStats) -> Result<(), Abort> {
+        if !self.peer_is_hub {
+            return Ok(());
+        }
+        // A day whose partition was refused in this session was not delivered.
+        let refused: Vec<shared::Day> = self
+            .link
+            .refused_partitions()
+            .iter()
+            .map(|r| r.partition.day)
+            .collect();
+        self.replica
+            .device
+            .mark_synced_with_hub(now, *self.clock_offset, &refused)
+            .map_err(|e| Abort::internal(format!("cannot record the completed sync: {e}")))
+    }
+
+    fn partition_refused(&mut self, _now: UnixSeconds, r: &driver::RefusedPartition) {
+        tracing::warn!(
+            "partition {} refused by {:?} ({:?}): {}",
+            r.partition,
+            r.by,
+            r.reason,
+            r.detail
+        );
+    }
+
+    fn ended(&mut self, _now: UnixSeconds, end: &DriverEnd) {
+        if let DriverEnd::Aborted { detail, .. } = end {
+            tracing::warn!("sync session aborted: {detail}");
+        }
+    }
+
+    fn send(&mut self, frame: Frame) -> Result<(), Abort> {
+        let bytes = frame
+            .encode()
+            .map_err(|e| Abort::internal(format!("cannot encode a frame: {e}")))?;
+        self.outbox.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+/// What one step of a session does with the device locked.
+enum Step {
+    /// Flush what the session queued (an initiator's `Hello`).
+    Start,
+    Frame(Frame),
+    Malformed(shared::sync::FrameError),
+    Closed,
+}
+
+/// Runs one step through the driver with the device locked; returns the bytes to write.
+fn step(
+    device: &SharedDevice,
+    link: &mut Link,
+    clock_offset: &mut Option<i64>,
     now: &impl Fn() -> u64,
     peer_is_hub: bool,
-    fx: &mut Effects,
-) {
-    match event {
-        Event::PartitionUpdated {
-            id, new_records: n, ..
-        } => {
-            if fx.failure.is_some() {
-                // Merged in memory, never stored: forget it, the peer still has it.
-                dev.forget_partition(id.day);
-                return;
-            }
-            match dev.persist_partition(id.day, n) {
-                Ok(()) => fx.new_records += n,
-                Err(e) => {
-                    dev.forget_partition(id.day);
-                    fail(session, fx, format!("cannot store partition {id}: {e}"));
-                }
-            }
-        }
-        Event::SyncStateChanged {
-            peer,
-            partition,
-            state,
-        } => {
-            if fx.failure.is_some() {
-                return;
-            }
-            let t = now();
-            let mut r = Replica {
-                device: &mut *dev,
-                now: t,
-            };
-            if let Err(e) =
-                shared::sync::PartitionStore::put_sync_state(&mut r, &peer, &partition, &state)
-            {
-                fail(
-                    session,
-                    fx,
-                    format!("cannot store the sync state of {partition}: {e}"),
-                );
-            }
-        }
-        Event::Welcomed { refresh, .. } => {
-            if !peer_is_hub || fx.failure.is_some() {
-                return;
-            }
-            // The hub admitted us: our credential is bound and spent.
-            if let Err(e) = dev.forget_credential() {
-                fail(
-                    session,
-                    fx,
-                    format!("cannot drop the spent credential: {e}"),
-                );
-                return;
-            }
-            if let Some(bytes) = refresh {
-                match Refresh::from_bytes(&bytes) {
-                    Ok(r) => {
-                        if let Err(e) = dev.apply_refresh(&r) {
-                            fail(session, fx, format!("cannot store the hub's refresh: {e}"));
-                        }
-                    }
-                    Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
-                }
-            }
-        }
-        Event::ClockOffset { seconds } => fx.clock_offset = Some(seconds.saturating_neg()),
-        Event::PeerHello(hello) => {
-            let decision =
-                shared::device::admit_sibling_hello(&dev.enrollment().facility.id, &hello.peer);
-            let t = now();
-            session.admit(
-                t,
-                decision,
-                &mut Replica {
-                    device: &mut *dev,
-                    now: t,
-                },
-            );
-        }
-        Event::PartitionRefused {
-            by,
-            partition,
-            reason,
-            detail,
-        } => {
-            tracing::warn!("partition {partition} refused by {by:?} ({reason:?}): {detail}");
-            fx.refusal = Some((format!("{by:?}").to_lowercase(), format!("{reason:?}")));
-            fx.refused_days.push(partition.day);
-        }
-        Event::Refused { by, reason, detail } => {
-            fx.refusal = Some((format!("{by:?}").to_lowercase(), format!("{reason:?}")));
-            fx.end = Some(End::Failed(format!(
-                "{by:?} refused ({reason:?}): {detail}"
-            )));
-        }
-        Event::Failed(e) => fx.end = Some(End::Failed(e.to_string())),
-        Event::Finished(_) => {
-            // Both sides said done, but a write of ours may have failed after our last
-            // frame: then nothing is delivered.
-            if let Some(why) = &fx.failure {
-                fx.end = Some(End::Failed(why.clone()));
-                return;
-            }
-            if peer_is_hub
-                && let Err(e) = dev.mark_synced_with_hub(now(), fx.clock_offset, &fx.refused_days)
-            {
-                fx.failure = Some(format!("cannot record the completed sync: {e}"));
-                fx.end = Some(End::Failed(format!(
-                    "cannot record the completed sync: {e}"
-                )));
-                return;
-            }
-            fx.end = Some(End::Finished);
-        }
+    input: Step,
+) -> Vec<u8> {
+    let mut dev = lock(device);
+    let t = now();
+    let mut outbox = Vec::new();
+    let mut shell = EdgeShell {
+        link,
+        replica: Replica {
+            device: &mut dev,
+            now: t,
+        },
+        clock_offset,
+        outbox: &mut outbox,
+        peer_is_hub,
+    };
+    match input {
+        Step::Start => driver::pump(&mut shell, t),
+        Step::Frame(frame) => driver::handle_frame(&mut shell, t, frame),
+        Step::Malformed(e) => driver::handle_malformed(&mut shell, t, e),
+        Step::Closed => driver::handle_closed(&mut shell, t),
     }
+    outbox
 }
 
-/// This shell could not carry out an effect: the session ends with `Internal` (a no-op if
-/// it already ended), and nothing more of it is stored.
-fn fail(session: &mut Session, fx: &mut Effects, why: String) {
-    tracing::warn!("sync session aborted: {why}");
-    session.abort(RefuseReason::Internal, why.clone());
-    if fx.failure.is_none() {
-        fx.failure = Some(why);
-    }
-}
-
-/// Moves frames between the session and the stream until the session ends, executing its
-/// events against the device in order.
+/// Moves frames between the session and the stream until the session ends; each input is
+/// one step of `shared::sync::driver` with the device locked.
 async fn drive(
-    session: &mut Session,
+    link: &mut Link,
     send: &mut SendStream,
     recv: &mut RecvStream,
     device: &SharedDevice,
     now: &impl Fn() -> u64,
     peer_is_hub: bool,
-    trusted_siblings: &[PublicKey],
 ) -> Result<Outcome, NetError> {
-    let _ = trusted_siblings;
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut fx = Effects::default();
+    let mut clock_offset = None;
+    let mut out = step(
+        device,
+        link,
+        &mut clock_offset,
+        now,
+        peer_is_hub,
+        Step::Start,
+    );
     loop {
-        let mut progressed = true;
-        while progressed {
-            progressed = false;
-            while let Some(frame) = session.poll_transmit() {
-                progressed = true;
-                let bytes = frame
-                    .encode()
-                    .map_err(|e| NetError::Session("peer".into(), e.to_string()))?;
-                send.write_all(&bytes)
-                    .await
-                    .map_err(|e| NetError::Connection("peer".into(), e.to_string()))?;
+        if !out.is_empty() {
+            let written = send.write_all(&out).await;
+            // Once the session is over a peer that closed first loses nothing.
+            if let Err(e) = written
+                && !link.is_finished()
+            {
+                return Err(NetError::Connection("peer".into(), e.to_string()));
             }
-            while let Some(event) = session.poll_event() {
-                progressed = true;
-                let mut dev = lock(device);
-                handle_event(session, &mut dev, event, now, peer_is_hub, &mut fx);
-            }
+            out.clear();
         }
-        if session.is_finished() {
-            // Flush what the end queued (a refusal, a last Done), then close our side.
-            while let Some(frame) = session.poll_transmit() {
-                if let Ok(bytes) = frame.encode() {
-                    let _ = send.write_all(&bytes).await;
-                }
-            }
+        if link.is_finished() {
+            // What the end queued (a refusal, a last Done) is written; close our side.
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-            let end = match (fx.end, fx.failure) {
-                (_, Some(why)) => End::Failed(why),
-                (Some(end), None) => end,
-                // A session that ends emits its end; should one not, it did not complete.
-                (None, None) => End::Failed("the session ended without an outcome".into()),
-            };
-            return Ok(Outcome {
-                end,
-                stats: session.stats(),
-                new_records: fx.new_records,
-                refusal: fx.refusal,
-            });
+            return Ok(Outcome::of(link));
         }
         let read = tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf)).await;
+        let mut inputs = Vec::new();
         match read {
             Err(_) => return Err(NetError::Timeout("peer".into(), READ_TIMEOUT)),
             Ok(Err(e)) => {
                 tracing::debug!("stream ended: {e}");
-                session.handle_closed();
+                inputs.push(Step::Closed);
             }
-            Ok(Ok(None)) => session.handle_closed(),
-            Ok(Ok(Some(n))) => {
-                let pushed = decoder.push(&buf[..n]);
-                if let Err(e) = pushed {
-                    session.handle_malformed(e);
-                    continue;
-                }
-                loop {
+            Ok(Ok(None)) => inputs.push(Step::Closed),
+            Ok(Ok(Some(n))) => match decoder.push(&buf[..n]) {
+                Err(e) => inputs.push(Step::Malformed(e)),
+                Ok(()) => loop {
                     match decoder.pop() {
-                        Ok(Some(frame)) => {
-                            let mut dev = lock(device);
-                            let t = now();
-                            session.handle_frame(
-                                t,
-                                frame,
-                                &mut Replica {
-                                    device: &mut dev,
-                                    now: t,
-                                },
-                            );
-                        }
+                        Ok(Some(frame)) => inputs.push(Step::Frame(frame)),
                         Ok(None) => break,
                         Err(e) => {
-                            session.handle_malformed(e);
+                            inputs.push(Step::Malformed(e));
                             break;
                         }
                     }
-                }
-            }
+                },
+            },
+        }
+        for input in inputs {
+            out.extend(step(
+                device,
+                link,
+                &mut clock_offset,
+                now,
+                peer_is_hub,
+                input,
+            ));
         }
     }
 }
@@ -676,17 +668,8 @@ pub async fn serve_sibling(
             facility: e.facility.id.clone(),
         }
     };
-    let mut session = Session::responder(me);
-    let out = drive(
-        &mut session,
-        &mut send,
-        &mut recv,
-        &device,
-        &now,
-        false,
-        &trusted,
-    )
-    .await?;
+    let mut link = Link::new(Session::responder(me));
+    let out = drive(&mut link, &mut send, &mut recv, &device, &now, false).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     match out.end {
         End::Finished => Ok(out.new_records),
@@ -752,7 +735,7 @@ mod tests {
     use shared::ticket::{Credential, EnrollmentTicket, HubContact, TICKET_KIND, TICKET_VERSION};
     use shared::time::Day;
     use shared::token::{Keyring, TestIssuer, Verdict};
-    use shared::{DeviceId, FacilityId, PartitionId};
+    use shared::{DeviceId, FacilityId};
 
     /// Noon UTC of some day in 2025.
     const NOON: u64 = 20_200 * 86_400 + 12 * 3600;
@@ -822,64 +805,111 @@ mod tests {
         }
     }
 
-    /// Runs a sibling session between `a` (initiator) and `b` (responder) in memory, each
-    /// side's events through [`handle_event`], until neither moves; bounded. Also returns
-    /// the kinds of the frames `b` sent.
-    fn session(a: &mut Device, b: &mut Device) -> (Effects, Effects, Vec<&'static str>) {
-        let now = || NOON + 600;
-        a.preload(now()).expect("preload");
-        let mut sa = Session::initiator(
-            now(),
+    /// One side of an in-memory session: its device, link and clock offset.
+    struct Node<'a> {
+        dev: &'a mut Device,
+        link: Link,
+        clock_offset: Option<i64>,
+        peer_is_hub: bool,
+    }
+
+    impl Node<'_> {
+        /// One step through the driver, as `step` runs it; returns the frames sent.
+        fn step(&mut self, input: Step) -> Vec<Frame> {
+            let t = NOON + 600;
+            let mut outbox = Vec::new();
+            let mut shell = EdgeShell {
+                link: &mut self.link,
+                replica: Replica {
+                    device: &mut *self.dev,
+                    now: t,
+                },
+                clock_offset: &mut self.clock_offset,
+                outbox: &mut outbox,
+                peer_is_hub: self.peer_is_hub,
+            };
+            match input {
+                Step::Start => driver::pump(&mut shell, t),
+                Step::Frame(f) => driver::handle_frame(&mut shell, t, f),
+                Step::Malformed(e) => driver::handle_malformed(&mut shell, t, e),
+                Step::Closed => driver::handle_closed(&mut shell, t),
+            }
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&outbox).expect("own frames decode");
+            let mut frames = Vec::new();
+            while let Some(f) = decoder.pop().expect("own frames decode") {
+                frames.push(f);
+            }
+            frames
+        }
+    }
+
+    /// Runs a sibling session between `a` (initiator; `a_is_hub_session` makes it act as
+    /// towards the hub) and `b` (responder) in memory, each side through the driver with the
+    /// device's shell, until neither moves; bounded. `before_a` runs before each frame `a`
+    /// takes. Returns both links and the kinds of the frames `b` sent.
+    fn session_with(
+        a: &mut Device,
+        b: &mut Device,
+        a_is_hub_session: bool,
+        mut before_a: impl FnMut(&Device),
+    ) -> (Link, Link, Vec<&'static str>) {
+        let now = NOON + 600;
+        a.preload(now).expect("preload");
+        let sa = Session::initiator(
+            now,
             me(a),
             None,
             &Replica {
                 device: &mut *a,
-                now: now(),
+                now,
             },
         )
         .expect("initiator");
-        let mut sb = Session::responder(me(b));
-        let (mut fa, mut fb) = (Effects::default(), Effects::default());
+        let sb = Session::responder(me(b));
+        let mut na = Node {
+            dev: a,
+            link: Link::new(sa),
+            clock_offset: None,
+            peer_is_hub: a_is_hub_session,
+        };
+        let mut nb = Node {
+            dev: b,
+            link: Link::new(sb),
+            clock_offset: None,
+            peer_is_hub: false,
+        };
         let mut b_sent = Vec::new();
+        let mut to_b = na.step(Step::Start);
         for _ in 0..200 {
-            let mut moved = false;
-            while let Some(ev) = sa.poll_event() {
-                handle_event(&mut sa, a, ev, &now, false, &mut fa);
-                moved = true;
+            let mut to_a = Vec::new();
+            for f in std::mem::take(&mut to_b) {
+                to_a.extend(nb.step(Step::Frame(f)));
             }
-            while let Some(ev) = sb.poll_event() {
-                handle_event(&mut sb, b, ev, &now, false, &mut fb);
-                moved = true;
+            b_sent.extend(to_a.iter().map(Frame::kind));
+            for f in to_a {
+                before_a(na.dev);
+                to_b.extend(na.step(Step::Frame(f)));
             }
-            while let Some(f) = sa.poll_transmit() {
-                let mut r = Replica {
-                    device: &mut *b,
-                    now: now(),
-                };
-                sb.handle_frame(now(), f, &mut r);
-                moved = true;
-            }
-            while let Some(f) = sb.poll_transmit() {
-                b_sent.push(f.kind());
-                let mut r = Replica {
-                    device: &mut *a,
-                    now: now(),
-                };
-                sa.handle_frame(now(), f, &mut r);
-                moved = true;
-            }
-            if !moved {
+            if to_b.is_empty() {
                 break;
             }
         }
-        assert!(sa.is_finished() && sb.is_finished(), "the session ended");
-        (fa, fb, b_sent)
+        assert!(
+            na.link.is_finished() && nb.link.is_finished(),
+            "the session ended"
+        );
+        (na.link, nb.link, b_sent)
     }
 
-    fn failed(fx: &Effects) -> Option<&str> {
-        match &fx.end {
-            Some(End::Failed(why)) => Some(why),
-            _ => None,
+    fn session(a: &mut Device, b: &mut Device) -> (Link, Link, Vec<&'static str>) {
+        session_with(a, b, false, |_| {})
+    }
+
+    fn failed(link: &Link) -> Option<String> {
+        match link.end() {
+            Some(DriverEnd::Completed) | None => None,
+            Some(end) => Some(end.to_string()),
         }
     }
 
@@ -892,16 +922,23 @@ mod tests {
         let day = Day::of(NOON);
 
         b.store().fail_writes(true);
-        let (fa, fb, b_sent) = session(&mut a, &mut b);
+        let (la, lb, b_sent) = session(&mut a, &mut b);
         b.store().fail_writes(false);
-        let why = failed(&fb).expect("the refusing side's session failed");
+        let why = failed(&lb).expect("the refusing side's session failed");
         assert!(why.contains("cannot store partition"), "{why}");
-        assert!(fb.failure.is_some());
-        assert_eq!(fb.new_records, 0, "nothing counted that is not durable");
-        // The peer is told (it may already have taken this side's last `Done`, sent in the
-        // same step as the merge, and count the session complete: its own log is intact).
+        assert!(lb.failure().is_some());
+        assert_eq!(lb.new_records(), 0, "nothing counted that is not durable");
+        // The peer is told, and takes no `Done` of this side after the failure (the one the
+        // failing step queued is not sent): both ends say why.
         assert_eq!(b_sent.last(), Some(&"Refused"), "{b_sent:?}");
-        assert!(fa.end.is_some());
+        match la.end() {
+            Some(DriverEnd::Refused {
+                by: shared::sync::Side::Peer,
+                reason: shared::sync::RefuseReason::Internal,
+                ..
+            }) => {}
+            e => panic!("the initiator is told: {e:?}"),
+        }
         // No sync state of the failed session was stored, and memory holds what disk holds.
         let peer_key = crate::replica::peer_key(&me(&a));
         assert_eq!(b.store().sync_state(&peer_key, day).expect("read"), None);
@@ -909,10 +946,10 @@ mod tests {
 
         // The next session moves the records for real: the merge was not kept in memory
         // (where it would have hidden them from the sync and never reached the disk).
-        let (fa, fb, _) = session(&mut a, &mut b);
-        assert!(matches!(fb.end, Some(End::Finished)), "{:?}", failed(&fb));
-        assert!(matches!(fa.end, Some(End::Finished)), "{:?}", failed(&fa));
-        assert_eq!(fb.new_records, 3);
+        let (la, lb, _) = session(&mut a, &mut b);
+        assert_eq!(failed(&lb), None);
+        assert_eq!(failed(&la), None);
+        assert_eq!(lb.new_records(), 3);
         drop(b);
         let b = Device::open(&tmp.path().join("b")).expect("reopen");
         assert_eq!(b.status(NOON + 700).expect("status").records, 3);
@@ -922,40 +959,19 @@ mod tests {
     fn a_finished_hub_session_after_a_failed_write_delivers_nothing() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut a = enrolled(&tmp, "a", "d-00000000000000aa");
+        let mut b = enrolled(&tmp, "b", "d-00000000000000bb");
         scan(&mut a, 2);
-        a.preload(NOON + 600).expect("preload");
-        let now = || NOON + 600;
-        let mut s = Session::initiator(
-            now(),
-            me(&a),
-            None,
-            &Replica {
-                device: &mut a,
-                now: now(),
-            },
-        )
-        .expect("initiator");
-        let mut fx = Effects::default();
-        let partition = PartitionId {
-            facility: a.enrollment().facility.id.clone(),
-            day: Day::of(NOON),
-        };
-        let hub = Peer::Hub {
-            region: "mapo".into(),
-        };
-        // A sync state queued before `Finished` does not persist, then `Finished` arrives.
-        a.store().fail_writes(true);
-        let state = Event::SyncStateChanged {
-            peer: hub.clone(),
-            partition,
-            state: vec![1, 2, 3],
-        };
-        handle_event(&mut s, &mut a, state, &now, true, &mut fx);
+        // `a` syncs as with its hub; after the welcome (its first frame from `b`) every write
+        // of `a` fails: its sync states at the end, then recording the completed sync.
+        let mut frames = 0;
+        let (la, _lb, _) = session_with(&mut a, &mut b, true, |dev| {
+            frames += 1;
+            if frames == 2 {
+                dev.store().fail_writes(true);
+            }
+        });
         a.store().fail_writes(false);
-        assert!(s.is_finished(), "aborted");
-        let done = Event::Finished(WireStats::default());
-        handle_event(&mut s, &mut a, done, &now, true, &mut fx);
-        let why = failed(&fx).expect("the session failed");
+        let why = failed(&la).expect("the session failed");
         assert!(why.contains("sync state"), "{why}");
         let status = a.status(NOON + 700).expect("status");
         assert_eq!(status.unsynced, 2, "no record counted as delivered");

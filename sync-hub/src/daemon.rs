@@ -13,6 +13,9 @@
 //! while carrying out a session's effects aborts the session (`Internal`) and stores none of
 //! its later sync states: a failure is never reported to the device as success.
 //!
+//! Sessions run through `shared::sync::driver`, the one event loop of every node; this
+//! module is its hub `Shell` (`HubShell`).
+//!
 //! Per-device quotas ([`Quotas`]) keep one rogue enrolled device from filling the disk or
 //! holding the actor: the bytes a session receives after admission, and the new records a
 //! device delivers per UTC day (`device-day-records-1`) and the new wrapped keys it delivers per
@@ -21,7 +24,7 @@
 
 use crate::auth::Principal;
 use crate::clock;
-use crate::ledger::{Charge, Ledger, Persisted, PurgeReport, RefusalNote, Stats};
+use crate::ledger::{Charge, HubPartitions, Ledger, Persisted, PurgeReport, RefusalNote, Stats};
 use crate::people::{self, OpError};
 use crate::registry::DeviceRecord;
 use crate::registry::{DAY_KEYS_AHEAD, Hub, HubError};
@@ -29,10 +32,12 @@ use iroh::endpoint::presets;
 use iroh::{Endpoint, PublicKey, SecretKey};
 use shared::facility::FacilityStatus;
 use shared::partition::Partition;
+use shared::sync::driver::{self, Abort, End, Link, Shell};
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
-    ALPN, Decision, Event, Frame, FrameDecoder, FrameError, LENGTH_PREFIX_BYTES, MAX_FRAME_BYTES,
-    MAX_PARTITIONS_PER_SESSION, PartitionStore, Peer, PeerHello, RefuseReason, Session,
+    ALPN, Decision, Frame, FrameDecoder, FrameError, LENGTH_PREFIX_BYTES, MAX_FRAME_BYTES,
+    MAX_PARTITIONS_PER_SESSION, PartitionStore, PartitionSummary, Peer, PeerHello, RefuseReason,
+    Session, Side, StoreError, WireStats,
 };
 use shared::ticket::{Refresh, Sibling};
 use shared::time::Day;
@@ -335,10 +340,11 @@ impl HubHandle {
     }
 }
 
-/// One sync connection as the actor sees it: the session, what it has learned of the peer,
-/// and where its frames go. Public so a test can drive it without a network.
+/// One sync connection as the actor sees it: the session (in its [`Link`], run by
+/// `shared::sync::driver`), what it has learned of the peer, and where its frames go. Public
+/// so a test can drive it without a network.
 pub struct Conn {
-    session: Session,
+    link: Link,
     reply: tmpsc::Sender<Output>,
     remote: PublicKey,
     addr: Option<SocketAddr>,
@@ -346,18 +352,15 @@ pub struct Conn {
     facility: Option<FacilityId>,
     clock_offset: Option<i64>,
     /// The partitions this session loaded, kept between its frames (each partition is read
-    /// from redb once per session, not once per frame); dropped with the connection.
+    /// from redb once per session, not once per frame); dropped with the connection, and as
+    /// soon as the session stores nothing more (a store error or a quota ended it).
     cache: BTreeMap<PartitionId, Partition>,
     /// Set once the peer is admitted: the connection's reader then accepts full-size frames.
     admitted: Arc<AtomicBool>,
-    /// A store error aborted the session: nothing more of it is stored or cached.
-    store_failed: bool,
     /// The quotas this connection is held to.
     quotas: Quotas,
     /// Bytes of frames received since admission.
     received: u64,
-    /// A quota aborted the session: nothing more of it is stored or cached.
-    quota_refused: bool,
 }
 
 impl Conn {
@@ -374,7 +377,7 @@ impl Conn {
             region: hub.config().region.clone(),
         };
         Conn {
-            session: Session::responder(me),
+            link: Link::new(Session::responder(me)),
             reply,
             remote,
             addr,
@@ -383,10 +386,8 @@ impl Conn {
             clock_offset: None,
             cache: BTreeMap::new(),
             admitted,
-            store_failed: false,
             quotas: Quotas::default(),
             received: 0,
-            quota_refused: false,
         }
     }
 
@@ -396,14 +397,9 @@ impl Conn {
         self
     }
 
-    /// Whether nothing more of this session is stored (a store error or a quota ended it).
-    fn stores_nothing(&self) -> bool {
-        self.store_failed || self.quota_refused
-    }
-
     /// Whether the session has ended.
     pub fn is_finished(&self) -> bool {
-        self.session.is_finished()
+        self.link.is_finished()
     }
 
     /// A frame from the peer.
@@ -415,25 +411,19 @@ impl Conn {
         now: UnixSeconds,
         metrics: &Metrics,
     ) {
-        match self.facility.clone() {
-            Some(_) if !self.within_session_bytes(&frame, metrics) => {
-                let mut none = MemoryStore::new(b"hub-closed", None);
-                pump(hub, ledger, self, &mut none, now, metrics);
-            }
-            Some(f) => {
-                let cache = std::mem::take(&mut self.cache);
-                let mut parts = ledger.resume(f, now, cache);
-                self.session.handle_frame(now, frame, &mut parts);
-                pump(hub, ledger, self, &mut parts, now, metrics);
-                self.keep_cache(parts.into_cache());
-            }
-            None => {
-                // Before admission no partition is touched.
-                let mut none = MemoryStore::new(b"hub-pre-admission", None);
-                self.session.handle_frame(now, frame, &mut none);
-                pump(hub, ledger, self, &mut none, now, metrics);
-            }
+        if let Some(detail) = self.over_session_bytes(&frame) {
+            metrics.quota_refusals.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "device {:?} over quota: {detail}",
+                self.device.as_ref().map(DeviceId::to_string)
+            );
+            let why = Abort::new(RefuseReason::QuotaExceeded, detail);
+            self.abort(hub, ledger, why, now, metrics);
+            return;
         }
+        let mut shell = HubShell::new(hub, ledger, self, now, metrics);
+        driver::handle_frame(&mut shell, now, frame);
+        shell.done();
     }
 
     /// The peer's bytes did not decode.
@@ -445,9 +435,9 @@ impl Conn {
         now: UnixSeconds,
         metrics: &Metrics,
     ) {
-        self.session.handle_malformed(error);
-        let mut none = MemoryStore::new(b"hub-closed", None);
-        pump(hub, ledger, self, &mut none, now, metrics);
+        let mut shell = HubShell::closed(hub, ledger, self, metrics);
+        driver::handle_malformed(&mut shell, now, error);
+        shell.done();
     }
 
     /// The stream or connection ended.
@@ -458,76 +448,364 @@ impl Conn {
         now: UnixSeconds,
         metrics: &Metrics,
     ) {
-        self.session.handle_closed();
-        let mut none = MemoryStore::new(b"hub-closed", None);
-        pump(hub, ledger, self, &mut none, now, metrics);
+        let mut shell = HubShell::closed(hub, ledger, self, metrics);
+        driver::handle_closed(&mut shell, now);
+        shell.done();
     }
 
-    /// Counts `frame` against the session's byte quota; over it, aborts the session
-    /// (`QuotaExceeded`) before the frame is handled and returns false.
-    fn within_session_bytes(&mut self, frame: &Frame, metrics: &Metrics) -> bool {
-        if self.session.is_finished() {
-            return true;
+    /// Ends the session from the hub's side (a quota, the time limit, a newer session of
+    /// the device): the peer is told `why`, and nothing more of the session is stored.
+    fn abort(
+        &mut self,
+        hub: &Hub,
+        ledger: &Ledger<'_>,
+        why: Abort,
+        now: UnixSeconds,
+        metrics: &Metrics,
+    ) {
+        let mut shell = HubShell::closed(hub, ledger, self, metrics);
+        driver::abort(&mut shell, now, why);
+        shell.done();
+    }
+
+    /// Counts `frame` against the session's byte quota once the peer is admitted: over it,
+    /// the detail to refuse with (before the frame is handled).
+    fn over_session_bytes(&mut self, frame: &Frame) -> Option<String> {
+        if self.facility.is_none() || self.link.session().is_finished() {
+            return None;
         }
         self.received = self.received.saturating_add(received_bytes(frame));
-        if self.received <= self.quotas.session_bytes {
-            return true;
+        (self.received > self.quotas.session_bytes).then(|| {
+            format!(
+                "this session sent more than the hub's {} bytes per session; what was stored \
+                 stays, sync again to send the rest",
+                self.quotas.session_bytes
+            )
+        })
+    }
+}
+
+/// The partitions a hub session works on: none before admission (nor once it ended), the
+/// admitted facility's afterwards.
+enum HubStore<'l> {
+    Closed(MemoryStore),
+    Facility(HubPartitions<'l>),
+}
+
+impl PartitionStore for HubStore<'_> {
+    fn live_partitions(
+        &self,
+        facility: Option<&FacilityId>,
+    ) -> Result<Vec<PartitionSummary>, StoreError> {
+        match self {
+            HubStore::Closed(s) => s.live_partitions(facility),
+            HubStore::Facility(s) => s.live_partitions(facility),
         }
-        let detail = format!(
-            "this session sent more than the hub's {} bytes per session; what was stored \
-             stays, sync again to send the rest",
-            self.quotas.session_bytes
-        );
-        self.quota_refusal(metrics, detail);
-        false
     }
 
-    /// A quota was exceeded: tell the peer (`QuotaExceeded`), store nothing more of this
-    /// session and drop what it cached (it may hold merged changes that were never stored;
-    /// the next session loads them from disk).
-    fn quota_refusal(&mut self, metrics: &Metrics, detail: String) {
-        metrics.quota_refusals.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            "device {:?} over quota: {detail}",
-            self.device.as_ref().map(DeviceId::to_string)
-        );
-        self.quota_refused = true;
-        self.cache.clear();
-        self.session.abort(RefuseReason::QuotaExceeded, detail);
+    fn partition_mut(&mut self, id: &PartitionId) -> Result<Option<&mut Partition>, StoreError> {
+        match self {
+            HubStore::Closed(s) => s.partition_mut(id),
+            HubStore::Facility(s) => s.partition_mut(id),
+        }
     }
 
-    /// Keeps the partitions loaded for the next frame, unless a store error or a quota
-    /// aborted the session: then they may hold merged changes that were never stored.
-    fn keep_cache(&mut self, cache: BTreeMap<PartitionId, Partition>) {
-        self.cache = if self.stores_nothing() {
-            BTreeMap::new()
-        } else {
-            cache
+    fn create_partition(&mut self, id: &PartitionId) -> Result<&mut Partition, StoreError> {
+        match self {
+            HubStore::Closed(s) => s.create_partition(id),
+            HubStore::Facility(s) => s.create_partition(id),
+        }
+    }
+
+    fn sync_state(&self, peer: &Peer, id: &PartitionId) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            HubStore::Closed(s) => s.sync_state(peer, id),
+            HubStore::Facility(s) => s.sync_state(peer, id),
+        }
+    }
+
+    fn put_sync_state(
+        &mut self,
+        peer: &Peer,
+        id: &PartitionId,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        match self {
+            HubStore::Closed(s) => s.put_sync_state(peer, id, state),
+            HubStore::Facility(s) => s.put_sync_state(peer, id, state),
+        }
+    }
+
+    fn discard_partition(
+        &mut self,
+        id: &PartitionId,
+        good_heads: &[automerge::ChangeHash],
+    ) -> Result<(), StoreError> {
+        match self {
+            HubStore::Closed(s) => s.discard_partition(id, good_heads),
+            HubStore::Facility(s) => s.discard_partition(id, good_heads),
+        }
+    }
+}
+
+/// The hub's side of `shared::sync::driver`: admission against the registry, persisting
+/// into the ledger (quotas first), metrics and the refusal notes for `stats`.
+struct HubShell<'a, 'l> {
+    hub: &'a Hub,
+    ledger: &'a Ledger<'l>,
+    conn: &'a mut Conn,
+    store: HubStore<'a>,
+    metrics: &'a Metrics,
+}
+
+/// What the peer is told when the hub cannot store what it synced.
+const STORE_FAILURE: &str =
+    "the hub could not store what was synced; the device keeps it, sync again later";
+
+impl<'a, 'l> HubShell<'a, 'l> {
+    /// For a frame: the admitted facility's partitions (with what the session cached).
+    fn new(
+        hub: &'a Hub,
+        ledger: &'a Ledger<'l>,
+        conn: &'a mut Conn,
+        now: UnixSeconds,
+        metrics: &'a Metrics,
+    ) -> Self {
+        let store = match conn.facility.clone() {
+            Some(f) => HubStore::Facility(ledger.resume(f, now, std::mem::take(&mut conn.cache))),
+            // Before admission no partition is touched.
+            None => HubStore::Closed(MemoryStore::new(b"hub-pre-admission", None)),
         };
+        HubShell {
+            hub,
+            ledger,
+            conn,
+            store,
+            metrics,
+        }
     }
 
-    /// A store error: tell the peer (`Internal`), store nothing more of this session and
-    /// drop what it cached.
-    fn store_failure(&mut self, metrics: &Metrics, what: &str) {
+    /// For an input that touches no partition (the end of the stream, an abort).
+    fn closed(
+        hub: &'a Hub,
+        ledger: &'a Ledger<'l>,
+        conn: &'a mut Conn,
+        metrics: &'a Metrics,
+    ) -> Self {
+        HubShell {
+            hub,
+            ledger,
+            conn,
+            store: HubStore::Closed(MemoryStore::new(b"hub-closed", None)),
+            metrics,
+        }
+    }
+
+    /// Keeps the loaded partitions for the next frame unless the session stores nothing
+    /// more (they may hold merged changes that were never stored), and closes the writer once
+    /// the session is over.
+    fn done(self) {
+        let stores_nothing = self.conn.link.failure().is_some();
+        if let HubStore::Facility(parts) = self.store {
+            let cache = parts.into_cache();
+            if !stores_nothing {
+                self.conn.cache = cache;
+            }
+        }
+        if stores_nothing {
+            self.conn.cache.clear();
+        }
+        if self.conn.is_finished() {
+            // A full queue drops this; the writer also ends when the connection is dropped.
+            let _ = self.conn.reply.try_send(Output::Close);
+        }
+    }
+
+    /// A store error: logged and counted; the peer is told [`STORE_FAILURE`].
+    fn store_failure(&self, what: &str) -> Abort {
         tracing::error!("{what}: the session is aborted and stores nothing more");
-        metrics.persist_failures.fetch_add(1, Ordering::Relaxed);
-        self.store_failed = true;
-        self.cache.clear();
-        self.session.abort(
-            RefuseReason::Internal,
-            "the hub could not store what was synced; the device keeps it, sync again later",
+        self.metrics
+            .persist_failures
+            .fetch_add(1, Ordering::Relaxed);
+        Abort::internal(STORE_FAILURE)
+    }
+}
+
+impl<'a> Shell for HubShell<'a, '_> {
+    type Store = HubStore<'a>;
+
+    fn link_and_store(&mut self) -> (&mut Link, &mut HubStore<'a>) {
+        (&mut self.conn.link, &mut self.store)
+    }
+
+    fn admit(&mut self, now: UnixSeconds, hello: &PeerHello) -> Decision {
+        let (decision, device) = decide(self.hub, self.ledger, &self.conn.remote, hello, now);
+        match &decision {
+            Decision::Admit { facility, .. } => {
+                self.conn.device = device;
+                self.conn.facility = Some(facility.clone());
+                // Before the Welcome is queued: the peer's next frames may be large.
+                self.conn.admitted.store(true, Ordering::Release);
+                self.store = HubStore::Facility(self.ledger.partitions(facility.clone(), now));
+            }
+            Decision::Refuse { .. } => {
+                self.metrics.refused_devices.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        decision
+    }
+
+    fn persist(
+        &mut self,
+        now: UnixSeconds,
+        id: &PartitionId,
+        new_records: u64,
+        new_keys: u64,
+    ) -> Result<(), Abort> {
+        // Checked before anything is stored: over the quota, the merged partition is
+        // discarded and never persisted.
+        let charge = Charge {
+            records: new_records,
+            keys: new_keys,
+        };
+        match over_device_quota(self.ledger, self.conn, charge, now) {
+            Ok(None) => {}
+            Ok(Some(detail)) => {
+                tracing::warn!(
+                    "device {:?} over quota: {detail}",
+                    self.conn.device.as_ref().map(DeviceId::to_string)
+                );
+                // This partition only: a quota per device and day must not keep the device's
+                // other days (or a relaying sibling's) from syncing.
+                return Err(Abort::partition(RefuseReason::QuotaExceeded, detail));
+            }
+            Err(e) => return Err(self.store_failure(&format!("cannot read a device's count: {e}"))),
+        }
+        // The ledger persists and indexes what the session merged, and charges its new
+        // records to the device in the same transaction.
+        let charge = self.conn.device.as_ref().map(|d| (d, charge));
+        match persist(self.ledger, &mut self.store, id, now, charge) {
+            Ok(n) => {
+                self.metrics
+                    .records_ingested
+                    .fetch_add(n.indexed, Ordering::Relaxed);
+                self.metrics
+                    .records_fallback_key
+                    .fetch_add(n.fallback, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(self.store_failure(&format!("cannot persist partition {id}: {e}"))),
+        }
+    }
+
+    fn store_sync_state(
+        &mut self,
+        peer: &Peer,
+        partition: &PartitionId,
+        state: &[u8],
+    ) -> Result<(), Abort> {
+        self.store
+            .put_sync_state(peer, partition, state)
+            .map_err(|e| self.store_failure(&format!("cannot store a sync state: {e}")))
+    }
+
+    fn clock_offset(&mut self, seconds: i64) {
+        self.conn.clock_offset = Some(seconds);
+        if seconds.abs() > CLOCK_WARNING_SECONDS {
+            tracing::warn!(
+                "device {:?} clock is off by {seconds} s",
+                self.conn.device.as_ref().map(DeviceId::to_string)
+            );
+        }
+    }
+
+    fn completed(&mut self, now: UnixSeconds, _stats: &WireStats) -> Result<(), Abort> {
+        if let Some(id) = &self.conn.device {
+            record_contact(self.hub, id, self.conn, now);
+        }
+        Ok(())
+    }
+
+    fn ended(&mut self, now: UnixSeconds, end: &End) {
+        let (by, reason, detail) = match end {
+            End::Completed => {
+                self.metrics
+                    .sessions_completed
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            End::Failed(e) => {
+                self.metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("session failed: {e}");
+                return;
+            }
+            End::Aborted { reason, detail } => (Side::Local, reason, detail),
+            End::Refused { by, reason, detail } => (*by, reason, detail),
+        };
+        self.metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("session refused by {by:?}: {reason:?} {detail}");
+        // For `sync-hub stats`: counts by reason and the last few.
+        let device = match self.conn.link.session().peer() {
+            Some(Peer::Device { device, .. }) => Some(device.to_string()),
+            _ => None,
+        };
+        let note = RefusalNote {
+            at: now,
+            device,
+            reason: format!("{reason:?}"),
+            by: format!("{by:?}").to_lowercase(),
+            detail: detail.clone(),
+        };
+        if let Err(e) = self.ledger.note_refusal(&note) {
+            tracing::warn!("cannot record a refusal for stats: {e}");
+        }
+    }
+
+    /// One partition refused while the session goes on: logged, and noted for `stats` like
+    /// a refused session, naming the partition.
+    fn partition_refused(&mut self, now: UnixSeconds, r: &driver::RefusedPartition) {
+        if r.reason == RefuseReason::QuotaExceeded {
+            self.metrics.quota_refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            "partition {} refused by {:?}: {:?} {}",
+            r.partition,
+            r.by,
+            r.reason,
+            r.detail
         );
+        let device = match self.conn.link.session().peer() {
+            Some(Peer::Device { device, .. }) => Some(device.to_string()),
+            _ => None,
+        };
+        let note = RefusalNote {
+            at: now,
+            device,
+            reason: format!("{:?}", r.reason),
+            by: format!("{:?}", r.by).to_lowercase(),
+            detail: format!("partition {}: {}", r.partition, r.detail),
+        };
+        if let Err(e) = self.ledger.note_refusal(&note) {
+            tracing::warn!("cannot record a refusal for stats: {e}");
+        }
     }
 
     /// Queues bytes for the writer. A full queue means the peer stopped reading: the session
     /// is aborted instead of buffering more.
-    fn send(&mut self, out: Output) {
-        if let Err(tmpsc::error::TrySendError::Full(_)) = self.reply.try_send(out)
-            && !self.session.is_finished()
-        {
-            tracing::info!("a peer stopped reading its frames: closing its session");
-            self.session
-                .abort(RefuseReason::Internal, "the peer does not read its frames");
+    fn send(&mut self, frame: Frame) -> Result<(), Abort> {
+        let bytes = match frame.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("cannot encode a frame: {e}");
+                return Ok(());
+            }
+        };
+        match self.conn.reply.try_send(Output::Bytes(bytes)) {
+            Err(tmpsc::error::TrySendError::Full(_)) => {
+                tracing::info!("a peer stopped reading its frames: closing its session");
+                Err(Abort::internal("the peer does not read its frames"))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -930,20 +1208,17 @@ fn actor(
                         **id != conn && c.device.as_ref() == Some(&device) && !c.is_finished()
                     }) {
                         tracing::info!("device {device}: a newer session replaces an older one");
-                        old.cache.clear();
-                        old.session.abort(
+                        let why = Abort::new(
                             RefuseReason::Replaced,
                             "a newer session of this device replaced this one",
                         );
-                        let mut none = MemoryStore::new(b"hub-closed", None);
-                        pump(&hub, &ledger, old, &mut none, now, &metrics);
+                        old.abort(&hub, &ledger, why, now, &metrics);
                     }
                 }
             }
             Input::TimeUp { conn } => {
                 if let Some(c) = conns.get_mut(&conn) {
-                    c.cache.clear();
-                    c.session.abort(
+                    let why = Abort::new(
                         RefuseReason::QuotaExceeded,
                         format!(
                             "the session ran longer than the hub's {} s; what was stored stays, \
@@ -951,8 +1226,7 @@ fn actor(
                             session_limit().as_secs()
                         ),
                     );
-                    let mut none = MemoryStore::new(b"hub-closed", None);
-                    pump(&hub, &ledger, c, &mut none, now, &metrics);
+                    c.abort(&hub, &ledger, why, now, &metrics);
                 }
             }
             Input::Malformed { conn, error } => {
@@ -979,7 +1253,7 @@ fn actor(
             },
             Input::Tick => pending_purge.push(None),
         }
-        conns.retain(|_, c| !c.session.is_finished());
+        conns.retain(|_, c| !c.is_finished());
         if !pending_purge.is_empty() {
             // Partitions cached by open sessions may have just expired: reload from the
             // ledger, which refuses them.
@@ -1007,170 +1281,6 @@ fn actor(
                 let _ = reply.send(r);
             }
         }
-    }
-}
-
-/// Executes the session's events and sends its frames.
-fn pump(
-    hub: &Hub,
-    ledger: &Ledger<'_>,
-    c: &mut Conn,
-    parts: &mut impl PartitionStore,
-    now: UnixSeconds,
-    metrics: &Metrics,
-) {
-    loop {
-        let mut progressed = false;
-        while let Some(frame) = c.session.poll_transmit() {
-            progressed = true;
-            match frame.encode() {
-                Ok(b) => c.send(Output::Bytes(b)),
-                Err(e) => tracing::warn!("cannot encode a frame: {e}"),
-            }
-        }
-        while let Some(event) = c.session.poll_event() {
-            progressed = true;
-            match event {
-                Event::PeerHello(hello) => {
-                    let (decision, device) = decide(hub, ledger, &c.remote, &hello, now);
-                    if let Decision::Admit { facility, .. } = &decision {
-                        c.device = device;
-                        c.facility = Some(facility.clone());
-                        // Before the Welcome is queued: the peer's next frames may be large.
-                        c.admitted.store(true, Ordering::Release);
-                        let mut hp = ledger.partitions(facility.clone(), now);
-                        c.session.admit(now, decision, &mut hp);
-                        pump(hub, ledger, c, &mut hp, now, metrics);
-                        c.keep_cache(hp.into_cache());
-                        return;
-                    }
-                    metrics.refused_devices.fetch_add(1, Ordering::Relaxed);
-                    c.session.admit(now, decision, parts);
-                }
-                // After a store error nothing more of the session is stored: a sync state
-                // could claim changes that are not on disk, and the device would then never
-                // send them again.
-                Event::PartitionUpdated { .. } | Event::SyncStateChanged { .. }
-                    if c.stores_nothing() => {}
-                Event::PartitionUpdated {
-                    id,
-                    new_records,
-                    new_keys,
-                } => {
-                    // Checked before anything is stored: over the quota, the merged partition
-                    // is dropped with the cache and never persisted.
-                    let charge = Charge {
-                        records: new_records,
-                        keys: new_keys,
-                    };
-                    match over_device_quota(ledger, c, charge, now) {
-                        Ok(None) => {}
-                        Ok(Some(detail)) => {
-                            c.quota_refusal(metrics, detail);
-                            continue;
-                        }
-                        Err(e) => {
-                            c.store_failure(metrics, &format!("cannot read a device's count: {e}"));
-                            continue;
-                        }
-                    }
-                    // The ledger persists and indexes what the session merged, and charges
-                    // its new records to the device in the same transaction.
-                    let charge = c.device.as_ref().map(|d| (d, charge));
-                    match persist(ledger, parts, &id, now, charge) {
-                        Ok(n) => {
-                            metrics
-                                .records_ingested
-                                .fetch_add(n.indexed, Ordering::Relaxed);
-                            metrics
-                                .records_fallback_key
-                                .fetch_add(n.fallback, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            c.store_failure(metrics, &format!("cannot persist partition {id}: {e}"))
-                        }
-                    }
-                }
-                Event::SyncStateChanged {
-                    peer,
-                    partition,
-                    state,
-                } => {
-                    if let Err(e) = parts.put_sync_state(&peer, &partition, &state) {
-                        c.store_failure(metrics, &format!("cannot store a sync state: {e}"));
-                    }
-                }
-                Event::ClockOffset { seconds } => {
-                    c.clock_offset = Some(seconds);
-                    if seconds.abs() > CLOCK_WARNING_SECONDS {
-                        tracing::warn!(
-                            "device {:?} clock is off by {seconds} s",
-                            c.device.as_ref().map(DeviceId::to_string)
-                        );
-                    }
-                }
-                Event::Finished(_) => {
-                    metrics.sessions_completed.fetch_add(1, Ordering::Relaxed);
-                    if let Some(id) = &c.device {
-                        record_contact(hub, id, c, now);
-                    }
-                }
-                Event::PartitionRefused {
-                    by,
-                    partition,
-                    reason,
-                    detail,
-                } => {
-                    // The session goes on with the device's other partitions.
-                    tracing::info!("partition {partition} refused by {by:?}: {reason:?} {detail}");
-                    let device = match c.session.peer() {
-                        Some(Peer::Device { device, .. }) => Some(device.to_string()),
-                        _ => None,
-                    };
-                    let note = RefusalNote {
-                        at: now,
-                        device,
-                        reason: format!("{reason:?}"),
-                        by: format!("{by:?}").to_lowercase(),
-                        detail: format!("partition {partition}: {detail}"),
-                    };
-                    if let Err(e) = ledger.note_refusal(&note) {
-                        tracing::warn!("cannot record a refusal for stats: {e}");
-                    }
-                }
-                Event::Refused { by, reason, detail } => {
-                    metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("session refused by {by:?}: {reason:?} {detail}");
-                    // For `sync-hub stats`: counts by reason and the last few.
-                    let device = match c.session.peer() {
-                        Some(Peer::Device { device, .. }) => Some(device.to_string()),
-                        _ => None,
-                    };
-                    let note = RefusalNote {
-                        at: now,
-                        device,
-                        reason: format!("{reason:?}"),
-                        by: format!("{by:?}").to_lowercase(),
-                        detail,
-                    };
-                    if let Err(e) = ledger.note_refusal(&note) {
-                        tracing::warn!("cannot record a refusal for stats: {e}");
-                    }
-                }
-                Event::Failed(e) => {
-                    metrics.sessions_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("session failed: {e}");
-                }
-                Event::Welcomed { .. } => {}
-            }
-        }
-        if !progressed {
-            break;
-        }
-    }
-    if c.session.is_finished() {
-        // A full queue drops this; the writer also ends when the connection is dropped.
-        let _ = c.reply.try_send(Output::Close);
     }
 }
 

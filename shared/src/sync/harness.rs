@@ -1,11 +1,14 @@
 //! Runs two sync sessions against each other in memory: for tests, benchmarks and the
 //! simulation, which drives many of these pairs over its own simulated network.
 //!
-//! [`run_pair`] is a tiny shell: it moves every frame through [`Frame::encode`] and a
-//! [`FrameDecoder`] exactly as a socket would, answers `PeerHello` with the caller's admission
-//! rule, and stores `SyncStateChanged` states, so what it measures is what goes on the wire.
+//! [`run_pair`] runs both sides with [`driver`], the event loop the binaries run, behind a tiny
+//! in-memory shell: it moves every frame through [`Frame::encode`] and a [`FrameDecoder`]
+//! exactly as a socket would, answers `PeerHello` with the caller's admission rule, and
+//! stores `SyncStateChanged` states, so what it measures is what goes on the wire.
+//! [`run_pair_with`] makes chosen store writes fail ([`Faults`]).
 //! [`MemoryStore`] is the in-memory [`PartitionStore`].
 
+use super::driver::{self, Abort, End, Link, Shell};
 use super::frame::{Frame, FrameDecoder, PartitionSummary, Peer};
 use super::session::{
     Decision, Event, PartitionStore, PeerHello, Role, Session, StoreError, SyncError,
@@ -159,6 +162,27 @@ pub struct PairSetup {
     pub push_only: bool,
 }
 
+/// Store writes one side of a pair fails on purpose, to exercise the failure rules of
+/// [`driver`] (and, in the simulation, storage faults). Counts start at 0 per run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Fail this side's n-th persist of a merged partition (0: the first).
+    pub fail_persist: Option<u32>,
+    /// Fail this side's n-th sync-state write (0: the first).
+    pub fail_sync_state: Option<u32>,
+    /// Refuse this side's n-th persist as over a quota (`QuotaExceeded`), as a hub does.
+    pub quota_persist: Option<u32>,
+}
+
+/// Faults for both sides of a pair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PairFaults {
+    /// The initiator's.
+    pub initiator: Faults,
+    /// The responder's.
+    pub responder: Faults,
+}
+
 /// What one run of a pair did.
 #[derive(Debug, Default)]
 pub struct PairOutcome {
@@ -178,6 +202,14 @@ pub struct PairOutcome {
     pub initiator_completed: bool,
     /// Whether the responder finished cleanly.
     pub responder_completed: bool,
+    /// How the initiator's session ended, as its driver saw it.
+    pub initiator_end: Option<End>,
+    /// How the responder's session ended.
+    pub responder_end: Option<End>,
+    /// Records the initiator stored.
+    pub initiator_stored: u64,
+    /// Records the responder stored.
+    pub responder_stored: u64,
 }
 
 impl PairOutcome {
@@ -197,6 +229,14 @@ impl PairOutcome {
             })
             .sum()
     }
+
+    /// How `side`'s session ended.
+    pub fn end(&self, side: Role) -> Option<&End> {
+        match side {
+            Role::Initiator => self.initiator_end.as_ref(),
+            Role::Responder => self.responder_end.as_ref(),
+        }
+    }
 }
 
 /// Why `run_pair` could not run a session to its end.
@@ -214,9 +254,6 @@ pub enum HarnessError {
     /// The flight bound was reached.
     #[error("sessions still running after {MAX_FLIGHTS} flights: a protocol bug")]
     TooManyFlights,
-    /// A store failed while applying an event.
-    #[error("applying an event failed: {0}")]
-    Store(StoreError),
 }
 
 /// A responder `me` that has taken `peer`'s empty `Hello` (not push-only) at `now` and
@@ -268,8 +305,89 @@ pub fn admitted_responder(
     Ok(session)
 }
 
+/// One side of a pair: the in-memory shell of [`driver`]. Memory is its disk, so a persist
+/// stores nothing more; [`Faults`] make chosen writes fail.
+struct Side<'a, S: PartitionStore> {
+    role: Role,
+    link: Link,
+    store: &'a mut S,
+    admit: &'a dyn Fn(&PeerHello) -> Decision,
+    faults: Faults,
+    persists: u32,
+    sync_states: u32,
+    /// Frames sent and not yet delivered.
+    outbox: Vec<Frame>,
+    /// Events raised since the pair loop last collected them.
+    events: Vec<Event>,
+}
+
+impl<S: PartitionStore> Shell for Side<'_, S> {
+    type Store = S;
+
+    fn link_and_store(&mut self) -> (&mut Link, &mut S) {
+        (&mut self.link, &mut *self.store)
+    }
+
+    fn admit(&mut self, _now: UnixSeconds, hello: &PeerHello) -> Decision {
+        (self.admit)(hello)
+    }
+
+    fn persist(
+        &mut self,
+        _now: UnixSeconds,
+        id: &PartitionId,
+        _new_records: u64,
+        _new_keys: u64,
+    ) -> Result<(), Abort> {
+        let n = self.persists;
+        self.persists = n.saturating_add(1);
+        if self.faults.quota_persist == Some(n) {
+            return Err(Abort::partition(
+                super::frame::RefuseReason::QuotaExceeded,
+                format!("partition {id} is over the injected quota"),
+            ));
+        }
+        if self.faults.fail_persist == Some(n) {
+            return Err(Abort::internal(format!(
+                "cannot store partition {id}: injected write failure"
+            )));
+        }
+        Ok(())
+    }
+
+    fn store_sync_state(
+        &mut self,
+        peer: &Peer,
+        partition: &PartitionId,
+        state: &[u8],
+    ) -> Result<(), Abort> {
+        let n = self.sync_states;
+        self.sync_states = n.saturating_add(1);
+        if self.faults.fail_sync_state == Some(n) {
+            return Err(Abort::internal(format!(
+                "cannot store the sync state of {partition}: injected write failure"
+            )));
+        }
+        self.store
+            .put_sync_state(peer, partition, state)
+            .map_err(|e| {
+                Abort::internal(format!("cannot store the sync state of {partition}: {e}"))
+            })
+    }
+
+    fn observe(&mut self, event: &Event) {
+        self.events.push(event.clone());
+    }
+
+    fn send(&mut self, frame: Frame) -> Result<(), Abort> {
+        self.outbox.push(frame);
+        Ok(())
+    }
+}
+
 /// Runs a fresh initiator against a fresh responder until both sessions end (cleanly or not),
-/// with `admit` standing in for the responder's registry.
+/// with `admit` standing in for the responder's registry. Both sides run [`driver`], the
+/// loop the binaries run, over encoded frames.
 pub fn run_pair<I: PartitionStore, R: PartitionStore>(
     now: UnixSeconds,
     setup: &PairSetup,
@@ -277,7 +395,26 @@ pub fn run_pair<I: PartitionStore, R: PartitionStore>(
     responder_store: &mut R,
     admit: impl Fn(&PeerHello) -> Decision,
 ) -> Result<PairOutcome, HarnessError> {
-    let mut initiator = Session::initiator_to(
+    run_pair_with(
+        now,
+        setup,
+        initiator_store,
+        responder_store,
+        admit,
+        PairFaults::default(),
+    )
+}
+
+/// [`run_pair`] with store writes that fail on purpose.
+pub fn run_pair_with<I: PartitionStore, R: PartitionStore>(
+    now: UnixSeconds,
+    setup: &PairSetup,
+    initiator_store: &mut I,
+    responder_store: &mut R,
+    admit: impl Fn(&PeerHello) -> Decision,
+    faults: PairFaults,
+) -> Result<PairOutcome, HarnessError> {
+    let session = Session::initiator_to(
         now,
         setup.initiator.clone(),
         Some(&setup.responder),
@@ -287,10 +424,33 @@ pub fn run_pair<I: PartitionStore, R: PartitionStore>(
         initiator_store,
     )
     .map_err(HarnessError::Start)?;
-    let mut responder = Session::responder(setup.responder.clone());
+    let mut initiator = Side {
+        role: Role::Initiator,
+        link: Link::new(session),
+        store: initiator_store,
+        admit: &admit,
+        faults: faults.initiator,
+        persists: 0,
+        sync_states: 0,
+        outbox: Vec::new(),
+        events: Vec::new(),
+    };
+    let mut responder = Side {
+        role: Role::Responder,
+        link: Link::new(Session::responder(setup.responder.clone())),
+        store: responder_store,
+        admit: &admit,
+        faults: faults.responder,
+        persists: 0,
+        sync_states: 0,
+        outbox: Vec::new(),
+        events: Vec::new(),
+    };
     let mut outcome = PairOutcome::default();
     let mut to_responder = FrameDecoder::new();
     let mut to_initiator = FrameDecoder::new();
+    driver::pump(&mut initiator, now);
+    collect(&mut initiator, &mut outcome);
 
     loop {
         if outcome.rounds >= MAX_FLIGHTS {
@@ -298,130 +458,98 @@ pub fn run_pair<I: PartitionStore, R: PartitionStore>(
         }
         let moved_i = deliver(
             now,
-            Role::Initiator,
             &mut initiator,
             &mut responder,
             &mut to_responder,
-            responder_store,
-            &admit,
             &mut outcome,
-        )?;
+        );
         let moved_r = deliver(
             now,
-            Role::Responder,
             &mut responder,
             &mut initiator,
             &mut to_initiator,
-            initiator_store,
-            &admit,
             &mut outcome,
-        )?;
+        );
         if moved_i == 0 && moved_r == 0 {
             break;
         }
         outcome.rounds += 1;
     }
-    if !(initiator.is_finished() && responder.is_finished()) {
+    if !(initiator.link.is_finished() && responder.link.is_finished()) {
         return Err(HarnessError::Stalled {
             rounds: outcome.rounds,
         });
     }
-    outcome.initiator_completed = initiator.is_completed();
-    outcome.responder_completed = responder.is_completed();
+    outcome.initiator_end = initiator.link.end().cloned();
+    outcome.responder_end = responder.link.end().cloned();
+    outcome.initiator_completed = outcome
+        .initiator_end
+        .as_ref()
+        .is_some_and(End::is_completed);
+    outcome.responder_completed = outcome
+        .responder_end
+        .as_ref()
+        .is_some_and(End::is_completed);
+    outcome.initiator_stored = initiator.link.new_records();
+    outcome.responder_stored = responder.link.new_records();
     Ok(outcome)
 }
 
-/// Moves everything `from` has queued into `to`, through the byte encoding; returns the bytes.
-#[allow(clippy::too_many_arguments)] // one flight of the pair loop; a struct would only rename these
-fn deliver<S: PartitionStore>(
+/// Moves the events `side` raised into the outcome, in order.
+fn collect<S: PartitionStore>(side: &mut Side<'_, S>, outcome: &mut PairOutcome) {
+    let role = side.role;
+    outcome
+        .events
+        .extend(side.events.drain(..).map(|e| (role, e)));
+}
+
+/// Moves everything `from` has sent into `to`, through the byte encoding; returns the bytes.
+fn deliver<F: PartitionStore, T: PartitionStore>(
     now: UnixSeconds,
-    from_role: Role,
-    from: &mut Session,
-    to: &mut Session,
+    from: &mut Side<'_, F>,
+    to: &mut Side<'_, T>,
     decoder: &mut FrameDecoder,
-    to_store: &mut S,
-    admit: &impl Fn(&PeerHello) -> Decision,
     outcome: &mut PairOutcome,
-) -> Result<u64, HarnessError> {
-    let to_role = match from_role {
-        Role::Initiator => Role::Responder,
-        Role::Responder => Role::Initiator,
-    };
+) -> u64 {
     let mut moved = 0u64;
-    while let Some(frame) = from.poll_transmit() {
+    for frame in std::mem::take(&mut from.outbox) {
         let bytes = match frame.encode() {
             Ok(b) => b,
             // The session checks sizes before queuing; an encoding failure is a bug worth seeing.
             Err(e) => {
-                to.handle_malformed(e);
+                driver::handle_malformed(to, now, e);
+                collect(to, outcome);
                 continue;
             }
         };
         moved += bytes.len() as u64;
         outcome.max_frame_bytes = outcome.max_frame_bytes.max(bytes.len());
-        outcome.frames.push((from_role, frame));
+        outcome.frames.push((from.role, frame));
         if let Err(e) = decoder.push(&bytes) {
-            to.handle_malformed(e);
+            driver::handle_malformed(to, now, e);
+            collect(to, outcome);
             continue;
         }
         loop {
             match decoder.pop() {
                 Ok(Some(frame)) => {
-                    to.handle_frame(now, frame, to_store);
-                    drain_events(to_role, to, to_store, outcome)?;
-                    if let Some(hello) = pending_hello(outcome, to_role, to) {
-                        to.admit(now, admit(&hello), to_store);
-                        drain_events(to_role, to, to_store, outcome)?;
-                    }
+                    driver::handle_frame(to, now, frame);
+                    collect(to, outcome);
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    to.handle_malformed(e);
-                    drain_events(to_role, to, to_store, outcome)?;
+                    driver::handle_malformed(to, now, e);
+                    collect(to, outcome);
                     break;
                 }
             }
         }
     }
-    match from_role {
+    match from.role {
         Role::Initiator => outcome.bytes_i_to_r += moved,
         Role::Responder => outcome.bytes_r_to_i += moved,
     }
-    Ok(moved)
-}
-
-/// The hello the responder waits on a decision for, if any.
-fn pending_hello(outcome: &PairOutcome, role: Role, session: &Session) -> Option<PeerHello> {
-    if !session.awaits_admission() {
-        return None;
-    }
-    outcome.events.iter().rev().find_map(|(r, e)| match e {
-        Event::PeerHello(h) if *r == role => Some(h.clone()),
-        _ => None,
-    })
-}
-
-/// Records a session's events and applies the ones a shell must persist.
-fn drain_events<S: PartitionStore>(
-    role: Role,
-    session: &mut Session,
-    store: &mut S,
-    outcome: &mut PairOutcome,
-) -> Result<(), HarnessError> {
-    while let Some(event) = session.poll_event() {
-        if let Event::SyncStateChanged {
-            peer,
-            partition,
-            state,
-        } = &event
-        {
-            store
-                .put_sync_state(peer, partition, state)
-                .map_err(HarnessError::Store)?;
-        }
-        outcome.events.push((role, event));
-    }
-    Ok(())
+    moved
 }
 
 /// The noon the fuzz drivers run at (day 20,000).

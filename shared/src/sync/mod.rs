@@ -1,13 +1,16 @@
 //! The sync protocol between devices and hubs, as pure code: frames, a session state
-//! machine, and an in-memory harness that runs two sessions against each other.
+//! machine, the one event loop that runs it in every node, and an in-memory harness that
+//! runs two sessions against each other.
 //!
 //! The shells (`edge-node`, `sync-hub`) only move bytes: they open an iroh connection with
-//! [`ALPN`], feed received bytes to a [`FrameDecoder`] and its frames to a [`Session`], write
-//! what [`Session::poll_transmit`] returns, and act on [`Session::poll_event`]. The simulation
-//! drives the same sessions through [`harness`]. The wire format and the rules are written
-//! down in `docs/protocol.md`. Every automerge message a peer sends passes [`validate`] before
-//! automerge reads it.
+//! [`ALPN`], feed received bytes to a [`FrameDecoder`] and its frames to the one event loop,
+//! [`driver`], which hands them to a [`Session`], carries out its events through the shell's
+//! [`driver::Shell`] (with the failure rules in one place) and gives the shell the frames to
+//! write. The simulation and the tests run the same driver through [`harness`]. The wire
+//! format and the rules are written down in `docs/protocol.md`. Every automerge message a
+//! peer sends passes [`validate`] before automerge reads it.
 
+pub mod driver;
 mod frame;
 pub mod harness;
 pub mod legacy;
