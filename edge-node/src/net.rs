@@ -431,7 +431,7 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
 
     fn admit(&mut self, _now: UnixSeconds, hello: &PeerHello) -> Decision {
         let dev: &Device = self.replica.device;
-        shared::device::admit_sibling_hello(&dev.enrollment().facility.id, &hello.peer)
+        shared::device::admit_sibling_hello(&dev.enrollment().facility.id, hello)
     }
 
     fn persist(

@@ -25,7 +25,7 @@
 use crate::daykey::DayPublicKey;
 use crate::envelope::{Record, RecordBody};
 use crate::paper::{PaperEntry, PaperError};
-use crate::sync::{Decision, Peer, RefuseReason};
+use crate::sync::{Decision, Peer, PeerHello, RefuseReason};
 use crate::ticket::Sibling;
 use crate::time::{Day, UnixSeconds, horizon};
 use crate::token::{Keyring, Verdict, verify};
@@ -399,8 +399,16 @@ pub fn sibling_endpoint_known(
 }
 
 /// The answer to a known endpoint's hello: only a device of this device's own facility.
-pub fn admit_sibling_hello(own: &FacilityId, peer: &Peer) -> Decision {
-    match peer {
+pub fn admit_sibling_hello(own: &FacilityId, hello: &PeerHello) -> Decision {
+    if !hello.push_only {
+        // A sibling relays what it is handed; it never hands out what it holds.
+        return Decision::Refuse {
+            reason: RefuseReason::Protocol,
+            detail: "devices only push their records; a session that downloads them is refused"
+                .into(),
+        };
+    }
+    match &hello.peer {
         Peer::Device { facility, .. } if facility == own => Decision::Admit {
             facility: own.clone(),
             refresh: None,
@@ -420,7 +428,7 @@ pub fn admit_sibling(
     roster: &[Sibling],
     operator_trusted: &[String],
     endpoint: &str,
-    peer: &Peer,
+    hello: &PeerHello,
 ) -> Decision {
     if !sibling_endpoint_known(roster, operator_trusted, endpoint) {
         return Decision::Refuse {
@@ -428,7 +436,7 @@ pub fn admit_sibling(
             detail: "not a known sibling (not in the hub's roster nor --peer)".into(),
         };
     }
-    admit_sibling_hello(own, peer)
+    admit_sibling_hello(own, hello)
 }
 
 #[cfg(test)]
@@ -725,10 +733,20 @@ mod tests {
 
     #[test]
     fn siblings_are_admitted_from_the_roster_or_the_operator_and_of_the_facility() {
-        let me = Peer::Device {
-            device: dev(),
-            facility: fac(),
+        let hi = |peer: Peer, push_only: bool| PeerHello {
+            peer,
+            credential: None,
+            now: 0,
+            refresh_have: None,
+            push_only,
         };
+        let me = hi(
+            Peer::Device {
+                device: dev(),
+                facility: fac(),
+            },
+            true,
+        );
         let roster = [sibling("aa")];
         let admitted = |d: &Decision| matches!(d, Decision::Admit { .. });
         assert!(admitted(&admit_sibling(&fac(), &roster, &[], "aa", &me)));
@@ -746,10 +764,13 @@ mod tests {
                 ..
             }
         ));
-        let stranger = Peer::Device {
-            device: dev(),
-            facility: FacilityId::parse("f-other").expect("an id"),
-        };
+        let stranger = hi(
+            Peer::Device {
+                device: dev(),
+                facility: FacilityId::parse("f-other").expect("an id"),
+            },
+            true,
+        );
         assert!(matches!(
             admit_sibling(&fac(), &roster, &[], "aa", &stranger),
             Decision::Refuse {
@@ -757,7 +778,16 @@ mod tests {
                 ..
             }
         ));
-        let hub = Peer::Hub { region: "r".into() };
+        let hub = hi(Peer::Hub { region: "r".into() }, true);
         assert!(!admitted(&admit_sibling_hello(&fac(), &hub)));
+        // Finding 2 of the sync v2 review: a sibling that asks to download is refused.
+        let puller = hi(me.peer.clone(), false);
+        assert!(matches!(
+            admit_sibling(&fac(), &roster, &[], "aa", &puller),
+            Decision::Refuse {
+                reason: RefuseReason::Protocol,
+                ..
+            }
+        ));
     }
 }

@@ -409,6 +409,14 @@ pub fn admit(hello: &PeerHello, remote: &str, registry: &impl Registry) -> Admis
             }
         }
     };
+    if !hello.push_only {
+        // Finding 2 of the sync v2 review: a session that takes the hub's records lets one
+        // enrolled device make the hub build and queue megabytes per tiny request.
+        return Admission::refuse(
+            RefuseReason::Protocol,
+            "devices only push their records; a session that downloads the hub's is refused",
+        );
+    }
     Admission::Admit {
         device: device.clone(),
         facility: facility.clone(),

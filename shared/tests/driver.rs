@@ -229,13 +229,55 @@ fn a_failed_persist_at_the_initiator_aborts_with_internal_at_both_ends() {
     failed_persist_on(Role::Initiator, fault, RefuseReason::Internal);
 }
 
+/// A quota refuses one partition (`Abort::partition`), not the session: the partition is
+/// discarded and named to the peer, the session completes, nothing of it is stored, and a
+/// later session delivers it.
 #[test]
-fn a_quota_refusal_of_a_persist_aborts_with_its_own_reason() {
+fn a_quota_refusal_of_a_persist_refuses_that_partition_and_the_session_goes_on() {
+    let (mut dev, mut hub) = stores();
+    let (dev_before, hub_before) = (records(&dev), records(&hub));
+    let all: BTreeSet<RecordId> = dev_before.union(&hub_before).copied().collect();
     let fault = Faults {
         quota_persist: Some(0),
         ..Faults::default()
     };
-    failed_persist_on(Role::Responder, fault, RefuseReason::QuotaExceeded);
+    let outcome = run(&mut dev, &mut hub, faults_on(Role::Responder, fault));
+    assert!(
+        outcome.completed(),
+        "{:?} {:?}",
+        outcome.initiator_end,
+        outcome.responder_end
+    );
+    for (role, by) in [
+        (Role::Responder, Side::Local),
+        (Role::Initiator, Side::Peer),
+    ] {
+        assert!(
+            outcome.events.iter().any(|(r, e)| *r == role
+                && matches!(
+                    e,
+                    Event::PartitionRefused {
+                        by: b,
+                        reason: RefuseReason::QuotaExceeded,
+                        ..
+                    } if *b == by
+                )),
+            "{role:?} did not see the partition refused: {:?}",
+            outcome.events
+        );
+    }
+    assert_eq!(
+        records(&hub),
+        hub_before,
+        "nothing of the refused partition is kept"
+    );
+    assert!(
+        outcome
+            .frames
+            .iter()
+            .any(|(r, f)| *r == Role::Responder && matches!(f, Frame::Skipped { .. }))
+    );
+    assert_clean_session_delivers_everything(&mut dev, &mut hub, &all);
 }
 
 /// A sync-state write fails on `failing`: it stores no sync state after it, counts nothing

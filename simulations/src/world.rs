@@ -833,7 +833,7 @@ impl World {
         let own = self.facilities[self.devices[s].facility].clone();
         let roster = self.roster_of(s);
         let caller = self.devices[d].endpoint.clone();
-        let admit = |hello: &PeerHello| admit_sibling(&own, &roster, &[], &caller, &hello.peer);
+        let admit = |hello: &PeerHello| admit_sibling(&own, &roster, &[], &caller, hello);
         let mut sibling = std::mem::take(&mut self.devices[s].store);
         let result = run_pair(t, &setup, &mut self.devices[d].store, &mut sibling, admit);
         self.devices[s].store = sibling;

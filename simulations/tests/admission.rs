@@ -10,6 +10,7 @@ fn hello(peer: Peer) -> PeerHello {
         credential: None,
         now: 1_728_000_000,
         refresh_have: None,
+        push_only: true,
     }
 }
 

@@ -141,6 +141,13 @@ impl Rogue {
     /// `edge-node`'s shell does (but persisting nothing), until it ends.
     pub async fn sync(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
         let (conn, send, recv) = self.connect().await?;
+        let session = Session::initiator_to(now, self.me.clone(), None, None, None, true, store)?;
+        drive(conn, send, recv, session, store, now).await
+    }
+
+    /// Like [`Rogue::sync`], asking to download the hub's copy too (not push-only).
+    pub async fn pull(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
+        let (conn, send, recv) = self.connect().await?;
         let session = Session::initiator(now, self.me.clone(), None, store)?;
         drive(conn, send, recv, session, store, now).await
     }
@@ -268,7 +275,7 @@ impl Rogue {
             horizon: horizon(now),
             partitions: Vec::new(),
             in_sync: Default::default(),
-            push_only: false,
+            push_only: true,
             credential: None,
             refresh_have: None,
         });

@@ -124,18 +124,22 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
         r_listen,
         true,
     ))?;
-    // Devices push only: R's own store holds none of A's visits. R, hostile, asks the hub
-    // for the partition as any enrolled device may (a session that is not push-only): the
-    // hub's copy, A's visits in it, is what each attack below starts from.
-    let pulled = {
+    // Devices push only: R's own store holds none of A's visits, and the hub refuses a
+    // session that would download them (finding 2 of the sync v2 review: such sessions let
+    // one device make the hub build and queue megabytes per tiny request).
+    {
         let mut store = rogue.store_with(Rogue::stored_copy(&r, day)?);
-        let ending = rt.block_on(rogue.sync(&mut store, now()))?;
-        assert_eq!(ending, Ending::Finished, "R pulls the hub's copy");
-        store
-            .get_mut(&rogue.partition)
-            .context("R's pull brought the partition")?
-            .save()
-    };
+        let ending = rt.block_on(rogue.pull(&mut store, now()))?;
+        assert_refused(
+            "a device's pull",
+            &ending,
+            RefuseReason::Protocol,
+            "devices only push",
+        );
+    }
+    // So the test hands R what a thief of A's tablet would have: A's own copy of the day,
+    // A's visits in it, which is what each attack below starts from.
+    let pulled = Rogue::stored_copy(&a, day)?.save();
     let hub_copy = || -> Result<shared::partition::Partition> {
         Ok(shared::partition::Partition::load(
             rogue.partition.clone(),

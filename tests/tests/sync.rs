@@ -438,7 +438,7 @@ fn a_device_writing_another_facilitys_partition_is_refused() -> Result<()> {
             horizon: shared::time::horizon(now),
             partitions,
             in_sync: Default::default(),
-            push_only: false,
+            push_only: true,
             credential: None,
             refresh_have: None,
         })

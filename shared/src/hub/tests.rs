@@ -382,6 +382,7 @@ fn hello(device: &str, facility: &str, credential: Option<[u8; 32]>) -> PeerHell
         credential,
         now: T,
         refresh_have: None,
+        push_only: true,
     }
 }
 
@@ -462,6 +463,7 @@ fn admission_refuses_each_way_in_order() {
         credential: None,
         now: T,
         refresh_have: None,
+        push_only: true,
     };
     let cases = [
         (admit(&hub_hello, "ep-1", &r), RefuseReason::Protocol),
@@ -551,4 +553,28 @@ fn quotas_allow_exactly_the_limit_and_refuse_one_more() {
         .expect_err("saturates, over");
     assert!(over.contains("new records"));
     assert_eq!(c(1, 2).plus(c(u64::MAX, 3)), c(u64::MAX, 5));
+}
+
+/// Finding 2 of the sync v2 review: an enrolled device asking for a session that downloads
+/// the hub's records (not push-only) is refused, after it proved who it is.
+#[test]
+fn admission_refuses_a_device_that_asks_to_download() {
+    let r = registry();
+    let mut pulling = hello("dev-bound", "fac-a", None);
+    pulling.push_only = false;
+    let admission = admit(&pulling, "ep-1", &r);
+    assert!(
+        matches!(
+            &admission,
+            Admission::Refuse {
+                reason: RefuseReason::Protocol,
+                ..
+            }
+        ),
+        "{admission:?}"
+    );
+    assert!(matches!(
+        admit(&hello("dev-bound", "fac-a", None), "ep-1", &r),
+        Admission::Admit { .. }
+    ));
 }

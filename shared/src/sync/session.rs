@@ -263,6 +263,9 @@ pub struct PeerHello {
     pub now: UnixSeconds,
     /// What the initiator holds of the responder's refresh (opaque shell bytes).
     pub refresh_have: Option<Vec<u8>>,
+    /// Whether the initiator only sends (`Hello::push_only`). Hubs and devices admit a
+    /// device only when it does: a device has no reason to download records it cannot read.
+    pub push_only: bool,
 }
 
 /// The shell's answer to a [`PeerHello`].
@@ -765,6 +768,7 @@ impl Session {
             credential: hello.credential,
             now: hello.now,
             refresh_have: hello.refresh_have.clone(),
+            push_only: hello.push_only,
         }));
         self.peer = Some(hello.peer.clone());
         self.hello = Some(hello);
