@@ -489,7 +489,7 @@ impl<'s> Ledger<'s> {
         // (see `shared::partition`). The hub never writes records itself, so this matters only
         // for the correctness of the documents it holds.
         let name = store
-            .config::<crate::admin::HubConfig>("hub")?
+            .config::<crate::registry::HubConfig>("hub")?
             .map(|c| c.endpoint_id)
             .unwrap_or_default();
         let mut actor = [0u8; 16];

@@ -8,8 +8,7 @@
 //! `tests/layers.rs`), each owning its tables:
 //!
 //! 1. base: [`clock`], [`keys`], [`store`] (the database handle and the settings table);
-//! 2. registry: [`registry`] (hub settings, issuer keys, facilities, devices; [`admin`] is its
-//!    former path);
+//! 2. registry: [`registry`] (hub settings, issuer keys, facilities, devices);
 //! 3. ledger: [`ledger`] (visits, sync states, retention);
 //! 4. people: [`auth`], [`audit`], [`gov`], [`trace`], [`people`] (the one table of who may
 //!    do what, [`people::PERMISSIONS`]), [`commands`] (administrative commands, typed answers);
@@ -17,7 +16,6 @@
 //!    `Hub::init`, `Hub::open`);
 //! 6. shells: [`daemon`] (the actor and sync endpoint), [`http`], [`control`], [`cli`].
 
-pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cli;

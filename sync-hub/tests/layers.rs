@@ -9,7 +9,7 @@ use std::path::Path;
 /// The layers, lowest first; inside a layer, a module may import the ones before it.
 const LAYERS: &[(&str, &[&str])] = &[
     ("base", &["clock", "keys", "store"]),
-    ("registry", &["registry", "admin"]),
+    ("registry", &["registry"]),
     ("ledger", &["ledger"]),
     (
         "people",

@@ -66,7 +66,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use sync_hub::admin::Hub;
+use sync_hub::registry::Hub;
 use tests::baseline::{self, CheckInEntry, DeviceLog, DocFigures, PostFigures, Transport, Visit};
 use tests::fixture::{self, Proc, bin, run_ok};
 
