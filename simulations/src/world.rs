@@ -1140,7 +1140,13 @@ mod tests {
         let w = small_world();
         let roster = w.roster_of(1);
         let own = w.facilities[0].clone();
-        let me = w.devices[0].peer.clone();
+        let me = PeerHello {
+            peer: w.devices[0].peer.clone(),
+            credential: None,
+            now: 0,
+            refresh_have: None,
+            push_only: true,
+        };
         assert!(matches!(
             admit_sibling(&own, &roster, &[], &w.devices[0].endpoint, &me),
             Decision::Admit { .. }

@@ -161,8 +161,21 @@ pub const MAX_UNADMITTED: usize = 64;
 /// A connection not admitted yet, as `serve` tracks them for eviction.
 struct Unadmitted {
     admitted: Arc<AtomicBool>,
+    /// Set once its handshake shows the endpoint of a device this hub admitted before.
+    known: Arc<AtomicBool>,
     /// Dropped when the connection's task ends.
     evict: std::sync::Weak<tokio::sync::Notify>,
+}
+
+/// Which waiting connection makes room for a new one: the oldest whose endpoint is not a
+/// device the hub has admitted before, else the oldest (finding 3 of the sync v2 review: a
+/// stranger opening connections with fresh keys must not evict an enrolled device between its
+/// handshake and its admission). `known` lists the waiting connections, oldest first.
+fn eviction_victim(known: &[bool]) -> Option<usize> {
+    if known.is_empty() {
+        return None;
+    }
+    Some(known.iter().position(|k| !k).unwrap_or(0))
 }
 
 /// Resolves once the connection is told to make room, unless it was admitted by then.
@@ -279,6 +292,9 @@ pub enum Output {
 #[derive(Clone)]
 pub struct HubHandle {
     tx: tmpsc::Sender<Input>,
+    /// Endpoint ids (hex) of devices this hub has admitted (bound devices at start, and every
+    /// connection admitted since): preferred when the pre-admission cap must make room.
+    known_endpoints: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
     /// Set by [`stop`], so the actor stops even if its queue was full when asked.
     stopping: Arc<AtomicBool>,
     /// Counters.
@@ -839,6 +855,14 @@ pub fn start(
     let stop_flag = stopping.clone();
     // Check the ledger opens before reporting success.
     Ledger::open(hub.store(), hub.keys()).map_err(|e| HubError::Invalid(e.to_string()))?;
+    let known: std::collections::HashSet<String> = hub
+        .store()
+        .devices()
+        .map_err(|e| HubError::Invalid(format!("cannot read the devices: {e}")))?
+        .into_iter()
+        .filter(|d| !d.revoked)
+        .filter_map(|d| d.endpoint_id)
+        .collect();
     let thread = std::thread::Builder::new()
         .name("hub-actor".into())
         .spawn(move || actor(hub, quotas, rx, m, stop_flag))
@@ -846,6 +870,7 @@ pub fn start(
     Ok((
         HubHandle {
             tx,
+            known_endpoints: Arc::new(std::sync::RwLock::new(known)),
             stopping,
             metrics,
         },
@@ -909,10 +934,14 @@ pub async fn serve(
         };
         unadmitted.retain(|u| !u.admitted.load(Ordering::Acquire) && u.evict.strong_count() > 0);
         while unadmitted.len() >= max_unadmitted {
-            let Some(oldest) = unadmitted.pop_front() else {
+            let known: Vec<bool> = unadmitted
+                .iter()
+                .map(|u| u.known.load(Ordering::Acquire))
+                .collect();
+            let Some(victim) = eviction_victim(&known).and_then(|i| unadmitted.remove(i)) else {
                 break;
             };
-            if let Some(evict) = oldest.evict.upgrade() {
+            if let Some(evict) = victim.evict.upgrade() {
                 evict.notify_one();
                 handle
                     .metrics
@@ -921,15 +950,17 @@ pub async fn serve(
             }
         }
         let admitted = Arc::new(AtomicBool::new(false));
+        let known = Arc::new(AtomicBool::new(false));
         let evict = Arc::new(tokio::sync::Notify::new());
         unadmitted.push_back(Unadmitted {
             admitted: admitted.clone(),
+            known: known.clone(),
             evict: Arc::downgrade(&evict),
         });
         let id = next.fetch_add(1, Ordering::Relaxed);
         let handle = handle.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(incoming, id, handle, admitted, evict).await {
+            if let Err(e) = connection(incoming, id, handle, admitted, known, evict).await {
                 tracing::debug!("connection {id}: {e}");
             }
             drop(slot);
@@ -943,6 +974,7 @@ async fn connection(
     conn_id: u64,
     handle: HubHandle,
     admitted: Arc<AtomicBool>,
+    known: Arc<AtomicBool>,
     evict: Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
     let addr = match incoming.remote_addr() {
@@ -958,6 +990,14 @@ async fn connection(
         () = evicted(&evict, &admitted) => return Err("evicted during the handshake".to_owned()),
     };
     let remote = conn.remote_id();
+    let remote_hex = remote.to_string();
+    if handle
+        .known_endpoints
+        .read()
+        .is_ok_and(|k| k.contains(&remote_hex))
+    {
+        known.store(true, Ordering::Release);
+    }
     if conn.alpn() == shared::sync::ALPN_V1 {
         refuse_v1(&conn, addr, hello_deadline, &handle.metrics).await;
         return Ok(());
@@ -1096,6 +1136,13 @@ async fn connection(
     });
     if was_evicted {
         return Ok(());
+    }
+    if admitted.load(Ordering::Acquire)
+        && let Ok(mut known) = handle.known_endpoints.write()
+    {
+        // A device admitted once is preferred at the pre-admission cap from now on. Revoked
+        // ones stay in the set until the hub restarts; their Hello is refused all the same.
+        known.insert(remote_hex);
     }
     let stats = conn.stats();
     handle
@@ -1541,4 +1588,22 @@ fn transport_config() -> iroh::endpoint::QuicTransportConfig {
     iroh::endpoint::QuicTransportConfig::builder()
         .mtu_discovery_config(None)
         .build()
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::eviction_victim;
+
+    #[test]
+    fn the_pre_admission_cap_evicts_strangers_before_known_devices() {
+        assert_eq!(eviction_victim(&[]), None);
+        assert_eq!(eviction_victim(&[false, false]), Some(0));
+        assert_eq!(eviction_victim(&[true, false, false]), Some(1));
+        assert_eq!(eviction_victim(&[true, true, false]), Some(2));
+        assert_eq!(
+            eviction_victim(&[true, true]),
+            Some(0),
+            "all known: the oldest"
+        );
+    }
 }

@@ -246,3 +246,86 @@ fn silent_peers_hold_only_the_pre_admission_cap_and_an_honest_device_syncs() -> 
     drop(proc);
     Ok(())
 }
+
+/// Finding 3 of the sync v2 review: strangers opening connection after connection evicted the
+/// oldest connection waiting for admission, an enrolled device's included. Now a connection
+/// from the endpoint of a device the hub has admitted is evicted last: here one that says
+/// nothing stays while eight strangers come and go over a cap of four.
+#[test]
+fn strangers_at_the_pre_admission_cap_do_not_evict_a_known_device() -> Result<()> {
+    const UNADMITTED: usize = 4;
+    let hub = HubFixture::new()?;
+    let dev = hub.enroll_device("gate")?;
+    fixture::check_in_codes(&dev, 1)?;
+    let hub_id = sync_hub::keys::KeyDir::new(&hub.data)
+        .endpoint_secret()?
+        .public();
+    // The device binds its endpoint at its first sync (a hub started afresh below reads the
+    // bound endpoints from its registry).
+    {
+        let _proc = hub.start()?;
+        let out = sync_once(&dev, &[])?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let key = edge_node::device::Device::open(&dev)?.endpoint_key()?;
+    let _proc = hub.start_with(&["--max-unadmitted", &UNADMITTED.to_string()], &[])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let bind = |secret: Option<iroh::SecretKey>| async move {
+            let mut b = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+                .alpns(vec![shared::sync::ALPN.to_vec()])
+                .clear_ip_transports()
+                .bind_addr("127.0.0.1:0".parse::<std::net::SocketAddr>()?)?;
+            if let Some(s) = secret {
+                b = b.secret_key(s);
+            }
+            anyhow::Ok(b.bind().await?)
+        };
+        let addr = iroh::EndpointAddr::new(hub_id)
+            .with_ip_addr(format!("127.0.0.1:{}", hub.sync_port).parse()?);
+        let device_end = bind(Some(iroh::SecretKey::from_bytes(&key))).await?;
+        let stranger_end = bind(None).await?;
+        // The device's endpoint connects first (the oldest waiting) and says nothing yet.
+        let known = device_end.connect(addr.clone(), shared::sync::ALPN).await?;
+        let _known_stream = known.open_bi().await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut strangers = Vec::new();
+        for _ in 0..2 * UNADMITTED {
+            let conn = stranger_end
+                .connect(addr.clone(), shared::sync::ALPN)
+                .await?;
+            let stream = conn.open_bi().await.ok();
+            strangers.push((conn, stream));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let evicted = strangers
+            .iter()
+            .filter(|(c, _)| {
+                c.close_reason()
+                    .is_some_and(|e| app_close_code(&e) == Some(u64::from(CLOSE_EVICTED)))
+            })
+            .count();
+        assert!(
+            evicted >= UNADMITTED,
+            "strangers made room for each other: {evicted} evicted"
+        );
+        assert!(
+            known.close_reason().is_none(),
+            "the known device's connection was closed: {:?}",
+            known.close_reason()
+        );
+        drop(strangers);
+        device_end.close().await;
+        stranger_end.close().await;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
