@@ -477,11 +477,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 admin(&data, AdminCommand::IssuersImport { keyring }, now)?,
                 AdminReply::TrustedKeys
             );
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("the hub now trusts {} issuer keys", v.trusted_keys);
-            }
+            show(json, &v, |v| {
+                format!("the hub now trusts {} issuer keys", v.trusted_keys)
+            })?;
         }
         Command::Facility { command } => facility(&data, command, now)?,
         Command::Run {
@@ -514,18 +512,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 AdminReply::Devices
             );
             for d in &list {
-                if json {
-                    print_json(d)?;
-                } else {
-                    println!(
+                show(json, d, |d| {
+                    format!(
                         "{}\t{}\t{}\t{}\tlast sync {}",
                         d.device_id,
                         d.facility_id,
                         d.name,
                         if d.revoked { "revoked" } else { "active" },
                         d.last_sync.map_or("null".to_owned(), |t| t.to_string())
-                    );
-                }
+                    )
+                })?;
             }
         }
         Command::Device {
@@ -655,10 +651,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 AdminReply::Compliance
             );
             for r in &rows {
-                if json {
-                    print_json(r)?;
-                } else {
-                    println!(
+                show(json, r, |r| {
+                    format!(
                         "{}\t{}\t{}\tlast sync {}\tlast visit {}\t{}",
                         r.facility_id,
                         if r.compliant { "ok" } else { "FLAGGED" },
@@ -670,8 +664,8 @@ pub fn run(cli: Cli) -> Result<()> {
                             .map(crate::trace::utc)
                             .unwrap_or_else(|| "none".into()),
                         r.mandatory_because
-                    );
-                }
+                    )
+                })?;
             }
         }
         Command::Report {
@@ -924,6 +918,16 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// Prints a typed answer: its JSON line with `--json`, else the line `text` makes of it.
+fn show<T: Serialize>(json: bool, v: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        println!("{}", text(v));
+        Ok(())
+    }
+}
+
 /// Writes `text` to `out`, or stdout.
 fn emit(text: &str, out: Option<&std::path::Path>) -> Result<()> {
     match out {
@@ -974,10 +978,8 @@ fn credential(data: &std::path::Path, command: CredentialCommand, now: u64) -> R
                 AdminReply::Credentials
             );
             for c in &list {
-                if json {
-                    print_json(c)?;
-                } else {
-                    println!(
+                show(json, c, |c| {
+                    format!(
                         "{}\t{}\t{}\t{}\t{}",
                         c.credential_id,
                         c.role.as_str(),
@@ -988,8 +990,8 @@ fn credential(data: &std::path::Path, command: CredentialCommand, now: u64) -> R
                         } else {
                             "revoked"
                         }
-                    );
-                }
+                    )
+                })?;
             }
         }
         CredentialCommand::Revoke { id, json } => {
@@ -997,11 +999,7 @@ fn credential(data: &std::path::Path, command: CredentialCommand, now: u64) -> R
                 admin(data, AdminCommand::CredentialRevoke { id }, now)?,
                 AdminReply::CredentialRevoked
             );
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("{} revoked", v.credential_id);
-            }
+            show(json, &v, |v| format!("{} revoked", v.credential_id))?;
         }
     }
     Ok(())
@@ -1035,11 +1033,7 @@ fn designation(data: &std::path::Path, command: DesignationCommand, now: u64) ->
                 admin(data, AdminCommand::DesignationAdd { target, region }, now)?,
                 AdminReply::Designation
             );
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("{} designated", v.id);
-            }
+            show(json, &v, |v| format!("{} designated", v.id))?;
         }
         DesignationCommand::List { json } => {
             let list = answer!(
@@ -1068,11 +1062,7 @@ fn designation(data: &std::path::Path, command: DesignationCommand, now: u64) ->
                 )?,
                 AdminReply::Designation
             );
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("{id} removed");
-            }
+            show(json, &v, |_| format!("{id} removed"))?;
         }
     }
     Ok(())
@@ -1117,22 +1107,14 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 admin(data, AdminCommand::FacilityAdd { registration }, now)?,
                 AdminReply::Facility
             );
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("{} {}", v.facility_id, v.status);
-            }
+            show(json, &v, |v| format!("{} {}", v.facility_id, v.status))?;
         }
         FacilityCommand::Approve { id, json } => {
             let v = answer!(
                 admin(data, AdminCommand::FacilityApprove { id }, now)?,
                 AdminReply::Facility
             );
-            if json {
-                print_json(&v)?;
-            } else {
-                println!("{} approved", v.facility_id);
-            }
+            show(json, &v, |v| format!("{} approved", v.facility_id))?;
         }
         FacilityCommand::Remove { id, json } => {
             let v = answer!(
@@ -1151,14 +1133,12 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 AdminReply::Facilities
             );
             for f in &list {
-                if json {
-                    print_json(f)?;
-                } else {
-                    println!(
+                show(json, f, |f| {
+                    format!(
                         "{}\t{}\t{}\t{}\t{}",
                         f.facility_id, f.region, f.category, f.name, f.address
-                    );
-                }
+                    )
+                })?;
             }
         }
         FacilityCommand::Duplicates { remove, json } => {
@@ -1184,14 +1164,12 @@ fn facility(data: &std::path::Path, command: FacilityCommand, now: u64) -> Resul
                 AdminReply::Facilities
             );
             for f in &list {
-                if json {
-                    print_json(f)?;
-                } else {
-                    println!(
+                show(json, f, |f| {
+                    format!(
                         "{}\t{}\t{}\t{}\t{}",
                         f.facility_id, f.status, f.category, f.name, f.address
-                    );
-                }
+                    )
+                })?;
             }
         }
     }
