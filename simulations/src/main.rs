@@ -33,12 +33,25 @@ struct Args {
     /// Visits per facility per day; for storm, the backlog per facility.
     #[arg(long)]
     visits: Option<u32>,
+    /// Chance (0 to 1) that a hub session gets a storage fault injected at one of its effects
+    /// (a failing persist or sync-state write, a quota refusing a partition).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    store_faults: f64,
     /// Print only the JSON summary line.
     #[arg(long)]
     json: bool,
     /// Write a chart of backlog and delivered visits over simulated time to this SVG file.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -63,6 +76,7 @@ fn real_main() -> anyhow::Result<bool> {
     };
     let mut config = Config::new(args.scenario, args.seed);
     config.scale = scale;
+    config.store_faults_per_mille = (args.store_faults * 1000.0).round() as u32;
 
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(1);

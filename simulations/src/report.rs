@@ -101,6 +101,8 @@ pub struct Summary {
     pub duplicated_sessions: u64,
     /// Device crashes (in-memory state lost, store kept).
     pub crashes: u64,
+    /// Storage faults injected into sessions (`--store-faults`).
+    pub store_faults: u64,
     /// Retention breaches found (live secrets or partitions past the horizon).
     pub retention_violations: u64,
     /// Replicas of a live partition whose heads differ after the quiet period.
@@ -189,12 +191,13 @@ impl Summary {
         );
         let _ = writeln!(
             s,
-            "  sessions {} (relayed {}, cut by loss {}, duplicated {})  crashes {}",
+            "  sessions {} (relayed {}, cut by loss {}, duplicated {})  crashes {}  storage faults {}",
             self.sessions,
             self.relay_sessions,
             self.failed_attempts,
             self.duplicated_sessions,
-            self.crashes
+            self.crashes,
+            self.store_faults
         );
         let _ = writeln!(
             s,

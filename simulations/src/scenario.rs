@@ -135,6 +135,11 @@ pub struct Config {
     pub scale: Scale,
     /// A defect to inject, for testing the checker.
     pub fault: Fault,
+    /// The chance that a hub session has a storage fault injected at one of its effects
+    /// (the hub's persist or sync-state write failing, a per-day quota refusing a
+    /// partition, the device's sync-state write failing): what the shells' driver must turn
+    /// into "nothing stored, sync again", never a lost visit. In thousandths.
+    pub store_faults_per_mille: u32,
 }
 
 impl Config {
@@ -145,14 +150,23 @@ impl Config {
             seed,
             scale: scenario.default_scale(),
             fault: Fault::None,
+            store_faults_per_mille: 0,
         }
     }
 
     /// The command line that repeats this run.
     pub fn command(&self) -> String {
+        let faults = if self.store_faults_per_mille > 0 {
+            format!(
+                " --store-faults {}",
+                f64::from(self.store_faults_per_mille) / 1000.0
+            )
+        } else {
+            String::new()
+        };
         format!(
             "cargo run --release -p simulations -- --scenario {} --seed {} --facilities {} \
-             --devices {} --days {} --visits {}",
+             --devices {} --days {} --visits {}{faults}",
             self.scenario,
             self.seed,
             self.scale.facilities,

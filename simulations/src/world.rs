@@ -27,7 +27,9 @@ use shared::device::{
 };
 use shared::envelope::SessionKey;
 use shared::partition::{Partition, session_actor};
-use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
+use shared::sync::harness::{
+    MemoryStore, PairFaults, PairOutcome, PairSetup, run_pair, run_pair_with,
+};
 use shared::sync::schedule::{Schedule, Step};
 use shared::sync::{Decision, Event, PartitionStore, Peer, PeerHello, Role};
 use shared::ticket::Sibling;
@@ -770,14 +772,17 @@ impl World {
             push_only: true,
         };
         let ticket = self.devices[d].schedule.begin();
-        let result = run_pair(
+        let faults = self.storage_faults(t);
+        let result = run_pair_with(
             t,
             &setup,
             &mut self.devices[d].store,
             &mut self.hub,
             admit_claimed,
+            faults,
         );
-        let Some(outcome) = self.account(&setup, t, result) else {
+        let faulted = faults != PairFaults::default();
+        let Some(outcome) = self.account_with(&setup, t, result, faulted) else {
             let jitter = self.rng.gen_range(0.5..=1.0);
             self.devices[d]
                 .schedule
@@ -797,13 +802,26 @@ impl World {
                 }
             }
         }
+        // As the edge's shell: a day whose partition was refused was not delivered.
+        let refused: Vec<Day> = outcome
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::PartitionRefused { partition, .. } => Some(partition.day),
+                _ => None,
+            })
+            .collect();
         let dev = &mut self.devices[d];
         if outcome.completed() {
             // As `Device::mark_synced_with_hub` and `apply_refresh`: the hub holds every
             // record of every live partition, the offset it measured, fresh day keys, and a
             // session key wrapped to a fallback key is dropped.
             let h = horizon(dev.clock(t));
-            for p in dev.store.partitions().filter(|p| p.id().day >= h) {
+            for p in dev
+                .store
+                .partitions()
+                .filter(|p| p.id().day >= h && !refused.contains(&p.id().day))
+            {
                 dev.synced.insert(p.id().day, p.record_count() as u64);
             }
             dev.clock_offset = Some(dev.drift);
@@ -865,11 +883,45 @@ impl World {
 
     /// Counts a session's bytes and checks what honest peers must never see: errors,
     /// refusals, and partitions past the horizon moving.
+    /// The storage faults of the next hub session: none, or (with `--store-faults`' chance)
+    /// one effect that fails, drawn from the world's seeded stream.
+    fn storage_faults(&mut self, t: UnixSeconds) -> PairFaults {
+        let per_mille = self.config.store_faults_per_mille.min(1000);
+        if per_mille == 0 || self.quiet || !self.hub_up(t) {
+            return PairFaults::default();
+        }
+        if !self.rng.gen_bool(f64::from(per_mille) / 1000.0) {
+            return PairFaults::default();
+        }
+        self.summary.store_faults += 1;
+        let nth = self.rng.gen_range(0..3u32);
+        let mut faults = PairFaults::default();
+        match self.rng.gen_range(0..4u8) {
+            0 => faults.responder.fail_persist = Some(nth),
+            1 => faults.responder.fail_sync_state = Some(nth),
+            2 => faults.responder.quota_persist = Some(nth),
+            _ => faults.initiator.fail_sync_state = Some(nth),
+        }
+        faults
+    }
+
     fn account(
         &mut self,
         setup: &PairSetup,
         t: UnixSeconds,
         result: Result<PairOutcome, shared::sync::harness::HarnessError>,
+    ) -> Option<PairOutcome> {
+        self.account_with(setup, t, result, false)
+    }
+
+    /// As [`Self::account`]; a session with an injected storage fault may end refused (that
+    /// is the driver's answer to the fault), so only a harness error is a violation then.
+    fn account_with(
+        &mut self,
+        setup: &PairSetup,
+        t: UnixSeconds,
+        result: Result<PairOutcome, shared::sync::harness::HarnessError>,
+        faulted: bool,
     ) -> Option<PairOutcome> {
         self.summary.sessions += 1;
         let outcome = match result {
@@ -886,7 +938,7 @@ impl World {
         if matches!(setup.responder, Peer::Hub { .. }) {
             self.summary.upload_bytes += outcome.bytes_i_to_r;
         }
-        if !outcome.completed() {
+        if !outcome.completed() && !faulted {
             let last = outcome.events.last().map(|(_, e)| format!("{e:?}"));
             self.summary.violation(format!(
                 "session {} -> {} at t={t} did not complete: {}",

@@ -37,6 +37,35 @@ fn outdoor_hotspot_keeps_its_invariants() {
     assert!(s.relay_sessions > 0 && s.failed_attempts > 0 && s.duplicated_sessions > 0);
 }
 
+/// Issue 13's storage-fault campaign, CI-sized: a third of the hub sessions get one failing
+/// effect (the hub's persist or sync-state write, a quota refusing a day, the device's
+/// sync-state write), and still nothing acknowledged is lost, doubled or phantom, and every
+/// replica converges. (`cargo run --release -p simulations -- --scenario outdoor-hotspot
+/// --store-faults 0.3` runs the long one and prints the faults injected.)
+#[test]
+fn outdoor_hotspot_keeps_its_invariants_under_injected_storage_faults() {
+    let mut c = small(
+        Scenario::OutdoorHotspot,
+        12,
+        Scale {
+            facilities: 3,
+            devices: 3,
+            days: 3,
+            visits: 20,
+        },
+    );
+    c.store_faults_per_mille = 300;
+    let s = run_quiet(&c);
+    assert_passed(&s, &c);
+    assert!(s.store_faults > 50, "{}", s.human(&c));
+    assert_eq!(s.convergence_violations, 0);
+    assert!(
+        c.command().contains("--store-faults 0.3"),
+        "{}",
+        c.command()
+    );
+}
+
 #[test]
 fn regional_outage_delivers_everything_after_the_outage() {
     let c = small(
