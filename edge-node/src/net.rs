@@ -856,10 +856,14 @@ mod tests {
     ) -> (Link, Link, Vec<&'static str>) {
         let now = NOON + 600;
         a.preload(now).expect("preload");
-        let sa = Session::initiator(
+        // Push-only, as every device's session is (siblings refuse any other).
+        let sa = Session::initiator_to(
             now,
             me(a),
             None,
+            None,
+            None,
+            true,
             &Replica {
                 device: &mut *a,
                 now,
