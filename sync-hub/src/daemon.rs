@@ -710,7 +710,12 @@ impl<'a> Shell for HubShell<'a, '_> {
                     .fetch_add(n.fallback, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => Err(self.store_failure(&format!("cannot persist partition {id}: {e}"))),
+            // The session's changes conflict with another session's stored ones: this
+            // partition is refused, like any invalid change, and the session goes on.
+            Err((true, e)) => Err(Abort::partition(RefuseReason::InvalidChange, e)),
+            Err((false, e)) => {
+                Err(self.store_failure(&format!("cannot persist partition {id}: {e}")))
+            }
         }
     }
 
@@ -1381,11 +1386,17 @@ fn persist(
     id: &shared::PartitionId,
     now: UnixSeconds,
     charge: Option<(&DeviceId, Charge)>,
-) -> Result<Persisted, String> {
-    match parts.partition_mut(id).map_err(|e| e.to_string())? {
-        Some(p) => ledger
-            .persist_charged(p, now, charge)
-            .map_err(|e| e.to_string()),
+) -> Result<Persisted, (bool, String)> {
+    match parts
+        .partition_mut(id)
+        .map_err(|e| (false, e.to_string()))?
+    {
+        Some(p) => ledger.persist_charged(p, now, charge).map_err(|e| {
+            (
+                matches!(e, crate::ledger::LedgerError::Conflict { .. }),
+                e.to_string(),
+            )
+        }),
         None => Ok(Persisted::default()),
     }
 }

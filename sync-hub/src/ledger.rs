@@ -181,6 +181,18 @@ pub enum LedgerError {
         /// The oldest live day.
         horizon: Day,
     },
+    /// The changes of this session conflict with what another session stored meanwhile (a
+    /// key put with other bytes): nothing of this copy is stored.
+    #[error(
+        "partition {partition} conflicts with what another session stored meanwhile: {detail}; \
+         nothing of this session's copy was stored"
+    )]
+    Conflict {
+        /// The partition refused.
+        partition: PartitionId,
+        /// The conflicting key.
+        detail: String,
+    },
     /// The partition's day lies beyond tomorrow.
     #[error(
         "partition {partition} is of a day after {last}: the writing device's clock runs \
@@ -830,7 +842,18 @@ impl<'s> Ledger<'s> {
         });
         if behind && let Some(bytes) = read_chunks(&txn.open_table(HUB_CHUNKS)?, &id)? {
             let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
+            let before = partition.heads();
             partition.merge(&stored)?;
+            // This copy was validated against the partition as it stood when it was loaded;
+            // another session may have stored a key since that this copy puts with other
+            // bytes (finding 6 of the sync v2 review). Both values would be stored, and the
+            // higher operation's would win at every later load.
+            if let Err(e) = shared::sync::validate::check_applied(partition.doc(), &before) {
+                return Err(LedgerError::Conflict {
+                    partition: id,
+                    detail: e.to_string(),
+                });
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The ledger runs the hub core: what it indexes is exactly what `shared::unseal` (the opener
 //! the simulation and the tests check the hub with) opens, and a tampered record neither does.
 
+use automerge::ReadDoc;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use redb::{ReadableDatabase, ReadableTable};
@@ -140,4 +141,99 @@ fn the_ledger_indexes_what_shared_unseal_opens_and_neither_opens_a_tampered_reco
     // Persisting again retries it, and it still does not open.
     assert_eq!(ledger.persist(&mut copy, NOW).ok(), Some(0));
     assert!(!indexed_ids(&hub).contains(&tampered_id));
+}
+
+/// Finding 6 of the sync v2 review: two sessions' copies of one partition, each validated
+/// against the partition as it was loaded, put one key with different bytes. The second to
+/// persist merged the first's stored changes without a check, and both values were stored.
+#[test]
+fn a_copy_that_puts_a_key_another_session_stored_meanwhile_is_not_stored() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let hub = Hub::init(&tmp.path().join("hub"), "suwon", None, vec![], None, NOW)
+        .unwrap_or_else(|e| panic!("init: {e}"))
+        .hub;
+    let facility = hub
+        .add_facility(registration(), NOW)
+        .unwrap_or_else(|e| panic!("add: {e}"))
+        .id;
+    hub.approve_facility(facility.as_str())
+        .unwrap_or_else(|e| panic!("approve: {e}"));
+    let device = hub
+        .enroll(facility.as_str(), "gate", NOW)
+        .unwrap_or_else(|e| panic!("enroll: {e}"))
+        .device_id;
+    let rng = &mut StdRng::seed_from_u64(6);
+    let id = PartitionId {
+        facility: facility.clone(),
+        day: DAY,
+    };
+    let key = SessionKey::generate(rng, DAY);
+    let seal = |rng: &mut StdRng, rid: RecordId, n: u8| {
+        let record = Record {
+            facility: facility.clone(),
+            device: device.clone(),
+            scanned_at: NOW - 600 + u64::from(n),
+            body: RecordBody::Qr {
+                issuer_id: 1,
+                key_id: 1,
+                issued_at: NOW - 610,
+                token: [n; 16],
+            },
+        };
+        key.seal(rng, &id, rid, &record)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let ledger = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    let mut first = Partition::new(id.clone(), &ledger.actor());
+    let base = RecordId::random(rng);
+    first
+        .insert_record(base, &seal(rng, base, 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ledger
+        .persist(&mut first, NOW)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Two sessions load the stored partition.
+    let load = || {
+        ledger
+            .load(&id)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("stored partition"))
+    };
+    // Each merges what its device wrote (two devices, two actors) under the same key.
+    let k = RecordId::random(rng);
+    let good = seal(rng, k, 2);
+    let from_device = |actor: u8, env: &Envelope| {
+        let mut dev = Partition::new(id.clone(), &[actor; 16]);
+        dev.merge(&load()).unwrap_or_else(|e| panic!("{e}"));
+        dev.insert_record(k, env).unwrap_or_else(|e| panic!("{e}"));
+        let mut copy = load();
+        copy.merge(&dev).unwrap_or_else(|e| panic!("{e}"));
+        copy
+    };
+    let mut honest = from_device(0xa1, &good);
+    let mut rogue = from_device(0xb2, &seal(rng, k, 3));
+    ledger
+        .persist(&mut honest, NOW)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = ledger.persist(&mut rogue, NOW);
+    assert!(
+        matches!(refused, Err(sync_hub::ledger::LedgerError::Conflict { .. })),
+        "{refused:?}"
+    );
+    let stored = load();
+    assert_eq!(stored.record_count(), 2);
+    let values = stored
+        .doc()
+        .get_all(automerge::ROOT, format!("r/{k}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(values.len(), 1, "only the first value of the key is stored");
+    assert_eq!(
+        stored
+            .records()
+            .into_iter()
+            .find(|(r, _)| *r == k)
+            .map(|(_, e)| e.ok()),
+        Some(Some(good))
+    );
 }

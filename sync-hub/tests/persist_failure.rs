@@ -129,7 +129,7 @@ fn session(s: &Setup) -> (Vec<Event>, Metrics) {
         device: s.device.clone(),
         facility: s.facility.clone(),
     };
-    let mut device = Session::initiator(NOW, me, Some(s.credential), &store)
+    let mut device = Session::initiator_to(NOW, me, None, Some(s.credential), None, true, &store)
         .unwrap_or_else(|e| panic!("initiator: {e}"));
     let mut events = Vec::new();
     // A session of one partition takes a handful of rounds; 100 bounds a broken one.
