@@ -383,6 +383,21 @@ impl Outcome {
     /// What the driver's link says of a session that is over.
     fn of(link: &Link) -> Outcome {
         let end = match link.end() {
+            // The session went on after a day's partition was refused, but that day was not
+            // delivered: the round did not sync everything, and says which day and why.
+            Some(DriverEnd::Completed) if !link.refused_partitions().is_empty() => {
+                let why: Vec<String> = link
+                    .refused_partitions()
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{:?} refused partition {} ({:?}): {}",
+                            r.by, r.partition, r.reason, r.detail
+                        )
+                    })
+                    .collect();
+                End::Failed(why.join("; "))
+            }
             Some(DriverEnd::Completed) => End::Finished,
             Some(end) => End::Failed(end.to_string()),
             // A session that ends emits its end; should one not, it did not complete.
