@@ -317,3 +317,78 @@ fn a_session_starts_without_what_the_last_one_left_held_back() {
     assert!(!part.holds_back_changes());
     assert_eq!(part.record_count(), 2);
 }
+
+/// Finding F1 of the second review: a device admitted as push-only left automerge's
+/// read-only flag out of its messages and reset what the hub thought it had sent, and the hub
+/// answered a ~100-byte request with the whole partition. A push-only peer gets no changes.
+#[test]
+fn a_push_only_peer_that_drops_the_read_only_flag_still_gets_no_changes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let key = SessionKey::generate(&mut rng, pid().day);
+    let mut hub = MemoryStore::new(b"hub", None);
+    hub.insert({
+        let mut p = Partition::new(pid(), b"hub");
+        let batch: Vec<(RecordId, Envelope)> = (0..50)
+            .map(|i| {
+                let id = RecordId::random(&mut rng);
+                (id, sealed(&mut rng, &key, id, i))
+            })
+            .collect();
+        p.insert_batch(&[], &batch).unwrap();
+        p
+    });
+    let device = Peer::Device {
+        device: DeviceId::parse("dev_r").unwrap(),
+        facility: FacilityId::parse("fac_a").unwrap(),
+    };
+    let mut session = Session::responder(Peer::Hub {
+        region: "seoul".into(),
+    });
+    let hello = shared::sync::Hello {
+        version: shared::sync::PROTOCOL_VERSION,
+        peer: device,
+        now: NOW,
+        horizon: shared::time::horizon(NOW),
+        partitions: vec![],
+        in_sync: Default::default(),
+        push_only: true,
+        credential: None,
+        refresh_have: None,
+    };
+    session.handle_frame(NOW, Frame::Hello(hello), &mut hub);
+    while session.poll_event().is_some() {}
+    session.admit(
+        NOW,
+        shared::sync::Decision::Admit {
+            facility: FacilityId::parse("fac_a").unwrap(),
+            refresh: None,
+        },
+        &mut hub,
+    );
+    while session.poll_transmit().is_some() {}
+    while session.poll_event().is_some() {}
+    // A flagless message with no heads and an empty bloom filter: "send me everything".
+    let ask = Frame::Sync {
+        partition: pid(),
+        message: Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![automerge::sync::Have::default()],
+            changes: Vec::<Vec<u8>>::new().into(),
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode(),
+    };
+    let mut got = 0usize;
+    for _ in 0..3 {
+        session.handle_frame(NOW, ask.clone(), &mut hub);
+        for f in std::iter::from_fn(|| session.poll_transmit()) {
+            if let Frame::Sync { message, .. } = f {
+                got += Message::decode(&message).unwrap().changes.len();
+            }
+        }
+        while session.poll_event().is_some() {}
+    }
+    assert_eq!(got, 0, "the hub sent a push-only peer {got} changes");
+}

@@ -741,6 +741,12 @@ impl<'a> Shell for HubShell<'a, '_> {
     }
 
     fn completed(&mut self, now: UnixSeconds, _stats: &WireStats) -> Result<(), Abort> {
+        // A session in which a day's partition was refused did not deliver everything: the
+        // device's last contact (which traces read as "holds nothing unsynced before this")
+        // does not move, so the facility stays flagged as possibly holding unsynced visits.
+        if !self.conn.link.refused_partitions().is_empty() {
+            return Ok(());
+        }
         if let Some(id) = &self.conn.device {
             record_contact(self.hub, id, self.conn, now);
         }

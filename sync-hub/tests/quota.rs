@@ -272,8 +272,23 @@ fn a_device_over_its_records_per_day_is_refused_and_syncs_again_the_next_day() {
     let detail = quota_refusal(&events)
         .unwrap_or_else(|| panic!("the device is told it is over its quota: {events:?}"));
     assert!(detail.contains("per device per day"), "{detail}");
-    // Only that day's partition is refused: the session itself completes.
+    // Only that day's partition is refused: the session itself completes. The device's last
+    // contact stays at the session that delivered everything (finding F2 of the second
+    // review: traces read it as "nothing unsynced before this").
     assert!(finished(&events), "{events:?}");
+    let last_sync = |s: &Setup| {
+        s.hub
+            .store()
+            .device(&gate.id)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("the gate is enrolled"))
+            .last_sync
+    };
+    assert_eq!(
+        last_sync(&s),
+        Some(NOW),
+        "a refused day does not move last contact"
+    );
     assert_eq!(
         stored_records(&s),
         3,

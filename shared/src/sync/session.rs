@@ -1188,6 +1188,19 @@ impl Session {
             Ok(()) => next_message(part.doc(), &mut sync.state),
             Err(_) => None,
         };
+        // A push-only initiator takes nothing back. Its honest messages carry automerge's
+        // read-only flag, which keeps changes out of our replies; a hostile one can leave the
+        // flag out (and reset what automerge thinks it sent) to pull the partition after all,
+        // a few bytes asking for megabytes. So the responder never sends it changes, whatever
+        // its messages say.
+        let reply = if self.push_only && self.role == Role::Responder {
+            reply.map(|mut m| {
+                m.changes = automerge::sync::ChunkList::empty();
+                m
+            })
+        } else {
+            reply
+        };
         // Reported even when the merge failed part-way: whatever was applied is in memory and
         // must reach the disk too, so memory and disk never disagree.
         if let Some((new_records, new_keys)) = updated {
