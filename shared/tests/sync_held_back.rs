@@ -392,3 +392,26 @@ fn a_push_only_peer_that_drops_the_read_only_flag_still_gets_no_changes() {
     }
     assert_eq!(got, 0, "the hub sent a push-only peer {got} changes");
 }
+
+/// Finding F5 of the second review: `Skipped` frames naming partitions this side never
+/// synced were ignored one by one, so a peer could send them without bound. The first ends
+/// the session as a protocol error.
+#[test]
+fn a_skipped_frame_for_a_partition_not_being_synced_ends_the_session() {
+    let mut hub = MemoryStore::new(b"hub", None);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(
+        NOW,
+        Frame::Skipped {
+            partition: pid(),
+            refusal: shared::sync::Refusal::new(RefuseReason::InvalidChange, "nothing"),
+        },
+        &mut hub,
+    );
+    assert!(session.is_finished() && !session.is_completed());
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Failed(_))),
+        "{events:?}"
+    );
+}

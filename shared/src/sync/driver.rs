@@ -412,7 +412,7 @@ fn apply<S: Shell>(shell: &mut S, now: UnixSeconds, event: Event) {
                     link.new_records = link.new_records.saturating_add(new_records);
                     link.new_keys = link.new_keys.saturating_add(new_keys);
                 }
-                Err(why) if why.partition_only => {
+                Err(why) if why.partition_only && !shell.link().session.is_finished() => {
                     discard(shell, &id);
                     shell
                         .link()

@@ -672,8 +672,7 @@ impl Session {
             }
             (Phase::Syncing, Frame::Done { received }) => self.on_done(received),
             (Phase::Syncing, Frame::Skipped { partition, refusal }) => {
-                self.on_skipped(partition, refusal);
-                Ok(())
+                self.on_skipped(partition, refusal)
             }
             (phase, frame) => Err(SyncError::Unexpected {
                 frame: frame.kind(),
@@ -1390,9 +1389,14 @@ impl Session {
 
     /// The peer refused our changes to `partition`: stop sending it. A `Skipped` for a
     /// partition this side never synced in this session, or a repeated one, is ignored.
-    fn on_skipped(&mut self, partition: PartitionId, refusal: Refusal) {
+    fn on_skipped(&mut self, partition: PartitionId, refusal: Refusal) -> Result<(), SyncError> {
         if self.partitions.remove(&partition).is_none() {
-            return;
+            // Only a partition this side synced in this session can be refused, once: any
+            // other `Skipped` is a peer sending frames for nothing.
+            return Err(SyncError::Unexpected {
+                frame: "Skipped",
+                state: "naming a partition not being synced",
+            });
         }
         self.skipped.insert(partition.clone(), 0);
         self.events.push_back(Event::PartitionRefused {
@@ -1401,6 +1405,7 @@ impl Session {
             reason: refusal.reason,
             detail: refusal.detail.chars().take(MAX_DETAIL_CHARS).collect(),
         });
+        Ok(())
     }
 
     /// The shell refuses the changes the peer sent for `partition` (a quota, a store rule):
