@@ -30,6 +30,24 @@ fn registration() -> Registration {
     }
 }
 
+/// A hub in `dir` with one approved facility and one device enrolled for it.
+fn hub_with_device(dir: &std::path::Path) -> (Hub, shared::FacilityId, shared::DeviceId) {
+    let hub = Hub::init(&dir.join("hub"), "suwon", None, vec![], None, NOW)
+        .unwrap_or_else(|e| panic!("init: {e}"))
+        .hub;
+    let facility = hub
+        .add_facility(registration(), NOW)
+        .unwrap_or_else(|e| panic!("add: {e}"))
+        .id;
+    hub.approve_facility(facility.as_str())
+        .unwrap_or_else(|e| panic!("approve: {e}"));
+    let device = hub
+        .enroll(facility.as_str(), "gate", NOW)
+        .unwrap_or_else(|e| panic!("enroll: {e}"))
+        .device_id;
+    (hub, facility, device)
+}
+
 /// The ids `indexed-2` lists.
 fn indexed_ids(hub: &Hub) -> BTreeSet<RecordId> {
     let txn = hub
@@ -53,19 +71,7 @@ fn indexed_ids(hub: &Hub) -> BTreeSet<RecordId> {
 #[test]
 fn the_ledger_indexes_what_shared_unseal_opens_and_neither_opens_a_tampered_record() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let hub = Hub::init(&tmp.path().join("hub"), "suwon", None, vec![], None, NOW)
-        .unwrap_or_else(|e| panic!("init: {e}"))
-        .hub;
-    let facility = hub
-        .add_facility(registration(), NOW)
-        .unwrap_or_else(|e| panic!("add: {e}"))
-        .id;
-    hub.approve_facility(facility.as_str())
-        .unwrap_or_else(|e| panic!("approve: {e}"));
-    let device = hub
-        .enroll(facility.as_str(), "gate", NOW)
-        .unwrap_or_else(|e| panic!("enroll: {e}"))
-        .device_id;
+    let (hub, facility, device) = hub_with_device(tmp.path());
     let ratchet = hub.keys().ratchet().unwrap_or_else(|e| panic!("{e}"));
 
     // A device's partition: three sound records and one whose ciphertext was tampered with.
@@ -149,19 +155,7 @@ fn the_ledger_indexes_what_shared_unseal_opens_and_neither_opens_a_tampered_reco
 #[test]
 fn a_copy_that_puts_a_key_another_session_stored_meanwhile_is_not_stored() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let hub = Hub::init(&tmp.path().join("hub"), "suwon", None, vec![], None, NOW)
-        .unwrap_or_else(|e| panic!("init: {e}"))
-        .hub;
-    let facility = hub
-        .add_facility(registration(), NOW)
-        .unwrap_or_else(|e| panic!("add: {e}"))
-        .id;
-    hub.approve_facility(facility.as_str())
-        .unwrap_or_else(|e| panic!("approve: {e}"));
-    let device = hub
-        .enroll(facility.as_str(), "gate", NOW)
-        .unwrap_or_else(|e| panic!("enroll: {e}"))
-        .device_id;
+    let (hub, facility, device) = hub_with_device(tmp.path());
     let rng = &mut StdRng::seed_from_u64(6);
     let id = PartitionId {
         facility: facility.clone(),
