@@ -119,17 +119,28 @@ pub async fn run(
         endpoint.bound_sockets()
     );
     let trusted: Vec<PublicKey> = peers.iter().map(|p| p.id).collect();
+    let gate = net::SiblingGate::new(net::SiblingLimits::from_env());
     let accept = {
         let endpoint = endpoint.clone();
         let device = device.clone();
         let wake = wake.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
+                let Some(handshake) = gate.handshake() else {
+                    tracing::warn!(
+                        "sibling connection refused: {} already in their handshake",
+                        net::MAX_SIBLING_HANDSHAKES
+                    );
+                    incoming.refuse();
+                    continue;
+                };
                 let device = device.clone();
                 let trusted = trusted.clone();
                 let wake = wake.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
-                    match net::serve_sibling(incoming, device, trusted, clock::now).await {
+                    let _handshake = handshake;
+                    match net::serve_sibling(incoming, device, trusted, clock::now, gate).await {
                         Ok(n) => {
                             tracing::info!("sibling session merged {n} records");
                             if n > 0 {

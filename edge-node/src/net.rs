@@ -26,6 +26,114 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a session may wait for the peer's next bytes.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many sibling connections may be open at once (in their handshake, roster check or
+/// session); more are refused at once. A stranger on the LAN gets no further than the roster
+/// check, each step of which is bounded by [`CONNECT_TIMEOUT`].
+pub const MAX_SIBLING_HANDSHAKES: usize = 16;
+/// How many sessions a device serves to its siblings at once. A facility has a handful of
+/// entrance devices, each relaying at most once per change.
+pub const MAX_SIBLING_SESSIONS: usize = 4;
+/// The longest a session served to a sibling may run, however it trickles its bytes.
+pub const SIBLING_SESSION_TIME: Duration = Duration::from_secs(300);
+/// The most bytes a sibling may send in one session (frames as decoded): a busy facility-day
+/// of 200,000 visits is about 30 MB.
+pub const SIBLING_SESSION_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bounds on the sessions a device serves to its siblings. A sibling is a device of the
+/// hub's roster, but a stolen one is still on the roster until the hub revokes it: without
+/// bounds it could hold any number of sessions, send without limit and trickle bytes forever
+/// (finding 9 of the sync v2 review).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiblingLimits {
+    /// Sessions served at once ([`MAX_SIBLING_SESSIONS`]).
+    pub max_sessions: usize,
+    /// Wall-clock limit of one session ([`SIBLING_SESSION_TIME`]).
+    pub session_time: Duration,
+    /// Bytes one session may send ([`SIBLING_SESSION_BYTES`]).
+    pub session_bytes: u64,
+}
+
+impl Default for SiblingLimits {
+    fn default() -> Self {
+        SiblingLimits {
+            max_sessions: MAX_SIBLING_SESSIONS,
+            session_time: SIBLING_SESSION_TIME,
+            session_bytes: SIBLING_SESSION_BYTES,
+        }
+    }
+}
+
+impl SiblingLimits {
+    /// The defaults, with `EDGE_NODE_SIBLING_SESSION_SECS` and `EDGE_NODE_SIBLING_SESSION_BYTES`
+    /// (positive numbers) in their place when set: tests and operators tighten them.
+    pub fn from_env() -> Self {
+        let positive = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&n| n > 0)
+        };
+        let mut limits = SiblingLimits::default();
+        if let Some(secs) = positive("EDGE_NODE_SIBLING_SESSION_SECS") {
+            limits.session_time = Duration::from_secs(secs);
+        }
+        if let Some(bytes) = positive("EDGE_NODE_SIBLING_SESSION_BYTES") {
+            limits.session_bytes = bytes;
+        }
+        limits
+    }
+}
+
+/// What the sessions a device serves to siblings share: the handshake and session slots and
+/// the siblings being served (one session per sibling at a time).
+#[derive(Debug, Clone)]
+pub struct SiblingGate {
+    limits: SiblingLimits,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    sessions: Arc<tokio::sync::Semaphore>,
+    serving: Arc<Mutex<std::collections::HashSet<PublicKey>>>,
+}
+
+impl SiblingGate {
+    /// A gate with `limits`.
+    pub fn new(limits: SiblingLimits) -> Self {
+        SiblingGate {
+            limits,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_SIBLING_HANDSHAKES)),
+            sessions: Arc::new(tokio::sync::Semaphore::new(limits.max_sessions.max(1))),
+            serving: Arc::new(Mutex::new(Default::default())),
+        }
+    }
+
+    /// A handshake slot for a new connection, or `None` when all are taken (refuse it).
+    pub fn handshake(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.handshakes.clone().try_acquire_owned().ok()
+    }
+}
+
+/// A sibling being served; it leaves the gate's set when dropped.
+struct Serving {
+    serving: Arc<Mutex<std::collections::HashSet<PublicKey>>>,
+    remote: PublicKey,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.remote);
+    }
+}
+
+/// The bounds of one served session: when it must end, how many bytes it may still send.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    deadline: tokio::time::Instant,
+    limits: SiblingLimits,
+}
+
 /// A device shared between the sync tasks and whatever else the process does; the lock is
 /// held for one step of a session at a time, never across a network wait.
 pub type SharedDevice = Arc<Mutex<Device>>;
@@ -313,7 +421,16 @@ async fn sync_inner(
         .map_err(|e| NetError::Session(target.label.clone(), e.to_string()))?
     };
     let mut link = Link::new(session);
-    let outcome = drive(&mut link, &mut send, &mut recv, device, now, target.is_hub).await;
+    let outcome = drive(
+        &mut link,
+        &mut send,
+        &mut recv,
+        device,
+        now,
+        target.is_hub,
+        None,
+    )
+    .await;
     let stats = conn.stats();
     report.socket_bytes_sent = stats.udp_tx.bytes;
     report.socket_bytes_received = stats.udp_rx.bytes;
@@ -539,6 +656,8 @@ enum Step {
     Frame(Frame),
     Malformed(shared::sync::FrameError),
     Closed,
+    /// This side ends the session (a served sibling over its bounds).
+    Abort(Abort),
 }
 
 /// Runs one step through the driver with the device locked; returns the bytes to write.
@@ -563,13 +682,19 @@ fn step(
         outbox: &mut outbox,
         peer_is_hub,
     };
-    match input {
-        Step::Start => driver::pump(&mut shell, t),
-        Step::Frame(frame) => driver::handle_frame(&mut shell, t, frame),
-        Step::Malformed(e) => driver::handle_malformed(&mut shell, t, e),
-        Step::Closed => driver::handle_closed(&mut shell, t),
-    }
+    dispatch(&mut shell, t, input);
     outbox
+}
+
+/// Hands one input to the driver.
+fn dispatch(shell: &mut EdgeShell<'_, '_>, t: UnixSeconds, input: Step) {
+    match input {
+        Step::Start => driver::pump(shell, t),
+        Step::Frame(frame) => driver::handle_frame(shell, t, frame),
+        Step::Malformed(e) => driver::handle_malformed(shell, t, e),
+        Step::Closed => driver::handle_closed(shell, t),
+        Step::Abort(why) => driver::abort(shell, t, why),
+    }
 }
 
 /// Moves frames between the session and the stream until the session ends; each input is
@@ -581,8 +706,18 @@ async fn drive(
     device: &SharedDevice,
     now: &impl Fn() -> u64,
     peer_is_hub: bool,
+    served: Option<(Bounds, Serving)>,
 ) -> Result<Outcome, NetError> {
-    let mut decoder = FrameDecoder::new();
+    let bounds = served.as_ref().map(|(b, _)| *b);
+    let mut serving = served.map(|(_, s)| s);
+    // A served sibling gets a Hello-sized buffer until its first frame (the Hello) is
+    // handled, and the full frame size only then.
+    let mut decoder = match bounds {
+        Some(_) => FrameDecoder::with_limit(shared::sync::PRE_ADMISSION_FRAME_BYTES),
+        None => FrameDecoder::new(),
+    };
+    let mut raised = bounds.is_none();
+    let mut received: u64 = 0;
     let mut buf = vec![0u8; 64 * 1024];
     let mut clock_offset = None;
     let mut out = step(
@@ -594,6 +729,10 @@ async fn drive(
         Step::Start,
     );
     loop {
+        if link.is_finished() {
+            // The sibling may start its next session as soon as it reads this one's end.
+            drop(serving.take());
+        }
         if !out.is_empty() {
             let written = send.write_all(&out).await;
             // Once the session is over a peer that closed first loses nothing.
@@ -610,9 +749,22 @@ async fn drive(
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             return Ok(Outcome::of(link));
         }
-        let read = tokio::time::timeout(READ_TIMEOUT, recv.read(&mut buf)).await;
+        let read_until = tokio::time::Instant::now() + READ_TIMEOUT;
+        let read_until = bounds.map_or(read_until, |b| read_until.min(b.deadline));
+        let read = tokio::time::timeout_at(read_until, recv.read(&mut buf)).await;
         let mut inputs = Vec::new();
         match read {
+            Err(_) if bounds.is_some_and(|b| tokio::time::Instant::now() >= b.deadline) => {
+                let limit = bounds.map_or(Duration::ZERO, |b| b.limits.session_time);
+                inputs.push(Step::Abort(Abort::new(
+                    shared::sync::RefuseReason::QuotaExceeded,
+                    format!(
+                        "the session ran longer than this device's {} s for a sibling; what \
+                         was stored stays, sync again to send the rest",
+                        limit.as_secs()
+                    ),
+                )));
+            }
             Err(_) => return Err(NetError::Timeout("peer".into(), READ_TIMEOUT)),
             Ok(Err(e)) => {
                 tracing::debug!("stream ended: {e}");
@@ -623,7 +775,28 @@ async fn drive(
                 Err(e) => inputs.push(Step::Malformed(e)),
                 Ok(()) => loop {
                     match decoder.pop() {
-                        Ok(Some(frame)) => inputs.push(Step::Frame(frame)),
+                        Ok(Some(frame)) => {
+                            if !raised {
+                                decoder.set_limit(shared::sync::MAX_FRAME_BYTES);
+                                raised = true;
+                            }
+                            if let Some(b) = bounds {
+                                received = received.saturating_add(frame.quota_len());
+                                if received > b.limits.session_bytes {
+                                    inputs.push(Step::Abort(Abort::new(
+                                        shared::sync::RefuseReason::QuotaExceeded,
+                                        format!(
+                                            "this session sent more than this device's {} \
+                                             bytes for a sibling; what was stored stays, sync \
+                                             again to send the rest",
+                                            b.limits.session_bytes
+                                        ),
+                                    )));
+                                    break;
+                                }
+                            }
+                            inputs.push(Step::Frame(frame));
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             inputs.push(Step::Malformed(e));
@@ -654,9 +827,11 @@ pub async fn serve_sibling(
     device: SharedDevice,
     trusted: Vec<PublicKey>,
     now: impl Fn() -> u64,
+    gate: SiblingGate,
 ) -> Result<u64, NetError> {
-    let conn = incoming
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, incoming)
         .await
+        .map_err(|_| NetError::Timeout("sibling".into(), CONNECT_TIMEOUT))?
         .map_err(|e| NetError::Connection("sibling".into(), e.to_string()))?;
     let remote = conn.remote_id();
     let roster = lock(&device).roster()?;
@@ -671,9 +846,43 @@ pub async fn serve_sibling(
     if conn.alpn() == ALPN_V1 {
         return Err(refuse_v1_sibling(&conn).await);
     }
-    let (mut send, mut recv) = conn
-        .accept_bi()
+    // One session per sibling, and at most the gate's sessions at once.
+    let serving = {
+        let mut serving = gate
+            .serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let busy = if serving.contains(&remote) {
+            Some("a session of this sibling is already being served")
+        } else {
+            None
+        };
+        let slot = match busy {
+            Some(_) => None,
+            None => gate.sessions.clone().try_acquire_owned().ok(),
+        };
+        match slot {
+            Some(slot) => {
+                serving.insert(remote);
+                Serving {
+                    serving: gate.serving.clone(),
+                    remote,
+                    _slot: slot,
+                }
+            }
+            None => {
+                let why = busy.unwrap_or("this device is serving as many siblings as it may");
+                conn.close(2u32.into(), why.as_bytes());
+                return Err(NetError::Session(
+                    remote.fmt_short().to_string(),
+                    format!("refused: {why}"),
+                ));
+            }
+        }
+    };
+    let (mut send, mut recv) = tokio::time::timeout(CONNECT_TIMEOUT, conn.accept_bi())
         .await
+        .map_err(|_| NetError::Timeout("sibling".into(), CONNECT_TIMEOUT))?
         .map_err(|e| NetError::Connection("sibling".into(), e.to_string()))?;
     let me = {
         let dev = lock(&device);
@@ -684,7 +893,20 @@ pub async fn serve_sibling(
         }
     };
     let mut link = Link::new(Session::responder(me));
-    let out = drive(&mut link, &mut send, &mut recv, &device, &now, false).await?;
+    let bounds = Bounds {
+        deadline: tokio::time::Instant::now() + gate.limits.session_time,
+        limits: gate.limits,
+    };
+    let out = drive(
+        &mut link,
+        &mut send,
+        &mut recv,
+        &device,
+        &now,
+        false,
+        Some((bounds, serving)),
+    )
+    .await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     match out.end {
         End::Finished => Ok(out.new_records),
@@ -843,12 +1065,7 @@ mod tests {
                 outbox: &mut outbox,
                 peer_is_hub: self.peer_is_hub,
             };
-            match input {
-                Step::Start => driver::pump(&mut shell, t),
-                Step::Frame(f) => driver::handle_frame(&mut shell, t, f),
-                Step::Malformed(e) => driver::handle_malformed(&mut shell, t, e),
-                Step::Closed => driver::handle_closed(&mut shell, t),
-            }
+            dispatch(&mut shell, t, input);
             let mut decoder = FrameDecoder::new();
             decoder.push(&outbox).expect("own frames decode");
             let mut frames = Vec::new();

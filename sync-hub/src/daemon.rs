@@ -35,9 +35,9 @@ use shared::partition::Partition;
 use shared::sync::driver::{self, Abort, End, Link, Shell};
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
-    ALPN, Decision, Frame, FrameDecoder, FrameError, LENGTH_PREFIX_BYTES, MAX_FRAME_BYTES,
-    MAX_PARTITIONS_PER_SESSION, PartitionStore, PartitionSummary, Peer, PeerHello, RefuseReason,
-    Session, Side, StoreError, WireStats,
+    ALPN, Decision, Frame, FrameDecoder, FrameError, MAX_FRAME_BYTES, MAX_PARTITIONS_PER_SESSION,
+    PartitionStore, PartitionSummary, Peer, PeerHello, RefuseReason, Session, Side, StoreError,
+    WireStats,
 };
 use shared::ticket::{Refresh, Sibling};
 use shared::time::Day;
@@ -63,10 +63,9 @@ pub const CLOCK_WARNING_SECONDS: i64 = 300;
 /// flood can hold: about 200 KiB per connection before admission (read buffer plus
 /// [`PRE_ADMISSION_FRAME_BYTES`] of partial frame), some 200 MiB at the cap.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// The largest frame body accepted before the peer is admitted. A `Hello` is a few hundred
-/// bytes, its credential and one summary per live partition (about 60 B each plus 32 B per
-/// extra head): 64 KiB is some 2,000 heads, far more than a month of partitions has.
-pub const PRE_ADMISSION_FRAME_BYTES: usize = 64 * 1024;
+/// The largest frame body accepted before the peer is admitted (shared with a device serving
+/// a sibling).
+pub use shared::sync::PRE_ADMISSION_FRAME_BYTES;
 /// A connection that has not delivered its `Hello` this long after it arrived is closed
 /// (handshake and stream opening included): an honest device sends it at once.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -490,7 +489,7 @@ impl Conn {
         if self.facility.is_none() || self.link.session().is_finished() {
             return None;
         }
-        self.received = self.received.saturating_add(received_bytes(frame));
+        self.received = self.received.saturating_add(frame.quota_len());
         (self.received > self.quotas.session_bytes).then(|| {
             format!(
                 "this session sent more than the hub's {} bytes per session; what was stored \
@@ -1371,19 +1370,6 @@ fn over_device_quota(
     };
     let delivered = Charge { records, keys };
     Ok(quota.check(device, today, delivered, charge).err())
-}
-
-/// The size a received frame counts for against [`Quotas::session_bytes`]: as decoded, so a
-/// `Sync` is measured without deflating it again (a deflated one counts at its full size).
-fn received_bytes(frame: &Frame) -> u64 {
-    let n = match frame {
-        // Prefix, variant tag, partition id (facility text and day) and message length.
-        Frame::Sync { partition, message } => {
-            LENGTH_PREFIX_BYTES + 16 + partition.facility.as_str().len() + message.len()
-        }
-        other => other.wire_len(),
-    };
-    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 fn persist(

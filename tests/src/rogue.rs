@@ -226,7 +226,10 @@ async fn drive(
                 }
             }
             if session.is_finished() {
+                // Closing the connection drops what the peer has not read yet: let it read
+                // the last frames first, as edge-node does.
                 let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                 conn.close(0u32.into(), b"done");
                 return ending.context("the session finished without an ending event");
             }
@@ -314,6 +317,11 @@ impl Rogue {
             }
         }
         bail!("no refusal within {MAX_READS} reads")
+    }
+
+    /// Aims the rogue's dials at `peer` (a sibling device) instead of the hub.
+    pub fn retarget(&mut self, peer: EndpointAddr) {
+        self.hub = peer;
     }
 
     /// The endpoint id (the enrolled device's).

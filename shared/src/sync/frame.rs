@@ -33,6 +33,11 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// overhead) 16 MiB is some 100,000 visits for one facility on one day. The same limit bounds
 /// a `SyncDeflated` message after inflating.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// The largest frame body a responder (the hub, or a device serving a sibling) buffers before
+/// the peer is admitted. A `Hello` is a few hundred bytes, its credential and one summary per
+/// live partition (about 60 B each plus 32 B per extra head): 64 KiB is some 2,000 heads, far
+/// more than a month of partitions has.
+pub const PRE_ADMISSION_FRAME_BYTES: usize = 64 * 1024;
 
 /// Who is on the other end of a session, as it introduces itself.
 ///
@@ -334,6 +339,20 @@ impl Frame {
         LENGTH_PREFIX_BYTES
             + postcard::serialize_with_flavor(&self.wire(), postcard::ser_flavors::Size::default())
                 .unwrap_or(0)
+    }
+
+    /// The size a received frame counts for against a per-session byte quota (the hub's
+    /// and a device serving a sibling): as decoded, so a `Sync` is measured without
+    /// deflating it again (a deflated one counts at its full size).
+    pub fn quota_len(&self) -> u64 {
+        let n = match self {
+            // Prefix, variant tag, partition id (facility text and day) and message length.
+            Frame::Sync { partition, message } => {
+                LENGTH_PREFIX_BYTES + 16 + partition.facility.as_str().len() + message.len()
+            }
+            other => other.wire_len(),
+        };
+        u64::try_from(n).unwrap_or(u64::MAX)
     }
 
     /// The frame as it goes on the wire: length prefix and body.

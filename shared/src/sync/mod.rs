@@ -20,8 +20,9 @@ pub mod validate;
 
 pub use frame::{
     ALPN, ALPN_V1, Frame, FrameDecoder, FrameError, HeadsDigest, Hello, InSync,
-    LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PROTOCOL_VERSION, PartitionSummary,
-    Peer, PeerSummary, Refusal, RefuseReason, Welcome, heads_digest, set_digest,
+    LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PRE_ADMISSION_FRAME_BYTES,
+    PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary, Refusal, RefuseReason, Welcome,
+    heads_digest, set_digest,
 };
 pub use session::{
     Decision, Event, MAX_FUTURE_DAYS, MAX_HEADS_PER_PARTITION, MAX_HELD_BACK_BYTES,
