@@ -1429,6 +1429,80 @@ mod tests {
         assert!(held_days(&w).is_empty());
     }
 
+    /// The faulty shell: the hub killed just before its first commit keeps nothing of the
+    /// session (what automerge merged in memory is gone), killed just after it keeps the
+    /// partition; a session torn after two frames completes neither side and moved nothing;
+    /// and the next clean session delivers
+    /// everything either way.
+    #[test]
+    fn a_kill_before_a_commit_loses_the_merge_and_the_next_session_delivers() {
+        let hub_crash = |after| Plan {
+            responder: SideFaults {
+                crash: Some(Crash {
+                    at_commit: 0,
+                    after,
+                }),
+                ..SideFaults::default()
+            },
+            ..Plan::default()
+        };
+        let torn = Plan {
+            tear: Some((2, Role::Responder)),
+            ..Plan::default()
+        };
+        for (plan, hub_keeps) in [
+            (hub_crash(false), false),
+            (hub_crash(true), true),
+            (torn, false),
+        ] {
+            let mut w = small_world();
+            let t = START_DAY.start() + 12 * HOUR;
+            let rid = visit_at(&mut w, t);
+            let pid = w.devices[0]
+                .store
+                .partitions()
+                .next()
+                .expect("stored")
+                .id()
+                .clone();
+            let setup = PairSetup {
+                initiator: w.devices[0].peer.clone(),
+                responder: w.hub_peer.clone(),
+                credential: None,
+                push_only: true,
+            };
+            let run = faulty::run(
+                t,
+                &setup,
+                &mut w.devices[0].store,
+                &mut w.hub,
+                admit_claimed,
+                plan,
+            )
+            .expect("runs");
+            assert!(!run.outcome.completed(), "{plan:?}");
+            assert_eq!(run.responder_died, plan.responder.crash.is_some());
+            assert_eq!(run.torn, plan.tear.is_some());
+            let held = w
+                .hub
+                .get(&pid)
+                .is_some_and(|p| p.records().iter().any(|(r, _)| *r == rid));
+            assert_eq!(held, hub_keeps, "{plan:?}");
+            // The device did not count the day as synced; a clean session delivers it.
+            let again = run_pair(
+                t + 60,
+                &setup,
+                &mut w.devices[0].store,
+                &mut w.hub,
+                admit_claimed,
+            )
+            .expect("runs");
+            assert!(again.completed(), "{plan:?}");
+            let p = w.hub.get(&pid).expect("at the hub");
+            assert!(p.records().iter().any(|(r, _)| *r == rid));
+        }
+    }
+
     /// A code shown twice is stored once: the second scan is a duplicate.
     #[test]
     fn a_code_scanned_twice_is_a_duplicate() {
