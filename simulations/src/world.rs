@@ -1503,6 +1503,60 @@ mod tests {
         }
     }
 
+    /// A clock that jumped forward since the hub measured it may make retention drop an
+    /// unsynced, unexpired visit past the grace day (the rule allows it, and it is counted);
+    /// with an offset that is up to date, the same drop is a violation. A clock that jumped
+    /// back keeps expired days until the hub measures it again, which the checker allows.
+    #[test]
+    fn retention_under_a_jumped_clock_is_held_to_the_rule() {
+        let t = START_DAY.plus(10).start() + 12 * HOUR;
+        for stale in [true, false] {
+            let mut w = small_world();
+            let rid = visit_at(&mut w, t);
+            let partition = w.devices[0]
+                .store
+                .partitions()
+                .next()
+                .expect("held")
+                .id()
+                .clone();
+            w.ledger.insert(
+                rid,
+                Ack {
+                    facility: 0,
+                    partition,
+                    token: [0; 16],
+                    acked_at: t,
+                },
+            );
+            let dev = &mut w.devices[0];
+            dev.clock_offset = Some(0);
+            dev.drift += 40 * DAY_SECONDS as i64;
+            dev.offset_stale = stale;
+            w.retention(t);
+            assert!(held_days(&w).is_empty());
+            assert_eq!(w.lost_to_clock_jump.contains(&rid), stale);
+            assert_eq!(
+                w.summary.violations.is_empty(),
+                stale,
+                "{:?}",
+                w.summary.violations
+            );
+        }
+        let mut w = small_world();
+        visit_at(&mut w, t);
+        w.devices[0].synced.insert(Day::of(t), 1);
+        w.devices[0].clock_offset = Some(0);
+        w.devices[0].drift -= 5 * DAY_SECONDS as i64;
+        w.devices[0].offset_stale = true;
+        let later = t + 30 * DAY_SECONDS;
+        w.retention(later);
+        assert_eq!(held_days(&w), vec![Day::of(t)], "kept by the clock behind");
+        assert!(check::retention_breaches(&w, later, HOUR, true).is_empty());
+        w.devices[0].offset_stale = false;
+        assert!(!check::retention_breaches(&w, later, HOUR, true).is_empty());
+    }
+
     /// A code shown twice is stored once: the second scan is a duplicate.
     #[test]
     fn a_code_scanned_twice_is_a_duplicate() {
