@@ -66,6 +66,14 @@ pub(crate) fn retention_breaches(
         world.running_devices(t).collect()
     };
     for (id, store) in devices {
+        // A device whose clock jumped back since the hub measured it runs its retention
+        // behind (by the rule); it catches up at its next hub session.
+        let lag = world.device_clock_lag(id, t);
+        let dh = if lag == 0 {
+            dh
+        } else {
+            horizon(t.saturating_sub(grace).saturating_sub(lag))
+        };
         let kept = |day| day == dh.minus(1) && world.device_unsynced(id, day);
         for p in store
             .partitions()
@@ -183,7 +191,7 @@ pub(crate) fn final_checks(world: &mut World, t: UnixSeconds) {
                 continue;
             };
             *by_token.entry((facility, token)).or_default() += 1;
-            if !world.ledger.contains_key(&rid) {
+            if !world.ledger.contains_key(&rid) && !world.stored_unacknowledged.contains(&rid) {
                 phantom += 1;
             }
         }
@@ -196,11 +204,18 @@ pub(crate) fn final_checks(world: &mut World, t: UnixSeconds) {
     let mut lost = Vec::new();
     let mut duplicated = 0u64;
     let mut expired = 0u64;
+    let mut checked = 0u64;
     for (rid, ack) in &world.ledger {
         if ack.partition.day < h {
             if !world.delivered.contains_key(rid) {
                 expired += 1;
             }
+            continue;
+        }
+        checked += 1;
+        if world.lost_to_clock_jump.contains(rid) && !by_record.contains_key(rid) {
+            // Dropped by a device whose clock had jumped forward (`World::retention` checked
+            // it against the rule when it happened).
             continue;
         }
         let copies = by_record.get(rid).copied().unwrap_or(0);
@@ -215,6 +230,7 @@ pub(crate) fn final_checks(world: &mut World, t: UnixSeconds) {
             duplicated += copies.max(tokens) - 1;
         }
     }
+    world.summary.visits_checked = checked;
     world.summary.lost = lost.len() as u64;
     world.summary.duplicated = duplicated;
     world.summary.phantom = phantom;

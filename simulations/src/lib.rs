@@ -8,6 +8,7 @@
 //! `world` the model, `storm` the delivery-time experiment.
 
 mod check;
+pub mod faulty;
 pub mod report;
 pub mod scenario;
 pub mod storm;

@@ -37,6 +37,21 @@ struct Args {
     /// (a failing persist or sync-state write, a quota refusing a partition).
     #[arg(long, default_value_t = 0.0, value_parser = fraction)]
     store_faults: f64,
+    /// Chance (0 to 1) that a session or a scan gets a process kill injected just before or
+    /// just after one of its commits (on either side of a session).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    crash_faults: f64,
+    /// Chance (0 to 1) that a session's link drops at a random frame.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    torn_sessions: f64,
+    /// Chance (0 to 1) per node and simulated hour that its disk is full for 10 minutes to
+    /// 6 hours.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    disk_full: f64,
+    /// Chance (0 to 1) per device and simulated hour that its clock jumps by 5 minutes to 3
+    /// days, either way, for 1 hour to 2 days.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    clock_jumps: f64,
     /// Print only the JSON summary line.
     #[arg(long)]
     json: bool,
@@ -76,7 +91,12 @@ fn real_main() -> anyhow::Result<bool> {
     };
     let mut config = Config::new(args.scenario, args.seed);
     config.scale = scale;
-    config.store_faults_per_mille = (args.store_faults * 1000.0).round() as u32;
+    let per_mille = |v: f64| (v * 1000.0).round() as u32;
+    config.store_faults_per_mille = per_mille(args.store_faults);
+    config.crash_faults_per_mille = per_mille(args.crash_faults);
+    config.torn_sessions_per_mille = per_mille(args.torn_sessions);
+    config.disk_full_per_mille = per_mille(args.disk_full);
+    config.clock_jumps_per_mille = per_mille(args.clock_jumps);
 
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(1);

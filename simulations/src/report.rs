@@ -103,6 +103,26 @@ pub struct Summary {
     pub crashes: u64,
     /// Storage faults injected into sessions (`--store-faults`).
     pub store_faults: u64,
+    /// Process kills injected at a commit (`--crash-faults`): in sessions, either side, and
+    /// in scans.
+    pub crash_faults: u64,
+    /// Sessions whose link was torn at a random frame (`--torn-sessions`).
+    pub torn_sessions: u64,
+    /// Stretches of a full disk (`--disk-full`), at devices and the hub.
+    pub disk_full_faults: u64,
+    /// Writes a full disk refused (persists, sync states, scans).
+    pub disk_full_refusals: u64,
+    /// Device clock jumps (`--clock-jumps`).
+    pub clock_jumps: u64,
+    /// Visits a device stored whose verdict was never shown (a kill right after the commit):
+    /// they may reach the hub without being acknowledged.
+    pub stored_unacknowledged: u64,
+    /// Acknowledged visits, not expired by the hub's clock, that a device's retention dropped
+    /// before they reached the hub because its clock had jumped forward since the hub last
+    /// measured it: what `shared::device::purge_plan` allows (checked in `crate::world`).
+    pub lost_to_clock_jump: u64,
+    /// Acknowledged visits the final check looked for at the hub.
+    pub visits_checked: u64,
     /// Retention breaches found (live secrets or partitions past the horizon).
     pub retention_violations: u64,
     /// Replicas of a live partition whose heads differ after the quiet period.
@@ -142,6 +162,16 @@ impl Summary {
             .saturating_add(self.failed_attempts.saturating_mul(QUIC_ATTEMPT_BYTES));
         self.all_in_bytes_per_record = self.all_in_bytes as f64 / n;
         self.all_in_vs_envelope = self.all_in_bytes_per_record / ENVELOPE_BYTES;
+    }
+
+    /// Faults injected, every kind: storage faults, crashes, torn sessions, full disks
+    /// (each refused write counts) and clock jumps.
+    pub fn faults_injected(&self) -> u64 {
+        self.store_faults
+            + self.crash_faults
+            + self.torn_sessions
+            + self.disk_full_refusals
+            + self.clock_jumps
     }
 
     /// Whether every invariant held.
@@ -199,6 +229,27 @@ impl Summary {
             self.crashes,
             self.store_faults
         );
+        if config.injects_faults() {
+            let _ = writeln!(
+                s,
+                "  faults injected: {} (crashes at a commit {}, torn sessions {}, full disks {} \
+                 refusing {} writes, clock jumps {}, storage {}); visits checked {}",
+                self.faults_injected(),
+                self.crash_faults,
+                self.torn_sessions,
+                self.disk_full_faults,
+                self.disk_full_refusals,
+                self.clock_jumps,
+                self.store_faults,
+                self.visits_checked
+            );
+            let _ = writeln!(
+                s,
+                "  stored but never acknowledged (killed before the verdict) {}; dropped by a \
+                 jumped clock's retention {}",
+                self.stored_unacknowledged, self.lost_to_clock_jump
+            );
+        }
         let _ = writeln!(
             s,
             "  wire {} bytes = {:.0} B per acknowledged visit (all sessions, both ways); \

@@ -140,6 +140,21 @@ pub struct Config {
     /// partition, the device's sync-state write failing): what the shells' driver must turn
     /// into "nothing stored, sync again", never a lost visit. In thousandths.
     pub store_faults_per_mille: u32,
+    /// The chance that a session (with the hub or a sibling) or a scan has a process kill
+    /// injected just before or just after one of its commits, on either side: the shell
+    /// loses what it had not committed and restarts from its disk. In thousandths.
+    pub crash_faults_per_mille: u32,
+    /// The chance that a session's link drops at a random frame, either side noticing first.
+    /// In thousandths.
+    pub torn_sessions_per_mille: u32,
+    /// The chance, per node (device or hub) and simulated hour, that its disk fills up for
+    /// 10 minutes to 6 hours: every write is refused (a scan cannot be stored, so it is not
+    /// acknowledged). In thousandths.
+    pub disk_full_per_mille: u32,
+    /// The chance, per device and simulated hour, that its clock jumps forwards or backwards
+    /// by 5 minutes to 3 days, for 1 hour to 2 days (then it is set right again). In
+    /// thousandths.
+    pub clock_jumps_per_mille: u32,
 }
 
 impl Config {
@@ -151,19 +166,36 @@ impl Config {
             scale: scenario.default_scale(),
             fault: Fault::None,
             store_faults_per_mille: 0,
+            crash_faults_per_mille: 0,
+            torn_sessions_per_mille: 0,
+            disk_full_per_mille: 0,
+            clock_jumps_per_mille: 0,
         }
+    }
+
+    /// Whether any fault kind beyond `--store-faults` is on (they need the simulation's own
+    /// faulty shell, `crate::faulty`).
+    pub fn injects_faults(&self) -> bool {
+        self.crash_faults_per_mille > 0
+            || self.torn_sessions_per_mille > 0
+            || self.disk_full_per_mille > 0
+            || self.clock_jumps_per_mille > 0
     }
 
     /// The command line that repeats this run.
     pub fn command(&self) -> String {
-        let faults = if self.store_faults_per_mille > 0 {
-            format!(
-                " --store-faults {}",
-                f64::from(self.store_faults_per_mille) / 1000.0
-            )
-        } else {
-            String::new()
-        };
+        let mut faults = String::new();
+        for (flag, per_mille) in [
+            ("--store-faults", self.store_faults_per_mille),
+            ("--crash-faults", self.crash_faults_per_mille),
+            ("--torn-sessions", self.torn_sessions_per_mille),
+            ("--disk-full", self.disk_full_per_mille),
+            ("--clock-jumps", self.clock_jumps_per_mille),
+        ] {
+            if per_mille > 0 {
+                faults.push_str(&format!(" {flag} {}", f64::from(per_mille) / 1000.0));
+            }
+        }
         format!(
             "cargo run --release -p simulations -- --scenario {} --seed {} --facilities {} \
              --devices {} --days {} --visits {}{faults}",
@@ -195,5 +227,15 @@ mod tests {
         let cmd = c.command();
         assert!(cmd.contains("--scenario long-offline --seed 9"));
         assert!(cmd.contains("--days 45"));
+        assert!(!cmd.contains("faults") && !c.injects_faults());
+        let mut c = c;
+        c.crash_faults_per_mille = 100;
+        c.clock_jumps_per_mille = 5;
+        let cmd = c.command();
+        assert!(
+            cmd.ends_with("--crash-faults 0.1 --clock-jumps 0.005"),
+            "{cmd}"
+        );
+        assert!(c.injects_faults());
     }
 }

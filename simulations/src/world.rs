@@ -15,6 +15,7 @@
 //! its end, possibly twice (duplication).
 
 use crate::check;
+use crate::faulty::{self, Crash, Plan, SideFaults};
 use crate::report::{Sample, Summary, percentile};
 use crate::scenario::{Config, Scenario};
 use rand::{Rng, RngCore, SeedableRng};
@@ -36,7 +37,7 @@ use shared::ticket::Sibling;
 use shared::time::{DAY_SECONDS, horizon};
 use shared::token::{self, Keyring, TestIssuer, Verdict};
 use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The first simulated day (2024-10-04).
 pub const START_DAY: Day = Day(20_000);
@@ -159,6 +160,15 @@ struct Device {
     powered_off: Option<(UnixSeconds, UnixSeconds)>,
     /// Whether the device was off at the previous tick (to lose its keys once).
     was_off: bool,
+    /// Its disk is full until then (`--disk-full`): every write is refused.
+    disk_full_until: UnixSeconds,
+    /// The clock jump in force (`--clock-jumps`), included in `drift`, and when the clock is
+    /// set right again.
+    jump: i64,
+    jump_until: UnixSeconds,
+    /// Its clock jumped since the hub last measured its offset: retention corrects it by a
+    /// stale offset until the next completed hub session.
+    offset_stale: bool,
 }
 
 impl Device {
@@ -214,6 +224,14 @@ pub struct World {
     pub(crate) summary: Summary,
     /// During the final quiet period every link is up and nothing is lost.
     quiet: bool,
+    /// The hub's disk is full until then (`--disk-full`).
+    hub_full_until: UnixSeconds,
+    /// Visits stored by a device killed before it showed the verdict: not acknowledged, so
+    /// they need not reach the hub, and are no phantom if they do.
+    pub(crate) stored_unacknowledged: BTreeSet<RecordId>,
+    /// Acknowledged visits a device's retention dropped, undelivered, while its clock had
+    /// jumped forward, as `purge_plan` allows.
+    pub(crate) lost_to_clock_jump: BTreeSet<RecordId>,
 }
 
 /// Admission as the hub decides it (`shared::hub::admit`, the code `sync-hub` runs), over the
@@ -363,6 +381,10 @@ impl World {
                     down_until: 0,
                     powered_off,
                     was_off: false,
+                    disk_full_until: 0,
+                    jump: 0,
+                    jump_until: 0,
+                    offset_stale: false,
                 });
             }
         }
@@ -393,6 +415,9 @@ impl World {
             delays: Vec::new(),
             summary,
             quiet: false,
+            hub_full_until: 0,
+            stored_unacknowledged: BTreeSet::new(),
+            lost_to_clock_jump: BTreeSet::new(),
         }
     }
 
@@ -465,6 +490,7 @@ impl World {
             if t.is_multiple_of(HOUR) {
                 check::retention_during_run(&mut self, t);
                 self.sample(t);
+                self.hourly_faults(t);
                 progress((t - t0) / HOUR, total_hours);
             }
             self.power_and_crashes(t);
@@ -593,6 +619,13 @@ impl World {
             return Ok(());
         }
         let d = on[self.rng.gen_range(0..on.len())];
+        if self.devices[d].disk_full_until > t {
+            // The record cannot be stored: the device shows a refusal, nothing is kept.
+            self.summary.disk_full_refusals += 1;
+            self.summary.refused_at_scan += 1;
+            return Ok(());
+        }
+        let crash = self.draw(self.config.crash_faults_per_mille);
         let mut token = [0u8; 16];
         self.rng.fill_bytes(&mut token);
         let issued_at = t.saturating_sub(self.rng.gen_range(0..5));
@@ -603,6 +636,20 @@ impl World {
             facility: self.facilities[f].clone(),
             day: Day::of(now),
         };
+        if crash {
+            // Killed just before the record's commit (nothing stored) or just after it
+            // (stored, the verdict never shown): either way not acknowledged.
+            self.summary.crash_faults += 1;
+            self.summary.unrecorded += 1;
+            if self.rng.gen_bool(0.5)
+                && let Some(rid) = self.scan(d, now, &text)?
+            {
+                self.stored_unacknowledged.insert(rid);
+                self.summary.stored_unacknowledged += 1;
+            }
+            self.kill_device(d, t);
+            return Ok(());
+        }
         let Some(rid) = self.scan(d, now, &text)? else {
             self.summary.refused_at_scan += 1;
             return Ok(());
@@ -773,16 +820,36 @@ impl World {
         };
         let ticket = self.devices[d].schedule.begin();
         let faults = self.storage_faults(t);
-        let result = run_pair_with(
-            t,
-            &setup,
-            &mut self.devices[d].store,
-            &mut self.hub,
-            admit_claimed,
-            faults,
-        );
-        let faulted = faults != PairFaults::default();
-        let Some(outcome) = self.account_with(&setup, t, result, faulted) else {
+        let full = (self.devices[d].disk_full_until > t, self.hub_full_until > t);
+        let plan = self.session_faults(faults, full);
+        let mut died = (false, false);
+        let result = match plan {
+            None => run_pair_with(
+                t,
+                &setup,
+                &mut self.devices[d].store,
+                &mut self.hub,
+                admit_claimed,
+                faults,
+            ),
+            Some(plan) => {
+                let r = faulty::run(
+                    t,
+                    &setup,
+                    &mut self.devices[d].store,
+                    &mut self.hub,
+                    admit_claimed,
+                    plan,
+                );
+                self.faulty_ran(r, &mut died)
+            }
+        };
+        let faulted = faults != PairFaults::default() || plan.is_some();
+        let outcome = self.account_with(&setup, t, result, faulted);
+        if died.0 {
+            self.kill_device(d, t);
+        }
+        let Some(outcome) = outcome else {
             let jitter = self.rng.gen_range(0.5..=1.0);
             self.devices[d]
                 .schedule
@@ -825,6 +892,7 @@ impl World {
                 dev.synced.insert(p.id().day, p.record_count() as u64);
             }
             dev.clock_offset = Some(dev.drift);
+            dev.offset_stale = false;
             dev.publics_until = Day::of(t).plus(PUBLIC_KEY_DAYS);
             if dev
                 .session
@@ -853,10 +921,36 @@ impl World {
         let caller = self.devices[d].endpoint.clone();
         let admit = |hello: &PeerHello| admit_sibling(&own, &roster, &[], &caller, hello);
         let mut sibling = std::mem::take(&mut self.devices[s].store);
-        let result = run_pair(t, &setup, &mut self.devices[d].store, &mut sibling, admit);
+        let full = (
+            self.devices[d].disk_full_until > t,
+            self.devices[s].disk_full_until > t,
+        );
+        let plan = self.session_faults(PairFaults::default(), full);
+        let mut died = (false, false);
+        let result = match plan {
+            None => run_pair(t, &setup, &mut self.devices[d].store, &mut sibling, admit),
+            Some(plan) => {
+                let r = faulty::run(
+                    t,
+                    &setup,
+                    &mut self.devices[d].store,
+                    &mut sibling,
+                    admit,
+                    plan,
+                );
+                self.faulty_ran(r, &mut died)
+            }
+        };
         self.devices[s].store = sibling;
         self.summary.relay_sessions += 1;
-        let Some(outcome) = self.account(&setup, t, result) else {
+        let outcome = self.account_with(&setup, t, result, plan.is_some());
+        if died.0 {
+            self.kill_device(d, t);
+        }
+        if died.1 {
+            self.kill_device(s, t);
+        }
+        let Some(outcome) = outcome else {
             return false;
         };
         if outcome.new_records(Role::Responder) > 0 {
@@ -905,13 +999,137 @@ impl World {
         faults
     }
 
-    fn account(
+    /// One draw with a chance in thousandths; no draw at all (so the stream of decisions is
+    /// the one of a run without the fault) when the chance is 0 or in the quiet period.
+    fn draw(&mut self, per_mille: u32) -> bool {
+        per_mille > 0 && !self.quiet && self.rng.gen_bool(f64::from(per_mille.min(1000)) / 1000.0)
+    }
+
+    /// The faults of the next session for the simulation's faulty shell, or `None` when no
+    /// fault kind beyond `--store-faults` is on (the session then runs on the harness as it
+    /// always did). `writes` are the storage faults drawn already, `full` whether the
+    /// initiator's and the responder's disks are full.
+    fn session_faults(&mut self, writes: PairFaults, full: (bool, bool)) -> Option<Plan> {
+        if !self.config.injects_faults() || self.quiet {
+            return None;
+        }
+        let mut plan = Plan {
+            initiator: SideFaults {
+                writes: writes.initiator,
+                crash: None,
+                disk_full: full.0,
+            },
+            responder: SideFaults {
+                writes: writes.responder,
+                crash: None,
+                disk_full: full.1,
+            },
+            tear: None,
+        };
+        if self.draw(self.config.crash_faults_per_mille) {
+            let crash = Some(Crash {
+                at_commit: self.rng.gen_range(0..4),
+                after: self.rng.gen_bool(0.5),
+            });
+            if self.rng.gen_bool(0.5) {
+                plan.initiator.crash = crash;
+            } else {
+                plan.responder.crash = crash;
+            }
+        }
+        if self.draw(self.config.torn_sessions_per_mille) {
+            let side = if self.rng.gen_bool(0.5) {
+                Role::Initiator
+            } else {
+                Role::Responder
+            };
+            plan.tear = Some((self.rng.gen_range(0..12), side));
+        }
+        Some(plan)
+    }
+
+    /// Counts what a faulty session injected; `died` gets which sides were killed.
+    fn faulty_ran(
         &mut self,
-        setup: &PairSetup,
-        t: UnixSeconds,
-        result: Result<PairOutcome, shared::sync::harness::HarnessError>,
-    ) -> Option<PairOutcome> {
-        self.account_with(setup, t, result, false)
+        run: Result<faulty::Run, shared::sync::harness::HarnessError>,
+        died: &mut (bool, bool),
+    ) -> Result<PairOutcome, shared::sync::harness::HarnessError> {
+        let run = run?;
+        *died = (run.initiator_died, run.responder_died);
+        self.summary.crash_faults += u64::from(run.initiator_died) + u64::from(run.responder_died);
+        self.summary.torn_sessions += u64::from(run.torn);
+        self.summary.disk_full_refusals += run.disk_full_refusals;
+        if let Some(e) = run.revert_error {
+            self.summary.violation(e);
+        }
+        Ok(run.outcome)
+    }
+
+    /// Device `d`'s process is killed at `t` (a fault at a commit): it reboots within
+    /// minutes from what its disk holds, as after a crash.
+    fn kill_device(&mut self, d: usize, t: UnixSeconds) {
+        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
+            .chain(self.devices.iter().map(|d| d.peer.clone()))
+            .collect();
+        self.devices[d].down_until = t + self.rng.gen_range(60..600);
+        self.devices[d].was_off = true;
+        if let Err(e) = self.restart(d, &peers) {
+            self.summary.violation(e);
+        }
+        let dev = &mut self.devices[d];
+        dev.schedule = Schedule::new(ms(dev.down_until));
+    }
+
+    /// The hourly faults: disks that fill up (devices and the hub) and device clocks that
+    /// jump, or are set right again after a jump.
+    fn hourly_faults(&mut self, t: UnixSeconds) {
+        if !self.config.injects_faults() || self.quiet {
+            return;
+        }
+        let disk = self.config.disk_full_per_mille;
+        let jumps = self.config.clock_jumps_per_mille;
+        for d in 0..self.devices.len() {
+            if self.devices[d].disk_full_until <= t && self.draw(disk) {
+                self.devices[d].disk_full_until = t + self.rng.gen_range(10 * 60..=6 * HOUR);
+                self.summary.disk_full_faults += 1;
+            }
+            let dev = &mut self.devices[d];
+            if dev.jump != 0 && dev.jump_until <= t {
+                dev.drift -= dev.jump;
+                dev.jump = 0;
+                dev.offset_stale = true;
+            }
+            if self.devices[d].jump == 0 && self.draw(jumps) {
+                let size = self.rng.gen_range(5 * 60..=3 * DAY_SECONDS) as i64;
+                let jump = if self.rng.gen_bool(0.5) { size } else { -size };
+                let until = t + self.rng.gen_range(HOUR..=2 * DAY_SECONDS);
+                let dev = &mut self.devices[d];
+                dev.jump = jump;
+                dev.drift += jump;
+                dev.jump_until = until;
+                dev.offset_stale = true;
+                self.summary.clock_jumps += 1;
+            }
+        }
+        if self.hub_full_until <= t && self.draw(disk) {
+            self.hub_full_until = t + self.rng.gen_range(10 * 60..=6 * HOUR);
+            self.summary.disk_full_faults += 1;
+        }
+    }
+
+    /// How far behind true time device `id`'s retention may legitimately run: its clock as
+    /// corrected by a stale offset (it jumped since the hub measured it), else 0.
+    pub(crate) fn device_clock_lag(&self, id: &DeviceId, t: UnixSeconds) -> u64 {
+        self.devices
+            .iter()
+            .find(|d| &d.id == id)
+            .filter(|d| d.offset_stale)
+            .map_or(0, |d| {
+                let corrected = d
+                    .clock(t)
+                    .saturating_add_signed(d.clock_offset.unwrap_or(0).saturating_neg());
+                t.saturating_sub(corrected)
+            })
     }
 
     /// As [`Self::account`]; a session with an injected storage fault may end refused (that
@@ -1017,7 +1235,33 @@ impl World {
                     facility: self.facilities[dev.facility].clone(),
                     day: *day,
                 };
-                dev.store.remove(&id);
+                if let Some(p) = dev.store.remove(&id) {
+                    // An acknowledged visit of a day the hub still keeps, not at the hub:
+                    // only a clock that jumped forward since the hub measured it may cause
+                    // that, and only past the grace day the rule keeps for a day the hub
+                    // may lack (a day counted as synced must be at the hub).
+                    let allowed =
+                        dev.offset_stale && plan.as_of > t && *day < plan.horizon.minus(1);
+                    for (rid, _) in p.records() {
+                        if *day < h
+                            || !self.ledger.contains_key(&rid)
+                            || self.delivered.contains_key(&rid)
+                        {
+                            continue;
+                        }
+                        if allowed {
+                            if self.lost_to_clock_jump.insert(rid) {
+                                self.summary.lost_to_clock_jump += 1;
+                            }
+                        } else {
+                            self.summary.violation(format!(
+                                "device {}'s retention at t={t} dropped acknowledged visit \
+                                 {rid} of live day {day} before it reached the hub",
+                                dev.id
+                            ));
+                        }
+                    }
+                }
                 dev.synced.remove(day);
             }
             if dev
@@ -1048,9 +1292,16 @@ impl World {
     /// device syncs with the hub round after round until a round moves nothing.
     fn quiet_period(&mut self, t: UnixSeconds) {
         self.quiet = true;
+        self.hub_full_until = 0;
         for dev in &mut self.devices {
             dev.powered_off = None;
             dev.down_until = 0;
+            dev.disk_full_until = 0;
+            if dev.jump != 0 {
+                dev.drift -= dev.jump;
+                dev.jump = 0;
+                dev.offset_stale = true;
+            }
         }
         self.power_and_crashes(t);
         self.retention(t);
@@ -1062,6 +1313,11 @@ impl World {
             }
             self.sample(t + round * TICK);
             if moved == 0 {
+                if self.config.injects_faults() {
+                    // Clocks set right and measured again: retention as the devices' next
+                    // timer runs it.
+                    self.retention(t + round * TICK);
+                }
                 return;
             }
         }
@@ -1171,6 +1427,134 @@ mod tests {
         w.devices[0].synced.insert(h.minus(1), 1);
         w.retention(t);
         assert!(held_days(&w).is_empty());
+    }
+
+    /// The faulty shell: the hub killed just before its first commit keeps nothing of the
+    /// session (what automerge merged in memory is gone), killed just after it keeps the
+    /// partition; a session torn after two frames completes neither side and moved nothing;
+    /// and the next clean session delivers
+    /// everything either way.
+    #[test]
+    fn a_kill_before_a_commit_loses_the_merge_and_the_next_session_delivers() {
+        let hub_crash = |after| Plan {
+            responder: SideFaults {
+                crash: Some(Crash {
+                    at_commit: 0,
+                    after,
+                }),
+                ..SideFaults::default()
+            },
+            ..Plan::default()
+        };
+        let torn = Plan {
+            tear: Some((2, Role::Responder)),
+            ..Plan::default()
+        };
+        for (plan, hub_keeps) in [
+            (hub_crash(false), false),
+            (hub_crash(true), true),
+            (torn, false),
+        ] {
+            let mut w = small_world();
+            let t = START_DAY.start() + 12 * HOUR;
+            let rid = visit_at(&mut w, t);
+            let pid = w.devices[0]
+                .store
+                .partitions()
+                .next()
+                .expect("stored")
+                .id()
+                .clone();
+            let setup = PairSetup {
+                initiator: w.devices[0].peer.clone(),
+                responder: w.hub_peer.clone(),
+                credential: None,
+                push_only: true,
+            };
+            let run = faulty::run(
+                t,
+                &setup,
+                &mut w.devices[0].store,
+                &mut w.hub,
+                admit_claimed,
+                plan,
+            )
+            .expect("runs");
+            assert!(!run.outcome.completed(), "{plan:?}");
+            assert_eq!(run.responder_died, plan.responder.crash.is_some());
+            assert_eq!(run.torn, plan.tear.is_some());
+            let held = w
+                .hub
+                .get(&pid)
+                .is_some_and(|p| p.records().iter().any(|(r, _)| *r == rid));
+            assert_eq!(held, hub_keeps, "{plan:?}");
+            // The device did not count the day as synced; a clean session delivers it.
+            let again = run_pair(
+                t + 60,
+                &setup,
+                &mut w.devices[0].store,
+                &mut w.hub,
+                admit_claimed,
+            )
+            .expect("runs");
+            assert!(again.completed(), "{plan:?}");
+            let p = w.hub.get(&pid).expect("at the hub");
+            assert!(p.records().iter().any(|(r, _)| *r == rid));
+        }
+    }
+
+    /// A clock that jumped forward since the hub measured it may make retention drop an
+    /// unsynced, unexpired visit past the grace day (the rule allows it, and it is counted);
+    /// with an offset that is up to date, the same drop is a violation. A clock that jumped
+    /// back keeps expired days until the hub measures it again, which the checker allows.
+    #[test]
+    fn retention_under_a_jumped_clock_is_held_to_the_rule() {
+        let t = START_DAY.plus(10).start() + 12 * HOUR;
+        for stale in [true, false] {
+            let mut w = small_world();
+            let rid = visit_at(&mut w, t);
+            let partition = w.devices[0]
+                .store
+                .partitions()
+                .next()
+                .expect("held")
+                .id()
+                .clone();
+            w.ledger.insert(
+                rid,
+                Ack {
+                    facility: 0,
+                    partition,
+                    token: [0; 16],
+                    acked_at: t,
+                },
+            );
+            let dev = &mut w.devices[0];
+            dev.clock_offset = Some(0);
+            dev.drift += 40 * DAY_SECONDS as i64;
+            dev.offset_stale = stale;
+            w.retention(t);
+            assert!(held_days(&w).is_empty());
+            assert_eq!(w.lost_to_clock_jump.contains(&rid), stale);
+            assert_eq!(
+                w.summary.violations.is_empty(),
+                stale,
+                "{:?}",
+                w.summary.violations
+            );
+        }
+        let mut w = small_world();
+        visit_at(&mut w, t);
+        w.devices[0].synced.insert(Day::of(t), 1);
+        w.devices[0].clock_offset = Some(0);
+        w.devices[0].drift -= 5 * DAY_SECONDS as i64;
+        w.devices[0].offset_stale = true;
+        let later = t + 30 * DAY_SECONDS;
+        w.retention(later);
+        assert_eq!(held_days(&w), vec![Day::of(t)], "kept by the clock behind");
+        assert!(check::retention_breaches(&w, later, HOUR, true).is_empty());
+        w.devices[0].offset_stale = false;
+        assert!(!check::retention_breaches(&w, later, HOUR, true).is_empty());
     }
 
     /// A code shown twice is stored once: the second scan is a duplicate.
