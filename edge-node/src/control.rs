@@ -21,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use rand_core::{OsRng, RngCore};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use shared::paper::PaperEntry;
 use shared::token::Verdict;
 use std::net::SocketAddr;
@@ -200,7 +201,7 @@ async fn status(State(s): State<ControlState>, headers: HeaderMap) -> Response {
 
 /// `/api/paper`'s body: the entry and whether the visitor is under 14 (then the entry needs
 /// the guardian's consent, as at every other entry point). No `Debug`: it holds a name.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct PaperRequest {
     /// The entry.
     #[serde(flatten)]
@@ -260,7 +261,7 @@ async fn sync_now(State(s): State<ControlState>, headers: HeaderMap) -> Response
 }
 
 /// A staff PIN to set.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct PinRequest {
     /// The new PIN (6 to 12 digits; a shorter one is refused).
     pub pin: String,
@@ -294,7 +295,7 @@ async fn set_pin(
 }
 
 /// A purge request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PurgeRequest {
     /// As if the clock read this (never earlier than now).
     pub as_of: Option<u64>,
@@ -360,7 +361,11 @@ impl Client {
         })
     }
 
-    fn finish(mut resp: ureq::http::Response<ureq::Body>) -> Result<serde_json::Value> {
+    /// The answer to `path` as `T`; a refusal is an error carrying the device's reason.
+    fn finish<T: DeserializeOwned>(
+        path: &str,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> Result<T> {
         let status = resp.status();
         let v: serde_json::Value = resp
             .body_mut()
@@ -372,33 +377,34 @@ impl Client {
                 v["error"].as_str().unwrap_or("the running device refused")
             );
         }
-        Ok(v)
+        serde_json::from_value(v)
+            .with_context(|| format!("the running device's answer to {path} is not understood"))
     }
 
-    /// GET a route.
-    pub fn get(&self, path: &str) -> Result<serde_json::Value> {
+    /// GET a route; its answer as `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self
             .agent
             .get(&format!("{}{path}", self.base))
             .header("authorization", &format!("Bearer {}", self.token))
             .call()
             .context("the running device did not answer")?;
-        Self::finish(resp)
+        Self::finish(path, resp)
     }
 
-    /// POST JSON to a route.
-    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+    /// POST JSON to a route; its answer as `T`.
+    pub fn post_json<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         let resp = self
             .agent
             .post(&format!("{}{path}", self.base))
             .header("authorization", &format!("Bearer {}", self.token))
             .send_json(body)
             .context("the running device did not answer")?;
-        Self::finish(resp)
+        Self::finish(path, resp)
     }
 
-    /// POST raw bytes (a frame) to a route.
-    pub fn post_bytes(&self, path: &str, bytes: &[u8]) -> Result<serde_json::Value> {
+    /// POST raw bytes (a frame) to a route; its answer as `T`.
+    pub fn post_bytes<T: DeserializeOwned>(&self, path: &str, bytes: &[u8]) -> Result<T> {
         let resp = self
             .agent
             .post(&format!("{}{path}", self.base))
@@ -406,7 +412,7 @@ impl Client {
             .header("content-type", "application/octet-stream")
             .send(bytes)
             .context("the running device did not answer")?;
-        Self::finish(resp)
+        Self::finish(path, resp)
     }
 }
 
@@ -452,7 +458,9 @@ mod tests {
         };
         let post = |body: serde_json::Value| {
             let data = data.clone();
-            tokio::task::spawn_blocking(move || Client::find(&data)?.post_json("/api/paper", &body))
+            tokio::task::spawn_blocking(move || {
+                Client::find(&data)?.post_json::<serde_json::Value>("/api/paper", &body)
+            })
         };
         let records = |device: &SharedDevice| {
             let dev = device.lock().unwrap_or_else(|p| p.into_inner());

@@ -2,7 +2,10 @@
 //!
 //! It is the shell around `shared` at one entrance device: camera frames ([`frame`]), the
 //! redb store ([`store`]), the check-in path ([`device`]) and the clock ([`clock`]).
+//! The command line ([`cli`]) lives here too: `main.rs` only parses arguments and calls
+//! [`cli::run`].
 
+pub mod cli;
 pub mod clock;
 pub mod control;
 pub mod daemon;

@@ -401,27 +401,76 @@ fn types_holding_personal_data_or_secrets_redact_their_debug() {
     );
 }
 
+/// The lines of shipped code in `text` that build or read untyped JSON: `serde_json::Value`
+/// (by any path), `json!`, `from_value`. (`to_value` is counted apart: printing through it
+/// sorts the keys.)
+fn untyped_json(path: &str, text: &str) -> Vec<String> {
+    shipped_code(text)
+        .into_iter()
+        .filter(|(_, l)| {
+            l.contains("json!")
+                || l.contains("from_value")
+                || l.split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .any(|w| w == "Value")
+        })
+        .map(|(n, l)| format!("{path}:{n}: {}", l.trim()))
+        .collect()
+}
+
+/// A binary's `main.rs` only parses arguments, sets up logging and calls its library's `run`:
+/// no JSON at all, and short.
+fn thin_main(main: &str, max_lines: usize) -> Vec<String> {
+    let text = fs::read_to_string(workspace().join(main)).expect("main.rs");
+    let mut found: Vec<String> = shipped_code(&text)
+        .into_iter()
+        .filter(|(_, l)| l.contains("serde_json") || l.contains("Value") || l.contains("json!"))
+        .map(|(n, l)| format!("{main}:{n}: untyped JSON: {}", l.trim()))
+        .collect();
+    let lines = text.lines().count();
+    if lines >= max_lines {
+        found.push(format!(
+            "{main}: {lines} lines; it parses arguments and calls the library's run (< {max_lines})"
+        ));
+    }
+    found
+}
+
 /// The hub's command answers are typed structs: no `serde_json::Value` crosses from the
 /// hub's library into its `main` (a renamed field must fail to compile, not print blank),
-/// and `main` only parses arguments and calls the library's `run`. (`edge-node`'s `main`
-/// still reads its running daemon's answers as `Value`: not yet held to this rule.)
+/// and `main` only parses arguments and calls the library's `run`.
 #[test]
 fn no_untyped_json_crosses_into_the_hubs_main() {
-    let main = "sync-hub/src/main.rs";
-    let text = fs::read_to_string(workspace().join(main)).expect("main.rs");
-    let found: Vec<String> = shipped_code(&text)
-        .into_iter()
-        .filter(|(_, l)| l.contains("serde_json") || l.contains("Value"))
-        .map(|(n, l)| format!("{main}:{n}: {}", l.trim()))
-        .collect();
-    assert!(
-        found.is_empty(),
-        "untyped JSON in main:\n{}",
-        found.join("\n")
-    );
-    assert!(
-        text.lines().count() < 200,
-        "{main} parses arguments and calls the library's run; it has {} lines",
-        text.lines().count()
-    );
+    let found = thin_main("sync-hub/src/main.rs", 200);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// The same for the device: `edge-node`'s `main` only parses arguments and calls
+/// `edge_node::cli::run`, and every command's answer in `cli.rs` is a typed struct printed
+/// once (the running device's answers are read into the same structs): no `Value`, no
+/// `json!`, and `to_value` only in the one printer that sorts the keys.
+#[test]
+fn edge_nodes_main_is_thin_and_its_commands_answer_typed() {
+    let mut found = thin_main("edge-node/src/main.rs", 80);
+    let cli = "edge-node/src/cli.rs";
+    let text = fs::read_to_string(workspace().join(cli)).expect("cli.rs");
+    found.extend(untyped_json(cli, &text));
+    let printers = shipped_code(&text)
+        .iter()
+        .filter(|(_, l)| l.contains("to_value"))
+        .count();
+    if printers > 1 {
+        found.push(format!(
+            "{cli}: to_value {printers} times; only Answer::json may use it"
+        ));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+#[test]
+fn the_untyped_json_detector_sees_value_and_json_macros() {
+    let src = "use serde_json::Value;\nfn a() -> Value { json!({}) }\n\
+               fn b(v: serde_json::Value) -> u8 { serde_json::from_value(v).unwrap_or(0) }\n\
+               fn c(x: u8) -> String { serde_json::to_value(x).map(|v| v.to_string()).unwrap_or_default() }\n\
+               // a Value in a comment\nstruct ValueLike;\n";
+    assert_eq!(untyped_json("edge-node/src/x.rs", src).len(), 3);
 }
