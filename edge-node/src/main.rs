@@ -28,6 +28,14 @@ struct Cli {
         default_value = "./edge-data"
     )]
     data: PathBuf,
+    /// Logs on stderr: `text`, or `json` (one JSON object per line).
+    #[arg(
+        long,
+        env = "EDGE_NODE_LOG_FORMAT",
+        global = true,
+        default_value = "text"
+    )]
+    log_format: host::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -188,13 +196,7 @@ enum PaperCommand {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGE_NODE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    host::logging::init("EDGE_NODE_LOG", cli.log_format);
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
