@@ -6,13 +6,7 @@ use clap::Parser;
 
 fn main() {
     let cli = edge_node::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGE_NODE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    host::logging::init("EDGE_NODE_LOG", cli.log_format);
     match edge_node::cli::run(cli) {
         Ok(exit) => std::process::exit(exit.code()),
         Err(e) => {

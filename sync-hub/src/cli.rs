@@ -36,6 +36,14 @@ pub struct Cli {
         default_value = "./hub-data"
     )]
     pub data: PathBuf,
+    /// Logs on stderr: `text`, or `json` (one JSON object per line).
+    #[arg(
+        long,
+        env = "SYNC_HUB_LOG_FORMAT",
+        global = true,
+        default_value = "text"
+    )]
+    pub log_format: host::logging::LogFormat,
     /// The command.
     #[command(subcommand)]
     pub command: Command,

@@ -6,13 +6,7 @@ use clap::Parser;
 
 fn main() {
     let cli = sync_hub::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SYNC_HUB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    host::logging::init("SYNC_HUB_LOG", cli.log_format);
     if let Err(e) = sync_hub::cli::run(cli) {
         eprintln!("sync-hub: {}", one_line(&e));
         std::process::exit(1);
