@@ -89,7 +89,8 @@ pub fn remove_run_file(data: &Path) {
     let _ = std::fs::remove_file(run_file(data));
 }
 
-/// The router: the control API under `/api`, the kiosk page and its routes, `/healthz`; every
+/// The router: the control API under `/api` and `/metrics` (loopback and token), the kiosk
+/// page and its routes, `/healthz` (its detail on loopback only); every
 /// route answers only requests whose `Host` is this device's (`kiosk::own_host_only`).
 ///
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that `/api` can
@@ -103,17 +104,81 @@ pub fn router(state: ControlState) -> Router {
         .route("/api/purge", post(purge))
         .route("/api/sync", post(sync_now))
         .route("/api/pin", post(set_pin))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_FRAME_BODY))
         .layer(Extension(kiosk.clone()))
         .layer(middleware::from_fn(loopback_only))
+        .route("/healthz", get(healthz))
+        .layer(Extension(Arc::new(crate::metrics::ProbeCache::default())))
         .with_state(state)
         .merge(kiosk::router(kiosk))
-        .route("/healthz", get(|| async { "ok" }))
         // Outermost: a request that names another host reaches nothing (DNS rebinding).
         .layer(middleware::from_fn_with_state(
             kiosk::OwnNames::of_this_machine(),
             kiosk::own_host_only,
         ))
+}
+
+/// `GET /metrics`: the device's figures in Prometheus text ([`crate::metrics`]); loopback
+/// only and behind the control token, like `/api` (a scrape job sends the token from
+/// `DATA/control.token` as its bearer credential).
+async fn metrics(State(s): State<ControlState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    match crate::metrics::render(&lock(&s.device), clock::now()) {
+        Ok(text) => ([("content-type", "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// Whether a request asks for the detailed health check: `?detail=1` (or `true`), or an
+/// `Accept` naming JSON.
+fn wants_detail(req: &Request) -> bool {
+    let query = req.uri().query().unwrap_or("");
+    let asked = query
+        .split('&')
+        .any(|kv| matches!(kv, "detail=1" | "detail=true" | "detail"));
+    let json = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    asked || json
+}
+
+/// `GET /healthz`: a bare request gets `ok` (any address, as before); the detail
+/// ([`crate::metrics::health`]: a real write probe, day keys, last sync and purge) answers
+/// only on loopback, without the token (a watchdog on this machine needs no secret; it holds
+/// no name, token or id), with 503 when the device cannot store visits.
+async fn healthz(
+    State(s): State<ControlState>,
+    Extension(probe): Extension<Arc<crate::metrics::ProbeCache>>,
+    req: Request,
+) -> Response {
+    if !wants_detail(&req) {
+        return "ok".into_response();
+    }
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
+        && !is_loopback(peer.ip())
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the detailed health check answers only on this machine (loopback)",
+        );
+    }
+    let health = crate::metrics::health(&lock(&s.device), &probe, clock::now());
+    match health {
+        Ok(h) => {
+            let code = if h.status == crate::metrics::Overall::Unhealthy {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            (code, Json(h)).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 /// Whether a peer address is this machine (IPv4-mapped IPv6 included).

@@ -633,12 +633,16 @@ impl Device {
         };
         let store = &self.store;
         match scanner.scan(now, text, |hash| store.seen(hash, now))? {
-            ScanVerdict::Refuse(verdict) => Ok(CheckIn {
-                verdict,
-                record: None,
-            }),
+            ScanVerdict::Refuse(verdict) => {
+                crate::metrics::note_verdict(verdict);
+                Ok(CheckIn {
+                    verdict,
+                    record: None,
+                })
+            }
             ScanVerdict::Accept { record, seen } => {
                 let id = self.append(now, Day::of(now), &record, Some((seen.hash, seen.until)))?;
+                crate::metrics::note_verdict(Verdict::Accepted);
                 Ok(CheckIn {
                     verdict: Verdict::Accepted,
                     record: Some(id),
@@ -1136,13 +1140,18 @@ impl Device {
             .store
             .get(K_CLOCK_OFFSET)?
             .and_then(|raw| serde_json::from_slice(&raw).ok());
-        let days = self
-            .store
-            .days()?
-            .into_iter()
-            .map(|(day, total, synced)| HeldDay { day, total, synced });
+        let held = self.store.days()?;
+        let days = held
+            .iter()
+            .map(|&(day, total, synced)| HeldDay { day, total, synced });
         let plan = purge_plan(now, offset, as_of, days);
         let dropped = plan.dropped.clone();
+        let records = held.iter().filter(|h| dropped.contains(&h.0)).map(|h| h.1);
+        let last_purge = crate::metrics::LastPurge {
+            at: now,
+            records: records.sum(),
+            days: dropped.len() as u64,
+        };
         self.store.drop_days(&dropped)?;
         for d in &dropped {
             self.partitions.remove(d);
@@ -1156,7 +1165,10 @@ impl Device {
         }
         // Day keys of expired days are useless; keep the list short.
         self.day_keys.retain(|k| plan.keeps_day_key(k.day));
-        self.store.put(&[(K_DAY_KEYS, &json(&self.day_keys))])?;
+        self.store.put(&[
+            (K_DAY_KEYS, &json(&self.day_keys)),
+            (crate::metrics::K_LAST_PURGE, &json(&last_purge)),
+        ])?;
         Ok(PurgeReport {
             as_of: plan.as_of,
             horizon: plan.horizon,

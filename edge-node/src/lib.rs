@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod device;
 pub mod frame;
 pub mod kiosk;
+pub mod metrics;
 pub mod net;
 pub mod pin_guard;
 pub mod replica;

@@ -348,6 +348,7 @@ pub async fn sync_with(
             );
         }
     }
+    crate::metrics::note_session(target.is_hub, &target.id.to_string(), &report);
     report
 }
 
@@ -908,6 +909,9 @@ pub async fn serve_sibling(
     )
     .await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    let ok = matches!(out.end, End::Finished);
+    let reason = out.refusal.as_ref().map(|r| r.1.as_str());
+    crate::metrics::note_served(&remote.to_string(), ok, reason);
     match out.end {
         End::Finished => Ok(out.new_records),
         End::Failed(why) => {

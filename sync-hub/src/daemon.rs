@@ -215,6 +215,20 @@ pub struct Metrics {
     pub v1_refused: AtomicU64,
     /// Sessions aborted because the device went over a quota (`QuotaExceeded`).
     pub quota_refusals: AtomicU64,
+    /// Retention runs that failed.
+    pub retention_failures: AtomicU64,
+    /// The last retention run that succeeded, Unix seconds (0: none since the start).
+    pub last_purge_at: AtomicU64,
+    /// Records in the partitions the last successful retention run dropped.
+    pub last_purge_records: AtomicU64,
+    /// Records dropped by retention since the start.
+    pub records_purged: AtomicU64,
+    /// Whether the last retention run failed (1) or not (0).
+    pub last_purge_failed: AtomicU64,
+    /// When the actor started, Unix seconds.
+    pub started_at: AtomicU64,
+    /// How long traces took (`POST /api/trace`).
+    pub trace_seconds: crate::health::Histogram,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -860,6 +874,7 @@ pub fn start(
 ) -> Result<(HubHandle, std::thread::JoinHandle<()>), HubError> {
     let (tx, rx) = tmpsc::channel(ACTOR_QUEUE);
     let metrics = Arc::new(Metrics::default());
+    metrics.started_at.store(clock::now(), Ordering::Relaxed);
     let m = metrics.clone();
     let stopping = Arc::new(AtomicBool::new(false));
     let stop_flag = stopping.clone();
@@ -1329,10 +1344,22 @@ fn actor(
                 None => (people::purge_on_timer(&hub, &mut ledger, now), None),
             };
             match &r {
-                Ok(_) => {
+                Ok(report) => {
                     metrics.retention_runs.fetch_add(1, Ordering::Relaxed);
+                    metrics.last_purge_at.store(now, Ordering::Relaxed);
+                    metrics
+                        .last_purge_records
+                        .store(report.records, Ordering::Relaxed);
+                    metrics
+                        .records_purged
+                        .fetch_add(report.records, Ordering::Relaxed);
+                    metrics.last_purge_failed.store(0, Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!("retention: {e}"),
+                Err(e) => {
+                    tracing::warn!("retention: {e}");
+                    metrics.retention_failures.fetch_add(1, Ordering::Relaxed);
+                    metrics.last_purge_failed.store(1, Ordering::Relaxed);
+                }
             }
             if let Some(reply) = reply {
                 let _ = reply.send(r);

@@ -11,7 +11,7 @@
 //! (401) or one of the wrong role (403); the caller is handed to the handler in the request
 //! extensions. Region scoping is checked by [`crate::people::Desk`] after that. Only `GET /`
 //! (the dashboard page, which holds no data and asks for a credential) and `GET /healthz`
-//! are open.
+//! are open (`/healthz?detail=1` answers states and times only: [`crate::health::Health`]).
 //!
 //! Each request runs as one job on the hub's actor thread ([`HubHandle::query`]), so it sees
 //! the store and ledger between two sync frames, never in the middle of one.
@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -49,6 +50,8 @@ pub use crate::trace::{MAX_WINDOW_MINUTES, parse_tokens};
 struct AppState {
     hub: HubHandle,
     token: Arc<String>,
+    /// The last health write probe: when, and whether it committed.
+    probe: Arc<std::sync::Mutex<Option<(Instant, bool)>>>,
 }
 
 /// One route of the API.
@@ -79,7 +82,7 @@ const fn route(
 /// Every route of the API, the one list [`router`] is built from.
 pub const ROUTES: &[Route] = &[
     route("GET", "/", None, || get(|| async { Html(DASHBOARD_HTML) })),
-    route("GET", "/healthz", None, || get(|| async { "ok" })),
+    route("GET", "/healthz", None, || get(healthz)),
     route("GET", "/metrics", Some(Op::Metrics), || get(metrics)),
     route("GET", "/api/whoami", Some(Op::Whoami), || get(whoami)),
     route("GET", "/api/stats", Some(Op::Stats), || get(stats)),
@@ -162,6 +165,7 @@ pub fn router(hub: HubHandle, operator_token: String) -> Router {
     let app = AppState {
         hub,
         token: Arc::new(operator_token),
+        probe: Arc::default(),
     };
     let mut router = Router::new();
     for r in ROUTES {
@@ -343,7 +347,7 @@ async fn trace(
     params: Result<Query<TraceParams>, QueryRejection>,
     b: Result<Json<TraceRequest>, JsonRejection>,
 ) -> Response {
-    serve(&s, who, move |desk, who, _| {
+    serve(&s, who, move |desk, who, m| {
         let params = query(params)?;
         let csv = match params.format.as_deref() {
             None | Some("json") => false,
@@ -360,7 +364,10 @@ async fn trace(
         let q = body(b)?
             .check(desk.now, !who.local)
             .map_err(OpError::Invalid)?;
-        let report = desk.trace(who, &q)?;
+        let started = Instant::now();
+        let report = desk.trace(who, &q);
+        m.trace_seconds.observe(started.elapsed());
+        let report = report?;
         if csv {
             Ok(Reply::Csv(trace::to_csv(&report)))
         } else {
@@ -569,6 +576,95 @@ async fn dashboard(
     .await
 }
 
+/// How long a health write probe's answer is reused: `/healthz` needs no credential, so a
+/// flood of detailed checks costs one durable write per this period, not one per request.
+pub const PROBE_REUSE: Duration = Duration::from_secs(5);
+
+/// Whether a request asks for the detailed health check: `?detail=1` (or `true`), or an
+/// `Accept` naming JSON.
+fn wants_detail(req: &Request) -> bool {
+    let query = req.uri().query().unwrap_or("");
+    let asked = query
+        .split('&')
+        .any(|kv| matches!(kv, "detail=1" | "detail=true" | "detail"));
+    let json = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    asked || json
+}
+
+/// `GET /healthz`: `ok` for a bare request (as before); with `?detail=1` or
+/// `Accept: application/json`, [`crate::health::Health`] (a real write probe into
+/// `config-1`, the day keys, the last retention run and the newest device sync), 503 when
+/// unhealthy. Open like the bare check: it holds states and times only (no name, id, count
+/// or secret), which a watchdog needs without a credential; its one cost, a durable write,
+/// is made at most once per [`PROBE_REUSE`] and on the actor, behind its bounded queue.
+async fn healthz(State(s): State<AppState>, req: Request) -> Response {
+    if !wants_detail(&req) {
+        return "ok".into_response();
+    }
+    let probe = s.probe.clone();
+    let answer = s
+        .hub
+        .query(move |hub, ledger, m| {
+            let now = crate::clock::now();
+            let store_writable = {
+                let mut last = probe.lock().unwrap_or_else(|p| p.into_inner());
+                match *last {
+                    Some((at, ok)) if at.elapsed() < PROBE_REUSE => ok,
+                    _ => {
+                        let ok = hub.store().set_config("health_probe", &now).is_ok();
+                        *last = Some((Instant::now(), ok));
+                        ok
+                    }
+                }
+            };
+            let today = Day::of(now);
+            let oldest = ledger.oldest_live_day(now);
+            let last = Ledger::last_live_day(now);
+            // Days from today on whose key the hub can still derive, of those it hands out.
+            let ahead = crate::registry::DAY_KEYS_AHEAD;
+            let future = ahead.saturating_sub(oldest.0.saturating_sub(today.0));
+            let last_sync = hub
+                .store()
+                .devices()
+                .ok()
+                .and_then(|ds| ds.iter().filter_map(|d| d.last_sync).max());
+            let last_purge = Some(m.last_purge_at.load(Ordering::Relaxed)).filter(|t| *t > 0);
+            let facts = crate::health::HealthFacts {
+                store_writable,
+                future_day_keys: future,
+                last_purge,
+                last_purge_failed: m.last_purge_failed.load(Ordering::Relaxed) > 0,
+                started: m.started_at.load(Ordering::Relaxed),
+            };
+            let (status, problems) = crate::health::decide(&facts, now);
+            crate::health::Health {
+                status,
+                store_writable,
+                day_keys_ahead: future,
+                day_keys_left: last.0.saturating_sub(oldest.0) + 1,
+                last_purge,
+                last_sync,
+                problems,
+            }
+        })
+        .await;
+    match answer {
+        Err(stopped) => error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
+        Ok(h) => {
+            let code = if h.status == crate::health::Overall::Unhealthy {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            (code, Json(h)).into_response()
+        }
+    }
+}
+
 async fn metrics(State(s): State<AppState>, Extension(who): Caller) -> Response {
     serve(&s, who, |desk, _, m| {
         Ok(Reply::Text(metrics_text(desk, m)?))
@@ -655,6 +751,50 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
         head(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
     }
+    for (name, help, v) in [
+        (
+            "kipass_retention_failures_total",
+            "Retention runs that failed.",
+            &m.retention_failures,
+        ),
+        (
+            "kipass_retention_records_purged_total",
+            "Records dropped by retention since the hub started.",
+            &m.records_purged,
+        ),
+    ] {
+        head(&mut out, name, help, "counter");
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
+    head(
+        &mut out,
+        "kipass_retention_last_run_timestamp_seconds",
+        "The last retention run that succeeded, Unix seconds (absent: none since the start).",
+        "gauge",
+    );
+    let last_purge = m.last_purge_at.load(Ordering::Relaxed);
+    if last_purge > 0 {
+        let _ = writeln!(
+            out,
+            "kipass_retention_last_run_timestamp_seconds {last_purge}"
+        );
+    }
+    head(
+        &mut out,
+        "kipass_retention_last_records_purged",
+        "Records in the partitions the last successful retention run dropped.",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "kipass_retention_last_records_purged {}",
+        m.last_purge_records.load(Ordering::Relaxed)
+    );
+    m.trace_seconds.render(
+        &mut out,
+        "kipass_trace_duration_seconds",
+        "How long traces took at the hub (POST /api/trace), seconds.",
+    );
     let now = desk.now;
     let store = desk.hub.store();
     let facilities = store.facilities()?;
@@ -673,6 +813,19 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
         let _ = writeln!(out, "kipass_facilities{{status=\"{status}\"}} {n}");
     }
     let stats = desk.ledger.stats(now)?;
+    head(
+        &mut out,
+        "kipass_sync_refusals_total",
+        "Sync sessions ended by a refusal, by reason (kept in the store: survives restarts).",
+        "counter",
+    );
+    for (reason, n) in &stats.refusals_by_reason {
+        let _ = writeln!(
+            out,
+            "kipass_sync_refusals_total{{reason=\"{}\"}} {n}",
+            label(reason)
+        );
+    }
     head(
         &mut out,
         "kipass_records_held",
@@ -753,6 +906,38 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
                 "kipass_facility_last_sync_age_seconds{{facility=\"{}\"}} {}",
                 label(f),
                 now.saturating_sub(*t)
+            );
+        }
+    }
+    head(
+        &mut out,
+        "kipass_facility_last_sync_timestamp_seconds",
+        "When any device of the facility last synced, Unix seconds (absent: never).",
+        "gauge",
+    );
+    for (f, (last, _, _)) in &by_facility {
+        if let Some(t) = last {
+            let _ = writeln!(
+                out,
+                "kipass_facility_last_sync_timestamp_seconds{{facility=\"{}\"}} {t}",
+                label(f)
+            );
+        }
+    }
+    head(
+        &mut out,
+        "kipass_device_clock_offset_seconds",
+        "A device's clock minus the hub's at its last sync, by facility and device id (never \
+         names; absent: never measured).",
+        "gauge",
+    );
+    for d in devices.iter().filter(|d| !d.revoked) {
+        if let Some(o) = d.clock_offset {
+            let _ = writeln!(
+                out,
+                "kipass_device_clock_offset_seconds{{facility=\"{}\",device=\"{}\"}} {o}",
+                label(d.facility.as_str()),
+                label(d.id.as_str())
             );
         }
     }

@@ -7,7 +7,8 @@
 //! Its modules form layers, each importing only the ones below it (checked by
 //! `tests/layers.rs`), each owning its tables:
 //!
-//! 1. base: [`clock`], [`keys`], [`store`] (the database handle and the settings table);
+//! 1. base: [`clock`], [`keys`], [`store`] (the database handle and the settings table),
+//!    [`health`] (the latency histogram and the health decision);
 //! 2. registry: [`registry`] (hub settings, issuer keys, facilities, devices);
 //! 3. ledger: [`ledger`] (visits, sync states, retention);
 //! 4. people: [`auth`], [`audit`], [`gov`], [`trace`], [`people`] (the one table of who may
@@ -24,6 +25,7 @@ pub mod commands;
 pub mod control;
 pub mod daemon;
 pub mod gov;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod ledger;

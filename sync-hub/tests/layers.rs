@@ -8,7 +8,7 @@ use std::path::Path;
 
 /// The layers, lowest first; inside a layer, a module may import the ones before it.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("base", &["clock", "keys", "store"]),
+    ("base", &["clock", "keys", "store", "health"]),
     ("registry", &["registry"]),
     ("ledger", &["ledger"]),
     (

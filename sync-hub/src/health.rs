@@ -1,0 +1,193 @@
+//! What `/metrics` and `/healthz?detail=1` need that is not a row of a table: a latency
+//! histogram ([`Histogram`], Prometheus' cumulative buckets) and the health decision
+//! ([`decide`]). A base-layer module: it imports nothing of the crate, so the actor
+//! ([`crate::daemon`]) keeps its counters in it and [`crate::http`] renders them.
+
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A trace's duration buckets, seconds (upper bounds; `+Inf` is the count).
+pub const TRACE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// A fixed-bucket histogram of durations.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or under each of [`TRACE_BUCKETS`] (not cumulative; summed on render).
+    buckets: [AtomicU64; TRACE_BUCKETS.len()],
+    count: AtomicU64,
+    /// The sum, microseconds.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one observation.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = TRACE_BUCKETS.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The histogram in Prometheus text, with its `HELP` and `TYPE` lines.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (b, n) in TRACE_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// A retention run older than this makes the hub `degraded` (its timer runs hourly).
+pub const PURGE_STALE_SECONDS: u64 = 26 * 3600;
+
+/// The overall state a health check reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overall {
+    /// Everything checked is fine.
+    Ok,
+    /// Working, but something needs an operator (the `problems` say what); HTTP 200.
+    Degraded,
+    /// The hub cannot do its job; HTTP 503.
+    Unhealthy,
+}
+
+/// What the decision reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthFacts {
+    /// A write to the store committed.
+    pub store_writable: bool,
+    /// The hub's day keys are readable and reach tomorrow (its ratchet loaded).
+    pub future_day_keys: u32,
+    /// The last retention run that succeeded, Unix seconds (0: none since the start).
+    pub last_purge: Option<u64>,
+    /// The last retention run failed.
+    pub last_purge_failed: bool,
+    /// When the process started (the first retention run is due at once).
+    pub started: u64,
+}
+
+/// The health decision at `now`: unhealthy (503) when the store cannot be written, the last
+/// retention run failed (visits past 28 days may be kept: a legal duty) or no day key for
+/// tomorrow is derivable (devices would fall back to older keys); degraded when no retention
+/// run succeeded for [`PURGE_STALE_SECONDS`].
+pub fn decide(f: &HealthFacts, now: u64) -> (Overall, Vec<String>) {
+    let mut fatal = Vec::new();
+    let mut warn = Vec::new();
+    if !f.store_writable {
+        fatal.push("the store cannot be written: check the disk".to_owned());
+    }
+    if f.last_purge_failed {
+        fatal.push("the last retention run failed: see the log".to_owned());
+    }
+    if f.future_day_keys == 0 {
+        fatal.push("no day key for the coming days".to_owned());
+    }
+    let since = now.saturating_sub(f.last_purge.unwrap_or(f.started));
+    if since > PURGE_STALE_SECONDS {
+        warn.push("retention has not run for over 26 hours".to_owned());
+    }
+    let status = if !fatal.is_empty() {
+        Overall::Unhealthy
+    } else if !warn.is_empty() {
+        Overall::Degraded
+    } else {
+        Overall::Ok
+    };
+    fatal.extend(warn);
+    (status, fatal)
+}
+
+/// `/healthz?detail=1`'s answer: states and times only, no name, id, count of visits or
+/// secret, so it needs no credential (see [`crate::http`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// The overall state.
+    pub status: Overall,
+    /// A write to the store committed.
+    pub store_writable: bool,
+    /// Days of future day public keys the hub hands each device (today on).
+    pub day_keys_ahead: u32,
+    /// Day secrets the hub holds (oldest live day to tomorrow).
+    pub day_keys_left: u32,
+    /// The last retention run that succeeded.
+    pub last_purge: Option<u64>,
+    /// The newest completed sync of any device.
+    pub last_sync: Option<u64>,
+    /// What is wrong, for an operator.
+    pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> HealthFacts {
+        HealthFacts {
+            store_writable: true,
+            future_day_keys: 42,
+            last_purge: Some(1_000_000),
+            last_purge_failed: false,
+            started: 999_000,
+        }
+    }
+
+    #[test]
+    fn the_decision() {
+        let now = 1_000_100;
+        assert_eq!(decide(&facts(), now), (Overall::Ok, vec![]));
+        for f in [
+            HealthFacts {
+                store_writable: false,
+                ..facts()
+            },
+            HealthFacts {
+                last_purge_failed: true,
+                ..facts()
+            },
+            HealthFacts {
+                future_day_keys: 0,
+                ..facts()
+            },
+        ] {
+            let (s, p) = decide(&f, now);
+            assert_eq!(s, Overall::Unhealthy, "{f:?}");
+            assert_eq!(p.len(), 1);
+        }
+        let stale = decide(&facts(), 1_000_000 + PURGE_STALE_SECONDS + 1);
+        assert_eq!(stale.0, Overall::Degraded);
+        // Just started, no run yet: fine.
+        let new = HealthFacts {
+            last_purge: None,
+            ..facts()
+        };
+        assert_eq!(decide(&new, 999_010).0, Overall::Ok);
+    }
+
+    #[test]
+    fn buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(300));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.5\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+        assert!(out.contains("x_sum 60.303\n"), "{out}");
+    }
+}
