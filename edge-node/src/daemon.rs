@@ -49,6 +49,7 @@ pub async fn sync_round(
     };
     if let Some(a) = hub_addr {
         hub.addrs = vec![a];
+        hub.names.clear();
     }
     let mut reports = vec![net::sync_with(endpoint, device, &hub, clock::now).await];
     let mut seen: Vec<PublicKey> = Vec::new();

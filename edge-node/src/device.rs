@@ -1010,6 +1010,13 @@ impl Device {
         if let Some(r) = &roster_json {
             rows.push((K_ROSTER, r.as_slice()));
         }
+        let hub_addrs_row = refresh
+            .hub_addrs
+            .as_deref()
+            .and_then(crate::hub_addrs::accepted_row);
+        if let Some(h) = &hub_addrs_row {
+            rows.push((crate::hub_addrs::K_HUB_ADDRS, h.as_slice()));
+        }
         self.store.put(&rows)?;
         self.day_keys = keys;
         self.keyring = keyring;
@@ -1036,7 +1043,8 @@ impl Device {
             &self.day_keys,
             &self.keyring,
             &self.roster()?,
-        ))
+        )
+        .with_hub_addrs(&crate::hub_addrs::current(self)))
     }
 
     /// The facility's other devices, as the hub last listed them.
@@ -1321,6 +1329,7 @@ pub(crate) mod tests {
             day_keys: Vec::new(),
             keyring: Some(Keyring::new()),
             roster: Some(Vec::new()),
+            hub_addrs: None,
         };
         dev.apply_refresh(&refresh).expect("apply");
         assert_eq!(dev.keyring().len(), 1, "the trusted issuer is kept");

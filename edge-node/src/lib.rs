@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod frame;
+pub mod hub_addrs;
 pub mod kiosk;
 pub mod metrics;
 pub mod net;

@@ -2,8 +2,9 @@
 //! to sibling devices, and accepts siblings' sessions. It moves frames; the session in
 //! `shared::sync` decides everything, and [`crate::device::Device`] stores what it merged.
 //!
-//! No relays and no public discovery: peers are dialled at the socket addresses the ticket,
-//! the hub's roster or `--peer` gave, each attempt bounded by a short timeout (a dead
+//! No relays and no public discovery: peers are dialled at the addresses the ticket (or the
+//! hub's refresh since: names resolved at each dial, `crate::hub_addrs`), the hub's roster or
+//! `--peer` gave, each attempt bounded by a short timeout (a dead
 //! address would otherwise hold a QUIC connect for its 30 s idle timeout).
 
 use crate::device::Device;
@@ -172,6 +173,9 @@ pub struct Target {
     pub id: PublicKey,
     /// Addresses to try, in order.
     pub addrs: Vec<SocketAddr>,
+    /// Names to resolve at each dial, their addresses tried too (the hub's `NAME:PORT`
+    /// addresses; empty for siblings).
+    pub names: Vec<shared::hub_addr::HubAddr>,
     /// Whether it is the hub (a completed session then means the hub holds everything).
     pub is_hub: bool,
 }
@@ -269,17 +273,20 @@ pub async fn bind(device: &SharedDevice, listen: SocketAddr) -> Result<Endpoint,
         .map_err(|e| bind_err(e.to_string()))
 }
 
-/// The hub as the enrollment names it.
+/// The hub as the enrollment names it, at the addresses it last advertised (the ticket's
+/// until a refresh moved them): socket addresses, and names resolved when it is dialled.
 pub fn hub_target(device: &Device) -> Result<Target, NetError> {
     let hub = &device.enrollment().hub;
     let id: PublicKey = hub
         .endpoint_id
         .parse()
         .map_err(|_| NetError::Connection("hub".into(), "the enrolled hub id is damaged".into()))?;
+    let (addrs, names) = crate::hub_addrs::split(device);
     Ok(Target {
         label: "hub".into(),
         id,
-        addrs: hub.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+        addrs,
+        names,
         is_hub: true,
     })
 }
@@ -296,6 +303,7 @@ pub fn roster_targets(device: &Device) -> Result<Vec<Target>, NetError> {
                 label: s.device_id.to_string(),
                 id,
                 addrs,
+                names: Vec::new(),
                 is_hub: false,
             })
         })
@@ -317,6 +325,7 @@ pub fn parse_peer(s: &str) -> Result<Target, String> {
         label: id.fmt_short().to_string(),
         id,
         addrs: vec![addr],
+        names: Vec::new(),
         is_hub: false,
     })
 }
@@ -359,9 +368,22 @@ async fn sync_inner(
     now: &impl Fn() -> u64,
     report: &mut SyncReport,
 ) -> Result<(), NetError> {
+    let addrs = crate::hub_addrs::dial_addrs(
+        device,
+        &target.addrs,
+        &target.names,
+        &crate::hub_addrs::SystemResolver,
+    )
+    .await;
+    if addrs.is_empty() {
+        return Err(NetError::Connection(
+            target.label.clone(),
+            "no address to dial: its names did not resolve and none is remembered".into(),
+        ));
+    }
     let mut addr = EndpointAddr::new(target.id);
-    for a in &target.addrs {
-        addr = addr.with_ip_addr(*a);
+    for a in addrs {
+        addr = addr.with_ip_addr(a);
     }
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(addr, ALPN))
         .await

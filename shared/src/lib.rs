@@ -10,6 +10,7 @@ pub mod device;
 pub mod envelope;
 pub mod facility;
 pub mod hub;
+pub mod hub_addr;
 pub mod ids;
 pub mod paper;
 pub mod partition;

@@ -91,7 +91,8 @@ mod hex32 {
 pub struct HubContact {
     /// The hub's iroh endpoint id (hex of its Ed25519 public key).
     pub endpoint_id: String,
-    /// Socket addresses to dial, in order of preference.
+    /// Addresses to dial: `IP:PORT` or `NAME:PORT` ([`crate::hub_addr::HubAddr`]), at most
+    /// [`crate::hub_addr::MAX_HUB_ADDRS`].
     pub addrs: Vec<String>,
     /// The region the hub serves.
     pub region: String,
@@ -172,16 +173,8 @@ impl EnrollmentTicket {
         if self.hub.endpoint_id.len() != 64 || hex::decode(&self.hub.endpoint_id).is_err() {
             return bad("the hub endpoint id is not 64 hex characters");
         }
-        if self.hub.addrs.is_empty() {
-            return bad("no hub address");
-        }
-        if self
-            .hub
-            .addrs
-            .iter()
-            .any(|a| a.parse::<std::net::SocketAddr>().is_err())
-        {
-            return bad("a hub address is not of the form IP:PORT");
+        if let Err(e) = crate::hub_addr::parse_list(&self.hub.addrs) {
+            return Err(TicketError::Invalid(e));
         }
         if self.device_name.trim().is_empty() || self.device_name.chars().count() > 60 {
             return bad("the device name must be 1 to 60 characters");
@@ -245,17 +238,26 @@ pub struct Refresh {
     /// The facility's other enrolled, non-revoked devices; absent when unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roster: Option<Vec<Sibling>>,
+    /// The hub's advertised addresses (`IP:PORT` or `NAME:PORT`), when they differ from the
+    /// ones the device's [`RefreshHave::hub_addrs`] names; absent when unchanged or when the
+    /// device did not say (an older device, which would not read them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_addrs: Option<Vec<String>>,
 }
 
 impl Refresh {
     /// Whether it carries nothing: then the hub sends no refresh at all.
     pub fn is_empty(&self) -> bool {
-        self.day_keys.is_empty() && self.keyring.is_none() && self.roster.is_none()
+        self.day_keys.is_empty()
+            && self.keyring.is_none()
+            && self.roster.is_none()
+            && self.hub_addrs.is_none()
     }
 }
 
 /// What a device already holds of the hub's refresh, sent in its hello (opaque to the sync
-/// core) so the hub sends only the rest. 32 bytes.
+/// core) so the hub sends only the rest. 32 bytes, or 40 with the digest of the hub addresses
+/// the device dials ([`REFRESH_HAVE_HUB_ADDRS_BYTES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefreshHave {
     /// The device's today, when it wrote this.
@@ -268,10 +270,15 @@ pub struct RefreshHave {
     pub keyring: [u8; 8],
     /// [`digest`] of its roster.
     pub roster: [u8; 8],
+    /// [`digest`] of the hub addresses it dials (a `Vec<String>`); absent from devices that
+    /// do not take the hub's addresses from a refresh.
+    pub hub_addrs: Option<[u8; 8]>,
 }
 
-/// The length of an encoded [`RefreshHave`].
+/// The length of an encoded [`RefreshHave`] without `hub_addrs`.
 pub const REFRESH_HAVE_BYTES: usize = 32;
+/// The length of an encoded [`RefreshHave`] with `hub_addrs`.
+pub const REFRESH_HAVE_HUB_ADDRS_BYTES: usize = 40;
 
 impl RefreshHave {
     /// Computes the summary of what a device holds at its today `from`.
@@ -292,6 +299,16 @@ impl RefreshHave {
             day_keys: digest(&current),
             keyring: digest(keyring),
             roster: digest(&roster),
+            hub_addrs: None,
+        }
+    }
+
+    /// The same, also saying which hub addresses the device dials: a hub whose advertised
+    /// addresses differ then sends them.
+    pub fn with_hub_addrs(self, addrs: &[String]) -> RefreshHave {
+        RefreshHave {
+            hub_addrs: Some(digest(addrs)),
+            ..self
         }
     }
 
@@ -303,13 +320,16 @@ impl RefreshHave {
         out.extend_from_slice(&self.day_keys);
         out.extend_from_slice(&self.keyring);
         out.extend_from_slice(&self.roster);
+        if let Some(h) = &self.hub_addrs {
+            out.extend_from_slice(h);
+        }
         out
     }
 
-    /// Parses a hello's bytes; `None` unless exactly [`REFRESH_HAVE_BYTES`] (the hub then
-    /// sends everything).
+    /// Parses a hello's bytes; `None` unless exactly [`REFRESH_HAVE_BYTES`] or
+    /// [`REFRESH_HAVE_HUB_ADDRS_BYTES`] (the hub then sends everything).
     pub fn from_bytes(b: &[u8]) -> Option<RefreshHave> {
-        if b.len() != REFRESH_HAVE_BYTES {
+        if b.len() != REFRESH_HAVE_BYTES && b.len() != REFRESH_HAVE_HUB_ADDRS_BYTES {
             return None;
         }
         let day = |i: usize| {
@@ -328,6 +348,7 @@ impl RefreshHave {
             day_keys: eight(8),
             keyring: eight(16),
             roster: eight(24),
+            hub_addrs: (b.len() == REFRESH_HAVE_HUB_ADDRS_BYTES).then(|| eight(32)),
         })
     }
 }
@@ -364,5 +385,42 @@ impl Refresh {
             ));
         }
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod hub_addrs_tests {
+    use super::*;
+
+    #[test]
+    fn refresh_have_with_and_without_hub_addrs_round_trips() {
+        let base = RefreshHave::of(crate::time::Day(20000), &[], &Keyring::default(), &[]);
+        let old = base.to_bytes();
+        assert_eq!(old.len(), REFRESH_HAVE_BYTES);
+        assert_eq!(RefreshHave::from_bytes(&old), Some(base));
+        let addrs = vec!["localhost:7447".to_owned()];
+        let new = base.with_hub_addrs(&addrs);
+        let bytes = new.to_bytes();
+        assert_eq!(bytes.len(), REFRESH_HAVE_HUB_ADDRS_BYTES);
+        let read = RefreshHave::from_bytes(&bytes).unwrap();
+        assert_eq!(read.hub_addrs, Some(digest(&addrs)));
+        assert_eq!(read, new);
+        assert_eq!(RefreshHave::from_bytes(&bytes[..36]), None);
+    }
+
+    #[test]
+    fn a_refresh_without_hub_addrs_reads_as_before() {
+        // What a hub of before this field sends.
+        let r = Refresh::from_bytes(br#"{"day_keys":[]}"#).unwrap();
+        assert!(r.hub_addrs.is_none() && r.is_empty());
+        let with = Refresh {
+            day_keys: vec![],
+            keyring: None,
+            roster: None,
+            hub_addrs: Some(vec!["127.0.0.1:1".into()]),
+        };
+        assert!(!with.is_empty());
+        let back = Refresh::from_bytes(&with.to_bytes()).unwrap();
+        assert_eq!(back.hub_addrs, with.hub_addrs);
     }
 }

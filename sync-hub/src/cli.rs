@@ -17,6 +17,7 @@ use host::secret_input::{Echo, SecretInput};
 use serde::Serialize;
 use serde_json::json;
 use shared::facility::{BusinessNumber, Registration};
+use shared::hub_addr::HubAddr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -59,9 +60,11 @@ pub enum Command {
         /// Where `run` listens for sync (UDP). Default: all interfaces, port 7447.
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// An address to put in enrollment tickets (repeatable). Default: the listen address.
+        /// An address to put in enrollment tickets (repeatable, at most 8): IP:PORT or a DNS
+        /// name with a port (hub.example.org:7447), which devices resolve at each dial.
+        /// Default: the listen address.
         #[arg(long)]
-        advertise: Vec<SocketAddr>,
+        advertise: Vec<HubAddr>,
         /// The health authority's age public key (age1...). Default: generate a key pair and
         /// write its identity to DATA/authority-identity.txt for hand-over.
         #[arg(long)]
@@ -209,6 +212,33 @@ pub enum Command {
         /// The ticket file to write (a credential: hand it over like a key).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The addresses devices dial (`init --advertise`): show or change them. Run on the
+    /// hub's machine while `sync-hub run` is stopped.
+    Advertise {
+        #[command(subcommand)]
+        command: AdvertiseCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AdvertiseCommand {
+    /// Print the advertised addresses.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the advertised addresses: new tickets carry them, and every device takes them
+    /// from its next sync's refresh. To move a hub, list the old and the new address until
+    /// the devices have synced, then only the new one.
+    Set {
+        /// IP:PORT or NAME:PORT (1 to 8).
+        #[arg(required = true)]
+        addrs: Vec<HubAddr>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -752,6 +782,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("retention enforced: {v}");
             }
         }
+        Command::Advertise { command } => advertise(&data, command)?,
         Command::Enroll {
             facility_id,
             device_name,
@@ -784,6 +815,36 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// `advertise show|set`: on the store itself (the running hub reads its settings once, at
+/// start, so a change takes effect when it starts again).
+fn advertise(data: &std::path::Path, command: AdvertiseCommand) -> Result<()> {
+    let open = || -> Result<Hub> {
+        match Hub::open(data) {
+            Ok(hub) => Ok(hub),
+            Err(e) if is_busy(&e) => anyhow::bail!(
+                "the hub's store is in use{}: stop `sync-hub run`, change the advertised addresses, start it again",
+                run_holder(data)
+            ),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let (json, set) = match command {
+        AdvertiseCommand::Show { json } => (json, None),
+        AdvertiseCommand::Set { addrs, json } => (json, Some(addrs)),
+    };
+    let mut hub = open()?;
+    if let Some(addrs) = set {
+        hub.set_advertise(addrs)?;
+    }
+    let addrs = hub.advertised();
+    if json {
+        println!("{}", json!({ "advertise": addrs }));
+    } else {
+        println!("{}", addrs.join(" "));
     }
     Ok(())
 }

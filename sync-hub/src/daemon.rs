@@ -1546,9 +1546,9 @@ fn decide(
     )
 }
 
-/// What an admitted device gets back: the day keys it lacks, and the issuers' keyring and its
-/// siblings when they differ from what its hello says it holds (`have`; without it,
-/// everything). A read error is an error, never an empty keyring or roster: a device that
+/// What an admitted device gets back: the day keys it lacks, and the issuers' keyring, its
+/// siblings and the hub's advertised addresses when they differ from what its hello says it
+/// holds (`have`; without it, everything). A read error is an error, never an empty keyring or roster: a device that
 /// applied an empty keyring would answer "unknown issuer" to every visitor until its next
 /// good sync.
 fn refresh_for(
@@ -1585,11 +1585,13 @@ fn refresh_for(
     let today = Day::of(now);
     let all = ledger.ratchet().publics(today, DAY_KEYS_AHEAD);
     let keyring = hub.keyring()?;
+    let hub_addrs = hub.advertised();
     let Some(have) = have else {
         return Ok(Refresh {
             day_keys: all,
             keyring: Some(keyring),
             roster: Some(roster),
+            hub_addrs: Some(hub_addrs),
         });
     };
     // The device's keys from today to its newest must be this hub's (a rebuilt hub has new
@@ -1608,6 +1610,12 @@ fn refresh_for(
         day_keys,
         keyring: (shared::ticket::digest(&keyring) != have.keyring).then_some(keyring),
         roster: (shared::ticket::digest(&roster) != have.roster).then_some(roster),
+        // Only to a device that says which addresses it dials (an older one would not read
+        // them), and only when they differ.
+        hub_addrs: have
+            .hub_addrs
+            .is_some_and(|h| shared::ticket::digest(&hub_addrs) != h)
+            .then_some(hub_addrs),
     })
 }
 

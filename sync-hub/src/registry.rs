@@ -11,6 +11,7 @@ use rand_core::OsRng;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shared::facility::{Facility, FacilityStatus, Registration, RegistrationError};
+use shared::hub_addr::{self, HubAddr};
 use shared::ticket::{Credential, EnrollmentTicket, HubContact, TICKET_KIND, TICKET_VERSION};
 use shared::time::{Day, UnixSeconds};
 use shared::token::{Keyring, KeyringError};
@@ -99,8 +100,10 @@ pub struct HubConfig {
     pub region: String,
     /// Where `run` listens for sync (UDP, iroh).
     pub listen: SocketAddr,
-    /// Addresses written into enrollment tickets.
-    pub advertise: Vec<SocketAddr>,
+    /// Addresses written into enrollment tickets and sent to devices in the refresh when
+    /// they change: `IP:PORT` or `NAME:PORT` (stored as strings, so a config of before names
+    /// were allowed reads as it is).
+    pub advertise: Vec<HubAddr>,
     /// The hub's iroh endpoint id (hex).
     pub endpoint_id: String,
     /// The health authority's age recipient (paper-log entries are sealed to it).
@@ -137,6 +140,30 @@ impl Hub {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The advertised addresses as tickets and refreshes carry them.
+    pub fn advertised(&self) -> Vec<String> {
+        self.config
+            .advertise
+            .iter()
+            .map(HubAddr::to_string)
+            .collect()
+    }
+
+    /// Replaces the addresses advertised to devices (`sync-hub advertise set`): new tickets
+    /// carry them, and every enrolled device gets them in its next sync's refresh. 1 to
+    /// [`hub_addr::MAX_HUB_ADDRS`], duplicates dropped; the hub keeps listening where it did
+    /// (`run --listen` moves that).
+    pub fn set_advertise(&mut self, advertise: Vec<HubAddr>) -> Result<(), HubError> {
+        let advertise = checked_advertise(advertise)?;
+        let config = HubConfig {
+            advertise,
+            ..self.config.clone()
+        };
+        self.store.set_config("hub", &config)?;
+        self.config = config;
+        Ok(())
     }
 
     /// The data folder.
@@ -252,12 +279,7 @@ impl Hub {
             issued_at: now,
             hub: HubContact {
                 endpoint_id: self.config.endpoint_id.clone(),
-                addrs: self
-                    .config
-                    .advertise
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect(),
+                addrs: self.advertised(),
                 region: self.config.region.clone(),
             },
             facility,
@@ -436,4 +458,11 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// `--advertise` as the hub stores it: 1 to [`hub_addr::MAX_HUB_ADDRS`] addresses,
+/// duplicates dropped (the first kept).
+pub(crate) fn checked_advertise(advertise: Vec<HubAddr>) -> Result<Vec<HubAddr>, HubError> {
+    let strings: Vec<String> = advertise.iter().map(HubAddr::to_string).collect();
+    hub_addr::parse_list(&strings).map_err(|e| HubError::Invalid(format!("--advertise: {e}")))
 }

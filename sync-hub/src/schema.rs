@@ -113,7 +113,7 @@ impl Hub {
         dir: &Path,
         region: &str,
         listen: Option<SocketAddr>,
-        advertise: Vec<SocketAddr>,
+        advertise: Vec<shared::hub_addr::HubAddr>,
         authority_recipient: Option<String>,
         now: UnixSeconds,
     ) -> Result<Initialised, HubError> {
@@ -123,6 +123,12 @@ impl Hub {
                 "--region must be 1 to 60 characters".into(),
             ));
         }
+        // Checked before anything is created.
+        let advertise = if advertise.is_empty() {
+            advertise
+        } else {
+            crate::registry::checked_advertise(advertise)?
+        };
         if store_path(dir).exists() || dir.join("keys").exists() {
             return Err(HubError::AlreadyInitialised(dir.display().to_string()));
         }
@@ -155,11 +161,15 @@ impl Hub {
         };
         let secret = KeyDir::new(dir).create(horizon(now))?;
         let listen = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
+        use shared::hub_addr::HubAddr;
         let advertise = if advertise.is_empty() {
             if listen.ip().is_unspecified() {
-                vec![SocketAddr::from(([127, 0, 0, 1], listen.port()))]
+                vec![HubAddr::Socket(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    listen.port(),
+                )))]
             } else {
-                vec![listen]
+                vec![HubAddr::Socket(listen)]
             }
         } else {
             advertise
