@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod facility;
 pub mod hub;
 pub mod ids;
+pub mod lan;
 pub mod paper;
 pub mod partition;
 pub mod sync;
