@@ -110,6 +110,7 @@ pub async fn run(
     listen: SocketAddr,
     peers: Vec<Target>,
     wake: Arc<Notify>,
+    lan: bool,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NetError> {
     let endpoint = net::bind(&device, listen).await?;
@@ -118,6 +119,11 @@ pub async fn run(
         endpoint.id(),
         endpoint.bound_sockets()
     );
+    // Sibling discovery on the local network (`crate::lan`), unless `--no-lan`.
+    let sync_port = (endpoint.bound_sockets().iter())
+        .find(|a| a.is_ipv4())
+        .map_or(listen.port(), |a| a.port());
+    let beacons = lan.then(|| tokio::spawn(crate::lan::run(device.clone(), listen.ip(), sync_port)));
     let trusted: Vec<PublicKey> = peers.iter().map(|p| p.id).collect();
     let accept = {
         let endpoint = endpoint.clone();
@@ -209,6 +215,7 @@ pub async fn run(
         })
     };
     shutdown.await;
+    beacons.inspect(tokio::task::JoinHandle::abort);
     sessions.abort();
     sync.abort();
     accept.abort();

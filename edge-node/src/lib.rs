@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod device;
 pub mod frame;
 pub mod kiosk;
+pub mod lan;
 pub mod net;
 pub mod pin_guard;
 pub mod replica;

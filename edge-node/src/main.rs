@@ -118,6 +118,9 @@ enum Command {
         /// A sibling device to sync with: ENDPOINT_ID@IP:PORT (repeatable).
         #[arg(long)]
         peer: Vec<String>,
+        /// Neither send nor heed sibling beacons on the local network (docs/lan.md).
+        #[arg(long)]
+        no_lan: bool,
     },
     /// The staff PIN that opens the kiosk's staff mode (the paper log).
     Pin {
@@ -376,6 +379,16 @@ fn run(cli: Cli) -> Result<i32> {
                     s.day_keys_left,
                     s.last_sync.map_or("never".to_owned(), |t| t.to_string())
                 );
+                for b in &s.siblings {
+                    println!(
+                        "sibling {} ({}): on the network {}  roster {}  last reached {}",
+                        b.device_id,
+                        b.name,
+                        b.lan_addrs.first().map_or("not seen", String::as_str),
+                        b.roster_addrs.first().map_or("-", String::as_str),
+                        b.last_reached.map_or("never".to_owned(), |t| t.to_string())
+                    );
+                }
                 for w in &s.warnings {
                     println!("warning: {w}");
                 }
@@ -461,7 +474,12 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(3)
             }
         }
-        Command::Run { listen, http, peer } => {
+        Command::Run {
+            listen,
+            http,
+            peer,
+            no_lan,
+        } => {
             let peers = peer
                 .iter()
                 .map(|p| net::parse_peer(p))
@@ -496,7 +514,7 @@ fn run(cli: Cli) -> Result<i32> {
                     app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
                 );
                 let result = tokio::select! {
-                    r = daemon::run(device, listen, peers, wake, shutdown_signal()) => r.map_err(anyhow::Error::from),
+                    r = daemon::run(device, listen, peers, wake, !no_lan, shutdown_signal()) => r.map_err(anyhow::Error::from),
                     r = server => r.map_err(anyhow::Error::from),
                 };
                 control::remove_run_file(&data);

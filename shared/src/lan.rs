@@ -18,8 +18,8 @@
 //! No IO here: the edge node's `lan` module owns the socket and the clock.
 
 use crate::ids::FacilityId;
-use crate::time::{Day, UnixSeconds};
 use crate::ticket::Sibling;
+use crate::time::{Day, UnixSeconds};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -350,7 +350,11 @@ mod tests {
         let mut f = bytes;
         f[1] = 1;
         assert_eq!(Beacon::decode(&f), Err(BeaconError::Flags(1)));
-        let zero = Beacon { tag: [9; 16], port: 0 }.encode();
+        let zero = Beacon {
+            tag: [9; 16],
+            port: 0,
+        }
+        .encode();
         assert_eq!(Beacon::decode(&zero), Err(BeaconError::Port));
         assert_eq!(Beacon::decode(&[]), Err(BeaconError::Length(0)));
     }
