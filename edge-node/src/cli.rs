@@ -132,6 +132,9 @@ pub enum Command {
         /// A sibling device to sync with: ENDPOINT_ID@IP:PORT (repeatable).
         #[arg(long)]
         peer: Vec<String>,
+        /// Neither send nor heed sibling beacons on the local network (docs/lan.md).
+        #[arg(long)]
+        no_lan: bool,
     },
     /// The staff PIN that opens the kiosk's staff mode (the paper log).
     Pin {
@@ -364,6 +367,16 @@ impl Answer for DeviceStatus {
             s.day_keys_left,
             s.last_sync.map_or("never".to_owned(), |t| t.to_string())
         );
+        for b in &s.siblings {
+            out.push_str(&format!(
+                "\nsibling {} ({}): on the network {}  roster {}  last reached {}",
+                b.device_id,
+                b.name,
+                b.lan_addrs.first().map_or("not seen", String::as_str),
+                b.roster_addrs.first().map_or("-", String::as_str),
+                b.last_reached.map_or("never".to_owned(), |t| t.to_string())
+            ));
+        }
         for w in &s.warnings {
             out.push_str(&format!("\nwarning: {w}"));
         }
@@ -649,7 +662,12 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 Ok(Exit::NotSynced)
             }
         }
-        Command::Run { listen, http, peer } => {
+        Command::Run {
+            listen,
+            http,
+            peer,
+            no_lan,
+        } => {
             let peers = peer
                 .iter()
                 .map(|p| net::parse_peer(p))
@@ -684,7 +702,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
                 );
                 let result = tokio::select! {
-                    r = daemon::run(device, listen, peers, wake, shutdown_signal()) => r.map_err(anyhow::Error::from),
+                    r = daemon::run(device, listen, peers, wake, !no_lan, shutdown_signal()) => r.map_err(anyhow::Error::from),
                     r = server => r.map_err(anyhow::Error::from),
                 };
                 control::remove_run_file(&data);

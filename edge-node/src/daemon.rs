@@ -111,6 +111,7 @@ pub async fn run(
     listen: SocketAddr,
     peers: Vec<Target>,
     wake: Arc<Notify>,
+    lan: bool,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NetError> {
     let endpoint = net::bind(&device, listen).await?;
@@ -119,6 +120,11 @@ pub async fn run(
         endpoint.id(),
         endpoint.bound_sockets()
     );
+    // Sibling discovery on the local network (`crate::lan`), unless `--no-lan`.
+    let sync_port = (endpoint.bound_sockets().iter())
+        .find(|a| a.is_ipv4())
+        .map_or(listen.port(), |a| a.port());
+    let beacons = lan.then(|| tokio::spawn(crate::lan::run(device.clone(), listen.ip(), sync_port)));
     let trusted: Vec<PublicKey> = peers.iter().map(|p| p.id).collect();
     let gate = net::SiblingGate::new(net::SiblingLimits::from_env());
     let accept = {
@@ -221,6 +227,7 @@ pub async fn run(
         })
     };
     shutdown.await;
+    beacons.inspect(tokio::task::JoinHandle::abort);
     sessions.abort();
     sync.abort();
     accept.abort();

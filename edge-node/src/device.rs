@@ -216,6 +216,10 @@ pub struct Status {
     /// become unreadable at the hub (0 when there are none).
     #[serde(default)]
     pub fallback_days_early: u32,
+    /// The facility's other devices: where this device sees them (on the local network,
+    /// from the hub's roster) and when it last reached each (`crate::lan`).
+    #[serde(default)]
+    pub siblings: Vec<shared::lan::SiblingStatus>,
     /// Things an operator should act on.
     pub warnings: Vec<String>,
 }
@@ -1129,6 +1133,7 @@ impl Device {
             clock_offset,
             fallback_sealed,
             fallback_days_early,
+            siblings: crate::lan::status(self, now),
             warnings,
         })
     }

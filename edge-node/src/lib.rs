@@ -13,6 +13,7 @@ pub mod device;
 pub mod frame;
 pub mod hub_addrs;
 pub mod kiosk;
+pub mod lan;
 pub mod metrics;
 pub mod net;
 pub mod pin_guard;

@@ -291,14 +291,18 @@ pub fn hub_target(device: &Device) -> Result<Target, NetError> {
     })
 }
 
-/// Sibling devices from the hub's roster (those with an address).
+/// Sibling devices from the hub's roster (those with an address): at the addresses their
+/// beacons came from on the local network (`crate::lan`), newest first, then where the hub
+/// last saw them.
 pub fn roster_targets(device: &Device) -> Result<Vec<Target>, NetError> {
+    let seen = crate::lan::sightings(device);
+    let now = crate::clock::now();
     Ok(device
         .roster()?
         .into_iter()
         .filter_map(|s| {
             let id: PublicKey = s.endpoint_id.parse().ok()?;
-            let addrs: Vec<SocketAddr> = s.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let addrs = shared::lan::dial_addrs(&s, &seen, now);
             (!addrs.is_empty()).then_some(Target {
                 label: s.device_id.to_string(),
                 id,
@@ -342,7 +346,12 @@ pub async fn sync_with(
         ..SyncReport::default()
     };
     match sync_inner(endpoint, device, target, &now, &mut report).await {
-        Ok(()) => report.ok = true,
+        Ok(()) => {
+            report.ok = true;
+            if !target.is_hub {
+                crate::lan::note_reached(device, &target.id.to_string(), now());
+            }
+        }
         Err(e) => {
             report.error = Some(e.to_string());
             note_failure(

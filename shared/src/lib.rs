@@ -12,6 +12,7 @@ pub mod facility;
 pub mod hub;
 pub mod hub_addr;
 pub mod ids;
+pub mod lan;
 pub mod paper;
 pub mod partition;
 pub mod sync;
