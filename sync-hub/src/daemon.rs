@@ -1024,7 +1024,7 @@ async fn connection(
         known.store(true, Ordering::Release);
     }
     if conn.alpn() == shared::sync::ALPN_V1 {
-        refuse_v1(&conn, addr, hello_deadline, &handle.metrics).await;
+        refuse_v1(&conn, addr, hello_deadline, &handle).await;
         return Ok(());
     }
     let accepted = tokio::select! {
@@ -1187,16 +1187,16 @@ async fn connection(
 }
 
 /// A connection that negotiated sync protocol v1: no session, one v1 `Refused` frame telling
-/// the device's operator to upgrade (`shared::sync::legacy`), a warning naming the device, and
-/// close. The v1 `Hello` is read (held to [`PRE_ADMISSION_FRAME_BYTES`] and the Hello deadline)
+/// the device's operator to upgrade (`shared::sync::legacy`), a warning naming the device, a
+/// refusal noted for `sync-hub stats` (reason `Protocol`, the claimed device), and close. The v1 `Hello` is read (held to [`PRE_ADMISSION_FRAME_BYTES`] and the Hello deadline)
 /// only to name the device in the log; its claim is not checked, so it is logged as a claim.
 async fn refuse_v1(
     conn: &iroh::endpoint::Connection,
     addr: Option<SocketAddr>,
     deadline: Instant,
-    metrics: &Metrics,
+    handle: &HubHandle,
 ) {
-    metrics.v1_refused.fetch_add(1, Ordering::Relaxed);
+    handle.metrics.v1_refused.fetch_add(1, Ordering::Relaxed);
     let remote = conn.remote_id();
     let mut claim = None;
     if let Ok(Ok((mut send, mut recv))) = tokio::time::timeout_at(deadline, conn.accept_bi()).await
@@ -1221,12 +1221,35 @@ async fn refuse_v1(
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
         }
     }
-    let who = claim.map_or_else(|| "a peer".to_owned(), |p| format!("{p} (claimed)"));
+    let who = claim
+        .as_ref()
+        .map_or_else(|| "a peer".to_owned(), |p| format!("{p} (claimed)"));
     let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
     tracing::warn!(
         "{who}, endpoint {remote}{at}, speaks sync protocol v1: refused, its edge-node must be upgraded to {}",
         env!("CARGO_PKG_VERSION")
     );
+    let note = RefusalNote {
+        at: clock::now(),
+        device: claim.and_then(|p| match p {
+            Peer::Device { device, .. } => Some(device.to_string()),
+            _ => None,
+        }),
+        reason: format!("{:?}", RefuseReason::Protocol),
+        by: "local".to_owned(),
+        detail: format!(
+            "sync protocol v1 (endpoint {remote}): told to upgrade edge-node to {}",
+            env!("CARGO_PKG_VERSION")
+        ),
+    };
+    let noted = handle.request(Request::Query(Box::new(move |_, ledger, _| {
+        if let Err(e) = ledger.note_refusal(&note) {
+            tracing::warn!("cannot record a refusal for stats: {e}");
+        }
+    })));
+    if let Err(e) = noted {
+        tracing::warn!("cannot record a refusal for stats: {e}");
+    }
     conn.close(CLOSE_DONE.into(), b"sync protocol v1: upgrade edge-node");
 }
 

@@ -113,6 +113,23 @@ fn a_v1_device_is_told_to_upgrade_and_the_hub_keeps_serving_v2() -> Result<()> {
         m.text
     );
 
+    // `sync-hub stats` keeps it too, naming the device (its claim), across a restart.
+    let refused_v1 = |stats: &serde_json::Value| {
+        stats["refusals_by_reason"]["Protocol"] == 1
+            && stats["recent_refusals"][0]["device"] == "d-old"
+            && stats["recent_refusals"][0]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("sync protocol v1") && d.contains("upgrade edge-node"))
+    };
+    let mut stats = serde_json::Value::Null;
+    assert!(
+        fixture::wait_until(Duration::from_secs(5), || {
+            stats = hub.stats().unwrap_or_default();
+            refused_v1(&stats)
+        }),
+        "{stats}"
+    );
+
     // A v2 device still syncs.
     fixture::check_in_codes(&dev, 1)?;
     let out = sync_once(&dev, &[])?;
@@ -123,6 +140,8 @@ fn a_v1_device_is_told_to_upgrade_and_the_hub_keeps_serving_v2() -> Result<()> {
     );
     assert_eq!(hub.records_of(&hub.facility)?, 1);
     drop(proc);
+    let stats = hub.stats()?;
+    assert!(refused_v1(&stats), "{stats}");
     Ok(())
 }
 
