@@ -8,6 +8,8 @@
 //! `world` the model, `storm` the delivery-time experiment.
 
 mod check;
+pub mod lockstep;
+mod refresh;
 pub mod report;
 pub mod scenario;
 pub mod storm;

@@ -15,6 +15,7 @@
 //! its end, possibly twice (duplication).
 
 use crate::check;
+use crate::refresh::HubRefresh;
 use crate::report::{Sample, Summary, percentile};
 use crate::scenario::{Config, Scenario};
 use rand::{Rng, RngCore, SeedableRng};
@@ -205,7 +206,7 @@ pub struct World {
     pub(crate) facilities: Vec<FacilityId>,
     devices: Vec<Device>,
     issuer: TestIssuer,
-    keyring: Keyring,
+    pub(crate) keyring: Keyring,
     pub(crate) ledger: BTreeMap<RecordId, Ack>,
     pub(crate) delivered: BTreeMap<RecordId, UnixSeconds>,
     /// Acknowledged visits not yet at the hub, by partition day (for the backlog).
@@ -214,6 +215,8 @@ pub struct World {
     pub(crate) summary: Summary,
     /// During the final quiet period every link is up and nothing is lost.
     quiet: bool,
+    /// What the hub's welcome refreshes (for its bytes).
+    refresh: HubRefresh,
 }
 
 /// Admission as the hub decides it (`shared::hub::admit`, the code `sync-hub` runs), over the
@@ -393,6 +396,7 @@ impl World {
             delays: Vec::new(),
             summary,
             quiet: false,
+            refresh: HubRefresh::default(),
         }
     }
 
@@ -550,6 +554,15 @@ impl World {
         }
     }
 
+    /// Device `d` starts a new process (as each one-shot command of the binary does): see
+    /// [`Self::restart`].
+    pub(crate) fn new_process(&mut self, d: usize) -> Result<(), String> {
+        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
+            .chain(self.devices.iter().map(|d| d.peer.clone()))
+            .collect();
+        self.restart(d, &peers)
+    }
+
     /// A new process on the same disk: keys gone, a fresh actor, partitions and sync states
     /// reloaded from what storage holds.
     fn restart(&mut self, d: usize, peers: &[Peer]) -> Result<(), String> {
@@ -633,7 +646,12 @@ impl World {
     /// and the duplicate rule from `shared::device`, the session key of the day (the fallback
     /// key when it ran out of day keys), then the record sealed and stored with its seen entry.
     /// The stored record's id, or `None` for a refusal.
-    fn scan(&mut self, d: usize, now: UnixSeconds, text: &str) -> Result<Option<RecordId>, String> {
+    pub(crate) fn scan(
+        &mut self,
+        d: usize,
+        now: UnixSeconds,
+        text: &str,
+    ) -> Result<Option<RecordId>, String> {
         let dev = &mut self.devices[d];
         let facility = self.facilities[dev.facility].clone();
         let scanner = Scanner {
@@ -773,12 +791,28 @@ impl World {
         };
         let ticket = self.devices[d].schedule.begin();
         let faults = self.storage_faults(t);
+        let dev = &self.devices[d];
+        let refresh = self.refresh.for_session(
+            &self.ratchet,
+            dev.facility,
+            &dev.id,
+            Day::of(t),
+            dev.publics_until,
+            PUBLIC_KEY_DAYS,
+        );
+        let admit = |hello: &PeerHello| match admit_claimed(hello) {
+            Decision::Admit { facility, .. } => Decision::Admit {
+                facility,
+                refresh: refresh.clone(),
+            },
+            refused => refused,
+        };
         let result = run_pair_with(
             t,
             &setup,
             &mut self.devices[d].store,
             &mut self.hub,
-            admit_claimed,
+            admit,
             faults,
         );
         let faulted = faults != PairFaults::default();
@@ -811,6 +845,11 @@ impl World {
                 _ => None,
             })
             .collect();
+        if outcome.completed() {
+            let dev = &self.devices[d];
+            self.refresh
+                .completed(dev.facility, &dev.id, &dev.endpoint, d);
+        }
         let dev = &mut self.devices[d];
         if outcome.completed() {
             // As `Device::mark_synced_with_hub` and `apply_refresh`: the hub holds every
@@ -841,7 +880,7 @@ impl World {
 
     /// Device `d` hands its partitions to sibling `s`, which can reach the hub.
     /// Whether the sibling took them (the session completed).
-    fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) -> bool {
+    pub(crate) fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) -> bool {
         let setup = PairSetup {
             initiator: self.devices[d].peer.clone(),
             responder: self.devices[s].peer.clone(),
