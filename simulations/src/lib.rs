@@ -9,6 +9,8 @@
 
 mod check;
 pub mod faulty;
+pub mod lockstep;
+mod refresh;
 pub mod report;
 pub mod scenario;
 pub mod storm;

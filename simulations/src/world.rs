@@ -16,6 +16,7 @@
 
 use crate::check;
 use crate::faulty::{self, Crash, Plan, SideFaults};
+use crate::refresh::HubRefresh;
 use crate::report::{Sample, Summary, percentile};
 use crate::scenario::{Config, Scenario};
 use rand::{Rng, RngCore, SeedableRng};
@@ -215,7 +216,7 @@ pub struct World {
     pub(crate) facilities: Vec<FacilityId>,
     devices: Vec<Device>,
     issuer: TestIssuer,
-    keyring: Keyring,
+    pub(crate) keyring: Keyring,
     pub(crate) ledger: BTreeMap<RecordId, Ack>,
     pub(crate) delivered: BTreeMap<RecordId, UnixSeconds>,
     /// Acknowledged visits not yet at the hub, by partition day (for the backlog).
@@ -232,6 +233,8 @@ pub struct World {
     /// Acknowledged visits a device's retention dropped, undelivered, while its clock had
     /// jumped forward, as `purge_plan` allows.
     pub(crate) lost_to_clock_jump: BTreeSet<RecordId>,
+    /// What the hub's welcome refreshes (for its bytes).
+    refresh: HubRefresh,
 }
 
 /// Admission as the hub decides it (`shared::hub::admit`, the code `sync-hub` runs), over the
@@ -418,6 +421,7 @@ impl World {
             hub_full_until: 0,
             stored_unacknowledged: BTreeSet::new(),
             lost_to_clock_jump: BTreeSet::new(),
+            refresh: HubRefresh::default(),
         }
     }
 
@@ -576,6 +580,15 @@ impl World {
         }
     }
 
+    /// Device `d` starts a new process (as each one-shot command of the binary does): see
+    /// [`Self::restart`].
+    pub(crate) fn new_process(&mut self, d: usize) -> Result<(), String> {
+        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
+            .chain(self.devices.iter().map(|d| d.peer.clone()))
+            .collect();
+        self.restart(d, &peers)
+    }
+
     /// A new process on the same disk: keys gone, a fresh actor, partitions and sync states
     /// reloaded from what storage holds.
     fn restart(&mut self, d: usize, peers: &[Peer]) -> Result<(), String> {
@@ -680,7 +693,12 @@ impl World {
     /// and the duplicate rule from `shared::device`, the session key of the day (the fallback
     /// key when it ran out of day keys), then the record sealed and stored with its seen entry.
     /// The stored record's id, or `None` for a refusal.
-    fn scan(&mut self, d: usize, now: UnixSeconds, text: &str) -> Result<Option<RecordId>, String> {
+    pub(crate) fn scan(
+        &mut self,
+        d: usize,
+        now: UnixSeconds,
+        text: &str,
+    ) -> Result<Option<RecordId>, String> {
         let dev = &mut self.devices[d];
         let facility = self.facilities[dev.facility].clone();
         let scanner = Scanner {
@@ -820,6 +838,22 @@ impl World {
         };
         let ticket = self.devices[d].schedule.begin();
         let faults = self.storage_faults(t);
+        let dev = &self.devices[d];
+        let refresh = self.refresh.for_session(
+            &self.ratchet,
+            dev.facility,
+            &dev.id,
+            Day::of(t),
+            dev.publics_until,
+            PUBLIC_KEY_DAYS,
+        );
+        let admit = |hello: &PeerHello| match admit_claimed(hello) {
+            Decision::Admit { facility, .. } => Decision::Admit {
+                facility,
+                refresh: refresh.clone(),
+            },
+            refused => refused,
+        };
         let full = (self.devices[d].disk_full_until > t, self.hub_full_until > t);
         let plan = self.session_faults(faults, full);
         let mut died = (false, false);
@@ -829,7 +863,7 @@ impl World {
                 &setup,
                 &mut self.devices[d].store,
                 &mut self.hub,
-                admit_claimed,
+                admit,
                 faults,
             ),
             Some(plan) => {
@@ -838,7 +872,7 @@ impl World {
                     &setup,
                     &mut self.devices[d].store,
                     &mut self.hub,
-                    admit_claimed,
+                    admit,
                     plan,
                 );
                 self.faulty_ran(r, &mut died)
@@ -878,6 +912,11 @@ impl World {
                 _ => None,
             })
             .collect();
+        if outcome.completed() {
+            let dev = &self.devices[d];
+            self.refresh
+                .completed(dev.facility, &dev.id, &dev.endpoint, d);
+        }
         let dev = &mut self.devices[d];
         if outcome.completed() {
             // As `Device::mark_synced_with_hub` and `apply_refresh`: the hub holds every
@@ -909,7 +948,7 @@ impl World {
 
     /// Device `d` hands its partitions to sibling `s`, which can reach the hub.
     /// Whether the sibling took them (the session completed).
-    fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) -> bool {
+    pub(crate) fn relay(&mut self, d: usize, s: usize, t: UnixSeconds) -> bool {
         let setup = PairSetup {
             initiator: self.devices[d].peer.clone(),
             responder: self.devices[s].peer.clone(),
