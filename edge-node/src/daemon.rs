@@ -124,7 +124,8 @@ pub async fn run(
     let sync_port = (endpoint.bound_sockets().iter())
         .find(|a| a.is_ipv4())
         .map_or(listen.port(), |a| a.port());
-    let beacons = lan.then(|| tokio::spawn(crate::lan::run(device.clone(), listen.ip(), sync_port)));
+    let beacons =
+        lan.then(|| tokio::spawn(crate::lan::run(device.clone(), listen.ip(), sync_port)));
     let trusted: Vec<PublicKey> = peers.iter().map(|p| p.id).collect();
     let gate = net::SiblingGate::new(net::SiblingLimits::from_env());
     let accept = {

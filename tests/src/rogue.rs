@@ -226,10 +226,7 @@ async fn drive(
                 }
             }
             if session.is_finished() {
-                // Closing the connection drops what the peer has not read yet: let it read
-                // the last frames first, as edge-node does.
                 let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                 conn.close(0u32.into(), b"done");
                 return ending.context("the session finished without an ending event");
             }

@@ -147,22 +147,38 @@ fn a_sibling_is_held_to_time_bytes_and_one_session_and_honest_relay_goes_on() ->
         "the second session: {second}"
     );
 
-    // 4. A still serves an honest session of R, and relays its visits to the hub.
+    // 4. A still serves an honest session of R (the real binary, no route to the hub),
+    // and relays its visits to the hub.
     let before = hub.records_of(&hub.facility)?;
     check_in_codes(&r, 2)?;
-    // Check-ins wait as pending rows until a sync round folds them into the day's partition.
-    edge_node::device::Device::open(&r)?.fold_pending()?;
-    let mut store = rogue.store_with(Rogue::stored_copy(&r, day)?);
+    let dead_hub = format!("127.0.0.1:{}", free_udp_port()?);
+    let out = tests::fixture::run(
+        "edge-node",
+        &[
+            "--data",
+            &r.display().to_string(),
+            "sync",
+            "--once",
+            "--json",
+            "--listen",
+            "127.0.0.1:0",
+            "--hub-addr",
+            &dead_hub,
+            "--peer",
+            &format!("{a_id}@{a_listen}"),
+        ],
+    )?;
     let log = || std::fs::read_to_string(hub.tmp.path().join("a.log")).unwrap_or_default();
-    let ending = rt
-        .block_on(rogue.sync(&mut store, now()))
-        .with_context(|| format!("A's log:\n{}", log()))?;
-    assert_eq!(ending, Ending::Finished);
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        report.contains("\"records_received\"") && !out.status.success(),
+        "R had no route to the hub and handed its visits to A: {report}"
+    );
     assert!(
         wait_until(Duration::from_secs(60), || hub
             .records_of(&hub.facility)
             .is_ok_and(|n| n == before + 2)),
-        "A relayed R's two visits to the hub; A's log:\n{}",
+        "A relayed R's two visits to the hub; R's sync: {report}; A's log:\n{}",
         log()
     );
     rt.block_on(rogue.close());
