@@ -701,6 +701,15 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     listener,
                     app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
                 );
+                // Under systemd (`Type=notify`, `WatchdogSec=`): ready now, and pinged while
+                // the device's own health check passes (the store takes a write).
+                let watched = device.clone();
+                let probe = crate::metrics::ProbeCache::default();
+                host::watchdog::serve(move || {
+                    let dev = watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    crate::metrics::health(&dev, &probe, clock::now())
+                        .is_ok_and(|h| h.status != crate::metrics::Overall::Unhealthy)
+                });
                 let result = tokio::select! {
                     r = daemon::run(device, listen, peers, wake, !no_lan, shutdown_signal()) => r.map_err(anyhow::Error::from),
                     r = server => r.map_err(anyhow::Error::from),

@@ -916,6 +916,20 @@ fn run_hub(
         );
         let app = crate::http::router(handle.clone(), token);
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+        // Under systemd (`Type=notify`, `WatchdogSec=`): ready now, and pinged while the
+        // hub's health check passes on its actor within the time limit.
+        let watched = handle.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let probe = crate::http::Probe::default();
+        host::watchdog::serve(move || {
+            runtime.block_on(async {
+                let check = crate::http::check_health(&watched, &probe);
+                matches!(
+                    tokio::time::timeout(std::time::Duration::from_secs(10), check).await,
+                    Ok(Ok(h)) if h.status != crate::health::Overall::Unhealthy
+                )
+            })
+        });
         let sync = crate::daemon::serve(
             endpoint.clone(),
             handle.clone(),

@@ -51,7 +51,7 @@ struct AppState {
     hub: HubHandle,
     token: Arc<String>,
     /// The last health write probe: when, and whether it committed.
-    probe: Arc<std::sync::Mutex<Option<(Instant, bool)>>>,
+    probe: Probe,
 }
 
 /// One route of the API.
@@ -595,6 +595,61 @@ fn wants_detail(req: &Request) -> bool {
     asked || json
 }
 
+/// The last health write probe: when, and whether it committed.
+pub type Probe = Arc<std::sync::Mutex<Option<(Instant, bool)>>>;
+
+/// The hub's health check ([`crate::health::Health`]), as `/healthz?detail=1` answers it and
+/// the systemd watchdog uses it: a real write probe into `config-1` (reused for
+/// [`PROBE_REUSE`]), the day keys, the last retention run and the newest device sync, all
+/// read on the actor; an error when the actor does not answer.
+pub async fn check_health(hub: &HubHandle, probe: &Probe) -> Result<crate::health::Health, String> {
+    let probe = probe.clone();
+    hub.query(move |hub, ledger, m| {
+        let now = crate::clock::now();
+        let store_writable = {
+            let mut last = probe.lock().unwrap_or_else(|p| p.into_inner());
+            match *last {
+                Some((at, ok)) if at.elapsed() < PROBE_REUSE => ok,
+                _ => {
+                    let ok = hub.store().set_config("health_probe", &now).is_ok();
+                    *last = Some((Instant::now(), ok));
+                    ok
+                }
+            }
+        };
+        let today = Day::of(now);
+        let oldest = ledger.oldest_live_day(now);
+        let last = Ledger::last_live_day(now);
+        // Days from today on whose key the hub can still derive, of those it hands out.
+        let ahead = crate::registry::DAY_KEYS_AHEAD;
+        let future = ahead.saturating_sub(oldest.0.saturating_sub(today.0));
+        let last_sync = hub
+            .store()
+            .devices()
+            .ok()
+            .and_then(|ds| ds.iter().filter_map(|d| d.last_sync).max());
+        let last_purge = Some(m.last_purge_at.load(Ordering::Relaxed)).filter(|t| *t > 0);
+        let facts = crate::health::HealthFacts {
+            store_writable,
+            future_day_keys: future,
+            last_purge,
+            last_purge_failed: m.last_purge_failed.load(Ordering::Relaxed) > 0,
+            started: m.started_at.load(Ordering::Relaxed),
+        };
+        let (status, problems) = crate::health::decide(&facts, now);
+        crate::health::Health {
+            status,
+            store_writable,
+            day_keys_ahead: future,
+            day_keys_left: last.0.saturating_sub(oldest.0) + 1,
+            last_purge,
+            last_sync,
+            problems,
+        }
+    })
+    .await
+}
+
 /// `GET /healthz`: `ok` for a bare request (as before); with `?detail=1` or
 /// `Accept: application/json`, [`crate::health::Health`] (a real write probe into
 /// `config-1`, the day keys, the last retention run and the newest device sync), 503 when
@@ -605,53 +660,7 @@ async fn healthz(State(s): State<AppState>, req: Request) -> Response {
     if !wants_detail(&req) {
         return "ok".into_response();
     }
-    let probe = s.probe.clone();
-    let answer = s
-        .hub
-        .query(move |hub, ledger, m| {
-            let now = crate::clock::now();
-            let store_writable = {
-                let mut last = probe.lock().unwrap_or_else(|p| p.into_inner());
-                match *last {
-                    Some((at, ok)) if at.elapsed() < PROBE_REUSE => ok,
-                    _ => {
-                        let ok = hub.store().set_config("health_probe", &now).is_ok();
-                        *last = Some((Instant::now(), ok));
-                        ok
-                    }
-                }
-            };
-            let today = Day::of(now);
-            let oldest = ledger.oldest_live_day(now);
-            let last = Ledger::last_live_day(now);
-            // Days from today on whose key the hub can still derive, of those it hands out.
-            let ahead = crate::registry::DAY_KEYS_AHEAD;
-            let future = ahead.saturating_sub(oldest.0.saturating_sub(today.0));
-            let last_sync = hub
-                .store()
-                .devices()
-                .ok()
-                .and_then(|ds| ds.iter().filter_map(|d| d.last_sync).max());
-            let last_purge = Some(m.last_purge_at.load(Ordering::Relaxed)).filter(|t| *t > 0);
-            let facts = crate::health::HealthFacts {
-                store_writable,
-                future_day_keys: future,
-                last_purge,
-                last_purge_failed: m.last_purge_failed.load(Ordering::Relaxed) > 0,
-                started: m.started_at.load(Ordering::Relaxed),
-            };
-            let (status, problems) = crate::health::decide(&facts, now);
-            crate::health::Health {
-                status,
-                store_writable,
-                day_keys_ahead: future,
-                day_keys_left: last.0.saturating_sub(oldest.0) + 1,
-                last_purge,
-                last_sync,
-                problems,
-            }
-        })
-        .await;
+    let answer = check_health(&s.hub, &s.probe).await;
     match answer {
         Err(stopped) => error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
         Ok(h) => {

@@ -10,3 +10,4 @@ pub mod logging;
 pub mod private_files;
 pub mod secret_input;
 pub mod store_lock;
+pub mod watchdog;
