@@ -467,3 +467,90 @@ fn a_merge_is_stored_before_any_frame_and_after_a_failure_only_the_refusal_leave
     drop(r);
     assert_eq!(records(&hub), hub_before, "the merge was discarded");
 }
+
+/// Finding F4 of the second sync v2 review: changes a peer left held back (their dependency
+/// never sent) stayed in the responder's memory after the session, until the partition was
+/// next synced: a peer could park up to `MAX_HELD_BACK_BYTES` in each of many partitions.
+/// The driver now drops them when the session ends, however it ends.
+#[test]
+fn changes_held_back_do_not_outlive_their_session() {
+    use automerge::ReadDoc;
+    use automerge::sync::{Message, MessageVersion};
+    use shared::sync::Session;
+    use shared::sync::driver::{self, Link};
+    for ends_by_closing in [true, false] {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (_, mut hub) = stores();
+        let empty = MemoryStore::new(b"device-a", Some(facility()));
+        // Two changes of the peer's; only the second (which depends on the first) is sent.
+        let mut peer = MemoryStore::new(b"rogue", Some(facility()));
+        add_records(&mut peer, "dev_a", 1, &mut rng);
+        add_records(&mut peer, "dev_a", 1, &mut rng);
+        let second = {
+            let p = peer.get(&today()).unwrap();
+            let head = p.heads()[0];
+            p.doc()
+                .get_change_by_hash(&head)
+                .unwrap()
+                .raw_bytes()
+                .to_vec()
+        };
+        let orphan = Frame::Sync {
+            partition: today(),
+            message: Message {
+                heads: vec![],
+                need: vec![],
+                have: vec![],
+                changes: vec![second].into(),
+                flags: None,
+                version: MessageVersion::V1,
+            }
+            .encode(),
+        };
+        let setup = setup_push(true);
+        let initiator = Session::initiator_to(
+            NOW,
+            setup.initiator.clone(),
+            Some(&setup.responder),
+            None,
+            None,
+            true,
+            &empty,
+        )
+        .unwrap();
+        let mut i = LogShell {
+            link: Link::new(initiator),
+            store: &mut MemoryStore::new(b"device-a", Some(facility())),
+            fail_persist: false,
+            log: Vec::new(),
+            outbox: Vec::new(),
+        };
+        driver::pump(&mut i, NOW);
+        let mut r = LogShell {
+            link: Link::new(Session::responder(setup.responder.clone())),
+            store: &mut hub,
+            fail_persist: false,
+            log: Vec::new(),
+            outbox: Vec::new(),
+        };
+        for f in std::mem::take(&mut i.outbox) {
+            driver::handle_frame(&mut r, NOW, f);
+        }
+        driver::handle_frame(&mut r, NOW, orphan);
+        assert!(
+            r.store.get(&today()).unwrap().holds_back_changes(),
+            "the orphan is held back while the session runs"
+        );
+        if ends_by_closing {
+            driver::handle_closed(&mut r, NOW);
+        } else {
+            driver::abort(&mut r, NOW, driver::Abort::internal("test".to_owned()));
+        }
+        assert!(r.link.end().is_some());
+        assert!(
+            !r.store.get(&today()).unwrap().holds_back_changes(),
+            "held-back changes outlived the session (closed: {ends_by_closing})"
+        );
+        assert_eq!(records(r.store).len(), 20, "nothing stored was lost");
+    }
+}

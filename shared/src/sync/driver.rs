@@ -500,10 +500,16 @@ fn fail<S: Shell>(shell: &mut S, why: Abort) {
 
 /// Records the end (once), an abort overriding the session's own end event.
 fn conclude<S: Shell>(shell: &mut S, now: UnixSeconds, end: End) {
-    let link = shell.link();
-    if link.end.is_some() {
+    if shell.link().end.is_some() {
         return;
     }
+    // Nothing a peer left held back outlives its session. Dropping it changes no heads and
+    // nothing stored.
+    let released = {
+        let (link, store) = shell.link_and_store();
+        link.session.release_held_back(store)
+    };
+    let link = shell.link();
     let end = match &link.failure {
         Some(why) => End::Aborted {
             reason: why.reason,
@@ -513,4 +519,7 @@ fn conclude<S: Shell>(shell: &mut S, now: UnixSeconds, end: End) {
     };
     link.end = Some(end.clone());
     shell.ended(now, &end);
+    // Should the store fail here, the next session that touches the partition drops them
+    // before its first message (as before this rule): nothing is lost either way.
+    drop(released);
 }

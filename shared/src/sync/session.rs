@@ -617,6 +617,21 @@ impl Session {
         self.stats
     }
 
+    /// Forgets the changes automerge holds back (for dependencies that never arrived) in every
+    /// partition this session synced, so that none stays in memory after the session (finding
+    /// F4 of the second sync v2 review: a peer could leave up to [`MAX_HELD_BACK_BYTES`] in
+    /// each of many partitions until each was next synced). `shared::sync::driver` calls it
+    /// when a session ends; a partition the store no longer holds is skipped.
+    pub fn release_held_back(&self, store: &mut impl PartitionStore) -> Result<(), StoreError> {
+        for id in self.partitions.keys() {
+            if let Some(part) = store.partition_mut(id)? {
+                part.drop_held_back_changes()
+                    .map_err(|e| StoreError::Failed(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the session is over (finished, refused or failed): flush `poll_transmit` and
     /// `poll_event`, then close the stream.
     pub fn is_finished(&self) -> bool {
