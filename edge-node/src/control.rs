@@ -132,19 +132,10 @@ async fn metrics(State(s): State<ControlState>, headers: HeaderMap) -> Response 
     }
 }
 
-/// Whether a request asks for the detailed health check: `?detail=1` (or `true`), or an
-/// `Accept` naming JSON.
+/// Whether a request asks for the detailed health check (`host::wants_health_detail`).
 fn wants_detail(req: &Request) -> bool {
-    let query = req.uri().query().unwrap_or("");
-    let asked = query
-        .split('&')
-        .any(|kv| matches!(kv, "detail=1" | "detail=true" | "detail"));
-    let json = req
-        .headers()
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"));
-    asked || json
+    let accept = req.headers().get("accept").and_then(|v| v.to_str().ok());
+    host::wants_health_detail(req.uri().query(), accept)
 }
 
 /// `GET /healthz`: a bare request gets `ok` (any address, as before); the detail

@@ -580,19 +580,10 @@ async fn dashboard(
 /// flood of detailed checks costs one durable write per this period, not one per request.
 pub const PROBE_REUSE: Duration = Duration::from_secs(5);
 
-/// Whether a request asks for the detailed health check: `?detail=1` (or `true`), or an
-/// `Accept` naming JSON.
+/// Whether a request asks for the detailed health check (`host::wants_health_detail`).
 fn wants_detail(req: &Request) -> bool {
-    let query = req.uri().query().unwrap_or("");
-    let asked = query
-        .split('&')
-        .any(|kv| matches!(kv, "detail=1" | "detail=true" | "detail"));
-    let json = req
-        .headers()
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"));
-    asked || json
+    let accept = req.headers().get("accept").and_then(|v| v.to_str().ok());
+    host::wants_health_detail(req.uri().query(), accept)
 }
 
 /// The last health write probe: when, and whether it committed.

@@ -411,6 +411,29 @@ pub fn sync_once(dev: &Path, peers: &[String]) -> Result<Output> {
     run("edge-node", &refs)
 }
 
+/// `edge-node sync --once --json` with no route to the hub (its address points at a port
+/// nobody answers) and `peer` (`ENDPOINT_ID@IP:PORT`) as the only sibling: the device hands
+/// its records to that sibling. Returns the process output (it fails: the hub was not reached).
+pub fn sync_via_sibling_only(dev: &Path, peer: &str) -> Result<Output> {
+    let dead_hub = format!("127.0.0.1:{}", free_udp_port()?);
+    run(
+        "edge-node",
+        &[
+            "--data",
+            &dev.display().to_string(),
+            "sync",
+            "--once",
+            "--json",
+            "--listen",
+            "127.0.0.1:0",
+            "--hub-addr",
+            &dead_hub,
+            "--peer",
+            peer,
+        ],
+    )
+}
+
 /// A fresh random 16-byte token.
 pub fn random_token() -> [u8; 16] {
     rand::random()

@@ -307,27 +307,9 @@ fn a_rogue_device_is_refused_for_each_attack_and_honest_visits_survive() -> Resu
         false,
     ))?;
     let a_new = check_in_codes(&a, 2)?;
-    let a_dir = a.display().to_string();
+    let a_owned = a.clone();
     let peer = format!("{}@{relay_listen}", relay.id());
-    let dead_hub = format!("127.0.0.1:{}", free_udp_port()?);
-    let a_sync = std::thread::spawn(move || {
-        fixture::run(
-            "edge-node",
-            &[
-                "--data",
-                &a_dir,
-                "sync",
-                "--once",
-                "--json",
-                "--listen",
-                "127.0.0.1:0",
-                "--hub-addr",
-                &dead_hub,
-                "--peer",
-                &peer,
-            ],
-        )
-    });
+    let a_sync = std::thread::spawn(move || fixture::sync_via_sibling_only(&a_owned, &peer));
     let mut relay_store = relay.store_with(hub_copy()?);
     let served = rt.block_on(relay.serve_one(&mut relay_store, now()));
     let a_out = a_sync

@@ -151,23 +151,7 @@ fn a_sibling_is_held_to_time_bytes_and_one_session_and_honest_relay_goes_on() ->
     // and relays its visits to the hub.
     let before = hub.records_of(&hub.facility)?;
     check_in_codes(&r, 2)?;
-    let dead_hub = format!("127.0.0.1:{}", free_udp_port()?);
-    let out = tests::fixture::run(
-        "edge-node",
-        &[
-            "--data",
-            &r.display().to_string(),
-            "sync",
-            "--once",
-            "--json",
-            "--listen",
-            "127.0.0.1:0",
-            "--hub-addr",
-            &dead_hub,
-            "--peer",
-            &format!("{a_id}@{a_listen}"),
-        ],
-    )?;
+    let out = tests::fixture::sync_via_sibling_only(&r, &format!("{a_id}@{a_listen}"))?;
     let log = || std::fs::read_to_string(hub.tmp.path().join("a.log")).unwrap_or_default();
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
