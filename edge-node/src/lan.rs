@@ -27,6 +27,8 @@ pub const K_SIBLINGS_REACHED: &str = "siblings_reached";
 /// How often the roster is read again for the matcher.
 const ROSTER_EVERY: Duration = Duration::from_secs(30);
 /// How often sightings are written when only their times moved.
+/// How often new addresses may be written at once (a beacon's interval).
+const BEACON_EVERY: Duration = Duration::from_secs(shared::lan::BEACON_EVERY_SECS);
 const PERSIST_EVERY: Duration = Duration::from_secs(60);
 /// How long to wait before opening the socket again after it failed.
 const REOPEN_AFTER: Duration = Duration::from_secs(30);
@@ -170,6 +172,7 @@ async fn serve(device: &SharedDevice, sock: &UdpSocket, sync_port: u16) -> Strin
     let mut sightings = sightings(&lock(device));
     let mut matcher: Option<(Matcher, tokio::time::Instant)> = None;
     let mut dirty = false;
+    let mut fresh = false;
     let mut persisted = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(shared::lan::BEACON_EVERY_SECS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -200,10 +203,11 @@ async fn serve(device: &SharedDevice, sock: &UdpSocket, sync_port: u16) -> Strin
                 if let Err(e) = sock.send_to(&beacon.encode(), group).await {
                     tracing::debug!("beacon not sent: {e}");
                 }
-                if dirty && persisted.elapsed() >= PERSIST_EVERY {
+                if fresh || (dirty && persisted.elapsed() >= PERSIST_EVERY) {
                     persist(device, &sightings);
                     persisted = tokio::time::Instant::now();
                     dirty = false;
+                    fresh = false;
                 }
             }
             r = sock.recv_from(&mut buf) => {
@@ -211,16 +215,28 @@ async fn serve(device: &SharedDevice, sock: &UdpSocket, sync_port: u16) -> Strin
                     Ok(x) => x,
                     Err(e) => return e.to_string(),
                 };
+                // Only a sender on the local network can be a sibling beside this device: a
+                // spoofed source elsewhere would make the device dial where a stranger chose.
+                if !local_sender(src.ip()) {
+                    continue;
+                }
                 let Ok(beacon) = Beacon::decode(&buf[..n]) else { continue };
                 let Some(endpoint) = m.matches(&beacon) else { continue };
                 let addr = SocketAddr::new(src.ip(), beacon.port);
                 let endpoint = endpoint.to_owned();
-                if sightings.observe(&endpoint, addr, now) {
+                // A new address is stored at once, but at most once per beacon interval: a
+                // replayed tag with a new port in every datagram must not turn into a store
+                // write (and a log line) per datagram.
+                let new_address = sightings.observe(&endpoint, addr, now);
+                if new_address && persisted.elapsed() >= BEACON_EVERY {
                     tracing::info!("sibling {} seen on the local network at {addr}", &endpoint[..10]);
                     persist(device, &sightings);
                     persisted = tokio::time::Instant::now();
                     dirty = false;
+                    fresh = false;
                 } else {
+                    // Written at the next beacon when new, within a minute otherwise.
+                    fresh |= new_address;
                     dirty = true;
                 }
             }
@@ -228,9 +244,35 @@ async fn serve(device: &SharedDevice, sock: &UdpSocket, sync_port: u16) -> Strin
     }
 }
 
+/// Whether a beacon's sender is on a local network: a private or link-local IPv4 address
+/// (RFC 1918, 169.254/16), or a unique-local or link-local IPv6 one; never loopback.
+fn local_sender(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.is_unique_local() || v6.is_unicast_link_local(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_local_senders_are_heard() {
+        for ip in [
+            "10.77.0.2",
+            "192.168.1.9",
+            "172.16.0.1",
+            "169.254.3.4",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            assert!(local_sender(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["8.8.8.8", "127.0.0.1", "0.0.0.0", "2001:db8::1", "::1"] {
+            assert!(!local_sender(ip.parse().expect("ip")), "{ip}");
+        }
+    }
 
     #[test]
     fn beacons_go_out_only_where_siblings_could_dial_the_device() {

@@ -929,16 +929,23 @@ pub async fn serve_sibling(
         deadline: tokio::time::Instant::now() + gate.limits.session_time,
         limits: gate.limits,
     };
-    let out = drive(
-        &mut link,
-        &mut send,
-        &mut recv,
-        &device,
-        &now,
-        false,
-        Some((bounds, serving)),
+    // The deadline bounds reads inside `drive`; this bounds the whole session, writes
+    // included (a sibling that stops granting stream credit would otherwise hold its slot).
+    let whole = bounds.deadline + Duration::from_secs(5);
+    let out = tokio::time::timeout_at(
+        whole,
+        drive(
+            &mut link,
+            &mut send,
+            &mut recv,
+            &device,
+            &now,
+            false,
+            Some((bounds, serving)),
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| NetError::Timeout("sibling".into(), gate.limits.session_time))??;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     let ok = matches!(out.end, End::Finished);
     let reason = out.refusal.as_ref().map(|r| r.1.as_str());

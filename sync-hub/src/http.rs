@@ -576,8 +576,9 @@ async fn dashboard(
     .await
 }
 
-/// How long a health write probe's answer is reused: `/healthz` needs no credential, so a
-/// flood of detailed checks costs one durable write per this period, not one per request.
+/// How long a health check's answer is reused: `/healthz` needs no credential, so a flood of
+/// detailed checks costs one job on the hub's actor (and one durable write) per this period,
+/// not one per request, and cannot crowd out sync sessions or the watchdog's own check.
 pub const PROBE_REUSE: Duration = Duration::from_secs(5);
 
 /// Whether a request asks for the detailed health check (`host::wants_health_detail`).
@@ -586,28 +587,30 @@ fn wants_detail(req: &Request) -> bool {
     host::wants_health_detail(req.uri().query(), accept)
 }
 
-/// The last health write probe: when, and whether it committed.
-pub type Probe = Arc<std::sync::Mutex<Option<(Instant, bool)>>>;
+/// The last health check: when, and its answer. Requests wait for one check at a time.
+pub type Probe = Arc<tokio::sync::Mutex<Option<(Instant, crate::health::Health)>>>;
 
 /// The hub's health check ([`crate::health::Health`]), as `/healthz?detail=1` answers it and
-/// the systemd watchdog uses it: a real write probe into `config-1` (reused for
-/// [`PROBE_REUSE`]), the day keys, the last retention run and the newest device sync, all
-/// read on the actor; an error when the actor does not answer.
+/// the systemd watchdog uses it: a real write probe into `config-1`, the day keys, the last
+/// retention run and the newest device sync, all read on the actor, at most once per
+/// [`PROBE_REUSE`] per `probe` (the answer is reused meanwhile); an error when the actor does
+/// not answer.
 pub async fn check_health(hub: &HubHandle, probe: &Probe) -> Result<crate::health::Health, String> {
-    let probe = probe.clone();
+    let mut last = probe.lock().await;
+    if let Some((at, health)) = last.as_ref()
+        && at.elapsed() < PROBE_REUSE
+    {
+        return Ok(health.clone());
+    }
+    let health = compute_health(hub).await?;
+    *last = Some((Instant::now(), health.clone()));
+    Ok(health)
+}
+
+async fn compute_health(hub: &HubHandle) -> Result<crate::health::Health, String> {
     hub.query(move |hub, ledger, m| {
         let now = crate::clock::now();
-        let store_writable = {
-            let mut last = probe.lock().unwrap_or_else(|p| p.into_inner());
-            match *last {
-                Some((at, ok)) if at.elapsed() < PROBE_REUSE => ok,
-                _ => {
-                    let ok = hub.store().set_config("health_probe", &now).is_ok();
-                    *last = Some((Instant::now(), ok));
-                    ok
-                }
-            }
-        };
+        let store_writable = hub.store().set_config("health_probe", &now).is_ok();
         let today = Day::of(now);
         let oldest = ledger.oldest_live_day(now);
         let last = Ledger::last_live_day(now);

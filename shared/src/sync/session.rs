@@ -621,13 +621,19 @@ impl Session {
     /// partition this session synced, so that none stays in memory after the session (finding
     /// F4 of the second sync v2 review: a peer could leave up to [`MAX_HELD_BACK_BYTES`] in
     /// each of many partitions until each was next synced). `shared::sync::driver` calls it
-    /// when a session ends; a partition the store no longer holds is skipped.
+    /// when a session ends; a partition the store no longer holds is skipped. Only a
+    /// partition that holds something back is dropped from memory ([`PartitionStore::discard_partition`]).
     pub fn release_held_back(&self, store: &mut impl PartitionStore) -> Result<(), StoreError> {
         for id in self.partitions.keys() {
-            if let Some(part) = store.partition_mut(id)? {
-                part.drop_held_back_changes()
-                    .map_err(|e| StoreError::Failed(e.to_string()))?;
-            }
+            let heads = match store.partition_mut(id)? {
+                Some(part) if part.holds_back_changes() => part.heads(),
+                _ => continue,
+            };
+            // Every merge of the session was stored (or its partition already discarded), so
+            // the heads are what is stored: dropping the copy in memory loses nothing, and
+            // costs nothing until the partition is next used (a hub's per-connection cache
+            // is simply gone).
+            store.discard_partition(id, &heads)?;
         }
         Ok(())
     }
