@@ -251,8 +251,21 @@ fn close(a: u64, b: u64) -> bool {
 #[test]
 fn the_simulation_shows_the_binaries_deliveries_and_wire_bytes() -> Result<()> {
     let plan = lockstep::small_plan(SEED);
-    let sim: Figures = lockstep::run(&plan, &fixture::issuer(), SEED);
-    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    // The simulation's bytes vary a little from run to run (age draws its keys from the
+    // operating system, and now and then an automerge bloom filter's false positive costs a
+    // round): its figure is the run of median frame bytes of five (deliveries never vary).
+    let mut runs: Vec<Figures> = (0..5)
+        .map(|_| lockstep::run(&plan, &fixture::issuer(), SEED))
+        .collect();
+    for r in &runs {
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+    }
+    runs.sort_by_key(Figures::frame_bytes);
+    println!(
+        "simulation frame bytes of five runs: {:?}",
+        runs.iter().map(Figures::frame_bytes).collect::<Vec<_>>()
+    );
+    let sim: Figures = runs.swap_remove(2);
     let real = run_real(&plan)?;
 
     println!("session            sim up/down (B)    real up/down (B)   real QUIC socket (B)");
