@@ -613,11 +613,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             hub_addr,
             json,
         } => {
-            let peers = peer
-                .iter()
-                .map(|p| net::parse_peer(p))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(anyhow::Error::msg)?;
+            let peers = parse_peers(&peer)?;
             let device = match Device::open(&data) {
                 Ok(d) => d,
                 Err(e) if is_busy(&e) => {
@@ -668,11 +664,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             peer,
             no_lan,
         } => {
-            let peers = peer
-                .iter()
-                .map(|p| net::parse_peer(p))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(anyhow::Error::msg)?;
+            let peers = parse_peers(&peer)?;
             let device = open_for_run(&data)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -891,4 +883,12 @@ fn scan(data: &Path, json: bool, images: &[PathBuf]) -> Result<Exit> {
     } else {
         Exit::Done
     })
+}
+
+/// The `--peer ENDPOINT_ID@IP:PORT` arguments of `sync` and `run`, each checked.
+fn parse_peers(peer: &[String]) -> Result<Vec<net::Target>> {
+    peer.iter()
+        .map(|p| net::parse_peer(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)
 }
