@@ -1,6 +1,9 @@
 // The kiosk page: camera frames to the edge node a few times a second, its verdicts shown
 // large, the status line, and the staff's paper log. Everything is served by the edge node;
 // nothing here reaches the internet. Decisions are the device's: this script only shows them.
+// Every visitor: verdicts are shown and spoken in the language chosen on screen (Korean,
+// English, Chinese; remembered by the tablet), announced once through a live region for
+// screen readers, and the page has a large-text and a high-contrast mode.
 'use strict';
 
 (() => {
@@ -12,13 +15,87 @@
   const STATUS_EVERY_MS = 5000;
   const CLOCK_DIFF_WARN_S = 120; // device and tablet clocks differing by more: warn
   const STAFF_IDLE_MS = 5 * 60 * 1000;
-  const IDLE = {
-    verdict: 'no_code',
-    kind: 'idle',
-    message_ko: 'QR 코드를 카메라에 보여 주세요',
-    message_en: 'Show your check-in QR code to the camera',
-    code: null,
+  const LANGS = ['ko', 'en', 'zh'];
+  // BCP 47 tags: for `lang` attributes, and to pick a voice.
+  const LANG_TAG = { ko: 'ko-KR', en: 'en-US', zh: 'zh-CN' };
+  const STORE = { lang: 'kiosk-lang', large: 'kiosk-large-text', contrast: 'kiosk-high-contrast' };
+  // What the visitor is told, by the message code the device answers (`message`); the
+  // device's Korean and English texts are the same (edge-node's kiosk tests check it).
+  const MESSAGES = {
+    'idle': {
+      ko: "QR 코드를 카메라에 보여 주세요",
+      en: "Show your check-in QR code to the camera",
+      zh: "请将签到二维码对准摄像头",
+    },
+    'accepted': {
+      ko: "인증되었습니다",
+      en: "Verified",
+      zh: "验证成功",
+    },
+    'duplicate': {
+      ko: "이미 체크인되었습니다",
+      en: "You are already checked in",
+      zh: "您已签到",
+    },
+    'no_code': {
+      ko: "QR 코드를 카메라 앞에 흔들리지 않게 대 주세요",
+      en: "Hold the code steady in front of the camera",
+      zh: "请将二维码稳定地放在摄像头前",
+    },
+    'malformed': {
+      ko: "체크인 코드가 아니거나 손상된 코드입니다. 앱의 체크인 QR 코드를 새로고침해 다시 대 주세요",
+      en: "This is not a check-in code, or the code is damaged. Refresh the check-in code in your app and show it again",
+      zh: "这不是签到码，或二维码已损坏。请在应用中刷新签到二维码后重新出示",
+    },
+    'malformed.not_checkin_code': {
+      ko: "체크인 코드가 아닙니다. 앱에서 QR 체크인 코드를 열어 보여 주세요",
+      en: "This is not a check-in code. Open the QR check-in code in your app and show it",
+      zh: "这不是签到码。请在应用中打开签到二维码并出示",
+    },
+    'malformed.unreadable': {
+      ko: "코드를 제대로 읽지 못했습니다. 앱에서 코드를 새로고침해 다시 대 주세요",
+      en: "The check-in code could not be read. Refresh the code in your app and show it again",
+      zh: "未能读取签到码。请在应用中刷新二维码后重新出示",
+    },
+    'malformed.bad_ttl': {
+      ko: "올바르지 않은 체크인 코드입니다. 앱에서 코드를 새로고침하거나 수기 명부를 작성해 주세요",
+      en: "This check-in code is not valid. Refresh the code in your app, or use the paper log",
+      zh: "该签到码无效。请在应用中刷新二维码，或填写纸质登记簿",
+    },
+    'unsupported_version': {
+      ko: "이 코드 형식은 이곳에서 지원하지 않습니다. 다른 앱의 QR 코드를 사용하거나 수기 명부를 작성해 주세요",
+      en: "This code format is not supported here. Use another check-in app or the paper log",
+      zh: "此处不支持该二维码格式。请使用其他签到应用或填写纸质登记簿",
+    },
+    'unknown_key': {
+      ko: "이 앱의 코드는 이곳에서 사용할 수 없습니다. 다른 앱의 QR 코드를 사용하거나 수기 명부를 작성해 주세요",
+      en: "This app's code is not accepted here. Use another check-in app or the paper log",
+      zh: "此处不接受该应用的二维码。请使用其他签到应用或填写纸质登记簿",
+    },
+    'key_not_valid': {
+      ko: "이 앱의 코드는 이곳에서 사용할 수 없습니다. 다른 앱의 QR 코드를 사용하거나 수기 명부를 작성해 주세요",
+      en: "This app's code is not accepted here. Use another check-in app or the paper log",
+      zh: "此处不接受该应用的二维码。请使用其他签到应用或填写纸质登记簿",
+    },
+    'bad_signature': {
+      ko: "유효하지 않은 코드입니다. 앱에서 코드를 새로고침해 다시 대 주세요",
+      en: "Invalid code. Refresh the code in your app and show it again",
+      zh: "二维码无效。请在应用中刷新二维码后重新出示",
+    },
+    'not_yet_valid': {
+      ko: "코드의 시간이 이 기기와 맞지 않습니다. 앱에서 코드를 새로고침해 주세요. 계속되면 직원에게 알려 주세요",
+      en: "The code's time does not match this device. Refresh the code in your app; if this repeats, tell the staff",
+      zh: "二维码的时间与本设备不一致。请在应用中刷新二维码；如果反复出现，请告知工作人员",
+    },
+    'expired': {
+      ko: "유효 시간이 지난 코드입니다. 앱에서 코드를 새로고침해 다시 대 주세요",
+      en: "This code has expired. Refresh the code in your app and show it again",
+      zh: "二维码已过期。请在应用中刷新二维码后重新出示",
+    },
   };
+  // A symbol beside the colour, for visitors who cannot tell the colours apart.
+  const ICON = { accepted: '✓', duplicate: '✓', refresh: '↻', not_checkin: '✕', unknown_issuer: '✕' };
+  const IDLE = { verdict: 'no_code', kind: 'idle', message: 'idle', code: null };
 
   const $ = (id) => document.getElementById(id);
   const video = $('preview');
@@ -36,6 +113,10 @@
     verdictsShown: 0,
     lastStatus: null,
     lastFull: -Infinity,
+    lang: 'ko',
+    // The last verdict announced to screen readers and spoken: { text, lang } (tests read it).
+    announced: null,
+    spoken: null,
   };
   window.kiosk = state;
 
@@ -53,8 +134,8 @@
 
   async function startCamera(facing) {
     state.facing = facing;
-    $('cam-back').classList.toggle('active', facing === 'environment');
-    $('cam-front').classList.toggle('active', facing === 'user');
+    $('cam-back').setAttribute('aria-pressed', String(facing === 'environment'));
+    $('cam-front').setAttribute('aria-pressed', String(facing === 'user'));
     if (state.stream) {
       state.stream.getTracks().forEach((t) => t.stop());
       state.stream = null;
@@ -159,14 +240,39 @@
 
   // ---- verdicts ----
 
+  // The verdict's text in `lang`: the page's own table, or the device's Korean and English
+  // for a message code this page does not know (a newer device).
+  function textOf(v, lang) {
+    const m = MESSAGES[v.message];
+    if (m) {
+      return m[lang];
+    }
+    return lang === 'ko' ? v.message_ko : v.message_en || v.message_ko || '';
+  }
+
   function show(v) {
     document.body.dataset.verdict = v.kind;
-    $('verdict-ko').textContent = v.message_ko;
-    $('verdict-en').textContent = v.message_en;
+    for (const l of LANGS) {
+      $('verdict-' + l).textContent = textOf(v, l);
+    }
+    $('verdict-icon').textContent = ICON[v.kind] || '';
     state.shown = { verdict: v.verdict, code: v.code, at: performance.now() };
     if (v.kind !== 'idle') {
       state.verdictsShown += 1;
+      announce(textOf(v, state.lang));
     }
+  }
+
+  // Screen readers read the live region when its text changes: emptied first, so the same
+  // verdict twice in a row is read twice.
+  function announce(text) {
+    const live = $('verdict-live');
+    live.lang = LANG_TAG[state.lang];
+    live.textContent = '';
+    setTimeout(() => {
+      live.textContent = text;
+    }, 50);
+    state.announced = { text, lang: live.lang };
   }
 
   function onVerdict(v) {
@@ -193,11 +299,17 @@
     show(v);
     if (v.verdict === 'accepted') {
       state.lastAccepted = { code: v.code, at: now };
-      announceAccepted();
+      const spoken = speak(textOf(v, state.lang));
+      if (!spoken) {
+        tone([880, 1320], 0.12);
+      }
+      document.body.dataset.feedback = spoken ? 'speech' : 'tone';
       refreshStatus();
     } else {
       tone([440, 330], 0.15);
-      document.body.dataset.feedback = 'refusal-tone';
+      // After the tone, so the two do not talk over each other.
+      const spoken = speak(textOf(v, state.lang));
+      document.body.dataset.feedback = spoken ? 'refusal-speech' : 'refusal-tone';
     }
   }
 
@@ -239,26 +351,77 @@
     }
   }
 
-  function koreanVoice() {
+  // A voice of the browser's for `lang`, if it has one (many tablets have Korean and English;
+  // headless browsers have none).
+  function voiceFor(lang) {
     if (!('speechSynthesis' in window)) {
       return null;
     }
-    return speechSynthesis.getVoices().find((v) => /^ko([-_]|$)/i.test(v.lang)) || null;
+    const prefix = new RegExp('^' + lang + '([-_]|$)', 'i');
+    const voices = speechSynthesis.getVoices() || [];
+    if (lang === 'zh') {
+      // Mandarin in mainland China first: simplified Chinese is what the page shows.
+      const cn = voices.find((v) => /^(zh|cmn)[-_](CN|Hans)/i.test(v.lang));
+      if (cn) {
+        return cn;
+      }
+    }
+    return voices.find((v) => prefix.test(v.lang)) || null;
   }
 
-  function announceAccepted() {
-    const voice = koreanVoice();
-    if (voice) {
-      const u = new SpeechSynthesisUtterance('인증되었습니다');
-      u.lang = 'ko-KR';
-      u.voice = voice;
-      speechSynthesis.cancel();
-      speechSynthesis.speak(u);
-      document.body.dataset.feedback = 'speech';
-    } else {
-      tone([880, 1320], 0.12);
-      document.body.dataset.feedback = 'tone';
+  // Speaks `text` in the visitor's language; false when the browser has no voice for it.
+  function speak(text) {
+    const voice = voiceFor(state.lang);
+    if (!voice) {
+      return false;
     }
+    const u = new SpeechSynthesisUtterance(text);
+    u.lang = LANG_TAG[state.lang];
+    try {
+      u.voice = voice;
+    } catch (e) {
+      // A voice the browser will not take: the language alone picks one.
+    }
+    speechSynthesis.cancel();
+    speechSynthesis.speak(u);
+    state.spoken = { text, lang: u.lang };
+    return true;
+  }
+
+  // ---- language and display ----
+
+  function stored(key) {
+    try {
+      return localStorage.getItem(key);
+    } catch (e) {
+      return null; // storage disabled: the choice lasts until the page reloads
+    }
+  }
+
+  function store(key, value) {
+    try {
+      localStorage.setItem(key, value);
+    } catch (e) {
+      // as above
+    }
+  }
+
+  function setLang(lang) {
+    state.lang = LANGS.includes(lang) ? lang : 'ko';
+    store(STORE.lang, state.lang);
+    document.querySelectorAll('button.lang').forEach((b) => {
+      b.setAttribute('aria-pressed', String(b.dataset.lang === state.lang));
+    });
+    for (const l of LANGS) {
+      $('verdict-' + l).classList.toggle('primary', l === state.lang);
+    }
+    document.body.dataset.lang = state.lang;
+  }
+
+  function setMode(id, key, className, on) {
+    document.documentElement.classList.toggle(className, on);
+    $(id).setAttribute('aria-pressed', String(on));
+    store(key, on ? '1' : '0');
   }
 
   // ---- status line ----
@@ -348,6 +511,13 @@
     $('paper-error').textContent = '';
   }
 
+  // Everything but the staff dialog.
+  function setBackgroundInert(on) {
+    document.querySelectorAll('#status-bar, #settings, main, footer').forEach((e) => {
+      e.inert = on;
+    });
+  }
+
   function openStaff() {
     state.paused = true;
     $('pin').value = '';
@@ -357,6 +527,8 @@
         : '';
     staffView('pin');
     $('staff').hidden = false;
+    // Keyboard and screen reader stay in the dialog while it is open; Escape leaves it.
+    setBackgroundInert(true);
     $('pin').focus();
     staffActivity();
   }
@@ -365,7 +537,12 @@
     clearTimeout(staffTimer);
     clearPaper();
     $('pin').value = '';
+    const wasOpen = !$('staff').hidden;
     $('staff').hidden = true;
+    setBackgroundInert(false);
+    if (wasOpen) {
+      $('staff-open').focus();
+    }
     state.paused = false;
     fetch('/kiosk/staff/logout', { method: 'POST' }).catch(() => {});
   }
@@ -446,6 +623,24 @@
   function init() {
     $('cam-back').addEventListener('click', () => startCamera('environment'));
     $('cam-front').addEventListener('click', () => startCamera('user'));
+    $('photo-button').addEventListener('click', () => $('photo').click());
+    document.querySelectorAll('button.lang').forEach((b) =>
+      // All three texts are on screen already: the choice moves one to the front and is
+      // the one spoken and announced from now on.
+      b.addEventListener('click', () => setLang(b.dataset.lang))
+    );
+    $('large-text').addEventListener('click', () =>
+      setMode('large-text', STORE.large, 'large-text', $('large-text').getAttribute('aria-pressed') !== 'true')
+    );
+    $('high-contrast').addEventListener('click', () =>
+      setMode('high-contrast', STORE.contrast, 'high-contrast', $('high-contrast').getAttribute('aria-pressed') !== 'true')
+    );
+    document.addEventListener('keydown', (ev) => {
+      if (ev.key === 'Escape' && !$('staff').hidden) {
+        ev.preventDefault();
+        closeStaff();
+      }
+    });
     $('photo').addEventListener('change', (ev) => {
       onPhoto(ev.target.files && ev.target.files[0]);
       ev.target.value = '';
@@ -472,6 +667,9 @@
     if ('speechSynthesis' in window) {
       speechSynthesis.getVoices(); // voices load asynchronously; ask early
     }
+    setLang(stored(STORE.lang));
+    setMode('large-text', STORE.large, 'large-text', stored(STORE.large) === '1');
+    setMode('high-contrast', STORE.contrast, 'high-contrast', stored(STORE.contrast) === '1');
     audio();
     show(IDLE);
     startCamera(state.facing);

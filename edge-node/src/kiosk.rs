@@ -2,8 +2,9 @@
 //!
 //! `edge-node run --http ADDR` serves it beside the control API. The page (`GET /`, its script
 //! and style embedded from `edge-node/assets/`, nothing from the internet) shows the camera,
-//! sends a few frames a second to `POST /kiosk/frame`, and shows each verdict large, in Korean
-//! with English below. `GET /kiosk/status` gives the status line. Staff open the paper log with
+//! sends a few frames a second to `POST /kiosk/frame`, and shows and speaks each verdict in the
+//! language the visitor chose (Korean, English or Chinese; [`message_key`] names the message,
+//! the page holds the three texts). `GET /kiosk/status` gives the status line. Staff open the paper log with
 //! the device's staff PIN (`POST /kiosk/staff/login`, a short-lived `HttpOnly` session cookie)
 //! and add entries through `POST /kiosk/paper`.
 //!
@@ -415,6 +416,26 @@ pub fn messages(v: Verdict, text: Option<&str>) -> (&'static str, &'static str) 
     (v.message_ko(), v.message_en())
 }
 
+/// Which of the visitor's messages [`messages`] gives, as a code the page maps to Korean,
+/// English and Chinese (its table in `assets/kiosk.js`): the verdict's name, or for a
+/// malformed code whose reason is known, `malformed.<reason>`.
+pub fn message_key(v: Verdict, text: Option<&str>) -> &'static str {
+    match text.and_then(shared::token::malformed_reason) {
+        Some(m) if v == Verdict::Malformed => malformed_key(&m),
+        _ => v.as_str(),
+    }
+}
+
+/// [`message_key`] of a malformed code whose reason is known.
+fn malformed_key(m: &shared::token::Malformed) -> &'static str {
+    use shared::token::Malformed;
+    match m {
+        Malformed::NotCheckInCode => "malformed.not_checkin_code",
+        Malformed::Base45(_) | Malformed::WrongLength { .. } => "malformed.unreadable",
+        Malformed::TtlOutOfRange { .. } => "malformed.bad_ttl",
+    }
+}
+
 /// The media type of a frame, if it is one the kiosk takes.
 fn frame_type(headers: &HeaderMap) -> Result<&'static str, String> {
     let given = headers
@@ -620,6 +641,7 @@ async fn frame_verdict(
         "kind": verdict_kind(verdict),
         "message_ko": ko,
         "message_en": en,
+        "message": message_key(verdict, text.as_deref()),
         "code": code,
         "ladder": match ladder {
             Ladder::Full => "full",
@@ -986,6 +1008,48 @@ mod tests {
         assert_eq!(verdict_kind(Verdict::Accepted), "accepted");
         let (_, en) = messages(Verdict::Malformed, Some("https://example.com/menu"));
         assert!(en.to_lowercase().contains("not a check-in code"), "{en}");
+    }
+
+    /// The page's entry for `key` in its message table (`'key': { ko: "..", en: "..", zh: ".." }`).
+    fn page_entry(key: &str) -> &'static str {
+        let start = PAGE_JS
+            .find(&format!("'{key}': {{"))
+            .unwrap_or_else(|| panic!("kiosk.js has no message {key:?}"));
+        let rest = &PAGE_JS[start..];
+        &rest[..rest.find('}').unwrap_or(rest.len())]
+    }
+
+    #[test]
+    fn the_page_has_every_message_the_device_names_in_three_languages() {
+        use shared::token::Malformed;
+        let mut cases: Vec<(&str, &str, &str)> = Verdict::ALL
+            .into_iter()
+            .map(|v| (message_key(v, None), v.message_ko(), v.message_en()))
+            .collect();
+        for m in [
+            Malformed::NotCheckInCode,
+            Malformed::WrongLength { len: 3 },
+            Malformed::TtlOutOfRange { ttl: 0 },
+        ] {
+            cases.push((malformed_key(&m), m.message_ko(), m.message_en()));
+        }
+        for (key, ko, en) in cases {
+            let entry = page_entry(key);
+            assert!(entry.contains(&format!("ko: \"{ko}\"")), "{key}: {entry}");
+            assert!(entry.contains(&format!("en: \"{en}\"")), "{key}: {entry}");
+            assert!(entry.contains("zh: \""), "{key}: {entry}");
+        }
+        // What the frame route answers for texts of each kind.
+        assert_eq!(
+            message_key(Verdict::Malformed, Some("https://example.com/menu")),
+            "malformed.not_checkin_code"
+        );
+        assert_eq!(
+            message_key(Verdict::Malformed, Some("KP1:abc")),
+            "malformed.unreadable"
+        );
+        assert_eq!(message_key(Verdict::Malformed, None), "malformed");
+        assert_eq!(message_key(Verdict::Expired, Some("KP1:abc")), "expired");
     }
 
     #[test]
