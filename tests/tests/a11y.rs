@@ -49,6 +49,9 @@ fn audit(b: &Browser, axe: &str) -> Result<(Vec<String>, u64)> {
     let r = b.execute(
         "return axe.run(document, { resultTypes: ['violations'] }).then(r => ({
             passes: r.passes.length,
+            minor: r.violations
+              .filter(v => v.impact !== 'serious' && v.impact !== 'critical')
+              .map(v => v.impact + ' ' + v.id),
             bad: r.violations
               .filter(v => v.impact === 'serious' || v.impact === 'critical')
               .map(v => v.impact + ' ' + v.id + ': ' + v.help + ' at '
@@ -62,6 +65,8 @@ fn audit(b: &Browser, axe: &str) -> Result<(Vec<String>, u64)> {
         .iter()
         .map(|v| v.as_str().unwrap_or_default().to_owned())
         .collect();
+    // Moderate and minor findings do not fail the audit; the log shows them.
+    eprintln!("axe-core, moderate and minor: {}", r["minor"]);
     Ok((bad, r["passes"].as_u64().unwrap_or(0)))
 }
 
@@ -180,10 +185,13 @@ fn wait_js(b: &Browser, what: &str, script: &str, want: Value) -> Result<()> {
 
 /// The id of the element that has the keyboard focus.
 fn focused(b: &Browser) -> Result<String> {
-    Ok(js(b, "return document.activeElement ? document.activeElement.id : '';")?
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
+    Ok(js(
+        b,
+        "return document.activeElement ? document.activeElement.id : '';",
+    )?
+    .as_str()
+    .unwrap_or_default()
+    .to_owned())
 }
 
 /// Presses Tab in the focused element `n` times; the ids focus visits, in order.
@@ -294,10 +302,7 @@ fn the_kiosk_is_accessible_speaks_the_chosen_language_and_remembers_it() -> Resu
         )?,
         json!(["large-text high-contrast", "verdict-zh", "zh"])
     );
-    assert_eq!(
-        b.text(&b.find("#verdict-zh")?)?,
-        "请将签到二维码对准摄像头"
-    );
+    assert_eq!(b.text(&b.find("#verdict-zh")?)?, "请将签到二维码对准摄像头");
     assert_accessible(&b, &axe, "kiosk-idle-zh-large-contrast")?;
 
     // The same code again: announced and spoken in Chinese. Headless Chromium has no voices;
@@ -317,13 +322,13 @@ fn the_kiosk_is_accessible_speaks_the_chosen_language_and_remembers_it() -> Resu
         json!(["您已签到", "zh-CN"]),
     )?;
     assert_eq!(
-        js(&b, "return [window.__spoken, document.body.dataset.feedback];")?,
+        js(
+            &b,
+            "return [window.__spoken, document.body.dataset.feedback];"
+        )?,
         json!([[["您已签到", "zh-CN"]], "refusal-speech"])
     );
-    assert_eq!(
-        b.text(&b.find("#verdict-ko")?)?,
-        "이미 체크인되었습니다"
-    );
+    assert_eq!(b.text(&b.find("#verdict-ko")?)?, "이미 체크인되었습니다");
     assert_accessible(&b, &axe, "kiosk-duplicate-zh-large-contrast")?;
 
     // Staff mode: the PIN dialog holds the keyboard until Escape, which gives focus back.
