@@ -195,16 +195,28 @@ pub fn router(pairing: Arc<Pairing>) -> Router {
         .route("/pair", get(sheet))
         .route("/pair/{code}", get(page))
         .route("/pair/{code}/ca.crt", get(ca_cert))
-        .route("/pairing/pair.js", get(|| async { asset("text/javascript", PAIR_JS) }))
-        .route("/pairing/pair.css", get(|| async { asset("text/css", PAIR_CSS) }))
+        .route(
+            "/pairing/pair.js",
+            get(|| async { asset("text/javascript", PAIR_JS) }),
+        )
+        .route(
+            "/pairing/pair.css",
+            get(|| async { asset("text/css", PAIR_CSS) }),
+        )
         .with_state(pairing)
 }
 
 fn with_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     r
 }
@@ -403,8 +415,14 @@ mod tests {
     fn a_code_works_once_and_not_after_it_expires() -> anyhow::Result<()> {
         let (_tmp, p) = pairing("192.168.1.10:7451")?;
         let t0 = Instant::now();
-        let offer = p.offer(None, t0, 1_800_000_000).map_err(anyhow::Error::msg)?;
-        assert!(offer.url.starts_with("https://192.168.1.10:7451/pair/"), "{}", offer.url);
+        let offer = p
+            .offer(None, t0, 1_800_000_000)
+            .map_err(anyhow::Error::msg)?;
+        assert!(
+            offer.url.starts_with("https://192.168.1.10:7451/pair/"),
+            "{}",
+            offer.url
+        );
         assert!(offer.reachable_from_network);
         let fp = p.tls().fingerprints();
         assert!(offer.url.ends_with(&format!(
@@ -420,7 +438,9 @@ mod tests {
         assert_eq!(p.take(&code, t0), Err(CodeRefusal::Unknown), "used twice");
         assert!(!p.is_live(&code, t0));
 
-        let late = p.offer(None, t0, 1_800_000_000).map_err(anyhow::Error::msg)?;
+        let late = p
+            .offer(None, t0, 1_800_000_000)
+            .map_err(anyhow::Error::msg)?;
         let late = code_of(&late.url);
         let after = t0 + PAIRING_VALID + Duration::from_secs(1);
         assert!(!p.is_live(&late, after));
@@ -442,8 +462,15 @@ mod tests {
         let o = p
             .offer(Some("fd00::7".parse()?), t0, 0)
             .map_err(anyhow::Error::msg)?;
-        assert!(o.url.starts_with("https://[fd00::7]:7451/pair/"), "{}", o.url);
-        let local = pairing("127.0.0.1:7451")?.1.offer(None, t0, 0).map_err(anyhow::Error::msg)?;
+        assert!(
+            o.url.starts_with("https://[fd00::7]:7451/pair/"),
+            "{}",
+            o.url
+        );
+        let local = pairing("127.0.0.1:7451")?
+            .1
+            .offer(None, t0, 0)
+            .map_err(anyhow::Error::msg)?;
         assert!(!local.reachable_from_network);
         Ok(())
     }
@@ -451,7 +478,9 @@ mod tests {
     #[test]
     fn the_sheet_carries_the_url_as_qr_and_text() -> anyhow::Result<()> {
         let (_tmp, p) = pairing("10.0.0.2:7451")?;
-        let offer = p.offer(None, Instant::now(), 0).map_err(anyhow::Error::msg)?;
+        let offer = p
+            .offer(None, Instant::now(), 0)
+            .map_err(anyhow::Error::msg)?;
         let sheet = render_sheet(&offer);
         assert!(sheet.contains(&escape(&offer.url)));
         assert!(sheet.contains("<svg id=\"pair-qr\""));

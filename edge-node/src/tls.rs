@@ -100,10 +100,7 @@ impl std::fmt::Debug for DeviceTls {
 /// Upper-case hex in colon-separated pairs.
 pub fn colon_hex(bytes: &[u8]) -> String {
     let h = hex::encode_upper(bytes);
-    let pairs: Vec<&str> = (0..h.len())
-        .step_by(2)
-        .map(|i| &h[i..i + 2])
-        .collect();
+    let pairs: Vec<&str> = (0..h.len()).step_by(2).map(|i| &h[i..i + 2]).collect();
     pairs.join(":")
 }
 
@@ -609,7 +606,8 @@ mod tests {
             .uri("/?x=1")
             .header(header::HOST, "192.168.1.10:7451")
             .body(axum::body::Body::empty())?;
-        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer.parse()?));
+        req.extensions_mut()
+            .insert(ConnectInfo::<SocketAddr>(peer.parse()?));
         req.extensions_mut().insert(transport);
         let rt = tokio::runtime::Builder::new_current_thread().build()?;
         let mut app = app;
@@ -652,11 +650,27 @@ mod tests {
 
     #[test]
     fn only_private_and_local_addresses_are_pairable() {
-        for ip in ["192.168.0.5", "10.1.2.3", "172.20.0.1", "127.0.0.1", "::1", "fe80::1", "fd00::5", "100.100.1.1", "::ffff:192.168.1.1"] {
-            assert!(is_pairable(ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))), "{ip}");
+        for ip in [
+            "192.168.0.5",
+            "10.1.2.3",
+            "172.20.0.1",
+            "127.0.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::5",
+            "100.100.1.1",
+            "::ffff:192.168.1.1",
+        ] {
+            assert!(
+                is_pairable(ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+                "{ip}"
+            );
         }
         for ip in ["8.8.8.8", "2001:db8::1", "172.32.0.1", "100.128.0.1"] {
-            assert!(!is_pairable(ip.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))), "{ip}");
+            assert!(
+                !is_pairable(ip.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))),
+                "{ip}"
+            );
         }
     }
 }

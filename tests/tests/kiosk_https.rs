@@ -83,7 +83,12 @@ impl Device {
     fn pair(&self) -> Result<Value> {
         let out = run_ok(
             "edge-node",
-            &["--data", self.dir.to_str().unwrap_or_default(), "pair", "--json"],
+            &[
+                "--data",
+                self.dir.to_str().unwrap_or_default(),
+                "pair",
+                "--json",
+            ],
         )?;
         Ok(serde_json::from_str(out.trim())?)
     }
@@ -172,10 +177,8 @@ fn attr(b: &Browser, css: &str, name: &str) -> Result<String> {
 fn local_name() -> Option<String> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let h = h.trim().to_ascii_lowercase();
-    (!h.is_empty()
-        && h.len() <= 63
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-    .then(|| format!("{h}.local"))
+    (!h.is_empty() && h.len() <= 63 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        .then(|| format!("{h}.local"))
 }
 
 #[test]
@@ -207,7 +210,11 @@ fn a_paired_tablet_gets_the_camera_over_https_and_stores_a_visit() -> Result<()>
     );
     assert!(url.ends_with(&format!("#sha256={ca_hex}")), "{offer}");
     assert_eq!(
-        offer["ca_sha256"].as_str().unwrap_or_default().replace(':', "").to_lowercase(),
+        offer["ca_sha256"]
+            .as_str()
+            .unwrap_or_default()
+            .replace(':', "")
+            .to_lowercase(),
         ca_hex
     );
     let spki = offer["spki_sha256"].as_str().unwrap_or_default().to_owned();
@@ -244,11 +251,17 @@ fn a_paired_tablet_gets_the_camera_over_https_and_stores_a_visit() -> Result<()>
         "return [location.protocol, window.isSecureContext, !!(navigator.mediaDevices && navigator.mediaDevices.getUserMedia)];",
         &[],
     )?;
-    assert_eq!(secure, json!(["https:", true, true]), "the kiosk over HTTPS");
+    assert_eq!(
+        secure,
+        json!(["https:", true, true]),
+        "the kiosk over HTTPS"
+    );
     browser
-        .wait_for("the page to accept the code", Duration::from_secs(20), |b| {
-            Ok((attr(b, "body", "data-verdict")? == "accepted").then_some(()))
-        })
+        .wait_for(
+            "the page to accept the code",
+            Duration::from_secs(20),
+            |b| Ok((attr(b, "body", "data-verdict")? == "accepted").then_some(())),
+        )
         .or_else(|e| {
             browser
                 .screenshot("kiosk-https-accept-failed")
@@ -259,7 +272,11 @@ fn a_paired_tablet_gets_the_camera_over_https_and_stores_a_visit() -> Result<()>
     drop(browser);
     drop(dev);
     let records = fixture::stored_records(&dir, &hub.data)?;
-    assert_eq!(fixture::qr_tokens(&records), vec![token], "one visit stored");
+    assert_eq!(
+        fixture::qr_tokens(&records),
+        vec![token],
+        "one visit stored"
+    );
     Ok(())
 }
 
@@ -288,7 +305,10 @@ fn an_impostor_certificate_and_a_wrong_fingerprint_are_not_accepted() -> Result<
     let b = Device::start(&hub.enroll_device("impostor")?)?;
     let a_offer = a.pair()?;
     let b_offer = b.pair()?;
-    assert_ne!(a_offer["ca_sha256"], b_offer["ca_sha256"], "two devices, two CAs");
+    assert_ne!(
+        a_offer["ca_sha256"], b_offer["ca_sha256"],
+        "two devices, two CAs"
+    );
 
     // A client that trusts A's CA refuses B's certificate.
     let refused = https_request(b.addr, &a.ca_der()?, "GET", "/", &[], None);
@@ -302,7 +322,10 @@ fn an_impostor_certificate_and_a_wrong_fingerprint_are_not_accepted() -> Result<
     pinned.goto(&format!("https://127.0.0.1:{}/", a.addr.port()))?;
     assert!(pinned.find("#verdict-ko").is_ok(), "A's kiosk loads");
     pinned.goto(&format!("https://127.0.0.1:{}/", b.addr.port()))?;
-    assert!(pinned.find("#verdict-ko").is_err(), "B's kiosk loaded for a tablet paired with A");
+    assert!(
+        pinned.find("#verdict-ko").is_err(),
+        "B's kiosk loaded for a tablet paired with A"
+    );
     pinned.screenshot("kiosk-https-impostor-refused")?;
     drop(pinned);
 
@@ -314,7 +337,12 @@ fn an_impostor_certificate_and_a_wrong_fingerprint_are_not_accepted() -> Result<
     };
     // The address delivers B's CA under the fingerprint of A's sheet: nothing to install.
     let b_url = b_offer["url"].as_str().unwrap_or_default();
-    let a_fp = a_offer["url"].as_str().unwrap_or_default().split('#').nth(1).unwrap_or_default();
+    let a_fp = a_offer["url"]
+        .as_str()
+        .unwrap_or_default()
+        .split('#')
+        .nth(1)
+        .unwrap_or_default();
     let forged = format!("{}#{a_fp}", b_url.split('#').next().unwrap_or_default());
     fresh.goto(&forged)?;
     let s = fresh.wait_for("the pairing check", Duration::from_secs(10), outcome)?;
@@ -347,7 +375,12 @@ fn an_impostor_certificate_and_a_wrong_fingerprint_are_not_accepted() -> Result<
     let again = a.https("GET", &format!("/pair/{code_path}/ca.crt"), &[], None)?;
     assert!(again.starts_with("HTTP/1.1 404"), "{again}");
     // The sheet itself is for this machine; a guessed code gets nothing.
-    let guessed = a.https("GET", &format!("/pair/{}/ca.crt", "0".repeat(32)), &[], None)?;
+    let guessed = a.https(
+        "GET",
+        &format!("/pair/{}/ca.crt", "0".repeat(32)),
+        &[],
+        None,
+    )?;
     assert!(guessed.starts_with("HTTP/1.1 404"), "{guessed}");
     Ok(())
 }
@@ -358,7 +391,10 @@ fn staff_pin_rules_hold_over_https_and_garbage_on_the_port_hurts_nothing() -> Re
     let dir = hub.enroll_device("front-desk")?;
     let dev = Device::start(&dir)?;
     let d = dir.display().to_string();
-    run_ok("edge-node", &["--data", &d, "pin", "set", "--pin", "482916"])?;
+    run_ok(
+        "edge-node",
+        &["--data", &d, "pin", "set", "--pin", "482916"],
+    )?;
 
     // Garbage before any request: plain bytes, a TLS record that is no ClientHello, a
     // ClientHello cut short, a silent client. None takes the device down.
@@ -377,7 +413,9 @@ fn staff_pin_rules_hold_over_https_and_garbage_on_the_port_hurts_nothing() -> Re
     }
     send(&garbage)?;
     send(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xff, 0xff, 0xff, 0xff, 0xff])?;
-    send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03])?;
+    send(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])?;
     let mut head = vec![0x16, 0x03, 0x01, 0xff, 0xff];
     head.extend_from_slice(&garbage);
     send(&head)?;
@@ -385,7 +423,10 @@ fn staff_pin_rules_hold_over_https_and_garbage_on_the_port_hurts_nothing() -> Re
     let ok = dev.https("GET", "/healthz", &[], None)?;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     let plain = fixture::run_ok("edge-node", &["--data", &d, "status", "--json"])?;
-    assert!(plain.contains("\"records\""), "the control API over loopback HTTP: {plain}");
+    assert!(
+        plain.contains("\"records\""),
+        "the control API over loopback HTTP: {plain}"
+    );
 
     // A wrong PIN over HTTPS counts like over HTTP; the right one opens a session whose
     // cookie never travels in the clear.
