@@ -136,6 +136,18 @@ pub enum Command {
         #[arg(long)]
         no_lan: bool,
     },
+    /// Pair a tablet with the running device: a one-time HTTPS pairing URL (the QR code the
+    /// sheet at http://127.0.0.1:7451/pair shows) and the fingerprints of the device's
+    /// certificate authority.
+    Pair {
+        /// The private IP address tablets reach this device on (default: the one `run`
+        /// listens on, or the one this machine reaches other networks from).
+        #[arg(long)]
+        host: Option<std::net::IpAddr>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The staff PIN that opens the kiosk's staff mode (the paper log).
     Pin {
         #[command(subcommand)]
@@ -338,6 +350,19 @@ pub struct PinSet {
 impl Answer for PinSet {
     fn text(&self) -> String {
         "staff PIN set; open staff mode on the kiosk page with it".into()
+    }
+}
+
+impl Answer for crate::pairing::PairingOffer {
+    fn text(&self) -> String {
+        let mut t = format!(
+            "open on the tablet (once, within 10 minutes): {}\ncertificate fingerprint (SHA-256): {}\npublic key pin (SPKI SHA-256, base64): {}",
+            self.url, self.ca_sha256, self.spki_sha256
+        );
+        if !self.reachable_from_network {
+            t.push_str("\nthe kiosk listens on this machine only: run with --http 0.0.0.0:7451 so tablets can reach it");
+        }
+        t
     }
 }
 
@@ -678,21 +703,30 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     .await
                     .with_context(|| format!("cannot listen for HTTP on {http}"))?;
                 let addr = listener.local_addr()?;
+                // The kiosk's certificate authority (made on first use): tablets on the
+                // network get the kiosk over HTTPS on the same port (`tls`, `pairing`).
+                let tls = std::sync::Arc::new(crate::tls::DeviceTls::load_or_create(
+                    &data,
+                    clock::now(),
+                )?);
+                let pairing =
+                    std::sync::Arc::new(crate::pairing::Pairing::new(tls.clone(), addr));
                 control::write_run_file(&data, addr)?;
-                let app = control::router(control::ControlState {
-                    device: device.clone(),
-                    wake: wake.clone(),
-                    token: std::sync::Arc::new(token),
-                });
+                let app = control::router_with(
+                    control::ControlState {
+                        device: device.clone(),
+                        wake: wake.clone(),
+                        token: std::sync::Arc::new(token),
+                    },
+                    Some(pairing),
+                );
                 if !addr.ip().is_loopback() {
                     tracing::warn!(
-                        "the kiosk page is reachable from the network at http://{addr}/ (the control API still answers only on loopback)"
+                        "the kiosk page is reachable from the network at https://{addr}/ (pair tablets at http://127.0.0.1:{}/pair; plain HTTP and the control API answer only on loopback)",
+                        addr.port()
                     );
                 }
-                let server = axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-                );
+                let server = crate::tls::serve(listener, app, tls, clock::now);
                 // Under systemd (`Type=notify`, `WatchdogSec=`): ready now, and pinged while
                 // the device's own health check passes (the store takes a write).
                 let watched = device.clone();
@@ -709,6 +743,17 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 control::remove_run_file(&data);
                 result
             })?;
+            Ok(Exit::Done)
+        }
+        Command::Pair { host, json } => {
+            if !data.join("run.json").exists() {
+                bail!(
+                    "pairing needs the running device: start `edge-node run --http 0.0.0.0:7451`, then pair (or open http://127.0.0.1:7451/pair on the device)"
+                );
+            }
+            let offer: crate::pairing::PairingOffer = control::Client::find(&data)?
+                .post_json("/api/pair", &control::PairRequest { host })?;
+            print(json, &offer)?;
             Ok(Exit::Done)
         }
         Command::Pin {

@@ -11,6 +11,7 @@
 use crate::device::{Device, StaffPin};
 use crate::kiosk::{self, KioskState};
 use crate::net::SharedDevice;
+use crate::pairing::Pairing;
 use crate::{clock, frame};
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
@@ -96,27 +97,73 @@ pub fn remove_run_file(data: &Path) {
 /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that `/api` can
 /// refuse connections that do not come from loopback.
 pub fn router(state: ControlState) -> Router {
+    router_with(state, None)
+}
+
+/// [`router`] with tablet pairing (`pairing`: the sheet at `/pair`, `/api/pair` for
+/// `edge-node pair`), as `run` serves it through `tls::serve`, which marks each request's
+/// transport: plain HTTP from another machine is sent to HTTPS (`tls::https_only`).
+pub fn router_with(state: ControlState, pairing: Option<Arc<Pairing>>) -> Router {
     let kiosk = KioskState::new(state.device.clone(), state.wake.clone());
-    Router::new()
+    let mut api = Router::new()
         .route("/api/scan", post(scan))
         .route("/api/status", get(status))
         .route("/api/paper", post(paper))
         .route("/api/purge", post(purge))
         .route("/api/sync", post(sync_now))
         .route("/api/pin", post(set_pin))
+        .route("/api/pair", post(pair))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_FRAME_BODY))
         .layer(Extension(kiosk.clone()))
+        .layer(Extension(pairing.clone()))
         .layer(middleware::from_fn(loopback_only))
         .route("/healthz", get(healthz))
         .layer(Extension(Arc::new(crate::metrics::ProbeCache::default())))
         .with_state(state)
-        .merge(kiosk::router(kiosk))
+        .merge(kiosk::router(kiosk));
+    if let Some(p) = pairing {
+        api = api.merge(crate::pairing::router(p));
+    }
+    api.layer(middleware::from_fn(crate::tls::https_only))
         // Outermost: a request that names another host reaches nothing (DNS rebinding).
         .layer(middleware::from_fn_with_state(
             kiosk::OwnNames::of_this_machine(),
             kiosk::own_host_only,
         ))
+}
+
+/// `/api/pair`'s body: the address tablets reach the device on, if not the one it guesses.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PairRequest {
+    /// A private IP address of this machine.
+    pub host: Option<std::net::IpAddr>,
+}
+
+/// `POST /api/pair`: a new one-time pairing code (`crate::pairing`).
+async fn pair(
+    State(s): State<ControlState>,
+    Extension(pairing): Extension<Option<Arc<Pairing>>>,
+    headers: HeaderMap,
+    body: Result<Json<PairRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&headers, &s.token) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let Some(pairing) = pairing else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this device serves no HTTPS, so there is nothing to pair with",
+        );
+    };
+    match pairing.offer(req.host, std::time::Instant::now(), clock::now()) {
+        Ok(offer) => Json(offer).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    }
 }
 
 /// `GET /metrics`: the device's figures in Prometheus text ([`crate::metrics`]); loopback

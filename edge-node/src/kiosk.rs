@@ -223,6 +223,11 @@ impl OwnNames {
             hostname: hostname.map(Arc::from),
         }
     }
+
+    /// The hostname, lower-case, if one could be read.
+    pub fn hostname(&self) -> Option<&str> {
+        self.hostname.as_deref()
+    }
 }
 
 /// Why a request's `Host` was refused.
@@ -773,6 +778,7 @@ fn refused(r: Refusal, addr: IpAddr) -> Response {
 async fn staff_login(
     State(s): State<KioskState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    transport: Option<Extension<crate::tls::Transport>>,
     body: Result<Json<Login>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(login) = match body {
@@ -898,7 +904,12 @@ async fn staff_login(
     gate.sessions
         .insert(*blake3::hash(token.as_bytes()).as_bytes(), now + STAFF_IDLE);
     drop(gate);
-    let cookie = format!("{COOKIE}={token}; Path=/kiosk; HttpOnly; SameSite=Strict");
+    // Over HTTPS the cookie never travels in the clear (`Secure`); loopback HTTP keeps it.
+    let secure = match transport {
+        Some(Extension(crate::tls::Transport::Tls)) => "; Secure",
+        _ => "",
+    };
+    let cookie = format!("{COOKIE}={token}; Path=/kiosk; HttpOnly; SameSite=Strict{secure}");
     let warning = short.then(|| {
         format!(
             "this staff PIN has fewer than {} digits and can be guessed within weeks: set a new one with `edge-node pin set`",

@@ -16,6 +16,8 @@ pub mod kiosk;
 pub mod lan;
 pub mod metrics;
 pub mod net;
+pub mod pairing;
 pub mod pin_guard;
 pub mod replica;
 pub mod store;
+pub mod tls;
