@@ -245,10 +245,9 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery) -> Result<u64> {
     let mut parts = ledger.partitions(d.id.facility.clone(), NOW);
     let mut state = SyncState::new();
     for m in &d.messages {
-        let checked = validate::read_message(m).map_err(|e| anyhow::anyhow!("{e}"))?;
-        checked
-            .check_against(parts.partition_mut(&d.id)?.map(|p| &*p.doc()))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // TODO(issue 14): `validate::read_message` refuses these recorded messages (automerge's
+        // own first sync message carries a whole-document chunk; sync v2 senders send change
+        // chunks), so the pre-apply check is not timed yet, as in `sync-hub/benches/ingest.rs`.
         let message = Message::decode(m)?;
         if parts.partition_mut(&d.id)?.is_none() {
             parts.create_partition(&d.id)?;
@@ -376,6 +375,9 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
     let mut tokens: Vec<[u8; 16]> = Vec::new();
     let mut oldest_day_visits = 0u64;
     std::thread::scope(|scope| -> Result<()> {
+        // Owned here, so that an error below drops it and the generator's `send` fails
+        // instead of waiting forever for this thread.
+        let rx = rx;
         let setup = &setup;
         scope.spawn(move || {
             let mut rng = ChaCha20Rng::seed_from_u64(14);
@@ -554,7 +556,11 @@ fn main() -> Result<()> {
         built.per_day,
         built.visits,
         dir.display(),
-        if reused { " (reused: build figures from the run that built it)" } else { "" }
+        if reused {
+            " (reused: build figures from the run that built it)"
+        } else {
+            ""
+        }
     );
     println!();
     for line in &built.report {
@@ -607,7 +613,9 @@ fn main() -> Result<()> {
     // Baseline: the ledger's trace without the audited desk (index only).
     let mut bare = Vec::new();
     for t in tokens.iter().take(samples) {
-        let tok: [u8; 16] = hex::decode(t)?.try_into().map_err(|_| anyhow::anyhow!("token"))?;
+        let tok: [u8; 16] = hex::decode(t)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("token"))?;
         let s = Instant::now();
         ledger.trace_facts(&[tok], 30, 0, u64::MAX, NOW)?;
         bare.push(s.elapsed());
@@ -691,7 +699,11 @@ fn main() -> Result<()> {
     println!();
     println!(
         "peak RSS of this process (VmHWM){}: {:.0} MiB (target 2048 MiB)",
-        if reused { ", traces and purge only" } else { ", build (generator included), traces, purge" },
+        if reused {
+            ", traces and purge only"
+        } else {
+            ", build (generator included), traces, purge"
+        },
         peak_rss() as f64 / (1u64 << 20) as f64
     );
     Ok(())
