@@ -660,7 +660,6 @@ fn main() -> Result<()> {
         ms(*case_times.last().context("runs")?),
         verdict(percentile(&case_times, 0.99), 200)
     );
-    drop(desk);
     drop(ledger);
     drop(hub);
 
