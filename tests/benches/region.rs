@@ -5,9 +5,9 @@
 //! partition per facility and day as a device's first sync delivers it: devices seal real
 //! envelopes to real day keys (one automerge change per 100 check-ins, 2% paper entries sealed
 //! to the health authority with age), their automerge sync messages to an empty hub are
-//! recorded, and the hub's side of the session is timed: each message is checked
-//! (`validate::read_message`, `check_against`), decoded, applied, checked again
-//! (`check_applied`) and answered, then the partition is persisted and indexed
+//! recorded, and the hub's side of the session is timed: each message is decoded, applied,
+//! checked (`check_applied`) and answered (not yet the pre-apply `validate::read_message`,
+//! which refuses automerge's own first message as recorded here), then the partition is persisted and indexed
 //! (`HubPartitions::persist`: the chunk, the counts and heads, the token and facility
 //! indexes). A generator thread builds the next partitions while the hub ingests, so the
 //! build takes about as long as the slower of the two.
@@ -245,9 +245,9 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery) -> Result<u64> {
     let mut parts = ledger.partitions(d.id.facility.clone(), NOW);
     let mut state = SyncState::new();
     for m in &d.messages {
-        // TODO(issue 14): `validate::read_message` refuses these recorded messages (automerge's
-        // own first sync message carries a whole-document chunk; sync v2 senders send change
-        // chunks), so the pre-apply check is not timed yet, as in `sync-hub/benches/ingest.rs`.
+        // Not timed here: the pre-apply check. `validate::read_message` refuses these
+        // recorded messages (automerge's own first sync message carries a whole-document
+        // chunk; sync v2 senders send change chunks), as in `sync-hub/benches/ingest.rs`.
         let message = Message::decode(m)?;
         if parts.partition_mut(&d.id)?.is_none() {
             parts.create_partition(&d.id)?;
