@@ -537,10 +537,12 @@ impl<'s> Ledger<'s> {
 
     /// This ledger's day keys and automerge actor as they are now, for [`Ledger::reader`].
     pub fn read_keys(&self) -> Result<ReadKeys, LedgerError> {
-        let ratchet = DayKeyRatchet::from_bytes(self.ratchet.to_bytes().as_slice())
-            .map_err(|e| LedgerError::Corrupt {
-                table: "day-ratchet",
-                reason: e.to_string(),
+        let ratchet =
+            DayKeyRatchet::from_bytes(self.ratchet.to_bytes().as_slice()).map_err(|e| {
+                LedgerError::Corrupt {
+                    table: "day-ratchet",
+                    reason: e.to_string(),
+                }
             })?;
         Ok(ReadKeys {
             ratchet,

@@ -588,7 +588,11 @@ impl<'a> Desk<'a> {
             ));
         }
         Ok(trace::read_shared_codes(
-            self.hub, self.ledger, from, to, self.now,
+            self.hub,
+            self.ledger,
+            from,
+            to,
+            self.now,
         )?)
     }
 

@@ -157,10 +157,8 @@ where
 {
     let now = crate::clock::now();
     let reader = who.clone();
-    let (answer, event) = read(hub, pool, weight, now, move |desk, m| {
-        job(desk, &reader, m)
-    })
-    .await?;
+    let (answer, event) =
+        read(hub, pool, weight, now, move |desk, m| job(desk, &reader, m)).await?;
     hub.query(move |hub, ledger, _| Desk::new(hub, ledger, now).audit_read(&who, event))
         .await
         .map_err(ReadError::Stopped)??;

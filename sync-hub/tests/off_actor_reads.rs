@@ -69,9 +69,11 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, Option<String>, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let retry = head
-        .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(str::to_owned));
+    let retry = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after: ")
+            .map(str::to_owned)
+    });
     (code, retry, body.to_owned())
 }
 
@@ -108,15 +110,17 @@ fn a_slow_report_does_not_hold_the_actor_and_is_audited_before_its_answer() {
         let (handle, actor, addr) = hub(tmp.path(), Default::default()).await;
         assert_eq!(report_actions(&handle).await, 0);
         let started = Instant::now();
-        let report =
-            tokio::spawn(async move { get(addr, "/api/reports/shared-codes").await });
+        let report = tokio::spawn(async move { get(addr, "/api/reports/shared-codes").await });
         // While the report scans, the actor answers its jobs at once.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut slowest = Duration::ZERO;
         while started.elapsed() < SCAN - Duration::from_millis(300) {
             slowest = slowest.max(actor_ping(&handle).await);
             let stats = Instant::now();
-            handle.stats().await.unwrap_or_else(|e| panic!("stats: {e}"));
+            handle
+                .stats()
+                .await
+                .unwrap_or_else(|e| panic!("stats: {e}"));
             slowest = slowest.max(stats.elapsed());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -126,10 +130,7 @@ fn a_slow_report_does_not_hold_the_actor_and_is_audited_before_its_answer() {
         );
         let (code, _, body) = report.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(code, 200, "{body}");
-        assert!(
-            started.elapsed() >= SCAN,
-            "the report took its scan's time"
-        );
+        assert!(started.elapsed() >= SCAN, "the report took its scan's time");
         let v: serde_json::Value =
             serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
         assert!(v["shared_codes"].is_array(), "{body}");
@@ -157,14 +158,20 @@ fn reports_over_the_bound_are_refused_at_once_with_retry_after() {
         let asked = Instant::now();
         let (code, retry, body) = get(addr, "/api/reports/shared-codes").await;
         assert_eq!(code, 503, "{body}");
-        assert!(asked.elapsed() < Duration::from_millis(500), "refused at once");
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "refused at once"
+        );
         assert_eq!(retry.as_deref(), Some("5"), "Retry-After");
         assert!(body.contains("try again in 5 s"), "{body}");
         // A light read is not queued behind the reports.
         let asked = Instant::now();
         let (code, _, body) = get(addr, "/api/stats").await;
         assert_eq!(code, 200, "{body}");
-        assert!(asked.elapsed() < Duration::from_millis(500), "stats answered at once");
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "stats answered at once"
+        );
         for r in running {
             let (code, _, body) = r.await.unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(code, 200, "{body}");
