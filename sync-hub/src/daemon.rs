@@ -312,6 +312,10 @@ pub struct HubHandle {
     stopping: Arc<AtomicBool>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The hub the actor owns, for reads on other threads (`crate::reads`): its redb
+    /// database serves read transactions on any thread while the actor writes. Writes go
+    /// through the actor, never through this.
+    pub(crate) hub: Arc<Hub>,
 }
 
 impl HubHandle {
@@ -888,6 +892,8 @@ pub fn start(
         .filter(|d| !d.revoked)
         .filter_map(|d| d.endpoint_id)
         .collect();
+    let hub = Arc::new(hub);
+    let shared = hub.clone();
     let thread = std::thread::Builder::new()
         .name("hub-actor".into())
         .spawn(move || actor(hub, quotas, rx, m, stop_flag))
@@ -898,6 +904,7 @@ pub fn start(
             known_endpoints: Arc::new(std::sync::RwLock::new(known)),
             stopping,
             metrics,
+            hub: shared,
         },
         thread,
     ))
@@ -1254,7 +1261,7 @@ async fn refuse_v1(
 }
 
 fn actor(
-    hub: Hub,
+    hub: Arc<Hub>,
     quotas: Quotas,
     mut rx: tmpsc::Receiver<Input>,
     metrics: Arc<Metrics>,

@@ -13,8 +13,12 @@
 //! (the dashboard page, which holds no data and asks for a credential) and `GET /healthz`
 //! are open (`/healthz?detail=1` answers states and times only: [`crate::health::Health`]).
 //!
-//! Each request runs as one job on the hub's actor thread ([`HubHandle::query`]), so it sees
-//! the store and ledger between two sync frames, never in the middle of one.
+//! Writes (approvals, removals, designations, purges, `/api/admin`) run as one job on the
+//! hub's actor thread ([`HubHandle::query`]), between two sync frames. Reads do not hold the
+//! actor: every `GET` route and the read part of a trace run on a blocking thread over a redb
+//! read transaction ([`crate::reads`]), with a bound on how many run at once (over it, 503
+//! with `Retry-After`); a trace's or report's audit entry is appended on the actor, after the
+//! read and before the answer. The actor keeps the authentication of [`gate`] (a few rows).
 
 use crate::auth::{self, Principal};
 use crate::commands::AdminCommand;
@@ -22,6 +26,7 @@ use crate::daemon::{HubHandle, Metrics};
 use crate::gov::Target;
 use crate::ledger::Ledger;
 use crate::people::{self, Desk, FacilityView, Op, OpError};
+use crate::reads::{self, ReadError, Weight};
 use crate::trace::{self, TraceRequest};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
@@ -52,6 +57,8 @@ struct AppState {
     token: Arc<String>,
     /// The last health write probe: when, and whether it committed.
     probe: Probe,
+    /// The bounds of the reads off the actor.
+    reads: reads::Pool,
 }
 
 /// One route of the API.
@@ -162,10 +169,16 @@ struct Gate {
 /// The router, for `run` and for in-process tests: every route of [`ROUTES`], the ones with
 /// an operation behind [`gate`].
 pub fn router(hub: HubHandle, operator_token: String) -> Router {
+    router_with(hub, operator_token, reads::Pool::default())
+}
+
+/// [`router`] with other bounds on the reads off the actor (tests).
+pub fn router_with(hub: HubHandle, operator_token: String, pool: reads::Pool) -> Router {
     let app = AppState {
         hub,
         token: Arc::new(operator_token),
         probe: Arc::default(),
+        reads: pool,
     };
     let mut router = Router::new();
     for r in ROUTES {
@@ -257,9 +270,55 @@ where
         .await;
     match answer {
         Err(stopped) => error(StatusCode::SERVICE_UNAVAILABLE, &stopped),
-        Ok(Err(e)) => op_error(&e),
-        Ok(Ok(Reply::Json(v))) => Json(v).into_response(),
-        Ok(Ok(Reply::Csv(text))) => (
+        Ok(answer) => respond(answer),
+    }
+}
+
+/// Runs the read `job` off the actor ([`reads::read`]) as `who`, counted against `weight`.
+async fn serve_read<F>(s: &AppState, who: Principal, weight: Weight, job: F) -> Response
+where
+    F: FnOnce(&Desk<'_>, &Principal, &Metrics) -> Result<Reply, OpError> + Send + 'static,
+{
+    let now = crate::clock::now();
+    let answer = reads::read(&s.hub, &s.reads, weight, now, move |desk, m| {
+        job(desk, &who, m)
+    })
+    .await;
+    read_answer(answer)
+}
+
+/// Runs the audited read `job` off the actor and appends its audit event on the actor before
+/// answering ([`reads::audited`]).
+async fn serve_audited<F>(s: &AppState, who: Principal, weight: Weight, job: F) -> Response
+where
+    F: FnOnce(&Desk<'_>, &Principal, &Metrics) -> Result<(Reply, crate::audit::Event), OpError>
+        + Send
+        + 'static,
+{
+    read_answer(reads::audited(&s.hub, &s.reads, weight, who, job).await)
+}
+
+fn read_answer(answer: Result<Reply, ReadError>) -> Response {
+    match answer {
+        Ok(reply) => respond(Ok(reply)),
+        Err(ReadError::Op(e)) => op_error(&e),
+        Err(ReadError::Stopped(why)) => error(StatusCode::SERVICE_UNAVAILABLE, &why),
+        Err(ReadError::Busy(busy)) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &busy.to_string());
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(busy.retry_after),
+            );
+            r
+        }
+    }
+}
+
+fn respond(answer: Result<Reply, OpError>) -> Response {
+    match answer {
+        Err(e) => op_error(&e),
+        Ok(Reply::Json(v)) => Json(v).into_response(),
+        Ok(Reply::Csv(text)) => (
             [
                 ("content-type", "text/csv; charset=utf-8"),
                 ("content-disposition", "attachment; filename=\"trace.csv\""),
@@ -267,7 +326,7 @@ where
             text,
         )
             .into_response(),
-        Ok(Ok(Reply::Text(text))) => {
+        Ok(Reply::Text(text)) => {
             ([("content-type", "text/plain; version=0.0.4")], text).into_response()
         }
     }
@@ -287,11 +346,14 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, OpError> {
 type Caller = Extension<Principal>;
 
 async fn whoami(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |_, who, _| json(who)).await
+    serve_read(&s, who, Weight::Light, |_, who, _| json(who)).await
 }
 
 async fn stats(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, _, _| json(desk.ledger.stats(desk.now)?)).await
+    serve_read(&s, who, Weight::Light, |desk, _, _| {
+        json(desk.ledger.stats(desk.now)?)
+    })
+    .await
 }
 
 /// A purge request's body.
@@ -347,7 +409,7 @@ async fn trace(
     params: Result<Query<TraceParams>, QueryRejection>,
     b: Result<Json<TraceRequest>, JsonRejection>,
 ) -> Response {
-    serve(&s, who, move |desk, who, m| {
+    serve_audited(&s, who, Weight::Light, move |desk, who, m| {
         let params = query(params)?;
         let csv = match params.format.as_deref() {
             None | Some("json") => false,
@@ -365,14 +427,15 @@ async fn trace(
             .check(desk.now, !who.local)
             .map_err(OpError::Invalid)?;
         let started = Instant::now();
-        let report = desk.trace(who, &q);
+        let read = desk.trace_unaudited(who, &q);
         m.trace_seconds.observe(started.elapsed());
-        let report = report?;
-        if csv {
-            Ok(Reply::Csv(trace::to_csv(&report)))
+        let (report, event) = read?;
+        let reply = if csv {
+            Reply::Csv(trace::to_csv(&report))
         } else {
-            json(report)
-        }
+            json(report)?
+        };
+        Ok((reply, event))
     })
     .await
 }
@@ -391,9 +454,10 @@ async fn shared_codes(
     Extension(who): Caller,
     q: Result<Query<Period>, QueryRejection>,
 ) -> Response {
-    serve(&s, who, move |desk, who, _| {
+    serve_audited(&s, who, Weight::Heavy, move |desk, who, _| {
         let p = query(q)?;
-        json(desk.shared_codes(who, p.from, p.to)?)
+        let (report, event) = desk.shared_codes_unaudited(who, p.from, p.to)?;
+        Ok((json(report)?, event))
     })
     .await
 }
@@ -410,7 +474,7 @@ async fn compliance(
     Extension(who): Caller,
     q: Result<Query<Hours>, QueryRejection>,
 ) -> Response {
-    serve(&s, who, move |desk, who, _| {
+    serve_read(&s, who, Weight::Heavy, move |desk, who, _| {
         let h = query(q)?;
         json(desk.compliance(who, h.hours.unwrap_or(24))?)
     })
@@ -418,7 +482,7 @@ async fn compliance(
 }
 
 async fn facilities(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, who, _| {
+    serve_read(&s, who, Weight::Light, |desk, who, _| {
         json(
             desk.facilities(who)?
                 .iter()
@@ -430,7 +494,7 @@ async fn facilities(State(s): State<AppState>, Extension(who): Caller) -> Respon
 }
 
 async fn pending(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, who, _| {
+    serve_read(&s, who, Weight::Light, |desk, who, _| {
         json(
             desk.pending(who)?
                 .iter()
@@ -442,7 +506,7 @@ async fn pending(State(s): State<AppState>, Extension(who): Caller) -> Response 
 }
 
 async fn duplicates(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, who, _| {
+    serve_read(&s, who, Weight::Light, |desk, who, _| {
         json(
             desk.duplicates(who)?
                 .iter()
@@ -515,7 +579,10 @@ pub struct DesignateRequest {
 }
 
 async fn designations(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, who, _| json(desk.designations(who)?)).await
+    serve_read(&s, who, Weight::Light, |desk, who, _| {
+        json(desk.designations(who)?)
+    })
+    .await
 }
 
 async fn designate(
@@ -553,7 +620,7 @@ async fn audit(
     Extension(who): Caller,
     q: Result<Query<Limit>, QueryRejection>,
 ) -> Response {
-    serve(&s, who, move |desk, who, _| {
+    serve_read(&s, who, Weight::Light, move |desk, who, _| {
         let l = query(q)?;
         json(desk.audit_entries(who, Some(l.limit.unwrap_or(100).min(10_000)))?)
     })
@@ -561,7 +628,10 @@ async fn audit(
 }
 
 async fn audit_verify(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, who, _| json(desk.audit_verify(who)?)).await
+    serve_read(&s, who, Weight::Heavy, |desk, who, _| {
+        json(desk.audit_verify(who)?)
+    })
+    .await
 }
 
 async fn dashboard(
@@ -569,7 +639,7 @@ async fn dashboard(
     Extension(who): Caller,
     q: Result<Query<Hours>, QueryRejection>,
 ) -> Response {
-    serve(&s, who, move |desk, who, _| {
+    serve_read(&s, who, Weight::Heavy, move |desk, who, _| {
         let h = query(q)?;
         Ok(Reply::Json(desk.dashboard(who, h.hours.unwrap_or(24))?))
     })
@@ -669,7 +739,7 @@ async fn healthz(State(s): State<AppState>, req: Request) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>, Extension(who): Caller) -> Response {
-    serve(&s, who, |desk, _, m| {
+    serve_read(&s, who, Weight::Light, |desk, _, m| {
         Ok(Reply::Text(metrics_text(desk, m)?))
     })
     .await

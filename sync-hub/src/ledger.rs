@@ -457,10 +457,17 @@ impl DayIndex {
     }
 }
 
+/// What [`Ledger::reader`] needs of the actor's ledger: its day keys and automerge actor.
+pub struct ReadKeys {
+    ratchet: DayKeyRatchet,
+    actor: [u8; 16],
+}
+
 /// The hub's ledger over its store and day-key ratchet. See the module docs.
 ///
 /// It holds the ratchet in memory; [`Ledger::purge`] advances it and the key file together.
-/// Open one ledger per process (the sync actor's), so that every path sees the same horizon.
+/// Open one ledger per process (the sync actor's), so that every path sees the same horizon;
+/// readers off the actor take its day keys ([`Ledger::read_keys`], [`Ledger::reader`]).
 pub struct Ledger<'s> {
     store: &'s Store,
     keys: KeyDir,
@@ -512,6 +519,34 @@ impl<'s> Ledger<'s> {
             keys,
             ratchet,
             actor,
+        })
+    }
+
+    /// A handle on the same tables for a reader on another thread (the hub's reads off its
+    /// actor, `crate::reads`), with the day keys the ledger that handed out `keys` held then
+    /// ([`Ledger::read_keys`]). Opens nothing and writes nothing: every read method begins its
+    /// own redb read transaction, an MVCC snapshot that never waits for the writer.
+    pub fn reader(store: &'s Store, dir: KeyDir, keys: ReadKeys) -> Self {
+        Ledger {
+            store,
+            keys: dir,
+            ratchet: keys.ratchet,
+            actor: keys.actor,
+        }
+    }
+
+    /// This ledger's day keys and automerge actor as they are now, for [`Ledger::reader`].
+    pub fn read_keys(&self) -> Result<ReadKeys, LedgerError> {
+        let ratchet =
+            DayKeyRatchet::from_bytes(self.ratchet.to_bytes().as_slice()).map_err(|e| {
+                LedgerError::Corrupt {
+                    table: "day-ratchet",
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(ReadKeys {
+            ratchet,
+            actor: self.actor,
         })
     }
 

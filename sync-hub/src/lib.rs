@@ -30,6 +30,7 @@ pub mod http;
 pub mod keys;
 pub mod ledger;
 pub mod people;
+pub mod reads;
 pub mod registry;
 pub mod schema;
 pub mod store;

@@ -530,26 +530,55 @@ impl<'a> Desk<'a> {
         )?)
     }
 
-    /// A trace (the health authority, or the local operator).
+    /// A trace (the health authority, or the local operator), audited before it is returned.
     pub fn trace(&self, who: &Principal, q: &TraceQuery) -> Result<TraceReport, OpError> {
-        permit(who, Op::Trace)?;
-        Ok(trace::run(
-            self.hub,
-            self.ledger,
-            &self.audit(),
-            who,
-            q,
-            self.now,
-        )?)
+        let (report, event) = self.trace_unaudited(who, q)?;
+        self.audit_read(who, event)?;
+        Ok(report)
     }
 
-    /// The shared-code report (the health authority, or the local operator).
+    /// The read part of [`Desk::trace`] (checked against [`PERMISSIONS`]): the report, and
+    /// the event [`Desk::audit_read`] must append before the report is handed to anyone.
+    /// Writes nothing, so it may run off the hub's actor (`crate::reads`).
+    pub fn trace_unaudited(
+        &self,
+        who: &Principal,
+        q: &TraceQuery,
+    ) -> Result<(TraceReport, Event), OpError> {
+        permit(who, Op::Trace)?;
+        Ok(trace::read(self.hub, self.ledger, q, self.now)?)
+    }
+
+    /// Appends the audit event of a trace or report read by [`Desk::trace_unaudited`] or
+    /// [`Desk::shared_codes_unaudited`]; its failure is the read's ("not answered because it
+    /// could not be audited").
+    pub fn audit_read(&self, who: &Principal, event: Event) -> Result<AuditEntry, OpError> {
+        self.audit()
+            .append(who, event, self.now)
+            .map_err(|e| OpError::Trace(TraceError::Audit(e)))
+    }
+
+    /// The shared-code report (the health authority, or the local operator), audited before
+    /// it is returned.
     pub fn shared_codes(
         &self,
         who: &Principal,
         from: Option<UnixSeconds>,
         to: Option<UnixSeconds>,
     ) -> Result<SharedCodeReport, OpError> {
+        let (report, event) = self.shared_codes_unaudited(who, from, to)?;
+        self.audit_read(who, event)?;
+        Ok(report)
+    }
+
+    /// The read part of [`Desk::shared_codes`] (checked against [`PERMISSIONS`]): the
+    /// report and the event [`Desk::audit_read`] must append first. Writes nothing.
+    pub fn shared_codes_unaudited(
+        &self,
+        who: &Principal,
+        from: Option<UnixSeconds>,
+        to: Option<UnixSeconds>,
+    ) -> Result<(SharedCodeReport, Event), OpError> {
         permit(who, Op::SharedCodes)?;
         let to = to.unwrap_or(self.now);
         let from = from.unwrap_or(to.saturating_sub(trace::MAX_PERIOD_SECONDS));
@@ -558,11 +587,9 @@ impl<'a> Desk<'a> {
                 "the period must run forwards and not exceed the retention period (28 days)".into(),
             ));
         }
-        Ok(trace::shared_code_report(
+        Ok(trace::read_shared_codes(
             self.hub,
             self.ledger,
-            &self.audit(),
-            who,
             from,
             to,
             self.now,

@@ -331,6 +331,20 @@ pub fn run(
     q: &TraceQuery,
     now: UnixSeconds,
 ) -> Result<TraceReport, TraceError> {
+    let (report, event) = read(hub, ledger, q, now)?;
+    audit.append(who, event, now)?;
+    Ok(report)
+}
+
+/// The read part of a trace: the report and the audit event that must be appended (durably)
+/// before the report is handed to anyone ([`run`] does both; the running hub reads off its
+/// actor and appends on it, `crate::reads`). Writes nothing.
+pub fn read(
+    hub: &Hub,
+    ledger: &Ledger<'_>,
+    q: &TraceQuery,
+    now: UnixSeconds,
+) -> Result<(TraceReport, Event), TraceError> {
     let facts = ledger.trace_facts(&q.tokens, q.window_minutes, q.from, q.to, now)?;
     let names = Names::of(hub)?;
 
@@ -449,9 +463,8 @@ pub fn run(
     .facilities(touched);
     event.case_id = q.case.clone();
     event.purpose = q.purpose.clone();
-    audit.append(who, event, now)?;
 
-    Ok(TraceReport {
+    let report = TraceReport {
         case_id: q.case.clone(),
         purpose: q.purpose.clone(),
         region: hub.config().region.clone(),
@@ -465,7 +478,8 @@ pub fn run(
         unsynced_facilities: unsynced,
         notes,
         shared_codes,
-    })
+    };
+    Ok((report, event))
 }
 
 /// The shared-code report: every token seen at two different facilities within one code's
@@ -492,6 +506,39 @@ pub fn shared_code_report(
     to: UnixSeconds,
     now: UnixSeconds,
 ) -> Result<SharedCodeReport, TraceError> {
+    let (report, event) = read_shared_codes(hub, ledger, from, to, now)?;
+    audit.append(who, event, now)?;
+    Ok(report)
+}
+
+/// A pause added to every shared-code scan, milliseconds: 0 but in tests, which set it (a
+/// region-sized scan takes about a minute; a test stands for it with this) through
+/// [`pause_scans_for_tests`]. Never set by the binaries.
+static SCAN_PAUSE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Makes every shared-code scan of this process take at least `pause` more (tests only: it
+/// stands for the full scan of a region-sized hub).
+#[doc(hidden)]
+pub fn pause_scans_for_tests(pause: std::time::Duration) {
+    SCAN_PAUSE_MS.store(
+        u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The read part of the shared-code report: the report and the audit event that must be
+/// appended before it is handed out ([`shared_code_report`] does both). Writes nothing.
+pub fn read_shared_codes(
+    hub: &Hub,
+    ledger: &Ledger<'_>,
+    from: UnixSeconds,
+    to: UnixSeconds,
+    now: UnixSeconds,
+) -> Result<(SharedCodeReport, Event), TraceError> {
+    let pause = SCAN_PAUSE_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if pause > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(pause));
+    }
     let mut visits: Vec<IndexedVisit> = Vec::new();
     ledger.scan_visits(Day::of(from), Day::of(to), now, |v| {
         if v.token.is_some() && (from..=to).contains(&v.scanned_at) {
@@ -508,21 +555,18 @@ pub fn shared_code_report(
         .iter()
         .flat_map(|c| [c.first.facility_id.as_str(), c.second.facility_id.as_str()])
         .collect();
-    audit.append(
-        who,
-        Event::new(
-            "report.shared_codes",
-            serde_json::json!({ "from": from, "to": to, "found": codes.len() }),
-        )
-        .facilities(touched),
-        now,
-    )?;
-    Ok(SharedCodeReport {
+    let event = Event::new(
+        "report.shared_codes",
+        serde_json::json!({ "from": from, "to": to, "found": codes.len() }),
+    )
+    .facilities(touched);
+    let report = SharedCodeReport {
         from,
         to,
         visits_scanned: visits.len() as u64,
         shared_codes: codes,
-    })
+    };
+    Ok((report, event))
 }
 
 /// A spreadsheet-safe CSV cell: a cell that a spreadsheet could take for a formula (starting

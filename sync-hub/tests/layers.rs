@@ -16,7 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["auth", "audit", "gov", "trace", "people", "commands"],
     ),
     ("opening", &["schema"]),
-    ("shells", &["daemon", "http", "control", "cli"]),
+    ("shells", &["daemon", "reads", "http", "control", "cli"]),
 ];
 
 fn rank(module: &str) -> Option<usize> {

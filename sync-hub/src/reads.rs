@@ -1,0 +1,166 @@
+//! The people's reads, off the hub's actor.
+//!
+//! The actor thread ([`crate::daemon`]) runs every device's sync session; a job on it holds
+//! every session for as long as it runs. Reports read a lot (the shared-code report scans every
+//! live visit: 0.7 s at 840,000 visits, about a minute at a region's size), so the people's
+//! reads run here instead, on tokio's blocking threads, each over a [`Ledger::reader`] of the
+//! actor's ledger: every ledger read is a redb read transaction, an MVCC snapshot that neither
+//! waits for the actor's writes nor holds them up. What stays on the actor is short: the day
+//! keys a reader needs ([`Ledger::read_keys`], copied per read), and the writes, among them
+//! the audit entry of a trace or report, appended after its read and before its answer is
+//! returned ([`audited`]: no entry, no answer).
+//!
+//! Concurrency is bounded ([`Pool`]): at most [`HEAVY_READS`] reports (shared codes,
+//! compliance, dashboard, audit verification) and [`LIGHT_READS`] other reads (traces, lists,
+//! stats, metrics, the audit log) at once; one more is refused at once with
+//! [`Busy`] (HTTP 503 with `Retry-After`), so a flood of requests cannot take every core or
+//! pile up threads, and a long report never keeps a trace waiting.
+
+use crate::audit::Event;
+use crate::auth::Principal;
+use crate::daemon::{HubHandle, Metrics};
+use crate::ledger::Ledger;
+use crate::people::{Desk, OpError};
+use shared::UnixSeconds;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// Reports that may run at once (shared codes, compliance, dashboard, audit verification):
+/// each may read the whole live index, and the hub has a few cores for its sessions too.
+pub const HEAVY_READS: usize = 2;
+/// Other reads that may run at once (traces, lists, stats, metrics, the audit log): short,
+/// and never queued behind a report.
+pub const LIGHT_READS: usize = 4;
+/// What a refused read is told to wait before asking again, seconds (`Retry-After`).
+pub const RETRY_AFTER_SECONDS: u64 = 5;
+
+/// Which bound a read counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// A report that may scan the whole live index ([`HEAVY_READS`] at once).
+    Heavy,
+    /// Any other read ([`LIGHT_READS`] at once).
+    Light,
+}
+
+/// The bounds of the reads running off the actor: one per [`Weight`].
+#[derive(Debug, Clone)]
+pub struct Pool {
+    heavy: Arc<Semaphore>,
+    light: Arc<Semaphore>,
+    heavy_max: usize,
+    light_max: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new(HEAVY_READS, LIGHT_READS)
+    }
+}
+
+impl Pool {
+    /// At most `heavy` reports and `light` other reads at once.
+    pub fn new(heavy: usize, light: usize) -> Self {
+        Pool {
+            heavy: Arc::new(Semaphore::new(heavy)),
+            light: Arc::new(Semaphore::new(light)),
+            heavy_max: heavy,
+            light_max: light,
+        }
+    }
+}
+
+/// A read was refused: as many as its bound allows are running.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the hub is answering {running} {what} already (at most {running} at once, so that sync \
+     sessions keep their share of the machine); try again in {retry_after} s"
+)]
+pub struct Busy {
+    /// The bound that was full.
+    pub running: usize,
+    /// What it bounds.
+    pub what: &'static str,
+    /// Seconds to wait ([`RETRY_AFTER_SECONDS`]).
+    pub retry_after: u64,
+}
+
+/// Why a read gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Too many reads of its weight are running.
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    /// The hub's actor has stopped, or the read's thread failed.
+    #[error("{0}")]
+    Stopped(String),
+    /// The operation refused or failed.
+    #[error(transparent)]
+    Op(#[from] OpError),
+}
+
+/// Runs `job` off the actor as of `now`, on a [`Desk`] over a reader of the actor's ledger,
+/// counted against `weight`'s bound (refused with [`Busy`] when it is full).
+pub async fn read<T, F>(
+    hub: &HubHandle,
+    pool: &Pool,
+    weight: Weight,
+    now: UnixSeconds,
+    job: F,
+) -> Result<T, ReadError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Desk<'_>, &Metrics) -> Result<T, OpError> + Send + 'static,
+{
+    let (sem, running, what) = match weight {
+        Weight::Heavy => (&pool.heavy, pool.heavy_max, "reports"),
+        Weight::Light => (&pool.light, pool.light_max, "reads"),
+    };
+    let permit = sem.clone().try_acquire_owned().map_err(|_| Busy {
+        running,
+        what,
+        retry_after: RETRY_AFTER_SECONDS,
+    })?;
+    // The one thing the read needs of the actor: its day keys as they are now (a purge moves
+    // them). A copy, taken in a job of microseconds.
+    let keys = hub
+        .query(|_, ledger, _| ledger.read_keys())
+        .await
+        .map_err(ReadError::Stopped)?
+        .map_err(OpError::from)?;
+    let shared = hub.hub.clone();
+    let metrics = hub.metrics.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
+        let desk = Desk::new(&shared, &ledger, now);
+        job(&desk, &metrics)
+    })
+    .await
+    .map_err(|e| ReadError::Stopped(format!("the read failed: {e}")))?
+    .map_err(ReadError::Op)
+}
+
+/// [`read`] for a trace or report that is audited: `job` answers with the report and its
+/// audit event; the event is appended on the actor (a short write job) and the report
+/// returned only once it is stored. An audit that fails fails the read.
+pub async fn audited<T, F>(
+    hub: &HubHandle,
+    pool: &Pool,
+    weight: Weight,
+    who: Principal,
+    job: F,
+) -> Result<T, ReadError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Desk<'_>, &Principal, &Metrics) -> Result<(T, Event), OpError> + Send + 'static,
+{
+    let now = crate::clock::now();
+    let reader = who.clone();
+    let (answer, event) =
+        read(hub, pool, weight, now, move |desk, m| job(desk, &reader, m)).await?;
+    hub.query(move |hub, ledger, _| Desk::new(hub, ledger, now).audit_read(&who, event))
+        .await
+        .map_err(ReadError::Stopped)??;
+    Ok(answer)
+}
