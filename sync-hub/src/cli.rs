@@ -842,8 +842,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             // Every hub searches the same period, fixed here.
             let to = to.unwrap_or(now);
-            let from =
-                from.unwrap_or_else(|| to.saturating_sub(crate::trace::MAX_PERIOD_SECONDS));
+            let from = from.unwrap_or_else(|| to.saturating_sub(crate::trace::MAX_PERIOD_SECONDS));
             let request = TraceRequest {
                 tokens,
                 window_minutes: Some(window_minutes),

@@ -281,7 +281,11 @@ pub struct Asked {
 }
 
 /// Merges the hubs' outcomes (in the hubs file's order) into one report.
-pub fn merge(asked: &Asked, outcomes: Vec<HubOutcome>, generated_at: UnixSeconds) -> NationalReport {
+pub fn merge(
+    asked: &Asked,
+    outcomes: Vec<HubOutcome>,
+    generated_at: UnixSeconds,
+) -> NationalReport {
     let mut regions = Vec::new();
     let mut visits = Vec::new();
     let mut contacts = Vec::new();
@@ -715,8 +719,14 @@ mod tests {
         let r = merge(
             &asked(),
             vec![
-                outcome("a", Outcome::Answered(Box::new(report("a", vec![], vec![])))),
-                outcome("b", Outcome::Answered(Box::new(report("b", vec![], vec![])))),
+                outcome(
+                    "a",
+                    Outcome::Answered(Box::new(report("a", vec![], vec![]))),
+                ),
+                outcome(
+                    "b",
+                    Outcome::Answered(Box::new(report("b", vec![], vec![]))),
+                ),
             ],
             9_500,
         );

@@ -102,7 +102,13 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
     // Mapo: the case, a QR contact and a paper contact at one karaoke; its device synced.
     let star = {
         let h = mapo.open()?;
-        let reg = registration("Star Karaoke", "karaoke", "mapo", "1 Wausan-ro", Some(BUSINESS_NUMBER));
+        let reg = registration(
+            "Star Karaoke",
+            "karaoke",
+            "mapo",
+            "1 Wausan-ro",
+            Some(BUSINESS_NUMBER),
+        );
         let f = add_facility(&h, reg, now)?;
         let dev = add_device(&h, &f, now)?;
         set_last_sync(&h, &dev, Some(now))?;
@@ -117,7 +123,13 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
     // Gangnam: the case two hours later at a bar whose device has not synced since.
     let bar = {
         let h = gangnam.open()?;
-        let reg = registration("Tent Bar", "karaoke", "gangnam", "2 Teheran-ro", Some(BUSINESS_NUMBER));
+        let reg = registration(
+            "Tent Bar",
+            "karaoke",
+            "gangnam",
+            "2 Teheran-ro",
+            Some(BUSINESS_NUMBER),
+        );
         let f = add_facility(&h, reg, now)?;
         let dev = add_device(&h, &f, now)?;
         set_last_sync(&h, &dev, Some(t0 + 2 * 3600 - 10 * MIN))?;
@@ -157,8 +169,18 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
     let from = (t0 - 3600).to_string();
     let to = now.to_string();
     let base = [
-        "--token", &token, "--case", "case-42", "--purpose", "cluster", "--from", &from, "--to",
-        &to, "--timeout", "2s",
+        "--token",
+        &token,
+        "--case",
+        "case-42",
+        "--purpose",
+        "cluster",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--timeout",
+        "2s",
     ];
 
     // A hubs file others can read is refused before anything is sent.
@@ -172,7 +194,10 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
     let took = started.elapsed();
     assert!(!ok, "two hubs did not answer: the exit says so");
     assert!(err.contains("2 of 4 hubs did not answer"), "{err}");
-    assert!(took < Duration::from_secs(8), "bounded by the timeout: {took:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "bounded by the timeout: {took:?}"
+    );
     let r: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
     let status: Vec<(&str, &str)> = r["regions"]
         .as_array()
@@ -198,7 +223,10 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
     assert_eq!(r["complete"], false);
     assert_eq!(r["regions"][0]["incomplete"], false);
     assert_eq!(r["regions"][1]["incomplete"], true);
-    assert_eq!(r["regions"][1]["unsynced_facilities"], json!([bar.to_string()]));
+    assert_eq!(
+        r["regions"][1]["unsynced_facilities"],
+        json!([bar.to_string()])
+    );
     assert_eq!(
         r["unsynced_facilities"],
         json!([{"region": "gangnam", "facility_id": bar.to_string()}])
@@ -227,7 +255,11 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
         .iter()
         .find(|c| c["paper"] == true)
         .context("the paper contact")?;
-    assert!(paper["sealed_paper"].as_str().is_some_and(|s| s.len() > 100));
+    assert!(
+        paper["sealed_paper"]
+            .as_str()
+            .is_some_and(|s| s.len() > 100)
+    );
     assert!(!out.contains("정하늘"), "paper stays sealed");
 
     // The authority opens the paper contact from the national report.
@@ -277,7 +309,11 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
         .collect();
     let count = |k: &str, region: &str| kinds.iter().filter(|(a, b)| a == k && b == region).count();
     assert_eq!(
-        (count("region", "jeju"), count("visit", "mapo"), count("visit", "gangnam")),
+        (
+            count("region", "jeju"),
+            count("visit", "mapo"),
+            count("visit", "gangnam")
+        ),
         (1, 1, 1),
         "{csv}"
     );
@@ -290,7 +326,10 @@ fn a_case_in_two_regions_is_traced_at_once_with_one_region_down() -> Result<()> 
     let r: Value = serde_json::from_str(out.trim())?;
     assert_eq!(r["regions"][1]["status"], "error");
     assert!(
-        r["regions"][1]["error"].as_str().unwrap_or_default().contains("401"),
+        r["regions"][1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("401"),
         "{r}"
     );
     assert_eq!(r["regions"][0]["status"], "ok");

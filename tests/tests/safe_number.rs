@@ -35,7 +35,11 @@ fn a_safe_number_is_recorded_sealed_and_opened_by_the_authority() -> Result<()> 
     // Refused, nothing stored: a malformed safe number, and neither phone nor safe number.
     let bad = paper_add(
         &d,
-        &[&["--name", "이서연", "--safe-number", "98다76"][..], &consents].concat(),
+        &[
+            &["--name", "이서연", "--safe-number", "98다76"][..],
+            &consents,
+        ]
+        .concat(),
         "",
     )?;
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -48,7 +52,10 @@ fn a_safe_number_is_recorded_sealed_and_opened_by_the_authority() -> Result<()> 
     let none = paper_add(&d, &[&["--name", "이서연"][..], &consents].concat(), "")?;
     assert!(!none.status.success());
     let err = String::from_utf8_lossy(&none.stderr);
-    assert!(err.contains("--phone") || err.contains("safe-number"), "{err}");
+    assert!(
+        err.contains("--phone") || err.contains("safe-number"),
+        "{err}"
+    );
     assert_eq!(fixture::device_status(&dev)?["records"], 1);
 
     // Stored: a safe number inline, a safe number and name from stdin, a phone as before.
@@ -59,7 +66,10 @@ fn a_safe_number_is_recorded_sealed_and_opened_by_the_authority() -> Result<()> 
     ] {
         let out = paper_add(&d, &[&args[..], &consents].concat(), stdin)?;
         if !out.status.success() {
-            bail!("paper add {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "paper add {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let v: Value = serde_json::from_slice(&out.stdout)?;
         assert_eq!(v["stored"], true, "{v}");
