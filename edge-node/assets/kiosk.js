@@ -591,6 +591,7 @@
     const entry = {
       name: $('paper-name').value,
       phone: $('paper-phone').value,
+      safe_number: $('paper-safe-number').value,
       consent_collect: $('consent-collect').checked,
       consent_share: $('consent-share').checked,
       minor: $('minor').checked,

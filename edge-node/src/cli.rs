@@ -189,8 +189,19 @@ pub enum PaperCommand {
         #[arg(long, num_args = 0..=1, required = true, value_name = "NAME")]
         name: Option<Option<String>>,
         /// Visitor's phone number; `--phone` alone reads it from stdin, after the name.
-        #[arg(long, num_args = 0..=1, required = true, value_name = "PHONE")]
+        /// Not needed when `--safe-number` is given.
+        #[arg(
+            long,
+            num_args = 0..=1,
+            required_unless_present = "safe_number",
+            value_name = "PHONE"
+        )]
         phone: Option<Option<String>>,
+        /// Visitor's personal safe number (개인안심번호: 4 digits and 2 Hangul syllables, e.g.
+        /// 12가34나), instead of or beside the phone; `--safe-number` alone reads it from
+        /// stdin, after the name and phone.
+        #[arg(long, num_args = 0..=1, value_name = "NUMBER")]
+        safe_number: Option<Option<String>>,
         /// When they visited (Unix seconds). Default: now.
         #[arg(long)]
         visited_at: Option<u64>,
@@ -579,6 +590,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 PaperCommand::Add {
                     name,
                     phone,
+                    safe_number,
                     visited_at,
                     consent_collect,
                     consent_share,
@@ -595,10 +607,28 @@ pub fn run(cli: Cli) -> Result<Exit> {
             }
             let input = SecretInput::new("edge-node", PROMPT_ORDER);
             let name = input.value("--name", "visitor's name", name.flatten(), Echo::On)?;
-            let phone = input.value("--phone", "visitor's phone", phone.flatten(), Echo::On)?;
+            let phone = match phone {
+                Some(given) => input.value("--phone", "visitor's phone", given, Echo::On)?,
+                None => String::new(),
+            };
+            let safe_number = match safe_number {
+                Some(given) => Some(
+                    input
+                        .value(
+                            "--safe-number",
+                            "visitor's personal safe number",
+                            given,
+                            Echo::On,
+                        )?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
             let entry = PaperEntry {
                 name,
                 phone,
+                safe_number,
                 visited_at: visited_at.unwrap_or(now),
                 consent_collect,
                 consent_share,
@@ -817,7 +847,7 @@ async fn shutdown_signal() {
 }
 
 /// The order `edge-node` reads bare flags from stdin in.
-const PROMPT_ORDER: &str = "name, then phone, then PIN";
+const PROMPT_ORDER: &str = "name, then phone, then safe number, then PIN";
 
 fn is_busy(e: &DeviceError) -> bool {
     matches!(e, DeviceError::Store(StoreError::Busy(_)))

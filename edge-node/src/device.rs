@@ -1357,6 +1357,7 @@ pub(crate) mod tests {
         let entry = PaperEntry {
             name: "Hong Gildong".into(),
             phone: "010-1234-5678".into(),
+            safe_number: None,
             visited_at,
             consent_collect: true,
             consent_share: true,

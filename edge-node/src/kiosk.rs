@@ -941,11 +941,15 @@ async fn staff_logout(State(s): State<KioskState>, headers: HeaderMap) -> Respon
     r
 }
 
-/// The staff's paper-log form. No `Debug`: it holds a name and a phone number.
+/// The staff's paper-log form. No `Debug`: it holds a name and a phone number or a personal
+/// safe number (an empty one is none).
 #[derive(Deserialize)]
 struct PaperForm {
     name: String,
+    #[serde(default)]
     phone: String,
+    #[serde(default)]
+    safe_number: String,
     #[serde(default)]
     consent_collect: bool,
     #[serde(default)]
@@ -978,7 +982,8 @@ async fn paper(
         let now = clock::now();
         let entry = PaperEntry {
             name: form.name,
-            phone: form.phone,
+            phone: form.phone.trim().to_owned(),
+            safe_number: Some(form.safe_number.trim().to_owned()).filter(|n| !n.is_empty()),
             visited_at: now,
             consent_collect: form.consent_collect,
             consent_share: form.consent_share,

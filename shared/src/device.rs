@@ -632,6 +632,7 @@ mod tests {
         PaperEntry {
             name: "Hong Gildong".into(),
             phone: "010-1234-5678".into(),
+            safe_number: None,
             visited_at,
             consent_collect: true,
             consent_share: true,

@@ -1,10 +1,16 @@
 //! Paper-log entries: the fallback for visitors without a QR code, who write their name and
-//! phone number instead.
+//! phone number, or their personal safe number (개인안심번호), instead.
 //!
 //! An entry is checked ([`PaperEntry::validate`]), then sealed with age to the health
 //! authority's key ([`PaperEntry::seal_for_authority`]); the sealed bytes go into an ordinary
 //! record envelope (`RecordBody::Paper`). So the hub can see that a paper entry exists and when,
 //! never whose it is: only the authority's identity opens it.
+//!
+//! The sealed plaintext is postcard: the first version's seven fields (name, phone,
+//! visited_at, consent_collect, consent_share, guardian_consent, remarks), then, only when the
+//! visitor gave a personal safe number, an extension holding it. An entry without a safe number
+//! seals to exactly the first version's bytes, so older entries open unchanged and older
+//! openers still open phone-only entries.
 
 use crate::time::UnixSeconds;
 use serde::{Deserialize, Serialize};
@@ -18,6 +24,9 @@ pub const MAX_NAME_CHARS: usize = 100;
 pub const PHONE_CHARS: std::ops::RangeInclusive<usize> = 4..=20;
 /// Fewest digits in a phone number.
 pub const MIN_PHONE_DIGITS: usize = 4;
+/// Characters of a personal safe number (개인안심번호): four ASCII digits and two Hangul
+/// syllables, in any order (`12가34나`, `1가23나4`), as the issuer apps showed it from 2021.
+pub const SAFE_NUMBER_CHARS: usize = 6;
 /// Longest remarks, in characters.
 pub const MAX_REMARKS_CHARS: usize = 500;
 /// Largest sealed entry accepted for opening. The largest valid entry (all text at four bytes
@@ -56,6 +65,27 @@ pub enum PaperError {
     BadPhone {
         /// Characters in the phone number.
         chars: usize,
+    },
+    /// Neither a phone number nor a personal safe number was given.
+    #[error(
+        "give the visitor's phone number or their personal safe number (개인안심번호, shown \
+         under the QR code in the issuer app); nothing was recorded"
+    )]
+    ContactMissing,
+    /// The personal safe number is not of its form. (The value is not repeated: it identifies
+    /// a person.)
+    #[error(
+        "personal safe number (개인안심번호) must be {SAFE_NUMBER_CHARS} characters: 4 digits \
+         and 2 Hangul syllables in any order, as the issuer app shows it (e.g. 12가34나), \
+         with no spaces (got {chars} characters, {digits} digits, {hangul} Hangul syllables)"
+    )]
+    BadSafeNumber {
+        /// Characters given.
+        chars: usize,
+        /// Digits among them.
+        digits: usize,
+        /// Hangul syllables among them.
+        hangul: usize,
     },
     /// The remarks are too long or have control characters.
     #[error(
@@ -100,8 +130,12 @@ pub enum PaperError {
 pub struct PaperEntry {
     /// The visitor's name.
     pub name: String,
-    /// The visitor's phone number.
+    /// The visitor's phone number; empty when they gave a personal safe number instead.
     pub phone: String,
+    /// The visitor's personal safe number (개인안심번호), written instead of (or beside) the
+    /// phone number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_number: Option<String>,
     /// When the visit happened.
     pub visited_at: UnixSeconds,
     /// Consent to collecting these details.
@@ -121,6 +155,10 @@ impl fmt::Debug for PaperEntry {
         f.debug_struct("PaperEntry")
             .field("name", &"<hidden>")
             .field("phone", &"<hidden>")
+            .field(
+                "safe_number",
+                &self.safe_number.as_ref().map(|_| "<hidden>"),
+            )
             .field("visited_at", &self.visited_at)
             .field("consent_collect", &self.consent_collect)
             .field("consent_share", &self.consent_share)
@@ -135,7 +173,8 @@ impl fmt::Debug for PaperEntry {
 
 impl PaperEntry {
     /// Checks the entry may be kept: both consents given, name, phone and remarks of the
-    /// allowed form.
+    /// allowed form, and a way to reach the visitor: a phone number, a personal safe number,
+    /// or both.
     pub fn validate(&self) -> Result<(), PaperError> {
         if !self.consent_collect {
             return Err(PaperError::ConsentMissing {
@@ -155,13 +194,20 @@ impl PaperEntry {
                 control,
             });
         }
+        if self.phone.is_empty() && self.safe_number.is_none() {
+            return Err(PaperError::ContactMissing);
+        }
+        if let Some(n) = &self.safe_number {
+            check_safe_number(n)?;
+        }
         let phone_chars = self.phone.chars().count();
-        let phone_ok = PHONE_CHARS.contains(&phone_chars)
-            && self
-                .phone
-                .chars()
-                .all(|c| c.is_ascii_digit() || c == '+' || c == '-' || c == ' ')
-            && self.phone.chars().filter(char::is_ascii_digit).count() >= MIN_PHONE_DIGITS;
+        let phone_ok = (self.phone.is_empty() && self.safe_number.is_some())
+            || (PHONE_CHARS.contains(&phone_chars)
+                && self
+                    .phone
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '+' || c == '-' || c == ' ')
+                && self.phone.chars().filter(char::is_ascii_digit).count() >= MIN_PHONE_DIGITS);
         if !phone_ok {
             return Err(PaperError::BadPhone { chars: phone_chars });
         }
@@ -185,8 +231,7 @@ impl PaperEntry {
         self.validate()?;
         let recipient = age::x25519::Recipient::from_str(authority_recipient)
             .map_err(PaperError::BadAuthorityKey)?;
-        let plaintext =
-            Zeroizing::new(postcard::to_stdvec(self).map_err(|e| PaperError::Seal(e.to_string()))?);
+        let plaintext = Zeroizing::new(self.to_plaintext()?);
         age::encrypt(&recipient, &plaintext).map_err(|e| PaperError::Seal(e.to_string()))
     }
 
@@ -202,18 +247,100 @@ impl PaperEntry {
         let plaintext = Zeroizing::new(
             age::decrypt(identity, sealed).map_err(|e| PaperError::Open(e.to_string()))?,
         );
-        let (entry, rest): (PaperEntry, _) = postcard::take_from_bytes(&plaintext)
-            .map_err(|e| PaperError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(PaperError::Malformed(format!(
-                "{} trailing bytes",
-                rest.len()
-            )));
-        }
+        let entry = PaperEntry::from_plaintext(&plaintext)?;
         entry
             .validate()
             .map_err(|e| PaperError::Malformed(e.to_string()))?;
         Ok(entry)
+    }
+}
+
+/// The first version's fields, in their sealed order.
+#[derive(Serialize, Deserialize)]
+struct SealedV1 {
+    name: String,
+    phone: String,
+    visited_at: UnixSeconds,
+    consent_collect: bool,
+    consent_share: bool,
+    guardian_consent: bool,
+    remarks: String,
+}
+
+/// What follows the first version's fields when the visitor gave a personal safe number.
+#[derive(Serialize, Deserialize)]
+struct SealedExtension {
+    safe_number: Option<String>,
+}
+
+impl PaperEntry {
+    /// The sealed plaintext: the first version's bytes, then the extension if there is a safe
+    /// number.
+    fn to_plaintext(&self) -> Result<Vec<u8>, PaperError> {
+        let v1 = SealedV1 {
+            name: self.name.clone(),
+            phone: self.phone.clone(),
+            visited_at: self.visited_at,
+            consent_collect: self.consent_collect,
+            consent_share: self.consent_share,
+            guardian_consent: self.guardian_consent,
+            remarks: self.remarks.clone(),
+        };
+        let seal = |e: postcard::Error| PaperError::Seal(e.to_string());
+        let mut out = postcard::to_stdvec(&v1).map_err(seal)?;
+        if self.safe_number.is_some() {
+            let ext = SealedExtension {
+                safe_number: self.safe_number.clone(),
+            };
+            out.extend(postcard::to_stdvec(&ext).map_err(seal)?);
+        }
+        Ok(out)
+    }
+
+    /// Reads a sealed plaintext of either version.
+    fn from_plaintext(bytes: &[u8]) -> Result<PaperEntry, PaperError> {
+        let malformed = |e: postcard::Error| PaperError::Malformed(e.to_string());
+        let (v1, rest): (SealedV1, _) = postcard::take_from_bytes(bytes).map_err(malformed)?;
+        let safe_number = if rest.is_empty() {
+            None
+        } else {
+            let (ext, rest): (SealedExtension, _) =
+                postcard::take_from_bytes(rest).map_err(malformed)?;
+            if !rest.is_empty() {
+                return Err(PaperError::Malformed(format!(
+                    "{} trailing bytes",
+                    rest.len()
+                )));
+            }
+            ext.safe_number
+        };
+        Ok(PaperEntry {
+            name: v1.name,
+            phone: v1.phone,
+            safe_number,
+            visited_at: v1.visited_at,
+            consent_collect: v1.consent_collect,
+            consent_share: v1.consent_share,
+            guardian_consent: v1.guardian_consent,
+            remarks: v1.remarks,
+        })
+    }
+}
+
+/// Checks a personal safe number's form: [`SAFE_NUMBER_CHARS`] characters, four ASCII digits
+/// and two precomposed Hangul syllables (가..힣) in any order.
+pub fn check_safe_number(n: &str) -> Result<(), PaperError> {
+    let chars = n.chars().count();
+    let digits = n.chars().filter(char::is_ascii_digit).count();
+    let hangul = n.chars().filter(|c| ('가'..='힣').contains(c)).count();
+    if chars == SAFE_NUMBER_CHARS && digits == 4 && hangul == 2 {
+        Ok(())
+    } else {
+        Err(PaperError::BadSafeNumber {
+            chars,
+            digits,
+            hangul,
+        })
     }
 }
 
@@ -225,6 +352,7 @@ mod tests {
         PaperEntry {
             name: "김민준".into(),
             phone: "010-1234-5678".into(),
+            safe_number: None,
             visited_at: 1_700_000_000,
             consent_collect: true,
             consent_share: true,
@@ -256,6 +384,7 @@ mod tests {
         let e = PaperEntry {
             name: "𝄞".repeat(MAX_NAME_CHARS),
             phone: "1".repeat(20),
+            safe_number: Some("힣힣1234".into()),
             visited_at: u64::MAX,
             remarks: "𝄞".repeat(MAX_REMARKS_CHARS),
             ..entry()
@@ -266,5 +395,102 @@ mod tests {
             .expect("valid entry seals");
         assert!(sealed.len() <= MAX_SEALED_PAPER_BYTES, "{}", sealed.len());
         assert_eq!(PaperEntry::open_as_authority(&sealed, &id), Ok(e));
+    }
+
+    /// A phone-only entry as the first version sealed it (postcard bytes made by the code
+    /// before safe numbers existed): it still opens, with no safe number.
+    #[test]
+    fn first_version_plaintext_still_opens() {
+        let old = hex::decode(
+            "09eab980ebafbceca4800d3031302d313233342d3536373880e2cfaa0601010006ecb0bdeab080",
+        )
+        .expect("hex");
+        let id = age::x25519::Identity::generate();
+        let sealed = age::encrypt(&id.to_public(), &old).expect("seal");
+        let opened = PaperEntry::open_as_authority(&sealed, &id).expect("old entry opens");
+        assert_eq!(
+            opened,
+            PaperEntry {
+                remarks: "창가".into(),
+                ..entry()
+            }
+        );
+        // And a phone-only entry still seals to exactly those bytes.
+        assert_eq!(opened.to_plaintext().expect("plaintext"), old);
+    }
+
+    #[test]
+    fn safe_number_entries_seal_and_open() {
+        let id = age::x25519::Identity::generate();
+        for (phone, safe) in [("", "12가34나"), ("010-1234-5678", "1가23나4")] {
+            let e = PaperEntry {
+                phone: phone.into(),
+                safe_number: Some(safe.into()),
+                ..entry()
+            };
+            let sealed = e
+                .seal_for_authority(&id.to_public().to_string())
+                .expect("seals");
+            assert_eq!(PaperEntry::open_as_authority(&sealed, &id), Ok(e));
+        }
+    }
+
+    #[test]
+    fn safe_number_form_is_checked() {
+        for good in ["12가34나", "가나1234", "1가23나4", "123가4나", "9999힣힣"] {
+            assert_eq!(check_safe_number(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "12가34",
+            "12가34나5",
+            "12가 34나",
+            "12ㄱ34나",
+            "12ga34na",
+            "１２가３４나",
+            "1가2나3다",
+            "12가34나\n",
+        ] {
+            let e = PaperEntry {
+                phone: String::new(),
+                safe_number: Some(bad.into()),
+                ..entry()
+            };
+            assert!(
+                matches!(e.validate(), Err(PaperError::BadSafeNumber { .. })),
+                "{bad:?}: {:?}",
+                e.validate()
+            );
+        }
+    }
+
+    #[test]
+    fn a_phone_or_a_safe_number_is_required() {
+        let none = PaperEntry {
+            phone: String::new(),
+            ..entry()
+        };
+        assert_eq!(none.validate(), Err(PaperError::ContactMissing));
+        let message = PaperError::ContactMissing.to_string();
+        assert!(message.contains("개인안심번호"), "{message}");
+        // A bad phone is refused even beside a good safe number.
+        let bad_phone = PaperEntry {
+            phone: "abc".into(),
+            safe_number: Some("12가34나".into()),
+            ..entry()
+        };
+        assert!(matches!(
+            bad_phone.validate(),
+            Err(PaperError::BadPhone { .. })
+        ));
+        // The error never repeats the number.
+        let e = PaperEntry {
+            phone: String::new(),
+            safe_number: Some("12가34다라".into()),
+            ..entry()
+        };
+        let text = e.validate().expect_err("refused").to_string();
+        assert!(!text.contains("12가34다라"), "{text}");
+        assert!(!format!("{e:?}").contains("12가"));
     }
 }

@@ -50,6 +50,7 @@ fn paper_entry() -> PaperEntry {
     PaperEntry {
         name: "Hong Gildong".into(),
         phone: "010-9876-5432".into(),
+        safe_number: None,
         visited_at: DAY.start() + 3_600,
         consent_collect: true,
         consent_share: true,

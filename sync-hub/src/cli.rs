@@ -188,6 +188,11 @@ pub enum Command {
         #[command(subcommand)]
         command: PaperCommand,
     },
+    /// The health authority's machine: one trace across every regional hub.
+    Nation {
+        #[command(subcommand)]
+        command: NationCommand,
+    },
     /// Enforce retention now, or as if the clock read UNIX (only ever later than now).
     Purge {
         /// Unix seconds; earlier than now is ignored, more than 400 days ahead refused.
@@ -353,6 +358,67 @@ pub enum PaperCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum NationCommand {
+    /// Trace a case at every regional hub of a hubs file at once (each hub's `POST
+    /// /api/trace`, in parallel, each bounded by --timeout) and print one merged report:
+    /// per region whether its hub answered (ok, error, timeout) and which facilities may hold
+    /// unsynced visits; visits, contacts and shared codes with their regions; paper entries
+    /// still sealed (`paper open` opens them). Exits non-zero, after the report, when a hub
+    /// did not answer. Runs on the authority's machine; needs no hub folder.
+    Trace {
+        /// The hubs file: JSON `{"hubs": [{"region", "url": "http://HOST:PORT",
+        /// "credential"}]}`, the authority's credential for each hub. It must be readable by
+        /// its owner only (chmod 600); `-` reads it from stdin.
+        #[arg(long)]
+        hubs: PathBuf,
+        /// A token, 32 hex characters (repeatable).
+        #[arg(long = "token", required = true)]
+        tokens: Vec<String>,
+        /// Contacts within this many minutes of a visit.
+        #[arg(long, default_value_t = 30)]
+        window_minutes: u64,
+        /// The case id (audited at every hub).
+        #[arg(long)]
+        case: String,
+        /// The purpose (audited at every hub).
+        #[arg(long)]
+        purpose: String,
+        /// Start of the period searched, Unix seconds (default: the retention period before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// End of the period searched, Unix seconds (default: now). Every hub searches the
+        /// same period.
+        #[arg(long)]
+        to: Option<u64>,
+        /// How long each hub has to answer: seconds, `10` or `10s`.
+        #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+        timeout: std::time::Duration,
+        /// Output format: json or csv (spreadsheet-safe).
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// Write the report to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `--timeout`: whole seconds, with an optional `s`, 1 to [`crate::nation::MAX_TIMEOUT_SECONDS`].
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let n: u64 = s
+        .strip_suffix('s')
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 10 or 10s)"))?;
+    if !(1..=crate::nation::MAX_TIMEOUT_SECONDS).contains(&n) {
+        return Err(format!(
+            "the timeout must be 1 to {} seconds",
+            crate::nation::MAX_TIMEOUT_SECONDS
+        ));
+    }
+    Ok(std::time::Duration::from_secs(n))
 }
 
 #[derive(Subcommand)]
@@ -754,6 +820,74 @@ pub fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("{} paper entries did not open", failed.len());
             }
         }
+        Command::Nation {
+            command:
+                NationCommand::Trace {
+                    hubs,
+                    tokens,
+                    window_minutes,
+                    case,
+                    purpose,
+                    from,
+                    to,
+                    timeout,
+                    format,
+                    out,
+                },
+        } => {
+            let csv = match format.as_str() {
+                "json" => false,
+                "csv" => true,
+                other => anyhow::bail!("--format {other:?}: use json or csv"),
+            };
+            // Every hub searches the same period, fixed here.
+            let to = to.unwrap_or(now);
+            let from = from.unwrap_or_else(|| to.saturating_sub(crate::trace::MAX_PERIOD_SECONDS));
+            let request = TraceRequest {
+                tokens,
+                window_minutes: Some(window_minutes),
+                case: Some(case),
+                purpose: Some(purpose),
+                from: Some(from),
+                to: Some(to),
+            };
+            // The hubs' own rules, checked before anything is sent.
+            let q = request
+                .clone()
+                .check(now, true)
+                .map_err(anyhow::Error::msg)?;
+            let hub_list = crate::nation::parse_hubs(&read_hubs_file(&hubs)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", hubs.display()))?;
+            let outcomes = ask_hubs(&hub_list, &request, timeout)?;
+            let asked = crate::nation::Asked {
+                case_id: q.case.unwrap_or_default(),
+                purpose: q.purpose.unwrap_or_default(),
+                from: q.from,
+                to: q.to,
+                window_minutes: q.window_minutes,
+            };
+            let report = crate::nation::merge(&asked, outcomes, clock::now());
+            let text = if csv {
+                crate::nation::to_csv(&report)
+            } else {
+                serde_json::to_string(&report)? + "\n"
+            };
+            emit(&text, out.as_deref())?;
+            let silent: Vec<String> = report
+                .regions
+                .iter()
+                .filter(|r| r.status != crate::nation::RegionStatus::Ok)
+                .map(|r| format!("{} ({:?})", r.region, r.status).to_lowercase())
+                .collect();
+            if !silent.is_empty() {
+                anyhow::bail!(
+                    "{} of {} hubs did not answer: {}; the report leaves their regions out",
+                    silent.len(),
+                    report.regions.len(),
+                    silent.join(", ")
+                );
+            }
+        }
         Command::Purge { as_of, json } => {
             // Refused here before anything opens; checked again (and audited) where it runs.
             crate::people::purge_as_of(&Principal::local_operator(), as_of, now)?;
@@ -999,6 +1133,144 @@ fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<AdminRep
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_value(v)?);
     Ok(())
+}
+
+/// The largest hubs file read.
+const MAX_HUBS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads the hubs file (or stdin for `-`). It holds credentials: a file other users could
+/// read is refused, like ssh refuses such a key.
+fn read_hubs_file(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .take(MAX_HUBS_FILE_BYTES)
+            .read_to_string(&mut text)
+            .context("cannot read the hubs file from stdin")?;
+        return Ok(text);
+    }
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read the hubs file {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata()?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "the hubs file {} holds credentials but other users may read it (mode {mode:o}): \
+                 chmod 600 {0}, and replace the credentials if others could have read them",
+                path.display()
+            );
+        }
+    }
+    file.take(MAX_HUBS_FILE_BYTES)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read the hubs file {}", path.display()))?;
+    Ok(text)
+}
+
+/// Sends `request` to every hub's `POST /api/trace` at once, each with `timeout` for the whole
+/// exchange and at most [`crate::nation::MAX_HUB_ANSWER_BYTES`] read; a hub that has not
+/// answered when the time is up counts as timed out. Outcomes in the hubs' order.
+fn ask_hubs(
+    hubs: &[crate::nation::HubEntry],
+    request: &TraceRequest,
+    timeout: std::time::Duration,
+) -> Result<Vec<crate::nation::HubOutcome>> {
+    use crate::nation::{HubOutcome, Outcome};
+    let body = serde_json::to_string(request)?;
+    let started = std::time::Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, hub) in hubs.iter().enumerate() {
+        let (tx, hub, body) = (tx.clone(), hub.clone(), body.clone());
+        std::thread::Builder::new()
+            .name(format!("nation-{i}"))
+            .spawn(move || {
+                let outcome = ask_hub(&hub, &body, timeout);
+                let _ = tx.send((i, outcome, started.elapsed()));
+            })
+            .context("cannot start a thread for a hub")?;
+    }
+    drop(tx);
+    let mut outcomes: Vec<Option<(Outcome, std::time::Duration)>> = vec![None; hubs.len()];
+    // Each request has its own timeout; this bounds the wait should one overrun it.
+    let deadline = started + timeout + std::time::Duration::from_secs(1);
+    while outcomes.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, o, took)) => outcomes[i] = Some((o, took)),
+            Err(_) => break,
+        }
+    }
+    Ok(hubs
+        .iter()
+        .zip(outcomes)
+        .map(|(hub, o)| {
+            let (outcome, took) = o.unwrap_or((Outcome::TimedOut, started.elapsed()));
+            HubOutcome {
+                region: hub.region.clone(),
+                url: hub.url.clone(),
+                outcome,
+                millis: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            }
+        })
+        .collect())
+}
+
+/// One hub's trace: its report, or why not.
+fn ask_hub(
+    hub: &crate::nation::HubEntry,
+    body: &str,
+    timeout: std::time::Duration,
+) -> crate::nation::Outcome {
+    use crate::nation::{MAX_HUB_ANSWER_BYTES, Outcome};
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .max_redirects(0)
+        .build()
+        .into();
+    let failed = |e: ureq::Error| match e {
+        ureq::Error::Timeout(_) => Outcome::TimedOut,
+        ureq::Error::BodyExceedsLimit(n) => Outcome::Failed(format!(
+            "the answer exceeds {n} bytes (the limit for one hub's trace)"
+        )),
+        other => Outcome::Failed(other.to_string()),
+    };
+    let sent = agent
+        .post(&format!("{}/api/trace", hub.url))
+        .header("authorization", &format!("Bearer {}", hub.credential))
+        .header("content-type", "application/json")
+        .send(body);
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    let status = resp.status().as_u16();
+    let text = match resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_HUB_ANSWER_BYTES)
+        .read_to_string()
+    {
+        Ok(t) => t,
+        Err(e) => return failed(e),
+    };
+    if status != 200 {
+        #[derive(serde::Deserialize)]
+        struct Refusal {
+            error: String,
+        }
+        let why = serde_json::from_str::<Refusal>(&text)
+            .map(|r| r.error)
+            .unwrap_or_else(|_| text.chars().take(200).collect());
+        return Outcome::Failed(format!("HTTP {status}: {why}"));
+    }
+    match serde_json::from_str::<crate::trace::TraceReport>(&text) {
+        Ok(r) => Outcome::Answered(Box::new(r)),
+        Err(e) => Outcome::Failed(format!("the answer is not a trace report: {e}")),
+    }
 }
 
 /// Prints a typed answer: its JSON line with `--json`, else the line `text` makes of it.

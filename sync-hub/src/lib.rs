@@ -11,8 +11,9 @@
 //!    [`health`] (the latency histogram and the health decision);
 //! 2. registry: [`registry`] (hub settings, issuer keys, facilities, devices);
 //! 3. ledger: [`ledger`] (visits, sync states, retention);
-//! 4. people: [`auth`], [`audit`], [`gov`], [`trace`], [`people`] (the one table of who may
-//!    do what, [`people::PERMISSIONS`]), [`commands`] (administrative commands, typed answers);
+//! 4. people: [`auth`], [`audit`], [`gov`], [`trace`], [`nation`] (the national trace's
+//!    merge of every regional hub's answer, pure), [`people`] (the one table of who may do
+//!    what, [`people::PERMISSIONS`]), [`commands`] (administrative commands, typed answers);
 //! 5. opening: [`schema`] (opens the store, creates every owner's tables, runs upgrades;
 //!    `Hub::init`, `Hub::open`);
 //! 6. shells: [`daemon`] (the actor and sync endpoint), [`http`], [`control`], [`cli`].
@@ -29,6 +30,7 @@ pub mod health;
 pub mod http;
 pub mod keys;
 pub mod ledger;
+pub mod nation;
 pub mod people;
 pub mod reads;
 pub mod registry;

@@ -704,8 +704,11 @@ pub struct OpenedPaper {
     pub record_id: String,
     /// The visitor's name.
     pub name: String,
-    /// The visitor's phone number.
+    /// The visitor's phone number (empty when they gave a personal safe number instead).
     pub phone: String,
+    /// The visitor's personal safe number (개인안심번호), if they wrote one; `null` for an
+    /// entry without one (every entry sealed before safe numbers existed).
+    pub safe_number: Option<String>,
     /// When the visit happened, as written.
     pub visited_at: UnixSeconds,
     /// A guardian consented.
@@ -724,14 +727,23 @@ pub fn read_identity(text: &str) -> Result<age::x25519::Identity, String> {
         .map_err(|_| "the identity file's key is not an age X25519 identity".to_owned())
 }
 
-/// Opens every sealed paper entry of a trace export (its JSON) with the authority's identity.
-/// Entries that do not open are reported by record id, never skipped silently.
+/// What [`open_paper`] reads of an export: its contacts. A hub's trace (`trace --json`) and a
+/// national trace (`nation trace`, whose contacts also name their region) both have them.
+#[derive(Deserialize)]
+struct ContactsOf {
+    contacts: Vec<ReportContact>,
+}
+
+/// Opens every sealed paper entry of a trace export (its JSON: a hub's trace or a national
+/// trace) with the authority's identity. Entries that do not open are reported by record id,
+/// never skipped silently.
 pub fn open_paper(
     export_json: &str,
     identity: &age::x25519::Identity,
 ) -> Result<(Vec<OpenedPaper>, Vec<String>), String> {
-    let report: TraceReport = serde_json::from_str(export_json)
-        .map_err(|e| format!("not a trace export (sync-hub trace --json): {e}"))?;
+    let report: ContactsOf = serde_json::from_str(export_json).map_err(|e| {
+        format!("not a trace export (sync-hub trace --json, or sync-hub nation trace): {e}")
+    })?;
     let mut opened = Vec::new();
     let mut failed = Vec::new();
     for c in report.contacts.iter().filter(|c| c.paper) {
@@ -751,6 +763,7 @@ pub fn open_paper(
                 record_id: c.record_id.clone(),
                 name: e.name.clone(),
                 phone: e.phone.clone(),
+                safe_number: e.safe_number.clone(),
                 visited_at: e.visited_at,
                 guardian_consent: e.guardian_consent,
                 remarks: e.remarks.clone(),
@@ -771,6 +784,7 @@ pub fn paper_csv(entries: &[OpenedPaper]) -> String {
         "visited_at_utc",
         "name",
         "phone",
+        "safe_number",
         "guardian_consent",
         "remarks",
         "record_id",
@@ -784,6 +798,7 @@ pub fn paper_csv(entries: &[OpenedPaper]) -> String {
             &utc(e.visited_at),
             &e.name,
             &e.phone,
+            e.safe_number.as_deref().unwrap_or(""),
             &e.guardian_consent.to_string(),
             &e.remarks,
             &e.record_id,

@@ -263,6 +263,7 @@ pub fn store_visits(
                             rng.gen_range(0..10_000),
                             rng.gen_range(0..10_000)
                         ),
+                        safe_number: None,
                         visited_at: v.at,
                         consent_collect: true,
                         consent_share: true,
