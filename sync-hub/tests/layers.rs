@@ -13,7 +13,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("ledger", &["ledger"]),
     (
         "people",
-        &["auth", "audit", "gov", "trace", "nation", "people", "commands"],
+        &[
+            "auth", "audit", "gov", "trace", "nation", "people", "commands",
+        ],
     ),
     ("opening", &["schema"]),
     ("shells", &["daemon", "reads", "http", "control", "cli"]),

@@ -180,6 +180,7 @@ fn device_partition(
                 consent_share: true,
                 guardian_consent: false,
                 remarks: String::new(),
+                safe_number: None,
             };
             RecordBody::Paper {
                 sealed_for_authority: entry.seal_for_authority(&s.authority)?,
