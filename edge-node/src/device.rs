@@ -1461,6 +1461,7 @@ pub(crate) mod tests {
             keyring: Some(Keyring::new()),
             roster: Some(Vec::new()),
             hub_addrs: None,
+            revocations: None,
         };
         dev.apply_refresh(&refresh).expect("apply");
         assert_eq!(dev.keyring().len(), 1, "the trusted issuer is kept");
