@@ -259,7 +259,7 @@ fn a_revocation_reaches_a_synced_sibling_and_from_it_an_offline_one() -> Result<
         let _b_run = start_run(
             &b,
             &b_listen,
-            &[a_peer.clone()],
+            std::slice::from_ref(&a_peer),
             &hub.tmp.path().join("b0.log"),
         )?;
         let (text, grew) = relay_one(&a, &b, &b_peer)?;
@@ -290,7 +290,7 @@ fn a_revocation_reaches_a_synced_sibling_and_from_it_an_offline_one() -> Result<
         let _b_run = start_run(
             &b,
             &b_listen,
-            &[a_peer.clone()],
+            std::slice::from_ref(&a_peer),
             &hub.tmp.path().join("b1.log"),
         )?;
         let (text, grew) = relay_one(&a, &b, &b_peer)?;
