@@ -220,8 +220,37 @@ pub struct Status {
     /// from the hub's roster) and when it last reached each (`crate::lan`).
     #[serde(default)]
     pub siblings: Vec<shared::lan::SiblingStatus>,
+    /// The revocations this device knows: from the hub, or a sibling's copy of its signed list.
+    #[serde(default)]
+    pub revocations: RevocationStatus,
     /// Things an operator should act on.
     pub warnings: Vec<String>,
+}
+
+/// What `status` says of the revocation list (`shared::revocation`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevocationStatus {
+    /// How many of the facility's devices the list this device holds revokes (0: none held).
+    pub version: u32,
+    /// When the hub signed that list.
+    pub issued_at: Option<UnixSeconds>,
+    /// The revoked devices: their sessions are refused.
+    pub revoked_devices: Vec<String>,
+    /// Seconds since the newest of the list's issue time and the last completed hub sync:
+    /// how old this device's knowledge of revocations is (null: neither).
+    pub age_seconds: Option<u64>,
+    /// Whether that is older than `shared::revocation::STALE_AFTER` (72 h) or unknown: a
+    /// device revoked since may still be served by this device.
+    pub stale: bool,
+}
+
+/// Where a revocation list came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListSource {
+    /// The hub's own refresh, in a session with the hub: its list replaces the one held.
+    Hub,
+    /// A sibling's welcome: taken only if it verifies and is newer.
+    Sibling,
 }
 
 /// What `purge` did.
@@ -406,6 +435,8 @@ const K_SKEW: &str = "skew";
 const K_LAST_SYNC: &str = "last_sync";
 const K_CLOCK_OFFSET: &str = "clock_offset";
 const K_ROSTER: &str = "roster";
+/// The newest hub-signed revocation list this device holds (`shared::revocation`).
+const K_REVOCATIONS: &str = "revocations";
 const K_STAFF_PIN: &str = "staff_pin";
 const K_STAFF_PIN_RESET: &str = "staff_pin_reset";
 const K_STAFF_PIN_SHORT: &str = "staff_pin_short";
@@ -1010,6 +1041,9 @@ impl Device {
             (K_DAY_KEYS, keys_json.as_slice()),
             (K_KEYRING, keyring_json.as_slice()),
         ];
+        if let Some(signed) = &refresh.revocations {
+            self.take_revocations(signed, ListSource::Hub)?;
+        }
         let roster_json = refresh.roster.as_ref().map(json);
         if let Some(r) = &roster_json {
             rows.push((K_ROSTER, r.as_slice()));
@@ -1048,7 +1082,90 @@ impl Device {
             &self.keyring,
             &self.roster()?,
         )
-        .with_hub_addrs(&crate::hub_addrs::current(self)))
+        .with_hub_addrs(&crate::hub_addrs::current(self))
+        .with_revocations(self.revocation_list()?.as_ref()))
+    }
+
+    /// The signed revocation list this device holds, verified again against its hub's key
+    /// (a store edited by hand holds nothing this device acts on).
+    pub fn signed_revocations(
+        &self,
+    ) -> Result<Option<shared::revocation::SignedRevocations>, DeviceError> {
+        let Some(raw) = self.store.get(K_REVOCATIONS)? else {
+            return Ok(None);
+        };
+        let Ok(signed) = serde_json::from_slice::<shared::revocation::SignedRevocations>(&raw)
+        else {
+            tracing::warn!("the stored revocation list does not parse; ignoring it");
+            return Ok(None);
+        };
+        let e = &self.enrollment;
+        match signed.verify(&e.hub.endpoint_id, &e.facility.id) {
+            Ok(_) => Ok(Some(signed)),
+            Err(err) => {
+                tracing::warn!("the stored revocation list does not verify ({err}); ignoring it");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The revocation list this device holds, if any.
+    pub fn revocation_list(
+        &self,
+    ) -> Result<Option<shared::revocation::RevocationList>, DeviceError> {
+        Ok(self.signed_revocations()?.map(|s| s.list))
+    }
+
+    /// Takes a revocation list if it is signed by this device's hub for its facility and,
+    /// from a sibling, newer than the one held ([`ListSource`]); returns whether it was taken.
+    /// A list that does not verify is ignored and counted, never stored.
+    pub fn take_revocations(
+        &mut self,
+        signed: &shared::revocation::SignedRevocations,
+        source: ListSource,
+    ) -> Result<bool, DeviceError> {
+        let e = &self.enrollment;
+        let list = match signed.verify(&e.hub.endpoint_id, &e.facility.id) {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::warn!(?source, "ignoring a revocation list: {err}");
+                crate::metrics::note_revocation_list(false);
+                return Ok(false);
+            }
+        };
+        if source == ListSource::Sibling && !list.newer_than(self.revocation_list()?.as_ref()) {
+            return Ok(false);
+        }
+        self.store
+            .put(&[(K_REVOCATIONS, json(signed).as_slice())])?;
+        crate::metrics::note_revocation_list(true);
+        tracing::info!(
+            ?source,
+            version = list.version,
+            issued_at = list.issued_at,
+            "took the hub's revocation list"
+        );
+        Ok(true)
+    }
+
+    /// What `status` says of the revocations this device knows, at `now`.
+    pub fn revocation_status(&self, now: UnixSeconds) -> Result<RevocationStatus, DeviceError> {
+        let list = self.revocation_list()?;
+        let last_sync: Option<UnixSeconds> = self
+            .store
+            .get(K_LAST_SYNC)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok());
+        let age = shared::revocation::knowledge_age(list.as_ref(), last_sync, now);
+        Ok(RevocationStatus {
+            version: list.as_ref().map_or(0, |l| l.version),
+            issued_at: list.as_ref().map(|l| l.issued_at),
+            revoked_devices: list
+                .iter()
+                .flat_map(|l| l.devices.iter().map(|d| d.device_id.to_string()))
+                .collect(),
+            age_seconds: age,
+            stale: shared::revocation::is_stale(age),
+        })
     }
 
     /// The facility's other devices, as the hub last listed them.
@@ -1116,6 +1233,14 @@ impl Device {
         if self.enrollment.facility.status != shared::facility::FacilityStatus::Approved {
             warnings.push("the facility is not approved".into());
         }
+        let revocations = self.revocation_status(now)?;
+        if let Some(age) = revocations.age_seconds.filter(|_| revocations.stale) {
+            warnings.push(format!(
+                "this device last learnt of revoked devices {} hours ago (more than {} hours): a sibling revoked since may still be served; sync with the hub",
+                age / 3600,
+                shared::revocation::STALE_AFTER / 3600
+            ));
+        }
         Ok(Status {
             facility_id: self.enrollment.facility.id.to_string(),
             facility_name: self.enrollment.facility.registration.name.clone(),
@@ -1134,6 +1259,7 @@ impl Device {
             fallback_sealed,
             fallback_days_early,
             siblings: crate::lan::status(self, now),
+            revocations,
             warnings,
         })
     }
@@ -1335,6 +1461,7 @@ pub(crate) mod tests {
             keyring: Some(Keyring::new()),
             roster: Some(Vec::new()),
             hub_addrs: None,
+            revocations: None,
         };
         dev.apply_refresh(&refresh).expect("apply");
         assert_eq!(dev.keyring().len(), 1, "the trusted issuer is kept");

@@ -231,6 +231,7 @@ mod tests {
             keyring: None,
             roster: None,
             hub_addrs: Some(addrs.iter().map(|s| s.to_string()).collect()),
+            revocations: None,
         }
     }
 

@@ -62,6 +62,8 @@ pub struct Counters {
     sessions: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
     /// Endpoint ids of siblings a session completed with, either way.
     siblings: Mutex<BTreeSet<String>>,
+    /// Hub-signed revocation lists taken, and lists ignored because they did not verify.
+    revocation_lists: [AtomicU64; 2],
 }
 
 /// The process's counters (one device per process).
@@ -69,7 +71,13 @@ pub static COUNTERS: Counters = Counters {
     verdicts: [const { AtomicU64::new(0) }; 10],
     sessions: Mutex::new(BTreeMap::new()),
     siblings: Mutex::new(BTreeSet::new()),
+    revocation_lists: [const { AtomicU64::new(0) }; 2],
 };
+
+/// Counts a revocation list taken (`true`) or ignored as not the hub's (`false`).
+pub fn note_revocation_list(taken: bool) {
+    COUNTERS.revocation_lists[usize::from(!taken)].fetch_add(1, Ordering::Relaxed);
+}
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -254,6 +262,39 @@ pub fn render(device: &Device, now: UnixSeconds) -> Result<String, crate::device
         "Distinct siblings a sync session completed with since the process started.",
         Some(locked(&COUNTERS.siblings).len()),
     );
+    gauge(
+        &mut out,
+        "kipass_edge_revoked_devices",
+        "Devices of the facility the hub-signed revocation list this device holds revokes.",
+        Some(st.revocations.version),
+    );
+    gauge(
+        &mut out,
+        "kipass_edge_revocations_age_seconds",
+        "Seconds since this device last learnt the revocations (the newest of its list's \
+         signing and its last hub sync; absent: never).",
+        st.revocations.age_seconds,
+    );
+    gauge(
+        &mut out,
+        "kipass_edge_revocations_stale",
+        "1 when this device's knowledge of revocations is older than 72 hours or unknown.",
+        Some(u8::from(st.revocations.stale)),
+    );
+    head(
+        &mut out,
+        "kipass_edge_revocation_lists_total",
+        "Hub-signed revocation lists received since the process started: taken, or ignored \
+         because they were not signed by this device's hub for its facility.",
+        "counter",
+    );
+    for (outcome, n) in ["taken", "ignored"].iter().zip(&COUNTERS.revocation_lists) {
+        let _ = writeln!(
+            out,
+            "kipass_edge_revocation_lists_total{{outcome=\"{outcome}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     Ok(out)
 }
 

@@ -377,6 +377,18 @@ async fn sync_inner(
     now: &impl Fn() -> u64,
     report: &mut SyncReport,
 ) -> Result<(), NetError> {
+    // Records are not handed to a sibling the hub has revoked (a stolen device), whether the
+    // roster still lists it or `--peer` names it.
+    if !target.is_hub
+        && lock(device)
+            .revocation_list()?
+            .is_some_and(|l| l.revokes_endpoint(&target.id.to_string()))
+    {
+        return Err(NetError::Session(
+            target.label.clone(),
+            "the hub has revoked this device; it is not dialled".into(),
+        ));
+    }
     let addrs = crate::hub_addrs::dial_addrs(
         device,
         &target.addrs,
@@ -431,7 +443,9 @@ async fn sync_inner(
                     facility: e.facility.id.clone(),
                 })
         };
-        let refresh_have = if target.is_hub {
+        // To a sibling: only when this device holds a revocation list, so that the sibling
+        // sends a newer one only (without, it sends the one it holds, if any).
+        let refresh_have = if target.is_hub || dev.revocation_list()?.is_some() {
             Some(dev.refresh_have(t)?.to_bytes())
         } else {
             None
@@ -595,7 +609,42 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
 
     fn admit(&mut self, _now: UnixSeconds, hello: &PeerHello) -> Decision {
         let dev: &Device = self.replica.device;
-        shared::device::admit_sibling_hello(&dev.enrollment().facility.id, hello)
+        let signed = match dev.signed_revocations() {
+            Ok(s) => s,
+            Err(e) => {
+                return Decision::Refuse {
+                    reason: shared::sync::RefuseReason::Internal,
+                    detail: format!("cannot read the revocation list: {e}"),
+                };
+            }
+        };
+        let held = signed.as_ref().map(|s| &s.list);
+        let decision =
+            shared::device::admit_sibling_hello(&dev.enrollment().facility.id, held, hello);
+        // An admitted sibling gets this device's copy of the hub-signed revocation list when
+        // its hello says it holds an older one (or says nothing): how a sibling that cannot
+        // reach the hub learns of a revocation.
+        let have = hello
+            .refresh_have
+            .as_deref()
+            .and_then(shared::ticket::RefreshHave::from_bytes)
+            .and_then(|h| h.revocations);
+        match decision {
+            Decision::Admit { facility, .. } if shared::revocation::sibling_sends(held, have) => {
+                let refresh = Refresh {
+                    day_keys: Vec::new(),
+                    keyring: None,
+                    roster: None,
+                    hub_addrs: None,
+                    revocations: signed,
+                };
+                Decision::Admit {
+                    facility,
+                    refresh: Some(refresh.to_bytes()),
+                }
+            }
+            other => other,
+        }
     }
 
     fn persist(
@@ -618,6 +667,20 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
         refresh: Option<Vec<u8>>,
     ) -> Result<(), Abort> {
         if !self.peer_is_hub {
+            // From a sibling only its copy of the hub-signed revocation list is taken, and only
+            // if it verifies and is newer; day keys, keyring, roster and addresses come from
+            // the hub alone.
+            let signed = refresh
+                .and_then(|b| Refresh::from_bytes(&b).ok())
+                .and_then(|r| r.revocations);
+            if let Some(signed) = signed {
+                self.replica
+                    .device
+                    .take_revocations(&signed, crate::device::ListSource::Sibling)
+                    .map_err(|e| {
+                        Abort::internal(format!("cannot store the revocation list: {e}"))
+                    })?;
+            }
             return Ok(());
         }
         let dev = &mut *self.replica.device;
@@ -866,9 +929,28 @@ pub async fn serve_sibling(
         .map_err(|_| NetError::Timeout("sibling".into(), CONNECT_TIMEOUT))?
         .map_err(|e| NetError::Connection("sibling".into(), e.to_string()))?;
     let remote = conn.remote_id();
-    let roster = lock(&device).roster()?;
+    let (roster, revoked) = {
+        let dev = lock(&device);
+        (dev.roster()?, dev.revocation_list()?)
+    };
     let operator: Vec<String> = trusted.iter().map(ToString::to_string).collect();
-    if !shared::device::sibling_endpoint_known(&roster, &operator, &remote.to_string()) {
+    if revoked
+        .as_ref()
+        .is_some_and(|l| l.revokes_endpoint(&remote.to_string()))
+    {
+        conn.close(3u32.into(), b"revoked by the hub");
+        crate::metrics::note_served(&remote.to_string(), false, Some("Revoked"));
+        return Err(NetError::Session(
+            remote.fmt_short().to_string(),
+            "refused: the hub has revoked this device".into(),
+        ));
+    }
+    if !shared::device::sibling_endpoint_known(
+        &roster,
+        &operator,
+        revoked.as_ref(),
+        &remote.to_string(),
+    ) {
         conn.close(1u32.into(), b"unknown endpoint");
         return Err(NetError::Session(
             remote.fmt_short().to_string(),

@@ -25,6 +25,7 @@
 use crate::daykey::DayPublicKey;
 use crate::envelope::{Record, RecordBody};
 use crate::paper::{PaperEntry, PaperError};
+use crate::revocation::RevocationList;
 use crate::sync::{Decision, Peer, PeerHello, RefuseReason};
 use crate::ticket::Sibling;
 use crate::time::{Day, UnixSeconds, horizon};
@@ -388,18 +389,29 @@ impl PurgePlan {
 // Sibling admission.
 
 /// Whether a connecting endpoint (hex id) is one this device serves: a sibling in the hub's
-/// roster, or one the operator named (`--peer`).
+/// roster, or one the operator named (`--peer`), and in neither case a device the newest
+/// hub-signed revocation list this device holds names (`revoked`): a revoked device's
+/// endpoint is refused even when `--peer` names it, and before the roster drops it.
 pub fn sibling_endpoint_known(
     roster: &[Sibling],
     operator_trusted: &[String],
+    revoked: Option<&RevocationList>,
     endpoint: &str,
 ) -> bool {
+    if revoked.is_some_and(|l| l.revokes_endpoint(endpoint)) {
+        return false;
+    }
     roster.iter().any(|s| s.endpoint_id == endpoint)
         || operator_trusted.iter().any(|t| t == endpoint)
 }
 
-/// The answer to a known endpoint's hello: only a device of this device's own facility.
-pub fn admit_sibling_hello(own: &FacilityId, hello: &PeerHello) -> Decision {
+/// The answer to a known endpoint's hello: only a device of this device's own facility that
+/// the revocation list it holds does not name.
+pub fn admit_sibling_hello(
+    own: &FacilityId,
+    revoked: Option<&RevocationList>,
+    hello: &PeerHello,
+) -> Decision {
     if !hello.push_only {
         // A sibling relays what it is handed; it never hands out what it holds.
         return Decision::Refuse {
@@ -409,6 +421,14 @@ pub fn admit_sibling_hello(own: &FacilityId, hello: &PeerHello) -> Decision {
         };
     }
     match &hello.peer {
+        Peer::Device { device, facility }
+            if facility == own && revoked.is_some_and(|l| l.revokes_device(device)) =>
+        {
+            Decision::Refuse {
+                reason: RefuseReason::Revoked,
+                detail: "this device has been revoked by the hub".into(),
+            }
+        }
         Peer::Device { facility, .. } if facility == own => Decision::Admit {
             facility: own.clone(),
             refresh: None,
@@ -420,23 +440,30 @@ pub fn admit_sibling_hello(own: &FacilityId, hello: &PeerHello) -> Decision {
     }
 }
 
-/// Who a device accepts a session from, both steps: the endpoint must be known
-/// ([`sibling_endpoint_known`]), then the hello must be a device of its facility
-/// ([`admit_sibling_hello`]).
+/// Who a device accepts a session from, both steps: the endpoint must be known and not
+/// revoked ([`sibling_endpoint_known`]), then the hello must be a device of its facility that
+/// is not revoked ([`admit_sibling_hello`]).
 pub fn admit_sibling(
     own: &FacilityId,
     roster: &[Sibling],
     operator_trusted: &[String],
+    revoked: Option<&RevocationList>,
     endpoint: &str,
     hello: &PeerHello,
 ) -> Decision {
-    if !sibling_endpoint_known(roster, operator_trusted, endpoint) {
+    if revoked.is_some_and(|l| l.revokes_endpoint(endpoint)) {
+        return Decision::Refuse {
+            reason: RefuseReason::Revoked,
+            detail: "this device has been revoked by the hub".into(),
+        };
+    }
+    if !sibling_endpoint_known(roster, operator_trusted, revoked, endpoint) {
         return Decision::Refuse {
             reason: RefuseReason::UnknownDevice,
             detail: "not a known sibling (not in the hub's roster nor --peer)".into(),
         };
     }
-    admit_sibling_hello(own, hello)
+    admit_sibling_hello(own, revoked, hello)
 }
 
 #[cfg(test)]
@@ -750,16 +777,24 @@ mod tests {
         );
         let roster = [sibling("aa")];
         let admitted = |d: &Decision| matches!(d, Decision::Admit { .. });
-        assert!(admitted(&admit_sibling(&fac(), &roster, &[], "aa", &me)));
+        assert!(admitted(&admit_sibling(
+            &fac(),
+            &roster,
+            &[],
+            None,
+            "aa",
+            &me
+        )));
         assert!(admitted(&admit_sibling(
             &fac(),
             &[],
             &["bb".into()],
+            None,
             "bb",
             &me
         )));
         assert!(matches!(
-            admit_sibling(&fac(), &roster, &[], "cc", &me),
+            admit_sibling(&fac(), &roster, &[], None, "cc", &me),
             Decision::Refuse {
                 reason: RefuseReason::UnknownDevice,
                 ..
@@ -773,22 +808,83 @@ mod tests {
             true,
         );
         assert!(matches!(
-            admit_sibling(&fac(), &roster, &[], "aa", &stranger),
+            admit_sibling(&fac(), &roster, &[], None, "aa", &stranger),
             Decision::Refuse {
                 reason: RefuseReason::WrongFacility,
                 ..
             }
         ));
         let hub = hi(Peer::Hub { region: "r".into() }, true);
-        assert!(!admitted(&admit_sibling_hello(&fac(), &hub)));
+        assert!(!admitted(&admit_sibling_hello(&fac(), None, &hub)));
         // Finding 2 of the sync v2 review: a sibling that asks to download is refused.
         let puller = hi(me.peer.clone(), false);
         assert!(matches!(
-            admit_sibling(&fac(), &roster, &[], "aa", &puller),
+            admit_sibling(&fac(), &roster, &[], None, "aa", &puller),
             Decision::Refuse {
                 reason: RefuseReason::Protocol,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn a_revoked_sibling_is_refused_by_endpoint_and_by_hello_even_when_named_by_peer() {
+        let me = PeerHello {
+            peer: Peer::Device {
+                device: dev(),
+                facility: fac(),
+            },
+            credential: None,
+            now: 0,
+            refresh_have: None,
+            push_only: true,
+        };
+        let list = RevocationList {
+            facility: fac(),
+            version: 1,
+            issued_at: 10,
+            devices: vec![crate::revocation::RevokedDevice {
+                device_id: dev(),
+                endpoint_id: Some("aa".into()),
+                revoked_at: 5,
+            }],
+        };
+        let roster = [sibling("aa")];
+        let operator = ["aa".to_owned()];
+        // Known by the roster and by `--peer`, but revoked: its endpoint is not served.
+        assert!(sibling_endpoint_known(&roster, &operator, None, "aa"));
+        assert!(!sibling_endpoint_known(
+            &roster,
+            &operator,
+            Some(&list),
+            "aa"
+        ));
+        assert!(matches!(
+            admit_sibling(&fac(), &roster, &operator, Some(&list), "aa", &me),
+            Decision::Refuse {
+                reason: RefuseReason::Revoked,
+                ..
+            }
+        ));
+        // From another endpoint (re-keyed, or never bound at the hub): its hello names it.
+        assert!(matches!(
+            admit_sibling(&fac(), &[sibling("bb")], &[], Some(&list), "bb", &me),
+            Decision::Refuse {
+                reason: RefuseReason::Revoked,
+                ..
+            }
+        ));
+        // Other devices of the facility still get in.
+        let other = PeerHello {
+            peer: Peer::Device {
+                device: DeviceId::parse("d-1111111111111111").expect("an id"),
+                facility: fac(),
+            },
+            ..me.clone()
+        };
+        assert!(matches!(
+            admit_sibling(&fac(), &[sibling("bb")], &[], Some(&list), "bb", &other),
+            Decision::Admit { .. }
         ));
     }
 }

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod lan;
 pub mod paper;
 pub mod partition;
+pub mod revocation;
 pub mod sync;
 pub mod ticket;
 pub mod time;

@@ -243,6 +243,12 @@ pub struct Refresh {
     /// device did not say (an older device, which would not read them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub_addrs: Option<Vec<String>>,
+    /// The facility's hub-signed revocation list ([`crate::revocation`]), when the device's
+    /// [`RefreshHave::revocations`] is not the current one or is older than
+    /// [`crate::revocation::REISSUE_AFTER`]; absent when the facility has none revoked. The
+    /// only field a sibling's welcome carries (and the only one a device takes from one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocations: Option<crate::revocation::SignedRevocations>,
 }
 
 impl Refresh {
@@ -252,6 +258,7 @@ impl Refresh {
             && self.keyring.is_none()
             && self.roster.is_none()
             && self.hub_addrs.is_none()
+            && self.revocations.is_none()
     }
 }
 
@@ -273,12 +280,17 @@ pub struct RefreshHave {
     /// [`digest`] of the hub addresses it dials (a `Vec<String>`); absent from devices that
     /// do not take the hub's addresses from a refresh.
     pub hub_addrs: Option<[u8; 8]>,
+    /// The `version` and `issued_at` of the revocation list the device holds (`(0, 0)`: none);
+    /// only with `hub_addrs`. Absent from devices that do not take a list.
+    pub revocations: Option<(u32, u32)>,
 }
 
 /// The length of an encoded [`RefreshHave`] without `hub_addrs`.
 pub const REFRESH_HAVE_BYTES: usize = 32;
 /// The length of an encoded [`RefreshHave`] with `hub_addrs`.
 pub const REFRESH_HAVE_HUB_ADDRS_BYTES: usize = 40;
+/// The length of an encoded [`RefreshHave`] with `hub_addrs` and `revocations`.
+pub const REFRESH_HAVE_REVOCATIONS_BYTES: usize = 48;
 
 impl RefreshHave {
     /// Computes the summary of what a device holds at its today `from`.
@@ -300,6 +312,18 @@ impl RefreshHave {
             keyring: digest(keyring),
             roster: digest(&roster),
             hub_addrs: None,
+            revocations: None,
+        }
+    }
+
+    /// The same, also saying which revocation list the device holds (with `hub_addrs` only:
+    /// the encoding appends it after them).
+    pub fn with_revocations(self, held: Option<&crate::revocation::RevocationList>) -> RefreshHave {
+        RefreshHave {
+            revocations: Some(held.map_or((0, 0), |l| {
+                (l.version, u32::try_from(l.issued_at).unwrap_or(u32::MAX))
+            })),
+            ..self
         }
     }
 
@@ -322,16 +346,32 @@ impl RefreshHave {
         out.extend_from_slice(&self.roster);
         if let Some(h) = &self.hub_addrs {
             out.extend_from_slice(h);
+            if let Some((version, issued_at)) = self.revocations {
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&issued_at.to_be_bytes());
+            }
         }
         out
     }
 
-    /// Parses a hello's bytes; `None` unless exactly [`REFRESH_HAVE_BYTES`] or
-    /// [`REFRESH_HAVE_HUB_ADDRS_BYTES`] (the hub then sends everything).
+    /// Parses a hello's bytes; `None` unless exactly [`REFRESH_HAVE_BYTES`],
+    /// [`REFRESH_HAVE_HUB_ADDRS_BYTES`] or [`REFRESH_HAVE_REVOCATIONS_BYTES`] (the hub then
+    /// sends everything).
     pub fn from_bytes(b: &[u8]) -> Option<RefreshHave> {
-        if b.len() != REFRESH_HAVE_BYTES && b.len() != REFRESH_HAVE_HUB_ADDRS_BYTES {
+        if ![
+            REFRESH_HAVE_BYTES,
+            REFRESH_HAVE_HUB_ADDRS_BYTES,
+            REFRESH_HAVE_REVOCATIONS_BYTES,
+        ]
+        .contains(&b.len())
+        {
             return None;
         }
+        let four = |i: usize| {
+            let mut d = [0u8; 4];
+            d.copy_from_slice(&b[i..i + 4]);
+            u32::from_be_bytes(d)
+        };
         let day = |i: usize| {
             let mut d = [0u8; 4];
             d.copy_from_slice(&b[i..i + 4]);
@@ -348,7 +388,8 @@ impl RefreshHave {
             day_keys: eight(8),
             keyring: eight(16),
             roster: eight(24),
-            hub_addrs: (b.len() == REFRESH_HAVE_HUB_ADDRS_BYTES).then(|| eight(32)),
+            hub_addrs: (b.len() >= REFRESH_HAVE_HUB_ADDRS_BYTES).then(|| eight(32)),
+            revocations: (b.len() == REFRESH_HAVE_REVOCATIONS_BYTES).then(|| (four(40), four(44))),
         })
     }
 }
@@ -409,6 +450,27 @@ mod hub_addrs_tests {
     }
 
     #[test]
+    fn refresh_have_with_revocations_round_trips_and_needs_hub_addrs() {
+        let base = RefreshHave::of(crate::time::Day(20000), &[], &Keyring::default(), &[]);
+        // Without hub addresses the revocations are not encoded (their place is after them).
+        let no_addrs = base.with_revocations(None).to_bytes();
+        assert_eq!(no_addrs.len(), REFRESH_HAVE_BYTES);
+        let list = crate::revocation::RevocationList {
+            facility: crate::FacilityId::parse("f-test").unwrap(),
+            version: 0,
+            issued_at: 1_700_000_000,
+            devices: vec![],
+        };
+        let have = base.with_hub_addrs(&[]).with_revocations(Some(&list));
+        let bytes = have.to_bytes();
+        assert_eq!(bytes.len(), REFRESH_HAVE_REVOCATIONS_BYTES);
+        let read = RefreshHave::from_bytes(&bytes).unwrap();
+        assert_eq!(read.revocations, Some((0, 1_700_000_000)));
+        assert_eq!(read, have);
+        assert_eq!(RefreshHave::from_bytes(&bytes[..44]), None);
+    }
+
+    #[test]
     fn a_refresh_without_hub_addrs_reads_as_before() {
         // What a hub of before this field sends.
         let r = Refresh::from_bytes(br#"{"day_keys":[]}"#).unwrap();
@@ -418,6 +480,7 @@ mod hub_addrs_tests {
             keyring: None,
             roster: None,
             hub_addrs: Some(vec!["127.0.0.1:1".into()]),
+            revocations: None,
         };
         assert!(!with.is_empty());
         let back = Refresh::from_bytes(&with.to_bytes()).unwrap();

@@ -78,6 +78,8 @@ impl HubRefresh {
             roster: (digest(&roster) != held).then_some(roster),
             // The simulated hub never moves: a device's ticket addresses stay its hub's.
             hub_addrs: None,
+            // The simulation revokes no device: a hub sends no list (`revocation::hub_sends`).
+            revocations: None,
         };
         (!refresh.is_empty()).then(|| refresh.to_bytes())
     }

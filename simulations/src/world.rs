@@ -958,7 +958,7 @@ impl World {
         let own = self.facilities[self.devices[s].facility].clone();
         let roster = self.roster_of(s);
         let caller = self.devices[d].endpoint.clone();
-        let admit = |hello: &PeerHello| admit_sibling(&own, &roster, &[], &caller, hello);
+        let admit = |hello: &PeerHello| admit_sibling(&own, &roster, &[], None, &caller, hello);
         let mut sibling = std::mem::take(&mut self.devices[s].store);
         let full = (
             self.devices[d].disk_full_until > t,
@@ -1623,11 +1623,11 @@ mod tests {
             push_only: true,
         };
         assert!(matches!(
-            admit_sibling(&own, &roster, &[], &w.devices[0].endpoint, &me),
+            admit_sibling(&own, &roster, &[], None, &w.devices[0].endpoint, &me),
             Decision::Admit { .. }
         ));
         assert!(matches!(
-            admit_sibling(&own, &roster, &[], "endpoint-of-a-stranger", &me),
+            admit_sibling(&own, &roster, &[], None, "endpoint-of-a-stranger", &me),
             Decision::Refuse { .. }
         ));
         assert!(roster.iter().all(|s| s.device_id != w.devices[1].id));

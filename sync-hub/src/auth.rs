@@ -618,6 +618,8 @@ pub struct Revocation {
 #[derive(Debug, Default)]
 pub struct RevocationList {
     revoked: std::collections::HashSet<(Revoked, String)>,
+    /// When each revoked device was listed.
+    device_at: std::collections::HashMap<String, UnixSeconds>,
     count: u64,
     last: String,
 }
@@ -626,6 +628,11 @@ impl RevocationList {
     /// Whether `id` of `kind` was revoked.
     pub fn contains(&self, kind: Revoked, id: &str) -> bool {
         self.revoked.contains(&(kind, id.to_owned()))
+    }
+
+    /// When device `id` was revoked, if it was.
+    pub fn device_revoked_at(&self, id: &str) -> Option<UnixSeconds> {
+        self.device_at.get(id).copied()
     }
 
     /// How many revocations the list holds.
@@ -742,6 +749,9 @@ fn walk(
                 "row {seq} was edited, or written without the hub's credential key"
             )));
         }
+        if r.kind == Revoked::Device {
+            list.device_at.insert(r.id.clone(), r.at);
+        }
         list.revoked.insert((r.kind, r.id));
         list.last = r.link;
         list.count += 1;
@@ -774,6 +784,9 @@ fn push_revocations(
         r.link = revocation_link(key, &r);
         // A plain data type always serialises.
         t.insert(r.seq, serde_json::to_vec(&r).unwrap_or_default().as_slice())?;
+        if r.kind == Revoked::Device {
+            list.device_at.insert(r.id.clone(), r.at);
+        }
         list.revoked.insert((r.kind, r.id));
         list.last = r.link;
         list.count += 1;
@@ -926,6 +939,52 @@ pub fn check_device(
         return Err(AuthError::Revoked);
     }
     Ok(())
+}
+
+/// The hub-signed revocation list of `facility` for a device's refresh, when the device's
+/// hello says it holds `have` (`shared::revocation::hub_sends`): its devices that the keyed
+/// list (`list`) or their row names revoked, signed with the hub's endpoint key (the
+/// ticket's `hub.endpoint_id` is its public half). `None` when the device holds the current
+/// list, or the facility has no revoked device.
+pub fn refresh_revocations(
+    hub: &crate::registry::Hub,
+    list: &RevocationList,
+    facility: &shared::FacilityId,
+    have: Option<(u32, u32)>,
+    now: UnixSeconds,
+) -> Result<Option<shared::revocation::SignedRevocations>, crate::registry::HubError> {
+    let mut devices: Vec<shared::revocation::RevokedDevice> = hub
+        .store()
+        .devices()?
+        .into_iter()
+        .filter(|d| &d.facility == facility)
+        .filter_map(|d| {
+            let id = d.id.to_string();
+            let at = list
+                .device_revoked_at(&id)
+                .or(d.revoked.then_some(d.enrolled_at))?;
+            Some(shared::revocation::RevokedDevice {
+                device_id: d.id,
+                endpoint_id: d.endpoint_id,
+                revoked_at: at,
+            })
+        })
+        .take(shared::revocation::MAX_REVOKED_DEVICES)
+        .collect();
+    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    let version = u32::try_from(devices.len()).unwrap_or(u32::MAX);
+    if !shared::revocation::hub_sends(version, have, now) {
+        return Ok(None);
+    }
+    let secret = hub.keys().endpoint_secret()?;
+    let signed = shared::revocation::RevocationList {
+        facility: facility.clone(),
+        version,
+        issued_at: now,
+        devices,
+    }
+    .sign(&secret.to_bytes());
+    Ok(Some(signed))
 }
 
 #[cfg(test)]

@@ -1616,12 +1616,20 @@ fn refresh_for(
     let all = ledger.ratchet().publics(today, DAY_KEYS_AHEAD);
     let keyring = hub.keyring()?;
     let hub_addrs = hub.advertised();
+    let revocations = crate::auth::refresh_revocations(
+        hub,
+        &revoked,
+        facility,
+        have.and_then(|h| h.revocations),
+        now,
+    )?;
     let Some(have) = have else {
         return Ok(Refresh {
             day_keys: all,
             keyring: Some(keyring),
             roster: Some(roster),
             hub_addrs: Some(hub_addrs),
+            revocations,
         });
     };
     // The device's keys from today to its newest must be this hub's (a rebuilt hub has new
@@ -1646,6 +1654,7 @@ fn refresh_for(
             .hub_addrs
             .is_some_and(|h| shared::ticket::digest(&hub_addrs) != h)
             .then_some(hub_addrs),
+        revocations,
     })
 }
 

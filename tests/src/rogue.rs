@@ -155,6 +155,17 @@ impl Rogue {
     /// Serves one sibling's session as the responder over `store`, admitting any device of
     /// the facility: the rogue as a relay. Only on an endpoint bound without `turn_away`.
     pub async fn serve_one(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
+        self.serve_one_with(store, now, None).await
+    }
+
+    /// Like [`Rogue::serve_one`], its welcome carrying `refresh` (what a sibling's welcome
+    /// may carry: a hostile copy of the revocation list).
+    pub async fn serve_one_with(
+        &self,
+        store: &mut MemoryStore,
+        now: u64,
+        refresh: Option<Vec<u8>>,
+    ) -> Result<Ending> {
         let incoming = tokio::time::timeout(READ_TIMEOUT, self.endpoint.accept())
             .await
             .context("no sibling dialled")?
@@ -164,7 +175,7 @@ impl Rogue {
             .await
             .context("the sibling opened no stream")??;
         let session = Session::responder(self.me.clone());
-        drive(conn, send, recv, session, store, now).await
+        drive_with(conn, send, recv, session, store, now, refresh).await
     }
 }
 
@@ -172,11 +183,24 @@ impl Rogue {
 /// nothing; a sibling's hello is admitted) until the session ends.
 async fn drive(
     conn: iroh::endpoint::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    session: Session,
+    store: &mut MemoryStore,
+    now: u64,
+) -> Result<Ending> {
+    drive_with(conn, send, recv, session, store, now, None).await
+}
+
+/// [`drive`], a sibling's hello admitted with `refresh` in the welcome.
+async fn drive_with(
+    conn: iroh::endpoint::Connection,
     mut send: SendStream,
     mut recv: RecvStream,
     mut session: Session,
     store: &mut MemoryStore,
     now: u64,
+    refresh: Option<Vec<u8>>,
 ) -> Result<Ending> {
     {
         let mut decoder = FrameDecoder::new();
@@ -212,7 +236,7 @@ async fn drive(
                             let decision = match hello.peer.facility() {
                                 Some(f) => Decision::Admit {
                                     facility: f.clone(),
-                                    refresh: None,
+                                    refresh: refresh.clone(),
                                 },
                                 None => Decision::Refuse {
                                     reason: RefuseReason::WrongFacility,
