@@ -8,4 +8,5 @@ pub mod browser;
 pub mod fixture;
 pub mod frames;
 pub mod people;
+pub mod photos;
 pub mod rogue;

@@ -1,0 +1,318 @@
+//! Issue 16: the project's frame decoder beside zxing-cpp on the same frames.
+//!
+//! `pip install -r tests/zxing/requirements.txt && cargo bench -p tests --bench decode_photos`
+//!
+//! Frames: the real-photo corpus (`testdata/qr-photos`, zxing's blackbox QR photos, each at
+//! four rotations) and the damaged-frame corpus of `tests/src/frames.rs`. Every frame is decoded
+//! to 8-bit luma once; then, one frame at a time on one thread, the project's whole ladder
+//! (`decode_luma`, what `scan` and the kiosk's once-a-second full pass run), its live pass (the
+//! kiosk's single rung per frame) and zxing-cpp's `read_barcodes` (Python binding, QR only,
+//! default options, driven by `tests/zxing/read_frames.py` over the same luma bytes) are timed
+//! on the same pixels. A read counts only when the text is the expected one; a different text
+//! is reported as wrong (the bench fails if the project's decoder gives one).
+//!
+//! `DECODE_PHOTOS_ONLY=qrcode-3` limits the photo corpus to one category;
+//! `DECODE_PHOTOS_NO_ZXING=1` skips zxing-cpp; `PYTHON` picks the interpreter.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::Command;
+use std::time::Instant;
+
+use edge_node::frame::{LadderStep, decode_luma, decode_step};
+use image::GrayImage;
+use tests::frames::{Damage, frame, kp1_like_text};
+use tests::photos::{ROTATIONS, load_all, matches, rotated};
+
+struct Frame {
+    category: String,
+    label: String,
+    expected: String,
+    luma: GrayImage,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    n: u32,
+    read: u32,
+    wrong: u32,
+    ms: f64,
+}
+
+impl Tally {
+    fn add(&mut self, result: Option<&str>, expected: &str, ms: f64) {
+        self.n += 1;
+        self.ms += ms;
+        match result {
+            Some(text) if matches(text, expected) => self.read += 1,
+            Some(_) => self.wrong += 1,
+            None => {}
+        }
+    }
+    fn rate(&self) -> f64 {
+        100.0 * f64::from(self.read) / f64::from(self.n.max(1))
+    }
+    fn per_frame(&self) -> f64 {
+        self.ms / f64::from(self.n.max(1))
+    }
+}
+
+fn live_pass(img: &GrayImage) -> Option<String> {
+    let step = if LadderStep::Downscale.applies_to(img.width(), img.height()) {
+        LadderStep::Downscale
+    } else {
+        LadderStep::Plain
+    };
+    decode_step(img, step)
+}
+
+fn damaged_frames() -> Vec<Frame> {
+    const KINDS: &[Damage] = &[
+        Damage::Clean,
+        Damage::ByteMode,
+        Damage::Jpeg { quality: 40 },
+        Damage::Rotate { max_degrees: 20.0 },
+        Damage::Rotate90,
+        Damage::Dim { low: 20, high: 70 },
+        Damage::Blur { sigma: 1.5 },
+        Damage::Noise { sigma: 25.0 },
+        Damage::SaltPepper { fraction: 0.03 },
+        Damage::Hd,
+        Damage::Blur { sigma: 2.5 },
+        Damage::Noise { sigma: 50.0 },
+        Damage::Small { fraction: 0.2 },
+    ];
+    let mut frames = Vec::new();
+    for (k, damage) in KINDS.iter().enumerate() {
+        for i in 0..10u64 {
+            let seed = 50_000 + k as u64 * 100 + i;
+            let text = kp1_like_text(seed);
+            let luma = frame(&text, *damage, seed).expect("corpus texts are encodable");
+            frames.push(Frame {
+                category: format!("synthetic: {}", damage.name()),
+                label: format!("seed {seed}"),
+                expected: text,
+                luma,
+            });
+        }
+    }
+    frames
+}
+
+fn photo_frames(only: Option<&str>) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    for photo in load_all() {
+        if only.is_some_and(|c| c != photo.category) {
+            continue;
+        }
+        for deg in ROTATIONS {
+            frames.push(Frame {
+                category: photo.category.clone(),
+                label: format!("{}/{} @{deg}", photo.category, photo.name),
+                expected: photo.expected.clone(),
+                luma: rotated(&photo.luma, deg),
+            });
+        }
+    }
+    frames
+}
+
+/// zxing-cpp's (ms, text) for each frame, through `tests/zxing/read_frames.py`.
+fn zxing(frames: &[Frame]) -> Vec<(f64, Option<String>)> {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let manifest_path = dir.path().join("manifest.tsv");
+    let mut manifest = std::fs::File::create(&manifest_path).expect("manifest");
+    for (i, f) in frames.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.gray"));
+        std::fs::write(&path, f.luma.as_raw()).expect("raw frame");
+        writeln!(
+            manifest,
+            "{}\t{}\t{}",
+            path.display(),
+            f.luma.width(),
+            f.luma.height()
+        )
+        .expect("manifest line");
+    }
+    drop(manifest);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/zxing/read_frames.py");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&manifest_path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "read_frames.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 output");
+    let results: Vec<(f64, Option<String>)> = stdout
+        .lines()
+        .map(|line| {
+            let (ms, hex_text) = line.split_once('\t').expect("ms<TAB>hex");
+            let text = (!hex_text.is_empty()).then(|| {
+                String::from_utf8(hex::decode(hex_text).expect("hex")).expect("UTF-8 text")
+            });
+            (ms.parse().expect("ms"), text)
+        })
+        .collect();
+    assert_eq!(
+        results.len(),
+        frames.len(),
+        "one zxing-cpp result per frame"
+    );
+    results
+}
+
+fn report(title: &str, frames: &[Frame], with_zxing: bool, verbose: bool) -> bool {
+    let zx = if with_zxing {
+        zxing(frames)
+    } else {
+        Vec::new()
+    };
+    let mut ours: BTreeMap<&str, Tally> = BTreeMap::new();
+    let mut live: BTreeMap<&str, Tally> = BTreeMap::new();
+    let mut theirs: BTreeMap<&str, Tally> = BTreeMap::new();
+    for (i, f) in frames.iter().enumerate() {
+        let start = Instant::now();
+        let text = decode_luma(&f.luma);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        ours.entry(&f.category)
+            .or_default()
+            .add(text.as_deref(), &f.expected, ms);
+        let start = Instant::now();
+        let live_text = live_pass(&f.luma);
+        let live_ms = start.elapsed().as_secs_f64() * 1000.0;
+        live.entry(&f.category)
+            .or_default()
+            .add(live_text.as_deref(), &f.expected, live_ms);
+        let zx_text = zx.get(i).and_then(|(_, t)| t.as_deref());
+        if let Some((zms, ztext)) = zx.get(i) {
+            theirs
+                .entry(&f.category)
+                .or_default()
+                .add(ztext.as_deref(), &f.expected, *zms);
+        }
+        let ok = |t: Option<&str>| t.is_some_and(|t| matches(t, &f.expected));
+        if text.as_deref().is_some_and(|t| !matches(t, &f.expected)) {
+            println!("WRONG TEXT {}: {:?}", f.label, text);
+        }
+        if zx_text.is_some_and(|t| !matches(t, &f.expected)) {
+            println!("zxing-cpp wrong text {}: {:?}", f.label, zx_text);
+        }
+        if verbose && !ok(text.as_deref()) {
+            println!(
+                "miss {} ({}x{}){}",
+                f.label,
+                f.luma.width(),
+                f.luma.height(),
+                if ok(zx_text) {
+                    "  [zxing-cpp reads it]"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    println!("\n### {title}\n");
+    println!(
+        "| category | frames | ladder read | ladder ms/frame | live pass read | live ms/frame | zxing-cpp read | zxing-cpp ms/frame |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut total = (Tally::default(), Tally::default(), Tally::default());
+    let row = |name: &str, o: &Tally, l: &Tally, z: Option<&Tally>| {
+        let zx = z.map_or("| – | –".to_string(), |z| {
+            format!("| {:.1} % | {:.1}", z.rate(), z.per_frame())
+        });
+        println!(
+            "| {name} | {} | {:.1} % | {:.1} | {:.1} % | {:.1} {zx} |",
+            o.n,
+            o.rate(),
+            o.per_frame(),
+            l.rate(),
+            l.per_frame()
+        );
+    };
+    for (cat, o) in &ours {
+        let l = &live[cat];
+        let z = theirs.get(cat);
+        row(cat, o, l, z);
+        for (t, s) in [(&mut total.0, o), (&mut total.1, l)] {
+            t.n += s.n;
+            t.read += s.read;
+            t.wrong += s.wrong;
+            t.ms += s.ms;
+        }
+        if let Some(z) = z {
+            total.2.n += z.n;
+            total.2.read += z.read;
+            total.2.wrong += z.wrong;
+            total.2.ms += z.ms;
+        }
+    }
+    row(
+        "**all**",
+        &total.0,
+        &total.1,
+        with_zxing.then_some(&total.2),
+    );
+    println!(
+        "\nwrong texts: ladder {}, live pass {}, zxing-cpp {}",
+        total.0.wrong, total.1.wrong, total.2.wrong
+    );
+    total.0.wrong == 0 && total.1.wrong == 0
+}
+
+/// Every rung alone on every frame (`DECODE_PHOTOS_STEPS=1`): how many frames each reads, how
+/// many of the whole ladder's misses it would rescue, and its cost. How the ladder was chosen.
+fn step_matrix(frames: &[Frame]) {
+    let missed: Vec<bool> = frames
+        .iter()
+        .map(|f| !decode_luma(&f.luma).is_some_and(|t| matches(&t, &f.expected)))
+        .collect();
+    println!("\n| step | reads | rescues of ladder misses | ms/frame |\n|---|---:|---:|---:|");
+    for step in LadderStep::ALL {
+        let (mut reads, mut rescues, mut ms) = (0, 0, 0.0);
+        for (f, &miss) in frames.iter().zip(&missed) {
+            let start = Instant::now();
+            let ok = decode_step(&f.luma, step).is_some_and(|t| matches(&t, &f.expected));
+            ms += start.elapsed().as_secs_f64() * 1000.0;
+            reads += u32::from(ok);
+            rescues += u32::from(ok && miss);
+        }
+        println!(
+            "| {} | {reads} | {rescues} | {:.2} |",
+            step.name(),
+            ms / frames.len().max(1) as f64
+        );
+    }
+}
+
+fn main() {
+    let only = std::env::var("DECODE_PHOTOS_ONLY").ok();
+    let with_zxing = std::env::var_os("DECODE_PHOTOS_NO_ZXING").is_none();
+    let verbose = std::env::var_os("DECODE_PHOTOS_VERBOSE").is_some();
+    let photos = photo_frames(only.as_deref());
+    if std::env::var_os("DECODE_PHOTOS_STEPS").is_some() {
+        step_matrix(&photos);
+        return;
+    }
+    let mut clean = report(
+        "Real photos (zxing blackbox qrcode-1..6, 4 rotations each)",
+        &photos,
+        with_zxing,
+        verbose,
+    );
+    if only.is_none() {
+        let damaged = damaged_frames();
+        clean &= report(
+            "Damaged-frame corpus (10 frames a kind)",
+            &damaged,
+            with_zxing,
+            verbose,
+        );
+    }
+    assert!(clean, "the project's decoder returned a wrong text");
+}
