@@ -1327,7 +1327,9 @@ fn actor(
                         for (_, old) in conns.iter_mut().filter(|(id, c)| {
                             **id != conn && c.device.as_ref() == Some(&device) && !c.is_finished()
                         }) {
-                            tracing::info!("device {device}: a newer session replaces an older one");
+                            tracing::info!(
+                                "device {device}: a newer session replaces an older one"
+                            );
                             let why = Abort::new(
                                 RefuseReason::Replaced,
                                 "a newer session of this device replaced this one",

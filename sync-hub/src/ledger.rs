@@ -1334,8 +1334,7 @@ impl<'s> Ledger<'s> {
                 }
                 PurgeStage::Heads => {
                     let mut t = txn.open_table(PARTITION_HEADS)?;
-                    let (_, _, done) =
-                        purge_days(&mut t, &mut job.cursor, h, &mut budget, |_| 0)?;
+                    let (_, _, done) = purge_days(&mut t, &mut job.cursor, h, &mut budget, |_| 0)?;
                     done
                 }
                 PurgeStage::Counts => {

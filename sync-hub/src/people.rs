@@ -991,9 +991,10 @@ fn start_purge(
             let result = Err(e);
             record_purge(hub, &who, intent, &result, now)?;
             hub.audit().expire_details(now)?;
-            Err(result.err().map(OpError::from).unwrap_or_else(|| {
-                OpError::Invalid("the purge failed".into())
-            }))
+            Err(result
+                .err()
+                .map(OpError::from)
+                .unwrap_or_else(|| OpError::Invalid("the purge failed".into())))
         }
     }
 }
