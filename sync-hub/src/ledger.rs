@@ -1478,16 +1478,20 @@ fn purge_facility_days<V: redb::Value + 'static>(
         *cursor = f;
         if day < h {
             let f = cursor.as_str();
-            let keys = t
-                .range((f, 0u32, 0u64)..(f, h, 0u64))?
-                .take(usize::try_from(*budget).unwrap_or(usize::MAX))
-                .map(|row| row.map(|(k, _)| (k.value().1, k.value().2)))
-                .collect::<Result<Vec<_>, _>>()?;
-            for (d, s) in &keys {
-                t.remove((f, *d, *s))?;
+            // The first `budget` rows go in one sweep of the tree (far cheaper than a
+            // removal per key): up to the first row past them, or all of the expired days.
+            let (mut n, mut end) = (0u64, (h, 0u64));
+            for row in t.range((f, 0u32, 0u64)..(f, h, 0u64))? {
+                let (k, _) = row?;
+                if n == *budget {
+                    end = (k.value().1, k.value().2);
+                    break;
+                }
+                n += 1;
             }
-            deleted += keys.len() as u64;
-            *budget = budget.saturating_sub(keys.len() as u64);
+            t.retain_in((f, 0u32, 0u64)..(f, end.0, end.1), |_, _| false)?;
+            deleted += n;
+            *budget = budget.saturating_sub(n);
             if *budget == 0 {
                 // Resume at this facility: it may have more.
                 return Ok((deleted, false));
