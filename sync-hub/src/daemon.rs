@@ -1275,126 +1275,177 @@ fn actor(
         }
     };
     let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
-    // Purges asked for (who, as_of, the answer), or the timer's (`None`).
-    let mut pending_purge: Vec<Option<PurgeAsked>> = Vec::new();
-    while let Some(input) = rx.blocking_recv() {
+    // Purges asked for (who, as_of, the answer), or the timer's (`None`), waiting for the one
+    // under way to end.
+    let mut pending_purge: std::collections::VecDeque<Option<PurgeAsked>> = Default::default();
+    // The purge under way and who waits for its answer: one chunk of it runs after each input,
+    // or whenever the queue is empty, so every session is served between chunks. A purge a
+    // stop interrupts is finished by the next one (the timer's, at the next start).
+    let mut purging: Option<(people::PurgeRun, Option<PurgeReply>)> = None;
+    loop {
+        let input = if purging.is_some() || !pending_purge.is_empty() {
+            match rx.try_recv() {
+                Ok(input) => Some(input),
+                Err(tmpsc::error::TryRecvError::Empty) => None,
+                Err(tmpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(input) => Some(input),
+                None => break,
+            }
+        };
         if stopping.load(Ordering::Acquire) {
             break;
         }
         let now = clock::now();
-        match input {
-            Input::Stop => break,
-            Input::Open {
-                conn,
-                remote,
-                addr,
-                reply,
-                admitted,
-            } => {
-                let c = Conn::new(&hub, remote, addr, reply, admitted).with_quotas(quotas);
-                conns.insert(conn, c);
-            }
-            Input::Frame { conn, frame } => {
-                let mut newly_admitted = None;
-                if let Some(c) = conns.get_mut(&conn) {
-                    let before = c.device.is_some();
-                    c.on_frame(&hub, &ledger, frame, now, &metrics);
-                    if !before && c.admitted.load(Ordering::Acquire) {
-                        newly_admitted = c.device.clone();
+        if let Some(input) = input {
+            match input {
+                Input::Stop => break,
+                Input::Open {
+                    conn,
+                    remote,
+                    addr,
+                    reply,
+                    admitted,
+                } => {
+                    let c = Conn::new(&hub, remote, addr, reply, admitted).with_quotas(quotas);
+                    conns.insert(conn, c);
+                }
+                Input::Frame { conn, frame } => {
+                    let mut newly_admitted = None;
+                    if let Some(c) = conns.get_mut(&conn) {
+                        let before = c.device.is_some();
+                        c.on_frame(&hub, &ledger, frame, now, &metrics);
+                        if !before && c.admitted.load(Ordering::Acquire) {
+                            newly_admitted = c.device.clone();
+                        }
+                    }
+                    // One session per device: a newer one replaces the older, which is most
+                    // likely a connection that died without closing (its device reconnected).
+                    if let Some(device) = newly_admitted {
+                        for (_, old) in conns.iter_mut().filter(|(id, c)| {
+                            **id != conn && c.device.as_ref() == Some(&device) && !c.is_finished()
+                        }) {
+                            tracing::info!(
+                                "device {device}: a newer session replaces an older one"
+                            );
+                            let why = Abort::new(
+                                RefuseReason::Replaced,
+                                "a newer session of this device replaced this one",
+                            );
+                            old.abort(&hub, &ledger, why, now, &metrics);
+                        }
                     }
                 }
-                // One session per device: a newer one replaces the older, which is most
-                // likely a connection that died without closing (its device reconnected).
-                if let Some(device) = newly_admitted {
-                    for (_, old) in conns.iter_mut().filter(|(id, c)| {
-                        **id != conn && c.device.as_ref() == Some(&device) && !c.is_finished()
-                    }) {
-                        tracing::info!("device {device}: a newer session replaces an older one");
+                Input::TimeUp { conn } => {
+                    if let Some(c) = conns.get_mut(&conn) {
                         let why = Abort::new(
-                            RefuseReason::Replaced,
-                            "a newer session of this device replaced this one",
+                            RefuseReason::QuotaExceeded,
+                            format!(
+                                "the session ran longer than the hub's {} s; what was stored stays, \
+                                 sync again to send the rest",
+                                session_limit().as_secs()
+                            ),
                         );
-                        old.abort(&hub, &ledger, why, now, &metrics);
+                        c.abort(&hub, &ledger, why, now, &metrics);
                     }
                 }
+                Input::Malformed { conn, error } => {
+                    if let Some(c) = conns.get_mut(&conn) {
+                        c.on_malformed(&hub, &ledger, error, now, &metrics);
+                    }
+                }
+                Input::Closed { conn } => {
+                    if let Some(mut c) = conns.remove(&conn) {
+                        c.on_closed(&hub, &ledger, now, &metrics);
+                    }
+                }
+                Input::Request(r) => match r {
+                    Request::Stats(reply) => {
+                        let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
+                    }
+                    Request::Purge { who, as_of, reply } => {
+                        pending_purge.push_back(Some((who, as_of, reply)));
+                    }
+                    Request::Admin(f) => {
+                        let _ = f(&hub);
+                    }
+                    Request::Query(f) => f(&hub, &ledger, &metrics),
+                },
+                Input::Tick => pending_purge.push_back(None),
             }
-            Input::TimeUp { conn } => {
-                if let Some(c) = conns.get_mut(&conn) {
-                    let why = Abort::new(
-                        RefuseReason::QuotaExceeded,
-                        format!(
-                            "the session ran longer than the hub's {} s; what was stored stays, \
-                             sync again to send the rest",
-                            session_limit().as_secs()
-                        ),
-                    );
-                    c.abort(&hub, &ledger, why, now, &metrics);
-                }
-            }
-            Input::Malformed { conn, error } => {
-                if let Some(c) = conns.get_mut(&conn) {
-                    c.on_malformed(&hub, &ledger, error, now, &metrics);
-                }
-            }
-            Input::Closed { conn } => {
-                if let Some(mut c) = conns.remove(&conn) {
-                    c.on_closed(&hub, &ledger, now, &metrics);
-                }
-            }
-            Input::Request(r) => match r {
-                Request::Stats(reply) => {
-                    let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
-                }
-                Request::Purge { who, as_of, reply } => {
-                    pending_purge.push(Some((who, as_of, reply)));
-                }
-                Request::Admin(f) => {
-                    let _ = f(&hub);
-                }
-                Request::Query(f) => f(&hub, &ledger, &metrics),
-            },
-            Input::Tick => pending_purge.push(None),
         }
         conns.retain(|_, c| !c.is_finished());
-        if !pending_purge.is_empty() {
-            // Partitions cached by open sessions may have just expired: reload from the
-            // ledger, which refuses them.
-            for c in conns.values_mut() {
-                c.cache.clear();
-            }
-        }
-        for asked in pending_purge.drain(..) {
+        if purging.is_none()
+            && let Some(asked) = pending_purge.pop_front()
+        {
             // Checked, enforced and audited in `people`; only the local operator may move
             // retention ahead of the clock.
-            let (r, reply) = match asked {
+            let (begun, reply) = match asked {
                 Some((who, as_of, reply)) => (
-                    people::purge(&hub, &mut ledger, &who, as_of, now),
+                    people::begin_purge(&hub, &mut ledger, &who, as_of, now),
                     Some(reply),
                 ),
-                None => (people::purge_on_timer(&hub, &mut ledger, now), None),
+                None => (people::begin_purge_on_timer(&hub, &mut ledger, now), None),
             };
-            match &r {
-                Ok(report) => {
-                    metrics.retention_runs.fetch_add(1, Ordering::Relaxed);
-                    metrics.last_purge_at.store(now, Ordering::Relaxed);
-                    metrics
-                        .last_purge_records
-                        .store(report.records, Ordering::Relaxed);
-                    metrics
-                        .records_purged
-                        .fetch_add(report.records, Ordering::Relaxed);
-                    metrics.last_purge_failed.store(0, Ordering::Relaxed);
+            match begun {
+                Ok(run) => {
+                    // Partitions cached by open sessions may have just expired: reload from
+                    // the ledger, which refuses them.
+                    for c in conns.values_mut() {
+                        c.cache.clear();
+                    }
+                    purging = Some((run, reply));
                 }
-                Err(e) => {
-                    tracing::warn!("retention: {e}");
-                    metrics.retention_failures.fetch_add(1, Ordering::Relaxed);
-                    metrics.last_purge_failed.store(1, Ordering::Relaxed);
-                }
+                Err(e) => purge_ended(&metrics, Err(e), reply, now),
             }
-            if let Some(reply) = reply {
-                let _ = reply.send(r);
+            continue;
+        }
+        if let Some((run, _)) = purging.as_mut() {
+            let outcome = match people::purge_step(&ledger, run) {
+                Ok(false) => continue,
+                Ok(true) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Some((run, reply)) = purging.take() {
+                let r = people::finish_purge(&hub, run, outcome, now);
+                purge_ended(&metrics, r, reply, now);
             }
         }
+    }
+}
+
+/// Where a purge's answer goes.
+type PurgeReply = oneshot::Sender<Result<PurgeReport, OpError>>;
+
+/// Counts a purge's end in the metrics and answers who asked for it.
+fn purge_ended(
+    metrics: &Metrics,
+    r: Result<PurgeReport, OpError>,
+    reply: Option<PurgeReply>,
+    now: UnixSeconds,
+) {
+    match &r {
+        Ok(report) => {
+            metrics.retention_runs.fetch_add(1, Ordering::Relaxed);
+            metrics.last_purge_at.store(now, Ordering::Relaxed);
+            metrics
+                .last_purge_records
+                .store(report.records, Ordering::Relaxed);
+            metrics
+                .records_purged
+                .fetch_add(report.records, Ordering::Relaxed);
+            metrics.last_purge_failed.store(0, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!("retention: {e}");
+            metrics.retention_failures.fetch_add(1, Ordering::Relaxed);
+            metrics.last_purge_failed.store(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(reply) = reply {
+        let _ = reply.send(r);
     }
 }
 

@@ -38,7 +38,7 @@ use rand::rngs::StdRng;
 use rand_core::{OsRng, RngCore};
 use redb::{
     MultimapTableDefinition, MultimapTableHandle, ReadableDatabase, ReadableMultimapTable,
-    ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
+    ReadableTable, TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use shared::daykey::{DayKeyRatchet, DaySecret};
@@ -1233,82 +1233,358 @@ impl<'s> Ledger<'s> {
     /// Enforces retention as of `as_of`: destroys the day keys of every day before
     /// `horizon(as_of)` (the ratchet advances and its file is overwritten in place) *first*,
     /// so that from then on nothing of those days can be read even if the deletion below is
-    /// interrupted; then deletes every row of those days from every ledger table.
+    /// interrupted; then deletes every row of those days from every ledger table, in chunks
+    /// of [`PURGE_CHUNK_ROWS`] rows each committed on its own ([`Self::begin_purge`] and
+    /// [`Self::purge_chunk`] run to completion: the daemon drives those two itself, between
+    /// sessions' frames).
     ///
     /// Deleted rows may survive in free pages until the file is compacted: call [`compact`]
     /// afterwards with exclusive access to the database. What survives there is sealed under
     /// keys that no longer exist. Never moves the horizon back.
     pub fn purge(&mut self, as_of: UnixSeconds) -> Result<PurgeReport, LedgerError> {
+        let mut job = self.begin_purge(as_of)?;
+        while !self.purge_chunk(&mut job, PURGE_CHUNK_ROWS)? {}
+        Ok(job.report)
+    }
+
+    /// The first step of [`Self::purge`], on its own: destroys the day keys of every day before
+    /// `horizon(as_of)` (the ratchet file is overwritten and synced before this returns), and
+    /// returns the deletion still to do, for [`Self::purge_chunk`]. From here on every read
+    /// skips those days (they are before [`Self::oldest_live_day`], and their keys are gone),
+    /// however many of their rows are left. Never moves the horizon back; a purge at the
+    /// current horizon (after a restart interrupted one) only finds the leftovers.
+    pub fn begin_purge(&mut self, as_of: UnixSeconds) -> Result<PurgeJob, LedgerError> {
         let mut ratchet = self.keys.ratchet()?;
         ratchet.advance(horizon(as_of).max(self.ratchet.oldest()));
         self.keys.store_ratchet(&ratchet)?;
         self.ratchet = ratchet;
-        let h = self.ratchet.oldest().0;
+        let h = self.ratchet.oldest();
+        Ok(PurgeJob {
+            report: PurgeReport {
+                horizon: h,
+                ..PurgeReport::default()
+            },
+            stage: PurgeStage::TokenIndex,
+            cursor: String::new(),
+            cursor2: String::new(),
+            chunks: 0,
+        })
+    }
 
-        let mut report = PurgeReport {
-            horizon: Day(h),
-            ..PurgeReport::default()
-        };
+    /// One chunk of `job`'s deletion in one short write transaction: at most about `budget`
+    /// rows deleted or index seeks made. Returns whether the purge is complete. Each chunk
+    /// commits on its own, so a purge interrupted between chunks leaves a consistent store
+    /// (every live day whole) and the next purge deletes what is left.
+    ///
+    /// The days' index rows go by range of day (the token and facility index tables lead with
+    /// the day); the facility-keyed tables (`hub-chunks-1`, `indexed-2`, heads, counts,
+    /// fallback counts, the devices' daily counts, sync states) are walked facility by
+    /// facility (device, peer), seeking straight to each one's expired days, so a chunk never
+    /// reads the live days' chunks and a partition's chunks go even without its counts row.
+    pub fn purge_chunk(&self, job: &mut PurgeJob, budget: u64) -> Result<bool, LedgerError> {
+        let h = job.report.horizon.0;
+        let mut budget = budget.max(1);
         let txn = self.store.db().begin_write()?;
-        {
-            let mut counts = txn.open_table(PARTITION_COUNTS)?;
-            let mut dropped = 0u64;
-            let mut records = 0u64;
-            counts.retain(|(_, day), n| {
-                let keep = day >= h;
-                if !keep {
-                    dropped += 1;
-                    records = records.saturating_add(n);
+        while budget > 0 && job.stage != PurgeStage::Done {
+            let done = match job.stage {
+                PurgeStage::TokenIndex => {
+                    let mut t = txn.open_table(VISITS_BY_TOKEN)?;
+                    let keys = t
+                        .range((0u32, &[0u8; 32], 0u16)..(h, &[0u8; 32], 0u16))?
+                        .take(usize::try_from(budget).unwrap_or(usize::MAX))
+                        .map(|row| row.map(|(k, _)| (k.value().0, *k.value().1, k.value().2)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    for (day, tag, n) in &keys {
+                        t.remove((*day, tag, *n))?;
+                    }
+                    let n = keys.len() as u64;
+                    job.report.index_entries += n;
+                    budget = budget.saturating_sub(n);
+                    budget > 0
                 }
-                keep
-            })?;
-            report.partitions = dropped;
-            report.records = records;
-        }
-        report.chunks = retain_days(&mut txn.open_table(HUB_CHUNKS)?, |k| k.1 >= h)?;
-        retain_days(&mut txn.open_table(PARTITION_HEADS)?, |k| k.1 >= h)?;
-        retain_days(&mut txn.open_table(FALLBACK_COUNTS)?, |k| k.1 >= h)?;
-        retain_days(&mut txn.open_table(DEVICE_DAY_RECORDS)?, |k| k.1 >= h)?;
-        retain_days(&mut txn.open_table(DEVICE_DAY_KEYS)?, |k| k.1 >= h)?;
-        retain_days(&mut txn.open_table(INDEXED)?, |k| k.1 >= h)?;
-        report.sync_states = retain_days(&mut txn.open_table(SYNC_STATES)?, |k| k.2 >= h)?;
-        {
-            let mut removed = 0u64;
-            txn.open_table(VISITS_BY_TOKEN)?.retain_in(
-                (0u32, &[0u8; 32], 0u16)..(h, &[0u8; 32], 0u16),
-                |_, _| {
-                    removed += 1;
-                    false
-                },
-            )?;
-            report.index_entries += removed;
-        }
-        {
-            let mut t = txn.open_multimap_table(VISITS_BY_FACILITY)?;
-            let mut keys: Vec<(u32, [u8; 32])> = Vec::new();
-            for row in t.range((0u32, &[0u8; 32])..(h, &[0u8; 32]))? {
-                let (k, values) = row?;
-                let (day, tag) = k.value();
-                report.index_entries += values.len();
-                keys.push((day, *tag));
-            }
-            for (day, tag) in keys {
-                t.remove_all((day, &tag))?;
+                PurgeStage::FacilityIndex => {
+                    let mut t = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+                    let mut keys: Vec<(u32, [u8; 32])> = Vec::new();
+                    let mut values = 0u64;
+                    let mut exhausted = true;
+                    for row in t.range((0u32, &[0u8; 32])..(h, &[0u8; 32]))? {
+                        if values >= budget {
+                            exhausted = false;
+                            break;
+                        }
+                        let (k, v) = row?;
+                        values += v.len().max(1);
+                        keys.push((k.value().0, *k.value().1));
+                    }
+                    for (day, tag) in &keys {
+                        job.report.index_entries += t.remove_all((*day, tag))?.len();
+                    }
+                    budget = budget.saturating_sub(values);
+                    exhausted
+                }
+                PurgeStage::Chunks => {
+                    let mut t = txn.open_table(HUB_CHUNKS)?;
+                    let (n, done) = purge_facility_days(&mut t, &mut job.cursor, h, &mut budget)?;
+                    job.report.chunks += n;
+                    done
+                }
+                PurgeStage::Indexed => {
+                    let mut t = txn.open_table(INDEXED)?;
+                    purge_facility_days(&mut t, &mut job.cursor, h, &mut budget)?.1
+                }
+                PurgeStage::Heads => {
+                    let mut t = txn.open_table(PARTITION_HEADS)?;
+                    let (_, _, done) = purge_days(&mut t, &mut job.cursor, h, &mut budget, |_| 0)?;
+                    done
+                }
+                PurgeStage::Counts => {
+                    let mut t = txn.open_table(PARTITION_COUNTS)?;
+                    let (n, records, done) =
+                        purge_days(&mut t, &mut job.cursor, h, &mut budget, |v| *v)?;
+                    job.report.partitions += n;
+                    job.report.records = job.report.records.saturating_add(records);
+                    done
+                }
+                PurgeStage::Fallback => {
+                    let mut t = txn.open_table(FALLBACK_COUNTS)?;
+                    purge_days(&mut t, &mut job.cursor, h, &mut budget, |_| 0)?.2
+                }
+                PurgeStage::DeviceRecords => {
+                    let mut t = txn.open_table(DEVICE_DAY_RECORDS)?;
+                    purge_days(&mut t, &mut job.cursor, h, &mut budget, |_| 0)?.2
+                }
+                PurgeStage::DeviceKeys => {
+                    let mut t = txn.open_table(DEVICE_DAY_KEYS)?;
+                    purge_days(&mut t, &mut job.cursor, h, &mut budget, |_| 0)?.2
+                }
+                PurgeStage::SyncStates => {
+                    let mut t = txn.open_table(SYNC_STATES)?;
+                    let (n, done) = purge_sync_states(
+                        &mut t,
+                        (&mut job.cursor, &mut job.cursor2),
+                        h,
+                        &mut budget,
+                    )?;
+                    job.report.sync_states += n;
+                    done
+                }
+                PurgeStage::Done => true,
+            };
+            if done {
+                job.stage = job.stage.next();
+                job.cursor.clear();
+                job.cursor2.clear();
             }
         }
         txn.commit()?;
-        Ok(report)
+        job.chunks += 1;
+        Ok(job.stage == PurgeStage::Done)
     }
 }
 
-/// Deletes the rows of a (facility, day, ...)-keyed table that `keep` refuses; returns how many.
-fn retain_days<K: redb::Key + 'static, V: redb::Value + 'static>(
-    table: &mut redb::Table<'_, K, V>,
-    mut keep: impl for<'f> FnMut(&K::SelfType<'f>) -> bool,
-) -> Result<u64, LedgerError> {
-    let before = table.len()?;
-    table.retain(|k, _| keep(&k))?;
-    Ok(before.saturating_sub(table.len()?))
+/// Rows one chunk of a purge ([`Ledger::purge_chunk`]) deletes at most (index seeks count
+/// as rows): one short write transaction, a few tens of milliseconds, so the sessions the
+/// actor serves between chunks wait at most that long.
+pub const PURGE_CHUNK_ROWS: u64 = 20_000;
+
+/// Which table a purge is deleting from, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PurgeStage {
+    TokenIndex,
+    FacilityIndex,
+    Chunks,
+    Indexed,
+    Heads,
+    Counts,
+    Fallback,
+    DeviceRecords,
+    DeviceKeys,
+    SyncStates,
+    Done,
+}
+
+impl PurgeStage {
+    fn next(self) -> Self {
+        use PurgeStage::*;
+        match self {
+            TokenIndex => FacilityIndex,
+            FacilityIndex => Chunks,
+            Chunks => Indexed,
+            Indexed => Heads,
+            Heads => Counts,
+            Counts => Fallback,
+            Fallback => DeviceRecords,
+            DeviceRecords => DeviceKeys,
+            DeviceKeys => SyncStates,
+            SyncStates | Done => Done,
+        }
+    }
+}
+
+/// A purge in progress: its day keys are destroyed ([`Ledger::begin_purge`]), its rows go
+/// chunk by chunk ([`Ledger::purge_chunk`]).
+#[derive(Debug)]
+pub struct PurgeJob {
+    report: PurgeReport,
+    stage: PurgeStage,
+    /// Where the stage's walk resumes: the facility, device or peer it was at.
+    cursor: String,
+    /// With `cursor` a peer (sync states): the facility.
+    cursor2: String,
+    chunks: u64,
+}
+
+impl PurgeJob {
+    /// What the purge has removed so far; its horizon is final from the start.
+    pub fn report(&self) -> &PurgeReport {
+        &self.report
+    }
+
+    /// Whether every row of the expired days is gone.
+    pub fn is_done(&self) -> bool {
+        self.stage == PurgeStage::Done
+    }
+
+    /// The chunks (write transactions) run so far.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+}
+
+/// The first key after every key that starts with `s` (strings order bytewise).
+fn after(s: &mut String) {
+    s.push('\0');
+}
+
+/// Deletes, within `budget` (one per row and per seek), the rows of days before `h` of a
+/// (facility, day, sequence)-keyed table, facility by facility from `cursor` on. Returns the
+/// rows deleted and whether the table is done.
+fn purge_facility_days<V: redb::Value + 'static>(
+    t: &mut redb::Table<'_, (&'static str, u32, u64), V>,
+    cursor: &mut String,
+    h: u32,
+    budget: &mut u64,
+) -> Result<(u64, bool), LedgerError> {
+    let mut deleted = 0u64;
+    while *budget > 0 {
+        *budget -= 1;
+        let (f, day) = match t.range((cursor.as_str(), 0u32, 0u64)..)?.next() {
+            None => return Ok((deleted, true)),
+            Some(row) => {
+                let (k, _) = row?;
+                (k.value().0.to_owned(), k.value().1)
+            }
+        };
+        *cursor = f;
+        if day < h {
+            let f = cursor.as_str();
+            // The first `budget` rows go in one sweep of the tree (far cheaper than a
+            // removal per key): up to the first row past them, or all of the expired days.
+            let (mut n, mut end) = (0u64, (h, 0u64));
+            for row in t.range((f, 0u32, 0u64)..(f, h, 0u64))? {
+                let (k, _) = row?;
+                if n == *budget {
+                    end = (k.value().1, k.value().2);
+                    break;
+                }
+                n += 1;
+            }
+            t.retain_in((f, 0u32, 0u64)..(f, end.0, end.1), |_, _| false)?;
+            deleted += n;
+            *budget = budget.saturating_sub(n);
+            if *budget == 0 {
+                // Resume at this facility: it may have more.
+                return Ok((deleted, false));
+            }
+        }
+        after(cursor);
+    }
+    Ok((deleted, false))
+}
+
+/// Like [`purge_facility_days`] for a (facility or device, day)-keyed table; also sums
+/// `value` over the deleted rows. Returns the rows deleted, the sum and whether it is done.
+fn purge_days<V: redb::Value + 'static>(
+    t: &mut redb::Table<'_, (&'static str, u32), V>,
+    cursor: &mut String,
+    h: u32,
+    budget: &mut u64,
+    value: impl for<'f> Fn(&V::SelfType<'f>) -> u64,
+) -> Result<(u64, u64, bool), LedgerError> {
+    let (mut deleted, mut sum) = (0u64, 0u64);
+    while *budget > 0 {
+        *budget -= 1;
+        let (f, day) = match t.range((cursor.as_str(), 0u32)..)?.next() {
+            None => return Ok((deleted, sum, true)),
+            Some(row) => {
+                let (k, _) = row?;
+                (k.value().0.to_owned(), k.value().1)
+            }
+        };
+        *cursor = f;
+        if day < h {
+            let f = cursor.as_str();
+            let days = t
+                .range((f, 0u32)..(f, h))?
+                .take(usize::try_from(*budget).unwrap_or(usize::MAX))
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<Vec<_>, _>>()?;
+            for d in &days {
+                if let Some(v) = t.remove((f, *d))? {
+                    sum = sum.saturating_add(value(&v.value()));
+                }
+            }
+            deleted += days.len() as u64;
+            *budget = budget.saturating_sub(days.len() as u64);
+            if *budget == 0 {
+                return Ok((deleted, sum, false));
+            }
+        }
+        after(cursor);
+    }
+    Ok((deleted, sum, false))
+}
+
+/// Like [`purge_facility_days`] for `sync-states-1`, keyed (peer, facility, day): walks
+/// (peer, facility) pairs from `cursor` on.
+fn purge_sync_states(
+    t: &mut redb::Table<'_, (&'static str, &'static str, u32), &'static [u8]>,
+    cursor: (&mut String, &mut String),
+    h: u32,
+    budget: &mut u64,
+) -> Result<(u64, bool), LedgerError> {
+    let (peer, facility) = cursor;
+    let mut deleted = 0u64;
+    while *budget > 0 {
+        *budget -= 1;
+        let (p, f, day) = match t.range((peer.as_str(), facility.as_str(), 0u32)..)?.next() {
+            None => return Ok((deleted, true)),
+            Some(row) => {
+                let (k, _) = row?;
+                let (p, f, d) = k.value();
+                (p.to_owned(), f.to_owned(), d)
+            }
+        };
+        (*peer, *facility) = (p, f);
+        if day < h {
+            let (p, f) = (peer.as_str(), facility.as_str());
+            let days = t
+                .range((p, f, 0u32)..(p, f, h))?
+                .take(usize::try_from(*budget).unwrap_or(usize::MAX))
+                .map(|row| row.map(|(k, _)| k.value().2))
+                .collect::<Result<Vec<_>, _>>()?;
+            for d in &days {
+                t.remove((p, f, *d))?;
+            }
+            deleted += days.len() as u64;
+            *budget = budget.saturating_sub(days.len() as u64);
+            if *budget == 0 {
+                return Ok((deleted, false));
+            }
+        }
+        after(facility);
+    }
+    Ok((deleted, false))
 }
 
 /// The record ids `indexed-2` holds for partition (`f`, `day`), and the number of its rows

@@ -25,7 +25,7 @@
 use crate::audit::{AuditEntry, AuditError, AuditLog, Event, Verification};
 use crate::auth::{self, AuthError, CredentialRecord, Principal, Role};
 use crate::gov::{self, ComplianceRow, Designation, GovError, Target};
-use crate::ledger::{Ledger, LedgerError, PurgeReport};
+use crate::ledger::{Ledger, LedgerError, PURGE_CHUNK_ROWS, PurgeJob, PurgeReport};
 use crate::registry::{DeviceRecord, Hub, HubError};
 use crate::trace::{self, SharedCodeReport, TraceError, TraceQuery, TraceReport};
 use serde::{Deserialize, Serialize};
@@ -879,6 +879,9 @@ fn span(seconds: u64) -> String {
 /// was destroyed, or the failure, in a second entry (`retention.purge.result`, naming the first
 /// by its sequence number). If the first entry cannot be written nothing is destroyed and the
 /// error says so ([`OpError::Unaudited`]). Returns what was destroyed.
+///
+/// Runs the whole purge here ([`begin_purge`], [`purge_step`] until done, [`finish_purge`]);
+/// the running hub's actor drives the same three steps with sessions served between chunks.
 pub fn purge(
     hub: &Hub,
     ledger: &mut Ledger<'_>,
@@ -886,27 +889,79 @@ pub fn purge(
     as_of: Option<UnixSeconds>,
     now: UnixSeconds,
 ) -> Result<PurgeReport, OpError> {
-    let enforced = purge_as_of(who, as_of, now)?;
-    let intent = audit_purge_intent(hub, who, as_of, enforced, now)?;
-    let result = ledger.purge(enforced);
-    audit_purge_result(hub, who, intent, &result, now)?;
-    // Audit details expire by the hub's own clock, never a fast-forwarded one: a purge far
-    // ahead must not erase recent traces' details (its own entry's among them) nor move the
-    // head's expiry point past entries a `hub.redb` writer could then delete unnoticed.
-    hub.audit().expire_details(now)?;
-    Ok(result?)
+    let run = begin_purge(hub, ledger, who, as_of, now)?;
+    run_to_end(hub, ledger, run, now)
 }
 
 /// The retention timer's purge at `now`, audited as [`RETENTION_TIMER`]. When it will destroy
 /// day keys (the horizon moved past the ratchet's oldest day) its `retention.purge` entry is
 /// written first, and nothing is destroyed if that fails. An hour in which the horizon did not
 /// move writes no entry unless the purge found rows to delete (rows of days whose keys an
-/// earlier, audited purge already destroyed) or failed; then it records the result.
+/// earlier, audited purge already destroyed, or an interrupted purge's leftovers) or failed;
+/// then it records the result.
 pub fn purge_on_timer(
     hub: &Hub,
     ledger: &mut Ledger<'_>,
     now: UnixSeconds,
 ) -> Result<PurgeReport, OpError> {
+    let run = begin_purge_on_timer(hub, ledger, now)?;
+    run_to_end(hub, ledger, run, now)
+}
+
+fn run_to_end(
+    hub: &Hub,
+    ledger: &Ledger<'_>,
+    mut run: PurgeRun,
+    now: UnixSeconds,
+) -> Result<PurgeReport, OpError> {
+    let outcome = loop {
+        match purge_step(ledger, &mut run) {
+            Ok(false) => continue,
+            Ok(true) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    finish_purge(hub, run, outcome, now)
+}
+
+/// A purge under way: audited, its day keys destroyed, its rows going chunk by chunk.
+#[derive(Debug)]
+pub struct PurgeRun {
+    who: Principal,
+    /// Its `retention.purge` entry, if one was written (the timer's writes none when the
+    /// horizon does not move).
+    intent: Option<u64>,
+    job: PurgeJob,
+}
+
+impl PurgeRun {
+    /// What it has removed so far.
+    pub fn report(&self) -> &PurgeReport {
+        self.job.report()
+    }
+}
+
+/// Starts the purge `who` asks for: checks and audits it as [`purge`] does and destroys the
+/// day keys. The rows go with [`purge_step`]; [`finish_purge`] records the result. A failure
+/// to destroy the keys is audited here, and nothing else is done.
+pub fn begin_purge(
+    hub: &Hub,
+    ledger: &mut Ledger<'_>,
+    who: &Principal,
+    as_of: Option<UnixSeconds>,
+    now: UnixSeconds,
+) -> Result<PurgeRun, OpError> {
+    let enforced = purge_as_of(who, as_of, now)?;
+    let intent = audit_purge_intent(hub, who, as_of, enforced, now)?;
+    start_purge(hub, ledger, who.clone(), Some(intent), enforced, now)
+}
+
+/// Starts the retention timer's purge at `now` (see [`purge_on_timer`]).
+pub fn begin_purge_on_timer(
+    hub: &Hub,
+    ledger: &mut Ledger<'_>,
+    now: UnixSeconds,
+) -> Result<PurgeRun, OpError> {
     let timer = Principal {
         id: RETENTION_TIMER.to_owned(),
         name: "hourly retention".to_owned(),
@@ -914,31 +969,83 @@ pub fn purge_on_timer(
         region: None,
         local: true,
     };
-    let before = ledger.ratchet().oldest();
-    let intent = if shared::time::horizon(now) > before {
+    let intent = if shared::time::horizon(now) > ledger.ratchet().oldest() {
         Some(audit_purge_intent(hub, &timer, None, now, now)?)
     } else {
         None
     };
-    let result = ledger.purge(now);
-    let destroyed = match &result {
-        Ok(r) => r.horizon != before || r.partitions > 0 || r.sync_states > 0,
-        Err(_) => true,
-    };
-    if intent.is_some() || destroyed {
-        let intent = match intent {
-            Some(seq) => seq,
-            // Nothing new was destroyed that an entry did not announce: the keys of these
-            // rows' days went under an earlier purge's entry. Record what was deleted.
-            None => audit_purge_intent(hub, &timer, None, now, now).map_err(|e| {
-                tracing::error!("a timer purge deleted leftover rows but could not audit it: {e}");
-                e
-            })?,
-        };
-        audit_purge_result(hub, &timer, intent, &result, now)?;
+    start_purge(hub, ledger, timer, intent, now, now)
+}
+
+fn start_purge(
+    hub: &Hub,
+    ledger: &mut Ledger<'_>,
+    who: Principal,
+    intent: Option<u64>,
+    enforced: UnixSeconds,
+    now: UnixSeconds,
+) -> Result<PurgeRun, OpError> {
+    match ledger.begin_purge(enforced) {
+        Ok(job) => Ok(PurgeRun { who, intent, job }),
+        Err(e) => {
+            let result = Err(e);
+            record_purge(hub, &who, intent, &result, now)?;
+            hub.audit().expire_details(now)?;
+            Err(result
+                .err()
+                .map(OpError::from)
+                .unwrap_or_else(|| OpError::Invalid("the purge failed".into())))
+        }
     }
+}
+
+/// One chunk of `run`'s deletion ([`Ledger::purge_chunk`]); whether it is complete.
+pub fn purge_step(ledger: &Ledger<'_>, run: &mut PurgeRun) -> Result<bool, LedgerError> {
+    ledger.purge_chunk(&mut run.job, PURGE_CHUNK_ROWS)
+}
+
+/// Ends `run`: records what it destroyed, or `outcome`'s failure (`retention.purge.result`),
+/// and expires audit details. Returns what was destroyed.
+pub fn finish_purge(
+    hub: &Hub,
+    run: PurgeRun,
+    outcome: Result<(), LedgerError>,
+    now: UnixSeconds,
+) -> Result<PurgeReport, OpError> {
+    let result = outcome.map(|()| run.job.report().clone());
+    record_purge(hub, &run.who, run.intent, &result, now)?;
+    // Audit details expire by the hub's own clock, never a fast-forwarded one: a purge far
+    // ahead must not erase recent traces' details (its own entry's among them) nor move the
+    // head's expiry point past entries a `hub.redb` writer could then delete unnoticed.
     hub.audit().expire_details(now)?;
     Ok(result?)
+}
+
+/// Writes a purge's `retention.purge.result` entry when it has an intent entry, or destroyed
+/// something (then the timer writes the intent it skipped: the keys of those rows' days went
+/// under an earlier purge's entry), or failed.
+fn record_purge(
+    hub: &Hub,
+    who: &Principal,
+    intent: Option<u64>,
+    result: &Result<PurgeReport, LedgerError>,
+    now: UnixSeconds,
+) -> Result<(), OpError> {
+    let destroyed = match result {
+        Ok(r) => r.partitions > 0 || r.sync_states > 0 || r.chunks > 0 || r.index_entries > 0,
+        Err(_) => true,
+    };
+    if intent.is_none() && !destroyed {
+        return Ok(());
+    }
+    let intent = match intent {
+        Some(seq) => seq,
+        None => audit_purge_intent(hub, who, None, now, now).map_err(|e| {
+            tracing::error!("a timer purge deleted leftover rows but could not audit it: {e}");
+            e
+        })?,
+    };
+    audit_purge_result(hub, who, intent, result, now)
 }
 
 /// Writes a purge's `retention.purge` entry before it runs; returns the entry's sequence

@@ -1,0 +1,370 @@
+//! Retention at a region's size: the purge of a big day runs in chunks on the hub's actor,
+//! each one short write transaction, so a job on the actor (what every sync frame is) is
+//! answered between chunks while the purge is under way; afterwards no row of the day is
+//! left in any ledger table (partitions without counts or heads rows among them), the live
+//! days are whole, and a purge a stop interrupts is finished by the next start's purge.
+
+use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
+use shared::Day;
+use shared::time::{DAY_SECONDS, horizon};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use sync_hub::Hub;
+use sync_hub::auth::Principal;
+use sync_hub::daemon::HubHandle;
+use sync_hub::ledger::{
+    DEVICE_DAY_KEYS, DEVICE_DAY_RECORDS, FALLBACK_COUNTS, HUB_CHUNKS, INDEXED, Ledger,
+    PARTITION_COUNTS, PARTITION_HEADS, SYNC_STATES, VISITS_BY_FACILITY, VISITS_BY_TOKEN,
+};
+
+/// Facilities with a partition of the expired day.
+const FACILITIES: u32 = 2_000;
+/// Chunks per partition (`hub-chunks-1`, the bulk).
+const CHUNKS: u64 = 120;
+/// Token index rows per facility.
+const TOKENS: u32 = 120;
+/// Facilities whose chunks of the day have no counts or heads row (a partition whose persist
+/// wrote chunks only, or a damaged store): the purge must find them all the same.
+const ORPHANS: u32 = 40;
+/// The longest an actor job may wait while the purge runs. One chunk is a few tens of
+/// milliseconds; the purge in one transaction holds the actor for the whole purge, which
+/// here (two days in the store, not a region's 28) is only about as long, so the test also
+/// asks that no wait come near the purge's own length, and that jobs were answered during it.
+/// The margin is for a loaded two-core test machine.
+const ACTOR_BOUND: Duration = Duration::from_millis(400);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn facility(i: u32) -> String {
+    format!("fac-{i:05}")
+}
+
+fn tag(day: u32, i: u32, n: u32) -> [u8; 32] {
+    let mut t = [0u8; 32];
+    t[..4].copy_from_slice(&day.to_be_bytes());
+    t[4..8].copy_from_slice(&i.to_be_bytes());
+    t[8..12].copy_from_slice(&n.to_be_bytes());
+    *blake3::hash(&t).as_bytes()
+}
+
+/// Writes a synthetic day's rows into every day-keyed ledger table: `facilities` partitions
+/// of `chunks` chunks (and `orphans` more facilities with chunks only), their index rows,
+/// counts, heads, fallback counts, sync states and device counts.
+fn fill_day(hub: &Hub, day: u32, facilities: u32, chunks: u64, tokens: u32, orphans: u32) {
+    let txn = hub
+        .store()
+        .db()
+        .begin_write()
+        .unwrap_or_else(|e| panic!("{e}"));
+    {
+        let mut ch = txn.open_table(HUB_CHUNKS).unwrap_or_else(|e| panic!("{e}"));
+        let mut idx = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
+        let mut counts = txn
+            .open_table(PARTITION_COUNTS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut heads = txn
+            .open_table(PARTITION_HEADS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut fallback = txn
+            .open_table(FALLBACK_COUNTS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut states = txn
+            .open_table(SYNC_STATES)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut records = txn
+            .open_table(DEVICE_DAY_RECORDS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut keys = txn
+            .open_table(DEVICE_DAY_KEYS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut by_token = txn
+            .open_table(VISITS_BY_TOKEN)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut by_facility = txn
+            .open_multimap_table(VISITS_BY_FACILITY)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let value = [7u8; 48];
+        for i in 0..facilities + orphans {
+            let f = facility(i);
+            let f = f.as_str();
+            for s in 0..chunks {
+                ch.insert((f, day, s), value.as_slice())
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            if i >= facilities {
+                continue;
+            }
+            idx.insert((f, day, 0u64), [1u8; 32].as_slice())
+                .unwrap_or_else(|e| panic!("{e}"));
+            counts
+                .insert((f, day), u64::from(tokens))
+                .unwrap_or_else(|e| panic!("{e}"));
+            heads
+                .insert((f, day), [2u8; 32].as_slice())
+                .unwrap_or_else(|e| panic!("{e}"));
+            fallback
+                .insert((f, day), 1u64)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let device = format!("dev-{i:05}");
+            states
+                .insert((device.as_str(), f, day), value.as_slice())
+                .unwrap_or_else(|e| panic!("{e}"));
+            records
+                .insert((device.as_str(), day), u64::from(tokens))
+                .unwrap_or_else(|e| panic!("{e}"));
+            keys.insert((device.as_str(), day), 1u64)
+                .unwrap_or_else(|e| panic!("{e}"));
+            for n in 0..tokens {
+                by_token
+                    .insert((day, &tag(day, i, n), 0u16), value.as_slice())
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            for n in 0..4u8 {
+                by_facility
+                    .insert((day, &tag(day, i, u32::MAX)), [n; 40].as_slice())
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+    txn.commit().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The rows of `day` in every day-keyed ledger table, by table.
+fn rows_of_day(hub: &Hub, day: u32) -> Vec<(&'static str, u64)> {
+    let txn = hub
+        .store()
+        .db()
+        .begin_read()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    macro_rules! count {
+        ($name:expr, $def:expr, $day:expr) => {{
+            let t = txn.open_table($def).unwrap_or_else(|e| panic!("{e}"));
+            let mut n = 0u64;
+            for row in t.iter().unwrap_or_else(|e| panic!("{e}")) {
+                let (k, _) = row.unwrap_or_else(|e| panic!("{e}"));
+                #[allow(clippy::redundant_closure_call)]
+                if ($day)(k.value()) == day {
+                    n += 1;
+                }
+            }
+            out.push(($name, n));
+        }};
+    }
+    count!("hub-chunks-1", HUB_CHUNKS, |k: (&str, u32, u64)| k.1);
+    count!("indexed-2", INDEXED, |k: (&str, u32, u64)| k.1);
+    count!("partition-counts-1", PARTITION_COUNTS, |k: (&str, u32)| k.1);
+    count!("partition-heads-1", PARTITION_HEADS, |k: (&str, u32)| k.1);
+    count!("fallback-counts-1", FALLBACK_COUNTS, |k: (&str, u32)| k.1);
+    count!("device-day-records-1", DEVICE_DAY_RECORDS, |k: (
+        &str,
+        u32
+    )| k.1);
+    count!("device-day-keys-1", DEVICE_DAY_KEYS, |k: (&str, u32)| k.1);
+    count!("sync-states-1", SYNC_STATES, |k: (&str, &str, u32)| k.2);
+    count!("visits-by-token-2", VISITS_BY_TOKEN, |k: (
+        u32,
+        &[u8; 32],
+        u16
+    )| k.0);
+    let t = txn
+        .open_multimap_table(VISITS_BY_FACILITY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut n = 0u64;
+    for row in t.iter().unwrap_or_else(|e| panic!("{e}")) {
+        let (k, values) = row.unwrap_or_else(|e| panic!("{e}"));
+        if k.value().0 == day {
+            n += values.len();
+        }
+    }
+    out.push(("visits-by-facility-1", n));
+    out
+}
+
+fn total(rows: &[(&str, u64)]) -> u64 {
+    rows.iter().map(|(_, n)| n).sum()
+}
+
+/// The days of the test, at the real clock: an expired day (live now, so the start's timer
+/// purge keeps it), a live day after it, and a time to purge as of whose horizon is the day
+/// after the expired one.
+fn days() -> (u32, u32, u64) {
+    let now = sync_hub::clock::now();
+    let expired = horizon(now).0 + 3;
+    let live = expired + 2;
+    let mut as_of = now;
+    while horizon(as_of).0 <= expired {
+        as_of += DAY_SECONDS;
+    }
+    assert!(horizon(as_of).0 <= live);
+    (expired, live, as_of)
+}
+
+/// A fresh hub with the big expired day and a small live day.
+fn hub_with_days(dir: &Path, expired: u32, live: u32) -> Hub {
+    let hub = Hub::init(dir, "mapo", None, vec![], None, 1_750_000_000)
+        .unwrap_or_else(|e| panic!("init: {e}"))
+        .hub;
+    Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    fill_day(&hub, expired, FACILITIES, CHUNKS, TOKENS, ORPHANS);
+    fill_day(&hub, live, 10, 3, 3, 2);
+    hub
+}
+
+fn start(hub: Hub) -> (HubHandle, std::thread::JoinHandle<()>) {
+    sync_hub::daemon::start(hub, Default::default()).unwrap_or_else(|e| panic!("start: {e}"))
+}
+
+/// How long a job on the actor takes to be answered.
+async fn actor_ping(handle: &HubHandle) -> Duration {
+    let started = Instant::now();
+    handle
+        .query(|_, _, _| ())
+        .await
+        .unwrap_or_else(|e| panic!("ping: {e}"));
+    started.elapsed()
+}
+
+fn stop(handle: HubHandle, actor: std::thread::JoinHandle<()>) {
+    sync_hub::daemon::stop(&handle);
+    drop(handle);
+    actor
+        .join()
+        .unwrap_or_else(|_| panic!("the actor panicked"));
+}
+
+#[test]
+fn the_actor_answers_during_a_big_purge_and_the_day_is_gone_after() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (expired, live, as_of) = days();
+    let hub = hub_with_days(tmp.path(), expired, live);
+    let live_before = rows_of_day(&hub, live);
+    assert!(total(&rows_of_day(&hub, expired)) > 400_000);
+    let rt = runtime();
+    let (handle, actor) = start(hub);
+    let (pings, slowest, took) = rt.block_on(async {
+        // The start's timer purge first (nothing of these days is expired at the clock).
+        actor_ping(&handle).await;
+        let h = handle.clone();
+        let purge =
+            tokio::spawn(async move { h.purge(Principal::local_operator(), Some(as_of)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (mut pings, mut slowest) = (0u32, Duration::ZERO);
+        let began = Instant::now();
+        while !purge.is_finished() {
+            let took = actor_ping(&handle).await;
+            if !purge.is_finished() {
+                pings += 1;
+                slowest = slowest.max(took);
+            } else if pings == 0 {
+                // Answered only once the purge was over: it held the actor throughout.
+                slowest = took;
+            }
+        }
+        let report = purge
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("purge: {e}"));
+        eprintln!(
+            "purge: {:?}, {pings} actor jobs answered during it, the slowest in {slowest:?}",
+            began.elapsed()
+        );
+        assert_eq!(report.horizon, Day(expired + 1));
+        assert_eq!(report.partitions, u64::from(FACILITIES));
+        assert_eq!(report.records, u64::from(FACILITIES * TOKENS));
+        assert_eq!(report.chunks, u64::from(FACILITIES + ORPHANS) * CHUNKS);
+        assert_eq!(report.sync_states, u64::from(FACILITIES));
+        (pings, slowest, began.elapsed())
+    });
+    assert!(
+        slowest < ACTOR_BOUND,
+        "an actor job waited {slowest:?} during the purge (bound {ACTOR_BOUND:?})"
+    );
+    // Relative to the purge itself, so the bound holds at any machine's speed: one chunk of
+    // it, not the whole.
+    assert!(
+        slowest * 4 < took,
+        "an actor job waited {slowest:?} of the purge's {took:?}"
+    );
+    assert!(
+        pings >= 3,
+        "only {pings} actor jobs were answered while the purge ran"
+    );
+    stop(handle, actor);
+    let hub = Hub::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+    let left = rows_of_day(&hub, expired);
+    assert_eq!(total(&left), 0, "rows of the purged day left: {left:?}");
+    assert_eq!(
+        rows_of_day(&hub, live),
+        live_before,
+        "the live day lost rows"
+    );
+}
+
+#[test]
+fn a_purge_a_stop_interrupts_is_finished_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (expired, live, as_of) = days();
+    let hub = hub_with_days(tmp.path(), expired, live);
+    let before = total(&rows_of_day(&hub, expired));
+    let live_before = rows_of_day(&hub, live);
+    let rt = runtime();
+    let (handle, actor) = start(hub);
+    rt.block_on(async {
+        actor_ping(&handle).await;
+        let h = handle.clone();
+        let purge =
+            tokio::spawn(async move { h.purge(Principal::local_operator(), Some(as_of)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        actor_ping(&handle).await;
+        assert!(!purge.is_finished(), "the purge ended before the stop");
+        sync_hub::daemon::stop(&handle);
+        // The purge's answer never comes: the hub stopped.
+        let answer = purge.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(answer.is_err(), "{answer:?}");
+    });
+    drop(handle);
+    actor
+        .join()
+        .unwrap_or_else(|_| panic!("the actor panicked"));
+
+    // Stopped mid-purge: the day's keys are gone for good, some of its rows are left.
+    let hub = Hub::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+    let ledger = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ledger.ratchet().oldest(), Day(expired + 1));
+    assert!(ledger.ratchet().index_key(Day(expired)).is_none());
+    drop(ledger);
+    let left = total(&rows_of_day(&hub, expired));
+    assert!(
+        left > 0 && left < before,
+        "{left} of {before} rows left: not interrupted midway"
+    );
+
+    // The next start's timer purge (at the clock, where the day is not yet expired) finishes it.
+    let (handle, actor) = start(hub);
+    rt.block_on(async {
+        // Queued behind the start's timer purge, this purge at the clock answers once that one
+        // has finished.
+        handle
+            .purge(Principal::local_operator(), None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("purge: {e}"));
+    });
+    stop(handle, actor);
+    let hub = Hub::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+    let left = rows_of_day(&hub, expired);
+    assert_eq!(total(&left), 0, "rows of the purged day left: {left:?}");
+    assert_eq!(
+        rows_of_day(&hub, live),
+        live_before,
+        "the live day lost rows"
+    );
+}
