@@ -52,7 +52,8 @@ const MAX_CREDENTIAL_CHARS: usize = 500;
 pub struct HubEntry {
     /// The region it serves (the report's name for it).
     pub region: String,
-    /// Its HTTP API, `http://HOST:PORT` (no path).
+    /// Its HTTP API, `http://HOST:PORT` (no path), HOST on this machine: the loopback end
+    /// of a TLS tunnel to the hub's HTTPS front.
     pub url: String,
     /// The health authority's credential at that hub (`sync-hub credential add --role
     /// authority` there).
@@ -66,7 +67,8 @@ struct HubsFile {
 }
 
 /// Reads and checks a hubs file: `{"hubs": [{"region", "url", "credential"}, ...]}`, at least
-/// one hub, regions distinct (ignoring case), URLs `http://HOST:PORT`, credentials without
+/// one hub, regions distinct (ignoring case), URLs `http://HOST:PORT` with HOST a loopback
+/// address or `localhost` (plain HTTP never crosses a network), credentials without
 /// spaces or control characters. Errors name the hub by its position and region, never its
 /// credential.
 pub fn parse_hubs(text: &str) -> Result<Vec<HubEntry>, String> {
