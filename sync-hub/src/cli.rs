@@ -865,6 +865,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 from: q.from,
                 to: q.to,
                 window_minutes: q.window_minutes,
+                tokens: q.tokens.iter().map(hex::encode).collect(),
             };
             let report = crate::nation::merge(&asked, outcomes, clock::now());
             let text = if csv {
@@ -1171,8 +1172,9 @@ fn read_hubs_file(path: &std::path::Path) -> Result<String> {
 }
 
 /// Sends `request` to every hub's `POST /api/trace` at once, each with `timeout` for the whole
-/// exchange and at most [`crate::nation::MAX_HUB_ANSWER_BYTES`] read; a hub that has not
-/// answered when the time is up counts as timed out. Outcomes in the hubs' order.
+/// exchange and at most [`crate::nation::MAX_HUB_ANSWER_BYTES`] read, and all together at most
+/// [`crate::nation::MAX_TOTAL_ANSWER_BYTES`]; a hub that has not answered when the time is up
+/// counts as timed out. Outcomes in the hubs' order.
 fn ask_hubs(
     hubs: &[crate::nation::HubEntry],
     request: &TraceRequest,
@@ -1181,13 +1183,16 @@ fn ask_hubs(
     use crate::nation::{HubOutcome, Outcome};
     let body = serde_json::to_string(request)?;
     let started = std::time::Instant::now();
+    let budget = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+        crate::nation::MAX_TOTAL_ANSWER_BYTES,
+    ));
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, hub) in hubs.iter().enumerate() {
-        let (tx, hub, body) = (tx.clone(), hub.clone(), body.clone());
+        let (tx, hub, body, budget) = (tx.clone(), hub.clone(), body.clone(), budget.clone());
         std::thread::Builder::new()
             .name(format!("nation-{i}"))
             .spawn(move || {
-                let outcome = ask_hub(&hub, &body, timeout);
+                let outcome = ask_hub(&hub, &body, timeout, &budget);
                 let _ = tx.send((i, outcome, started.elapsed()));
             })
             .context("cannot start a thread for a hub")?;
@@ -1218,11 +1223,53 @@ fn ask_hubs(
         .collect())
 }
 
+/// Reads at most `limit` bytes of `reader`, each chunk taken from the shared `budget` of all
+/// hubs' answers before it is read: `Err` once the answer exceeds `limit` or the budget is
+/// spent.
+fn read_bounded(
+    mut reader: impl std::io::Read,
+    limit: u64,
+    budget: &std::sync::atomic::AtomicU64,
+) -> std::result::Result<String, String> {
+    use std::sync::atomic::Ordering;
+    const CHUNK: u64 = 64 * 1024;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; CHUNK as usize];
+    loop {
+        let took = budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(CHUNK)
+            })
+            .is_ok();
+        if !took {
+            return Err(format!(
+                "the hubs' answers together exceed {} bytes (the limit for one national \
+                 trace): this answer was not read; trace fewer hubs at once",
+                crate::nation::MAX_TOTAL_ANSWER_BYTES
+            ));
+        }
+        let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+        // What the chunk did not use goes back to the budget.
+        budget.fetch_add(CHUNK - n as u64, Ordering::SeqCst);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.len() as u64 > limit {
+            return Err(format!(
+                "the answer exceeds {limit} bytes (the limit for one hub's trace)"
+            ));
+        }
+    }
+    String::from_utf8(out).map_err(|_| "the answer is not UTF-8 text".to_owned())
+}
+
 /// One hub's trace: its report, or why not.
 fn ask_hub(
     hub: &crate::nation::HubEntry,
     body: &str,
     timeout: std::time::Duration,
+    budget: &std::sync::atomic::AtomicU64,
 ) -> crate::nation::Outcome {
     use crate::nation::{MAX_HUB_ANSWER_BYTES, Outcome};
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -1248,14 +1295,17 @@ fn ask_hub(
         Err(e) => return failed(e),
     };
     let status = resp.status().as_u16();
-    let text = match resp
+    let reader = resp
         .body_mut()
         .with_config()
-        .limit(MAX_HUB_ANSWER_BYTES)
-        .read_to_string()
-    {
+        .limit(MAX_HUB_ANSWER_BYTES + 1)
+        .reader();
+    let text = match read_bounded(reader, MAX_HUB_ANSWER_BYTES, budget) {
         Ok(t) => t,
-        Err(e) => return failed(e),
+        Err(e) if e.contains("timed out") || e.to_lowercase().contains("timeout") => {
+            return Outcome::TimedOut;
+        }
+        Err(e) => return Outcome::Failed(e),
     };
     if status != 200 {
         #[derive(serde::Deserialize)]

@@ -409,7 +409,7 @@ async fn trace(
     params: Result<Query<TraceParams>, QueryRejection>,
     b: Result<Json<TraceRequest>, JsonRejection>,
 ) -> Response {
-    serve_audited(&s, who, Weight::Light, move |desk, who, m| {
+    serve_audited(&s, who, Weight::Trace, move |desk, who, m| {
         let params = query(params)?;
         let csv = match params.format.as_deref() {
             None | Some("json") => false,
@@ -620,7 +620,7 @@ async fn audit(
     Extension(who): Caller,
     q: Result<Query<Limit>, QueryRejection>,
 ) -> Response {
-    serve_read(&s, who, Weight::Light, move |desk, who, _| {
+    serve_read(&s, who, Weight::Heavy, move |desk, who, _| {
         let l = query(q)?;
         json(desk.audit_entries(who, Some(l.limit.unwrap_or(100).min(10_000)))?)
     })

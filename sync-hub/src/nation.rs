@@ -21,7 +21,19 @@ use std::collections::BTreeSet;
 pub const MAX_HUBS: usize = 300;
 /// The largest answer read from one hub. A trace over a busy region's 28 days with a long
 /// window is a few MB; anything over this is refused as that hub's error.
-pub const MAX_HUB_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
+pub const MAX_HUB_ANSWER_BYTES: u64 = 16 * 1024 * 1024;
+/// The most bytes read from all hubs of one trace together: with [`MAX_HUBS`] answering at
+/// once, the per-answer bound alone would allow gigabytes. Answers read once it is spent are
+/// refused as their hubs' errors.
+pub const MAX_TOTAL_ANSWER_BYTES: u64 = 256 * 1024 * 1024;
+/// The most visits of the case one hub's answer may hold (a person's 28 days are a few
+/// hundred); more is refused as that hub's error.
+pub const MAX_ANSWER_VISITS: usize = 100_000;
+/// The most contacts, shared codes, unsynced facilities or notes one hub's answer may hold;
+/// more is refused as that hub's error.
+pub const MAX_ANSWER_CONTACTS: usize = 1_000_000;
+/// The most shared codes across regions the report lists; more are counted in a note.
+pub const MAX_CROSS_REGION_PAIRS: usize = 10_000;
 /// The default time a hub has to answer, seconds.
 pub const DEFAULT_TIMEOUT_SECONDS: u64 = 10;
 /// The longest `--timeout` accepted, seconds.
@@ -40,7 +52,8 @@ const MAX_CREDENTIAL_CHARS: usize = 500;
 pub struct HubEntry {
     /// The region it serves (the report's name for it).
     pub region: String,
-    /// Its HTTP API, `http://HOST:PORT` (no path).
+    /// Its HTTP API, `http://HOST:PORT` (no path), HOST on this machine: the loopback end
+    /// of a TLS tunnel to the hub's HTTPS front.
     pub url: String,
     /// The health authority's credential at that hub (`sync-hub credential add --role
     /// authority` there).
@@ -54,7 +67,8 @@ struct HubsFile {
 }
 
 /// Reads and checks a hubs file: `{"hubs": [{"region", "url", "credential"}, ...]}`, at least
-/// one hub, regions distinct (ignoring case), URLs `http://HOST:PORT`, credentials without
+/// one hub, regions distinct (ignoring case), URLs `http://HOST:PORT` with HOST a loopback
+/// address or `localhost` (plain HTTP never crosses a network), credentials without
 /// spaces or control characters. Errors name the hub by its position and region, never its
 /// credential.
 pub fn parse_hubs(text: &str) -> Result<Vec<HubEntry>, String> {
@@ -100,14 +114,23 @@ pub fn parse_hubs(text: &str) -> Result<Vec<HubEntry>, String> {
             });
         if !url_ok {
             let hint = if h.url.starts_with("https://") {
-                " (this build speaks plain HTTP: reach a remote hub through the tunnel or VPN \
-                 its operator provides, as for any other client of its API)"
+                " (this build speaks plain HTTP: reach a remote hub through a TLS tunnel on this \
+                 machine, e.g. `stunnel` or `ssh -L`, and list its loopback end)"
             } else {
                 ""
             };
             return Err(format!(
                 "hub {n} ({}): url must be http://HOST:PORT with no path{hint}",
                 h.region
+            ));
+        }
+        if !rest.is_some_and(is_loopback_authority) {
+            return Err(format!(
+                "hub {n} ({}): {} is not on this machine: the authority's credential and the \
+                 case are never sent over plain HTTP across a network. Reach the hub over TLS \
+                 (its operator's HTTPS front) through a tunnel on this machine (e.g. `stunnel` \
+                 or `ssh -L`) and list its loopback end, http://127.0.0.1:PORT",
+                h.region, h.url
             ));
         }
         let c = h.credential.trim().to_owned();
@@ -125,6 +148,28 @@ pub fn parse_hubs(text: &str) -> Result<Vec<HubEntry>, String> {
         hubs.push(h);
     }
     Ok(hubs)
+}
+
+/// Whether `host_port` (`HOST:PORT` or `HOST`) names this machine: `localhost`, an IPv4
+/// address in 127.0.0.0/8 or `[::1]`. Only there may the trace go over plain HTTP (to a local
+/// TLS tunnel or proxy).
+fn is_loopback_authority(host_port: &str) -> bool {
+    let host = if let Some(rest) = host_port.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, port)) if port.is_empty() || port.starts_with(':') => h,
+            _ => return false,
+        }
+    } else {
+        match host_port.split_once(':') {
+            Some((h, _)) => h,
+            None => host_port,
+        }
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// What one hub did with the trace.
@@ -278,6 +323,64 @@ pub struct Asked {
     pub to: UnixSeconds,
     /// ± minutes for contacts.
     pub window_minutes: u64,
+    /// The case's tokens, 32 lowercase hex characters each.
+    pub tokens: Vec<String>,
+}
+
+/// Checks one hub's answer against what was asked: the same case, period and window, only
+/// the asked tokens' visits and shared codes, and no more than the bounds allow. An answer
+/// that fails is not merged: its region is `error` and the report not complete.
+fn check_answer(asked: &Asked, r: &TraceReport) -> Result<(), String> {
+    if r.case_id.as_deref() != Some(asked.case_id.as_str()) {
+        return Err(format!(
+            "the hub answered for case {:?}, not the case asked ({:?}): answer discarded",
+            r.case_id, asked.case_id
+        ));
+    }
+    if (r.from, r.to, r.window_minutes) != (asked.from, asked.to, asked.window_minutes) {
+        return Err(format!(
+            "the hub answered for {}..{} ±{} min, not the period asked ({}..{} ±{} min): \
+             answer discarded",
+            r.from, r.to, r.window_minutes, asked.from, asked.to, asked.window_minutes
+        ));
+    }
+    if r.visits.len() > MAX_ANSWER_VISITS {
+        return Err(format!(
+            "the hub answered {} visits of the case, more than {MAX_ANSWER_VISITS}: answer \
+             discarded",
+            r.visits.len()
+        ));
+    }
+    let longest = [
+        r.contacts.len(),
+        r.shared_codes.len(),
+        r.unsynced_facilities.len(),
+        r.notes.len(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    if longest > MAX_ANSWER_CONTACTS {
+        return Err(format!(
+            "the hub's answer lists {longest} entries, more than {MAX_ANSWER_CONTACTS}: answer \
+             discarded"
+        ));
+    }
+    let asked_token = |t: &str| asked.tokens.iter().any(|a| a.eq_ignore_ascii_case(t));
+    let unasked = r
+        .visits
+        .iter()
+        .map(|v| v.token.as_str())
+        .chain(r.shared_codes.iter().map(|c| c.token.as_str()))
+        .filter(|t| !asked_token(t))
+        .count();
+    if unasked > 0 {
+        return Err(format!(
+            "the hub's answer holds {unasked} visits or shared codes of tokens not asked for: \
+             answer discarded"
+        ));
+    }
+    Ok(())
 }
 
 /// Merges the hubs' outcomes (in the hubs file's order) into one report.
@@ -305,7 +408,15 @@ pub fn merge(
             incomplete: true,
             notes: Vec::new(),
         };
-        match o.outcome {
+        // An answer that is not for what was asked is not merged.
+        let outcome = match o.outcome {
+            Outcome::Answered(r) => match check_answer(asked, &r) {
+                Ok(()) => Outcome::Answered(r),
+                Err(e) => Outcome::Failed(e),
+            },
+            other => other,
+        };
+        match outcome {
             Outcome::Failed(e) => {
                 line.status = RegionStatus::Error;
                 line.error = Some(e);
@@ -357,7 +468,14 @@ pub fn merge(
         }
         regions.push(line);
     }
-    shared_codes.extend(cross_region_shared(&mut visits));
+    let (cross, more) = cross_region_shared(&mut visits);
+    shared_codes.extend(cross);
+    if more > 0 {
+        notes.push(format!(
+            "{more} more sightings of the case's codes across regions are flagged \
+             (shared_code) but not listed in shared_codes (at most {MAX_CROSS_REGION_PAIRS})"
+        ));
+    }
     visits.sort_by(|a, b| {
         (a.visit.scanned_at, &a.region, &a.visit.record_id).cmp(&(
             b.visit.scanned_at,
@@ -408,8 +526,12 @@ pub fn merge(
 }
 
 /// The same token at facilities of two different regions within [`SHARED_CODE_SECONDS`]: the
-/// hub core's shared-code rule across hubs. Marks both visits `shared_code`.
-fn cross_region_shared(visits: &mut [RegionVisit]) -> Vec<RegionSharedCode> {
+/// hub core's shared-code rule across hubs. Marks every visit with such a sighting in another
+/// region `shared_code`, and lists each visit with its nearest earlier sighting in another
+/// region within the validity as a pair (at most [`MAX_CROSS_REGION_PAIRS`]; the second value
+/// counts the pairs left out). Linear after one sort by token and time, however many visits
+/// share a token (a hostile hub may answer many).
+fn cross_region_shared(visits: &mut [RegionVisit]) -> (Vec<RegionSharedCode>, usize) {
     let mut order: Vec<usize> = (0..visits.len())
         .filter(|i| !visits[*i].visit.token.is_empty())
         .collect();
@@ -418,17 +540,48 @@ fn cross_region_shared(visits: &mut [RegionVisit]) -> Vec<RegionSharedCode> {
         (&a.token, a.scanned_at).cmp(&(&b.token, b.scanned_at))
     });
     let mut pairs = Vec::new();
-    for (n, &i) in order.iter().enumerate() {
-        for &j in &order[n + 1..] {
-            let (a, b) = (&visits[i], &visits[j]);
-            if a.visit.token != b.visit.token
-                || b.visit.scanned_at.saturating_sub(a.visit.scanned_at) > SHARED_CODE_SECONDS
+    let mut left_out = 0usize;
+    let mut marked = vec![false; visits.len()];
+    // Forward: each visit's latest earlier visit of the same token in another region. The
+    // latest visits of the two most recently seen regions are enough to find it.
+    // Backward, the same for the earliest later visit: together every visit with a sighting in
+    // another region within the validity is marked.
+    for forward in [true, false] {
+        let walk: Box<dyn Iterator<Item = &usize>> = if forward {
+            Box::new(order.iter())
+        } else {
+            Box::new(order.iter().rev())
+        };
+        // (index of the latest visit of the most recent region, of the region before it).
+        let mut recent: (Option<usize>, Option<usize>) = (None, None);
+        let mut token: Option<&str> = None;
+        for &i in walk {
+            let v = &visits[i];
+            if token != Some(v.visit.token.as_str()) {
+                token = Some(v.visit.token.as_str());
+                recent = (None, None);
+            }
+            let other = match recent.0 {
+                Some(j) if visits[j].region != v.region => Some(j),
+                _ => recent.1,
+            };
+            if let Some(j) = other
+                && v.visit.scanned_at.abs_diff(visits[j].visit.scanned_at) <= SHARED_CODE_SECONDS
             {
-                break;
+                marked[i] = true;
+                marked[j] = true;
+                if forward {
+                    if pairs.len() < MAX_CROSS_REGION_PAIRS {
+                        pairs.push((j, i));
+                    } else {
+                        left_out += 1;
+                    }
+                }
             }
-            if a.region != b.region {
-                pairs.push((i, j));
-            }
+            recent = match recent.0 {
+                Some(j) if visits[j].region == v.region => (Some(i), recent.1),
+                _ => (Some(i), recent.0),
+            };
         }
     }
     let sighting = |v: &ReportVisit| Sighting {
@@ -453,11 +606,12 @@ fn cross_region_shared(visits: &mut [RegionVisit]) -> Vec<RegionSharedCode> {
             }
         })
         .collect();
-    for (i, j) in pairs {
-        visits[i].visit.shared_code = true;
-        visits[j].visit.shared_code = true;
+    for (v, m) in visits.iter_mut().zip(marked) {
+        if m {
+            v.visit.shared_code = true;
+        }
     }
-    codes
+    (codes, left_out)
 }
 
 /// The report as CSV (spreadsheet-safe): one row per region, visit, contact and facility that
@@ -575,6 +729,7 @@ mod tests {
             from: 1_000,
             to: 9_000,
             window_minutes: 30,
+            tokens: vec![CASE.into()],
         }
     }
 
@@ -789,15 +944,154 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_for_another_case_period_or_token_is_not_merged() {
+        let good = || report("a", vec![visit(CASE, "f-a", 5_000, "r1")], vec![]);
+        let mut other_case = good();
+        other_case.case_id = Some("case-8".into());
+        let mut other_from = good();
+        other_from.from = 0;
+        let mut other_to = good();
+        other_to.to = 99_999;
+        let mut other_window = good();
+        other_window.window_minutes = 600;
+        let mut no_case = good();
+        no_case.case_id = None;
+        let mut other_token = good();
+        other_token
+            .visits
+            .push(visit(&"d".repeat(32), "f-a", 5_100, "r2"));
+        for (what, bad) in [
+            ("case", other_case),
+            ("from", other_from),
+            ("to", other_to),
+            ("window", other_window),
+            ("no case", no_case),
+            ("token", other_token),
+        ] {
+            let r = merge(
+                &asked(),
+                vec![
+                    outcome("a", Outcome::Answered(Box::new(bad))),
+                    outcome("b", Outcome::Answered(Box::new(good()))),
+                ],
+                9_500,
+            );
+            assert_eq!(r.regions[0].status, RegionStatus::Error, "{what}: {r:?}");
+            assert!(r.regions[0].error.is_some(), "{what}");
+            assert!(!r.complete, "{what}");
+            assert_eq!(r.regions[1].status, RegionStatus::Ok, "{what}");
+            // Nothing of the mismatching answer is in the report.
+            assert_eq!(r.visits.len(), 1, "{what}: {r:?}");
+            assert_eq!(r.visits[0].region, "b", "{what}");
+        }
+        // Upper-case hex of an asked token is the asked token.
+        let mut upper = good();
+        upper.visits[0].token = CASE.to_uppercase();
+        let r = merge(
+            &asked(),
+            vec![outcome("a", Outcome::Answered(Box::new(upper)))],
+            9_500,
+        );
+        assert!(r.complete, "{r:?}");
+    }
+
+    #[test]
+    fn many_visits_of_one_token_merge_in_bounded_output() {
+        // Two hostile hubs answer 50,000 sightings each of the case's token at the same
+        // second: every pair is within one code's validity (2.5 billion pairs).
+        let n = 50_000;
+        let many = |region: &str| {
+            let visits = (0..n)
+                .map(|i| visit(CASE, region, 5_000, &format!("{region}-{i}")))
+                .collect();
+            report(region, visits, vec![])
+        };
+        let r = merge(
+            &asked(),
+            vec![
+                outcome("a", Outcome::Answered(Box::new(many("a")))),
+                outcome("b", Outcome::Answered(Box::new(many("b")))),
+            ],
+            9_500,
+        );
+        assert!(r.regions.iter().all(|g| g.status == RegionStatus::Ok));
+        assert_eq!(r.visits.len(), 2 * n);
+        assert_eq!(r.shared_codes.len(), MAX_CROSS_REGION_PAIRS);
+        assert!(r.visits.iter().all(|v| v.visit.shared_code));
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.contains("not listed in shared_codes")),
+            "{:?}",
+            r.notes
+        );
+        // More visits than one answer may hold: that hub's error.
+        let r = merge(
+            &asked(),
+            vec![outcome(
+                "a",
+                Outcome::Answered(Box::new(report(
+                    "a",
+                    (0..=MAX_ANSWER_VISITS)
+                        .map(|i| visit(CASE, "f", 5_000, &i.to_string()))
+                        .collect(),
+                    vec![],
+                ))),
+            )],
+            9_500,
+        );
+        assert_eq!(r.regions[0].status, RegionStatus::Error);
+        assert!(r.visits.is_empty());
+    }
+
+    #[test]
+    fn cross_region_flags_match_every_pair_within_the_validity() {
+        // The linear pass marks exactly the visits the quadratic rule marks.
+        let at = [
+            ("a", 1_000),
+            ("a", 1_010),
+            ("b", 1_000 + SHARED_CODE_SECONDS + 5),
+            ("c", 9_000),
+            ("c", 9_001),
+            ("a", 20_000),
+            ("b", 20_000 + SHARED_CODE_SECONDS),
+            ("b", 20_001 + SHARED_CODE_SECONDS),
+        ];
+        let mut visits: Vec<RegionVisit> = at
+            .iter()
+            .enumerate()
+            .map(|(i, (g, t))| RegionVisit {
+                region: (*g).into(),
+                visit: visit(CASE, g, *t, &i.to_string()),
+            })
+            .collect();
+        let expect: Vec<bool> = at
+            .iter()
+            .map(|(g, t)| {
+                at.iter()
+                    .any(|(h, u)| h != g && t.abs_diff(*u) <= SHARED_CODE_SECONDS)
+            })
+            .collect();
+        let (pairs, left_out) = cross_region_shared(&mut visits);
+        let got: Vec<bool> = visits.iter().map(|v| v.visit.shared_code).collect();
+        assert_eq!(got, expect);
+        assert_eq!(left_out, 0);
+        // 1,010 (a) -> b; 20,000 (a) -> 20,000+S (b).
+        assert_eq!(pairs.len(), 2, "{pairs:?}");
+    }
+
+    #[test]
     fn hubs_files_are_checked() {
         let ok = parse_hubs(
             r#"{"hubs": [
                 {"region": "mapo", "url": "http://127.0.0.1:7448/", "credential": " s3cret "},
-                {"region": "gangnam", "url": "http://hub.gangnam.example:7448", "credential": "x"}
+                {"region": "gangnam", "url": "http://localhost:7449", "credential": "x"},
+                {"region": "jeju", "url": "http://[::1]:7450", "credential": "x"},
+                {"region": "busan", "url": "http://127.8.0.1:7451", "credential": "x"}
             ]}"#,
         )
         .expect("valid");
-        assert_eq!(ok.len(), 2);
+        assert_eq!(ok.len(), 4);
         assert_eq!(ok[0].url, "http://127.0.0.1:7448");
         assert_eq!(ok[0].credential, "s3cret");
         let bad = |text: &str, needle: &str| {
@@ -808,28 +1102,43 @@ mod tests {
         bad(r#"{"hubs": []}"#, "no hub");
         bad("[]", "not a hubs file");
         bad(
-            r#"{"hubs": [{"region": "a", "url": "http://h:1", "credential": "TOPSECRET", "x": 1}]}"#,
+            r#"{"hubs": [{"region": "a", "url": "http://127.0.0.1:1", "credential": "TOPSECRET", "x": 1}]}"#,
             "not a hubs file",
         );
         bad(
-            r#"{"hubs": [{"region": "a", "url": "http://h:1", "credential": "TOPSECRET"},
-                         {"region": "A", "url": "http://h:2", "credential": "TOPSECRET"}]}"#,
+            r#"{"hubs": [{"region": "a", "url": "http://127.0.0.1:1", "credential": "TOPSECRET"},
+                         {"region": "A", "url": "http://127.0.0.1:2", "credential": "TOPSECRET"}]}"#,
             "listed twice",
         );
         bad(
-            r#"{"hubs": [{"region": "a", "url": "https://h:1", "credential": "TOPSECRET"}]}"#,
+            r#"{"hubs": [{"region": "a", "url": "https://127.0.0.1:1", "credential": "TOPSECRET"}]}"#,
             "plain HTTP",
         );
+        // Plain HTTP only to this machine (a local TLS tunnel): never across a network.
+        for remote in [
+            "http://hub.gangnam.example:7448",
+            "http://10.0.0.5:7448",
+            "http://[2001:db8::1]:7448",
+            "http://localhost.evil.example:7448",
+            "http://127.0.0.1.evil.example:7448",
+        ] {
+            bad(
+                &format!(
+                    r#"{{"hubs": [{{"region": "a", "url": "{remote}", "credential": "TOPSECRET"}}]}}"#
+                ),
+                "is not on this machine",
+            );
+        }
         bad(
-            r#"{"hubs": [{"region": "a", "url": "http://h:1/api", "credential": "TOPSECRET"}]}"#,
+            r#"{"hubs": [{"region": "a", "url": "http://127.0.0.1:1/api", "credential": "TOPSECRET"}]}"#,
             "no path",
         );
         bad(
-            r#"{"hubs": [{"region": "a", "url": "http://h:1", "credential": "TOP SECRET"}]}"#,
+            r#"{"hubs": [{"region": "a", "url": "http://127.0.0.1:1", "credential": "TOP SECRET"}]}"#,
             "without spaces",
         );
         bad(
-            r#"{"hubs": [{"region": "", "url": "http://h:1", "credential": "TOPSECRET"}]}"#,
+            r#"{"hubs": [{"region": "", "url": "http://127.0.0.1:1", "credential": "TOPSECRET"}]}"#,
             "region must be",
         );
     }

@@ -11,10 +11,11 @@
 //! returned ([`audited`]: no entry, no answer).
 //!
 //! Concurrency is bounded ([`Pool`]): at most [`HEAVY_READS`] reports (shared codes,
-//! compliance, dashboard, audit verification) and [`LIGHT_READS`] other reads (traces, lists,
-//! stats, metrics, the audit log) at once; one more is refused at once with
-//! [`Busy`] (HTTP 503 with `Retry-After`), so a flood of requests cannot take every core or
-//! pile up threads, and a long report never keeps a trace waiting.
+//! compliance, dashboard, the audit log and its verification), [`TRACE_READS`] traces and
+//! [`LIGHT_READS`] other reads (lists, stats, metrics, whoami) at once; one more is refused at
+//! once with [`Busy`] (HTTP 503 with `Retry-After`), so a flood of requests cannot take every
+//! core or pile up threads. Traces have permits of their own: neither a long report nor a
+//! flood of light reads by any credential holder keeps the authority's trace waiting.
 
 use crate::audit::Event;
 use crate::auth::Principal;
@@ -28,9 +29,12 @@ use tokio::sync::Semaphore;
 /// Reports that may run at once (shared codes, compliance, dashboard, audit verification):
 /// each may read the whole live index, and the hub has a few cores for its sessions too.
 pub const HEAVY_READS: usize = 2;
-/// Other reads that may run at once (traces, lists, stats, metrics, the audit log): short,
-/// and never queued behind a report.
+/// Other reads that may run at once (lists, stats, metrics, whoami): short, and never queued
+/// behind a report.
 pub const LIGHT_READS: usize = 4;
+/// Traces that may run at once (the health authority's and officers'), counted apart from
+/// every other read.
+pub const TRACE_READS: usize = 4;
 /// What a refused read is told to wait before asking again, seconds (`Retry-After`).
 pub const RETRY_AFTER_SECONDS: u64 = 5;
 
@@ -41,6 +45,8 @@ pub enum Weight {
     Heavy,
     /// Any other read ([`LIGHT_READS`] at once).
     Light,
+    /// A trace ([`TRACE_READS`] at once).
+    Trace,
 }
 
 /// The bounds of the reads running off the actor: one per [`Weight`].
@@ -48,8 +54,10 @@ pub enum Weight {
 pub struct Pool {
     heavy: Arc<Semaphore>,
     light: Arc<Semaphore>,
+    trace: Arc<Semaphore>,
     heavy_max: usize,
     light_max: usize,
+    trace_max: usize,
 }
 
 impl Default for Pool {
@@ -59,13 +67,20 @@ impl Default for Pool {
 }
 
 impl Pool {
-    /// At most `heavy` reports and `light` other reads at once.
+    /// At most `heavy` reports, [`TRACE_READS`] traces and `light` other reads at once.
     pub fn new(heavy: usize, light: usize) -> Self {
+        Pool::with_traces(heavy, light, TRACE_READS)
+    }
+
+    /// At most `heavy` reports, `traces` traces and `light` other reads at once.
+    pub fn with_traces(heavy: usize, light: usize, traces: usize) -> Self {
         Pool {
             heavy: Arc::new(Semaphore::new(heavy)),
             light: Arc::new(Semaphore::new(light)),
+            trace: Arc::new(Semaphore::new(traces)),
             heavy_max: heavy,
             light_max: light,
+            trace_max: traces,
         }
     }
 }
@@ -115,6 +130,7 @@ where
     let (sem, running, what) = match weight {
         Weight::Heavy => (&pool.heavy, pool.heavy_max, "reports"),
         Weight::Light => (&pool.light, pool.light_max, "reads"),
+        Weight::Trace => (&pool.trace, pool.trace_max, "traces"),
     };
     let permit = sem.clone().try_acquire_owned().map_err(|_| Busy {
         running,

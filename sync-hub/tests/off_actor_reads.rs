@@ -187,3 +187,111 @@ fn reports_over_the_bound_are_refused_at_once_with_retry_after() {
     drop(rt);
     actor.join().unwrap_or_else(|_| panic!("actor panicked"));
 }
+
+/// `POST /api/trace` with `bearer`: the status line's code and the body.
+async fn post_trace(addr: SocketAddr, bearer: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let head = format!(
+        "POST /api/trace HTTP/1.1\r\nhost: hub\r\nauthorization: Bearer {bearer}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to the trace within 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
+}
+
+#[test]
+fn a_trace_and_the_audit_log_answer_while_every_light_read_is_held() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use sync_hub::auth::{self, Role};
+    use sync_hub::reads::{Pool, Weight};
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let rt = runtime();
+    let (handle, actor) = rt.block_on(async {
+        let hub = Hub::init(tmp.path(), "mapo", None, vec![], None, 1_750_000_000)
+            .unwrap_or_else(|e| panic!("init: {e}"))
+            .hub;
+        let (_, secret) = auth::issue(hub.store(), Role::Authority, None, "kdca", 1_750_000_000)
+            .unwrap_or_else(|e| panic!("issue: {e}"));
+        let (handle, actor) = sync_hub::daemon::start(hub, Default::default())
+            .unwrap_or_else(|e| panic!("start: {e}"));
+        let pool = Pool::new(2, 4);
+        let app = sync_hub::http::router_with(handle.clone(), TOKEN.to_owned(), pool.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        // Four slow light reads (any credential holder's whoami, metrics, lists) hold every
+        // light permit until released (at most 20 s).
+        let release = Arc::new(AtomicBool::new(false));
+        let held: Vec<_> = (0..4)
+            .map(|_| {
+                let (handle, pool, release) = (handle.clone(), pool.clone(), release.clone());
+                tokio::spawn(async move {
+                    sync_hub::reads::read(
+                        &handle,
+                        &pool,
+                        Weight::Light,
+                        1_750_000_000,
+                        move |_, _| {
+                            let started = Instant::now();
+                            while !release.load(Ordering::SeqCst)
+                                && started.elapsed() < Duration::from_secs(20)
+                            {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            Ok(())
+                        },
+                    )
+                    .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The light bound is full: another light read is refused.
+        let (code, _, body) = get(addr, "/api/stats").await;
+        assert_eq!(code, 503, "the light reads are held: {body}");
+        // The authority's trace has permits of its own.
+        let token = "ab".repeat(16);
+        let (code, body) = post_trace(
+            addr,
+            &secret.0,
+            &format!(r#"{{"tokens": ["{token}"], "case": "case-1", "purpose": "cluster"}}"#),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("case-1"), "{body}");
+        // The audit log is read as a report, not against the light bound.
+        let (code, _, body) = get(addr, "/api/audit").await;
+        assert_eq!(code, 200, "{body}");
+        release.store(true, Ordering::SeqCst);
+        for h in held {
+            h.await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("held read: {e}"));
+        }
+        (handle, actor)
+    });
+    sync_hub::daemon::stop(&handle);
+    drop(rt);
+    actor.join().unwrap_or_else(|_| panic!("actor panicked"));
+}
