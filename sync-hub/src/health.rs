@@ -4,6 +4,7 @@
 //! ([`crate::daemon`]) keeps its counters in it and [`crate::http`] renders them.
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -45,6 +46,33 @@ impl Histogram {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// `kipass_hub_revoked_records_refused_total` (and its per-device form) in Prometheus text:
+/// records a sibling relayed that a revoked device sealed after its revocation, left out of
+/// the trace index (`ledger::Stats::revoked_refused_per_device`, kept in the store).
+pub fn render_revoked_refused(out: &mut String, per_device: &BTreeMap<String, u64>) {
+    let name = "kipass_hub_revoked_records_refused_total";
+    let total: u64 = per_device.values().sum();
+    let _ = writeln!(
+        out,
+        "# HELP {name} Records relayed by a sibling that a revoked device sealed at or after \
+         its revocation: stored, but left out of the trace index.\n# TYPE {name} counter\n\
+         {name} {total}"
+    );
+    let name = "kipass_hub_device_revoked_records_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} kipass_hub_revoked_records_refused_total by device (devices that have \
+         any).\n# TYPE {name} counter"
+    );
+    for (device, n) in per_device {
+        let device = device
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = writeln!(out, "{name}{{device=\"{device}\"}} {n}");
     }
 }
 
@@ -173,6 +201,30 @@ mod tests {
             ..facts()
         };
         assert_eq!(decide(&new, 999_010).0, Overall::Ok);
+    }
+
+    #[test]
+    fn revoked_refused_renders_total_and_per_device() {
+        let mut out = String::new();
+        let per: BTreeMap<String, u64> = [("dev_a".to_owned(), 2), ("dev_\"b".to_owned(), 1)]
+            .into_iter()
+            .collect();
+        render_revoked_refused(&mut out, &per);
+        assert!(
+            out.contains("\nkipass_hub_revoked_records_refused_total 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kipass_hub_device_revoked_records_refused_total{device=\"dev_a\"} 2"),
+            "{out}"
+        );
+        assert!(out.contains("{device=\"dev_\\\"b\"} 1"), "{out}");
+        let mut empty = String::new();
+        render_revoked_refused(&mut empty, &BTreeMap::new());
+        assert!(
+            empty.contains("\nkipass_hub_revoked_records_refused_total 0\n"),
+            "{empty}"
+        );
     }
 
     #[test]

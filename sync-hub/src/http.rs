@@ -932,6 +932,7 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             label(f)
         );
     }
+    crate::health::render_revoked_refused(&mut out, &stats.revoked_refused_per_device);
     let oldest = desk.ledger.oldest_live_day(now);
     let last = Ledger::last_live_day(now);
     head(

@@ -116,6 +116,13 @@ pub const SYNC_REFUSALS: TableDefinition<&str, u64> = TableDefinition::new("sync
 /// [`RECENT_REFUSALS`] refusals, older rows deleted as new ones come (`sync-hub stats`).
 pub const RECENT_REFUSALS_TABLE: TableDefinition<u64, &[u8]> =
     TableDefinition::new("recent-refusals-1");
+/// `revoked-records-refused-1`: device id -> records attributed to that device (the sealed
+/// record's `device`) that a sibling relayed after the device was revoked and that the hub
+/// therefore left out of the trace index (`sync-hub stats`, `/metrics`
+/// `kipass_hub_revoked_records_refused_total`). Their changes are stored all the same. Each
+/// such record is counted once: it is marked in `indexed-2` like an indexed one. Absent: none.
+pub const REVOKED_REFUSED: TableDefinition<&str, u64> =
+    TableDefinition::new("revoked-records-refused-1");
 /// How many recent refusals `sync-hub stats` lists.
 pub const RECENT_REFUSALS: u64 = 20;
 
@@ -212,6 +219,10 @@ pub enum LedgerError {
         /// What was wrong.
         reason: String,
     },
+    /// The keyed revocation list does not verify (see `crate::auth::revocations`): nothing
+    /// is indexed or stored until an operator restores it, as no session is admitted either.
+    #[error("cannot index: {0}")]
+    Revocations(String),
     /// An index entry could not be sealed (an absurdly large record).
     #[error("cannot seal an index entry: {0}")]
     Seal(String),
@@ -262,6 +273,11 @@ pub struct Stats {
     pub refusals_by_reason: BTreeMap<String, u64>,
     /// The last few refusals, newest first (`recent-refusals-1`).
     pub recent_refusals: Vec<RefusalNote>,
+    /// Records a sibling relayed that their device wrote at or after its revocation, left out
+    /// of the trace index (`revoked-records-refused-1`, summed).
+    pub revoked_records_refused: u64,
+    /// `revoked_records_refused` by device id (only devices that have any).
+    pub revoked_refused_per_device: BTreeMap<String, u64>,
 }
 
 /// One visit of a traced token.
@@ -331,6 +347,9 @@ pub struct Persisted {
     /// Of those, records whose session key was wrapped to an earlier day's key than the
     /// partition's (the device's day-key fallback).
     pub fallback: u64,
+    /// Records left out of the index because their device was revoked before it sealed them
+    /// (counted in `revoked-records-refused-1`; their changes are stored).
+    pub revoked_refused: u64,
 }
 
 /// What [`Ledger::purge`] removed.
@@ -500,6 +519,7 @@ impl<'s> Ledger<'s> {
         txn.open_table(DEVICE_DAY_KEYS)?;
         txn.open_table(SYNC_REFUSALS)?;
         txn.open_table(RECENT_REFUSALS_TABLE)?;
+        txn.open_table(REVOKED_REFUSED)?;
         migrate_indexed_v1(&txn)?;
         migrate_visits_by_token_v1(&txn)?;
         txn.commit()?;
@@ -758,6 +778,10 @@ impl<'s> Ledger<'s> {
         let index = DayIndex::new(id.day, &index_key);
         let f = id.facility.as_str();
         let day = id.day.0;
+        // Read before the write transaction: a store of before the list writes it on first read.
+        let revoked = crate::auth::revocations(self.store)
+            .map_err(|e| LedgerError::Revocations(e.to_string()))?;
+        let revoked = &revoked;
         let txn = self.store.db().begin_write()?;
         self.catch_up(&txn, partition)?;
 
@@ -772,8 +796,8 @@ impl<'s> Ledger<'s> {
             let second = first.split_off(first.len() / 2);
             let opener_b = self.opener(partition);
             std::thread::scope(|scope| {
-                let a = scope.spawn(|| build_index(&index, opener, first));
-                let b = scope.spawn(|| build_index(&index, opener_b, second));
+                let a = scope.spawn(|| build_index(&index, opener, first, revoked));
+                let b = scope.spawn(|| build_index(&index, opener_b, second, revoked));
                 let chunk = self.write_chunk(&txn, partition);
                 let join =
                     |h: std::thread::ScopedJoinHandle<'_, Result<IndexWork, LedgerError>>| {
@@ -784,7 +808,7 @@ impl<'s> Ledger<'s> {
                 chunk.and(a).and_then(|a| b.map(|b| a.merged(b)))
             })?
         } else {
-            let work = build_index(&index, opener, fresh)?;
+            let work = build_index(&index, opener, fresh, revoked)?;
             self.write_chunk(&txn, partition)?;
             work
         };
@@ -800,7 +824,21 @@ impl<'s> Ledger<'s> {
                  they become unreadable when that day expires, before their own"
             );
         }
-        let indexed = work.records.len() as u64;
+        let refused: u64 = work.refused.values().sum();
+        let indexed = (work.records.len() as u64).saturating_sub(refused);
+        if refused > 0 {
+            let mut counts = txn.open_table(REVOKED_REFUSED)?;
+            for (device, n) in &work.refused {
+                let before = counts.get(device.as_str())?.map_or(0, |g| g.value());
+                counts.insert(device.as_str(), before.saturating_add(*n))?;
+            }
+            tracing::warn!(
+                partition = %id,
+                records = refused,
+                "records a sibling relayed that a revoked device sealed after its revocation \
+                 were left out of the trace index (their changes are stored)"
+            );
+        }
         {
             let mut by_token = txn.open_table(VISITS_BY_TOKEN)?;
             for (tag, sealed) in &work.tokens {
@@ -852,6 +890,7 @@ impl<'s> Ledger<'s> {
         Ok(Persisted {
             indexed,
             fallback: work.fallback,
+            revoked_refused: refused,
         })
     }
 
@@ -966,7 +1005,16 @@ impl<'s> Ledger<'s> {
                 recent_refusals.push(note);
             }
         }
+        let mut revoked_refused_per_device = BTreeMap::new();
+        for row in txn.open_table(REVOKED_REFUSED)?.iter()? {
+            let (k, v) = row?;
+            if v.value() > 0 {
+                revoked_refused_per_device.insert(k.value().to_owned(), v.value());
+            }
+        }
         Ok(Stats {
+            revoked_records_refused: revoked_refused_per_device.values().sum(),
+            revoked_refused_per_device,
             refusals_by_reason,
             recent_refusals,
             facilities: facilities.len(),
@@ -1755,8 +1803,10 @@ struct IndexWork {
     tokens: Vec<([u8; 32], Vec<u8>)>,
     /// The sealed batches of the visits indexed, for the facility's entry (one per worker).
     batches: Vec<Vec<u8>>,
-    /// The records indexed.
+    /// The records marked done in `indexed-2`: those indexed, and those `refused`.
     records: Vec<RecordId>,
+    /// Records left out because their device was revoked when it sealed them, by device id.
+    refused: BTreeMap<String, u64>,
     unreadable: u64,
     missing_keys: usize,
     /// Records indexed whose session key was wrapped to another day's key than the partition's.
@@ -1770,6 +1820,9 @@ impl IndexWork {
         self.tokens.sort_unstable_by_key(|a| a.0);
         self.batches.extend(other.batches);
         self.records.extend(other.records);
+        for (device, n) in other.refused {
+            *self.refused.entry(device).or_default() += n;
+        }
         self.unreadable += other.unreadable;
         self.missing_keys += other.missing_keys;
         self.fallback += other.fallback;
@@ -1781,22 +1834,48 @@ impl IndexWork {
 /// the simulation and the tests check what the hub holds with.
 type Opener<'r> = PartitionOpener<Box<dyn FnMut(Day) -> Option<DaySecret> + Send + 'r>>;
 
+/// Whether the hub leaves `visit` out of the trace index because of the revocation list:
+/// its device (the sealed record's `device`, what a trace shows) is revoked and it was
+/// sealed (`scanned_at`, by the device's clock) at or after the revocation. Both are the
+/// writer's claims, as is the automerge actor (a hash of the device id the writer picks): a
+/// stolen device running altered software can name a sibling or backdate. What bounds that
+/// is the siblings' refusing its sessions once they hold the list (`ARCHITECTURE.md`,
+/// "Revocation reaching the siblings").
+pub fn refused_as_revoked(list: &crate::auth::RevocationList, visit: &IndexedVisit) -> bool {
+    list.device_revoked_at(visit.device.as_str())
+        .is_some_and(|at| visit.scanned_at >= at)
+}
+
 /// Opens `fresh` envelopes of the opener's partition, decides what is indexed
-/// ([`hub::plan_index`]) and seals their index entries.
+/// ([`hub::plan_index`], less what [`refused_as_revoked`] refuses) and seals their index
+/// entries.
 fn build_index(
     index: &DayIndex,
     mut opener: Opener<'_>,
     fresh: Vec<(RecordId, Result<Envelope, EnvelopeError>)>,
+    revoked: &crate::auth::RevocationList,
 ) -> Result<IndexWork, LedgerError> {
     let id = opener.partition().clone();
-    let plan = hub::plan_index(&mut opener, fresh);
+    let mut plan = hub::plan_index(&mut opener, fresh);
+    let mut refused: BTreeMap<String, u64> = BTreeMap::new();
+    let mut done: Vec<RecordId> = Vec::with_capacity(plan.visits.len());
+    plan.visits.retain(|v| {
+        done.push(v.record);
+        if refused_as_revoked(revoked, v) {
+            *refused.entry(v.device.to_string()).or_default() += 1;
+            false
+        } else {
+            true
+        }
+    });
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut rng = StdRng::from_seed(seed);
     let mut work = IndexWork {
         tokens: Vec::new(),
         batches: Vec::new(),
-        records: plan.visits.iter().map(|v| v.record).collect(),
+        records: done,
+        refused,
         unreadable: plan.retry.len() as u64,
         missing_keys: plan.sessions_without_key,
         fallback: plan.fallback,

@@ -480,3 +480,88 @@ fn a_forged_unsigned_or_older_list_from_a_sibling_is_ignored() -> Result<()> {
     rt.block_on(rogue.close());
     Ok(())
 }
+
+/// A revoked device's records at the hub stay traceable; one it writes after its revocation
+/// and hands to sibling B, which has not heard of the revocation (the hub is down), reaches the
+/// hub when B syncs, and is stored but not traceable, and counted
+/// (`revoked_records_refused` in `stats`). Before, the hub indexed it like any other.
+#[test]
+fn a_record_written_after_revocation_and_relayed_by_a_sibling_is_not_traceable() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let a = hub.enroll_device("a")?;
+    let b = hub.enroll_device("b")?;
+    let mut hub_proc = hub.start()?;
+    for dev in [&a, &b, &b] {
+        let out = sync_once(dev, &[])?;
+        if !out.status.success() {
+            bail!("enrolment sync: {}", text_of(&out));
+        }
+    }
+    // A's visit before the revocation reaches the hub.
+    let before = check_in_codes(&a, 1)?;
+    let out = sync_once(&a, &[])?;
+    if !out.status.success() {
+        bail!("A's sync: {}", text_of(&out));
+    }
+    if hub.records_of(&hub.facility)? != 1 {
+        bail!("A's first record did not arrive");
+    }
+    hub_proc.kill();
+    // Scan times are whole seconds: the revocation comes a second after A's first visit.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let a_id = device_id_of(&a)?;
+    run_ok(
+        "sync-hub",
+        &["--data", &hub.data_str(), "device", "revoke", &a_id],
+    )?;
+    std::thread::sleep(Duration::from_millis(1_100));
+
+    // A, revoked, writes a visit and hands it to B (B has no route to the hub, and no list).
+    let a_peer = format!("{}@127.0.0.1:{}", endpoint_of(&a)?, free_udp_port()?);
+    let b_listen = format!("127.0.0.1:{}", free_udp_port()?);
+    let b_peer = format!("{}@{b_listen}", endpoint_of(&b)?);
+    let after = {
+        let _b_run = start_run(&b, &b_listen, &[a_peer], &hub.tmp.path().join("b.log"))?;
+        let held = records_held(&b)?;
+        let after = check_in_codes(&a, 1)?;
+        let mut text = String::new();
+        for _ in 0..10 {
+            text = text_of(&sync_via_sibling_only(&a, &b_peer)?);
+            if !text.contains("timed out") && !text.contains("Connection") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if !wait_until(Duration::from_secs(3), || {
+            records_held(&b).is_ok_and(|n| n > held)
+        }) {
+            bail!("A's record did not reach B: {text}");
+        }
+        after
+    };
+
+    // B syncs with the hub: the record is stored, but it is not traceable, and it is counted.
+    let _hub_proc = hub.start()?;
+    let out = sync_once(&b, &[])?;
+    if !out.status.success() {
+        bail!("B's sync: {}", text_of(&out));
+    }
+    let stats = hub.stats()?;
+    if hub.records_of(&hub.facility)? != 2 {
+        bail!("the relayed record must be stored: {stats}");
+    }
+    if stats["revoked_records_refused"] != 1
+        || stats["revoked_refused_per_device"][a_id.as_str()] != 1
+    {
+        bail!("the refused record is not counted once: {stats}");
+    }
+    let trace = hub.trace(&after[0])?;
+    if trace["visits"].as_array().is_none_or(|v| !v.is_empty()) {
+        bail!("a record A wrote after its revocation is traceable: {trace}");
+    }
+    let trace = hub.trace(&before[0])?;
+    if trace["visits"].as_array().map(Vec::len) != Some(1) {
+        bail!("A's record from before its revocation must stay traceable: {trace}");
+    }
+    Ok(())
+}
