@@ -466,7 +466,7 @@ fn slow_connections_from_other_addresses_leave_loopback_its_answer() -> Result<(
     // server they took every slot until their head timed out.
     let held = rt.block_on(async {
         let mut held = Vec::new();
-        let mut from = |i: u8| async move {
+        let from = |i: u8| async move {
             let sock = tokio::net::TcpSocket::new_v4()?;
             sock.bind(SocketAddr::from(([127, 0, 0, i], 0)))?;
             let mut s = sock
