@@ -735,12 +735,22 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 let addr = listener.local_addr()?;
                 // The kiosk's certificate authority (made on first use): tablets on the
                 // network get the kiosk over HTTPS on the same port (`tls`, `pairing`).
-                let tls = std::sync::Arc::new(crate::tls::DeviceTls::load_or_create(
-                    &data,
-                    clock::now(),
-                )?);
-                let pairing =
-                    std::sync::Arc::new(crate::pairing::Pairing::new(tls.clone(), addr));
+                // A CA that cannot be loaded costs the network kiosk, not the device: it
+                // serves this machine over plain HTTP and keeps syncing.
+                let tls = match crate::tls::DeviceTls::load_or_create(&data, clock::now()) {
+                    Ok(t) => Some(std::sync::Arc::new(t)),
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        tracing::warn!(
+                            "the kiosk's HTTPS is unavailable, serving this machine only over plain HTTP: {why}"
+                        );
+                        crate::tls::set_unavailable(why);
+                        None
+                    }
+                };
+                let pairing = tls.as_ref().map(|t| {
+                    std::sync::Arc::new(crate::pairing::Pairing::new(t.clone(), addr))
+                });
                 control::write_run_file(&data, addr)?;
                 let app = control::router_with(
                     control::ControlState {
@@ -748,9 +758,9 @@ pub fn run(cli: Cli) -> Result<Exit> {
                         wake: wake.clone(),
                         token: std::sync::Arc::new(token),
                     },
-                    Some(pairing),
+                    pairing,
                 );
-                if !addr.ip().is_loopback() {
+                if !addr.ip().is_loopback() && tls.is_some() {
                     tracing::warn!(
                         "the kiosk page is reachable from the network at https://{addr}/ (pair tablets at http://127.0.0.1:{}/pair; plain HTTP and the control API answer only on loopback)",
                         addr.port()

@@ -207,7 +207,14 @@ async fn healthz(
     }
     let health = crate::metrics::health(&lock(&s.device), &probe, clock::now());
     match health {
-        Ok(h) => {
+        Ok(mut h) => {
+            if let Some(why) = crate::tls::unavailable() {
+                h.problems
+                    .push(format!("the kiosk's HTTPS is unavailable: {why}"));
+                if h.status == crate::metrics::Overall::Ok {
+                    h.status = crate::metrics::Overall::Degraded;
+                }
+            }
             let code = if h.status == crate::metrics::Overall::Unhealthy {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {

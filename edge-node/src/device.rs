@@ -1116,8 +1116,9 @@ impl Device {
         Ok(self.signed_revocations()?.map(|s| s.list))
     }
 
-    /// Takes a revocation list if it is signed by this device's hub for its facility and,
-    /// from a sibling, newer than the one held ([`ListSource`]); returns whether it was taken.
+    /// Takes a revocation list if it is signed by this device's hub for its facility, not of a
+    /// lower version than the one held (from anyone) and, from a sibling, newer than the one
+    /// held ([`ListSource`]); returns whether it was taken.
     /// A list that does not verify is ignored and counted, never stored.
     pub fn take_revocations(
         &mut self,
@@ -1133,7 +1134,21 @@ impl Device {
                 return Ok(false);
             }
         };
-        if source == ListSource::Sibling && !list.newer_than(self.revocation_list()?.as_ref()) {
+        let held = self.revocation_list()?;
+        if source == ListSource::Sibling && !list.newer_than(held.as_ref()) {
+            return Ok(false);
+        }
+        // The list only grows: a lower version, even from the hub itself, would un-revoke
+        // devices (a hub restored from an old backup, or rebuilt, must start above).
+        if let Some(h) = held.as_ref().filter(|h| list.version < h.version) {
+            tracing::error!(
+                ?source,
+                held = h.version,
+                offered = list.version,
+                "refusing a revocation list with a lower version than the one held: it would un-revoke devices (a rebuilt hub must issue versions above {})",
+                h.version
+            );
+            crate::metrics::note_revocation_list(false);
             return Ok(false);
         }
         self.store
@@ -1203,6 +1218,11 @@ impl Device {
         let (fallback_sealed, fallback_days_early) =
             fallback_summary(self.store.fallback_sealed()?, now);
         let mut warnings = Vec::new();
+        if let Some(why) = crate::tls::unavailable() {
+            warnings.push(format!(
+                "the kiosk's HTTPS is unavailable (tablets cannot reach it; this machine still can over plain HTTP): {why}"
+            ));
+        }
         if fallback_sealed > 0 {
             warnings.push(format!(
                 "{fallback_sealed} visits were sealed to an earlier day's hub key because this device ran out of day keys: sync it with the hub for fresh day keys; these visits become unreadable at the hub up to {fallback_days_early} days before their 28 days are up"
@@ -1450,6 +1470,53 @@ pub(crate) mod tests {
         let path = tmp.path().join("ticket.json");
         std::fs::write(&path, ticket.to_json()).expect("write the ticket");
         Device::init(&tmp.path().join("dev"), &path, now).expect("enroll")
+    }
+
+    #[test]
+    fn the_hub_cannot_roll_the_revocation_list_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut dev = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        let secret = [5u8; 32];
+        dev.enrollment.hub.endpoint_id = iroh::SecretKey::from_bytes(&secret).public().to_string();
+        let facility = dev.enrollment.facility.id.clone();
+        let list = |version: u32, issued_at: UnixSeconds| {
+            shared::revocation::RevocationList {
+                facility: facility.clone(),
+                version,
+                issued_at,
+                devices: (0..version)
+                    .map(|i| shared::revocation::RevokedDevice {
+                        device_id: DeviceId::parse(&format!("d-00000000000000{i:02x}"))
+                            .expect("an id"),
+                        endpoint_id: None,
+                        revoked_at: NOON,
+                    })
+                    .collect(),
+            }
+            .sign(&secret)
+        };
+        let two = list(2, NOON);
+        let one_later = list(1, NOON + 3_600);
+        let three = list(3, NOON + 7_200);
+        assert!(dev.take_revocations(&two, ListSource::Hub).expect("take"));
+        assert!(
+            !dev.take_revocations(&one_later, ListSource::Hub)
+                .expect("take"),
+            "a lower version from the hub"
+        );
+        assert_eq!(
+            dev.revocation_list().expect("read").map(|l| l.version),
+            Some(2)
+        );
+        assert!(
+            dev.take_revocations(&list(2, NOON + 60), ListSource::Hub)
+                .expect("take")
+        );
+        assert!(dev.take_revocations(&three, ListSource::Hub).expect("take"));
+        assert_eq!(
+            dev.revocation_list().expect("read").map(|l| l.version),
+            Some(3)
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 /// How long a pairing code works.
 pub const PAIRING_VALID: Duration = Duration::from_secs(600);
-/// Pairing codes alive at once; a new one retires the oldest.
+/// Pairing codes alive at once; while this many are live no new one is made.
 pub const MAX_CODES: usize = 4;
 
 const PAIR_HTML: &str = include_str!("../assets/pair.html");
@@ -141,7 +141,10 @@ impl Pairing {
             let mut codes = self.codes.lock().unwrap_or_else(|p| p.into_inner());
             codes.retain(|(_, until)| *until > now);
             if codes.len() >= MAX_CODES {
-                codes.remove(0);
+                return Err(format!(
+                    "{MAX_CODES} pairing codes are already live: use one of them, or wait until one expires (each works for {} minutes)",
+                    PAIRING_VALID.as_secs() / 60
+                ));
             }
             codes.push((hash(&code), now + PAIRING_VALID));
         }
@@ -251,15 +254,23 @@ async fn sheet(
     query: Result<Query<SheetQuery>, axum::extract::rejection::QueryRejection>,
     req: Request,
 ) -> Response {
-    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>()
-        && !peer.ip().to_canonical().is_loopback()
-    {
+    if !from_loopback(&req) {
         return html(
             StatusCode::FORBIDDEN,
             page_shell(
                 "Pairing",
                 "<p>The pairing sheet opens only on the device itself (http://127.0.0.1:7451/pair) \
                  or with <code>edge-node pair</code>.</p>",
+            ),
+        );
+    }
+    if !sheet_may_be_made(&req) {
+        return html(
+            StatusCode::FORBIDDEN,
+            page_shell(
+                "Pairing",
+                "<p>A pairing code is made only when the sheet is opened directly (typed into \
+                 the address bar or reloaded), not from another page.</p>",
             ),
         );
     }
@@ -275,6 +286,23 @@ async fn sheet(
             StatusCode::BAD_REQUEST,
             page_shell("Pairing", &format!("<p>{}</p>", escape(&e))),
         ),
+    }
+}
+
+/// Whether the request's peer is this machine; a request that names no peer is not.
+fn from_loopback(req: &Request) -> bool {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback())
+}
+
+/// Whether a browser opened the sheet itself (`Sec-Fetch-Site` absent, `none` or
+/// `same-origin`), not another page on this machine (an `<img src>` from any site would
+/// otherwise make codes).
+fn sheet_may_be_made(req: &Request) -> bool {
+    match req.headers().get("sec-fetch-site") {
+        None => true,
+        Some(v) => matches!(v.to_str(), Ok("none" | "same-origin")),
     }
 }
 
@@ -452,12 +480,20 @@ mod tests {
     fn at_most_a_few_codes_live_and_public_addresses_are_refused() -> anyhow::Result<()> {
         let (_tmp, p) = pairing("0.0.0.0:7451")?;
         let t0 = Instant::now();
-        let codes: Vec<String> = (0..MAX_CODES + 1)
+        let codes: Vec<String> = (0..MAX_CODES)
             .map(|_| p.offer(None, t0, 0).map(|o| code_of(&o.url)))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?;
-        assert!(!p.is_live(&codes[0], t0), "the oldest retired");
-        assert!(codes[1..].iter().all(|c| p.is_live(c, t0)));
+        let refused = p.offer(None, t0, 0).err().unwrap_or_default();
+        assert!(refused.contains("already live"), "{refused:?}");
+        assert!(codes.iter().all(|c| p.is_live(c, t0)), "none retired");
+        // One used up or expired makes room again.
+        p.take(&codes[0], t0)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        assert!(p.offer(None, t0, 0).is_ok());
+        let later = t0 + PAIRING_VALID + Duration::from_secs(1);
+        assert!(p.offer(None, later, 0).is_ok());
+        let (_tmp2, p) = pairing("0.0.0.0:7451")?;
         assert!(p.offer(Some("8.8.8.8".parse()?), t0, 0).is_err());
         let o = p
             .offer(Some("fd00::7".parse()?), t0, 0)
@@ -472,6 +508,61 @@ mod tests {
             .offer(None, t0, 0)
             .map_err(anyhow::Error::msg)?;
         assert!(!local.reachable_from_network);
+        Ok(())
+    }
+
+    /// What the sheet answers a GET from `peer` (none: no peer known) with `sec_fetch_site`.
+    fn sheet_status(
+        p: &Arc<Pairing>,
+        peer: Option<&str>,
+        sec_fetch_site: Option<&str>,
+    ) -> anyhow::Result<StatusCode> {
+        let mut req = axum::http::Request::builder().uri("/pair");
+        if let Some(v) = sec_fetch_site {
+            req = req.header("sec-fetch-site", v);
+        }
+        let mut req = req.body(axum::body::Body::empty())?;
+        if let Some(peer) = peer {
+            req.extensions_mut()
+                .insert(ConnectInfo::<SocketAddr>(peer.parse()?));
+        }
+        let mut app = router(p.clone());
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        Ok(rt
+            .block_on(tower_service::Service::call(&mut app, req))?
+            .status())
+    }
+
+    #[test]
+    fn the_sheet_needs_a_known_loopback_peer_and_a_direct_visit() -> anyhow::Result<()> {
+        let (_tmp, p) = pairing("127.0.0.1:7451")?;
+        let p = Arc::new(p);
+        assert_eq!(
+            sheet_status(&p, None, None)?,
+            StatusCode::FORBIDDEN,
+            "no peer"
+        );
+        assert_eq!(
+            sheet_status(&p, Some("192.168.1.5:4000"), None)?,
+            StatusCode::FORBIDDEN
+        );
+        for site in ["cross-site", "same-site"] {
+            assert_eq!(
+                sheet_status(&p, Some("127.0.0.1:4000"), Some(site))?,
+                StatusCode::FORBIDDEN,
+                "{site}"
+            );
+        }
+        let live = |p: &Pairing| p.codes.lock().map(|c| c.len()).unwrap_or(99);
+        assert_eq!(live(&p), 0, "a refused visit made no code");
+        for site in [None, Some("none"), Some("same-origin")] {
+            assert_eq!(
+                sheet_status(&p, Some("127.0.0.1:4000"), site)?,
+                StatusCode::OK,
+                "{site:?}"
+            );
+        }
+        assert_eq!(live(&p), 3);
         Ok(())
     }
 

@@ -44,14 +44,24 @@ use tokio::net::{TcpListener, TcpStream};
 pub const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
 /// How long a request's head may take to arrive.
 pub const HEADERS_WITHIN: Duration = Duration::from_secs(30);
-/// Connections being served at once; more wait in the kernel's backlog.
+/// Connections being served at once from the network; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections kept for this machine (the control API, `status`, `pair`, the owner's
+/// browser) on top of [`MAX_CONNECTIONS`]: the network cannot take them.
+pub const LOOPBACK_RESERVE: usize = 32;
+/// Connections one peer address may hold at once; more are closed at once.
+pub const MAX_PER_PEER: usize = 16;
+/// How long a request's body may take to arrive (and its answer to be made), on every route.
+pub const REQUEST_WITHIN: Duration = Duration::from_secs(60);
+/// How long one connection may live; then it is closed after the request in flight.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// Leaf certificates kept (one per local address connections arrive on).
 const MAX_LEAVES: usize = 16;
 /// How long a leaf is valid; a new one is issued at every start.
 const LEAF_DAYS: i64 = 365;
-/// How long the CA is valid.
-const CA_YEARS: i64 = 20;
+/// How long the CA is valid; before it lapses the owner makes a new one and pairs the
+/// tablets again (README, "Renewing the kiosk's certificate authority").
+const CA_YEARS: i64 = 2;
 
 /// The folder of the device's TLS files.
 pub fn tls_dir(data: &Path) -> PathBuf {
@@ -173,20 +183,48 @@ pub fn is_pairable(ip: IpAddr) -> bool {
     }
 }
 
+/// Writes `bytes` to `path` (owner-only) whole or not at all: a temporary file beside it,
+/// synced, renamed over `path`, and the folder synced, so a power cut leaves no half file.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
     let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
     Ok(())
+}
+
+/// Why the kiosk's HTTPS is not served (the CA could not be loaded), once `run` found out.
+static UNAVAILABLE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Records that HTTPS is not served and why (`status` and `/healthz?detail=1` say so).
+pub fn set_unavailable(why: String) {
+    *UNAVAILABLE.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+}
+
+/// Why the kiosk's HTTPS is not served, if it is not.
+pub fn unavailable() -> Option<String> {
+    UNAVAILABLE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 fn time_of(unix: u64) -> Result<time::OffsetDateTime> {
@@ -393,15 +431,16 @@ fn base64_std(bytes: &[u8]) -> String {
 }
 
 /// Plain HTTP from another machine is not served: a GET or HEAD is sent to the same address
-/// over HTTPS (308), anything else refused (403). Loopback and TLS pass. Requests without a
-/// [`Transport`] (a router served in-process) pass too. Runs after `kiosk::own_host_only`, so
+/// over HTTPS (308), anything else refused (403). Loopback and TLS pass; plain HTTP whose peer
+/// is not known counts as remote. Requests without a [`Transport`] (a router served
+/// in-process) pass too. Runs after `kiosk::own_host_only`, so
 /// the `Host` it redirects to is one of the device's own.
 pub async fn https_only(req: Request, next: Next) -> Response {
     let plain = req.extensions().get::<Transport>() == Some(&Transport::Plain);
     let remote = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|ConnectInfo(peer)| !peer.ip().to_canonical().is_loopback());
+        .is_none_or(|ConnectInfo(peer)| !peer.ip().to_canonical().is_loopback());
     if !(plain && remote) {
         return next.run(req).await;
     }
@@ -431,6 +470,17 @@ pub async fn https_only(req: Request, next: Next) -> Response {
     }
 }
 
+fn request_too_slow() -> Response {
+    let mut r = (
+        StatusCode::REQUEST_TIMEOUT,
+        axum::Json(serde_json::json!({ "error": "the request took too long" })),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 fn plain_refused() -> Response {
     (
         StatusCode::FORBIDDEN,
@@ -442,19 +492,24 @@ fn plain_refused() -> Response {
 }
 
 /// Serves `app` on `listener` until the listener fails: TLS for every client, plain HTTP
-/// (which [`https_only`] holds to loopback) for the rest. Every request carries its peer
+/// (which [`https_only`] holds to loopback) for the rest; without `tls` (the CA could not be
+/// loaded), plain HTTP to loopback peers only. Each peer address holds at most
+/// [`MAX_PER_PEER`] connections, the network at most [`MAX_CONNECTIONS`], and loopback has
+/// [`LOOPBACK_RESERVE`] more of its own; every request has [`REQUEST_WITHIN`] and every
+/// connection [`CONNECTION_LIFETIME`]. Every request carries its peer
 /// (`ConnectInfo<SocketAddr>`) and its [`Transport`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    tls: Arc<DeviceTls>,
+    tls: Option<Arc<DeviceTls>>,
     now: fn() -> u64,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let admission = Arc::new(Admission::new(
+        MAX_CONNECTIONS,
+        LOOPBACK_RESERVE,
+        MAX_PER_PEER,
+    ));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return Ok(());
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) if is_transient(&e) => {
@@ -464,14 +519,107 @@ pub async fn serve(
             }
             Err(e) => return Err(e),
         };
+        if tls.is_none() && !peer.ip().to_canonical().is_loopback() {
+            // Without its CA the device serves this machine only, over plain HTTP.
+            drop(stream);
+            continue;
+        }
+        let Some(ticket) = admission.admit(peer.ip()) else {
+            tracing::debug!("connection from {peer} refused: too many at once");
+            drop(stream);
+            continue;
+        };
         let app = app.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _ticket = ticket;
             if let Err(e) = connection(stream, peer, app, tls, now).await {
                 tracing::debug!("connection from {peer}: {e}");
             }
         });
+    }
+}
+
+/// Who may hold a connection: at most `per_peer` per address, `shared` for everyone, and
+/// `reserve` more that only loopback peers may take once the shared ones are gone.
+#[derive(Debug)]
+pub struct Admission {
+    shared: usize,
+    reserve: usize,
+    per_peer: usize,
+    held: Mutex<AdmissionState>,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionState {
+    shared: usize,
+    reserve: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; dropping it frees its slot.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    peer: IpAddr,
+    from_reserve: bool,
+}
+
+impl Admission {
+    /// A pool of `shared` slots for anyone, `reserve` for loopback only, `per_peer` per address.
+    pub fn new(shared: usize, reserve: usize, per_peer: usize) -> Admission {
+        Admission {
+            shared,
+            reserve,
+            per_peer,
+            held: Mutex::new(AdmissionState::default()),
+        }
+    }
+
+    /// A slot for a connection from `peer`, or `None` when its address or the pool is full.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Ticket> {
+        let peer = peer.to_canonical();
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = h.per_peer.get(&peer).copied().unwrap_or(0);
+        if mine >= self.per_peer {
+            return None;
+        }
+        let from_reserve = if h.shared < self.shared {
+            h.shared += 1;
+            false
+        } else if peer.is_loopback() && h.reserve < self.reserve {
+            h.reserve += 1;
+            true
+        } else {
+            return None;
+        };
+        *h.per_peer.entry(peer).or_insert(0) += 1;
+        Some(Ticket {
+            admission: self.clone(),
+            peer,
+            from_reserve,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut h = self
+            .admission
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.from_reserve {
+            h.reserve = h.reserve.saturating_sub(1);
+        } else {
+            h.shared = h.shared.saturating_sub(1);
+        }
+        if let Some(n) = h.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                h.per_peer.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -487,7 +635,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     app: Router,
-    tls: Arc<DeviceTls>,
+    tls: Option<Arc<DeviceTls>>,
     now: fn() -> u64,
 ) -> Result<()> {
     let _ = stream.set_nodelay(true);
@@ -499,6 +647,9 @@ async fn connection(
         return Ok(());
     }
     if first[0] == 0x16 {
+        let Some(tls) = tls else {
+            bail!("TLS is unavailable: {}", unavailable().unwrap_or_default());
+        };
         let local = stream.local_addr()?.ip();
         let config = tls.config_for(local, now())?;
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -521,14 +672,32 @@ where
         req.extensions_mut().insert(ConnectInfo(peer));
         req.extensions_mut().insert(transport);
         let mut app = app.clone();
-        async move { tower_service::Service::call(&mut app, req).await }
+        async move {
+            // Every route's body (and answer) within a time limit: a slow sender cannot
+            // hold its connection and handler open by trickling bytes.
+            match tokio::time::timeout(REQUEST_WITHIN, tower_service::Service::call(&mut app, req))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Ok(request_too_slow()),
+            }
+        }
     });
-    hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADERS_WITHIN)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-        .with_upgrades()
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r.context("HTTP"),
+        () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+    }
+    // Old enough: finish the request in flight (within its own limit), then close.
+    conn.as_mut().graceful_shutdown();
+    tokio::time::timeout(REQUEST_WITHIN, conn)
         .await
+        .context("the last request took too long")?
         .context("HTTP")
 }
 
@@ -645,6 +814,80 @@ mod tests {
             through_https_only("GET", "[::ffff:127.0.0.1]:5555", Transport::Plain)?.0,
             StatusCode::OK
         );
+        Ok(())
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_slot_and_loopback_keeps_its_own() {
+        let a = Arc::new(Admission::new(8, 2, 3));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(a.admit(ip("192.168.1.50")));
+        }
+        assert!(a.admit(ip("192.168.1.50")).is_none(), "over its share");
+        assert!(
+            a.admit(ip("::ffff:192.168.1.50")).is_none(),
+            "the same address"
+        );
+        for i in 51..=55 {
+            held.push(a.admit(ip(&format!("192.168.1.{i}"))));
+        }
+        assert!(held.iter().all(Option::is_some));
+        assert!(
+            a.admit(ip("192.168.1.60")).is_none(),
+            "the shared slots are gone"
+        );
+        let local = [a.admit(ip("127.0.0.1")), a.admit(ip("::1"))];
+        assert!(local.iter().all(Option::is_some), "loopback's reserve");
+        assert!(
+            a.admit(ip("127.0.0.1")).is_none(),
+            "the reserve is full too"
+        );
+        drop(local);
+        assert!(a.admit(ip("127.0.0.1")).is_some(), "freed on drop");
+        held.truncate(2);
+        assert!(a.admit(ip("192.168.1.50")).is_some(), "its own slot freed");
+    }
+
+    #[test]
+    fn plain_http_without_a_known_peer_is_remote() -> Result<()> {
+        let mut app = Router::new()
+            .route("/", axum::routing::any(|| async { "kiosk" }))
+            .layer(axum::middleware::from_fn(https_only));
+        let mut req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/")
+            .header(header::HOST, "192.168.1.10:7451")
+            .body(axum::body::Body::empty())?;
+        req.extensions_mut().insert(Transport::Plain);
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let resp = rt.block_on(tower_service::Service::call(&mut app, req))?;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        Ok(())
+    }
+
+    #[test]
+    fn the_ca_is_valid_for_two_years() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let now = 1_800_000_000;
+        let ca = DeviceTls::load_or_create(tmp.path(), now)?;
+        // The validity's two times (UTCTime, tag 0x17, 13 bytes: YYMMDDhhmmssZ).
+        let der = ca.ca_der();
+        let times: Vec<&[u8]> = der
+            .windows(15)
+            .filter(|w| w[0] == 0x17 && w[1] == 13 && w[14] == b'Z')
+            .map(|w| &w[2..14])
+            .take(2)
+            .collect();
+        assert_eq!(times.len(), 2, "no validity found");
+        let year = |t: &[u8]| -> i64 {
+            String::from_utf8_lossy(&t[..2])
+                .parse::<i64>()
+                .unwrap_or(-100)
+        };
+        assert_eq!(year(times[1]) - year(times[0]), 2, "{times:?}");
+        assert_eq!(&times[1][6..], &times[0][6..], "to the second of the day");
         Ok(())
     }
 

@@ -451,3 +451,120 @@ fn staff_pin_rules_hold_over_https_and_garbage_on_the_port_hurts_nothing() -> Re
     assert!(cookie_line.contains("HttpOnly"), "{cookie_line}");
     Ok(())
 }
+
+#[test]
+fn slow_connections_from_other_addresses_leave_loopback_its_answer() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let dir = hub.enroll_device("front-desk")?;
+    let dev = Device::start(&dir)?;
+    let port = dev.addr.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // 256 connections that start a request and never finish its head (16 from each of
+    // 127.0.0.2..=127.0.0.17), and 40 more from one address beyond its share: on the old
+    // server they took every slot until their head timed out.
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        let from = |i: u8| async move {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::from(([127, 0, 0, i], 0)))?;
+            let mut s = sock
+                .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+                .await?;
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127").await;
+            anyhow::Ok(s)
+        };
+        for i in 2..=17u8 {
+            for _ in 0..16 {
+                held.push(from(i).await?);
+            }
+        }
+        for _ in 0..40 {
+            held.push(from(18).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        anyhow::Ok(held)
+    })?;
+    let started = std::time::Instant::now();
+    let answer = rt.block_on(async {
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(dev.addr),
+        )
+        .await
+        .context("connect within 2 s")??;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer))
+            .await
+            .context("the device did not answer loopback within 2 s")??;
+        anyhow::Ok(String::from_utf8_lossy(&answer).into_owned())
+    })?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(held);
+    Ok(())
+}
+
+#[test]
+fn a_half_made_ca_costs_the_kiosk_https_not_the_device() -> Result<()> {
+    let hub = HubFixture::new()?;
+    let dir = hub.enroll_device("front-desk")?;
+    // A power cut at the first start: the key written, the certificate not.
+    std::fs::create_dir_all(dir.join("tls"))?;
+    std::fs::write(dir.join("tls/ca.key"), b"-----BEGIN PRIVATE KEY-----\n")?;
+    let d = dir.display().to_string();
+    let child = Command::new(bin("edge-node"))
+        .args([
+            "--data",
+            &d,
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--no-lan",
+        ])
+        .env_remove("EDGE_NODE_DATA")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start edge-node run")?;
+    let _proc = Proc(child);
+    let mut http: Option<SocketAddr> = None;
+    wait_until(Duration::from_secs(30), || {
+        http = std::fs::read_to_string(dir.join("run.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["http"].as_str().and_then(|h| h.parse().ok()));
+        http.is_some()
+    });
+    let addr = http.context("the device did not start without its CA")?;
+    let plain = |path: &str| -> Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    let health = plain("/healthz?detail=1")?;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("HTTPS is unavailable"), "{health}");
+    let status = run_ok("edge-node", &["--data", &d, "status", "--json"])?;
+    assert!(status.contains("HTTPS is unavailable"), "{status}");
+    // `status` went through the running device's control API (it holds the store).
+    assert!(status.contains("\"records\""), "{status}");
+    // Nothing was replaced: the key is as the power cut left it.
+    assert_eq!(
+        std::fs::read(dir.join("tls/ca.key"))?,
+        b"-----BEGIN PRIVATE KEY-----\n"
+    );
+    Ok(())
+}
