@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use shared::token::TestIssuer;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// Unix seconds now.
@@ -522,4 +522,36 @@ pub fn all_bytes_below(dir: &Path) -> Result<Vec<u8>> {
 /// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Starts `edge-node run` on `dir` with the kiosk on a loopback port (`--listen` and `--http`
+/// both `127.0.0.1:0`, no LAN beacons), waits up to 30 s for its `run.json` to name the HTTP
+/// address, and returns the process with that address. A stale `run.json` is removed first,
+/// so the address read is the new run's. `extra` arguments follow `run`'s own.
+pub fn run_with_http(dir: &Path, extra: &[&str]) -> Result<(Proc, std::net::SocketAddr)> {
+    let run_json = dir.join("run.json");
+    let _ = std::fs::remove_file(&run_json);
+    let child = Command::new(bin("edge-node"))
+        .arg("--data")
+        .arg(dir)
+        .args(["run", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--no-lan"])
+        .args(extra)
+        .env_remove("EDGE_NODE_DATA")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start edge-node run")?;
+    let proc = Proc(child);
+    let mut http = None;
+    wait_until(Duration::from_secs(30), || {
+        http = std::fs::read_to_string(&run_json)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["http"].as_str().and_then(|h| h.parse().ok()));
+        http.is_some()
+    });
+    let addr = http.context("the device did not write run.json within 30 s")?;
+    Ok((proc, addr))
 }

@@ -125,26 +125,7 @@ fn kiosk_with_pin(hub: &HubFixture) -> Result<Kiosk> {
     if !out.status.success() {
         bail!("pin set: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let run_json = dev.join("run.json");
-    let child = Command::new(bin("edge-node"))
-        .args(["--data", d.as_str(), "run", "--listen", "127.0.0.1:0"])
-        .args(["--http", "127.0.0.1:0"])
-        .env_remove("EDGE_NODE_DATA")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start edge-node run")?;
-    let proc = Proc(child);
-    let mut http = None;
-    wait_until(Duration::from_secs(30), || {
-        http = std::fs::read_to_string(&run_json)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["http"].as_str().map(str::to_owned));
-        http.is_some()
-    });
-    let http = http.context("the device did not write run.json within 30 s")?;
+    let (proc, http) = fixture::run_with_http(&dev, &[])?;
     let base = format!("http://{http}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

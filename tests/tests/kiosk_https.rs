@@ -11,11 +11,10 @@ use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tests::browser::{Browser, write_y4m};
-use tests::fixture::{self, HubFixture, Proc, bin, run_ok, wait_until};
+use tests::fixture::{self, HubFixture, Proc, run_ok, wait_until};
 use tests::frames::{Damage, frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -28,35 +27,7 @@ struct Device {
 
 impl Device {
     fn start(dir: &Path) -> Result<Device> {
-        let run_json = dir.join("run.json");
-        let _ = std::fs::remove_file(&run_json);
-        let child = Command::new(bin("edge-node"))
-            .args([
-                "--data",
-                dir.to_str().unwrap_or_default(),
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--no-lan",
-            ])
-            .env_remove("EDGE_NODE_DATA")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start edge-node run")?;
-        let proc = Proc(child);
-        let mut http = None;
-        wait_until(Duration::from_secs(30), || {
-            http = std::fs::read_to_string(&run_json)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v["http"].as_str().and_then(|h| h.parse().ok()));
-            http.is_some()
-        });
-        let addr = http.context("the device did not write run.json within 30 s")?;
+        let (proc, addr) = fixture::run_with_http(dir, &[])?;
         let d = Device {
             _proc: proc,
             dir: dir.to_owned(),
@@ -516,33 +487,8 @@ fn a_half_made_ca_costs_the_kiosk_https_not_the_device() -> Result<()> {
     std::fs::create_dir_all(dir.join("tls"))?;
     std::fs::write(dir.join("tls/ca.key"), b"-----BEGIN PRIVATE KEY-----\n")?;
     let d = dir.display().to_string();
-    let child = Command::new(bin("edge-node"))
-        .args([
-            "--data",
-            &d,
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--no-lan",
-        ])
-        .env_remove("EDGE_NODE_DATA")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start edge-node run")?;
-    let _proc = Proc(child);
-    let mut http: Option<SocketAddr> = None;
-    wait_until(Duration::from_secs(30), || {
-        http = std::fs::read_to_string(dir.join("run.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["http"].as_str().and_then(|h| h.parse().ok()));
-        http.is_some()
-    });
-    let addr = http.context("the device did not start without its CA")?;
+    let (_proc, addr) =
+        fixture::run_with_http(&dir, &[]).context("the device did not start without its CA")?;
     let plain = |path: &str| -> Result<String> {
         let mut s = std::net::TcpStream::connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
