@@ -9,13 +9,12 @@ use std::path::Path;
 /// The layers, lowest first; inside a layer, a module may import the ones before it.
 const LAYERS: &[(&str, &[&str])] = &[
     ("base", &["clock", "keys", "store", "health"]),
-    ("registry", &["registry"]),
+    // `auth` keeps the keyed revocation list, which the ledger consults when it indexes.
+    ("registry", &["registry", "auth"]),
     ("ledger", &["ledger"]),
     (
         "people",
-        &[
-            "auth", "audit", "gov", "trace", "nation", "people", "commands",
-        ],
+        &["audit", "gov", "trace", "nation", "people", "commands"],
     ),
     ("opening", &["schema"]),
     ("shells", &["daemon", "reads", "http", "control", "cli"]),
