@@ -555,3 +555,25 @@ pub fn run_with_http(dir: &Path, extra: &[&str]) -> Result<(Proc, std::net::Sock
     let addr = http.context("the device did not write run.json within 30 s")?;
     Ok((proc, addr))
 }
+
+/// Sets the staff PIN of the device in `dir` as a person would: `edge-node pin set` with the
+/// PIN on stdin, never in argv.
+pub fn set_pin_from_stdin(dir: &Path, pin: &str) -> Result<()> {
+    let mut set = Command::new(bin("edge-node"))
+        .arg("--data")
+        .arg(dir)
+        .args(["pin", "set"])
+        .env_remove("EDGE_NODE_DATA")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = set.stdin.take() {
+        std::io::Write::write_all(&mut stdin, format!("{pin}\n").as_bytes())?;
+    }
+    let out = set.wait_with_output()?;
+    if !out.status.success() {
+        bail!("pin set: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

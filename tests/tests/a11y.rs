@@ -12,10 +12,9 @@
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use tests::browser::Browser;
-use tests::fixture::{self, HubFixture, Proc, bin, wait_until};
+use tests::fixture::{self, HubFixture, Proc, wait_until};
 use tests::frames::{Damage, encode_png, frame};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -110,21 +109,7 @@ struct Kiosk {
 /// A device enrolled at `hub`, with staff PIN 482916, serving the kiosk.
 fn kiosk_with_pin(hub: &HubFixture) -> Result<Kiosk> {
     let dev = hub.enroll_device("entrance")?;
-    let d = dev.display().to_string();
-    let mut set = Command::new(bin("edge-node"))
-        .args(["--data", &d, "pin", "set"])
-        .env_remove("EDGE_NODE_DATA")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = set.stdin.take() {
-        std::io::Write::write_all(&mut stdin, b"482916\n")?;
-    }
-    let out = set.wait_with_output()?;
-    if !out.status.success() {
-        bail!("pin set: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    fixture::set_pin_from_stdin(&dev, "482916")?;
     let (proc, http) = fixture::run_with_http(&dev, &[])?;
     let base = format!("http://{http}");
     let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -597,22 +597,7 @@ fn frame_endpoint_refuses_what_is_not_a_frame_and_keeps_running() -> Result<()> 
 /// A device enrolled at a new hub, with staff PIN 482916, serving the kiosk.
 fn kiosk_with_pin(hub: &HubFixture, name: &str) -> Result<(Kiosk, PathBuf)> {
     let dev = hub.enroll_device(name)?;
-    let d = dev.display().to_string();
-    // From stdin, as a person would set it.
-    let mut set = Command::new(bin("edge-node"))
-        .args(["--data", &d, "pin", "set"])
-        .env_remove("EDGE_NODE_DATA")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = set.stdin.take() {
-        std::io::Write::write_all(&mut stdin, b"482916\n")?;
-    }
-    let out = set.wait_with_output()?;
-    if !out.status.success() {
-        bail!("pin set: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    fixture::set_pin_from_stdin(&dev, "482916")?;
     Ok((Kiosk::start(&dev)?, dev))
 }
 
