@@ -21,6 +21,8 @@ pub fn peer_key(peer: &Peer) -> String {
     match peer {
         Peer::Device { device, .. } => format!("dev:{device}"),
         Peer::Hub { region } => format!("hub:{region}"),
+        // Never a device's peer (hubs only); keyed apart all the same.
+        Peer::HubLink { region, facility } => format!("hublink:{region}:{facility}"),
     }
 }
 

@@ -281,7 +281,7 @@ pub fn admit_claimed(hello: &PeerHello) -> Decision {
     }
     let remote = match &hello.peer {
         Peer::Device { device, .. } => endpoint(device),
-        Peer::Hub { .. } => String::new(),
+        Peer::Hub { .. } | Peer::HubLink { .. } => String::new(),
     };
     admit(hello, &remote, &Enrolled).into_decision(None)
 }

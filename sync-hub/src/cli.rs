@@ -65,10 +65,15 @@ pub enum Command {
         /// Default: the listen address.
         #[arg(long)]
         advertise: Vec<HubAddr>,
-        /// The health authority's age public key (age1...). Default: generate a key pair and
-        /// write its identity to DATA/authority-identity.txt for hand-over.
+        /// The health authority's age public key (age1...). Default: the `--peer` file's,
+        /// else generate a key pair and write its identity to DATA/authority-identity.txt for
+        /// hand-over.
         #[arg(long)]
         authority_recipient: Option<String>,
+        /// Join a region that has a hub already: that hub's pairing file (`sync-hub peer show
+        /// --out FILE` there). Then run `sync-hub peer add` there with this hub's file.
+        #[arg(long, value_name = "FILE")]
+        peer: Option<std::path::PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -206,6 +211,12 @@ pub enum Command {
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
+    },
+    /// The region's other hub: pairing two hubs of one region (see the README's operator
+    /// section).
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
     },
     /// Write an enrollment ticket for one new device of a facility.
     Enroll {
@@ -422,6 +433,32 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
 }
 
 #[derive(Subcommand)]
+pub enum PeerCommand {
+    /// Print (or write) this hub's pairing file, for `peer add` or `init --peer` at the other
+    /// hub of the region. It holds no secret.
+    Show {
+        /// Write it to this file instead of stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Pair with the other hub of this region (its pairing file); replaces an earlier
+    /// pairing (a rebuilt hub has a new endpoint id).
+    Add {
+        /// The other hub's pairing file.
+        file: std::path::PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The paired hub: where, when the link last completed, its day keys.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum DeviceCommand {
     /// List devices.
     List {
@@ -551,9 +588,36 @@ pub fn run(cli: Cli) -> Result<()> {
             listen,
             advertise,
             authority_recipient,
+            peer,
             json,
         } => {
+            let pairing = match &peer {
+                Some(path) => Some(read_pairing(path)?),
+                None => None,
+            };
+            let authority_recipient = match (&pairing, authority_recipient) {
+                (Some(p), Some(a)) if p.authority_recipient != a => anyhow::bail!(
+                    "--authority-recipient differs from the other hub's: both hubs of a region \
+                     seal paper entries to one health authority"
+                ),
+                (_, Some(a)) => Some(a),
+                (Some(p), None) => Some(p.authority_recipient.clone()),
+                (None, None) => None,
+            };
+            if let Some(p) = &pairing
+                && !crate::auth::same_region(&p.region, &region)
+            {
+                anyhow::bail!(
+                    "the --peer hub serves region {:?}, not {region:?}: only two hubs of one region pair",
+                    p.region
+                );
+            }
             let made = Hub::init(&data, &region, listen, advertise, authority_recipient, now)?;
+            if let Some(p) = pairing {
+                let ledger = Ledger::open(made.hub.store(), made.hub.keys())?;
+                let desk = Desk::new(&made.hub, &ledger, now);
+                desk.pair(&Principal::local_operator(), &p)?;
+            }
             let c = made.hub.config();
             if json {
                 println!(
@@ -627,6 +691,56 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                 })?;
             }
+        }
+        Command::Peer {
+            command: PeerCommand::Show { out },
+        } => {
+            let file = answer!(
+                admin(&data, AdminCommand::PeerShow, now)?,
+                AdminReply::Pairing
+            );
+            let text = serde_json::to_string_pretty(&file)? + "\n";
+            emit(&text, out.as_deref())?;
+        }
+        Command::Peer {
+            command: PeerCommand::Add { file, json },
+        } => {
+            let pairing = read_pairing(&file)?;
+            let v = answer!(
+                admin(&data, AdminCommand::PeerAdd { pairing }, now)?,
+                AdminReply::Peer
+            );
+            show(json, &v, |v| match v {
+                Some(p) => format!(
+                    "paired with hub {} of region {:?} at {}; run `sync-hub peer add` with this hub's file there too",
+                    p.endpoint_id,
+                    p.region,
+                    p.addrs.join(", ")
+                ),
+                None => "not paired".to_owned(),
+            })?;
+        }
+        Command::Peer {
+            command: PeerCommand::Status { json },
+        } => {
+            let v = answer!(
+                admin(&data, AdminCommand::PeerStatus, now)?,
+                AdminReply::Peer
+            );
+            show(json, &v, |v| match v {
+                Some(p) => format!(
+                    "paired with {} ({}), last link {}, its day keys until {}{}",
+                    p.endpoint_id,
+                    p.addrs.join(", "),
+                    p.last_link.map_or("never".to_owned(), |t| t.to_string()),
+                    p.day_keys_until
+                        .map_or("none yet".to_owned(), |d| d.to_string()),
+                    p.rebuilt_at.map_or(String::new(), |t| format!(
+                        ", rebuilt at {t}: it cannot read the days before"
+                    ))
+                ),
+                None => "not paired: this hub is its region's only hub".to_owned(),
+            })?;
         }
         Command::Device {
             command: DeviceCommand::Revoke { id },
@@ -1065,16 +1179,22 @@ fn run_hub(
                 )
             })
         });
+        // The hub link to the region's other hub (when paired): its connections arrive
+        // through `serve`, which hands them over here.
+        let (link_tx, link_rx) = tokio::sync::mpsc::channel(4);
+        let link = tokio::spawn(crate::link::run(endpoint.clone(), handle.clone(), link_rx));
         let sync = crate::daemon::serve(
             endpoint.clone(),
             handle.clone(),
             max_connections,
             max_unadmitted,
+            Some(link_tx),
         );
         tokio::select! {
             r = server => { r?; }
             _ = sync => {}
         }
+        link.abort();
         endpoint.close().await;
         crate::daemon::stop(&handle);
         let _ = actor.join();
@@ -1107,6 +1227,13 @@ async fn shutdown_signal() {
 
 /// Runs an administrative command on the store as the local operator, or through the running
 /// hub with the operator token.
+/// Reads a hub pairing file.
+fn read_pairing(path: &std::path::Path) -> Result<crate::replica::PairingFile> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the pairing file {}", path.display()))?;
+    Ok(crate::replica::PairingFile::parse(&bytes)?)
+}
+
 fn admin(data: &std::path::Path, cmd: AdminCommand, now: u64) -> Result<AdminReply> {
     match Hub::open(data) {
         Ok(hub) => {

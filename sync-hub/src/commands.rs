@@ -68,6 +68,15 @@ pub enum AdminCommand {
         /// The device id.
         id: String,
     },
+    /// `peer add`, `init --peer`: the other hub's pairing file.
+    PeerAdd {
+        /// The pairing file's contents.
+        pairing: crate::replica::PairingFile,
+    },
+    /// `peer status`.
+    PeerStatus,
+    /// `peer show`: this hub's pairing file.
+    PeerShow,
     /// `credential add`: answers with the secret, shown once.
     CredentialAdd {
         /// `operator`, `officer` or `authority`.
@@ -252,6 +261,10 @@ pub enum AdminReply {
     Devices(Vec<DeviceView>),
     /// `device revoke`.
     DeviceRevoked(DeviceRevoked),
+    /// `peer add`, `peer status`: the paired hub (none: not paired).
+    Peer(Option<PeerView>),
+    /// `peer show`.
+    Pairing(crate::replica::PairingFile),
     /// `credential add`.
     NewCredential(NewCredential),
     /// `credential list`.
@@ -268,6 +281,40 @@ pub enum AdminReply {
     SharedCodes(SharedCodeReport),
     /// `audit`.
     Audit(AuditReply),
+}
+
+/// The paired hub as `peer status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerView {
+    /// Its endpoint id.
+    pub endpoint_id: String,
+    /// Where this hub dials it.
+    pub addrs: Vec<String>,
+    /// The region.
+    pub region: String,
+    /// When it was paired here.
+    pub paired_at: UnixSeconds,
+    /// When the last link exchange with it completed (`null`: never).
+    pub last_link: Option<UnixSeconds>,
+    /// The last day whose key it announced (`null`: none yet; devices then wrap to this hub
+    /// alone).
+    pub day_keys_until: Option<shared::time::Day>,
+    /// When it announced new keys for days it had keys for (a rebuild).
+    pub rebuilt_at: Option<UnixSeconds>,
+}
+
+impl From<&crate::replica::PeerConfig> for PeerView {
+    fn from(p: &crate::replica::PeerConfig) -> Self {
+        PeerView {
+            endpoint_id: p.endpoint_id.clone(),
+            addrs: p.addrs.clone(),
+            region: p.region.clone(),
+            paired_at: p.paired_at,
+            last_link: p.last_link,
+            day_keys_until: p.day_keys.iter().map(|k| k.day).max(),
+            rebuilt_at: p.rebuilt_at,
+        }
+    }
 }
 
 fn views(list: &[Facility]) -> Vec<FacilityView> {
@@ -296,6 +343,8 @@ impl AdminCommand {
             AdminCommand::Enroll { .. } => Op::Enroll,
             AdminCommand::DeviceList => Op::DeviceList,
             AdminCommand::DeviceRevoke { .. } => Op::DeviceRevoke,
+            AdminCommand::PeerAdd { .. } => Op::PeerPair,
+            AdminCommand::PeerStatus | AdminCommand::PeerShow => Op::PeerStatus,
             AdminCommand::CredentialAdd { .. } => Op::CredentialAdd,
             AdminCommand::CredentialList => Op::CredentialList,
             AdminCommand::CredentialRevoke { .. } => Op::CredentialRevoke,
@@ -368,6 +417,16 @@ impl AdminCommand {
                     device_id: id,
                     revoked: true,
                 })
+            }
+            AdminCommand::PeerAdd { pairing } => {
+                AdminReply::Peer(Some(PeerView::from(&desk.pair(who, &pairing)?)))
+            }
+            AdminCommand::PeerStatus => {
+                AdminReply::Peer(desk.peer(who)?.as_ref().map(PeerView::from))
+            }
+            AdminCommand::PeerShow => {
+                crate::people::permit(who, Op::PeerStatus)?;
+                AdminReply::Pairing(crate::replica::pairing_file(desk.hub))
             }
             AdminCommand::CredentialAdd { role, region, name } => {
                 let (rec, secret) = desk.credential_add(who, role, region.as_deref(), &name)?;
@@ -448,6 +507,8 @@ impl AdminCommand {
             )),
             AdminCommand::DeviceList => AdminReply::Devices(de(text)?),
             AdminCommand::DeviceRevoke { .. } => AdminReply::DeviceRevoked(de(text)?),
+            AdminCommand::PeerAdd { .. } | AdminCommand::PeerStatus => AdminReply::Peer(de(text)?),
+            AdminCommand::PeerShow => AdminReply::Pairing(de(text)?),
             AdminCommand::CredentialAdd { .. } => AdminReply::NewCredential(de(text)?),
             AdminCommand::CredentialList => AdminReply::Credentials(de(text)?),
             AdminCommand::CredentialRevoke { .. } => AdminReply::CredentialRevoked(de(text)?),

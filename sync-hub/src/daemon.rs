@@ -229,6 +229,12 @@ pub struct Metrics {
     pub started_at: AtomicU64,
     /// How long traces took (`POST /api/trace`).
     pub trace_seconds: crate::health::Histogram,
+    /// Hub link exchanges with the paired hub that completed (`crate::link`).
+    pub link_rounds: AtomicU64,
+    /// Hub link exchanges that failed (the paired hub unreachable, or refusing).
+    pub link_failures: AtomicU64,
+    /// When the last hub link exchange completed, Unix seconds (0: none since the start).
+    pub link_last_ok: AtomicU64,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -271,6 +277,13 @@ enum Input {
         addr: Option<SocketAddr>,
         reply: tmpsc::Sender<Output>,
         admitted: Arc<AtomicBool>,
+    },
+    /// A session this hub opens to its peer hub for one facility (`crate::link`).
+    OpenLink {
+        conn: u64,
+        remote: PublicKey,
+        facility: FacilityId,
+        reply: tmpsc::Sender<Output>,
     },
     Frame {
         conn: u64,
@@ -422,6 +435,45 @@ impl Conn {
             quotas: Quotas::default(),
             received: 0,
         }
+    }
+
+    /// A session this hub opens to its paired hub `remote` for `facility`'s partitions
+    /// (`Peer::HubLink`): both sides send and take changes. Its `Hello` is queued at once.
+    pub fn initiator(
+        hub: &Hub,
+        ledger: &Ledger<'_>,
+        remote: PublicKey,
+        facility: FacilityId,
+        reply: tmpsc::Sender<Output>,
+        now: UnixSeconds,
+        metrics: &Metrics,
+    ) -> Result<Conn, String> {
+        let region = hub.config().region.clone();
+        let me = Peer::HubLink {
+            region: region.clone(),
+            facility: facility.clone(),
+        };
+        let to = Peer::Hub { region };
+        let store = ledger.partitions(facility.clone(), now);
+        let session = Session::initiator_to(now, me, Some(&to), None, None, false, &store)
+            .map_err(|e| e.to_string())?;
+        let mut conn = Conn {
+            link: Link::new(session),
+            reply,
+            remote,
+            addr: None,
+            device: None,
+            facility: Some(facility),
+            clock_offset: None,
+            cache: store.into_cache(),
+            admitted: Arc::new(AtomicBool::new(true)),
+            quotas: Quotas::default(),
+            received: 0,
+        };
+        let mut shell = HubShell::new(hub, ledger, &mut conn, now, metrics);
+        driver::pump(&mut shell, now);
+        shell.done();
+        Ok(conn)
     }
 
     /// The same connection held to `quotas` instead of the defaults.
@@ -861,7 +913,11 @@ pub async fn bind(secret: SecretKey, listen: SocketAddr) -> Result<Endpoint, Hub
     Endpoint::builder(presets::Minimal)
         .secret_key(secret)
         // v1 is accepted only to tell the device to upgrade (`refuse_v1`).
-        .alpns(vec![ALPN.to_vec(), shared::sync::ALPN_V1.to_vec()])
+        .alpns(vec![
+            ALPN.to_vec(),
+            shared::sync::ALPN_V1.to_vec(),
+            crate::replica::ALPN_LINK.to_vec(),
+        ])
         .transport_config(transport_config())
         .clear_ip_transports()
         .bind_addr(listen)
@@ -925,6 +981,7 @@ pub async fn serve(
     handle: HubHandle,
     max_connections: usize,
     max_unadmitted: usize,
+    links: Option<tmpsc::Sender<iroh::endpoint::Connection>>,
 ) {
     let max_unadmitted = max_unadmitted.max(1);
     let mut unadmitted: std::collections::VecDeque<Unadmitted> = Default::default();
@@ -991,8 +1048,9 @@ pub async fn serve(
         });
         let id = next.fetch_add(1, Ordering::Relaxed);
         let handle = handle.clone();
+        let links = links.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(incoming, id, handle, admitted, known, evict).await {
+            if let Err(e) = connection(incoming, id, handle, admitted, known, evict, links).await {
                 tracing::debug!("connection {id}: {e}");
             }
             drop(slot);
@@ -1008,6 +1066,7 @@ async fn connection(
     admitted: Arc<AtomicBool>,
     known: Arc<AtomicBool>,
     evict: Arc<tokio::sync::Notify>,
+    links: Option<tmpsc::Sender<iroh::endpoint::Connection>>,
 ) -> Result<(), String> {
     let addr = match incoming.remote_addr() {
         iroh::endpoint::IncomingAddr::Ip(a) => Some(a),
@@ -1032,6 +1091,19 @@ async fn connection(
     }
     if conn.alpn() == shared::sync::ALPN_V1 {
         refuse_v1(&conn, addr, hello_deadline, &handle).await;
+        return Ok(());
+    }
+    if conn.alpn() == crate::replica::ALPN_LINK {
+        // The registry exchange of the region's other hub: handed to the link task, which
+        // closes any endpoint but the paired one at once.
+        admitted.store(true, Ordering::Release);
+        match links {
+            Some(tx) if tx.try_send(conn.clone()).is_ok() => {
+                // The link task owns it now; this slot is held until it closes.
+                conn.closed().await;
+            }
+            _ => conn.close(CLOSE_BUSY.into(), b"no hub link here"),
+        }
         return Ok(());
     }
     let accepted = tokio::select! {
@@ -1193,6 +1265,109 @@ async fn connection(
     Ok(())
 }
 
+/// How long dialling the peer hub may take before the link gives up for this round.
+pub const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs one `Peer::HubLink` session for `facility` with the paired hub at `addr` (this hub
+/// initiates: the peer's partitions of the facility and this hub's are merged both ways, and
+/// persisted and indexed here like any device's). Bounded by [`session_limit`]. Returns the
+/// new records this side received, or why it failed.
+pub async fn dial_session(
+    endpoint: &Endpoint,
+    handle: &HubHandle,
+    addr: iroh::EndpointAddr,
+    facility: FacilityId,
+) -> Result<(), String> {
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 62);
+    let remote = addr.id;
+    let conn = tokio::time::timeout(LINK_CONNECT_TIMEOUT, endpoint.connect(addr, ALPN))
+        .await
+        .map_err(|_| "the peer hub did not answer in time".to_owned())?
+        .map_err(|e| format!("cannot connect to the peer hub: {e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let conn_id = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (otx, mut orx) = tmpsc::channel(OUTGOING_FRAMES);
+    handle
+        .tx
+        .send(Input::OpenLink {
+            conn: conn_id,
+            remote,
+            facility,
+            reply: otx,
+        })
+        .await
+        .map_err(|_| "hub stopped".to_owned())?;
+    let deadline = Instant::now() + session_limit();
+    let writer = async {
+        while let Some(out) = orx.recv().await {
+            match out {
+                Output::Bytes(b) => {
+                    if send.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Output::Close => break,
+            }
+        }
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    };
+    let tx = handle.tx.clone();
+    let reader = async move {
+        let mut decoder = FrameDecoder::with_limit(MAX_FRAME_BYTES);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let until = (Instant::now() + READ_TIMEOUT).min(deadline);
+            match tokio::time::timeout_at(until, recv.read(&mut buf)).await {
+                Ok(Ok(Some(n))) => {
+                    if let Err(error) = decoder.push(&buf[..n]) {
+                        let _ = tx
+                            .send(Input::Malformed {
+                                conn: conn_id,
+                                error,
+                            })
+                            .await;
+                        return;
+                    }
+                    loop {
+                        match decoder.pop() {
+                            Ok(Some(frame)) => {
+                                if tx
+                                    .send(Input::Frame {
+                                        conn: conn_id,
+                                        frame,
+                                    })
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(error) => {
+                                let _ = tx
+                                    .send(Input::Malformed {
+                                        conn: conn_id,
+                                        error,
+                                    })
+                                    .await;
+                                return;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    let _ = tx.send(Input::Closed { conn: conn_id }).await;
+                    return;
+                }
+            }
+        }
+    };
+    tokio::join!(writer, reader);
+    conn.close(CLOSE_DONE.into(), b"done");
+    Ok(())
+}
+
 /// A connection that negotiated sync protocol v1: no session, one v1 `Refused` frame telling
 /// the device's operator to upgrade (`shared::sync::legacy`), a warning naming the device, a
 /// refusal noted for `sync-hub stats` (reason `Protocol`, the claimed device), and close. The v1 `Hello` is read (held to [`PRE_ADMISSION_FRAME_BYTES`] and the Hello deadline)
@@ -1312,6 +1487,28 @@ fn actor(
                     let c = Conn::new(&hub, remote, addr, reply, admitted).with_quotas(quotas);
                     conns.insert(conn, c);
                 }
+                Input::OpenLink {
+                    conn,
+                    remote,
+                    facility,
+                    reply,
+                } => match Conn::initiator(
+                    &hub,
+                    &ledger,
+                    remote,
+                    facility,
+                    reply.clone(),
+                    now,
+                    &metrics,
+                ) {
+                    Ok(c) => {
+                        conns.insert(conn, c);
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot open a session to the peer hub: {e}");
+                        let _ = reply.try_send(Output::Close);
+                    }
+                },
                 Input::Frame { conn, frame } => {
                     let mut newly_admitted = None;
                     if let Some(c) = conns.get_mut(&conn) {
@@ -1578,6 +1775,9 @@ fn decide(
     now: UnixSeconds,
 ) -> (Decision, Option<DeviceId>) {
     let remote_hex = remote.to_string();
+    if let Peer::HubLink { region, facility } = &hello.peer {
+        return (admit_link(hub, &remote_hex, region, facility), None);
+    }
     let admission = shared::hub::admit(hello, &remote_hex, &StoreRegistry(hub));
     let shared::hub::Admission::Admit {
         device,
@@ -1625,6 +1825,40 @@ fn decide(
         admission.into_decision((!refresh.is_empty()).then(|| refresh.to_bytes())),
         Some(device),
     )
+}
+
+/// Admission of the region's other hub for one facility's partitions: only from the endpoint
+/// this hub was paired with (`sync-hub peer add`), of this region, for a facility this hub
+/// has registered and not removed.
+fn admit_link(hub: &Hub, remote_hex: &str, region: &str, facility: &FacilityId) -> Decision {
+    let peer = match crate::replica::peer(hub.store()) {
+        Ok(p) => p,
+        Err(e) => return refuse(RefuseReason::Internal, &e.to_string()).0,
+    };
+    if peer.as_ref().is_none_or(|p| p.endpoint_id != remote_hex) {
+        return refuse(
+            RefuseReason::UnknownDevice,
+            "this endpoint is not the hub this one is paired with",
+        )
+        .0;
+    }
+    if !crate::auth::same_region(region, &hub.config().region) {
+        return refuse(RefuseReason::WrongFacility, "another region's hub").0;
+    }
+    match hub.store().facility(facility) {
+        Ok(Some(_)) => Decision::Admit {
+            facility: facility.clone(),
+            refresh: None,
+        },
+        Ok(None) => {
+            refuse(
+                RefuseReason::WrongFacility,
+                "this hub has no such facility (yet): the registry exchange brings it",
+            )
+            .0
+        }
+        Err(e) => refuse(RefuseReason::Internal, &e.to_string()).0,
+    }
 }
 
 /// What an admitted device gets back: the day keys it lacks, and the issuers' keyring, its

@@ -225,6 +225,15 @@ pub fn designate(
     Ok(d)
 }
 
+/// Stores a designation made at the peer hub (`crate::replica`), unchanged.
+pub fn put_designation(store: &Store, d: &Designation) -> Result<(), GovError> {
+    let txn = store.db().begin_write()?;
+    txn.open_table(DESIGNATIONS)?
+        .insert(d.id.as_str(), encode(d).as_slice())?;
+    txn.commit()?;
+    Ok(())
+}
+
 /// Every designation (in `region` when given).
 pub fn designations(store: &Store, region: Option<&str>) -> Result<Vec<Designation>, GovError> {
     let txn = store.db().begin_read()?;
@@ -256,6 +265,8 @@ pub fn remove_designation(store: &Store, id: &str) -> Result<Designation, GovErr
                 id.chars().take(40).collect::<String>()
             ))
         })?;
+    // Its tombstone first: the peer hub's copy must never bring it back.
+    store.put_tombstone(&format!("g/{id}"), crate::clock::now())?;
     let txn = store.db().begin_write()?;
     txn.open_table(DESIGNATIONS)?.remove(id)?;
     txn.commit()?;

@@ -375,6 +375,9 @@ pub fn peer_key(peer: &Peer) -> String {
     match peer {
         Peer::Device { device, .. } => device.to_string(),
         Peer::Hub { region } => format!("hub:{region}"),
+        // One state per facility's partitions: the partition id already names the facility,
+        // so the peer hub's sessions of every facility share one key.
+        Peer::HubLink { region, .. } => format!("hublink:{region}"),
     }
 }
 
@@ -677,6 +680,34 @@ impl<'s> Ledger<'s> {
             });
         }
         Ok(out)
+    }
+
+    /// A digest per facility of its live partitions' days and heads (16 bytes, hex): what
+    /// the hub link compares to find the facilities whose partitions differ between the two
+    /// hubs of a region. A facility with no live partition is absent.
+    pub fn facility_digests(
+        &self,
+        now: UnixSeconds,
+    ) -> Result<BTreeMap<String, String>, LedgerError> {
+        let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
+        let txn = self.store.db().begin_read()?;
+        let heads = txn.open_table(PARTITION_HEADS)?;
+        let mut hashers: BTreeMap<String, blake3::Hasher> = BTreeMap::new();
+        for row in heads.iter()? {
+            let (k, v) = row?;
+            let (facility, day) = k.value();
+            if day < first.0 || day > last.0 || v.value().is_empty() {
+                continue;
+            }
+            let h = hashers.entry(facility.to_owned()).or_default();
+            h.update(&day.to_be_bytes());
+            h.update(&(v.value().len() as u64).to_be_bytes());
+            h.update(v.value());
+        }
+        Ok(hashers
+            .into_iter()
+            .map(|(f, h)| (f, hex::encode(&h.finalize().as_bytes()[..16])))
+            .collect())
     }
 
     /// Stores what `partition` gained since it was loaded or last persisted, and indexes its

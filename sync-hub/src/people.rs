@@ -110,6 +110,10 @@ pub enum Op {
     DeviceList,
     /// Revoke a device (`device revoke`).
     DeviceRevoke,
+    /// Pair this hub with the region's other hub (`peer add`, `init --peer`).
+    PeerPair,
+    /// Show the paired hub (`peer status`).
+    PeerStatus,
     /// Send a command (`POST /api/admin`, what commands use while `run` holds the store);
     /// the command is then checked as its own operation as well.
     AdminRoute,
@@ -163,6 +167,8 @@ pub const PERMISSIONS: &[(Op, Allowed)] = &[
     (Op::Enroll, Allowed::LocalOperator),
     (Op::DeviceList, Allowed::LocalOperator),
     (Op::DeviceRevoke, Allowed::LocalOperator),
+    (Op::PeerPair, Allowed::LocalOperator),
+    (Op::PeerStatus, Allowed::LocalOperator),
     (Op::AdminRoute, Allowed::LocalOperator),
 ];
 
@@ -196,6 +202,8 @@ impl Op {
         Op::Enroll,
         Op::DeviceList,
         Op::DeviceRevoke,
+        Op::PeerPair,
+        Op::PeerStatus,
         Op::AdminRoute,
     ];
 
@@ -759,6 +767,23 @@ impl<'a> Desk<'a> {
             Event::new("device.revoke", serde_json::json!({ "device": id })),
         )?;
         Ok(d)
+    }
+
+    /// Pairs this hub with the region's other hub (local operator only); audited by
+    /// [`crate::replica::pair`].
+    pub fn pair(
+        &self,
+        who: &Principal,
+        file: &crate::replica::PairingFile,
+    ) -> Result<crate::replica::PeerConfig, OpError> {
+        permit(who, Op::PeerPair)?;
+        Ok(crate::replica::pair(self.hub, file, self.now)?)
+    }
+
+    /// The paired hub, if any (local operator only).
+    pub fn peer(&self, who: &Principal) -> Result<Option<crate::replica::PeerConfig>, OpError> {
+        permit(who, Op::PeerStatus)?;
+        Ok(crate::replica::peer(self.hub.store())?)
     }
 
     /// What the dashboard shows the principal.

@@ -31,8 +31,14 @@ pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), redb::Ta
     txn.open_table(FACILITIES)?;
     txn.open_table(DEVICES)?;
     txn.open_table(CREDENTIALS)?;
+    txn.open_table(TOMBSTONES)?;
     Ok(())
 }
+
+/// `tombstones-1`: registry entities removed at this hub or at its peer hub (`f/<facility
+/// id>`, `g/<designation id>`) -> when. Kept so that the peer hub's copy of a removed entity
+/// never brings it back (`crate::replica`); a few dozen bytes per removal, never purged.
+pub const TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("tombstones-1");
 
 /// Days of day public keys handed to a device in its ticket and on every sync.
 pub const DAY_KEYS_AHEAD: u32 = 42;
@@ -370,10 +376,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes a facility and revokes its devices; returns whether it existed.
+    /// Removes a facility and revokes its devices; returns whether it existed. Its tombstone
+    /// stays, so the peer hub's copy never brings it back.
     pub fn remove_facility(&self, id: &FacilityId) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
         let existed = txn.open_table(FACILITIES)?.remove(id.as_str())?.is_some();
+        {
+            let mut t = txn.open_table(TOMBSTONES)?;
+            let key = format!("f/{id}");
+            if t.get(key.as_str())?.is_none() {
+                t.insert(key.as_str(), crate::clock::now())?;
+            }
+        }
         {
             let mut devices = txn.open_table(DEVICES)?;
             let mut revoke = Vec::new();
@@ -447,6 +461,97 @@ impl Store {
             Some(v) => Ok(DeviceId::parse(v.value()).ok()),
             None => Ok(None),
         }
+    }
+
+    /// Records a tombstone (`f/<id>`, `g/<id>`) unless one is there.
+    pub fn put_tombstone(&self, key: &str, at: UnixSeconds) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(TOMBSTONES)?;
+            if t.get(key)?.is_none() {
+                t.insert(key, at)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every tombstone, by key.
+    pub fn tombstones(&self) -> Result<Vec<(String, UnixSeconds)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TOMBSTONES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Whether `key` has a tombstone.
+    pub fn has_tombstone(&self, key: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(TOMBSTONES)?.get(key)?.is_some())
+    }
+
+    /// Every unused enrollment credential: (digest, device).
+    pub fn credentials(&self) -> Result<Vec<([u8; 32], DeviceId)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CREDENTIALS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if let Ok(d) = DeviceId::parse(v.value()) {
+                out.push((*k.value(), d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records an unused enrollment credential of `device` (from the peer hub) unless the
+    /// device is bound already; returns whether it was added.
+    pub fn put_credential(&self, digest: &[u8; 32], device: &DeviceId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let added = {
+            let devices = txn.open_table(DEVICES)?;
+            let bound = match devices.get(device.as_str())? {
+                Some(v) => {
+                    let d: DeviceRecord = decode("devices-1", device.as_str(), v.value())?;
+                    d.endpoint_id.is_some()
+                }
+                None => false,
+            };
+            let mut t = txn.open_table(CREDENTIALS)?;
+            if bound || t.get(digest)?.is_some() {
+                false
+            } else {
+                t.insert(digest, device.as_str())?;
+                true
+            }
+        };
+        txn.commit()?;
+        Ok(added)
+    }
+
+    /// Burns every credential of `device` (it was bound at the peer hub).
+    pub fn burn_credentials(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut n = 0;
+        {
+            let mut t = txn.open_table(CREDENTIALS)?;
+            let burn: Vec<[u8; 32]> = t
+                .iter()?
+                .filter_map(|r| r.ok())
+                .filter(|(_, v)| v.value() == device.as_str())
+                .map(|(k, _)| *k.value())
+                .collect();
+            for d in burn {
+                t.remove(&d)?;
+                n += 1;
+            }
+        }
+        txn.commit()?;
+        Ok(n)
     }
 
     /// Binds a device's endpoint id and burns its credential, atomically: a ticket works once.

@@ -14,10 +14,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("ledger", &["ledger"]),
     (
         "people",
-        &["audit", "gov", "trace", "nation", "people", "commands"],
+        &[
+            "audit", "gov", "trace", "nation", "replica", "people", "commands",
+        ],
     ),
     ("opening", &["schema"]),
-    ("shells", &["daemon", "reads", "http", "control", "cli"]),
+    (
+        "shells",
+        &["daemon", "link", "reads", "http", "control", "cli"],
+    ),
 ];
 
 fn rank(module: &str) -> Option<usize> {
@@ -115,7 +120,10 @@ fn every_table_is_defined_by_the_module_that_owns_it() {
     // Table definitions name their layout ("facilities-1"); each belongs in one module.
     let owners: &[(&str, &[&str])] = &[
         ("store", &["config-1"]),
-        ("registry", &["facilities-1", "devices-1", "credentials-1"]),
+        (
+            "registry",
+            &["facilities-1", "devices-1", "credentials-1", "tombstones-1"],
+        ),
         (
             "auth",
             &[

@@ -577,3 +577,70 @@ pub fn set_pin_from_stdin(dir: &Path, pin: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The second hub of `a`'s region, in a folder of its own: `sync-hub init --peer` with `a`'s
+/// pairing file, and `peer add` of its own file at `a`, so the two are paired both ways. Its
+/// `facility` is `a`'s (the hub link brings it once both run).
+pub fn pair_second_hub(a: &HubFixture) -> Result<HubFixture> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("hub");
+    let d = data.display().to_string();
+    let sync_port = free_udp_port()?;
+    let a_pair = tmp.path().join("a.pair");
+    let b_pair = tmp.path().join("b.pair");
+    run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &a.data_str(),
+            "peer",
+            "show",
+            "--out",
+            a_pair.to_str().unwrap_or_default(),
+        ],
+    )?;
+    run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &d,
+            "init",
+            "--region",
+            "mapo",
+            "--listen",
+            &format!("127.0.0.1:{sync_port}"),
+            "--peer",
+            a_pair.to_str().unwrap_or_default(),
+        ],
+    )?;
+    run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &d,
+            "peer",
+            "show",
+            "--out",
+            b_pair.to_str().unwrap_or_default(),
+        ],
+    )?;
+    run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &a.data_str(),
+            "peer",
+            "add",
+            b_pair.to_str().unwrap_or_default(),
+        ],
+    )?;
+    Ok(HubFixture {
+        tmp,
+        data,
+        facility: a.facility.clone(),
+        sync_port,
+    })
+}
+
+/// The environment that makes paired hubs exchange every 300 ms instead of every 10 s.
+pub const FAST_LINK: (&str, &str) = ("KIPASS_HUB_LINK_INTERVAL_MS", "300");

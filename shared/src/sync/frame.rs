@@ -57,13 +57,22 @@ pub enum Peer {
         /// The region the hub serves.
         region: String,
     },
+    /// The region's other hub syncing one facility's partitions (the hub link: a hub opens
+    /// one session per facility whose partitions differ). Admitted only from the endpoint
+    /// the responding hub was paired with; it sends and takes changes both ways.
+    HubLink {
+        /// The region both hubs serve.
+        region: String,
+        /// The one facility this session syncs.
+        facility: FacilityId,
+    },
 }
 
 impl Peer {
     /// The facility this peer is bound to, if it is a device.
     pub fn facility(&self) -> Option<&FacilityId> {
         match self {
-            Peer::Device { facility, .. } => Some(facility),
+            Peer::Device { facility, .. } | Peer::HubLink { facility, .. } => Some(facility),
             Peer::Hub { .. } => None,
         }
     }
@@ -74,6 +83,9 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Device { device, facility } => write!(f, "device {device} of {facility}"),
             Peer::Hub { region } => write!(f, "hub of region {region:?}"),
+            Peer::HubLink { region, facility } => {
+                write!(f, "peer hub of region {region:?} for {facility}")
+            }
         }
     }
 }
