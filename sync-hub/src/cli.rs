@@ -1152,6 +1152,7 @@ fn run_hub(
         .build()?;
     rt.block_on(async move {
         let endpoint = crate::daemon::bind(secret, listen).await?;
+        let _ = crate::link::ENDPOINT.set(endpoint.clone());
         let (handle, actor) = crate::daemon::start(hub, quotas)?;
         let listener = tokio::net::TcpListener::bind(http)
             .await

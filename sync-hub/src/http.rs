@@ -430,6 +430,7 @@ async fn trace(
         let read = desk.trace_unaudited(who, &q);
         m.trace_seconds.observe(started.elapsed());
         let (report, event) = read?;
+        let report = with_peer_days(desk, who, &q, report);
         let reply = if csv {
             Reply::Csv(trace::to_csv(&report))
         } else {
@@ -438,6 +439,41 @@ async fn trace(
         Ok((reply, event))
     })
     .await
+}
+
+/// The region's other hub's part of a trace, merged in: when paired, a trace at either
+/// hub asks the other for the same period, so it finds a visit that only the other holds yet
+/// (the link runs every few seconds) and the days a rebuilt hub cannot read; each hub audits
+/// its own part, and the report says which hub answered for which days. Runs on a blocking
+/// thread of the reads pool, bounded by the link's timeouts.
+fn with_peer_days(
+    desk: &Desk<'_>,
+    who: &Principal,
+    q: &trace::TraceQuery,
+    report: trace::TraceReport,
+) -> trace::TraceReport {
+    let Ok(Some(peer)) = crate::replica::peer(desk.hub.store()) else {
+        return report;
+    };
+    let (_, unreadable) = trace::readable_split(q, desk.hub.config().created_at);
+    let request = trace::TraceRequest {
+        tokens: q.tokens.iter().map(hex::encode).collect(),
+        window_minutes: Some(q.window_minutes),
+        case: q.case.clone(),
+        purpose: q.purpose.clone(),
+        from: Some(q.from),
+        to: Some(q.to),
+    };
+    let answer = match (
+        crate::link::ENDPOINT.get(),
+        tokio::runtime::Handle::try_current(),
+    ) {
+        (Some(endpoint), Ok(rt)) => rt.block_on(crate::link::ask_trace(
+            endpoint, &peer, request, &who.name, who.local,
+        )),
+        _ => Err("this hub's sync endpoint is not running".to_owned()),
+    };
+    trace::merge_peer_answer(report, &peer.endpoint_id, q, unreadable, answer)
 }
 
 /// A period in query parameters.

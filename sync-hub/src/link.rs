@@ -51,6 +51,33 @@ pub fn interval() -> Duration {
         .map_or(LINK_INTERVAL, Duration::from_millis)
 }
 
+/// The first message on a link connection: an exchange, or a trace this hub cannot read
+/// itself (it was rebuilt) asked of its peer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Ask {
+    Exchange(Hello),
+    Trace(TraceAsk),
+}
+
+/// A trace for days the asking hub cannot read, on behalf of the principal it authenticated.
+#[derive(Debug, Serialize, Deserialize)]
+struct TraceAsk {
+    version: u32,
+    /// The checked request (tokens as hex, period limited to the days asked for).
+    request: crate::trace::TraceRequest,
+    /// Who asked at the other hub (for this hub's audit log).
+    asked_by: String,
+    /// Whether the asker may leave case and purpose out (the other hub's local operator).
+    local: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TraceAnswer {
+    report: Option<crate::trace::TraceReport>,
+    error: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
     version: u32,
@@ -281,7 +308,17 @@ pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Res
         .await
         .map_err(|_| "no link stream in time".to_owned())?
         .map_err(|e| e.to_string())?;
-    let hello: Hello = read_msg(&mut recv).await?;
+    let hello = match read_msg::<Ask>(&mut recv).await? {
+        Ask::Exchange(h) => h,
+        Ask::Trace(ask) => {
+            let answer = answer_trace(&handle, &remote, ask).await;
+            write_msg(&mut send, &answer).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(0u32.into(), b"done");
+            return Ok(());
+        }
+    };
     if hello.version != LINK_VERSION || !crate::auth::same_region(&hello.region, &own.region) {
         conn.close(3u32.into(), b"another version or region");
         return Err(format!(
@@ -323,6 +360,95 @@ pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Res
     conn.close(0u32.into(), b"done");
     Ok(())
 }
+
+/// Runs a trace the paired hub asked for (the days it cannot read) and audits it here, as
+/// the paired hub's principal "via" the link.
+async fn answer_trace(handle: &HubHandle, remote: &str, ask: TraceAsk) -> TraceAnswer {
+    let failed = |e: String| TraceAnswer {
+        report: None,
+        error: Some(e),
+    };
+    if ask.version != LINK_VERSION {
+        return failed(format!("link version {} is not spoken here", ask.version));
+    }
+    let now = crate::clock::now();
+    let q = match ask.request.check(now, !ask.local) {
+        Ok(q) => q,
+        Err(e) => return failed(e),
+    };
+    let who = crate::auth::Principal {
+        id: format!("peer-hub:{}", remote.get(..16).unwrap_or(remote)),
+        name: format!(
+            "{} via the region's other hub",
+            ask.asked_by.chars().take(80).collect::<String>()
+        ),
+        role: crate::auth::Role::Authority,
+        region: None,
+        local: false,
+    };
+    let r = handle
+        .query(
+            move |hub, ledger, _| -> Result<crate::trace::TraceReport, String> {
+                let (report, mut event) =
+                    crate::trace::read(hub, ledger, &q, now).map_err(|e| e.to_string())?;
+                event.action = "trace.for_peer_hub".to_owned();
+                hub.audit()
+                    .append(&who, event, now)
+                    .map_err(|e| format!("not answered: it could not be audited here: {e}"))?;
+                Ok(report)
+            },
+        )
+        .await;
+    match r {
+        Ok(Ok(report)) => TraceAnswer {
+            report: Some(report),
+            error: None,
+        },
+        Ok(Err(e)) | Err(e) => failed(e),
+    }
+}
+
+/// Asks the paired hub for a trace of days this hub cannot read (`request`'s period is
+/// those days). Bounded by the link's timeouts.
+pub async fn ask_trace(
+    endpoint: &Endpoint,
+    peer: &PeerConfig,
+    request: crate::trace::TraceRequest,
+    asked_by: &str,
+    local: bool,
+) -> Result<crate::trace::TraceReport, String> {
+    let addr = dial_addr(peer)?;
+    let conn = tokio::time::timeout(
+        crate::daemon::LINK_CONNECT_TIMEOUT,
+        endpoint.connect(addr, ALPN_LINK),
+    )
+    .await
+    .map_err(|_| "it did not answer in time".to_owned())?
+    .map_err(|e| format!("it cannot be reached: {e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_msg(
+        &mut send,
+        &Ask::Trace(TraceAsk {
+            version: LINK_VERSION,
+            request,
+            asked_by: asked_by.to_owned(),
+            local,
+        }),
+    )
+    .await?;
+    let answer: TraceAnswer = read_msg(&mut recv).await?;
+    let _ = send.finish();
+    conn.close(0u32.into(), b"done");
+    match (answer.report, answer.error) {
+        (Some(r), _) => Ok(r),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err("it answered nothing".into()),
+    }
+}
+
+/// The endpoint the running hub dials its peer with (set by `run`), for traces that
+/// must ask the peer.
+pub static ENDPOINT: std::sync::OnceLock<Endpoint> = std::sync::OnceLock::new();
 
 /// Contacts wanted from the peer: since the last exchange, a minute of margin; all of them
 /// when there was none.
@@ -379,7 +505,7 @@ pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Rou
         contacts_since: contacts_since(&peer),
         facilities: own.facilities.clone(),
     };
-    write_msg(&mut send, &hello).await?;
+    write_msg(&mut send, &Ask::Exchange(hello)).await?;
     let welcome: Welcome = read_msg(&mut recv).await?;
     if welcome.version != LINK_VERSION || !crate::auth::same_region(&welcome.region, &own.region) {
         return Err(format!(

@@ -775,6 +775,7 @@ mod tests {
             incomplete: false,
             notes: Vec::new(),
             shared_codes: Vec::new(),
+            answered_by: Vec::new(),
         }
     }
 

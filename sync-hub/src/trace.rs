@@ -261,6 +261,148 @@ pub struct TraceReport {
     pub notes: Vec<String>,
     /// The case's tokens seen at two facilities within one code's validity.
     pub shared_codes: Vec<SharedCode>,
+    /// Which hub of the region answered for which UTC days of the period: this hub for the
+    /// days since it was created; a hub rebuilt from nothing cannot read the days before (it
+    /// must not hold their old keys), and its paired hub answers for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answered_by: Vec<AnsweredBy>,
+}
+
+/// One hub's part of a trace's days.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnsweredBy {
+    /// The hub's endpoint id.
+    pub hub: String,
+    /// The first UTC day it answered for.
+    pub from_day: Day,
+    /// The last.
+    pub to_day: Day,
+    /// Whether it answered (`false`: those days are missing from the report).
+    pub answered: bool,
+}
+
+/// The days of a trace's period this hub can read (from the day it was created), and the
+/// earlier ones it cannot (`None` when there are none): a hub rebuilt from an empty folder
+/// starts a new day-key ratchet and reads nothing of the days before.
+pub fn readable_split(
+    q: &TraceQuery,
+    created_at: UnixSeconds,
+) -> ((Day, Day), Option<(UnixSeconds, UnixSeconds)>) {
+    let first = Day::of(q.from).max(Day::of(created_at));
+    let own = (first, Day::of(q.to).max(first));
+    let created_day_start = u64::from(Day::of(created_at).0) * 86_400;
+    let before = (q.from < created_day_start).then(|| (q.from, (created_day_start - 1).min(q.to)));
+    (own, before)
+}
+
+/// Merges the paired hub's answer for the same period (`peer`: its report, or why it did not
+/// answer) into this hub's `local` report. `unreadable` is the part of the period this hub
+/// cannot read itself (it was created or rebuilt after it, [`readable_split`]): missing, the
+/// report is incomplete; otherwise a silent peer only costs what it alone holds so far.
+pub fn merge_peer_answer(
+    mut local: TraceReport,
+    peer_id: &str,
+    q: &TraceQuery,
+    unreadable: Option<(UnixSeconds, UnixSeconds)>,
+    peer: Result<TraceReport, String>,
+) -> TraceReport {
+    let days = (Day::of(q.from), Day::of(q.to));
+    match peer {
+        Ok(r) => {
+            let visits: BTreeSet<String> =
+                local.visits.iter().map(|v| v.record_id.clone()).collect();
+            local.visits.extend(
+                r.visits
+                    .into_iter()
+                    .filter(|v| !visits.contains(&v.record_id)),
+            );
+            local.visits.sort_by(|a, b| {
+                (a.scanned_at, &a.facility_id, &a.record_id).cmp(&(
+                    b.scanned_at,
+                    &b.facility_id,
+                    &b.record_id,
+                ))
+            });
+            let contacts: BTreeSet<String> =
+                local.contacts.iter().map(|c| c.record_id.clone()).collect();
+            local.contacts.extend(
+                r.contacts
+                    .into_iter()
+                    .filter(|c| !contacts.contains(&c.record_id)),
+            );
+            local.contacts.sort_by(|a, b| {
+                (a.scanned_at, &a.facility_id, &a.record_id).cmp(&(
+                    b.scanned_at,
+                    &b.facility_id,
+                    &b.record_id,
+                ))
+            });
+            // Either hub's flag stands (the hubs share device contacts every few seconds, so
+            // they rarely differ; when they do, the cautious answer is the union).
+            for f in r.unsynced_facilities {
+                if !local.unsynced_facilities.contains(&f) {
+                    local.unsynced_facilities.push(f);
+                }
+            }
+            local.unsynced_facilities.sort();
+            local.incomplete |= r.incomplete;
+            let seen: BTreeSet<(String, String)> = local
+                .shared_codes
+                .iter()
+                .map(|c| (c.token.clone(), c.second.facility_id.clone()))
+                .collect();
+            local.shared_codes.extend(
+                r.shared_codes
+                    .into_iter()
+                    .filter(|c| !seen.contains(&(c.token.clone(), c.second.facility_id.clone()))),
+            );
+            if let Some((from, to)) = unreadable {
+                local.notes.push(format!(
+                    "days {} to {} were read by the region's other hub ({}) alone: this hub was \
+                     created or rebuilt after them and cannot read them",
+                    Day::of(from),
+                    Day::of(to),
+                    short(peer_id)
+                ));
+            }
+            local.answered_by.push(AnsweredBy {
+                hub: peer_id.to_owned(),
+                from_day: days.0,
+                to_day: days.1,
+                answered: true,
+            });
+        }
+        Err(why) => {
+            match unreadable {
+                Some((from, to)) => {
+                    local.incomplete = true;
+                    local.notes.push(format!(
+                        "days {} to {} are missing: this hub was created or rebuilt after them \
+                         and cannot read them, and the region's other hub ({}) did not answer: {why}",
+                        Day::of(from),
+                        Day::of(to),
+                        short(peer_id)
+                    ));
+                }
+                None => local.notes.push(format!(
+                    "the region's other hub ({}) did not answer ({why}): visits that reached \
+                     only it in the last minutes may be missing",
+                    short(peer_id)
+                )),
+            }
+            local.answered_by.push(AnsweredBy {
+                hub: peer_id.to_owned(),
+                from_day: days.0,
+                to_day: days.1,
+                answered: false,
+            });
+        }
+    }
+    local
+}
+
+fn short(id: &str) -> &str {
+    id.get(..10).unwrap_or(id)
 }
 
 /// A trace failed.
@@ -478,6 +620,12 @@ pub fn read(
         unsynced_facilities: unsynced,
         notes,
         shared_codes,
+        answered_by: vec![AnsweredBy {
+            hub: hub.config().endpoint_id.clone(),
+            from_day: readable_split(q, hub.config().created_at).0.0,
+            to_day: readable_split(q, hub.config().created_at).0.1,
+            answered: true,
+        }],
     };
     Ok((report, event))
 }
@@ -899,5 +1047,71 @@ mod tests {
             v("fac_a", 301, 3),
         ];
         assert_eq!(find_shared(&visits), vec![(0, 1)]);
+    }
+
+    fn visit(record: &str, at: u64) -> ReportVisit {
+        ReportVisit {
+            token: "00".repeat(16),
+            facility_id: "fac_0011223344556677".into(),
+            facility_name: "Star".into(),
+            facility_address: "x".into(),
+            scanned_at: at,
+            device_id: "dev".into(),
+            record_id: record.into(),
+            shared_code: false,
+        }
+    }
+
+    fn report(visits: Vec<ReportVisit>, unsynced: Vec<&str>) -> TraceReport {
+        TraceReport {
+            case_id: None,
+            purpose: None,
+            region: "mapo".into(),
+            generated_at: 0,
+            from: 0,
+            to: 10 * 86_400,
+            window_minutes: 30,
+            visits,
+            contacts: Vec::new(),
+            incomplete: !unsynced.is_empty(),
+            unsynced_facilities: unsynced.into_iter().map(str::to_owned).collect(),
+            notes: Vec::new(),
+            shared_codes: Vec::new(),
+            answered_by: Vec::new(),
+        }
+    }
+
+    fn query() -> TraceQuery {
+        TraceQuery {
+            tokens: vec![[0; 16]],
+            window_minutes: 30,
+            case: None,
+            purpose: None,
+            from: 0,
+            to: 10 * 86_400,
+        }
+    }
+
+    #[test]
+    fn the_peer_hubs_answer_is_merged_once_and_says_who_answered() {
+        let local = report(vec![visit("r1", 100)], vec![]);
+        let peer = report(vec![visit("r2", 50), visit("r1", 100)], vec!["fac_x"]);
+        let merged = merge_peer_answer(local.clone(), "peerhub", &query(), None, Ok(peer));
+        let ids: Vec<&str> = merged.visits.iter().map(|v| v.record_id.as_str()).collect();
+        assert_eq!(ids, vec!["r2", "r1"], "each visit once, by time");
+        assert_eq!(merged.unsynced_facilities, vec!["fac_x".to_owned()]);
+        assert!(merged.incomplete);
+        assert_eq!(merged.answered_by.len(), 1);
+        assert!(merged.answered_by[0].answered);
+        // A silent peer: complete when this hub can read every day, incomplete otherwise.
+        let quiet = merge_peer_answer(local.clone(), "peerhub", &query(), None, Err("down".into()));
+        assert!(!quiet.incomplete);
+        assert!(!quiet.answered_by[0].answered);
+        let (own, before) = readable_split(&query(), 5 * 86_400 + 7);
+        assert_eq!(own, (Day(5), Day(10)));
+        assert_eq!(before, Some((0, 5 * 86_400 - 1)));
+        let missing = merge_peer_answer(local, "peerhub", &query(), before, Err("down".into()));
+        assert!(missing.incomplete);
+        assert!(missing.notes.iter().any(|n| n.contains("are missing")));
     }
 }
