@@ -871,6 +871,16 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             "Records dropped by retention since the hub started.",
             &m.records_purged,
         ),
+        (
+            "kipass_hub_link_rounds_total",
+            "Hub link exchanges with the region's other hub that completed.",
+            &m.link_rounds,
+        ),
+        (
+            "kipass_hub_link_failures_total",
+            "Hub link exchanges that failed (the other hub unreachable or refusing).",
+            &m.link_failures,
+        ),
     ] {
         head(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
@@ -899,6 +909,24 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
         "kipass_retention_last_records_purged {}",
         m.last_purge_records.load(Ordering::Relaxed)
     );
+    let peer = crate::replica::peer(desk.hub.store())?;
+    head(
+        &mut out,
+        "kipass_hub_peer_paired",
+        "1 when this hub is paired with its region's other hub, 0 when it is the only one.",
+        "gauge",
+    );
+    let _ = writeln!(out, "kipass_hub_peer_paired {}", u8::from(peer.is_some()));
+    head(
+        &mut out,
+        "kipass_hub_link_last_ok_timestamp_seconds",
+        "When the last hub link exchange completed, Unix seconds (absent: none since the start).",
+        "gauge",
+    );
+    let last_link = m.link_last_ok.load(Ordering::Relaxed);
+    if last_link > 0 {
+        let _ = writeln!(out, "kipass_hub_link_last_ok_timestamp_seconds {last_link}");
+    }
     m.trace_seconds.render(
         &mut out,
         "kipass_trace_duration_seconds",
