@@ -685,11 +685,19 @@ impl<'s> Ledger<'s> {
     /// A digest per facility of its live partitions' days and heads (16 bytes, hex): what
     /// the hub link compares to find the facilities whose partitions differ between the two
     /// hubs of a region. A facility with no live partition is absent.
+    ///
+    /// Days before `floor` are left out: a hub rebuilt from nothing holds no partition of the
+    /// days before it was made (it has no key for them), and the two hubs compare only the
+    /// days both hold.
     pub fn facility_digests(
         &self,
         now: UnixSeconds,
+        floor: Day,
     ) -> Result<BTreeMap<String, String>, LedgerError> {
-        let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
+        let (first, last) = (
+            self.oldest_live_day(now).max(floor),
+            Self::last_live_day(now),
+        );
         let txn = self.store.db().begin_read()?;
         let heads = txn.open_table(PARTITION_HEADS)?;
         let mut hashers: BTreeMap<String, blake3::Hasher> = BTreeMap::new();

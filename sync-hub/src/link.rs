@@ -87,6 +87,10 @@ struct Hello {
     buckets: Vec<String>,
     /// Contacts wanted since (the dialler's last completed exchange, minus a margin).
     contacts_since: UnixSeconds,
+    /// The oldest day the sender holds partitions of.
+    oldest_day: Day,
+    /// Per facility, the digest of its partitions from the later of the two hubs' oldest
+    /// days (as the sender last heard the other's).
     facilities: BTreeMap<String, String>,
 }
 
@@ -98,6 +102,7 @@ struct Welcome {
     day_keys: Vec<DayPublicKey>,
     buckets: Vec<String>,
     contacts_since: UnixSeconds,
+    oldest_day: Day,
     entities: Vec<Entity>,
     contacts: Vec<Contact>,
     /// Facilities whose partitions differ: the dialler opens a session for each.
@@ -179,12 +184,15 @@ struct Own {
     entities: Vec<Entity>,
     buckets: Vec<String>,
     facilities: BTreeMap<String, String>,
+    oldest_day: Day,
     peer: Option<PeerConfig>,
 }
 
-async fn own(handle: &HubHandle) -> Result<Own, String> {
+/// What this hub says of itself; partitions digested from `floor` on (else from the later of
+/// its own oldest day and the one its peer last said).
+async fn own(handle: &HubHandle, floor: Option<Day>) -> Result<Own, String> {
     handle
-        .query(|hub, ledger, _| -> Result<Own, String> {
+        .query(move |hub, ledger, _| -> Result<Own, String> {
             let now = crate::clock::now();
             let keyring = hub.keyring().map_err(|e| e.to_string())?;
             let entities = replica::snapshot(hub.store(), &keyring).map_err(|e| e.to_string())?;
@@ -192,14 +200,23 @@ async fn own(handle: &HubHandle) -> Result<Own, String> {
             let day_keys = ledger
                 .ratchet()
                 .publics(Day::of(now), crate::registry::DAY_KEYS_AHEAD);
+            let peer = replica::peer(hub.store()).map_err(|e| e.to_string())?;
+            let oldest_day = ledger.oldest_live_day(now);
+            let floor = floor
+                .or_else(|| peer.as_ref().and_then(|p| p.oldest_day))
+                .unwrap_or(oldest_day)
+                .max(oldest_day);
             Ok(Own {
                 region: hub.config().region.clone(),
                 addrs: hub.advertised(),
                 day_keys,
                 entities,
                 buckets,
-                facilities: ledger.facility_digests(now).map_err(|e| e.to_string())?,
-                peer: replica::peer(hub.store()).map_err(|e| e.to_string())?,
+                facilities: ledger
+                    .facility_digests(now, floor)
+                    .map_err(|e| e.to_string())?,
+                oldest_day,
+                peer,
             })
         })
         .await?
@@ -210,15 +227,15 @@ async fn merge(
     handle: &HubHandle,
     entities: Vec<Entity>,
     contacts: Vec<Contact>,
-    announced: Option<(Vec<String>, Vec<DayPublicKey>)>,
+    announced: Option<(Vec<String>, Vec<DayPublicKey>, Day)>,
 ) -> Result<usize, String> {
     let v = handle
         .admin(move |hub| {
             let now = crate::clock::now();
             let applied =
                 replica::apply(hub, &entities, &contacts, now).map_err(|e| e.to_string())?;
-            if let Some((addrs, day_keys)) = announced {
-                remember(hub, addrs, day_keys, now).map_err(|e| e.to_string())?;
+            if let Some((addrs, day_keys, oldest)) = announced {
+                remember(hub, addrs, day_keys, oldest, now).map_err(|e| e.to_string())?;
             }
             Ok(serde_json::json!(applied.changed.len()))
         })
@@ -233,6 +250,7 @@ fn remember(
     hub: &crate::registry::Hub,
     addrs: Vec<String>,
     day_keys: Vec<DayPublicKey>,
+    oldest: Day,
     now: UnixSeconds,
 ) -> Result<(), crate::registry::HubError> {
     let Some(mut cfg) = replica::peer(hub.store())? else {
@@ -261,6 +279,7 @@ fn remember(
         cfg.addrs = addrs;
     }
     cfg.day_keys = keys;
+    cfg.oldest_day = Some(oldest);
     cfg.last_link = Some(now);
     hub.store().set_config(replica::PEER_CONFIG, &cfg)?;
     Ok(())
@@ -293,8 +312,9 @@ fn differing_facilities(
 /// Answers a link connection (from `crate::daemon::serve`): only the paired hub's endpoint.
 pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Result<(), String> {
     let remote = conn.remote_id().to_string();
-    let own = own(&handle).await?;
-    let Some(peer) = own.peer.clone() else {
+    // Checked before anything is read or computed: a stranger costs one settings read.
+    let peer = replica::peer(handle.hub.store()).map_err(|e| e.to_string())?;
+    let Some(peer) = peer else {
         conn.close(3u32.into(), b"this hub is paired with no other hub");
         return Err("a hub link from an endpoint, but this hub is not paired".into());
     };
@@ -319,6 +339,7 @@ pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Res
             return Ok(());
         }
     };
+    let own = own(&handle, Some(hello.oldest_day)).await?;
     if hello.version != LINK_VERSION || !crate::auth::same_region(&hello.region, &own.region) {
         conn.close(3u32.into(), b"another version or region");
         return Err(format!(
@@ -341,6 +362,7 @@ pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Res
         day_keys: own.day_keys.clone(),
         buckets: own.buckets.clone(),
         contacts_since: contacts_since(&peer),
+        oldest_day: own.oldest_day,
         entities: replica::in_buckets(&own.entities, &differ),
         contacts,
         sync: differing_facilities(&own.facilities, &hello.facilities),
@@ -351,7 +373,7 @@ pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Res
         &handle,
         theirs.entities,
         theirs.contacts,
-        Some((hello.addrs, hello.day_keys)),
+        Some((hello.addrs, hello.day_keys, hello.oldest_day)),
     )
     .await?;
     write_msg(&mut send, &Done { changed }).await?;
@@ -483,7 +505,7 @@ fn dial_addr(peer: &PeerConfig) -> Result<EndpointAddr, String> {
 
 /// One exchange with the paired hub, then a session per differing facility.
 pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Round>, String> {
-    let own = own(handle).await?;
+    let own = own(handle, None).await?;
     let Some(peer) = own.peer.clone() else {
         return Ok(None);
     };
@@ -503,6 +525,7 @@ pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Rou
         day_keys: own.day_keys.clone(),
         buckets: own.buckets.clone(),
         contacts_since: contacts_since(&peer),
+        oldest_day: own.oldest_day,
         facilities: own.facilities.clone(),
     };
     write_msg(&mut send, &Ask::Exchange(hello)).await?;
@@ -533,7 +556,7 @@ pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Rou
         handle,
         welcome.entities,
         welcome.contacts,
-        Some((welcome.addrs, welcome.day_keys)),
+        Some((welcome.addrs, welcome.day_keys, welcome.oldest_day)),
     )
     .await?;
     let done: Done = read_msg(&mut recv).await?;
@@ -544,10 +567,22 @@ pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Rou
         changed_there: done.changed,
         ..Round::default()
     };
-    // One session per differing facility, a few at a time.
+    // One session per differing facility this hub knows (the peer names them; a hostile
+    // one must not make it dial sessions for nothing), a few at a time.
+    let sync: Vec<FacilityId> = {
+        let asked = welcome.sync;
+        handle
+            .query(move |hub, _, _| {
+                asked
+                    .into_iter()
+                    .filter(|f| hub.store().facility(f).ok().flatten().is_some())
+                    .collect()
+            })
+            .await?
+    };
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(SESSIONS_AT_ONCE));
     let mut tasks = tokio::task::JoinSet::new();
-    for facility in welcome.sync.into_iter().take(100_000) {
+    for facility in sync {
         let permit = sem
             .clone()
             .acquire_owned()

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use shared::daykey::DayPublicKey;
 use shared::facility::{Facility, FacilityStatus};
 use shared::ids::{DeviceId, FacilityId};
-use shared::time::UnixSeconds;
+use shared::time::{Day, UnixSeconds};
 use shared::token::Keyring;
 use std::collections::BTreeMap;
 
@@ -146,6 +146,10 @@ pub struct PeerConfig {
     /// rebuilt: it cannot read the days before).
     #[serde(default)]
     pub rebuilt_at: Option<UnixSeconds>,
+    /// The oldest day it holds partitions of, as it last said (a rebuilt hub's is the day it
+    /// was made): the hubs compare partitions from the later of the two.
+    #[serde(default)]
+    pub oldest_day: Option<Day>,
 }
 
 /// The paired hub, if any.
@@ -184,6 +188,7 @@ pub fn pair(hub: &Hub, file: &PairingFile, now: UnixSeconds) -> Result<PeerConfi
         day_keys: Vec::new(),
         last_link: None,
         rebuilt_at: None,
+        oldest_day: None,
     };
     hub.store().set_config(PEER_CONFIG, &cfg)?;
     hub.audit()
