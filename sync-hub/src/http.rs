@@ -280,7 +280,8 @@ where
     F: FnOnce(&Desk<'_>, &Principal, &Metrics) -> Result<Reply, OpError> + Send + 'static,
 {
     let now = crate::clock::now();
-    let answer = reads::read(&s.hub, &s.reads, weight, now, move |desk, m| {
+    let id = who.id.clone();
+    let answer = reads::read_as(&s.hub, &s.reads, weight, &id, now, move |desk, m| {
         job(desk, &who, m)
     })
     .await;

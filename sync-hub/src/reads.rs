@@ -35,11 +35,16 @@ pub const LIGHT_READS: usize = 4;
 /// Traces that may run at once (the health authority's and officers'), counted apart from
 /// every other read.
 pub const TRACE_READS: usize = 4;
+/// Of each bound, one principal (one credential, or the local operator) may hold all permits
+/// but this many: one credential holder, honest but scripted or compromised, cannot take a
+/// whole bound and keep everyone else's traces or reports waiting (a bound of one is the
+/// exception: its one permit is anyone's).
+pub const KEPT_FOR_OTHERS: usize = 1;
 /// What a refused read is told to wait before asking again, seconds (`Retry-After`).
 pub const RETRY_AFTER_SECONDS: u64 = 5;
 
 /// Which bound a read counts against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Weight {
     /// A report that may scan the whole live index ([`HEAVY_READS`] at once).
     Heavy,
@@ -58,6 +63,7 @@ pub struct Pool {
     heavy_max: usize,
     light_max: usize,
     trace_max: usize,
+    running: Arc<std::sync::Mutex<std::collections::HashMap<(String, Weight), usize>>>,
 }
 
 impl Default for Pool {
@@ -81,6 +87,57 @@ impl Pool {
             heavy_max: heavy,
             light_max: light,
             trace_max: traces,
+            running: Arc::default(),
+        }
+    }
+
+    /// Counts a read of `who` of `weight` unless `who` holds all but [`KEPT_FOR_OTHERS`] of
+    /// that bound's permits already.
+    fn enter(&self, who: &str, weight: Weight) -> Result<PrincipalSlot, Busy> {
+        let (bound, what) = match weight {
+            Weight::Heavy => (self.heavy_max, "reports of this credential"),
+            Weight::Light => (self.light_max, "reads of this credential"),
+            Weight::Trace => (self.trace_max, "traces of this credential"),
+        };
+        let cap = bound.saturating_sub(KEPT_FOR_OTHERS).max(1);
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (who.to_owned(), weight);
+        let n = running.entry(key.clone()).or_insert(0);
+        if *n >= cap {
+            return Err(Busy {
+                running: cap,
+                what,
+                retry_after: RETRY_AFTER_SECONDS,
+            });
+        }
+        *n += 1;
+        Ok(PrincipalSlot {
+            key,
+            running: self.running.clone(),
+        })
+    }
+}
+
+/// One principal's running read, counted until dropped.
+struct PrincipalSlot {
+    key: (String, Weight),
+    running: Arc<std::sync::Mutex<std::collections::HashMap<(String, Weight), usize>>>,
+}
+
+impl Drop for PrincipalSlot {
+    fn drop(&mut self) {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = running.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.key);
+            }
         }
     }
 }
@@ -115,12 +172,52 @@ pub enum ReadError {
 }
 
 /// Runs `job` off the actor as of `now`, on a [`Desk`] over a reader of the actor's ledger,
-/// counted against `weight`'s bound (refused with [`Busy`] when it is full).
+/// counted against `weight`'s bound (refused with [`Busy`] when it is full). Not counted
+/// against any principal: the people's API uses [`read_as`].
 pub async fn read<T, F>(
     hub: &HubHandle,
     pool: &Pool,
     weight: Weight,
     now: UnixSeconds,
+    job: F,
+) -> Result<T, ReadError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Desk<'_>, &Metrics) -> Result<T, OpError> + Send + 'static,
+{
+    run(hub, pool, weight, now, None, job).await
+}
+
+/// [`read`] for principal `who` (its id): also refused with [`Busy`] while `who` holds all
+/// but [`KEPT_FOR_OTHERS`] of `weight`'s permits (except the local operator).
+pub async fn read_as<T, F>(
+    hub: &HubHandle,
+    pool: &Pool,
+    weight: Weight,
+    who: &str,
+    now: UnixSeconds,
+    job: F,
+) -> Result<T, ReadError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Desk<'_>, &Metrics) -> Result<T, OpError> + Send + 'static,
+{
+    // The hub's own operator (the holder of `keys/operator.token`, on the hub's machine) is
+    // not held to it: the commands and the operator's scripts are its reads.
+    let slot = if who == crate::auth::LOCAL_OPERATOR {
+        None
+    } else {
+        Some(pool.enter(who, weight)?)
+    };
+    run(hub, pool, weight, now, slot, job).await
+}
+
+async fn run<T, F>(
+    hub: &HubHandle,
+    pool: &Pool,
+    weight: Weight,
+    now: UnixSeconds,
+    slot: Option<PrincipalSlot>,
     job: F,
 ) -> Result<T, ReadError>
 where
@@ -148,6 +245,7 @@ where
     let metrics = hub.metrics.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let _slot = slot;
         let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
         let desk = Desk::new(&shared, &ledger, now);
         job(&desk, &metrics)
@@ -173,8 +271,10 @@ where
 {
     let now = crate::clock::now();
     let reader = who.clone();
-    let (answer, event) =
-        read(hub, pool, weight, now, move |desk, m| job(desk, &reader, m)).await?;
+    let (answer, event) = read_as(hub, pool, weight, &who.id, now, move |desk, m| {
+        job(desk, &reader, m)
+    })
+    .await?;
     hub.query(move |hub, ledger, _| Desk::new(hub, ledger, now).audit_read(&who, event))
         .await
         .map_err(ReadError::Stopped)??;

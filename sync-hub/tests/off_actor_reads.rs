@@ -295,3 +295,93 @@ fn a_trace_and_the_audit_log_answer_while_every_light_read_is_held() {
     drop(rt);
     actor.join().unwrap_or_else(|_| panic!("actor panicked"));
 }
+
+#[test]
+fn one_credential_cannot_take_every_trace_permit() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use sync_hub::auth::{self, Role};
+    use sync_hub::reads::{Pool, Weight};
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let rt = runtime();
+    let (handle, actor) = rt.block_on(async {
+        let hub = Hub::init(tmp.path(), "mapo", None, vec![], None, 1_750_000_000)
+            .unwrap_or_else(|e| panic!("init: {e}"))
+            .hub;
+        let (first, first_secret) =
+            auth::issue(hub.store(), Role::Authority, None, "kdca", 1_750_000_000)
+                .unwrap_or_else(|e| panic!("issue: {e}"));
+        let (_, other_secret) = auth::issue(
+            hub.store(),
+            Role::Authority,
+            None,
+            "mapo health",
+            1_750_000_000,
+        )
+        .unwrap_or_else(|e| panic!("issue: {e}"));
+        let (handle, actor) = sync_hub::daemon::start(hub, Default::default())
+            .unwrap_or_else(|e| panic!("start: {e}"));
+        let pool = Pool::new(2, 4);
+        let app = sync_hub::http::router_with(handle.clone(), TOKEN.to_owned(), pool.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        // The first credential has three slow traces running (of the four trace permits).
+        let release = Arc::new(AtomicBool::new(false));
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let (handle, pool, release, id) = (
+                    handle.clone(),
+                    pool.clone(),
+                    release.clone(),
+                    first.id.clone(),
+                );
+                tokio::spawn(async move {
+                    sync_hub::reads::read_as(
+                        &handle,
+                        &pool,
+                        Weight::Trace,
+                        &id,
+                        1_750_000_000,
+                        move |_, _| {
+                            let started = Instant::now();
+                            while !release.load(Ordering::SeqCst)
+                                && started.elapsed() < Duration::from_secs(20)
+                            {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            Ok(())
+                        },
+                    )
+                    .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let token = "ab".repeat(16);
+        let body = format!(r#"{{"tokens": ["{token}"], "case": "case-1", "purpose": "cluster"}}"#);
+        // Its fourth is refused: the last permit is kept for everyone else...
+        let (code, text) = post_trace(addr, &first_secret.0, &body).await;
+        assert_eq!(code, 503, "a fourth trace of one credential: {text}");
+        assert!(text.contains("traces of this credential"), "{text}");
+        // ...whose trace is answered.
+        let (code, text) = post_trace(addr, &other_secret.0, &body).await;
+        assert_eq!(code, 200, "another credential's trace: {text}");
+        release.store(true, Ordering::SeqCst);
+        for h in held {
+            h.await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("held read: {e}"));
+        }
+        // Once they end, the first credential is served again.
+        let (code, text) = post_trace(addr, &first_secret.0, &body).await;
+        assert_eq!(code, 200, "after its traces ended: {text}");
+        (handle, actor)
+    });
+    sync_hub::daemon::stop(&handle);
+    drop(rt);
+    actor.join().unwrap_or_else(|_| panic!("actor panicked"));
+}
