@@ -431,7 +431,11 @@ async fn trace(
         let read = desk.trace_unaudited(who, &q);
         m.trace_seconds.observe(started.elapsed());
         let (report, event) = read?;
-        let report = with_peer_days(desk, who, &q, report);
+        let mut report = with_peer_days(desk, who, &q, report);
+        trace::retain_live(
+            &mut report,
+            trace::live_floor(desk.hub, crate::clock::now()),
+        );
         let reply = if csv {
             Reply::Csv(trace::to_csv(&report))
         } else {
@@ -493,7 +497,11 @@ async fn shared_codes(
 ) -> Response {
     serve_audited(&s, who, Weight::Heavy, move |desk, who, _| {
         let p = query(q)?;
-        let (report, event) = desk.shared_codes_unaudited(who, p.from, p.to)?;
+        let (mut report, event) = desk.shared_codes_unaudited(who, p.from, p.to)?;
+        trace::retain_live_codes(
+            &mut report,
+            trace::live_floor(desk.hub, crate::clock::now()),
+        );
         Ok((json(report)?, event))
     })
     .await

@@ -405,6 +405,44 @@ fn short(id: &str) -> &str {
     id.get(..10).unwrap_or(id)
 }
 
+/// The first day a report may still show as its answer leaves: the later of the retention
+/// horizon now and the oldest day whose key the hub still holds (read from `keys/`, which a
+/// purge advances). A report read from a snapshot taken before a purge that finished while it
+/// ran must not hand out the days that purge destroyed.
+pub fn live_floor(hub: &Hub, now: UnixSeconds) -> Day {
+    let oldest = hub.keys().ratchet().map(|r| r.oldest()).unwrap_or(Day(0));
+    shared::time::horizon(now).max(oldest)
+}
+
+/// Drops from `report` every visit, contact and shared code of a day before `floor`
+/// ([`live_floor`] as the answer leaves); says so in its notes. Returns how many were dropped.
+pub fn retain_live(report: &mut TraceReport, floor: Day) -> usize {
+    let before = report.visits.len() + report.contacts.len() + report.shared_codes.len();
+    report.visits.retain(|v| Day::of(v.scanned_at) >= floor);
+    report.contacts.retain(|c| Day::of(c.scanned_at) >= floor);
+    report
+        .shared_codes
+        .retain(|c| Day::of(c.first.scanned_at) >= floor);
+    let dropped =
+        before - (report.visits.len() + report.contacts.len() + report.shared_codes.len());
+    if dropped > 0 {
+        report.notes.push(format!(
+            "{dropped} visits of days before {floor} were left out: retention destroyed those \
+             days while this trace was read"
+        ));
+    }
+    dropped
+}
+
+/// [`retain_live`] for the shared-code report.
+pub fn retain_live_codes(report: &mut SharedCodeReport, floor: Day) -> usize {
+    let before = report.shared_codes.len();
+    report
+        .shared_codes
+        .retain(|c| Day::of(c.first.scanned_at) >= floor);
+    before - report.shared_codes.len()
+}
+
 /// A trace failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
@@ -1113,5 +1151,15 @@ mod tests {
         let missing = merge_peer_answer(local, "peerhub", &query(), before, Err("down".into()));
         assert!(missing.incomplete);
         assert!(missing.notes.iter().any(|n| n.contains("are missing")));
+    }
+
+    #[test]
+    fn a_report_leaves_out_the_days_retention_destroyed_while_it_was_read() {
+        let mut r = report(vec![visit("r1", 86_400), visit("r2", 5 * 86_400)], vec![]);
+        assert_eq!(retain_live(&mut r, Day(3)), 1);
+        assert_eq!(r.visits.len(), 1);
+        assert_eq!(r.visits[0].record_id, "r2");
+        assert!(r.notes.iter().any(|n| n.contains("left out")));
+        assert_eq!(retain_live(&mut r, Day(3)), 0);
     }
 }
