@@ -16,7 +16,7 @@ pub mod scenario;
 pub mod storm;
 pub mod world;
 
-pub use report::{Sample, StormFigures, Summary, svg_chart};
+pub use report::{FailoverFigures, Sample, StormFigures, Summary, svg_chart};
 pub use scenario::{Config, Fault, Scale, Scenario, UnknownScenario};
 
 /// Runs `config` to the end. `progress(done, total)` is called as the run advances (in
