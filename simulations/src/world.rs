@@ -258,6 +258,8 @@ pub(crate) struct HubRound {
     pub(crate) seconds: u64,
     /// Its bytes, both ways.
     pub(crate) bytes: u64,
+    /// The hub's process was killed in it (a forced or injected crash).
+    pub(crate) hub_died: bool,
 }
 
 /// Admission as the hub decides it (`shared::hub::admit`, the code `sync-hub` runs), over the
@@ -951,7 +953,10 @@ impl World {
             self.devices[d]
                 .schedule
                 .hub_done(ticket, ms(t), false, jitter);
-            return HubRound::default();
+            return HubRound {
+                hub_died: died.1,
+                ..HubRound::default()
+            };
         };
         let seconds = session_seconds(&outcome).ceil() as u64;
         let arrive = t + self.dial_delay + seconds;
@@ -1014,6 +1019,7 @@ impl World {
             completed: outcome.completed(),
             seconds,
             bytes: outcome.bytes_i_to_r + outcome.bytes_r_to_i,
+            hub_died: died.1,
         }
     }
 

@@ -95,6 +95,9 @@ pub(crate) struct SecondHub {
     /// partition that holds them.
     hub_acked: BTreeMap<RecordId, PartitionId>,
     pub(crate) figures: FailoverFigures,
+    /// The crash A's next kill strikes at, instead of a drawn one (tests).
+    #[cfg(test)]
+    pinned_crash: Option<Crash>,
 }
 
 /// Hub A's down times from `t0` over `days` days: one to three deaths a day lasting 5 minutes
@@ -168,6 +171,8 @@ impl SecondHub {
             compare_all: false,
             hub_acked: BTreeMap::new(),
             figures,
+            #[cfg(test)]
+            pinned_crash: None,
         }
     }
 
@@ -347,9 +352,6 @@ impl World {
                 continue;
             }
             if hub == Hub::A && b.kill_pending {
-                b.kill_pending = false;
-                b.figures.a_kills += 1;
-                b.figures.a_killed_in_device_session += 1;
                 self.forced_plan = Some(Plan {
                     responder: SideFaults {
                         crash: Some(self.draw_crash()),
@@ -369,6 +371,13 @@ impl World {
             let Some(b) = self.second.as_mut() else {
                 return 0;
             };
+            if hub == Hub::A && b.kill_pending && round.hub_died {
+                b.kill_pending = false;
+                b.figures.a_kills += 1;
+                b.figures.a_killed_in_device_session += 1;
+            }
+            // (A kill drawn at a commit the session never reached strikes A's next session
+            // this minute, or A idle after the link round.)
             bump(&mut b.figures.device_hub_bytes_per_day, day, round.bytes);
             b.figures.device_hub_bytes += round.bytes;
             if round.completed {
@@ -393,7 +402,24 @@ impl World {
         0
     }
 
+    /// [`Self::sync_with_region`] with A's pending kill at `crash` (tests).
+    #[cfg(test)]
+    fn sync_with_region_with_kill(&mut self, d: usize, t: UnixSeconds, crash: Crash) -> u64 {
+        if let Some(b) = self.second.as_mut() {
+            b.pinned_crash = Some(crash);
+        }
+        let moved = self.sync_with_region(d, t);
+        if let Some(b) = self.second.as_mut() {
+            b.pinned_crash = None;
+        }
+        moved
+    }
+
     fn draw_crash(&mut self) -> Crash {
+        #[cfg(test)]
+        if let Some(crash) = self.second.as_ref().and_then(|b| b.pinned_crash) {
+            return crash;
+        }
         Crash {
             at_commit: self.rng.gen_range(0..4),
             after: self.rng.gen_bool(0.5),
@@ -820,6 +846,87 @@ mod tests {
             assert!(plan.last().unwrap().1 < t0 + 4 * DAY_SECONDS);
             assert!(plan.iter().any(|(a, b)| b - a >= DAY_SECONDS), "{plan:?}");
         }
+    }
+
+    fn two_hub_world() -> World {
+        let mut c = crate::scenario::Config::new(crate::scenario::Scenario::HubFailover, 5);
+        c.scale = crate::scenario::Scale {
+            facilities: 1,
+            devices: 2,
+            days: 3,
+            visits: 0,
+        };
+        World::new(c)
+    }
+
+    /// A visit at device 0 at `at`, stored unsynced.
+    fn visit(w: &mut World, at: UnixSeconds) -> RecordId {
+        let mut token = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut w.rng, &mut token);
+        let text = w.issuer.issue(at, super::super::TOKEN_TTL, token);
+        w.scan(0, at, &text).expect("no error").expect("accepted")
+    }
+
+    /// Hub A killed in a device's session (at its first commit, before it is durable): the
+    /// device fails over to B in the same round, B holds and opens the visit, the kill and
+    /// the failover are counted with the failed session's time and a connect timeout; the
+    /// next round dials B first and never waits for A.
+    #[test]
+    fn a_hub_killed_in_a_session_fails_the_device_over_in_the_same_round() {
+        let mut w = two_hub_world();
+        w.devices[0].drift = 0;
+        let t = START_DAY.start() + 12 * 3_600;
+        let rid = visit(&mut w, t);
+        let b = w.second.as_mut().unwrap();
+        b.a_down = vec![(t, t + 3_600)];
+        w.failover_minute_starts(t);
+        let b = w.second.as_ref().unwrap();
+        assert!(b.kill_pending && b.waiting[0] == Some(t) && b.a_runs(t, false));
+        // The kill is drawn from the world's stream: pinned here to A's first commit.
+        let crash = Crash {
+            at_commit: 0,
+            after: false,
+        };
+        w.sync_with_region_with_kill(0, t, crash);
+        let b = w.second.as_ref().unwrap();
+        let f = &b.figures;
+        assert_eq!((f.a_kills, f.a_killed_in_device_session), (1, 1));
+        assert_eq!((f.completed_at_a, f.completed_at_b), (0, 1));
+        assert!(b.prefer_b[0] && !b.a_runs(t, false));
+        assert!(b.hub_acked.contains_key(&rid));
+        assert_eq!(b.failover_seconds.len(), 1);
+        assert!(b.failover_seconds[0] >= DIAL_TIMEOUT_SECONDS);
+        let h = horizon(t);
+        assert!(readable(&b.store, &b.ratchet, h).contains(&rid));
+        assert!(
+            !readable(&w.hub, &w.ratchet, h).contains(&rid),
+            "A died before its commit"
+        );
+        w.check_held(t, false);
+        assert!(
+            w.summary.violations.is_empty(),
+            "{:?}",
+            w.summary.violations
+        );
+        // A is down; the next round goes to B first: no dead dial.
+        visit(&mut w, t + 60);
+        w.sync_with_region(0, t + 60);
+        let f = &w.second.as_ref().unwrap().figures;
+        assert_eq!((f.dead_dials, f.completed_at_b), (0, 2));
+        // Device 1 still has A first: one dead dial, then B.
+        w.sync_with_region(1, t + 120);
+        let f = &w.second.as_ref().unwrap().figures;
+        assert_eq!((f.dead_dials, f.completed_at_b), (1, 3));
+        // A back, the link run: both hubs hold both visits, and nothing else differs.
+        w.failover_minute_ends(t + 3_600);
+        assert!(
+            w.summary.violations.is_empty(),
+            "{:?}",
+            w.summary.violations
+        );
+        assert_eq!(w.second.as_ref().unwrap().figures.rpo_violations, 0);
+        assert!(readable(&w.hub, &w.ratchet, h).contains(&rid));
+        assert_eq!(w.hub_link(t + 3_660), 0);
     }
 
     /// The link admits the region's other hub for a facility of the region only.
