@@ -203,6 +203,23 @@ fn hub_failover_loses_nothing_a_hub_acknowledged() {
     assert_eq!(fo.device_hub_bytes_per_day.len(), 4);
 }
 
+/// The same under every injected fault kind at once (kills at commits on either side of
+/// device and sibling sessions, torn links, failing writes, full disks, clock jumps).
+#[test]
+fn hub_failover_keeps_its_invariants_under_injected_faults() {
+    let mut c = failover_small(18);
+    c.crash_faults_per_mille = 50;
+    c.torn_sessions_per_mille = 50;
+    c.store_faults_per_mille = 50;
+    c.disk_full_per_mille = 10;
+    c.clock_jumps_per_mille = 10;
+    let s = run_quiet(&c);
+    assert_passed(&s, &c);
+    assert!(s.faults_injected() > 20, "{}", s.human(&c));
+    let fo = s.failover.as_ref().unwrap();
+    assert!(fo.a_kills > 0 && fo.failovers > 0 && fo.rpo_violations == 0);
+}
+
 fn failover_broken(fault: Fault) -> Summary {
     let mut c = failover_small(17);
     c.fault = fault;
