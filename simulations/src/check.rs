@@ -142,6 +142,8 @@ pub(crate) fn apply_fault(world: &mut World, t: UnixSeconds) {
                 let _ = p.insert_record(copy_id, &copy);
             }
         }
+        // Applied during the run (`World::wrap_session_key`, `World::hub_link`).
+        Fault::WrapToOneHub | Fault::NoHubLink => {}
         Fault::KeepExpiredAtDevice => {
             let id = PartitionId {
                 facility: world.facilities[0].clone(),

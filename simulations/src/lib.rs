@@ -1,5 +1,6 @@
-//! A seeded discrete-event simulation of a region: one hub, many facilities, their devices,
-//! visits, flaky links, crashes, outages and 40 days of retention, all driving the real
+//! A seeded discrete-event simulation of a region: one hub (two in `hub-failover`), many
+//! facilities, their devices, visits, flaky links, crashes, outages and 40 days of
+//! retention, all driving the real
 //! `shared` core (token verification, sealing, automerge partitions, sync sessions over
 //! encoded frames, the day-key ratchet, the hub's unseal path).
 //!
@@ -16,7 +17,7 @@ pub mod scenario;
 pub mod storm;
 pub mod world;
 
-pub use report::{Sample, StormFigures, Summary, svg_chart};
+pub use report::{FailoverFigures, Sample, StormFigures, Summary, svg_chart};
 pub use scenario::{Config, Fault, Scale, Scenario, UnknownScenario};
 
 /// Runs `config` to the end. `progress(done, total)` is called as the run advances (in

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// outdoor-hotspot, regional-outage, long-offline or storm.
+    /// outdoor-hotspot, regional-outage, long-offline, storm or hub-failover.
     #[arg(long)]
     scenario: Scenario,
     /// Seed of every random decision.

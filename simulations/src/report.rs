@@ -28,6 +28,69 @@ pub struct StormFigures {
     pub wall_seconds: f64,
 }
 
+/// The figures of the `hub-failover` scenario.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FailoverFigures {
+    /// Times hub A's process was killed.
+    pub a_kills: u64,
+    /// Of those, in the middle of a device's session with A (at one of A's commits).
+    pub a_killed_in_device_session: u64,
+    /// In the middle of a hub-link session (at one of A's commits).
+    pub a_killed_in_link_session: u64,
+    /// Between sessions.
+    pub a_killed_idle: u64,
+    /// Of the idle kills, at the end of a minute before its link round ran (what devices
+    /// delivered to A alone in that minute was not yet at B).
+    pub a_killed_before_link: u64,
+    /// Hours hub A was down in all.
+    pub a_down_hours: f64,
+    /// Its longest stretch down, hours.
+    pub a_longest_down_hours: f64,
+    /// Dials of a dead hub A (each costs the device's connect timeout before it tries B).
+    pub dead_dials: u64,
+    /// Device sessions completed with hub A and with hub B.
+    pub completed_at_a: u64,
+    /// See `completed_at_a`.
+    pub completed_at_b: u64,
+    /// Devices that failed over: their first good sync with B after A died (a device that
+    /// next reached A again, A having come back, did not need to).
+    pub failovers: u64,
+    /// Failover time (A's death to the device's first good sync with B, dead dial and session
+    /// included), simulated seconds: median.
+    pub failover_p50_s: f64,
+    /// 99th percentile of that time.
+    pub failover_p99_s: f64,
+    /// Its maximum.
+    pub failover_max_s: f64,
+    /// Hub-link sessions run (`Peer::HubLink`, one per differing facility per round).
+    pub link_sessions: u64,
+    /// Their bytes on the wire, both ways (the real sessions' frames).
+    pub link_session_bytes: u64,
+    /// The link's exchange every 10 s while both hubs run (registry digests, facility
+    /// digests, day keys, a QUIC connection): modelled, not measured.
+    pub link_exchange_bytes: u64,
+    /// Bytes of device sessions with either hub, both ways.
+    pub device_hub_bytes: u64,
+    /// Per simulated day (and the quiet period's day after them): hub-link session bytes.
+    pub link_session_bytes_per_day: Vec<u64>,
+    /// Per simulated day: modelled link exchange bytes.
+    pub link_exchange_bytes_per_day: Vec<u64>,
+    /// Per simulated day: device-to-hub session bytes.
+    pub device_hub_bytes_per_day: Vec<u64>,
+    /// Times the hubs were checked (each day's end, each return of A after the link ran,
+    /// the end of the run).
+    pub hold_checks: u64,
+    /// Visits a device counted as delivered to a hub, looked up over all those checks.
+    pub visits_hold_checked: u64,
+    /// Such visits readable at no live hub at a day's end, A being down, but still held by
+    /// their device (delivered to A alone before its death; the device delivers them to B
+    /// at its next sync), summed over the checks.
+    pub held_by_device_only: u64,
+    /// Such visits readable at no live hub and held by no device at a day's end, or missing
+    /// at one hub after the link ran with A back: each a recovery-point violation.
+    pub rpo_violations: u64,
+}
+
 /// One point of the chart.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sample {
@@ -132,6 +195,9 @@ pub struct Summary {
     /// Figures of the storm scenario.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storm: Option<StormFigures>,
+    /// Figures of the hub-failover scenario.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverFigures>,
     /// The chart's points (not in the JSON line).
     #[serde(skip)]
     pub series: Vec<Sample>,
@@ -282,6 +348,61 @@ impl Summary {
                 st.round_trip_seconds * 1e3,
                 st.hub_records_per_second,
                 st.wall_seconds
+            );
+        }
+        if let Some(fo) = &self.failover {
+            let mb = |b: u64| b as f64 / 1e6;
+            let _ = writeln!(
+                s,
+                "  hub A killed {} times (in a device session {}, in a link session {}, idle {}, \
+                 idle before a link round {}), down {:.1} h in all, longest {:.1} h",
+                fo.a_kills,
+                fo.a_killed_in_device_session,
+                fo.a_killed_in_link_session,
+                fo.a_killed_idle,
+                fo.a_killed_before_link,
+                fo.a_down_hours,
+                fo.a_longest_down_hours
+            );
+            let _ = writeln!(
+                s,
+                "  device sessions completed at A {}  at B {}  dead dials of A {}; failovers {}: \
+                 A's death to first good sync with B p50 {:.0} s  p99 {:.0} s  max {:.0} s",
+                fo.completed_at_a,
+                fo.completed_at_b,
+                fo.dead_dials,
+                fo.failovers,
+                fo.failover_p50_s,
+                fo.failover_p99_s,
+                fo.failover_max_s
+            );
+            let days = (fo.device_hub_bytes_per_day.len().max(2) - 1) as f64;
+            let _ = writeln!(
+                s,
+                "  per day: hub link sessions {:.2} MB ({} sessions in all) + modelled link \
+                 exchange {:.1} MB vs device-to-hub sessions {:.2} MB",
+                mb(fo.link_session_bytes) / days,
+                fo.link_sessions,
+                mb(fo.link_exchange_bytes) / days,
+                mb(fo.device_hub_bytes) / days
+            );
+            let per_day: Vec<String> = fo
+                .link_session_bytes_per_day
+                .iter()
+                .zip(&fo.device_hub_bytes_per_day)
+                .enumerate()
+                .map(|(d, (l, dev))| format!("d{d} {:.3}/{:.3}", mb(*l), mb(*dev)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  link sessions/device sessions MB by day (the last: the quiet period): {}",
+                per_day.join("  ")
+            );
+            let _ = writeln!(
+                s,
+                "  recovery point: {} checks of {} hub-delivered visits, {} not readable where \
+                 they must be, {} at no live hub but still on their device",
+                fo.hold_checks, fo.visits_hold_checked, fo.rpo_violations, fo.held_by_device_only
             );
         }
         let _ = writeln!(

@@ -21,15 +21,21 @@ pub enum Scenario {
     /// Every facility's backlog of visits delivered at once after an outage; measures the
     /// simulated delivery time against a per-device link rate and the hub's ingest rate.
     Storm,
+    /// Two hubs in the region (A and B, each with its own day-key ratchet, joined by the hub
+    /// link): hub A is killed at random moments, mid-session or idle, and comes back after
+    /// minutes to hours, and once stays down for a day or more; devices wrap every session
+    /// key to both hubs and fail over to the hub that answers.
+    HubFailover,
 }
 
 impl Scenario {
     /// Every scenario, in the order the README lists them.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::OutdoorHotspot,
         Scenario::RegionalOutage,
         Scenario::LongOffline,
         Scenario::Storm,
+        Scenario::HubFailover,
     ];
 
     /// The CLI name.
@@ -39,6 +45,7 @@ impl Scenario {
             Scenario::RegionalOutage => "regional-outage",
             Scenario::LongOffline => "long-offline",
             Scenario::Storm => "storm",
+            Scenario::HubFailover => "hub-failover",
         }
     }
 
@@ -69,6 +76,12 @@ impl Scenario {
                 days: 1,
                 visits: 1_000,
             },
+            Scenario::HubFailover => Scale {
+                facilities: 20,
+                devices: 2,
+                days: 6,
+                visits: 100,
+            },
         }
     }
 }
@@ -81,7 +94,9 @@ impl fmt::Display for Scenario {
 
 /// A scenario name that is not one of [`Scenario::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scenario {0:?}: use one of outdoor-hotspot, regional-outage, long-offline, storm")]
+#[error(
+    "unknown scenario {0:?}: use one of outdoor-hotspot, regional-outage, long-offline, storm, hub-failover"
+)]
 pub struct UnknownScenario(pub String);
 
 impl FromStr for Scenario {
@@ -108,8 +123,9 @@ pub struct Scale {
     pub visits: u32,
 }
 
-/// A deliberate defect, applied after the final quiet period and before the checks, so
-/// tests can show that the invariant checker notices it.
+/// A deliberate defect, applied after the final quiet period and before the checks (the
+/// `hub-failover` ones throughout the run), so tests can show that the invariant checker
+/// notices it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fault {
     /// No defect: the run as the core behaves.
@@ -121,6 +137,11 @@ pub enum Fault {
     DuplicateAtHub,
     /// A device keeps one partition past the horizon.
     KeepExpiredAtDevice,
+    /// `hub-failover` only: devices wrap their session keys to hub A's day keys alone (as a
+    /// device that ignored the second hub's keys): hub B holds the visits but cannot open them.
+    WrapToOneHub,
+    /// `hub-failover` only: the hub link never runs (the hubs hold what devices gave each).
+    NoHubLink,
 }
 
 /// Everything one run depends on: with the same config, a run makes the same decisions

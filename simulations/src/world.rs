@@ -40,6 +40,9 @@ use shared::token::{self, Keyring, TestIssuer, Verdict};
 use shared::{Day, DeviceId, FacilityId, PartitionId, RecordId, UnixSeconds};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod failover;
+pub use failover::{DEAD_DIAL_BYTES, DIAL_TIMEOUT_SECONDS, link_exchange_bytes};
+
 /// The first simulated day (2024-10-04).
 pub const START_DAY: Day = Day(20_000);
 /// One tick of the simulated clock.
@@ -235,6 +238,28 @@ pub struct World {
     pub(crate) lost_to_clock_jump: BTreeSet<RecordId>,
     /// What the hub's welcome refreshes (for its bytes).
     refresh: HubRefresh,
+    /// `hub-failover`'s second hub (B; the fields above are hub A's), hub A's deaths and
+    /// the scenario's figures.
+    second: Option<failover::SecondHub>,
+    /// The faults of the next hub session, set by the caller (a hub killed in it).
+    forced_plan: Option<Plan>,
+    /// Seconds the device waited before the next hub session (dials of a dead hub).
+    dial_delay: u64,
+}
+
+/// What one device session with a hub did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HubRound {
+    /// Records that moved.
+    pub(crate) moved: u64,
+    /// Whether both sides completed it (the device counts its days as delivered).
+    pub(crate) completed: bool,
+    /// Its modelled duration, seconds.
+    pub(crate) seconds: u64,
+    /// Its bytes, both ways.
+    pub(crate) bytes: u64,
+    /// The hub's process was killed in it (a forced or injected crash).
+    pub(crate) hub_died: bool,
 }
 
 /// Admission as the hub decides it (`shared::hub::admit`, the code `sync-hub` runs), over the
@@ -337,6 +362,13 @@ impl World {
                 max_drift: 8,
                 hub_outage: Some((t0 + DAY_SECONDS + 9 * HOUR, t0 + 2 * DAY_SECONDS + 9 * HOUR)),
             },
+            Scenario::HubFailover => Params {
+                loss: 0.02,
+                duplicate: 0.02,
+                crashes_per_day: 0.05,
+                max_drift: 8,
+                hub_outage: None,
+            },
             Scenario::LongOffline | Scenario::Storm => Params {
                 loss: 0.05,
                 duplicate: 0.02,
@@ -399,6 +431,11 @@ impl World {
             days: config.scale.days,
             ..Default::default()
         };
+        let second = (config.scenario == Scenario::HubFailover).then(|| {
+            let ratchet = DayKeyRatchet::generate(&mut rng, horizon(t0));
+            let deaths = failover::plan_deaths(&mut rng, t0, config.scale.days);
+            failover::SecondHub::new(ratchet, devices.len(), deaths)
+        });
         World {
             config,
             params,
@@ -422,6 +459,9 @@ impl World {
             stored_unacknowledged: BTreeSet::new(),
             lost_to_clock_jump: BTreeSet::new(),
             refresh: HubRefresh::default(),
+            second,
+            forced_plan: None,
+            dial_delay: 0,
         }
     }
 
@@ -448,7 +488,7 @@ impl World {
                 },
                 _ => Link::AlwaysOn,
             },
-            Scenario::RegionalOutage => {
+            Scenario::RegionalOutage | Scenario::HubFailover => {
                 if (f + d) % 4 == 3 {
                     flapping(rng)
                 } else {
@@ -485,6 +525,9 @@ impl World {
         let mut t = t0;
         while t < end {
             if t.is_multiple_of(DAY_SECONDS) {
+                if t > t0 {
+                    self.check_held(t, false);
+                }
                 visits = self.plan_visits(Day::of(t));
                 next_visit = 0;
             }
@@ -498,6 +541,7 @@ impl World {
                 progress((t - t0) / HOUR, total_hours);
             }
             self.power_and_crashes(t);
+            self.failover_minute_starts(t);
             // Visits of the minute before `t`, then the sync timers at `t`.
             while let Some(&(vt, f)) = visits.get(next_visit) {
                 if vt >= t {
@@ -512,6 +556,7 @@ impl World {
             for d in 0..self.devices.len() {
                 self.maybe_sync(d, t);
             }
+            self.failover_minute_ends(t);
             t += TICK;
         }
         self.quiet_period(end + HOUR);
@@ -519,6 +564,7 @@ impl World {
         let final_t = end + 2 * HOUR;
         check::apply_fault(&mut self, final_t);
         check::final_checks(&mut self, final_t);
+        self.failover_final(final_t);
         self.finish()
     }
 
@@ -556,9 +602,7 @@ impl World {
     /// automerge actor of the running process; the store (durable) survives.
     fn power_and_crashes(&mut self, t: UnixSeconds) {
         let p = self.params.crashes_per_day * TICK as f64 / DAY_SECONDS as f64;
-        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
-            .chain(self.devices.iter().map(|d| d.peer.clone()))
-            .collect();
+        let peers = self.peers();
         for d in 0..self.devices.len() {
             let off = !self.devices[d].is_on(t);
             let crash = !off && !self.quiet && self.rng.gen_bool(p);
@@ -583,10 +627,17 @@ impl World {
     /// Device `d` starts a new process (as each one-shot command of the binary does): see
     /// [`Self::restart`].
     pub(crate) fn new_process(&mut self, d: usize) -> Result<(), String> {
-        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
-            .chain(self.devices.iter().map(|d| d.peer.clone()))
-            .collect();
+        let peers = self.peers();
         self.restart(d, &peers)
+    }
+
+    /// Every peer a device may hold sync states for: the hub (both hubs in `hub-failover`)
+    /// and the devices.
+    fn peers(&self) -> Vec<Peer> {
+        std::iter::once(self.hub_peer.clone())
+            .chain(self.second.as_ref().map(|b| b.peer.clone()))
+            .chain(self.devices.iter().map(|d| d.peer.clone()))
+            .collect()
     }
 
     /// A new process on the same disk: keys gone, a fresh actor, partitions and sync states
@@ -737,7 +788,13 @@ impl World {
                 return Ok(None);
             };
             let key = SessionKey::generate(&mut self.rng, pid.day);
-            let wrapped = key.wrap(&public).map_err(|e| e.to_string())?;
+            let wrapped = Self::wrap_session_key(
+                &self.ratchet,
+                self.second.as_ref(),
+                self.config.fault,
+                &key,
+                &public,
+            )?;
             dev.store
                 .get_or_create(&pid)
                 .insert_wrapped_key(&wrapped)
@@ -797,10 +854,10 @@ impl World {
                     .hub_done(ticket, ms(t), false, jitter);
                 return;
             }
-            self.sync_with_hub(d, t);
+            self.sync_with_region(d, t);
             if self.rng.gen_bool(self.params.duplicate) {
                 self.summary.duplicated_sessions += 1;
-                self.sync_with_hub(d, t);
+                self.sync_with_region(d, t);
             }
             return;
         }
@@ -830,6 +887,11 @@ impl World {
 
     /// Runs one real session between device `d` and the hub; returns the records that moved.
     pub(crate) fn sync_with_hub(&mut self, d: usize, t: UnixSeconds) -> u64 {
+        self.hub_session(d, t).moved
+    }
+
+    /// Runs one real session between device `d` and the hub: what it did.
+    pub(crate) fn hub_session(&mut self, d: usize, t: UnixSeconds) -> HubRound {
         let setup = PairSetup {
             initiator: self.devices[d].peer.clone(),
             responder: self.hub_peer.clone(),
@@ -855,7 +917,10 @@ impl World {
             refused => refused,
         };
         let full = (self.devices[d].disk_full_until > t, self.hub_full_until > t);
-        let plan = self.session_faults(faults, full);
+        let plan = match self.forced_plan.take() {
+            Some(forced) => Some(forced),
+            None => self.session_faults(faults, full),
+        };
         let mut died = (false, false);
         let result = match plan {
             None => run_pair_with(
@@ -888,9 +953,13 @@ impl World {
             self.devices[d]
                 .schedule
                 .hub_done(ticket, ms(t), false, jitter);
-            return 0;
+            return HubRound {
+                hub_died: died.1,
+                ..HubRound::default()
+            };
         };
-        let arrive = t + session_seconds(&outcome).ceil() as u64;
+        let seconds = session_seconds(&outcome).ceil() as u64;
+        let arrive = t + self.dial_delay + seconds;
         let mut moved = 0;
         for (role, event) in &outcome.events {
             if let Event::PartitionUpdated {
@@ -916,6 +985,8 @@ impl World {
             let dev = &self.devices[d];
             self.refresh
                 .completed(dev.facility, &dev.id, &dev.endpoint, d);
+            let h = horizon(dev.clock(t));
+            self.note_hub_acked(d, h, &refused);
         }
         let dev = &mut self.devices[d];
         if outcome.completed() {
@@ -943,7 +1014,13 @@ impl World {
         }
         dev.schedule
             .hub_done(ticket, ms(t), outcome.completed(), 1.0);
-        moved
+        HubRound {
+            moved,
+            completed: outcome.completed(),
+            seconds,
+            bytes: outcome.bytes_i_to_r + outcome.bytes_r_to_i,
+            hub_died: died.1,
+        }
     }
 
     /// Device `d` hands its partitions to sibling `s`, which can reach the hub.
@@ -1107,9 +1184,7 @@ impl World {
     /// Device `d`'s process is killed at `t` (a fault at a commit): it reboots within
     /// minutes from what its disk holds, as after a crash.
     fn kill_device(&mut self, d: usize, t: UnixSeconds) {
-        let peers: Vec<Peer> = std::iter::once(self.hub_peer.clone())
-            .chain(self.devices.iter().map(|d| d.peer.clone()))
-            .collect();
+        let peers = self.peers();
         self.devices[d].down_until = t + self.rng.gen_range(60..600);
         self.devices[d].was_off = true;
         if let Err(e) = self.restart(d, &peers) {
@@ -1242,6 +1317,7 @@ impl World {
     /// Retention at `t`: the hub destroys expired day secrets and drops expired partitions;
     /// every running device drops partitions past the horizon of its own clock.
     pub(crate) fn retention(&mut self, t: UnixSeconds) {
+        self.retention_at_b(t);
         let h = horizon(t);
         self.ratchet.advance(h);
         let expired: Vec<PartitionId> = self
@@ -1348,8 +1424,9 @@ impl World {
         for round in 0..8u64 {
             let mut moved = 0;
             for d in 0..self.devices.len() {
-                moved += self.sync_with_hub(d, t + round * TICK);
+                moved += self.sync_with_region(d, t + round * TICK);
             }
+            moved += self.hub_link(t + round * TICK);
             self.sample(t + round * TICK);
             if moved == 0 {
                 if self.config.injects_faults() {
