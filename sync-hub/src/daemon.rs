@@ -235,6 +235,9 @@ pub struct Metrics {
     pub link_failures: AtomicU64,
     /// When the last hub link exchange completed, Unix seconds (0: none since the start).
     pub link_last_ok: AtomicU64,
+    /// Administrative operations the actor ran (registry edits among them): a change wakes
+    /// an idle hub link.
+    pub admin_writes: AtomicU64,
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -1567,6 +1570,8 @@ fn actor(
                     }
                     Request::Admin(f) => {
                         let _ = f(&hub);
+                        // The hub link replicates registry edits at its next round.
+                        metrics.admin_writes.fetch_add(1, Ordering::Relaxed);
                     }
                     Request::Query(f) => f(&hub, &ledger, &metrics),
                 },

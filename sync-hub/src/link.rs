@@ -31,6 +31,9 @@ use std::time::Duration;
 
 /// How often a hub exchanges with its peer (and after a failure, tries again).
 pub const LINK_INTERVAL: Duration = Duration::from_secs(10);
+/// An idle link (nothing moved in the last exchanges) runs at most this many intervals apart
+/// (one minute); a record taken in here brings it back to every interval.
+pub const IDLE_ROUNDS_APART: u32 = 6;
 /// The most bytes of one link message.
 pub const MAX_LINK_MESSAGE: usize = 64 * 1024 * 1024;
 /// How long the peer may take to send one message.
@@ -229,18 +232,18 @@ async fn merge(
     contacts: Vec<Contact>,
     announced: Option<(Vec<String>, Vec<DayPublicKey>, Day)>,
 ) -> Result<usize, String> {
-    let v = handle
-        .admin(move |hub| {
+    // A query job, not an admin one: the link's own writes must not wake the link.
+    handle
+        .query(move |hub, _, _| -> Result<usize, String> {
             let now = crate::clock::now();
             let applied =
                 replica::apply(hub, &entities, &contacts, now).map_err(|e| e.to_string())?;
             if let Some((addrs, day_keys, oldest)) = announced {
                 remember(hub, addrs, day_keys, oldest, now).map_err(|e| e.to_string())?;
             }
-            Ok(serde_json::json!(applied.changed.len()))
+            Ok(applied.changed.len())
         })
-        .await?;
-    Ok(v.as_u64().unwrap_or(0) as usize)
+        .await?
 }
 
 /// Stores the peer's announced addresses and day keys (checked: valid recipients, at most
@@ -628,35 +631,64 @@ pub async fn run(
         })
     };
     let every = interval();
+    // An idle region backs off to IDLE_ROUNDS_APART intervals between exchanges (each costs
+    // some 10 KB both ways); anything that moved, or a record this hub took in since the last
+    // round, brings the next one back to the interval.
+    let mut apart = 1u32;
+    let mut waited = 0u32;
+    let mut ingested = u64::MAX;
     loop {
-        match round(&endpoint, &handle).await {
-            Ok(Some(r)) => {
+        let now_ingested = handle
+            .metrics
+            .records_ingested
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(
                 handle
                     .metrics
-                    .link_rounds
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                handle
-                    .metrics
-                    .link_last_ok
-                    .store(crate::clock::now(), std::sync::atomic::Ordering::Relaxed);
-                if r.changed_here + r.changed_there + r.sessions > 0 {
-                    tracing::info!(
-                        "hub link: {} registry changes here, {} there, {} facility sessions ({} failed)",
-                        r.changed_here,
-                        r.changed_there,
-                        r.sessions,
-                        r.sessions_failed
-                    );
+                    .admin_writes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
+        if waited + 1 >= apart || now_ingested != ingested {
+            waited = 0;
+            ingested = now_ingested;
+            match round(&endpoint, &handle).await {
+                Ok(Some(r)) => {
+                    handle
+                        .metrics
+                        .link_rounds
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    handle
+                        .metrics
+                        .link_last_ok
+                        .store(crate::clock::now(), std::sync::atomic::Ordering::Relaxed);
+                    let moved = r.changed_here + r.changed_there + r.sessions > 0;
+                    apart = if moved {
+                        1
+                    } else {
+                        (apart * 2).min(IDLE_ROUNDS_APART)
+                    };
+                    if moved {
+                        tracing::info!(
+                            "hub link: {} registry changes here, {} there, {} facility sessions ({} failed)",
+                            r.changed_here,
+                            r.changed_there,
+                            r.sessions,
+                            r.sessions_failed
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    apart = 1;
+                    handle
+                        .metrics
+                        .link_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!("hub link: {e}");
                 }
             }
-            Ok(None) => {}
-            Err(e) => {
-                handle
-                    .metrics
-                    .link_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!("hub link: {e}");
-            }
+        } else {
+            waited += 1;
         }
         if endpoint.is_closed() {
             break;
