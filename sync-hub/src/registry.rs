@@ -565,6 +565,42 @@ impl Store {
     }
 }
 
+/// The settings key of the paired hub (`crate::replica`).
+pub const PEER_CONFIG: &str = "peer-hub";
+
+/// The paired hub as this hub remembers it (settings key [`PEER_CONFIG`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConfig {
+    /// Its endpoint id (hex): the only endpoint admitted for `Peer::HubLink` sessions.
+    pub endpoint_id: String,
+    /// Where to dial it.
+    pub addrs: Vec<String>,
+    /// The region (the same as this hub's).
+    pub region: String,
+    /// When the pairing was made here.
+    pub paired_at: UnixSeconds,
+    /// Its day public keys, as it last announced them (handed to devices so they wrap each
+    /// session key to both hubs).
+    #[serde(default)]
+    pub day_keys: Vec<shared::daykey::DayPublicKey>,
+    /// When a link exchange with it last completed.
+    #[serde(default)]
+    pub last_link: Option<UnixSeconds>,
+    /// When it last announced new day keys whose days this hub had other keys for (it was
+    /// rebuilt: it cannot read the days before).
+    #[serde(default)]
+    pub rebuilt_at: Option<UnixSeconds>,
+    /// The oldest day it holds partitions of, as it last said (a rebuilt hub's is the day it
+    /// was made): the hubs compare partitions from the later of the two.
+    #[serde(default)]
+    pub oldest_day: Option<Day>,
+}
+
+/// The paired hub, if any.
+pub fn peer(store: &Store) -> Result<Option<PeerConfig>, StoreError> {
+    store.config(PEER_CONFIG)
+}
+
 /// `--advertise` as the hub stores it: 1 to [`hub_addr::MAX_HUB_ADDRS`] addresses,
 /// duplicates dropped (the first kept).
 pub(crate) fn checked_advertise(advertise: Vec<HubAddr>) -> Result<Vec<HubAddr>, HubError> {

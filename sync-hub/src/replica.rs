@@ -36,10 +36,9 @@ use crate::gov::Designation;
 use crate::registry::{DeviceRecord, Hub, HubError};
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use shared::daykey::DayPublicKey;
 use shared::facility::{Facility, FacilityStatus};
 use shared::ids::{DeviceId, FacilityId};
-use shared::time::{Day, UnixSeconds};
+use shared::time::UnixSeconds;
 use shared::token::Keyring;
 use std::collections::BTreeMap;
 
@@ -50,8 +49,6 @@ pub const ALPN_LINK: &[u8] = b"kipass/hub-link/1";
 
 /// The `kind` of a pairing file.
 pub const PAIRING_KIND: &str = "kipass-hub-pairing";
-/// The settings key of the paired hub.
-pub const PEER_CONFIG: &str = "peer-hub";
 /// How many registry buckets a link hello digests.
 pub const BUCKETS: usize = 256;
 /// The most entities one link message carries; more travel in the next rounds.
@@ -124,38 +121,7 @@ fn check_endpoint(hex_id: &str) -> Result<(), HubError> {
     Ok(())
 }
 
-/// The paired hub as this hub remembers it (settings key [`PEER_CONFIG`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerConfig {
-    /// Its endpoint id (hex): the only endpoint admitted for `Peer::HubLink` sessions.
-    pub endpoint_id: String,
-    /// Where to dial it.
-    pub addrs: Vec<String>,
-    /// The region (the same as this hub's).
-    pub region: String,
-    /// When the pairing was made here.
-    pub paired_at: UnixSeconds,
-    /// Its day public keys, as it last announced them (handed to devices so they wrap each
-    /// session key to both hubs).
-    #[serde(default)]
-    pub day_keys: Vec<DayPublicKey>,
-    /// When a link exchange with it last completed.
-    #[serde(default)]
-    pub last_link: Option<UnixSeconds>,
-    /// When it last announced new day keys whose days this hub had other keys for (it was
-    /// rebuilt: it cannot read the days before).
-    #[serde(default)]
-    pub rebuilt_at: Option<UnixSeconds>,
-    /// The oldest day it holds partitions of, as it last said (a rebuilt hub's is the day it
-    /// was made): the hubs compare partitions from the later of the two.
-    #[serde(default)]
-    pub oldest_day: Option<Day>,
-}
-
-/// The paired hub, if any.
-pub fn peer(store: &Store) -> Result<Option<PeerConfig>, StoreError> {
-    store.config(PEER_CONFIG)
-}
+pub use crate::registry::{PEER_CONFIG, PeerConfig, peer};
 
 /// Pairs this hub with the one `file` describes (replacing an earlier pairing: a rebuilt
 /// peer has a new endpoint id). Audited.
