@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use shared::daykey::DayPublicKey;
 use shared::device::{
     HeldDay, HeldSession, PaperRefusal, PeerHubUpdate, ScanVerdict, Scanner, SessionPlan,
-    fallback_key_day, fallback_summary, peer_hub_update, purge_plan, seal_keys,
-    seen_prune_before, session_ended, session_plan, session_survives_refresh,
+    fallback_key_day, fallback_summary, peer_hub_update, purge_plan, seal_keys, seen_prune_before,
+    session_ended, session_plan, session_survives_refresh,
 };
 use shared::envelope::{Envelope, Record, RecordBody, SessionKey, WrappedKey};
 use shared::facility::Facility;
@@ -781,7 +781,10 @@ impl Device {
 
     /// Whether `endpoint` is the enrolled hub (not the peer).
     fn is_enrolled_hub(&self, endpoint: &str) -> bool {
-        self.enrollment.hub.endpoint_id.eq_ignore_ascii_case(endpoint)
+        self.enrollment
+            .hub
+            .endpoint_id
+            .eq_ignore_ascii_case(endpoint)
     }
 
     /// Whether `endpoint` is one of the region's hubs this device knows.
@@ -1220,7 +1223,10 @@ impl Device {
         refresh: &shared::ticket::Refresh,
     ) -> Result<(), DeviceError> {
         if !self.is_region_hub(from) {
-            tracing::warn!(hub = from, "ignoring a refresh of a hub this device does not know");
+            tracing::warn!(
+                hub = from,
+                "ignoring a refresh of a hub this device does not know"
+            );
             return Ok(());
         }
         fn merge(held: &[DayPublicKey], new: &[DayPublicKey]) -> Vec<DayPublicKey> {
@@ -1588,7 +1594,8 @@ impl Device {
             // sent to no hub.
             admitted = self.region_hubs();
         }
-        let until = |keys: &[DayPublicKey]| keys.iter().map(|k| k.day).filter(|d| *d >= today).max();
+        let until =
+            |keys: &[DayPublicKey]| keys.iter().map(|k| k.day).filter(|d| *d >= today).max();
         let mut out = Vec::new();
         let mut one = |role: &str, id: &str, addrs: Vec<String>, keys: &[DayPublicKey]| {
             out.push(HubStatus {
@@ -2004,7 +2011,7 @@ pub(crate) mod tests {
         scan(&mut dev, NOON + 120);
     }
 
-    fn scan(dev: &mut Device, now: UnixSeconds) {
+    pub(crate) fn scan(dev: &mut Device, now: UnixSeconds) {
         let mut token = [0u8; 16];
         OsRng.fill_bytes(&mut token);
         let code = issuer().issue(now, 60, token);
@@ -2280,5 +2287,419 @@ pub(crate) mod tests {
         drop(dev);
         let mut dev = Device::open(&tmp.path().join("dev")).expect("reopen");
         assert_eq!(dev.partition(day).expect("partition").record_count(), 9);
+    }
+}
+
+/// A region of two hubs, from the device's side (design: "Two hubs per region").
+#[cfg(test)]
+mod two_hub_tests {
+    use super::tests::{enrolled, scan};
+    use super::*;
+    use shared::daykey::DayKeyRatchet;
+    use shared::revocation::{RevocationList, RevokedDevice};
+    use shared::ticket::{Refresh, RefreshHave, peer_digest};
+
+    const NOON: UnixSeconds = 20_200 * 86_400 + 12 * 3600;
+
+    /// A hub: its endpoint secret and id, and its day-key ratchet.
+    struct Hub {
+        secret: [u8; 32],
+        id: String,
+        ratchet: DayKeyRatchet,
+    }
+
+    fn hub(seed: u8) -> Hub {
+        let secret = [seed; 32];
+        Hub {
+            secret,
+            id: iroh::SecretKey::from_bytes(&secret).public().to_string(),
+            ratchet: DayKeyRatchet::generate(&mut OsRng, Day::of(NOON)),
+        }
+    }
+
+    fn contact(h: &Hub, port: u16) -> HubContact {
+        HubContact {
+            endpoint_id: h.id.clone(),
+            addrs: vec![format!("127.0.0.1:{port}")],
+            region: "mapo".into(),
+        }
+    }
+
+    fn peer_of(h: &Hub, port: u16, days: u32) -> PeerHub {
+        PeerHub {
+            contact: contact(h, port),
+            day_keys: h.ratchet.publics(Day::of(NOON), days),
+        }
+    }
+
+    /// A device enrolled (through a ticket file) with hub `a`, whose ticket names `b` as the
+    /// peer with `b_days` day keys.
+    fn enrolled_two(tmp: &tempfile::TempDir, a: &Hub, b: &Hub, b_days: u32) -> Device {
+        drop(enrolled(tmp, NOON, Day::of(NOON), 35));
+        let path = tmp.path().join("ticket.json");
+        let mut t = EnrollmentTicket::parse(&std::fs::read(&path).unwrap()).unwrap();
+        t.hub = contact(a, 7447);
+        t.day_keys = a.ratchet.publics(Day::of(NOON), 35);
+        t.peer_hubs = vec![peer_of(b, 7448, b_days)];
+        std::fs::write(&path, t.to_json()).unwrap();
+        Device::init(&tmp.path().join("two"), &path, NOON).unwrap()
+    }
+
+    fn wrapped(dev: &Device, day: Day) -> Vec<WrappedKey> {
+        dev.store()
+            .pending(day)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                Some(Pending::Key(k)) => Some(k),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn opens(k: &WrappedKey, h: &Hub) -> bool {
+        k.unwrap(&h.ratchet.secret(k.key_day).unwrap()).is_ok()
+    }
+
+    #[test]
+    fn each_session_key_is_wrapped_to_both_hubs_and_either_opens_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        assert_eq!(dev.region_hubs(), vec![a.id.clone(), b.id.clone()]);
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert_eq!(keys.len(), 1);
+        assert!(opens(&keys[0], &a) && opens(&keys[0], &b));
+        let st = dev.status(NOON).unwrap();
+        assert_eq!(st.single_hub_wraps, 0);
+        let roles: Vec<(&str, &str)> = st
+            .hubs
+            .iter()
+            .map(|h| (h.role.as_str(), h.endpoint_id.as_str()))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![("enrolled", a.id.as_str()), ("peer", b.id.as_str())]
+        );
+        assert_eq!(st.hubs[1].day_keys_until, Some(Day::of(NOON).plus(34)));
+        assert!(st.hubs.iter().all(|h| !h.admitted && h.last_sync.is_none()));
+        // And it survives a reopen.
+        drop(dev);
+        let dev = Device::open(&tmp.path().join("two")).unwrap();
+        assert_eq!(dev.peer_hub().unwrap().contact.endpoint_id, b.id);
+    }
+
+    #[test]
+    fn without_the_peers_key_of_the_day_one_hub_is_wrapped_to_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        // The peer's keys are not known yet.
+        let mut dev = enrolled_two(&tmp, &a, &b, 0);
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert!(opens(&keys[0], &a) && !opens(&keys[0], &b));
+        assert_eq!(dev.status(NOON).unwrap().single_hub_wraps, 1);
+        // The peer's keys arrive (from the enrolled hub's refresh): the one-hub session ends,
+        // the next record starts a session wrapped to both.
+        dev.apply_refresh_from(
+            &a.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&b, 7448, 35)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        scan(&mut dev, NOON + 60);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert_eq!(keys.len(), 2);
+        assert!(opens(&keys[1], &a) && opens(&keys[1], &b));
+        assert_eq!(dev.status(NOON).unwrap().single_hub_wraps, 1);
+    }
+
+    #[test]
+    fn a_device_without_keys_of_its_enrolled_hub_seals_under_the_peers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        // The enrolled hub was rebuilt: its old keys are gone, its new ones not here yet.
+        dev.day_keys.clear();
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert!(!opens(&keys[0], &a) && opens(&keys[0], &b));
+        let st = dev.status(NOON).unwrap();
+        assert_eq!(st.single_hub_wraps, 1);
+        assert_eq!(st.day_keys_left, 35, "the peer's keys count");
+        assert_eq!(st.hubs[0].day_keys_until, None);
+    }
+
+    #[test]
+    fn a_refresh_is_mapped_by_the_answering_hubs_endpoint_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 3);
+        let a_keys = dev.day_keys.clone();
+        // b answers: its keys and addresses are b's; its peer (a) at a new address with keys.
+        let mut a_moved = peer_of(&a, 7450, 35);
+        a_moved.contact.addrs = vec!["127.0.0.1:7450".into()];
+        dev.apply_refresh_from(
+            &b.id,
+            &Refresh {
+                day_keys: b.ratchet.publics(Day::of(NOON), 40),
+                hub_addrs: Some(vec!["127.0.0.1:7449".into()]),
+                peer_hub: Some(a_moved.clone()),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        let peer = dev.peer_hub().unwrap();
+        assert_eq!(peer.day_keys, b.ratchet.publics(Day::of(NOON), 40));
+        assert_eq!(peer.contact.addrs, vec!["127.0.0.1:7449".to_owned()]);
+        assert_eq!(dev.day_keys, a_keys, "a's keys are a's");
+        assert_eq!(
+            crate::hub_addrs::current(&dev),
+            vec!["127.0.0.1:7450".to_owned()]
+        );
+        assert_eq!(dev.enrollment().hub.endpoint_id, a.id);
+
+        // What the device says it holds, to each hub: that hub's keys, the other as its peer.
+        let to_b = dev.refresh_have_for(NOON, Some(&b.id)).unwrap();
+        let bytes = to_b.to_bytes();
+        assert_eq!(bytes.len(), shared::ticket::REFRESH_HAVE_PEER_BYTES);
+        let expect = RefreshHave::of(
+            Day::of(NOON),
+            &b.ratchet.publics(Day::of(NOON), 40),
+            dev.keyring(),
+            &dev.roster().unwrap(),
+        );
+        assert_eq!(to_b.day_keys, expect.day_keys);
+        assert_eq!(to_b.peer, Some(peer_digest(Day::of(NOON), Some(&a_moved))));
+        let to_a = dev.refresh_have_for(NOON, Some(&a.id)).unwrap();
+        assert_eq!(to_a.peer, Some(peer_digest(Day::of(NOON), dev.peer_hub())));
+
+        // A hub naming itself as its peer, or a peer of another region: ignored.
+        let before = (dev.enrollment().hub.clone(), dev.peer_hub().cloned());
+        let mut other_region = peer_of(&hub(3), 7451, 3);
+        other_region.contact.region = "gangnam".into();
+        for offered in [peer_of(&b, 7452, 3), other_region] {
+            dev.apply_refresh_from(
+                &b.id,
+                &Refresh {
+                    peer_hub: Some(offered),
+                    ..Refresh::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                (dev.enrollment().hub.clone(), dev.peer_hub().cloned()),
+                before
+            );
+        }
+        // A refresh from an endpoint that is not one of the region's hubs: ignored whole.
+        let c = hub(3);
+        dev.apply_refresh_from(
+            &c.id,
+            &Refresh {
+                day_keys: c.ratchet.publics(Day::of(NOON), 40),
+                peer_hub: Some(peer_of(&c, 7453, 3)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (dev.enrollment().hub.clone(), dev.peer_hub().cloned()),
+            before
+        );
+        assert_eq!(dev.day_keys, a_keys);
+    }
+
+    #[test]
+    fn a_rebuilt_hub_with_a_new_id_replaces_the_one_it_rebuilds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c, d) = (hub(1), hub(2), hub(3), hub(4));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        // a names a new peer: b was rebuilt as d.
+        dev.apply_refresh_from(
+            &a.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&d, 7454, 5)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(dev.region_hubs(), vec![a.id.clone(), d.id.clone()]);
+        // d names a third endpoint: a was rebuilt as c; d stays, c takes a's place.
+        dev.apply_refresh_from(
+            &d.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&c, 7455, 0)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(dev.region_hubs(), vec![c.id.clone(), d.id.clone()]);
+        assert!(dev.day_keys.is_empty(), "c's keys have not arrived");
+        assert_eq!(
+            crate::hub_addrs::current(&dev),
+            vec!["127.0.0.1:7455".to_owned()]
+        );
+        // Sealing goes on under d's keys.
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert!(opens(&keys[0], &d) && !opens(&keys[0], &a));
+        // All of it survives a reopen.
+        drop(dev);
+        let dev = Device::open(&tmp.path().join("two")).unwrap();
+        assert_eq!(dev.region_hubs(), vec![c.id.clone(), d.id.clone()]);
+        assert_eq!(dev.enrollment().hub.endpoint_id, c.id);
+    }
+
+    #[test]
+    fn the_credential_goes_to_each_hub_until_that_hub_admitted_the_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let dev = enrolled_two(&tmp, &a, &b, 35);
+        assert!(dev.credential_for(&a.id).unwrap().is_some());
+        dev.admitted_by_hub(&a.id).unwrap();
+        assert!(dev.credential_for(&a.id).unwrap().is_none());
+        assert!(
+            dev.credential_for(&b.id).unwrap().is_some(),
+            "b may not have the binding"
+        );
+        dev.admitted_by_hub(&b.id).unwrap();
+        assert!(
+            dev.credential().unwrap().is_none(),
+            "spent at both: dropped"
+        );
+        assert!(dev.status(NOON).unwrap().hubs.iter().all(|h| h.admitted));
+
+        // A device of one hub drops it at the first admission, as before.
+        let tmp = tempfile::tempdir().unwrap();
+        let one = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        let hub = one.enrollment().hub.endpoint_id.clone();
+        one.admitted_by_hub(&hub).unwrap();
+        assert!(one.credential().unwrap().is_none());
+    }
+
+    #[test]
+    fn either_hubs_list_is_taken_and_any_held_list_refuses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        let facility = dev.enrollment().facility.id.clone();
+        let list = |ids: &[&str], issued_at: UnixSeconds| RevocationList {
+            facility: facility.clone(),
+            version: ids.len() as u32,
+            issued_at,
+            devices: ids
+                .iter()
+                .map(|i| RevokedDevice {
+                    device_id: DeviceId::parse(i).unwrap(),
+                    endpoint_id: Some(format!("{i}-endpoint")),
+                    revoked_at: 1,
+                })
+                .collect(),
+        };
+        let d1 = DeviceId::parse("d-0000000000000001").unwrap();
+        let d2 = DeviceId::parse("d-0000000000000002").unwrap();
+        assert!(
+            dev.take_revocations(
+                &list(&["d-0000000000000001"], NOON).sign(&a.secret),
+                ListSource::Hub
+            )
+            .unwrap()
+        );
+        // b has not heard of d1 yet, but of d2; from a sibling.
+        assert!(
+            dev.take_revocations(
+                &list(&["d-0000000000000002"], NOON + 10).sign(&b.secret),
+                ListSource::Sibling
+            )
+            .unwrap()
+        );
+        let union = dev.revocation_list().unwrap().unwrap();
+        assert!(union.revokes_device(&d1) && union.revokes_device(&d2));
+        assert_eq!(dev.held_revocations().unwrap().len(), 2);
+        // Per signer: b's older list is not taken from a sibling, a lower version never.
+        assert!(
+            !dev.take_revocations(
+                &list(&["d-0000000000000002"], NOON).sign(&b.secret),
+                ListSource::Sibling
+            )
+            .unwrap()
+        );
+        assert!(
+            !dev.take_revocations(&list(&[], NOON + 99).sign(&a.secret), ListSource::Hub)
+                .unwrap()
+        );
+        // A third hub's list: refused.
+        assert!(
+            !dev.take_revocations(
+                &list(&["d-0000000000000003"], NOON).sign(&[3; 32]),
+                ListSource::Hub
+            )
+            .unwrap()
+        );
+        // Each hub is told of its own list.
+        assert_eq!(
+            dev.refresh_have_for(NOON, Some(&a.id)).unwrap().revocations,
+            Some((1, u32::try_from(NOON).unwrap()))
+        );
+        assert_eq!(
+            dev.refresh_have_for(NOON, Some(&b.id)).unwrap().revocations,
+            Some((1, u32::try_from(NOON + 10).unwrap()))
+        );
+        // b rebuilt as c: b's list still counts (revocations are never withdrawn).
+        let c = hub(3);
+        dev.apply_refresh_from(
+            &a.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&c, 7456, 5)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        let union = dev.revocation_list().unwrap().unwrap();
+        assert!(union.revokes_device(&d1) && union.revokes_device(&d2));
+        // ... but a retired hub's new lists are not taken.
+        assert!(
+            !dev.take_revocations(
+                &list(&["d-0000000000000002", "d-0000000000000004"], NOON + 20).sign(&b.secret),
+                ListSource::Hub
+            )
+            .unwrap()
+        );
+    }
+
+    #[test]
+    fn the_hub_that_answered_last_is_dialled_first_and_each_hub_has_its_sync_states() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        let order = |dev: &Device| -> Vec<String> {
+            crate::net::hub_targets(dev)
+                .unwrap()
+                .iter()
+                .map(|t| t.id.to_string())
+                .collect()
+        };
+        assert_eq!(order(&dev), vec![a.id.clone(), b.id.clone()]);
+        dev.mark_synced_with(&b.id, NOON, None, &[]).unwrap();
+        assert_eq!(order(&dev), vec![b.id.clone(), a.id.clone()]);
+        let st = dev.status(NOON + 5).unwrap();
+        assert_eq!(st.last_sync, Some(NOON));
+        assert_eq!(
+            (st.hubs[0].last_sync, st.hubs[1].last_sync),
+            (None, Some(NOON))
+        );
+        dev.mark_synced_with(&a.id, NOON + 9, None, &[]).unwrap();
+        assert_eq!(order(&dev), vec![a.id.clone(), b.id.clone()]);
+        let hub = shared::sync::Peer::Hub {
+            region: "mapo".into(),
+        };
+        assert_ne!(
+            crate::replica::peer_key(&hub, Some(&a.id)),
+            crate::replica::peer_key(&hub, Some(&b.id))
+        );
     }
 }

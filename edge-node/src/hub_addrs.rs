@@ -366,7 +366,7 @@ mod tests {
         // A name the hub no longer lists is forgotten (while a hub of the region lists it,
         // it is kept whichever hub is dialled).
         let other: HubAddr = "other.test:7447".parse().unwrap();
-        dial_addrs(&dev, &sockets, &[other.clone()], &resolver).await;
+        dial_addrs(&dev, &sockets, std::slice::from_ref(&other), &resolver).await;
         assert_eq!(remembered(&lock(&dev)).len(), 1, "still the hub's name");
         lock(&dev)
             .apply_refresh(&refresh(&["other.test:7447", "127.0.0.9:7447"]))

@@ -298,7 +298,9 @@ pub fn hub_targets(device: &Device) -> Result<Vec<Target>, NetError> {
                 names: list.into_iter().filter(|a| a.socket().is_none()).collect(),
                 is_hub: true,
             }),
-            _ => tracing::warn!("the stored peer hub is damaged; syncing with the enrolled hub only"),
+            _ => {
+                tracing::warn!("the stored peer hub is damaged; syncing with the enrolled hub only")
+            }
         }
     }
     if let Some(last) = device.last_hub()

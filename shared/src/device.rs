@@ -201,7 +201,11 @@ pub struct SealTo<'a> {
 impl<'a> SealTo<'a> {
     /// The keys to wrap the session key to (`SessionKey::wrap_to`): one or two.
     pub fn keys(&self) -> Vec<&'a DayPublicKey> {
-        self.enrolled.iter().chain(self.peer.iter()).copied().collect()
+        self.enrolled
+            .iter()
+            .chain(self.peer.iter())
+            .copied()
+            .collect()
     }
 
     /// Whether only one hub can open the key although the device knows a peer hub
@@ -747,22 +751,59 @@ mod tests {
         };
         let both = [a.as_str(), b.as_str()];
         // a names b, b names a: the other known hub, updated.
-        assert_eq!(peer_hub_update("mapo", &a, &both, &peer(&b, "mapo")), PeerHubUpdate::Update);
-        assert_eq!(peer_hub_update("mapo", &b, &both, &peer(&a, "mapo")), PeerHubUpdate::Update);
+        assert_eq!(
+            peer_hub_update("mapo", &a, &both, &peer(&b, "mapo")),
+            PeerHubUpdate::Update
+        );
+        assert_eq!(
+            peer_hub_update("mapo", &b, &both, &peer(&a, "mapo")),
+            PeerHubUpdate::Update
+        );
         // A device that knows only a learns b.
-        assert_eq!(peer_hub_update("mapo", &a, &[&a], &peer(&b, "mapo")), PeerHubUpdate::Replace);
+        assert_eq!(
+            peer_hub_update("mapo", &a, &[&a], &peer(&b, "mapo")),
+            PeerHubUpdate::Replace
+        );
         // A third endpoint from a known hub: the rebuilt other hub, replacing it.
-        assert_eq!(peer_hub_update("mapo", &b, &both, &peer(&c, "mapo")), PeerHubUpdate::Replace);
+        assert_eq!(
+            peer_hub_update("mapo", &b, &both, &peer(&c, "mapo")),
+            PeerHubUpdate::Replace
+        );
         let ignored = |u: PeerHubUpdate| matches!(u, PeerHubUpdate::Ignore(_));
         // A hub naming itself.
-        assert!(ignored(peer_hub_update("mapo", &a, &both, &peer(&a, "mapo"))));
-        assert!(ignored(peer_hub_update("mapo", &a, &both, &peer(&a.to_uppercase(), "mapo"))));
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer(&a, "mapo")
+        )));
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer(&a.to_uppercase(), "mapo")
+        )));
         // A peer of another region.
-        assert!(ignored(peer_hub_update("mapo", &a, &both, &peer(&c, "gangnam"))));
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer(&c, "gangnam")
+        )));
         // A hub the device does not know (it never dials one, but the rule holds alone).
-        assert!(ignored(peer_hub_update("mapo", &c, &both, &peer(&a, "mapo"))));
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &c,
+            &both,
+            &peer(&a, "mapo")
+        )));
         // A malformed peer.
-        assert!(ignored(peer_hub_update("mapo", &a, &both, &peer("zz", "mapo"))));
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer("zz", "mapo")
+        )));
     }
 
     #[test]

@@ -285,10 +285,9 @@ impl SessionKey {
         payload[16..20].copy_from_slice(&self.day.0.to_be_bytes());
         payload[20..].copy_from_slice(self.key.as_ref());
         let wrap_err = |e: String| EnvelopeError::Wrap(e);
-        let encryptor = age::Encryptor::with_recipients(
-            recipients.iter().map(|r| r as &dyn age::Recipient),
-        )
-        .map_err(|e| wrap_err(e.to_string()))?;
+        let encryptor =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| wrap_err(e.to_string()))?;
         let mut age = Vec::with_capacity(WRAP_PAYLOAD_LEN + 600);
         {
             use std::io::Write;
@@ -800,14 +799,20 @@ mod tests {
             b.public(day).unwrap(),
             c.public(day).unwrap(),
         );
-        let wrap_err = |r: Result<WrappedKey, EnvelopeError>| matches!(r, Err(EnvelopeError::Wrap(_)));
+        let wrap_err =
+            |r: Result<WrappedKey, EnvelopeError>| matches!(r, Err(EnvelopeError::Wrap(_)));
         assert!(wrap_err(key.wrap_to(&[])));
-        assert!(wrap_err(key.wrap_to(&[&pa, &b.public(day.plus(1)).unwrap()])));
+        assert!(wrap_err(
+            key.wrap_to(&[&pa, &b.public(day.plus(1)).unwrap()])
+        ));
         assert!(wrap_err(key.wrap_to(&[&pa, &pa])));
         assert!(wrap_err(key.wrap_to(&[&pa, &pb, &pc])));
         let mut bad = pb.clone();
         bad.recipient = "age1bad".into();
-        assert!(matches!(key.wrap_to(&[&pa, &bad]), Err(EnvelopeError::DayKey(_))));
+        assert!(matches!(
+            key.wrap_to(&[&pa, &bad]),
+            Err(EnvelopeError::DayKey(_))
+        ));
     }
 
     #[test]

@@ -698,11 +698,20 @@ mod peer_hub_tests {
         assert!(parse(&ticket(vec![peer('b', "mapo", vec![])])).is_ok());
 
         let invalid = |p: Vec<PeerHub>| matches!(parse(&ticket(p)), Err(TicketError::Invalid(_)));
-        assert!(invalid(vec![good.clone(), peer('c', "mapo", vec![])]), "two peers");
+        assert!(
+            invalid(vec![good.clone(), peer('c', "mapo", vec![])]),
+            "two peers"
+        );
         assert!(invalid(vec![peer('a', "mapo", vec![])]), "the hub itself");
-        assert!(invalid(vec![peer('A', "mapo", vec![])]), "the hub itself, upper case");
+        assert!(
+            invalid(vec![peer('A', "mapo", vec![])]),
+            "the hub itself, upper case"
+        );
         assert!(invalid(vec![peer('g', "mapo", vec![])]), "not hex");
-        assert!(invalid(vec![peer('b', "gangnam", vec![])]), "another region");
+        assert!(
+            invalid(vec![peer('b', "gangnam", vec![])]),
+            "another region"
+        );
         let mut short = good.clone();
         short.contact.endpoint_id.pop();
         assert!(invalid(vec![short]));
@@ -746,7 +755,10 @@ mod peer_hub_tests {
         assert_eq!(none.len(), REFRESH_HAVE_PEER_BYTES);
         assert_eq!(RefreshHave::from_bytes(&none).unwrap().peer, Some([0; 8]));
         // The peer is placed after the revocations: without them it is not encoded.
-        assert_eq!(base.with_peer(Some(&p)).to_bytes().len(), REFRESH_HAVE_HUB_ADDRS_BYTES);
+        assert_eq!(
+            base.with_peer(Some(&p)).to_bytes().len(),
+            REFRESH_HAVE_HUB_ADDRS_BYTES
+        );
         assert_eq!(RefreshHave::from_bytes(&b56[..52]), None);
         assert_eq!(RefreshHave::from_bytes(&[0; 64]), None);
     }
@@ -788,7 +800,11 @@ mod peer_hub_tests {
         assert!(!r.is_empty());
         let back = Refresh::from_bytes(&r.to_bytes()).unwrap();
         assert_eq!(back.peer_hub, r.peer_hub);
-        assert!(!String::from_utf8(Refresh::default().to_bytes()).unwrap().contains("peer_hub"));
+        assert!(
+            !String::from_utf8(Refresh::default().to_bytes())
+                .unwrap()
+                .contains("peer_hub")
+        );
         let mut bad = r.clone();
         bad.peer_hub.as_mut().unwrap().day_keys[0].recipient = "x".into();
         assert!(Refresh::from_bytes(&bad.to_bytes()).is_err());
