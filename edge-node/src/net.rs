@@ -670,9 +670,23 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
                 };
             }
         };
+        // Refused when any list held names it (the region's hubs sign their own lists); the
+        // newest list is the one handed on.
+        let union = match dev.revocation_list() {
+            Ok(u) => u,
+            Err(e) => {
+                return Decision::Refuse {
+                    reason: shared::sync::RefuseReason::Internal,
+                    detail: format!("cannot read the revocation list: {e}"),
+                };
+            }
+        };
         let held = signed.as_ref().map(|s| &s.list);
-        let decision =
-            shared::device::admit_sibling_hello(&dev.enrollment().facility.id, held, hello);
+        let decision = shared::device::admit_sibling_hello(
+            &dev.enrollment().facility.id,
+            union.as_ref(),
+            hello,
+        );
         // An admitted sibling gets this device's copy of the hub-signed revocation list when
         // its hello says it holds an older one (or says nothing): how a sibling that cannot
         // reach the hub learns of a revocation.
@@ -1377,5 +1391,56 @@ mod tests {
         let status = a.status(NOON + 700).expect("status");
         assert_eq!(status.unsynced, 2, "no record counted as delivered");
         assert_eq!(status.last_sync, None);
+    }
+
+    #[test]
+    fn a_sibling_named_by_any_held_list_is_refused_not_only_by_the_newest() {
+        use shared::revocation::{RevocationList, RevokedDevice};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut a = enrolled(&tmp, "a", "d-00000000000000aa");
+        let mut b = enrolled(&tmp, "b", "d-00000000000000bb");
+        scan(&mut a, 1);
+        let hub = b.enrollment().hub.clone();
+        let peer = |secret: u8| shared::ticket::PeerHub {
+            contact: HubContact {
+                endpoint_id: SecretKey::from_bytes(&[secret; 32]).public().to_string(),
+                addrs: vec!["127.0.0.1:7448".into()],
+                region: hub.region.clone(),
+            },
+            day_keys: Vec::new(),
+        };
+        let list = |device: &str, issued_at: u64| RevocationList {
+            facility: b.enrollment().facility.id.clone(),
+            version: 1,
+            issued_at,
+            devices: vec![RevokedDevice {
+                device_id: DeviceId::parse(device).expect("an id"),
+                endpoint_id: None,
+                revoked_at: 1,
+            }],
+        };
+        let with_peer = |secret: u8| Refresh {
+            peer_hub: Some(peer(secret)),
+            ..Refresh::default()
+        };
+        // The peer hub revokes `a`; then a rebuilt peer signs a newer list naming another.
+        let names_a = list("d-00000000000000aa", NOON).sign(&[8; 32]);
+        let names_c = list("d-00000000000000cc", NOON + 100).sign(&[9; 32]);
+        b.apply_refresh_from(&hub.endpoint_id, &with_peer(8))
+            .expect("peer");
+        assert!(
+            b.take_revocations(&names_a, crate::device::ListSource::Hub)
+                .expect("take")
+        );
+        b.apply_refresh_from(&hub.endpoint_id, &with_peer(9))
+            .expect("rebuilt peer");
+        assert!(
+            b.take_revocations(&names_c, crate::device::ListSource::Hub)
+                .expect("take")
+        );
+        assert_eq!(b.signed_revocations().expect("read"), Some(names_c));
+        let (la, _lb, _) = session(&mut a, &mut b);
+        let why = failed(&la).expect("refused");
+        assert!(why.contains("Revoked") || why.contains("revoked"), "{why}");
     }
 }
