@@ -297,6 +297,7 @@ fn ticket_json(issuer: &TestIssuer) -> Result<String> {
         keyring: keyring(issuer)?,
         day_keys,
         authority_recipient,
+        peer_hubs: Vec::new(),
     };
     Ok(ticket.to_json())
 }

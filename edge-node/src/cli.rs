@@ -403,6 +403,22 @@ impl Answer for DeviceStatus {
             s.day_keys_left,
             s.last_sync.map_or("never".to_owned(), |t| t.to_string())
         );
+        if s.hubs.len() > 1 {
+            for h in &s.hubs {
+                out.push_str(&format!(
+                    "\n{} hub {}: last sync {}  day keys until {}",
+                    h.role,
+                    h.endpoint_id,
+                    h.last_sync.map_or("never".to_owned(), |t| t.to_string()),
+                    h.day_keys_until
+                        .map_or("none".to_owned(), |d| d.to_string())
+                ));
+            }
+            out.push_str(&format!(
+                "\nsession keys wrapped to one hub only: {}",
+                s.single_hub_wraps
+            ));
+        }
         for b in &s.siblings {
             out.push_str(&format!(
                 "\nsibling {} ({}): on the network {}  roster {}  last reached {}",
@@ -699,13 +715,21 @@ pub fn run(cli: Cli) -> Result<Exit> {
             for r in &reports {
                 print(json, r)?;
             }
-            if reports.first().is_some_and(|r| r.ok) {
+            // Any of the region's hubs completing is the hub reached.
+            let hubs: Vec<&net::SyncReport> = reports.iter().filter(|r| r.is_hub).collect();
+            if hubs.iter().any(|r| r.ok) {
                 Ok(Exit::Done)
             } else {
-                let why = reports
-                    .first()
-                    .and_then(|r| r.error.clone())
-                    .unwrap_or_else(|| "no session".into());
+                let why = hubs
+                    .iter()
+                    .filter_map(|r| r.error.clone())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let why = if why.is_empty() {
+                    "no session".into()
+                } else {
+                    why
+                };
                 eprintln!(
                     "edge-node: the hub was not reached: {}",
                     why.replace('\n', " ")

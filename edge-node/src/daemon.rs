@@ -36,22 +36,55 @@ pub fn session_check_wait(now: u64) -> Duration {
     Duration::from_secs(shared::device::session_check_wait(now))
 }
 
-/// One round: the hub, then every sibling (roster and `extra`), one session each.
+/// The hub part of a round: the region's hubs in [`net::hub_targets`]'s order (the one that
+/// answered last first), one session each until one completes, so a dead hub costs one
+/// dial's timeout and the other takes the round (each hub keeps its own sync states, so
+/// nothing is sent again for the switch). With `hub_addr` (`sync --once --hub`) only the
+/// enrolled hub, at that address. The reports of every attempt.
+pub async fn sync_hubs(
+    endpoint: &Endpoint,
+    device: &SharedDevice,
+    hub_addr: Option<SocketAddr>,
+) -> Result<Vec<SyncReport>, NetError> {
+    let hubs = {
+        let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+        match hub_addr {
+            Some(a) => {
+                let mut hub = net::hub_target(&dev)?;
+                hub.addrs = vec![a];
+                hub.names.clear();
+                vec![hub]
+            }
+            None => net::hub_targets(&dev)?,
+        }
+    };
+    let mut reports = Vec::new();
+    for hub in &hubs {
+        let r = net::sync_with(endpoint, device, hub, clock::now).await;
+        let ok = r.ok;
+        reports.push(r);
+        if ok {
+            break;
+        }
+    }
+    Ok(reports)
+}
+
+/// One round: the region's hubs ([`sync_hubs`]), then every sibling (roster and `extra`),
+/// one session each.
 pub async fn sync_round(
     endpoint: &Endpoint,
     device: &SharedDevice,
     extra: &[Target],
     hub_addr: Option<SocketAddr>,
 ) -> Result<Vec<SyncReport>, NetError> {
-    let (mut hub, siblings) = {
+    let siblings = {
         let dev = device.lock().unwrap_or_else(|p| p.into_inner());
-        (net::hub_target(&dev)?, net::roster_targets(&dev)?)
+        net::roster_targets(&dev)?
     };
-    if let Some(a) = hub_addr {
-        hub.addrs = vec![a];
-        hub.names.clear();
-    }
-    let mut reports = vec![net::sync_with(endpoint, device, &hub, clock::now).await];
+    let mut reports = sync_hubs(endpoint, device, hub_addr).await?;
+    let hub_ok = reports.iter().any(|r| r.ok);
+    let hubs = reports.len();
     let mut seen: Vec<PublicKey> = Vec::new();
     for t in extra.iter().chain(siblings.iter()) {
         if seen.contains(&t.id) {
@@ -60,14 +93,15 @@ pub async fn sync_round(
         seen.push(t.id);
         reports.push(net::sync_with(endpoint, device, t, clock::now).await);
     }
-    // A sibling may have brought in records the hub has not seen: hand them on now.
+    // A sibling may have brought in records the hub has not seen: hand them on now (to the
+    // hub that answered, dialled first).
     if reports
         .iter()
-        .skip(1)
+        .skip(hubs)
         .any(|r| r.ok && r.records_received > 0)
-        && reports[0].ok
+        && hub_ok
     {
-        reports.push(net::sync_with(endpoint, device, &hub, clock::now).await);
+        reports.extend(sync_hubs(endpoint, device, hub_addr).await?);
     }
     Ok(reports)
 }
@@ -181,15 +215,10 @@ pub async fn run(
                     }
                     Step::SyncHub => {
                         let ticket = schedule.begin();
-                        let hub = {
-                            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
-                            net::hub_target(&dev)
-                        };
-                        let ok = match hub {
-                            Ok(hub) => {
-                                let r = net::sync_with(&endpoint, &device, &hub, clock::now).await;
-                                log_report(&r);
-                                r.ok
+                        let ok = match sync_hubs(&endpoint, &device, None).await {
+                            Ok(reports) => {
+                                reports.iter().for_each(log_report);
+                                reports.iter().any(|r| r.ok)
                             }
                             Err(e) => {
                                 tracing::warn!("sync round: {e}");

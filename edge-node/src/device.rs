@@ -12,15 +12,15 @@ use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared::daykey::DayPublicKey;
 use shared::device::{
-    HeldDay, HeldSession, PaperRefusal, ScanVerdict, Scanner, SessionPlan, day_key_for,
-    fallback_key_day, fallback_summary, purge_plan, seen_prune_before, session_ended, session_plan,
-    session_survives_refresh,
+    HeldDay, HeldSession, PaperRefusal, PeerHubUpdate, ScanVerdict, Scanner, SessionPlan,
+    fallback_key_day, fallback_summary, peer_hub_update, purge_plan, seal_keys, seen_prune_before,
+    session_ended, session_plan, session_survives_refresh,
 };
 use shared::envelope::{Envelope, Record, RecordBody, SessionKey, WrappedKey};
 use shared::facility::Facility;
 use shared::paper::{PaperEntry, PaperError};
 use shared::partition::{Partition, PartitionError};
-use shared::ticket::{Credential, EnrollmentTicket, HubContact, TicketError};
+use shared::ticket::{Credential, EnrollmentTicket, HubContact, PeerHub, TicketError};
 use shared::time::{Day, UnixSeconds, horizon};
 use shared::token::{Keyring, Verdict};
 use shared::{DeviceId, PartitionId, RecordId};
@@ -223,8 +223,34 @@ pub struct Status {
     /// The revocations this device knows: from the hub, or a sibling's copy of its signed list.
     #[serde(default)]
     pub revocations: RevocationStatus,
+    /// The region's hubs this device syncs with: the one it enrolled with, then the peer hub
+    /// when the region runs two.
+    #[serde(default)]
+    pub hubs: Vec<HubStatus>,
+    /// Session keys wrapped to one hub only although the device knows the region's peer hub
+    /// (it held no key of that day for the other): records only that hub can open.
+    #[serde(default)]
+    pub single_hub_wraps: u64,
     /// Things an operator should act on.
     pub warnings: Vec<String>,
+}
+
+/// What `status` says of one of the region's hubs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HubStatus {
+    /// `enrolled` (the ticket's hub, or the hub that replaced it) or `peer`.
+    pub role: String,
+    /// Its iroh endpoint id.
+    pub endpoint_id: String,
+    /// The addresses this device dials it at.
+    pub addrs: Vec<String>,
+    /// The last completed sync with this hub, or null.
+    pub last_sync: Option<UnixSeconds>,
+    /// The last day for which this device holds its day key (null: none from today on).
+    pub day_keys_until: Option<Day>,
+    /// Whether this hub has admitted this device, or the enrollment credential is spent: it
+    /// is then not sent to this hub again.
+    pub admitted: bool,
 }
 
 /// What `status` says of the revocation list (`shared::revocation`).
@@ -435,8 +461,25 @@ const K_SKEW: &str = "skew";
 const K_LAST_SYNC: &str = "last_sync";
 const K_CLOCK_OFFSET: &str = "clock_offset";
 const K_ROSTER: &str = "roster";
-/// The newest hub-signed revocation list this device holds (`shared::revocation`).
+/// The newest hub-signed revocation list this device holds (`shared::revocation`), as a
+/// device of before two hubs per region stored it; read as one more list.
 const K_REVOCATIONS: &str = "revocations";
+/// The prefix of the row holding the newest list one hub signed: `revocations:<endpoint id>`.
+const K_REVOCATIONS_BY: &str = "revocations:";
+/// The region's other hub (JSON `PeerHub`); absent in a region of one hub.
+const K_PEER_HUB: &str = "peer_hub";
+/// Hubs this device knew and no longer does (replaced by a rebuilt hub): JSON list of
+/// endpoint ids whose revocation lists still count (revocations are never withdrawn).
+const K_RETIRED_HUBS: &str = "retired_hubs";
+/// The hubs that have admitted this device (JSON list of endpoint ids): the enrollment
+/// credential is not sent to them again, and is dropped once every hub of the region has.
+const K_ADMITTED_BY: &str = "admitted_by";
+/// The last completed sync with each hub (JSON map endpoint id -> Unix seconds).
+const K_HUB_SYNCS: &str = "hub_syncs";
+/// The endpoint id of the hub whose session completed last: dialled first.
+const K_LAST_HUB: &str = "last_hub";
+/// How many session keys were wrapped to one hub only while a peer hub was known.
+const K_SINGLE_HUB_WRAPS: &str = "single_hub_wraps";
 const K_STAFF_PIN: &str = "staff_pin";
 const K_STAFF_PIN_RESET: &str = "staff_pin_reset";
 const K_STAFF_PIN_SHORT: &str = "staff_pin_short";
@@ -452,6 +495,8 @@ pub struct Device {
     enrollment: Enrollment,
     keyring: Keyring,
     day_keys: Vec<DayPublicKey>,
+    /// The region's other hub, with its day keys, when the region runs two.
+    peer: Option<PeerHub>,
     seen_key: [u8; 32],
     skew: u64,
     actor: Vec<u8>,
@@ -466,6 +511,8 @@ pub struct Device {
 struct DaySession {
     key: SessionKey,
     key_day: Day,
+    /// Wrapped to one hub only while a peer hub was known.
+    single_hub: bool,
 }
 
 impl DaySession {
@@ -517,6 +564,8 @@ impl Device {
             (K_CREDENTIAL, &ticket.credential.0),
             (K_KEYRING, &keyring),
             (K_DAY_KEYS, &json(&ticket.day_keys)),
+            // A ticket without a peer hub writes `null`: a region of one hub.
+            (K_PEER_HUB, &json(&ticket.peer_hubs.first())),
             (K_SEEN_KEY, &seen_key),
             (K_ENDPOINT_KEY, &endpoint_key),
             (K_SKEW, &json(&DEFAULT_SKEW)),
@@ -552,6 +601,14 @@ impl Device {
             .get(K_SEEN_KEY)?
             .and_then(|raw| raw.try_into().ok())
             .ok_or_else(|| damaged("seen key"))?;
+        // A damaged peer row leaves the device with its enrolled hub, which still works.
+        let peer: Option<PeerHub> = match store.get(K_PEER_HUB)? {
+            None => None,
+            Some(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
+                tracing::warn!("the stored peer hub does not parse ({e}); ignoring it");
+                None
+            }),
+        };
         let skew = store
             .get(K_SKEW)?
             .and_then(|raw| serde_json::from_slice(&raw).ok())
@@ -566,6 +623,7 @@ impl Device {
             enrollment,
             keyring,
             day_keys,
+            peer,
             seen_key,
             skew,
             actor,
@@ -708,10 +766,112 @@ impl Device {
         self.append(now, day, &record, None)
     }
 
-    fn day_key_for(&self, day: Day, now: UnixSeconds) -> Result<&DayPublicKey, DeviceError> {
-        day_key_for(&self.day_keys, day, now).ok_or(DeviceError::NoDayKey(day))
+    /// The region's other hub, when it runs two.
+    pub fn peer_hub(&self) -> Option<&PeerHub> {
+        self.peer.as_ref()
     }
 
+    /// The endpoint ids of the region's hubs this device knows: the enrolled hub's, then the
+    /// peer's.
+    pub fn region_hubs(&self) -> Vec<String> {
+        let mut out = vec![self.enrollment.hub.endpoint_id.clone()];
+        out.extend(self.peer.iter().map(|p| p.contact.endpoint_id.clone()));
+        out
+    }
+
+    /// Whether `endpoint` is the enrolled hub (not the peer).
+    fn is_enrolled_hub(&self, endpoint: &str) -> bool {
+        self.enrollment
+            .hub
+            .endpoint_id
+            .eq_ignore_ascii_case(endpoint)
+    }
+
+    /// Whether `endpoint` is one of the region's hubs this device knows.
+    pub fn is_region_hub(&self, endpoint: &str) -> bool {
+        self.region_hubs()
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(endpoint))
+    }
+
+    /// The hub of the region other than `endpoint`, as a peer hub (contact at the addresses
+    /// this device dials, day keys): what a refresh from `endpoint` describes as its peer.
+    pub fn other_hub(&self, endpoint: &str) -> Option<PeerHub> {
+        if self.is_enrolled_hub(endpoint) {
+            return self.peer.clone();
+        }
+        let mut contact = self.enrollment.hub.clone();
+        contact.addrs = crate::hub_addrs::current(self);
+        Some(PeerHub {
+            contact,
+            day_keys: self.day_keys.clone(),
+        })
+    }
+
+    /// The day keys this device holds for the hub `endpoint`.
+    pub fn hub_day_keys(&self, endpoint: &str) -> &[DayPublicKey] {
+        match &self.peer {
+            Some(p) if !self.is_enrolled_hub(endpoint) => &p.day_keys,
+            _ => &self.day_keys,
+        }
+    }
+
+    /// The hubs that have admitted this device.
+    fn admitted_by(&self) -> Result<Vec<String>, DeviceError> {
+        Ok(self
+            .store
+            .get(K_ADMITTED_BY)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default())
+    }
+
+    /// The enrollment credential to send to hub `endpoint`: until that hub has admitted this
+    /// device once (hubs replicate the binding, but one may not have it yet).
+    pub fn credential_for(&self, endpoint: &str) -> Result<Option<Credential>, DeviceError> {
+        if self
+            .admitted_by()?
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(endpoint))
+        {
+            return Ok(None);
+        }
+        self.credential()
+    }
+
+    /// Hub `endpoint` admitted this device: the credential is not sent to it again, and is
+    /// dropped once every hub of the region has admitted the device.
+    pub fn admitted_by_hub(&self, endpoint: &str) -> Result<(), DeviceError> {
+        let mut admitted = self.admitted_by()?;
+        if !admitted.iter().any(|h| h.eq_ignore_ascii_case(endpoint)) {
+            admitted.push(endpoint.to_owned());
+            self.store.put(&[(K_ADMITTED_BY, &json(&admitted))])?;
+        }
+        if self
+            .region_hubs()
+            .iter()
+            .all(|h| admitted.iter().any(|a| a.eq_ignore_ascii_case(h)))
+        {
+            self.forget_credential()?;
+        }
+        Ok(())
+    }
+
+    /// The endpoint id of the hub whose session completed last, if any.
+    pub fn last_hub(&self) -> Option<String> {
+        self.store
+            .get(K_LAST_HUB)
+            .ok()
+            .flatten()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+    }
+
+    fn hub_syncs(&self) -> Result<BTreeMap<String, UnixSeconds>, DeviceError> {
+        Ok(self
+            .store
+            .get(K_HUB_SYNCS)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default())
+    }
     /// The partition of `day`, loaded from the store on first use.
     pub fn partition(&mut self, day: Day) -> Result<&mut Partition, DeviceError> {
         let (p, _) = load_partition(
@@ -742,15 +902,19 @@ impl Device {
         let fresh = match keep {
             None => None,
             Some(_) => {
-                let to = self.day_key_for(day, now)?.clone();
+                let no_peer_keys = Vec::new();
+                let peer_keys = self.peer.as_ref().map_or(&no_peer_keys, |p| &p.day_keys);
+                let to = seal_keys(&self.day_keys, peer_keys, day, now)
+                    .ok_or(DeviceError::NoDayKey(day))?;
                 let key = SessionKey::generate(&mut OsRng, day);
                 let wrapped = key
-                    .wrap(&to)
+                    .wrap_to(&to.keys())
                     .map_err(|e| DeviceError::Seal(e.to_string()))?;
                 Some((
                     DaySession {
                         key,
-                        key_day: to.day,
+                        key_day: to.key_day,
+                        single_hub: to.single_hub(self.peer.is_some()),
                     },
                     wrapped,
                 ))
@@ -784,6 +948,15 @@ impl Device {
             prune_before: seen_prune_before(now, self.skew),
             fallback_key_day,
         })?;
+        if let Some((s, _)) = &fresh
+            && s.single_hub
+        {
+            // A figure for `status`: the record is stored whatever becomes of it.
+            let n = self.single_hub_wraps().saturating_add(1);
+            if let Err(e) = self.store.put(&[(K_SINGLE_HUB_WRAPS, &json(&n))]) {
+                tracing::warn!("cannot count a single-hub wrap: {e}");
+            }
+        }
         // A key for another day (a paper entry written up later) seals this one record and
         // is dropped, wiped, here; only today's key stays for the next visitor.
         if let Some((s, _)) = fresh
@@ -991,6 +1164,19 @@ impl Device {
         hub_clock_offset: Option<i64>,
         refused: &[Day],
     ) -> Result<(), DeviceError> {
+        let hub = self.enrollment.hub.endpoint_id.clone();
+        self.mark_synced_with(&hub, now, hub_clock_offset, refused)
+    }
+
+    /// [`Device::mark_synced_with_hub`] after a session with hub `endpoint` (a day counts as
+    /// delivered when any hub holds it): that hub's last sync, and it is dialled first next.
+    pub fn mark_synced_with(
+        &mut self,
+        endpoint: &str,
+        now: UnixSeconds,
+        hub_clock_offset: Option<i64>,
+        refused: &[Day],
+    ) -> Result<(), DeviceError> {
         for day in self.live_days(now)? {
             if refused.contains(&day) {
                 continue;
@@ -998,7 +1184,14 @@ impl Device {
             let n = self.partition(day)?.record_count() as u64;
             self.store.set_synced(day, n)?;
         }
-        let mut entries: Vec<(&str, Vec<u8>)> = vec![(K_LAST_SYNC, json(&now))];
+        let mut syncs = self.hub_syncs()?;
+        syncs.insert(endpoint.to_owned(), now);
+        syncs.retain(|h, _| self.is_region_hub(h));
+        let mut entries: Vec<(&str, Vec<u8>)> = vec![
+            (K_LAST_SYNC, json(&now)),
+            (K_HUB_SYNCS, json(&syncs)),
+            (K_LAST_HUB, json(&endpoint)),
+        ];
         if let Some(off) = hub_clock_offset {
             entries.push((K_CLOCK_OFFSET, json(&off)));
         }
@@ -1012,14 +1205,95 @@ impl Device {
         Ok(self.store.remove(K_CREDENTIAL)?)
     }
 
-    /// Applies the hub's refresh: newer day keys, the current keyring, the sibling roster.
+    /// Applies the enrolled hub's refresh ([`Device::apply_refresh_from`]).
     pub fn apply_refresh(&mut self, refresh: &shared::ticket::Refresh) -> Result<(), DeviceError> {
-        let mut keys: BTreeMap<Day, DayPublicKey> =
-            self.day_keys.iter().map(|k| (k.day, k.clone())).collect();
-        for k in &refresh.day_keys {
-            keys.insert(k.day, k.clone());
+        let hub = self.enrollment.hub.endpoint_id.clone();
+        self.apply_refresh_from(&hub, refresh)
+    }
+
+    /// Applies the refresh of hub `from` (the endpoint this device dialled, one of its
+    /// region's hubs): that hub's newer day keys and addresses, the current keyring, the
+    /// sibling roster, the revocation list, and what it says of the region's other hub
+    /// (`shared::device::peer_hub_update`: mapped by endpoint id, a rebuilt hub with a new id
+    /// replacing the one it rebuilds). A refresh of an endpoint that is not one of the
+    /// region's hubs is ignored.
+    pub fn apply_refresh_from(
+        &mut self,
+        from: &str,
+        refresh: &shared::ticket::Refresh,
+    ) -> Result<(), DeviceError> {
+        if !self.is_region_hub(from) {
+            tracing::warn!(
+                hub = from,
+                "ignoring a refresh of a hub this device does not know"
+            );
+            return Ok(());
         }
-        let keys: Vec<DayPublicKey> = keys.into_values().collect();
+        fn merge(held: &[DayPublicKey], new: &[DayPublicKey]) -> Vec<DayPublicKey> {
+            let mut keys: BTreeMap<Day, DayPublicKey> =
+                held.iter().map(|k| (k.day, k.clone())).collect();
+            for k in new {
+                keys.insert(k.day, k.clone());
+            }
+            keys.into_values().collect()
+        }
+        let from_enrolled = self.is_enrolled_hub(from);
+        let mut enrollment = self.enrollment.clone();
+        let mut enrolled_keys = self.day_keys.clone();
+        let mut peer = self.peer.clone();
+        // The enrolled hub's addresses to store, when they change.
+        let mut enrolled_addrs: Option<Vec<String>> = None;
+        let mut retired: Vec<String> = Vec::new();
+        if from_enrolled {
+            enrolled_keys = merge(&enrolled_keys, &refresh.day_keys);
+            enrolled_addrs.clone_from(&refresh.hub_addrs);
+        } else if let Some(p) = peer.as_mut() {
+            p.day_keys = merge(&p.day_keys, &refresh.day_keys);
+            if let Some(list) = &refresh.hub_addrs {
+                match shared::hub_addr::parse_list(list) {
+                    Ok(a) => p.contact.addrs = a.iter().map(ToString::to_string).collect(),
+                    Err(e) => tracing::warn!("ignoring the peer hub's addresses: {e}"),
+                }
+            }
+        }
+        if let Some(offered) = &refresh.peer_hub {
+            let known = self.region_hubs();
+            let known: Vec<&str> = known.iter().map(String::as_str).collect();
+            match peer_hub_update(&enrollment.hub.region, from, &known, offered) {
+                PeerHubUpdate::Update if from_enrolled => {
+                    if let Some(p) = peer.as_mut() {
+                        p.contact.addrs.clone_from(&offered.contact.addrs);
+                        p.day_keys = merge(&p.day_keys, &offered.day_keys);
+                    }
+                }
+                PeerHubUpdate::Update => {
+                    enrolled_keys = merge(&enrolled_keys, &offered.day_keys);
+                    enrolled_addrs = Some(offered.contact.addrs.clone());
+                }
+                PeerHubUpdate::Replace if from_enrolled => {
+                    tracing::info!(
+                        hub = %offered.contact.endpoint_id,
+                        "the hub names a new peer hub for the region"
+                    );
+                    retired.extend(peer.as_ref().map(|p| p.contact.endpoint_id.clone()));
+                    peer = Some(offered.clone());
+                }
+                PeerHubUpdate::Replace => {
+                    tracing::warn!(
+                        old = %enrollment.hub.endpoint_id,
+                        new = %offered.contact.endpoint_id,
+                        "the peer hub names a rebuilt hub in place of the one this device enrolled with"
+                    );
+                    retired.push(enrollment.hub.endpoint_id.clone());
+                    enrollment.hub = offered.contact.clone();
+                    enrolled_keys = offered.day_keys.clone();
+                    enrolled_addrs = Some(offered.contact.addrs.clone());
+                }
+                PeerHubUpdate::Ignore(why) => {
+                    tracing::warn!(hub = from, "ignoring the peer hub in the refresh: {why}");
+                }
+            }
+        }
         // An empty keyring is never what a hub means to send: with it every visitor is
         // "unknown issuer" until the next good sync. Keep the keys this device trusts; a
         // withdrawn issuer key is removed by a refresh that still lists the others. No keyring
@@ -1035,12 +1309,24 @@ impl Device {
             Some(k) => k.clone(),
             None => self.keyring.clone(),
         };
-        let keys_json = json(&keys);
+        let keys_json = json(&enrolled_keys);
         let keyring_json = json(&keyring);
+        let peer_json = json(&peer);
         let mut rows: Vec<(&str, &[u8])> = vec![
             (K_DAY_KEYS, keys_json.as_slice()),
             (K_KEYRING, keyring_json.as_slice()),
+            (K_PEER_HUB, peer_json.as_slice()),
         ];
+        let enrollment_json = json(&enrollment);
+        let mut all_retired = self.retired_hubs()?;
+        if !retired.is_empty() {
+            rows.push((K_ENROLLMENT, enrollment_json.as_slice()));
+            all_retired.extend(retired.iter().cloned());
+        }
+        let retired_json = json(&all_retired);
+        if !retired.is_empty() {
+            rows.push((K_RETIRED_HUBS, retired_json.as_slice()));
+        }
         if let Some(signed) = &refresh.revocations {
             self.take_revocations(signed, ListSource::Hub)?;
         }
@@ -1048,93 +1334,187 @@ impl Device {
         if let Some(r) = &roster_json {
             rows.push((K_ROSTER, r.as_slice()));
         }
-        let hub_addrs_row = refresh
-            .hub_addrs
+        let hub_addrs_row = enrolled_addrs
             .as_deref()
             .and_then(crate::hub_addrs::accepted_row);
         if let Some(h) = &hub_addrs_row {
             rows.push((crate::hub_addrs::K_HUB_ADDRS, h.as_slice()));
         }
         self.store.put(&rows)?;
-        self.day_keys = keys;
+        self.enrollment = enrollment;
+        self.day_keys = enrolled_keys;
+        self.peer = peer;
         self.keyring = keyring;
         // A session wrapped to an earlier day's key for want of its own: now that its own key
-        // may be here, the next record starts a session wrapped to it.
-        if self
-            .session
-            .as_ref()
-            .is_some_and(|s| !session_survives_refresh(s.held()))
-        {
+        // may be here, the next record starts a session wrapped to it. Likewise a session
+        // wrapped to one hub only, once both hubs' keys of its day are here.
+        let both_hold = |day: Day| {
+            self.day_keys.iter().any(|k| k.day == day)
+                && self
+                    .peer
+                    .as_ref()
+                    .is_some_and(|p| p.day_keys.iter().any(|k| k.day == day))
+        };
+        if self.session.as_ref().is_some_and(|s| {
+            !session_survives_refresh(s.held()) || (s.single_hub && both_hold(s.key_day))
+        }) {
             self.session = None;
         }
         Ok(())
     }
 
-    /// What this device holds of the hub's refresh at `now`, for its hello: the hub then sends
-    /// only the day keys it lacks and the keyring and roster when they changed.
+    fn retired_hubs(&self) -> Result<Vec<String>, DeviceError> {
+        Ok(self
+            .store
+            .get(K_RETIRED_HUBS)?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default())
+    }
+
+    /// What this device holds of the enrolled hub's refresh at `now`
+    /// ([`Device::refresh_have_for`]).
     pub fn refresh_have(
         &self,
         now: UnixSeconds,
     ) -> Result<shared::ticket::RefreshHave, DeviceError> {
+        let hub = self.enrollment.hub.endpoint_id.clone();
+        self.refresh_have_for(now, Some(&hub))
+    }
+
+    /// What this device holds of hub `hub`'s refresh at `now`, for its hello: the hub then
+    /// sends only the day keys it lacks, the keyring and roster when they changed, its list
+    /// when the one it signed differs, and the region's other hub when that differs. To a
+    /// sibling (`None`) only the revocation list matters: the newest this device holds.
+    pub fn refresh_have_for(
+        &self,
+        now: UnixSeconds,
+        hub: Option<&str>,
+    ) -> Result<shared::ticket::RefreshHave, DeviceError> {
+        let today = Day::of(now);
+        let Some(hub) = hub else {
+            return Ok(shared::ticket::RefreshHave::of(
+                today,
+                &self.day_keys,
+                &self.keyring,
+                &self.roster()?,
+            )
+            .with_hub_addrs(&crate::hub_addrs::current(self))
+            .with_revocations(self.signed_revocations()?.as_ref().map(|s| &s.list)));
+        };
+        let addrs = match &self.peer {
+            Some(p) if !self.is_enrolled_hub(hub) => p.contact.addrs.clone(),
+            _ => crate::hub_addrs::current(self),
+        };
+        let signed_by = self
+            .held_revocations()?
+            .into_iter()
+            .find(|(signer, _)| signer.eq_ignore_ascii_case(hub))
+            .map(|(_, s)| s.list);
         Ok(shared::ticket::RefreshHave::of(
-            Day::of(now),
-            &self.day_keys,
+            today,
+            self.hub_day_keys(hub),
             &self.keyring,
             &self.roster()?,
         )
-        .with_hub_addrs(&crate::hub_addrs::current(self))
-        .with_revocations(self.revocation_list()?.as_ref()))
+        .with_hub_addrs(&addrs)
+        .with_revocations(signed_by.as_ref())
+        .with_peer(self.other_hub(hub).as_ref()))
     }
 
-    /// The signed revocation list this device holds, verified again against its hub's key
-    /// (a store edited by hand holds nothing this device acts on).
+    /// The hubs whose signed lists this device holds to: the region's, and those it knew
+    /// before a rebuilt hub replaced them (their revocations are not withdrawn).
+    fn revocation_signers(&self) -> Result<Vec<String>, DeviceError> {
+        let mut out = self.region_hubs();
+        for r in self.retired_hubs()? {
+            if !out.iter().any(|h| h.eq_ignore_ascii_case(&r)) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest signed revocation list this device holds of each hub that signed one,
+    /// verified again against that hub's key (a store edited by hand holds nothing this device
+    /// acts on): `(signer's endpoint id, list)`.
+    pub fn held_revocations(
+        &self,
+    ) -> Result<Vec<(String, shared::revocation::SignedRevocations)>, DeviceError> {
+        let signers = self.revocation_signers()?;
+        let refs: Vec<&str> = signers.iter().map(String::as_str).collect();
+        let mut rows = Vec::new();
+        rows.extend(self.store.get(K_REVOCATIONS)?);
+        for h in &signers {
+            rows.extend(self.store.get(&format!("{K_REVOCATIONS_BY}{h}"))?);
+        }
+        let mut best: BTreeMap<usize, shared::revocation::SignedRevocations> = BTreeMap::new();
+        for raw in rows {
+            let Ok(signed) = serde_json::from_slice::<shared::revocation::SignedRevocations>(&raw)
+            else {
+                tracing::warn!("a stored revocation list does not parse; ignoring it");
+                continue;
+            };
+            match signed.verify_by(&refs, &self.enrollment.facility.id) {
+                Ok((i, list)) => {
+                    if list.newer_than(best.get(&i).map(|s| &s.list)) {
+                        best.insert(i, signed.clone());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!("a stored revocation list does not verify ({err}); ignoring it");
+                }
+            }
+        }
+        Ok(best
+            .into_iter()
+            .map(|(i, s)| (signers[i].clone(), s))
+            .collect())
+    }
+
+    /// The newest of the signed revocation lists this device holds (of any of its region's
+    /// hubs): what it hands a sibling.
     pub fn signed_revocations(
         &self,
     ) -> Result<Option<shared::revocation::SignedRevocations>, DeviceError> {
-        let Some(raw) = self.store.get(K_REVOCATIONS)? else {
-            return Ok(None);
-        };
-        let Ok(signed) = serde_json::from_slice::<shared::revocation::SignedRevocations>(&raw)
-        else {
-            tracing::warn!("the stored revocation list does not parse; ignoring it");
-            return Ok(None);
-        };
-        let e = &self.enrollment;
-        match signed.verify(&e.hub.endpoint_id, &e.facility.id) {
-            Ok(_) => Ok(Some(signed)),
-            Err(err) => {
-                tracing::warn!("the stored revocation list does not verify ({err}); ignoring it");
-                Ok(None)
-            }
-        }
+        Ok(self
+            .held_revocations()?
+            .into_iter()
+            .map(|(_, s)| s)
+            .max_by_key(|s| (s.list.version, s.list.issued_at)))
     }
 
-    /// The revocation list this device holds, if any.
+    /// Every device any list this device holds revokes, as one list
+    /// (`shared::revocation::union`): what it refuses.
     pub fn revocation_list(
         &self,
     ) -> Result<Option<shared::revocation::RevocationList>, DeviceError> {
-        Ok(self.signed_revocations()?.map(|s| s.list))
+        let held = self.held_revocations()?;
+        Ok(shared::revocation::union(held.iter().map(|(_, s)| &s.list)))
     }
 
-    /// Takes a revocation list if it is signed by this device's hub for its facility, not of a
-    /// lower version than the one held (from anyone) and, from a sibling, newer than the one
-    /// held ([`ListSource`]); returns whether it was taken.
-    /// A list that does not verify is ignored and counted, never stored.
+    /// Takes a revocation list if it is signed by one of this device's region's hubs for its
+    /// facility, not of a lower version than the one of that hub held (from anyone) and, from
+    /// a sibling, newer than it ([`ListSource`]); returns whether it was taken. Each hub's
+    /// newest list is kept. A list that does not verify is ignored and counted, never stored.
     pub fn take_revocations(
         &mut self,
         signed: &shared::revocation::SignedRevocations,
         source: ListSource,
     ) -> Result<bool, DeviceError> {
-        let e = &self.enrollment;
-        let list = match signed.verify(&e.hub.endpoint_id, &e.facility.id) {
-            Ok(l) => l,
+        let hubs = self.region_hubs();
+        let refs: Vec<&str> = hubs.iter().map(String::as_str).collect();
+        let (signer, list) = match signed.verify_by(&refs, &self.enrollment.facility.id) {
+            Ok((i, l)) => (hubs[i].clone(), l),
             Err(err) => {
                 tracing::warn!(?source, "ignoring a revocation list: {err}");
                 crate::metrics::note_revocation_list(false);
                 return Ok(false);
             }
         };
-        let held = self.revocation_list()?;
+        let held = self
+            .held_revocations()?
+            .into_iter()
+            .find(|(h, _)| h.eq_ignore_ascii_case(&signer))
+            .map(|(_, s)| s.list);
         if source == ListSource::Sibling && !list.newer_than(held.as_ref()) {
             return Ok(false);
         }
@@ -1151,14 +1531,17 @@ impl Device {
             crate::metrics::note_revocation_list(false);
             return Ok(false);
         }
-        self.store
-            .put(&[(K_REVOCATIONS, json(signed).as_slice())])?;
+        self.store.put(&[(
+            format!("{K_REVOCATIONS_BY}{signer}").as_str(),
+            json(signed).as_slice(),
+        )])?;
         crate::metrics::note_revocation_list(true);
         tracing::info!(
             ?source,
+            signer = %signer,
             version = list.version,
             issued_at = list.issued_at,
-            "took the hub's revocation list"
+            "took a hub's revocation list"
         );
         Ok(true)
     }
@@ -1181,6 +1564,64 @@ impl Device {
             age_seconds: age,
             stale: shared::revocation::is_stale(age),
         })
+    }
+
+    /// How many session keys were wrapped to one hub only while a peer hub was known.
+    pub fn single_hub_wraps(&self) -> u64 {
+        self.store
+            .get(K_SINGLE_HUB_WRAPS)
+            .ok()
+            .flatten()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or(0)
+    }
+
+    /// What `status` says of each of the region's hubs at `now`.
+    pub fn hub_status(&self, now: UnixSeconds) -> Result<Vec<HubStatus>, DeviceError> {
+        let today = Day::of(now);
+        let mut syncs = self.hub_syncs()?;
+        if syncs.is_empty() {
+            // A device of before two hubs per region synced with its enrolled hub only.
+            let last: Option<UnixSeconds> = self
+                .store
+                .get(K_LAST_SYNC)?
+                .and_then(|raw| serde_json::from_slice(&raw).ok());
+            syncs.extend(last.map(|t| (self.enrollment.hub.endpoint_id.clone(), t)));
+        }
+        let mut admitted = self.admitted_by()?;
+        if self.credential()?.is_none() {
+            // Spent (every hub admitted it, or a device of before two hubs was bound): it is
+            // sent to no hub.
+            admitted = self.region_hubs();
+        }
+        let until =
+            |keys: &[DayPublicKey]| keys.iter().map(|k| k.day).filter(|d| *d >= today).max();
+        let mut out = Vec::new();
+        let mut one = |role: &str, id: &str, addrs: Vec<String>, keys: &[DayPublicKey]| {
+            out.push(HubStatus {
+                role: role.into(),
+                endpoint_id: id.to_owned(),
+                addrs,
+                last_sync: syncs.get(id).copied(),
+                day_keys_until: until(keys),
+                admitted: admitted.iter().any(|a| a.eq_ignore_ascii_case(id)),
+            });
+        };
+        one(
+            "enrolled",
+            &self.enrollment.hub.endpoint_id,
+            crate::hub_addrs::current(self),
+            &self.day_keys,
+        );
+        if let Some(p) = &self.peer {
+            one(
+                "peer",
+                &p.contact.endpoint_id,
+                p.contact.addrs.clone(),
+                &p.day_keys,
+            );
+        }
+        Ok(out)
     }
 
     /// The facility's other devices, as the hub last listed them.
@@ -1206,7 +1647,18 @@ impl Device {
             }
         }
         let today = Day::of(now);
-        let day_keys_left = self.day_keys.iter().filter(|k| k.day >= today).count();
+        // Days from today for which either hub's key is held: a record of such a day seals.
+        let peer_keys = self.peer.iter().flat_map(|p| p.day_keys.iter());
+        let mut key_days: Vec<Day> = self
+            .day_keys
+            .iter()
+            .chain(peer_keys)
+            .map(|k| k.day)
+            .filter(|d| *d >= today)
+            .collect();
+        key_days.sort_unstable();
+        key_days.dedup();
+        let day_keys_left = key_days.len();
         let last_sync: Option<UnixSeconds> = self
             .store
             .get(K_LAST_SYNC)?
@@ -1254,6 +1706,18 @@ impl Device {
             warnings.push("the facility is not approved".into());
         }
         let revocations = self.revocation_status(now)?;
+        let hubs = self.hub_status(now)?;
+        let single_hub_wraps = self.single_hub_wraps();
+        if let Some(p) = hubs.iter().find(|h| h.role == "peer") {
+            let left = p
+                .day_keys_until
+                .map_or(0, |d| d.0.saturating_sub(today.0).saturating_add(1));
+            if (left as usize) < DAY_KEYS_WARNING {
+                warnings.push(format!(
+                    "only {left} days of the peer hub's keys left: visits are then readable at one hub only; sync with the region's hubs"
+                ));
+            }
+        }
         if let Some(age) = revocations.age_seconds.filter(|_| revocations.stale) {
             warnings.push(format!(
                 "this device last learnt of revoked devices {} hours ago (more than {} hours): a sibling revoked since may still be served; sync with the hub",
@@ -1280,6 +1744,8 @@ impl Device {
             fallback_days_early,
             siblings: crate::lan::status(self, now),
             revocations,
+            hubs,
+            single_hub_wraps,
             warnings,
         })
     }
@@ -1322,10 +1788,14 @@ impl Device {
         {
             self.session = None;
         }
-        // Day keys of expired days are useless; keep the list short.
+        // Day keys of expired days are useless; keep the lists short.
         self.day_keys.retain(|k| plan.keeps_day_key(k.day));
+        if let Some(p) = self.peer.as_mut() {
+            p.day_keys.retain(|k| plan.keeps_day_key(k.day));
+        }
         self.store.put(&[
             (K_DAY_KEYS, &json(&self.day_keys)),
+            (K_PEER_HUB, &json(&self.peer)),
             (crate::metrics::K_LAST_PURGE, &json(&last_purge)),
         ])?;
         Ok(PurgeReport {
@@ -1466,6 +1936,7 @@ pub(crate) mod tests {
                 .expect("the ratchet's first day")
                 .recipient,
             day_keys,
+            peer_hubs: Vec::new(),
         };
         let path = tmp.path().join("ticket.json");
         std::fs::write(&path, ticket.to_json()).expect("write the ticket");
@@ -1529,6 +2000,7 @@ pub(crate) mod tests {
             roster: Some(Vec::new()),
             hub_addrs: None,
             revocations: None,
+            peer_hub: None,
         };
         dev.apply_refresh(&refresh).expect("apply");
         assert_eq!(dev.keyring().len(), 1, "the trusted issuer is kept");
@@ -1539,7 +2011,7 @@ pub(crate) mod tests {
         scan(&mut dev, NOON + 120);
     }
 
-    fn scan(dev: &mut Device, now: UnixSeconds) {
+    pub(crate) fn scan(dev: &mut Device, now: UnixSeconds) {
         let mut token = [0u8; 16];
         OsRng.fill_bytes(&mut token);
         let code = issuer().issue(now, 60, token);
@@ -1815,5 +2287,419 @@ pub(crate) mod tests {
         drop(dev);
         let mut dev = Device::open(&tmp.path().join("dev")).expect("reopen");
         assert_eq!(dev.partition(day).expect("partition").record_count(), 9);
+    }
+}
+
+/// A region of two hubs, from the device's side (design: "Two hubs per region").
+#[cfg(test)]
+mod two_hub_tests {
+    use super::tests::{enrolled, scan};
+    use super::*;
+    use shared::daykey::DayKeyRatchet;
+    use shared::revocation::{RevocationList, RevokedDevice};
+    use shared::ticket::{Refresh, RefreshHave, peer_digest};
+
+    const NOON: UnixSeconds = 20_200 * 86_400 + 12 * 3600;
+
+    /// A hub: its endpoint secret and id, and its day-key ratchet.
+    struct Hub {
+        secret: [u8; 32],
+        id: String,
+        ratchet: DayKeyRatchet,
+    }
+
+    fn hub(seed: u8) -> Hub {
+        let secret = [seed; 32];
+        Hub {
+            secret,
+            id: iroh::SecretKey::from_bytes(&secret).public().to_string(),
+            ratchet: DayKeyRatchet::generate(&mut OsRng, Day::of(NOON)),
+        }
+    }
+
+    fn contact(h: &Hub, port: u16) -> HubContact {
+        HubContact {
+            endpoint_id: h.id.clone(),
+            addrs: vec![format!("127.0.0.1:{port}")],
+            region: "mapo".into(),
+        }
+    }
+
+    fn peer_of(h: &Hub, port: u16, days: u32) -> PeerHub {
+        PeerHub {
+            contact: contact(h, port),
+            day_keys: h.ratchet.publics(Day::of(NOON), days),
+        }
+    }
+
+    /// A device enrolled (through a ticket file) with hub `a`, whose ticket names `b` as the
+    /// peer with `b_days` day keys.
+    fn enrolled_two(tmp: &tempfile::TempDir, a: &Hub, b: &Hub, b_days: u32) -> Device {
+        drop(enrolled(tmp, NOON, Day::of(NOON), 35));
+        let path = tmp.path().join("ticket.json");
+        let mut t = EnrollmentTicket::parse(&std::fs::read(&path).unwrap()).unwrap();
+        t.hub = contact(a, 7447);
+        t.day_keys = a.ratchet.publics(Day::of(NOON), 35);
+        t.peer_hubs = vec![peer_of(b, 7448, b_days)];
+        std::fs::write(&path, t.to_json()).unwrap();
+        Device::init(&tmp.path().join("two"), &path, NOON).unwrap()
+    }
+
+    fn wrapped(dev: &Device, day: Day) -> Vec<WrappedKey> {
+        dev.store()
+            .pending(day)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                Some(Pending::Key(k)) => Some(k),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn opens(k: &WrappedKey, h: &Hub) -> bool {
+        k.unwrap(&h.ratchet.secret(k.key_day).unwrap()).is_ok()
+    }
+
+    #[test]
+    fn each_session_key_is_wrapped_to_both_hubs_and_either_opens_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        assert_eq!(dev.region_hubs(), vec![a.id.clone(), b.id.clone()]);
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert_eq!(keys.len(), 1);
+        assert!(opens(&keys[0], &a) && opens(&keys[0], &b));
+        let st = dev.status(NOON).unwrap();
+        assert_eq!(st.single_hub_wraps, 0);
+        let roles: Vec<(&str, &str)> = st
+            .hubs
+            .iter()
+            .map(|h| (h.role.as_str(), h.endpoint_id.as_str()))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![("enrolled", a.id.as_str()), ("peer", b.id.as_str())]
+        );
+        assert_eq!(st.hubs[1].day_keys_until, Some(Day::of(NOON).plus(34)));
+        assert!(st.hubs.iter().all(|h| !h.admitted && h.last_sync.is_none()));
+        // And it survives a reopen.
+        drop(dev);
+        let dev = Device::open(&tmp.path().join("two")).unwrap();
+        assert_eq!(dev.peer_hub().unwrap().contact.endpoint_id, b.id);
+    }
+
+    #[test]
+    fn without_the_peers_key_of_the_day_one_hub_is_wrapped_to_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        // The peer's keys are not known yet.
+        let mut dev = enrolled_two(&tmp, &a, &b, 0);
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert!(opens(&keys[0], &a) && !opens(&keys[0], &b));
+        assert_eq!(dev.status(NOON).unwrap().single_hub_wraps, 1);
+        // The peer's keys arrive (from the enrolled hub's refresh): the one-hub session ends,
+        // the next record starts a session wrapped to both.
+        dev.apply_refresh_from(
+            &a.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&b, 7448, 35)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        scan(&mut dev, NOON + 60);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert_eq!(keys.len(), 2);
+        assert!(opens(&keys[1], &a) && opens(&keys[1], &b));
+        assert_eq!(dev.status(NOON).unwrap().single_hub_wraps, 1);
+    }
+
+    #[test]
+    fn a_device_without_keys_of_its_enrolled_hub_seals_under_the_peers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        // The enrolled hub was rebuilt: its old keys are gone, its new ones not here yet.
+        dev.day_keys.clear();
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert!(!opens(&keys[0], &a) && opens(&keys[0], &b));
+        let st = dev.status(NOON).unwrap();
+        assert_eq!(st.single_hub_wraps, 1);
+        assert_eq!(st.day_keys_left, 35, "the peer's keys count");
+        assert_eq!(st.hubs[0].day_keys_until, None);
+    }
+
+    #[test]
+    fn a_refresh_is_mapped_by_the_answering_hubs_endpoint_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 3);
+        let a_keys = dev.day_keys.clone();
+        // b answers: its keys and addresses are b's; its peer (a) at a new address with keys.
+        let mut a_moved = peer_of(&a, 7450, 35);
+        a_moved.contact.addrs = vec!["127.0.0.1:7450".into()];
+        dev.apply_refresh_from(
+            &b.id,
+            &Refresh {
+                day_keys: b.ratchet.publics(Day::of(NOON), 40),
+                hub_addrs: Some(vec!["127.0.0.1:7449".into()]),
+                peer_hub: Some(a_moved.clone()),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        let peer = dev.peer_hub().unwrap();
+        assert_eq!(peer.day_keys, b.ratchet.publics(Day::of(NOON), 40));
+        assert_eq!(peer.contact.addrs, vec!["127.0.0.1:7449".to_owned()]);
+        assert_eq!(dev.day_keys, a_keys, "a's keys are a's");
+        assert_eq!(
+            crate::hub_addrs::current(&dev),
+            vec!["127.0.0.1:7450".to_owned()]
+        );
+        assert_eq!(dev.enrollment().hub.endpoint_id, a.id);
+
+        // What the device says it holds, to each hub: that hub's keys, the other as its peer.
+        let to_b = dev.refresh_have_for(NOON, Some(&b.id)).unwrap();
+        let bytes = to_b.to_bytes();
+        assert_eq!(bytes.len(), shared::ticket::REFRESH_HAVE_PEER_BYTES);
+        let expect = RefreshHave::of(
+            Day::of(NOON),
+            &b.ratchet.publics(Day::of(NOON), 40),
+            dev.keyring(),
+            &dev.roster().unwrap(),
+        );
+        assert_eq!(to_b.day_keys, expect.day_keys);
+        assert_eq!(to_b.peer, Some(peer_digest(Day::of(NOON), Some(&a_moved))));
+        let to_a = dev.refresh_have_for(NOON, Some(&a.id)).unwrap();
+        assert_eq!(to_a.peer, Some(peer_digest(Day::of(NOON), dev.peer_hub())));
+
+        // A hub naming itself as its peer, or a peer of another region: ignored.
+        let before = (dev.enrollment().hub.clone(), dev.peer_hub().cloned());
+        let mut other_region = peer_of(&hub(3), 7451, 3);
+        other_region.contact.region = "gangnam".into();
+        for offered in [peer_of(&b, 7452, 3), other_region] {
+            dev.apply_refresh_from(
+                &b.id,
+                &Refresh {
+                    peer_hub: Some(offered),
+                    ..Refresh::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                (dev.enrollment().hub.clone(), dev.peer_hub().cloned()),
+                before
+            );
+        }
+        // A refresh from an endpoint that is not one of the region's hubs: ignored whole.
+        let c = hub(3);
+        dev.apply_refresh_from(
+            &c.id,
+            &Refresh {
+                day_keys: c.ratchet.publics(Day::of(NOON), 40),
+                peer_hub: Some(peer_of(&c, 7453, 3)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (dev.enrollment().hub.clone(), dev.peer_hub().cloned()),
+            before
+        );
+        assert_eq!(dev.day_keys, a_keys);
+    }
+
+    #[test]
+    fn a_rebuilt_hub_with_a_new_id_replaces_the_one_it_rebuilds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c, d) = (hub(1), hub(2), hub(3), hub(4));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        // a names a new peer: b was rebuilt as d.
+        dev.apply_refresh_from(
+            &a.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&d, 7454, 5)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(dev.region_hubs(), vec![a.id.clone(), d.id.clone()]);
+        // d names a third endpoint: a was rebuilt as c; d stays, c takes a's place.
+        dev.apply_refresh_from(
+            &d.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&c, 7455, 0)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(dev.region_hubs(), vec![c.id.clone(), d.id.clone()]);
+        assert!(dev.day_keys.is_empty(), "c's keys have not arrived");
+        assert_eq!(
+            crate::hub_addrs::current(&dev),
+            vec!["127.0.0.1:7455".to_owned()]
+        );
+        // Sealing goes on under d's keys.
+        scan(&mut dev, NOON);
+        let keys = wrapped(&dev, Day::of(NOON));
+        assert!(opens(&keys[0], &d) && !opens(&keys[0], &a));
+        // All of it survives a reopen.
+        drop(dev);
+        let dev = Device::open(&tmp.path().join("two")).unwrap();
+        assert_eq!(dev.region_hubs(), vec![c.id.clone(), d.id.clone()]);
+        assert_eq!(dev.enrollment().hub.endpoint_id, c.id);
+    }
+
+    #[test]
+    fn the_credential_goes_to_each_hub_until_that_hub_admitted_the_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let dev = enrolled_two(&tmp, &a, &b, 35);
+        assert!(dev.credential_for(&a.id).unwrap().is_some());
+        dev.admitted_by_hub(&a.id).unwrap();
+        assert!(dev.credential_for(&a.id).unwrap().is_none());
+        assert!(
+            dev.credential_for(&b.id).unwrap().is_some(),
+            "b may not have the binding"
+        );
+        dev.admitted_by_hub(&b.id).unwrap();
+        assert!(
+            dev.credential().unwrap().is_none(),
+            "spent at both: dropped"
+        );
+        assert!(dev.status(NOON).unwrap().hubs.iter().all(|h| h.admitted));
+
+        // A device of one hub drops it at the first admission, as before.
+        let tmp = tempfile::tempdir().unwrap();
+        let one = enrolled(&tmp, NOON, Day::of(NOON), 35);
+        let hub = one.enrollment().hub.endpoint_id.clone();
+        one.admitted_by_hub(&hub).unwrap();
+        assert!(one.credential().unwrap().is_none());
+    }
+
+    #[test]
+    fn either_hubs_list_is_taken_and_any_held_list_refuses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        let facility = dev.enrollment().facility.id.clone();
+        let list = |ids: &[&str], issued_at: UnixSeconds| RevocationList {
+            facility: facility.clone(),
+            version: ids.len() as u32,
+            issued_at,
+            devices: ids
+                .iter()
+                .map(|i| RevokedDevice {
+                    device_id: DeviceId::parse(i).unwrap(),
+                    endpoint_id: Some(format!("{i}-endpoint")),
+                    revoked_at: 1,
+                })
+                .collect(),
+        };
+        let d1 = DeviceId::parse("d-0000000000000001").unwrap();
+        let d2 = DeviceId::parse("d-0000000000000002").unwrap();
+        assert!(
+            dev.take_revocations(
+                &list(&["d-0000000000000001"], NOON).sign(&a.secret),
+                ListSource::Hub
+            )
+            .unwrap()
+        );
+        // b has not heard of d1 yet, but of d2; from a sibling.
+        assert!(
+            dev.take_revocations(
+                &list(&["d-0000000000000002"], NOON + 10).sign(&b.secret),
+                ListSource::Sibling
+            )
+            .unwrap()
+        );
+        let union = dev.revocation_list().unwrap().unwrap();
+        assert!(union.revokes_device(&d1) && union.revokes_device(&d2));
+        assert_eq!(dev.held_revocations().unwrap().len(), 2);
+        // Per signer: b's older list is not taken from a sibling, a lower version never.
+        assert!(
+            !dev.take_revocations(
+                &list(&["d-0000000000000002"], NOON).sign(&b.secret),
+                ListSource::Sibling
+            )
+            .unwrap()
+        );
+        assert!(
+            !dev.take_revocations(&list(&[], NOON + 99).sign(&a.secret), ListSource::Hub)
+                .unwrap()
+        );
+        // A third hub's list: refused.
+        assert!(
+            !dev.take_revocations(
+                &list(&["d-0000000000000003"], NOON).sign(&[3; 32]),
+                ListSource::Hub
+            )
+            .unwrap()
+        );
+        // Each hub is told of its own list.
+        assert_eq!(
+            dev.refresh_have_for(NOON, Some(&a.id)).unwrap().revocations,
+            Some((1, u32::try_from(NOON).unwrap()))
+        );
+        assert_eq!(
+            dev.refresh_have_for(NOON, Some(&b.id)).unwrap().revocations,
+            Some((1, u32::try_from(NOON + 10).unwrap()))
+        );
+        // b rebuilt as c: b's list still counts (revocations are never withdrawn).
+        let c = hub(3);
+        dev.apply_refresh_from(
+            &a.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&c, 7456, 5)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        let union = dev.revocation_list().unwrap().unwrap();
+        assert!(union.revokes_device(&d1) && union.revokes_device(&d2));
+        // ... but a retired hub's new lists are not taken.
+        assert!(
+            !dev.take_revocations(
+                &list(&["d-0000000000000002", "d-0000000000000004"], NOON + 20).sign(&b.secret),
+                ListSource::Hub
+            )
+            .unwrap()
+        );
+    }
+
+    #[test]
+    fn the_hub_that_answered_last_is_dialled_first_and_each_hub_has_its_sync_states() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (hub(1), hub(2));
+        let mut dev = enrolled_two(&tmp, &a, &b, 35);
+        let order = |dev: &Device| -> Vec<String> {
+            crate::net::hub_targets(dev)
+                .unwrap()
+                .iter()
+                .map(|t| t.id.to_string())
+                .collect()
+        };
+        assert_eq!(order(&dev), vec![a.id.clone(), b.id.clone()]);
+        dev.mark_synced_with(&b.id, NOON, None, &[]).unwrap();
+        assert_eq!(order(&dev), vec![b.id.clone(), a.id.clone()]);
+        let st = dev.status(NOON + 5).unwrap();
+        assert_eq!(st.last_sync, Some(NOON));
+        assert_eq!(
+            (st.hubs[0].last_sync, st.hubs[1].last_sync),
+            (None, Some(NOON))
+        );
+        dev.mark_synced_with(&a.id, NOON + 9, None, &[]).unwrap();
+        assert_eq!(order(&dev), vec![a.id.clone(), b.id.clone()]);
+        let hub = shared::sync::Peer::Hub {
+            region: "mapo".into(),
+        };
+        assert_ne!(
+            crate::replica::peer_key(&hub, Some(&a.id)),
+            crate::replica::peer_key(&hub, Some(&b.id))
+        );
     }
 }

@@ -65,6 +65,19 @@ pub fn current(device: &Device) -> Vec<String> {
         .unwrap_or_else(|| device.enrollment().hub.addrs.clone())
 }
 
+/// The `NAME:PORT` addresses of the region's hubs: the enrolled hub's [`current`] ones and
+/// the peer hub's.
+fn region_names(device: &Device) -> Vec<String> {
+    let mut lists = vec![current(device)];
+    lists.extend(device.peer_hub().map(|p| p.contact.addrs.clone()));
+    lists
+        .iter()
+        .flat_map(|l| hub_addr::parse_list(l).unwrap_or_default())
+        .filter(|a| a.socket().is_none())
+        .map(|a| a.to_string())
+        .collect()
+}
+
 /// The socket addresses and the names of [`current`].
 pub fn split(device: &Device) -> (Vec<SocketAddr>, Vec<HubAddr>) {
     let list = hub_addr::parse_list(&current(device)).unwrap_or_default();
@@ -128,7 +141,11 @@ pub async fn dial_addrs(
     if names.is_empty() {
         return out;
     }
-    let mut memory = remembered(&lock(device));
+    // The names of every hub of the region stay remembered, whichever is dialled now.
+    let (mut memory, region) = {
+        let dev = lock(device);
+        (remembered(&dev), region_names(&dev))
+    };
     let before = memory.clone();
     for name in names {
         let HubAddr::Name { host, port } = name else {
@@ -167,7 +184,7 @@ pub async fn dial_addrs(
             ),
         }
     }
-    memory.retain(|k, _| names.iter().any(|n| n.to_string() == *k));
+    memory.retain(|k, _| names.iter().any(|n| n.to_string() == *k) || region.contains(k));
     if memory != before {
         match serde_json::to_vec(&memory) {
             Ok(json) => {
@@ -232,6 +249,7 @@ mod tests {
             roster: None,
             hub_addrs: Some(addrs.iter().map(|s| s.to_string()).collect()),
             revocations: None,
+            peer_hub: None,
         }
     }
 
@@ -345,14 +363,20 @@ mod tests {
             vec![sock("127.0.0.9:7447"), sock("127.0.0.2:7447")]
         );
 
-        // A name the hub no longer lists is forgotten.
+        // A name the hub no longer lists is forgotten (while a hub of the region lists it,
+        // it is kept whichever hub is dialled).
+        let other: HubAddr = "other.test:7447".parse().unwrap();
+        dial_addrs(&dev, &sockets, std::slice::from_ref(&other), &resolver).await;
+        assert_eq!(remembered(&lock(&dev)).len(), 1, "still the hub's name");
+        lock(&dev)
+            .apply_refresh(&refresh(&["other.test:7447", "127.0.0.9:7447"]))
+            .unwrap();
         dial_addrs(&dev, &sockets, &[], &resolver).await;
         assert_eq!(
             remembered(&lock(&dev)).len(),
             1,
             "no names: nothing touched"
         );
-        let other: HubAddr = "other.test:7447".parse().unwrap();
         assert_eq!(
             dial_addrs(&dev, &sockets, &[other], &resolver).await,
             vec![sock("127.0.0.9:7447")]

@@ -199,6 +199,9 @@ pub struct SyncReport {
     pub socket_bytes_received: u64,
     /// Why it did not complete.
     pub error: Option<String>,
+    /// Whether the peer was one of the region's hubs (not printed: the JSON is unchanged).
+    #[serde(skip)]
+    pub is_hub: bool,
     /// When a side refused: which (`local` or `peer`).
     pub refused_by: Option<String>,
     /// When a side refused: the reason (`Revoked`, `InvalidChange`, ...).
@@ -273,6 +276,43 @@ pub async fn bind(device: &SharedDevice, listen: SocketAddr) -> Result<Endpoint,
         .map_err(|e| bind_err(e.to_string()))
 }
 
+/// The region's hubs in the order a sync round dials them: the hub whose session completed
+/// last first, then the other (the enrolled hub first when neither has). Each is dialled with
+/// the short [`CONNECT_TIMEOUT`], so a dead hub costs one timeout before the other answers.
+/// The enrolled hub is labelled `hub`, the peer `peer hub`.
+pub fn hub_targets(device: &Device) -> Result<Vec<Target>, NetError> {
+    let mut out = vec![hub_target(device)?];
+    if let Some(p) = device.peer_hub() {
+        // A peer of damaged fields is skipped; the enrolled hub still serves.
+        match (
+            p.contact.endpoint_id.parse::<PublicKey>(),
+            shared::hub_addr::parse_list(&p.contact.addrs),
+        ) {
+            (Ok(id), Ok(list)) => out.push(Target {
+                label: "peer hub".into(),
+                id,
+                addrs: list
+                    .iter()
+                    .filter_map(shared::hub_addr::HubAddr::socket)
+                    .collect(),
+                names: list.into_iter().filter(|a| a.socket().is_none()).collect(),
+                is_hub: true,
+            }),
+            _ => {
+                tracing::warn!("the stored peer hub is damaged; syncing with the enrolled hub only")
+            }
+        }
+    }
+    if let Some(last) = device.last_hub()
+        && let Some(i) = out
+            .iter()
+            .position(|t| t.id.to_string().eq_ignore_ascii_case(&last))
+    {
+        out.swap(0, i);
+    }
+    Ok(out)
+}
+
 /// The hub as the enrollment names it, at the addresses it last advertised (the ticket's
 /// until a refresh moved them): socket addresses, and names resolved when it is dialled.
 pub fn hub_target(device: &Device) -> Result<Target, NetError> {
@@ -343,6 +383,7 @@ pub async fn sync_with(
 ) -> SyncReport {
     let mut report = SyncReport {
         peer: target.label.clone(),
+        is_hub: target.is_hub,
         ..SyncReport::default()
     };
     match sync_inner(endpoint, device, target, &now, &mut report).await {
@@ -389,6 +430,15 @@ async fn sync_inner(
             "the hub has revoked this device; it is not dialled".into(),
         ));
     }
+    let hub_id = target.id.to_string();
+    // A hub session only with one of the region's hubs (a target built from the store is;
+    // this holds should the store change between building and dialling).
+    if target.is_hub && !lock(device).is_region_hub(&hub_id) {
+        return Err(NetError::Session(
+            target.label.clone(),
+            "not one of this device's region's hubs; it is not dialled".into(),
+        ));
+    }
     let addrs = crate::hub_addrs::dial_addrs(
         device,
         &target.addrs,
@@ -410,6 +460,15 @@ async fn sync_inner(
         .await
         .map_err(|_| NetError::Timeout(target.label.clone(), CONNECT_TIMEOUT))?
         .map_err(|e| NetError::Connection(target.label.clone(), connect_error(&e, target)))?;
+    // iroh authenticates the endpoint dialled; the session trusts nothing else.
+    if conn.remote_id() != target.id {
+        conn.close(1u32.into(), b"unexpected endpoint");
+        return Err(NetError::Session(
+            target.label.clone(),
+            "the endpoint that answered is not the one dialled".into(),
+        ));
+    }
+    let hub = target.is_hub.then_some(hub_id.as_str());
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -423,10 +482,10 @@ async fn sync_inner(
             device: e.device_id.clone(),
             facility: e.facility.id.clone(),
         };
-        let credential = if target.is_hub {
-            dev.credential()?.map(|c| c.0)
-        } else {
-            None
+        // The credential goes to each hub until that hub has admitted this device.
+        let credential = match hub {
+            Some(h) => dev.credential_for(h)?.map(|c| c.0),
+            None => None,
         };
         // Who the target is, when this device knows: the hub it enrolled with, or a sibling of
         // its roster. Its hello then leaves out partitions unchanged since their last session.
@@ -446,7 +505,7 @@ async fn sync_inner(
         // To a sibling: only when this device holds a revocation list, so that the sibling
         // sends a newer one only (without, it sends the one it holds, if any).
         let refresh_have = if target.is_hub || dev.revocation_list()?.is_some() {
-            Some(dev.refresh_have(t)?.to_bytes())
+            Some(dev.refresh_have_for(t, hub)?.to_bytes())
         } else {
             None
         };
@@ -462,21 +521,13 @@ async fn sync_inner(
             &Replica {
                 device: &mut dev,
                 now: t,
+                hub,
             },
         )
         .map_err(|e| NetError::Session(target.label.clone(), e.to_string()))?
     };
     let mut link = Link::new(session);
-    let outcome = drive(
-        &mut link,
-        &mut send,
-        &mut recv,
-        device,
-        now,
-        target.is_hub,
-        None,
-    )
-    .await;
+    let outcome = drive(&mut link, &mut send, &mut recv, device, now, hub, None).await;
     let stats = conn.stats();
     report.socket_bytes_sent = stats.udp_tx.bytes;
     report.socket_bytes_received = stats.udp_rx.bytes;
@@ -597,7 +648,8 @@ struct EdgeShell<'a, 'd> {
     clock_offset: &'a mut Option<i64>,
     /// Encoded frames to write after the step.
     outbox: &'a mut Vec<u8>,
-    peer_is_hub: bool,
+    /// The hub's endpoint id when the peer is one of the region's hubs.
+    hub: Option<&'a str>,
 }
 
 impl<'d> Shell for EdgeShell<'_, 'd> {
@@ -618,9 +670,23 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
                 };
             }
         };
+        // Refused when any list held names it (the region's hubs sign their own lists); the
+        // newest list is the one handed on.
+        let union = match dev.revocation_list() {
+            Ok(u) => u,
+            Err(e) => {
+                return Decision::Refuse {
+                    reason: shared::sync::RefuseReason::Internal,
+                    detail: format!("cannot read the revocation list: {e}"),
+                };
+            }
+        };
         let held = signed.as_ref().map(|s| &s.list);
-        let decision =
-            shared::device::admit_sibling_hello(&dev.enrollment().facility.id, held, hello);
+        let decision = shared::device::admit_sibling_hello(
+            &dev.enrollment().facility.id,
+            union.as_ref(),
+            hello,
+        );
         // An admitted sibling gets this device's copy of the hub-signed revocation list when
         // its hello says it holds an older one (or says nothing): how a sibling that cannot
         // reach the hub learns of a revocation.
@@ -632,11 +698,8 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
         match decision {
             Decision::Admit { facility, .. } if shared::revocation::sibling_sends(held, have) => {
                 let refresh = Refresh {
-                    day_keys: Vec::new(),
-                    keyring: None,
-                    roster: None,
-                    hub_addrs: None,
                     revocations: signed,
+                    ..Refresh::default()
                 };
                 Decision::Admit {
                     facility,
@@ -666,7 +729,7 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
         _peer_now: UnixSeconds,
         refresh: Option<Vec<u8>>,
     ) -> Result<(), Abort> {
-        if !self.peer_is_hub {
+        let Some(hub) = self.hub else {
             // From a sibling only its copy of the hub-signed revocation list is taken, and only
             // if it verifies and is newer; day keys, keyring, roster and addresses come from
             // the hub alone.
@@ -682,15 +745,16 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
                     })?;
             }
             return Ok(());
-        }
+        };
         let dev = &mut *self.replica.device;
-        // The hub admitted us: our credential is bound and spent.
-        dev.forget_credential()
+        // The hub admitted us: our credential is bound there (and spent once every hub of the
+        // region has admitted us).
+        dev.admitted_by_hub(hub)
             .map_err(|e| Abort::internal(format!("cannot drop the spent credential: {e}")))?;
         if let Some(bytes) = refresh {
             match Refresh::from_bytes(&bytes) {
                 Ok(r) => dev
-                    .apply_refresh(&r)
+                    .apply_refresh_from(hub, &r)
                     .map_err(|e| Abort::internal(format!("cannot store the hub's refresh: {e}")))?,
                 Err(e) => tracing::warn!("ignoring the hub's refresh: {e}"),
             }
@@ -703,9 +767,9 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
     }
 
     fn completed(&mut self, now: UnixSeconds, _stats: &WireStats) -> Result<(), Abort> {
-        if !self.peer_is_hub {
+        let Some(hub) = self.hub else {
             return Ok(());
-        }
+        };
         // A day whose partition was refused in this session was not delivered.
         let refused: Vec<shared::Day> = self
             .link
@@ -715,7 +779,7 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
             .collect();
         self.replica
             .device
-            .mark_synced_with_hub(now, *self.clock_offset, &refused)
+            .mark_synced_with(hub, now, *self.clock_offset, &refused)
             .map_err(|e| Abort::internal(format!("cannot record the completed sync: {e}")))
     }
 
@@ -761,7 +825,7 @@ fn step(
     link: &mut Link,
     clock_offset: &mut Option<i64>,
     now: &impl Fn() -> u64,
-    peer_is_hub: bool,
+    hub: Option<&str>,
     input: Step,
 ) -> Vec<u8> {
     let mut dev = lock(device);
@@ -772,10 +836,11 @@ fn step(
         replica: Replica {
             device: &mut dev,
             now: t,
+            hub,
         },
         clock_offset,
         outbox: &mut outbox,
-        peer_is_hub,
+        hub,
     };
     dispatch(&mut shell, t, input);
     outbox
@@ -800,7 +865,7 @@ async fn drive(
     recv: &mut RecvStream,
     device: &SharedDevice,
     now: &impl Fn() -> u64,
-    peer_is_hub: bool,
+    hub: Option<&str>,
     served: Option<(Bounds, Serving)>,
 ) -> Result<Outcome, NetError> {
     let bounds = served.as_ref().map(|(b, _)| *b);
@@ -815,14 +880,7 @@ async fn drive(
     let mut received: u64 = 0;
     let mut buf = vec![0u8; 64 * 1024];
     let mut clock_offset = None;
-    let mut out = step(
-        device,
-        link,
-        &mut clock_offset,
-        now,
-        peer_is_hub,
-        Step::Start,
-    );
+    let mut out = step(device, link, &mut clock_offset, now, hub, Step::Start);
     loop {
         if link.is_finished() {
             // The sibling may start its next session as soon as it reads this one's end.
@@ -902,14 +960,7 @@ async fn drive(
             },
         }
         for input in inputs {
-            out.extend(step(
-                device,
-                link,
-                &mut clock_offset,
-                now,
-                peer_is_hub,
-                input,
-            ));
+            out.extend(step(device, link, &mut clock_offset, now, hub, input));
         }
     }
 }
@@ -1022,7 +1073,7 @@ pub async fn serve_sibling(
             &mut recv,
             &device,
             &now,
-            false,
+            None,
             Some((bounds, serving)),
         ),
     )
@@ -1142,6 +1193,7 @@ mod tests {
             keyring,
             authority_recipient: ratchet.public(day).expect("the first day").recipient,
             day_keys: ratchet.publics(day, 35),
+            peer_hubs: Vec::new(),
         };
         let path = tmp.path().join(format!("{name}.ticket"));
         std::fs::write(&path, ticket.to_json()).expect("write the ticket");
@@ -1171,7 +1223,7 @@ mod tests {
         dev: &'a mut Device,
         link: Link,
         clock_offset: Option<i64>,
-        peer_is_hub: bool,
+        hub: Option<String>,
     }
 
     impl Node<'_> {
@@ -1184,10 +1236,11 @@ mod tests {
                 replica: Replica {
                     device: &mut *self.dev,
                     now: t,
+                    hub: self.hub.as_deref(),
                 },
                 clock_offset: &mut self.clock_offset,
                 outbox: &mut outbox,
-                peer_is_hub: self.peer_is_hub,
+                hub: self.hub.as_deref(),
             };
             dispatch(&mut shell, t, input);
             let mut decoder = FrameDecoder::new();
@@ -1223,21 +1276,23 @@ mod tests {
             &Replica {
                 device: &mut *a,
                 now,
+                hub: None,
             },
         )
         .expect("initiator");
+        let a_hub = a_is_hub_session.then(|| a.enrollment().hub.endpoint_id.clone());
         let sb = Session::responder(me(b));
         let mut na = Node {
             dev: a,
             link: Link::new(sa),
             clock_offset: None,
-            peer_is_hub: a_is_hub_session,
+            hub: a_hub,
         };
         let mut nb = Node {
             dev: b,
             link: Link::new(sb),
             clock_offset: None,
-            peer_is_hub: false,
+            hub: None,
         };
         let mut b_sent = Vec::new();
         let mut to_b = na.step(Step::Start);
@@ -1300,7 +1355,7 @@ mod tests {
             e => panic!("the initiator is told: {e:?}"),
         }
         // No sync state of the failed session was stored, and memory holds what disk holds.
-        let peer_key = crate::replica::peer_key(&me(&a));
+        let peer_key = crate::replica::peer_key(&me(&a), None);
         assert_eq!(b.store().sync_state(&peer_key, day).expect("read"), None);
         assert_eq!(b.partition(day).expect("reload").record_count(), 0);
 
@@ -1336,5 +1391,56 @@ mod tests {
         let status = a.status(NOON + 700).expect("status");
         assert_eq!(status.unsynced, 2, "no record counted as delivered");
         assert_eq!(status.last_sync, None);
+    }
+
+    #[test]
+    fn a_sibling_named_by_any_held_list_is_refused_not_only_by_the_newest() {
+        use shared::revocation::{RevocationList, RevokedDevice};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut a = enrolled(&tmp, "a", "d-00000000000000aa");
+        let mut b = enrolled(&tmp, "b", "d-00000000000000bb");
+        scan(&mut a, 1);
+        let hub = b.enrollment().hub.clone();
+        let peer = |secret: u8| shared::ticket::PeerHub {
+            contact: HubContact {
+                endpoint_id: SecretKey::from_bytes(&[secret; 32]).public().to_string(),
+                addrs: vec!["127.0.0.1:7448".into()],
+                region: hub.region.clone(),
+            },
+            day_keys: Vec::new(),
+        };
+        let list = |device: &str, issued_at: u64| RevocationList {
+            facility: b.enrollment().facility.id.clone(),
+            version: 1,
+            issued_at,
+            devices: vec![RevokedDevice {
+                device_id: DeviceId::parse(device).expect("an id"),
+                endpoint_id: None,
+                revoked_at: 1,
+            }],
+        };
+        let with_peer = |secret: u8| Refresh {
+            peer_hub: Some(peer(secret)),
+            ..Refresh::default()
+        };
+        // The peer hub revokes `a`; then a rebuilt peer signs a newer list naming another.
+        let names_a = list("d-00000000000000aa", NOON).sign(&[8; 32]);
+        let names_c = list("d-00000000000000cc", NOON + 100).sign(&[9; 32]);
+        b.apply_refresh_from(&hub.endpoint_id, &with_peer(8))
+            .expect("peer");
+        assert!(
+            b.take_revocations(&names_a, crate::device::ListSource::Hub)
+                .expect("take")
+        );
+        b.apply_refresh_from(&hub.endpoint_id, &with_peer(9))
+            .expect("rebuilt peer");
+        assert!(
+            b.take_revocations(&names_c, crate::device::ListSource::Hub)
+                .expect("take")
+        );
+        assert_eq!(b.signed_revocations().expect("read"), Some(names_c));
+        let (la, _lb, _) = session(&mut a, &mut b);
+        let why = failed(&la).expect("refused");
+        assert!(why.contains("Revoked") || why.contains("revoked"), "{why}");
     }
 }

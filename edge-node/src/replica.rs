@@ -14,15 +14,22 @@ pub struct Replica<'a> {
     pub device: &'a mut Device,
     /// Now, for the horizon.
     pub now: UnixSeconds,
+    /// The endpoint id of the hub at the other end, when it is a hub: each of the region's
+    /// hubs has its own sync states.
+    pub hub: Option<&'a str>,
 }
 
-/// The key under which sync states for `peer` are stored.
-pub fn peer_key(peer: &Peer) -> String {
-    match peer {
-        Peer::Device { device, .. } => format!("dev:{device}"),
-        Peer::Hub { region } => format!("hub:{region}"),
+/// The key under which sync states for `peer` are stored: a sibling's by its device id, a
+/// hub's by its region and endpoint id (`hub`), so the region's two hubs never share one
+/// (each holds what it holds). A hub without an endpoint id (never, in a session this device
+/// runs) keeps the region's key.
+pub fn peer_key(peer: &Peer, hub: Option<&str>) -> String {
+    match (peer, hub) {
+        (Peer::Device { device, .. }, _) => format!("dev:{device}"),
+        (Peer::Hub { region }, Some(id)) => format!("hub:{region}:{}", id.to_ascii_lowercase()),
+        (Peer::Hub { region }, None) => format!("hub:{region}"),
         // Never a device's peer (hubs only); keyed apart all the same.
-        Peer::HubLink { region, facility } => format!("hublink:{region}:{facility}"),
+        (Peer::HubLink { region, facility }, _) => format!("hublink:{region}:{facility}"),
     }
 }
 
@@ -81,7 +88,7 @@ impl PartitionStore for Replica<'_> {
     fn sync_state(&self, peer: &Peer, id: &PartitionId) -> Result<Option<Vec<u8>>, StoreError> {
         self.device
             .store()
-            .sync_state(&peer_key(peer), id.day)
+            .sync_state(&peer_key(peer, self.hub), id.day)
             .map_err(|e| StoreError::Failed(e.to_string()))
     }
 
@@ -93,7 +100,7 @@ impl PartitionStore for Replica<'_> {
     ) -> Result<(), StoreError> {
         self.device
             .store()
-            .put_sync_state(&peer_key(peer), id.day, state)
+            .put_sync_state(&peer_key(peer, self.hub), id.day, state)
             .map_err(|e| StoreError::Failed(e.to_string()))
     }
 

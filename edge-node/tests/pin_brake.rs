@@ -75,6 +75,7 @@ fn enrolled(tmp: &Path) -> std::path::PathBuf {
         keyring,
         authority_recipient: ratchet.public(today).expect("today's key").recipient,
         day_keys: ratchet.publics(today, 35),
+        peer_hubs: Vec::new(),
     };
     let path = tmp.join("ticket.json");
     std::fs::write(&path, ticket.to_json()).expect("write the ticket");

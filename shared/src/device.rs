@@ -10,7 +10,7 @@
 //!   store with it, or the verdict to show.
 //! - Day keys and session keys: [`seal_key_day`] picks the hub's day public key a day's records
 //!   are sealed to (the day's own, else the newest earlier one still inside retention: the
-//!   fallback); [`fallback_key_day`] and [`fallback_summary`] are what `status` counts of it;
+//!   fallback), [`seal_keys`] the keys of both hubs of a region of two; [`fallback_key_day`] and [`fallback_summary`] are what `status` counts of it;
 //!   [`session_plan`], [`session_ended`] and [`session_survives_refresh`] say when a session
 //!   key is reused, replaced or dropped.
 //! - Paper entries: [`check_paper`] (the entry's form, the under-14 guardian rule, the visit
@@ -21,13 +21,15 @@
 //!   `crate::sync::schedule`.
 //! - Sibling admission: [`sibling_endpoint_known`] and [`admit_sibling_hello`], together
 //!   [`admit_sibling`].
+//! - The region's two hubs: [`peer_hub_update`] says what a hub's refresh may change of the
+//!   other hub the device knows.
 
 use crate::daykey::DayPublicKey;
 use crate::envelope::{Record, RecordBody};
 use crate::paper::{PaperEntry, PaperError};
 use crate::revocation::RevocationList;
 use crate::sync::{Decision, Peer, PeerHello, RefuseReason};
-use crate::ticket::Sibling;
+use crate::ticket::{PeerHub, Sibling};
 use crate::time::{Day, UnixSeconds, horizon};
 use crate::token::{Keyring, Verdict, verify};
 use crate::{DeviceId, FacilityId};
@@ -181,6 +183,57 @@ pub fn seal_key_day(
         }
     }
     best
+}
+
+/// The hub day keys a record of `day` is sealed to at `now`, in a region of two hubs: the
+/// enrolled hub's keys (`enrolled`) and the other hub's (`peer`, empty when the device knows
+/// none). See [`seal_keys`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealTo<'a> {
+    /// The day of the keys (the record's own, else a fallback: [`seal_key_day`]).
+    pub key_day: Day,
+    /// The enrolled hub's key of `key_day`, if it holds one.
+    pub enrolled: Option<&'a DayPublicKey>,
+    /// The peer hub's key of `key_day`, if the device holds one.
+    pub peer: Option<&'a DayPublicKey>,
+}
+
+impl<'a> SealTo<'a> {
+    /// The keys to wrap the session key to (`SessionKey::wrap_to`): one or two.
+    pub fn keys(&self) -> Vec<&'a DayPublicKey> {
+        self.enrolled
+            .iter()
+            .chain(self.peer.iter())
+            .copied()
+            .collect()
+    }
+
+    /// Whether only one hub can open the key although the device knows a peer hub
+    /// (`peer_known`): what `status` counts as a single-hub wrap.
+    pub fn single_hub(&self, peer_known: bool) -> bool {
+        peer_known && (self.enrolled.is_none() || self.peer.is_none())
+    }
+}
+
+/// Which hub keys seal `day`'s records at `now`: the key day is [`seal_key_day`] over the days
+/// either hub holds a key for (the day's own key from either hub, else the newest earlier live
+/// day of either), and the session key is wrapped to every hub's key of that day. So with
+/// both hubs' keys of the day it opens at either hub; a device that holds no key of the day for
+/// its enrolled hub (a rebuilt hub whose new keys have not arrived) still seals under the
+/// peer's; and a device with no peer hub seals exactly as a single-hub device. `None`: neither
+/// hub has a usable key.
+pub fn seal_keys<'a>(
+    enrolled: &'a [DayPublicKey],
+    peer: &'a [DayPublicKey],
+    day: Day,
+    now: UnixSeconds,
+) -> Option<SealTo<'a>> {
+    let key_day = seal_key_day(enrolled.iter().chain(peer).map(|k| k.day), day, now)?;
+    Some(SealTo {
+        key_day,
+        enrolled: enrolled.iter().find(|k| k.day == key_day),
+        peer: peer.iter().find(|k| k.day == key_day),
+    })
 }
 
 /// [`seal_key_day`] over the keys themselves.
@@ -466,6 +519,52 @@ pub fn admit_sibling(
     admit_sibling_hello(own, revoked, hello)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The region's two hubs.
+
+/// What a device does with the peer hub ([`crate::ticket::Refresh::peer_hub`]) a hub's
+/// refresh names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerHubUpdate {
+    /// It is the other hub the device knows: take its addresses and day keys.
+    Update,
+    /// A hub the device does not know: it takes the place of the other hub the device knows
+    /// (or becomes the peer, when the device knows only the answering hub). A hub rebuilt
+    /// from nothing has a new endpoint id, and its peer announces it so.
+    Replace,
+    /// Not taken, and why.
+    Ignore(String),
+}
+
+/// The rule for a refresh's peer hub `offered`, sent by the hub `answering` (the endpoint id
+/// the device dialled and iroh authenticated) to a device of `region` that knows the hubs
+/// `known` (endpoint ids, 1 or 2: the enrolled hub and the peer). Only a hub the device knows
+/// may name a peer, only a peer of the device's region, never itself, and the peer's fields
+/// must pass [`PeerHub::check`]. A known endpoint is [`PeerHubUpdate::Update`]d; an unknown
+/// one replaces the hub other than `answering`: two hubs are never more than two, and a hub the
+/// device does not know yet can never displace the one that vouches for it.
+pub fn peer_hub_update(
+    region: &str,
+    answering: &str,
+    known: &[&str],
+    offered: &PeerHub,
+) -> PeerHubUpdate {
+    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    if !known.iter().any(|k| same(k, answering)) {
+        return PeerHubUpdate::Ignore(
+            "the answering hub is not one of this device's region's hubs".into(),
+        );
+    }
+    if let Err(e) = offered.check(answering, region) {
+        return PeerHubUpdate::Ignore(e);
+    }
+    if known.iter().any(|k| same(k, &offered.contact.endpoint_id)) {
+        PeerHubUpdate::Update
+    } else {
+        PeerHubUpdate::Replace
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,6 +695,115 @@ mod tests {
         assert_eq!(day_key_for(&keys, D, NOON).map(|k| k.day), Some(D.minus(6)));
         assert_eq!(fallback_key_day(D, D.minus(6)), Some(D.minus(6)));
         assert_eq!(fallback_key_day(D, D), None);
+    }
+
+    #[test]
+    fn both_hubs_keys_of_the_day_else_either_hubs() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let a = DayKeyRatchet::generate(&mut rng, D.minus(10)).publics(D.minus(10), 20);
+        let b = DayKeyRatchet::generate(&mut rng, D.minus(10)).publics(D.minus(10), 20);
+        let of = |keys: &[DayPublicKey], d: Day| keys.iter().find(|k| k.day == d).cloned();
+        // Both hold the day: wrapped to both.
+        let s = seal_keys(&a, &b, D, NOON).unwrap();
+        assert_eq!(s.key_day, D);
+        assert_eq!(s.keys(), vec![&of(&a, D).unwrap(), &of(&b, D).unwrap()]);
+        assert!(!s.single_hub(true));
+        // No peer known: exactly the single-hub rule, not counted.
+        let s = seal_keys(&a, &[], D, NOON).unwrap();
+        assert_eq!((s.key_day, s.keys().len()), (D, 1));
+        assert!(!s.single_hub(false));
+        assert_eq!(s.enrolled, day_key_for(&a, D, NOON));
+        // The peer's keys end earlier: the enrolled hub's alone, counted.
+        let b_short: Vec<DayPublicKey> = b.iter().filter(|k| k.day < D).cloned().collect();
+        let s = seal_keys(&a, &b_short, D, NOON).unwrap();
+        assert_eq!((s.key_day, s.peer), (D, None));
+        assert!(s.single_hub(true));
+        // The enrolled hub was rebuilt and its keys have not arrived: the peer's alone.
+        let s = seal_keys(&[], &b, D, NOON).unwrap();
+        assert_eq!((s.key_day, s.enrolled), (D, None));
+        assert_eq!(s.keys(), vec![&of(&b, D).unwrap()]);
+        assert!(s.single_hub(true));
+        // The enrolled hub holds only earlier keys, the peer the day's own: the day's own.
+        let a_short: Vec<DayPublicKey> = a.iter().filter(|k| k.day < D).cloned().collect();
+        let s = seal_keys(&a_short, &b, D, NOON).unwrap();
+        assert_eq!(s.key_day, D);
+        // Neither holds the day: the newest earlier live day of either, both where both hold it.
+        let s = seal_keys(&a_short, &b_short, D, NOON).unwrap();
+        assert_eq!(s.key_day, D.minus(1));
+        assert_eq!(s.keys().len(), 2);
+        // Never a later day's key, nothing past the horizon.
+        let later: Vec<DayPublicKey> = b.iter().filter(|k| k.day > D).cloned().collect();
+        assert_eq!(seal_keys(&[], &later, D, NOON), None);
+        assert_eq!(seal_keys(&[], &[], D, NOON), None);
+    }
+
+    #[test]
+    fn a_peer_hub_is_taken_only_from_a_known_hub_of_the_region_and_never_itself() {
+        use crate::ticket::HubContact;
+        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        let peer = |id: &str, region: &str| PeerHub {
+            contact: HubContact {
+                endpoint_id: id.into(),
+                addrs: vec!["127.0.0.1:7448".into()],
+                region: region.into(),
+            },
+            day_keys: vec![],
+        };
+        let both = [a.as_str(), b.as_str()];
+        // a names b, b names a: the other known hub, updated.
+        assert_eq!(
+            peer_hub_update("mapo", &a, &both, &peer(&b, "mapo")),
+            PeerHubUpdate::Update
+        );
+        assert_eq!(
+            peer_hub_update("mapo", &b, &both, &peer(&a, "mapo")),
+            PeerHubUpdate::Update
+        );
+        // A device that knows only a learns b.
+        assert_eq!(
+            peer_hub_update("mapo", &a, &[&a], &peer(&b, "mapo")),
+            PeerHubUpdate::Replace
+        );
+        // A third endpoint from a known hub: the rebuilt other hub, replacing it.
+        assert_eq!(
+            peer_hub_update("mapo", &b, &both, &peer(&c, "mapo")),
+            PeerHubUpdate::Replace
+        );
+        let ignored = |u: PeerHubUpdate| matches!(u, PeerHubUpdate::Ignore(_));
+        // A hub naming itself.
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer(&a, "mapo")
+        )));
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer(&a.to_uppercase(), "mapo")
+        )));
+        // A peer of another region.
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer(&c, "gangnam")
+        )));
+        // A hub the device does not know (it never dials one, but the rule holds alone).
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &c,
+            &both,
+            &peer(&a, "mapo")
+        )));
+        // A malformed peer.
+        assert!(ignored(peer_hub_update(
+            "mapo",
+            &a,
+            &both,
+            &peer("zz", "mapo")
+        )));
     }
 
     #[test]

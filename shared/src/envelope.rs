@@ -1,15 +1,16 @@
 //! The record envelope: how one visit is sealed at the edge so that only the hub can read it.
 //!
 //! Each device seals its records under an in-memory [`SessionKey`] with XChaCha20-Poly1305.
-//! The session key is wrapped with age to the hub's public key of its day ([`WrappedKey`]) and
-//! stored in the same partition, so the device can write its log but never read it back, and
+//! The session key is wrapped with age to the hub's public key of its day ([`WrappedKey`]; in a
+//! region of two hubs, to both hubs' keys of that day in one age file) and stored in the same
+//! partition, so the device can write its log but never read it back, and
 //! the hub can read it only while it still holds that day's secret.
 //!
 //! Wire forms (all integers big-endian):
 //!
 //! ```text
 //! Envelope   = version:u8 (=1) | session:16 | nonce:24 | ciphertext (plaintext + 16-byte tag)
-//! WrappedKey = version:u8 (=1) | session:16 | key_day:u32 | age file (X25519 recipient)
+//! WrappedKey = version:u8 (=1) | session:16 | key_day:u32 | age file (one X25519 stanza per hub)
 //! age payload of a WrappedKey = session:16 | session_day:u32 | key:32
 //! AEAD associated data = "kipass envelope" | version | session:16
 //!                        | facility_len:u32 | facility | day:u32 | record_id:16
@@ -37,9 +38,16 @@ pub const ENVELOPE_VERSION: u8 = 1;
 /// under 3 KiB; anything near this limit is not ours.
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024;
 
-/// Largest encoded wrapped key accepted. An age X25519 file of a 52-byte payload is about
-/// 200 bytes.
+/// Largest encoded wrapped key accepted. An age X25519 file of a 52-byte payload to one
+/// recipient is at most about 470 bytes (the 22-byte version line, a 97-byte X25519 stanza,
+/// age's random "grease" stanza of up to 192 bytes, the 48-byte MAC line and the 84-byte
+/// payload); each further recipient adds one 97-byte stanza, so a key wrapped to
+/// [`MAX_WRAP_RECIPIENTS`] hubs is at most 582 bytes with its header
+/// (`wrapped_key_bound_fits_two_recipients` measures it). The bound leaves room for that and
+/// no more than twice it.
 pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
+/// The most recipients [`SessionKey::wrap_to`] takes: the region's two hubs.
+pub const MAX_WRAP_RECIPIENTS: usize = 2;
 
 const AD_LABEL: &[u8] = b"kipass envelope";
 const NONCE_LEN: usize = 24;
@@ -239,16 +247,61 @@ impl SessionKey {
     /// operating system, so the output (about 250 to 450 bytes) differs on every call even
     /// under a seeded `RngCore`.
     pub fn wrap(&self, to: &DayPublicKey) -> Result<WrappedKey, EnvelopeError> {
-        let recipient = to.to_recipient()?;
+        self.wrap_to(&[to])
+    }
+
+    /// Wraps this key with age to several hub day keys at once (the region's two hubs, each
+    /// with its own ratchet): one age file with one stanza per recipient, which the secret of
+    /// any of them opens. `to` holds 1 to [`MAX_WRAP_RECIPIENTS`] keys, all of the same day
+    /// (the result's `key_day`), no key twice; anything else is refused
+    /// ([`EnvelopeError::Wrap`]).
+    pub fn wrap_to(&self, to: &[&DayPublicKey]) -> Result<WrappedKey, EnvelopeError> {
+        let Some(first) = to.first() else {
+            return Err(EnvelopeError::Wrap("no hub day key to wrap to".into()));
+        };
+        if to.len() > MAX_WRAP_RECIPIENTS {
+            return Err(EnvelopeError::Wrap(format!(
+                "{} hub day keys to wrap to, at most {MAX_WRAP_RECIPIENTS}",
+                to.len()
+            )));
+        }
+        if let Some(other) = to.iter().find(|k| k.day != first.day) {
+            return Err(EnvelopeError::Wrap(format!(
+                "the hub day keys to wrap to are of days {} and {}: all must be of one day",
+                first.day, other.day
+            )));
+        }
+        for (i, k) in to.iter().enumerate() {
+            if to[..i].iter().any(|o| o.recipient == k.recipient) {
+                return Err(EnvelopeError::Wrap("the same hub day key twice".into()));
+            }
+        }
+        let recipients = to
+            .iter()
+            .map(|k| k.to_recipient())
+            .collect::<Result<Vec<_>, _>>()?;
         let mut payload = Zeroizing::new([0u8; WRAP_PAYLOAD_LEN]);
         payload[..16].copy_from_slice(&self.id.0);
         payload[16..20].copy_from_slice(&self.day.0.to_be_bytes());
         payload[20..].copy_from_slice(self.key.as_ref());
-        let age = age::encrypt(&recipient, payload.as_ref())
-            .map_err(|e| EnvelopeError::Wrap(e.to_string()))?;
+        let wrap_err = |e: String| EnvelopeError::Wrap(e);
+        let encryptor =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| wrap_err(e.to_string()))?;
+        let mut age = Vec::with_capacity(WRAP_PAYLOAD_LEN + 600);
+        {
+            use std::io::Write;
+            let mut writer = encryptor
+                .wrap_output(&mut age)
+                .map_err(|e| wrap_err(e.to_string()))?;
+            writer
+                .write_all(payload.as_ref())
+                .map_err(|e| wrap_err(e.to_string()))?;
+            writer.finish().map_err(|e| wrap_err(e.to_string()))?;
+        }
         Ok(WrappedKey {
             session: self.id,
-            key_day: to.day,
+            key_day: first.day,
             age,
         })
     }
@@ -704,6 +757,87 @@ mod tests {
     use crate::daykey::DayKeyRatchet;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
+
+    #[test]
+    fn a_key_wrapped_to_both_hubs_opens_with_either_secret() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let day = Day(20_000);
+        let a = DayKeyRatchet::generate(&mut rng, day);
+        let b = DayKeyRatchet::generate(&mut rng, day);
+        let (pa, pb) = (a.public(day).unwrap(), b.public(day).unwrap());
+        let key = SessionKey::generate(&mut rng, day);
+        let wrapped = key.wrap_to(&[&pa, &pb]).unwrap();
+        assert_eq!(wrapped.key_day, day);
+        let wire = WrappedKey::from_bytes(&wrapped.to_bytes()).unwrap();
+        for secret in [a.secret(day).unwrap(), b.secret(day).unwrap()] {
+            let k = wire.unwrap(&secret).unwrap();
+            assert_eq!(k.id(), key.id());
+            assert_eq!(*k.key, *key.key);
+        }
+        // A third hub's secret of the day opens nothing.
+        let c = DayKeyRatchet::generate(&mut rng, day);
+        assert!(matches!(
+            wire.unwrap(&c.secret(day).unwrap()),
+            Err(EnvelopeError::Unwrap { .. })
+        ));
+        // One recipient is what `wrap` does.
+        let one = key.wrap_to(&[&pb]).unwrap();
+        assert!(one.unwrap(&b.secret(day).unwrap()).is_ok());
+        assert!(one.unwrap(&a.secret(day).unwrap()).is_err());
+    }
+
+    #[test]
+    fn wrap_to_refuses_no_keys_mixed_days_duplicates_and_too_many() {
+        let mut rng = ChaCha20Rng::seed_from_u64(8);
+        let day = Day(20_000);
+        let a = DayKeyRatchet::generate(&mut rng, day);
+        let b = DayKeyRatchet::generate(&mut rng, day);
+        let c = DayKeyRatchet::generate(&mut rng, day);
+        let key = SessionKey::generate(&mut rng, day);
+        let (pa, pb, pc) = (
+            a.public(day).unwrap(),
+            b.public(day).unwrap(),
+            c.public(day).unwrap(),
+        );
+        let wrap_err =
+            |r: Result<WrappedKey, EnvelopeError>| matches!(r, Err(EnvelopeError::Wrap(_)));
+        assert!(wrap_err(key.wrap_to(&[])));
+        assert!(wrap_err(
+            key.wrap_to(&[&pa, &b.public(day.plus(1)).unwrap()])
+        ));
+        assert!(wrap_err(key.wrap_to(&[&pa, &pa])));
+        assert!(wrap_err(key.wrap_to(&[&pa, &pb, &pc])));
+        let mut bad = pb.clone();
+        bad.recipient = "age1bad".into();
+        assert!(matches!(
+            key.wrap_to(&[&pa, &bad]),
+            Err(EnvelopeError::DayKey(_))
+        ));
+    }
+
+    #[test]
+    fn wrapped_key_bound_fits_two_recipients() {
+        // The worst case by age's format: version line, one X25519 stanza per recipient (a
+        // 53-byte line and a 44-byte body line), the grease stanza (a first line of at most
+        // 3 + 15 + 4 * 9 + 1 bytes, a body of at most 100 bytes: 134 base64 characters in
+        // lines of 64, 137 bytes), the MAC line, the 16-byte nonce and the 52-byte payload
+        // with its 16-byte tag; then this format's 21-byte header.
+        let grease = (3 + 15 + 4 * 9 + 1) + 137;
+        let worst = 21 + 22 + MAX_WRAP_RECIPIENTS * 97 + grease + 48 + 16 + 52 + 16;
+        assert!(worst <= MAX_WRAPPED_KEY_BYTES, "{worst}");
+        // And as measured, over many draws of the grease.
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let day = Day(20_000);
+        let a = DayKeyRatchet::generate(&mut rng, day).public(day).unwrap();
+        let b = DayKeyRatchet::generate(&mut rng, day).public(day).unwrap();
+        let key = SessionKey::generate(&mut rng, day);
+        let longest = (0..300)
+            .map(|_| key.wrap_to(&[&a, &b]).unwrap().to_bytes().len())
+            .max()
+            .unwrap();
+        assert!(longest <= worst, "{longest} > {worst}");
+        assert!(WrappedKey::from_bytes(&vec![ENVELOPE_VERSION; longest]).is_ok());
+    }
 
     fn partition(day: u32) -> PartitionId {
         PartitionId {

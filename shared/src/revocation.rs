@@ -12,6 +12,11 @@
 //! (iroh's TLS handshakes sign TLS transcripts) can be taken for a list. A list names its
 //! facility: one facility's list is no use at another.
 //!
+//! **Two hubs.** In a region of two hubs each signs its own lists with its own endpoint key. A
+//! device takes a list signed by either of its region's hubs ([`SignedRevocations::verify_by`]),
+//! keeps the newest per signer, and refuses a device that ANY list it holds names ([`union`]):
+//! revocations only grow, so a hub that has not heard of one yet cannot undo it.
+//!
 //! **Newest wins.** Revocations are never withdrawn, so the hub's list for a facility only
 //! grows: its `version` is how many of the facility's devices it revokes. Of two lists the one
 //! with the higher `(version, issued_at)` wins; an older or equal one from a peer is ignored.
@@ -161,6 +166,60 @@ impl SignedRevocations {
     }
 }
 
+impl SignedRevocations {
+    /// [`SignedRevocations::verify`] against each of `hubs` (the endpoint ids of the device's
+    /// region's hubs): the index of the hub that signed it and the list. A list no hub of
+    /// `hubs` signed is [`RevocationError::BadSignature`]; a signed list that is malformed or
+    /// of another facility is that error.
+    pub fn verify_by(
+        &self,
+        hubs: &[&str],
+        facility: &FacilityId,
+    ) -> Result<(usize, &RevocationList), RevocationError> {
+        let mut err = RevocationError::BadSignature;
+        for (i, hub) in hubs.iter().enumerate() {
+            match self.verify(hub, facility) {
+                Ok(list) => return Ok((i, list)),
+                Err(RevocationError::BadSignature | RevocationError::BadHubKey) => {}
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
+    }
+}
+
+/// Every device that any of `lists` (one per signing hub) names, as one list for the refusal
+/// checks (`revokes_device`, `revokes_endpoint`): of the first list's facility, its version
+/// the number of devices, issued at the newest list's time. `None` when `lists` is empty.
+/// Not signed: it is never handed on (siblings get each hub's own list).
+pub fn union<'a>(lists: impl IntoIterator<Item = &'a RevocationList>) -> Option<RevocationList> {
+    let mut out: Option<RevocationList> = None;
+    for l in lists {
+        let u = out.get_or_insert_with(|| RevocationList {
+            facility: l.facility.clone(),
+            version: 0,
+            issued_at: 0,
+            devices: Vec::new(),
+        });
+        u.issued_at = u.issued_at.max(l.issued_at);
+        for d in &l.devices {
+            if !u.devices.iter().any(|h| h.device_id == d.device_id) {
+                u.devices.push(d.clone());
+            } else if let Some(h) = u
+                .devices
+                .iter_mut()
+                .find(|h| h.device_id == d.device_id && h.endpoint_id.is_none())
+            {
+                h.endpoint_id.clone_from(&d.endpoint_id);
+            }
+        }
+    }
+    if let Some(u) = out.as_mut() {
+        u.version = u32::try_from(u.devices.len()).unwrap_or(u32::MAX);
+    }
+    out
+}
+
 /// Whether the hub sends its list (of `current` version, signed at the session) to a device
 /// whose hello says it holds `have` ([`crate::ticket::RefreshHave::revocations`]; `None`: a
 /// device that did not say, which gets it). Nothing while the facility has none revoked; else
@@ -280,6 +339,48 @@ mod tests {
             bad.sign(&secret).verify(&public, &fac("fac_01")),
             Err(RevocationError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_list_of_either_hub_verifies_and_the_union_refuses_what_any_names() {
+        let (secret_a, a) = hub();
+        let secret_b = [9u8; 32];
+        let b = hex::encode(SigningKey::from_bytes(&secret_b).verifying_key().to_bytes());
+        let hubs = [a.as_str(), b.as_str()];
+        let by_a = list(1, 1000).sign(&secret_a);
+        let mut lb = list(2, 2000);
+        lb.devices.remove(0);
+        lb.devices.push(RevokedDevice {
+            device_id: DeviceId::parse("dev_09").unwrap(),
+            endpoint_id: Some("09".into()),
+            revoked_at: 100,
+        });
+        let by_b = lb.sign(&secret_b);
+        assert_eq!(by_a.verify_by(&hubs, &fac("fac_01")).unwrap().0, 0);
+        assert_eq!(by_b.verify_by(&hubs, &fac("fac_01")).unwrap().0, 1);
+        // Only the hubs named: b's list is not a's.
+        assert_eq!(
+            by_b.verify_by(&hubs[..1], &fac("fac_01")),
+            Err(RevocationError::BadSignature)
+        );
+        assert_eq!(
+            list(1, 1).sign(&[3u8; 32]).verify_by(&hubs, &fac("fac_01")),
+            Err(RevocationError::BadSignature)
+        );
+        assert!(matches!(
+            by_b.verify_by(&hubs, &fac("fac_02")),
+            Err(RevocationError::WrongFacility(_))
+        ));
+        // a names dev_00; b names dev_01 and dev_09: the union refuses all three.
+        let u = union([&by_a.list, &by_b.list]).unwrap();
+        for d in ["dev_00", "dev_01", "dev_09"] {
+            assert!(u.revokes_device(&DeviceId::parse(d).unwrap()), "{d}");
+        }
+        assert!(u.revokes_endpoint("00") && u.revokes_endpoint("09"));
+        assert!(!u.revokes_device(&DeviceId::parse("dev_02").unwrap()));
+        assert_eq!((u.version, u.issued_at), (3, 2000));
+        assert_eq!(union(std::iter::empty()), None);
+        assert_eq!(union([&by_a.list]).unwrap(), by_a.list);
     }
 
     #[test]

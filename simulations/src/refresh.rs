@@ -80,6 +80,7 @@ impl HubRefresh {
             hub_addrs: None,
             // The simulation revokes no device: a hub sends no list (`revocation::hub_sends`).
             revocations: None,
+            ..Default::default()
         };
         (!refresh.is_empty()).then(|| refresh.to_bytes())
     }

@@ -1920,6 +1920,7 @@ fn refresh_for(
             roster: Some(roster),
             hub_addrs: Some(hub_addrs),
             revocations,
+            peer_hub: None,
         });
     };
     // The device's keys from today to its newest must be this hub's (a rebuilt hub has new
@@ -1945,6 +1946,7 @@ fn refresh_for(
             .is_some_and(|h| shared::ticket::digest(&hub_addrs) != h)
             .then_some(hub_addrs),
         revocations,
+        peer_hub: None,
     })
 }
 

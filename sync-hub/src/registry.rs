@@ -295,6 +295,7 @@ impl Hub {
             keyring: self.keyring()?,
             day_keys: self.day_keys(Day::of(now), DAY_KEYS_AHEAD)?,
             authority_recipient: self.config.authority_recipient.clone(),
+            peer_hubs: Vec::new(),
         };
         self.store.add_device(&device, &credential.digest())?;
         Ok(ticket)

@@ -447,6 +447,7 @@ fn a_forged_unsigned_or_older_list_from_a_sibling_is_ignored() -> Result<()> {
             roster: None,
             hub_addrs: None,
             revocations: Some(list),
+            ..Refresh::default()
         }
         .to_bytes();
         check_in_codes(&c, 1)?;
