@@ -1913,6 +1913,9 @@ fn refresh_for(
         have.and_then(|h| h.revocations),
         now,
     )?;
+    // The region's other hub, with its day keys from today on: the device wraps every
+    // session key to both hubs and fails over to it.
+    let peer_hub = crate::registry::peer(hub.store())?.map(|p| p.as_peer_hub(today));
     let Some(have) = have else {
         return Ok(Refresh {
             day_keys: all,
@@ -1920,7 +1923,7 @@ fn refresh_for(
             roster: Some(roster),
             hub_addrs: Some(hub_addrs),
             revocations,
-            peer_hub: None,
+            peer_hub,
         });
     };
     // The device's keys from today to its newest must be this hub's (a rebuilt hub has new
@@ -1946,7 +1949,13 @@ fn refresh_for(
             .is_some_and(|h| shared::ticket::digest(&hub_addrs) != h)
             .then_some(hub_addrs),
         revocations,
-        peer_hub: None,
+        // Only to a device that says which peer hub it holds, and only when it differs.
+        peer_hub: match (have.peer, peer_hub) {
+            (Some(held), Some(p)) if shared::ticket::peer_digest(have.from, Some(&p)) != held => {
+                Some(p)
+            }
+            _ => None,
+        },
     })
 }
 

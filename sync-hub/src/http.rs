@@ -265,6 +265,8 @@ where
         .hub
         .query(move |hub, ledger: &Ledger<'_>, metrics| {
             let desk = Desk::new(hub, ledger, crate::clock::now());
+            // A write: the hub link replicates registry edits at its next round.
+            metrics.admin_writes.fetch_add(1, Ordering::Relaxed);
             job(&desk, &who, metrics)
         })
         .await;

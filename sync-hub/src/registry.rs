@@ -295,7 +295,12 @@ impl Hub {
             keyring: self.keyring()?,
             day_keys: self.day_keys(Day::of(now), DAY_KEYS_AHEAD)?,
             authority_recipient: self.config.authority_recipient.clone(),
-            peer_hubs: Vec::new(),
+            // The region's other hub, when paired: the device wraps to both from its first
+            // scan and fails over to it.
+            peer_hubs: peer(&self.store)?
+                .map(|p| p.as_peer_hub(Day::of(now)))
+                .into_iter()
+                .collect(),
         };
         self.store.add_device(&device, &credential.digest())?;
         Ok(ticket)
@@ -595,6 +600,27 @@ pub struct PeerConfig {
     /// was made): the hubs compare partitions from the later of the two.
     #[serde(default)]
     pub oldest_day: Option<Day>,
+}
+
+impl PeerConfig {
+    /// The paired hub as devices learn it (ticket, refresh): its contact and its day keys
+    /// from `from` on.
+    pub fn as_peer_hub(&self, from: Day) -> shared::ticket::PeerHub {
+        shared::ticket::PeerHub {
+            contact: HubContact {
+                endpoint_id: self.endpoint_id.clone(),
+                addrs: self.addrs.clone(),
+                region: self.region.clone(),
+            },
+            day_keys: self
+                .day_keys
+                .iter()
+                .filter(|k| k.day >= from)
+                .take(shared::ticket::MAX_PEER_DAY_KEYS)
+                .cloned()
+                .collect(),
+        }
+    }
 }
 
 /// The paired hub, if any.

@@ -507,7 +507,17 @@ pub fn apply(
             _ => continue,
         }
     }
-    for e in entities {
+    // Then facilities before devices before credentials, each after what it refers to (the
+    // entities arrive sorted by key: `c/` before `d/` before `f/`).
+    let rank = |e: &Entity| match e {
+        Entity::Tombstone { .. } => 0,
+        Entity::Facility { .. } => 1,
+        Entity::Device { .. } => 2,
+        _ => 3,
+    };
+    let mut ordered: Vec<&Entity> = entities.iter().collect();
+    ordered.sort_by_key(|e| rank(e));
+    for e in ordered {
         match e {
             Entity::Tombstone { .. } => {}
             Entity::Facility { facility } => {

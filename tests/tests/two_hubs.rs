@@ -25,6 +25,24 @@ fn device_revoked(hub: &HubFixture, id: &str) -> bool {
     })
 }
 
+fn knows_device(hub: &HubFixture, id: &str) -> bool {
+    lines(hub, &["device", "list", "--json"])
+        .is_ok_and(|ds| ds.iter().any(|d| d["device_id"] == id))
+}
+
+/// Waits until the device enrolled at one hub is known at `other` (the link replicated it;
+/// a hub that dies before its next link round takes an enrollment only it knew with it).
+fn wait_for_device(other: &HubFixture, dev: &std::path::Path) -> Result<()> {
+    let id = fixture::device_status(dev)?["device_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if !wait_until(Duration::from_secs(30), || knows_device(other, &id)) {
+        bail!("the other hub never learned the device");
+    }
+    Ok(())
+}
+
 fn has_facility(hub: &HubFixture, id: &str) -> bool {
     lines(hub, &["facility", "list", "--json"])
         .is_ok_and(|fs| fs.iter().any(|f| f["facility_id"] == id))
@@ -188,6 +206,7 @@ fn a_device_fails_over_to_the_other_hub_in_one_round_and_either_hub_reads_its_vi
     wait_for_peer_keys(&a)?;
     // A ticket written after the pairing names both hubs and carries both hubs' keys.
     let dev = a.enroll_device("gate")?;
+    wait_for_device(&b, &dev)?;
     let mut tokens = check_in_codes(&dev, 3)?;
     sync_ok(&dev)?;
     // Hub A dies; the next round goes to B, no reset, nothing downloaded again.
@@ -239,6 +258,7 @@ fn killing_either_hub_at_random_moments_loses_no_acknowledged_visit() -> Result<
     wait_for_peer_keys(&a)?;
     wait_for_peer_keys(&b)?;
     let dev = a.enroll_device("gate")?;
+    wait_for_device(&b, &dev)?;
     let mut tokens = Vec::new();
     let fixtures = [&a, &b];
     for round in 0..ROUNDS {
