@@ -292,21 +292,13 @@ fn differing_facilities(
     ours: &BTreeMap<String, String>,
     theirs: &BTreeMap<String, String>,
 ) -> Vec<FacilityId> {
-    let mut out: Vec<FacilityId> = Vec::new();
-    for (f, d) in ours {
-        if theirs.get(f) != Some(d) {
-            if let Ok(id) = FacilityId::parse(f) {
-                out.push(id);
-            }
-        }
-    }
-    for f in theirs.keys() {
-        if !ours.contains_key(f) {
-            if let Ok(id) = FacilityId::parse(f) {
-                out.push(id);
-            }
-        }
-    }
+    let mut out: Vec<FacilityId> = ours
+        .iter()
+        .filter(|(f, d)| theirs.get(*f) != Some(*d))
+        .map(|(f, _)| f)
+        .chain(theirs.keys().filter(|f| !ours.contains_key(*f)))
+        .filter_map(|f| FacilityId::parse(f).ok())
+        .collect();
     out.sort();
     out.dedup();
     out
@@ -493,11 +485,12 @@ fn dial_addr(peer: &PeerConfig) -> Result<EndpointAddr, String> {
         if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
             addr = addr.with_ip_addr(sa);
             any = true;
-        } else if let Ok(mut resolved) = std::net::ToSocketAddrs::to_socket_addrs(a.as_str()) {
-            if let Some(sa) = resolved.next() {
-                addr = addr.with_ip_addr(sa);
-                any = true;
-            }
+        } else if let Some(sa) = std::net::ToSocketAddrs::to_socket_addrs(a.as_str())
+            .ok()
+            .and_then(|mut r| r.next())
+        {
+            addr = addr.with_ip_addr(sa);
+            any = true;
         }
     }
     if !any {

@@ -360,7 +360,7 @@ pub fn contacts_since(store: &Store, since: UnixSeconds) -> Result<Vec<Contact>,
         .into_iter()
         .filter_map(|d| {
             let last = d.last_sync?;
-            (last >= since).then(|| Contact {
+            (last >= since).then_some(Contact {
                 device: d.id,
                 last_sync: last,
                 clock_offset: d.clock_offset,

@@ -95,6 +95,17 @@ fn every_command() -> Vec<AdminCommand> {
             limit: None,
             verify: true,
         },
+        AdminCommand::PeerAdd {
+            pairing: sync_hub::replica::PairingFile {
+                kind: sync_hub::replica::PAIRING_KIND.into(),
+                endpoint_id: "ab".repeat(32),
+                addrs: vec!["127.0.0.1:7447".into()],
+                region: "mapo".into(),
+                authority_recipient: String::new(),
+            },
+        },
+        AdminCommand::PeerStatus,
+        AdminCommand::PeerShow,
     ];
     for c in &all {
         match c {
@@ -116,7 +127,10 @@ fn every_command() -> Vec<AdminCommand> {
             | AdminCommand::DesignationRemove { .. }
             | AdminCommand::Compliance { .. }
             | AdminCommand::SharedCodes { .. }
-            | AdminCommand::Audit { .. } => {}
+            | AdminCommand::Audit { .. }
+            | AdminCommand::PeerAdd { .. }
+            | AdminCommand::PeerStatus
+            | AdminCommand::PeerShow => {}
         }
     }
     all
