@@ -469,12 +469,14 @@ impl Store {
         }
     }
 
-    /// Records a tombstone (`f/<id>`, `g/<id>`) unless one is there.
+    /// Records a tombstone (`f/<id>`, `g/<id>`), keeping the earlier time when there is one
+    /// (both hubs removing one thing must end with one tombstone).
     pub fn put_tombstone(&self, key: &str, at: UnixSeconds) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(TOMBSTONES)?;
-            if t.get(key)?.is_none() {
+            let old = t.get(key)?.map(|v| v.value());
+            if old.is_none_or(|o| at < o) {
                 t.insert(key, at)?;
             }
         }

@@ -328,15 +328,58 @@ pub fn differing(ours: &[String], theirs: &[String]) -> Vec<usize> {
     (0..BUCKETS).filter(|&i| ours[i] != theirs[i]).collect()
 }
 
-/// The entities of `entities` in `buckets`, at most [`MAX_ENTITIES_PER_MESSAGE`].
-pub fn in_buckets(entities: &[Entity], buckets: &[usize]) -> Vec<Entity> {
+/// The entities of `entities` in `buckets`, whole buckets at a time up to `cap` entities,
+/// beginning at bucket `start` and going round: when more differ than one message carries,
+/// the next exchange (another `start`) carries others, so every bucket travels within a few
+/// rounds. A single bucket larger than `cap` travels alone, cut at `cap`. Within the message
+/// tombstones come first, then facilities, then devices, then the rest: each after what it
+/// refers to.
+pub fn in_buckets_from(
+    entities: &[Entity],
+    buckets: &[usize],
+    cap: usize,
+    start: usize,
+) -> Vec<Entity> {
+    let mut by_bucket: BTreeMap<usize, Vec<&Entity>> = BTreeMap::new();
     let wanted: std::collections::BTreeSet<usize> = buckets.iter().copied().collect();
-    entities
-        .iter()
-        .filter(|e| wanted.contains(&bucket_of(&e.key())))
-        .take(MAX_ENTITIES_PER_MESSAGE)
-        .cloned()
-        .collect()
+    for e in entities {
+        let b = bucket_of(&e.key());
+        if wanted.contains(&b) {
+            by_bucket.entry(b).or_default().push(e);
+        }
+    }
+    let mut out: Vec<Entity> = Vec::new();
+    let order = (0..BUCKETS).map(|i| (start + i) % BUCKETS);
+    for b in order {
+        let Some(these) = by_bucket.get(&b) else {
+            continue;
+        };
+        if !out.is_empty() && out.len() + these.len() > cap {
+            continue;
+        }
+        out.extend(these.iter().take(cap).map(|e| (*e).clone()));
+        if out.len() >= cap {
+            break;
+        }
+    }
+    out.sort_by_key(|e| (apply_rank(e), e.key()));
+    out
+}
+
+/// [`in_buckets_from`] with [`MAX_ENTITIES_PER_MESSAGE`] from a random bucket.
+pub fn in_buckets(entities: &[Entity], buckets: &[usize]) -> Vec<Entity> {
+    let start = usize::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng) as u8);
+    in_buckets_from(entities, buckets, MAX_ENTITIES_PER_MESSAGE, start)
+}
+
+/// The order [`apply`] takes entities in: each after what it refers to.
+fn apply_rank(e: &Entity) -> u8 {
+    match e {
+        Entity::Tombstone { .. } => 0,
+        Entity::Facility { .. } => 1,
+        Entity::Device { .. } => 2,
+        _ => 3,
+    }
 }
 
 /// A device's last contact with a hub, as the peer hub learns it.
@@ -431,23 +474,73 @@ fn merge_device(ours: &DeviceRecord, theirs: &DeviceRecord) -> (DeviceRecord, bo
     (merged, conflict)
 }
 
+/// The union of two keyrings, where two copies of one key id (issuer, key) meet by the rule
+/// "the restriction wins": the later `not_before` and the earlier `not_after` (a key is ended
+/// by importing it again with an earlier `not_after`, and that must hold at both hubs). Two
+/// different public keys under one id is a conflict nobody can settle here: that id is
+/// trusted at neither hub until an operator imports one of them again at both.
 fn merge_keyring(ours: &Keyring, theirs: &Keyring) -> Result<Keyring, HubError> {
-    let mut by_id: BTreeMap<(u16, u8), shared::token::IssuerKey> = BTreeMap::new();
+    let mut by_id: BTreeMap<(u16, u8), Option<shared::token::IssuerKey>> = BTreeMap::new();
     for k in ours.iter().chain(theirs.iter()) {
         let id = (k.issuer_id(), k.key_id());
-        let keep = match by_id.get(&id) {
-            Some(old) => key_json(k) > key_json(old),
-            None => true,
+        let merged = match by_id.get(&id) {
+            None => Some(k.clone()),
+            Some(None) => None,
+            Some(Some(old)) if old.public_key() != k.public_key() => None,
+            Some(Some(old)) => {
+                let name = if key_json(k) > key_json(old) {
+                    k.name()
+                } else {
+                    old.name()
+                };
+                let mut pk = [0u8; 32];
+                pk.copy_from_slice(old.public_key().as_bytes());
+                Some(shared::token::IssuerKey::new(
+                    id.0,
+                    id.1,
+                    name,
+                    &pk,
+                    old.not_before().max(k.not_before()),
+                    old.not_after().min(k.not_after()),
+                )?)
+            }
         };
-        if keep {
-            by_id.insert(id, k.clone());
-        }
+        by_id.insert(id, merged);
     }
     let mut ring = Keyring::new();
-    for k in by_id.into_values() {
+    for k in by_id.into_values().flatten() {
         ring.insert(k)?;
     }
     Ok(ring)
+}
+
+/// Whether `id` is a designation id as this code makes them (`des_` and 12 hex digits).
+fn is_designation_id(id: &str) -> bool {
+    id.strip_prefix("des_")
+        .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A device row from the peer holds what `enroll` and a sync would write: a name of 1 to 60
+/// characters, an endpoint id of 64 hex digits, at most 8 socket addresses.
+fn check_device_row(d: &DeviceRecord) -> Result<(), String> {
+    let n = d.name.chars().count();
+    if n == 0 || n > 60 || d.name.chars().any(char::is_control) {
+        return Err("a name that is not 1 to 60 characters".into());
+    }
+    if d.endpoint_id
+        .as_ref()
+        .is_some_and(|e| e.len() != 64 || hex::decode(e).is_err())
+    {
+        return Err("an endpoint id that is not 64 hex digits".into());
+    }
+    if d.addrs.len() > 8
+        || d.addrs
+            .iter()
+            .any(|a| a.parse::<std::net::SocketAddr>().is_err())
+    {
+        return Err("addresses that are not at most 8 socket addresses".into());
+    }
+    Ok(())
 }
 
 /// One key in the keyring file's form: what decides between two keys with one id.
@@ -470,6 +563,10 @@ pub fn apply(
     now: UnixSeconds,
 ) -> Result<Applied, HubError> {
     let store = hub.store();
+    // The sender caps its messages; a peer that does not is cut here (the next exchange
+    // carries the rest).
+    let entities = &entities[..entities.len().min(MAX_ENTITIES_PER_MESSAGE)];
+    let contacts = &contacts[..contacts.len().min(MAX_CONTACTS_PER_MESSAGE)];
     let mut applied = Applied::default();
     let mut revoke: Vec<(Revoked, String)> = Vec::new();
     // Tombstones first: a removal wins over the copy that arrives with it.
@@ -486,6 +583,9 @@ pub fn apply(
                     continue;
                 };
                 if store.has_tombstone(key)? {
+                    // Both hubs removed it: keep the earlier time at both, or the bucket
+                    // would differ for ever.
+                    store.put_tombstone(key, *at)?;
                     continue;
                 }
                 store.put_tombstone(key, *at)?;
@@ -497,7 +597,13 @@ pub fn apply(
                 applied.changed.push(e.key());
             }
             "g" => {
-                if id.len() > 64 || store.has_tombstone(key)? {
+                // Only a designation this hub holds, or could: `des_` and 12 hex digits (a
+                // peer must not fill the table with tombstones of made-up ids).
+                if !is_designation_id(id) {
+                    continue;
+                }
+                if store.has_tombstone(key)? {
+                    store.put_tombstone(key, *at)?;
                     continue;
                 }
                 store.put_tombstone(key, *at)?;
@@ -507,16 +613,22 @@ pub fn apply(
             _ => continue,
         }
     }
-    // Then facilities before devices before credentials, each after what it refers to (the
-    // entities arrive sorted by key: `c/` before `d/` before `f/`).
-    let rank = |e: &Entity| match e {
-        Entity::Tombstone { .. } => 0,
-        Entity::Facility { .. } => 1,
-        Entity::Device { .. } => 2,
-        _ => 3,
-    };
+    // Then facilities before devices before credentials, each after what it refers to.
     let mut ordered: Vec<&Entity> = entities.iter().collect();
-    ordered.sort_by_key(|e| rank(e));
+    ordered.sort_by_key(|e| apply_rank(e));
+    let arriving: std::collections::BTreeSet<&FacilityId> = entities
+        .iter()
+        .filter_map(|e| match e {
+            Entity::Facility { facility } => Some(&facility.id),
+            _ => None,
+        })
+        .collect();
+    let mut designations: std::collections::BTreeSet<String> =
+        crate::gov::designations(store, None)
+            .map_err(|e| HubError::Invalid(e.to_string()))?
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
     for e in ordered {
         match e {
             Entity::Tombstone { .. } => {}
@@ -532,6 +644,10 @@ pub fn apply(
                 if store.has_tombstone(&format!("f/{}", facility.id))? {
                     continue;
                 }
+                if let Err(e) = facility.registration.validate() {
+                    tracing::warn!("the peer hub sent facility {}: {e}; skipped", facility.id);
+                    continue;
+                }
                 let merged = match store.facility(&facility.id)? {
                     Some(ours) => merge_facility(&ours, facility),
                     None => facility.clone(),
@@ -544,14 +660,14 @@ pub fn apply(
             Entity::Device { device } => {
                 let gone = store.has_tombstone(&format!("f/{}", device.facility))?;
                 let known_facility = store.facility(&device.facility)?.is_some();
-                if !gone && !known_facility {
-                    // Its facility did not arrive (another region's, or later in this
-                    // exchange's order): the next exchange brings it.
-                    if !entities.iter().any(|x| {
-                        matches!(x, Entity::Facility { facility } if facility.id == device.facility)
-                    }) {
-                        continue;
-                    }
+                if !gone && !known_facility && !arriving.contains(&device.facility) {
+                    // Its facility did not arrive (another region's, or in a bucket a later
+                    // exchange carries): that exchange brings it.
+                    continue;
+                }
+                if let Err(why) = check_device_row(device) {
+                    tracing::warn!("the peer hub sent device {}: {why}; skipped", device.id);
+                    continue;
                 }
                 let ours = store.device(&device.id)?;
                 let (mut merged, conflict) = match &ours {
@@ -589,16 +705,12 @@ pub fn apply(
                 }
             }
             Entity::Designation { designation } => {
-                if store.has_tombstone(&format!("g/{}", designation.id))?
-                    || designation.id.len() > 64
+                if !is_designation_id(&designation.id)
+                    || store.has_tombstone(&format!("g/{}", designation.id))?
                 {
                     continue;
                 }
-                let exists = crate::gov::designations(store, None)
-                    .map_err(|e| HubError::Invalid(e.to_string()))?
-                    .iter()
-                    .any(|d| d.id == designation.id);
-                if !exists {
+                if designations.insert(designation.id.clone()) {
                     crate::gov::put_designation(store, designation)
                         .map_err(|e| HubError::Invalid(e.to_string()))?;
                     applied.changed.push(e.key());
@@ -624,9 +736,25 @@ pub fn apply(
         if d.last_sync.is_none_or(|l| l < at) {
             d.last_sync = Some(at);
             d.clock_offset = c.clock_offset;
-            d.addrs = c.addrs.iter().take(8).cloned().collect();
+            d.addrs = c
+                .addrs
+                .iter()
+                .filter(|a| a.parse::<std::net::SocketAddr>().is_ok())
+                .take(8)
+                .cloned()
+                .collect();
             store.put_device(&d)?;
             applied.contacts += 1;
+        }
+    }
+    // Every revoked row on the keyed list, also those an earlier apply revoked but could not
+    // list (a store error, a crash between the two writes).
+    let listed =
+        crate::auth::revocations(store).map_err(|e| HubError::Revocation(e.to_string()))?;
+    for d in store.devices()?.into_iter().filter(|d| d.revoked) {
+        let id = d.id.to_string();
+        if !listed.contains(Revoked::Device, &id) && !revoke.iter().any(|(_, r)| *r == id) {
+            revoke.push((Revoked::Device, id));
         }
     }
     if !revoke.is_empty() {
@@ -736,5 +864,112 @@ mod tests {
         };
         let e = PairingFile::parse(&serde_json::to_vec(&other).unwrap_or_default());
         assert!(format!("{e:?}").contains("not a hub pairing file"));
+    }
+
+    fn designation(n: usize) -> Entity {
+        Entity::Tombstone {
+            key: format!("g/des_{n:012x}"),
+            at: 1,
+        }
+    }
+
+    #[test]
+    fn a_backlog_larger_than_a_message_travels_in_whole_buckets_over_rounds() {
+        let entities: Vec<Entity> = (0..2_000).map(designation).collect();
+        let all: Vec<usize> = (0..BUCKETS).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for round in 0..12 {
+            let msg = in_buckets_from(&entities, &all, 300, (round * 97) % BUCKETS);
+            assert!(msg.len() <= 300);
+            // Whole buckets: every entity of a bucket it carries is in it.
+            let carried: std::collections::BTreeSet<usize> =
+                msg.iter().map(|e| bucket_of(&e.key())).collect();
+            for b in &carried {
+                let whole = entities
+                    .iter()
+                    .filter(|e| bucket_of(&e.key()) == *b)
+                    .count();
+                let got = msg.iter().filter(|e| bucket_of(&e.key()) == *b).count();
+                assert_eq!(whole, got, "bucket {b} cut in half");
+            }
+            seen.extend(msg.into_iter().map(|e| e.key()));
+        }
+        // Not the same prefix for ever: rounds from other buckets carry the rest.
+        assert_eq!(
+            seen.len(),
+            entities.len(),
+            "every entity travelled within 12 rounds"
+        );
+        // Tombstones and facilities go first in a message.
+        let mixed = vec![
+            Entity::Issuers {
+                keyring: Keyring::new(),
+            },
+            designation(1),
+        ];
+        let msg = in_buckets_from(&mixed, &all, 10, 0);
+        assert!(matches!(msg[0], Entity::Tombstone { .. }));
+    }
+
+    fn key(not_before: u64, not_after: u64, seed: u8) -> shared::token::IssuerKey {
+        let issuer = shared::token::TestIssuer::new([seed; 32], 1, 1);
+        let mut ring = Keyring::new();
+        let _ = ring.insert(issuer.keyring_entry("naver", not_before, not_after));
+        ring.iter()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| panic!("a key"))
+    }
+
+    fn ring(keys: &[shared::token::IssuerKey]) -> Keyring {
+        let mut r = Keyring::new();
+        for k in keys {
+            r.insert(k.clone()).unwrap_or_else(|e| panic!("{e}"));
+        }
+        r
+    }
+
+    #[test]
+    fn an_issuer_key_ended_at_one_hub_stays_ended_at_both() {
+        let open = ring(&[key(0, 4_102_444_800, 7)]);
+        let ended = ring(&[key(0, 1_000, 7)]);
+        for (a, b) in [(&open, &ended), (&ended, &open)] {
+            let m = merge_keyring(a, b).unwrap_or_else(|e| panic!("{e}"));
+            let k = m.iter().next().unwrap_or_else(|| panic!("kept"));
+            assert_eq!(k.not_after(), 1_000, "the restriction wins in both orders");
+        }
+        // Two different public keys under one id: trusted at neither.
+        let other = ring(&[key(0, 4_102_444_800, 9)]);
+        let m = merge_keyring(&open, &other).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn two_removals_of_one_thing_end_with_one_tombstone() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let hub = Hub::init(tmp.path(), "mapo", None, vec![], None, 1_750_000_000)
+            .unwrap_or_else(|e| panic!("init: {e}"))
+            .hub;
+        hub.store()
+            .put_tombstone("g/des_00000000000a", 500)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let theirs = vec![Entity::Tombstone {
+            key: "g/des_00000000000a".into(),
+            at: 300,
+        }];
+        apply(&hub, &theirs, &[], 1_750_000_000).unwrap_or_else(|e| panic!("{e}"));
+        let snap = snapshot(hub.store(), &Keyring::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(buckets(&snap), buckets(&theirs), "the earlier time at both");
+        // A made-up id is not stored.
+        let junk = vec![Entity::Tombstone {
+            key: "g/anything-at-all".into(),
+            at: 1,
+        }];
+        apply(&hub, &junk, &[], 1_750_000_000).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !hub.store()
+                .has_tombstone("g/anything-at-all")
+                .unwrap_or(true)
+        );
     }
 }

@@ -299,14 +299,91 @@ fn demo() -> Result<()> {
         trace["unsynced_facilities"]
     );
 
-    say("7. Thirty days pass: retention destroys everything, at the hub and at every device");
+    say(
+        "7. A second hub joins the region; the first hub's machine dies; the outdoor stall carries on with the second",
+    );
+    let hub_b = fixture::pair_second_hub(&hub)?;
+    let _hub_b_run = hub_b.start_with(&[], &[fixture::FAST_LINK])?;
+    println!(
+        "   hub B {} paired with hub A (`init --peer`, `peer add`): no secret moved between them",
+        hub_b.data.display()
+    );
+    let knows_b = || {
+        run_ok("sync-hub", &["--data", &h, "peer", "status", "--json"])
+            .ok()
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(o.trim()).ok())
+            .is_some_and(|p| !p["day_keys_until"].is_null())
+    };
+    if !wait_until(Duration::from_secs(60), knows_b) {
+        bail!("hub A never learned hub B's day keys");
+    }
+    let out = sync_once(&stall, &[])?;
+    if !out.status.success() {
+        bail!("outdoor-stall could not sync with hub A");
+    }
+    println!("   outdoor-stall syncs with hub A and learns hub B and its day keys");
+    let late_token: [u8; 16] = rand::random();
+    let late = write(
+        "market-late",
+        &issuer.issue(fixture::now(), 15, late_token),
+        Damage::Clean,
+    )?;
+    println!("   a late visitor at the stall (sealed to both hubs):");
+    scan(&stall, std::slice::from_ref(&late))?;
     drop(_hub_run);
+    println!("   hub A's machine dies");
+    let started = std::time::Instant::now();
+    let out = sync_once(&stall, &[])?;
+    if !out.status.success() {
+        bail!(
+            "outdoor-stall did not fail over to hub B: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "   outdoor-stall syncs with hub B after one dial timeout ({:.1} s for the round)",
+        started.elapsed().as_secs_f64()
+    );
+    let out = run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &hub_b.data_str(),
+            "trace",
+            "--token",
+            &hex::encode(late_token),
+            "--json",
+        ],
+    )?;
+    let trace: serde_json::Value = serde_json::from_str(out.trim())?;
+    println!(
+        "   a trace at hub B finds the late visit: {} visit(s); hub B says hub A did not answer: {}",
+        trace["visits"].as_array().map(Vec::len).unwrap_or(0),
+        trace["answered_by"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["answered"] == false))
+    );
+    drop(_hub_b_run);
+
+    say("8. Thirty days pass: retention destroys everything, at both hubs and at every device");
     let later = (now + 30 * 86_400).to_string();
     let p = run_ok(
         "sync-hub",
         &["--data", &h, "purge", "--as-of", &later, "--json"],
     )?;
     println!("   hub purge: {}", p.trim());
+    let p = run_ok(
+        "sync-hub",
+        &[
+            "--data",
+            &hub_b.data_str(),
+            "purge",
+            "--as-of",
+            &later,
+            "--json",
+        ],
+    )?;
+    println!("   hub B purge: {}", p.trim());
     for d in [&gate1, &gate2, &stall] {
         let out = run(
             "edge-node",
@@ -349,6 +426,9 @@ fn demo() -> Result<()> {
     );
     println!(
         "   one device reached the hub only through its sibling; a trace found the case and its contacts;"
+    );
+    println!(
+        "   a second hub took over the region when the first died, and read the visits sealed to both;"
     );
     println!(
         "   28 days and a partition later nothing readable is left anywhere. Temporary folders are removed now."
