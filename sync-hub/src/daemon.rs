@@ -943,7 +943,7 @@ pub fn start(
     let stop_flag = stopping.clone();
     // Check the ledger opens before reporting success.
     Ledger::open(hub.store(), hub.keys()).map_err(|e| HubError::Invalid(e.to_string()))?;
-    let known: std::collections::HashSet<String> = hub
+    let mut known: std::collections::HashSet<String> = hub
         .store()
         .devices()
         .map_err(|e| HubError::Invalid(format!("cannot read the devices: {e}")))?
@@ -951,6 +951,10 @@ pub fn start(
         .filter(|d| !d.revoked)
         .filter_map(|d| d.endpoint_id)
         .collect();
+    // The paired hub's sessions are not evicted first under a flood of strangers.
+    if let Ok(Some(p)) = crate::replica::peer(hub.store()) {
+        known.insert(p.endpoint_id);
+    }
     let hub = Arc::new(hub);
     let shared = hub.clone();
     let thread = std::thread::Builder::new()
@@ -1097,8 +1101,16 @@ async fn connection(
         return Ok(());
     }
     if conn.alpn() == crate::replica::ALPN_LINK {
-        // The registry exchange of the region's other hub: handed to the link task, which
-        // closes any endpoint but the paired one at once.
+        // The registry exchange of the region's other hub: anyone else is closed here, before
+        // it holds a link slot or counts as admitted; the paired hub's goes to the link task.
+        let paired = crate::replica::peer(handle.hub.store())
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.endpoint_id == remote_hex);
+        if !paired {
+            conn.close(CLOSE_NO_HELLO.into(), b"not the paired hub");
+            return Err("a hub link from an endpoint that is not the paired hub".to_owned());
+        }
         admitted.store(true, Ordering::Release);
         match links {
             Some(tx) if tx.try_send(conn.clone()).is_ok() => {

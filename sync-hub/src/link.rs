@@ -403,12 +403,32 @@ async fn answer_trace(handle: &HubHandle, remote: &str, ask: TraceAsk) -> TraceA
         region: None,
         local: false,
     };
+    // Off the actor, over a reader of its ledger (as the people's traces are), one at a time;
+    // the audit entry is appended on the actor before the answer leaves.
+    static PEER_TRACES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(_permit) = PEER_TRACES.try_acquire() else {
+        return failed("this hub is answering another trace of the paired hub; ask again".into());
+    };
+    let keys = match handle.query(|_, ledger, _| ledger.read_keys()).await {
+        Ok(Ok(k)) => k,
+        Ok(Err(e)) => return failed(e.to_string()),
+        Err(e) => return failed(e),
+    };
+    let shared = handle.hub.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let ledger = crate::ledger::Ledger::reader(shared.store(), shared.keys(), keys);
+        crate::trace::read(&shared, &ledger, &q, now).map_err(|e| e.to_string())
+    })
+    .await;
+    let (report, mut event) = match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return failed(e),
+        Err(e) => return failed(format!("the trace failed: {e}")),
+    };
+    event.action = "trace.for_peer_hub".to_owned();
     let r = handle
         .query(
-            move |hub, ledger, _| -> Result<crate::trace::TraceReport, String> {
-                let (report, mut event) =
-                    crate::trace::read(hub, ledger, &q, now).map_err(|e| e.to_string())?;
-                event.action = "trace.for_peer_hub".to_owned();
+            move |hub, _, _| -> Result<crate::trace::TraceReport, String> {
                 hub.audit()
                     .append(&who, event, now)
                     .map_err(|e| format!("not answered: it could not be audited here: {e}"))?;
@@ -501,6 +521,13 @@ fn dial_addr(peer: &PeerConfig) -> Result<EndpointAddr, String> {
 
 /// One exchange with the paired hub, then a session per differing facility.
 pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Round>, String> {
+    // A hub of its region alone does nothing more than read one setting.
+    if replica::peer(handle.hub.store())
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        return Ok(None);
+    }
     let own = own(handle, None).await?;
     let Some(peer) = own.peer.clone() else {
         return Ok(None);
@@ -613,12 +640,20 @@ pub async fn run(
     let answering = {
         let handle = handle.clone();
         tokio::spawn(async move {
+            // One answer at a time: the paired hub has no reason to open more, and a hostile
+            // one must not make this hub answer many at once.
+            let one = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
             while let Some(conn) = incoming.recv().await {
+                let Ok(permit) = one.clone().try_acquire_owned() else {
+                    conn.close(2u32.into(), b"one link exchange at a time");
+                    continue;
+                };
                 let handle = handle.clone();
                 tokio::spawn(async move {
                     if let Err(e) = respond(conn, handle).await {
                         tracing::info!("hub link (answering): {e}");
                     }
+                    drop(permit);
                 });
             }
         })

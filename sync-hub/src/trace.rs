@@ -384,11 +384,16 @@ pub fn merge_peer_answer(
                         short(peer_id)
                     ));
                 }
-                None => local.notes.push(format!(
-                    "the region's other hub ({}) did not answer ({why}): visits that reached \
-                     only it in the last minutes may be missing",
-                    short(peer_id)
-                )),
+                None => {
+                    // Its devices' contacts reached this hub, but their visits may not have
+                    // yet: a facility this hub calls synced may hold visits only it has.
+                    local.incomplete = true;
+                    local.notes.push(format!(
+                        "the region's other hub ({}) did not answer ({why}): visits that reached \
+                         only it may be missing",
+                        short(peer_id)
+                    ));
+                }
             }
             local.answered_by.push(AnsweredBy {
                 hub: peer_id.to_owned(),
@@ -1143,7 +1148,10 @@ mod tests {
         assert!(merged.answered_by[0].answered);
         // A silent peer: complete when this hub can read every day, incomplete otherwise.
         let quiet = merge_peer_answer(local.clone(), "peerhub", &query(), None, Err("down".into()));
-        assert!(!quiet.incomplete);
+        assert!(
+            quiet.incomplete,
+            "visits that reached only the silent peer may be missing"
+        );
         assert!(!quiet.answered_by[0].answered);
         let (own, before) = readable_split(&query(), 5 * 86_400 + 7);
         assert_eq!(own, (Day(5), Day(10)));
