@@ -1259,16 +1259,27 @@ impl Device {
         if let Some(offered) = &refresh.peer_hub {
             let known = self.region_hubs();
             let known: Vec<&str> = known.iter().map(String::as_str).collect();
-            match peer_hub_update(&enrollment.hub.region, from, &known, offered) {
+            let enrolled_id = enrollment.hub.endpoint_id.clone();
+            match peer_hub_update(&enrollment.hub.region, from, &enrolled_id, &known, offered) {
                 PeerHubUpdate::Update if from_enrolled => {
+                    // The peer as the enrolled hub relays it: its addresses only while the
+                    // peer has never answered this device itself, its keys only for days the
+                    // device holds none of.
+                    let first_hand = self.admitted_by()?;
                     if let Some(p) = peer.as_mut() {
-                        p.contact.addrs.clone_from(&offered.contact.addrs);
-                        p.day_keys = merge(&p.day_keys, &offered.day_keys);
+                        if !first_hand
+                            .iter()
+                            .any(|h| h.eq_ignore_ascii_case(&p.contact.endpoint_id))
+                        {
+                            p.contact.addrs.clone_from(&offered.contact.addrs);
+                        }
+                        p.day_keys = shared::device::relayed_keys(&p.day_keys, &offered.day_keys);
                     }
                 }
                 PeerHubUpdate::Update => {
-                    enrolled_keys = merge(&enrolled_keys, &offered.day_keys);
-                    enrolled_addrs = Some(offered.contact.addrs.clone());
+                    // The enrolled hub as the peer relays it: never its addresses (the device
+                    // got them first-hand), its keys only for days the device holds none of.
+                    enrolled_keys = shared::device::relayed_keys(&enrolled_keys, &offered.day_keys);
                 }
                 PeerHubUpdate::Replace if from_enrolled => {
                     tracing::info!(
@@ -1279,15 +1290,14 @@ impl Device {
                     peer = Some(offered.clone());
                 }
                 PeerHubUpdate::Replace => {
-                    tracing::warn!(
-                        old = %enrollment.hub.endpoint_id,
-                        new = %offered.contact.endpoint_id,
-                        "the peer hub names a rebuilt hub in place of the one this device enrolled with"
+                    // Only the enrolled hub may name a hub the device does not know
+                    // (`peer_hub_update`); a device that knew only its peer takes it as peer.
+                    tracing::info!(
+                        hub = %offered.contact.endpoint_id,
+                        "the region's other hub is named by the hub answering"
                     );
-                    retired.push(enrollment.hub.endpoint_id.clone());
-                    enrollment.hub = offered.contact.clone();
-                    enrolled_keys = offered.day_keys.clone();
-                    enrolled_addrs = Some(offered.contact.addrs.clone());
+                    retired.extend(peer.as_ref().map(|p| p.contact.endpoint_id.clone()));
+                    peer = Some(offered.clone());
                 }
                 PeerHubUpdate::Ignore(why) => {
                     tracing::warn!(hub = from, "ignoring the peer hub in the refresh: {why}");
@@ -2456,9 +2466,11 @@ mod two_hub_tests {
         assert_eq!(peer.day_keys, b.ratchet.publics(Day::of(NOON), 40));
         assert_eq!(peer.contact.addrs, vec!["127.0.0.1:7449".to_owned()]);
         assert_eq!(dev.day_keys, a_keys, "a's keys are a's");
+        // The enrolled hub's addresses come from itself only: the peer's copy is not taken
+        // (review finding 3: a peer hub must not be able to cut the device off from it).
         assert_eq!(
             crate::hub_addrs::current(&dev),
-            vec!["127.0.0.1:7450".to_owned()]
+            vec!["127.0.0.1:7447".to_owned()]
         );
         assert_eq!(dev.enrollment().hub.endpoint_id, a.id);
 
@@ -2473,7 +2485,11 @@ mod two_hub_tests {
             &dev.roster().unwrap(),
         );
         assert_eq!(to_b.day_keys, expect.day_keys);
-        assert_eq!(to_b.peer, Some(peer_digest(Day::of(NOON), Some(&a_moved))));
+        assert_eq!(
+            to_b.peer,
+            Some(peer_digest(Day::of(NOON), dev.other_hub(&b.id).as_ref()))
+        );
+        assert_ne!(to_b.peer, Some(peer_digest(Day::of(NOON), Some(&a_moved))));
         let to_a = dev.refresh_have_for(NOON, Some(&a.id)).unwrap();
         assert_eq!(to_a.peer, Some(peer_digest(Day::of(NOON), dev.peer_hub())));
 
@@ -2514,11 +2530,12 @@ mod two_hub_tests {
     }
 
     #[test]
-    fn a_rebuilt_hub_with_a_new_id_replaces_the_one_it_rebuilds() {
+    fn a_rebuilt_peer_hub_is_taken_from_the_enrolled_hub_only() {
         let tmp = tempfile::tempdir().unwrap();
         let (a, b, c, d) = (hub(1), hub(2), hub(3), hub(4));
         let mut dev = enrolled_two(&tmp, &a, &b, 35);
-        // a names a new peer: b was rebuilt as d.
+        let a_keys = dev.day_keys.clone();
+        // a (the enrolled hub) names a new peer: b was rebuilt as d.
         dev.apply_refresh_from(
             &a.id,
             &Refresh {
@@ -2528,7 +2545,8 @@ mod two_hub_tests {
         )
         .unwrap();
         assert_eq!(dev.region_hubs(), vec![a.id.clone(), d.id.clone()]);
-        // d names a third endpoint: a was rebuilt as c; d stays, c takes a's place.
+        // d names a third endpoint in a's place: refused (review finding 3). A compromised or
+        // mis-paired peer hub cannot cut the device off from the hub it enrolled with.
         dev.apply_refresh_from(
             &d.id,
             &Refresh {
@@ -2537,21 +2555,27 @@ mod two_hub_tests {
             },
         )
         .unwrap();
-        assert_eq!(dev.region_hubs(), vec![c.id.clone(), d.id.clone()]);
-        assert!(dev.day_keys.is_empty(), "c's keys have not arrived");
-        assert_eq!(
-            crate::hub_addrs::current(&dev),
-            vec!["127.0.0.1:7455".to_owned()]
-        );
-        // Sealing goes on under d's keys.
+        assert_eq!(dev.region_hubs(), vec![a.id.clone(), d.id.clone()]);
+        assert_eq!(dev.day_keys, a_keys, "a's keys stay a's");
+        // Nor may it swap a's keys for its own: a relayed copy fills missing days only.
+        dev.apply_refresh_from(
+            &d.id,
+            &Refresh {
+                peer_hub: Some(peer_of(&a, 7447, 40)),
+                ..Refresh::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(&dev.day_keys[..a_keys.len()], &a_keys[..]);
+        // Sealing goes on to a and d.
         scan(&mut dev, NOON);
         let keys = wrapped(&dev, Day::of(NOON));
-        assert!(opens(&keys[0], &d) && !opens(&keys[0], &a));
+        assert!(opens(&keys[0], &d) && opens(&keys[0], &a));
         // All of it survives a reopen.
         drop(dev);
         let dev = Device::open(&tmp.path().join("two")).unwrap();
-        assert_eq!(dev.region_hubs(), vec![c.id.clone(), d.id.clone()]);
-        assert_eq!(dev.enrollment().hub.endpoint_id, c.id);
+        assert_eq!(dev.region_hubs(), vec![a.id.clone(), d.id.clone()]);
+        assert_eq!(dev.enrollment().hub.endpoint_id, a.id);
     }
 
     #[test]

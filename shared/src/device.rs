@@ -543,9 +543,17 @@ pub enum PeerHubUpdate {
 /// must pass [`PeerHub::check`]. A known endpoint is [`PeerHubUpdate::Update`]d; an unknown
 /// one replaces the hub other than `answering`: two hubs are never more than two, and a hub the
 /// device does not know yet can never displace the one that vouches for it.
+///
+/// The hub the device was enrolled with (`enrolled`, whose ticket it holds) is its anchor:
+/// only it may bring a hub the device does not know. The peer may describe the enrolled hub
+/// ([`PeerHubUpdate::Update`]: its keys for days the device holds none of,
+/// [`relayed_keys`]) but never replace it: a compromised or mis-paired peer hub must not cut
+/// the device off from the hub it enrolled with (a device whose enrolled hub was rebuilt keeps
+/// syncing with the other one, and is enrolled again to wrap to the rebuilt one).
 pub fn peer_hub_update(
     region: &str,
     answering: &str,
+    enrolled: &str,
     known: &[&str],
     offered: &PeerHub,
 ) -> PeerHubUpdate {
@@ -560,9 +568,29 @@ pub fn peer_hub_update(
     }
     if known.iter().any(|k| same(k, &offered.contact.endpoint_id)) {
         PeerHubUpdate::Update
-    } else {
+    } else if same(answering, enrolled) || known.len() < 2 {
         PeerHubUpdate::Replace
+    } else {
+        PeerHubUpdate::Ignore(
+            "only the hub this device enrolled with may name a hub it does not know".into(),
+        )
     }
+}
+
+/// A hub's day keys as another hub relays them (a refresh's `peer_hub`): taken only for days
+/// the device holds no key of that hub for. A hub's own refresh replaces its keys (a rebuilt
+/// hub has new ones); a relayed copy never overwrites a key the device got first-hand, so a
+/// compromised relaying hub cannot swap the other hub's keys for its own.
+pub fn relayed_keys(
+    held: &[crate::daykey::DayPublicKey],
+    relayed: &[crate::daykey::DayPublicKey],
+) -> Vec<crate::daykey::DayPublicKey> {
+    let mut keys: std::collections::BTreeMap<Day, crate::daykey::DayPublicKey> =
+        held.iter().map(|k| (k.day, k.clone())).collect();
+    for k in relayed {
+        keys.entry(k.day).or_insert_with(|| k.clone());
+    }
+    keys.into_values().collect()
 }
 
 #[cfg(test)]
@@ -752,33 +780,40 @@ mod tests {
         let both = [a.as_str(), b.as_str()];
         // a names b, b names a: the other known hub, updated.
         assert_eq!(
-            peer_hub_update("mapo", &a, &both, &peer(&b, "mapo")),
+            peer_hub_update("mapo", &a, &a, &both, &peer(&b, "mapo")),
             PeerHubUpdate::Update
         );
         assert_eq!(
-            peer_hub_update("mapo", &b, &both, &peer(&a, "mapo")),
+            peer_hub_update("mapo", &b, &a, &both, &peer(&a, "mapo")),
             PeerHubUpdate::Update
         );
         // A device that knows only a learns b.
         assert_eq!(
-            peer_hub_update("mapo", &a, &[&a], &peer(&b, "mapo")),
+            peer_hub_update("mapo", &a, &a, &[&a], &peer(&b, "mapo")),
             PeerHubUpdate::Replace
         );
-        // A third endpoint from a known hub: the rebuilt other hub, replacing it.
+        // A third endpoint from the enrolled hub: the rebuilt other hub, replacing it.
         assert_eq!(
-            peer_hub_update("mapo", &b, &both, &peer(&c, "mapo")),
+            peer_hub_update("mapo", &a, &a, &both, &peer(&c, "mapo")),
             PeerHubUpdate::Replace
         );
+        // The peer hub may not replace the hub the device enrolled with (review finding 3).
+        assert!(matches!(
+            peer_hub_update("mapo", &b, &a, &both, &peer(&c, "mapo")),
+            PeerHubUpdate::Ignore(_)
+        ));
         let ignored = |u: PeerHubUpdate| matches!(u, PeerHubUpdate::Ignore(_));
         // A hub naming itself.
         assert!(ignored(peer_hub_update(
             "mapo",
+            &a,
             &a,
             &both,
             &peer(&a, "mapo")
         )));
         assert!(ignored(peer_hub_update(
             "mapo",
+            &a,
             &a,
             &both,
             &peer(&a.to_uppercase(), "mapo")
@@ -787,6 +822,7 @@ mod tests {
         assert!(ignored(peer_hub_update(
             "mapo",
             &a,
+            &a,
             &both,
             &peer(&c, "gangnam")
         )));
@@ -794,6 +830,7 @@ mod tests {
         assert!(ignored(peer_hub_update(
             "mapo",
             &c,
+            &a,
             &both,
             &peer(&a, "mapo")
         )));
@@ -801,9 +838,27 @@ mod tests {
         assert!(ignored(peer_hub_update(
             "mapo",
             &a,
+            &a,
             &both,
             &peer("zz", "mapo")
         )));
+    }
+
+    #[test]
+    fn a_relayed_copy_of_a_hubs_keys_never_replaces_a_key_held_first_hand() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let own = DayKeyRatchet::generate(&mut rng, D);
+        let other = DayKeyRatchet::generate(&mut rng, D);
+        let held = own.publics(D, 3);
+        let relayed = other.publics(D, 5);
+        let merged = relayed_keys(&held, &relayed);
+        assert_eq!(merged.len(), 5);
+        assert_eq!(
+            &merged[..3],
+            &held[..],
+            "held days keep their first-hand keys"
+        );
+        assert_eq!(&merged[3..], &relayed[3..], "missing days are filled");
     }
 
     #[test]
