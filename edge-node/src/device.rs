@@ -1238,7 +1238,7 @@ impl Device {
             keys.into_values().collect()
         }
         let from_enrolled = self.is_enrolled_hub(from);
-        let mut enrollment = self.enrollment.clone();
+        let enrollment = self.enrollment.clone();
         let mut enrolled_keys = self.day_keys.clone();
         let mut peer = self.peer.clone();
         // The enrolled hub's addresses to store, when they change.
