@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end demo: builds the binaries, then runs a hub and three devices on loopback.
+# The end-to-end demo: builds the binaries, then runs two hubs and three devices on loopback.
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release --workspace --bins
