@@ -761,6 +761,7 @@ impl<'a> Desk<'a> {
         )
         .map_err(|e| HubError::Revocation(e.to_string()))?;
         d.revoked = true;
+        d.revoked_at = Some(self.now);
         self.hub.store().put_device(&d)?;
         self.record(
             who,

@@ -278,6 +278,7 @@ impl Hub {
             last_sync: None,
             clock_offset: None,
             addrs: Vec::new(),
+            revoked_at: None,
         };
         let ticket = EnrollmentTicket {
             kind: TICKET_KIND.to_owned(),
@@ -347,6 +348,10 @@ pub struct DeviceRecord {
     /// Where the device last connected from (its siblings may reach it there).
     #[serde(default)]
     pub addrs: Vec<String>,
+    /// When it was revoked (here, or at the paired hub, which sends the time with the row):
+    /// records it wrote after this are refused at both hubs alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<UnixSeconds>,
 }
 
 /// The registry's rows in the store.
@@ -402,6 +407,7 @@ impl Store {
                 let mut d: DeviceRecord = decode("devices-1", k.value(), v.value())?;
                 if &d.facility == id && !d.revoked {
                     d.revoked = true;
+                    d.revoked_at = Some(crate::clock::now());
                     revoke.push(d);
                 }
             }

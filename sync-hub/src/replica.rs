@@ -470,6 +470,11 @@ fn merge_device(ours: &DeviceRecord, theirs: &DeviceRecord) -> (DeviceRecord, bo
         last_sync: newer.last_sync,
         clock_offset: newer.clock_offset,
         addrs: newer.addrs.clone(),
+        // The earlier revocation of the two.
+        revoked_at: match (ours.revoked_at, theirs.revoked_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
     };
     (merged, conflict)
 }
@@ -563,12 +568,18 @@ pub fn apply(
     now: UnixSeconds,
 ) -> Result<Applied, HubError> {
     let store = hub.store();
+    // The keyed list read (and, for a hub that never revoked anything, made) before any row
+    // changes: made later, it would list the rows revoked below at this hub's clock instead
+    // of the time the peer revoked them.
+    crate::auth::revocations(store).map_err(|e| HubError::Revocation(e.to_string()))?;
     // The sender caps its messages; a peer that does not is cut here (the next exchange
     // carries the rest).
     let entities = &entities[..entities.len().min(MAX_ENTITIES_PER_MESSAGE)];
     let contacts = &contacts[..contacts.len().min(MAX_CONTACTS_PER_MESSAGE)];
     let mut applied = Applied::default();
+    // Devices to put on the keyed list, each with the time it was revoked where it was.
     let mut revoke: Vec<(Revoked, String)> = Vec::new();
+    let mut revoked_at: BTreeMap<String, UnixSeconds> = BTreeMap::new();
     // Tombstones first: a removal wins over the copy that arrives with it.
     for e in entities {
         let Entity::Tombstone { key, at } = e else {
@@ -691,6 +702,9 @@ pub fn apply(
                     revoke.push((Revoked::Device, merged.id.to_string()));
                     applied.revoked.push(merged.id.to_string());
                 }
+                if let Some(at) = merged.revoked_at {
+                    revoked_at.insert(merged.id.to_string(), at.min(now));
+                }
                 if merged.endpoint_id.is_some() {
                     store.burn_credentials(&merged.id)?;
                 }
@@ -757,8 +771,15 @@ pub fn apply(
             revoke.push((Revoked::Device, id));
         }
     }
-    if !revoke.is_empty() {
-        crate::auth::list_revoked(store, revoke, now)
+    // Listed with the time the hub that revoked it gave (a record written after it is
+    // refused here as there), else now; one append per distinct time.
+    let mut by_time: BTreeMap<UnixSeconds, Vec<(Revoked, String)>> = BTreeMap::new();
+    for (kind, id) in revoke {
+        let at = revoked_at.get(&id).copied().unwrap_or(now);
+        by_time.entry(at).or_default().push((kind, id));
+    }
+    for (at, items) in by_time {
+        crate::auth::list_revoked(store, items, at)
             .map_err(|e| HubError::Revocation(e.to_string()))?;
     }
     if !applied.changed.is_empty() {
@@ -795,6 +816,7 @@ mod tests {
             last_sync: last,
             clock_offset: None,
             addrs: vec![],
+            revoked_at: None,
         }
     }
 
@@ -970,6 +992,50 @@ mod tests {
             !hub.store()
                 .has_tombstone("g/anything-at-all")
                 .unwrap_or(true)
+        );
+    }
+
+    #[test]
+    fn a_device_revoked_at_the_peer_is_listed_here_with_the_peers_time() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let hub = Hub::init(tmp.path(), "mapo", None, vec![], None, 1_750_000_000)
+            .unwrap_or_else(|e| panic!("init: {e}"))
+            .hub;
+        let facility = hub
+            .add_facility(
+                shared::facility::Registration {
+                    name: "Star".into(),
+                    business_number: None,
+                    representative: "Kim".into(),
+                    phone: "02-123-4567".into(),
+                    category: "karaoke".into(),
+                    region: "mapo".into(),
+                    address: "1 Wausan-ro".into(),
+                },
+                1_750_000_000,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut d = device(Some(&"ab".repeat(32)), false, Some(100));
+        d.facility = facility.id.clone();
+        hub.store().put_device(&d).unwrap_or_else(|e| panic!("{e}"));
+        // Revoked at the peer at 1,750,000,100; the link brings it here at 1,750,009,000.
+        let theirs = DeviceRecord {
+            revoked: true,
+            revoked_at: Some(1_750_000_100),
+            ..d.clone()
+        };
+        apply(
+            &hub,
+            &[Entity::Device { device: theirs }],
+            &[],
+            1_750_009_000,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let list = crate::auth::revocations(hub.store()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            list.device_revoked_at(&d.id.to_string()),
+            Some(1_750_000_100),
+            "records written between the two times are refused here too"
         );
     }
 }
