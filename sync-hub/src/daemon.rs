@@ -410,6 +410,11 @@ pub struct Conn {
     quotas: Quotas,
     /// Bytes of frames received since admission.
     received: u64,
+    /// For the paired hub's `HubLink` sessions, which carry records of many devices: the
+    /// account their new records and keys are charged to (`link-<facility>`) and how many
+    /// devices' quotas it holds (the facility's non-revoked devices, at least one), so a
+    /// compromised paired hub can bring no more a day than the facility's own devices could.
+    link_quota: Option<(DeviceId, u64)>,
 }
 
 impl Conn {
@@ -437,6 +442,7 @@ impl Conn {
             admitted,
             quotas: Quotas::default(),
             received: 0,
+            link_quota: None,
         }
     }
 
@@ -472,7 +478,9 @@ impl Conn {
             admitted: Arc::new(AtomicBool::new(true)),
             quotas: Quotas::default(),
             received: 0,
+            link_quota: None,
         };
+        conn.link_quota = conn.facility.as_ref().and_then(|f| link_quota(hub, f));
         let mut shell = HubShell::new(hub, ledger, &mut conn, now, metrics);
         driver::pump(&mut shell, now);
         shell.done();
@@ -730,6 +738,9 @@ impl<'a> Shell for HubShell<'a, '_> {
         let (decision, device) = decide(self.hub, self.ledger, &self.conn.remote, hello, now);
         match &decision {
             Decision::Admit { facility, .. } => {
+                if matches!(hello.peer, Peer::HubLink { .. }) {
+                    self.conn.link_quota = link_quota(self.hub, facility);
+                }
                 self.conn.device = device;
                 self.conn.facility = Some(facility.clone());
                 // Before the Welcome is queued: the peer's next frames may be large.
@@ -771,7 +782,12 @@ impl<'a> Shell for HubShell<'a, '_> {
         }
         // The ledger persists and indexes what the session merged, and charges its new
         // records to the device in the same transaction.
-        let charge = self.conn.device.as_ref().map(|d| (d, charge));
+        let account = self
+            .conn
+            .device
+            .as_ref()
+            .or(self.conn.link_quota.as_ref().map(|(a, _)| a));
+        let charge = account.map(|d| (d, charge));
         match persist(self.ledger, &mut self.store, id, now, charge) {
             Ok(n) => {
                 self.metrics
@@ -1517,7 +1533,7 @@ fn actor(
                     &metrics,
                 ) {
                     Ok(c) => {
-                        conns.insert(conn, c);
+                        conns.insert(conn, c.with_quotas(quotas));
                     }
                     Err(e) => {
                         tracing::warn!("cannot open a session to the peer hub: {e}");
@@ -1665,19 +1681,36 @@ fn purge_ended(
 
 /// Whether `new_records` more would take the session's device over its records per day:
 /// `Some(detail)` to refuse with.
+/// The quota account of the paired hub's sessions for `facility` ([`Conn`]'s `link_quota`).
+fn link_quota(hub: &Hub, facility: &FacilityId) -> Option<(DeviceId, u64)> {
+    let account = DeviceId::parse(&format!("link-{facility}")).ok()?;
+    let devices = hub
+        .store()
+        .devices()
+        .map(|ds| {
+            ds.iter()
+                .filter(|d| &d.facility == facility && !d.revoked)
+                .count() as u64
+        })
+        .unwrap_or(1);
+    Some((account, devices.max(1)))
+}
+
 fn over_device_quota(
     ledger: &Ledger<'_>,
     c: &Conn,
     charge: Charge,
     now: UnixSeconds,
 ) -> Result<Option<String>, String> {
-    let Some(device) = &c.device else {
-        return Ok(None);
+    let (device, scale) = match (&c.device, &c.link_quota) {
+        (Some(d), _) => (d, 1),
+        (None, Some((account, devices))) => (account, *devices),
+        (None, None) => return Ok(None),
     };
     let today = Day::of(now);
     let quota = shared::hub::DeviceQuota {
-        records_per_day: c.quotas.device_records_per_day,
-        keys_per_day: c.quotas.device_keys_per_day,
+        records_per_day: c.quotas.device_records_per_day.saturating_mul(scale),
+        keys_per_day: c.quotas.device_keys_per_day.saturating_mul(scale),
     };
     let records = ledger
         .device_day_records(device, today)

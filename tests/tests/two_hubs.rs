@@ -363,3 +363,39 @@ fn a_hub_rebuilt_from_an_empty_folder_reads_through_its_peer_and_says_so() -> Re
     println!("the rebuilt hub holds {own} records of the facility");
     Ok(())
 }
+
+#[test]
+fn the_paired_hub_brings_no_more_a_day_than_the_facilitys_own_devices_could() -> Result<()> {
+    let a = HubFixture::new()?;
+    let b = pair_second_hub(&a)?;
+    // B holds every device to 2 new records a day; the facility has one device, so the
+    // paired hub's sessions may bring B at most 2 records of it a day.
+    let _ha = a.start_with(&[], &[FAST_LINK])?;
+    let _hb = b.start_with(&["--max-device-records-per-day", "2"], &[FAST_LINK])?;
+    wait_for_peer_keys(&a)?;
+    let dev = a.enroll_device("gate")?;
+    wait_for_device(&b, &dev)?;
+    check_in_codes(&dev, 3)?;
+    sync_ok(&dev)?;
+    if a.records_of(&a.facility)? != 3 {
+        bail!("hub A did not take the device's 3 records");
+    }
+    // Several link rounds later B still holds none of that partition: refused whole, as a
+    // device's over-quota session is, and counted.
+    let refused = wait_until(Duration::from_secs(20), || {
+        b.stats().is_ok_and(|s| {
+            s["refusals_by_reason"]["QuotaExceeded"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        })
+    });
+    let held = b.records_of(&a.facility)?;
+    if !refused || held > 2 {
+        bail!(
+            "hub B holds {held} records from the link, over the facility's quota (stats {})",
+            b.stats()?
+        );
+    }
+    Ok(())
+}
