@@ -336,6 +336,50 @@ impl Admission {
     }
 }
 
+/// Admission of the region's other hub for one facility's partitions (`Peer::HubLink`): only
+/// from the endpoint this hub was paired with (`from_paired_hub`, which the shell decides from
+/// the authenticated endpoint id), of this hub's `region` (compared as `sync-hub` compares
+/// regions: trimmed, case-folded), for a facility this hub has registered and not removed
+/// (`facility_known`). `sync-hub`'s daemon and the simulation's second hub both admit with it.
+pub fn admit_link(
+    hello: &PeerHello,
+    from_paired_hub: bool,
+    region: &str,
+    facility_known: impl Fn(&FacilityId) -> Result<bool, String>,
+) -> Decision {
+    let refuse = |reason, detail: &str| Decision::Refuse {
+        reason,
+        detail: detail.to_owned(),
+    };
+    if !from_paired_hub {
+        return refuse(
+            RefuseReason::UnknownDevice,
+            "this endpoint is not the hub this one is paired with",
+        );
+    }
+    let Peer::HubLink {
+        region: theirs,
+        facility,
+    } = &hello.peer
+    else {
+        return refuse(RefuseReason::Protocol, "the paired hub syncs as a hub link");
+    };
+    if theirs.trim().to_lowercase() != region.trim().to_lowercase() {
+        return refuse(RefuseReason::WrongFacility, "another region's hub");
+    }
+    match facility_known(facility) {
+        Ok(true) => Decision::Admit {
+            facility: facility.clone(),
+            refresh: None,
+        },
+        Ok(false) => refuse(
+            RefuseReason::WrongFacility,
+            "this hub has no such facility (yet): the registry exchange brings it",
+        ),
+        Err(e) => refuse(RefuseReason::Internal, &e),
+    }
+}
+
 /// Admission: whether the device `hello` claims to be, connecting from endpoint `remote`
 /// (hex), may sync, and for which facility. In order: only devices sync with a hub; the device
 /// must be enrolled, not revoked, for the facility it claims, which must be approved; its

@@ -788,13 +788,8 @@ impl World {
                 return Ok(None);
             };
             let key = SessionKey::generate(&mut self.rng, pid.day);
-            let wrapped = Self::wrap_session_key(
-                &self.ratchet,
-                self.second.as_ref(),
-                self.config.fault,
-                &key,
-                &public,
-            )?;
+            let wrapped =
+                Self::wrap_session_key(self.second.as_ref(), self.config.fault, &key, &public)?;
             dev.store
                 .get_or_create(&pid)
                 .insert_wrapped_key(&wrapped)

@@ -1163,20 +1163,7 @@ async fn connection(
         })
         .await
         .map_err(|_| "hub stopped")?;
-    let writer = async {
-        while let Some(out) = orx.recv().await {
-            match out {
-                Output::Bytes(b) => {
-                    if send.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
-                Output::Close => break,
-            }
-        }
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    };
+    let writer = write_frames(&mut send, &mut orx);
     let tx = handle.tx.clone();
     let reader_admitted = admitted.clone();
     // Returns whether the peer sent no frame before the Hello deadline.
@@ -1208,41 +1195,9 @@ async fn connection(
                         decoder.set_limit(MAX_FRAME_BYTES);
                         raised = true;
                     }
-                    if let Err(error) = decoder.push(&buf[..n]) {
-                        let _ = tx
-                            .send(Input::Malformed {
-                                conn: conn_id,
-                                error,
-                            })
-                            .await;
-                        return false;
-                    }
-                    loop {
-                        match decoder.pop() {
-                            Ok(Some(frame)) => {
-                                got_frame = true;
-                                if tx
-                                    .send(Input::Frame {
-                                        conn: conn_id,
-                                        frame,
-                                    })
-                                    .await
-                                    .is_err()
-                                {
-                                    return false;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(error) => {
-                                let _ = tx
-                                    .send(Input::Malformed {
-                                        conn: conn_id,
-                                        error,
-                                    })
-                                    .await;
-                                return false;
-                            }
-                        }
+                    match forward_frames(&tx, conn_id, &mut decoder, &buf[..n]).await {
+                        Some(frames) => got_frame |= frames > 0,
+                        None => return false,
                     }
                 }
                 outcome => {
@@ -1296,6 +1251,52 @@ async fn connection(
     Ok(())
 }
 
+/// Writes a session's outgoing frames until the actor closes it, then finishes the stream
+/// (both the hub's answering and its dialling connections).
+async fn write_frames(send: &mut iroh::endpoint::SendStream, out: &mut tmpsc::Receiver<Output>) {
+    while let Some(o) = out.recv().await {
+        match o {
+            Output::Bytes(b) => {
+                if send.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            Output::Close => break,
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+/// Feeds `bytes` read from connection `conn` to its decoder and every whole frame to the
+/// actor; `None` once the connection must stop (bytes that do not decode, told to the actor as
+/// `Malformed`, or a stopped actor), else how many frames went.
+async fn forward_frames(
+    tx: &tmpsc::Sender<Input>,
+    conn: u64,
+    decoder: &mut FrameDecoder,
+    bytes: &[u8],
+) -> Option<usize> {
+    if let Err(error) = decoder.push(bytes) {
+        let _ = tx.send(Input::Malformed { conn, error }).await;
+        return None;
+    }
+    let mut frames = 0;
+    loop {
+        match decoder.pop() {
+            Ok(Some(frame)) => {
+                frames += 1;
+                tx.send(Input::Frame { conn, frame }).await.ok()?;
+            }
+            Ok(None) => return Some(frames),
+            Err(error) => {
+                let _ = tx.send(Input::Malformed { conn, error }).await;
+                return None;
+            }
+        }
+    }
+}
+
 /// How long dialling the peer hub may take before the link gives up for this round.
 pub const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1329,20 +1330,7 @@ pub async fn dial_session(
         .await
         .map_err(|_| "hub stopped".to_owned())?;
     let deadline = Instant::now() + session_limit();
-    let writer = async {
-        while let Some(out) = orx.recv().await {
-            match out {
-                Output::Bytes(b) => {
-                    if send.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
-                Output::Close => break,
-            }
-        }
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    };
+    let writer = write_frames(&mut send, &mut orx);
     let tx = handle.tx.clone();
     let reader = async move {
         let mut decoder = FrameDecoder::with_limit(MAX_FRAME_BYTES);
@@ -1351,40 +1339,11 @@ pub async fn dial_session(
             let until = (Instant::now() + READ_TIMEOUT).min(deadline);
             match tokio::time::timeout_at(until, recv.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => {
-                    if let Err(error) = decoder.push(&buf[..n]) {
-                        let _ = tx
-                            .send(Input::Malformed {
-                                conn: conn_id,
-                                error,
-                            })
-                            .await;
+                    if forward_frames(&tx, conn_id, &mut decoder, &buf[..n])
+                        .await
+                        .is_none()
+                    {
                         return;
-                    }
-                    loop {
-                        match decoder.pop() {
-                            Ok(Some(frame)) => {
-                                if tx
-                                    .send(Input::Frame {
-                                        conn: conn_id,
-                                        frame,
-                                    })
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(error) => {
-                                let _ = tx
-                                    .send(Input::Malformed {
-                                        conn: conn_id,
-                                        error,
-                                    })
-                                    .await;
-                                return;
-                            }
-                        }
                     }
                 }
                 _ => {
@@ -1825,8 +1784,8 @@ fn decide(
     now: UnixSeconds,
 ) -> (Decision, Option<DeviceId>) {
     let remote_hex = remote.to_string();
-    if let Peer::HubLink { region, facility } = &hello.peer {
-        return (admit_link(hub, &remote_hex, region, facility), None);
+    if let Peer::HubLink { .. } = &hello.peer {
+        return (admit_link(hub, &remote_hex, hello), None);
     }
     let admission = shared::hub::admit(hello, &remote_hex, &StoreRegistry(hub));
     let shared::hub::Admission::Admit {
@@ -1880,35 +1839,17 @@ fn decide(
 /// Admission of the region's other hub for one facility's partitions: only from the endpoint
 /// this hub was paired with (`sync-hub peer add`), of this region, for a facility this hub
 /// has registered and not removed.
-fn admit_link(hub: &Hub, remote_hex: &str, region: &str, facility: &FacilityId) -> Decision {
-    let peer = match crate::replica::peer(hub.store()) {
-        Ok(p) => p,
+fn admit_link(hub: &Hub, remote_hex: &str, hello: &PeerHello) -> Decision {
+    let paired = match crate::replica::peer(hub.store()) {
+        Ok(p) => p.is_some_and(|p| p.endpoint_id == remote_hex),
         Err(e) => return refuse(RefuseReason::Internal, &e.to_string()).0,
     };
-    if peer.as_ref().is_none_or(|p| p.endpoint_id != remote_hex) {
-        return refuse(
-            RefuseReason::UnknownDevice,
-            "this endpoint is not the hub this one is paired with",
-        )
-        .0;
-    }
-    if !crate::auth::same_region(region, &hub.config().region) {
-        return refuse(RefuseReason::WrongFacility, "another region's hub").0;
-    }
-    match hub.store().facility(facility) {
-        Ok(Some(_)) => Decision::Admit {
-            facility: facility.clone(),
-            refresh: None,
-        },
-        Ok(None) => {
-            refuse(
-                RefuseReason::WrongFacility,
-                "this hub has no such facility (yet): the registry exchange brings it",
-            )
-            .0
-        }
-        Err(e) => refuse(RefuseReason::Internal, &e.to_string()).0,
-    }
+    shared::hub::admit_link(hello, paired, &hub.config().region, |f| {
+        hub.store()
+            .facility(f)
+            .map(|f| f.is_some())
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// What an admitted device gets back: the day keys it lacks, and the issuers' keyring, its

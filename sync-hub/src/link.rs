@@ -343,13 +343,7 @@ pub async fn respond(conn: iroh::endpoint::Connection, handle: HubHandle) -> Res
         ));
     }
     let differ = replica::differing(&own.buckets, &hello.buckets);
-    let contacts = {
-        let since = hello.contacts_since;
-        handle
-            .query(move |hub, _, _| replica::contacts_since(hub.store(), since))
-            .await?
-            .map_err(|e| e.to_string())?
-    };
+    let contacts = contacts(&handle, hello.contacts_since).await?;
     let welcome = Welcome {
         version: LINK_VERSION,
         region: own.region.clone(),
@@ -487,6 +481,15 @@ pub async fn ask_trace(
 /// must ask the peer.
 pub static ENDPOINT: std::sync::OnceLock<Endpoint> = std::sync::OnceLock::new();
 
+/// This hub's device contacts since `since`, read off the actor (a redb read transaction).
+async fn contacts(handle: &HubHandle, since: UnixSeconds) -> Result<Vec<Contact>, String> {
+    let hub = handle.hub.clone();
+    tokio::task::spawn_blocking(move || replica::contacts_since(hub.store(), since))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// Contacts wanted from the peer: since the last exchange, a minute of margin; all of them
 /// when there was none.
 fn contacts_since(peer: &PeerConfig) -> UnixSeconds {
@@ -560,13 +563,7 @@ pub async fn round(endpoint: &Endpoint, handle: &HubHandle) -> Result<Option<Rou
         ));
     }
     let differ = replica::differing(&own.buckets, &welcome.buckets);
-    let contacts = {
-        let since = welcome.contacts_since;
-        handle
-            .query(move |hub, _, _| replica::contacts_since(hub.store(), since))
-            .await?
-            .map_err(|e| e.to_string())?
-    };
+    let contacts = contacts(handle, welcome.contacts_since).await?;
     write_msg(
         &mut send,
         &Entities {

@@ -31,15 +31,14 @@ use crate::report::{FailoverFigures, QUIC_ATTEMPT_BYTES, QUIC_CONNECTION_BYTES, 
 use crate::scenario::Fault;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use shared::daykey::{DayKeyRatchet, DayPublicKey, DaySecret};
+use shared::daykey::{DayKeyRatchet, DayPublicKey};
 use shared::envelope::{SessionKey, WrappedKey};
 use shared::sync::harness::{MemoryStore, PairOutcome, PairSetup, run_pair};
-use shared::sync::{Decision, Event, Peer, PeerHello, RefuseReason};
+use shared::sync::{Decision, Event, Peer, PeerHello};
 use shared::time::{Day, horizon};
 use shared::unseal::unseal_partition;
 use shared::{FacilityId, PartitionId, RecordId, UnixSeconds};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 
 /// The region both hubs serve.
 pub const REGION: &str = "sim";
@@ -190,64 +189,20 @@ impl SecondHub {
 
 /// The session key `key` wrapped to hub A's day key `a` and hub B's `b` of the same day as
 /// one age file with two recipients (issue 15: "one age wrap, two recipients"), under one
-/// `WrappedKey` entry, so either hub's day secret opens it.
-///
-/// `SessionKey` keeps its bytes to itself, so the simulation wraps to A as `shared` does and
-/// recovers the payload with A's secret (which it holds, standing in for the device) before
-/// wrapping it again to both; a device holds the bytes and wraps once.
+/// `WrappedKey` entry, so either hub's day secret opens it: the device's own wrap
+/// (`SessionKey::wrap_to`).
 pub(crate) fn wrap_to_both(
     key: &SessionKey,
     a: &DayPublicKey,
     b: &DayPublicKey,
-    a_secret: &DaySecret,
 ) -> Result<WrappedKey, String> {
-    if a.day != b.day || a_secret.day() != a.day {
-        return Err(format!(
-            "the hubs' keys are of different days: {} and {}",
-            a.day, b.day
-        ));
-    }
-    let single = key.wrap(a).map_err(|e| e.to_string())?;
-    let payload = age::decrypt(a_secret.identity(), &single.age).map_err(|e| e.to_string())?;
-    let ra = a.to_recipient().map_err(|e| e.to_string())?;
-    let rb = b.to_recipient().map_err(|e| e.to_string())?;
-    let recipients: [&dyn age::Recipient; 2] = [&ra, &rb];
-    let encryptor =
-        age::Encryptor::with_recipients(recipients.into_iter()).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    let mut writer = encryptor.wrap_output(&mut out).map_err(|e| e.to_string())?;
-    writer.write_all(&payload).map_err(|e| e.to_string())?;
-    writer.finish().map_err(|e| e.to_string())?;
-    Ok(WrappedKey {
-        session: single.session,
-        key_day: single.key_day,
-        age: out,
-    })
+    key.wrap_to(&[a, b]).map_err(|e| e.to_string())
 }
 
-/// The responding hub's admission of a link session (`sync-hub`'s `admit_link`): the
-/// region's other hub (the simulated connection always comes from the paired endpoint) for a
-/// facility of the region; anyone else is refused.
+/// The responding hub's admission of a link session: `shared::hub::admit_link`, as `sync-hub`
+/// admits it (the simulated connection always comes from the paired endpoint).
 pub(crate) fn admit_link(hello: &PeerHello, facilities: &[FacilityId]) -> Decision {
-    match &hello.peer {
-        Peer::HubLink { region, facility } if region == REGION => {
-            if facilities.contains(facility) {
-                Decision::Admit {
-                    facility: facility.clone(),
-                    refresh: None,
-                }
-            } else {
-                Decision::Refuse {
-                    reason: RefuseReason::WrongFacility,
-                    detail: "this hub has no such facility".into(),
-                }
-            }
-        }
-        _ => Decision::Refuse {
-            reason: RefuseReason::UnknownDevice,
-            detail: "this endpoint is not the hub this one is paired with".into(),
-        },
-    }
+    shared::hub::admit_link(hello, true, REGION, |f| Ok(facilities.contains(f)))
 }
 
 /// The heads of `store`'s live partitions of `facility`, by day: what the link's facility
@@ -309,7 +264,6 @@ impl World {
     /// `public`'s day in `hub-failover` (to A's alone under [`Fault::WrapToOneHub`]), else to
     /// `public` alone.
     pub(crate) fn wrap_session_key(
-        ratchet: &DayKeyRatchet,
         second: Option<&SecondHub>,
         fault: Fault,
         key: &SessionKey,
@@ -318,12 +272,10 @@ impl World {
         let Some(b) = second.filter(|_| fault != Fault::WrapToOneHub) else {
             return key.wrap(public).map_err(|e| e.to_string());
         };
-        let (Some(b_public), Some(a_secret)) =
-            (b.ratchet.public(public.day), ratchet.secret(public.day))
-        else {
-            return Err(format!("a hub has no key of day {}", public.day));
+        let Some(b_public) = b.ratchet.public(public.day) else {
+            return Err(format!("hub B has no key of day {}", public.day));
         };
-        wrap_to_both(key, public, &b_public, &a_secret)
+        wrap_to_both(key, public, &b_public)
     }
 
     /// A device's sync round with the region: the hub that answered last first, then the
@@ -821,7 +773,7 @@ mod tests {
         let c = DayKeyRatchet::generate(&mut rng, day);
         let key = SessionKey::generate(&mut rng, day);
         let (pa, pb) = (a.public(day).unwrap(), b.public(day).unwrap());
-        let wrapped = wrap_to_both(&key, &pa, &pb, &a.secret(day).unwrap()).unwrap();
+        let wrapped = wrap_to_both(&key, &pa, &pb).unwrap();
         assert!(wrapped.to_bytes().len() <= shared::envelope::MAX_WRAPPED_KEY_BYTES);
         for r in [&a, &b] {
             let opened = wrapped.unwrap(&r.secret(day).unwrap()).unwrap();
@@ -830,7 +782,7 @@ mod tests {
         assert!(wrapped.unwrap(&c.secret(day).unwrap()).is_err());
         // Keys of two different days are refused.
         let other = b.public(day.plus(1)).unwrap();
-        assert!(wrap_to_both(&key, &pa, &other, &a.secret(day).unwrap()).is_err());
+        assert!(wrap_to_both(&key, &pa, &other).is_err());
     }
 
     /// Deaths are apart, at least a minute long, end before the run does, and one lasts a
