@@ -238,6 +238,140 @@ pub struct Metrics {
     /// Administrative operations the actor ran (registry edits among them): a change wakes
     /// an idle hub link.
     pub admin_writes: AtomicU64,
+    /// How long each input held the actor ([`Holds`]).
+    pub holds: Holds,
+}
+
+/// What held the hub's actor: every input it handles and every step of a purge is timed
+/// ([`Holds::start`]), by kind. The actor runs every device's sync session, so while one of
+/// these runs no session moves (issue 14: no request may hold the sync path 100 ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldKind {
+    /// A sync session's frame (admission, merging and persisting a partition, the answer).
+    Frame,
+    /// A session opening, closing, timing out or sending bytes that do not decode (a hub link
+    /// session's opening loads its partitions).
+    Session,
+    /// A job of the people's API or the hub link on the hub and its ledger
+    /// ([`Request::Query`]): authentication, the day keys a read copies, an audit append,
+    /// a write of the API, the health probe.
+    Query,
+    /// An administrative closure ([`Request::Admin`]).
+    Admin,
+    /// `stats` through the actor ([`Request::Stats`]).
+    Stats,
+    /// A purge's start: its audit entry and the destruction of its day keys.
+    PurgeStart,
+    /// One chunk of a purge's deletion (the last one with the purge's result entry).
+    PurgeChunk,
+    /// Anything else (a purge asked for or the retention timer, queued; the stop).
+    Other,
+}
+
+impl HoldKind {
+    /// Every kind, in the order [`Holds`] keeps them.
+    pub const ALL: [HoldKind; 8] = [
+        HoldKind::Frame,
+        HoldKind::Session,
+        HoldKind::Query,
+        HoldKind::Admin,
+        HoldKind::Stats,
+        HoldKind::PurgeStart,
+        HoldKind::PurgeChunk,
+        HoldKind::Other,
+    ];
+
+    /// Its `kind` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            HoldKind::Frame => "frame",
+            HoldKind::Session => "session",
+            HoldKind::Query => "query",
+            HoldKind::Admin => "admin",
+            HoldKind::Stats => "stats",
+            HoldKind::PurgeStart => "purge_start",
+            HoldKind::PurgeChunk => "purge_chunk",
+            HoldKind::Other => "other",
+        }
+    }
+
+    fn of(input: &Input) -> HoldKind {
+        match input {
+            Input::Frame { .. } => HoldKind::Frame,
+            Input::Open { .. }
+            | Input::OpenLink { .. }
+            | Input::Malformed { .. }
+            | Input::Closed { .. }
+            | Input::TimeUp { .. } => HoldKind::Session,
+            Input::Request(Request::Query(_)) => HoldKind::Query,
+            Input::Request(Request::Admin(_)) => HoldKind::Admin,
+            Input::Request(Request::Stats(_)) => HoldKind::Stats,
+            Input::Request(Request::Purge { .. }) | Input::Tick | Input::Stop => HoldKind::Other,
+        }
+    }
+}
+
+/// How long the actor was held, per [`HoldKind`]: the longest hold since the start and the
+/// count, and one histogram of every hold ([`crate::health::HOLD_BUCKETS`], up to 1 s).
+#[derive(Debug)]
+pub struct Holds {
+    max_micros: [AtomicU64; HoldKind::ALL.len()],
+    counts: [AtomicU64; HoldKind::ALL.len()],
+    /// Every hold, whatever its kind.
+    pub seconds: crate::health::Histogram,
+}
+
+impl Default for Holds {
+    fn default() -> Self {
+        Holds {
+            max_micros: Default::default(),
+            counts: Default::default(),
+            seconds: crate::health::Histogram::with_bounds(&crate::health::HOLD_BUCKETS),
+        }
+    }
+}
+
+impl Holds {
+    /// Times a hold of `kind` until the guard is dropped.
+    pub fn start(&self, kind: HoldKind) -> Holding<'_> {
+        Holding {
+            holds: self,
+            kind,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Counts a hold of `kind` that lasted `d`.
+    pub fn record(&self, kind: HoldKind, d: Duration) {
+        let i = kind as usize;
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.max_micros[i].fetch_max(micros, Ordering::Relaxed);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.seconds.observe(d);
+    }
+
+    /// The longest hold of `kind` since the start.
+    pub fn max(&self, kind: HoldKind) -> Duration {
+        Duration::from_micros(self.max_micros[kind as usize].load(Ordering::Relaxed))
+    }
+
+    /// How many holds of `kind` there were.
+    pub fn count(&self, kind: HoldKind) -> u64 {
+        self.counts[kind as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A hold being timed ([`Holds::start`]): recorded when dropped.
+pub struct Holding<'a> {
+    holds: &'a Holds,
+    kind: HoldKind,
+    started: std::time::Instant,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.holds.record(self.kind, self.started.elapsed());
+    }
 }
 
 /// A question for the actor from HTTP or a command going through the running hub.
@@ -1465,6 +1599,7 @@ fn actor(
         }
         let now = clock::now();
         if let Some(input) = input {
+            let _held = metrics.holds.start(HoldKind::of(&input));
             match input {
                 Input::Stop => break,
                 Input::Open {
@@ -1569,6 +1704,7 @@ fn actor(
         if purging.is_none()
             && let Some(asked) = pending_purge.pop_front()
         {
+            let _held = metrics.holds.start(HoldKind::PurgeStart);
             // Checked, enforced and audited in `people`; only the local operator may move
             // retention ahead of the clock.
             let (begun, reply) = match asked {
@@ -1592,6 +1728,7 @@ fn actor(
             continue;
         }
         if let Some((run, _)) = purging.as_mut() {
+            let _held = metrics.holds.start(HoldKind::PurgeChunk);
             let outcome = match people::purge_step(&ledger, run) {
                 Ok(false) => continue,
                 Ok(true) => Ok(()),

@@ -12,21 +12,47 @@ use std::time::Duration;
 /// A trace's duration buckets, seconds (upper bounds; `+Inf` is the count).
 pub const TRACE_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
+/// How long one input held the hub's actor, seconds (upper bounds up to 1 s; `+Inf` is the
+/// count): a sync frame takes well under a millisecond to tens of milliseconds, and the
+/// issue-14 target is that nothing holds it 100 ms.
+pub const HOLD_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
 /// A fixed-bucket histogram of durations.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
-    /// Observations at or under each of [`TRACE_BUCKETS`] (not cumulative; summed on render).
-    buckets: [AtomicU64; TRACE_BUCKETS.len()],
+    /// The buckets' upper bounds, seconds, ascending.
+    bounds: &'static [f64],
+    /// Observations at or under each of `bounds` (not cumulative; summed on render).
+    buckets: Vec<AtomicU64>,
     count: AtomicU64,
     /// The sum, microseconds.
     sum_micros: AtomicU64,
 }
 
+impl Default for Histogram {
+    /// Over [`TRACE_BUCKETS`].
+    fn default() -> Self {
+        Histogram::with_bounds(&TRACE_BUCKETS)
+    }
+}
+
 impl Histogram {
+    /// An empty histogram over `bounds` (seconds, ascending).
+    pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
     /// Counts one observation.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        if let Some(i) = TRACE_BUCKETS.iter().position(|b| s <= *b) {
+        if let Some(i) = self.bounds.iter().position(|b| s <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -34,11 +60,16 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     /// The histogram in Prometheus text, with its `HELP` and `TYPE` lines.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0u64;
-        for (b, n) in TRACE_BUCKETS.iter().zip(&self.buckets) {
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
             cumulative += n.load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
         }

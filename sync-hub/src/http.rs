@@ -943,6 +943,40 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
         "kipass_trace_duration_seconds",
         "How long traces took at the hub (POST /api/trace), seconds.",
     );
+    head(
+        &mut out,
+        "kipass_hub_actor_hold_max_seconds",
+        "The longest one input held the hub's actor (which runs every sync session) since the \
+         start, by kind: frame, session, query, admin, stats, purge_start, purge_chunk, other.",
+        "gauge",
+    );
+    for k in crate::daemon::HoldKind::ALL {
+        let _ = writeln!(
+            out,
+            "kipass_hub_actor_hold_max_seconds{{kind=\"{}\"}} {}",
+            k.label(),
+            m.holds.max(k).as_secs_f64()
+        );
+    }
+    head(
+        &mut out,
+        "kipass_hub_actor_holds_total",
+        "Inputs the hub's actor handled (and purge steps it ran), by kind.",
+        "counter",
+    );
+    for k in crate::daemon::HoldKind::ALL {
+        let _ = writeln!(
+            out,
+            "kipass_hub_actor_holds_total{{kind=\"{}\"}} {}",
+            k.label(),
+            m.holds.count(k)
+        );
+    }
+    m.holds.seconds.render(
+        &mut out,
+        "kipass_hub_actor_hold_seconds",
+        "How long each input (and each purge step) held the hub's actor, seconds.",
+    );
     let now = desk.now;
     let store = desk.hub.store();
     let facilities = store.facilities()?;

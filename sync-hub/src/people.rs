@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use shared::facility::{Facility, FacilityStatus};
 use shared::ticket::EnrollmentTicket;
 use shared::time::DAY_SECONDS;
+use std::time::Duration;
 use shared::{DeviceId, UnixSeconds};
 
 /// How far ahead of the hub's clock the local operator may move retention (`purge --as-of`,
@@ -940,8 +941,9 @@ fn run_to_end(
     mut run: PurgeRun,
     now: UnixSeconds,
 ) -> Result<PurgeReport, OpError> {
+    // Nothing waits between these chunks (no actor): full-size ones.
     let outcome = loop {
-        match purge_step(ledger, &mut run) {
+        match ledger.purge_chunk(&mut run.job, PURGE_CHUNK_ROWS) {
             Ok(false) => continue,
             Ok(true) => break Ok(()),
             Err(e) => break Err(e),
@@ -958,6 +960,10 @@ pub struct PurgeRun {
     /// horizon does not move).
     intent: Option<u64>,
     job: PurgeJob,
+    /// Rows the next [`purge_step`] deletes at most ([`next_chunk_rows`]).
+    rows: u64,
+    /// How long one step should take ([`PURGE_STEP_TARGET`] unless a test chose otherwise).
+    target: Duration,
 }
 
 impl PurgeRun {
@@ -965,6 +971,45 @@ impl PurgeRun {
     pub fn report(&self) -> &PurgeReport {
         self.job.report()
     }
+
+    /// Rows the next [`purge_step`] deletes at most.
+    pub fn chunk_rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// The same purge with its steps sized to take about `target` each.
+    pub fn with_step_target(mut self, target: Duration) -> Self {
+        self.target = target;
+        self
+    }
+}
+
+/// How long one [`purge_step`] should hold the running hub's actor: its chunk of rows is
+/// resized after each step from how long that one took ([`next_chunk_rows`]), so a region's
+/// day goes in steps of about this long on any disk and at any size of the tables (issue 14:
+/// nothing holds the sync path 100 ms; a fixed count of rows took 20 ms on one machine and
+/// several times that on a slower disk or a bigger B-tree).
+pub const PURGE_STEP_TARGET: Duration = Duration::from_millis(25);
+/// The fewest rows one step deletes, however slow the disk: the purge always progresses.
+pub const PURGE_STEP_MIN_ROWS: u64 = 200;
+/// The rows of the first step, before any has been timed.
+pub const PURGE_STEP_FIRST_ROWS: u64 = 2_000;
+
+/// The rows of the next step after a step of `rows` rows took `took`, to take about `target`:
+/// scaled by `target / took`, at most doubled, between [`PURGE_STEP_MIN_ROWS`] and
+/// [`PURGE_CHUNK_ROWS`].
+pub fn next_chunk_rows(rows: u64, took: Duration, target: Duration) -> u64 {
+    let grown = rows.saturating_mul(2);
+    let scaled = if took.is_zero() {
+        grown
+    } else {
+        let f = target.as_secs_f64() / took.as_secs_f64();
+        // Saturating float to integer conversion.
+        (rows as f64 * f) as u64
+    };
+    scaled
+        .min(grown)
+        .clamp(PURGE_STEP_MIN_ROWS, PURGE_CHUNK_ROWS)
 }
 
 /// Starts the purge `who` asks for: checks and audits it as [`purge`] does and destroys the
@@ -1012,7 +1057,13 @@ fn start_purge(
     now: UnixSeconds,
 ) -> Result<PurgeRun, OpError> {
     match ledger.begin_purge(enforced) {
-        Ok(job) => Ok(PurgeRun { who, intent, job }),
+        Ok(job) => Ok(PurgeRun {
+            who,
+            intent,
+            job,
+            rows: PURGE_STEP_FIRST_ROWS,
+            target: PURGE_STEP_TARGET,
+        }),
         Err(e) => {
             let result = Err(e);
             record_purge(hub, &who, intent, &result, now)?;
@@ -1025,9 +1076,13 @@ fn start_purge(
     }
 }
 
-/// One chunk of `run`'s deletion ([`Ledger::purge_chunk`]); whether it is complete.
+/// One chunk of `run`'s deletion ([`Ledger::purge_chunk`], of [`PurgeRun::chunk_rows`] rows,
+/// resized for the next step by [`next_chunk_rows`]); whether it is complete.
 pub fn purge_step(ledger: &Ledger<'_>, run: &mut PurgeRun) -> Result<bool, LedgerError> {
-    ledger.purge_chunk(&mut run.job, PURGE_CHUNK_ROWS)
+    let started = std::time::Instant::now();
+    let done = ledger.purge_chunk(&mut run.job, run.rows)?;
+    run.rows = next_chunk_rows(run.rows, started.elapsed(), run.target);
+    Ok(done)
 }
 
 /// Ends `run`: records what it destroyed, or `outcome`'s failure (`retention.purge.result`),
@@ -1129,6 +1184,23 @@ fn audit_purge_result(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_steps_are_resized_to_their_target() {
+        let ms = Duration::from_millis;
+        let target = PURGE_STEP_TARGET;
+        // Twice too slow: half the rows; ten times too slow: a tenth (not under the floor).
+        assert_eq!(next_chunk_rows(2_000, target * 2, target), 1_000);
+        assert_eq!(next_chunk_rows(20_000, target * 10, target), 2_000);
+        assert_eq!(next_chunk_rows(1_000, ms(10_000), target), PURGE_STEP_MIN_ROWS);
+        // Fast: at most doubled, never over the offline chunk.
+        assert_eq!(next_chunk_rows(2_000, ms(1), target), 4_000);
+        assert_eq!(next_chunk_rows(2_000, Duration::ZERO, target), 4_000);
+        assert_eq!(next_chunk_rows(16_000, ms(1), target), PURGE_CHUNK_ROWS);
+        // On target: unchanged.
+        assert_eq!(next_chunk_rows(3_000, target, target), 3_000);
+        assert_eq!(next_chunk_rows(3_000, ms(1), Duration::ZERO), PURGE_STEP_MIN_ROWS);
+    }
 
     const NOW: UnixSeconds = 1_750_000_000;
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use sync_hub::Hub;
 use sync_hub::auth::Principal;
-use sync_hub::daemon::HubHandle;
+use sync_hub::daemon::{HoldKind, HubHandle};
 use sync_hub::ledger::{
     DEVICE_DAY_KEYS, DEVICE_DAY_RECORDS, FALLBACK_COUNTS, HUB_CHUNKS, INDEXED, Ledger,
     PARTITION_COUNTS, PARTITION_HEADS, SYNC_STATES, VISITS_BY_FACILITY, VISITS_BY_TOKEN,
@@ -297,6 +297,17 @@ fn the_actor_answers_during_a_big_purge_and_the_day_is_gone_after() {
         pings >= 3,
         "only {pings} actor jobs were answered while the purge ran"
     );
+    // The actor timed what held it: every purge step, the purge's start and the pings.
+    let holds = &handle.metrics.holds;
+    assert!(holds.count(HoldKind::PurgeChunk) >= 3, "{holds:?}");
+    assert!(holds.count(HoldKind::PurgeStart) >= 1, "{holds:?}");
+    assert!(holds.count(HoldKind::Query) > u64::from(pings), "{holds:?}");
+    assert!(
+        holds.max(HoldKind::PurgeChunk) < ACTOR_BOUND,
+        "a purge step held the actor {:?}",
+        holds.max(HoldKind::PurgeChunk)
+    );
+    assert!(holds.seconds.count() >= holds.count(HoldKind::PurgeChunk));
     stop(handle, actor);
     let hub = Hub::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
     let left = rows_of_day(&hub, expired);
@@ -367,4 +378,49 @@ fn a_purge_a_stop_interrupts_is_finished_at_the_next_start() {
         live_before,
         "the live day lost rows"
     );
+}
+
+/// A running hub's purge steps are sized by time, not by a fixed count of rows: with a target
+/// no step can meet, every step after the first deletes the fewest rows allowed (many short
+/// steps, where a fixed 20,000 rows went whatever they cost); with a target every step
+/// meets, they grow. Either way the day is gone.
+#[test]
+fn purge_steps_follow_their_time_target() {
+    use sync_hub::people::{
+        PURGE_STEP_FIRST_ROWS, PURGE_STEP_MIN_ROWS, begin_purge, finish_purge, purge_step,
+    };
+    let (expired, live, as_of) = days();
+    for target in [Duration::ZERO, Duration::from_secs(3_600)] {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let hub = Hub::init(tmp.path(), "mapo", None, vec![], None, 1_750_000_000)
+            .unwrap_or_else(|e| panic!("init: {e}"))
+            .hub;
+        let mut ledger = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+        fill_day(&hub, expired, 200, 20, 40, 4);
+        fill_day(&hub, live, 2, 2, 2, 0);
+        let rows = total(&rows_of_day(&hub, expired));
+        let now = sync_hub::clock::now();
+        let who = Principal::local_operator();
+        let mut run = begin_purge(&hub, &mut ledger, &who, Some(as_of), now)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_step_target(target);
+        assert_eq!(run.chunk_rows(), PURGE_STEP_FIRST_ROWS);
+        let mut steps = 0u64;
+        while !purge_step(&ledger, &mut run).unwrap_or_else(|e| panic!("{e}")) {
+            steps += 1;
+            assert!(steps < 100_000, "the purge does not end");
+        }
+        if target.is_zero() {
+            assert_eq!(run.chunk_rows(), PURGE_STEP_MIN_ROWS);
+            assert!(
+                steps * PURGE_STEP_MIN_ROWS * 2 >= rows,
+                "{rows} rows in {steps} steps"
+            );
+        } else {
+            assert!(run.chunk_rows() > PURGE_STEP_FIRST_ROWS, "{steps} steps");
+        }
+        let report = finish_purge(&hub, run, Ok(()), now).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.partitions, 200);
+        assert_eq!(total(&rows_of_day(&hub, expired)), 0);
+    }
 }

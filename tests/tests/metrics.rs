@@ -183,6 +183,23 @@ fn dashboard_and_alert_metrics_are_scraped_and_health_has_detail() -> Result<()>
         sample(&hub_scrape, "kipass_records_ingested_total"),
         Some(2.0)
     );
+    // What held the hub's actor: the sync's frames, the trace's jobs, the retention run.
+    for kind in ["frame", "session", "query", "purge_start"] {
+        let held = sample(
+            &hub_scrape,
+            &format!("kipass_hub_actor_hold_max_seconds{{kind=\"{kind}\"}}"),
+        );
+        assert!(held.is_some_and(|s| s > 0.0), "{kind}: {hub_scrape}");
+        let n = sample(
+            &hub_scrape,
+            &format!("kipass_hub_actor_holds_total{{kind=\"{kind}\"}}"),
+        );
+        assert!(n.is_some_and(|n| n >= 1.0), "{kind}: {hub_scrape}");
+    }
+    let holds = sample(&hub_scrape, "kipass_hub_actor_hold_seconds_count").unwrap_or(0.0);
+    let within_1s = sample(&hub_scrape, "kipass_hub_actor_hold_seconds_bucket{le=\"1\"}");
+    assert!(holds >= 4.0, "{hub_scrape}");
+    assert!(within_1s.is_some_and(|n| n <= holds), "{hub_scrape}");
     assert_eq!(sample(&dev_scrape, "kipass_edge_records_held"), Some(2.0));
     assert_eq!(
         sample(&dev_scrape, "kipass_edge_unsynced_records"),
