@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use shared::facility::{Facility, FacilityStatus};
 use shared::ticket::EnrollmentTicket;
 use shared::time::DAY_SECONDS;
-use std::time::Duration;
 use shared::{DeviceId, UnixSeconds};
+use std::time::Duration;
 
 /// How far ahead of the hub's clock the local operator may move retention (`purge --as-of`,
 /// the demo's fast-forward): 400 days, a year and a margin. A purge destroys every day key
@@ -1192,14 +1192,20 @@ mod tests {
         // Twice too slow: half the rows; ten times too slow: a tenth (not under the floor).
         assert_eq!(next_chunk_rows(2_000, target * 2, target), 1_000);
         assert_eq!(next_chunk_rows(20_000, target * 10, target), 2_000);
-        assert_eq!(next_chunk_rows(1_000, ms(10_000), target), PURGE_STEP_MIN_ROWS);
+        assert_eq!(
+            next_chunk_rows(1_000, ms(10_000), target),
+            PURGE_STEP_MIN_ROWS
+        );
         // Fast: at most doubled, never over the offline chunk.
         assert_eq!(next_chunk_rows(2_000, ms(1), target), 4_000);
         assert_eq!(next_chunk_rows(2_000, Duration::ZERO, target), 4_000);
         assert_eq!(next_chunk_rows(16_000, ms(1), target), PURGE_CHUNK_ROWS);
         // On target: unchanged.
         assert_eq!(next_chunk_rows(3_000, target, target), 3_000);
-        assert_eq!(next_chunk_rows(3_000, ms(1), Duration::ZERO), PURGE_STEP_MIN_ROWS);
+        assert_eq!(
+            next_chunk_rows(3_000, ms(1), Duration::ZERO),
+            PURGE_STEP_MIN_ROWS
+        );
     }
 
     const NOW: UnixSeconds = 1_750_000_000;

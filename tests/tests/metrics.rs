@@ -197,7 +197,10 @@ fn dashboard_and_alert_metrics_are_scraped_and_health_has_detail() -> Result<()>
         assert!(n.is_some_and(|n| n >= 1.0), "{kind}: {hub_scrape}");
     }
     let holds = sample(&hub_scrape, "kipass_hub_actor_hold_seconds_count").unwrap_or(0.0);
-    let within_1s = sample(&hub_scrape, "kipass_hub_actor_hold_seconds_bucket{le=\"1\"}");
+    let within_1s = sample(
+        &hub_scrape,
+        "kipass_hub_actor_hold_seconds_bucket{le=\"1\"}",
+    );
     assert!(holds >= 4.0, "{hub_scrape}");
     assert!(within_1s.is_some_and(|n| n <= holds), "{hub_scrape}");
     assert_eq!(sample(&dev_scrape, "kipass_edge_records_held"), Some(2.0));
