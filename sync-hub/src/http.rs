@@ -862,6 +862,18 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             &m.v1_refused,
         ),
         (
+            "kipass_hub_group_commits_total",
+            "Durable commits that ended a turn of the hub's actor with writes (group commit: \
+             the turn's writes commit without fsync, then this one commit makes them durable \
+             before any frame of the turn is sent).",
+            &m.group_commits,
+        ),
+        (
+            "kipass_hub_group_commit_writes_total",
+            "Write transactions of sync sessions covered by those durable commits.",
+            &m.group_commit_writes,
+        ),
+        (
             "kipass_sync_quota_refusals_total",
             "Sync sessions refused because a device went over its bytes per session or records \
              per device per day.",
