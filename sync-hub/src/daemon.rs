@@ -1475,7 +1475,7 @@ async fn refuse_v1(
 pub const TURN_INPUTS: usize = 64;
 /// The longest an actor turn keeps taking inputs before its durable commit: frames a session
 /// sent wait at most about this long (plus the commit) for the turn's end.
-pub const TURN_TIME: Duration = Duration::from_millis(20);
+pub const TURN_TIME: Duration = Duration::from_millis(50);
 
 /// Begins an actor turn: the writes of the sessions' inputs handled until [`end_turn`]
 /// commit without fsync, and the frames they send are held.
