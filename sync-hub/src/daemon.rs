@@ -16,6 +16,11 @@
 //! Sessions run through `shared::sync::driver`, the one event loop of every node; this
 //! module is its hub `Shell` (`HubShell`).
 //!
+//! Group commit: the actor works in turns ([`Turn`]: the inputs queued, at most
+//! [`TURN_INPUTS`] or [`TURN_TIME`]); its sessions' writes in a turn commit without fsync and
+//! one durable commit ends the turn ([`end_turn`]) before the frames they sent, held in their
+//! [`Conn`], go to the writers: a crash loses at most writes no peer was told of.
+//!
 //! Per-device quotas ([`Quotas`]) keep one rogue enrolled device from filling the disk or
 //! holding the actor: the bytes a session receives after admission, and the new records a
 //! device delivers per UTC day (`device-day-records-1`) and the new wrapped keys it delivers per
@@ -240,6 +245,10 @@ pub struct Metrics {
     pub admin_writes: AtomicU64,
     /// How long each input held the actor ([`Holds`]).
     pub holds: Holds,
+    /// Durable commits that ended an actor turn with writes ([`end_turn`]).
+    pub group_commits: AtomicU64,
+    /// Write transactions those durable commits covered (each committed non-durably first).
+    pub group_commit_writes: AtomicU64,
 }
 
 /// What held the hub's actor: every input it handles and every step of a purge is timed
@@ -264,13 +273,15 @@ pub enum HoldKind {
     PurgeStart,
     /// One chunk of a purge's deletion (the last one with the purge's result entry).
     PurgeChunk,
+    /// The durable commit that ends an actor turn ([`end_turn`]) and releases its frames.
+    Commit,
     /// Anything else (a purge asked for or the retention timer, queued; the stop).
     Other,
 }
 
 impl HoldKind {
     /// Every kind, in the order [`Holds`] keeps them.
-    pub const ALL: [HoldKind; 8] = [
+    pub const ALL: [HoldKind; 9] = [
         HoldKind::Frame,
         HoldKind::Session,
         HoldKind::Query,
@@ -278,6 +289,7 @@ impl HoldKind {
         HoldKind::Stats,
         HoldKind::PurgeStart,
         HoldKind::PurgeChunk,
+        HoldKind::Commit,
         HoldKind::Other,
     ];
 
@@ -291,6 +303,7 @@ impl HoldKind {
             HoldKind::Stats => "stats",
             HoldKind::PurgeStart => "purge_start",
             HoldKind::PurgeChunk => "purge_chunk",
+            HoldKind::Commit => "commit",
             HoldKind::Other => "other",
         }
     }
@@ -549,6 +562,9 @@ pub struct Conn {
     /// devices' quotas it holds (the facility's non-revoked devices, at least one), so a
     /// compromised paired hub can bring no more a day than the facility's own devices could.
     link_quota: Option<(DeviceId, u64)>,
+    /// What the session sent during the actor's turn, held until the turn's writes are
+    /// durable ([`end_turn`]): no peer hears of a change a crash could still lose.
+    held: Vec<Output>,
 }
 
 impl Conn {
@@ -577,6 +593,7 @@ impl Conn {
             quotas: Quotas::default(),
             received: 0,
             link_quota: None,
+            held: Vec::new(),
         }
     }
 
@@ -613,6 +630,7 @@ impl Conn {
             quotas: Quotas::default(),
             received: 0,
             link_quota: None,
+            held: Vec::new(),
         };
         conn.link_quota = conn.facility.as_ref().and_then(|f| link_quota(hub, f));
         let mut shell = HubShell::new(hub, ledger, &mut conn, now, metrics);
@@ -696,6 +714,38 @@ impl Conn {
         let mut shell = HubShell::closed(hub, ledger, self, metrics);
         driver::abort(&mut shell, now, why);
         shell.done();
+    }
+
+    /// Hands `out` to the connection's writer, or holds it until the turn's durable commit
+    /// while `hold` (the store defers this thread's writes). `Err` if the writer's queue is
+    /// full counting what is held: the peer stopped reading.
+    fn emit(&mut self, out: Output, hold: bool) -> Result<(), ()> {
+        if !hold {
+            return match self.reply.try_send(out) {
+                Err(tmpsc::error::TrySendError::Full(_)) => Err(()),
+                _ => Ok(()),
+            };
+        }
+        // Only the actor sends on this queue, so its free room only grows until the release.
+        if matches!(out, Output::Bytes(_)) && self.held.len() >= self.reply.capacity() {
+            return Err(());
+        }
+        self.held.push(out);
+        Ok(())
+    }
+
+    /// Whether frames of this session wait for the turn's durable commit.
+    pub fn holds_output(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Hands the held frames to the connection's writer (after the turn's durable commit).
+    fn release(&mut self) {
+        for out in self.held.drain(..) {
+            // Never full for frames (`emit` counted them); a full queue drops a held `Close`,
+            // as it always did: the writer also ends when the connection is dropped.
+            let _ = self.reply.try_send(out);
+        }
     }
 
     /// Counts `frame` against the session's byte quota once the peer is admitted: over it,
@@ -847,7 +897,8 @@ impl<'a, 'l> HubShell<'a, 'l> {
         }
         if self.conn.is_finished() {
             // A full queue drops this; the writer also ends when the connection is dropped.
-            let _ = self.conn.reply.try_send(Output::Close);
+            let hold = self.hub.store().grouping();
+            let _ = self.conn.emit(Output::Close, hold);
         }
     }
 
@@ -1039,8 +1090,9 @@ impl<'a> Shell for HubShell<'a, '_> {
         }
     }
 
-    /// Queues bytes for the writer. A full queue means the peer stopped reading: the session
-    /// is aborted instead of buffering more.
+    /// Queues bytes for the writer, held until the turn's durable commit when the actor
+    /// groups its writes ([`end_turn`]). A full queue means the peer stopped reading: the
+    /// session is aborted instead of buffering more.
     fn send(&mut self, frame: Frame) -> Result<(), Abort> {
         let bytes = match frame.encode() {
             Ok(b) => b,
@@ -1049,13 +1101,11 @@ impl<'a> Shell for HubShell<'a, '_> {
                 return Ok(());
             }
         };
-        match self.conn.reply.try_send(Output::Bytes(bytes)) {
-            Err(tmpsc::error::TrySendError::Full(_)) => {
-                tracing::info!("a peer stopped reading its frames: closing its session");
-                Err(Abort::internal("the peer does not read its frames"))
-            }
-            _ => Ok(()),
-        }
+        let hold = self.hub.store().grouping();
+        self.conn.emit(Output::Bytes(bytes), hold).map_err(|()| {
+            tracing::info!("a peer stopped reading its frames: closing its session");
+            Abort::internal("the peer does not read its frames")
+        })
     }
 }
 
@@ -1559,6 +1609,96 @@ async fn refuse_v1(
     conn.close(CLOSE_DONE.into(), b"sync protocol v1: upgrade edge-node");
 }
 
+/// The most inputs one actor turn takes before its durable commit ([`end_turn`]).
+pub const TURN_INPUTS: usize = 64;
+/// The longest an actor turn keeps taking inputs before its durable commit: frames a session
+/// sent wait at most about this long (plus the commit) for the turn's end.
+pub const TURN_TIME: Duration = Duration::from_millis(50);
+
+/// Begins an actor turn: the writes of the sessions' inputs handled until [`end_turn`]
+/// commit without fsync, and the frames they send are held.
+pub fn begin_turn(hub: &Hub) {
+    hub.store().begin_group();
+}
+
+/// How much an actor turn has taken: it ends after [`TURN_INPUTS`] inputs or [`TURN_TIME`],
+/// or earlier when no input waits.
+#[derive(Debug)]
+pub struct Turn {
+    started: std::time::Instant,
+    inputs: usize,
+}
+
+impl Turn {
+    /// Begins a turn ([`begin_turn`]).
+    pub fn begin(hub: &Hub) -> Turn {
+        begin_turn(hub);
+        Turn {
+            started: std::time::Instant::now(),
+            inputs: 0,
+        }
+    }
+
+    /// Counts one input taken; whether the turn is full and must end now.
+    pub fn took(&mut self) -> bool {
+        self.inputs += 1;
+        self.inputs >= TURN_INPUTS || self.started.elapsed() >= TURN_TIME
+    }
+}
+
+/// Ends an actor turn (group commit): if its sessions wrote anything, one durable commit
+/// covers every write of the turn, and only then are the frames the sessions sent during the
+/// turn handed to their writers, so that no peer is told of a change a crash could lose
+/// (`/work/shared/design.md` item 4). A turn that wrote nothing sends at once.
+///
+/// If the durable commit fails, nothing held is sent: every session that held frames is
+/// aborted with the store failure (`Internal`) and counted in `persist_failures`; one that had
+/// already ended is told so by a late `Refused` frame.
+pub fn end_turn<'c>(
+    hub: &Hub,
+    ledger: &Ledger<'_>,
+    conns: impl IntoIterator<Item = &'c mut Conn>,
+    now: UnixSeconds,
+    metrics: &Metrics,
+) {
+    match hub.store().end_group() {
+        Ok(writes) => {
+            if let Some(writes) = writes {
+                metrics.group_commits.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .group_commit_writes
+                    .fetch_add(writes, Ordering::Relaxed);
+            }
+            for c in conns {
+                c.release();
+            }
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot commit the sessions' writes durably: {e}; their sessions are aborted \
+                 and told nothing of what they synced"
+            );
+            for c in conns.into_iter().filter(|c| c.holds_output()) {
+                c.held.clear();
+                metrics.persist_failures.fetch_add(1, Ordering::Relaxed);
+                if c.is_finished() {
+                    let refused = Frame::Refused(shared::sync::Refusal::new(
+                        RefuseReason::Internal,
+                        STORE_FAILURE,
+                    ));
+                    if let Ok(bytes) = refused.encode() {
+                        let _ = c.reply.try_send(Output::Bytes(bytes));
+                    }
+                    let _ = c.reply.try_send(Output::Close);
+                    c.cache.clear();
+                } else {
+                    c.abort(hub, ledger, Abort::internal(STORE_FAILURE), now, metrics);
+                }
+            }
+        }
+    }
+}
+
 fn actor(
     hub: Arc<Hub>,
     quotas: Quotas,
@@ -1581,8 +1721,10 @@ fn actor(
     // or whenever the queue is empty, so every session is served between chunks. A purge a
     // stop interrupts is finished by the next one (the timer's, at the next start).
     let mut purging: Option<(people::PurgeRun, Option<PurgeReply>)> = None;
+    // Sessions that ended in this turn, kept until its durable commit releases their frames.
+    let mut ended: Vec<Conn> = Vec::new();
     loop {
-        let input = if purging.is_some() || !pending_purge.is_empty() {
+        let first = if purging.is_some() || !pending_purge.is_empty() {
             match rx.try_recv() {
                 Ok(input) => Some(input),
                 Err(tmpsc::error::TryRecvError::Empty) => None,
@@ -1597,11 +1739,47 @@ fn actor(
         if stopping.load(Ordering::Acquire) {
             break;
         }
-        let now = clock::now();
-        if let Some(input) = input {
+        // One turn: the inputs queued now (up to TURN_INPUTS or TURN_TIME), their writes
+        // committed without fsync and their frames held, then one durable commit.
+        let mut turn = Turn::begin(&hub);
+        let mut stop = false;
+        let mut next = first;
+        while let Some(input) = next.take() {
+            let now = clock::now();
             let _held = metrics.holds.start(HoldKind::of(&input));
             match input {
-                Input::Stop => break,
+                Input::Stop => {
+                    stop = true;
+                    break;
+                }
+                Input::Request(r) => {
+                    // A request answers at once: what the turn wrote is made durable (and its
+                    // frames sent) first, and the request's own writes are durable.
+                    end_turn(
+                        &hub,
+                        &ledger,
+                        conns.values_mut().chain(ended.iter_mut()),
+                        now,
+                        &metrics,
+                    );
+                    ended.clear();
+                    match r {
+                        Request::Stats(reply) => {
+                            let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
+                        }
+                        Request::Purge { who, as_of, reply } => {
+                            pending_purge.push_back(Some((who, as_of, reply)));
+                        }
+                        Request::Admin(f) => {
+                            let _ = f(&hub);
+                            // The hub link replicates registry edits at its next round.
+                            metrics.admin_writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Request::Query(f) => f(&hub, &ledger, &metrics),
+                    }
+                    begin_turn(&hub);
+                }
+                Input::Tick => pending_purge.push_back(None),
                 Input::Open {
                     conn,
                     remote,
@@ -1681,26 +1859,53 @@ fn actor(
                 Input::Closed { conn } => {
                     if let Some(mut c) = conns.remove(&conn) {
                         c.on_closed(&hub, &ledger, now, &metrics);
+                        // Its writer may still send what the turn holds for it.
+                        ended.push(c);
                     }
                 }
-                Input::Request(r) => match r {
-                    Request::Stats(reply) => {
-                        let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
-                    }
-                    Request::Purge { who, as_of, reply } => {
-                        pending_purge.push_back(Some((who, as_of, reply)));
-                    }
-                    Request::Admin(f) => {
-                        let _ = f(&hub);
-                        // The hub link replicates registry edits at its next round.
-                        metrics.admin_writes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Request::Query(f) => f(&hub, &ledger, &metrics),
-                },
-                Input::Tick => pending_purge.push_back(None),
             }
+            // Ended sessions leave the map at once (later inputs for them are dropped); their
+            // held frames go out at the turn's end.
+            let finished: Vec<u64> = conns
+                .iter()
+                .filter(|(_, c)| c.is_finished())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in finished {
+                if let Some(c) = conns.remove(&id) {
+                    ended.push(c);
+                }
+            }
+            if stopping.load(Ordering::Acquire) {
+                stop = true;
+                break;
+            }
+            if turn.took() {
+                break;
+            }
+            next = match rx.try_recv() {
+                Ok(input) => Some(input),
+                Err(tmpsc::error::TryRecvError::Empty) => None,
+                Err(tmpsc::error::TryRecvError::Disconnected) => {
+                    stop = true;
+                    None
+                }
+            };
         }
-        conns.retain(|_, c| !c.is_finished());
+        let now = clock::now();
+        let held = metrics.holds.start(HoldKind::Commit);
+        end_turn(
+            &hub,
+            &ledger,
+            conns.values_mut().chain(ended.iter_mut()),
+            now,
+            &metrics,
+        );
+        drop(held);
+        ended.clear();
+        if stop {
+            break;
+        }
         if purging.is_none()
             && let Some(asked) = pending_purge.pop_front()
         {

@@ -862,6 +862,18 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
             &m.v1_refused,
         ),
         (
+            "kipass_hub_group_commits_total",
+            "Durable commits that ended a turn of the hub's actor with writes (group commit: \
+             the turn's writes commit without fsync, then this one commit makes them durable \
+             before any frame of the turn is sent).",
+            &m.group_commits,
+        ),
+        (
+            "kipass_hub_group_commit_writes_total",
+            "Write transactions of sync sessions covered by those durable commits.",
+            &m.group_commit_writes,
+        ),
+        (
             "kipass_sync_quota_refusals_total",
             "Sync sessions refused because a device went over its bytes per session or records \
              per device per day.",
@@ -947,7 +959,7 @@ pub fn metrics_text(desk: &Desk<'_>, m: &Metrics) -> Result<String, OpError> {
         &mut out,
         "kipass_hub_actor_hold_max_seconds",
         "The longest one input held the hub's actor (which runs every sync session) since the \
-         start, by kind: frame, session, query, admin, stats, purge_start, purge_chunk, other.",
+         start, by kind: frame, session, query, admin, stats, purge_start, purge_chunk, commit (a turn's durable commit), other.",
         "gauge",
     );
     for k in crate::daemon::HoldKind::ALL {

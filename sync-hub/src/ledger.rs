@@ -495,6 +495,8 @@ pub struct Ledger<'s> {
     keys: KeyDir,
     ratchet: DayKeyRatchet,
     actor: [u8; 16],
+    /// The keyed revocation list as read in the actor's current turn ([`Store::group_epoch`]).
+    revoked: std::sync::Mutex<Option<(u64, std::sync::Arc<crate::auth::RevocationList>)>>,
 }
 
 impl fmt::Debug for Ledger<'_> {
@@ -542,6 +544,7 @@ impl<'s> Ledger<'s> {
             keys,
             ratchet,
             actor,
+            revoked: Default::default(),
         })
     }
 
@@ -555,6 +558,7 @@ impl<'s> Ledger<'s> {
             keys: dir,
             ratchet: keys.ratchet,
             actor: keys.actor,
+            revoked: Default::default(),
         }
     }
 
@@ -753,7 +757,7 @@ impl<'s> Ledger<'s> {
         note.detail = note.detail.chars().take(200).collect();
         let json = serde_json::to_vec(&note)
             .map_err(|e| LedgerError::Seal(format!("cannot encode a refusal: {e}")))?;
-        let txn = self.store.db().begin_write()?;
+        let txn = self.store.begin_write()?;
         {
             let mut counts = txn.open_table(SYNC_REFUSALS)?;
             let before = counts.get(note.reason.as_str())?.map_or(0, |g| g.value());
@@ -797,6 +801,28 @@ impl<'s> Ledger<'s> {
             .map_or(0, |g| g.value()))
     }
 
+    /// The keyed revocation list (`crate::auth::revocations`: a key file and a walk of the
+    /// list), read once per turn of the actor and kept for the rest of it: no revocation is
+    /// written during a turn (revocations are actor jobs, which end the turn before they run,
+    /// `crate::daemon`). Outside a turn, read at every call.
+    fn revocations(&self) -> Result<std::sync::Arc<crate::auth::RevocationList>, LedgerError> {
+        let epoch = self.store.group_epoch();
+        if let (Some(epoch), Ok(cache)) = (epoch, self.revoked.lock())
+            && let Some((at, list)) = cache.as_ref()
+            && *at == epoch
+        {
+            return Ok(list.clone());
+        }
+        let list = std::sync::Arc::new(
+            crate::auth::revocations(self.store)
+                .map_err(|e| LedgerError::Revocations(e.to_string()))?,
+        );
+        if let (Some(epoch), Ok(mut cache)) = (epoch, self.revoked.lock()) {
+            *cache = Some((epoch, list.clone()));
+        }
+        Ok(list)
+    }
+
     /// [`Self::persist_counted`], also adding `charge` to that device's counts of the day of
     /// `now` in `device-day-records-1` and `device-day-keys-1`, in the same transaction.
     pub fn persist_charged(
@@ -818,10 +844,9 @@ impl<'s> Ledger<'s> {
         let f = id.facility.as_str();
         let day = id.day.0;
         // Read before the write transaction: a store of before the list writes it on first read.
-        let revoked = crate::auth::revocations(self.store)
-            .map_err(|e| LedgerError::Revocations(e.to_string()))?;
-        let revoked = &revoked;
-        let txn = self.store.db().begin_write()?;
+        let revoked = self.revocations()?;
+        let revoked = &*revoked;
+        let txn = self.store.begin_write()?;
         self.catch_up(&txn, partition)?;
 
         let records = partition.records();
@@ -2116,7 +2141,7 @@ impl PartitionStore for HubPartitions<'_> {
             });
         }
         let write = || -> Result<(), LedgerError> {
-            let txn = self.ledger.store.db().begin_write()?;
+            let txn = self.ledger.store.begin_write()?;
             let key = peer_key(peer);
             txn.open_table(SYNC_STATES)?
                 .insert((key.as_str(), id.facility.as_str(), id.day.0), state)?;

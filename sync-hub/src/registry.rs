@@ -436,7 +436,7 @@ impl Store {
 
     /// Replaces a device record.
     pub fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(DEVICES)?
             .insert(d.id.as_str(), encode(d).as_slice())?;
         txn.commit()?;
@@ -570,7 +570,7 @@ impl Store {
 
     /// Binds a device's endpoint id and burns its credential, atomically: a ticket works once.
     pub fn bind_device(&self, digest: &[u8; 32], device: &DeviceRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         txn.open_table(CREDENTIALS)?.remove(digest)?;
         txn.open_table(DEVICES)?
             .insert(device.id.as_str(), encode(device).as_slice())?;

@@ -10,7 +10,7 @@
 //! are keyed with secrets from `keys/`, which the store loads when it opens).
 
 use crate::keys::MacKey;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition, WriteTransaction};
 use serde::{Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -90,6 +90,20 @@ pub struct Store {
     dir: PathBuf,
     audit_key: MacKey,
     credential_key: MacKey,
+    group: Group,
+}
+
+/// Group commit ([`Store::begin_group`]): the thread whose writes are deferred, how many
+/// transactions it committed non-durably since, and a test's fault.
+#[derive(Default)]
+struct Group {
+    owner: std::sync::Mutex<Option<std::thread::ThreadId>>,
+    pending: std::sync::atomic::AtomicU64,
+    /// Durable commits of transactions opened with [`Store::begin_write`] and of groups.
+    durable: std::sync::atomic::AtomicU64,
+    fail_next: std::sync::atomic::AtomicBool,
+    /// Counts the groups begun ([`Store::group_epoch`]).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(
@@ -123,6 +137,7 @@ impl Store {
             dir,
             audit_key,
             credential_key,
+            group: Group::default(),
         }
     }
 
@@ -149,6 +164,104 @@ impl Store {
     /// The underlying database, for the modules that own further tables.
     pub fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// Begins a group of writes on this thread (the hub actor's turn): until
+    /// [`Store::end_group`], the transactions this thread opens with [`Store::begin_write`]
+    /// commit with redb's `Durability::None` (no fsync; visible to every later transaction,
+    /// durable only with the next durable commit; after a crash the file is the last durable
+    /// commit, whole). Whoever defers writes must hold back every acknowledgement of them
+    /// until `end_group` has returned `Ok`. Other threads' writes stay durable.
+    pub fn begin_group(&self) {
+        if let Ok(mut owner) = self.group.owner.lock() {
+            *owner = Some(std::thread::current().id());
+        }
+        self.group
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Which group this thread's writes are in (a number no other group had), `None` outside
+    /// one: what the actor reads once per turn may be kept for the rest of the turn under it.
+    pub fn group_epoch(&self) -> Option<u64> {
+        self.grouping()
+            .then(|| self.group.epoch.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Whether this thread's writes are deferred ([`Store::begin_group`]).
+    pub fn grouping(&self) -> bool {
+        self.group
+            .owner
+            .lock()
+            .is_ok_and(|o| *o == Some(std::thread::current().id()))
+    }
+
+    /// Ends the group of writes: if any transaction was committed in it, one durable commit
+    /// (an empty write transaction with `Durability::Immediate`: redb's durable commit writes
+    /// the current root, which holds every earlier non-durable commit, and fsyncs it) makes
+    /// them all durable. Returns how many transactions that commit covered (`None`: there was
+    /// nothing to commit). Later writes are durable again until the next `begin_group`.
+    pub fn end_group(&self) -> Result<Option<u64>, StoreError> {
+        if let Ok(mut owner) = self.group.owner.lock() {
+            *owner = None;
+        }
+        let pending = self
+            .group
+            .pending
+            .swap(0, std::sync::atomic::Ordering::AcqRel);
+        if pending == 0 {
+            return Ok(None);
+        }
+        if self
+            .group
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Err(StoreError::Db(redb::Error::Io(std::io::Error::other(
+                "injected failure of a group commit (test)",
+            ))));
+        }
+        let txn = self.db.begin_write()?;
+        txn.commit()?;
+        self.group
+            .durable
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(pending))
+    }
+
+    /// How many durable commits the writes of the sync path made (transactions opened with
+    /// [`Store::begin_write`] outside a group, each its own durable commit, and the one commit
+    /// of each group that wrote): what group commit saves is the difference to the writes.
+    pub fn durable_commits(&self) -> u64 {
+        self.group
+            .durable
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes the next [`Store::end_group`] that has something to commit fail without
+    /// committing (tests of what a failed group commit must not acknowledge).
+    #[doc(hidden)]
+    pub fn fail_next_group_commit(&self) {
+        self.group
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A write transaction: durable when committed, unless this thread is in a group of
+    /// writes ([`Store::begin_group`]), whose durable commit then covers it.
+    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, redb::Error> {
+        let mut txn = self.db.begin_write()?;
+        if self.grouping() {
+            txn.set_durability(Durability::None)?;
+            self.group
+                .pending
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        } else {
+            self.group
+                .durable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(txn)
     }
 
     /// Reads a JSON setting.

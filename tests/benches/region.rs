@@ -4,13 +4,17 @@
 //! a facility a day (default 60) × the 28 live days through the hub's real ingest path, one
 //! partition per facility and day as a device's first sync delivers it: devices seal real
 //! envelopes to real day keys (one automerge change per 100 check-ins, 2% paper entries sealed
-//! to the health authority with age), their automerge sync messages to an empty hub are
-//! recorded, and the hub's side of the session is timed: each message is decoded, applied,
-//! checked (`check_applied`) and answered (not yet the pre-apply `validate::read_message`,
-//! which refuses automerge's own first message as recorded here), then the partition is persisted and indexed
+//! to the health authority with age), the sync messages a device's sync v2 session
+//! (`shared::sync::Session`) sends a hub session that holds nothing are recorded, and the
+//! hub's side of the session is timed: each message is read and checked before it is applied
+//! (`validate::read_message`, `check_against`), decoded, applied, checked again
+//! (`check_applied`) and answered, then the partition is persisted and indexed
 //! (`HubPartitions::persist`: the chunk, the counts and heads, the token and facility
-//! indexes). A generator thread builds the next partitions while the hub ingests, so the
-//! build takes about as long as the slower of the two.
+//! indexes). Persists commit as the hub's actor commits them (`sync_hub::daemon::Turn`: a
+//! turn's writes without fsync, one durable commit at the turn's end, `end_turn`), a turn
+//! taking the messages of consecutive deliveries as its inputs. A generator thread builds the
+//! next partitions while the hub ingests, so the build takes about as long as the slower of
+//! the two.
 //!
 //! Prints, with a baseline measured in the same run (unsealing every eighth partition's
 //! records, nothing else): the ingest rate at each size step and over the whole build; the
@@ -34,16 +38,19 @@ use shared::daykey::DayKeyRatchet;
 use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::paper::PaperEntry;
 use shared::partition::{Partition, session_actor};
-use shared::sync::PartitionStore;
+use shared::sync::harness::MemoryStore;
 use shared::sync::validate;
+use shared::sync::{Decision, Event, Frame, PartitionStore, Peer, Session};
 use shared::time::{DAY_SECONDS, Day, UnixSeconds};
 use shared::unseal::unseal_partition;
 use shared::{DeviceId, FacilityId, PartitionId, RecordId};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use sync_hub::Hub;
 use sync_hub::auth::Principal;
+use sync_hub::daemon::{self, Metrics};
 use sync_hub::ledger::{self, Ledger};
 use sync_hub::trace::TraceRequest;
 
@@ -214,41 +221,76 @@ fn device_partition(
     Ok((p, sampled))
 }
 
-/// Every automerge sync message a device sends a hub that holds nothing of its partition,
-/// found by running the exchange once against a throwaway copy.
-fn device_messages(device: &mut Partition) -> Result<Vec<Vec<u8>>> {
-    let mut hub = Partition::new(device.id().clone(), b"bench-hub-replay");
-    let (mut dev_state, mut hub_state) = (SyncState::new(), SyncState::new());
+/// Every sync message a device's sync v2 session sends a hub session that holds nothing of
+/// its partition (as `edge-node` syncs: an initiator, push-only), found by running both
+/// sessions once in memory, the hub's over a throwaway store. Gives the partition back.
+fn device_messages(device: Partition, device_id: &DeviceId) -> Result<(Vec<Vec<u8>>, Partition)> {
+    let facility = device.id().facility.clone();
+    let id = device.id().clone();
+    let mut dev_store = MemoryStore::new(b"bench-device", Some(facility.clone()));
+    dev_store.insert(device);
+    let mut hub_store = MemoryStore::new(b"bench-hub-replay", None);
+    let me = Peer::Device {
+        device: device_id.clone(),
+        facility: facility.clone(),
+    };
+    let mut dev = Session::initiator_to(NOW, me, None, None, None, true, &dev_store)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut hub = Session::responder(Peer::Hub {
+        region: "seoul".into(),
+    });
     let mut sent = Vec::new();
-    for _ in 0..64 {
-        let to_hub = device.doc().generate_sync_message(&mut dev_state);
-        let moved = to_hub.is_some();
-        if let Some(m) = to_hub {
-            sent.push(m.clone().encode());
-            hub.doc_mut().receive_sync_message(&mut hub_state, m)?;
+    for _ in 0..256 {
+        let mut moved = false;
+        while let Some(f) = dev.poll_transmit() {
+            moved = true;
+            if let Frame::Sync { message, .. } = &f {
+                sent.push(message.clone());
+            }
+            hub.handle_frame(NOW, f, &mut hub_store);
         }
-        let to_dev = hub.doc().generate_sync_message(&mut hub_state);
-        let answered = to_dev.is_some();
-        if let Some(m) = to_dev {
-            device.doc_mut().receive_sync_message(&mut dev_state, m)?;
+        while let Some(e) = hub.poll_event() {
+            if let Event::PeerHello(_) = e {
+                let admit = Decision::Admit {
+                    facility: facility.clone(),
+                    refresh: None,
+                };
+                hub.admit(NOW, admit, &mut hub_store);
+            }
         }
-        if !moved && !answered {
-            return Ok(sent);
+        while let Some(f) = hub.poll_transmit() {
+            moved = true;
+            dev.handle_frame(NOW, f, &mut dev_store);
+        }
+        while dev.poll_event().is_some() {}
+        if !moved {
+            ensure!(
+                dev.is_completed(),
+                "the recorded sync ended without completing"
+            );
+            let device = dev_store.remove(&id).context("the device's partition")?;
+            return Ok((sent, device));
         }
     }
-    bail!("the recorded sync did not settle in 64 rounds")
+    bail!("the recorded sync did not settle in 256 rounds")
 }
 
 /// The hub's side of one device's first sync of one partition: check, decode, apply, check
 /// again and answer each message (as `shared::sync::session` does), then persist and index.
 #[inline(never)]
-fn hub_side(ledger: &Ledger<'_>, d: &Delivery) -> Result<u64> {
+fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u64> {
     let mut parts = ledger.partitions(d.id.facility.clone(), NOW);
     let mut state = SyncState::new();
     for m in &d.messages {
-        // Not timed here: the pre-apply check. `validate::read_message` refuses these
-        // recorded messages (automerge's own first sync message carries a whole-document
-        // chunk; sync v2 senders send change chunks), as in `sync-hub/benches/ingest.rs`.
+        let t = Instant::now();
+        let checked = validate::read_message(m).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match parts.partition_mut(&d.id)? {
+            Some(part) => checked.check_against(Some(part.doc())),
+            None => checked.check_against(None),
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        stages.check += t.elapsed();
+        let t = Instant::now();
         let message = Message::decode(m)?;
         if parts.partition_mut(&d.id)?.is_none() {
             parts.create_partition(&d.id)?;
@@ -262,8 +304,25 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery) -> Result<u64> {
             validate::check_applied(part.doc(), &before).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         let _reply = part.doc().generate_sync_message(&mut state);
+        stages.apply += t.elapsed();
     }
-    Ok(parts.persist(&d.id)?)
+    let t = Instant::now();
+    let indexed = parts.persist(&d.id)?;
+    stages.persist += t.elapsed();
+    Ok(indexed)
+}
+
+/// Where the hub's side of the build spends its time.
+#[derive(Default)]
+struct Stages {
+    /// `validate::read_message` and `check_against`.
+    check: Duration,
+    /// Decode, apply, `check_applied`, the answer.
+    apply: Duration,
+    /// `HubPartitions::persist` (the write transaction, committed without fsync).
+    persist: Duration,
+    /// The turns' durable commits (`daemon::end_turn`).
+    commit: Duration,
 }
 
 /// redb's accounting of the ledger's tables: (name, stored bytes, leaf+branch pages bytes,
@@ -386,12 +445,13 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
             for day in first.0..=today.0 {
                 for (f, d) in &setup.facilities {
                     let made = device_partition(setup, &mut rng, f, d, Day(day)).and_then(
-                        |(mut p, sampled)| {
-                            let messages = device_messages(&mut p)?;
+                        |(p, sampled)| {
                             let records = p.record_count() as u64;
+                            let id = p.id().clone();
                             n += 1;
+                            let (messages, p) = device_messages(p, d)?;
                             Ok(Delivery {
-                                id: p.id().clone(),
+                                id,
                                 messages,
                                 records,
                                 partition: n.is_multiple_of(8).then_some(p),
@@ -415,14 +475,41 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
         let mut saves = (0u64, 0u64, 0u64);
         let mut save_times = (Duration::ZERO, Duration::ZERO);
         let wall = Instant::now();
+        // The hub's actor commits in turns (group commit): the persists of a turn without
+        // fsync, then one durable commit. A device's first sync is about four inputs besides
+        // its `Sync` frames (the connection's opening, `Hello`, `Done`, the close).
+        let metrics = Metrics::default();
+        let end_turn = || {
+            daemon::end_turn(
+                &hub,
+                &ledger,
+                std::iter::empty::<&mut daemon::Conn>(),
+                NOW,
+                &metrics,
+            )
+        };
+        let mut turn = daemon::Turn::begin(&hub);
+        let mut partitions = 0u64;
+        let mut stages = Stages::default();
         for (di, day) in (first.0..=today.0).enumerate() {
             let mut day_visits = 0u64;
             for _ in 0..setup.facilities.len() {
                 let d = rx.recv().context("the generator stopped")??;
                 ensure!(d.id.day.0 == day, "deliveries out of order");
                 let t = Instant::now();
-                let indexed = hub_side(&ledger, &d)?;
+                let indexed = hub_side(&ledger, &d, &mut stages)?;
+                let mut full = false;
+                for _ in 0..d.messages.len() + 4 {
+                    full |= turn.took();
+                }
+                if full {
+                    let t = Instant::now();
+                    end_turn();
+                    stages.commit += t.elapsed();
+                    turn = daemon::Turn::begin(&hub);
+                }
                 ingest += t.elapsed();
+                partitions += 1;
                 ensure!(
                     indexed == d.records,
                     "indexed {indexed} of {} records of {}",
@@ -458,6 +545,10 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
                 wall.elapsed().as_secs_f64()
             );
             if checkpoints.contains(&days) {
+                let t = Instant::now();
+                end_turn();
+                turn = daemon::Turn::begin(&hub);
+                ingest += t.elapsed();
                 let bytes = folder_bytes(dir);
                 let added = visits - step_visits;
                 let step = ingest - step_ingest;
@@ -477,6 +568,27 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
             }
         }
         eprintln!();
+        end_turn();
+        let commits = metrics.group_commits.load(Ordering::Relaxed);
+        report.push(String::new());
+        report.push(format!(
+            "group commit: {commits} durable commits for {partitions} persisted partitions \
+             ({:.1} partitions, {:.0} records a durable commit; {} write transactions covered)",
+            partitions as f64 / commits.max(1) as f64,
+            visits as f64 / commits.max(1) as f64,
+            metrics.group_commit_writes.load(Ordering::Relaxed),
+        ));
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / visits.max(1) as f64;
+        report.push(format!(
+            "the hub's side per record: check {:.1} µs, decode+apply+answer {:.1} µs, persist \
+             (chunk, unseal, index, write without fsync) {:.1} µs, durable commits {:.1} µs; \
+             unseal only {:.1} µs",
+            per(stages.check),
+            per(stages.apply),
+            per(stages.persist),
+            per(stages.commit),
+            unseal_time.as_secs_f64() * 1e6 / unsealed.max(1) as f64,
+        ));
         report.insert(
             0,
             format!(
