@@ -234,6 +234,17 @@ impl LadderStep {
         LadderStep::Median,
     ];
 
+    /// The kiosk's live pass ([`decode_live_luma`]): what every frame of the camera stream
+    /// gets, the full [`LadderStep::LADDER`] coming once a second. A frame longer than 1000 px
+    /// on a side is downscaled first and both rungs work on the copy.
+    //
+    // Measured on the photo corpus (`cargo bench -p tests --bench decode_photos`, the live
+    // columns): the locator alone reads far more photos than rqrr's own scan at a fraction of
+    // its cost, so it goes first. rqrr's scan stays as the fallback: it reads damaged frames
+    // (blur, noise) the locator misses, and a codeless frame then costs the locator plus the
+    // one rqrr pass the live stream always had, inside the kiosk bench's budget.
+    pub const LIVE: [LadderStep; 2] = [LadderStep::Finder, LadderStep::Plain];
+
     /// Every step, including those measured but left off the ladder (for `ladder_step_matrix`).
     pub const ALL: [LadderStep; 17] = [
         LadderStep::Plain,
@@ -362,6 +373,45 @@ pub fn decode_luma_stats(img: &GrayImage) -> DecodeStats {
                 continue;
             }
             decode_step(work, step)
+        };
+        stats.attempts += 1;
+        if let Some(text) = found {
+            stats.text = Some(text);
+            stats.step = Some(step);
+            return stats;
+        }
+    }
+    stats
+}
+
+/// The kiosk's live pass: the rungs of [`LadderStep::LIVE`] in order, on the frame as it came
+/// or, for a frame longer than 1000 px on a side, on its downscaled copy (then the rqrr rung is
+/// reported as [`LadderStep::Downscale`], as the old single pass did).
+pub fn decode_live_luma(img: &GrayImage) -> DecodeStats {
+    let mut stats = DecodeStats {
+        text: None,
+        step: None,
+        attempts: 0,
+    };
+    if img.width() == 0 || img.height() == 0 {
+        return stats;
+    }
+    let small = LadderStep::Downscale
+        .applies_to(img.width(), img.height())
+        .then(|| downscale(img));
+    let work = small.as_ref().unwrap_or(img);
+    for step in LadderStep::LIVE {
+        let step = match (step, &small) {
+            (LadderStep::Plain, Some(_)) => LadderStep::Downscale,
+            _ => step,
+        };
+        if !step.applies_to(work.width(), work.height()) && step != LadderStep::Downscale {
+            continue;
+        }
+        let found = match step {
+            // `work` is already the downscaled copy.
+            LadderStep::Downscale => scan_gray(work),
+            _ => decode_step(work, step),
         };
         stats.attempts += 1;
         if let Some(text) = found {

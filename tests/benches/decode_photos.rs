@@ -6,8 +6,9 @@
 //! four rotations) and the damaged-frame corpus of `tests/src/frames.rs`. Every frame is decoded
 //! to 8-bit luma once; then, one frame at a time on one thread, the project's whole ladder
 //! (`decode_luma`, what `scan` and the kiosk's once-a-second full pass run), its live pass (the
-//! kiosk's single rung per frame) and zxing-cpp's `read_barcodes` (Python binding, QR only,
-//! default options, driven by `tests/zxing/read_frames.py` over the same luma bytes) are timed
+//! kiosk's per-frame pass, `decode_live_luma`: our locator, then rqrr's own scan) and
+//! zxing-cpp's `read_barcodes` (Python binding, QR only, default options, driven by
+//! `tests/zxing/read_frames.py` over the same luma bytes) are timed
 //! on the same pixels. A read counts only when the text is the expected one; a different text
 //! is reported as wrong (the bench fails if the project's decoder gives one).
 //!
@@ -20,7 +21,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use edge_node::frame::{LadderStep, decode_luma, decode_step};
+use edge_node::frame::{LadderStep, decode_live_luma, decode_luma, decode_step};
 use image::GrayImage;
 use tests::frames::{Damage, frame, kp1_like_text};
 use tests::photos::{ROTATIONS, load_all, matches, rotated};
@@ -63,13 +64,9 @@ impl Tally {
 /// "double QR", a small code printed inside a large one.
 const OTHER_CODES: &[(&str, &str)] = &[("qrcode-2/16 ", "[内側QRコード]")];
 
+/// The kiosk's live pass, what every camera frame gets (`kiosk::decode` with `Ladder::Live`).
 fn live_pass(img: &GrayImage) -> Option<String> {
-    let step = if LadderStep::Downscale.applies_to(img.width(), img.height()) {
-        LadderStep::Downscale
-    } else {
-        LadderStep::Plain
-    };
-    decode_step(img, step)
+    decode_live_luma(img).text
 }
 
 fn damaged_frames() -> Vec<Frame> {
