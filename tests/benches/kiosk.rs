@@ -87,7 +87,7 @@ fn summarize(mut v: Vec<f64>) -> Summary {
 
 fn row(name: &str, s: &Summary) {
     println!(
-        "{name:<52} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+        "{name:<58} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
         s.n, s.p50, s.p95, s.p99, s.max
     );
 }
@@ -158,13 +158,13 @@ impl Target {
                 name,
                 host,
                 config,
-            } => Client::Https(TlsClient {
+            } => Client::Https(Box::new(TlsClient {
                 addr: *addr,
                 name: name.clone(),
                 host: host.clone(),
                 config: config.clone(),
                 conn: None,
-            }),
+            })),
         }
     }
 }
@@ -173,7 +173,7 @@ impl Target {
 /// for HTTPS (what a browser's `fetch` keeps to the device), made again when it closes.
 enum Client {
     Http { base: String, agent: ureq::Agent },
-    Https(TlsClient),
+    Https(Box<TlsClient>),
 }
 
 impl Client {
@@ -601,7 +601,7 @@ fn main() -> Result<()> {
             .join(" ")
     );
     println!(
-        "{:<52} {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "{:<58} {:>6} {:>8} {:>8} {:>8} {:>8}",
         "ms", "n", "p50", "p95", "p99", "max"
     );
     for (name, summary) in &in_process {
