@@ -234,6 +234,17 @@ impl LadderStep {
         LadderStep::Median,
     ];
 
+    /// The kiosk's live pass ([`decode_live_luma`]): what every frame of the camera stream
+    /// gets, the full [`LadderStep::LADDER`] coming once a second. A frame longer than 1000 px
+    /// on a side is downscaled first and both rungs work on the copy.
+    //
+    // Measured on the photo corpus (`cargo bench -p tests --bench decode_photos`, the live
+    // columns): the locator alone reads far more photos than rqrr's own scan at a fraction of
+    // its cost, so it goes first. rqrr's scan stays as the fallback: it reads damaged frames
+    // (blur, noise) the locator misses, and a codeless frame then costs the locator plus the
+    // one rqrr pass the live stream always had, inside the kiosk bench's budget.
+    pub const LIVE: [LadderStep; 2] = [LadderStep::Finder, LadderStep::Plain];
+
     /// Every step, including those measured but left off the ladder (for `ladder_step_matrix`).
     pub const ALL: [LadderStep; 17] = [
         LadderStep::Plain,
@@ -342,26 +353,59 @@ pub fn decode_luma_stats(img: &GrayImage) -> DecodeStats {
     if img.width() == 0 || img.height() == 0 {
         return stats;
     }
-    // After a large frame has been downscaled, the rungs other than `Plain` work on the copy.
-    let mut downscaled: Option<GrayImage> = None;
+    // A large frame is downscaled first, and the rungs other than `Plain` work on the copy.
+    let small = LadderStep::Downscale
+        .applies_to(img.width(), img.height())
+        .then(|| downscale(img));
+    let mut work = Shared::new(small.as_ref().unwrap_or(img));
     for step in LadderStep::LADDER {
-        let found = if step == LadderStep::Downscale {
-            if !step.applies_to(img.width(), img.height()) {
-                continue;
+        let found = match (step, &small) {
+            (LadderStep::Downscale, None) => continue,
+            (LadderStep::Downscale, Some(small)) => scan_gray(small),
+            (LadderStep::Plain, _) => scan_gray(img),
+            _ => {
+                if !step.applies_to(work.img.width(), work.img.height()) {
+                    continue;
+                }
+                work.run(step)
             }
-            let small = downscale(img);
-            let found = scan_gray(&small);
-            downscaled = Some(small);
-            found
-        } else {
-            let work = match (step, &downscaled) {
-                (LadderStep::Plain, _) | (_, None) => img,
-                (_, Some(small)) => small,
-            };
-            if !step.applies_to(work.width(), work.height()) {
-                continue;
+        };
+        stats.attempts += 1;
+        if let Some(text) = found {
+            stats.text = Some(text);
+            stats.step = Some(step);
+            return stats;
+        }
+    }
+    stats
+}
+
+/// The kiosk's live pass: the rungs of [`LadderStep::LIVE`] in order, on the frame as it came
+/// or, for a frame longer than 1000 px on a side, on its downscaled copy (then the rqrr rung is
+/// reported as [`LadderStep::Downscale`], as the old single pass did).
+pub fn decode_live_luma(img: &GrayImage) -> DecodeStats {
+    let mut stats = DecodeStats {
+        text: None,
+        step: None,
+        attempts: 0,
+    };
+    if img.width() == 0 || img.height() == 0 {
+        return stats;
+    }
+    let small = LadderStep::Downscale
+        .applies_to(img.width(), img.height())
+        .then(|| downscale(img));
+    let mut work = Shared::new(small.as_ref().unwrap_or(img));
+    for step in LadderStep::LIVE {
+        let (step, found) = match (step, &small) {
+            // The rqrr scan of a large frame is the downscale rung's: on the copy.
+            (LadderStep::Plain, Some(small)) => (LadderStep::Downscale, scan_gray(small)),
+            _ => {
+                if !step.applies_to(work.img.width(), work.img.height()) {
+                    continue;
+                }
+                (step, work.run(step))
             }
-            decode_step(work, step)
         };
         stats.attempts += 1;
         if let Some(text) = found {
@@ -380,39 +424,126 @@ pub fn decode_step(img: &GrayImage, step: LadderStep) -> Option<String> {
     if img.width() == 0 || img.height() == 0 || !step.applies_to(img.width(), img.height()) {
         return None;
     }
-    match step {
-        LadderStep::Plain => scan_gray(img),
-        LadderStep::Downscale => scan_gray(&downscale(img)),
-        LadderStep::Median => scan_gray(&median3(img)),
-        LadderStep::Otsu => scan_otsu(img),
-        LadderStep::AdaptiveMean => scan_bitmap(img, &adaptive_mean(img)),
-        LadderStep::MedianOtsu => scan_otsu(&median3(img)),
-        LadderStep::MedianAdaptive => {
-            let filtered = median3(img);
-            scan_bitmap(&filtered, &adaptive_mean(&filtered))
+    Shared::new(img).run(step)
+}
+
+/// The cost of each stage the rungs are made of, run once each on `img` (for the photo bench's
+/// breakdown of where a frame's time goes; `DECODE_PHOTOS_STAGES=1`).
+#[doc(hidden)]
+pub fn stage_times(img: &GrayImage) -> Vec<(&'static str, std::time::Duration)> {
+    use std::time::Instant;
+    let mut out = Vec::new();
+    if img.width() == 0 || img.height() == 0 {
+        return out;
+    }
+    let mut time = |name: &'static str, f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        out.push((name, start.elapsed()));
+    };
+    let mut hybrid = Vec::new();
+    time("hybrid threshold", &mut || hybrid = hybrid_binarize(img));
+    time("locator on it", &mut || {
+        let _ = locate(img, &hybrid);
+    });
+    time("rqrr scan, own threshold (plain)", &mut || {
+        let _ = scan_gray(img);
+    });
+    time("rqrr scan of the hybrid bitmap", &mut || {
+        let _ = scan_bitmap(img, &hybrid);
+    });
+    let mut up = GrayImage::new(0, 0);
+    time("2x upscale", &mut || up = upscale2(img));
+    let mut up_hybrid = Vec::new();
+    time("hybrid threshold of the 2x", &mut || {
+        up_hybrid = hybrid_binarize(&up)
+    });
+    time("locator on the 2x", &mut || {
+        let _ = locate(&up, &up_hybrid);
+    });
+    time("rqrr scan of the 2x, Otsu cut", &mut || {
+        let _ = scan_otsu(&up);
+    });
+    let mut median = GrayImage::new(0, 0);
+    time("3x3 median", &mut || median = median3(img));
+    time("rqrr scan of the median, Otsu cut", &mut || {
+        let _ = scan_otsu(&median);
+    });
+    out
+}
+
+/// What the rungs of one frame share, each made at most once per frame and only when a rung
+/// asks for it: the block-local threshold (the locator's and rqrr's `hybrid` rung), the median
+/// filter (three rungs) and the 2x enlargement (two rungs, the locator's with its own threshold).
+struct Shared<'a> {
+    img: &'a GrayImage,
+    hybrid: Option<Vec<bool>>,
+    median: Option<GrayImage>,
+    up: Option<GrayImage>,
+}
+
+impl<'a> Shared<'a> {
+    fn new(img: &'a GrayImage) -> Self {
+        Shared {
+            img,
+            hybrid: None,
+            median: None,
+            up: None,
         }
-        LadderStep::Stretch => scan_gray(&stretch(img)),
-        LadderStep::Upscale => scan_gray(&upscale2(img)),
-        LadderStep::UpscaleOtsu => scan_otsu(&upscale2(img)),
-        LadderStep::Hybrid => scan_bitmap(img, &hybrid_binarize(img)),
-        LadderStep::HybridInverted => {
-            let black: Vec<bool> = hybrid_binarize(img).into_iter().map(|b| !b).collect();
-            scan_bitmap(img, &black)
-        }
-        LadderStep::HalfHybrid => {
-            let half = downscale_by(img, 2);
-            scan_bitmap(&half, &hybrid_binarize(&half))
-        }
-        LadderStep::Finder => locate(img, &hybrid_binarize(img)),
-        LadderStep::FinderOtsu => {
-            let t = otsu_threshold(img);
-            let black: Vec<bool> = img.as_raw().iter().map(|&v| v <= t).collect();
-            locate(img, &black)
-        }
-        LadderStep::FinderAdaptive => locate(img, &adaptive_mean(img)),
-        LadderStep::FinderUpscale => {
-            let up = upscale2(img);
-            locate(&up, &hybrid_binarize(&up))
+    }
+
+    fn hybrid(&mut self) -> &[bool] {
+        let img = self.img;
+        self.hybrid.get_or_insert_with(|| hybrid_binarize(img))
+    }
+
+    fn median(&mut self) -> &GrayImage {
+        let img = self.img;
+        self.median.get_or_insert_with(|| median3(img))
+    }
+
+    fn up(&mut self) -> &GrayImage {
+        let img = self.img;
+        self.up.get_or_insert_with(|| upscale2(img))
+    }
+
+    /// One rung on the frame (the caller checked that it applies).
+    fn run(&mut self, step: LadderStep) -> Option<String> {
+        let img = self.img;
+        match step {
+            LadderStep::Plain => scan_gray(img),
+            LadderStep::Downscale => scan_gray(&downscale(img)),
+            LadderStep::Median => scan_gray(self.median()),
+            LadderStep::Otsu => scan_otsu(img),
+            LadderStep::AdaptiveMean => scan_bitmap(img, &adaptive_mean(img)),
+            LadderStep::MedianOtsu => scan_otsu(self.median()),
+            LadderStep::MedianAdaptive => {
+                let filtered = self.median();
+                scan_bitmap(filtered, &adaptive_mean(filtered))
+            }
+            LadderStep::Stretch => scan_gray(&stretch(img)),
+            LadderStep::Upscale => scan_gray(self.up()),
+            LadderStep::UpscaleOtsu => scan_otsu(self.up()),
+            LadderStep::Hybrid => scan_bitmap(img, self.hybrid()),
+            LadderStep::HybridInverted => {
+                let black: Vec<bool> = self.hybrid().iter().map(|b| !b).collect();
+                scan_bitmap(img, &black)
+            }
+            LadderStep::HalfHybrid => {
+                let half = downscale_by(img, 2);
+                scan_bitmap(&half, &hybrid_binarize(&half))
+            }
+            LadderStep::Finder => locate(img, self.hybrid()),
+            LadderStep::FinderOtsu => {
+                let t = otsu_threshold(img);
+                let black: Vec<bool> = img.as_raw().iter().map(|&v| v <= t).collect();
+                locate(img, &black)
+            }
+            LadderStep::FinderAdaptive => locate(img, &adaptive_mean(img)),
+            LadderStep::FinderUpscale => {
+                let up = self.up();
+                locate(up, &hybrid_binarize(up))
+            }
         }
     }
 }

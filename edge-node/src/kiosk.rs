@@ -487,8 +487,9 @@ fn busy() -> Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Ladder {
-    /// One `rqrr` pass (after the downscale a large frame gets): the live camera stream, where
-    /// the next frame is a quarter of a second away.
+    /// The live pass ([`frame::decode_live_luma`]: our locator, then one `rqrr` scan, after
+    /// the downscale a large frame gets): the live camera stream, where the next frame is a
+    /// tenth of a second away.
     #[default]
     Live,
     /// The whole preprocessing ladder, as `scan` climbs it: one frame a second of the live
@@ -512,12 +513,7 @@ pub fn decode(bytes: &[u8], ladder: Ladder) -> Result<Option<String>, frame::Fra
         Ladder::Full => frame::decode_frame_within(bytes, frame::FrameLimits::KIOSK),
         Ladder::Live => {
             let img = frame::load_luma_within(bytes, frame::FrameLimits::KIOSK)?;
-            let step = if frame::LadderStep::Downscale.applies_to(img.width(), img.height()) {
-                frame::LadderStep::Downscale
-            } else {
-                frame::LadderStep::Plain
-            };
-            Ok(frame::decode_step(&img, step))
+            Ok(frame::decode_live_luma(&img).text)
         }
     }
 }
@@ -1013,6 +1009,38 @@ async fn paper(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 16: the live pass (every frame of the camera stream) runs our locator before
+    /// rqrr's own scan, so a code plain rqrr finds no grid in is read on the frame it arrives
+    /// in, not only by the once-a-second full ladder. The frame: a real 640x480 camera photo
+    /// of zxing's blackbox set (`testdata/qr-photos/qrcode-1/15.png`), a code held at an angle.
+    #[test]
+    fn the_live_pass_reads_a_camera_frame_plain_rqrr_misses() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../testdata/qr-photos/qrcode-1"
+        );
+        let png = std::fs::read(format!("{dir}/15.png")).expect("the photo corpus");
+        let expected = std::fs::read_to_string(format!("{dir}/15.txt")).expect("its text");
+        let img = frame::load_luma_within(&png, frame::FrameLimits::KIOSK).expect("a frame");
+        assert_eq!(img.dimensions(), (640, 480));
+        assert_eq!(frame::decode_step(&img, frame::LadderStep::Plain), None);
+        assert_eq!(
+            decode(&png, Ladder::Live)
+                .expect("a valid frame")
+                .as_deref(),
+            Some(expected.trim_end_matches('\n'))
+        );
+        let stats = frame::decode_live_luma(&img);
+        assert_eq!(
+            (stats.step, stats.attempts),
+            (Some(frame::LadderStep::Finder), 1)
+        );
+        // A frame with nothing in it climbs both rungs and reads nothing.
+        let blank = image::GrayImage::from_pixel(640, 480, image::Luma([170]));
+        let stats = frame::decode_live_luma(&blank);
+        assert_eq!((stats.text, stats.attempts), (None, 2));
+    }
 
     #[test]
     fn every_verdict_has_a_kind_and_both_messages() {

@@ -6,21 +6,23 @@
 //! four rotations) and the damaged-frame corpus of `tests/src/frames.rs`. Every frame is decoded
 //! to 8-bit luma once; then, one frame at a time on one thread, the project's whole ladder
 //! (`decode_luma`, what `scan` and the kiosk's once-a-second full pass run), its live pass (the
-//! kiosk's single rung per frame) and zxing-cpp's `read_barcodes` (Python binding, QR only,
-//! default options, driven by `tests/zxing/read_frames.py` over the same luma bytes) are timed
+//! kiosk's per-frame pass, `decode_live_luma`: our locator, then rqrr's own scan) and
+//! zxing-cpp's `read_barcodes` (Python binding, QR only, default options, driven by
+//! `tests/zxing/read_frames.py` over the same luma bytes) are timed
 //! on the same pixels. A read counts only when the text is the expected one; a different text
 //! is reported as wrong (the bench fails if the project's decoder gives one).
 //!
-//! `DECODE_PHOTOS_STEPS=1` prints every rung alone instead (`DECODE_PHOTOS_STEPS=finder,otsu`
-//! only those rungs). `DECODE_PHOTOS_ONLY=qrcode-3` limits the photo corpus to one category;
+//! `DECODE_PHOTOS_STEPS=1` prints every rung alone instead, on both corpora
+//! (`DECODE_PHOTOS_STEPS=finder,otsu` only those rungs). `DECODE_PHOTOS_ONLY=qrcode-3` limits the photo corpus to one category;
 //! `DECODE_PHOTOS_NO_ZXING=1` skips zxing-cpp; `PYTHON` picks the interpreter.
+//! `DECODE_PHOTOS_STAGES=1` prints instead what each stage the rungs are made of costs a frame.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use edge_node::frame::{LadderStep, decode_luma, decode_step};
+use edge_node::frame::{LadderStep, decode_live_luma, decode_luma, decode_step, stage_times};
 use image::GrayImage;
 use tests::frames::{Damage, frame, kp1_like_text};
 use tests::photos::{ROTATIONS, load_all, matches, rotated};
@@ -63,13 +65,9 @@ impl Tally {
 /// "double QR", a small code printed inside a large one.
 const OTHER_CODES: &[(&str, &str)] = &[("qrcode-2/16 ", "[内側QRコード]")];
 
+/// The kiosk's live pass, what every camera frame gets (`kiosk::decode` with `Ladder::Live`).
 fn live_pass(img: &GrayImage) -> Option<String> {
-    let step = if LadderStep::Downscale.applies_to(img.width(), img.height()) {
-        LadderStep::Downscale
-    } else {
-        LadderStep::Plain
-    };
-    decode_step(img, step)
+    decode_live_luma(img).text
 }
 
 fn damaged_frames() -> Vec<Frame> {
@@ -392,13 +390,41 @@ fn step_matrix(frames: &[Frame]) {
     }
 }
 
+/// Where a frame's time goes (`DECODE_PHOTOS_STAGES=1`): each stage the rungs are made of,
+/// run once on every frame, mean ms a frame.
+fn stages(title: &str, frames: &[Frame]) {
+    let mut sum: Vec<(&str, f64)> = Vec::new();
+    for f in frames {
+        for (i, (name, d)) in stage_times(&f.luma).into_iter().enumerate() {
+            if sum.len() <= i {
+                sum.push((name, 0.0));
+            }
+            sum[i].1 += d.as_secs_f64() * 1000.0;
+        }
+    }
+    println!("\n### Stages: {title}\n\n| stage | ms/frame |\n|---|---:|");
+    for (name, ms) in sum {
+        println!("| {name} | {:.2} |", ms / frames.len().max(1) as f64);
+    }
+}
+
 fn main() {
     let only = std::env::var("DECODE_PHOTOS_ONLY").ok();
     let with_zxing = std::env::var_os("DECODE_PHOTOS_NO_ZXING").is_none();
     let verbose = std::env::var_os("DECODE_PHOTOS_VERBOSE").is_some();
     let photos = photo_frames(only.as_deref());
+    if std::env::var_os("DECODE_PHOTOS_STAGES").is_some() {
+        stages("real photos", &photos);
+        stages("damaged-frame corpus", &damaged_frames());
+        return;
+    }
     if std::env::var_os("DECODE_PHOTOS_STEPS").is_some() {
+        println!("\n### Every rung alone: real photos");
         step_matrix(&photos);
+        if only.is_none() {
+            println!("\n### Every rung alone: damaged-frame corpus");
+            step_matrix(&damaged_frames());
+        }
         return;
     }
     let mut clean = report(

@@ -390,22 +390,23 @@ fn decode_triple(bm: &Bitmap<'_>, bl: Candidate, tl: Candidate, tr: Candidate) -
         let pixels = [(tl.x, tl.y), (tr.x, tr.y), (bl.x, bl.y)];
         // Where a parallelogram puts the bottom-right finder's centre (there is none).
         let br = (tr.x - tl.x + bl.x, tr.y - tl.y + bl.y);
-        let mut fourth = Vec::new();
-        if version >= 2
-            && let Some(align) = find_alignment(bm, tl, tr, bl, dim, module)
-        {
-            fourth.push(((dim - 6.5, dim - 6.5), align));
-        }
-        fourth.push(((d, d), br));
-        for (from4, to4) in fourth {
+        let decode_with = |from4: (f64, f64), to4: (f64, f64)| {
             let from = [corners[0], corners[1], corners[2], from4];
             let to = [pixels[0], pixels[1], pixels[2], to4];
-            let Some(h) = Homography::from_points(from, to) else {
-                continue;
-            };
-            if let Some(text) = sample_and_decode(bm, &h, dim as usize) {
-                return Some(text);
-            }
+            let h = Homography::from_points(from, to)?;
+            sample_and_decode(bm, &h, dim as usize)
+        };
+        // The parallelogram first: a code seen square-on decodes without the alignment
+        // pattern's template search, the costliest part of the locator; a code in perspective
+        // then gets the alignment pattern's centre as its fourth corner.
+        if let Some(text) = decode_with((d, d), br) {
+            return Some(text);
+        }
+        if version >= 2
+            && let Some(align) = find_alignment(bm, tl, tr, bl, dim, module)
+            && let Some(text) = decode_with((dim - 6.5, dim - 6.5), align)
+        {
+            return Some(text);
         }
     }
     None
@@ -439,24 +440,36 @@ fn find_alignment(
     // template at the finders' average module size and at the size extrapolated from them.
     let len = |p: (f64, f64)| (p.0 * p.0 + p.1 * p.1).sqrt();
     let extrapolated = (tr.module + bl.module - tl.module).max(0.5 * module);
+    // 22 of the 25 modules right: clearly the pattern, not a patch of data.
+    const MAX_MISSES: u32 = 3;
     let mut best: Option<(u32, f64, (f64, f64))> = None;
     for scale in [1.0, extrapolated / len(u), extrapolated / len(v)] {
         let (u, v) = ((u.0 * scale, u.1 * scale), (v.0 * scale, v.1 * scale));
         for sy in -steps..=steps {
             for sx in -steps..=steps {
                 let (cx, cy) = (est.0 + sx as f64 * step, est.1 + sy as f64 * step);
-                let mut score = 0u32;
-                for j in -2i32..=2 {
+                // Only a place with at most MAX_MISSES of the 25 modules wrong can be the
+                // answer, so a place is left at its fourth wrong module (the same answer,
+                // most places cost a few samples instead of 25).
+                let mut misses = 0u32;
+                'template: for j in -2i32..=2 {
                     for i in -2i32..=2 {
                         let dark = i.abs().max(j.abs()) != 1;
                         let (fi, fj) = (f64::from(i), f64::from(j));
                         let px = cx + fi * u.0 + fj * v.0;
                         let py = cy + fi * u.1 + fj * v.1;
-                        if bm.sample(px, py) == Some(dark) {
-                            score += 1;
+                        if bm.sample(px, py) != Some(dark) {
+                            misses += 1;
+                            if misses > MAX_MISSES {
+                                break 'template;
+                            }
                         }
                     }
                 }
+                if misses > MAX_MISSES {
+                    continue;
+                }
+                let score = 25 - misses;
                 let off = (sx * sx + sy * sy) as f64;
                 let better = match best {
                     None => true,
@@ -468,8 +481,7 @@ fn find_alignment(
             }
         }
     }
-    // 22 of the 25 modules right: clearly the pattern, not a patch of data.
-    best.filter(|b| b.0 >= 22).map(|b| b.2)
+    best.map(|b| b.2)
 }
 
 /// Read each module's centre pixel through `h` and let `rqrr` decode the grid.
