@@ -71,8 +71,10 @@ pub const SYNC_STATES: TableDefinition<(&str, &str, u32), &[u8]> =
 /// the facility's batch of that day holds it whole. One row per token, facility and day (the
 /// same code scanned twice at one facility is one row; the batch holds both visits). 36 bytes
 /// a row, fixed width, against ~160 for a sealed [`IndexedVisit`] with its 24-byte nonce.
-pub const VISITS_BY_TOKEN: TableDefinition<(u32, &[u8; 16], &[u8; 8]), &[u8; 8]> =
+pub const VISITS_BY_TOKEN: TableDefinition<TokenKey, &[u8; 8]> =
     TableDefinition::new("visits-by-token-3");
+/// A key of `visits-by-token-3`: (day, token tag, row tag).
+pub type TokenKey = (u32, &'static [u8; 16], &'static [u8; 8]);
 /// `visits-by-token-2`, which held a sealed [`IndexedVisit`] per QR visit: (day, token tag,
 /// n) -> sealed visit. Every visit in it is also in `visits-by-facility-1` (both were written
 /// from the same visits in one transaction), so [`Ledger::open`] rebuilds the new index from
@@ -1832,7 +1834,7 @@ fn read_indexed(
 /// Writes one persist's index rows: the token rows, and the facility-day's next batches under
 /// facility tag `ftag`, numbered on from its last.
 fn write_index(
-    by_token: &mut redb::Table<'_, (u32, &'static [u8; 16], &'static [u8; 8]), &'static [u8; 8]>,
+    by_token: &mut redb::Table<'_, TokenKey, &'static [u8; 8]>,
     by_facility: &mut redb::Table<'_, (u32, &'static [u8; 16], u32), &'static [u8]>,
     day: u32,
     ftag: &[u8; 16],
@@ -1845,19 +1847,19 @@ fn write_index(
     if batches.is_empty() {
         return Ok(());
     }
-    let mut next = by_facility
+    let first = by_facility
         .range((day, ftag, 0u32)..=(day, ftag, u32::MAX))?
         .next_back()
         .transpose()?
         .map_or(0, |(k, _)| k.value().2.saturating_add(1));
-    for batch in batches {
-        if next == u32::MAX {
-            return Err(LedgerError::Seal(
-                "a facility has 4,294,967,295 index batches on one day".into(),
-            ));
-        }
+    for (i, batch) in batches.iter().enumerate() {
+        let next = u32::try_from(i)
+            .ok()
+            .and_then(|i| first.checked_add(i))
+            .ok_or_else(|| {
+                LedgerError::Seal("a facility has 4,294,967,295 index batches on one day".into())
+            })?;
         by_facility.insert((day, ftag, next), batch.as_slice())?;
-        next += 1;
     }
     Ok(())
 }
