@@ -79,6 +79,107 @@ impl IndexedVisit {
     }
 }
 
+/// The visits one persist indexed at one facility, as the facility index seals them
+/// (`visits-by-facility-2`): the facility once, each device once, and per visit only what
+/// differs (about 36 bytes encoded, against about 80 for an [`IndexedVisit`] on its own): the
+/// seconds since the batch's previous visit (visits are kept in time order, so this is one or
+/// two bytes), the device as a number into the batch's list, the token and the record id.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisitBatch {
+    facility: FacilityId,
+    devices: Vec<DeviceId>,
+    visits: Vec<BatchVisit>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BatchVisit {
+    /// Seconds after the previous visit of the batch (the first: after 0).
+    after: u64,
+    /// Index into the batch's `devices`.
+    device: u32,
+    token: Option<[u8; 16]>,
+    record: RecordId,
+}
+
+// Tokens identify people through their issuer; logs must never show them.
+impl fmt::Debug for VisitBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VisitBatch")
+            .field("facility", &self.facility)
+            .field("devices", &self.devices)
+            .field("visits", &self.visits.len())
+            .finish()
+    }
+}
+
+impl VisitBatch {
+    /// The batch of `visits` at `facility` (their own `facility` is not looked at: a persist
+    /// indexes one partition, so one facility).
+    pub fn new<'v>(
+        facility: &FacilityId,
+        visits: impl IntoIterator<Item = &'v IndexedVisit>,
+    ) -> Self {
+        let mut sorted: Vec<&IndexedVisit> = visits.into_iter().collect();
+        sorted.sort_by_key(|v| (v.scanned_at, v.record));
+        let mut devices: Vec<DeviceId> = Vec::new();
+        let mut numbers: BTreeMap<&DeviceId, u32> = BTreeMap::new();
+        let mut last = 0;
+        let mut out = Vec::with_capacity(sorted.len());
+        for v in sorted {
+            let device = *numbers.entry(&v.device).or_insert_with(|| {
+                devices.push(v.device.clone());
+                u32::try_from(devices.len() - 1).unwrap_or(u32::MAX)
+            });
+            out.push(BatchVisit {
+                after: v.scanned_at - last,
+                device,
+                token: v.token,
+                record: v.record,
+            });
+            last = v.scanned_at;
+        }
+        VisitBatch {
+            facility: facility.clone(),
+            devices,
+            visits: out,
+        }
+    }
+
+    /// The facility the batch's visits are at.
+    pub fn facility(&self) -> &FacilityId {
+        &self.facility
+    }
+
+    /// How many visits the batch holds.
+    pub fn len(&self) -> usize {
+        self.visits.len()
+    }
+
+    /// Whether the batch holds no visit.
+    pub fn is_empty(&self) -> bool {
+        self.visits.is_empty()
+    }
+
+    /// The batch's visits, in time order; `None` if it is damaged (a device number out of
+    /// the list, a time past the end of time).
+    pub fn visits(&self) -> Option<Vec<IndexedVisit>> {
+        let mut at: UnixSeconds = 0;
+        self.visits
+            .iter()
+            .map(|v| {
+                at = at.checked_add(v.after)?;
+                Some(IndexedVisit {
+                    facility: self.facility.clone(),
+                    scanned_at: at,
+                    device: self.devices.get(usize::try_from(v.device).ok()?)?.clone(),
+                    token: v.token,
+                    record: v.record,
+                })
+            })
+            .collect()
+    }
+}
+
 /// What one persist indexes of a partition's records not indexed yet.
 #[derive(Debug, Default)]
 pub struct IndexPlan {

@@ -13,10 +13,14 @@
 //!
 //! - lookup tags are BLAKE3 keyed hashes of the token (or the facility id) under keys derived
 //!   from the index key, so without it a tag cannot be linked to any token or facility;
-//! - values are sealed with XChaCha20-Poly1305 under a third derived key: one [`IndexedVisit`]
-//!   per QR visit under its token's tag, and under the facility's tag one batch of every
-//!   visit a persist indexed (a trace reads all of a facility-day's visits anyway, and one
-//!   seal per batch instead of per visit halves the cryptographic work of ingest).
+//! - under the facility's tag, one [`hub::VisitBatch`] per persist holds every visit it
+//!   indexed there, sealed with XChaCha20-Poly1305 under a third derived key (a trace reads
+//!   all of a facility-day's visits anyway; one seal and one nonce per batch, the facility id
+//!   once and each device once, instead of per visit);
+//! - under the token's tag, one 36-byte row per facility the token visited that day says
+//!   which facility's batches hold the visit, encrypted deterministically (SIV, see
+//!   [`DayIndex::token_row`]): a trace opens those batches and finds the token's visits in
+//!   them.
 //!
 //! When [`Ledger::purge`] advances the ratchet past a day, the index key of that day is gone
 //! with its seed: the day's rows are deleted as well, but even a copy of the file taken before
@@ -61,20 +65,38 @@ pub const HUB_CHUNKS: TableDefinition<(&str, u32, u64), &[u8]> =
 /// `sync-states-1`: (peer key, facility, day) -> encoded `automerge::sync::State`.
 pub const SYNC_STATES: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("sync-states-1");
-/// `visits-by-token-2`: (day, token tag, n) -> one sealed [`IndexedVisit`]; `n` numbers the
-/// visits of that tag on that day from 0 (a one-time token is nearly always visited once).
-/// A plain table, not a multimap: an insert is one walk down the tree instead of a lookup and
-/// then an insert, and the token index is most of what a persist writes.
-pub const VISITS_BY_TOKEN: TableDefinition<(u32, &[u8; 32], u16), &[u8]> =
+/// `visits-by-token-3`: (day, token tag, row tag) -> which facility the token visited that
+/// day, sealed: 8 bytes of the facility's tag, encrypted deterministically
+/// ([`DayIndex::token_row`]), the row tag being their synthetic IV. It only locates the visit:
+/// the facility's batch of that day holds it whole. One row per token, facility and day (the
+/// same code scanned twice at one facility is one row; the batch holds both visits). 36 bytes
+/// a row, fixed width, against ~160 for a sealed [`IndexedVisit`] with its 24-byte nonce.
+pub const VISITS_BY_TOKEN: TableDefinition<TokenKey, &[u8; 8]> =
+    TableDefinition::new("visits-by-token-3");
+/// A key of `visits-by-token-3`: (day, token tag, row tag).
+pub type TokenKey = (u32, &'static [u8; 16], &'static [u8; 8]);
+/// `visits-by-token-2`, which held a sealed [`IndexedVisit`] per QR visit: (day, token tag,
+/// n) -> sealed visit. Every visit in it is also in `visits-by-facility-1` (both were written
+/// from the same visits in one transaction), so [`Ledger::open`] rebuilds the new index from
+/// the facility batches and deletes this table.
+const VISITS_BY_TOKEN_V2: TableDefinition<(u32, &[u8; 32], u16), &[u8]> =
     TableDefinition::new("visits-by-token-2");
-/// `visits-by-token-1`, the multimap `visits-by-token-2` replaced: (day, token tag) -> sealed
-/// visits. [`Ledger::open`] moves its rows into `visits-by-token-2` and deletes it.
+/// `visits-by-token-1`, the multimap before `visits-by-token-2`: deleted like it.
 const VISITS_BY_TOKEN_V1: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
     MultimapTableDefinition::new("visits-by-token-1");
-/// `visits-by-facility-1`: (day, facility tag) -> sealed batches of [`IndexedVisit`]s, one
-/// batch per persist that indexed anything.
-pub const VISITS_BY_FACILITY: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
+/// `visits-by-facility-2`: (day, facility tag, n) -> one sealed [`hub::VisitBatch`]: every
+/// visit (QR and paper) one persist indexed at that facility, the facility id once and each
+/// device once. `n` numbers the facility-day's batches from 0.
+pub const VISITS_BY_FACILITY: TableDefinition<(u32, &[u8; 16], u32), &[u8]> =
+    TableDefinition::new("visits-by-facility-2");
+/// `visits-by-facility-1`, the multimap `visits-by-facility-2` replaced: (day, 32-byte
+/// facility tag) -> sealed `Vec<IndexedVisit>` batches. [`Ledger::open`] converts its rows,
+/// in chunks of [`MIGRATE_CHUNK_KEYS`] facility-days a transaction, and deletes it.
+const VISITS_BY_FACILITY_V1: MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
     MultimapTableDefinition::new("visits-by-facility-1");
+/// Facility-days of `visits-by-facility-1` converted per write transaction when
+/// [`Ledger::open`] migrates the index.
+const MIGRATE_CHUNK_KEYS: usize = 256;
 /// `indexed-2`: (facility, day, sequence) -> the ids of the records one persist indexed,
 /// 16 bytes each, concatenated. One row per persist instead of one per record: knowing what is
 /// indexed costs one insert a persist, not one a record (a tenth of ingest's time).
@@ -156,6 +178,10 @@ const TOKEN_TAG_CONTEXT: &str = "kipass hub index token tag v1";
 const FACILITY_TAG_CONTEXT: &str = "kipass hub index facility tag v1";
 /// Domain separation for the key sealing index values, from a day's index key.
 const SEAL_CONTEXT: &str = "kipass hub index seal v1";
+/// Domain separation for the MAC (synthetic IV) of token rows, from a day's index key.
+const TOKEN_ROW_MAC_CONTEXT: &str = "kipass hub index token row mac v1";
+/// Domain separation for the pad encrypting token rows, from a day's index key.
+const TOKEN_ROW_PAD_CONTEXT: &str = "kipass hub index token row pad v1";
 /// Domain separation for the hub's automerge actor prefix.
 const ACTOR_CONTEXT: &str = "kipass hub automerge actor v1";
 /// Associated-data label of sealed index values.
@@ -389,11 +415,12 @@ pub fn compact(db: &mut redb::Database) -> bool {
 }
 
 /// Which index table a sealed value belongs to; bound into its associated data so a value
-/// cannot be moved from one table to the other.
+/// cannot be moved from one table to another. `Facility` is a row of `visits-by-facility-1`,
+/// only opened to convert it (1 was `visits-by-token-2`'s, never opened any more).
 #[derive(Clone, Copy)]
 enum IndexKind {
-    Token = 1,
     Facility = 2,
+    Batch = 3,
 }
 
 /// The keys of one day's index, derived from its index key.
@@ -401,6 +428,8 @@ struct DayIndex {
     day: Day,
     token_key: Zeroizing<[u8; 32]>,
     facility_key: Zeroizing<[u8; 32]>,
+    row_mac_key: Zeroizing<[u8; 32]>,
+    row_pad_key: Zeroizing<[u8; 32]>,
     // Zeroizes its key on drop.
     cipher: XChaCha20Poly1305,
 }
@@ -412,34 +441,97 @@ impl DayIndex {
             day,
             token_key: Zeroizing::new(blake3::derive_key(TOKEN_TAG_CONTEXT, index_key)),
             facility_key: Zeroizing::new(blake3::derive_key(FACILITY_TAG_CONTEXT, index_key)),
+            row_mac_key: Zeroizing::new(blake3::derive_key(TOKEN_ROW_MAC_CONTEXT, index_key)),
+            row_pad_key: Zeroizing::new(blake3::derive_key(TOKEN_ROW_PAD_CONTEXT, index_key)),
             cipher: XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(seal.as_ref())),
         }
     }
 
-    fn token_tag(&self, token: &[u8; 16]) -> [u8; 32] {
-        *blake3::keyed_hash(&self.token_key, token).as_bytes()
+    /// The token's tag: 16 bytes of a keyed hash (a collision between two tokens of a day,
+    /// about 2^-128 a pair, would only make a trace read one more batch: a batch's visits are
+    /// matched on the token itself).
+    fn token_tag(&self, token: &[u8; 16]) -> [u8; 16] {
+        first::<16>(blake3::keyed_hash(&self.token_key, token).as_bytes())
     }
 
-    fn facility_tag(&self, facility: &FacilityId) -> [u8; 32] {
+    /// The facility's tag in `visits-by-facility-2`: the first 16 bytes of its
+    /// `visits-by-facility-1` tag ([`Self::facility_tag_v1`]).
+    fn facility_tag(&self, facility: &FacilityId) -> [u8; 16] {
+        first::<16>(&self.facility_tag_v1(facility))
+    }
+
+    fn facility_tag_v1(&self, facility: &FacilityId) -> [u8; 32] {
         *blake3::keyed_hash(&self.facility_key, facility.as_str().as_bytes()).as_bytes()
     }
 
-    fn aad(&self, kind: IndexKind, tag: &[u8; 32]) -> [u8; SEAL_LABEL.len() + 1 + 4 + 32] {
-        let mut aad = [0u8; SEAL_LABEL.len() + 1 + 4 + 32];
-        let (label, rest) = aad.split_at_mut(SEAL_LABEL.len());
-        label.copy_from_slice(SEAL_LABEL);
-        rest[0] = kind as u8;
-        rest[1..5].copy_from_slice(&self.day.0.to_be_bytes());
-        rest[5..].copy_from_slice(tag);
+    /// The row of `visits-by-token-3` saying that the token of `tag` visited the facility of
+    /// tag `facility` this day: (row tag, sealed locator), the locator being the first 8
+    /// bytes of the facility tag.
+    ///
+    /// Deterministic authenticated encryption (SIV: Rogaway and Shrimpton, 2006), with no
+    /// stored nonce: the row tag is a MAC (keyed BLAKE3) of (day, token tag, locator), and the
+    /// locator is encrypted by XOR with a pad that is a PRF (keyed BLAKE3, another key) of
+    /// (day, token tag, row tag). A pad is reused only for the same key and the same
+    /// plaintext: two different locators under one token tag and day get different row tags
+    /// (but for a 64-bit collision, 2^-64 a pair), so different pads; the same locator gives
+    /// the very same row, which is the same key written again (an idempotent insert). Nothing
+    /// else goes into a pad, so no crash, retry, migration or rewrite can pair one pad with two
+    /// plaintexts. Without the day's index key the row is a pseudorandom 36 bytes; with it,
+    /// a forged or moved row opens with probability 2^-64 and then only sends a trace to a
+    /// batch where it looks for the token itself.
+    fn token_row(&self, tag: &[u8; 16], facility: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
+        let locator = first::<8>(facility);
+        let row = self.token_row_mac(tag, &locator);
+        let pad = self.token_row_pad(tag, &row);
+        (row, xor8(&locator, &pad))
+    }
+
+    /// The locator (first 8 bytes of the facility tag) a token row seals, or `None` if the
+    /// row does not open (damaged, forged, moved, or of another day's key).
+    fn open_token_row(&self, tag: &[u8; 16], row: &[u8; 8], sealed: &[u8; 8]) -> Option<[u8; 8]> {
+        let locator = xor8(sealed, &self.token_row_pad(tag, row));
+        let expected = self.token_row_mac(tag, &locator);
+        // Constant time, as MACs are compared.
+        let same = expected
+            .iter()
+            .zip(row)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        same.then_some(locator)
+    }
+
+    fn token_row_mac(&self, tag: &[u8; 16], locator: &[u8; 8]) -> [u8; 8] {
+        let mut h = blake3::Hasher::new_keyed(&self.row_mac_key);
+        h.update(&self.day.0.to_be_bytes());
+        h.update(tag);
+        h.update(locator);
+        first::<8>(h.finalize().as_bytes())
+    }
+
+    fn token_row_pad(&self, tag: &[u8; 16], row: &[u8; 8]) -> [u8; 8] {
+        let mut h = blake3::Hasher::new_keyed(&self.row_pad_key);
+        h.update(&self.day.0.to_be_bytes());
+        h.update(tag);
+        h.update(row);
+        first::<8>(h.finalize().as_bytes())
+    }
+
+    fn aad(&self, kind: IndexKind, tag: &[u8]) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(SEAL_LABEL.len() + 1 + 4 + tag.len());
+        aad.extend_from_slice(SEAL_LABEL);
+        aad.push(kind as u8);
+        aad.extend_from_slice(&self.day.0.to_be_bytes());
+        aad.extend_from_slice(tag);
         aad
     }
 
-    /// `nonce (24) || ciphertext` of the postcard-encoded plaintext.
+    /// `nonce (24) || ciphertext` of the postcard-encoded plaintext. A random nonce: one per
+    /// batch, not per visit, so its 24 bytes are shared by every visit of a persist.
     fn seal(
         &self,
         rng: &mut impl RngCore,
         kind: IndexKind,
-        tag: &[u8; 32],
+        tag: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, LedgerError> {
         let mut nonce = [0u8; NONCE_LEN];
@@ -465,7 +557,7 @@ impl DayIndex {
     fn open<T: serde::de::DeserializeOwned>(
         &self,
         kind: IndexKind,
-        tag: &[u8; 32],
+        tag: &[u8],
         bytes: &[u8],
     ) -> Option<T> {
         let (nonce, ct) = bytes.split_at_checked(NONCE_LEN)?;
@@ -477,6 +569,58 @@ impl DayIndex {
         );
         postcard::from_bytes(&plain).ok()
     }
+
+    /// The token rows and the sealed batch that index `visits`, all at `facility`.
+    fn seal_visits(
+        &self,
+        rng: &mut impl RngCore,
+        facility: &FacilityId,
+        visits: &[IndexedVisit],
+    ) -> Result<(Vec<TokenRow>, Option<Vec<u8>>), LedgerError> {
+        if visits.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let ftag = self.facility_tag(facility);
+        let mut rows: Vec<TokenRow> = visits
+            .iter()
+            .filter_map(|v| v.token.as_ref())
+            .map(|token| {
+                let tag = self.token_tag(token);
+                let (row, sealed) = self.token_row(&tag, &ftag);
+                (tag, row, sealed)
+            })
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let plain = Zeroizing::new(
+            postcard::to_stdvec(&hub::VisitBatch::new(facility, visits))
+                .map_err(|e| LedgerError::Seal(e.to_string()))?,
+        );
+        let batch = self.seal(rng, IndexKind::Batch, &ftag, &plain)?;
+        Ok((rows, Some(batch)))
+    }
+
+    /// The visits of the batch `bytes` stored under facility tag `tag`, or `None` if it does
+    /// not open or decode (damaged).
+    #[cfg(test)]
+    fn open_batch(&self, tag: &[u8; 16], bytes: &[u8]) -> Option<Vec<IndexedVisit>> {
+        self.open::<hub::VisitBatch>(IndexKind::Batch, tag, bytes)?
+            .visits()
+    }
+}
+
+/// A row of `visits-by-token-3`: (token tag, row tag, sealed locator).
+type TokenRow = ([u8; 16], [u8; 8], [u8; 8]);
+
+/// The first `N` bytes of `bytes` (which holds at least `N`).
+fn first<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&bytes[..N]);
+    out
+}
+
+fn xor8(a: &[u8; 8], b: &[u8; 8]) -> [u8; 8] {
+    std::array::from_fn(|i| a[i] ^ b[i])
 }
 
 /// What [`Ledger::reader`] needs of the actor's ledger: its day keys and automerge actor.
@@ -515,7 +659,7 @@ impl<'s> Ledger<'s> {
         txn.open_table(HUB_CHUNKS)?;
         txn.open_table(SYNC_STATES)?;
         txn.open_table(VISITS_BY_TOKEN)?;
-        txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        txn.open_table(VISITS_BY_FACILITY)?;
         txn.open_table(INDEXED)?;
         txn.open_table(PARTITION_COUNTS)?;
         txn.open_table(PARTITION_HEADS)?;
@@ -526,8 +670,8 @@ impl<'s> Ledger<'s> {
         txn.open_table(RECENT_REFUSALS_TABLE)?;
         txn.open_table(REVOKED_REFUSED)?;
         migrate_indexed_v1(&txn)?;
-        migrate_visits_by_token_v1(&txn)?;
         txn.commit()?;
+        migrate_index_v1(store, &ratchet)?;
         // The actor that merges into partitions at this hub: 8 bytes naming the hub, 8 random
         // bytes per process, so a restarted hub never reuses an automerge sequence number
         // (see `shared::partition`). The hub never writes records itself, so this matters only
@@ -904,17 +1048,14 @@ impl<'s> Ledger<'s> {
             );
         }
         {
-            let mut by_token = txn.open_table(VISITS_BY_TOKEN)?;
-            for (tag, sealed) in &work.tokens {
-                insert_token_visit(&mut by_token, day, tag, sealed)?;
-            }
-            if !work.batches.is_empty() {
-                let tag = index.facility_tag(&id.facility);
-                let mut by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
-                for batch in &work.batches {
-                    by_facility.insert((day, &tag), batch.as_slice())?;
-                }
-            }
+            write_index(
+                &mut txn.open_table(VISITS_BY_TOKEN)?,
+                &mut txn.open_table(VISITS_BY_FACILITY)?,
+                day,
+                &index.facility_tag(&id.facility),
+                &work.tokens,
+                &work.batches,
+            )?;
             if !work.records.is_empty() {
                 let mut done = txn.open_table(INDEXED)?;
                 let ids: Vec<u8> = work.records.iter().flat_map(|r| r.0).collect();
@@ -1152,14 +1293,13 @@ impl<'s> Ledger<'s> {
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
         let txn = self.store.db().begin_read()?;
         let by_token = txn.open_table(VISITS_BY_TOKEN)?;
-        let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        let by_facility = txn.open_table(VISITS_BY_FACILITY)?;
         let mut damaged = 0u64;
         let indexes = self.day_indexes(first, last);
         let (scan_first, scan_last) = (Day::of(from).max(first), Day::of(to).min(last));
 
-        // The case's visits, and the facility-days whose index may hold their contacts.
-        let mut visits: Vec<IndexedVisit> = Vec::new();
-        let mut facility_days: BTreeSet<(FacilityId, Day)> = BTreeSet::new();
+        // The facility-days the case's tokens visited, as the token rows locate them.
+        let mut located: BTreeSet<(Day, [u8; 8])> = BTreeSet::new();
         let scan_days = if scan_first <= scan_last {
             indexes.range(scan_first..=scan_last)
         } else {
@@ -1168,24 +1308,40 @@ impl<'s> Ledger<'s> {
         for (day, index) in scan_days {
             for token in &case {
                 let tag = index.token_tag(token);
-                for row in by_token.range((day.0, &tag, 0u16)..=(day.0, &tag, u16::MAX))? {
-                    let (_, value) = row?;
-                    match index.open::<IndexedVisit>(IndexKind::Token, &tag, value.value()) {
-                        // The row's tag is the token's: a visit of another token under it is
-                        // not this token's visit, whatever the join would make of it.
-                        Some(v) if v.token.as_ref() == Some(token) => {
-                            if !hub::is_case_visit(&v, &case, from, to) {
-                                continue;
-                            }
-                            for d in hub::days_to_search(*day, v.scanned_at, window, first, last) {
-                                facility_days.insert((v.facility.clone(), d));
-                            }
-                            visits.push(v);
+                for row in by_token.range((day.0, &tag, &[0u8; 8])..=(day.0, &tag, &[0xffu8; 8]))? {
+                    let (key, value) = row?;
+                    match index.open_token_row(&tag, key.value().2, value.value()) {
+                        Some(locator) => {
+                            located.insert((*day, locator));
                         }
-                        Some(_) => {}
                         None => damaged += 1,
                     }
                 }
+            }
+        }
+
+        // Their batches hold the case's visits whole; each facility-day read is kept for the
+        // join, which reads the same facility-days (and those the windows reach into).
+        let mut read: BTreeMap<(Day, FacilityId), Vec<IndexedVisit>> = BTreeMap::new();
+        let mut visits: Vec<IndexedVisit> = Vec::new();
+        let mut facility_days: BTreeSet<(FacilityId, Day)> = BTreeSet::new();
+        for (day, locator) in &located {
+            let Some(index) = indexes.get(day) else {
+                continue;
+            };
+            let (lo, hi) = (pad16(locator, 0), pad16(locator, 0xff));
+            for (facility, batch) in read_batches(&by_facility, index, &lo, &hi, &mut damaged)? {
+                for v in &batch {
+                    // A batch found through a token row is searched for the token itself.
+                    if !hub::is_case_visit(v, &case, from, to) {
+                        continue;
+                    }
+                    for d in hub::days_to_search(*day, v.scanned_at, window, first, last) {
+                        facility_days.insert((v.facility.clone(), d));
+                    }
+                    visits.push(v.clone());
+                }
+                read.entry((*day, facility)).or_default().extend(batch);
             }
         }
         let visits = hub::ordered(visits);
@@ -1196,18 +1352,18 @@ impl<'s> Ledger<'s> {
             let Some(index) = indexes.get(day) else {
                 continue;
             };
-            let tag = index.facility_tag(facility);
-            for value in by_facility.get((day.0, &tag))? {
-                let value = value?;
-                let Some(batch) =
-                    index.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, value.value())
-                else {
-                    damaged += 1;
-                    continue;
-                };
-                // A facility's batch holds its own visits only (sealed under its tag).
-                candidates.extend(batch.into_iter().filter(|v| &v.facility == facility));
-            }
+            let batch = match read.remove(&(*day, facility.clone())) {
+                Some(batch) => batch,
+                None => {
+                    let tag = index.facility_tag(facility);
+                    read_batches(&by_facility, index, &tag, &tag, &mut damaged)?
+                        .into_iter()
+                        .flat_map(|(_, b)| b)
+                        .collect()
+                }
+            };
+            // A facility's batches hold its own visits only.
+            candidates.extend(batch.into_iter().filter(|v| &v.facility == facility));
         }
         let contacts = hub::contacts(&visits, &case, candidates, window);
         if damaged > 0 {
@@ -1281,17 +1437,12 @@ impl<'s> Ledger<'s> {
     ) -> Result<FacilityActivity, LedgerError> {
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
         let txn = self.store.db().begin_read()?;
-        let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
+        let by_facility = txn.open_table(VISITS_BY_FACILITY)?;
         let mut activity = FacilityActivity::default();
-        for (day, index) in self.day_indexes(first, last) {
+        let mut damaged = 0u64;
+        for index in self.day_indexes(first, last).into_values() {
             let tag = index.facility_tag(facility);
-            for value in by_facility.get((day.0, &tag))? {
-                let value = value?;
-                let Some(batch) =
-                    index.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, value.value())
-                else {
-                    continue;
-                };
+            for (_, batch) in read_batches(&by_facility, &index, &tag, &tag, &mut damaged)? {
                 for v in batch.iter().filter(|v| &v.facility == facility) {
                     if v.scanned_at >= since {
                         activity.visits_since += 1;
@@ -1323,20 +1474,11 @@ impl<'s> Ledger<'s> {
             return Ok(0);
         }
         let txn = self.store.db().begin_read()?;
-        let by_facility = txn.open_multimap_table(VISITS_BY_FACILITY)?;
-        for (day, index) in self.day_indexes(first, last) {
-            for row in by_facility.range((day.0, &[0u8; 32])..=(day.0, &[0xffu8; 32]))? {
-                let (k, values) = row?;
-                let (_, tag) = k.value();
-                let tag = *tag;
-                for value in values {
-                    let value = value?;
-                    match index.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, value.value())
-                    {
-                        Some(batch) => batch.iter().for_each(&mut f),
-                        None => damaged += 1,
-                    }
-                }
+        let by_facility = txn.open_table(VISITS_BY_FACILITY)?;
+        for index in self.day_indexes(first, last).into_values() {
+            let (lo, hi) = ([0u8; 16], [0xffu8; 16]);
+            for (_, batch) in read_batches(&by_facility, &index, &lo, &hi, &mut damaged)? {
+                batch.iter().for_each(&mut f);
             }
         }
         Ok(damaged)
@@ -1401,38 +1543,25 @@ impl<'s> Ledger<'s> {
             let done = match job.stage {
                 PurgeStage::TokenIndex => {
                     let mut t = txn.open_table(VISITS_BY_TOKEN)?;
-                    let keys = t
-                        .range((0u32, &[0u8; 32], 0u16)..(h, &[0u8; 32], 0u16))?
-                        .take(usize::try_from(budget).unwrap_or(usize::MAX))
-                        .map(|row| row.map(|(k, _)| (k.value().0, *k.value().1, k.value().2)))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    for (day, tag, n) in &keys {
-                        t.remove((*day, tag, *n))?;
-                    }
-                    let n = keys.len() as u64;
+                    let n = purge_rows(
+                        &mut t,
+                        (0u32, &[0u8; 16], &[0u8; 8])..(h, &[0u8; 16], &[0u8; 8]),
+                        budget,
+                    )?;
                     job.report.index_entries += n;
                     budget = budget.saturating_sub(n);
                     budget > 0
                 }
                 PurgeStage::FacilityIndex => {
-                    let mut t = txn.open_multimap_table(VISITS_BY_FACILITY)?;
-                    let mut keys: Vec<(u32, [u8; 32])> = Vec::new();
-                    let mut values = 0u64;
-                    let mut exhausted = true;
-                    for row in t.range((0u32, &[0u8; 32])..(h, &[0u8; 32]))? {
-                        if values >= budget {
-                            exhausted = false;
-                            break;
-                        }
-                        let (k, v) = row?;
-                        values += v.len().max(1);
-                        keys.push((k.value().0, *k.value().1));
-                    }
-                    for (day, tag) in &keys {
-                        job.report.index_entries += t.remove_all((*day, tag))?.len();
-                    }
-                    budget = budget.saturating_sub(values);
-                    exhausted
+                    let mut t = txn.open_table(VISITS_BY_FACILITY)?;
+                    let n = purge_rows(
+                        &mut t,
+                        (0u32, &[0u8; 16], 0u32)..(h, &[0u8; 16], 0u32),
+                        budget,
+                    )?;
+                    job.report.index_entries += n;
+                    budget = budget.saturating_sub(n);
+                    budget > 0
                 }
                 PurgeStage::Chunks => {
                     let mut t = txn.open_table(HUB_CHUNKS)?;
@@ -1727,67 +1856,194 @@ fn read_indexed(
     Ok((ids, rows))
 }
 
-/// Adds one sealed visit under token tag `tag` of `day`: at `n` = 0, unless the tag already has
-/// visits that day (the same one-time code scanned twice), then after the last of them.
-fn insert_token_visit(
-    table: &mut redb::Table<'_, (u32, &'static [u8; 32], u16), &'static [u8]>,
+/// Writes one persist's index rows: the token rows, and the facility-day's next batches under
+/// facility tag `ftag`, numbered on from its last.
+fn write_index(
+    by_token: &mut redb::Table<'_, TokenKey, &'static [u8; 8]>,
+    by_facility: &mut redb::Table<'_, (u32, &'static [u8; 16], u32), &'static [u8]>,
     day: u32,
-    tag: &[u8; 32],
-    sealed: &[u8],
+    ftag: &[u8; 16],
+    tokens: &[TokenRow],
+    batches: &[Vec<u8>],
 ) -> Result<(), LedgerError> {
-    let Some(first) = table
-        .insert((day, tag, 0u16), sealed)?
-        .map(|g| g.value().to_vec())
-    else {
+    for (tag, row, sealed) in tokens {
+        by_token.insert((day, tag, row), sealed)?;
+    }
+    if batches.is_empty() {
         return Ok(());
-    };
-    // Not the tag's first visit: put the first back, and this one after the last.
-    table.insert((day, tag, 0u16), first.as_slice())?;
-    let last = table
-        .range((day, tag, 0u16)..=(day, tag, u16::MAX))?
+    }
+    let first = by_facility
+        .range((day, ftag, 0u32)..=(day, ftag, u32::MAX))?
         .next_back()
         .transpose()?
-        .map_or(0, |(k, _)| k.value().2);
-    match last.checked_add(1) {
-        Some(n) => {
-            table.insert((day, tag, n), sealed)?;
-        }
-        None => tracing::warn!(
-            day,
-            "a token tag has 65,536 visits on one day: further visits of it are not indexed"
-        ),
+        .map_or(0, |(k, _)| k.value().2.saturating_add(1));
+    for (i, batch) in batches.iter().enumerate() {
+        let next = u32::try_from(i)
+            .ok()
+            .and_then(|i| first.checked_add(i))
+            .ok_or_else(|| {
+                LedgerError::Seal("a facility has 4,294,967,295 index batches on one day".into())
+            })?;
+        by_facility.insert((day, ftag, next), batch.as_slice())?;
     }
     Ok(())
 }
 
-/// Moves the rows of the multimap `visits-by-token-1` into `visits-by-token-2` and deletes
-/// it. Does nothing if it is gone.
-fn migrate_visits_by_token_v1(txn: &WriteTransaction) -> Result<(), LedgerError> {
-    if !txn
-        .list_multimap_tables()?
-        .any(|t| t.name() == VISITS_BY_TOKEN_V1.name())
-    {
-        return Ok(());
-    }
-    let mut moved = 0u64;
-    {
-        let old = txn.open_multimap_table(VISITS_BY_TOKEN_V1)?;
-        let mut next = txn.open_table(VISITS_BY_TOKEN)?;
-        for row in old.iter()? {
-            let (key, values) = row?;
-            let (day, tag) = key.value();
-            for value in values {
-                insert_token_visit(&mut next, day, tag, value?.value())?;
-                moved += 1;
-            }
+/// The 16-byte facility tag that starts with `locator`, the rest `fill`.
+fn pad16(locator: &[u8; 8], fill: u8) -> [u8; 16] {
+    let mut out = [fill; 16];
+    out[..8].copy_from_slice(locator);
+    out
+}
+
+/// The batches of `index`'s day whose facility tags lie from `lo` to `hi` (inclusive), opened:
+/// (facility, its visits) per batch. Batches that do not open or decode are counted in
+/// `damaged` and skipped.
+fn read_batches(
+    table: &impl ReadableTable<(u32, &'static [u8; 16], u32), &'static [u8]>,
+    index: &DayIndex,
+    lo: &[u8; 16],
+    hi: &[u8; 16],
+    damaged: &mut u64,
+) -> Result<Vec<(FacilityId, Vec<IndexedVisit>)>, LedgerError> {
+    let day = index.day.0;
+    let mut out = Vec::new();
+    for row in table.range((day, lo, 0u32)..=(day, hi, u32::MAX))? {
+        let (key, value) = row?;
+        let tag = key.value().1;
+        let opened = index
+            .open::<hub::VisitBatch>(IndexKind::Batch, tag, value.value())
+            .and_then(|b| Some((b.facility().clone(), b.visits()?)));
+        match opened {
+            Some(batch) => out.push(batch),
+            None => *damaged += 1,
         }
     }
-    txn.delete_multimap_table(VISITS_BY_TOKEN_V1)?;
-    tracing::info!(
-        visits = moved,
-        "moved the token index to a plain table (visits-by-token-1 -> visits-by-token-2)"
-    );
-    Ok(())
+    Ok(out)
+}
+
+/// Deletes at most `budget` rows of `range` (in key order); returns how many.
+fn purge_rows<'a, K, V, KR>(
+    t: &mut redb::Table<'_, K, V>,
+    range: impl std::ops::RangeBounds<KR> + 'a,
+    budget: u64,
+) -> Result<u64, LedgerError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+    KR: std::borrow::Borrow<K::SelfType<'a>> + 'a,
+{
+    let mut n = 0u64;
+    for row in t
+        .extract_from_if(range, |_, _| true)?
+        .take(usize::try_from(budget).unwrap_or(usize::MAX))
+    {
+        row?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Converts the trace index of `visits-by-facility-1` (sealed `Vec<IndexedVisit>` batches)
+/// and `visits-by-token-2` (a sealed [`IndexedVisit`] per QR visit) to `visits-by-facility-2`
+/// and `visits-by-token-3`, then deletes the old tables (and `visits-by-token-1`, if a hub
+/// from before `visits-by-token-2` still has it). Does nothing once they are gone.
+///
+/// The new index is rebuilt from the facility batches alone: every persist wrote each visit
+/// it indexed into its facility batch and, for a QR visit, into the token table too, in one
+/// transaction, so the token tables hold nothing the batches do not. Each chunk of
+/// [`MIGRATE_CHUNK_KEYS`] facility-days is one write transaction that writes their new rows
+/// and deletes their old ones, so an interrupted migration resumes at the next open and loses
+/// nothing. Rows of days whose index key is gone (expired, purged) are deleted: nothing can
+/// read them. A batch that does not open is counted and deleted: no trace could read it.
+fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), LedgerError> {
+    let (mut batches, mut visits, mut unreadable, mut expired) = (0u64, 0u64, 0u64, 0u64);
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    let mut rng = StdRng::from_seed(seed);
+    loop {
+        let txn = store.db().begin_write()?;
+        if !txn
+            .list_multimap_tables()?
+            .any(|t| t.name() == VISITS_BY_FACILITY_V1.name())
+        {
+            let v2 = txn
+                .list_tables()?
+                .any(|t| t.name() == VISITS_BY_TOKEN_V2.name());
+            let v1 = txn
+                .list_multimap_tables()?
+                .any(|t| t.name() == VISITS_BY_TOKEN_V1.name());
+            if v2 {
+                txn.delete_table(VISITS_BY_TOKEN_V2)?;
+            }
+            if v1 {
+                txn.delete_multimap_table(VISITS_BY_TOKEN_V1)?;
+            }
+            txn.commit()?;
+            if batches + unreadable + expired > 0 || v1 || v2 {
+                tracing::info!(
+                    batches,
+                    visits,
+                    unreadable,
+                    expired,
+                    "converted the trace index (visits-by-facility-1, visits-by-token-2 -> \
+                     visits-by-facility-2, visits-by-token-3)"
+                );
+            }
+            return Ok(());
+        }
+        let finished = {
+            let mut old = txn.open_multimap_table(VISITS_BY_FACILITY_V1)?;
+            let mut by_token = txn.open_table(VISITS_BY_TOKEN)?;
+            let mut by_facility = txn.open_table(VISITS_BY_FACILITY)?;
+            let keys = old
+                .iter()?
+                .take(MIGRATE_CHUNK_KEYS)
+                .map(|row| row.map(|(k, _)| (k.value().0, *k.value().1)))
+                .collect::<Result<Vec<_>, _>>()?;
+            for (day, tag) in &keys {
+                let values = old
+                    .remove_all((*day, tag))?
+                    .map(|v| v.map(|v| v.value().to_vec()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let Some(key) = ratchet.index_key(Day(*day)) else {
+                    expired += values.len() as u64;
+                    continue;
+                };
+                let index = DayIndex::new(Day(*day), &key);
+                for value in &values {
+                    let Some(old_batch) =
+                        index.open::<Vec<IndexedVisit>>(IndexKind::Facility, tag, value)
+                    else {
+                        unreadable += 1;
+                        continue;
+                    };
+                    let mut by_place: BTreeMap<FacilityId, Vec<IndexedVisit>> = BTreeMap::new();
+                    for v in old_batch {
+                        by_place.entry(v.facility.clone()).or_default().push(v);
+                    }
+                    for (facility, vs) in &by_place {
+                        let (tokens, batch) = index.seal_visits(&mut rng, facility, vs)?;
+                        write_index(
+                            &mut by_token,
+                            &mut by_facility,
+                            *day,
+                            &index.facility_tag(facility),
+                            &tokens,
+                            &Vec::from_iter(batch),
+                        )?;
+                        visits += vs.len() as u64;
+                    }
+                    batches += 1;
+                }
+            }
+            keys.len() < MIGRATE_CHUNK_KEYS
+        };
+        if finished {
+            txn.delete_multimap_table(VISITS_BY_FACILITY_V1)?;
+        }
+        txn.commit()?;
+    }
 }
 
 /// Moves the rows of `indexed-1` (one per record, written by earlier versions) into
@@ -1863,8 +2119,8 @@ const PARALLEL_INDEX_MIN: usize = 512;
 
 /// The index rows one persist writes, built apart from the database.
 struct IndexWork {
-    /// (token tag, sealed visit), sorted by tag so the inserts walk the tree in order.
-    tokens: Vec<([u8; 32], Vec<u8>)>,
+    /// The token rows, sorted so the inserts walk the tree in order.
+    tokens: Vec<TokenRow>,
     /// The sealed batches of the visits indexed, for the facility's entry (one per worker).
     batches: Vec<Vec<u8>>,
     /// The records marked done in `indexed-2`: those indexed, and those `refused`.
@@ -1881,7 +2137,8 @@ impl IndexWork {
     /// This work and `other`'s, as one (tokens sorted again).
     fn merged(mut self, other: IndexWork) -> IndexWork {
         self.tokens.extend(other.tokens);
-        self.tokens.sort_unstable_by_key(|a| a.0);
+        self.tokens.sort_unstable();
+        self.tokens.dedup();
         self.batches.extend(other.batches);
         self.records.extend(other.records);
         for (device, n) in other.refused {
@@ -1935,38 +2192,19 @@ fn build_index(
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut rng = StdRng::from_seed(seed);
-    let mut work = IndexWork {
-        tokens: Vec::new(),
-        batches: Vec::new(),
+    // The facility's batch of this persist holds every visit it indexes, sealed once (a
+    // trace reads all of a facility-day's visits anyway); a token row only says which
+    // facility's batches hold the token's visit.
+    let (tokens, batch) = index.seal_visits(&mut rng, &id.facility, &plan.visits)?;
+    Ok(IndexWork {
+        tokens,
+        batches: batch.into_iter().collect(),
         records: done,
         refused,
         unreadable: plan.retry.len() as u64,
         missing_keys: plan.sessions_without_key,
         fallback: plan.fallback,
-    };
-    for visit in &plan.visits {
-        if let Some(token) = &visit.token {
-            let plain = Zeroizing::new(
-                postcard::to_stdvec(visit).map_err(|e| LedgerError::Seal(e.to_string()))?,
-            );
-            let tag = index.token_tag(token);
-            work.tokens
-                .push((tag, index.seal(&mut rng, IndexKind::Token, &tag, &plain)?));
-        }
-    }
-    // The facility entry of this persist: every visit it indexes, sealed once. Sealing each
-    // visit alone would double the AEAD work of indexing for no gain: a trace reads all of a
-    // facility-day's visits anyway.
-    if !plan.visits.is_empty() {
-        let plain = Zeroizing::new(
-            postcard::to_stdvec(&plan.visits).map_err(|e| LedgerError::Seal(e.to_string()))?,
-        );
-        let tag = index.facility_tag(&id.facility);
-        work.batches
-            .push(index.seal(&mut rng, IndexKind::Facility, &tag, &plain)?);
-    }
-    work.tokens.sort_unstable_by_key(|a| a.0);
-    Ok(work)
+    })
 }
 
 /// A [`PartitionStore`] over the hub's ledger for one sync session, admitted for one facility.
@@ -2181,27 +2419,68 @@ mod tests {
     }
 
     #[test]
-    fn sealed_values_open_only_under_their_day_table_and_tag() {
+    fn sealed_batches_open_only_under_their_day_table_and_tag() {
         let ix = index();
         let mut rng = StdRng::from_seed([1; 32]);
         let v = visit(Some([9; 16]));
-        let plain = postcard::to_stdvec(&v).expect("encodes");
-        let tag = ix.token_tag(&[9; 16]);
-        let sealed = ix
-            .seal(&mut rng, IndexKind::Token, &tag, &plain)
+        let (rows, batch) = ix
+            .seal_visits(&mut rng, &v.facility, std::slice::from_ref(&v))
             .expect("seals");
-        let open = |ix: &DayIndex, kind, tag: &[u8; 32], bytes: &[u8]| {
-            ix.open::<IndexedVisit>(kind, tag, bytes)
-        };
-        assert_eq!(open(&ix, IndexKind::Token, &tag, &sealed), Some(v));
-        // Moved to the other table, another tag or another day: it does not open.
-        assert_eq!(open(&ix, IndexKind::Facility, &tag, &sealed), None);
-        assert_eq!(open(&ix, IndexKind::Token, &[0; 32], &sealed), None);
+        let sealed = batch.expect("a batch");
+        assert_eq!(rows.len(), 1);
+        let tag = ix.facility_tag(&v.facility);
+        assert_eq!(ix.open_batch(&tag, &sealed), Some(vec![v.clone()]));
+        // Moved to another tag, another day or another kind of row: it does not open.
+        assert_eq!(ix.open_batch(&[0; 16], &sealed), None);
         let other_day = DayIndex::new(Day(20_001), &[7u8; 32]);
-        assert_eq!(open(&other_day, IndexKind::Token, &tag, &sealed), None);
-        assert_eq!(open(&ix, IndexKind::Token, &tag, &sealed[..10]), None);
-        // The token is nowhere in the sealed bytes.
+        assert_eq!(other_day.open_batch(&tag, &sealed), None);
+        assert_eq!(
+            ix.open::<Vec<IndexedVisit>>(IndexKind::Facility, &tag, &sealed),
+            None
+        );
+        assert_eq!(ix.open_batch(&tag, &sealed[..10]), None);
+        // Without the day's index key (another key, same day): nothing opens.
+        let other_key = DayIndex::new(Day(20_000), &[8u8; 32]);
+        assert_eq!(other_key.open_batch(&tag, &sealed), None);
+        // The token, the device and the facility are nowhere in the sealed bytes.
         assert!(!sealed.windows(16).any(|w| w == [9u8; 16]));
+        assert!(!sealed.windows(5).any(|w| w == b"dev_a" || w == b"fac_a"));
+    }
+
+    #[test]
+    fn token_rows_open_only_under_their_day_key_and_tag() {
+        let ix = index();
+        let tag = ix.token_tag(&[9; 16]);
+        let fa = ix.facility_tag(&FacilityId::parse("fac_a").expect("valid"));
+        let fb = ix.facility_tag(&FacilityId::parse("fac_b").expect("valid"));
+        let (row, sealed) = ix.token_row(&tag, &fa);
+        assert_eq!(
+            ix.open_token_row(&tag, &row, &sealed),
+            Some(first::<8>(&fa))
+        );
+        // Deterministic: the same visit's row is the same row, another facility's another.
+        assert_eq!(ix.token_row(&tag, &fa), (row, sealed));
+        let (row_b, sealed_b) = ix.token_row(&tag, &fb);
+        assert_ne!(row_b, row);
+        assert_eq!(
+            ix.open_token_row(&tag, &row_b, &sealed_b),
+            Some(first::<8>(&fb))
+        );
+        // The locator is not in clear, nor is the facility tag's start.
+        assert_ne!(sealed, first::<8>(&fa));
+        // Without the day's index key, under another tag, or altered: it does not open.
+        for other in [
+            DayIndex::new(Day(20_000), &[8u8; 32]),
+            DayIndex::new(Day(20_001), &[7u8; 32]),
+        ] {
+            assert_eq!(other.open_token_row(&tag, &row, &sealed), None);
+        }
+        let other_tag = ix.token_tag(&[10; 16]);
+        assert_eq!(ix.open_token_row(&other_tag, &row, &sealed), None);
+        let mut flipped = sealed;
+        flipped[0] ^= 1;
+        assert_eq!(ix.open_token_row(&tag, &row, &flipped), None);
+        assert_eq!(ix.open_token_row(&tag, &row_b, &sealed), None);
     }
 
     #[test]
@@ -2212,6 +2491,7 @@ mod tests {
         assert_ne!(a.token_tag(&[1; 16]), a.token_tag(&[2; 16]));
         let f = FacilityId::parse("fac_a").expect("valid");
         assert_ne!(a.facility_tag(&f), b.facility_tag(&f));
+        assert_eq!(a.facility_tag(&f), first::<16>(&a.facility_tag_v1(&f)));
         // Token and facility tags use different keys even over equal bytes.
         let g = FacilityId::parse("0123456789abcdef").expect("valid");
         let mut t = [0u8; 16];

@@ -4,7 +4,7 @@
 //! left in any ledger table (partitions without counts or heads rows among them), the live
 //! days are whole, and a purge a stop interrupts is finished by the next start's purge.
 
-use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable};
 use shared::Day;
 use shared::time::{DAY_SECONDS, horizon};
 use std::path::Path;
@@ -45,12 +45,14 @@ fn facility(i: u32) -> String {
     format!("fac-{i:05}")
 }
 
-fn tag(day: u32, i: u32, n: u32) -> [u8; 32] {
+fn tag(day: u32, i: u32, n: u32) -> [u8; 16] {
     let mut t = [0u8; 32];
     t[..4].copy_from_slice(&day.to_be_bytes());
     t[4..8].copy_from_slice(&i.to_be_bytes());
     t[8..12].copy_from_slice(&n.to_be_bytes());
-    *blake3::hash(&t).as_bytes()
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&blake3::hash(&t).as_bytes()[..16]);
+    out
 }
 
 /// Writes a synthetic day's rows into every day-keyed ledger table: `facilities` partitions
@@ -87,7 +89,7 @@ fn fill_day(hub: &Hub, day: u32, facilities: u32, chunks: u64, tokens: u32, orph
             .open_table(VISITS_BY_TOKEN)
             .unwrap_or_else(|e| panic!("{e}"));
         let mut by_facility = txn
-            .open_multimap_table(VISITS_BY_FACILITY)
+            .open_table(VISITS_BY_FACILITY)
             .unwrap_or_else(|e| panic!("{e}"));
         let value = [7u8; 48];
         for i in 0..facilities + orphans {
@@ -122,12 +124,15 @@ fn fill_day(hub: &Hub, day: u32, facilities: u32, chunks: u64, tokens: u32, orph
                 .unwrap_or_else(|e| panic!("{e}"));
             for n in 0..tokens {
                 by_token
-                    .insert((day, &tag(day, i, n), 0u16), value.as_slice())
+                    .insert((day, &tag(day, i, n), &[0u8; 8]), &[1u8; 8])
                     .unwrap_or_else(|e| panic!("{e}"));
             }
             for n in 0..4u8 {
                 by_facility
-                    .insert((day, &tag(day, i, u32::MAX)), [n; 40].as_slice())
+                    .insert(
+                        (day, &tag(day, i, u32::MAX), u32::from(n)),
+                        [n; 40].as_slice(),
+                    )
                     .unwrap_or_else(|e| panic!("{e}"));
             }
         }
@@ -168,22 +173,16 @@ fn rows_of_day(hub: &Hub, day: u32) -> Vec<(&'static str, u64)> {
     )| k.1);
     count!("device-day-keys-1", DEVICE_DAY_KEYS, |k: (&str, u32)| k.1);
     count!("sync-states-1", SYNC_STATES, |k: (&str, &str, u32)| k.2);
-    count!("visits-by-token-2", VISITS_BY_TOKEN, |k: (
+    count!("visits-by-token-3", VISITS_BY_TOKEN, |k: (
         u32,
-        &[u8; 32],
-        u16
+        &[u8; 16],
+        &[u8; 8]
     )| k.0);
-    let t = txn
-        .open_multimap_table(VISITS_BY_FACILITY)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut n = 0u64;
-    for row in t.iter().unwrap_or_else(|e| panic!("{e}")) {
-        let (k, values) = row.unwrap_or_else(|e| panic!("{e}"));
-        if k.value().0 == day {
-            n += values.len();
-        }
-    }
-    out.push(("visits-by-facility-1", n));
+    count!("visits-by-facility-2", VISITS_BY_FACILITY, |k: (
+        u32,
+        &[u8; 16],
+        u32
+    )| k.0);
     out
 }
 

@@ -5,7 +5,7 @@ use automerge::ROOT;
 use automerge::transaction::Transactable;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use redb::{ReadableDatabase, ReadableMultimapTable, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable};
 use shared::daykey::DayKeyRatchet;
 use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::facility::Registration;
@@ -341,15 +341,13 @@ fn re_persisting_indexes_nothing_twice_and_garbage_is_not_indexed() {
     assert_eq!(ids.len(), 4, "only the four real records are indexed");
 }
 
-/// A hub written by an earlier version lists indexed records one row each in `indexed-1` and
-/// holds the token index in the multimap `visits-by-token-1`: opening the ledger moves both to
-/// their new tables, traces find the same, and nothing is indexed twice afterwards.
+/// A hub written by an earlier version lists indexed records one row each in `indexed-1`:
+/// opening the ledger moves them to `indexed-2`, traces find the same, and nothing is indexed
+/// twice afterwards. (The earlier index tables: `tests/index_migration.rs`.)
 #[test]
 fn tables_of_earlier_versions_are_migrated() {
     const V1: redb::TableDefinition<(&str, u32, &[u8; 16]), ()> =
         redb::TableDefinition::new("indexed-1");
-    const TOKENS_V1: redb::MultimapTableDefinition<(u32, &[u8; 32]), &[u8]> =
-        redb::MultimapTableDefinition::new("visits-by-token-1");
     let f = fixture();
     let (a, b) = scenario(&f);
     let (mut ha, mut hb) = {
@@ -382,31 +380,6 @@ fn tables_of_earlier_versions_are_migrated() {
         }
     }
     txn.delete_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
-    {
-        let mut rows: Vec<(u32, [u8; 32], Vec<u8>)> = Vec::new();
-        let next = txn
-            .open_table(VISITS_BY_TOKEN)
-            .unwrap_or_else(|e| panic!("{e}"));
-        for row in next.iter().unwrap_or_else(|e| panic!("{e}")) {
-            let (k, v) = row.unwrap_or_else(|e| panic!("{e}"));
-            let (day, tag, _) = k.value();
-            rows.push((day, *tag, v.value().to_vec()));
-        }
-        assert_eq!(
-            rows.len(),
-            6,
-            "six QR visits, the case's twice under one tag"
-        );
-        let mut old = txn
-            .open_multimap_table(TOKENS_V1)
-            .unwrap_or_else(|e| panic!("{e}"));
-        for (day, tag, v) in &rows {
-            old.insert((*day, tag), v.as_slice())
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-    }
-    txn.delete_table(VISITS_BY_TOKEN)
-        .unwrap_or_else(|e| panic!("{e}"));
     txn.commit().unwrap_or_else(|e| panic!("{e}"));
 
     let l = ledger(&f);
@@ -416,14 +389,6 @@ fn tables_of_earlier_versions_are_migrated() {
     assert_eq!((trace.visits.len(), trace.contacts.len()), (2, 3));
     let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
     assert!(txn.open_table(V1).is_err(), "indexed-1 is deleted");
-    assert!(
-        txn.open_multimap_table(TOKENS_V1).is_err(),
-        "visits-by-token-1 is deleted"
-    );
-    let tokens = txn
-        .open_table(VISITS_BY_TOKEN)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(redb::ReadableTableMetadata::len(&tokens).ok(), Some(6));
     let next = txn.open_table(INDEXED).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(redb::ReadableTableMetadata::len(&next).ok(), Some(2));
 }
@@ -612,16 +577,8 @@ fn rows_of_day(db: &redb::Database, day: u32) -> usize {
     count!(INDEXED, |k: &(&str, u32, u64)| k.1);
     count!(PARTITION_COUNTS, |k: &(&str, u32)| k.1);
     count!(PARTITION_HEADS, |k: &(&str, u32)| k.1);
-    count!(VISITS_BY_TOKEN, |k: &(u32, &[u8; 32], u16)| k.0);
-    let t = txn
-        .open_multimap_table(VISITS_BY_FACILITY)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for row in t.iter().unwrap_or_else(|e| panic!("{e}")) {
-        let (k, _) = row.unwrap_or_else(|e| panic!("{e}"));
-        if k.value().0 == day {
-            n += 1;
-        }
-    }
+    count!(VISITS_BY_TOKEN, |k: &(u32, &[u8; 16], &[u8; 8])| k.0);
+    count!(VISITS_BY_FACILITY, |k: &(u32, &[u8; 16], u32)| k.0);
     n
 }
 

@@ -578,3 +578,70 @@ fn admission_refuses_a_device_that_asks_to_download() {
         Admission::Admit { .. }
     ));
 }
+
+#[test]
+fn a_visit_batch_gives_back_its_visits_in_time_order_and_is_compact() {
+    let mut visits: Vec<IndexedVisit> = (0..40u8)
+        .map(|n| {
+            let mut v = visit(
+                "fac-long-facility-name",
+                T + 600 - u64::from(n) * 7,
+                Some(n),
+                n,
+            );
+            v.token = (n % 5 != 0).then_some([n; 16]);
+            if n % 3 == 0 {
+                v.device = dev("dev-b");
+            }
+            v
+        })
+        .collect();
+    let batch = VisitBatch::new(&fac("fac-long-facility-name"), &visits);
+    assert_eq!(batch.len(), 40);
+    assert_eq!(batch.facility(), &fac("fac-long-facility-name"));
+    visits.sort_by_key(|v| (v.scanned_at, v.record));
+    assert_eq!(batch.visits(), Some(visits.clone()));
+    // Encoded: the facility and devices once, per visit the time step, the device number,
+    // the token and the record: under 40 bytes a visit, against ~80 one by one.
+    let bytes = postcard::to_stdvec(&batch).expect("encodes");
+    let alone: usize = visits
+        .iter()
+        .map(|v| postcard::to_stdvec(v).expect("encodes").len())
+        .sum();
+    assert!(bytes.len() < 40 * 40, "{} bytes", bytes.len());
+    assert!(bytes.len() * 3 < alone * 2, "{} vs {alone}", bytes.len());
+    let back: VisitBatch = postcard::from_bytes(&bytes).expect("decodes");
+    assert_eq!(back.visits(), Some(visits));
+}
+
+#[test]
+fn a_damaged_visit_batch_gives_nothing() {
+    let batch = VisitBatch::new(&fac("fac-a"), &[visit("fac-a", T, Some(1), 1)]);
+    let mut bytes = postcard::to_stdvec(&batch).expect("encodes");
+    // The visit's device number (after the facility, the one device and the time step):
+    // point it past the device list.
+    let facility = postcard::to_stdvec(&fac("fac-a")).expect("encodes").len();
+    let devices = postcard::to_stdvec(&vec![dev("dev-a")])
+        .expect("encodes")
+        .len();
+    let at = facility + devices + 1 + postcard::to_stdvec(&T).expect("encodes").len();
+    assert_eq!(bytes[at], 0, "the device number");
+    bytes[at] = 1;
+    let damaged: VisitBatch = postcard::from_bytes(&bytes).expect("decodes");
+    assert_eq!(damaged.visits(), None);
+    // Times past the end of time do not wrap.
+    let two = VisitBatch::new(
+        &fac("fac-a"),
+        &[
+            visit("fac-a", 1, Some(1), 1),
+            visit("fac-a", u64::MAX, Some(2), 2),
+        ],
+    );
+    let mut bytes = postcard::to_stdvec(&two).expect("encodes");
+    // The first visit's time step 1 -> 2: the second then lands past u64::MAX.
+    let step = facility + devices + 1;
+    assert_eq!(bytes[step], 1);
+    bytes[step] = 2;
+    let damaged: VisitBatch = postcard::from_bytes(&bytes).expect("decodes");
+    assert_eq!(damaged.visits(), None);
+}

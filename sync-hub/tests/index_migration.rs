@@ -1,0 +1,149 @@
+//! The trace index of the previous release (`visits-by-token-2`, `visits-by-facility-1`, as
+//! `testdata/upgrade/` holds it, written by that release's own code) is converted when the
+//! ledger opens (`visits-by-token-3`, `visits-by-facility-2`): the old tables are gone and
+//! traces answer as the old hub did (`expected.json`).
+
+use redb::{MultimapTableHandle, ReadableDatabase, ReadableTableMetadata, TableHandle};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use sync_hub::Hub;
+use sync_hub::ledger::{Ledger, VISITS_BY_FACILITY, VISITS_BY_TOKEN};
+
+const PREVIOUS: &str = "6207a77";
+
+fn copy_private(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {
+        let entry = entry.unwrap_or_else(|e| panic!("{e}"));
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_private(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+/// The names of the store's tables (plain and multimap).
+fn tables(hub: &Hub) -> BTreeSet<String> {
+    let txn = hub
+        .store()
+        .db()
+        .begin_read()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut names: BTreeSet<String> = txn
+        .list_tables()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|t| t.name().to_owned())
+        .collect();
+    names.extend(
+        txn.list_multimap_tables()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|t| t.name().to_owned()),
+    );
+    names
+}
+
+/// (token or "paper", facility, time) of a trace's visits or contacts, as JSON.
+fn set(list: &Value) -> BTreeSet<(String, String, u64)> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|x| {
+            (
+                x["token"].as_str().unwrap_or("paper").to_owned(),
+                x["facility_id"].as_str().unwrap_or_default().to_owned(),
+                x["scanned_at"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn token(hex_text: &str) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    hex::decode_to_slice(hex_text, &mut t).unwrap_or_else(|e| panic!("{e}"));
+    t
+}
+
+#[test]
+fn the_previous_releases_index_is_converted_and_traces_the_same() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/upgrade")
+        .join(PREVIOUS);
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(src.join("expected.json")).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tmp.path().join("hub");
+    copy_private(&src.join("hub"), &dir);
+    let hub = Hub::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let before = tables(&hub);
+    assert!(before.contains("visits-by-token-2"), "{before:?}");
+    assert!(before.contains("visits-by-facility-1"), "{before:?}");
+    let now = expected["made_at"].as_u64().unwrap_or_default() + 600;
+
+    let l = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    let after = tables(&hub);
+    assert!(!after.contains("visits-by-token-2"), "{after:?}");
+    assert!(!after.contains("visits-by-facility-1"), "{after:?}");
+    let synced: Vec<String> = expected["visits_synced"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no visits_synced"))
+        .iter()
+        .filter_map(|v| v["token"].as_str().map(str::to_owned))
+        .collect();
+    let rows = |hub: &Hub| {
+        let txn = hub
+            .store()
+            .db()
+            .begin_read()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = txn
+            .open_table(VISITS_BY_TOKEN)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let f = txn
+            .open_table(VISITS_BY_FACILITY)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (t.len().unwrap_or(0), f.len().unwrap_or(0))
+    };
+    let (token_rows, batches) = rows(&hub);
+    assert_eq!(
+        token_rows,
+        synced.len() as u64,
+        "one token row per QR visit"
+    );
+    assert!(batches > 0);
+
+    // The old trace of the first visit, traced again: the same visits and contacts.
+    let old = &expected["old_trace_of_first"];
+    let trace = l
+        .trace(&[token(&synced[0])], 30, now)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let json = serde_json::to_value(&trace).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set(&json["visits"]), set(&old["visits"]), "{json}");
+    assert_eq!(set(&json["contacts"]), set(&old["contacts"]), "{json}");
+    assert!(
+        !trace.contacts.is_empty(),
+        "the fixture's first visit has contacts"
+    );
+    assert!(trace.contacts.iter().any(|c| c.paper), "and a paper one");
+    // Every synced visit is found.
+    let all: Vec<[u8; 16]> = synced.iter().map(|t| token(t)).collect();
+    let trace = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
+    let found: BTreeSet<String> = trace.visits.iter().map(|v| v.token.clone()).collect();
+    assert_eq!(found, synced.iter().cloned().collect::<BTreeSet<_>>());
+
+    // Opening again converts nothing twice.
+    drop(l);
+    let l = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows(&hub), (token_rows, batches));
+    let again = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again, trace);
+}
