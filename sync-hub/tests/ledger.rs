@@ -5,7 +5,7 @@ use automerge::ROOT;
 use automerge::transaction::Transactable;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use shared::daykey::DayKeyRatchet;
 use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::facility::Registration;
@@ -730,6 +730,61 @@ fn a_large_partition_is_indexed_like_a_small_one() {
     assert_eq!(trace.contacts.len(), 699);
     assert_eq!(trace.contacts.iter().filter(|c| c.paper).count(), 7);
     assert_eq!(l.stats(NOW).map(|s| s.records).ok(), Some(700));
+}
+
+#[test]
+fn a_first_save_fills_the_pages_it_is_stored_in() {
+    // A region's facility-day (about 120 visits) arrives in one first sync; its full save is
+    // larger than a page. Stored as one value it took a power of two of pages (17 KiB in
+    // 32 KiB); split into pieces that fill their allocations, little of the chunk's pages is
+    // left empty (issue 14: bytes per visit).
+    let f = fixture();
+    let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
+    let visits: Vec<Visit> = (0..120u64)
+        .map(|i| {
+            let mut t = [0u8; 16];
+            t[..8].copy_from_slice(&i.to_be_bytes());
+            t[8] = 0x24;
+            Visit::Qr(t, T0 + i * 60)
+        })
+        .collect();
+    let p = device_partition(&f, &fa, &da, DAY, &visits);
+    let l = ledger(&f);
+    let mut copy = hub_copy(&l, &p);
+    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(120));
+    // Later persists append pieces after the first save's, and all of it loads back.
+    let more = device_partition(&f, &fa, &da, DAY, &[Visit::Qr(token(9), T0 + 9_000)]);
+    copy.merge(&more).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(1));
+    let db = f.hub.store().db();
+    let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
+    let chunks = txn.open_table(HUB_CHUNKS).unwrap_or_else(|e| panic!("{e}"));
+    let stats = chunks.stats().unwrap_or_else(|e| panic!("{e}"));
+    let rows = chunks
+        .range((fa.as_str(), DAY.0, 0u64)..=(fa.as_str(), DAY.0, u64::MAX))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert!(rows > 2, "{rows} rows: the first save was not split");
+    assert!(
+        // One value took 32 KiB of pages for 17 KiB (about 15 KiB empty); as pieces, what is
+        // empty is the part of a leaf the last small piece leaves to other partitions' rows.
+        stats.fragmented_bytes() * 2 < stats.stored_bytes(),
+        "{} bytes of the chunks' pages empty for {} stored",
+        stats.fragmented_bytes(),
+        stats.stored_bytes()
+    );
+    drop((chunks, txn));
+    let loaded = l
+        .load(&pid(&fa, DAY))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("stored"));
+    assert_eq!(loaded.record_count(), 121);
+    let mut case = [0u8; 16];
+    case[..8].copy_from_slice(&77u64.to_be_bytes());
+    case[8] = 0x24;
+    let trace = l.trace(&[case], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(trace.visits.len(), 1);
 }
 
 #[test]
