@@ -1191,15 +1191,35 @@ fn run_hub(
             max_unadmitted,
             Some(link_tx),
         );
+        // The actor ends by itself only when the database refused a durable commit: the hub
+        // then exits with an error, for its supervisor to restart it on its last durable state.
+        let mut actor = tokio::task::spawn_blocking(move || actor.join());
+        let mut actor_ended = false;
         tokio::select! {
             r = server => { r?; }
             _ = sync => {}
+            _ = &mut actor => { actor_ended = true; }
         }
         link.abort();
         endpoint.close().await;
         crate::daemon::stop(&handle);
-        let _ = actor.join();
+        if !actor_ended {
+            let _ = actor.await;
+        }
         control::remove_run_file(data);
+        if handle
+            .metrics
+            .actor_failed
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            anyhow::bail!(
+                "the hub stopped: its database refused a durable commit (see the log); \
+                 start it again to reopen the database at its last durable state"
+            );
+        }
+        if actor_ended {
+            anyhow::bail!("the hub's actor stopped unexpectedly (see the log)");
+        }
         anyhow::Ok(())
     })
 }

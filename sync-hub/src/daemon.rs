@@ -245,6 +245,9 @@ pub struct Metrics {
     pub admin_writes: AtomicU64,
     /// How long each input held the actor ([`Holds`]).
     pub holds: Holds,
+    /// The actor stopped because a durable commit failed ([`end_turn`]): `sync-hub run`
+    /// exits with an error.
+    pub actor_failed: AtomicBool,
     /// Durable commits that ended an actor turn with writes ([`end_turn`]).
     pub group_commits: AtomicU64,
     /// Write transactions those durable commits covered (each committed non-durably first).
@@ -1651,7 +1654,11 @@ impl Turn {
 /// turn handed to their writers, so that no peer is told of a change a crash could lose
 /// (`/work/shared/design.md` item 4). A turn that wrote nothing sends at once.
 ///
-/// If the durable commit fails, nothing held is sent: every session that held frames is
+/// Returns whether the turn's writes are durable. If the durable commit fails, nothing held
+/// is sent and `false` is returned: redb then refuses every write until the database is
+/// reopened while its reads still see the turn's non-durable writes, so the actor stops and the
+/// hub exits (`sync-hub run` fails; its supervisor restarts it on the last durable state)
+/// rather than answer from writes a restart loses. Every session that held frames is
 /// aborted with the store failure (`Internal`) and counted in `persist_failures`; one that had
 /// already ended is told so by a late `Refused` frame.
 pub fn end_turn<'c>(
@@ -1660,7 +1667,7 @@ pub fn end_turn<'c>(
     conns: impl IntoIterator<Item = &'c mut Conn>,
     now: UnixSeconds,
     metrics: &Metrics,
-) {
+) -> bool {
     match hub.store().end_group() {
         Ok(writes) => {
             if let Some(writes) = writes {
@@ -1672,6 +1679,7 @@ pub fn end_turn<'c>(
             for c in conns {
                 c.release();
             }
+            true
         }
         Err(e) => {
             tracing::error!(
@@ -1695,6 +1703,7 @@ pub fn end_turn<'c>(
                     c.abort(hub, ledger, Abort::internal(STORE_FAILURE), now, metrics);
                 }
             }
+            false
         }
     }
 }
@@ -1743,6 +1752,7 @@ fn actor(
         // committed without fsync and their frames held, then one durable commit.
         let mut turn = Turn::begin(&hub);
         let mut stop = false;
+        let mut failed = false;
         let mut next = first;
         while let Some(input) = next.take() {
             let now = clock::now();
@@ -1755,7 +1765,7 @@ fn actor(
                 Input::Request(r) => {
                     // A request answers at once: what the turn wrote is made durable (and its
                     // frames sent) first, and the request's own writes are durable.
-                    end_turn(
+                    let durable = end_turn(
                         &hub,
                         &ledger,
                         conns.values_mut().chain(ended.iter_mut()),
@@ -1763,6 +1773,10 @@ fn actor(
                         &metrics,
                     );
                     ended.clear();
+                    if !durable {
+                        failed = true;
+                        break;
+                    }
                     match r {
                         Request::Stats(reply) => {
                             let _ = reply.send(ledger.stats(now).map_err(|e| e.to_string()));
@@ -1894,15 +1908,26 @@ fn actor(
         }
         let now = clock::now();
         let held = metrics.holds.start(HoldKind::Commit);
-        end_turn(
-            &hub,
-            &ledger,
-            conns.values_mut().chain(ended.iter_mut()),
-            now,
-            &metrics,
-        );
+        let durable = failed
+            || end_turn(
+                &hub,
+                &ledger,
+                conns.values_mut().chain(ended.iter_mut()),
+                now,
+                &metrics,
+            );
         drop(held);
         ended.clear();
+        if failed || !durable {
+            // redb refuses writes until reopened, and its reads would still show the turn's
+            // lost writes: stop here; `sync-hub run` exits and its supervisor restarts it.
+            tracing::error!(
+                "the hub's database refused a durable commit: the hub stops, to restart on its \
+                 last durable state (devices keep what they synced and send it again)"
+            );
+            metrics.actor_failed.store(true, Ordering::Release);
+            break;
+        }
         if stop {
             break;
         }

@@ -1885,15 +1885,20 @@ fn write_index(
     if batches.is_empty() {
         return Ok(());
     }
-    let first = by_facility
+    // One past the last batch (`None` past u32::MAX: never overwrite the last one).
+    let first = match by_facility
         .range((day, ftag, 0u32)..=(day, ftag, u32::MAX))?
         .next_back()
         .transpose()?
-        .map_or(0, |(k, _)| k.value().2.saturating_add(1));
+    {
+        Some((k, _)) => k.value().2.checked_add(1),
+        None => Some(0),
+    };
     for (i, batch) in batches.iter().enumerate() {
         let next = u32::try_from(i)
             .ok()
-            .and_then(|i| first.checked_add(i))
+            .zip(first)
+            .and_then(|(i, first)| first.checked_add(i))
             .ok_or_else(|| {
                 LedgerError::Seal("a facility has 4,294,967,295 index batches on one day".into())
             })?;
@@ -1993,6 +1998,13 @@ fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), Ledger
                 txn.delete_multimap_table(VISITS_BY_TOKEN_V1)?;
             }
             txn.commit()?;
+            if unreadable > 0 {
+                tracing::warn!(
+                    unreadable,
+                    "trace-index batches that did not open under their day's key were dropped \
+                     by the conversion (damaged rows; the visits stay in their partitions)"
+                );
+            }
             if batches + unreadable + expired > 0 || v1 || v2 {
                 tracing::info!(
                     batches,
@@ -2052,6 +2064,19 @@ fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), Ledger
             }
             keys.len() < MIGRATE_CHUNK_KEYS
         };
+        if unreadable > 0 && batches == 0 {
+            // Not one batch opened under the live days' keys: these are not this index's keys
+            // (a wrong or half-restored `keys/`), not damaged rows. Stop before this chunk's
+            // deletions commit (the transaction is dropped), keeping every old row.
+            return Err(LedgerError::Corrupt {
+                table: "visits-by-facility-1",
+                reason: format!(
+                    "none of {unreadable} trace-index batches opens with this hub's day keys: \
+                     the index is not converted and nothing is deleted; check that keys/ is \
+                     this hub's, then start it again"
+                ),
+            });
+        }
         if finished {
             txn.delete_multimap_table(VISITS_BY_FACILITY_V1)?;
         }

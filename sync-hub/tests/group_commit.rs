@@ -155,7 +155,7 @@ fn run(
     pairs: &mut [Pair],
     metrics: &Metrics,
     before_turn: impl Fn(usize, &Hub),
-) -> Vec<(u64, u64)> {
+) -> Vec<(u64, u64, bool)> {
     let mut counts = Vec::new();
     for round in 0..100 {
         before_turn(round, hub);
@@ -176,7 +176,7 @@ fn run(
                 "a frame reached the writer before the turn's durable commit"
             );
         }
-        daemon::end_turn(
+        let durable = daemon::end_turn(
             hub,
             ledger,
             pairs.iter_mut().map(|p| &mut p.conn),
@@ -186,6 +186,7 @@ fn run(
         counts.push((
             metrics.records_ingested.load(Ordering::Relaxed),
             metrics.persist_failures.load(Ordering::Relaxed),
+            durable,
         ));
         for p in pairs.iter_mut() {
             while let Ok(out) = p.rx.try_recv() {
@@ -265,13 +266,17 @@ fn a_failed_group_commit_sends_no_frame_of_its_turn_and_aborts_the_session() {
     });
     let failed = counts
         .iter()
-        .position(|&(_, failures)| failures > 0)
+        .position(|&(_, failures, _)| failures > 0)
         .unwrap_or_else(|| panic!("no turn failed: {counts:?}"));
     assert_eq!(
         counts[failed].0,
         u64::from(RECORDS),
         "the failed turn persisted the partition (without fsync): {counts:?}"
     );
+    // The turn reports its writes as not durable: the actor stops on it (redb refuses writes
+    // until reopened while its reads still show them) and `sync-hub run` exits.
+    assert!(!counts[failed].2, "{counts:?}");
+    assert!(counts[..failed].iter().all(|c| c.2), "{counts:?}");
     let p = &pairs[0];
     assert!(
         p.events.iter().any(|e| matches!(

@@ -147,3 +147,39 @@ fn the_previous_releases_index_is_converted_and_traces_the_same() {
     let again = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again, trace);
 }
+
+#[test]
+fn under_another_hubs_day_keys_nothing_is_converted_or_deleted() {
+    // A wrong or half-restored `keys/` at the first start of the new release: not one old
+    // batch opens. The conversion refuses (the hub does not start) and keeps every old row,
+    // instead of deleting them all as unreadable (review of the conversion).
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/upgrade")
+        .join(PREVIOUS);
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(src.join("expected.json")).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let made_at = expected["made_at"].as_u64().unwrap_or_default();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tmp.path().join("hub");
+    copy_private(&src.join("hub"), &dir);
+    let other = tmp.path().join("other");
+    drop(
+        Hub::init(&other, "suwon", None, vec![], None, made_at)
+            .unwrap_or_else(|e| panic!("init: {e}")),
+    );
+    std::fs::copy(
+        other.join("keys/day-ratchet.key"),
+        dir.join("keys/day-ratchet.key"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let hub = Hub::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let err = Ledger::open(hub.store(), hub.keys())
+        .err()
+        .unwrap_or_else(|| panic!("converted under another hub's keys"));
+    assert!(err.to_string().contains("keys/"), "{err}");
+    let after = tables(&hub);
+    assert!(after.contains("visits-by-token-2"), "{after:?}");
+    assert!(after.contains("visits-by-facility-1"), "{after:?}");
+}

@@ -480,13 +480,14 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
         // its `Sync` frames (the connection's opening, `Hello`, `Done`, the close).
         let metrics = Metrics::default();
         let end_turn = || {
-            daemon::end_turn(
+            let durable = daemon::end_turn(
                 &hub,
                 &ledger,
                 std::iter::empty::<&mut daemon::Conn>(),
                 NOW,
                 &metrics,
-            )
+            );
+            assert!(durable, "a turn's durable commit failed (see the log)");
         };
         let mut turn = daemon::Turn::begin(&hub);
         let mut partitions = 0u64;
