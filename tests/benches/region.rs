@@ -93,6 +93,24 @@ fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The bytes of the disk the folder's files take (their allocated blocks: redb grows its file
+/// ahead of use, and the part never written takes no disk).
+fn folder_disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += folder_disk_bytes(&e.path()),
+                Ok(m) => total += m.blocks() * 512,
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// The apparent size of the folder's files (redb's file length, grown ahead of use).
 fn folder_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -466,8 +484,8 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
                 }
             }
         });
-        report.push("| days | visits | ingest s (this step) | ingest rec/s (this step) | ingest rec/s (whole build) | unseal-only rec/s (baseline) | data folder | B/visit | B/visit added this step |".into());
-        report.push("|---|---|---|---|---|---|---|---|---|".into());
+        report.push("| days | visits | ingest s (this step) | ingest rec/s (this step) | ingest rec/s (whole build) | unseal-only rec/s (baseline) | data folder (file sizes) | B/visit (file sizes) | disk (allocated) | disk B/visit | disk B/visit added this step |".into());
+        report.push("|---|---|---|---|---|---|---|---|---|---|---|".into());
         let mut visits = 0u64;
         let mut ingest = Duration::ZERO;
         let (mut step_visits, mut step_ingest, mut step_bytes) = (0u64, Duration::ZERO, 0u64);
@@ -550,15 +568,18 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
                 end_turn();
                 turn = daemon::Turn::begin(&hub);
                 ingest += t.elapsed();
-                let bytes = folder_bytes(dir);
+                let apparent = folder_bytes(dir);
+                let bytes = folder_disk_bytes(dir);
                 let added = visits - step_visits;
                 let step = ingest - step_ingest;
                 report.push(format!(
-                    "| {days} | {visits} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} MiB | {:.0} | {:.0} |",
+                    "| {days} | {visits} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} MiB | {:.0} | {:.1} MiB | {:.0} | {:.0} |",
                     step.as_secs_f64(),
                     added as f64 / step.as_secs_f64(),
                     visits as f64 / ingest.as_secs_f64(),
                     unsealed as f64 / unseal_time.as_secs_f64(),
+                    apparent as f64 / (1u64 << 20) as f64,
+                    apparent as f64 / visits as f64,
                     bytes as f64 / (1u64 << 20) as f64,
                     bytes as f64 / visits as f64,
                     (bytes as f64 - step_bytes as f64) / added as f64,
