@@ -1165,9 +1165,11 @@ impl<'s> Ledger<'s> {
             .transpose()?
             .map_or(0, |(k, _)| (k.value().2 >> PIECE_BITS).saturating_add(1));
         // The first chunk is a full save: it costs no more than an incremental one and is about
-        // half the size (automerge compresses a whole document column by column).
+        // half the size (automerge encodes a whole document column by column). With DEFLATE
+        // of its columns: 116 instead of 148 bytes a visit, for about 4 µs a visit more of
+        // the actor's time (measured at a million visits; issue 14's 300 bytes a visit).
         if next == 0 || next + 1 >= COMPACT_AFTER_CHUNKS {
-            let full = partition.save_uncompressed();
+            let full = partition.save();
             chunks.retain_in((f, day, 0u64)..=(f, day, u64::MAX), |_, _| false)?;
             for (i, piece) in chunk_pieces(&full).enumerate() {
                 chunks.insert((f, day, i as u64), piece)?;
