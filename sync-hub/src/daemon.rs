@@ -1894,7 +1894,14 @@ fn actor(
                 stop = true;
                 break;
             }
-            if turn.took() {
+            // A session whose held frames fill half its writer's free room ends the turn now
+            // (they go out after the durable commit) rather than be aborted later in the turn
+            // as a peer that stopped reading (review of group commit).
+            if turn.took()
+                || conns
+                    .values()
+                    .any(|c| c.held.len() * 2 >= c.reply.capacity())
+            {
                 break;
             }
             next = match rx.try_recv() {

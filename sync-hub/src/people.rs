@@ -977,6 +977,11 @@ impl PurgeRun {
         self.rows
     }
 
+    /// Which table the purge is at ([`PurgeJob::stage`]).
+    pub fn stage(&self) -> u8 {
+        self.job.stage()
+    }
+
     /// The same purge with its steps sized to take about `target` each.
     pub fn with_step_target(mut self, target: Duration) -> Self {
         self.target = target;
@@ -1080,8 +1085,14 @@ fn start_purge(
 /// resized for the next step by [`next_chunk_rows`]); whether it is complete.
 pub fn purge_step(ledger: &Ledger<'_>, run: &mut PurgeRun) -> Result<bool, LedgerError> {
     let started = std::time::Instant::now();
+    let stage = run.job.stage();
     let done = ledger.purge_chunk(&mut run.job, run.rows)?;
-    run.rows = next_chunk_rows(run.rows, started.elapsed(), run.target);
+    run.rows = if run.job.stage() == stage || done {
+        next_chunk_rows(run.rows, started.elapsed(), run.target)
+    } else {
+        // The next table's rows may cost many times more: start it over, small.
+        PURGE_STEP_FIRST_ROWS
+    };
     Ok(done)
 }
 
