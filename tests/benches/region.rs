@@ -55,7 +55,7 @@ use sync_hub::ledger::{self, Ledger};
 use sync_hub::trace::TraceRequest;
 
 /// The hub's clock: 13:00 UTC of day 20,400. Fixed, so a reused folder stays live.
-const NOW: UnixSeconds = 20_400 * DAY_SECONDS + 13 * 3_600;
+const NOW: UnixSeconds = tests::people::REGION_BENCH_NOW;
 const DAYS: u32 = 28;
 const RECORDS_PER_CHANGE: usize = 100;
 const PAPER_PERCENT: u32 = 2;

@@ -58,8 +58,8 @@ use sync_hub::Hub;
 use tests::fixture::{self, Proc, bin};
 use tests::people::{Api, Visit};
 
-/// The region bench's clock (`tests/benches/region.rs`, `NOW`): 13:00 UTC of day 20,400.
-const REGION_NOW: u64 = 20_400 * DAY_SECONDS + 13 * 3_600;
+/// The region bench's clock.
+const REGION_NOW: u64 = tests::people::REGION_BENCH_NOW;
 const DAYS: u32 = 28;
 /// Check-ins a device makes before each round.
 const VISITS_PER_ROUND: usize = 2;

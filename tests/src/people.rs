@@ -445,3 +445,8 @@ pub fn formula_start(cell: &str) -> bool {
 pub fn db_path(data: &Path) -> PathBuf {
     data.join("hub.redb")
 }
+
+/// The clock of the region bench's hub (`tests/benches/region.rs`): 13:00 UTC of day 20,400.
+/// Fixed, so a folder it built stays live when reused, and the stall bench
+/// (`tests/benches/stall.rs`) runs the hub over that folder at the same time.
+pub const REGION_BENCH_NOW: u64 = 20_400 * shared::time::DAY_SECONDS + 13 * 3_600;
