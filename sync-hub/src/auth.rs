@@ -914,6 +914,7 @@ pub fn list_revoked(
     };
     txn.commit()?;
     if any {
+        store.kept_reads_changed();
         write_revocations_head(store, list.count, &list.last)?;
     }
     Ok(())

@@ -955,9 +955,10 @@ impl<'s> Ledger<'s> {
     }
 
     /// The keyed revocation list (`crate::auth::revocations`: a key file and a walk of the
-    /// list), read once per turn of the actor and kept for the rest of it: no revocation is
-    /// written during a turn (revocations are actor jobs, which end the turn before they run,
-    /// `crate::daemon`). Outside a turn, read at every call.
+    /// list), read once per turn of the actor and kept for the rest of it, unless a revocation
+    /// is written during the turn (admission lists a device whose row says revoked:
+    /// `crate::auth::list_revoked` moves the turn's epoch on). Outside a turn, read at every
+    /// call.
     fn revocations(&self) -> Result<std::sync::Arc<crate::auth::RevocationList>, LedgerError> {
         let epoch = self.store.group_epoch();
         if let (Some(epoch), Ok(cache)) = (epoch, self.revoked.lock())

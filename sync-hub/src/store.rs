@@ -181,6 +181,16 @@ impl Store {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// Says that what the actor keeps for a turn under [`Store::group_epoch`] (the revocation
+    /// list) changed within it: the epoch moves on, so the next read is a fresh one. A
+    /// revocation can be written during a turn: admission lists a device whose row says
+    /// revoked when the list lacks it (review of group commit).
+    pub fn kept_reads_changed(&self) {
+        self.group
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Which group this thread's writes are in (a number no other group had), `None` outside
     /// one: what the actor reads once per turn may be kept for the rest of the turn under it.
     pub fn group_epoch(&self) -> Option<u64> {

@@ -315,3 +315,28 @@ fn a_failed_group_commit_sends_no_frame_of_its_turn_and_aborts_the_session() {
     assert_eq!(metrics.persist_failures.load(Ordering::Relaxed), 1);
     assert!(p.conn.is_finished());
 }
+
+#[test]
+fn a_revocation_written_during_a_turn_is_not_hidden_by_the_turns_kept_list() {
+    // The actor keeps the revocation list for a turn under the turn's epoch; admission can
+    // list a revoked device during the turn, and persists later in the same turn must see it.
+    let (_tmp, hub, _) = setup(0);
+    daemon::begin_turn(&hub);
+    let before = hub.store().group_epoch();
+    assert!(before.is_some());
+    sync_hub::auth::list_revoked(
+        hub.store(),
+        [(
+            sync_hub::auth::Revoked::Device,
+            "dev_revokedinturn".to_owned(),
+        )],
+        NOW,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        hub.store().group_epoch(),
+        before,
+        "the turn's kept reads were not told of the revocation"
+    );
+    hub.store().end_group().unwrap_or_else(|e| panic!("{e}"));
+}
