@@ -345,45 +345,20 @@ pub fn decode_luma(img: &GrayImage) -> Option<String> {
 
 /// [`decode_luma`], also reporting which ladder step succeeded.
 pub fn decode_luma_stats(img: &GrayImage) -> DecodeStats {
-    let mut stats = DecodeStats {
-        text: None,
-        step: None,
-        attempts: 0,
-    };
-    if img.width() == 0 || img.height() == 0 {
-        return stats;
-    }
-    // A large frame is downscaled first, and the rungs other than `Plain` work on the copy.
-    let small = LadderStep::Downscale
-        .applies_to(img.width(), img.height())
-        .then(|| downscale(img));
-    let mut work = Shared::new(small.as_ref().unwrap_or(img));
-    for step in LadderStep::LADDER {
-        let found = match (step, &small) {
-            (LadderStep::Downscale, None) => continue,
-            (LadderStep::Downscale, Some(small)) => scan_gray(small),
-            (LadderStep::Plain, _) => scan_gray(img),
-            _ => {
-                if !step.applies_to(work.img.width(), work.img.height()) {
-                    continue;
-                }
-                work.run(step)
-            }
-        };
-        stats.attempts += 1;
-        if let Some(text) = found {
-            stats.text = Some(text);
-            stats.step = Some(step);
-            return stats;
-        }
-    }
-    stats
+    climb(img, &LadderStep::LADDER, false)
 }
 
 /// The kiosk's live pass: the rungs of [`LadderStep::LIVE`] in order, on the frame as it came
 /// or, for a frame longer than 1000 px on a side, on its downscaled copy (then the rqrr rung is
 /// reported as [`LadderStep::Downscale`], as the old single pass did).
 pub fn decode_live_luma(img: &GrayImage) -> DecodeStats {
+    climb(img, &LadderStep::LIVE, true)
+}
+
+/// Climbs `steps` on `img` until one reads a code. A large frame is downscaled first, and the
+/// rungs other than `Plain` work on the copy; `Plain` scans the frame as it came, unless
+/// `plain_on_copy` (the live pass: one rqrr scan, on the copy, reported as `Downscale`).
+fn climb(img: &GrayImage, steps: &[LadderStep], plain_on_copy: bool) -> DecodeStats {
     let mut stats = DecodeStats {
         text: None,
         step: None,
@@ -396,10 +371,14 @@ pub fn decode_live_luma(img: &GrayImage) -> DecodeStats {
         .applies_to(img.width(), img.height())
         .then(|| downscale(img));
     let mut work = Shared::new(small.as_ref().unwrap_or(img));
-    for step in LadderStep::LIVE {
+    for &step in steps {
         let (step, found) = match (step, &small) {
-            // The rqrr scan of a large frame is the downscale rung's: on the copy.
-            (LadderStep::Plain, Some(small)) => (LadderStep::Downscale, scan_gray(small)),
+            (LadderStep::Downscale, None) => continue,
+            (LadderStep::Downscale, Some(small)) => (step, scan_gray(small)),
+            (LadderStep::Plain, Some(small)) if plain_on_copy => {
+                (LadderStep::Downscale, scan_gray(small))
+            }
+            (LadderStep::Plain, _) => (step, scan_gray(img)),
             _ => {
                 if !step.applies_to(work.img.width(), work.img.height()) {
                     continue;

@@ -71,8 +71,9 @@ fn token(hex_text: &str) -> [u8; 16] {
     t
 }
 
-#[test]
-fn the_previous_releases_index_is_converted_and_traces_the_same() {
+/// The previous release's stored hub (`testdata/upgrade/`) and what it recorded
+/// (`expected.json`).
+fn previous() -> (std::path::PathBuf, Value) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../testdata/upgrade")
         .join(PREVIOUS);
@@ -80,6 +81,12 @@ fn the_previous_releases_index_is_converted_and_traces_the_same() {
         &std::fs::read(src.join("expected.json")).unwrap_or_else(|e| panic!("{e}")),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    (src, expected)
+}
+
+#[test]
+fn the_previous_releases_index_is_converted_and_traces_the_same() {
+    let (src, expected) = previous();
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let dir = tmp.path().join("hub");
     copy_private(&src.join("hub"), &dir);
@@ -153,13 +160,7 @@ fn under_another_hubs_day_keys_nothing_is_converted_or_deleted() {
     // A wrong or half-restored `keys/` at the first start of the new release: not one old
     // batch opens. The conversion refuses (the hub does not start) and keeps every old row,
     // instead of deleting them all as unreadable (review of the conversion).
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/upgrade")
-        .join(PREVIOUS);
-    let expected: Value = serde_json::from_slice(
-        &std::fs::read(src.join("expected.json")).unwrap_or_else(|e| panic!("{e}")),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let (src, expected) = previous();
     let made_at = expected["made_at"].as_u64().unwrap_or_default();
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let dir = tmp.path().join("hub");

@@ -53,6 +53,7 @@ use sync_hub::auth::Principal;
 use sync_hub::daemon::{self, Metrics};
 use sync_hub::ledger::{self, Ledger};
 use sync_hub::trace::TraceRequest;
+use tests::measure::{ms, percentile};
 
 /// The hub's clock: 13:00 UTC of day 20,400. Fixed, so a reused folder stays live.
 const NOW: UnixSeconds = tests::people::REGION_BENCH_NOW;
@@ -66,18 +67,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 /// Peak resident memory of this process so far, bytes (`VmHWM`).

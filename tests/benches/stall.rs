@@ -56,6 +56,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sync_hub::Hub;
 use tests::fixture::{self, Proc, bin};
+use tests::measure::{ms, percentile};
 use tests::people::{Api, Visit};
 
 /// The region bench's clock.
@@ -84,18 +85,6 @@ fn env(name: &str, default: u64) -> Result<u64> {
             .with_context(|| format!("{name}={v:?} is not a count")),
         Err(_) => Ok(default),
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn path_str(p: &Path) -> Result<&str> {

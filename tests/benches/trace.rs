@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use sync_hub::auth::Principal;
 use sync_hub::ledger::Ledger;
 use sync_hub::trace::TraceRequest;
+use tests::measure::percentile;
 use tests::people::{PeopleHub, Visit, add_device, add_facility, registration, set_last_sync};
 
 fn env(name: &str, default: usize) -> usize {
@@ -26,14 +27,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> String {

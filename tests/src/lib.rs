@@ -7,6 +7,7 @@ pub mod baseline;
 pub mod browser;
 pub mod fixture;
 pub mod frames;
+pub mod measure;
 pub mod people;
 pub mod photos;
 pub mod rogue;
