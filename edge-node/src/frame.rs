@@ -1,10 +1,11 @@
 //! Camera frames to QR text: the edge node's only contact with pixels.
 //!
 //! A frame arrives as PNG or JPEG bytes (from a file or the camera), is decoded to 8-bit luma
-//! under hard size limits, and is searched for QR codes with `rqrr`. Plain `rqrr` misses codes in
-//! blurred, noisy or low-contrast frames that a cheap preprocessing pass recovers, so when the
-//! plain scan finds nothing we climb a short *ladder* of such passes and stop at the first one that
-//! decodes. The ladder's order comes from the damaged-frame corpus in `tests/` (see
+//! under hard size limits, and is searched for QR codes: first by `rxing` (a pure-Rust port of
+//! zxing's QR detector and decoder), then by our own locator (`finder`), then by `rqrr`. Each
+//! misses codes in blurred, noisy, tilted or low-contrast frames that another reader or a cheap
+//! preprocessing pass recovers, so when one rung finds nothing we climb a short *ladder* of such
+//! passes and stop at the first one that decodes. The ladder's order comes from the damaged-frame corpus in `tests/` (see
 //! `tests/tests/decode_corpus.rs`): cheap and often-successful steps first.
 //!
 //! Everything here treats the frame as hostile outside data: no panics on any input, no
@@ -190,6 +191,9 @@ pub enum LadderStep {
     /// Enlarge a small frame 2x, then the block-local threshold and our locator (codes of 2-3
     /// pixels a module).
     FinderUpscale,
+    /// A second reader: `rxing`'s port of zxing-cpp's QR detector (finder-pattern sets on its
+    /// own hybrid threshold, "try harder"), every code in the frame, a KP1 one preferred.
+    Rxing,
 }
 
 impl LadderStep {
@@ -222,7 +226,19 @@ impl LadderStep {
     // the corpus, and no frame plain reads may be lost), the 2x-upscaled locator and hybrid
     // next, then the damaged-frame rungs. The local-mean `adaptive` rung left the ladder: after
     // the locator it rescued no photo.
-    pub const LADDER: [LadderStep; 9] = [
+    //
+    // Then a second reader (`rxing`, a pure-Rust port of zxing; measured beside zxing-cpp in the
+    // same bench): its zxing-cpp detector alone reads 655 of the 716 photo frames at 0.43 ms a
+    // frame (release), more than any other rung at the least cost, and its grid decoder now
+    // decodes what our locator samples (rqrr's grid decoder cost 0.25-3.4 ms a grid, more than
+    // zxing-cpp's whole read). So it goes first, on the downscaled copy of an HD frame; the
+    // rungs after it are the ladder as it was, each now only for the frames rxing misses
+    // (greedy over every rung, `DECODE_PHOTOS_STEPS=1`: rxing, finder+upscale, median+otsu...
+    // on the photos; finder+otsu, rxing, half+hybrid, median, median+otsu on the damaged
+    // frames). rqrr keeps every rung it had: plain for blurred and noisy frames, and the
+    // median, Otsu and upscale rungs the damaged frames need.
+    pub const LADDER: [LadderStep; 10] = [
+        LadderStep::Rxing,
         LadderStep::Downscale,
         LadderStep::Finder,
         LadderStep::Plain,
@@ -239,14 +255,14 @@ impl LadderStep {
     /// on a side is downscaled first and both rungs work on the copy.
     //
     // Measured on the photo corpus (`cargo bench -p tests --bench decode_photos`, the live
-    // columns): the locator alone reads far more photos than rqrr's own scan at a fraction of
-    // its cost, so it goes first. rqrr's scan stays as the fallback: it reads damaged frames
-    // (blur, noise) the locator misses, and a codeless frame then costs the locator plus the
-    // one rqrr pass the live stream always had, inside the kiosk bench's budget.
-    pub const LIVE: [LadderStep; 2] = [LadderStep::Finder, LadderStep::Plain];
+    // columns): rxing's detector reads the most at the least cost, our locator rescues part of
+    // what it misses (small and strongly tilted codes). rqrr's own scan left the live pass: at
+    // 5-9 ms a frame it cost more than both together and, after them, rescued only blurred and
+    // noisy frames, which the full ladder still gets once a second.
+    pub const LIVE: [LadderStep; 2] = [LadderStep::Rxing, LadderStep::Finder];
 
     /// Every step, including those measured but left off the ladder (for `ladder_step_matrix`).
-    pub const ALL: [LadderStep; 17] = [
+    pub const ALL: [LadderStep; 18] = [
         LadderStep::Plain,
         LadderStep::Downscale,
         LadderStep::Median,
@@ -264,6 +280,7 @@ impl LadderStep {
         LadderStep::FinderOtsu,
         LadderStep::FinderAdaptive,
         LadderStep::FinderUpscale,
+        LadderStep::Rxing,
     ];
 
     /// A short stable name for tables and logs.
@@ -286,6 +303,7 @@ impl LadderStep {
             LadderStep::FinderOtsu => "finder+otsu",
             LadderStep::FinderAdaptive => "finder+adaptive",
             LadderStep::FinderUpscale => "finder+upscale",
+            LadderStep::Rxing => "rxing",
         }
     }
 
@@ -425,6 +443,12 @@ pub fn stage_times(img: &GrayImage) -> Vec<(&'static str, std::time::Duration)> 
     time("locator on it", &mut || {
         let _ = locate(img, &hybrid);
     });
+    time(
+        "rxing (zxing-cpp's detector, its own threshold)",
+        &mut || {
+            let _ = scan_rxing(img);
+        },
+    );
     time("rqrr scan, own threshold (plain)", &mut || {
         let _ = scan_gray(img);
     });
@@ -523,6 +547,7 @@ impl<'a> Shared<'a> {
                 let up = self.up();
                 locate(up, &hybrid_binarize(up))
             }
+            LadderStep::Rxing => scan_rxing(img),
         }
     }
 }
@@ -803,6 +828,57 @@ fn pick_text<G: rqrr::BitGrid>(grids: Vec<rqrr::Grid<G>>) -> Option<String> {
         }
     }
     first_other
+}
+
+/// The second reader ([`LadderStep::Rxing`]): `rxing`'s port of zxing-cpp's QR detector and
+/// decoder on its own hybrid threshold, every code it finds, a KP1 one preferred.
+fn scan_rxing(img: &GrayImage) -> Option<String> {
+    use rxing::multi::MultipleBarcodeReader;
+    if img.width() == 0 || img.height() == 0 {
+        return None;
+    }
+    guarded(|| {
+        let source =
+            rxing::Luma8LuminanceSource::new(img.as_raw().clone(), img.width(), img.height())
+                .ok()?;
+        let mut bitmap = rxing::BinaryBitmap::new(rxing::common::HybridBinarizer::new(source));
+        let hints = rxing::DecodeHints {
+            TryHarder: Some(true),
+            ..Default::default()
+        };
+        let found = rxing::qrcode::cpp_port::QrReader
+            .decode_multiple_with_hints(&mut bitmap, &hints)
+            .ok()?;
+        let texts = found.iter().map(|r| r.getText());
+        let mut first_other = None;
+        for text in texts {
+            if text.starts_with("KP1:") {
+                return Some(text.to_owned());
+            }
+            first_other.get_or_insert(text);
+        }
+        first_other.map(str::to_owned)
+    })
+}
+
+/// The text of a grid our locator sampled (`bits`: `dim x dim` modules, row-major, `true` =
+/// dark), through `rxing`'s grid decoder: format and version, Reed-Solomon correction, the
+/// payload's segments and character sets, as zxing reads them. `rqrr`'s grid decoder would do
+/// the same at 20-30 times the cost (its syndromes raise the generator to a power per symbol:
+/// 0.25 ms for a version-4 grid, 3.4 ms for a version-18 one, against 0.01 and 0.1 ms), more
+/// than zxing-cpp takes for the whole frame; every wrongly placed grid the locator tries costs
+/// that too.
+fn grid_bits_text(dim: usize, bits: &[bool]) -> Option<String> {
+    let side = u32::try_from(dim).ok()?;
+    if bits.len() != dim * dim {
+        return None;
+    }
+    let mut matrix = rxing::common::BitMatrix::with_single_dimension(side).ok()?;
+    for (i, _) in bits.iter().enumerate().filter(|(_, dark)| **dark) {
+        matrix.set((i % dim) as u32, (i / dim) as u32);
+    }
+    let decoded = rxing::qrcode::decoder::qrcode_decoder::decode_bitmatrix(&matrix).ok()?;
+    Some(decoded.getText().to_owned())
 }
 
 /// A grid's text, if `rqrr` decodes it. `rqrr` hands back the payload's bytes as they are: Kanji
@@ -1238,8 +1314,15 @@ mod tests {
         let bytes = png(&code_frame(TOKEN));
         let stats = decode_frame_stats(&bytes).expect("valid PNG");
         assert_eq!(stats.text.as_deref(), Some(TOKEN));
-        assert_eq!(stats.step, Some(LadderStep::Finder));
+        assert_eq!(stats.step, Some(LadderStep::Rxing));
         assert_eq!(stats.attempts, 1);
+        for step in [LadderStep::Finder, LadderStep::Rxing] {
+            assert_eq!(
+                decode_step(&load_luma(&bytes).expect("valid PNG"), step).as_deref(),
+                Some(TOKEN),
+                "{step:?}"
+            );
+        }
         assert_eq!(
             decode_step(&load_luma(&bytes).expect("valid PNG"), LadderStep::Plain).as_deref(),
             Some(TOKEN)
@@ -1319,22 +1402,34 @@ mod tests {
     /// them but its `decode` refuses non-UTF-8, so the old ladder read none of them.
     #[test]
     fn a_shift_jis_code_reads_as_its_text() {
+        let byte_code = |bytes: &[u8]| {
+            let code = qrcode::QrCode::with_error_correction_level(bytes, qrcode::EcLevel::M)
+                .expect("fits a code");
+            let n = code.width() as u32;
+            let colors = code.to_colors();
+            GrayImage::from_fn(320, 320, |x, y| {
+                let (mx, my) = (x / 6, y / 6);
+                let dark = (4..n + 4).contains(&mx)
+                    && (4..n + 4).contains(&my)
+                    && colors[((my - 4) * n + mx - 4) as usize] == qrcode::Color::Dark;
+                image::Luma([if dark { 20 } else { 235 }])
+            })
+        };
         // "ﾃﾞｻﾞｲﾝQR 入り" in Shift_JIS: half-width katakana (one byte each) and two kanji.
+        // Through rqrr: its bytes, read as UTF-8, else Shift_JIS, else ISO-8859-1.
         let sjis: &[u8] = &[
             0xC3, 0xDE, 0xBB, 0xDE, 0xB2, 0xDD, 0x51, 0x52, 0x20, 0x93, 0xFC, 0x82, 0xE8,
         ];
-        let code = qrcode::QrCode::with_error_correction_level(sjis, qrcode::EcLevel::M)
-            .expect("fits a code");
-        let n = code.width() as u32;
-        let colors = code.to_colors();
-        let img = GrayImage::from_fn(320, 320, |x, y| {
-            let (mx, my) = (x / 6, y / 6);
-            let dark = (4..n + 4).contains(&mx)
-                && (4..n + 4).contains(&my)
-                && colors[((my - 4) * n + mx - 4) as usize] == qrcode::Color::Dark;
-            image::Luma([if dark { 20 } else { 235 }])
-        });
-        assert_eq!(decode_luma(&img).as_deref(), Some("ﾃﾞｻﾞｲﾝQR 入り"));
+        assert_eq!(
+            decode_step(&byte_code(sjis), LadderStep::Plain).as_deref(),
+            Some("ﾃﾞｻﾞｲﾝQR 入り")
+        );
+        // Through the ladder (rxing first, which guesses the character set as zxing does): a
+        // business card's Japanese text.
+        let text = "デザインQRコード入りの名刺です";
+        let (sjis, _, unmappable) = encoding_rs::SHIFT_JIS.encode(text);
+        assert!(!unmappable);
+        assert_eq!(decode_luma(&byte_code(&sjis)).as_deref(), Some(text));
         // UTF-8 stays UTF-8; bytes that are neither are read as ISO-8859-1.
         assert_eq!(payload_text("KP1:é".as_bytes().to_vec()), "KP1:é");
         assert_eq!(payload_text(vec![b'a', 0xFF, 0xA0]), "a\u{ff}\u{a0}");
@@ -1749,9 +1844,11 @@ mod tests {
         draw_code(&mut img, TOKEN, 10, 700, 200);
         let stats = decode_luma_stats(&img);
         assert_eq!(stats.text.as_deref(), Some(TOKEN));
+        // rxing, the first rung, on the downscaled copy; rqrr's rung on that copy reads it too.
+        assert_eq!((stats.step, stats.attempts), (Some(LadderStep::Rxing), 1));
         assert_eq!(
-            (stats.step, stats.attempts),
-            (Some(LadderStep::Downscale), 1)
+            decode_step(&downscale(&img), LadderStep::Plain).as_deref(),
+            Some(TOKEN)
         );
     }
 

@@ -487,7 +487,7 @@ fn busy() -> Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Ladder {
-    /// The live pass ([`frame::decode_live_luma`]: our locator, then one `rqrr` scan, after
+    /// The live pass ([`frame::decode_live_luma`]: `rxing`'s detector, then our locator, after
     /// the downscale a large frame gets): the live camera stream, where the next frame is a
     /// tenth of a second away.
     #[default]
@@ -1034,7 +1034,12 @@ mod tests {
         let stats = frame::decode_live_luma(&img);
         assert_eq!(
             (stats.step, stats.attempts),
-            (Some(frame::LadderStep::Finder), 1)
+            (Some(frame::LadderStep::Rxing), 1)
+        );
+        // Our locator, the live pass's second rung, reads it too.
+        assert_eq!(
+            frame::decode_step(&img, frame::LadderStep::Finder).as_deref(),
+            Some(expected.trim_end_matches('\n'))
         );
         // A frame with nothing in it climbs both rungs and reads nothing.
         let blank = image::GrayImage::from_pixel(640, 480, image::Luma([170]));

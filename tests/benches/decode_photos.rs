@@ -6,7 +6,7 @@
 //! four rotations) and the damaged-frame corpus of `tests/src/frames.rs`. Every frame is decoded
 //! to 8-bit luma once; then, one frame at a time on one thread, the project's whole ladder
 //! (`decode_luma`, what `scan` and the kiosk's once-a-second full pass run), its live pass (the
-//! kiosk's per-frame pass, `decode_live_luma`: our locator, then rqrr's own scan) and
+//! kiosk's per-frame pass, `decode_live_luma`: rxing's detector, then our locator) and
 //! zxing-cpp's `read_barcodes` (Python binding, QR only, default options, driven by
 //! `tests/zxing/read_frames.py` over the same luma bytes) are timed
 //! on the same pixels. A read counts only when the text is the expected one; a different text
