@@ -25,7 +25,7 @@ use std::time::Instant;
 use edge_node::frame::{LadderStep, decode_live_luma, decode_luma, decode_step, stage_times};
 use image::GrayImage;
 use tests::frames::{Damage, frame, kp1_like_text};
-use tests::photos::{ROTATIONS, load_all, matches, rotated};
+use tests::photos::{ROTATIONS, is_other_code, load_all, matches, rotated};
 
 struct Frame {
     category: String,
@@ -59,11 +59,6 @@ impl Tally {
         self.ms / f64::from(self.n.max(1))
     }
 }
-
-/// Photos that hold a second code beside the one their `.txt` names, with the start of that
-/// code's text: reading it is no misread (the frame counts as not read). qrcode-2/16 is a
-/// "double QR", a small code printed inside a large one.
-const OTHER_CODES: &[(&str, &str)] = &[("qrcode-2/16 ", "[内側QRコード]")];
 
 /// The kiosk's live pass, what every camera frame gets (`kiosk::decode` with `Ladder::Live`).
 fn live_pass(img: &GrayImage) -> Option<String> {
@@ -180,13 +175,8 @@ fn report(title: &str, frames: &[Frame], with_zxing: bool, verbose: bool) -> boo
     let mut live: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut theirs: BTreeMap<&str, Tally> = BTreeMap::new();
     for (i, f) in frames.iter().enumerate() {
-        let other = |t: &Option<String>| {
-            t.as_deref().is_some_and(|t| {
-                OTHER_CODES
-                    .iter()
-                    .any(|(photo, start)| f.label.starts_with(photo) && t.starts_with(start))
-            })
-        };
+        let photo = f.label.split(' ').next().unwrap_or_default();
+        let other = |t: &Option<String>| t.as_deref().is_some_and(|t| is_other_code(photo, t));
         let start = Instant::now();
         let text = Some(decode_luma(&f.luma)).filter(|t| !other(t)).flatten();
         let ms = start.elapsed().as_secs_f64() * 1000.0;

@@ -13,21 +13,22 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use edge_node::frame::decode_luma;
-use tests::photos::{ROTATIONS, load_all, matches, rotated};
+use tests::photos::{ROTATIONS, is_other_code, load_all, matches, rotated};
 
 /// Frames (photo x rotation) the ladder must read, per category and overall, out of 100.
-/// Set a few points under what the ladder reached with our own locator (`frame/finder.rs`) and
-/// Shift_JIS texts (qrcode-1 100, -2 94.3, -3 95.8, -4 83.3, -5 100, -6 100, all 93.4 %;
-/// zxing-cpp 91.3 % overall; BENCHMARKS.md), so a regression fails CI. The ladder before them
-/// (79.9 % overall, qrcode-2 56.4 %) fails it.
+/// Set a few points under what the ladder reached with our own locator (`frame/finder.rs`),
+/// Shift_JIS texts and rxing as its first rung (qrcode-1 100, -2 94.3, -3 100, -4 83.3, -5 100,
+/// -6 100, all 94.4 %; zxing-cpp 91.3 % overall; BENCHMARKS.md), so a regression fails CI. The
+/// ladder before the locator (79.9 % overall, qrcode-2 56.4 %) fails it, and so does the one
+/// before rxing (qrcode-3 95.8 %, all 93.4 %).
 const FLOORS: &[(&str, u32)] = &[
     ("qrcode-1", 97),
     ("qrcode-2", 91),
-    ("qrcode-3", 93),
+    ("qrcode-3", 97),
     ("qrcode-4", 80),
     ("qrcode-5", 97),
     ("qrcode-6", 96),
-    ("all", 91),
+    ("all", 93),
 ];
 
 #[test]
@@ -59,6 +60,7 @@ fn photo_corpus_read_rate_and_no_wrong_text() {
         let p = &photos[*i];
         let read = match text {
             Some(t) if matches(t, &p.expected) => true,
+            Some(t) if is_other_code(&format!("{}/{}", p.category, p.name), t) => false,
             Some(t) => {
                 wrong.push(format!("{}/{} @{deg}: {t:?}", p.category, p.name));
                 false
