@@ -830,35 +830,77 @@ fn pick_text<G: rqrr::BitGrid>(grids: Vec<rqrr::Grid<G>>) -> Option<String> {
     first_other
 }
 
+/// At most this many of the finder patterns rxing's detector finds in a frame (the largest) are
+/// grouped into threes: its grouping looks at every triple, so a frame printed full of finder
+/// patterns (a hostile poster, a tiled test card) cost rxing's own reader 1 s at VGA and 6 s
+/// at 1000x750 before this cap. A real frame shows three a code.
+const RXING_MAX_PATTERNS: usize = 24;
+/// At most this many of its best-shaped triples are sampled and decoded a frame.
+const RXING_MAX_SETS: usize = 16;
+
 /// The second reader ([`LadderStep::Rxing`]): `rxing`'s port of zxing-cpp's QR detector and
-/// decoder on its own hybrid threshold, every code it finds, a KP1 one preferred.
+/// decoder on its own hybrid threshold, driven here rather than through its `QrReader` so that
+/// the work a frame can cause is bounded ([`RXING_MAX_PATTERNS`], [`RXING_MAX_SETS`]) and only
+/// full-size QR codes are looked for. Every code found is decoded; a KP1 one is preferred.
 fn scan_rxing(img: &GrayImage) -> Option<String> {
-    use rxing::multi::MultipleBarcodeReader;
+    rxing_read(img).0
+}
+
+/// What [`scan_rxing`] did with a frame: finder patterns found, grouped, triples decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RxingWork {
+    found: usize,
+    grouped: usize,
+    tried: usize,
+}
+
+fn rxing_read(img: &GrayImage) -> (Option<String>, RxingWork) {
+    use rxing::common::DetectorRXingResult;
+    use rxing::qrcode::cpp_port::{decoder, detector};
+    let mut work = RxingWork::default();
     if img.width() == 0 || img.height() == 0 {
-        return None;
+        return (None, work);
     }
-    guarded(|| {
+    let text = guarded(|| {
         let source =
             rxing::Luma8LuminanceSource::new(img.as_raw().clone(), img.width(), img.height())
                 .ok()?;
-        let mut bitmap = rxing::BinaryBitmap::new(rxing::common::HybridBinarizer::new(source));
-        let hints = rxing::DecodeHints {
-            TryHarder: Some(true),
-            ..Default::default()
-        };
-        let found = rxing::qrcode::cpp_port::QrReader
-            .decode_multiple_with_hints(&mut bitmap, &hints)
-            .ok()?;
-        let texts = found.iter().map(|r| r.getText());
+        let bitmap = rxing::BinaryBitmap::new(rxing::common::HybridBinarizer::new(source));
+        let matrix = bitmap.get_black_matrix();
+        let mut patterns = detector::FindFinderPatterns(matrix, true, 0);
+        work.found = patterns.len();
+        patterns.sort_by_key(|p| std::cmp::Reverse(p.size));
+        patterns.truncate(RXING_MAX_PATTERNS);
+        work.grouped = patterns.len();
+        let mut used = Vec::new();
         let mut first_other = None;
-        for text in texts {
-            if text.starts_with("KP1:") {
-                return Some(text.to_owned());
+        for set in detector::GenerateFinderPatternSets(&mut patterns)
+            .into_iter()
+            .take(RXING_MAX_SETS)
+        {
+            if [set.bl, set.tl, set.tr].iter().any(|p| used.contains(p)) {
+                continue;
             }
+            work.tried += 1;
+            let Ok(sampled) = detector::SampleQR(matrix, &set) else {
+                continue;
+            };
+            let Ok(decoded) = decoder::Decode(sampled.getBits()) else {
+                continue;
+            };
+            if !decoded.isValid() {
+                continue;
+            }
+            let text = decoded.text();
+            if text.starts_with("KP1:") {
+                return Some(text);
+            }
+            used.extend([set.bl, set.tl, set.tr]);
             first_other.get_or_insert(text);
         }
-        first_other.map(str::to_owned)
-    })
+        first_other
+    });
+    (text, work)
 }
 
 /// The text of a grid our locator sampled (`bits`: `dim x dim` modules, row-major, `true` =
@@ -1411,6 +1453,37 @@ mod tests {
         // UTF-8 stays UTF-8; bytes that are neither are read as ISO-8859-1.
         assert_eq!(payload_text("KP1:é".as_bytes().to_vec()), "KP1:é");
         assert_eq!(payload_text(vec![b'a', 0xFF, 0xA0]), "a\u{ff}\u{a0}");
+    }
+
+    /// A frame printed full of finder patterns (a hostile poster held up to the door) made
+    /// rxing's own reader group every triple of them: 1 s a VGA frame, 6 s at 1000x750. Our
+    /// driver groups at most the largest `RXING_MAX_PATTERNS` and decodes at most
+    /// `RXING_MAX_SETS` triples. (A code among such decoys may then go unread by this rung:
+    /// whoever holds up the poster could as well cover the camera.)
+    #[test]
+    fn a_frame_full_of_finder_patterns_costs_rxing_a_bounded_amount_of_work() {
+        let tiled = |w: u32, h: u32| {
+            GrayImage::from_fn(w, h, |x, y| {
+                let (tx, ty) = ((x % 27) / 3, (y % 27) / 3);
+                let ring = (tx as i32 - 3).abs().max((ty as i32 - 3).abs());
+                let dark = tx < 7 && ty < 7 && ring != 2;
+                image::Luma([if dark { 20 } else { 230 }])
+            })
+        };
+        let img = tiled(1000, 750);
+        let (text, work) = rxing_read(&img);
+        assert_eq!(text, None);
+        // The attack is real: far more patterns than the cap...
+        assert!(work.found > 10 * RXING_MAX_PATTERNS, "{work:?}");
+        // ...and the work stays bounded.
+        assert_eq!(work.grouped, RXING_MAX_PATTERNS);
+        assert!(work.tried <= RXING_MAX_SETS, "{work:?}");
+        // A frame with one code: its three patterns, all grouped, and it reads.
+        let mut img = GrayImage::from_pixel(640, 480, image::Luma([230]));
+        draw_code(&mut img, TOKEN, 5, 100, 60);
+        let (text, work) = rxing_read(&img);
+        assert_eq!(text.as_deref(), Some(TOKEN));
+        assert_eq!((work.found, work.grouped, work.tried), (3, 3, 1));
     }
 
     #[test]
