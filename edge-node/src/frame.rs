@@ -191,6 +191,8 @@ pub enum LadderStep {
     /// Enlarge a small frame 2x, then the block-local threshold and our locator (codes of 2-3
     /// pixels a module).
     FinderUpscale,
+    /// 3x3 median filter, then the second reader (`rxing`): noise and dust first.
+    MedianRxing,
     /// A second reader: `rxing`'s port of zxing-cpp's QR detector (finder-pattern sets on its
     /// own hybrid threshold, "try harder"), every code in the frame, a KP1 one preferred.
     Rxing,
@@ -228,41 +230,46 @@ impl LadderStep {
     // the locator it rescued no photo.
     //
     // Then a second reader (`rxing`, a pure-Rust port of zxing; measured beside zxing-cpp in the
-    // same bench): its zxing-cpp detector alone reads 655 of the 716 photo frames at 0.43 ms a
+    // same bench): its zxing-cpp detector alone reads 655 of the 716 photo frames at 0.44 ms a
     // frame (release), more than any other rung at the least cost, and its grid decoder now
     // decodes what our locator samples (rqrr's grid decoder cost 0.25-3.4 ms a grid, more than
-    // zxing-cpp's whole read). So it goes first, on the downscaled copy of an HD frame; the
-    // rungs after it are the ladder as it was, each now only for the frames rxing misses
-    // (greedy over every rung, `DECODE_PHOTOS_STEPS=1`: rxing, finder+upscale, median+otsu...
-    // on the photos; finder+otsu, rxing, half+hybrid, median, median+otsu on the damaged
-    // frames). rqrr keeps every rung it had: plain for blurred and noisy frames, and the
-    // median, Otsu and upscale rungs the damaged frames need.
-    pub const LADDER: [LadderStep; 10] = [
+    // zxing-cpp's whole read). So it goes first, on the downscaled copy of an HD frame. Our
+    // locator and its 2x rung follow (photos: +8 and +7 frames), then rxing on the median
+    // (damaged frames: +14, the noise and salt-and-pepper kinds, at a third of what the rqrr
+    // median rungs cost for them), then rqrr's rungs: plain, hybrid, median+otsu and median
+    // still rescue 10 photos the rungs above miss. Otsu and upscale+otsu left the ladder (0 and
+    // 1 rescues on both corpora after the rungs above). The ladder in order, with what each
+    // rung adds and the cost so far: `DECODE_PHOTOS_STEPS=1` ("the ladder in order").
+    pub const LADDER: [LadderStep; 9] = [
         LadderStep::Rxing,
-        LadderStep::Downscale,
         LadderStep::Finder,
-        LadderStep::Plain,
         LadderStep::FinderUpscale,
+        LadderStep::MedianRxing,
+        LadderStep::Downscale,
+        LadderStep::Plain,
         LadderStep::Hybrid,
         LadderStep::MedianOtsu,
-        LadderStep::Otsu,
-        LadderStep::UpscaleOtsu,
         LadderStep::Median,
     ];
 
     /// The kiosk's live pass ([`decode_live_luma`]): what every frame of the camera stream
     /// gets, the full [`LadderStep::LADDER`] coming once a second. A frame longer than 1000 px
-    /// on a side is downscaled first and both rungs work on the copy.
+    /// on a side is downscaled first and the rungs work on the copy.
     //
-    // Measured on the photo corpus (`cargo bench -p tests --bench decode_photos`, the live
+    // Measured on both corpora (`cargo bench -p tests --bench decode_photos`, the live
     // columns): rxing's detector reads the most at the least cost, our locator rescues part of
-    // what it misses (small and strongly tilted codes). rqrr's own scan left the live pass: at
-    // 5-9 ms a frame it cost more than both together and, after them, rescued only blurred and
-    // noisy frames, which the full ladder still gets once a second.
-    pub const LIVE: [LadderStep; 2] = [LadderStep::Rxing, LadderStep::Finder];
+    // what it misses (small and strongly tilted codes), rxing on the median filter the noisy
+    // frames of a dim entrance. rqrr's own scan left the live pass: at 5-9 ms a frame it cost
+    // more than the three together and, after them, rescued almost nothing; the full ladder
+    // (rqrr's rungs included) still comes once a second.
+    pub const LIVE: [LadderStep; 3] = [
+        LadderStep::Rxing,
+        LadderStep::Finder,
+        LadderStep::MedianRxing,
+    ];
 
     /// Every step, including those measured but left off the ladder (for `ladder_step_matrix`).
-    pub const ALL: [LadderStep; 18] = [
+    pub const ALL: [LadderStep; 19] = [
         LadderStep::Plain,
         LadderStep::Downscale,
         LadderStep::Median,
@@ -281,6 +288,7 @@ impl LadderStep {
         LadderStep::FinderAdaptive,
         LadderStep::FinderUpscale,
         LadderStep::Rxing,
+        LadderStep::MedianRxing,
     ];
 
     /// A short stable name for tables and logs.
@@ -304,6 +312,7 @@ impl LadderStep {
             LadderStep::FinderAdaptive => "finder+adaptive",
             LadderStep::FinderUpscale => "finder+upscale",
             LadderStep::Rxing => "rxing",
+            LadderStep::MedianRxing => "median+rxing",
         }
     }
 
@@ -548,6 +557,7 @@ impl<'a> Shared<'a> {
                 locate(up, &hybrid_binarize(up))
             }
             LadderStep::Rxing => scan_rxing(img),
+            LadderStep::MedianRxing => scan_rxing(self.median()),
         }
     }
 }

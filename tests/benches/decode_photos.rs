@@ -319,6 +319,29 @@ fn step_matrix(frames: &[Frame]) {
             cost / frames.len().max(1) as f64
         );
     }
+    // The current ladder in its order: what each rung adds, and the cost so far.
+    let mut read = vec![false; frames.len()];
+    let mut total_ms = 0.0;
+    println!(
+        "\n| the ladder in order | rescues | cumulative read | ms/frame so far |\n|---|---:|---:|---:|"
+    );
+    for &si in &ladder {
+        let mut n = 0;
+        for fi in 0..frames.len() {
+            if !read[fi] {
+                total_ms += ms[fi][si];
+                n += usize::from(ok[fi][si]);
+                read[fi] |= ok[fi][si];
+            }
+        }
+        let r = read.iter().filter(|r| **r).count();
+        println!(
+            "| {} | {n} | {r} ({:.1} %) | {:.2} |",
+            steps[si].name(),
+            100.0 * r as f64 / frames.len().max(1) as f64,
+            total_ms / frames.len().max(1) as f64
+        );
+    }
     // Greedy order.
     let mut read = vec![false; frames.len()];
     let mut left: Vec<usize> = (0..steps.len()).collect();
