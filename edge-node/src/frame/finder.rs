@@ -84,6 +84,36 @@ pub(super) fn decode(bitmap: &Bitmap<'_>) -> Option<String> {
     first_other
 }
 
+/// How many windows of five runs, dark-light-dark-light-dark, have the finder's 1:1:3:1:1
+/// ratio in a row given as run lengths (`runs`, the runs at `first_dark`, `first_dark + 2`, ...
+/// dark).
+pub(super) fn row_hits(runs: &[usize], first_dark: usize) -> usize {
+    let mut hits = 0;
+    let mut i = first_dark;
+    while i + 5 <= runs.len() {
+        let w = [runs[i], runs[i + 1], runs[i + 2], runs[i + 3], runs[i + 4]];
+        hits += usize::from(found_pattern_cross(&w));
+        i += 2;
+    }
+    hits
+}
+
+/// More confirmed finder-pattern candidates than this make a frame *crowded*: printed full of
+/// finder-like patterns. A camera frame of a code at a door shows three (a few more with
+/// other codes or texture beside it); on a crowded frame rqrr's capstone grouping ran for
+/// seconds (6 s for a 320x240 frame tiled with patterns). Confirmed (down the column as well
+/// as along the row), not raw row hits: sensor noise makes many of those.
+const CROWDED_CANDIDATES: usize = 96;
+
+/// Whether `bitmap` is crowded with finder-like patterns ([`CROWDED_CANDIDATES`]); the search
+/// itself stops once it has collected a few hundred, so this is bounded whatever the frame.
+pub(super) fn crowded(bitmap: &Bitmap<'_>) -> bool {
+    if bitmap.w < 21 || bitmap.h < 21 || bitmap.bits.len() != bitmap.w * bitmap.h {
+        return false;
+    }
+    all_candidates(bitmap).len() > CROWDED_CANDIDATES
+}
+
 fn found_pattern_cross(counts: &[usize; 5]) -> bool {
     let total: usize = counts.iter().sum();
     if total < 7 || counts.contains(&0) {
@@ -105,6 +135,19 @@ fn center_from_end(counts: &[usize; 5], end: usize) -> f64 {
 }
 
 fn find_candidates(bm: &Bitmap<'_>) -> Vec<Candidate> {
+    let mut found = all_candidates(bm);
+    found.sort_by_key(|c| std::cmp::Reverse(c.count));
+    let confirmed = found.iter().filter(|c| c.count >= 2).count();
+    if confirmed >= 3 {
+        found.retain(|c| c.count >= 2);
+    }
+    found.truncate(MAX_CANDIDATES);
+    found
+}
+
+/// Every candidate on the scan rows, merged, in the order found; the scan stops once it holds
+/// more than `4 * MAX_CANDIDATES * 8` (a pathological texture).
+fn all_candidates(bm: &Bitmap<'_>) -> Vec<Candidate> {
     let mut found: Vec<Candidate> = Vec::new();
     // Every row of a camera-sized image; every other row of a larger one.
     let skip = if bm.h > 600 { 2 } else { 1 };
@@ -145,12 +188,6 @@ fn find_candidates(bm: &Bitmap<'_>) -> Vec<Candidate> {
             break;
         }
     }
-    found.sort_by_key(|c| std::cmp::Reverse(c.count));
-    let confirmed = found.iter().filter(|c| c.count >= 2).count();
-    if confirmed >= 3 {
-        found.retain(|c| c.count >= 2);
-    }
-    found.truncate(MAX_CANDIDATES);
     found
 }
 
