@@ -16,6 +16,8 @@
 //! (`DECODE_PHOTOS_STEPS=finder,otsu` only those rungs). `DECODE_PHOTOS_ONLY=qrcode-3` limits the photo corpus to one category;
 //! `DECODE_PHOTOS_NO_ZXING=1` skips zxing-cpp; `PYTHON` picks the interpreter.
 //! `DECODE_PHOTOS_STAGES=1` prints instead what each stage the rungs are made of costs a frame.
+//! The full run ends with hostile frames (tiled finder patterns, a 1-pixel-wide frame): the
+//! live pass's and the full ladder's time on each.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -421,6 +423,91 @@ fn stages(title: &str, frames: &[Frame]) {
     }
 }
 
+/// A frame tiled with finder patterns (modules of `m` pixels, patterns `gap` modules apart).
+fn finder_tiles(w: u32, h: u32, m: u32, gap: u32) -> GrayImage {
+    let pitch = 7 + gap;
+    GrayImage::from_fn(w, h, |x, y| {
+        let (tx, ty) = ((x / m) % pitch, (y / m) % pitch);
+        let ring = (tx as i32 - 3).abs().max((ty as i32 - 3).abs());
+        let dark = tx < 7 && ty < 7 && ring != 2;
+        image::Luma([if dark { 20 } else { 230 }])
+    })
+}
+
+/// Finder patterns sharing their dark outer walls (a period of six modules of `m` pixels).
+fn finder_lattice(w: u32, h: u32, m: u32) -> GrayImage {
+    let ring = |v: u32| match v {
+        0 => 0,
+        1 | 5 => 1,
+        _ => 2,
+    };
+    GrayImage::from_fn(w, h, |x, y| {
+        let (ra, rb) = (ring((x / m) % 6), ring((y / m) % 6));
+        let dark = ra == 0 || rb == 0 || (ra == 2 && rb == 2);
+        image::Luma([if dark { 20 } else { 230 }])
+    })
+}
+
+/// Hostile frames (the review of issue 16's second reader): frames printed full of finder
+/// patterns, which made rxing's detector and rqrr's grouping run for seconds, and frames
+/// thinner than the downscale factor. Prints the live pass and the full ladder per frame; the
+/// kiosk's budget for a verdict is 100 ms.
+fn hostile() {
+    let frames: Vec<(String, GrayImage)> = vec![
+        (
+            "tiles, 1-px modules, 320x240".into(),
+            finder_tiles(320, 240, 1, 1),
+        ),
+        (
+            "tiles, 1-px modules, 640x480".into(),
+            finder_tiles(640, 480, 1, 1),
+        ),
+        (
+            "tiles, 1-px modules, 1000x1000".into(),
+            finder_tiles(1000, 1000, 1, 1),
+        ),
+        (
+            "tiles, 2-px modules, 2048x1536".into(),
+            finder_tiles(2048, 1536, 2, 2),
+        ),
+        (
+            "lattice, 1-px modules, 640x480".into(),
+            finder_lattice(640, 480, 1),
+        ),
+        (
+            "lattice, 1-px modules, 1000x1000".into(),
+            finder_lattice(1000, 1000, 1),
+        ),
+        (
+            "lattice, 2-px modules, 2048x2048".into(),
+            finder_lattice(2048, 2048, 2),
+        ),
+        (
+            "1 x 2048".into(),
+            GrayImage::from_pixel(1, 2048, image::Luma([128])),
+        ),
+    ];
+    println!(
+        "\n### Hostile frames\n\n| frame | live pass ms | full ladder ms | read |\n|---|---:|---:|---|"
+    );
+    for (name, img) in frames {
+        let start = Instant::now();
+        let live = decode_live_luma(&img).text;
+        let live_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let start = Instant::now();
+        let full = decode_luma(&img);
+        let full_ms = start.elapsed().as_secs_f64() * 1000.0;
+        println!(
+            "| {name} | {live_ms:.1} | {full_ms:.1} | {} |",
+            if live.is_some() || full.is_some() {
+                "a code (!)"
+            } else {
+                "nothing"
+            }
+        );
+    }
+}
+
 fn main() {
     let only = std::env::var("DECODE_PHOTOS_ONLY").ok();
     let with_zxing = std::env::var_os("DECODE_PHOTOS_NO_ZXING").is_none();
@@ -454,6 +541,9 @@ fn main() {
             with_zxing,
             verbose,
         );
+    }
+    if only.is_none() {
+        hostile();
     }
     assert!(clean, "the project's decoder returned a wrong text");
 }
