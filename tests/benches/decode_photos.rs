@@ -277,6 +277,33 @@ fn report(title: &str, frames: &[Frame], with_zxing: bool, verbose: bool) -> boo
     total.0.wrong == 0 && total.1.wrong == 0
 }
 
+/// Rung `si` on the frames not yet `read` (from the measured matrix: `ok[frame][rung]`,
+/// `ms[frame][rung]`), and its row of a ladder table: its rescues, the cumulative read, the mean
+/// ms a frame so far.
+fn add_rung(
+    name: &str,
+    si: usize,
+    (ok, ms): (&[Vec<bool>], &[Vec<f64>]),
+    read: &mut [bool],
+    total_ms: &mut f64,
+) {
+    let mut n = 0;
+    for (fi, done) in read.iter_mut().enumerate() {
+        if !*done {
+            *total_ms += ms[fi][si];
+            n += usize::from(ok[fi][si]);
+            *done = ok[fi][si];
+        }
+    }
+    let r = read.iter().filter(|r| **r).count();
+    let frames = read.len().max(1) as f64;
+    println!(
+        "| {name} | {n} | {r} ({:.1} %) | {:.2} |",
+        100.0 * r as f64 / frames,
+        *total_ms / frames
+    );
+}
+
 /// Every rung alone on every frame (`DECODE_PHOTOS_STEPS=1`): how many frames each reads, how
 /// many of the current ladder's misses it would rescue, and its cost; then a greedy ladder over
 /// the measured rungs (next the rung that reads the most still-unread frames per millisecond it
@@ -328,21 +355,7 @@ fn step_matrix(frames: &[Frame]) {
         "\n| the ladder in order | rescues | cumulative read | ms/frame so far |\n|---|---:|---:|---:|"
     );
     for &si in &ladder {
-        let mut n = 0;
-        for fi in 0..frames.len() {
-            if !read[fi] {
-                total_ms += ms[fi][si];
-                n += usize::from(ok[fi][si]);
-                read[fi] |= ok[fi][si];
-            }
-        }
-        let r = read.iter().filter(|r| **r).count();
-        println!(
-            "| {} | {n} | {r} ({:.1} %) | {:.2} |",
-            steps[si].name(),
-            100.0 * r as f64 / frames.len().max(1) as f64,
-            total_ms / frames.len().max(1) as f64
-        );
+        add_rung(steps[si].name(), si, (&ok, &ms), &mut read, &mut total_ms);
     }
     // Greedy order.
     let mut read = vec![false; frames.len()];
@@ -369,24 +382,11 @@ fn step_matrix(frames: &[Frame]) {
         else {
             break;
         };
-        let (n, _) = gain(si);
-        if n == 0 {
+        if gain(si).0 == 0 {
             break;
         }
-        for fi in 0..frames.len() {
-            if !read[fi] {
-                total_ms += ms[fi][si];
-                read[fi] |= ok[fi][si];
-            }
-        }
+        add_rung(steps[si].name(), si, (&ok, &ms), &mut read, &mut total_ms);
         left.remove(pos);
-        let r = read.iter().filter(|r| **r).count();
-        println!(
-            "| {} | {n} | {r} ({:.1} %) | {:.2} |",
-            steps[si].name(),
-            100.0 * r as f64 / frames.len().max(1) as f64,
-            total_ms / frames.len().max(1) as f64
-        );
     }
     let mut per: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
     for (f, r) in frames.iter().zip(&read) {
