@@ -265,6 +265,29 @@ fn the_simulation_shows_the_binaries_deliveries_and_wire_bytes() -> Result<()> {
         "simulation frame bytes of five runs: {:?}",
         runs.iter().map(Figures::frame_bytes).collect::<Vec<_>>()
     );
+    // Each run's totals (device -> hub, hub -> device, relays): the real run varies as much
+    // (its own keys, its own bloom filters), so it is compared with every simulation run, and
+    // must come within the tolerance of at least one.
+    let totals: Vec<[u64; 3]> = runs
+        .iter()
+        .map(|run| {
+            let hub = run
+                .sessions
+                .iter()
+                .filter(|s| matches!(s.what, Step::SyncHub { .. }));
+            [
+                hub.clone().map(|s| s.bytes_up).sum(),
+                hub.map(|s| s.bytes_down).sum(),
+                run.sessions
+                    .iter()
+                    .filter(|s| matches!(s.what, Step::Relay { .. }))
+                    .map(|s| s.bytes())
+                    .sum(),
+            ]
+        })
+        .collect();
+    let near_a_run = |i: usize, real: u64| totals.iter().any(|t| close(t[i], real));
+    let spread = |i: usize| totals.iter().map(|t| t[i]).collect::<Vec<_>>();
     let sim: Figures = runs.swap_remove(2);
     let real = run_real(&plan)?;
 
@@ -306,7 +329,11 @@ fn the_simulation_shows_the_binaries_deliveries_and_wire_bytes() -> Result<()> {
     let real_socket: u64 = real.sessions.iter().map(|r| r.socket_bytes).sum();
     println!(
         "totals: devices -> hub sim {sim_up} real {real_up}; hub -> devices sim {sim_down} \
-         real {real_down}; relays sim {sim_relay} real {real_relay}"
+         real {real_down}; relays sim {sim_relay} real {real_relay}; the five runs: up {:?}, \
+         down {:?}, relays {:?}",
+        spread(0),
+        spread(1),
+        spread(2)
     );
     println!(
         "QUIC: the binaries' sockets moved {real_socket} B in {} sessions; the simulation \
@@ -328,16 +355,19 @@ fn the_simulation_shows_the_binaries_deliveries_and_wire_bytes() -> Result<()> {
     assert_eq!((sim.duplicates, real.duplicates), (0, 0), "duplicates");
     assert_eq!(real.sessions.len(), sim.sessions.len(), "sessions");
     assert!(
-        close(sim_up, real_up),
-        "device -> hub frame bytes: sim {sim_up}, real {real_up}"
+        near_a_run(0, real_up),
+        "device -> hub frame bytes: sim {sim_up} (runs {:?}), real {real_up}",
+        spread(0)
     );
     assert!(
-        close(sim_down, real_down),
-        "hub -> device frame bytes: sim {sim_down}, real {real_down}"
+        near_a_run(1, real_down),
+        "hub -> device frame bytes: sim {sim_down} (runs {:?}), real {real_down}",
+        spread(1)
     );
     assert!(
-        close(sim_relay, real_relay),
-        "relay frame bytes: sim {sim_relay}, real {real_relay}"
+        near_a_run(2, real_relay),
+        "relay frame bytes: sim {sim_relay} (runs {:?}), real {real_relay}",
+        spread(2)
     );
     Ok(())
 }
