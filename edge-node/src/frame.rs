@@ -918,9 +918,9 @@ fn rxing_read(img: &GrayImage) -> (Option<String>, RxingWork) {
         return (None, work);
     }
     let text = guarded(|| {
+        // Borrowed, not copied: the frame outlives the read.
         let source =
-            rxing::Luma8LuminanceSource::new(img.as_raw().clone(), img.width(), img.height())
-                .ok()?;
+            rxing::Luma8Source::new_with_slice(img.as_raw(), img.width(), img.height()).ok()?;
         let bitmap = rxing::BinaryBitmap::new(rxing::common::HybridBinarizer::new(source));
         let matrix = bitmap.get_black_matrix();
         if rxing_crowded(matrix) {
