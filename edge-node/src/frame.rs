@@ -9,7 +9,9 @@
 //! `tests/tests/decode_corpus.rs`): cheap and often-successful steps first.
 //!
 //! Everything here treats the frame as hostile outside data: no panics on any input, no
-//! allocation sized by an unchecked header, clear errors that say what to do.
+//! allocation sized by an unchecked header, clear errors that say what to do, and no frame that
+//! makes a reader work for seconds (a frame printed full of finder patterns is given neither to
+//! rxing's detector nor to rqrr's rungs: see `rxing_crowded` and `finder::crowded`).
 
 use std::fs::File;
 use std::io::{Cursor, Read};
