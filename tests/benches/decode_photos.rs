@@ -434,6 +434,19 @@ fn finder_tiles(w: u32, h: u32, m: u32, gap: u32) -> GrayImage {
     })
 }
 
+/// `cols x rows` finder patterns of 3-pixel modules (a pitch of 27 px) in the top-left corner
+/// of a blank VGA frame.
+fn corner_tiles(cols: u32, rows: u32) -> GrayImage {
+    let tiles = finder_tiles(640, 480, 3, 2);
+    GrayImage::from_fn(640, 480, |x, y| {
+        if x < cols * 27 && y < rows * 27 {
+            *tiles.get_pixel(x, y)
+        } else {
+            image::Luma([230])
+        }
+    })
+}
+
 /// Finder patterns sharing their dark outer walls (a period of six modules of `m` pixels).
 fn finder_lattice(w: u32, h: u32, m: u32) -> GrayImage {
     let ring = |v: u32| match v {
@@ -481,6 +494,14 @@ fn hostile() {
         (
             "lattice, 2-px modules, 2048x2048".into(),
             finder_lattice(2048, 2048, 2),
+        ),
+        (
+            "90 patterns, 3-px modules, in a 640x480 frame".into(),
+            corner_tiles(10, 9),
+        ),
+        (
+            "16 patterns, 3-px modules, in a 640x480 frame".into(),
+            corner_tiles(4, 4),
         ),
         (
             "1 x 2048".into(),
@@ -542,7 +563,7 @@ fn main() {
             verbose,
         );
     }
-    if only.is_none() {
+    if only.is_none() || std::env::var_os("DECODE_PHOTOS_HOSTILE").is_some() {
         hostile();
     }
     assert!(clean, "the project's decoder returned a wrong text");
