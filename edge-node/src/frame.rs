@@ -1596,6 +1596,15 @@ mod tests {
             .count();
         assert_eq!(stats.attempts as usize, others, "rqrr's rungs were skipped");
         assert_eq!(decode_step(&tile, LadderStep::Plain), None);
+        // 90 patterns of 3-pixel modules in one corner of a VGA frame cost rqrr's rungs 0.47 s
+        // under the first limit (96 candidates): crowded now.
+        let corner = GrayImage::from_fn(640, 480, |x, y| {
+            let (tx, ty) = ((x % 27) / 3, (y % 27) / 3);
+            let ring = (tx as i32 - 3).abs().max((ty as i32 - 3).abs());
+            let dark = x < 270 && y < 243 && tx < 7 && ty < 7 && ring != 2;
+            image::Luma([if dark { 20 } else { 230 }])
+        });
+        assert!(Shared::new(&corner).crowded());
         // A real frame is not crowded: every rung may run on it.
         let mut img = GrayImage::from_pixel(640, 480, image::Luma([230]));
         draw_code(&mut img, TOKEN, 5, 100, 60);
