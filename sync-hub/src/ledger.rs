@@ -501,18 +501,19 @@ impl DayIndex {
     }
 
     fn token_row_mac(&self, tag: &[u8; 16], locator: &[u8; 8]) -> [u8; 8] {
-        let mut h = blake3::Hasher::new_keyed(&self.row_mac_key);
-        h.update(&self.day.0.to_be_bytes());
-        h.update(tag);
-        h.update(locator);
-        first::<8>(h.finalize().as_bytes())
+        self.token_row_hash(&self.row_mac_key, tag, locator)
     }
 
     fn token_row_pad(&self, tag: &[u8; 16], row: &[u8; 8]) -> [u8; 8] {
-        let mut h = blake3::Hasher::new_keyed(&self.row_pad_key);
+        self.token_row_hash(&self.row_pad_key, tag, row)
+    }
+
+    /// `keyed_hash(key, day (u32 BE) || tag || last)[..8]`: a token row's tag and its pad.
+    fn token_row_hash(&self, key: &[u8; 32], tag: &[u8; 16], last: &[u8; 8]) -> [u8; 8] {
+        let mut h = blake3::Hasher::new_keyed(key);
         h.update(&self.day.0.to_be_bytes());
         h.update(tag);
-        h.update(row);
+        h.update(last);
         first::<8>(h.finalize().as_bytes())
     }
 

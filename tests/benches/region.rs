@@ -86,27 +86,22 @@ fn peak_rss() -> u64 {
 /// ahead of use, and the part never written takes no disk).
 fn folder_disk_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => total += folder_disk_bytes(&e.path()),
-                Ok(m) => total += m.blocks() * 512,
-                Err(_) => {}
-            }
-        }
-    }
-    total
+    folder_total(dir, &|m| m.blocks() * 512)
 }
 
 /// The apparent size of the folder's files (redb's file length, grown ahead of use).
 fn folder_bytes(dir: &Path) -> u64 {
+    folder_total(dir, &|m| m.len())
+}
+
+/// `size` summed over the files under `dir`, sub-folders included.
+fn folder_total(dir: &Path, size: &dyn Fn(&std::fs::Metadata) -> u64) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             match e.metadata() {
-                Ok(m) if m.is_dir() => total += folder_bytes(&e.path()),
-                Ok(m) => total += m.len(),
+                Ok(m) if m.is_dir() => total += folder_total(&e.path(), size),
+                Ok(m) => total += size(&m),
                 Err(_) => {}
             }
         }
