@@ -11,7 +11,7 @@
 //! Everything here treats the frame as hostile outside data: no panics on any input, no
 //! allocation sized by an unchecked header, clear errors that say what to do, and no frame that
 //! makes a reader work for seconds (a frame printed full of finder patterns is given neither to
-//! rxing's detector nor to rqrr's rungs: see `rxing_crowded` and `finder::crowded`).
+//! rxing's detector nor to rqrr's rungs: see `RXING_MAX_ROW_HITS` and `finder::crowded`).
 
 use std::fs::File;
 use std::io::{Cursor, Read};
@@ -476,6 +476,14 @@ pub fn stage_times(img: &GrayImage) -> Vec<(&'static str, std::time::Duration)> 
     time("locator on it", &mut || {
         let _ = locate(img, &hybrid);
     });
+    time("rxing's own threshold", &mut || {
+        if let Ok(source) =
+            rxing::Luma8Source::new_with_slice(img.as_raw(), img.width(), img.height())
+        {
+            let bitmap = rxing::BinaryBitmap::new(rxing::common::HybridBinarizer::new(source));
+            let _ = bitmap.get_black_matrix();
+        }
+    });
     time(
         "rxing (zxing-cpp's detector, its own threshold)",
         &mut || {
@@ -513,6 +521,7 @@ pub fn stage_times(img: &GrayImage) -> Vec<(&'static str, std::time::Duration)> 
 /// filter (three rungs) and the 2x enlargement (two rungs, the locator's with its own threshold).
 struct Shared<'a> {
     img: &'a GrayImage,
+    cut: Option<Packed>,
     hybrid: Option<Vec<bool>>,
     median: Option<GrayImage>,
     up: Option<GrayImage>,
@@ -523,6 +532,7 @@ impl<'a> Shared<'a> {
     fn new(img: &'a GrayImage) -> Self {
         Shared {
             img,
+            cut: None,
             hybrid: None,
             median: None,
             up: None,
@@ -546,9 +556,16 @@ impl<'a> Shared<'a> {
         crowded
     }
 
-    fn hybrid(&mut self) -> &[bool] {
+    fn cut(&mut self) -> &Packed {
         let img = self.img;
-        self.hybrid.get_or_insert_with(|| hybrid_binarize(img))
+        self.cut.get_or_insert_with(|| hybrid_cut(img))
+    }
+
+    fn hybrid(&mut self) -> &[bool] {
+        if self.hybrid.is_none() {
+            self.hybrid = Some(self.cut().to_bools());
+        }
+        self.hybrid.as_deref().unwrap_or_default()
     }
 
     fn median(&mut self) -> &GrayImage {
@@ -598,7 +615,7 @@ impl<'a> Shared<'a> {
                 let up = self.up();
                 locate(up, &hybrid_binarize(up))
             }
-            LadderStep::Rxing => scan_rxing(img),
+            LadderStep::Rxing => rxing_read(self.cut()).0,
             LadderStep::MedianRxing => scan_rxing(self.median()),
         }
     }
@@ -889,46 +906,56 @@ fn pick_text<G: rqrr::BitGrid>(grids: Vec<rqrr::Grid<G>>) -> Option<String> {
 const RXING_MAX_PATTERNS: usize = 24;
 /// At most this many of its best-shaped triples are sampled and decoded a frame.
 const RXING_MAX_SETS: usize = 16;
-/// More 1:1:3:1:1 row hits than this (on the rows rxing's detector scans, every third) and the
-/// frame is not given to that detector: it deduplicates every hit against every pattern found
-/// so far, 63 ms for the 4,800 patterns of a VGA frame tiled with them, 467 ms at 1000x1000
-/// (before the cap, which comes after that search). Raw hits, so a few hundred of them are
-/// sensor noise; 1,500 of them cost the detector a few milliseconds.
+/// More finder-like row hits than this (1:1:3:1:1 windows that pass zxing's plausibility test,
+/// on the rows rxing's detector scans, every third) and the frame is given up as crowded: the
+/// detector deduplicates every hit against every pattern found so far (quadratic: 63 ms for
+/// the 4,800 patterns of a VGA frame tiled with them, 467 ms at 1000x1000, before this limit).
+/// A real frame holds a few dozen (three patterns a code, each hit on several rows, plus
+/// texture); 1,500 of them cost the search a few milliseconds.
 const RXING_MAX_ROW_HITS: usize = 1500;
 
 /// The second reader ([`LadderStep::Rxing`]): `rxing`'s port of zxing-cpp's QR detector and
-/// decoder on its own hybrid threshold, driven here rather than through its `QrReader` so that
-/// the work a frame can cause is bounded ([`RXING_MAX_PATTERNS`], [`RXING_MAX_SETS`]) and only
-/// full-size QR codes are looked for. Every code found is decoded; a KP1 one is preferred.
+/// decoder, driven here rather than through its `QrReader`, on our block-local threshold
+/// ([`hybrid_binarize`], the same cut as zxing's hybrid binariser, computed once a frame and
+/// shared with our locator) so that the work a frame can cause is bounded
+/// ([`RXING_MAX_ROW_HITS`], [`RXING_MAX_PATTERNS`], [`RXING_MAX_SETS`]) and only full-size QR
+/// codes are looked for. Every code found is decoded; a KP1 one is preferred.
 fn scan_rxing(img: &GrayImage) -> Option<String> {
-    rxing_read(img).0
+    rxing_read(&hybrid_cut(img)).0
 }
 
-/// What [`scan_rxing`] did with a frame: finder patterns found, grouped, triples decoded.
+/// What [`rxing_read`] did with a frame: finder-like row hits, patterns found, grouped,
+/// triples decoded, and whether it gave up on a crowded frame.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct RxingWork {
+    /// Runs on the scanned rows, and how many of them were one pixel long (speckle).
+    runs: usize,
+    speckle: usize,
+    hits: usize,
     found: usize,
     grouped: usize,
     tried: usize,
+    crowded: bool,
 }
 
-fn rxing_read(img: &GrayImage) -> (Option<String>, RxingWork) {
+#[doc(hidden)]
+pub fn debug_rxing_work(img: &GrayImage) -> (usize, usize, usize, usize) {
+    let (_, w) = rxing_read(&hybrid_cut(img));
+    (w.runs, w.speckle, w.hits, w.found)
+}
+
+/// [`scan_rxing`] on a frame already cut.
+fn rxing_read(packed: &Packed) -> (Option<String>, RxingWork) {
     use rxing::common::DetectorRXingResult;
     use rxing::qrcode::cpp_port::{decoder, detector};
     let mut work = RxingWork::default();
-    if img.width() == 0 || img.height() == 0 {
+    // Run lengths are rxing's 16-bit counts; the ladder hands it at most 1000 px a side.
+    if packed.w == 0 || packed.height() == 0 || packed.w > usize::from(u16::MAX) {
         return (None, work);
     }
     let text = guarded(|| {
-        // Borrowed, not copied: the frame outlives the read.
-        let source =
-            rxing::Luma8Source::new_with_slice(img.as_raw(), img.width(), img.height()).ok()?;
-        let bitmap = rxing::BinaryBitmap::new(rxing::common::HybridBinarizer::new(source));
-        let matrix = bitmap.get_black_matrix();
-        if rxing_crowded(matrix) {
-            return None;
-        }
-        let mut patterns = detector::FindFinderPatterns(matrix, true, 0);
+        let matrix = packed.bit_matrix()?;
+        let mut patterns = finder_patterns(&matrix, packed, &mut work)?;
         work.found = patterns.len();
         patterns.sort_by_key(|p| std::cmp::Reverse(p.size));
         patterns.truncate(RXING_MAX_PATTERNS);
@@ -943,7 +970,7 @@ fn rxing_read(img: &GrayImage) -> (Option<String>, RxingWork) {
                 continue;
             }
             work.tried += 1;
-            let Ok(sampled) = detector::SampleQR(matrix, &set) else {
+            let Ok(sampled) = detector::SampleQR(&matrix, &set) else {
                 continue;
             };
             let Ok(decoded) = decoder::Decode(sampled.getBits()) else {
@@ -964,23 +991,206 @@ fn rxing_read(img: &GrayImage) -> (Option<String>, RxingWork) {
     (text, work)
 }
 
-/// Whether rxing's threshold of a frame holds more than [`RXING_MAX_ROW_HITS`] finder-like row
-/// hits on the rows its detector would scan (every third), as run lengths (white first),
-/// stopping at the limit: linear in the pixels, whatever the frame.
-fn rxing_crowded(matrix: &rxing::common::BitMatrix) -> bool {
-    let mut row = rxing::common::cpp_essentials::PatternRow::default();
-    let mut runs = Vec::new();
-    let mut hits = 0;
-    for y in (2..matrix.height()).step_by(3) {
-        rxing::common::cpp_essentials::GetPatternRowTP(matrix, y, &mut row, false);
-        runs.clear();
-        runs.extend((0..row.len()).map(|i| usize::from(row[i])));
-        hits += finder::row_hits(&runs, 1);
-        if hits > RXING_MAX_ROW_HITS {
-            return true;
+/// A cut frame packed a machine word of pixels at a time (bit `x % BITS` of word
+/// `y * stride + x / BITS`, set = dark), rxing's own layout: the bit matrix is made from it a
+/// row at a time, and a row's run lengths come from its transitions, a word at a time.
+struct Packed {
+    words: Vec<usize>,
+    stride: usize,
+    w: usize,
+}
+
+impl Packed {
+    const BITS: usize = usize::BITS as usize;
+
+    /// An all-light frame of `w` x `h` pixels.
+    fn with_size(w: usize, h: usize) -> Packed {
+        let stride = w.div_ceil(Self::BITS);
+        Packed {
+            words: vec![0; stride * h],
+            stride,
+            w,
         }
     }
-    false
+
+    /// Row `y`: pixel `x` dark where `line[x] <= cut[x]` (both `w` long). Sixty-four pixels
+    /// compared at once into 0/1 bytes (vector code), then each eight gathered into a byte by
+    /// one multiplication: each byte's bit lands at a distinct place of the product's top byte,
+    /// without carries.
+    fn set_row_at_or_below(&mut self, y: usize, line: &[u8], cut: &[u8]) {
+        const BITS: usize = Packed::BITS;
+        let words = &mut self.words[y * self.stride..(y + 1) * self.stride];
+        let (pixels, cuts) = (line.chunks_exact(BITS), cut.chunks_exact(BITS));
+        let (last_pixels, last_cuts) = (pixels.remainder(), cuts.remainder());
+        let gather = |dark: &[u8; BITS]| {
+            let mut bits = 0usize;
+            for (i, eight) in dark.chunks_exact(8).enumerate() {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(eight);
+                let byte = u64::from_le_bytes(bytes).wrapping_mul(0x0102_0408_1020_4080) >> 56;
+                bits |= (byte as usize) << (8 * i);
+            }
+            bits
+        };
+        let mut dark = [0u8; BITS];
+        for (word, (pixels, cuts)) in words.iter_mut().zip(pixels.zip(cuts)) {
+            for ((d, &v), &c) in dark.iter_mut().zip(pixels).zip(cuts) {
+                *d = u8::from(v <= c);
+            }
+            *word = gather(&dark);
+        }
+        if !last_pixels.is_empty() {
+            dark.fill(0);
+            for ((d, &v), &c) in dark.iter_mut().zip(last_pixels).zip(last_cuts) {
+                *d = u8::from(v <= c);
+            }
+            if let Some(word) = words.last_mut() {
+                *word = gather(&dark);
+            }
+        }
+    }
+
+    /// One `bool` a pixel, row-major, `true` = dark (what our locator and rqrr's rungs read).
+    fn to_bools(&self) -> Vec<bool> {
+        let mut out = Vec::with_capacity(self.w * self.height());
+        for words in self.words.chunks_exact(self.stride.max(1)) {
+            for x in 0..self.w {
+                out.push((words[x / Self::BITS] >> (x % Self::BITS)) & 1 == 1);
+            }
+        }
+        out
+    }
+
+    /// `black` (`w` entries a row, `true` = dark) packed.
+    #[cfg(test)]
+    fn from_bools(black: &[bool], w: usize) -> Packed {
+        let mut packed = Packed::with_size(w, black.len() / w);
+        for (y, line) in black.chunks_exact(w).enumerate() {
+            let line: Vec<u8> = line.iter().map(|&d| u8::from(!d)).collect();
+            packed.set_row_at_or_below(y, &line, &vec![0; w]);
+        }
+        packed
+    }
+
+    fn height(&self) -> usize {
+        self.words.len().checked_div(self.stride).unwrap_or(0)
+    }
+
+    fn bit_matrix(&self) -> Option<rxing::common::BitMatrix> {
+        let mut matrix = rxing::common::BitMatrix::new(
+            u32::try_from(self.w).ok()?,
+            u32::try_from(self.height()).ok()?,
+        )
+        .ok()?;
+        let mut row = rxing::common::BitArray::with_size(self.w);
+        for (y, words) in self.words.chunks_exact(self.stride.max(1)).enumerate() {
+            for (i, &word) in words.iter().enumerate() {
+                row.setBulk(i * Self::BITS, word);
+            }
+            matrix.setRow(u32::try_from(y).ok()?, &row);
+        }
+        Some(matrix)
+    }
+
+    /// Row `y`'s run lengths, light run first (0 when the row starts dark) and a closing 0
+    /// after a dark last run, as rxing's `PatternRow` holds them. The caller keeps rows at most
+    /// `u16::MAX` long.
+    fn runs_white_first(&self, y: usize, runs: &mut Vec<u16>) {
+        runs.clear();
+        let words = &self.words[y * self.stride..(y + 1) * self.stride];
+        let mut last = 0usize;
+        let mut carry = 0usize;
+        for (i, &word) in words.iter().enumerate() {
+            // Bit x set where pixel x differs from pixel x - 1 (the row starts light).
+            let mut changes = word ^ ((word << 1) | carry);
+            carry = word >> (Self::BITS - 1);
+            let left = self.w - i * Self::BITS;
+            if left < Self::BITS {
+                changes &= (1usize << left) - 1;
+            }
+            while changes != 0 {
+                let x = i * Self::BITS + changes.trailing_zeros() as usize;
+                runs.push((x - last) as u16);
+                last = x;
+                changes &= changes - 1;
+            }
+        }
+        runs.push((self.w - last) as u16);
+        let last_dark = (words[(self.w - 1) / Self::BITS] >> ((self.w - 1) % Self::BITS)) & 1 == 1;
+        if last_dark {
+            runs.push(0);
+        }
+    }
+}
+
+/// The finder patterns of a cut frame as zxing-cpp's detector finds them (every third row
+/// scanned for plausible 1:1:3:1:1 windows, each confirmed as concentric squares around its
+/// centre unless it lies inside one already found), with the run lengths taken from the
+/// packed rows' transitions rather than bit by bit from the matrix. `None` when the frame is crowded
+/// ([`RXING_MAX_ROW_HITS`]).
+fn finder_patterns(
+    matrix: &rxing::common::BitMatrix,
+    packed: &Packed,
+    work: &mut RxingWork,
+) -> Option<Vec<rxing::common::cpp_essentials::ConcentricPattern>> {
+    use rxing::common::cpp_essentials::{
+        FindLeftGuardBy, FixedPattern, IsPattern, LocateConcentricPattern, PatternRow, PatternType,
+        PatternView,
+    };
+    const FINDER: FixedPattern<5, 7, false> = FixedPattern::new([1, 1, 3, 1, 1]);
+    // zxing's quick test before the ratio test: a wide centre, narrow sides.
+    let plausible = |view: &PatternView, space: Option<f32>| {
+        view[2_usize] >= 3
+            && view[2_usize] >= 2 * view[0_usize].max(view[4_usize])
+            && view[2_usize] >= view[1_usize].max(view[3_usize])
+            && IsPattern::<true, 5, 7, false>(view, &FINDER, space, 0.1, 0.0, 0.0) != 0.0
+    };
+    let mut found: Vec<rxing::common::cpp_essentials::ConcentricPattern> = Vec::new();
+    let mut runs = Vec::new();
+    for y in (2..packed.height()).step_by(3) {
+        packed.runs_white_first(y, &mut runs);
+        work.runs += runs.len();
+        work.speckle += runs.iter().filter(|&&r| r == 1).count();
+        let row = PatternRow::new(runs.clone());
+        let mut next = PatternView::new(&row);
+        while let Ok(hit) = FindLeftGuardBy::<5, _>(next, 5, plausible) {
+            next = hit;
+            if !next.isValid() {
+                break;
+            }
+            work.hits += 1;
+            if work.hits > RXING_MAX_ROW_HITS {
+                work.crowded = true;
+                return None;
+            }
+            let centre = rxing::point(
+                f32::from(next.pixelsInFront())
+                    + f32::from(next[0_usize])
+                    + f32::from(next[1_usize])
+                    + f32::from(next[2_usize]) / 2.0,
+                y as f32 + 0.5,
+            );
+            let inside_one = found
+                .iter()
+                .any(|old| rxing::Point::distance(centre, old.p) < old.size as f32 / 2.0);
+            if !inside_one {
+                let width: PatternType = (0..5_usize).map(|i| next[i]).sum();
+                if let Some(pattern) = LocateConcentricPattern::<true, 5, 7>(
+                    matrix,
+                    &FINDER.into(),
+                    centre,
+                    // 3 for very skewed samples, as zxing-cpp allows.
+                    i32::from(width) * 3,
+                ) {
+                    found.push(pattern);
+                }
+            }
+            next.skipPair();
+            next.skipPair();
+            next.extend();
+        }
+    }
+    Some(found)
 }
 
 /// The text of a grid our locator sampled (`bits`: `dim x dim` modules, row-major, `true` =
@@ -1212,31 +1422,58 @@ const HYBRID_FLAT_RANGE: u32 = 24;
 /// it. Local enough for shadows and uneven light, wide enough (40 px) that a module's inside
 /// keeps its colour. Returns one `bool` per pixel, row-major, `true` = dark.
 fn hybrid_binarize(img: &GrayImage) -> Vec<bool> {
+    hybrid_cut(img).to_bools()
+}
+
+/// [`hybrid_binarize`], packed as rxing reads it (what its detector and our locator share).
+fn hybrid_cut(img: &GrayImage) -> Packed {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
     if img.width() < HYBRID_MIN_SIDE || img.height() < HYBRID_MIN_SIDE {
         let t = otsu_threshold(img);
-        return src.iter().map(|&v| v <= t).collect();
+        let cuts = vec![t; w];
+        let mut packed = Packed::with_size(w, h);
+        for (y, line) in src.chunks_exact(w.max(1)).enumerate() {
+            packed.set_row_at_or_below(y, line, &cuts);
+        }
+        return packed;
     }
     const B: usize = HYBRID_BLOCK;
     let (bw, bh) = (w.div_ceil(B), h.div_ceil(B));
     // The last block in a row or column overlaps its neighbour instead of running off the image.
     let origin = |b: usize, side: usize| (b * B).min(side - B);
+    // Each block's level, a row of blocks at a time: its 8 pixel rows folded column-wise into
+    // a sum, a minimum and a maximum a column (whole rows at once, which the compiler turns
+    // into vector code), then each block's 8 columns.
     let mut level = vec![0u32; bw * bh];
+    let (mut col_sum, mut col_lo, mut col_hi) = (vec![0u16; w], vec![0u8; w], vec![0u8; w]);
+    let (mut sum, mut lo, mut hi) = (vec![0u32; bw], vec![0u8; bw], vec![0u8; bw]);
     for by in 0..bh {
         let y0 = origin(by, h);
+        col_sum.fill(0);
+        col_lo.fill(u8::MAX);
+        col_hi.fill(0);
+        for line in src[y0 * w..].chunks_exact(w).take(B) {
+            for (((s, l), hh), &v) in col_sum
+                .iter_mut()
+                .zip(&mut col_lo)
+                .zip(&mut col_hi)
+                .zip(line)
+            {
+                *s += u16::from(v);
+                *l = (*l).min(v);
+                *hh = (*hh).max(v);
+            }
+        }
         for bx in 0..bw {
             let x0 = origin(bx, w);
-            let (mut sum, mut lo, mut hi) = (0u32, 255u32, 0u32);
-            for row in src[y0 * w..].chunks_exact(w).take(B) {
-                for &v in &row[x0..x0 + B] {
-                    let v = u32::from(v);
-                    sum += v;
-                    lo = lo.min(v);
-                    hi = hi.max(v);
-                }
-            }
-            let mut avg = sum / (B * B) as u32;
+            sum[bx] = col_sum[x0..x0 + B].iter().map(|&v| u32::from(v)).sum();
+            lo[bx] = col_lo[x0..x0 + B].iter().copied().fold(u8::MAX, u8::min);
+            hi[bx] = col_hi[x0..x0 + B].iter().copied().fold(0, u8::max);
+        }
+        for bx in 0..bw {
+            let (lo, hi) = (u32::from(lo[bx]), u32::from(hi[bx]));
+            let mut avg = sum[bx] / (B * B) as u32;
             if hi - lo <= HYBRID_FLAT_RANGE {
                 // Flat: assume background (light) unless the neighbours say the area is darker.
                 avg = lo / 2;
@@ -1253,28 +1490,43 @@ fn hybrid_binarize(img: &GrayImage) -> Vec<bool> {
             level[by * bw + bx] = avg;
         }
     }
-    let mut black = vec![false; w * h];
-    for by in 0..bh {
-        let y0 = origin(by, h);
-        let cy = by.clamp(2, bh - 3);
-        for bx in 0..bw {
-            let x0 = origin(bx, w);
+    // Each block's cut: the mean level of the 5x5 blocks around it (levels are at most 255).
+    // (Sums of five along each row first, then of five of those down each column.)
+    let mut across = vec![0u32; bw * bh];
+    for (sums, levels) in across.chunks_exact_mut(bw).zip(level.chunks_exact(bw)) {
+        for (bx, sum) in sums.iter_mut().enumerate() {
             let cx = bx.clamp(2, bw - 3);
-            let mut sum = 0u32;
-            for ny in cy - 2..=cy + 2 {
-                sum += level[ny * bw + cx - 2..=ny * bw + cx + 2]
-                    .iter()
-                    .sum::<u32>();
-            }
-            let threshold = sum / 25;
-            for y in y0..y0 + B {
-                for x in x0..x0 + B {
-                    black[y * w + x] = u32::from(src[y * w + x]) <= threshold;
-                }
-            }
+            *sum = levels[cx - 2..=cx + 2].iter().sum();
         }
     }
-    black
+    let mut cut = vec![0u8; bw * bh];
+    for by in 0..bh {
+        let cy = by.clamp(2, bh - 3);
+        for bx in 0..bw {
+            let total: u32 = (cy - 2..=cy + 2).map(|ny| across[ny * bw + bx]).sum();
+            cut[by * bw + bx] = u8::try_from(total / 25).unwrap_or(u8::MAX);
+        }
+    }
+    // A pixel takes the cut of the block that covers it last: its own, or the overlapping last
+    // block of its row or column. Then one comparison a pixel, a row at a time.
+    let block_of = |i: usize, side: usize, blocks: usize| {
+        if i + B >= side { blocks - 1 } else { i / B }
+    };
+    let mut packed = Packed::with_size(w, h);
+    let mut row_cut = vec![0u8; w];
+    let mut row_block = usize::MAX;
+    for (y, line) in src.chunks_exact(w).enumerate() {
+        let by = block_of(y, h, bh);
+        if by != row_block {
+            row_block = by;
+            for (bx, cuts) in row_cut.chunks_mut(B).enumerate() {
+                cuts.fill(cut[by * bw + bx]);
+            }
+            row_cut[w - B..].fill(cut[by * bw + bw - 1]);
+        }
+        packed.set_row_at_or_below(y, line, &row_cut);
+    }
+    packed
 }
 
 /// Map the 1st..99th percentile of the histogram onto 0..255.
@@ -1316,6 +1568,129 @@ mod tests {
 
     const TOKEN: &str = "KP1:6BFOXN*TS0BB7D4.8MH7ALV.QS+6KMS1:3T0FQ5W  8W*J4WPU2:W6G7 AKC%Y$*0LP/N\
                          %D6 MGUZFKS8JAA5LZYS/E66UG7%Z0.6V4:HTO-W:6-6R/3*1KRK0C07%VNM.IA8D$8";
+
+    /// A frame of pseudo-random texture (xorshift): light and dark blobs, edges, flat areas.
+    fn texture(w: u32, h: u32, seed: u64) -> GrayImage {
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let base: Vec<u8> = (0..64).map(|_| (next() % 256) as u8).collect();
+        GrayImage::from_fn(w, h, |x, y| {
+            let blob = base[((x / 11 + y / 7 * 3) % 64) as usize];
+            let grain = (next() % 40) as u8;
+            image::Luma([if (x / 5 + y / 3) % 4 == 0 {
+                blob / 3
+            } else {
+                blob.saturating_add(grain)
+            }])
+        })
+    }
+
+    /// zxing's hybrid cut written plainly, block by block, pixel by pixel: what the row-wise
+    /// [`hybrid_binarize`] must equal.
+    fn hybrid_by_blocks(img: &GrayImage) -> Vec<bool> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let px = |x: usize, y: usize| u32::from(img.as_raw()[y * w + x]);
+        const B: usize = HYBRID_BLOCK;
+        let (bw, bh) = (w.div_ceil(B), h.div_ceil(B));
+        let origin = |b: usize, side: usize| (b * B).min(side - B);
+        let mut level = vec![0u32; bw * bh];
+        for by in 0..bh {
+            for bx in 0..bw {
+                let (x0, y0) = (origin(bx, w), origin(by, h));
+                let values: Vec<u32> = (0..B * B).map(|i| px(x0 + i % B, y0 + i / B)).collect();
+                let (lo, hi) = (*values.iter().min().unwrap(), *values.iter().max().unwrap());
+                let mut avg = values.iter().sum::<u32>() / (B * B) as u32;
+                if hi - lo <= HYBRID_FLAT_RANGE {
+                    avg = lo / 2;
+                    if by > 0 && bx > 0 {
+                        let n = (level[(by - 1) * bw + bx]
+                            + 2 * level[by * bw + bx - 1]
+                            + level[(by - 1) * bw + bx - 1])
+                            / 4;
+                        if lo < n {
+                            avg = n;
+                        }
+                    }
+                }
+                level[by * bw + bx] = avg;
+            }
+        }
+        let mut black = vec![false; w * h];
+        for by in 0..bh {
+            for bx in 0..bw {
+                let (cx, cy) = (bx.clamp(2, bw - 3), by.clamp(2, bh - 3));
+                let mut total = 0;
+                for ny in cy - 2..=cy + 2 {
+                    for nx in cx - 2..=cx + 2 {
+                        total += level[ny * bw + nx];
+                    }
+                }
+                let (x0, y0) = (origin(bx, w), origin(by, h));
+                for y in y0..y0 + B {
+                    for x in x0..x0 + B {
+                        black[y * w + x] = px(x, y) <= total / 25;
+                    }
+                }
+            }
+        }
+        black
+    }
+
+    #[test]
+    fn the_row_wise_hybrid_cut_equals_the_block_by_block_one() {
+        for (i, (w, h)) in [
+            (40, 40),
+            (41, 47),
+            (64, 64),
+            (65, 130),
+            (240, 240),
+            (333, 77),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let img = texture(w, h, 7 + i as u64);
+            assert_eq!(hybrid_binarize(&img), hybrid_by_blocks(&img), "{w}x{h}");
+        }
+    }
+
+    /// The packed rows rxing reads hold the same pixels as the cut, and their run lengths are
+    /// rxing's (`GetPatternRowTP` on its own bit matrix), at every width around a word's edge.
+    #[test]
+    fn packed_rows_and_their_runs_match_rxings_own() {
+        use rxing::common::cpp_essentials::{GetPatternRowTP, PatternRow};
+        for (i, w) in [1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 200]
+            .into_iter()
+            .enumerate()
+        {
+            let h = 5;
+            let img = texture(w, h, 99 + i as u64);
+            let t = otsu_threshold(&img);
+            let mut black: Vec<bool> = img.as_raw().iter().map(|&v| v <= t).collect();
+            // Rows that start and end dark, and one all dark.
+            black[0] = true;
+            black[w as usize - 1] = true;
+            black[(w as usize) * 4..].fill(true);
+            let packed = Packed::from_bools(&black, w as usize);
+            let matrix = packed.bit_matrix().expect("a matrix");
+            let mut runs = Vec::new();
+            let mut theirs = PatternRow::default();
+            for y in 0..h as usize {
+                for x in 0..w as usize {
+                    assert_eq!(matrix.get(x as u32, y as u32), black[y * w as usize + x]);
+                }
+                packed.runs_white_first(y, &mut runs);
+                GetPatternRowTP(&matrix, y as u32, &mut theirs, false);
+                let theirs: Vec<u16> = (0..theirs.len()).map(|i| theirs[i]).collect();
+                assert_eq!(runs, theirs, "width {w}, row {y}");
+            }
+        }
+    }
 
     /// A quiet-zoned QR code for `text`, `scale` pixels per module, placed at `(x0, y0)` on a
     /// light gray canvas.
@@ -1555,7 +1930,7 @@ mod tests {
             let dark = x < 8 * 27 && y < 8 * 27 && tx < 7 && ty < 7 && ring != 2;
             image::Luma([if dark { 20 } else { 230 }])
         });
-        let (text, work) = rxing_read(&img);
+        let (text, work) = rxing_read(&hybrid_cut(&img));
         assert_eq!(text, None);
         // More patterns than the cap reach the detector...
         assert!(work.found > 2 * RXING_MAX_PATTERNS, "{work:?}");
@@ -1565,7 +1940,7 @@ mod tests {
         // A frame with one code: its three patterns, all grouped, and it reads.
         let mut img = GrayImage::from_pixel(640, 480, image::Luma([230]));
         draw_code(&mut img, TOKEN, 5, 100, 60);
-        let (text, work) = rxing_read(&img);
+        let (text, work) = rxing_read(&hybrid_cut(&img));
         assert_eq!(text.as_deref(), Some(TOKEN));
         assert_eq!((work.found, work.grouped, work.tried), (3, 3, 1));
     }
@@ -1585,8 +1960,13 @@ mod tests {
                 image::Luma([if dark { 20 } else { 230 }])
             })
         };
-        let (text, work) = rxing_read(&tiled(640, 480));
-        assert_eq!((text, work), (None, RxingWork::default()));
+        let vga = tiled(640, 480);
+        let (text, work) = rxing_read(&hybrid_cut(&vga));
+        assert_eq!(text, None);
+        // Given up at the row-hit limit, before any pattern was grouped or decoded.
+        assert!(work.crowded, "{work:?}");
+        assert_eq!(work.hits, RXING_MAX_ROW_HITS + 1);
+        assert_eq!((work.grouped, work.tried), (0, 0));
         let tile = tiled(320, 240);
         let stats = decode_luma_stats(&tile);
         assert_eq!(stats.text, None);

@@ -84,20 +84,6 @@ pub(super) fn decode(bitmap: &Bitmap<'_>) -> Option<String> {
     first_other
 }
 
-/// How many windows of five runs, dark-light-dark-light-dark, have the finder's 1:1:3:1:1
-/// ratio in a row given as run lengths (`runs`, the runs at `first_dark`, `first_dark + 2`, ...
-/// dark).
-pub(super) fn row_hits(runs: &[usize], first_dark: usize) -> usize {
-    let mut hits = 0;
-    let mut i = first_dark;
-    while i + 5 <= runs.len() {
-        let w = [runs[i], runs[i + 1], runs[i + 2], runs[i + 3], runs[i + 4]];
-        hits += usize::from(found_pattern_cross(&w));
-        i += 2;
-    }
-    hits
-}
-
 /// More finder-pattern candidates than this (confirmed down the column as well as along the
 /// row, on at least two scan rows) make a frame *crowded*: printed full of finder-like
 /// patterns. A camera frame of a code at a door shows three; the most any of the 179 real
