@@ -438,6 +438,9 @@ fn decode_triple(bm: &Bitmap<'_>, bl: Candidate, tl: Candidate, tr: Candidate) -
         da.total_cmp(&db)
     });
     versions.truncate(2);
+    // The alignment pattern is where it is whatever the version: searched for once (at the
+    // nearest version's geometry), its centre serves both.
+    let mut align: Option<Option<(f64, f64)>> = None;
     for version in versions {
         let dim = (4 * version + 17) as f64;
         let d = dim - 3.5;
@@ -458,7 +461,8 @@ fn decode_triple(bm: &Bitmap<'_>, bl: Candidate, tl: Candidate, tr: Candidate) -
             return Some(text);
         }
         if version >= 2
-            && let Some(align) = find_alignment(bm, tl, tr, bl, dim, module)
+            && let Some(align) =
+                *align.get_or_insert_with(|| find_alignment(bm, tl, tr, bl, dim, module))
             && let Some(text) = decode_with((dim - 6.5, dim - 6.5), align)
         {
             return Some(text);
