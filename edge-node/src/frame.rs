@@ -243,11 +243,14 @@ impl LadderStep {
     // still rescue 10 photos the rungs above miss. Otsu and upscale+otsu left the ladder (0 and
     // 1 rescues on both corpora after the rungs above). The ladder in order, with what each
     // rung adds and the cost so far: `DECODE_PHOTOS_STEPS=1` ("the ladder in order").
+    //
+    // rxing on the median now runs only on a speckled frame (`Shared::skips`), so it moved up
+    // to second: a noisy frame gets it before the locators, a clean one never pays for it.
     pub const LADDER: [LadderStep; 9] = [
         LadderStep::Rxing,
+        LadderStep::MedianRxing,
         LadderStep::Finder,
         LadderStep::FinderUpscale,
-        LadderStep::MedianRxing,
         LadderStep::Downscale,
         LadderStep::Plain,
         LadderStep::Hybrid,
