@@ -1,6 +1,7 @@
 //! Issue 16: the frame decoder on real camera photos (`testdata/qr-photos`, zxing's blackbox
-//! QR photos, each at four rotations). Guards the read rate the ladder reached, per category
-//! and overall, and that it never returns a text other than the one in the code. The numbers
+//! QR photos, each at four rotations). Guards the read rate the full ladder and the kiosk's
+//! live pass reached, per category and overall, and that neither ever returns a text other than
+//! the one in the code. The numbers
 //! beside zxing-cpp's, and the time per frame, come from `cargo bench -p tests --bench
 //! decode_photos` (BENCHMARKS.md, "Decoding real photos beside zxing-cpp").
 //!
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use edge_node::frame::decode_luma;
+use edge_node::frame::{decode_live_luma, decode_luma};
 use tests::photos::{ROTATIONS, is_other_code, load_all, matches, rotated};
 
 /// Frames (photo x rotation) the ladder must read, per category and overall, out of 100.
@@ -31,6 +32,19 @@ const FLOORS: &[(&str, u32)] = &[
     ("all", 93),
 ];
 
+/// The same for the kiosk's live pass (one pass a camera frame: rxing, rxing on the median for
+/// a speckled frame, our locator), a point or a few under what it reached (qrcode-1 100, -2
+/// 91.4, -3 100, -4 76.6, -5 100, -6 100, all 92.0 %): overall not under zxing-cpp's 91.3 %.
+const LIVE_FLOORS: &[(&str, u32)] = &[
+    ("qrcode-1", 97),
+    ("qrcode-2", 89),
+    ("qrcode-3", 97),
+    ("qrcode-4", 74),
+    ("qrcode-5", 97),
+    ("qrcode-6", 96),
+    ("all", 91),
+];
+
 #[test]
 fn photo_corpus_read_rate_and_no_wrong_text() {
     let photos = load_all();
@@ -47,44 +61,53 @@ fn photo_corpus_read_rate_and_no_wrong_text() {
                 loop {
                     let j = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(i, deg)) = jobs.get(j) else { break };
-                    let text = decode_luma(&rotated(&photos[i].luma, deg));
-                    results.lock().expect("no panics").push((i, deg, text));
+                    let frame = rotated(&photos[i].luma, deg);
+                    let text = decode_luma(&frame);
+                    let live = decode_live_luma(&frame).text;
+                    results
+                        .lock()
+                        .expect("no panics")
+                        .push((i, deg, text, live));
                 }
             });
         }
     });
     let results = results.into_inner().expect("no panics");
-    let mut per: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    let mut per: BTreeMap<(&str, &str), (u32, u32)> = BTreeMap::new();
     let mut wrong = Vec::new();
-    for (i, deg, text) in &results {
+    for (i, deg, text, live) in &results {
         let p = &photos[*i];
-        let read = match text {
-            Some(t) if matches(t, &p.expected) => true,
-            Some(t) if is_other_code(&format!("{}/{}", p.category, p.name), t) => false,
-            Some(t) => {
-                wrong.push(format!("{}/{} @{deg}: {t:?}", p.category, p.name));
-                false
+        for (pass, text) in [("ladder", text), ("live pass", live)] {
+            let read = match text {
+                Some(t) if matches(t, &p.expected) => true,
+                Some(t) if is_other_code(&format!("{}/{}", p.category, p.name), t) => false,
+                Some(t) => {
+                    wrong.push(format!("{pass}: {}/{} @{deg}: {t:?}", p.category, p.name));
+                    false
+                }
+                None => false,
+            };
+            for key in [p.category.as_str(), "all"] {
+                let e = per.entry((pass, key)).or_default();
+                e.0 += 1;
+                e.1 += u32::from(read);
             }
-            None => false,
-        };
-        for key in [p.category.as_str(), "all"] {
-            let e = per.entry(key).or_default();
-            e.0 += 1;
-            e.1 += u32::from(read);
         }
     }
-    for (cat, (n, read)) in &per {
+    for ((pass, cat), (n, read)) in &per {
         println!(
-            "{cat}: {read}/{n} ({:.1} %)",
+            "{pass} {cat}: {read}/{n} ({:.1} %)",
             100.0 * f64::from(*read) / f64::from(*n)
         );
     }
     assert!(wrong.is_empty(), "wrong texts decoded: {wrong:#?}");
-    for (cat, floor) in FLOORS {
-        let (n, read) = per.get(cat).copied().unwrap_or_default();
-        assert!(
-            read * 100 >= floor * n,
-            "{cat}: read {read} of {n} frames, under the floor of {floor} %"
-        );
+    for (pass, floors) in [("ladder", FLOORS), ("live pass", LIVE_FLOORS)] {
+        for (cat, floor) in floors {
+            let (n, read) = per.get(&(pass, *cat)).copied().unwrap_or_default();
+            assert!(
+                read * 100 >= floor * n,
+                "{pass} {cat}: read {read} of {n} frames, under the floor of {floor} %"
+            );
+        }
     }
 }
