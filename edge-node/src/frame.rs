@@ -925,8 +925,55 @@ fn scan_otsu(img: &GrayImage) -> Option<String> {
 /// in `Perspective::map`, still open for 0.11). A hostile or unlucky frame must give "no code",
 /// not kill the check-in loop, so each scan is isolated. `AssertUnwindSafe` holds: the closure
 /// owns or only reads its state, and nothing it touched is used after a panic.
+///
+/// Such a panic is expected, so it is not printed with a backtrace to the device's stderr (one
+/// a frame, ten frames a second, from whoever holds a crafted picture to the camera): it is
+/// counted ([`reader_panics`]) and logged at debug level. Panics anywhere else still reach the
+/// process's panic hook as before.
 fn guarded(scan: impl FnOnce() -> Option<String>) -> Option<String> {
-    catch_unwind(AssertUnwindSafe(scan)).ok().flatten()
+    quiet_panic_hook();
+    GUARDED.with(|depth| depth.set(depth.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(scan));
+    GUARDED.with(|depth| depth.set(depth.get() - 1));
+    result.ok().flatten()
+}
+
+thread_local! {
+    /// How many [`guarded`] calls this thread is inside.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Panics of the readers caught by [`guarded`] since the process started.
+static READER_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a QR reader panicked on a frame (and the frame was read as "no code") since
+/// the process started.
+pub fn reader_panics() -> u64 {
+    READER_PANICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Installs, once, a panic hook in front of the one in place: a panic on a thread inside
+/// [`guarded`] is counted and logged at debug level; any other goes to the previous hook.
+fn quiet_panic_hook() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|depth| depth.get()) > 0 {
+                READER_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let message = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+                tracing::debug!(%message, %at, "a QR reader panicked on a frame; read as no code");
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Decode every grid `rqrr` finds; prefer a KP1 token over any other code in the same frame
