@@ -1002,9 +1002,17 @@ const RXING_MAX_SETS: usize = 16;
 /// on the rows rxing's detector scans, every third) and the frame is given up as crowded: the
 /// detector deduplicates every hit against every pattern found so far (quadratic: 63 ms for
 /// the 4,800 patterns of a VGA frame tiled with them, 467 ms at 1000x1000, before this limit).
-/// A real frame holds a few dozen (three patterns a code, each hit on several rows, plus
-/// texture); 1,500 of them cost the search a few milliseconds.
+/// A real frame holds a few dozen to a few hundred (three patterns a code, each hit on several
+/// rows, plus texture; at most 567 in the corpora), sensor noise over a thousand.
 const RXING_MAX_ROW_HITS: usize = 1500;
+/// At most this many pixels of failed concentric-pattern searches (the widths of the row hits
+/// rxing's `LocateConcentricPattern` tried and refused, summed) a frame. Each search traces up
+/// to 24 times the hit's width before it gives up, and a refused hit is searched again on each
+/// row it spans: a reviewer's poster of finder-like patterns with a bridge, a gap and combs
+/// that defeat the search (1000x1000, modules of 8-30 px) cost 60-110 ms a pass while staying
+/// under the row-hit limit. The most any frame of the corpora spends is 19,796 (a real photo
+/// with texture beside the code; noisy frames reach the row-hit limit near 18,000 first).
+const RXING_MAX_FAILED_WIDTH: usize = 32_768;
 
 /// The second reader ([`LadderStep::Rxing`]): `rxing`'s port of zxing-cpp's QR detector and
 /// decoder, driven here rather than through its `QrReader`, on our block-local threshold
@@ -1024,6 +1032,9 @@ struct RxingWork {
     runs: usize,
     speckle: usize,
     hits: usize,
+    /// Hits that rxing's concentric-pattern search tried and refused, and their widths summed.
+    failed_locates: usize,
+    failed_width: usize,
     found: usize,
     grouped: usize,
     tried: usize,
@@ -1047,8 +1058,9 @@ fn rxing_read(packed: &Packed) -> (Option<String>, RxingWork) {
     use rxing::common::DetectorRXingResult;
     use rxing::qrcode::cpp_port::{decoder, detector};
     let mut work = RxingWork::default();
-    // Run lengths are rxing's 16-bit counts; the ladder hands it at most 1000 px a side.
-    if packed.w == 0 || packed.height() == 0 || packed.w > usize::from(u16::MAX) {
+    // Run lengths and a row's number of runs (up to its width + 2) are rxing's 16-bit counts;
+    // the ladder hands it at most 1000 px a side.
+    if packed.w == 0 || packed.height() == 0 || packed.w > usize::from(u16::MAX) - 2 {
         return (None, work);
     }
     let text = guarded(|| {
@@ -1230,7 +1242,7 @@ impl Packed {
 /// scanned for plausible 1:1:3:1:1 windows, each confirmed as concentric squares around its
 /// centre unless it lies inside one already found), with the run lengths taken from the
 /// packed rows' transitions rather than bit by bit from the matrix. `None` when the frame is crowded
-/// ([`RXING_MAX_ROW_HITS`]).
+/// ([`RXING_MAX_ROW_HITS`], [`RXING_MAX_FAILED_WIDTH`]).
 fn finder_patterns(
     matrix: &rxing::common::BitMatrix,
     packed: &Packed,
@@ -1286,6 +1298,13 @@ fn finder_patterns(
                     i32::from(width) * 3,
                 ) {
                     found.push(pattern);
+                } else {
+                    work.failed_locates += 1;
+                    work.failed_width += usize::from(width);
+                    if work.failed_width > RXING_MAX_FAILED_WIDTH {
+                        work.crowded = true;
+                        return None;
+                    }
                 }
             }
             next.skipPair();
@@ -2104,6 +2123,61 @@ mod tests {
         let (text, work) = rxing_read(&hybrid_cut(&img));
         assert_eq!(text.as_deref(), Some(TOKEN));
         assert_eq!((work.found, work.grouped, work.tried), (3, 3, 1));
+    }
+
+    /// A poster of finder-like patterns made to defeat rxing's concentric-pattern search (a
+    /// bridge from the centre to the ring, a gap in the outer ring, combs of 1-px teeth above
+    /// and below; a reviewer's recipe): every row hit through one starts a long contour trace
+    /// that fails, and no pattern is ever found to stop the next row's hits. It stayed under
+    /// the row-hit limit and cost 60-110 ms a pass at 1000x1000; the failed searches' budget
+    /// ends it (about 35 ms, release).
+    #[test]
+    fn failed_concentric_searches_are_bounded_a_frame() {
+        fn poster(w: u32, h: u32, m: u32, teeth: u32) -> GrayImage {
+            let side = 7 * m;
+            let (tile_w, tile_h) = (side + 3, side + 2 * teeth + 4);
+            GrayImage::from_fn(w, h, |x, y| {
+                let (tx, ty) = (x / tile_w, y / tile_h);
+                let (lx, ly) = (x - tx * tile_w, y - ty * tile_h);
+                let (ox, oy) = (1, teeth + 2);
+                let inside = (tx + 1) * tile_w <= w && (ty + 1) * tile_h <= h;
+                let dark = inside
+                    && if (ox..ox + side).contains(&lx) && (oy..oy + side).contains(&ly) {
+                        let (i, j) = (lx - ox, ly - oy);
+                        let (mi, mj) = (i / m, j / m);
+                        let ring = mi.min(mj).min(6 - mi).min(6 - mj);
+                        let bridge = i == 2 * m + 1 && (m..2 * m).contains(&j);
+                        let gap = (i == 5 * m || i == 5 * m + 1) && j >= 6 * m;
+                        (ring != 1 || bridge) && !gap
+                    } else {
+                        let tooth_column = (ox + 2..ox + side - 2).contains(&lx)
+                            && (lx - ox) % 2 == 0
+                            && (i64::from(lx - ox) - i64::from(side / 2)).abs() > 2;
+                        let above = ly < oy && ly + teeth >= oy;
+                        let below = ly >= oy + side && ly < oy + side + teeth;
+                        tooth_column && (above || below)
+                    };
+                image::Luma([if dark { 20 } else { 230 }])
+            })
+        }
+        for (m, teeth) in [(8, 12), (16, 13), (30, 14)] {
+            let img = poster(1000, 1000, m, teeth);
+            let (text, work) = rxing_read(&hybrid_cut(&img));
+            assert_eq!(text, None);
+            assert!(work.crowded, "module {m}: {work:?}");
+            assert!(work.hits <= RXING_MAX_ROW_HITS, "module {m}: {work:?}");
+            // Given up within one search of the budget.
+            assert!(
+                work.failed_width <= RXING_MAX_FAILED_WIDTH + usize::from(u16::MAX),
+                "module {m}: {work:?}"
+            );
+        }
+        // A real frame with a code and texture around it stays well under the budget.
+        let mut img = texture(640, 480, 5);
+        draw_code(&mut img, TOKEN, 5, 160, 70);
+        let (text, work) = rxing_read(&hybrid_cut(&img));
+        assert_eq!(text.as_deref(), Some(TOKEN), "{work:?}");
+        assert!(!work.crowded, "{work:?}");
     }
 
     /// A frame tiled with finder patterns of one-pixel modules (the reviewer's recipe): before
