@@ -4,7 +4,8 @@
 //! and style embedded from `edge-node/assets/`, nothing from the internet) shows the camera,
 //! sends a few frames a second to `POST /kiosk/frame`, and shows and speaks each verdict in the
 //! language the visitor chose (Korean, English or Chinese; [`message_key`] names the message,
-//! the page holds the three texts). `GET /kiosk/status` gives the status line. Staff open the paper log with
+//! the page holds the three texts). `GET /kiosk/status` gives the status line (and
+//! `reader_panics`, frames a QR reader panicked on since the start). Staff open the paper log with
 //! the device's staff PIN (`POST /kiosk/staff/login`, a short-lived `HttpOnly` session cookie)
 //! and add entries through `POST /kiosk/paper`.
 //!
@@ -695,6 +696,9 @@ async fn status(State(s): State<KioskState>) -> Response {
         "clock_warning": clock_warning,
         "warnings": st.warnings,
         "staff_pin_set": pin_set,
+        // Frames a QR reader panicked on since the device started (read as "no code"): a
+        // count that keeps rising means someone shows the camera crafted pictures.
+        "reader_panics": crate::frame::reader_panics(),
         "now": now,
     }))
     .into_response()

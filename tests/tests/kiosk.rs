@@ -237,6 +237,7 @@ fn camera_check_in_is_accepted_once_and_a_second_showing_is_already_checked_in()
     let st = status_of(&kiosk)?;
     assert_eq!(st["records"], 1, "{st}");
     assert_eq!(st["unsynced"], 1, "{st}");
+    assert!(st["reader_panics"].is_u64(), "{st}");
 
     // The status line: no hub is running, nothing has synced, one visit waits.
     let unsynced = browser.wait_for_text("#unsynced", "Unsynced 1", Duration::from_secs(10))?;
