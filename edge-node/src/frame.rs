@@ -557,12 +557,12 @@ impl<'a> Shared<'a> {
             return crowded;
         }
         let (w, h) = (self.img.width() as usize, self.img.height() as usize);
-        self.hybrid();
+        let (cut, bits) = self.cut_and_bits();
         let crowded = finder::crowded(&finder::Bitmap {
-            bits: self.hybrid.as_deref().unwrap_or_default(),
+            bits,
             w,
             h,
-            packed: self.cut.as_ref(),
+            packed: Some(cut),
         });
         self.crowded = Some(crowded);
         crowded
@@ -585,10 +585,16 @@ impl<'a> Shared<'a> {
     }
 
     fn hybrid(&mut self) -> &[bool] {
-        if self.hybrid.is_none() {
-            self.hybrid = Some(self.cut().to_bools());
-        }
-        self.hybrid.as_deref().unwrap_or_default()
+        self.cut_and_bits().1
+    }
+
+    /// The block-local threshold packed (what rxing reads) and one `bool` a pixel (what our
+    /// locator and rqrr's rungs read), each made at most once.
+    fn cut_and_bits(&mut self) -> (&Packed, &[bool]) {
+        let img = self.img;
+        let cut = self.cut.get_or_insert_with(|| hybrid_cut(img));
+        let bits = self.hybrid.get_or_insert_with(|| cut.to_bools());
+        (cut, bits)
     }
 
     fn median(&mut self) -> &GrayImage {
@@ -628,12 +634,8 @@ impl<'a> Shared<'a> {
                 scan_bitmap(&half, &hybrid_binarize(&half))
             }
             LadderStep::Finder => {
-                self.hybrid();
-                locate(
-                    img,
-                    self.hybrid.as_deref().unwrap_or_default(),
-                    self.cut.as_ref(),
-                )
+                let (cut, bits) = self.cut_and_bits();
+                locate(img, bits, Some(cut))
             }
             LadderStep::FinderOtsu => {
                 let t = otsu_threshold(img);
@@ -1032,8 +1034,7 @@ struct RxingWork {
     runs: usize,
     speckle: usize,
     hits: usize,
-    /// Hits that rxing's concentric-pattern search tried and refused, and their widths summed.
-    failed_locates: usize,
+    /// The widths of the hits rxing's concentric-pattern search tried and refused, summed.
     failed_width: usize,
     found: usize,
     grouped: usize,
@@ -1249,8 +1250,7 @@ fn finder_patterns(
     work: &mut RxingWork,
 ) -> Option<Vec<rxing::common::cpp_essentials::ConcentricPattern>> {
     use rxing::common::cpp_essentials::{
-        FindLeftGuardBy, FixedPattern, IsPattern, LocateConcentricPattern, PatternRow, PatternType,
-        PatternView,
+        FindLeftGuardBy, FixedPattern, IsPattern, LocateConcentricPattern, PatternType, PatternView,
     };
     const FINDER: FixedPattern<5, 7, false> = FixedPattern::new([1, 1, 3, 1, 1]);
     // zxing's quick test before the ratio test: a wide centre, narrow sides.
@@ -1266,8 +1266,7 @@ fn finder_patterns(
         packed.runs_white_first(y, &mut runs);
         work.runs += runs.len();
         work.speckle += runs.iter().filter(|&&r| r == 1).count();
-        let row = PatternRow::new(runs.clone());
-        let mut next = PatternView::new(&row);
+        let mut next = PatternView::from_slice(&runs);
         while let Ok(hit) = FindLeftGuardBy::<5, _>(next, 5, plausible) {
             next = hit;
             if !next.isValid() {
@@ -1299,7 +1298,6 @@ fn finder_patterns(
                 ) {
                     found.push(pattern);
                 } else {
-                    work.failed_locates += 1;
                     work.failed_width += usize::from(width);
                     if work.failed_width > RXING_MAX_FAILED_WIDTH {
                         work.crowded = true;

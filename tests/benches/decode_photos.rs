@@ -167,6 +167,24 @@ fn zxing(frames: &[Frame]) -> Vec<(f64, Option<String>)> {
     results
 }
 
+/// One pass on `f`, timed and tallied under its category (a read of the other code in the
+/// frame, `other`, counts as no read).
+fn timed<'f>(
+    f: &'f Frame,
+    pass: fn(&GrayImage) -> Option<String>,
+    other: &impl Fn(&Option<String>) -> bool,
+    tally: &mut BTreeMap<&'f str, Tally>,
+) -> Option<String> {
+    let start = Instant::now();
+    let text = Some(pass(&f.luma)).filter(|t| !other(t)).flatten();
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    tally
+        .entry(&f.category)
+        .or_default()
+        .add(text.as_deref(), &f.expected, ms);
+    text
+}
+
 fn report(title: &str, frames: &[Frame], with_zxing: bool, verbose: bool) -> bool {
     let zx = if with_zxing {
         zxing(frames)
@@ -181,18 +199,8 @@ fn report(title: &str, frames: &[Frame], with_zxing: bool, verbose: bool) -> boo
         let other = |t: &Option<String>| t.as_deref().is_some_and(|t| is_other_code(photo, t));
         // The live pass first, on a frame not yet in the cache (the stricter measurement for
         // the pass every camera frame gets).
-        let start = Instant::now();
-        let live_text = Some(live_pass(&f.luma)).filter(|t| !other(t)).flatten();
-        let live_ms = start.elapsed().as_secs_f64() * 1000.0;
-        live.entry(&f.category)
-            .or_default()
-            .add(live_text.as_deref(), &f.expected, live_ms);
-        let start = Instant::now();
-        let text = Some(decode_luma(&f.luma)).filter(|t| !other(t)).flatten();
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
-        ours.entry(&f.category)
-            .or_default()
-            .add(text.as_deref(), &f.expected, ms);
+        let live_text = timed(f, live_pass, &other, &mut live);
+        let text = timed(f, decode_luma, &other, &mut ours);
         let zx_text = zx
             .get(i)
             .and_then(|(_, t)| t.as_deref())
