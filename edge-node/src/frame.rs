@@ -978,17 +978,21 @@ fn quiet_panic_hook() {
     });
 }
 
-/// Decode every grid `rqrr` finds; prefer a KP1 token over any other code in the same frame
-/// (a poster's URL code next to the phone must not hide the check-in code).
+/// Decode every grid `rqrr` finds; prefer a KP1 token over any other code in the same frame.
 fn pick_text<G: rqrr::BitGrid>(grids: Vec<rqrr::Grid<G>>) -> Option<String> {
+    prefer_check_in(grids.iter().filter_map(grid_text))
+}
+
+/// Of the texts of one frame's codes, in the order a reader decodes them, the first KP1
+/// check-in code, else the first other one (a poster's URL code next to the phone must not
+/// hide the check-in code). Every reader's rule; decoding stops at the check-in code.
+fn prefer_check_in(texts: impl IntoIterator<Item = String>) -> Option<String> {
     let mut first_other = None;
-    for grid in grids {
-        if let Some(text) = grid_text(&grid) {
-            if text.starts_with("KP1:") {
-                return Some(text);
-            }
-            first_other.get_or_insert(text);
+    for text in texts {
+        if text.starts_with(shared::token::PREFIX) {
+            return Some(text);
         }
+        first_other.get_or_insert(text);
     }
     first_other
 }
@@ -1072,32 +1076,23 @@ fn rxing_read(packed: &Packed) -> (Option<String>, RxingWork) {
         patterns.truncate(RXING_MAX_PATTERNS);
         work.grouped = patterns.len();
         let mut used = Vec::new();
-        let mut first_other = None;
-        for set in detector::GenerateFinderPatternSets(&mut patterns)
+        let texts = detector::GenerateFinderPatternSets(&mut patterns)
             .into_iter()
             .take(RXING_MAX_SETS)
-        {
-            if [set.bl, set.tl, set.tr].iter().any(|p| used.contains(p)) {
-                continue;
-            }
-            work.tried += 1;
-            let Ok(sampled) = detector::SampleQR(&matrix, &set) else {
-                continue;
-            };
-            let Ok(decoded) = decoder::Decode(sampled.getBits()) else {
-                continue;
-            };
-            if !decoded.isValid() {
-                continue;
-            }
-            let text = decoded.text();
-            if text.starts_with("KP1:") {
-                return Some(text);
-            }
-            used.extend([set.bl, set.tl, set.tr]);
-            first_other.get_or_insert(text);
-        }
-        first_other
+            .filter_map(|set| {
+                if [set.bl, set.tl, set.tr].iter().any(|p| used.contains(p)) {
+                    return None;
+                }
+                work.tried += 1;
+                let sampled = detector::SampleQR(&matrix, &set).ok()?;
+                let decoded = decoder::Decode(sampled.getBits()).ok()?;
+                if !decoded.isValid() {
+                    return None;
+                }
+                used.extend([set.bl, set.tl, set.tr]);
+                Some(decoded.text())
+            });
+        prefer_check_in(texts)
     });
     (text, work)
 }

@@ -103,22 +103,19 @@ pub(super) fn decode(bitmap: &Bitmap<'_>) -> Option<String> {
         return None;
     }
     let candidates = find_candidates(bitmap);
-    let mut first_other = None;
     let mut used: Vec<usize> = Vec::new();
-    for (a, b, c) in best_triples(&candidates) {
-        if [a, b, c].iter().any(|i| used.contains(i)) {
-            continue;
-        }
-        let [bl, tl, tr] = order(candidates[a], candidates[b], candidates[c]);
-        if let Some(text) = decode_triple(bitmap, bl, tl, tr) {
-            if text.starts_with("KP1:") {
-                return Some(text);
+    let texts = best_triples(&candidates)
+        .into_iter()
+        .filter_map(|(a, b, c)| {
+            if [a, b, c].iter().any(|i| used.contains(i)) {
+                return None;
             }
+            let [bl, tl, tr] = order(candidates[a], candidates[b], candidates[c]);
+            let text = decode_triple(bitmap, bl, tl, tr)?;
             used.extend([a, b, c]);
-            first_other.get_or_insert(text);
-        }
-    }
-    first_other
+            Some(text)
+        });
+    super::prefer_check_in(texts)
 }
 
 /// More finder-pattern candidates than this (confirmed down the column as well as along the
