@@ -54,6 +54,8 @@ pub struct Rogue {
     pub me: Peer,
     /// Its facility's partition of `day`.
     pub partition: PartitionId,
+    /// The enrollment credential its `Hello` presents (`None`: its endpoint is bound).
+    credential: Option<[u8; 32]>,
 }
 
 impl Rogue {
@@ -106,6 +108,37 @@ impl Rogue {
             hub,
             me,
             partition: PartitionId { facility, day },
+            credential: None,
+        })
+    }
+
+    /// A device enrolled straight in a hub's registry (a ticket's device id, no `edge-node`
+    /// folder), on an endpoint of key `secret` on loopback that dials `hub`, presenting the
+    /// ticket's `credential` (its first session binds the endpoint; `None` once bound).
+    pub async fn with_ticket(
+        hub: EndpointAddr,
+        me: Peer,
+        day: Day,
+        secret: SecretKey,
+        credential: Option<[u8; 32]>,
+    ) -> Result<Rogue> {
+        let facility = me
+            .facility()
+            .cloned()
+            .context("a device names its facility")?;
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .secret_key(secret)
+            .alpns(vec![ALPN.to_vec()])
+            .clear_ip_transports()
+            .bind_addr(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?
+            .bind()
+            .await?;
+        Ok(Rogue {
+            endpoint,
+            hub,
+            me,
+            partition: PartitionId { facility, day },
+            credential,
         })
     }
 
@@ -141,7 +174,15 @@ impl Rogue {
     /// `edge-node`'s shell does (but persisting nothing), until it ends.
     pub async fn sync(&self, store: &mut MemoryStore, now: u64) -> Result<Ending> {
         let (conn, send, recv) = self.connect().await?;
-        let session = Session::initiator_to(now, self.me.clone(), None, None, None, true, store)?;
+        let session = Session::initiator_to(
+            now,
+            self.me.clone(),
+            None,
+            self.credential,
+            None,
+            true,
+            store,
+        )?;
         drive(conn, send, recv, session, store, now).await
     }
 
