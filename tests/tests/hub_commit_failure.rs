@@ -15,7 +15,6 @@ use anyhow::{Context, Result, ensure};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shared::envelope::{Record, RecordBody, SessionKey};
-use shared::facility::Registration;
 use shared::partition::{Partition, session_actor};
 use shared::sync::harness::MemoryStore;
 use shared::sync::{Peer, RefuseReason, Side};
@@ -111,15 +110,7 @@ fn a_failed_durable_commit_stops_the_hub_and_a_restart_takes_the_sync_again() ->
     let (facility, device, credential, day_key) = {
         let hub = Hub::init(&dir, "suwon", None, vec![], None, now)?.hub;
         let f = hub.add_facility(
-            Registration {
-                name: "Hall".into(),
-                business_number: None,
-                representative: "Lee".into(),
-                phone: "031-000-0000".into(),
-                category: "wedding_hall".into(),
-                region: "suwon".into(),
-                address: "Gwanggyo-ro 1".into(),
-            },
+            tests::people::registration("Hall", "wedding_hall", "suwon", "Gwanggyo-ro 1", None),
             now,
         )?;
         hub.approve_facility(f.id.as_str())?;
