@@ -415,3 +415,133 @@ fn a_skipped_frame_for_a_partition_not_being_synced_ends_the_session() {
         "{events:?}"
     );
 }
+
+/// A rogue's two changes of one actor with the same operation ids (found in review): `c1`
+/// puts 26 records, `c2` is a copy numbered 2 that keeps `c1`'s start op (so reuses its ids),
+/// with other bytes under `target`, the fourth put. `c2` depends on `c1` unless `concurrent`.
+/// Both pass `read_message`: predless puts of well-formed envelopes.
+fn reused_ids(rng: &mut ChaCha8Rng, concurrent: bool) -> (Vec<u8>, Vec<u8>, RecordId) {
+    let key = SessionKey::generate(rng, pid().day);
+    let mut ids: Vec<RecordId> = (0..26).map(|_| RecordId::random(rng)).collect();
+    ids.sort_by_key(|id| id.to_string());
+    let target = ids.remove(0);
+    ids.insert(3, target);
+    let batch: Vec<(RecordId, Envelope)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, sealed(rng, &key, *id, 10 + i as u64)))
+        .collect();
+    let mut rogue = Partition::new(pid(), &[0xee; 16]);
+    rogue.insert_batch(&[], &batch).unwrap();
+    let c1 = rogue.doc().get_change_by_hash(&rogue.heads()[0]).unwrap();
+    let mut e = c1.decode();
+    let at = format!("r/{target}");
+    let pos = e
+        .operations
+        .iter()
+        .position(|o| matches!(&o.key, automerge::legacy::Key::Map(k) if k.as_str() == at))
+        .unwrap();
+    let evil = sealed(rng, &key, target, 99);
+    e.operations[pos].action = automerge::legacy::OpType::Put(ScalarValue::Bytes(evil.to_bytes()));
+    e.seq = 2;
+    e.deps = if concurrent { vec![] } else { vec![c1.hash()] };
+    e.hash = None;
+    let c2 = automerge::Change::from(e);
+    assert_eq!(c2.start_op(), c1.start_op(), "c2 reuses c1's operation ids");
+    (c1.raw_bytes().to_vec(), c2.raw_bytes().to_vec(), target)
+}
+
+/// At most one value under `target`, or no partition at all (refused and discarded).
+fn one_value_at_most(store: &MemoryStore, target: RecordId) -> bool {
+    store.get(&pid()).is_none() || values(store, target).len() <= 1
+}
+
+#[test]
+fn a_change_reusing_the_operation_ids_of_a_held_back_one_is_refused_before_the_apply() {
+    // The held-back copy first, then the change it depends on: each message alone passes
+    // `check_against`, and automerge would apply both, keeping two values under `target`
+    // (its debug build panics on the duplicate ids; its release build rebuilt the changes
+    // without one of the puts, which hid the conflict from a check that trusted them).
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (c1, c2, target) = reused_ids(&mut rng, false);
+    let mut hub = MemoryStore::new(b"hub", None);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    assert!(!session.is_finished());
+    while session.poll_event().is_some() {}
+    while session.poll_transmit().is_some() {}
+    session.handle_frame(NOW, sync_frame(vec![c1]), &mut hub);
+    assert!(one_value_at_most(&hub, target));
+    assert!(refused_invalid(&mut session));
+    assert!(hub.get(&pid()).is_none_or(|p| p.record_count() == 0));
+}
+
+/// Where the reuse is visible to the other checks as well (one message; a key the partition
+/// holds), the partition is refused all the same, whichever check sees it first.
+#[test]
+fn changes_reusing_operation_ids_are_refused_in_one_message_or_against_the_partition() {
+    // Both in one message, chained or concurrent.
+    for concurrent in [false, true] {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (c1, c2, target) = reused_ids(&mut rng, concurrent);
+        let mut hub = MemoryStore::new(b"hub", None);
+        let mut session = admitted(&mut hub);
+        session.handle_frame(NOW, sync_frame(vec![c1, c2]), &mut hub);
+        assert!(one_value_at_most(&hub, target), "concurrent: {concurrent}");
+        assert!(refused_invalid(&mut session), "concurrent: {concurrent}");
+    }
+    // The first change applied and stored, the copy in a later message.
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (c1, c2, target) = reused_ids(&mut rng, false);
+    let mut hub = MemoryStore::new(b"hub", None);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(NOW, sync_frame(vec![c1]), &mut hub);
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::PartitionUpdated { .. })),
+        "{events:?}"
+    );
+    while session.poll_transmit().is_some() {}
+    let heads = hub.get(&pid()).unwrap().heads();
+    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    assert!(refused_invalid(&mut session));
+    assert_eq!(values(&hub, target).len(), 1);
+    assert_eq!(hub.get(&pid()).unwrap().heads(), heads);
+}
+
+/// Found in review: automerge 0.12 looks an actor up with `unwrap` when it applies a change
+/// numbered 2 or more of an actor it never saw numbered 1, so such a change (well-formed,
+/// its dependencies met) panicked the node that applied it.
+#[test]
+fn a_change_of_an_unknown_actor_numbered_two_is_refused_without_ending_the_node() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let (_c1, c2, _target) = reused_ids(&mut rng, true);
+    let mut hub = MemoryStore::new(b"hub", None);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    assert!(refused_invalid(&mut session));
+    assert!(hub.get(&pid()).is_none_or(|p| p.record_count() == 0));
+    // An honest first change of the same partition is taken as before.
+    let key = SessionKey::generate(&mut rng, pid().day);
+    let mut honest = Partition::new(pid(), &[0x21; 16]);
+    let id = RecordId::random(&mut rng);
+    honest
+        .insert_batch(&[], &[(id, sealed(&mut rng, &key, id, 5))])
+        .unwrap();
+    let mut hub = MemoryStore::new(b"hub", None);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(
+        NOW,
+        sync_frame(vec![raw(&honest, honest.heads()[0])]),
+        &mut hub,
+    );
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::PartitionUpdated { .. })),
+        "{events:?}"
+    );
+}

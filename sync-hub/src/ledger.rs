@@ -1133,6 +1133,16 @@ impl<'s> Ledger<'s> {
         if behind && let Some(bytes) = read_chunks(&txn.open_table(HUB_CHUNKS)?, &id)? {
             let stored = Partition::load(id.clone(), &bytes, &self.actor)?;
             let before = partition.heads();
+            // Each copy's changes were checked against its own history only: two sessions
+            // may have taken changes of one actor that reuse each other's operation ids.
+            if let Err(e) =
+                shared::sync::validate::check_merge_op_ids(partition.doc(), stored.doc())
+            {
+                return Err(LedgerError::Conflict {
+                    partition: id,
+                    detail: e.to_string(),
+                });
+            }
             partition.merge(&stored)?;
             // This copy was validated against the partition as it stood when it was loaded;
             // another session may have stored a key since that this copy puts with other

@@ -7,7 +7,7 @@
 //! to the health authority with age), the sync messages a device's sync v2 session
 //! (`shared::sync::Session`) sends a hub session that holds nothing are recorded, and the
 //! hub's side of the session is timed: each message is read and checked before it is applied
-//! (`validate::read_message`, `check_against`), decoded, applied, checked again
+//! (`validate::read_message`, `check_against`, `check_op_ids`), decoded, applied, checked again
 //! (`check_applied`) and answered, then the partition is persisted and indexed
 //! (`HubPartitions::persist`: the chunk, the counts and heads, the token and facility
 //! indexes). Persists commit as the hub's actor commits them (`sync_hub::daemon::Turn`: a
@@ -289,6 +289,11 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u6
         match parts.partition_mut(&d.id)? {
             Some(part) => checked.check_against(Some(part.doc())),
             None => checked.check_against(None),
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        match parts.partition_mut(&d.id)? {
+            Some(part) => checked.check_op_ids(Some(part.doc()), &[]),
+            None => checked.check_op_ids(None, &[]),
         }
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         stages.check += t.elapsed();

@@ -454,6 +454,10 @@ pub struct Session {
     received_syncs: u32,
     /// Bytes of received messages after which automerge still held changes back.
     held_back_bytes: usize,
+    /// By partition, the actors and operation ids of the changes received while automerge
+    /// held something back (`validate::CheckedMessage::check_op_ids`): dropped once nothing
+    /// is held back, when everything received is in the partition's own history.
+    op_spans: BTreeMap<PartitionId, Vec<validate::OpSpan>>,
     /// (sent, received) when this side last sent `Done`.
     done_sent_at: Option<(u32, u32)>,
     /// The peer's last `Done` count, cleared by any later `Sync` from it.
@@ -593,6 +597,7 @@ impl Session {
             sent_syncs: 0,
             received_syncs: 0,
             held_back_bytes: 0,
+            op_spans: BTreeMap::new(),
             skipped: BTreeMap::new(),
             done_sent_at: None,
             peer_done: None,
@@ -1115,6 +1120,20 @@ impl Session {
             let detail = format!("sync message for {partition} refused: {e}");
             return self.skip(partition, RefuseReason::InvalidChange, detail);
         }
+        // No change may reuse another's operation ids (automerge trusts they are unique), the
+        // changes automerge may still hold back from earlier messages included.
+        let earlier = self.op_spans.get(&partition).map_or(&[][..], Vec::as_slice);
+        let spans = match store.partition_mut(&partition)? {
+            Some(part) => checked.check_op_ids(Some(part.doc()), earlier),
+            None => checked.check_op_ids(None, earlier),
+        };
+        let spans = match spans {
+            Ok(spans) => spans,
+            Err(e) => {
+                let detail = format!("sync message for {partition} refused: {e}");
+                return self.skip(partition, RefuseReason::InvalidChange, detail);
+            }
+        };
         let message_len = message.len();
         let message = Message::decode(&message).map_err(|e| SyncError::BadSyncMessage {
             partition: partition.clone(),
@@ -1160,23 +1179,43 @@ impl Session {
         let heads_before = part.heads();
         let records_before = part.record_count();
         let entries_before = part.doc().length(automerge::ROOT);
-        let merged = part
-            .doc_mut()
-            .receive_sync_message(&mut sync.state, message);
+        // automerge 0.12 panics on some changes our checks let through (a change numbered 2
+        // of an actor it never saw numbered 1 looks the actor up with `unwrap`; its debug
+        // build asserts on operation ids a change reuses): such a panic refuses this
+        // partition, whose copy in memory is dropped, instead of ending the node.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            part.doc_mut()
+                .receive_sync_message(&mut sync.state, message)
+        }));
+        let Ok(merged) = applied else {
+            self.op_spans.remove(&partition);
+            store.discard_partition(&partition, &heads_before)?;
+            let detail = format!(
+                "sync message for {partition} refused: automerge failed while applying its \
+                 changes"
+            );
+            return self.skip(partition, RefuseReason::InvalidChange, detail);
+        };
         // automerge applies a change held back for missing dependencies only now, unchecked
         // against what the partition holds by now: check what was really applied.
         if part.heads() != heads_before
             && let Err(e) = validate::check_applied(part.doc(), &heads_before)
         {
+            self.op_spans.remove(&partition);
             store.discard_partition(&partition, &heads_before)?;
             let detail = format!("sync message for {partition} refused after applying it: {e}");
             return self.skip(partition, RefuseReason::InvalidChange, detail);
         }
         if part.holds_back_changes() {
+            self.op_spans
+                .entry(partition.clone())
+                .or_default()
+                .extend(spans);
             self.held_back_bytes = self.held_back_bytes.saturating_add(message_len);
             if self.held_back_bytes > MAX_HELD_BACK_BYTES {
                 // The copy in memory, with its queue and whatever this message applied, is
                 // dropped; nothing of this message is stored.
+                self.op_spans.remove(&partition);
                 store.discard_partition(&partition, &heads_before)?;
                 let detail = format!(
                     "over {MAX_HELD_BACK_BYTES} bytes of changes for {partition} whose \
@@ -1184,6 +1223,8 @@ impl Session {
                 );
                 return self.skip(partition, RefuseReason::InvalidChange, detail);
             }
+        } else {
+            self.op_spans.remove(&partition);
         }
         let updated = (part.heads() != heads_before).then(|| {
             let records = part.record_count();

@@ -186,6 +186,26 @@ pub struct CheckedChange<'a> {
     pub hash: ChangeHash,
     /// Its operations, in order; all puts.
     pub puts: Vec<Put<'a>>,
+    /// Its actor, sequence number and operation ids.
+    pub span: OpSpan,
+}
+
+/// Who made a change and which operation ids it uses: `start_op..=max_op` of `actor`
+/// (`max_op` is `start_op - 1` for a change without operations). automerge identifies an
+/// operation by (counter, actor) and trusts that no two changes of one actor share one; see
+/// [`CheckedMessage::check_op_ids`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpSpan {
+    /// The change's hash.
+    pub hash: ChangeHash,
+    /// The actor's bytes.
+    pub actor: Vec<u8>,
+    /// The change's sequence number among the actor's.
+    pub seq: u64,
+    /// The first operation counter.
+    pub start_op: u64,
+    /// The last operation counter.
+    pub max_op: u64,
 }
 
 /// A sync message whose bytes passed [`read_message`]: safe to hand to `Message::decode`.
@@ -199,6 +219,43 @@ impl CheckedMessage<'_> {
     /// How many puts the message carries.
     pub fn put_count(&self) -> usize {
         self.changes.iter().map(|c| c.puts.len()).sum()
+    }
+
+    /// Checks that no two changes of one actor share an operation id or a sequence number,
+    /// among the message's changes, the changes the partition has applied (`doc`, `None`:
+    /// it holds nothing) and `earlier`: the changes of this partition that earlier messages of
+    /// the session carried, which automerge may still hold back for their dependencies and
+    /// apply with this message's. An honest actor's changes number their operations upwards,
+    /// each change after the last (automerge gives a change the ids after every one it has
+    /// seen); a change that reuses ids makes automerge keep two operations under one id, which
+    /// its debug build refuses with a panic and its release build turns into a document whose
+    /// rebuilt changes lose operations (found in review: a held-back copy of a change with
+    /// other bytes under one of its keys). Returns the message's spans, for `earlier` of the
+    /// next message.
+    pub fn check_op_ids(
+        &self,
+        doc: Option<&Automerge>,
+        earlier: &[OpSpan],
+    ) -> Result<Vec<OpSpan>, ChangeError> {
+        let spans: Vec<OpSpan> = self.changes.iter().map(|c| c.span.clone()).collect();
+        if spans.is_empty() {
+            return Ok(spans);
+        }
+        let actors: std::collections::BTreeSet<&[u8]> =
+            spans.iter().map(|s| s.actor.as_slice()).collect();
+        let held = doc.map(|d| d.get_changes_meta(&[])).unwrap_or_default();
+        let all = held
+            .iter()
+            .map(|m| (m.actor.to_bytes(), m.seq, m.hash, m.start_op, m.max_op))
+            .chain(
+                earlier
+                    .iter()
+                    .chain(&spans)
+                    .map(|s| (s.actor.as_slice(), s.seq, s.hash, s.start_op, s.max_op)),
+            )
+            .filter(|(actor, ..)| actors.contains(actor));
+        check_spans(all)?;
+        Ok(spans)
     }
 
     /// Checks the puts against the partition that would receive them (`None`: it holds
@@ -246,6 +303,65 @@ impl CheckedMessage<'_> {
     }
 }
 
+/// [`CheckedMessage::check_op_ids`] for a merge of two copies of one partition (the hub's
+/// copy in memory and what another session stored meanwhile): each copy's changes passed the
+/// check against its own history, not against the other's.
+pub fn check_merge_op_ids(a: &Automerge, b: &Automerge) -> Result<(), ChangeError> {
+    let (a, b) = (a.get_changes_meta(&[]), b.get_changes_meta(&[]));
+    check_spans(
+        a.iter()
+            .chain(&b)
+            .map(|m| (m.actor.to_bytes(), m.seq, m.hash, m.start_op, m.max_op)),
+    )
+}
+
+/// The rule of [`CheckedMessage::check_op_ids`] over changes given as (actor, sequence
+/// number, hash, start op, max op), a change listed more than once counted once: by actor,
+/// one change a sequence number, and each change's operations after the previous one's.
+fn check_spans<'a>(
+    spans: impl Iterator<Item = (&'a [u8], u64, ChangeHash, u64, u64)>,
+) -> Result<(), ChangeError> {
+    let mut known: BTreeMap<(&[u8], u64), Vec<(ChangeHash, u64, u64)>> = BTreeMap::new();
+    for (actor, seq, hash, start, max) in spans {
+        let at = known.entry((actor, seq)).or_default();
+        if !at.iter().any(|(h, _, _)| *h == hash) {
+            at.push((hash, start, max));
+        }
+    }
+    let refuse = |actor: &[u8], rule: String| ChangeError::Operation {
+        change: 0,
+        op: 0,
+        key: format!("actor {}", hex::encode(actor)),
+        rule,
+    };
+    let mut last: Option<(&[u8], u64, u64)> = None;
+    for ((actor, seq), at) in &known {
+        let [(_, start, max)] = at.as_slice() else {
+            return Err(refuse(
+                actor,
+                format!("has {} different changes numbered {seq}", at.len()),
+            ));
+        };
+        if max.saturating_add(1) < *start {
+            return Err(refuse(actor, format!("change {seq} ends before it starts")));
+        }
+        if let Some((prev_actor, prev_seq, prev_max)) = last
+            && prev_actor == *actor
+            && *start <= prev_max
+        {
+            return Err(refuse(
+                actor,
+                format!(
+                    "change {seq} reuses operation ids of its change {prev_seq} (starts at \
+                     {start}, which is not after {prev_max})"
+                ),
+            ));
+        }
+        last = Some((actor, *seq, *max));
+    }
+    Ok(())
+}
+
 /// Checks a partition after a sync message was applied to it: every key that a change applied
 /// since `before` (the heads before the apply) touched must still hold exactly one value, the
 /// same bytes it held before the apply if it held any (identical puts by several actors count
@@ -260,42 +376,26 @@ impl CheckedMessage<'_> {
 /// held-back changes included. A failure means the partition in memory must be dropped and
 /// reloaded from what is stored (`session` does this through `PartitionStore::discard_partition`).
 pub fn check_applied(doc: &Automerge, before: &[ChangeHash]) -> Result<(), ChangeError> {
-    use automerge::legacy::{Key, ObjectId, OpType};
-    let mut keys: BTreeMap<String, Applied> = BTreeMap::new();
+    use automerge::legacy::{Key, ObjectId};
+    use std::collections::BTreeSet;
+    let mut keys: BTreeSet<String> = BTreeSet::new();
     for (c, change) in doc.get_changes(before).iter().enumerate() {
-        for (o, op) in change.decode().operations.into_iter().enumerate() {
-            let key = match (&op.obj, op.key) {
-                (ObjectId::Root, Key::Map(key)) => key.to_string(),
-                _ => {
-                    return Err(ChangeError::Operation {
-                        change: c,
-                        op: o,
-                        key: quote(""),
-                        rule: "writes outside the partition's root map".to_string(),
-                    });
-                }
+        for (o, op) in change.decode().operations.iter().enumerate() {
+            let refuse = |key: &str, rule: &str| ChangeError::Operation {
+                change: c,
+                op: o,
+                key: quote(key),
+                rule: rule.to_string(),
             };
-            let plain = match op.action {
-                OpType::Put(ScalarValue::Bytes(b)) if op.pred.is_empty() && !op.insert => Some(b),
-                _ => None,
-            };
-            match (keys.entry(key), plain) {
-                (std::collections::btree_map::Entry::Vacant(v), Some(b)) => {
-                    v.insert(Applied::Plain(b));
+            match (&op.obj, &op.key) {
+                (ObjectId::Root, Key::Map(key)) => {
+                    keys.insert(key.to_string());
                 }
-                (std::collections::btree_map::Entry::Vacant(v), None) => {
-                    v.insert(Applied::Other);
-                }
-                (std::collections::btree_map::Entry::Occupied(mut e), plain) => {
-                    let same = matches!((e.get(), &plain), (Applied::Plain(a), Some(b)) if a == b);
-                    if !same {
-                        e.insert(Applied::Other);
-                    }
-                }
+                _ => return Err(refuse("", "writes outside the partition's root map")),
             }
         }
     }
-    for (key, applied) in &keys {
+    for key in &keys {
         let refuse = |rule: &str| ChangeError::Operation {
             change: 0,
             op: 0,
@@ -303,27 +403,18 @@ pub fn check_applied(doc: &Automerge, before: &[ChangeHash]) -> Result<(), Chang
             rule: rule.to_string(),
         };
         let read = |e: automerge::AutomergeError| refuse(&format!("cannot be read back: {e}"));
-        if let Applied::Plain(bytes) = applied {
-            // Every operation applied on the key puts these bytes and overwrites nothing, so
-            // none of them is hidden and nothing held before was removed: the key now holds
-            // exactly what it held before plus these bytes. On a partition that held nothing
-            // that is one value; otherwise one read (no read of the past) settles it. Anything
-            // else takes the full comparison below, which words the refusal.
-            if before.is_empty() {
-                continue;
-            }
-            let now = doc.get_all(ROOT, key.as_str()).map_err(read)?;
-            let one = !now.is_empty()
-                && now.iter().all(|(value, _)| {
-                    matches!(value, Value::Scalar(s)
-                        if matches!(s.as_ref(), ScalarValue::Bytes(b) if b == bytes))
-                });
-            if one {
-                continue;
-            }
-        }
         let now = doc.get_all(ROOT, key.as_str()).map_err(read)?;
-        let was = doc.get_all_at(ROOT, key.as_str(), before).map_err(read)?;
+        // A partition that held nothing before the apply held no value under any key: no
+        // read of its past is needed (the read as of no heads walks the history all the same,
+        // and cost more than the apply itself on a device's first sync, issue 14). What the
+        // changes themselves say is not trusted here: automerge rebuilds them from its
+        // operations, and a change that reuses another's operation ids rebuilds without some
+        // of them (`CheckedMessage::check_op_ids` refuses those before the apply).
+        let was = if before.is_empty() {
+            Vec::new()
+        } else {
+            doc.get_all_at(ROOT, key.as_str(), before).map_err(read)?
+        };
         if now.is_empty() {
             return Err(refuse(
                 "was deleted by a change applied late (held back for its dependencies)",
@@ -352,15 +443,6 @@ pub fn check_applied(doc: &Automerge, before: &[ChangeHash]) -> Result<(), Chang
         }
     }
     Ok(())
-}
-
-/// What the changes applied since the heads before touched under one key
-/// ([`check_applied`]).
-enum Applied {
-    /// Only puts of these bytes with no predecessor (overwriting nothing), however many.
-    Plain(Vec<u8>),
-    /// Anything else: another value, a delete, an overwrite, an object, a counter.
-    Other,
 }
 
 /// Reads and checks the raw bytes of an automerge sync message. See the module docs.
@@ -807,6 +889,13 @@ fn cross_check<'a>(
     Ok(CheckedChange {
         hash: change.hash(),
         puts: puts.to_vec(),
+        span: OpSpan {
+            hash: change.hash(),
+            actor: change.actor_id().to_bytes().to_vec(),
+            seq: change.seq(),
+            start_op: change.start_op().get(),
+            max_op: change.max_op(),
+        },
     })
 }
 
@@ -1329,6 +1418,48 @@ mod tests {
             .transact(|tx| tx.put(ROOT, record_key(1), y.clone()))
             .unwrap();
         assert!(applied(Some(&held), &[&beside]).is_ok());
+    }
+
+    #[test]
+    fn two_copies_whose_changes_reuse_operation_ids_do_not_merge() {
+        let a = doc(1, 3);
+        // Honest copies: another actor's change on a fork, and the same actor going on.
+        let mut other = a.fork().with_actor(ActorId::from([2; 16]));
+        other
+            .transact(|tx| tx.put(ROOT, record_key(7), envelope_bytes(7, 120)))
+            .unwrap();
+        assert!(check_merge_op_ids(&a, &other).is_ok());
+        let mut same = a.fork().with_actor(ActorId::from([1; 16]));
+        same.transact(|tx| tx.put(ROOT, record_key(8), envelope_bytes(8, 120)))
+            .unwrap();
+        assert!(check_merge_op_ids(&a, &same).is_ok());
+        assert!(check_merge_op_ids(&other, &same).is_ok());
+        // Two different changes under one number (another time, so another hash).
+        let first = a.get_changes(&[]).pop().unwrap();
+        let mut e = first.decode();
+        e.hash = None;
+        e.time += 1;
+        let mut twin = Automerge::new();
+        twin.apply_changes([automerge::Change::from(e)]).unwrap();
+        let err = check_merge_op_ids(&a, &twin).unwrap_err().to_string();
+        assert!(err.contains("different changes numbered 1"), "{err}");
+        // A change numbered 2 that starts where change 1 did (automerge cannot even hold
+        // such a pair in one document without asserting, so the rule is shown on spans).
+        let h = |b: u8| ChangeHash([b; 32]);
+        let x: &[u8] = &[1; 16];
+        let y: &[u8] = &[2; 16];
+        let ok = [(x, 1, h(1), 1, 4), (x, 2, h(2), 5, 5), (y, 1, h(3), 1, 9)];
+        assert!(check_spans(ok.into_iter()).is_ok());
+        let listed_twice = [(x, 1, h(1), 1, 4), (x, 1, h(1), 1, 4), (x, 2, h(2), 5, 7)];
+        assert!(check_spans(listed_twice.into_iter()).is_ok());
+        let reused = [(x, 1, h(1), 1, 4), (x, 2, h(2), 4, 6), (y, 1, h(3), 1, 9)];
+        let err = check_spans(reused.into_iter()).unwrap_err().to_string();
+        assert!(
+            err.contains("reuses operation ids of its change 1"),
+            "{err}"
+        );
+        let backwards = [(x, 1, h(1), 5, 8), (x, 3, h(2), 1, 2)];
+        assert!(check_spans(backwards.into_iter()).is_err());
     }
 
     #[test]
