@@ -315,13 +315,16 @@ pub fn check_merge_op_ids(a: &Automerge, b: &Automerge) -> Result<(), ChangeErro
     )
 }
 
+/// A change as [`check_spans`] takes it: (actor, sequence number, hash, start op, max op).
+type SpanOf<'a> = (&'a [u8], u64, ChangeHash, u64, u64);
+
 /// The rule of [`CheckedMessage::check_op_ids`] over changes given as (actor, sequence
 /// number, hash, start op, max op), a change listed more than once counted once: by actor,
 /// one change a sequence number, and each change's operations after the previous one's.
-fn check_spans<'a>(
-    spans: impl Iterator<Item = (&'a [u8], u64, ChangeHash, u64, u64)>,
-) -> Result<(), ChangeError> {
-    let mut known: BTreeMap<(&[u8], u64), Vec<(ChangeHash, u64, u64)>> = BTreeMap::new();
+fn check_spans<'a>(spans: impl Iterator<Item = SpanOf<'a>>) -> Result<(), ChangeError> {
+    // (actor, sequence number) -> the changes under it: (hash, start op, max op).
+    type Numbered = Vec<(ChangeHash, u64, u64)>;
+    let mut known: BTreeMap<(&[u8], u64), Numbered> = BTreeMap::new();
     for (actor, seq, hash, start, max) in spans {
         let at = known.entry((actor, seq)).or_default();
         if !at.iter().any(|(h, _, _)| *h == hash) {
