@@ -52,18 +52,7 @@ fn admitted(store: &mut MemoryStore) -> Session {
 
 /// A sync frame carrying exactly `changes` (raw change chunks), as a rogue peer writes it.
 fn sync_frame(changes: Vec<Vec<u8>>) -> Frame {
-    Frame::Sync {
-        partition: pid(),
-        message: Message {
-            heads: vec![],
-            need: vec![],
-            have: vec![],
-            changes: changes.into(),
-            flags: None,
-            version: MessageVersion::V1,
-        }
-        .encode(),
-    }
+    shared::sync::harness::raw_sync_frame(&pid(), changes)
 }
 
 fn raw(p: &Partition, hash: ChangeHash) -> Vec<u8> {
@@ -451,6 +440,25 @@ fn reused_ids(rng: &mut ChaCha8Rng, concurrent: bool) -> (Vec<u8>, Vec<u8>, Reco
     (c1.raw_bytes().to_vec(), c2.raw_bytes().to_vec(), target)
 }
 
+/// Asserts that the session's last input updated the partition.
+fn assert_updated(session: &mut Session) {
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::PartitionUpdated { .. })),
+        "{events:?}"
+    );
+}
+
+/// A hub that holds nothing, and its session for a rogue device after it took `changes`.
+fn delivered(changes: Vec<Vec<u8>>) -> (MemoryStore, Session) {
+    let mut hub = MemoryStore::new(b"hub", None);
+    let mut session = admitted(&mut hub);
+    session.handle_frame(NOW, sync_frame(changes), &mut hub);
+    (hub, session)
+}
+
 /// At most one value under `target`, or no partition at all (refused and discarded).
 fn one_value_at_most(store: &MemoryStore, target: RecordId) -> bool {
     store.get(&pid()).is_none() || values(store, target).len() <= 1
@@ -464,9 +472,7 @@ fn a_change_reusing_the_operation_ids_of_a_held_back_one_is_refused_before_the_a
     // without one of the puts, which hid the conflict from a check that trusted them).
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let (c1, c2, target) = reused_ids(&mut rng, false);
-    let mut hub = MemoryStore::new(b"hub", None);
-    let mut session = admitted(&mut hub);
-    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    let (mut hub, mut session) = delivered(vec![c2]);
     assert!(!session.is_finished());
     while session.poll_event().is_some() {}
     while session.poll_transmit().is_some() {}
@@ -493,16 +499,8 @@ fn changes_reusing_operation_ids_are_refused_in_one_message_or_against_the_parti
     // The first change applied and stored, the copy in a later message.
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let (c1, c2, target) = reused_ids(&mut rng, false);
-    let mut hub = MemoryStore::new(b"hub", None);
-    let mut session = admitted(&mut hub);
-    session.handle_frame(NOW, sync_frame(vec![c1]), &mut hub);
-    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::PartitionUpdated { .. })),
-        "{events:?}"
-    );
+    let (mut hub, mut session) = delivered(vec![c1]);
+    assert_updated(&mut session);
     while session.poll_transmit().is_some() {}
     let heads = hub.get(&pid()).unwrap().heads();
     session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
@@ -518,9 +516,7 @@ fn changes_reusing_operation_ids_are_refused_in_one_message_or_against_the_parti
 fn a_change_of_an_unknown_actor_numbered_two_is_refused_without_ending_the_node() {
     let mut rng = ChaCha8Rng::seed_from_u64(14);
     let (_c1, c2, _target) = reused_ids(&mut rng, true);
-    let mut hub = MemoryStore::new(b"hub", None);
-    let mut session = admitted(&mut hub);
-    session.handle_frame(NOW, sync_frame(vec![c2]), &mut hub);
+    let (hub, mut session) = delivered(vec![c2]);
     assert!(refused_invalid(&mut session));
     assert!(hub.get(&pid()).is_none_or(|p| p.record_count() == 0));
     // An honest first change of the same partition is taken as before.
@@ -537,11 +533,5 @@ fn a_change_of_an_unknown_actor_numbered_two_is_refused_without_ending_the_node(
         sync_frame(vec![raw(&honest, honest.heads()[0])]),
         &mut hub,
     );
-    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::PartitionUpdated { .. })),
-        "{events:?}"
-    );
+    assert_updated(&mut session);
 }

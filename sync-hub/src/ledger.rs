@@ -1143,7 +1143,23 @@ impl<'s> Ledger<'s> {
                     detail: e.to_string(),
                 });
             }
-            partition.merge(&stored)?;
+            // The merge also applies what automerge held back in this copy for dependencies
+            // the stored copy brings, unchecked by the session that received it; automerge
+            // 0.12 panics on some such changes (a change numbered 2 of an actor it never saw
+            // numbered 1). A panic refuses this copy, which the caller then drops.
+            let merged =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| partition.merge(&stored)));
+            match merged {
+                Ok(merged) => merged?,
+                Err(_) => {
+                    return Err(LedgerError::Conflict {
+                        partition: id,
+                        detail: "automerge failed merging this copy, with changes it held back, \
+                                 into what was stored"
+                            .into(),
+                    });
+                }
+            }
             // This copy was validated against the partition as it stood when it was loaded;
             // another session may have stored a key since that this copy puts with other
             // bytes (finding 6 of the sync v2 review). Both values would be stored, and the

@@ -256,6 +256,23 @@ pub enum HarnessError {
     TooManyFlights,
 }
 
+/// A `Sync` frame for `partition` carrying exactly `changes` (raw change chunks) in a v1
+/// message with no heads, need or have: what a rogue peer writes by hand in attack tests.
+pub fn raw_sync_frame(partition: &PartitionId, changes: Vec<Vec<u8>>) -> Frame {
+    Frame::Sync {
+        partition: partition.clone(),
+        message: automerge::sync::Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: changes.into(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        }
+        .encode(),
+    }
+}
+
 /// A responder `me` that has taken `peer`'s empty `Hello` (not push-only) at `now` and
 /// admitted it for its own facility, its Welcome and events drained: the starting point of
 /// tests that drive a hub session by hand. An error names what did not go as expected.
