@@ -182,11 +182,9 @@ pub struct Put<'a> {
 /// One change of a checked message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedChange<'a> {
-    /// The change's hash, as automerge computes it.
-    pub hash: ChangeHash,
     /// Its operations, in order; all puts.
     pub puts: Vec<Put<'a>>,
-    /// Its actor, sequence number and operation ids.
+    /// Its hash (as automerge computes it), actor, sequence number and operation ids.
     pub span: OpSpan,
 }
 
@@ -265,7 +263,7 @@ impl CheckedMessage<'_> {
     pub fn check_against(&self, doc: Option<&Automerge>) -> Result<(), ChangeError> {
         let mut seen: BTreeMap<&str, &[u8]> = BTreeMap::new();
         for (c, change) in self.changes.iter().enumerate() {
-            if doc.is_some_and(|d| d.get_change_by_hash(&change.hash).is_some()) {
+            if doc.is_some_and(|d| d.get_change_by_hash(&change.span.hash).is_some()) {
                 continue;
             }
             for (o, put) in change.puts.iter().enumerate() {
@@ -541,7 +539,7 @@ pub fn fuzz_sync_change(data: &[u8]) {
     }
     for change in &checked.changes {
         for put in &change.puts {
-            if doc.get_change_by_hash(&change.hash).is_none() {
+            if doc.get_change_by_hash(&change.span.hash).is_none() {
                 // Waiting on a dependency: automerge queued it, nothing was applied.
                 continue;
             }
@@ -882,7 +880,8 @@ fn cross_check<'a>(
         offset,
         what: format!("automerge does not read the change: {e}"),
     })?;
-    if chunk.get(4..8) != Some(&change.hash().0[..4]) {
+    let hash = change.hash();
+    if chunk.get(4..8) != Some(&hash.0[..4]) {
         return Err(ChangeError::Malformed {
             offset,
             what: "a change's checksum does not match its bytes".into(),
@@ -906,10 +905,9 @@ fn cross_check<'a>(
         });
     }
     Ok(CheckedChange {
-        hash: change.hash(),
         puts: puts.to_vec(),
         span: OpSpan {
-            hash: change.hash(),
+            hash,
             actor: change.actor_id().to_bytes().to_vec(),
             seq: change.seq(),
             start_op: change.start_op().get(),
