@@ -32,6 +32,8 @@
 //! administrators see anyway (it is in `stats`), and it names no visitor; device ids, in
 //! `device-day-records-1`, with how many records each delivered per day (the quota's count).
 
+pub mod runs;
+
 use crate::keys::{KeyDir, KeyError};
 use crate::store::{Store, StoreError as RegistryError};
 use automerge::ReadDoc;
@@ -65,14 +67,18 @@ pub const HUB_CHUNKS: TableDefinition<(&str, u32, u64), &[u8]> =
 /// `sync-states-1`: (peer key, facility, day) -> encoded `automerge::sync::State`.
 pub const SYNC_STATES: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("sync-states-1");
-/// `visits-by-token-3`: (day, token tag, row tag) -> which facility the token visited that
-/// day, sealed: 8 bytes of the facility's tag, encrypted deterministically
-/// ([`DayIndex::token_row`]), the row tag being their synthetic IV. It only locates the visit:
-/// the facility's batch of that day holds it whole. One row per token, facility and day (the
-/// same code scanned twice at one facility is one row; the batch holds both visits). 36 bytes
-/// a row, fixed width, against ~160 for a sealed [`IndexedVisit`] with its 24-byte nonce.
-pub const VISITS_BY_TOKEN: TableDefinition<TokenKey, &[u8; 8]> =
+/// `visits-by-token-3`, the token index as one B-tree, which the sorted runs of
+/// `token-runs-1` ([`runs`]) replaced: (day, token tag, row tag) -> which facility the token
+/// visited that day, sealed: 8 bytes of the facility's tag, encrypted deterministically
+/// ([`DayIndex::token_row`]), the row tag being their synthetic IV. The runs hold the very same
+/// rows (token tag, row tag, sealed locator); [`Ledger::open`] moves them there, in chunks of
+/// [`MIGRATE_TOKEN_ROWS`] rows a transaction, and deletes this table. Public for the tests of
+/// that move.
+pub const VISITS_BY_TOKEN_V3: TableDefinition<TokenKey, &[u8; 8]> =
     TableDefinition::new("visits-by-token-3");
+/// Rows of `visits-by-token-3` moved into runs per write transaction when [`Ledger::open`]
+/// migrates them.
+const MIGRATE_TOKEN_ROWS: usize = 65_536;
 /// A key of `visits-by-token-3`: (day, token tag, row tag).
 pub type TokenKey = (u32, &'static [u8; 16], &'static [u8; 8]);
 /// `visits-by-token-2`, which held a sealed [`IndexedVisit`] per QR visit: (day, token tag,
@@ -577,22 +583,20 @@ impl DayIndex {
         rng: &mut impl RngCore,
         facility: &FacilityId,
         visits: &[IndexedVisit],
-    ) -> Result<(Vec<TokenRow>, Vec<Vec<u8>>), LedgerError> {
+    ) -> Result<(Vec<runs::Row>, Vec<Vec<u8>>), LedgerError> {
         if visits.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let ftag = self.facility_tag(facility);
-        let mut rows: Vec<TokenRow> = visits
+        let rows: Vec<runs::Row> = visits
             .iter()
             .filter_map(|v| v.token.as_ref())
             .map(|token| {
                 let tag = self.token_tag(token);
                 let (row, sealed) = self.token_row(&tag, &ftag);
-                (tag, row, sealed)
+                runs::row(&tag, &row, &sealed)
             })
             .collect();
-        rows.sort_unstable();
-        rows.dedup();
         let mut batches = Vec::with_capacity(visits.len().div_ceil(BATCH_VISITS));
         for group in visits.chunks(BATCH_VISITS) {
             let plain = Zeroizing::new(
@@ -618,9 +622,6 @@ impl DayIndex {
 /// stored in a power of two of pages of its own: a 120-visit batch (4.4 KiB) took 8 KiB, a
 /// third of the table's pages empty (measured at a million visits).
 const BATCH_VISITS: usize = 100;
-
-/// A row of `visits-by-token-3`: (token tag, row tag, sealed locator).
-type TokenRow = ([u8; 16], [u8; 8], [u8; 8]);
 
 /// The first `N` bytes of `bytes` (which holds at least `N`).
 fn first<const N: usize>(bytes: &[u8]) -> [u8; N] {
@@ -668,7 +669,8 @@ impl<'s> Ledger<'s> {
         let txn = store.db().begin_write()?;
         txn.open_table(HUB_CHUNKS)?;
         txn.open_table(SYNC_STATES)?;
-        txn.open_table(VISITS_BY_TOKEN)?;
+        txn.open_table(runs::TOKEN_RUNS)?;
+        txn.open_table(runs::TOKEN_RUN_SIZES)?;
         txn.open_table(VISITS_BY_FACILITY)?;
         txn.open_table(INDEXED)?;
         txn.open_table(PARTITION_COUNTS)?;
@@ -682,6 +684,7 @@ impl<'s> Ledger<'s> {
         migrate_indexed_v1(&txn)?;
         txn.commit()?;
         migrate_index_v1(store, &ratchet)?;
+        migrate_token_index_v3(store, &ratchet)?;
         // The actor that merges into partitions at this hub: 8 bytes naming the hub, 8 random
         // bytes per process, so a restarted hub never reuses an automerge sequence number
         // (see `shared::partition`). The hub never writes records itself, so this matters only
@@ -1059,12 +1062,11 @@ impl<'s> Ledger<'s> {
             );
         }
         {
-            write_index(
-                &mut txn.open_table(VISITS_BY_TOKEN)?,
+            runs::write_run(&txn, day, work.tokens)?;
+            write_batches(
                 &mut txn.open_table(VISITS_BY_FACILITY)?,
                 day,
                 &index.facility_tag(&id.facility),
-                &work.tokens,
                 &work.batches,
             )?;
             if !work.records.is_empty() {
@@ -1344,7 +1346,8 @@ impl<'s> Ledger<'s> {
         let case: BTreeSet<[u8; 16]> = tokens.iter().copied().collect();
         let (first, last) = (self.oldest_live_day(now), Self::last_live_day(now));
         let txn = self.store.db().begin_read()?;
-        let by_token = txn.open_table(VISITS_BY_TOKEN)?;
+        let pieces = txn.open_table(runs::TOKEN_RUNS)?;
+        let sizes = txn.open_table(runs::TOKEN_RUN_SIZES)?;
         let by_facility = txn.open_table(VISITS_BY_FACILITY)?;
         let mut damaged = 0u64;
         let indexes = self.day_indexes(first, last);
@@ -1357,12 +1360,16 @@ impl<'s> Ledger<'s> {
         } else {
             indexes.range(scan_first..scan_first)
         };
+        let mut rows = Vec::new();
         for (day, index) in scan_days {
+            let day_runs = runs::runs_of(&sizes, day.0)?;
             for token in &case {
                 let tag = index.token_tag(token);
-                for row in by_token.range((day.0, &tag, &[0u8; 8])..=(day.0, &tag, &[0xffu8; 8]))? {
-                    let (key, value) = row?;
-                    match index.open_token_row(&tag, key.value().2, value.value()) {
+                rows.clear();
+                runs::lookup(&pieces, day.0, &day_runs, &tag, &mut rows, &mut damaged)?;
+                for row in &rows {
+                    let (row_tag, sealed) = runs::parts(row);
+                    match index.open_token_row(&tag, &row_tag, &sealed) {
                         Some(locator) => {
                             located.insert((*day, locator));
                         }
@@ -1570,7 +1577,7 @@ impl<'s> Ledger<'s> {
                 horizon: h,
                 ..PurgeReport::default()
             },
-            stage: PurgeStage::TokenIndex,
+            stage: PurgeStage::TokenRunSizes,
             cursor: String::new(),
             cursor2: String::new(),
             chunks: 0,
@@ -1597,15 +1604,32 @@ impl<'s> Ledger<'s> {
         let stage = job.stage;
         while budget > 0 && job.stage == stage && job.stage != PurgeStage::Done {
             let done = match job.stage {
+                PurgeStage::TokenRunSizes => {
+                    // A run's size row is one row; its rows are the index entries it held.
+                    let mut t = txn.open_table(runs::TOKEN_RUN_SIZES)?;
+                    let (mut n, mut entries) = (0u64, 0u64);
+                    for row in t
+                        .extract_from_if((0u32, 0u64)..(h, 0u64), |_, _| true)?
+                        .take(usize::try_from(budget).unwrap_or(usize::MAX))
+                    {
+                        let (_, size) = row?;
+                        entries = entries.saturating_add(size.value());
+                        n += 1;
+                    }
+                    job.report.index_entries += entries;
+                    budget = budget.saturating_sub(n);
+                    budget > 0
+                }
                 PurgeStage::TokenIndex => {
-                    let mut t = txn.open_table(VISITS_BY_TOKEN)?;
+                    // A piece holds up to `runs::PIECE_ROWS` rows in a page of its own: it
+                    // costs [`PIECE_COST`] rows of the budget.
+                    let mut t = txn.open_table(runs::TOKEN_RUNS)?;
                     let n = purge_rows(
                         &mut t,
-                        (0u32, &[0u8; 16], &[0u8; 8])..(h, &[0u8; 16], &[0u8; 8]),
-                        budget,
+                        (0u32, 0u64, &[0u8; 16])..(h, 0u64, &[0u8; 16]),
+                        budget.div_ceil(PIECE_COST),
                     )?;
-                    job.report.index_entries += n;
-                    budget = budget.saturating_sub(n);
+                    budget = budget.saturating_sub(n.saturating_mul(PIECE_COST));
                     budget > 0
                 }
                 PurgeStage::FacilityIndex => {
@@ -1684,9 +1708,14 @@ impl<'s> Ledger<'s> {
 /// actor serves between chunks wait at most that long.
 pub const PURGE_CHUNK_ROWS: u64 = 20_000;
 
+/// What deleting one piece of `token-runs-1` (a page of up to [`runs::PIECE_ROWS`] token rows)
+/// costs of a purge chunk's budget of rows.
+const PIECE_COST: u64 = 16;
+
 /// Which table a purge is deleting from, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PurgeStage {
+    TokenRunSizes,
     TokenIndex,
     FacilityIndex,
     Chunks,
@@ -1704,6 +1733,7 @@ impl PurgeStage {
     fn next(self) -> Self {
         use PurgeStage::*;
         match self {
+            TokenRunSizes => TokenIndex,
             TokenIndex => FacilityIndex,
             FacilityIndex => Chunks,
             Chunks => Indexed,
@@ -1918,19 +1948,14 @@ fn read_indexed(
     Ok((ids, rows))
 }
 
-/// Writes one persist's index rows: the token rows, and the facility-day's next batches under
-/// facility tag `ftag`, numbered on from its last.
-fn write_index(
-    by_token: &mut redb::Table<'_, TokenKey, &'static [u8; 8]>,
+/// Writes one persist's facility batches: the facility-day's next batches under facility tag
+/// `ftag`, numbered on from its last.
+fn write_batches(
     by_facility: &mut redb::Table<'_, (u32, &'static [u8; 16], u32), &'static [u8]>,
     day: u32,
     ftag: &[u8; 16],
-    tokens: &[TokenRow],
     batches: &[Vec<u8>],
 ) -> Result<(), LedgerError> {
-    for (tag, row, sealed) in tokens {
-        by_token.insert((day, tag, row), sealed)?;
-    }
     if batches.is_empty() {
         return Ok(());
     }
@@ -2061,15 +2086,15 @@ fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), Ledger
                     unreadable,
                     expired,
                     "converted the trace index (visits-by-facility-1, visits-by-token-2 -> \
-                     visits-by-facility-2, visits-by-token-3)"
+                     visits-by-facility-2, token-runs-1)"
                 );
             }
             return Ok(());
         }
         let finished = {
             let mut old = txn.open_multimap_table(VISITS_BY_FACILITY_V1)?;
-            let mut by_token = txn.open_table(VISITS_BY_TOKEN)?;
             let mut by_facility = txn.open_table(VISITS_BY_FACILITY)?;
+            let mut token_rows: BTreeMap<u32, Vec<runs::Row>> = BTreeMap::new();
             let keys = old
                 .iter()?
                 .take(MIGRATE_CHUNK_KEYS)
@@ -2098,18 +2123,21 @@ fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), Ledger
                     }
                     for (facility, vs) in &by_place {
                         let (tokens, sealed) = index.seal_visits(&mut rng, facility, vs)?;
-                        write_index(
-                            &mut by_token,
+                        token_rows.entry(*day).or_default().extend(tokens);
+                        write_batches(
                             &mut by_facility,
                             *day,
                             &index.facility_tag(facility),
-                            &tokens,
                             &sealed,
                         )?;
                         visits += vs.len() as u64;
                     }
                     batches += 1;
                 }
+            }
+            drop(by_facility);
+            for (day, rows) in token_rows {
+                runs::write_run(&txn, day, rows)?;
             }
             keys.len() < MIGRATE_CHUNK_KEYS
         };
@@ -2130,6 +2158,67 @@ fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), Ledger
             txn.delete_multimap_table(VISITS_BY_FACILITY_V1)?;
         }
         txn.commit()?;
+    }
+}
+
+/// Moves the rows of `visits-by-token-3` (the token index as one B-tree) into sorted runs of
+/// `token-runs-1` ([`runs`]), then deletes the table. Does nothing once it is gone.
+///
+/// Each write transaction takes the table's first [`MIGRATE_TOKEN_ROWS`] rows (in key order,
+/// so each day's rows come sorted), writes them as one run per day and deletes them: a move
+/// interrupted between transactions leaves every row in exactly one of the two tables, and
+/// the next open goes on. The rows are the same bytes (token tag, row tag, sealed locator);
+/// rows of days whose index key is gone (expired) are deleted, as nothing can read them.
+fn migrate_token_index_v3(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), LedgerError> {
+    let (mut moved, mut expired) = (0u64, 0u64);
+    loop {
+        let txn = store.db().begin_write()?;
+        if !txn
+            .list_tables()?
+            .any(|t| t.name() == VISITS_BY_TOKEN_V3.name())
+        {
+            return Ok(());
+        }
+        let mut by_day: BTreeMap<u32, Vec<runs::Row>> = BTreeMap::new();
+        let finished = {
+            let mut old = txn.open_table(VISITS_BY_TOKEN_V3)?;
+            let mut last = None;
+            let mut n = 0usize;
+            for row in old.iter()?.take(MIGRATE_TOKEN_ROWS) {
+                let (k, v) = row?;
+                let (day, tag, row_tag) = k.value();
+                if ratchet.index_key(Day(day)).is_some() {
+                    by_day
+                        .entry(day)
+                        .or_default()
+                        .push(runs::row(tag, row_tag, v.value()));
+                } else {
+                    expired += 1;
+                }
+                last = Some((day, *tag, *row_tag));
+                n += 1;
+            }
+            if let Some((day, tag, row_tag)) = last {
+                old.retain_in(..=(day, &tag, &row_tag), |_, _| false)?;
+            }
+            n < MIGRATE_TOKEN_ROWS
+        };
+        for (day, rows) in by_day {
+            moved += rows.len() as u64;
+            runs::write_run(&txn, day, rows)?;
+        }
+        if finished {
+            txn.delete_table(VISITS_BY_TOKEN_V3)?;
+        }
+        txn.commit()?;
+        if finished {
+            tracing::info!(
+                moved,
+                expired,
+                "moved the token index into sorted runs (visits-by-token-3 -> token-runs-1)"
+            );
+            return Ok(());
+        }
     }
 }
 
@@ -2243,8 +2332,8 @@ const PARALLEL_INDEX_MIN: usize = 512;
 
 /// The index rows one persist writes, built apart from the database.
 struct IndexWork {
-    /// The token rows, sorted so the inserts walk the tree in order.
-    tokens: Vec<TokenRow>,
+    /// The token rows, for the persist's run ([`runs::write_run`] sorts them).
+    tokens: Vec<runs::Row>,
     /// The sealed batches of the visits indexed, for the facility's entry (one per worker).
     batches: Vec<Vec<u8>>,
     /// The records marked done in `indexed-2`: those indexed, and those `refused`.
@@ -2258,11 +2347,9 @@ struct IndexWork {
 }
 
 impl IndexWork {
-    /// This work and `other`'s, as one (tokens sorted again).
+    /// This work and `other`'s, as one.
     fn merged(mut self, other: IndexWork) -> IndexWork {
         self.tokens.extend(other.tokens);
-        self.tokens.sort_unstable();
-        self.tokens.dedup();
         self.batches.extend(other.batches);
         self.records.extend(other.records);
         for (device, n) in other.refused {

@@ -1,15 +1,19 @@
 //! The trace index of the previous release (`visits-by-token-2`, `visits-by-facility-1`, as
 //! `testdata/upgrade/` holds it, written by that release's own code) is converted when the
-//! ledger opens (`visits-by-token-3`, `visits-by-facility-2`): the old tables are gone and
-//! traces answer as the old hub did (`expected.json`).
+//! ledger opens (the token index as sorted runs, `token-runs-1`, and `visits-by-facility-2`):
+//! the old tables are gone and traces answer as the old hub did (`expected.json`). Likewise
+//! the token index as one B-tree (`visits-by-token-3`, the release before the runs) is moved
+//! into runs.
 
-use redb::{MultimapTableHandle, ReadableDatabase, ReadableTableMetadata, TableHandle};
+use redb::{
+    MultimapTableHandle, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use sync_hub::Hub;
-use sync_hub::ledger::{Ledger, VISITS_BY_FACILITY, VISITS_BY_TOKEN};
+use sync_hub::ledger::{Ledger, VISITS_BY_FACILITY, VISITS_BY_TOKEN_V3, runs};
 
 const PREVIOUS: &str = "6207a77";
 
@@ -112,13 +116,10 @@ fn the_previous_releases_index_is_converted_and_traces_the_same() {
             .db()
             .begin_read()
             .unwrap_or_else(|e| panic!("{e}"));
-        let t = txn
-            .open_table(VISITS_BY_TOKEN)
-            .unwrap_or_else(|e| panic!("{e}"));
         let f = txn
             .open_table(VISITS_BY_FACILITY)
             .unwrap_or_else(|e| panic!("{e}"));
-        (t.len().unwrap_or(0), f.len().unwrap_or(0))
+        (token_rows(&txn), f.len().unwrap_or(0))
     };
     let (token_rows, batches) = rows(&hub);
     assert_eq!(
@@ -151,6 +152,90 @@ fn the_previous_releases_index_is_converted_and_traces_the_same() {
     drop(l);
     let l = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rows(&hub), (token_rows, batches));
+    let again = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again, trace);
+}
+
+/// The token index's rows, summed over its runs' sizes.
+fn token_rows(txn: &redb::ReadTransaction) -> u64 {
+    let sizes = txn
+        .open_table(runs::TOKEN_RUN_SIZES)
+        .unwrap_or_else(|e| panic!("{e}"));
+    sizes
+        .iter()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|row| row.map(|(_, v)| v.value()).unwrap_or_else(|e| panic!("{e}")))
+        .sum()
+}
+
+#[test]
+fn the_token_index_as_one_tree_is_moved_into_runs_and_traces_the_same() {
+    let (src, expected) = previous();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tmp.path().join("hub");
+    copy_private(&src.join("hub"), &dir);
+    let hub = Hub::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let now = expected["made_at"].as_u64().unwrap_or_default() + 600;
+    let all: Vec<[u8; 16]> = expected["visits_synced"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no visits_synced"))
+        .iter()
+        .filter_map(|v| v["token"].as_str().map(token))
+        .collect();
+    let l = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    let trace = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(trace.visits.len(), all.len());
+    drop(l);
+
+    // The store as the release before the runs left it: every token row in
+    // `visits-by-token-3`, no runs. The rows are the same bytes.
+    let txn = hub
+        .store()
+        .db()
+        .begin_write()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let moved = {
+        let mut pieces = txn
+            .open_table(runs::TOKEN_RUNS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut old = txn
+            .open_table(VISITS_BY_TOKEN_V3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut moved = 0u64;
+        for piece in pieces.iter().unwrap_or_else(|e| panic!("{e}")) {
+            let (k, v) = piece.unwrap_or_else(|e| panic!("{e}"));
+            for r in v.value().chunks_exact(runs::ROW) {
+                let mut row = [0u8; runs::ROW];
+                row.copy_from_slice(r);
+                let mut tag = [0u8; 16];
+                tag.copy_from_slice(&row[..16]);
+                let (row_tag, sealed) = runs::parts(&row);
+                old.insert((k.value().0, &tag, &row_tag), &sealed)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                moved += 1;
+            }
+        }
+        pieces
+            .retain(|_, _| false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(runs::TOKEN_RUN_SIZES)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .retain(|_, _| false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        moved
+    };
+    txn.commit().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(moved, all.len() as u64, "one token row per QR visit");
+
+    let l = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!tables(&hub).contains("visits-by-token-3"));
+    let txn = hub
+        .store()
+        .db()
+        .begin_read()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(token_rows(&txn), moved);
+    drop(txn);
     let again = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again, trace);
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use sync_hub::Hub;
 use sync_hub::ledger::{
     self, HUB_CHUNKS, INDEXED, Ledger, LedgerError, PARTITION_COUNTS, PARTITION_HEADS, SYNC_STATES,
-    VISITS_BY_FACILITY, VISITS_BY_TOKEN,
+    VISITS_BY_FACILITY, runs,
 };
 
 const DAY: Day = Day(20_000);
@@ -582,7 +582,8 @@ fn rows_of_day(db: &redb::Database, day: u32) -> usize {
     count!(INDEXED, |k: &(&str, u32, u64)| k.1);
     count!(PARTITION_COUNTS, |k: &(&str, u32)| k.1);
     count!(PARTITION_HEADS, |k: &(&str, u32)| k.1);
-    count!(VISITS_BY_TOKEN, |k: &(u32, &[u8; 16], &[u8; 8])| k.0);
+    count!(runs::TOKEN_RUNS, |k: &(u32, u64, &[u8; 16])| k.0);
+    count!(runs::TOKEN_RUN_SIZES, |k: &(u32, u64)| k.0);
     count!(VISITS_BY_FACILITY, |k: &(u32, &[u8; 16], u32)| k.0);
     n
 }
