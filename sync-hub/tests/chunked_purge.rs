@@ -176,8 +176,15 @@ fn rows_of_day(hub: &Hub, day: u32) -> Vec<(&'static str, u64)> {
     )| k.1);
     count!("device-day-keys-1", DEVICE_DAY_KEYS, |k: (&str, u32)| k.1);
     count!("sync-states-1", SYNC_STATES, |k: (&str, &str, u32)| k.2);
-    count!("token-runs-1", runs::TOKEN_RUNS, |k: (u32, u64, &[u8; 16])| k.0);
-    count!("token-run-sizes-1", runs::TOKEN_RUN_SIZES, |k: (u32, u64)| k.0);
+    count!("token-runs-1", runs::TOKEN_RUNS, |k: (
+        u32,
+        u64,
+        &[u8; 16]
+    )| k.0);
+    count!("token-run-sizes-1", runs::TOKEN_RUN_SIZES, |k: (
+        u32,
+        u64
+    )| k.0);
     count!("visits-by-facility-2", VISITS_BY_FACILITY, |k: (
         u32,
         &[u8; 16],

@@ -164,7 +164,10 @@ fn token_rows(txn: &redb::ReadTransaction) -> u64 {
     sizes
         .iter()
         .unwrap_or_else(|e| panic!("{e}"))
-        .map(|row| row.map(|(_, v)| v.value()).unwrap_or_else(|e| panic!("{e}")))
+        .map(|row| {
+            row.map(|(_, v)| v.value())
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
         .sum()
 }
 

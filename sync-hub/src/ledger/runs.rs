@@ -116,14 +116,13 @@ pub fn write_run(
 
 /// The next run number of `day`: one past its last (runs are numbered in the order written,
 /// so a day's new pieces append at the end of its key range).
-fn next_run(
-    sizes: &impl ReadableTable<(u32, u64), u64>,
-    day: u32,
-) -> Result<u64, redb::Error> {
-    Ok(match sizes.range((day, 0u64)..=(day, u64::MAX))?.next_back() {
-        Some(row) => row?.0.value().1.saturating_add(1),
-        None => 0,
-    })
+fn next_run(sizes: &impl ReadableTable<(u32, u64), u64>, day: u32) -> Result<u64, redb::Error> {
+    Ok(
+        match sizes.range((day, 0u64)..=(day, u64::MAX))?.next_back() {
+            Some(row) => row?.0.value().1.saturating_add(1),
+            None => 0,
+        },
+    )
 }
 
 /// Writes sorted, deduplicated `rows` as run `run` of `day`: its pieces and its size.
@@ -188,9 +187,10 @@ pub fn compact_day(txn: &WriteTransaction, day: u32) -> Result<Merged, redb::Err
         rows.sort_unstable();
         rows.dedup();
         for run in &group {
-            pieces.retain_in((day, *run, &[0u8; 16])..=(day, *run, &[0xffu8; 16]), |_, _| {
-                false
-            })?;
+            pieces.retain_in(
+                (day, *run, &[0u8; 16])..=(day, *run, &[0xffu8; 16]),
+                |_, _| false,
+            )?;
             sizes.remove((day, *run))?;
         }
         let run = next_run(&sizes, day)?;
@@ -334,7 +334,10 @@ mod tests {
         write(&db, 7, rows);
         write(&db, 7, vec![r(300, 3), r(301, 3)]);
         write(&db, 8, vec![r(300, 4)]);
-        assert_eq!(find(&db, 7, 300), (vec![r(300, 1), r(300, 2), r(300, 3)], 0));
+        assert_eq!(
+            find(&db, 7, 300),
+            (vec![r(300, 1), r(300, 2), r(300, 3)], 0)
+        );
         assert_eq!(find(&db, 7, 0), (vec![r(0, 1)], 0));
         assert_eq!(find(&db, 7, 598), (vec![r(598, 1)], 0));
         assert_eq!(find(&db, 7, 301), (vec![r(301, 3)], 0));
