@@ -470,9 +470,9 @@ impl DayIndex {
         *blake3::keyed_hash(&self.facility_key, facility.as_str().as_bytes()).as_bytes()
     }
 
-    /// The row of `visits-by-token-3` saying that the token of `tag` visited the facility of
-    /// tag `facility` this day: (row tag, sealed locator), the locator being the first 8
-    /// bytes of the facility tag.
+    /// The token row (of a run of `token-runs-1`) saying that the token of `tag` visited the
+    /// facility of tag `facility` this day: (row tag, sealed locator), the locator being the
+    /// first 8 bytes of the facility tag.
     ///
     /// Deterministic authenticated encryption (SIV: Rogaway and Shrimpton, 2006), with no
     /// stored nonce: the row tag is a MAC (keyed BLAKE3) of (day, token tag, locator), and the
@@ -684,7 +684,7 @@ impl<'s> Ledger<'s> {
         migrate_indexed_v1(&txn)?;
         txn.commit()?;
         migrate_index_v1(store, &ratchet)?;
-        migrate_token_index_v3(store, &ratchet)?;
+        migrate_token_index_v3(store)?;
         // The actor that merges into partitions at this hub: 8 bytes naming the hub, 8 random
         // bytes per process, so a restarted hub never reuses an automerge sequence number
         // (see `shared::partition`). The hub never writes records itself, so this matters only
@@ -2038,8 +2038,8 @@ where
 
 /// Converts the trace index of `visits-by-facility-1` (sealed `Vec<IndexedVisit>` batches)
 /// and `visits-by-token-2` (a sealed [`IndexedVisit`] per QR visit) to `visits-by-facility-2`
-/// and `visits-by-token-3`, then deletes the old tables (and `visits-by-token-1`, if a hub
-/// from before `visits-by-token-2` still has it). Does nothing once they are gone.
+/// and the token runs (`token-runs-1`), then deletes the old tables (and `visits-by-token-1`,
+/// if a hub from before `visits-by-token-2` still has it). Does nothing once they are gone.
 ///
 /// The new index is rebuilt from the facility batches alone: every persist wrote each visit
 /// it indexed into its facility batch and, for a QR visit, into the token table too, in one
@@ -2167,10 +2167,12 @@ fn migrate_index_v1(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), Ledger
 /// Each write transaction takes the table's first [`MIGRATE_TOKEN_ROWS`] rows (in key order,
 /// so each day's rows come sorted), writes them as one run per day and deletes them: a move
 /// interrupted between transactions leaves every row in exactly one of the two tables, and
-/// the next open goes on. The rows are the same bytes (token tag, row tag, sealed locator);
-/// rows of days whose index key is gone (expired) are deleted, as nothing can read them.
-fn migrate_token_index_v3(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), LedgerError> {
-    let (mut moved, mut expired) = (0u64, 0u64);
+/// the next open goes on. The rows are the same bytes (token tag, row tag, sealed locator),
+/// moved unread, whatever the day keys: rows of expired days go with the next purge, and a
+/// start under the wrong `keys/` (which would see the live days as expired) deletes nothing
+/// (review of the move).
+fn migrate_token_index_v3(store: &Store) -> Result<(), LedgerError> {
+    let mut moved = 0u64;
     loop {
         let txn = store.db().begin_write()?;
         if !txn
@@ -2187,14 +2189,10 @@ fn migrate_token_index_v3(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), 
             for row in old.iter()?.take(MIGRATE_TOKEN_ROWS) {
                 let (k, v) = row?;
                 let (day, tag, row_tag) = k.value();
-                if ratchet.index_key(Day(day)).is_some() {
-                    by_day
-                        .entry(day)
-                        .or_default()
-                        .push(runs::row(tag, row_tag, v.value()));
-                } else {
-                    expired += 1;
-                }
+                by_day
+                    .entry(day)
+                    .or_default()
+                    .push(runs::row(tag, row_tag, v.value()));
                 last = Some((day, *tag, *row_tag));
                 n += 1;
             }
@@ -2214,7 +2212,6 @@ fn migrate_token_index_v3(store: &Store, ratchet: &DayKeyRatchet) -> Result<(), 
         if finished {
             tracing::info!(
                 moved,
-                expired,
                 "moved the token index into sorted runs (visits-by-token-3 -> token-runs-1)"
             );
             return Ok(());

@@ -229,6 +229,59 @@ fn the_token_index_as_one_tree_is_moved_into_runs_and_traces_the_same() {
     };
     txn.commit().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(moved, all.len() as u64, "one token row per QR visit");
+    // More rows than one transaction of the move takes (65,536), of the same day.
+    let day = {
+        let txn = hub
+            .store()
+            .db()
+            .begin_read()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let old = txn
+            .open_table(VISITS_BY_TOKEN_V3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let first = old.first().unwrap_or_else(|e| panic!("{e}"));
+        first.map(|(k, _)| k.value().0).unwrap_or_default()
+    };
+    const EXTRA: u32 = 70_000;
+    let txn = hub
+        .store()
+        .db()
+        .begin_write()
+        .unwrap_or_else(|e| panic!("{e}"));
+    {
+        let mut old = txn
+            .open_table(VISITS_BY_TOKEN_V3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..EXTRA {
+            let tag = *blake3::hash(&i.to_be_bytes()).as_bytes();
+            let mut t = [0u8; 16];
+            t.copy_from_slice(&tag[..16]);
+            old.insert((day, &t, &[1u8; 8]), &[2u8; 8])
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    txn.commit().unwrap_or_else(|e| panic!("{e}"));
+
+    // The first start of the new release under another hub's keys (a wrong or half-restored
+    // `keys/`, whose oldest day is after every day here): the move deletes nothing (review of
+    // the move: it dropped the rows of days it held no key for).
+    let key_file = dir.join("keys/day-ratchet.key");
+    let own_key = std::fs::read(&key_file).unwrap_or_else(|e| panic!("{e}"));
+    let other = tmp.path().join("other");
+    drop(
+        Hub::init(
+            &other,
+            "suwon",
+            None,
+            vec![],
+            None,
+            expected["made_at"].as_u64().unwrap_or_default() + 40 * 86_400,
+        )
+        .unwrap_or_else(|e| panic!("init: {e}")),
+    );
+    std::fs::copy(other.join("keys/day-ratchet.key"), &key_file).unwrap_or_else(|e| panic!("{e}"));
+    drop(Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}")));
+    std::fs::write(&key_file, own_key).unwrap_or_else(|e| panic!("{e}"));
 
     let l = Ledger::open(hub.store(), hub.keys()).unwrap_or_else(|e| panic!("{e}"));
     assert!(!tables(&hub).contains("visits-by-token-3"));
@@ -237,7 +290,7 @@ fn the_token_index_as_one_tree_is_moved_into_runs_and_traces_the_same() {
         .db()
         .begin_read()
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(token_rows(&txn), moved);
+    assert_eq!(token_rows(&txn), moved + u64::from(EXTRA));
     drop(txn);
     let again = l.trace(&all, 30, now).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again, trace);
