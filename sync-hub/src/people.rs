@@ -997,8 +997,13 @@ impl PurgeRun {
 pub const PURGE_STEP_TARGET: Duration = Duration::from_millis(25);
 /// The fewest rows one step deletes, however slow the disk: the purge always progresses.
 pub const PURGE_STEP_MIN_ROWS: u64 = 200;
-/// The rows of the first step, before any has been timed.
-pub const PURGE_STEP_FIRST_ROWS: u64 = 2_000;
+/// The rows (or seeks) of a table's first step, before any of its steps has been timed: the
+/// fewest, growing at most twofold a step while steps stay under the target. What a row or a
+/// seek costs differs a hundredfold between tables and between a warm and a cold page cache:
+/// at the start of a hub over a day of 3 million visits, the timer's purge walked 2,000
+/// facilities in its first step, a cold read each, and held the actor 245-356 ms
+/// (`tests/benches/stall.rs`).
+pub const PURGE_STEP_FIRST_ROWS: u64 = PURGE_STEP_MIN_ROWS;
 
 /// The rows of the next step after a step of `rows` rows took `took`, to take about `target`:
 /// scaled by `target / took`, at most doubled, between [`PURGE_STEP_MIN_ROWS`] and

@@ -16,6 +16,12 @@
 //! once with [`Busy`] (HTTP 503 with `Retry-After`), so a flood of requests cannot take every
 //! core or pile up threads. Traces have permits of their own: neither a long report nor a
 //! flood of light reads by any credential holder keeps the authority's trace waiting.
+//!
+//! Each read runs on a thread of its own at a lower CPU priority ([`READ_NICE`]) than the
+//! actor and the network: on a hub of two cores, reports and traces running back to back took
+//! the core a device's sync round waited for (round p99 2.2-4x the quiet hub's at a day of 3
+//! million visits, `tests/benches/stall.rs`); at nice 10 the scheduler gives the actor about
+//! nine tenths of a shared core, and a read only what sync leaves.
 
 use crate::audit::Event;
 use crate::auth::Principal;
@@ -243,16 +249,35 @@ where
         .map_err(OpError::from)?;
     let shared = hub.hub.clone();
     let metrics = hub.metrics.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let _slot = slot;
-        let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
-        let desk = Desk::new(&shared, &ledger, now);
-        job(&desk, &metrics)
-    })
-    .await
-    .map_err(|e| ReadError::Stopped(format!("the read failed: {e}")))?
-    .map_err(ReadError::Op)
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("hub-read".to_owned())
+        .spawn(move || {
+            let _permit = permit;
+            let _slot = slot;
+            lower_priority();
+            let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
+            let desk = Desk::new(&shared, &ledger, now);
+            // A panic drops `tx`: the caller is told the read failed.
+            let _ = tx.send(job(&desk, &metrics));
+        })
+        .map_err(|e| ReadError::Stopped(format!("cannot start the read's thread: {e}")))?;
+    rx.await
+        .map_err(|_| ReadError::Stopped("the read failed (its thread panicked)".to_owned()))?
+        .map_err(ReadError::Op)
+}
+
+/// The nice value of a read's thread (the actor's and the network's: 0). 10 weighs a thread
+/// at about a tenth of a nice-0 one in Linux's scheduler.
+pub const READ_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`READ_NICE`] (on Linux, `setpriority` of
+/// `PRIO_PROCESS` 0 is the calling thread's). A failure leaves the read at the normal
+/// priority: it is logged, the read goes on.
+fn lower_priority() {
+    if let Err(e) = rustix::process::setpriority_process(None, READ_NICE) {
+        tracing::debug!("cannot lower a read's CPU priority: {e}");
+    }
 }
 
 /// [`read`] for a trace or report that is audited: `job` answers with the report and its

@@ -27,7 +27,10 @@
 //! (traces, sizes and purge only); the folder must not exist before the first run. A folder
 //! whose build did not finish (no `region-bench.json`) is refused. Other knobs:
 //! `KIPASS_REGION_SAMPLES` (one-token traces, default 300), `KIPASS_REGION_CASES` (20-token
-//! cases, default 40), `KIPASS_REGION_PURGE=0` skips the purge (it copies the folder).
+//! cases, default 40), `KIPASS_REGION_PURGE=0` skips the purge (it copies the folder),
+//! `KIPASS_REGION_DAYS` (default 28) builds only the oldest that many of the live days: with
+//! 3,000 facilities × 1,000 visits and 2 days, the purge (here, and in `stall.rs` on the same
+//! folder) is of a day of 3 million visits, a region's, without building its whole month.
 
 use anyhow::{Context, Result, bail, ensure};
 use automerge::sync::{Message, State as SyncState, SyncDoc};
@@ -57,7 +60,8 @@ use tests::measure::{ms, percentile};
 
 /// The hub's clock: 13:00 UTC of day 20,400. Fixed, so a reused folder stays live.
 const NOW: UnixSeconds = tests::people::REGION_BENCH_NOW;
-const DAYS: u32 = 28;
+/// The live days (retention: 28 days).
+const LIVE_DAYS: u32 = 28;
 const RECORDS_PER_CHANGE: usize = 100;
 const PAPER_PERCENT: u32 = 2;
 const MARKER: &str = "region-bench.json";
@@ -67,6 +71,50 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The purge's stages in order (`ledger::PurgeJob::stage`).
+const PURGE_STAGES: [&str; 11] = [
+    "token-run-sizes-1",
+    "token-runs-1",
+    "visits-by-facility-2",
+    "hub-chunks-1",
+    "indexed-2",
+    "partition-heads-1",
+    "partition-counts-1",
+    "fallback-counts-1",
+    "device-day-records-1",
+    "device-day-keys-1",
+    "sync-states-1",
+];
+
+/// The steps a purge made in one stage.
+struct StageSteps {
+    stage: u8,
+    steps: u64,
+    /// The rows the last step was sized to.
+    rows: u64,
+    longest: Duration,
+    total: Duration,
+}
+
+impl StageSteps {
+    fn new(stage: u8) -> Self {
+        StageSteps {
+            stage,
+            steps: 0,
+            rows: 0,
+            longest: Duration::ZERO,
+            total: Duration::ZERO,
+        }
+    }
+
+    fn add(&mut self, took: Duration, rows: u64) {
+        self.steps += 1;
+        self.rows = rows;
+        self.longest = self.longest.max(took);
+        self.total += took;
+    }
 }
 
 /// Peak resident memory of this process so far, bytes (`VmHWM`).
@@ -128,6 +176,9 @@ fn copy_folder(from: &Path, to: &Path) -> Result<()> {
 struct Built {
     facilities: usize,
     per_day: usize,
+    /// Live days built, the oldest (folders of before this field: all 28).
+    #[serde(default = "all_live_days")]
+    days: u32,
     visits: u64,
     /// Sampled QR tokens, hex.
     tokens: Vec<String>,
@@ -135,6 +186,10 @@ struct Built {
     oldest_day_visits: u64,
     /// The build's report (ingest rate, sizes), printed again on reuse.
     report: Vec<String>,
+}
+
+fn all_live_days() -> u32 {
+    LIVE_DAYS
 }
 
 /// One partition as a device's first sync delivers it: the sync messages it sends an empty
@@ -401,7 +456,13 @@ fn table_report(hub: &Hub, visits: u64, out: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Result<Built> {
+fn build(
+    dir: &Path,
+    facilities: usize,
+    per_day: usize,
+    days: u32,
+    samples: usize,
+) -> Result<Built> {
     let init = Hub::init(dir, "seoul", None, vec![], None, NOW)?;
     let identity_file = init
         .authority_identity_file
@@ -411,7 +472,7 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
     let identity = sync_hub::trace::read_identity(&std::fs::read_to_string(&identity_file)?)
         .map_err(anyhow::Error::msg)?;
     let authority = identity.to_public().to_string();
-    let registered = NOW - u64::from(DAYS + 1) * DAY_SECONDS;
+    let registered = NOW - u64::from(LIVE_DAYS + 1) * DAY_SECONDS;
     let mut ids = Vec::new();
     for i in 0..facilities {
         let f = tests::people::add_facility(
@@ -429,7 +490,7 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
         tests::people::set_last_sync(&hub, &d, Some(NOW))?;
         ids.push((f, d));
     }
-    let total = (facilities * per_day) as u64 * u64::from(DAYS);
+    let total = (facilities * per_day) as u64 * u64::from(days);
     let setup = Setup {
         facilities: ids,
         ratchet: hub.keys().ratchet()?,
@@ -438,7 +499,9 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
         sample_every: (total / (samples as u64 * 2).max(1)).max(1),
     };
     let today = Day::of(NOW);
-    let first = today.minus(DAYS - 1);
+    let first = today.minus(LIVE_DAYS - 1);
+    // The oldest `days` live days.
+    let last = Day(first.0 + days - 1);
     let ledger = Ledger::open(hub.store(), hub.keys())?;
 
     // Sizes are measured after these many days (and the growth between them).
@@ -455,7 +518,7 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
         scope.spawn(move || {
             let mut rng = ChaCha20Rng::seed_from_u64(14);
             let mut n = 0usize;
-            for day in first.0..=today.0 {
+            for day in first.0..=last.0 {
                 for (f, d) in &setup.facilities {
                     let made = device_partition(setup, &mut rng, f, d, Day(day)).and_then(
                         |(p, sampled)| {
@@ -505,7 +568,7 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
         let mut turn = daemon::Turn::begin(&hub);
         let mut partitions = 0u64;
         let mut stages = Stages::default();
-        for (di, day) in (first.0..=today.0).enumerate() {
+        for (di, day) in (first.0..=last.0).enumerate() {
             let mut day_visits = 0u64;
             for _ in 0..setup.facilities.len() {
                 let d = rx.recv().context("the generator stopped")??;
@@ -554,13 +617,13 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
             if di == 0 {
                 oldest_day_visits = day_visits;
             }
-            let days = di as u32 + 1;
+            let built_days = di as u32 + 1;
             eprint!(
-                "\rday {days}/{DAYS}: {visits} visits, ingest {:.0} rec/s, {:.0} s",
+                "\rday {built_days}/{days}: {visits} visits, ingest {:.0} rec/s, {:.0} s",
                 visits as f64 / ingest.as_secs_f64(),
                 wall.elapsed().as_secs_f64()
             );
-            if checkpoints.contains(&days) {
+            if checkpoints.contains(&built_days) || built_days == days {
                 let t = Instant::now();
                 end_turn();
                 turn = daemon::Turn::begin(&hub);
@@ -570,7 +633,7 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
                 let added = visits - step_visits;
                 let step = ingest - step_ingest;
                 report.push(format!(
-                    "| {days} | {visits} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} MiB | {:.0} | {:.1} MiB | {:.0} | {:.0} |",
+                    "| {built_days} | {visits} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} MiB | {:.0} | {:.1} MiB | {:.0} | {:.0} |",
                     step.as_secs_f64(),
                     added as f64 / step.as_secs_f64(),
                     visits as f64 / ingest.as_secs_f64(),
@@ -646,6 +709,7 @@ fn build(dir: &Path, facilities: usize, per_day: usize, samples: usize) -> Resul
     let built = Built {
         facilities,
         per_day,
+        days,
         visits,
         tokens: tokens.iter().map(hex::encode).collect(),
         oldest_day_visits,
@@ -661,6 +725,10 @@ fn main() -> Result<()> {
     let samples = env("KIPASS_REGION_SAMPLES", 300);
     let cases = env("KIPASS_REGION_CASES", 40);
     let purge = env("KIPASS_REGION_PURGE", 1) != 0;
+    let days = u32::try_from(env("KIPASS_REGION_DAYS", LIVE_DAYS as usize))
+        .ok()
+        .filter(|d| (1..=LIVE_DAYS).contains(d))
+        .context("KIPASS_REGION_DAYS must be 1 to 28")?;
     let tmp;
     let (dir, reused): (PathBuf, bool) = match std::env::var_os("KIPASS_REGION_DIR") {
         Some(d) => {
@@ -683,16 +751,17 @@ fn main() -> Result<()> {
         eprintln!("reusing {} ({} visits)", dir.display(), b.visits);
         b
     } else {
-        build(&dir, facilities, per_day, samples)?
+        build(&dir, facilities, per_day, days, samples)?
     };
 
     println!("## A region's month on one hub (issue 14)");
     println!();
     println!(
-        "{} facilities × {} visits/day × {DAYS} days = {} visits ({PAPER_PERCENT}% paper), \
+        "{} facilities × {} visits/day × {} days = {} visits ({PAPER_PERCENT}% paper), \
          one device per facility, one first sync per facility-day; folder {}{}",
         built.facilities,
         built.per_day,
+        built.days,
         built.visits,
         dir.display(),
         if reused {
@@ -807,25 +876,82 @@ fn main() -> Result<()> {
         let copy = dir.with_extension("purge-copy");
         let _ = std::fs::remove_dir_all(&copy);
         copy_folder(&dir, &copy)?;
-        let result = (|| -> Result<(Duration, ledger::PurgeReport)> {
+        // As the running hub purges: the operator's purge, begun and audited by `people`, its
+        // rows deleted in steps sized to `people::PURGE_STEP_TARGET` (the actor serves sync
+        // sessions between steps), each step timed.
+        let result = (|| -> Result<(Duration, ledger::PurgeReport, Vec<StageSteps>)> {
             let hub = Hub::open(&copy)?;
             let mut ledger = Ledger::open(hub.store(), hub.keys())?;
+            let who = Principal::local_operator();
             let s = Instant::now();
-            let r = ledger.purge(NOW + 2 * DAY_SECONDS)?;
-            Ok((s.elapsed(), r))
+            let mut run = sync_hub::people::begin_purge(
+                &hub,
+                &mut ledger,
+                &who,
+                Some(NOW + 2 * DAY_SECONDS),
+                NOW,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut stages: Vec<StageSteps> = Vec::new();
+            loop {
+                let (stage, rows) = (run.stage(), run.chunk_rows());
+                let t = Instant::now();
+                let done = sync_hub::people::purge_step(&ledger, &mut run)?;
+                let took = t.elapsed();
+                match stages.last_mut() {
+                    Some(st) if st.stage == stage => st.add(took, rows),
+                    _ => {
+                        let mut st = StageSteps::new(stage);
+                        st.add(took, rows);
+                        stages.push(st);
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            let r = sync_hub::people::finish_purge(&hub, run, Ok(()), NOW)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((s.elapsed(), r, stages))
         })();
         let _ = std::fs::remove_dir_all(&copy);
-        let (took, r) = result?;
+        let (took, r, stages) = result?;
         println!();
         println!(
-            "purge of the oldest day ({} visits, {} partitions, {} index entries): {:.2} s, \
-             {:.0} visits/s; a 3,000,000-visit day at that rate: {:.1} s (linear extrapolation)",
+            "purge of the oldest day in the running hub's time-sized steps ({} visits, {} \
+             partitions, {} index entries): {:.2} s, {:.0} visits/s",
             r.records,
             r.partitions,
             r.index_entries,
             took.as_secs_f64(),
             r.records as f64 / took.as_secs_f64(),
-            3_000_000.0 * took.as_secs_f64() / r.records.max(1) as f64
+        );
+        println!();
+        println!(
+            "| purge stage | steps | budget of the last step (rows; pages of chunks) | longest step | time |"
+        );
+        println!("|---|---|---|---|---|");
+        for st in &stages {
+            println!(
+                "| {} | {} | {} | {:.1} ms | {:.0} ms |",
+                PURGE_STAGES.get(usize::from(st.stage)).unwrap_or(&"?"),
+                st.steps,
+                st.rows,
+                st.longest.as_secs_f64() * 1e3,
+                st.total.as_secs_f64() * 1e3
+            );
+        }
+        let longest = stages.iter().map(|s| s.longest).max().unwrap_or_default();
+        println!();
+        println!(
+            "longest purge step (what holds the running hub's actor): {:.1} ms (target < 100 ms: \
+             {})",
+            longest.as_secs_f64() * 1e3,
+            if longest < Duration::from_millis(100) {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
         ensure!(
             r.records == built.oldest_day_visits,
