@@ -21,7 +21,7 @@ use sync_hub::ledger::runs;
 
 const DAY: u32 = 20_000;
 /// The baseline: the token index as one B-tree, keyed (day, token tag, row tag).
-const BTREE: TableDefinition<(u32, &[u8; 16], &[u8; 8]), &[u8; 8]> =
+const BTREE: TableDefinition<sync_hub::ledger::TokenKey, &[u8; 8]> =
     TableDefinition::new("bench-visits-by-token");
 
 type Res<T> = Result<T, Box<dyn Error>>;
