@@ -253,13 +253,18 @@ where
     std::thread::Builder::new()
         .name("hub-read".to_owned())
         .spawn(move || {
-            let _permit = permit;
-            let _slot = slot;
             lower_priority();
-            let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
-            let desk = Desk::new(&shared, &ledger, now);
-            // A panic drops `tx`: the caller is told the read failed.
-            let _ = tx.send(job(&desk, &metrics));
+            let result = {
+                let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
+                let desk = Desk::new(&shared, &ledger, now);
+                job(&desk, &metrics)
+            };
+            // The read's permits go before its answer, so that a caller asking again at once
+            // is not refused by its own finished read. A panic drops `tx` (and the permits):
+            // the caller is told the read failed.
+            drop(slot);
+            drop(permit);
+            let _ = tx.send(result);
         })
         .map_err(|e| ReadError::Stopped(format!("cannot start the read's thread: {e}")))?;
     rx.await

@@ -420,6 +420,20 @@ fn reads_run_at_a_lower_cpu_priority_than_the_actor_and_a_panic_is_an_error() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(actor_nice, base);
+        // A read's permits are free once it has answered: back-to-back reports of one
+        // credential (one report at once each) are all answered, none refused as busy.
+        for i in 0..200 {
+            sync_hub::reads::read_as(
+                &handle,
+                &pool,
+                sync_hub::reads::Weight::Heavy,
+                "cred_0011223344556677",
+                now,
+                |_, _| Ok(()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("report {i}: {e}"));
+        }
         // A read that panics is an error for its caller, and the hub goes on.
         let failed = sync_hub::reads::read(
             &handle,
