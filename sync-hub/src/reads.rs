@@ -250,9 +250,13 @@ where
     let shared = hub.hub.clone();
     let metrics = hub.metrics.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // The read's thread runs inside this runtime, as tokio's blocking threads did: a trace asks
+    // the region's other hub from it (`Handle::try_current`, `crate::http`).
+    let runtime = tokio::runtime::Handle::try_current().ok();
     std::thread::Builder::new()
         .name("hub-read".to_owned())
         .spawn(move || {
+            let _runtime = runtime.as_ref().map(tokio::runtime::Handle::enter);
             lower_priority();
             let result = {
                 let ledger = Ledger::reader(shared.store(), shared.keys(), keys);
