@@ -1730,6 +1730,25 @@ enum PurgeStage {
 }
 
 impl PurgeStage {
+    /// The table this stage deletes from.
+    fn table(self) -> &'static str {
+        use PurgeStage::*;
+        match self {
+            TokenRunSizes => runs::TOKEN_RUN_SIZES.name(),
+            TokenIndex => runs::TOKEN_RUNS.name(),
+            FacilityIndex => VISITS_BY_FACILITY.name(),
+            Chunks => HUB_CHUNKS.name(),
+            Indexed => INDEXED.name(),
+            Heads => PARTITION_HEADS.name(),
+            Counts => PARTITION_COUNTS.name(),
+            Fallback => FALLBACK_COUNTS.name(),
+            DeviceRecords => DEVICE_DAY_RECORDS.name(),
+            DeviceKeys => DEVICE_DAY_KEYS.name(),
+            SyncStates => SYNC_STATES.name(),
+            Done => "done",
+        }
+    }
+
     fn next(self) -> Self {
         use PurgeStage::*;
         match self {
@@ -1771,6 +1790,11 @@ impl PurgeJob {
     /// per table.
     pub fn stage(&self) -> u8 {
         self.stage as u8
+    }
+
+    /// The name of the table the purge is at (`"done"` at the end).
+    pub fn table(&self) -> &'static str {
+        self.stage.table()
     }
 
     /// Whether every row of the expired days is gone.

@@ -982,6 +982,11 @@ impl PurgeRun {
         self.job.stage()
     }
 
+    /// The name of the table the purge is at ([`PurgeJob::table`]).
+    pub fn table(&self) -> &'static str {
+        self.job.table()
+    }
+
     /// The same purge with its steps sized to take about `target` each.
     pub fn with_step_target(mut self, target: Duration) -> Self {
         self.target = target;

@@ -73,24 +73,10 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The purge's stages in order (`ledger::PurgeJob::stage`).
-const PURGE_STAGES: [&str; 11] = [
-    "token-run-sizes-1",
-    "token-runs-1",
-    "visits-by-facility-2",
-    "hub-chunks-1",
-    "indexed-2",
-    "partition-heads-1",
-    "partition-counts-1",
-    "fallback-counts-1",
-    "device-day-records-1",
-    "device-day-keys-1",
-    "sync-states-1",
-];
-
 /// The steps a purge made in one stage.
 struct StageSteps {
-    stage: u8,
+    /// The table the stage deletes from.
+    table: &'static str,
     steps: u64,
     /// The rows the last step was sized to.
     rows: u64,
@@ -99,9 +85,9 @@ struct StageSteps {
 }
 
 impl StageSteps {
-    fn new(stage: u8) -> Self {
+    fn new(table: &'static str) -> Self {
         StageSteps {
-            stage,
+            table,
             steps: 0,
             rows: 0,
             longest: Duration::ZERO,
@@ -894,14 +880,14 @@ fn main() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut stages: Vec<StageSteps> = Vec::new();
             loop {
-                let (stage, rows) = (run.stage(), run.chunk_rows());
+                let (table, rows) = (run.table(), run.chunk_rows());
                 let t = Instant::now();
                 let done = sync_hub::people::purge_step(&ledger, &mut run)?;
                 let took = t.elapsed();
                 match stages.last_mut() {
-                    Some(st) if st.stage == stage => st.add(took, rows),
+                    Some(st) if st.table == table => st.add(took, rows),
                     _ => {
-                        let mut st = StageSteps::new(stage);
+                        let mut st = StageSteps::new(table);
                         st.add(took, rows);
                         stages.push(st);
                     }
@@ -934,7 +920,7 @@ fn main() -> Result<()> {
         for st in &stages {
             println!(
                 "| {} | {} | {} | {:.1} ms | {:.0} ms |",
-                PURGE_STAGES.get(usize::from(st.stage)).unwrap_or(&"?"),
+                st.table,
                 st.steps,
                 st.rows,
                 st.longest.as_secs_f64() * 1e3,

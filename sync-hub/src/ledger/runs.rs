@@ -32,6 +32,7 @@
 //! tags are keyed hashes under that day's index key (unlinkable to tokens and to other days
 //! without it), and the purge deletes the runs with the key (`docs/storage.md`).
 
+use super::first;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 /// `token-runs-1`: (day, run, first token tag of the piece) -> a piece of a run: rows of 32
@@ -80,17 +81,7 @@ pub fn row(tag: &[u8; 16], row_tag: &[u8; 8], sealed: &[u8; 8]) -> Row {
 
 /// (row tag, sealed locator) of a row.
 pub fn parts(r: &Row) -> ([u8; 8], [u8; 8]) {
-    let mut row_tag = [0u8; 8];
-    let mut sealed = [0u8; 8];
-    row_tag.copy_from_slice(&r[16..24]);
-    sealed.copy_from_slice(&r[24..]);
-    (row_tag, sealed)
-}
-
-fn tag_of(r: &[u8]) -> [u8; 16] {
-    let mut t = [0u8; 16];
-    t.copy_from_slice(&r[..16]);
-    t
+    (first::<8>(&r[16..]), first::<8>(&r[24..]))
 }
 
 /// What a compaction did, for the caller's metrics and tests.
@@ -150,7 +141,7 @@ fn put_run(
             end += 1;
         }
         let bytes: Vec<u8> = rows[start..end].iter().flatten().copied().collect();
-        pieces.insert((day, run, &tag_of(&rows[start])), bytes.as_slice())?;
+        pieces.insert((day, run, &first::<16>(&rows[start])), bytes.as_slice())?;
         start = end;
     }
     sizes.insert((day, run), rows.len() as u64)?;
