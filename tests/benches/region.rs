@@ -8,7 +8,7 @@
 //! (`shared::sync::Session`) sends a hub session that holds nothing are recorded, and the
 //! hub's side of the session is timed: each message is read and checked before it is applied
 //! (`validate::read_message`, `check_against`, `check_op_ids`), decoded, applied, checked again
-//! (`check_applied`) and answered, then the partition is persisted and indexed
+//! (`check_applied_message`) and answered, then the partition is persisted and indexed
 //! (`HubPartitions::persist`: the chunk, the counts and heads, the token and facility
 //! indexes). Persists commit as the hub's actor commits them (`sync_hub::daemon::Turn`: a
 //! turn's writes without fsync, one durable commit at the turn's end, `end_turn`), a turn
@@ -349,7 +349,8 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u6
         let before = part.heads();
         part.doc_mut().receive_sync_message(&mut state, message)?;
         if part.heads() != before {
-            validate::check_applied(part.doc(), &before).map_err(|e| anyhow::anyhow!("{e}"))?;
+            validate::check_applied_message(part.doc(), &before, &checked)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         let _reply = part.doc().generate_sync_message(&mut state);
         stages.apply += t.elapsed();
@@ -367,7 +368,7 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u6
 struct Stages {
     /// `validate::read_message` and `check_against`.
     check: Duration,
-    /// Decode, apply, `check_applied`, the answer.
+    /// Decode, apply, `check_applied_message`, the answer.
     apply: Duration,
     /// `HubPartitions::persist` (the write transaction, committed without fsync).
     persist: Duration,

@@ -1199,7 +1199,7 @@ impl Session {
         // automerge applies a change held back for missing dependencies only now, unchecked
         // against what the partition holds by now: check what was really applied.
         if part.heads() != heads_before
-            && let Err(e) = validate::check_applied(part.doc(), &heads_before)
+            && let Err(e) = validate::check_applied_message(part.doc(), &heads_before, &checked)
         {
             self.op_spans.remove(&partition);
             store.discard_partition(&partition, &heads_before)?;

@@ -382,14 +382,123 @@ pub fn check_applied(doc: &Automerge, before: &[ChangeHash]) -> Result<(), Chang
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         check_applied_unguarded(doc, before)
     }))
-    .unwrap_or_else(|_| {
-        Err(ChangeError::Operation {
-            change: 0,
-            op: 0,
-            key: quote(""),
-            rule: "automerge failed while reading the applied changes back".into(),
-        })
-    })
+    .unwrap_or_else(|_| Err(automerge_failed()))
+}
+
+/// [`check_applied`] after `message` (checked by [`read_message`],
+/// [`CheckedMessage::check_against`] and [`CheckedMessage::check_op_ids`]) was applied.
+///
+/// When automerge applied since `before` exactly the message's changes (the same hashes,
+/// actors, sequence numbers and operation ids: none held back, none applied from an earlier
+/// message), the keys to read back are the message's puts, which [`read_message`] decoded and
+/// compared with automerge's own decoding of each change, instead of the keys of the changes
+/// automerge rebuilds from its operations, a rebuild that cost twice the apply itself on a
+/// device's first sync (issue 14). Every key is still read back from the document as it is now
+/// and held to the same rules; a message key whose operation automerge lost would read back
+/// empty and be refused. Otherwise (a held-back change applied, one of the message's held
+/// back), this is [`check_applied`].
+pub fn check_applied_message(
+    doc: &Automerge,
+    before: &[ChangeHash],
+    message: &CheckedMessage<'_>,
+) -> Result<(), ChangeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let applied = doc.get_changes_meta(before);
+        let spans: BTreeMap<ChangeHash, &OpSpan> = message
+            .changes
+            .iter()
+            .map(|c| (c.span.hash, &c.span))
+            .collect();
+        let exactly = spans.len() == message.changes.len()
+            && applied.len() == spans.len()
+            && applied.iter().all(|m| {
+                spans.get(&m.hash).is_some_and(|s| {
+                    s.actor.as_slice() == m.actor.to_bytes()
+                        && s.seq == m.seq
+                        && s.start_op == m.start_op
+                        && s.max_op == m.max_op
+                })
+            });
+        if !exactly {
+            return check_applied_unguarded(doc, before);
+        }
+        let keys: std::collections::BTreeSet<&str> = message
+            .changes
+            .iter()
+            .flat_map(|c| c.puts.iter().map(|p| p.key))
+            .collect();
+        if before.is_empty() {
+            check_fresh_map(doc, &keys)
+        } else {
+            check_keys(doc, before, keys)
+        }
+    }))
+    .unwrap_or_else(|_| Err(automerge_failed()))
+}
+
+/// [`check_keys`] for a document that held nothing before the apply, in one pass over its root
+/// map: it must hold exactly `keys`, each one value of bytes (a key several actors put with
+/// identical bytes, a conflict automerge keeps, is read back whole and counts as one value),
+/// and nothing else. Reading each key in turn walks automerge's operations from the top for
+/// every key, ten times the cost of one pass on a device's first sync (issue 14).
+fn check_fresh_map(
+    doc: &Automerge,
+    keys: &std::collections::BTreeSet<&str>,
+) -> Result<(), ChangeError> {
+    let refuse = |key: &str, rule: &str| ChangeError::Operation {
+        change: 0,
+        op: 0,
+        key: quote(key),
+        rule: rule.to_string(),
+    };
+    let mut seen = 0usize;
+    for item in doc.map_range(ROOT, ..) {
+        let key: &str = &item.key;
+        if !keys.contains(key) {
+            return Err(refuse(
+                key,
+                "was written though no change of the message puts it",
+            ));
+        }
+        seen += 1;
+        if item.conflict {
+            check_keys(doc, &[], [key])?;
+            continue;
+        }
+        match item.value {
+            automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(_)) => {}
+            automerge::ValueRef::Object(_) => {
+                return Err(refuse(key, "holds an object after the apply"));
+            }
+            automerge::ValueRef::Scalar(_) => {
+                return Err(refuse(
+                    key,
+                    "holds a value that is not bytes after the apply",
+                ));
+            }
+        }
+    }
+    if seen != keys.len() {
+        let missing = keys
+            .iter()
+            .find(|k| doc.get(ROOT, **k).ok().flatten().is_none())
+            .copied()
+            .unwrap_or("");
+        return Err(refuse(
+            missing,
+            "holds nothing after the apply, though a change of the message puts it",
+        ));
+    }
+    Ok(())
+}
+
+fn automerge_failed() -> ChangeError {
+    ChangeError::Operation {
+        change: 0,
+        op: 0,
+        key: quote(""),
+        rule: "automerge failed while reading the applied changes back".into(),
+    }
 }
 
 fn check_applied_unguarded(doc: &Automerge, before: &[ChangeHash]) -> Result<(), ChangeError> {
@@ -412,7 +521,17 @@ fn check_applied_unguarded(doc: &Automerge, before: &[ChangeHash]) -> Result<(),
             }
         }
     }
-    for key in &keys {
+    check_keys(doc, before, keys.iter().map(String::as_str))
+}
+
+/// The rules of [`check_applied`] for each of `keys`, read back from `doc` as it is now and as
+/// of `before`.
+fn check_keys<'k>(
+    doc: &Automerge,
+    before: &[ChangeHash],
+    keys: impl IntoIterator<Item = &'k str>,
+) -> Result<(), ChangeError> {
+    for key in keys {
         let refuse = |rule: &str| ChangeError::Operation {
             change: 0,
             op: 0,
@@ -420,7 +539,7 @@ fn check_applied_unguarded(doc: &Automerge, before: &[ChangeHash]) -> Result<(),
             rule: rule.to_string(),
         };
         let read = |e: automerge::AutomergeError| refuse(&format!("cannot be read back: {e}"));
-        let now = doc.get_all(ROOT, key.as_str()).map_err(read)?;
+        let now = doc.get_all(ROOT, key).map_err(read)?;
         // A partition that held nothing before the apply held no value under any key: no
         // read of its past is needed (the read as of no heads walks the history all the same,
         // and cost more than the apply itself on a device's first sync, issue 14). What the
@@ -430,7 +549,7 @@ fn check_applied_unguarded(doc: &Automerge, before: &[ChangeHash]) -> Result<(),
         let was = if before.is_empty() {
             Vec::new()
         } else {
-            doc.get_all_at(ROOT, key.as_str(), before).map_err(read)?
+            doc.get_all_at(ROOT, key, before).map_err(read)?
         };
         if now.is_empty() {
             return Err(refuse(
@@ -1435,6 +1554,130 @@ mod tests {
             .transact(|tx| tx.put(ROOT, record_key(1), y.clone()))
             .unwrap();
         assert!(applied(Some(&held), &[&beside]).is_ok());
+    }
+
+    /// `check_applied_message` and `check_applied` over the changes `base` lacks of each of
+    /// `changes`, sent as one message (read by `read_message`, whose checks they must pass)
+    /// and applied to a fork of `base`: both verdicts, which must agree.
+    fn applied_message(
+        base: Option<&Automerge>,
+        changes: &[&Automerge],
+    ) -> (Result<(), ChangeError>, Result<(), ChangeError>) {
+        let mut doc = base.map_or_else(Automerge::new, |b| b.fork());
+        let before = doc.get_heads();
+        let mut chunks = Vec::new();
+        let mut all = Vec::new();
+        for c in changes {
+            for change in c.get_changes(&before) {
+                if !all.iter().any(|h| *h == change.hash()) {
+                    all.push(change.hash());
+                    chunks.push(change.raw_bytes().to_vec());
+                }
+            }
+        }
+        let bytes = message(chunks);
+        let checked = read_message(&bytes).unwrap();
+        let mut state = State::new();
+        doc.receive_sync_message(&mut state, Message::decode(&bytes).unwrap())
+            .unwrap();
+        (
+            check_applied_message(&doc, &before, &checked),
+            check_applied(&doc, &before),
+        )
+    }
+
+    #[test]
+    fn check_applied_message_agrees_with_check_applied_when_it_reads_the_message_keys() {
+        let (x, y) = (envelope_bytes(1, 120), envelope_bytes(2, 120));
+        let a = put_on(None, 1, x.clone());
+        let same = put_on(None, 2, x.clone());
+        let other = put_on(None, 2, y.clone());
+        let big = doc(3, 40);
+        // A partition that held nothing: one pass over its map.
+        for (changes, ok) in [
+            (vec![&big], true),
+            (vec![&a, &same], true),
+            (vec![&a, &other], false),
+            // big puts other bytes under a's key.
+            (vec![&big, &a, &same], false),
+        ] {
+            let (fast, full) = applied_message(None, &changes);
+            assert_eq!(fast.is_ok(), ok, "{fast:?}");
+            assert_eq!(fast.is_ok(), full.is_ok(), "{fast:?} against {full:?}");
+        }
+        let (fast, _) = applied_message(None, &[&a, &other]);
+        let err = fast.unwrap_err().to_string();
+        assert!(err.contains("conflicting values"), "{err}");
+        // A partition that held the key: each key read back as of before and now.
+        let held = put_on(Some(&doc(9, 0)), 9, x.clone());
+        let concurrent_same = put_on(Some(&doc(9, 0)), 5, x.clone());
+        let concurrent_other = put_on(Some(&doc(9, 0)), 5, y.clone());
+        let mut beside = held.fork().with_actor(ActorId::from([8; 16]));
+        beside
+            .transact(|tx| tx.put(ROOT, record_key(1), y.clone()))
+            .unwrap();
+        for (changes, ok) in [
+            (vec![&concurrent_same], true),
+            (vec![&concurrent_other], false),
+            (vec![&beside], true),
+        ] {
+            let (fast, full) = applied_message(Some(&held), &changes);
+            assert_eq!(fast.is_ok(), ok, "{fast:?}");
+            assert_eq!(fast.is_ok(), full.is_ok(), "{fast:?} against {full:?}");
+        }
+        // A message whose change automerge holds back (its dependency is missing) applied
+        // nothing of it: the keys of the changes really applied are read instead (none).
+        let mut next = big.fork();
+        next.transact(|tx| tx.put(ROOT, record_key(99), y.clone()))
+            .unwrap();
+        let orphan = next.get_changes(&big.get_heads()).pop().unwrap();
+        let bytes = message(vec![orphan.raw_bytes().to_vec()]);
+        let checked = read_message(&bytes).unwrap();
+        let mut target = Automerge::new();
+        target
+            .receive_sync_message(&mut State::new(), Message::decode(&bytes).unwrap())
+            .unwrap();
+        assert!(target.get_heads().is_empty(), "the change is held back");
+        assert!(check_applied_message(&target, &[], &checked).is_ok());
+    }
+
+    #[test]
+    fn one_pass_over_a_fresh_partition_holds_it_to_the_message_keys() {
+        let keys = |n: u8| -> Vec<String> { (0..n).map(record_key).collect() };
+        fn set(k: &[String]) -> std::collections::BTreeSet<&str> {
+            k.iter().map(String::as_str).collect()
+        }
+        let mut two = Automerge::new();
+        two.transact(|tx| {
+            tx.put(ROOT, record_key(0), envelope_bytes(0, 120))?;
+            tx.put(ROOT, record_key(1), envelope_bytes(1, 120))
+        })
+        .unwrap();
+        assert!(check_fresh_map(&two, &set(&keys(2))).is_ok());
+        let err = check_fresh_map(&two, &set(&keys(1)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no change of the message puts it"), "{err}");
+        let err = check_fresh_map(&two, &set(&keys(3)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds nothing after the apply"), "{err}");
+        assert!(err.contains(&record_key(2)), "{err}");
+        let mut object = Automerge::new();
+        object
+            .transact(|tx| tx.put_object(ROOT, record_key(0), ObjType::Map).map(|_| ()))
+            .unwrap();
+        let err = check_fresh_map(&object, &set(&keys(1)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds an object"), "{err}");
+        let mut text = Automerge::new();
+        text.transact(|tx| tx.put(ROOT, record_key(0), "not bytes"))
+            .unwrap();
+        let err = check_fresh_map(&text, &set(&keys(1)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not bytes"), "{err}");
     }
 
     #[test]
