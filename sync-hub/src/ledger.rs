@@ -1029,6 +1029,17 @@ impl<'s> Ledger<'s> {
                 let (a, b) = (join(a), join(b));
                 chunk.and(a).and_then(|a| b.map(|b| a.merged(b)))
             })?
+        } else if fresh.len() >= OVERLAP_INDEX_MIN {
+            // One worker opens and seals while this thread encodes the save (a device's first
+            // sync of a day: the save's DEFLATE and the unsealing cost about the same).
+            std::thread::scope(|scope| {
+                let worker = scope.spawn(|| build_index(&index, opener, fresh, revoked));
+                let chunk = self.write_chunk(&txn, partition);
+                let work = worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                chunk.and(work)
+            })?
         } else {
             let work = build_index(&index, opener, fresh, revoked)?;
             self.write_chunk(&txn, partition)?;
@@ -2351,9 +2362,12 @@ fn fixed_chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> +
     })
 }
 
-/// Below this many records to index, a persist does all its work on the calling thread:
-/// a thread costs more than it saves.
+/// From this many records to index, a persist opens and seals them on two workers while its
+/// own thread encodes the save.
 const PARALLEL_INDEX_MIN: usize = 512;
+/// From this many records to index (and below [`PARALLEL_INDEX_MIN`]), on one worker. Below
+/// it, a persist does all its work on the calling thread: a thread costs more than it saves.
+const OVERLAP_INDEX_MIN: usize = 64;
 
 /// The index rows one persist writes, built apart from the database.
 struct IndexWork {

@@ -12,9 +12,10 @@
 //! (`HubPartitions::persist`: the chunk, the counts and heads, the token and facility
 //! indexes). Persists commit as the hub's actor commits them (`sync_hub::daemon::Turn`: a
 //! turn's writes without fsync, one durable commit at the turn's end, `end_turn`), a turn
-//! taking the messages of consecutive deliveries as its inputs. A generator thread builds the
-//! next partitions while the hub ingests, so the build takes about as long as the slower of
-//! the two.
+//! taking the messages of consecutive deliveries as its inputs. The devices' side (sealing,
+//! the device's documents, the recorded messages) is generated beforehand, 256 facility-days
+//! at a time on both cores, and the hub then ingests them with the machine to itself: the
+//! devices' work is done on the devices, not on the hub.
 //!
 //! Prints, with a baseline measured in the same run (unsealing every eighth partition's
 //! records, nothing else): the ingest rate at each size step and over the whole build; the
@@ -49,7 +50,6 @@ use shared::unseal::unseal_partition;
 use shared::{DeviceId, FacilityId, PartitionId, RecordId};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use sync_hub::Hub;
 use sync_hub::auth::Principal;
@@ -318,6 +318,50 @@ fn device_messages(device: Partition, device_id: &DeviceId) -> Result<(Vec<Vec<u
     bail!("the recorded sync did not settle in 256 rounds")
 }
 
+/// Facility-days generated at a time, on both cores, before the hub ingests them.
+const GENERATE_BATCH: usize = 256;
+
+/// Facility `fi`'s delivery of `day`, from a seed of its own (so the two generator threads
+/// make the same data as one would).
+fn delivery(setup: &Setup, fi: usize, day: Day) -> Result<Delivery> {
+    let (f, d) = &setup.facilities[fi];
+    let seed = (u64::from(day.0) << 32) | fi as u64;
+    let mut rng = ChaCha20Rng::seed_from_u64(seed ^ 14);
+    let (p, sampled) = device_partition(setup, &mut rng, f, d, day)?;
+    let records = p.record_count() as u64;
+    let id = p.id().clone();
+    let (messages, p) = device_messages(p, d)?;
+    Ok(Delivery {
+        id,
+        messages,
+        records,
+        partition: (fi % 8 == 7).then_some(p),
+        sampled,
+    })
+}
+
+/// The deliveries of facilities `range` on `day`, in order, made on two threads: the
+/// devices' side of a sync is not the hub's work, so the hub ingests each batch with the
+/// machine to itself.
+fn generate(setup: &Setup, day: Day, range: std::ops::Range<usize>) -> Result<Vec<Delivery>> {
+    let mid = range.start + range.len() / 2;
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            (range.start..mid)
+                .map(|fi| delivery(setup, fi, day))
+                .collect::<Result<Vec<_>>>()
+        });
+        let second = (mid..range.end)
+            .map(|fi| delivery(setup, fi, day))
+            .collect::<Result<Vec<_>>>();
+        let mut all = first
+            .join()
+            .map_err(|_| anyhow::anyhow!("a generator thread panicked"))??;
+        all.extend(second?);
+        Ok(all)
+    })
+}
+
 /// The hub's side of one device's first sync of one partition: check, decode, apply, check
 /// again and answer each message (as `shared::sync::session` does), then persist and index.
 #[inline(never)]
@@ -493,42 +537,11 @@ fn build(
 
     // Sizes are measured after these many days (and the growth between them).
     let checkpoints = [1u32, 2, 4, 7, 14, 21, 28];
-    let (tx, rx) = mpsc::sync_channel::<Result<Delivery>>(32);
     let mut report = Vec::new();
     let mut tokens: Vec<[u8; 16]> = Vec::new();
     let mut oldest_day_visits = 0u64;
-    std::thread::scope(|scope| -> Result<()> {
-        // Owned here, so that an error below drops it and the generator's `send` fails
-        // instead of waiting forever for this thread.
-        let rx = rx;
+    {
         let setup = &setup;
-        scope.spawn(move || {
-            let mut rng = ChaCha20Rng::seed_from_u64(14);
-            let mut n = 0usize;
-            for day in first.0..=last.0 {
-                for (f, d) in &setup.facilities {
-                    let made = device_partition(setup, &mut rng, f, d, Day(day)).and_then(
-                        |(p, sampled)| {
-                            let records = p.record_count() as u64;
-                            let id = p.id().clone();
-                            n += 1;
-                            let (messages, p) = device_messages(p, d)?;
-                            Ok(Delivery {
-                                id,
-                                messages,
-                                records,
-                                partition: n.is_multiple_of(8).then_some(p),
-                                sampled,
-                            })
-                        },
-                    );
-                    let failed = made.is_err();
-                    if tx.send(made).is_err() || failed {
-                        return;
-                    }
-                }
-            }
-        });
         report.push("| days | visits | ingest s (this step) | ingest rec/s (this step) | ingest rec/s (whole build) | unseal-only rec/s (baseline) | data folder (file sizes) | B/visit (file sizes) | disk (allocated) | disk B/visit | disk B/visit added this step |".into());
         report.push("|---|---|---|---|---|---|---|---|---|---|---|".into());
         let mut visits = 0u64;
@@ -538,6 +551,7 @@ fn build(
         let mut saves = (0u64, 0u64, 0u64);
         let mut save_times = (Duration::ZERO, Duration::ZERO);
         let wall = Instant::now();
+        let mut generating = Duration::ZERO;
         // The hub's actor commits in turns (group commit): the persists of a turn without
         // fsync, then one durable commit. A device's first sync is about four inputs besides
         // its `Sync` frames (the connection's opening, `Hello`, `Done`, the close).
@@ -557,48 +571,54 @@ fn build(
         let mut stages = Stages::default();
         for (di, day) in (first.0..=last.0).enumerate() {
             let mut day_visits = 0u64;
-            for _ in 0..setup.facilities.len() {
-                let d = rx.recv().context("the generator stopped")??;
-                ensure!(d.id.day.0 == day, "deliveries out of order");
+            for batch in 0..setup.facilities.len().div_ceil(GENERATE_BATCH) {
+                let from = batch * GENERATE_BATCH;
+                let to = (from + GENERATE_BATCH).min(setup.facilities.len());
                 let t = Instant::now();
-                let indexed = hub_side(&ledger, &d, &mut stages)?;
-                let mut full = false;
-                for _ in 0..d.messages.len() + 4 {
-                    full |= turn.took();
-                }
-                if full {
+                let deliveries = generate(setup, Day(day), from..to)?;
+                generating += t.elapsed();
+                for d in deliveries {
+                    ensure!(d.id.day.0 == day, "deliveries out of order");
                     let t = Instant::now();
-                    end_turn();
-                    let took = t.elapsed();
-                    stages.commit += took;
-                    stages.longest_commit = stages.longest_commit.max(took);
-                    turn = daemon::Turn::begin(&hub);
-                }
-                ingest += t.elapsed();
-                partitions += 1;
-                ensure!(
-                    indexed == d.records,
-                    "indexed {indexed} of {} records of {}",
-                    d.records,
-                    d.id
-                );
-                visits += d.records;
-                day_visits += d.records;
-                tokens.extend(d.sampled);
-                if let Some(mut p) = d.partition {
-                    let t = Instant::now();
-                    unsealed += unseal_partition(&p, |day| setup.ratchet.secret(day))
-                        .records
-                        .len() as u64;
-                    unseal_time += t.elapsed();
-                    // What the hub's full save would weigh with and without DEFLATE.
-                    let t = Instant::now();
-                    saves.0 += p.save_uncompressed().len() as u64;
-                    let t2 = Instant::now();
-                    saves.1 += p.save().len() as u64;
-                    saves.2 += d.records;
-                    save_times.0 += t2 - t;
-                    save_times.1 += t2.elapsed();
+                    let indexed = hub_side(&ledger, &d, &mut stages)?;
+                    let mut full = false;
+                    for _ in 0..d.messages.len() + 4 {
+                        full |= turn.took();
+                    }
+                    if full {
+                        let t = Instant::now();
+                        end_turn();
+                        let took = t.elapsed();
+                        stages.commit += took;
+                        stages.longest_commit = stages.longest_commit.max(took);
+                        turn = daemon::Turn::begin(&hub);
+                    }
+                    ingest += t.elapsed();
+                    partitions += 1;
+                    ensure!(
+                        indexed == d.records,
+                        "indexed {indexed} of {} records of {}",
+                        d.records,
+                        d.id
+                    );
+                    visits += d.records;
+                    day_visits += d.records;
+                    tokens.extend(d.sampled);
+                    if let Some(mut p) = d.partition {
+                        let t = Instant::now();
+                        unsealed += unseal_partition(&p, |day| setup.ratchet.secret(day))
+                            .records
+                            .len() as u64;
+                        unseal_time += t.elapsed();
+                        // What the hub's full save would weigh with and without DEFLATE.
+                        let t = Instant::now();
+                        saves.0 += p.save_uncompressed().len() as u64;
+                        let t2 = Instant::now();
+                        saves.1 += p.save().len() as u64;
+                        saves.2 += d.records;
+                        save_times.0 += t2 - t;
+                        save_times.1 += t2.elapsed();
+                    }
                 }
             }
             if di == 0 {
@@ -668,10 +688,12 @@ fn build(
         report.insert(
             0,
             format!(
-                "built {visits} visits in {:.0} s wall ({:.0} s of it the hub's ingest); \
-                 peak RSS during the build (generator included) {:.0} MiB",
+                "built {visits} visits in {:.0} s wall ({:.0} s of it the hub's ingest, {:.0} s \
+                 the devices' side generated beforehand on both cores); peak RSS during the \
+                 build (generator included) {:.0} MiB",
                 wall.elapsed().as_secs_f64(),
                 ingest.as_secs_f64(),
+                generating.as_secs_f64(),
                 peak_rss() as f64 / (1u64 << 20) as f64
             ),
         );
@@ -686,8 +708,7 @@ fn build(
             saves.1 as f64 / saves.2.max(1) as f64,
             save_times.1.as_secs_f64() * 1e6 / saves.2.max(1) as f64,
         ));
-        Ok(())
-    })?;
+    }
     let visits: u64 = total;
     table_report(&hub, visits, &mut report)?;
     // Spread over the month, not the first days only.
