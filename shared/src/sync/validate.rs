@@ -1023,14 +1023,32 @@ fn cross_check<'a>(
             what: "automerge reads the change's operations differently".into(),
         });
     }
+    // automerge keeps operations, not change bytes: it saves and sends the changes it rebuilds
+    // from them, in its own encoding. A change in any other encoding (an actor listed that no
+    // operation uses, say) is applied, but rebuilt under another hash, and the partition's
+    // save no longer loads (its heads do not match: found in review). Re-encoding what was
+    // decoded must give the change's own hash.
+    let (seq, start_op, max_op) = (change.seq(), change.start_op().get(), change.max_op());
+    let actor = change.actor_id().to_bytes().to_vec();
+    let mut canonical = expanded;
+    canonical.hash = None;
+    let rebuilt = std::panic::catch_unwind(move || automerge::Change::from(canonical).hash());
+    if rebuilt.ok() != Some(hash) {
+        return Err(ChangeError::Malformed {
+            offset,
+            what: "the change is not in automerge's own encoding (automerge would store it \
+                   under another hash, and the partition would no longer load)"
+                .into(),
+        });
+    }
     Ok(CheckedChange {
         puts: puts.to_vec(),
         span: OpSpan {
             hash,
-            actor: change.actor_id().to_bytes().to_vec(),
-            seq: change.seq(),
-            start_op: change.start_op().get(),
-            max_op: change.max_op(),
+            actor,
+            seq,
+            start_op,
+            max_op,
         },
     })
 }
@@ -1678,6 +1696,78 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not bytes"), "{err}");
+    }
+
+    /// An honest change chunk re-encoded with `others` listed as other actors, commit message
+    /// `msg` and `extra` bytes after the columns, its checksum fixed.
+    fn recraft(chunk: &[u8], others: &[[u8; 16]], msg: &str, extra: &[u8]) -> Vec<u8> {
+        let mut r = Reader::new(chunk, 0);
+        r.take(8).unwrap();
+        assert_eq!(r.u8().unwrap(), 1);
+        let len = r.uleb().unwrap() as usize;
+        let body = &chunk[r.pos..r.pos + len];
+        let mut b = Reader::new(body, 0);
+        let deps = b.uleb().unwrap() as usize;
+        b.take(deps * 32).unwrap();
+        let actor = b.uleb().unwrap() as usize;
+        b.take(actor).unwrap();
+        b.uleb().unwrap(); // seq
+        b.uleb().unwrap(); // start op
+        b.sleb().unwrap(); // time
+        let head_end = b.pos;
+        let message_len = b.uleb().unwrap() as usize;
+        b.take(message_len).unwrap();
+        for _ in 0..b.uleb().unwrap() {
+            let l = b.uleb().unwrap() as usize;
+            b.take(l).unwrap();
+        }
+        let mut body2 = body[..head_end].to_vec();
+        leb(&mut body2, msg.len() as u64);
+        body2.extend_from_slice(msg.as_bytes());
+        leb(&mut body2, others.len() as u64);
+        for o in others {
+            leb(&mut body2, 16);
+            body2.extend_from_slice(o);
+        }
+        body2.extend_from_slice(&body[b.pos..]);
+        body2.extend_from_slice(extra);
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&[0, 0, 0, 0, 1]);
+        leb(&mut out, body2.len() as u64);
+        out.extend_from_slice(&body2);
+        let hash = automerge::Change::try_from(&out[..]).unwrap().hash();
+        out[4..8].copy_from_slice(&hash.0[..4]);
+        out
+    }
+
+    #[test]
+    fn a_change_not_in_automerges_own_encoding_is_refused_before_it_breaks_the_partition() {
+        let base = doc(1, 2);
+        let mut other = base.fork().with_actor(ActorId::from([2; 16]));
+        other
+            .transact(|tx| tx.put(ROOT, record_key(7), envelope_bytes(7, 120)))
+            .unwrap();
+        let honest = other.get_changes(&base.get_heads()).pop().unwrap();
+        // Re-encoded as it was, and with a commit message: automerge's own encoding.
+        for msg in ["", "hi"] {
+            let same = recraft(honest.raw_bytes(), &[], msg, &[]);
+            read_message(&message(vec![same])).unwrap();
+        }
+        // An actor listed that no operation uses (the partition knows it: actor 1). Before the
+        // check, every check passed, automerge applied the change, and the partition's save
+        // no longer loaded: automerge rebuilt the change without the actor, under another
+        // hash (review of issue 14's check_applied_message).
+        let bytes = message(vec![recraft(honest.raw_bytes(), &[[1; 16]], "", &[])]);
+        let err = read_message(&bytes).unwrap_err().to_string();
+        assert!(err.contains("not in automerge's own encoding"), "{err}");
+        // What the old checks let through, shown on automerge directly.
+        let mut part = base.fork();
+        part.receive_sync_message(&mut State::new(), Message::decode(&bytes).unwrap())
+            .unwrap();
+        assert!(
+            Automerge::load(&part.save()).is_err(),
+            "automerge reloads the partition: the refusal above guards nothing"
+        );
     }
 
     #[test]
