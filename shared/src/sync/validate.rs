@@ -1771,6 +1771,41 @@ mod tests {
     }
 
     #[test]
+    fn a_change_whose_dependencies_are_out_of_order_is_not_automerges_own_encoding() {
+        let base = doc(1, 2);
+        let mut a = base.fork().with_actor(ActorId::from([2; 16]));
+        a.transact(|tx| tx.put(ROOT, record_key(7), envelope_bytes(7, 120)))
+            .unwrap();
+        let mut b = base.fork().with_actor(ActorId::from([3; 16]));
+        b.transact(|tx| tx.put(ROOT, record_key(8), envelope_bytes(8, 120)))
+            .unwrap();
+        let mut both = a.fork();
+        both.merge(&mut b).unwrap();
+        let heads = both.get_heads();
+        assert_eq!(heads.len(), 2);
+        let mut c = both.fork().with_actor(ActorId::from([4; 16]));
+        c.transact(|tx| tx.put(ROOT, record_key(9), envelope_bytes(9, 120)))
+            .unwrap();
+        let honest = c.get_changes(&heads).pop().unwrap();
+        read_message(&message(vec![honest.raw_bytes().to_vec()])).unwrap();
+        // The same change with its two dependencies swapped: automerge reads it (another
+        // hash), but never writes one so.
+        let mut raw = honest.raw_bytes().to_vec();
+        let mut r = Reader::new(&raw, 0);
+        r.take(9).unwrap();
+        r.uleb().unwrap();
+        let at = r.pos;
+        assert_eq!(raw[at], 2, "two dependencies");
+        let first: Vec<u8> = raw[at + 1..at + 33].to_vec();
+        raw.copy_within(at + 33..at + 65, at + 1);
+        raw[at + 33..at + 65].copy_from_slice(&first);
+        let hash = automerge::Change::try_from(&raw[..]).unwrap().hash();
+        raw[4..8].copy_from_slice(&hash.0[..4]);
+        let err = read_message(&message(vec![raw])).unwrap_err().to_string();
+        assert!(err.contains("not in automerge's own encoding"), "{err}");
+    }
+
+    #[test]
     fn two_copies_whose_changes_reuse_operation_ids_do_not_merge() {
         let a = doc(1, 3);
         // Honest copies: another actor's change on a fork, and the same actor going on.
