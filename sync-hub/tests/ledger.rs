@@ -706,36 +706,45 @@ fn purge_destroys_the_day_everywhere() {
 }
 
 #[test]
-fn a_large_partition_is_indexed_like_a_small_one() {
-    // Enough records that persist indexes on two worker threads, one half each.
-    let f = fixture();
-    let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
-    let visits: Vec<Visit> = (0..700u64)
-        .map(|i| {
-            if i % 100 == 0 {
-                Visit::Paper(T0 + i)
-            } else {
-                let mut t = [0u8; 16];
-                t[..8].copy_from_slice(&i.to_be_bytes());
-                t[8] = 0x42;
-                Visit::Qr(t, T0 + i)
-            }
-        })
-        .collect();
-    let p = device_partition(&f, &fa, &da, DAY, &visits);
-    let l = ledger(&f);
-    let mut copy = hub_copy(&l, &p);
-    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(700));
-    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(0));
-    let mut case = [0u8; 16];
-    case[..8].copy_from_slice(&5u64.to_be_bytes());
-    case[8] = 0x42;
-    let trace = l.trace(&[case], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(trace.visits.len(), 1);
-    assert_eq!(trace.visits[0].scanned_at, T0 + 5);
-    assert_eq!(trace.contacts.len(), 699);
-    assert_eq!(trace.contacts.iter().filter(|c| c.paper).count(), 7);
-    assert_eq!(l.stats(NOW).map(|s| s.records).ok(), Some(700));
+fn partitions_of_every_size_are_indexed_alike() {
+    // Below 64 fresh records a persist indexes on its own thread; from 64, one worker opens
+    // and seals while the persist's thread encodes the save; from 512, two workers, one half
+    // each. Each side of each threshold is indexed the same.
+    for n in [63u64, 64, 200, 511, 512, 700] {
+        let f = fixture();
+        let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
+        let visits: Vec<Visit> = (0..n)
+            .map(|i| {
+                if i % 100 == 0 {
+                    Visit::Paper(T0 + i)
+                } else {
+                    let mut t = [0u8; 16];
+                    t[..8].copy_from_slice(&i.to_be_bytes());
+                    t[8] = 0x42;
+                    Visit::Qr(t, T0 + i)
+                }
+            })
+            .collect();
+        let p = device_partition(&f, &fa, &da, DAY, &visits);
+        let l = ledger(&f);
+        let mut copy = hub_copy(&l, &p);
+        assert_eq!(l.persist(&mut copy, NOW).ok(), Some(n), "{n} records");
+        assert_eq!(l.persist(&mut copy, NOW).ok(), Some(0), "{n} records again");
+        let mut case = [0u8; 16];
+        case[..8].copy_from_slice(&5u64.to_be_bytes());
+        case[8] = 0x42;
+        let trace = l.trace(&[case], 30, NOW).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(trace.visits.len(), 1, "{n} records");
+        assert_eq!(trace.visits[0].scanned_at, T0 + 5);
+        assert_eq!(trace.contacts.len() as u64, n - 1, "{n} records");
+        let paper = n.div_ceil(100) as usize;
+        assert_eq!(
+            trace.contacts.iter().filter(|c| c.paper).count(),
+            paper,
+            "{n} records"
+        );
+        assert_eq!(l.stats(NOW).map(|s| s.records).ok(), Some(n));
+    }
 }
 
 #[test]
