@@ -1805,6 +1805,240 @@ mod tests {
         assert!(err.contains("not in automerge's own encoding"), "{err}");
     }
 
+    /// A small deterministic generator for the differential test below (xorshift).
+    struct Xs(u64);
+
+    impl Xs {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+    }
+
+    /// Every root-map key with all the values automerge keeps under it (bytes, or what else).
+    type Snap = BTreeMap<String, Vec<Result<Vec<u8>, String>>>;
+
+    fn snap(doc: &Automerge) -> Snap {
+        doc.keys(ROOT)
+            .map(|k| {
+                let values = doc
+                    .get_all(ROOT, k.as_str())
+                    .unwrap()
+                    .into_iter()
+                    .map(|(v, _)| match v {
+                        Value::Scalar(s) => match s.as_ref() {
+                            ScalarValue::Bytes(b) => Ok(b.clone()),
+                            other => Err(format!("{other:?}")),
+                        },
+                        Value::Object(o) => Err(format!("an object {o:?}")),
+                    })
+                    .collect();
+                (k, values)
+            })
+            .collect()
+    }
+
+    /// The partition's rules between two snapshots: keys under `r/` or `k/` only, each one
+    /// value of bytes, none changed or deleted.
+    fn rules(before: &Snap, now: &Snap) -> Result<(), String> {
+        for (k, values) in now {
+            if !(k.starts_with("r/") || k.starts_with("k/")) {
+                return Err(format!("key {k} outside r/ and k/"));
+            }
+            let mut distinct: Vec<&Vec<u8>> = Vec::new();
+            for v in values {
+                let b = v.as_ref().map_err(|e| format!("{k} holds {e}"))?;
+                if !distinct.contains(&b) {
+                    distinct.push(b);
+                }
+            }
+            if distinct.len() != 1 {
+                return Err(format!("{k} holds {} distinct values", distinct.len()));
+            }
+            if let Some(old) = before.get(k)
+                && old.iter().any(|o| o.as_ref().ok() != Some(distinct[0]))
+            {
+                return Err(format!("{k} changed"));
+            }
+        }
+        match before.keys().find(|k| !now.contains_key(*k)) {
+            Some(k) => Err(format!("{k} deleted")),
+            None => Ok(()),
+        }
+    }
+
+    /// Changes by three actors, some concurrent, some putting held keys again, some reusing a
+    /// sequence number and operation ids on a fork of the actor's own history.
+    fn pool(rng: &mut Xs) -> Vec<automerge::Change> {
+        let actors = [1u8, 2, 3];
+        let mut docs: Vec<Automerge> = actors
+            .iter()
+            .map(|a| Automerge::new().with_actor(ActorId::from([*a; 16])))
+            .collect();
+        let mut history: Vec<Vec<Vec<ChangeHash>>> = vec![vec![vec![]]; actors.len()];
+        let mut pool: Vec<automerge::Change> = Vec::new();
+        for _ in 0..(4 + rng.below(8)) {
+            let a = rng.below(actors.len());
+            if !pool.is_empty() && rng.chance(60) {
+                let take: Vec<automerge::Change> =
+                    pool.iter().filter(|_| rng.chance(50)).cloned().collect();
+                let mut copy = docs[a].clone();
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    copy.apply_changes(take).is_ok()
+                }))
+                .unwrap_or(false);
+                if ok && copy.get_missing_deps(&[]).is_empty() {
+                    docs[a] = copy;
+                }
+            }
+            let rogue = rng.chance(15) && history[a].len() > 1;
+            let mut target = if rogue {
+                let at = history[a][rng.below(history[a].len() - 1)].clone();
+                match docs[a].fork_at(&at) {
+                    Ok(d) => d.with_actor(ActorId::from([actors[a]; 16])),
+                    Err(_) => continue,
+                }
+            } else {
+                docs[a].clone()
+            };
+            let before = target.get_heads();
+            let mut puts = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                let (k, v) = if rng.chance(15) {
+                    let s = rng.below(2) as u8;
+                    (
+                        session_key(s),
+                        wrapped_bytes([s; 16], 1 + rng.below(2) as u8),
+                    )
+                } else {
+                    (
+                        record_key(rng.below(6) as u8),
+                        envelope_bytes(1 + rng.below(2) as u8, 120),
+                    )
+                };
+                let held = target.get(ROOT, k.as_str()).ok().flatten().is_some()
+                    || puts.iter().any(|(p, _)| *p == k);
+                if !held || rng.chance(3) {
+                    puts.push((k, v));
+                }
+            }
+            if puts.is_empty() && !rng.chance(10) {
+                continue;
+            }
+            let made = target.transact(|tx| {
+                for (k, v) in &puts {
+                    tx.put(ROOT, k.as_str(), v.clone())?;
+                }
+                Ok::<_, automerge::AutomergeError>(())
+            });
+            if made.is_err() {
+                continue;
+            }
+            pool.extend(target.get_changes(&before));
+            if !rogue {
+                docs[a] = target;
+                history[a].push(docs[a].get_heads());
+            }
+        }
+        pool
+    }
+
+    /// Sessions of random messages from a pool of honest, concurrent, repeated and rogue
+    /// changes, checked in the session's order (read, against the partition, operation ids,
+    /// apply, after the apply): `check_applied_message` never accepts what `check_applied`
+    /// refuses, and what it accepts keeps the partition's rules and still loads from its save
+    /// (found in review: a change automerge rebuilt under another hash did not).
+    #[test]
+    fn check_applied_message_accepts_nothing_check_applied_refuses() {
+        let mut wrong = Vec::new();
+        let mut accepted = 0usize;
+        for seed in 1..=300u64 {
+            let mut rng = Xs(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let pool = pool(&mut rng);
+            if pool.is_empty() {
+                continue;
+            }
+            let mut doc = Automerge::new();
+            let mut state = State::new();
+            let mut earlier: Vec<OpSpan> = Vec::new();
+            for m in 0..(1 + rng.below(6)) {
+                let mut picked: Vec<usize> = (0..pool.len()).filter(|_| rng.chance(35)).collect();
+                if picked.is_empty() {
+                    picked.push(rng.below(pool.len()));
+                }
+                if rng.chance(30) {
+                    for i in (1..picked.len()).rev() {
+                        picked.swap(i, rng.below(i + 1));
+                    }
+                }
+                if rng.chance(10) {
+                    picked.push(picked[rng.below(picked.len())]);
+                }
+                let bytes = message(
+                    picked
+                        .iter()
+                        .map(|i| pool[*i].raw_bytes().to_vec())
+                        .collect(),
+                );
+                let Ok(checked) = read_message(&bytes) else {
+                    continue;
+                };
+                if checked.check_against(Some(&doc)).is_err() {
+                    break;
+                }
+                let Ok(spans) = checked.check_op_ids(Some(&doc), &earlier) else {
+                    break;
+                };
+                let saved = doc.save_nocompress();
+                let before = doc.get_heads();
+                let before_snap = snap(&doc);
+                let decoded = Message::decode(&bytes).unwrap();
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    doc.receive_sync_message(&mut state, decoded)
+                }));
+                if applied.is_err() {
+                    break;
+                }
+                if doc.get_heads() != before {
+                    let new = check_applied_message(&doc, &before, &checked);
+                    let old = check_applied(&doc, &before);
+                    if new.is_ok() && old.is_err() {
+                        wrong.push(format!("seed {seed} message {m}: {old:?}"));
+                    }
+                    if new.is_err() {
+                        doc = Automerge::load(&saved).unwrap();
+                        break;
+                    }
+                    accepted += 1;
+                    if let Err(e) = rules(&before_snap, &snap(&doc)) {
+                        wrong.push(format!("seed {seed} message {m}: accepted, but {e}"));
+                    }
+                    if let Err(e) = Automerge::load(&doc.save_nocompress()) {
+                        wrong.push(format!("seed {seed} message {m}: accepted, no reload: {e}"));
+                    }
+                }
+                if doc.get_missing_deps(&[]).is_empty() {
+                    earlier.clear();
+                } else {
+                    earlier.extend(spans);
+                }
+            }
+        }
+        assert!(
+            accepted > 100,
+            "only {accepted} applies accepted: the test tests little"
+        );
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
     #[test]
     fn two_copies_whose_changes_reuse_operation_ids_do_not_merge() {
         let a = doc(1, 3);
