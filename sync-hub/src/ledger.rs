@@ -1012,33 +1012,31 @@ impl<'s> Ledger<'s> {
         let (already, indexed_rows) = read_indexed(&txn.open_table(INDEXED)?, f, day)?;
         let fresh = hub::fresh_records(records, |rid| already.contains(&rid.0));
         let opener = self.opener(partition);
-        let work = if fresh.len() >= PARALLEL_INDEX_MIN {
-            // Two workers open and seal one half each while this thread encodes the save.
+        let work = if fresh.len() >= OVERLAP_INDEX_MIN {
+            // Workers open and seal while this thread encodes the save: one (a device's first
+            // sync of a day: the save's DEFLATE and the unsealing cost about the same), or two
+            // from PARALLEL_INDEX_MIN records, one half each.
             let mut first = fresh;
-            let second = first.split_off(first.len() / 2);
-            let opener_b = self.opener(partition);
+            let second =
+                (first.len() >= PARALLEL_INDEX_MIN).then(|| first.split_off(first.len() / 2));
+            let second = second.map(|records| (self.opener(partition), records));
+            let index = &index;
             std::thread::scope(|scope| {
-                let a = scope.spawn(|| build_index(&index, opener, first, revoked));
-                let b = scope.spawn(|| build_index(&index, opener_b, second, revoked));
+                let a = scope.spawn(move || build_index(index, opener, first, revoked));
+                let b = second.map(|(opener, records)| {
+                    scope.spawn(move || build_index(index, opener, records, revoked))
+                });
                 let chunk = self.write_chunk(&txn, partition);
                 let join =
                     |h: std::thread::ScopedJoinHandle<'_, Result<IndexWork, LedgerError>>| {
                         h.join()
                             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
                     };
-                let (a, b) = (join(a), join(b));
-                chunk.and(a).and_then(|a| b.map(|b| a.merged(b)))
-            })?
-        } else if fresh.len() >= OVERLAP_INDEX_MIN {
-            // One worker opens and seals while this thread encodes the save (a device's first
-            // sync of a day: the save's DEFLATE and the unsealing cost about the same).
-            std::thread::scope(|scope| {
-                let worker = scope.spawn(|| build_index(&index, opener, fresh, revoked));
-                let chunk = self.write_chunk(&txn, partition);
-                let work = worker
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                chunk.and(work)
+                let (a, b) = (join(a), b.map(join));
+                chunk.and(a).and_then(|a| match b {
+                    Some(b) => b.map(|b| a.merged(b)),
+                    None => Ok(a),
+                })
             })?
         } else {
             let work = build_index(&index, opener, fresh, revoked)?;
