@@ -812,7 +812,8 @@ impl<'d> Shell for EdgeShell<'_, 'd> {
 enum Step {
     /// Flush what the session queued (an initiator's `Hello`).
     Start,
-    Frame(Frame),
+    /// A frame, its `Sync` message already read (before the device is locked).
+    Frame(shared::sync::Inbound),
     Malformed(shared::sync::FrameError),
     Closed,
     /// This side ends the session (a served sibling over its bounds).
@@ -927,8 +928,8 @@ async fn drive(
             Ok(Ok(Some(n))) => match decoder.push(&buf[..n]) {
                 Err(e) => inputs.push(Step::Malformed(e)),
                 Ok(()) => loop {
-                    match decoder.pop() {
-                        Ok(Some(frame)) => {
+                    match decoder.pop_sized() {
+                        Ok(Some((frame, len))) => {
                             if !raised {
                                 decoder.set_limit(shared::sync::MAX_FRAME_BYTES);
                                 raised = true;
@@ -948,7 +949,7 @@ async fn drive(
                                     break;
                                 }
                             }
-                            inputs.push(Step::Frame(frame));
+                            inputs.push(Step::Frame(shared::sync::Inbound::read(frame, len)));
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -1299,12 +1300,12 @@ mod tests {
         for _ in 0..200 {
             let mut to_a = Vec::new();
             for f in std::mem::take(&mut to_b) {
-                to_a.extend(nb.step(Step::Frame(f)));
+                to_a.extend(nb.step(Step::Frame(f.into())));
             }
             b_sent.extend(to_a.iter().map(Frame::kind));
             for f in to_a {
                 before_a(na.dev);
-                to_b.extend(na.step(Step::Frame(f)));
+                to_b.extend(na.step(Step::Frame(f.into())));
             }
             if to_b.is_empty() {
                 break;

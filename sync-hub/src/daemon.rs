@@ -40,9 +40,9 @@ use shared::partition::Partition;
 use shared::sync::driver::{self, Abort, End, Link, Shell};
 use shared::sync::harness::MemoryStore;
 use shared::sync::{
-    ALPN, Decision, Frame, FrameDecoder, FrameError, MAX_FRAME_BYTES, MAX_PARTITIONS_PER_SESSION,
-    PartitionStore, PartitionSummary, Peer, PeerHello, RefuseReason, Session, Side, StoreError,
-    WireStats,
+    ALPN, Decision, Frame, FrameDecoder, FrameError, Inbound, MAX_FRAME_BYTES,
+    MAX_PARTITIONS_PER_SESSION, PartitionStore, PartitionSummary, Peer, PeerHello, RefuseReason,
+    Session, Side, StoreError, WireStats,
 };
 use shared::ticket::{Refresh, Sibling};
 use shared::time::Day;
@@ -438,9 +438,10 @@ enum Input {
         facility: FacilityId,
         reply: tmpsc::Sender<Output>,
     },
+    /// A frame, its `Sync` message already read on the connection's task.
     Frame {
         conn: u64,
-        frame: Frame,
+        frame: Inbound,
     },
     Malformed {
         conn: u64,
@@ -658,10 +659,11 @@ impl Conn {
         &mut self,
         hub: &Hub,
         ledger: &Ledger<'_>,
-        frame: Frame,
+        frame: impl Into<Inbound>,
         now: UnixSeconds,
         metrics: &Metrics,
     ) {
+        let frame = frame.into();
         if let Some(detail) = self.over_session_bytes(&frame) {
             metrics.quota_refusals.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -753,7 +755,7 @@ impl Conn {
 
     /// Counts `frame` against the session's byte quota once the peer is admitted: over it,
     /// the detail to refuse with (before the frame is handled).
-    fn over_session_bytes(&mut self, frame: &Frame) -> Option<String> {
+    fn over_session_bytes(&mut self, frame: &Inbound) -> Option<String> {
         if self.facility.is_none() || self.link.session().is_finished() {
             return None;
         }
@@ -1470,9 +1472,25 @@ async fn forward_frames(
     }
     let mut frames = 0;
     loop {
-        match decoder.pop() {
-            Ok(Some(frame)) => {
+        match decoder.pop_sized() {
+            Ok(Some((frame, len))) => {
                 frames += 1;
+                // A `Sync` message is read and checked on its own here, on the connection's
+                // task, not on the actor that every session shares; a large one on the
+                // blocking pool, not on a worker of the runtime that moves every connection's
+                // bytes. The order of the frames is kept: the next waits for this one.
+                let frame = if len <= READ_INLINE_MAX {
+                    Inbound::read(frame, len)
+                } else {
+                    match tokio::task::spawn_blocking(move || Inbound::read(frame, len)).await {
+                        Ok(frame) => frame,
+                        Err(e) => {
+                            tracing::error!("reading a sync message failed: {e}");
+                            let _ = tx.send(Input::Closed { conn }).await;
+                            return None;
+                        }
+                    }
+                };
                 tx.send(Input::Frame { conn, frame }).await.ok()?;
             }
             Ok(None) => return Some(frames),
@@ -1483,6 +1501,10 @@ async fn forward_frames(
         }
     }
 }
+
+/// The largest frame whose `Sync` message a connection's task reads on the runtime's own
+/// worker (about a millisecond of work); larger ones go to the blocking pool.
+const READ_INLINE_MAX: usize = 64 * 1024;
 
 /// How long dialling the peer hub may take before the link gives up for this round.
 pub const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -43,8 +43,8 @@ use shared::envelope::{Record, RecordBody, SessionKey};
 use shared::paper::PaperEntry;
 use shared::partition::{Partition, session_actor};
 use shared::sync::harness::MemoryStore;
-use shared::sync::validate;
-use shared::sync::{Decision, Event, Frame, PartitionStore, Peer, Session};
+use shared::sync::validate::{self, ReadMessage};
+use shared::sync::{Decision, Event, Frame, FrameDecoder, Inbound, PartitionStore, Peer, Session};
 use shared::time::{DAY_SECONDS, Day, UnixSeconds};
 use shared::unseal::unseal_partition;
 use shared::{DeviceId, FacilityId, PartitionId, RecordId};
@@ -182,7 +182,9 @@ fn all_live_days() -> u32 {
 /// hub, and the tokens sampled from it.
 struct Delivery {
     id: PartitionId,
-    messages: Vec<Vec<u8>>,
+    /// The device's `Sync` frames as they go on the wire (`Frame::encode`: length prefix,
+    /// the message deflated by the device).
+    frames: Vec<Vec<u8>>,
     records: u64,
     /// For the unseal baseline (every eighth partition).
     partition: Option<Partition>,
@@ -287,8 +289,8 @@ fn device_messages(device: Partition, device_id: &DeviceId) -> Result<(Vec<Vec<u
         let mut moved = false;
         while let Some(f) = dev.poll_transmit() {
             moved = true;
-            if let Frame::Sync { message, .. } = &f {
-                sent.push(message.clone());
+            if let Frame::Sync { .. } = &f {
+                sent.push(f.encode()?);
             }
             hub.handle_frame(NOW, f, &mut hub_store);
         }
@@ -320,6 +322,9 @@ fn device_messages(device: Partition, device_id: &DeviceId) -> Result<(Vec<Vec<u
 
 /// Facility-days generated at a time, on both cores, before the hub ingests them.
 const GENERATE_BATCH: usize = 256;
+/// How many deliveries the connections' side reads ahead of the actor (the daemon's actor
+/// queue holds up to `daemon::ACTOR_QUEUE` inputs of every connection).
+const READ_AHEAD: usize = 16;
 
 /// Facility `fi`'s delivery of `day`, from a seed of its own (so the two generator threads
 /// make the same data as one would).
@@ -330,10 +335,10 @@ fn delivery(setup: &Setup, fi: usize, day: Day) -> Result<Delivery> {
     let (p, sampled) = device_partition(setup, &mut rng, f, d, day)?;
     let records = p.record_count() as u64;
     let id = p.id().clone();
-    let (messages, p) = device_messages(p, d)?;
+    let (frames, p) = device_messages(p, d)?;
     Ok(Delivery {
         id,
-        messages,
+        frames,
         records,
         partition: (fi % 8 == 7).then_some(p),
         sampled,
@@ -362,15 +367,42 @@ fn generate(setup: &Setup, day: Day, range: std::ops::Range<usize>) -> Result<Ve
     })
 }
 
-/// The hub's side of one device's first sync of one partition: check, decode, apply, check
-/// again and answer each message (as `shared::sync::session` does), then persist and index.
+/// What the connection's task does with a delivery's bytes before the actor sees them
+/// (`sync_hub::daemon`, `forward_frames`): decodes the frames (inflating the deflated
+/// messages) and reads each `Sync` message on its own (`Inbound::read`).
 #[inline(never)]
-fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u64> {
+fn connection_side(d: &Delivery) -> Result<Vec<ReadMessage>> {
+    let mut decoder = FrameDecoder::new();
+    let mut read = Vec::with_capacity(d.frames.len());
+    for bytes in &d.frames {
+        decoder.push(bytes)?;
+        while let Some((frame, len)) = decoder.pop_sized()? {
+            let (partition, message) = Inbound::read(frame, len)
+                .into_sync()
+                .context("a recorded frame that is not a Sync")?;
+            ensure!(partition == d.id, "a frame for another partition");
+            read.push(message);
+        }
+    }
+    decoder.finish()?;
+    Ok(read)
+}
+
+/// The hub's side of one device's first sync of one partition on the actor: check against
+/// the partition, decode, apply, check again and answer each message read on the
+/// connection's side (as `shared::sync::session` does), then persist and index.
+#[inline(never)]
+fn hub_side(
+    ledger: &Ledger<'_>,
+    d: &Delivery,
+    read: &[ReadMessage],
+    stages: &mut Stages,
+) -> Result<u64> {
     let mut parts = ledger.partitions(d.id.facility.clone(), NOW);
     let mut state = SyncState::new();
-    for m in &d.messages {
+    for m in read {
         let t = Instant::now();
-        let checked = validate::read_message(m).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let checked = m.checked().map_err(|e| anyhow::anyhow!("{e}"))?;
         match parts.partition_mut(&d.id)? {
             Some(part) => checked.check_against(Some(part.doc())),
             None => checked.check_against(None),
@@ -383,7 +415,7 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u6
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         stages.check += t.elapsed();
         let t = Instant::now();
-        let message = Message::decode(m)?;
+        let message = Message::decode(m.bytes())?;
         if parts.partition_mut(&d.id)?.is_none() {
             parts.create_partition(&d.id)?;
         }
@@ -410,7 +442,10 @@ fn hub_side(ledger: &Ledger<'_>, d: &Delivery, stages: &mut Stages) -> Result<u6
 /// Where the hub's side of the build spends its time.
 #[derive(Default)]
 struct Stages {
-    /// `validate::read_message` and `check_against`.
+    /// The connections' side (`connection_side`: frames decoded, messages read), beside the
+    /// actor's.
+    read: Duration,
+    /// `check_against` and `check_op_ids`, on the actor.
     check: Duration,
     /// Decode, apply, `check_applied_message`, the answer.
     apply: Duration,
@@ -577,23 +612,51 @@ fn build(
                 let t = Instant::now();
                 let deliveries = generate(setup, Day(day), from..to)?;
                 generating += t.elapsed();
-                for d in deliveries {
-                    ensure!(d.id.day.0 == day, "deliveries out of order");
-                    let t = Instant::now();
-                    let indexed = hub_side(&ledger, &d, &mut stages)?;
-                    let mut full = false;
-                    for _ in 0..d.messages.len() + 4 {
-                        full |= turn.took();
+                // The hub's ingest of the batch, timed as a whole: the connections' side
+                // (`connection_side`) on a thread of its own, as the daemon's connection
+                // tasks run beside its actor, at most READ_AHEAD deliveries ahead; the actor's
+                // side (`hub_side`, the turns) on this one.
+                let t = Instant::now();
+                let ingested = std::thread::scope(|scope| -> Result<Vec<(Delivery, u64)>> {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+                    let reader = scope.spawn(move || {
+                        let mut busy = Duration::ZERO;
+                        for d in deliveries {
+                            let t = Instant::now();
+                            let read = connection_side(&d);
+                            busy += t.elapsed();
+                            if tx.send(read.map(|read| (d, read))).is_err() {
+                                break;
+                            }
+                        }
+                        busy
+                    });
+                    let mut ingested = Vec::with_capacity(GENERATE_BATCH);
+                    for next in rx {
+                        let (d, read): (Delivery, Vec<ReadMessage>) = next?;
+                        ensure!(d.id.day.0 == day, "deliveries out of order");
+                        let indexed = hub_side(&ledger, &d, &read, &mut stages)?;
+                        let mut full = false;
+                        for _ in 0..d.frames.len() + 4 {
+                            full |= turn.took();
+                        }
+                        if full {
+                            let t = Instant::now();
+                            end_turn();
+                            let took = t.elapsed();
+                            stages.commit += took;
+                            stages.longest_commit = stages.longest_commit.max(took);
+                            turn = daemon::Turn::begin(&hub);
+                        }
+                        ingested.push((d, indexed));
                     }
-                    if full {
-                        let t = Instant::now();
-                        end_turn();
-                        let took = t.elapsed();
-                        stages.commit += took;
-                        stages.longest_commit = stages.longest_commit.max(took);
-                        turn = daemon::Turn::begin(&hub);
-                    }
-                    ingest += t.elapsed();
+                    stages.read += reader
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the connections' thread panicked"))?;
+                    Ok(ingested)
+                })?;
+                ingest += t.elapsed();
+                for (d, indexed) in ingested {
                     partitions += 1;
                     ensure!(
                         indexed == d.records,
@@ -669,9 +732,11 @@ fn build(
         ));
         let per = |d: Duration| d.as_secs_f64() * 1e6 / visits.max(1) as f64;
         report.push(format!(
-            "the hub's side per record: check {:.1} µs, decode+apply+answer {:.1} µs, persist \
-             (chunk, unseal, index, write without fsync) {:.1} µs, durable commits {:.1} µs; \
-             unseal only {:.1} µs",
+            "the hub's side per record: on the connections' side (beside the actor) frames \
+             decoded and messages read {:.1} µs; on the actor check against the partition \
+             {:.1} µs, decode+apply+answer {:.1} µs, persist (chunk, unseal, index, write \
+             without fsync) {:.1} µs, durable commits {:.1} µs; unseal only {:.1} µs",
+            per(stages.read),
             per(stages.check),
             per(stages.apply),
             per(stages.persist),

@@ -24,7 +24,7 @@
 //! still waiting for this side's `Done`. The [`End`] then says [`End::Aborted`], whatever the
 //! session's own end event was.
 
-use super::frame::{Frame, Peer, Refusal, RefuseReason};
+use super::frame::{Frame, Inbound, Peer, Refusal, RefuseReason};
 use super::session::{
     Decision, Event, PartitionStore, PeerHello, Session, Side, SyncError, WireStats,
 };
@@ -295,11 +295,12 @@ pub trait Shell {
 }
 
 /// Hands the session a frame from the peer, then [`pump`]s.
-pub fn handle_frame<S: Shell>(shell: &mut S, now: UnixSeconds, frame: Frame) {
+pub fn handle_frame<S: Shell>(shell: &mut S, now: UnixSeconds, frame: impl Into<Inbound>) {
+    let frame = frame.into();
     {
         let (link, store) = shell.link_and_store();
         link.heads_before = None;
-        if let Frame::Sync { partition, .. } = &frame
+        if let Some(partition) = frame.sync_partition()
             && !link.session.is_finished()
         {
             let heads = match store.partition_mut(partition) {

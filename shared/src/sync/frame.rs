@@ -332,6 +332,113 @@ pub enum Frame {
     },
 }
 
+/// A frame from the peer as a [`super::Session`] takes it: a [`Frame`], or one whose `Sync`
+/// message was already read on its own (`validate::read_message`, the check that needs no
+/// partition) where it arrived. A shell that reads frames on another thread than the one
+/// that runs its sessions (the hub: a task per connection, one actor for every session)
+/// makes them with [`Inbound::read`] there, so the actor spends its time on what needs the
+/// partitions. A plain `Frame` converts into one that is read when the session takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub(crate) body: InboundBody,
+    /// The frame's size on the wire as received (length prefix included), if known.
+    wire_len: Option<usize>,
+}
+
+/// What an [`Inbound`] holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InboundBody {
+    Frame(Frame),
+    Sync {
+        partition: PartitionId,
+        message: super::validate::ReadMessage,
+    },
+}
+
+impl From<Frame> for Inbound {
+    fn from(frame: Frame) -> Inbound {
+        Inbound {
+            body: InboundBody::Frame(frame),
+            wire_len: None,
+        }
+    }
+}
+
+impl Inbound {
+    /// A frame as received, `wire_len` bytes on the wire (length prefix included;
+    /// [`FrameDecoder::pop_sized`]), a `Sync` frame's message read now.
+    pub fn read(frame: Frame, wire_len: usize) -> Inbound {
+        let body = match frame {
+            Frame::Sync { partition, message } => InboundBody::Sync {
+                partition,
+                message: super::validate::ReadMessage::read(message),
+            },
+            other => InboundBody::Frame(other),
+        };
+        Inbound {
+            body,
+            wire_len: Some(wire_len),
+        }
+    }
+
+    /// A `Sync` frame's partition and read message (read now if it was not yet).
+    pub fn into_sync(self) -> Option<(PartitionId, super::validate::ReadMessage)> {
+        match self.body {
+            InboundBody::Sync { partition, message } => Some((partition, message)),
+            InboundBody::Frame(Frame::Sync { partition, message }) => {
+                Some((partition, super::validate::ReadMessage::read(message)))
+            }
+            InboundBody::Frame(_) => None,
+        }
+    }
+
+    /// The frame's kind ([`Frame::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match &self.body {
+            InboundBody::Frame(f) => f.kind(),
+            InboundBody::Sync { .. } => "Sync",
+        }
+    }
+
+    /// The partition of a `Sync` frame.
+    pub fn sync_partition(&self) -> Option<&PartitionId> {
+        match &self.body {
+            InboundBody::Frame(Frame::Sync { partition, .. })
+            | InboundBody::Sync { partition, .. } => Some(partition),
+            InboundBody::Frame(_) => None,
+        }
+    }
+
+    /// The frame's size on the wire: as received if known, else [`Frame::wire_len`] (which
+    /// deflates a large `Sync` message again to find it).
+    pub fn wire_len(&self) -> usize {
+        match (&self.body, self.wire_len) {
+            (_, Some(n)) => n,
+            (InboundBody::Frame(f), None) => f.wire_len(),
+            (InboundBody::Sync { partition, message }, None) => Frame::Sync {
+                partition: partition.clone(),
+                message: message.bytes().to_vec(),
+            }
+            .wire_len(),
+        }
+    }
+
+    /// What the frame counts for against a per-session byte quota ([`Frame::quota_len`]).
+    pub fn quota_len(&self) -> u64 {
+        match &self.body {
+            InboundBody::Frame(f) => f.quota_len(),
+            InboundBody::Sync { partition, message } => sync_quota_len(partition, message.bytes()),
+        }
+    }
+}
+
+/// [`Frame::quota_len`] of a `Sync` frame: prefix, variant tag, partition id (facility text
+/// and day) and message length.
+fn sync_quota_len(partition: &PartitionId, message: &[u8]) -> u64 {
+    let n = LENGTH_PREFIX_BYTES + 16 + partition.facility.as_str().len() + message.len();
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
 impl Frame {
     /// A short name of the frame's kind for errors and logs (never its contents).
     pub fn kind(&self) -> &'static str {
@@ -357,14 +464,10 @@ impl Frame {
     /// and a device serving a sibling): as decoded, so a `Sync` is measured without
     /// deflating it again (a deflated one counts at its full size).
     pub fn quota_len(&self) -> u64 {
-        let n = match self {
-            // Prefix, variant tag, partition id (facility text and day) and message length.
-            Frame::Sync { partition, message } => {
-                LENGTH_PREFIX_BYTES + 16 + partition.facility.as_str().len() + message.len()
-            }
-            other => other.wire_len(),
-        };
-        u64::try_from(n).unwrap_or(u64::MAX)
+        match self {
+            Frame::Sync { partition, message } => sync_quota_len(partition, message),
+            other => u64::try_from(other.wire_len()).unwrap_or(u64::MAX),
+        }
     }
 
     /// The frame as it goes on the wire: length prefix and body.
@@ -652,6 +755,12 @@ impl FrameDecoder {
 
     /// The next complete frame, or `None` if more bytes are needed.
     pub fn pop(&mut self) -> Result<Option<Frame>, FrameError> {
+        Ok(self.pop_sized()?.map(|(frame, _)| frame))
+    }
+
+    /// [`FrameDecoder::pop`] with the frame's size on the wire (length prefix included), for
+    /// [`Inbound::read`].
+    pub fn pop_sized(&mut self) -> Result<Option<(Frame, usize)>, FrameError> {
         if self.failed {
             return Err(FrameError::Failed);
         }
@@ -663,7 +772,7 @@ impl FrameDecoder {
         match Frame::decode_body(body) {
             Ok(frame) => {
                 self.start = body_start + body_len;
-                Ok(Some(frame))
+                Ok(Some((frame, LENGTH_PREFIX_BYTES + body_len)))
             }
             Err(e) => {
                 self.failed = true;
@@ -718,6 +827,62 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A received frame counts at its size on the wire, which the sender's DEFLATE decides,
+    /// not at the size this side's DEFLATE would give it: `Inbound::read` takes the length
+    /// the decoder read, and keeps the message's bytes and what `validate` reads in them.
+    #[test]
+    fn a_received_frame_counts_at_its_size_on_the_wire() {
+        use std::io::Write;
+        let partition = PartitionId {
+            facility: FacilityId::parse("fac_1").unwrap(),
+            day: Day(20_000),
+        };
+        let message: Vec<u8> = std::iter::once(AUTOMERGE_V1_MESSAGE)
+            .chain((0..4000u32).map(|i| (i % 7) as u8))
+            .collect();
+        let frame = Frame::Sync {
+            partition: partition.clone(),
+            message: message.clone(),
+        };
+        // The sender stored its deflate stream rather than compressing it.
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::none());
+        e.write_all(&message).unwrap();
+        let stored = e.finish().unwrap();
+        let body = postcard::to_allocvec(&WireRef::SyncDeflated {
+            partition: &partition,
+            deflated: std::borrow::Cow::Owned(stored),
+        })
+        .unwrap();
+        let mut bytes = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        bytes.extend(body);
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes).unwrap();
+        let (decoded, len) = decoder.pop_sized().unwrap().unwrap();
+        assert_eq!(decoded, frame);
+        assert_eq!(len, bytes.len());
+        assert!(frame.wire_len() < len, "ours would deflate it");
+
+        let inbound = Inbound::read(decoded, len);
+        assert_eq!(inbound.wire_len(), bytes.len());
+        assert_eq!(inbound.quota_len(), frame.quota_len());
+        assert_eq!(inbound.kind(), "Sync");
+        assert_eq!(inbound.sync_partition(), Some(&partition));
+        // Unknown sizes are this side's estimate, as before.
+        assert_eq!(Inbound::from(frame.clone()).wire_len(), frame.wire_len());
+        let (p, read) = inbound.into_sync().unwrap();
+        assert_eq!(p, partition);
+        assert_eq!(read.bytes(), &message[..]);
+        assert_eq!(
+            read.checked(),
+            crate::sync::validate::read_message(&message),
+            "what the reader found travels with the bytes"
+        );
+        // Other frames pass through as they are.
+        let done = Inbound::read(Frame::Done { received: 3 }, 7);
+        assert_eq!((done.kind(), done.wire_len()), ("Done", 7));
+        assert!(done.sync_partition().is_none() && done.into_sync().is_none());
+    }
 
     fn sample() -> Vec<Frame> {
         let facility = FacilityId::parse("fac_1").unwrap();

@@ -19,7 +19,7 @@ mod session;
 pub mod validate;
 
 pub use frame::{
-    ALPN, ALPN_V1, Frame, FrameDecoder, FrameError, HeadsDigest, Hello, InSync,
+    ALPN, ALPN_V1, Frame, FrameDecoder, FrameError, HeadsDigest, Hello, InSync, Inbound,
     LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES, PRE_ADMISSION_FRAME_BYTES,
     PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary, Refusal, RefuseReason, Welcome,
     heads_digest, set_digest,

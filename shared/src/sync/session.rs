@@ -10,11 +10,11 @@
 //! window, within bounded rounds. `docs/protocol.md` describes the states and rules.
 
 use super::frame::{
-    Frame, HeadsDigest, Hello, InSync, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS, MAX_FRAME_BYTES,
-    MAX_REFRESH_HAVE_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary, Refusal,
-    RefuseReason, Welcome, heads_digest, set_digest,
+    Frame, HeadsDigest, Hello, InSync, Inbound, InboundBody, LENGTH_PREFIX_BYTES, MAX_DETAIL_CHARS,
+    MAX_FRAME_BYTES, MAX_REFRESH_HAVE_BYTES, PROTOCOL_VERSION, PartitionSummary, Peer, PeerSummary,
+    Refusal, RefuseReason, Welcome, heads_digest, set_digest,
 };
-use super::validate;
+use super::validate::{self, ReadMessage};
 use crate::ids::{FacilityId, PartitionId};
 use crate::partition::Partition;
 use crate::time::{Day, UnixSeconds, horizon};
@@ -669,19 +669,36 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// Handles one frame from the peer. Late frames after the end are ignored.
+    /// Handles one frame from the peer (a [`Frame`], or an [`Inbound`] whose `Sync` message
+    /// was already read where it arrived). Late frames after the end are ignored.
     pub fn handle_frame(
         &mut self,
         now: UnixSeconds,
-        frame: Frame,
+        frame: impl Into<Inbound>,
         store: &mut impl PartitionStore,
     ) {
         if self.is_finished() {
             return;
         }
+        let inbound = frame.into();
         self.stats.frames_received += 1;
-        self.stats.bytes_received += frame.wire_len() as u64;
+        self.stats.bytes_received += inbound.wire_len() as u64;
         self.step_sent_sync = false;
+        let frame = match inbound.body {
+            InboundBody::Sync { partition, message } => {
+                let result = if self.phase == Phase::Syncing {
+                    self.on_sync(partition, message, store)
+                } else {
+                    Err(SyncError::Unexpected {
+                        frame: "Sync",
+                        state: self.phase.describe(),
+                    })
+                };
+                self.conclude(result);
+                return;
+            }
+            InboundBody::Frame(frame) => frame,
+        };
         let result = match (self.phase, frame) {
             (_, Frame::Refused(refusal)) => {
                 self.close_refused(
@@ -694,7 +711,7 @@ impl Session {
             (Phase::AwaitHello, Frame::Hello(hello)) => self.on_hello(now, hello),
             (Phase::AwaitWelcome, Frame::Welcome(welcome)) => self.on_welcome(now, welcome, store),
             (Phase::Syncing, Frame::Sync { partition, message }) => {
-                self.on_sync(partition, message, store)
+                self.on_sync(partition, ReadMessage::read(message), store)
             }
             (Phase::Syncing, Frame::Done { received }) => self.on_done(received),
             (Phase::Syncing, Frame::Skipped { partition, refusal }) => {
@@ -1060,7 +1077,7 @@ impl Session {
     fn on_sync(
         &mut self,
         partition: PartitionId,
-        message: Vec<u8>,
+        message: ReadMessage,
         store: &mut impl PartitionStore,
     ) -> Result<(), SyncError> {
         self.received_syncs = self.received_syncs.saturating_add(1);
@@ -1099,7 +1116,7 @@ impl Session {
         }
         // Our own bounded reader and the partition's rules first: automerge inflates and
         // applies whatever it is given (`validate`).
-        let checked = match validate::read_message(&message) {
+        let checked = match message.checked() {
             Ok(checked) => checked,
             Err(e) if e.is_malformed() => {
                 return Err(SyncError::BadSyncMessage {
@@ -1134,8 +1151,8 @@ impl Session {
                 return self.skip(partition, RefuseReason::InvalidChange, detail);
             }
         };
-        let message_len = message.len();
-        let message = Message::decode(&message).map_err(|e| SyncError::BadSyncMessage {
+        let message_len = message.bytes().len();
+        let message = Message::decode(message.bytes()).map_err(|e| SyncError::BadSyncMessage {
             partition: partition.clone(),
             detail: e.to_string(),
         })?;

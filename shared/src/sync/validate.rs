@@ -637,6 +637,108 @@ pub fn read_message(bytes: &[u8]) -> Result<CheckedMessage<'_>, ChangeError> {
     Ok(CheckedMessage { changes })
 }
 
+/// A sync message's bytes with what [`read_message`] found in them, owned: read where the
+/// bytes arrive (the hub reads each `Sync` frame on its connection's task, so the actor that
+/// merges partitions one session at a time does not), handed to the session later
+/// ([`crate::sync::Inbound`]). Only [`ReadMessage::read`] makes one, from the bytes it keeps,
+/// so what it holds is always what `read_message` says of those bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMessage {
+    bytes: Vec<u8>,
+    read: Result<Vec<ReadChange>, ChangeError>,
+}
+
+/// One change of a [`ReadMessage`]: its puts as ranges of the message's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReadChange {
+    puts: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    span: OpSpan,
+}
+
+/// Where `part` lies in `whole`: `None` if it is not a part of it (an empty `part` is at 0).
+fn range_in(whole: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
+    if part.is_empty() {
+        return Some(0..0);
+    }
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
+}
+
+impl ReadMessage {
+    /// Reads `bytes` with [`read_message`] and keeps both.
+    pub fn read(bytes: Vec<u8>) -> ReadMessage {
+        let read = read_message(&bytes).and_then(|checked| {
+            checked
+                .changes
+                .into_iter()
+                .map(|c| {
+                    let puts = c
+                        .puts
+                        .iter()
+                        .map(|p| {
+                            range_in(&bytes, p.key.as_bytes())
+                                .zip(range_in(&bytes, p.value))
+                                .ok_or_else(outside_message)
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Ok(ReadChange { puts, span: c.span })
+                })
+                .collect()
+        });
+        ReadMessage { bytes, read }
+    }
+
+    /// The message's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The bytes, for `automerge::sync::Message::decode`.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// What [`read_message`] returned for the bytes.
+    pub fn checked(&self) -> Result<CheckedMessage<'_>, ChangeError> {
+        let changes = self.read.as_ref().map_err(Clone::clone)?;
+        let changes = changes
+            .iter()
+            .map(|c| {
+                let puts = c
+                    .puts
+                    .iter()
+                    .map(|(key, value)| {
+                        let key = self
+                            .bytes
+                            .get(key.clone())
+                            .and_then(|k| std::str::from_utf8(k).ok());
+                        let value = self.bytes.get(value.clone());
+                        match (key, value) {
+                            (Some(key), Some(value)) => Ok(Put { key, value }),
+                            _ => Err(outside_message()),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(CheckedChange {
+                    puts,
+                    span: c.span.clone(),
+                })
+            })
+            .collect::<Result<_, ChangeError>>()?;
+        Ok(CheckedMessage { changes })
+    }
+}
+
+/// `read_message` gave a put that is not part of the message's bytes, or one that does not
+/// read back: never happens, refused rather than trusted.
+fn outside_message() -> ChangeError {
+    ChangeError::Malformed {
+        offset: 0,
+        what: "a put the reader returned is not part of the message's bytes".into(),
+    }
+}
+
 /// Fuzz driver (`fuzz/fuzz_targets/sync_change.rs`, `shared/tests/validate.rs`): `data` is a
 /// peer's sync message. The validator must not panic; whatever it accepts automerge must
 /// decode and apply to an empty partition without error, and then hold exactly the puts.
@@ -2037,6 +2139,55 @@ mod tests {
             "only {accepted} applies accepted: the test tests little"
         );
         assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// A message read where it arrives (`ReadMessage`, on the hub's connection tasks) gives
+    /// the session exactly what `read_message` gives for the same bytes: every put, span and
+    /// refusal, for honest, rogue, duplicated and damaged messages.
+    #[test]
+    fn a_message_read_ahead_checks_as_the_message_read_in_place() {
+        let mut compared = (0usize, 0usize);
+        for seed in 1..=150u64 {
+            let mut rng = Xs(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let pool = pool(&mut rng);
+            if pool.is_empty() {
+                continue;
+            }
+            let picked: Vec<Vec<u8>> = pool
+                .iter()
+                .filter(|_| rng.chance(50))
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            let honest = message(picked);
+            let mut variants = vec![honest.clone()];
+            for _ in 0..6 {
+                let mut damaged = honest.clone();
+                match rng.below(3) {
+                    0 => {
+                        let at = rng.below(damaged.len());
+                        damaged[at] ^= 1 << rng.below(8);
+                    }
+                    1 => damaged.truncate(rng.below(damaged.len())),
+                    _ => damaged.insert(rng.below(damaged.len()), rng.below(256) as u8),
+                }
+                variants.push(damaged);
+            }
+            for bytes in variants {
+                let ahead = ReadMessage::read(bytes.clone());
+                let in_place = read_message(&bytes);
+                assert_eq!(ahead.checked(), in_place, "seed {seed}");
+                assert_eq!(ahead.bytes(), &bytes[..]);
+                if in_place.is_ok() {
+                    compared.0 += 1;
+                } else {
+                    compared.1 += 1;
+                }
+            }
+        }
+        assert!(
+            compared.0 > 100 && compared.1 > 100,
+            "{compared:?} read and refused: the test tests little"
+        );
     }
 
     #[test]
