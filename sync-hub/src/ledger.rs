@@ -1021,22 +1021,14 @@ impl<'s> Ledger<'s> {
                 (first.len() >= PARALLEL_INDEX_MIN).then(|| first.split_off(first.len() / 2));
             let second = second.map(|records| (self.opener(partition), records));
             let index = &index;
-            std::thread::scope(|scope| {
-                let a = scope.spawn(move || build_index(index, opener, first, revoked));
-                let b = second.map(|(opener, records)| {
-                    scope.spawn(move || build_index(index, opener, records, revoked))
-                });
-                let chunk = self.write_chunk(&txn, partition);
-                let join =
-                    |h: std::thread::ScopedJoinHandle<'_, Result<IndexWork, LedgerError>>| {
-                        h.join()
-                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                    };
-                let (a, b) = (join(a), b.map(join));
-                chunk.and(a).and_then(|a| match b {
-                    Some(b) => b.map(|b| a.merged(b)),
-                    None => Ok(a),
-                })
+            let build = |(opener, records)| build_index(index, opener, records, revoked);
+            let jobs: Vec<_> = std::iter::once((opener, first)).chain(second).collect();
+            let (chunk, works) = beside(std::thread::Builder::new, jobs, build, || {
+                self.write_chunk(&txn, partition)
+            });
+            chunk?;
+            works.into_iter().try_fold(IndexWork::default(), |a, b| {
+                Ok::<_, LedgerError>(a.merged(b?))
             })?
         } else {
             let work = build_index(&index, opener, fresh, revoked)?;
@@ -2367,7 +2359,56 @@ const PARALLEL_INDEX_MIN: usize = 512;
 /// it, a persist does all its work on the calling thread: a thread costs more than it saves.
 const OVERLAP_INDEX_MIN: usize = 64;
 
+/// Runs `here` on this thread while `work` runs on each of `jobs` on a worker thread of its
+/// own (made by `builder`), and returns `here`'s result and the jobs', in the jobs' order. A
+/// job the OS gives no thread (out of threads or memory) runs on this thread after `here`,
+/// with a warning: a persist is slower then, never refused. A panic in a job is raised here.
+fn beside<J: Send, T: Send, H>(
+    builder: impl Fn() -> std::thread::Builder,
+    jobs: Vec<J>,
+    work: impl Fn(J) -> T + Sync,
+    here: impl FnOnce() -> H,
+) -> (H, Vec<T>) {
+    // Each job waits in a slot its worker takes it from: one the OS refuses a thread leaves
+    // it there for this thread.
+    let slots: Vec<std::sync::Mutex<Option<J>>> = jobs
+        .into_iter()
+        .map(|j| std::sync::Mutex::new(Some(j)))
+        .collect();
+    let take = |slot: &std::sync::Mutex<Option<J>>| {
+        slot.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    };
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = slots
+            .iter()
+            .map(|slot| builder().spawn_scoped(scope, move || take(slot).map(work)))
+            .collect();
+        let mine = here();
+        let done = slots
+            .iter()
+            .zip(handles)
+            .filter_map(|(slot, handle)| match handle {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(e) => {
+                    tracing::warn!(
+                        "no thread for a persist's worker ({e}): its work runs on the \
+                         persist's own thread"
+                    );
+                    take(slot).map(work)
+                }
+            })
+            .collect();
+        (mine, done)
+    })
+}
+
 /// The index rows one persist writes, built apart from the database.
+#[derive(Default)]
 struct IndexWork {
     /// The token rows, for the persist's run ([`runs::write_run`] sorts them).
     tokens: Vec<runs::Row>,
@@ -2663,6 +2704,31 @@ mod tests {
             device: DeviceId::parse("dev_a").expect("valid"),
             token,
             record: RecordId([1; 16]),
+        }
+    }
+
+    /// A persist's worker the OS gives no thread (here: a stack of 1 PiB, beyond any address
+    /// space) runs on the persist's own thread after the save, and every result comes back in
+    /// the jobs' order, as with threads (the persist panicked there before).
+    #[test]
+    fn a_persists_workers_fall_back_to_its_own_thread() {
+        let me = std::thread::current().id();
+        let refused = || std::thread::Builder::new().stack_size(1 << 50);
+        let builders: [(&dyn Fn() -> std::thread::Builder, bool); 2] =
+            [(&std::thread::Builder::new, true), (&refused, false)];
+        for (builder, on_workers) in builders {
+            let (here, done) = beside(
+                builder,
+                vec![1u64, 2, 3],
+                |j| (j * 10, std::thread::current().id()),
+                || 7,
+            );
+            assert_eq!(here, 7);
+            assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), [10, 20, 30]);
+            assert!(
+                done.iter().all(|d| (d.1 != me) == on_workers),
+                "on workers: {on_workers}"
+            );
         }
     }
 

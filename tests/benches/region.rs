@@ -4,11 +4,14 @@
 //! a facility a day (default 60) × the 28 live days through the hub's real ingest path, one
 //! partition per facility and day as a device's first sync delivers it: devices seal real
 //! envelopes to real day keys (one automerge change per 100 check-ins, 2% paper entries sealed
-//! to the health authority with age), the sync messages a device's sync v2 session
-//! (`shared::sync::Session`) sends a hub session that holds nothing are recorded, and the
-//! hub's side of the session is timed: each message is read and checked before it is applied
-//! (`validate::read_message`, `check_against`, `check_op_ids`), decoded, applied, checked again
-//! (`check_applied_message`) and answered, then the partition is persisted and indexed
+//! to the health authority with age), the `Sync` frames a device's sync v2 session
+//! (`shared::sync::Session`) sends a hub session that holds nothing are recorded as they go
+//! on the wire, and the hub's side of the session is timed. As the daemon runs it, the
+//! connections' side (`connection_side`: the frames decoded, each message read and checked on
+//! its own, `Inbound::read`) runs on a thread beside the actor's, at most `READ_AHEAD`
+//! deliveries ahead; the actor's side (`hub_side`) checks each message against the partition
+//! (`check_against`, `check_op_ids`), decodes, applies, checks again
+//! (`check_applied_message`) and answers, then the partition is persisted and indexed
 //! (`HubPartitions::persist`: the chunk, the counts and heads, the token and facility
 //! indexes). Persists commit as the hub's actor commits them (`sync_hub::daemon::Turn`: a
 //! turn's writes without fsync, one durable commit at the turn's end, `end_turn`), a turn
@@ -268,7 +271,8 @@ fn device_partition(
 
 /// Every sync message a device's sync v2 session sends a hub session that holds nothing of
 /// its partition (as `edge-node` syncs: an initiator, push-only), found by running both
-/// sessions once in memory, the hub's over a throwaway store. Gives the partition back.
+/// sessions once in memory, the hub's over a throwaway store, as encoded frames. Gives the
+/// partition back.
 fn device_messages(device: Partition, device_id: &DeviceId) -> Result<(Vec<Vec<u8>>, Partition)> {
     let facility = device.id().facility.clone();
     let id = device.id().clone();
