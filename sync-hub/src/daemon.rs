@@ -1482,6 +1482,11 @@ async fn forward_frames(
                 let frame = if len <= READ_INLINE_MAX {
                     Inbound::read(frame, len)
                 } else {
+                    // One at a time, whatever the number of connections: hostile peers' large
+                    // frames take one thread of the two cores, not all the actor's time.
+                    let Ok(_permit) = LARGE_READS.acquire().await else {
+                        return None;
+                    };
                     match tokio::task::spawn_blocking(move || Inbound::read(frame, len)).await {
                         Ok(frame) => frame,
                         Err(e) => {
@@ -1505,6 +1510,10 @@ async fn forward_frames(
 /// The largest frame whose `Sync` message a connection's task reads on the runtime's own
 /// worker (about a millisecond of work); larger ones go to the blocking pool.
 const READ_INLINE_MAX: usize = 64 * 1024;
+
+/// The larger frames being read on the blocking pool, at most one at a time (every hub of
+/// the process shares it).
+static LARGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// How long dialling the peer hub may take before the link gives up for this round.
 pub const LINK_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
