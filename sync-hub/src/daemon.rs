@@ -1352,7 +1352,13 @@ async fn connection(
         })
         .await
         .map_err(|_| "hub stopped")?;
-    let writer = write_frames(&mut send, &mut orx);
+    // Set once the actor ended the session (it closes the writer): later frames go on unread.
+    let ended = Arc::new(AtomicBool::new(false));
+    let writer_ended = ended.clone();
+    let writer = async {
+        write_frames(&mut send, &mut orx).await;
+        writer_ended.store(true, Ordering::Release);
+    };
     let tx = handle.tx.clone();
     let reader_admitted = admitted.clone();
     // Returns whether the peer sent no frame before the Hello deadline.
@@ -1384,7 +1390,9 @@ async fn connection(
                         decoder.set_limit(MAX_FRAME_BYTES);
                         raised = true;
                     }
-                    match forward_frames(&tx, conn_id, &mut decoder, &buf[..n]).await {
+                    match forward_frames(&tx, conn_id, &mut decoder, &buf[..n], &admitted, &ended)
+                        .await
+                    {
                         Some(frames) => got_frame |= frames > 0,
                         None => return false,
                     }
@@ -1457,14 +1465,42 @@ async fn write_frames(send: &mut iroh::endpoint::SendStream, out: &mut tmpsc::Re
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
 }
 
+/// Where a connection's task reads a frame's `Sync` message (`Inbound::read`) before the
+/// actor takes the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadAt {
+    /// Nowhere: the frame goes on unread. Before admission the session refuses a `Sync`
+    /// unread, and after its end the actor drops every frame: a peer gets no work done for it
+    /// on the hub's threads either way.
+    Unread,
+    /// On the runtime's worker, in the task.
+    Here,
+    /// On the blocking pool, one at a time ([`LARGE_READS`]): a message longer than
+    /// [`READ_INLINE_MAX`] once inflated, whatever its size on the wire.
+    Pool,
+}
+
+/// [`ReadAt`] for `frame` of a session whose peer is `admitted` and which has `ended` or not.
+fn read_at(frame: &Frame, admitted: bool, ended: bool) -> ReadAt {
+    match frame {
+        Frame::Sync { .. } if !admitted || ended => ReadAt::Unread,
+        Frame::Sync { message, .. } if message.len() > READ_INLINE_MAX => ReadAt::Pool,
+        _ => ReadAt::Here,
+    }
+}
+
 /// Feeds `bytes` read from connection `conn` to its decoder and every whole frame to the
-/// actor; `None` once the connection must stop (bytes that do not decode, told to the actor as
-/// `Malformed`, or a stopped actor), else how many frames went.
+/// actor, its `Sync` message read first as [`read_at`] says (`admitted`: the peer was
+/// admitted; `ended`: the actor ended the session); `None` once the connection must stop
+/// (bytes that do not decode, told to the actor as `Malformed`, a read that failed, told as
+/// `Closed`, or a stopped actor), else how many frames went.
 async fn forward_frames(
     tx: &tmpsc::Sender<Input>,
     conn: u64,
     decoder: &mut FrameDecoder,
     bytes: &[u8],
+    admitted: &AtomicBool,
+    ended: &AtomicBool,
 ) -> Option<usize> {
     if let Err(error) = decoder.push(bytes) {
         let _ = tx.send(Input::Malformed { conn, error }).await;
@@ -1479,21 +1515,37 @@ async fn forward_frames(
                 // task, not on the actor that every session shares; a large one on the
                 // blocking pool, not on a worker of the runtime that moves every connection's
                 // bytes. The order of the frames is kept: the next waits for this one.
-                let frame = if len <= READ_INLINE_MAX {
-                    Inbound::read(frame, len)
-                } else {
-                    // One at a time, whatever the number of connections: hostile peers' large
-                    // frames take one thread of the two cores, not all the actor's time.
-                    let Ok(_permit) = LARGE_READS.acquire().await else {
-                        return None;
-                    };
-                    match tokio::task::spawn_blocking(move || Inbound::read(frame, len)).await {
-                        Ok(frame) => frame,
-                        Err(e) => {
-                            tracing::error!("reading a sync message failed: {e}");
-                            let _ = tx.send(Input::Closed { conn }).await;
+                let at = read_at(
+                    &frame,
+                    admitted.load(Ordering::Acquire),
+                    ended.load(Ordering::Acquire),
+                );
+                let read = match at {
+                    ReadAt::Unread => Ok(Inbound::unread(frame, len)),
+                    ReadAt::Here => std::panic::catch_unwind(move || Inbound::read(frame, len))
+                        .map_err(|_| "a panic".to_owned()),
+                    ReadAt::Pool => {
+                        // One at a time, whatever the number of connections: hostile peers'
+                        // large frames take one thread of the two cores, not all the actor's
+                        // time. The permit goes with the read: a task dropped meanwhile (its
+                        // connection closed) does not free it before the read ends.
+                        let Ok(permit) = LARGE_READS.acquire().await else {
                             return None;
-                        }
+                        };
+                        tokio::task::spawn_blocking(move || {
+                            let _permit = permit;
+                            Inbound::read(frame, len)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                    }
+                };
+                let frame = match read {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::error!("reading a sync message failed: {e}");
+                        let _ = tx.send(Input::Closed { conn }).await;
+                        return None;
                     }
                 };
                 tx.send(Input::Frame { conn, frame }).await.ok()?;
@@ -1507,8 +1559,8 @@ async fn forward_frames(
     }
 }
 
-/// The largest frame whose `Sync` message a connection's task reads on the runtime's own
-/// worker (about a millisecond of work); larger ones go to the blocking pool.
+/// The longest `Sync` message (inflated) a connection's task reads on the runtime's own
+/// worker (about a millisecond of work); longer ones go to the blocking pool.
 const READ_INLINE_MAX: usize = 64 * 1024;
 
 /// The larger frames being read on the blocking pool, at most one at a time (every hub of
@@ -1548,7 +1600,14 @@ pub async fn dial_session(
         .await
         .map_err(|_| "hub stopped".to_owned())?;
     let deadline = Instant::now() + session_limit();
-    let writer = write_frames(&mut send, &mut orx);
+    // This hub dialled its paired hub: the peer is the one admitted.
+    let admitted = AtomicBool::new(true);
+    let ended = Arc::new(AtomicBool::new(false));
+    let writer_ended = ended.clone();
+    let writer = async {
+        write_frames(&mut send, &mut orx).await;
+        writer_ended.store(true, Ordering::Release);
+    };
     let tx = handle.tx.clone();
     let reader = async move {
         let mut decoder = FrameDecoder::with_limit(MAX_FRAME_BYTES);
@@ -1557,7 +1616,7 @@ pub async fn dial_session(
             let until = (Instant::now() + READ_TIMEOUT).min(deadline);
             match tokio::time::timeout_at(until, recv.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => {
-                    if forward_frames(&tx, conn_id, &mut decoder, &buf[..n])
+                    if forward_frames(&tx, conn_id, &mut decoder, &buf[..n], &admitted, &ended)
                         .await
                         .is_none()
                     {
@@ -2361,7 +2420,38 @@ fn transport_config() -> iroh::endpoint::QuicTransportConfig {
 
 #[cfg(test)]
 mod eviction_tests {
-    use super::eviction_victim;
+    use super::{Frame, Inbound, READ_INLINE_MAX, ReadAt, eviction_victim, read_at};
+    use shared::time::Day;
+    use shared::{FacilityId, PartitionId};
+
+    /// A connection's task reads a `Sync` message only for an admitted peer whose session
+    /// goes on, and a message long once inflated on the blocking pool whatever its size on the
+    /// wire (found in review: a 54 KB frame inflating to a 14 MB message was read on a worker
+    /// of the runtime, and a stranger's before its `Hello` was admitted).
+    #[test]
+    fn a_sync_message_is_read_ahead_only_for_an_admitted_session_that_goes_on() {
+        let partition = PartitionId {
+            facility: FacilityId::parse("fac_1").unwrap(),
+            day: Day(20_000),
+        };
+        let sync = |len: usize| Frame::Sync {
+            partition: partition.clone(),
+            message: vec![0x42; len],
+        };
+        let (small, large) = (sync(READ_INLINE_MAX), sync(READ_INLINE_MAX + 1));
+        assert_eq!(read_at(&small, true, false), ReadAt::Here);
+        assert_eq!(read_at(&large, true, false), ReadAt::Pool);
+        for frame in [&small, &large] {
+            assert_eq!(read_at(frame, false, false), ReadAt::Unread);
+            assert_eq!(read_at(frame, true, true), ReadAt::Unread);
+        }
+        let done = Frame::Done { received: 1 };
+        assert_eq!(read_at(&done, false, false), ReadAt::Here);
+        // What goes on unread keeps its size on the wire and is read by the session if ever.
+        let unread = Inbound::unread(large.clone(), 70_000);
+        assert!(!unread.is_read() && unread.wire_len() == 70_000);
+        assert!(Inbound::read(large, 70_000).is_read());
+    }
 
     #[test]
     fn the_pre_admission_cap_evicts_strangers_before_known_devices() {

@@ -1027,9 +1027,11 @@ impl<'s> Ledger<'s> {
                 self.write_chunk(&txn, partition)
             });
             chunk?;
-            works.into_iter().try_fold(IndexWork::default(), |a, b| {
-                Ok::<_, LedgerError>(a.merged(b?))
-            })?
+            // The first job's rows keep their buffers; the second's join them.
+            works
+                .into_iter()
+                .reduce(|a, b| Ok(a?.merged(b?)))
+                .unwrap_or_else(|| Ok(IndexWork::default()))?
         } else {
             let work = build_index(&index, opener, fresh, revoked)?;
             self.write_chunk(&txn, partition)?;
@@ -2707,13 +2709,13 @@ mod tests {
         }
     }
 
-    /// A persist's worker the OS gives no thread (here: a stack of 1 PiB, beyond any address
+    /// A persist's worker the OS gives no thread (here: a stack of 1 EiB, beyond any address
     /// space) runs on the persist's own thread after the save, and every result comes back in
     /// the jobs' order, as with threads (the persist panicked there before).
     #[test]
     fn a_persists_workers_fall_back_to_its_own_thread() {
         let me = std::thread::current().id();
-        let refused = || std::thread::Builder::new().stack_size(1 << 50);
+        let refused = || std::thread::Builder::new().stack_size(1 << 60);
         let builders: [(&dyn Fn() -> std::thread::Builder, bool); 2] =
             [(&std::thread::Builder::new, true), (&refused, false)];
         for (builder, on_workers) in builders {

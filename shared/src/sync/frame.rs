@@ -392,6 +392,20 @@ impl Inbound {
         }
     }
 
+    /// A frame as received, `wire_len` bytes on the wire, left unread: a `Sync` message is
+    /// read when the session takes it, if it does.
+    pub fn unread(frame: Frame, wire_len: usize) -> Inbound {
+        Inbound {
+            body: InboundBody::Frame(frame),
+            wire_len: Some(wire_len),
+        }
+    }
+
+    /// Whether a `Sync` frame's message was already read ([`Inbound::read`]).
+    pub fn is_read(&self) -> bool {
+        matches!(self.body, InboundBody::Sync { .. })
+    }
+
     /// The frame's kind ([`Frame::kind`]).
     pub fn kind(&self) -> &'static str {
         match &self.body {
