@@ -1354,11 +1354,8 @@ async fn connection(
         .map_err(|_| "hub stopped")?;
     // Set once the actor ended the session (it closes the writer): later frames go on unread.
     let ended = Arc::new(AtomicBool::new(false));
-    let writer_ended = ended.clone();
-    let writer = async {
-        write_frames(&mut send, &mut orx).await;
-        writer_ended.store(true, Ordering::Release);
-    };
+    let writer = write_frames(&mut send, &mut orx, &ended);
+    let reader_ended = ended.clone();
     let tx = handle.tx.clone();
     let reader_admitted = admitted.clone();
     // Returns whether the peer sent no frame before the Hello deadline.
@@ -1390,8 +1387,15 @@ async fn connection(
                         decoder.set_limit(MAX_FRAME_BYTES);
                         raised = true;
                     }
-                    match forward_frames(&tx, conn_id, &mut decoder, &buf[..n], &admitted, &ended)
-                        .await
+                    match forward_frames(
+                        &tx,
+                        conn_id,
+                        &mut decoder,
+                        &buf[..n],
+                        &admitted,
+                        &reader_ended,
+                    )
+                    .await
                     {
                         Some(frames) => got_frame |= frames > 0,
                         None => return false,
@@ -1448,9 +1452,13 @@ async fn connection(
     Ok(())
 }
 
-/// Writes a session's outgoing frames until the actor closes it, then finishes the stream
-/// (both the hub's answering and its dialling connections).
-async fn write_frames(send: &mut iroh::endpoint::SendStream, out: &mut tmpsc::Receiver<Output>) {
+/// Writes a session's outgoing frames until the actor closes it, then sets `ended` and
+/// finishes the stream (both the hub's answering and its dialling connections).
+async fn write_frames(
+    send: &mut iroh::endpoint::SendStream,
+    out: &mut tmpsc::Receiver<Output>,
+    ended: &AtomicBool,
+) {
     while let Some(o) = out.recv().await {
         match o {
             Output::Bytes(b) => {
@@ -1461,6 +1469,7 @@ async fn write_frames(send: &mut iroh::endpoint::SendStream, out: &mut tmpsc::Re
             Output::Close => break,
         }
     }
+    ended.store(true, Ordering::Release);
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
 }
@@ -1602,14 +1611,10 @@ pub async fn dial_session(
     let deadline = Instant::now() + session_limit();
     // This hub dialled its paired hub: the peer is the one admitted.
     let admitted = AtomicBool::new(true);
-    let ended = Arc::new(AtomicBool::new(false));
-    let writer_ended = ended.clone();
-    let writer = async {
-        write_frames(&mut send, &mut orx).await;
-        writer_ended.store(true, Ordering::Release);
-    };
+    let ended = AtomicBool::new(false);
+    let writer = write_frames(&mut send, &mut orx, &ended);
     let tx = handle.tx.clone();
-    let reader = async move {
+    let reader = async {
         let mut decoder = FrameDecoder::with_limit(MAX_FRAME_BYTES);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
