@@ -949,7 +949,14 @@ async fn drive(
                                     break;
                                 }
                             }
-                            inputs.push(Step::Frame(shared::sync::Inbound::read(frame, len)));
+                            // Read ahead, before the device is locked, only while the session
+                            // takes `Sync` frames: a stranger's are refused unread.
+                            let frame = if link.session().is_syncing() {
+                                shared::sync::Inbound::read(frame, len)
+                            } else {
+                                shared::sync::Inbound::unread(frame, len)
+                            };
+                            inputs.push(Step::Frame(frame));
                         }
                         Ok(None) => break,
                         Err(e) => {

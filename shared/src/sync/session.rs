@@ -659,6 +659,12 @@ impl Session {
         self.phase == Phase::AwaitAdmission
     }
 
+    /// Whether the session takes `Sync` frames now (admitted, not ended): a shell reads their
+    /// messages ahead ([`Inbound::read`]) only then.
+    pub fn is_syncing(&self) -> bool {
+        self.phase == Phase::Syncing
+    }
+
     /// The next frame to write to the stream.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
         self.transmits.pop_front()
@@ -1735,8 +1741,9 @@ mod tests {
         let mut i = Session::initiator(now, me, None, &dev).unwrap();
         let mut r = Session::responder(Peer::Hub { region: "r".into() });
         let hello = i.poll_transmit().unwrap();
+        assert!(!r.is_syncing() && !i.is_syncing());
         r.handle_frame(now, hello, &mut hub);
-        assert!(r.awaits_admission());
+        assert!(r.awaits_admission() && !r.is_syncing());
         r.admit(
             now,
             Decision::Admit {
@@ -1750,14 +1757,18 @@ mod tests {
             from_r.as_slice(),
             [Frame::Welcome(_), Frame::Done { received: 0 }]
         ));
+        assert!(
+            r.is_syncing(),
+            "admitted: the shell reads Sync frames ahead"
+        );
         for f in from_r {
             i.handle_frame(now, f, &mut dev);
         }
-        assert!(i.is_completed());
+        assert!(i.is_completed() && !i.is_syncing());
         let from_i: Vec<Frame> = std::iter::from_fn(|| i.poll_transmit()).collect();
         assert_eq!(from_i, vec![Frame::Done { received: 0 }]);
         r.handle_frame(now, from_i[0].clone(), &mut hub);
-        assert!(r.is_completed());
+        assert!(r.is_completed() && !r.is_syncing());
         assert_eq!(r.poll_transmit(), None);
     }
 
