@@ -341,25 +341,24 @@ pub enum Frame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inbound {
     pub(crate) body: InboundBody,
-    /// The frame's size on the wire as received (length prefix included), if known.
-    wire_len: Option<usize>,
 }
 
-/// What an [`Inbound`] holds.
+/// What an [`Inbound`] holds, with the frame's size on the wire as received (length prefix
+/// included): always known for a message read where it arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum InboundBody {
-    Frame(Frame),
+    Frame(Frame, Option<usize>),
     Sync {
         partition: PartitionId,
         message: super::validate::ReadMessage,
+        wire_len: usize,
     },
 }
 
 impl From<Frame> for Inbound {
     fn from(frame: Frame) -> Inbound {
         Inbound {
-            body: InboundBody::Frame(frame),
-            wire_len: None,
+            body: InboundBody::Frame(frame, None),
         }
     }
 }
@@ -372,23 +371,23 @@ impl Inbound {
             Frame::Sync { partition, message } => InboundBody::Sync {
                 partition,
                 message: super::validate::ReadMessage::read(message),
+                wire_len,
             },
-            other => InboundBody::Frame(other),
+            other => InboundBody::Frame(other, Some(wire_len)),
         };
-        Inbound {
-            body,
-            wire_len: Some(wire_len),
-        }
+        Inbound { body }
     }
 
     /// A `Sync` frame's partition and read message (read now if it was not yet).
     pub fn into_sync(self) -> Option<(PartitionId, super::validate::ReadMessage)> {
         match self.body {
-            InboundBody::Sync { partition, message } => Some((partition, message)),
-            InboundBody::Frame(Frame::Sync { partition, message }) => {
+            InboundBody::Sync {
+                partition, message, ..
+            } => Some((partition, message)),
+            InboundBody::Frame(Frame::Sync { partition, message }, _) => {
                 Some((partition, super::validate::ReadMessage::read(message)))
             }
-            InboundBody::Frame(_) => None,
+            InboundBody::Frame(..) => None,
         }
     }
 
@@ -396,8 +395,7 @@ impl Inbound {
     /// read when the session takes it, if it does.
     pub fn unread(frame: Frame, wire_len: usize) -> Inbound {
         Inbound {
-            body: InboundBody::Frame(frame),
-            wire_len: Some(wire_len),
+            body: InboundBody::Frame(frame, Some(wire_len)),
         }
     }
 
@@ -409,7 +407,7 @@ impl Inbound {
     /// The frame's kind ([`Frame::kind`]).
     pub fn kind(&self) -> &'static str {
         match &self.body {
-            InboundBody::Frame(f) => f.kind(),
+            InboundBody::Frame(f, _) => f.kind(),
             InboundBody::Sync { .. } => "Sync",
         }
     }
@@ -417,31 +415,28 @@ impl Inbound {
     /// The partition of a `Sync` frame.
     pub fn sync_partition(&self) -> Option<&PartitionId> {
         match &self.body {
-            InboundBody::Frame(Frame::Sync { partition, .. })
+            InboundBody::Frame(Frame::Sync { partition, .. }, _)
             | InboundBody::Sync { partition, .. } => Some(partition),
-            InboundBody::Frame(_) => None,
+            InboundBody::Frame(..) => None,
         }
     }
 
     /// The frame's size on the wire: as received if known, else [`Frame::wire_len`] (which
     /// deflates a large `Sync` message again to find it).
     pub fn wire_len(&self) -> usize {
-        match (&self.body, self.wire_len) {
-            (_, Some(n)) => n,
-            (InboundBody::Frame(f), None) => f.wire_len(),
-            (InboundBody::Sync { partition, message }, None) => Frame::Sync {
-                partition: partition.clone(),
-                message: message.bytes().to_vec(),
-            }
-            .wire_len(),
+        match &self.body {
+            InboundBody::Frame(_, Some(n)) | InboundBody::Sync { wire_len: n, .. } => *n,
+            InboundBody::Frame(f, None) => f.wire_len(),
         }
     }
 
     /// What the frame counts for against a per-session byte quota ([`Frame::quota_len`]).
     pub fn quota_len(&self) -> u64 {
         match &self.body {
-            InboundBody::Frame(f) => f.quota_len(),
-            InboundBody::Sync { partition, message } => sync_quota_len(partition, message.bytes()),
+            InboundBody::Frame(f, _) => f.quota_len(),
+            InboundBody::Sync {
+                partition, message, ..
+            } => sync_quota_len(partition, message.bytes()),
         }
     }
 }

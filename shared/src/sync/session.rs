@@ -691,7 +691,9 @@ impl Session {
         self.stats.bytes_received += inbound.wire_len() as u64;
         self.step_sent_sync = false;
         let frame = match inbound.body {
-            InboundBody::Sync { partition, message } => {
+            InboundBody::Sync {
+                partition, message, ..
+            } => {
                 let result = if self.phase == Phase::Syncing {
                     self.on_sync(partition, message, store)
                 } else {
@@ -703,7 +705,7 @@ impl Session {
                 self.conclude(result);
                 return;
             }
-            InboundBody::Frame(frame) => frame,
+            InboundBody::Frame(frame, _) => frame,
         };
         let result = match (self.phase, frame) {
             (_, Frame::Refused(refusal)) => {
