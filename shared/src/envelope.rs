@@ -205,6 +205,18 @@ pub struct SessionKey {
 // The key is the only secret field and is `Zeroizing`, which wipes it on drop.
 impl zeroize::ZeroizeOnDrop for SessionKey {}
 
+/// A copy for a second thread opening the same session's records (the hub's persist: see
+/// `PartitionOpener::share_keys`); each copy wipes its key when dropped.
+impl Clone for SessionKey {
+    fn clone(&self) -> Self {
+        SessionKey {
+            id: self.id,
+            day: self.day,
+            key: self.key.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionKey")

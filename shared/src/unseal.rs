@@ -178,6 +178,31 @@ impl<F: FnMut(Day) -> Option<DaySecret>> PartitionOpener<F> {
         Ok(Opened { record, key_day })
     }
 
+    /// Unwraps now the key of each of `sessions` not met yet (each once), as [`Self::open`]
+    /// would on meeting the session's first record.
+    pub fn unwrap_sessions(&mut self, sessions: impl IntoIterator<Item = SessionId>) {
+        for session in sessions {
+            if !self.keys.contains_key(&session) {
+                let key = self.session_key(session);
+                self.keys.insert(session, key);
+            }
+        }
+    }
+
+    /// An opener of the same partition holding the session keys this one unwrapped (and the
+    /// failures it met), asking `secret_for` only for sessions this one has not met: records
+    /// open on a second thread without their keys being unwrapped again. Both openers give
+    /// the same result for any record.
+    pub fn share_keys<G>(&self, secret_for: G) -> PartitionOpener<G> {
+        PartitionOpener {
+            id: self.id.clone(),
+            wrapped: self.wrapped.clone(),
+            secret_for,
+            secrets: BTreeMap::new(),
+            keys: self.keys.clone(),
+        }
+    }
+
     /// Sessions seen so far whose key could not be had (no wrapped key or no day secret).
     pub fn sessions_without_key(&self) -> usize {
         self.keys

@@ -4,6 +4,12 @@
 
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: the hub's actor allocates and frees a great deal per
+/// record (automerge's operations, envelopes, index rows), and glibc's allocator took about a
+/// sixth of the ingest's CPU (BENCHMARKS.md, issue 14; the region bench uses the same).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = sync_hub::cli::Cli::parse();
     host::logging::init("SYNC_HUB_LOG", cli.log_format);

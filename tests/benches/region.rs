@@ -36,6 +36,11 @@
 //! 3,000 facilities × 1,000 visits and 2 days, the purge (here, and in `stall.rs` on the same
 //! folder) is of a day of 3 million visits, a region's, without building its whole month.
 
+/// The hub binary's allocator (`sync-hub/src/main.rs`), so the hub's side here allocates as the
+/// daemon does.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result, bail, ensure};
 use automerge::sync::{Message, State as SyncState, SyncDoc};
 use rand::{Rng, SeedableRng};
@@ -443,6 +448,15 @@ fn hub_side(
     Ok(indexed)
 }
 
+/// Writes `what` ("enable\n" or "disable\n") to the perf control FIFO named by `PERF_CTL`, if
+/// set, so that a profile covers the hub's ingest only: `mkfifo /tmp/perfctl`, then
+/// `PERF_CTL=/tmp/perfctl perf record -D -1 --control=fifo:/tmp/perfctl BENCH --bench`.
+fn perf_ctl(what: &str) {
+    if let Ok(path) = std::env::var("PERF_CTL") {
+        let _ = std::fs::write(path, what);
+    }
+}
+
 /// Where the hub's side of the build spends its time.
 #[derive(Default)]
 struct Stages {
@@ -587,8 +601,8 @@ fn build(
         let mut ingest = Duration::ZERO;
         let (mut step_visits, mut step_ingest, mut step_bytes) = (0u64, Duration::ZERO, 0u64);
         let (mut unsealed, mut unseal_time) = (0u64, Duration::ZERO);
-        let mut saves = (0u64, 0u64, 0u64);
-        let mut save_times = (Duration::ZERO, Duration::ZERO);
+        let mut saves = (0u64, 0u64, 0u64, 0u64);
+        let mut save_times = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let wall = Instant::now();
         let mut generating = Duration::ZERO;
         // The hub's actor commits in turns (group commit): the persists of a turn without
@@ -621,6 +635,7 @@ fn build(
                 // tasks run beside its actor, at most READ_AHEAD deliveries ahead; the actor's
                 // side (`hub_side`, the turns) on this one.
                 let t = Instant::now();
+                perf_ctl("enable\n");
                 let ingested = std::thread::scope(|scope| -> Result<Vec<(Delivery, u64)>> {
                     let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
                     let reader = scope.spawn(move || {
@@ -659,6 +674,7 @@ fn build(
                         .map_err(|_| anyhow::anyhow!("the connections' thread panicked"))?;
                     Ok(ingested)
                 })?;
+                perf_ctl("disable\n");
                 ingest += t.elapsed();
                 for (d, indexed) in ingested {
                     partitions += 1;
@@ -682,9 +698,13 @@ fn build(
                         saves.0 += p.save_uncompressed().len() as u64;
                         let t2 = Instant::now();
                         saves.1 += p.save().len() as u64;
+                        let t3 = Instant::now();
+                        saves.3 +=
+                            sync_hub::ledger::pack_save(&p.save_uncompressed())?.len() as u64;
                         saves.2 += d.records;
                         save_times.0 += t2 - t;
-                        save_times.1 += t2.elapsed();
+                        save_times.1 += t3 - t2;
+                        save_times.2 += t3.elapsed();
                     }
                 }
             }
@@ -770,12 +790,16 @@ fn build(
         report.push(String::new());
         report.push(format!(
             "a partition's full automerge save (every eighth partition): {:.0} B/visit \
-             uncompressed ({:.1} µs/visit), {:.0} B/visit with DEFLATE (what the hub stores as \
-             a partition's first chunk and at compaction, {:.1} µs/visit)",
+             uncompressed ({:.1} µs/visit), {:.0} B/visit with automerge's column DEFLATE \
+             ({:.1} µs/visit), {:.0} B/visit uncompressed and packed with zstd (what the hub \
+             stores as a partition's first chunk and at compaction, `ledger::pack_save`, {:.1} \
+             µs/visit)",
             saves.0 as f64 / saves.2.max(1) as f64,
             save_times.0.as_secs_f64() * 1e6 / saves.2.max(1) as f64,
             saves.1 as f64 / saves.2.max(1) as f64,
             save_times.1.as_secs_f64() * 1e6 / saves.2.max(1) as f64,
+            saves.3 as f64 / saves.2.max(1) as f64,
+            save_times.2.as_secs_f64() * 1e6 / saves.2.max(1) as f64,
         ));
     }
     let visits: u64 = total;
