@@ -2491,10 +2491,11 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs `here` on this thread while a worker thread (made by `builder`) runs `prepare` and
 /// then `work` on `blocks`; once `here` returns, this thread works on the blocks left too.
-/// `prepare` makes two states: the worker's, and a copy it hands this thread (a persist's:
-/// the session keys unwrapped once, [`PartitionOpener::share_keys`]). Each thread takes one
-/// block at a time until none is left, so both finish together whatever `here` took; each
-/// state is then `finish`ed. Returns `here`'s result and the finished states (one or two).
+/// `prepare` makes two states: the preparing thread's, and a copy it hands the other (a
+/// persist's: the session keys unwrapped once, [`PartitionOpener::share_keys`]); if `here`
+/// returns before the worker has begun, this thread prepares. Each thread takes one block at
+/// a time until none is left, so both finish together whatever `here` took; each state is
+/// then `finish`ed. Returns `here`'s result and the finished states (one or two).
 ///
 /// If the OS gives no thread (out of threads or memory), all of it runs here after `here`,
 /// with a warning: a persist is slower then, never refused. A panic in the worker is raised
@@ -2519,44 +2520,42 @@ fn share_beside<S: Send, B: Send, T: Send, H>(
             }
         }
     };
-    // Where `prepare` waits for the worker; one the OS refuses a thread leaves it here.
-    let prepare = std::sync::Mutex::new(Some(prepare));
+    // `prepare` goes to whichever thread comes to it first (the worker, unless the OS is slow
+    // to run it or refuses it a thread), with the sender of the copy; the other receives the
+    // copy. None comes if the thread preparing panicked: its panic is raised here.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<S>(1);
+    let first = std::sync::Mutex::new(Some((prepare, tx)));
+    let copy = std::sync::Mutex::new(rx);
+    let part = || -> Option<T> {
+        let taken = lock(&first).take();
+        let mut state = match taken {
+            Some((prepare, tx)) => {
+                let (mine, theirs) = prepare();
+                // Room for one: never blocks, also when no thread is left to take it.
+                let _ = tx.send(theirs);
+                mine
+            }
+            None => lock(&copy).recv().ok()?,
+        };
+        drain(&mut state);
+        Some(finish(state))
+    };
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<S>(1);
-        let (drain, finish, prepare) = (&drain, &finish, &prepare);
-        let worker = builder().spawn_scoped(scope, move || {
-            let prepare = lock(prepare).take()?;
-            let (mut mine, theirs) = prepare();
-            // The receiver lives until the scope's end.
-            let _ = tx.send(theirs);
-            drain(&mut mine);
-            Some(finish(mine))
-        });
+        let part = &part;
+        let worker = builder().spawn_scoped(scope, part);
+        if let Err(e) = &worker {
+            tracing::warn!(
+                "no thread for a persist's worker ({e}): its work runs on the persist's own \
+                 thread"
+            );
+        }
         let mine = here();
-        let mut done = Vec::with_capacity(2);
-        match worker {
-            Ok(handle) => {
-                // No copy comes if the worker panicked first: the join raises the panic.
-                if let Ok(mut state) = rx.recv() {
-                    drain(&mut state);
-                    done.push(finish(state));
-                }
-                let theirs = handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                done.extend(theirs);
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "no thread for a persist's worker ({e}): its work runs on the persist's \
-                     own thread"
-                );
-                if let Some(prepare) = lock(prepare).take() {
-                    let (mut state, _) = prepare();
-                    drain(&mut state);
-                    done.push(finish(state));
-                }
-            }
+        let mut done: Vec<T> = part().into_iter().collect();
+        if let Ok(handle) = worker {
+            let theirs = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            done.extend(theirs);
         }
         (mine, done)
     })
@@ -2919,18 +2918,44 @@ mod tests {
                     .flat_map(|(_, got)| got.iter().map(|g| g.1))
                     .collect::<Vec<_>>()
             };
-            let prepared = lock(&prepared).take();
-            if threaded {
-                assert_ne!(prepared, Some(me));
-                // Which thread takes how many depends on the scheduler; which state is where
-                // does not.
-                assert!(on(1).iter().all(|t| *t != me));
-                assert!(on(2).iter().all(|t| *t == me));
-            } else {
-                assert_eq!(prepared, Some(me));
+            let prepared = lock(&prepared)
+                .take()
+                .unwrap_or_else(|| panic!("not prepared"));
+            // The state prepared stays on the thread that prepared it; the copy goes to the
+            // other. Which thread prepares, and how many blocks each takes, depends on the
+            // scheduler.
+            assert!(on(1).iter().all(|t| *t == prepared));
+            assert!(on(2).iter().all(|t| *t != prepared));
+            if !threaded {
+                assert_eq!(prepared, me);
                 assert_eq!(done.len(), 1);
-                assert!(on(1).iter().all(|t| *t == me));
             }
+        }
+    }
+
+    /// A panic preparing or working (whichever thread) reaches the persist's caller; the
+    /// other thread does not wait for a copy that never comes.
+    #[test]
+    fn a_panic_in_a_persists_worker_is_raised_not_waited_for() {
+        for (panic_in_prepare, slow_here) in [(true, false), (true, true), (false, true)] {
+            let run = std::panic::catch_unwind(|| {
+                share_beside(
+                    std::thread::Builder::new,
+                    || {
+                        assert!(!panic_in_prepare, "prepare fails");
+                        (0u64, 0u64)
+                    },
+                    vec![1u64, 2, 3],
+                    |_: &mut u64, b| assert!(b != 2, "block 2 fails"),
+                    |s| s,
+                    || {
+                        if slow_here {
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                        }
+                    },
+                )
+            });
+            assert!(run.is_err(), "{panic_in_prepare} {slow_here}");
         }
     }
 
