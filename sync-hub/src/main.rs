@@ -6,7 +6,9 @@ use clap::Parser;
 
 /// mimalloc instead of glibc's malloc: the hub's actor allocates and frees a great deal per
 /// record (automerge's operations, envelopes, index rows), and glibc's allocator took about a
-/// sixth of the ingest's CPU (BENCHMARKS.md, issue 14; the region bench uses the same).
+/// sixth of the ingest's CPU (BENCHMARKS.md, issue 14; the region bench uses the same). Built
+/// without transparent huge pages (the workspace's `no_thp`): with them, the actor was now and
+/// then held 100-275 ms under the stall bench, against at most 44 ms without.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
