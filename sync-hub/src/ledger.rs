@@ -1038,13 +1038,7 @@ impl<'s> Ledger<'s> {
                     (copy, hub::IndexPlan::default()),
                 )
             };
-            let mut blocks = Vec::with_capacity(fresh.len().div_ceil(INDEX_BLOCK));
-            let mut rest = fresh;
-            while rest.len() > INDEX_BLOCK {
-                let tail = rest.split_off(INDEX_BLOCK);
-                blocks.push(std::mem::replace(&mut rest, tail));
-            }
-            blocks.push(rest);
+            let blocks = blocks_of(fresh, INDEX_BLOCK);
             let open = |(opener, plan): &mut (Opener<'_>, hub::IndexPlan), block| {
                 let part = hub::plan_index(opener, block);
                 plan.visits.extend(part.visits);
@@ -2374,6 +2368,13 @@ const UNPACKED_MAX: usize = 1 << 30;
 /// such before automerge reads it), which [`read_chunks`] unpacks. Each thread keeps its
 /// compression context.
 pub fn pack_save(save: &[u8]) -> Result<Vec<u8>, LedgerError> {
+    // What could never be read back is refused before it is stored.
+    if save.len() > UNPACKED_MAX {
+        return Err(LedgerError::Pack(std::io::Error::other(format!(
+            "a save of {} bytes is more than the {UNPACKED_MAX} a chunk may unpack to",
+            save.len()
+        ))));
+    }
     thread_local! {
         static PACKER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
@@ -2484,6 +2485,20 @@ const OVERLAP_INDEX_MIN: usize = 64;
 /// Records a persist's thread takes at a time ([`share_beside`]): small enough that the two
 /// threads finish within a block of each other.
 const INDEX_BLOCK: usize = 16;
+
+/// `items` in blocks of `size` (the last may be shorter), each holding only its own items:
+/// splitting a vector off the front again and again copied the rest each time and left each
+/// block the capacity of all that followed it, quadratic in the records of a persist (a review
+/// of the shared persist: about 7 GB at 50,000 fresh records).
+fn blocks_of<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let size = size.max(1);
+    let mut items = items.into_iter();
+    std::iter::from_fn(|| {
+        let block: Vec<T> = items.by_ref().take(size).collect();
+        (!block.is_empty()).then_some(block)
+    })
+    .collect()
+}
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -2931,6 +2946,23 @@ mod tests {
                 assert_eq!(done.len(), 1);
             }
         }
+    }
+
+    /// Each block holds its own records only, in order, whatever their number (a block split
+    /// off the front of the rest kept the capacity of all that followed it).
+    #[test]
+    fn a_persists_blocks_hold_their_own_records_only() {
+        for n in [0usize, 1, 15, 16, 17, 120, 5_000] {
+            let blocks = blocks_of((0..n).collect::<Vec<usize>>(), 16);
+            assert_eq!(blocks.len(), n.div_ceil(16), "{n}");
+            assert!(
+                blocks.iter().all(|b| !b.is_empty() && b.capacity() <= 16),
+                "{n}"
+            );
+            let all: Vec<usize> = blocks.into_iter().flatten().collect();
+            assert_eq!(all, (0..n).collect::<Vec<_>>(), "{n}");
+        }
+        assert_eq!(blocks_of(vec![1, 2], 0), [[1], [2]]);
     }
 
     /// A panic preparing or working (whichever thread) reaches the persist's caller; the

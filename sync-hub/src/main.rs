@@ -15,6 +15,12 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let cli = sync_hub::cli::Cli::parse();
     host::logging::init("SYNC_HUB_LOG", cli.log_format);
+    // mimalloc's `no_thp` only stops it asking for huge pages; a host whose kernel gives them
+    // to every process ("always") would still stall the actor. Not fatal where refused.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!("cannot turn transparent huge pages off for the hub: {e}");
+    }
     if let Err(e) = sync_hub::cli::run(cli) {
         eprintln!("sync-hub: {}", one_line(&e));
         std::process::exit(1);

@@ -707,9 +707,9 @@ fn purge_destroys_the_day_everywhere() {
 
 #[test]
 fn partitions_of_every_size_are_indexed_alike() {
-    // Below 64 fresh records a persist indexes on its own thread; from 64, one worker opens
-    // and seals while the persist's thread encodes the save; from 512, two workers, one half
-    // each. Each side of each threshold is indexed the same.
+    // Below 64 fresh records a persist indexes on its own thread; from 64, a worker opens and
+    // seals while the persist's thread encodes the save, then both do, in blocks of 16. Each
+    // side of the threshold, and any number of blocks, is indexed the same.
     for n in [63u64, 64, 200, 511, 512, 700] {
         let f = fixture();
         let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
@@ -852,16 +852,22 @@ fn full_saves_are_packed_and_earlier_chunks_still_load() {
     flipped[0].1[middle] ^= 0xff;
     flipped[0].1[middle + 1] ^= 0x5a;
     let mut huge = vec![0x28, 0xb5, 0x2f, 0xfd, 0xe0];
-    huge.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    huge.extend_from_slice(&(2u64 << 30).to_le_bytes());
     huge.extend_from_slice(&[0u8; 16]);
     for (what, rows) in [
         ("cut short", cut),
         ("changed", flipped),
-        ("claiming 1 TiB", vec![(0, huge)]),
+        ("claiming 2 GiB", vec![(0, huge)]),
     ] {
         put_chunk_rows(db, &id, &rows);
         match l.load(&id) {
-            Err(LedgerError::Corrupt { table, .. }) => assert_eq!(table, "hub-chunks-1", "{what}"),
+            Err(LedgerError::Corrupt { table, reason }) => {
+                assert_eq!(table, "hub-chunks-1", "{what}");
+                // Refused for its claim, before anything is allocated for it.
+                if what == "claiming 2 GiB" {
+                    assert!(reason.contains("claims 2147483648 bytes"), "{reason}");
+                }
+            }
             other => panic!("{what}: {other:?}"),
         }
     }
