@@ -2348,10 +2348,10 @@ fn chunk_pieces(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// zstd's frame magic number (0xFD2FB528, little-endian): a chunk that begins with it is a
-/// full save packed by [`pack_save`]. automerge's own chunks begin with theirs (85 6f 4a 83),
-/// so the chunks stored before zstd (automerge's column DEFLATE) load as they are.
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// zstd's frame magic number as stored (little-endian): a chunk that begins with it is a full
+/// save packed by [`pack_save`]. automerge's own chunks begin with theirs (85 6f 4a 83), so the
+/// chunks stored before zstd (automerge's column DEFLATE) load as they are.
+const ZSTD_MAGIC: [u8; 4] = zstd::zstd_safe::MAGICNUMBER.to_le_bytes();
 
 /// zstd's level for full saves. A save is mostly sealed envelopes, which no level compresses;
 /// the rest (keys, operation ids, actors) compresses about as well at 1 as automerge's

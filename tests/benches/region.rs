@@ -699,8 +699,7 @@ fn build(
                         let t2 = Instant::now();
                         saves.1 += p.save().len() as u64;
                         let t3 = Instant::now();
-                        saves.3 +=
-                            sync_hub::ledger::pack_save(&p.save_uncompressed())?.len() as u64;
+                        saves.3 += ledger::pack_save(&p.save_uncompressed())?.len() as u64;
                         saves.2 += d.records;
                         save_times.0 += t2 - t;
                         save_times.1 += t3 - t2;
