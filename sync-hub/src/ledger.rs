@@ -590,8 +590,16 @@ impl DayIndex {
         if visits.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
+        let rows = self.token_rows(facility, visits);
+        let batches = self.seal_batches(rng, facility, visits)?;
+        Ok((rows, batches))
+    }
+
+    /// The token rows of `visits` at `facility` (those with a token), for a run of
+    /// `token-runs-1`.
+    fn token_rows(&self, facility: &FacilityId, visits: &[IndexedVisit]) -> Vec<runs::Row> {
         let ftag = self.facility_tag(facility);
-        let rows: Vec<runs::Row> = visits
+        visits
             .iter()
             .filter_map(|v| v.token.as_ref())
             .map(|token| {
@@ -599,7 +607,18 @@ impl DayIndex {
                 let (row, sealed) = self.token_row(&tag, &ftag);
                 runs::row(&tag, &row, &sealed)
             })
-            .collect();
+            .collect()
+    }
+
+    /// The sealed batches of `visits` at `facility` for `visits-by-facility-2`, one per
+    /// [`BATCH_VISITS`] visits.
+    fn seal_batches(
+        &self,
+        rng: &mut impl RngCore,
+        facility: &FacilityId,
+        visits: &[IndexedVisit],
+    ) -> Result<Vec<Vec<u8>>, LedgerError> {
+        let ftag = self.facility_tag(facility);
         let mut batches = Vec::with_capacity(visits.len().div_ceil(BATCH_VISITS));
         for group in visits.chunks(BATCH_VISITS) {
             let plain = Zeroizing::new(
@@ -608,7 +627,7 @@ impl DayIndex {
             );
             batches.push(self.seal(rng, IndexKind::Batch, &ftag, &plain)?);
         }
-        Ok((rows, batches))
+        Ok(batches)
     }
 
     /// The visits of the batch `bytes` stored under facility tag `tag`, or `None` if it does
@@ -894,10 +913,11 @@ impl<'s> Ledger<'s> {
     /// (no usable wrapped key, damaged or forged envelopes) are counted in a warning and left
     /// out of the index; they are tried again at the next persist.
     ///
-    /// Encoding the automerge chunk and the cryptography of indexing (opening envelopes,
-    /// sealing index entries) are independent and each takes about as long as the other, so
-    /// for large batches the second runs on a scoped worker thread while this one encodes.
-    /// The worker touches no database; every write happens here, in the one transaction.
+    /// Encoding the automerge chunk and the cryptography of indexing (unwrapping the session
+    /// keys, opening envelopes, sealing index entries) are independent, so for large batches
+    /// they run on this thread and the persists' worker at once (`share_beside`): the save,
+    /// written in this persist's write transaction, on whichever thread comes to it first. The
+    /// index rows are written here, in the same transaction.
     ///
     /// On error the partition's notion of what is saved may have moved on: drop it and load it
     /// again rather than persisting it a second time.
@@ -1021,9 +1041,10 @@ impl<'s> Ledger<'s> {
         let fresh = hub::fresh_records(records, |rid| already.contains(&rid.0));
         let opener = self.opener(partition);
         let work = if fresh.len() >= OVERLAP_INDEX_MIN {
-            // A worker unwraps the session keys and opens and seals records while this thread
-            // encodes and writes the save; then this one takes records too, with a copy of the
-            // keys (`share_beside`).
+            // This thread unwraps the session keys while the persists' worker encodes and
+            // writes the save (or the other way round, or this thread does both if the worker
+            // comes late); then both open and seal records, with a copy of the keys
+            // (`share_beside`).
             let sessions: BTreeSet<SessionId> = fresh
                 .iter()
                 .filter_map(|(_, e)| e.as_ref().ok().map(Envelope::session))
@@ -1033,32 +1054,21 @@ impl<'s> Ledger<'s> {
                 let mut opener = opener;
                 opener.unwrap_sessions(sessions);
                 let copy = opener.share_keys(secrets);
-                (
-                    (opener, hub::IndexPlan::default()),
-                    (copy, hub::IndexPlan::default()),
-                )
+                ((opener, Sealing::default()), (copy, Sealing::default()))
             };
             let blocks = blocks_of(fresh, INDEX_BLOCK);
-            let open = |(opener, plan): &mut (Opener<'_>, hub::IndexPlan), block| {
-                let part = hub::plan_index(opener, block);
-                plan.visits.extend(part.visits);
-                plan.retry.extend(part.retry);
-                plan.fallback += part.fallback;
-            };
             let facility = &id.facility;
             let index = &index;
-            let seal = |(opener, mut plan): (Opener<'_>, hub::IndexPlan)| {
-                plan.sessions_without_key = opener.sessions_without_key();
-                seal_plan(index, facility, plan, revoked)
+            let open = |(opener, sealing): &mut (Opener<'_>, Sealing), block| {
+                sealing.add(index, facility, hub::plan_index(opener, block), revoked);
             };
-            let (chunk, works) = share_beside(
-                std::thread::Builder::new,
-                prepare,
-                blocks,
-                open,
-                seal,
-                || self.write_chunk(&txn, partition),
-            );
+            let seal = |(opener, sealing): (Opener<'_>, Sealing)| {
+                sealing.finish(index, facility, opener.sessions_without_key())
+            };
+            let (chunk, works) =
+                share_beside(persist_worker(), prepare, blocks, open, seal, || {
+                    self.write_chunk(&txn, partition)
+                });
             chunk?;
             works
                 .into_iter()
@@ -2504,24 +2514,46 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Runs `here` on this thread while a worker thread (made by `builder`) runs `prepare` and
-/// then `work` on `blocks`; once `here` returns, this thread works on the blocks left too.
-/// `prepare` makes two states: the preparing thread's, and a copy it hands the other (a
-/// persist's: the session keys unwrapped once, [`PartitionOpener::share_keys`]); if `here`
-/// returns before the worker has begun, this thread prepares. Each thread takes one block at
-/// a time until none is left, so both finish together whatever `here` took; each state is
-/// then `finish`ed. Returns `here`'s result and the finished states (one or two).
+/// The persists' worker: one thread kept for the process (spawning one per persist cost about
+/// 0.3 µs a record of a first sync, a thread's start and its allocator's set-up included).
+/// `None` if the OS gave no thread: persists then run all their work on their own thread.
+fn persist_worker() -> Option<&'static rayon_core::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon_core::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon_core::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "persist-worker".into())
+            .build()
+            .map_err(|e| {
+                tracing::warn!(
+                    "no thread for the persists' worker ({e}): each persist runs all its work \
+                     on its own thread"
+                );
+            })
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `prepare` and `here` on this thread and `worker`'s, each on whichever thread comes to
+/// it first, and then `work` on `blocks` on both. This thread comes to `prepare` first unless
+/// the worker is already running (it may be asleep, or busy with another thread's persist),
+/// and the worker then takes `here` (a persist's save) while this one prepares; if the worker
+/// comes late, this thread does both. `prepare` makes two states: the preparing thread's, and
+/// a copy it hands the other (a persist's: the session keys unwrapped once,
+/// [`PartitionOpener::share_keys`]). Each thread then takes one block at a time until none is
+/// left, so both finish together whatever `here` and `prepare` took; each state is then
+/// `finish`ed. Returns `here`'s result and the finished states (one or two).
 ///
-/// If the OS gives no thread (out of threads or memory), all of it runs here after `here`,
-/// with a warning: a persist is slower then, never refused. A panic in the worker is raised
-/// here.
-fn share_beside<S: Send, B: Send, T: Send, H>(
-    builder: impl FnOnce() -> std::thread::Builder,
+/// Without a worker (the OS gave it no thread), all of it runs here: a persist is slower
+/// then, never refused. A panic on either thread is raised here.
+fn share_beside<S: Send, B: Send, T: Send, H: Send>(
+    worker: Option<&rayon_core::ThreadPool>,
     prepare: impl FnOnce() -> (S, S) + Send,
     blocks: Vec<B>,
     work: impl Fn(&mut S, B) + Sync,
     finish: impl Fn(S) -> T + Sync,
-    here: impl FnOnce() -> H,
+    here: impl FnOnce() -> H + Send,
 ) -> (H, Vec<T>) {
     let slots: Vec<std::sync::Mutex<Option<B>>> = blocks
         .into_iter()
@@ -2535,45 +2567,59 @@ fn share_beside<S: Send, B: Send, T: Send, H>(
             }
         }
     };
-    // `prepare` goes to whichever thread comes to it first (the worker, unless the OS is slow
-    // to run it or refuses it a thread), with the sender of the copy; the other receives the
-    // copy. None comes if the thread preparing panicked: its panic is raised here.
+    // `prepare` goes to whichever thread comes to it first, with the sender of the copy; the
+    // other receives the copy. None comes if the thread preparing panicked: its panic is
+    // raised here. `here` goes to whichever thread comes to it first, after `prepare`.
     let (tx, rx) = std::sync::mpsc::sync_channel::<S>(1);
     let first = std::sync::Mutex::new(Some((prepare, tx)));
     let copy = std::sync::Mutex::new(rx);
+    let save = std::sync::Mutex::new(Some(here));
+    let saved = std::sync::Mutex::new(None);
     let part = || -> Option<T> {
         let taken = lock(&first).take();
-        let mut state = match taken {
-            Some((prepare, tx)) => {
-                let (mine, theirs) = prepare();
-                // Room for one: never blocks, also when no thread is left to take it.
-                let _ = tx.send(theirs);
-                mine
-            }
+        let mine = taken.map(|(prepare, tx)| {
+            let (mine, theirs) = prepare();
+            // Room for one: never blocks, also when no thread is left to take it.
+            let _ = tx.send(theirs);
+            mine
+        });
+        let here = lock(&save).take();
+        if let Some(here) = here {
+            let out = here();
+            *lock(&saved) = Some(out);
+        }
+        let mut state = match mine {
+            Some(mine) => mine,
             None => lock(&copy).recv().ok()?,
         };
         drain(&mut state);
         Some(finish(state))
     };
-    std::thread::scope(|scope| {
-        let part = &part;
-        let worker = builder().spawn_scoped(scope, part);
-        if let Err(e) = &worker {
-            tracing::warn!(
-                "no thread for a persist's worker ({e}): its work runs on the persist's own \
-                 thread"
+    let mut done = Vec::with_capacity(2);
+    match worker {
+        None => done.extend(part()),
+        Some(worker) => {
+            let theirs = std::sync::Mutex::new(None);
+            // The worker's job borrows this frame: `in_place_scope` returns only once it has
+            // run (and raises its panic here).
+            worker.in_place_scope(|scope| {
+                let (part, theirs) = (&part, &theirs);
+                scope.spawn(move |_| *lock(theirs) = part());
+                done.extend(part());
+            });
+            done.extend(
+                theirs
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
             );
         }
-        let mine = here();
-        let mut done: Vec<T> = part().into_iter().collect();
-        if let Ok(handle) = worker {
-            let theirs = handle
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            done.extend(theirs);
-        }
-        (mine, done)
-    })
+    }
+    let here = saved
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Both threads ran `part` to its end without a panic, so one of them ran `here`.
+    let here = here.unwrap_or_else(|| unreachable!("a persist's save ran on neither thread"));
+    (here, done)
 }
 
 /// The index rows one persist writes, built apart from the database.
@@ -2638,45 +2684,67 @@ fn build_index(
     fresh: Vec<(RecordId, Result<Envelope, EnvelopeError>)>,
     revoked: &crate::auth::RevocationList,
 ) -> Result<IndexWork, LedgerError> {
+    let facility = opener.partition().facility.clone();
     let plan = hub::plan_index(&mut opener, fresh);
-    seal_plan(index, &opener.partition().facility, plan, revoked)
+    let mut sealing = Sealing::default();
+    sealing.add(index, &facility, plan, revoked);
+    sealing.finish(index, &facility, opener.sessions_without_key())
 }
 
-/// Seals the index entries of what `plan` opened of a partition of `facility`, less what
-/// [`refused_as_revoked`] refuses.
-fn seal_plan(
-    index: &DayIndex,
-    facility: &FacilityId,
-    mut plan: hub::IndexPlan,
-    revoked: &crate::auth::RevocationList,
-) -> Result<IndexWork, LedgerError> {
-    let mut refused: BTreeMap<String, u64> = BTreeMap::new();
-    let mut done: Vec<RecordId> = Vec::with_capacity(plan.visits.len());
-    plan.visits.retain(|v| {
-        done.push(v.record);
-        if refused_as_revoked(revoked, v) {
-            *refused.entry(v.device.to_string()).or_default() += 1;
-            false
-        } else {
-            true
+/// The index entries of a persist, sealed as its records are opened, block by block: each
+/// block's token rows at once, by the thread that opened it (so that a persist's two threads
+/// finish together), the facility's batches of every visit at the end.
+#[derive(Default)]
+struct Sealing {
+    work: IndexWork,
+    /// The visits to index so far, for the facility's batches.
+    visits: Vec<IndexedVisit>,
+}
+
+impl Sealing {
+    /// Seals the token rows of what `plan` opened of a partition of `facility`, less what
+    /// [`refused_as_revoked`] refuses, and keeps its visits for the batches.
+    fn add(
+        &mut self,
+        index: &DayIndex,
+        facility: &FacilityId,
+        plan: hub::IndexPlan,
+        revoked: &crate::auth::RevocationList,
+    ) {
+        let work = &mut self.work;
+        work.fallback += plan.fallback;
+        work.unreadable += plan.retry.len() as u64;
+        let from = self.visits.len();
+        for v in plan.visits {
+            work.records.push(v.record);
+            if refused_as_revoked(revoked, &v) {
+                *work.refused.entry(v.device.to_string()).or_default() += 1;
+            } else {
+                self.visits.push(v);
+            }
         }
-    });
-    let mut seed = [0u8; 32];
-    OsRng.fill_bytes(&mut seed);
-    let mut rng = StdRng::from_seed(seed);
-    // The facility's batches of this persist hold every visit it indexes, sealed once per
-    // [`BATCH_VISITS`] visits (a trace reads all of a facility-day's visits anyway); a token
-    // row only says which facility's batches hold the token's visit.
-    let (tokens, batches) = index.seal_visits(&mut rng, facility, &plan.visits)?;
-    Ok(IndexWork {
-        tokens,
-        batches,
-        records: done,
-        refused,
-        unreadable: plan.retry.len() as u64,
-        missing_keys: plan.sessions_without_key,
-        fallback: plan.fallback,
-    })
+        work.tokens
+            .extend(index.token_rows(facility, &self.visits[from..]));
+    }
+
+    /// The index work: what was added, and the facility's batches of its visits, sealed once
+    /// per [`BATCH_VISITS`] visits (a trace reads all of a facility-day's visits anyway; a
+    /// token row only says which facility's batches hold the token's visit).
+    fn finish(
+        mut self,
+        index: &DayIndex,
+        facility: &FacilityId,
+        sessions_without_key: usize,
+    ) -> Result<IndexWork, LedgerError> {
+        self.work.missing_keys = sessions_without_key;
+        if !self.visits.is_empty() {
+            let mut seed = [0u8; 32];
+            OsRng.fill_bytes(&mut seed);
+            let mut rng = StdRng::from_seed(seed);
+            self.work.batches = index.seal_batches(&mut rng, facility, &self.visits)?;
+        }
+        Ok(self.work)
+    }
 }
 
 /// A [`PartitionStore`] over the hub's ledger for one sync session, admitted for one facility.
@@ -2890,20 +2958,25 @@ mod tests {
         }
     }
 
-    /// A persist's worker and its own thread share the blocks, each exactly once, the worker
-    /// preparing the state it hands over. A worker the OS gives no thread (here: a stack of
-    /// 1 EiB, beyond any address space) leaves all of it to the persist's own thread after the
-    /// save (the persist panicked there before).
+    /// A persist's worker and its own thread share the blocks, each exactly once, the thread
+    /// that prepares keeping its state and handing the copy over; the save runs once, on
+    /// either. Without a worker thread (the OS gave none) all of it
+    /// runs on the persist's own thread after the save (the persist panicked there before).
+    /// The pool the OS refuses a thread: a stack of 1 EiB, beyond any address space.
     #[test]
     fn a_persists_blocks_are_shared_and_fall_back_to_its_own_thread() {
         let me = std::thread::current().id();
-        let refused = || std::thread::Builder::new().stack_size(1 << 60);
-        let builders: [(&dyn Fn() -> std::thread::Builder, bool); 2] =
-            [(&std::thread::Builder::new, true), (&refused, false)];
-        for (builder, threaded) in builders {
+        let refused = rayon_core::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .stack_size(1 << 60)
+            .build();
+        assert!(refused.is_err(), "a thread with a stack of 1 EiB");
+        for (worker, threaded) in [(persist_worker(), true), (refused.ok().as_ref(), false)] {
+            assert_eq!(worker.is_some(), threaded);
             let prepared = std::sync::Mutex::new(None);
+            let saved_on = std::sync::Mutex::new(Vec::new());
             let (here, done) = share_beside(
-                builder,
+                worker,
                 || {
                     *lock(&prepared) = Some(std::thread::current().id());
                     ((1u64, Vec::new()), (2u64, Vec::new()))
@@ -2916,11 +2989,14 @@ mod tests {
                 },
                 |(who, got)| (who, got),
                 || {
+                    lock(&saved_on).push(std::thread::current().id());
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     7
                 },
             );
             assert_eq!(here, 7);
+            let saved_on = lock(&saved_on).clone();
+            assert_eq!(saved_on.len(), 1, "the save runs once");
             let mut blocks: Vec<u64> = done
                 .iter()
                 .flat_map(|(_, got)| got.iter().map(|g| g.0))
@@ -2943,6 +3019,7 @@ mod tests {
             assert!(on(2).iter().all(|t| *t != prepared));
             if !threaded {
                 assert_eq!(prepared, me);
+                assert_eq!(saved_on, [me]);
                 assert_eq!(done.len(), 1);
             }
         }
@@ -2965,30 +3042,52 @@ mod tests {
         assert_eq!(blocks_of(vec![1, 2], 0), [[1], [2]]);
     }
 
-    /// A panic preparing or working (whichever thread) reaches the persist's caller; the
-    /// other thread does not wait for a copy that never comes.
+    /// A panic preparing, saving or working (whichever thread) reaches the persist's caller;
+    /// the other thread does not wait for a copy that never comes. The worker survives it.
     #[test]
     fn a_panic_in_a_persists_worker_is_raised_not_waited_for() {
-        for (panic_in_prepare, slow_here) in [(true, false), (true, true), (false, true)] {
+        let cases = [
+            // (prepare panics, the save panics, a block panics, the save is slow)
+            (true, false, false, false),
+            (true, false, false, true),
+            (false, false, true, true),
+            (false, true, false, false),
+            (false, true, false, true),
+        ];
+        for (in_prepare, in_here, in_block, slow_here) in cases {
             let run = std::panic::catch_unwind(|| {
                 share_beside(
-                    std::thread::Builder::new,
+                    persist_worker(),
                     || {
-                        assert!(!panic_in_prepare, "prepare fails");
+                        assert!(!in_prepare, "prepare fails");
                         (0u64, 0u64)
                     },
                     vec![1u64, 2, 3],
-                    |_: &mut u64, b| assert!(b != 2, "block 2 fails"),
+                    |_: &mut u64, b| assert!(!(in_block && b == 2), "block 2 fails"),
                     |s| s,
                     || {
                         if slow_here {
                             std::thread::sleep(std::time::Duration::from_millis(20));
                         }
+                        assert!(!in_here, "the save fails");
                     },
                 )
             });
-            assert!(run.is_err(), "{panic_in_prepare} {slow_here}");
+            assert!(
+                run.is_err(),
+                "{in_prepare} {in_here} {in_block} {slow_here}"
+            );
         }
+        // And the worker takes the next persist's work as before.
+        let (here, done) = share_beside(
+            persist_worker(),
+            || (0u64, 0u64),
+            vec![1u64, 2, 3],
+            |n: &mut u64, b| *n += b,
+            |s| s,
+            || 5,
+        );
+        assert_eq!((here, done.iter().sum::<u64>()), (5, 6));
     }
 
     #[test]
