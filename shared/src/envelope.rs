@@ -383,7 +383,7 @@ impl SessionKey {
 }
 
 /// A session key wrapped with age to one of the hub's day keys.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WrappedKey {
     /// The session the key belongs to.
     pub session: SessionId,

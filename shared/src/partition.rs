@@ -480,7 +480,7 @@ enum PutOutcome {
     Conflict,
 }
 
-fn parse_wrapped_key(suffix: &str, bytes: &[u8]) -> Option<WrappedKey> {
+pub(crate) fn parse_wrapped_key(suffix: &str, bytes: &[u8]) -> Option<WrappedKey> {
     let session = SessionId::parse_hex(suffix)?;
     let key = WrappedKey::from_bytes(bytes).ok()?;
     (key.session == session).then_some(key)

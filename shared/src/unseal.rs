@@ -189,6 +189,29 @@ impl<F: FnMut(Day) -> Option<DaySecret>> PartitionOpener<F> {
         }
     }
 
+    /// The wrapped key of `session` this opener's partition holds, if any.
+    pub fn wrapped_key(&self, session: SessionId) -> Option<&WrappedKey> {
+        self.wrapped.get(&session)
+    }
+
+    /// Takes `key`, unwrapped elsewhere from `wrapped` (ahead of this persist, say), as its
+    /// session's key, if this opener has not met the session yet and its partition holds
+    /// exactly `wrapped` as the session's wrapped key: the unwrapping is a function of the
+    /// wrapped key's bytes and the day secret, so the key is then the one [`Self::open`] would
+    /// unwrap. Returns whether it was taken. A key unwrapped from another wrapped key of the
+    /// same session (a peer's put that lost the merge, or a forgery) is refused.
+    pub fn offer_unwrapped(&mut self, wrapped: &WrappedKey, key: SessionKey) -> bool {
+        let session = wrapped.session;
+        if key.id() != session
+            || self.keys.contains_key(&session)
+            || self.wrapped.get(&session) != Some(wrapped)
+        {
+            return false;
+        }
+        self.keys.insert(session, Ok(key));
+        true
+    }
+
     /// An opener of the same partition holding the session keys this one unwrapped (and the
     /// failures it met), asking `secret_for` only for sessions this one has not met: records
     /// open on a second thread without their keys being unwrapped again. Both openers give

@@ -483,6 +483,9 @@ pub struct HubHandle {
     /// database serves read transactions on any thread while the actor writes. Writes go
     /// through the actor, never through this.
     pub(crate) hub: Arc<Hub>,
+    /// Session keys the connections unwrap from the `Sync` messages they read, for the
+    /// actor's persists ([`crate::ahead`]).
+    ahead: Arc<crate::ahead::UnwrapAhead>,
 }
 
 impl HubHandle {
@@ -1162,9 +1165,11 @@ pub fn start(
     }
     let hub = Arc::new(hub);
     let shared = hub.clone();
+    let ahead = Arc::new(crate::ahead::UnwrapAhead::new());
+    let actor_ahead = ahead.clone();
     let thread = std::thread::Builder::new()
         .name("hub-actor".into())
-        .spawn(move || actor(hub, quotas, rx, m, stop_flag))
+        .spawn(move || actor(hub, quotas, rx, m, stop_flag, actor_ahead))
         .map_err(|e| HubError::Invalid(format!("cannot start the hub actor: {e}")))?;
     Ok((
         HubHandle {
@@ -1173,6 +1178,7 @@ pub fn start(
             stopping,
             metrics,
             hub: shared,
+            ahead,
         },
         thread,
     ))
@@ -1394,6 +1400,7 @@ async fn connection(
                         &buf[..n],
                         &admitted,
                         &reader_ended,
+                        &handle.ahead,
                     )
                     .await
                     {
@@ -1498,6 +1505,16 @@ fn read_at(frame: &Frame, admitted: bool, ended: bool) -> ReadAt {
     }
 }
 
+/// Reads `frame` ([`Inbound::read`]) and unwraps ahead the session keys its `Sync` message
+/// puts ([`crate::ahead::UnwrapAhead::unwrap_from`]).
+fn read_ahead(frame: Frame, len: usize, ahead: &crate::ahead::UnwrapAhead) -> Inbound {
+    let inbound = Inbound::read(frame, len);
+    if let Some(message) = inbound.read_message() {
+        ahead.unwrap_from(message);
+    }
+    inbound
+}
+
 /// Feeds `bytes` read from connection `conn` to its decoder and every whole frame to the
 /// actor, its `Sync` message read first as [`read_at`] says (`admitted`: the peer was
 /// admitted; `ended`: the actor ended the session); `None` once the connection must stop
@@ -1510,6 +1527,7 @@ async fn forward_frames(
     bytes: &[u8],
     admitted: &AtomicBool,
     ended: &AtomicBool,
+    ahead: &Arc<crate::ahead::UnwrapAhead>,
 ) -> Option<usize> {
     if let Err(error) = decoder.push(bytes) {
         let _ = tx.send(Input::Malformed { conn, error }).await;
@@ -1529,10 +1547,15 @@ async fn forward_frames(
                     admitted.load(Ordering::Acquire),
                     ended.load(Ordering::Acquire),
                 );
+                // A message read also has the session keys it puts unwrapped for the actor's
+                // persist (`crate::ahead`), in the same place.
                 let read = match at {
                     ReadAt::Unread => Ok(Inbound::unread(frame, len)),
-                    ReadAt::Here => std::panic::catch_unwind(move || Inbound::read(frame, len))
-                        .map_err(|_| "a panic".to_owned()),
+                    ReadAt::Here => {
+                        let ahead = ahead.clone();
+                        std::panic::catch_unwind(move || read_ahead(frame, len, &ahead))
+                            .map_err(|_| "a panic".to_owned())
+                    }
                     ReadAt::Pool => {
                         // One at a time, whatever the number of connections: hostile peers'
                         // large frames take one thread of the two cores, not all the actor's
@@ -1541,9 +1564,10 @@ async fn forward_frames(
                         let Ok(permit) = LARGE_READS.acquire().await else {
                             return None;
                         };
+                        let ahead = ahead.clone();
                         tokio::task::spawn_blocking(move || {
                             let _permit = permit;
-                            Inbound::read(frame, len)
+                            read_ahead(frame, len, &ahead)
                         })
                         .await
                         .map_err(|e| e.to_string())
@@ -1621,9 +1645,17 @@ pub async fn dial_session(
             let until = (Instant::now() + READ_TIMEOUT).min(deadline);
             match tokio::time::timeout_at(until, recv.read(&mut buf)).await {
                 Ok(Ok(Some(n))) => {
-                    if forward_frames(&tx, conn_id, &mut decoder, &buf[..n], &admitted, &ended)
-                        .await
-                        .is_none()
+                    if forward_frames(
+                        &tx,
+                        conn_id,
+                        &mut decoder,
+                        &buf[..n],
+                        &admitted,
+                        &ended,
+                        &handle.ahead,
+                    )
+                    .await
+                    .is_none()
                     {
                         return;
                     }
@@ -1809,6 +1841,7 @@ fn actor(
     mut rx: tmpsc::Receiver<Input>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
+    ahead: Arc<crate::ahead::UnwrapAhead>,
 ) {
     let mut ledger = match Ledger::open(hub.store(), hub.keys()) {
         Ok(l) => l,
@@ -1817,6 +1850,7 @@ fn actor(
             return;
         }
     };
+    ledger.unwrap_ahead(ahead);
     let mut conns: BTreeMap<u64, Conn> = BTreeMap::new();
     // Purges asked for (who, as_of, the answer), or the timer's (`None`), waiting for the one
     // under way to end.

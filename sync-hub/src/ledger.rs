@@ -674,6 +674,8 @@ pub struct Ledger<'s> {
     actor: [u8; 16],
     /// The keyed revocation list as read in the actor's current turn ([`Store::group_epoch`]).
     revoked: std::sync::Mutex<Option<(u64, std::sync::Arc<crate::auth::RevocationList>)>>,
+    /// Session keys the connections' side unwrapped ahead ([`Ledger::unwrap_ahead`]).
+    ahead: Option<std::sync::Arc<crate::ahead::UnwrapAhead>>,
 }
 
 impl fmt::Debug for Ledger<'_> {
@@ -724,6 +726,7 @@ impl<'s> Ledger<'s> {
             ratchet,
             actor,
             revoked: Default::default(),
+            ahead: None,
         })
     }
 
@@ -738,6 +741,32 @@ impl<'s> Ledger<'s> {
             ratchet: keys.ratchet,
             actor: keys.actor,
             revoked: Default::default(),
+            ahead: None,
+        }
+    }
+
+    /// Shares this ledger's day keys with `ahead`, where the connections' side unwraps the
+    /// session keys of the `Sync` messages it reads ([`crate::ahead`]), and takes the keys
+    /// found there in its persists instead of unwrapping them again. The ratchet `ahead`
+    /// holds follows this ledger's (its purges advance both).
+    pub fn unwrap_ahead(&mut self, ahead: std::sync::Arc<crate::ahead::UnwrapAhead>) {
+        ahead.set_ratchet(&self.ratchet);
+        self.ahead = Some(ahead);
+    }
+
+    /// Offers `opener` the keys of `sessions` unwrapped ahead from the wrapped keys its
+    /// partition holds ([`PartitionOpener::offer_unwrapped`]).
+    fn take_ahead(&self, opener: &mut Opener<'_>, sessions: &BTreeSet<SessionId>) {
+        let Some(ahead) = &self.ahead else {
+            return;
+        };
+        for session in sessions {
+            let Some(wrapped) = opener.wrapped_key(*session).cloned() else {
+                continue;
+            };
+            if let Some(key) = ahead.take(&wrapped) {
+                opener.offer_unwrapped(&wrapped, key);
+            }
         }
     }
 
@@ -1039,16 +1068,17 @@ impl<'s> Ledger<'s> {
         let count = records.len() as u64;
         let (already, indexed_rows) = read_indexed(&txn.open_table(INDEXED)?, f, day)?;
         let fresh = hub::fresh_records(records, |rid| already.contains(&rid.0));
-        let opener = self.opener(partition);
+        let mut opener = self.opener(partition);
+        let sessions: BTreeSet<SessionId> = fresh
+            .iter()
+            .filter_map(|(_, e)| e.as_ref().ok().map(Envelope::session))
+            .collect();
+        self.take_ahead(&mut opener, &sessions);
         let work = if fresh.len() >= OVERLAP_INDEX_MIN {
-            // This thread unwraps the session keys while the persists' worker encodes and
-            // writes the save (or the other way round, or this thread does both if the worker
-            // comes late); then both open and seal records, with a copy of the keys
-            // (`share_beside`).
-            let sessions: BTreeSet<SessionId> = fresh
-                .iter()
-                .filter_map(|(_, e)| e.as_ref().ok().map(Envelope::session))
-                .collect();
+            // This thread unwraps the session keys not unwrapped ahead while the persists'
+            // worker encodes and writes the save (or the other way round, or this thread does
+            // both if the worker comes late); then both open and seal records, with a copy of
+            // the keys (`share_beside`).
             let secrets = self.secrets();
             let prepare = move || {
                 let mut opener = opener;
@@ -1615,6 +1645,9 @@ impl<'s> Ledger<'s> {
         ratchet.advance(horizon(as_of).max(self.ratchet.oldest()));
         self.keys.store_ratchet(&ratchet)?;
         self.ratchet = ratchet;
+        if let Some(ahead) = &self.ahead {
+            ahead.set_ratchet(&self.ratchet);
+        }
         let h = self.ratchet.oldest();
         Ok(PurgeJob {
             report: PurgeReport {

@@ -18,6 +18,7 @@
 //!    `Hub::init`, `Hub::open`);
 //! 6. shells: [`daemon`] (the actor and sync endpoint), [`http`], [`control`], [`cli`].
 
+pub mod ahead;
 pub mod audit;
 pub mod auth;
 pub mod cli;

@@ -975,3 +975,89 @@ fn contacts_across_midnight_are_found() {
     let contacts: Vec<UnixSeconds> = trace.contacts.iter().map(|c| c.scanned_at).collect();
     assert_eq!(contacts, vec![DAY.end() + 15 * MIN]);
 }
+
+/// The read `Sync` message of `changes` (as the connections' side reads a first sync's).
+fn read_message_of(changes: Vec<Vec<u8>>) -> shared::sync::validate::ReadMessage {
+    let bytes = automerge::sync::Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: changes.into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode();
+    shared::sync::validate::ReadMessage::read(bytes)
+}
+
+#[test]
+fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_holds() {
+    // The connections' side unwraps the session keys a `Sync` message puts (issue 14: the
+    // unwrapping held the actor 0.75 µs a record); the persist takes the key unwrapped from
+    // the wrapped key its merged partition holds, and indexes as it would have. A key
+    // unwrapped from another wrapped key under the same session's label (a hostile peer's
+    // put, wrapped to the hub's public day key) is never used for the session.
+    let f = fixture();
+    let (fa, da) = (f.fac_a.clone(), f.dev_a.clone());
+    let visits: Vec<Visit> = (0..120u8)
+        .map(|i| Visit::Qr(token(i), T0 + u64::from(i) * 60))
+        .collect();
+    let device = device_partition(&f, &fa, &da, DAY, &visits);
+    let mut l = ledger(&f);
+    let ahead = std::sync::Arc::new(sync_hub::ahead::UnwrapAhead::new());
+    l.unwrap_ahead(ahead.clone());
+    let changes: Vec<Vec<u8>> = device
+        .doc()
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    assert_eq!(ahead.unwrap_from(&read_message_of(changes)), 1);
+    let mut copy = hub_copy(&l, &device);
+    assert_eq!(l.persist(&mut copy, NOW).ok(), Some(120));
+    assert_eq!(ahead.counts(), (1, 1), "the persist took the key");
+    assert!(ahead.is_empty());
+
+    // Another device-day: a forged wrapped key of the session (another key wrapped to the
+    // same public day key) is unwrapped ahead, but the partition holds the true one.
+    let other = device_partition(&f, &f.fac_b.clone(), &f.dev_b.clone(), DAY, &visits[..70]);
+    let session = other.wrapped_keys()[0].clone();
+    // The payload a wrapped key holds (session id, day, key bytes), with other key bytes,
+    // encrypted to the hub's public day key as any peer can.
+    let recipient = ratchet(&f)
+        .public(DAY)
+        .expect("live")
+        .to_recipient()
+        .unwrap_or_else(|e| panic!("recipient: {e}"));
+    let mut payload = session.session.0.to_vec();
+    payload.extend_from_slice(&DAY.0.to_be_bytes());
+    payload.extend_from_slice(&[0x66; 32]);
+    let forged = shared::envelope::WrappedKey {
+        session: session.session,
+        key_day: DAY,
+        age: age::encrypt(&recipient, &payload).unwrap_or_else(|e| panic!("age: {e}")),
+    };
+    assert_ne!(forged, session);
+    let mut hostile = Partition::new(other.id().clone(), &[0xee; 16]);
+    {
+        let mut tx = hostile.doc_mut().transaction();
+        tx.put(ROOT, format!("k/{}", session.session), forged.to_bytes())
+            .unwrap_or_else(|e| panic!("put: {e}"));
+        tx.commit();
+    }
+    let forged_changes: Vec<Vec<u8>> = hostile
+        .doc()
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    assert_eq!(ahead.unwrap_from(&read_message_of(forged_changes)), 1);
+    let mut copy = hub_copy(&l, &other);
+    assert_eq!(
+        l.persist(&mut copy, NOW).ok(),
+        Some(70),
+        "opened with the true key"
+    );
+    assert_eq!(ahead.counts(), (2, 1), "the forged one's key was not taken");
+    assert_eq!(ahead.len(), 1);
+}

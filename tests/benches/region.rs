@@ -60,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use sync_hub::Hub;
+use sync_hub::ahead::UnwrapAhead;
 use sync_hub::auth::Principal;
 use sync_hub::daemon::{self, Metrics};
 use sync_hub::ledger::{self, Ledger};
@@ -380,7 +381,7 @@ fn generate(setup: &Setup, day: Day, range: std::ops::Range<usize>) -> Result<Ve
 /// (`sync_hub::daemon`, `forward_frames`): decodes the frames (inflating the deflated
 /// messages) and reads each `Sync` message on its own (`Inbound::read`).
 #[inline(never)]
-fn connection_side(d: &Delivery) -> Result<Vec<ReadMessage>> {
+fn connection_side(d: &Delivery, ahead: &UnwrapAhead) -> Result<Vec<ReadMessage>> {
     let mut decoder = FrameDecoder::new();
     let mut read = Vec::with_capacity(d.frames.len());
     for bytes in &d.frames {
@@ -390,6 +391,8 @@ fn connection_side(d: &Delivery) -> Result<Vec<ReadMessage>> {
                 .into_sync()
                 .context("a recorded frame that is not a Sync")?;
             ensure!(partition == d.id, "a frame for another partition");
+            // As the daemon's connection tasks do (`sync_hub::ahead`).
+            ahead.unwrap_from(&message);
             read.push(message);
         }
     }
@@ -586,7 +589,11 @@ fn build(
     let first = today.minus(LIVE_DAYS - 1);
     // The oldest `days` live days.
     let last = Day(first.0 + days - 1);
-    let ledger = Ledger::open(hub.store(), hub.keys())?;
+    let mut ledger = Ledger::open(hub.store(), hub.keys())?;
+    // The session keys the connections' side unwraps ahead for the actor's persists.
+    let ahead = std::sync::Arc::new(UnwrapAhead::new());
+    ledger.unwrap_ahead(ahead.clone());
+    let ledger = ledger;
 
     // Sizes are measured after these many days (and the growth between them).
     let checkpoints = [1u32, 2, 4, 7, 14, 21, 28];
@@ -638,11 +645,12 @@ fn build(
                 perf_ctl("enable\n");
                 let ingested = std::thread::scope(|scope| -> Result<Vec<(Delivery, u64)>> {
                     let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+                    let ahead = &*ahead;
                     let reader = scope.spawn(move || {
                         let mut busy = Duration::ZERO;
                         for d in deliveries {
                             let t = Instant::now();
-                            let read = connection_side(&d);
+                            let read = connection_side(&d, ahead);
                             busy += t.elapsed();
                             if tx.send(read.map(|read| (d, read))).is_err() {
                                 break;
@@ -752,6 +760,12 @@ fn build(
             partitions as f64 / commits.max(1) as f64,
             visits as f64 / commits.max(1) as f64,
             metrics.group_commit_writes.load(Ordering::Relaxed),
+        ));
+        let (kept, taken) = ahead.counts();
+        report.push(format!(
+            "session keys unwrapped ahead on the connections' side (`sync_hub::ahead`): {kept}, \
+             {taken} of them taken by persists, {} left",
+            ahead.len()
         ));
         let per = |d: Duration| d.as_secs_f64() * 1e6 / visits.max(1) as f64;
         report.push(format!(

@@ -645,3 +645,50 @@ fn a_damaged_visit_batch_gives_nothing() {
     let damaged: VisitBatch = postcard::from_bytes(&bytes).expect("decodes");
     assert_eq!(damaged.visits(), None);
 }
+
+/// A key unwrapped elsewhere is taken only for the very wrapped key the partition holds for
+/// its session: a key that comes with another wrapped key under the session's label (a peer's
+/// put that lost the merge, or a forgery wrapping its own key to the hub's public day key) is
+/// refused, and so is a key of another session; the records open with the key taken, and no
+/// day secret is asked for.
+#[test]
+fn an_opener_takes_a_key_unwrapped_ahead_only_for_the_wrapped_key_it_holds() {
+    let mut s = Sealer::new();
+    let id = pid();
+    let mut p = Partition::new(id.clone(), &[1; 16]);
+    let (key, wrapped) = s.session(DAY);
+    p.insert_wrapped_key(&wrapped).expect("key");
+    let (rid, env) = s.seal(&key, &id, &qr("fac-a", T, 1));
+    p.insert_record(rid, &env).expect("insert");
+    let secret = s.ratchet.secret(DAY).expect("live");
+    let unwrapped = wrapped.unwrap(&secret).expect("unwraps");
+
+    let (other, other_wrapped) = s.session(DAY);
+    // Another wrapped key under this session's label.
+    let mut forged = other_wrapped.clone();
+    forged.session = wrapped.session;
+    let asked = RefCell::new(0);
+    let ratchet = &s.ratchet;
+    let mut opener = PartitionOpener::new(&p, |d| {
+        *asked.borrow_mut() += 1;
+        ratchet.secret(d)
+    });
+    assert_eq!(opener.wrapped_key(wrapped.session), Some(&wrapped));
+    assert!(
+        !opener.offer_unwrapped(&forged, unwrapped.clone()),
+        "another wrapped key of the session"
+    );
+    assert!(
+        !opener.offer_unwrapped(&other_wrapped, other.clone()),
+        "a session the partition does not hold"
+    );
+    assert!(
+        !opener.offer_unwrapped(&wrapped, other.clone()),
+        "another session's key"
+    );
+    assert!(opener.offer_unwrapped(&wrapped, unwrapped.clone()));
+    assert!(!opener.offer_unwrapped(&wrapped, unwrapped), "met already");
+    let plan = plan_index(&mut opener, p.records());
+    assert_eq!(plan.visits.len(), 1);
+    assert_eq!(*asked.borrow(), 0, "no day secret needed");
+}

@@ -399,6 +399,14 @@ impl Inbound {
         }
     }
 
+    /// A `Sync` frame's message if it was read ([`Inbound::read`]).
+    pub fn read_message(&self) -> Option<&super::validate::ReadMessage> {
+        match &self.body {
+            InboundBody::Sync { message, .. } => Some(message),
+            InboundBody::Frame(..) => None,
+        }
+    }
+
     /// Whether a `Sync` frame's message was already read ([`Inbound::read`]).
     pub fn is_read(&self) -> bool {
         matches!(self.body, InboundBody::Sync { .. })

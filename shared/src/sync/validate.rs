@@ -694,6 +694,25 @@ impl ReadMessage {
         &self.bytes
     }
 
+    /// The well-formed wrapped keys the message puts (`k/<session>` whose value is a wrapped
+    /// key of that session), in order; none if the message did not read. What a partition
+    /// holds after the merge may differ (another writer's put of the same key can win), so
+    /// these are only candidates: see `PartitionOpener::offer_unwrapped`.
+    pub fn wrapped_keys(&self) -> Vec<crate::envelope::WrappedKey> {
+        let Ok(changes) = &self.read else {
+            return Vec::new();
+        };
+        changes
+            .iter()
+            .flat_map(|c| &c.puts)
+            .filter_map(|(key, value)| {
+                let key = std::str::from_utf8(self.bytes.get(key.clone())?).ok()?;
+                let session = key.strip_prefix(crate::partition::WRAPPED_KEY_PREFIX)?;
+                crate::partition::parse_wrapped_key(session, self.bytes.get(value.clone())?)
+            })
+            .collect()
+    }
+
     /// The bytes, for `automerge::sync::Message::decode`.
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes
