@@ -1364,6 +1364,8 @@ async fn connection(
     let reader_ended = ended.clone();
     let tx = handle.tx.clone();
     let reader_admitted = admitted.clone();
+    // This connection's reads unwrap session keys ahead for the actor, within its budget.
+    let ahead = Ahead::new(&handle.ahead);
     // Returns whether the peer sent no frame before the Hello deadline.
     let reader = async move {
         let admitted = reader_admitted;
@@ -1400,7 +1402,7 @@ async fn connection(
                         &buf[..n],
                         &admitted,
                         &reader_ended,
-                        &handle.ahead,
+                        &ahead,
                     )
                     .await
                     {
@@ -1505,14 +1507,31 @@ fn read_at(frame: &Frame, admitted: bool, ended: bool) -> ReadAt {
     }
 }
 
-/// Reads `frame` ([`Inbound::read`]) and unwraps ahead the session keys its `Sync` message
-/// puts ([`crate::ahead::UnwrapAhead::unwrap_from`]).
-fn read_ahead(frame: Frame, len: usize, ahead: &crate::ahead::UnwrapAhead) -> Inbound {
-    let inbound = Inbound::read(frame, len);
-    if let Some(message) = inbound.read_message() {
-        ahead.unwrap_from(message);
+/// One connection's way to the session keys unwrapped ahead ([`crate::ahead`]): the hub's
+/// cache and the connection's budget.
+#[derive(Clone)]
+struct Ahead {
+    keys: Arc<crate::ahead::UnwrapAhead>,
+    budget: Arc<crate::ahead::Budget>,
+}
+
+impl Ahead {
+    fn new(keys: &Arc<crate::ahead::UnwrapAhead>) -> Ahead {
+        Ahead {
+            keys: keys.clone(),
+            budget: Arc::new(crate::ahead::Budget::new()),
+        }
     }
-    inbound
+
+    /// Reads `frame` ([`Inbound::read`]) and unwraps ahead the session keys its `Sync`
+    /// message puts ([`crate::ahead::UnwrapAhead::unwrap_from`]).
+    fn read(&self, frame: Frame, len: usize) -> Inbound {
+        let inbound = Inbound::read(frame, len);
+        if let Some(message) = inbound.read_message() {
+            self.keys.unwrap_from(message, &self.budget);
+        }
+        inbound
+    }
 }
 
 /// Feeds `bytes` read from connection `conn` to its decoder and every whole frame to the
@@ -1527,7 +1546,7 @@ async fn forward_frames(
     bytes: &[u8],
     admitted: &AtomicBool,
     ended: &AtomicBool,
-    ahead: &Arc<crate::ahead::UnwrapAhead>,
+    ahead: &Ahead,
 ) -> Option<usize> {
     if let Err(error) = decoder.push(bytes) {
         let _ = tx.send(Input::Malformed { conn, error }).await;
@@ -1553,7 +1572,7 @@ async fn forward_frames(
                     ReadAt::Unread => Ok(Inbound::unread(frame, len)),
                     ReadAt::Here => {
                         let ahead = ahead.clone();
-                        std::panic::catch_unwind(move || read_ahead(frame, len, &ahead))
+                        std::panic::catch_unwind(move || ahead.read(frame, len))
                             .map_err(|_| "a panic".to_owned())
                     }
                     ReadAt::Pool => {
@@ -1567,7 +1586,7 @@ async fn forward_frames(
                         let ahead = ahead.clone();
                         tokio::task::spawn_blocking(move || {
                             let _permit = permit;
-                            read_ahead(frame, len, &ahead)
+                            ahead.read(frame, len)
                         })
                         .await
                         .map_err(|e| e.to_string())
@@ -1638,6 +1657,7 @@ pub async fn dial_session(
     let ended = AtomicBool::new(false);
     let writer = write_frames(&mut send, &mut orx, &ended);
     let tx = handle.tx.clone();
+    let ahead = Ahead::new(&handle.ahead);
     let reader = async {
         let mut decoder = FrameDecoder::with_limit(MAX_FRAME_BYTES);
         let mut buf = vec![0u8; 64 * 1024];
@@ -1652,7 +1672,7 @@ pub async fn dial_session(
                         &buf[..n],
                         &admitted,
                         &ended,
-                        &handle.ahead,
+                        &ahead,
                     )
                     .await
                     .is_none()

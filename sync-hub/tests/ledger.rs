@@ -1012,7 +1012,10 @@ fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_hold
         .iter()
         .map(|c| c.raw_bytes().to_vec())
         .collect();
-    assert_eq!(ahead.unwrap_from(&read_message_of(changes)), 1);
+    assert_eq!(
+        ahead.unwrap_from(&read_message_of(changes), &sync_hub::ahead::Budget::new()),
+        1
+    );
     let mut copy = hub_copy(&l, &device);
     assert_eq!(l.persist(&mut copy, NOW).ok(), Some(120));
     assert_eq!(ahead.counts(), (1, 1), "the persist took the key");
@@ -1051,7 +1054,13 @@ fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_hold
         .iter()
         .map(|c| c.raw_bytes().to_vec())
         .collect();
-    assert_eq!(ahead.unwrap_from(&read_message_of(forged_changes)), 1);
+    assert_eq!(
+        ahead.unwrap_from(
+            &read_message_of(forged_changes),
+            &sync_hub::ahead::Budget::new()
+        ),
+        1
+    );
     let mut copy = hub_copy(&l, &other);
     assert_eq!(
         l.persist(&mut copy, NOW).ok(),

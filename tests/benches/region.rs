@@ -384,6 +384,7 @@ fn generate(setup: &Setup, day: Day, range: std::ops::Range<usize>) -> Result<Ve
 fn connection_side(d: &Delivery, ahead: &UnwrapAhead) -> Result<Vec<ReadMessage>> {
     let mut decoder = FrameDecoder::new();
     let mut read = Vec::with_capacity(d.frames.len());
+    let budget = sync_hub::ahead::Budget::new();
     for bytes in &d.frames {
         decoder.push(bytes)?;
         while let Some((frame, len)) = decoder.pop_sized()? {
@@ -391,8 +392,9 @@ fn connection_side(d: &Delivery, ahead: &UnwrapAhead) -> Result<Vec<ReadMessage>
                 .into_sync()
                 .context("a recorded frame that is not a Sync")?;
             ensure!(partition == d.id, "a frame for another partition");
-            // As the daemon's connection tasks do (`sync_hub::ahead`).
-            ahead.unwrap_from(&message);
+            // As the daemon's connection tasks do (`sync_hub::ahead`), one connection a
+            // delivery.
+            ahead.unwrap_from(&message, &budget);
             read.push(message);
         }
     }
@@ -763,8 +765,9 @@ fn build(
         ));
         let (kept, taken) = ahead.counts();
         report.push(format!(
-            "session keys unwrapped ahead on the connections' side (`sync_hub::ahead`): {kept}, \
-             {taken} of them taken by persists, {} left",
+            "session keys unwrapped ahead on the connections' side (`sync_hub::ahead`): {} \
+             tried, {kept} kept, {taken} of them taken by persists, {} left",
+            ahead.tried(),
             ahead.len()
         ));
         let per = |d: Duration| d.as_secs_f64() * 1e6 / visits.max(1) as f64;

@@ -695,14 +695,14 @@ impl ReadMessage {
     }
 
     /// The well-formed wrapped keys the message puts (`k/<session>` whose value is a wrapped
-    /// key of that session), in order; none if the message did not read. What a partition
-    /// holds after the merge may differ (another writer's put of the same key can win), so
-    /// these are only candidates: see `PartitionOpener::offer_unwrapped`.
-    pub fn wrapped_keys(&self) -> Vec<crate::envelope::WrappedKey> {
-        let Ok(changes) = &self.read else {
-            return Vec::new();
-        };
-        changes
+    /// key of that session), in order, parsed as they are taken; none if the message did not
+    /// read. What a partition holds after the merge may differ (another writer's put of the
+    /// same key can win), so these are only candidates: see `PartitionOpener::offer_unwrapped`.
+    pub fn wrapped_keys(&self) -> impl Iterator<Item = crate::envelope::WrappedKey> + '_ {
+        self.read
+            .as_ref()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
             .iter()
             .flat_map(|c| &c.puts)
             .filter_map(|(key, value)| {
@@ -710,7 +710,6 @@ impl ReadMessage {
                 let session = key.strip_prefix(crate::partition::WRAPPED_KEY_PREFIX)?;
                 crate::partition::parse_wrapped_key(session, self.bytes.get(value.clone())?)
             })
-            .collect()
     }
 
     /// The bytes, for `automerge::sync::Message::decode`.
