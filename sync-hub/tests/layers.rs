@@ -8,7 +8,7 @@ use std::path::Path;
 
 /// The layers, lowest first; inside a layer, a module may import the ones before it.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("base", &["clock", "keys", "store", "health"]),
+    ("base", &["clock", "keys", "store", "health", "ahead"]),
     // `auth` keeps the keyed revocation list, which the ledger consults when it indexes.
     ("registry", &["registry", "auth"]),
     ("ledger", &["ledger"]),
