@@ -976,8 +976,15 @@ fn contacts_across_midnight_are_found() {
     assert_eq!(contacts, vec![DAY.end() + 15 * MIN]);
 }
 
-/// The read `Sync` message of `changes` (as the connections' side reads a first sync's).
-fn read_message_of(changes: Vec<Vec<u8>>) -> shared::sync::validate::ReadMessage {
+/// The read `Sync` message carrying every change of `p` (as the connections' side reads a
+/// first sync's).
+fn read_message_of(p: &Partition) -> shared::sync::validate::ReadMessage {
+    let changes: Vec<Vec<u8>> = p
+        .doc()
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
     let bytes = automerge::sync::Message {
         heads: vec![],
         need: vec![],
@@ -1006,14 +1013,8 @@ fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_hold
     let mut l = ledger(&f);
     let ahead = std::sync::Arc::new(sync_hub::ahead::UnwrapAhead::new());
     l.unwrap_ahead(ahead.clone());
-    let changes: Vec<Vec<u8>> = device
-        .doc()
-        .get_changes(&[])
-        .iter()
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
     assert_eq!(
-        ahead.unwrap_from(&read_message_of(changes), &sync_hub::ahead::Budget::new()),
+        ahead.unwrap_from(&read_message_of(&device), &sync_hub::ahead::Budget::new()),
         1
     );
     let mut copy = hub_copy(&l, &device);
@@ -1048,17 +1049,8 @@ fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_hold
             .unwrap_or_else(|e| panic!("put: {e}"));
         tx.commit();
     }
-    let forged_changes: Vec<Vec<u8>> = hostile
-        .doc()
-        .get_changes(&[])
-        .iter()
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
     assert_eq!(
-        ahead.unwrap_from(
-            &read_message_of(forged_changes),
-            &sync_hub::ahead::Budget::new()
-        ),
+        ahead.unwrap_from(&read_message_of(&hostile), &sync_hub::ahead::Budget::new()),
         1
     );
     let mut copy = hub_copy(&l, &other);
