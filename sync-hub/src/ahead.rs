@@ -277,7 +277,6 @@ impl UnwrapAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use automerge::sync::{Message, MessageVersion};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use shared::ids::{FacilityId, PartitionId};
@@ -302,22 +301,7 @@ mod tests {
             }
             tx.commit();
         }
-        let changes: Vec<Vec<u8>> = p
-            .doc()
-            .get_changes(&[])
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect();
-        let bytes = Message {
-            heads: vec![],
-            need: vec![],
-            have: vec![],
-            changes: changes.into(),
-            flags: None,
-            version: MessageVersion::V1,
-        }
-        .encode();
-        let read = ReadMessage::read(bytes);
+        let read = shared::sync::harness::read_sync_of(&p);
         assert!(read.checked().is_ok(), "the message reads");
         read
     }

@@ -976,27 +976,6 @@ fn contacts_across_midnight_are_found() {
     assert_eq!(contacts, vec![DAY.end() + 15 * MIN]);
 }
 
-/// The read `Sync` message carrying every change of `p` (as the connections' side reads a
-/// first sync's).
-fn read_message_of(p: &Partition) -> shared::sync::validate::ReadMessage {
-    let changes: Vec<Vec<u8>> = p
-        .doc()
-        .get_changes(&[])
-        .iter()
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
-    let bytes = automerge::sync::Message {
-        heads: vec![],
-        need: vec![],
-        have: vec![],
-        changes: changes.into(),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    }
-    .encode();
-    shared::sync::validate::ReadMessage::read(bytes)
-}
-
 #[test]
 fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_holds() {
     // The connections' side unwraps the session keys a `Sync` message puts (issue 14: the
@@ -1014,7 +993,10 @@ fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_hold
     let ahead = std::sync::Arc::new(sync_hub::ahead::UnwrapAhead::new());
     l.unwrap_ahead(ahead.clone());
     assert_eq!(
-        ahead.unwrap_from(&read_message_of(&device), &sync_hub::ahead::Budget::new()),
+        ahead.unwrap_from(
+            &shared::sync::harness::read_sync_of(&device),
+            &sync_hub::ahead::Budget::new()
+        ),
         1
     );
     let mut copy = hub_copy(&l, &device);
@@ -1050,7 +1032,10 @@ fn a_persist_takes_the_session_keys_unwrapped_ahead_for_the_wrapped_keys_it_hold
         tx.commit();
     }
     assert_eq!(
-        ahead.unwrap_from(&read_message_of(&hostile), &sync_hub::ahead::Budget::new()),
+        ahead.unwrap_from(
+            &shared::sync::harness::read_sync_of(&hostile),
+            &sync_hub::ahead::Budget::new()
+        ),
         1
     );
     let mut copy = hub_copy(&l, &other);

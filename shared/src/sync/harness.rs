@@ -261,16 +261,33 @@ pub enum HarnessError {
 pub fn raw_sync_frame(partition: &PartitionId, changes: Vec<Vec<u8>>) -> Frame {
     Frame::Sync {
         partition: partition.clone(),
-        message: automerge::sync::Message {
-            heads: vec![],
-            need: vec![],
-            have: vec![],
-            changes: changes.into(),
-            flags: None,
-            version: automerge::sync::MessageVersion::V1,
-        }
-        .encode(),
+        message: raw_sync_message(changes),
     }
+}
+
+/// The message of a [`raw_sync_frame`].
+fn raw_sync_message(changes: Vec<Vec<u8>>) -> Vec<u8> {
+    automerge::sync::Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: changes.into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode()
+}
+
+/// What a hub's connection reads of a [`raw_sync_frame`] carrying every change of `p`
+/// ([`super::Inbound::read`]): a device's first sync of the partition, in one message.
+pub fn read_sync_of(p: &Partition) -> super::validate::ReadMessage {
+    let changes = p
+        .doc()
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    super::validate::ReadMessage::read(raw_sync_message(changes))
 }
 
 /// A responder `me` that has taken `peer`'s empty `Hello` (not push-only) at `now` and
